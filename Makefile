@@ -1,0 +1,46 @@
+# The two quick-start commands are `make run` and `make test`; each sets up what it needs
+# (virtual environment, Python packages, buf and grpc-js from npm) the first time.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+NODE   := node_modules/.installed-$(shell cat package-lock.json | cksum | cut -d' ' -f1)
+
+.PHONY: run test lint gen setup bench clean
+
+run: $(STAMP)
+	$(BIN)/opconnect serve
+
+test: setup
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy plumbing gateway services tools
+	node_modules/.bin/buf lint
+	node_modules/.bin/buf format --diff --exit-code
+	$(BIN)/python tools/gen_protos.py --check
+
+gen: $(STAMP)
+	$(BIN)/python tools/gen_protos.py
+
+bench: setup
+	$(BIN)/python bench/numbers_bench.py
+
+setup: $(STAMP) $(NODE)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check --upgrade pip
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+$(NODE): package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	rm -f node_modules/.installed-*
+	touch $@
+
+clean:
+	rm -rf $(VENV) node_modules var .pytest_cache .hypothesis

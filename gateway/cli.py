@@ -1,0 +1,175 @@
+"""`opconnect`: run the system, manage the development PKI and the operator registry.
+
+    opconnect serve                        gateway + every service, one process
+    opconnect pki init                     make the development PKI (serve does it on first run)
+    opconnect pki issue operator ID        a client certificate for a new operator
+    opconnect pki issue platform NAME      a client certificate for a platform system
+    opconnect pki revoke CERT.pem          revoke a certificate (CRL reloaded while running)
+    opconnect pki rotate-server            re-issue the server certificate (no restart needed)
+    opconnect operators add ID [--name N]  register an operator (active)
+    opconnect operators suspend ID         refuse its calls (UNAUTHENTICATED), keep its data
+    opconnect operators reactivate ID
+    opconnect operators list
+
+Settings come from --config FILE (TOML) or OPCONNECT_CONFIG, then OPCONNECT_* variables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+import sys
+from pathlib import Path
+
+from gateway import pki, registry, server
+from plumbing.config import Settings, describe, load_settings
+from plumbing.db import Database
+from plumbing.logs import configure_logging
+
+
+def connect_help(runtime: server.Runtime) -> str:
+    dev = runtime.dev_pki
+    if dev is None:
+        return f"opconnect is serving on {runtime.address} (mutual TLS)."
+    op_cert, op_key = dev.client(f"operator-{server.DEV_OPERATOR}")
+    pf_cert, pf_key = dev.client(f"platform-{server.DEV_PLATFORM}")
+    url = f"https://{runtime.address}"
+    return f"""
+opconnect is serving on {runtime.address} (mutual TLS; development PKI in {dev.directory})
+
+  CA certificate      {dev.ca_cert}
+  operator  {server.DEV_OPERATOR:<14}{op_cert}  {op_key}
+  platform  {server.DEV_PLATFORM:<14}{pf_cert}  {pf_key}
+
+As the operator (buf from `npm ci`; the schema comes from server reflection):
+  node_modules/.bin/buf curl --protocol grpc --cacert {dev.ca_cert} \\
+    --cert {op_cert} --key {op_key} \\
+    {url}/opconnect.numbers.v1.NumberService/ListNumbers -d '{{}}'
+
+As the admin center, assign a number the operator uploaded:
+  node_modules/.bin/buf curl --protocol grpc --cacert {dev.ca_cert} \\
+    --cert {pf_cert} --key {pf_key} \\
+    {url}/opconnect.numbers.v1.NumberAdminService/AssignNumber -d '{{...}}'
+
+Ctrl-C stops it (streams end cleanly; clients resume from their last cursor).
+"""
+
+
+async def serve(settings: Settings) -> None:
+    runtime = await server.start(settings)
+    print(connect_help(runtime), file=sys.stderr, flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await runtime.stop()
+
+
+def _pki_paths(settings: Settings) -> pki.PkiPaths:
+    return pki.PkiPaths.at(settings.pki_dir)
+
+
+def cmd_pki(args: argparse.Namespace, settings: Settings) -> int:
+    if args.pki == "init":
+        paths = pki.ensure_dev_pki(settings.pki_dir, server.DEV_OPERATOR, server.DEV_PLATFORM)
+        print(f"development PKI ready in {paths.directory}")
+    elif args.pki == "issue":
+        cert, key = pki.issue_client(_pki_paths(settings), args.kind, args.ident)
+        print(f"certificate {cert}\nprivate key {key} (mode 0600: hand it over securely)")
+        if args.kind == "operator":
+            print(f"register the operator too: opconnect operators add {args.ident}")
+    elif args.pki == "revoke":
+        pki.revoke(_pki_paths(settings), Path(args.cert).read_bytes())
+        print(f"revoked; {_pki_paths(settings).crl} updated (a running server reloads it)")
+    elif args.pki == "rotate-server":
+        pki.rotate_server_cert(_pki_paths(settings), args.dns, args.ip)
+        print("server certificate re-issued (new connections use it; no restart)")
+    return 0
+
+
+def cmd_operators(args: argparse.Namespace, settings: Settings) -> int:
+    db = Database(settings.sqlalchemy_url, threads=1)
+    try:
+        db.migrate()
+        if args.operators == "add":
+            found = db.transaction(registry.add_operator, args.id, args.name, write=True)
+        elif args.operators in ("suspend", "reactivate"):
+            status = (
+                registry.OperatorStatus.SUSPENDED
+                if args.operators == "suspend"
+                else registry.OperatorStatus.ACTIVE
+            )
+            found = db.transaction(registry.set_status, args.id, status, write=True)
+        else:
+            for operator in db.transaction(registry.list_operators):
+                print(f"{operator.operator_id}\t{operator.status.value}\t{operator.display_name}")
+            return 0
+        print(f"{found.operator_id}: {found.status.value}")
+        return 0
+    finally:
+        db.close()
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(
+        prog="opconnect",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="settings (OPCONNECT_<NAME>, default):\n"
+        + "\n".join(f"  {name:<26} {value}" for name, value in describe()),
+    )
+    top.add_argument("--config", help="TOML settings file")
+    commands = top.add_subparsers(dest="command", required=True)
+    commands.add_parser("serve", help="run gateway and services in one process")
+
+    pki_cmd = commands.add_parser("pki", help="development PKI").add_subparsers(
+        dest="pki", required=True
+    )
+    pki_cmd.add_parser("init", help="make what is missing of the development PKI")
+    issue = pki_cmd.add_parser("issue", help="issue a client certificate")
+    issue.add_argument("kind", choices=["operator", "platform"])
+    issue.add_argument("ident", help="operator id or platform name: a-z, 0-9, '-'")
+    revoke = pki_cmd.add_parser("revoke", help="revoke a certificate")
+    revoke.add_argument("cert", help="the certificate's PEM file")
+    rotate = pki_cmd.add_parser("rotate-server", help="re-issue the server certificate")
+    rotate.add_argument("--dns", nargs="*", default=["localhost"])
+    rotate.add_argument("--ip", nargs="*", default=["127.0.0.1", "::1"])
+
+    ops = commands.add_parser("operators", help="the operator registry").add_subparsers(
+        dest="operators", required=True
+    )
+    add = ops.add_parser("add", help="register an operator")
+    add.add_argument("id")
+    add.add_argument("--name", default="")
+    for name in ("suspend", "reactivate"):
+        ops.add_parser(name).add_argument("id")
+    ops.add_parser("list")
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        settings = load_settings(args.config)
+    except (OSError, ValueError) as error:
+        print(f"opconnect: {error}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_format, settings.log_level)
+    try:
+        if args.command == "serve":
+            with contextlib.suppress(KeyboardInterrupt):
+                asyncio.run(serve(settings))
+            return 0
+        if args.command == "pki":
+            return cmd_pki(args, settings)
+        return cmd_operators(args, settings)
+    except (OSError, ValueError, LookupError) as error:
+        print(f"opconnect: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,174 @@
+"""The one-process system: gateway and every service on one gRPC server (no forwarding hop).
+
+`start(settings)` makes what is missing (the development PKI, the schema), opens the mutual-TLS
+port and returns a `Runtime`; `Runtime.stop()` shuts down gracefully: health turns NOT_SERVING,
+new calls are refused, open streams end with UNAVAILABLE (clients resume from their last
+cursor), in-flight unary calls finish within the grace period, and the database closes last.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from gateway.identity import Authenticator
+from gateway.pki import PkiPaths, ensure_dev_pki
+from gateway.registry import Registry
+from gateway.trust import TrustFiles, TrustStore
+from plumbing.changelog import Notifier, PostgresListener
+from plumbing.config import Settings
+from plumbing.db import Database
+from plumbing.logs import get_logger
+from plumbing.rpc import Access, RateLimiter, RpcInterceptor, StreamSlots
+from services.numbers import servicer as numbers
+from services.numbers import storage as numbers_storage
+
+log = get_logger("opconnect.server")
+
+DEV_OPERATOR = "contoso-telecom"
+DEV_PLATFORM = "admin-center"
+
+# Served to any authenticated principal: stock tools (grpc-health-probe, buf curl) work.
+OPEN_METHODS = {
+    "/grpc.health.v1.Health/Check": Access.ANY,
+    "/grpc.health.v1.Health/Watch": Access.ANY,
+    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": Access.ANY,
+}
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    db: Database
+    notifier: Notifier
+    trust: TrustStore
+    registry: Registry
+    server: grpc.aio.Server
+    health: HealthServicer
+    port: int
+    dev_pki: PkiPaths | None
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    listener: PostgresListener | None = None
+
+    @property
+    def address(self) -> str:
+        host = self.settings.listen.rsplit(":", 1)[0].strip("[]")
+        local = host in ("127.0.0.1", "::1", "", "0.0.0.0", "::")  # noqa: S104 - naming, not binding
+        return f"{'localhost' if local else host}:{self.port}"
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        grace = self.settings.shutdown_grace_s if grace_s is None else grace_s
+        await self.health.enter_graceful_shutdown()
+        self.notifier.close()
+        await self.server.stop(grace)
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        if self.listener is not None:
+            await self.listener.stop()
+        await asyncio.get_running_loop().run_in_executor(None, self.db.close)
+        log.info("stopped")
+
+
+def trust_files(settings: Settings) -> tuple[TrustFiles, PkiPaths | None]:
+    """The configured TLS files, or the development PKI (made on first run) where none are."""
+    deny = Path(settings.deny_list_file) if settings.deny_list_file else None
+    if settings.tls_cert_file and settings.tls_key_file and settings.operator_ca_file:
+        operator_ca = Path(settings.operator_ca_file)
+        files = TrustFiles(
+            server_cert=Path(settings.tls_cert_file),
+            server_key=Path(settings.tls_key_file),
+            operator_ca=operator_ca,
+            platform_ca=Path(settings.platform_ca_file)
+            if settings.platform_ca_file
+            else operator_ca,
+            crl=Path(settings.crl_file) if settings.crl_file else None,
+            deny_list=deny,
+        )
+        return files, None
+    dev = ensure_dev_pki(settings.pki_dir, operator_id=DEV_OPERATOR, platform_name=DEV_PLATFORM)
+    return TrustFiles(dev.server_cert, dev.server_key, dev.ca_cert, dev.ca_cert, dev.crl, deny), dev
+
+
+async def _every(interval_s: float, name: str, job: Callable[[], Awaitable[None]]) -> None:
+    """Run `job` every `interval_s` seconds until cancelled; a failure is logged, not fatal."""
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            await job()
+        except Exception:
+            log.exception("background job failed", job=name)
+
+
+async def start(settings: Settings) -> Runtime:
+    loop = asyncio.get_running_loop()
+    files, dev = await loop.run_in_executor(None, trust_files, settings)
+    trust = TrustStore(files, settings.reload_interval_s)
+    db = Database(settings.sqlalchemy_url, settings.db_threads)
+    await loop.run_in_executor(None, db.migrate)
+    notifier = Notifier()
+    notifier.bind(loop)
+    registry = Registry(db, settings.registry_cache_s)
+    if dev is not None:
+        await registry.add(DEV_OPERATOR, "Contoso Telecom (development)")
+
+    access = {**OPEN_METHODS, **numbers.access()}
+    interceptor = RpcInterceptor(
+        Authenticator(trust, registry),
+        access,
+        RateLimiter(settings.rate_per_operator, settings.rate_burst),
+        StreamSlots(settings.max_streams_per_operator),
+    )
+    server = grpc.aio.server(
+        interceptors=[interceptor],
+        options=[
+            ("grpc.max_receive_message_length", settings.max_message_bytes),
+            ("grpc.max_send_message_length", settings.max_message_bytes),
+            ("grpc.keepalive_time_ms", 60_000),
+            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    names = numbers.register(server, db, notifier, settings)
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    for name in ["", *names]:
+        await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection(
+        [
+            *names,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ],
+        server,
+    )
+    port = server.add_secure_port(settings.listen, trust.server_credentials())
+    if port == 0:
+        raise OSError(f"could not listen on {settings.listen}")
+    await server.start()
+    runtime = Runtime(settings, db, notifier, trust, registry, server, health, port, dev)
+
+    async def purge() -> None:
+        cutoff = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=settings.change_log_retention_s)
+        purged = await db.run(numbers_storage.purge_events, cutoff, write=True)
+        if purged:
+            log.info("purged change log", log="numbers", events=purged)
+
+    runtime.tasks.append(asyncio.create_task(_every(settings.purge_interval_s, "purge", purge)))
+    if db.is_postgres:
+        runtime.listener = PostgresListener(settings.sqlalchemy_url, notifier)
+        runtime.listener.start()
+    log.info(
+        "serving",
+        address=runtime.address,
+        database=db.engine.url.render_as_string(hide_password=True),
+    )
+    return runtime

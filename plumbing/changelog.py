@@ -1,0 +1,331 @@
+"""Change logs, cursors and the wake-up of live streams (DESIGN.md section 4, "Streams").
+
+Every stored change gets a position in its log's sequence, allocated in the same transaction as
+the change by `allocate()`. Allocation updates the log's head row, which holds a row lock until
+commit, so transactions of one log commit in position order on SQLite and PostgreSQL alike: a
+reader that reads the head and then every event at or below it never runs past a position below
+which a transaction is still open, and a resuming reader misses nothing.
+
+A cursor is an opaque, versioned, checksummed string naming a log and a position; a stream
+resumes strictly after it. Positions at or below a log's `purged_through` may be gone: a cursor
+before it answers FAILED_PRECONDITION / CURSOR_EXPIRED.
+
+Live streams wait on a `Notifier`, woken after a commit by the writer in this process or, with
+PostgreSQL, by LISTEN/NOTIFY from any replica; they never poll the database in a loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import struct
+import time
+import zlib
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+import psycopg
+from sqlalchemy import BigInteger, String, select, text, update
+from sqlalchemy.orm import Mapped, Session, mapped_column
+
+from plumbing.db import Base, Database
+from plumbing.errors import ApiError, failed_precondition, invalid_field, unavailable
+from plumbing.logs import get_logger
+
+T = TypeVar("T")
+log = get_logger("opconnect.changelog")
+
+CURSOR_VERSION = 1
+NOTIFY_CHANNEL = "opconnect_changes"
+
+
+class LogHead(Base):
+    """One row per change log: the last position allocated and the purge horizon."""
+
+    __tablename__ = "change_log_heads"
+
+    log: Mapped[str] = mapped_column(String(32), primary_key=True)
+    position: Mapped[int] = mapped_column(BigInteger, default=0)
+    purged_through: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+@dataclass(frozen=True)
+class Head:
+    position: int
+    purged_through: int
+
+
+def allocate(session: Session, log_name: str, count: int = 1) -> int:
+    """Reserve `count` positions in `log_name` for this transaction; returns the first.
+
+    Takes the log's row lock until commit: call it late in a write transaction.
+    """
+    last = session.execute(
+        update(LogHead)
+        .where(LogHead.log == log_name)
+        .values(position=LogHead.position + count)
+        .returning(LogHead.position)
+    ).scalar_one()
+    return int(last) - count + 1
+
+
+def notify_commit(session: Session, log_name: str, position: int, keys: Iterable[str]) -> None:
+    """On PostgreSQL, tell every replica (at commit) that `log_name` reached `position`."""
+    if session.get_bind().dialect.name != "postgresql":
+        return
+    payload = f"{log_name}|{position}|{','.join(sorted(set(keys)))}"
+    if len(payload) > 7000:
+        payload = f"{log_name}|{position}|*"
+    session.execute(
+        text("SELECT pg_notify(:channel, :payload)"),
+        {"channel": NOTIFY_CHANNEL, "payload": payload},
+    )
+
+
+def read_head(session: Session, log_name: str) -> Head:
+    row = session.execute(
+        select(LogHead.position, LogHead.purged_through).where(LogHead.log == log_name)
+    ).one()
+    return Head(int(row.position), int(row.purged_through))
+
+
+def mark_purged(session: Session, log_name: str, through: int) -> None:
+    """Record that positions <= `through` may have been deleted (never moves backwards)."""
+    session.execute(
+        update(LogHead)
+        .where(LogHead.log == log_name, LogHead.purged_through < through)
+        .values(purged_through=through)
+    )
+
+
+# --- cursors -----------------------------------------------------------------------------------
+
+_HEADER = struct.Struct(">BQ")
+
+
+def encode_cursor(log_name: str, position: int) -> str:
+    body = _HEADER.pack(CURSOR_VERSION, position) + log_name.encode()
+    raw = body + struct.pack(">I", zlib.crc32(body))
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def decode_cursor(cursor: str, log_name: str, domain: str, field_path: str = "cursor") -> int:
+    """The position in `log_name` that `cursor` names; INVALID_ARGUMENT/CURSOR_INVALID if it is
+    not a cursor of this log made by this server."""
+    bad = invalid_field(domain, "CURSOR_INVALID", field_path, "not a cursor of this stream")
+    if len(cursor) > 128:
+        raise bad
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+    except ValueError:
+        raise bad from None
+    if len(raw) < _HEADER.size + 4:
+        raise bad
+    body, (crc,) = raw[:-4], struct.unpack(">I", raw[-4:])
+    version, position = _HEADER.unpack(body[: _HEADER.size])
+    if (
+        zlib.crc32(body) != crc
+        or version != CURSOR_VERSION
+        or body[_HEADER.size :] != log_name.encode()
+    ):
+        raise bad
+    return int(position)
+
+
+def expired(domain: str) -> ApiError:
+    return failed_precondition(
+        domain,
+        "CURSOR_EXPIRED",
+        "the cursor is older than the change log's retention; list again, then resume from the"
+        " listing's cursor",
+    )
+
+
+# --- wake-up -----------------------------------------------------------------------------------
+
+ANY_KEY = "*"
+
+
+class Notifier:
+    """Wakes streams waiting on (log, key) when a change is committed.
+
+    `publish` may be called from any thread (the database threads commit); waiters run on the
+    event loop. A waiter takes `waiter()` before it reads the database and awaits it after, so a
+    commit that lands between its read and its wait still wakes it.
+    """
+
+    def __init__(self) -> None:
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._events: dict[tuple[str, str], asyncio.Event] = {}
+        self.closed = False
+
+    def close(self) -> None:
+        """Shutting down: wake every waiter; their streams end with UNAVAILABLE (resume later)."""
+        self.closed = True
+        for event in self._events.values():
+            event.set()
+        self._events.clear()
+
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+
+    def waiter(self, log_name: str, key: str) -> asyncio.Event:
+        slot = (log_name, key)
+        event = self._events.get(slot)
+        if event is None or event.is_set():
+            event = self._events[slot] = asyncio.Event()
+        return event
+
+    def publish(self, log_name: str, keys: Iterable[str]) -> None:
+        """Thread-safe: wake waiters of these keys (ANY_KEY wakes every waiter of the log)."""
+        if self._loop is None or self._loop.is_closed():
+            return
+        self._loop.call_soon_threadsafe(self.wake, log_name, tuple(keys))
+
+    def logs(self) -> set[str]:
+        """The logs that have waiters now."""
+        return {slot[0] for slot in self._events}
+
+    def wake(self, log_name: str, keys: tuple[str, ...]) -> None:
+        if ANY_KEY in keys:
+            slots = [s for s in self._events if s[0] == log_name]
+        else:
+            slots = [(log_name, k) for k in (*keys, ANY_KEY)]
+        for slot in slots:
+            event = self._events.pop(slot, None)
+            if event is not None:
+                event.set()
+
+
+class PostgresListener:
+    """LISTENs on PostgreSQL and feeds the local notifier, so a change committed through one
+    replica wakes streams attached to any other. Reconnects with backoff if the link drops."""
+
+    def __init__(self, url: str, notifier: Notifier) -> None:
+        self._url = url.replace("postgresql+psycopg://", "postgresql://")
+        self._notifier = notifier
+        self._task: asyncio.Task[None] | None = None
+        self.ready = asyncio.Event()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="pg-listener")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _run(self) -> None:
+        delay = 0.5
+        while True:
+            try:
+                async with await psycopg.AsyncConnection.connect(
+                    self._url, autocommit=True
+                ) as conn:
+                    await conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                    self.ready.set()
+                    delay = 0.5
+                    # Anything committed while we were away: wake everyone once.
+                    for log_name in self._notifier.logs():
+                        self._notifier.wake(log_name, (ANY_KEY,))
+                    async for note in conn.notifies():
+                        log_name, _, rest = note.payload.partition("|")
+                        _, _, keys = rest.partition("|")
+                        self._notifier.wake(
+                            log_name, tuple(keys.split(",")) if keys else (ANY_KEY,)
+                        )
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # keep listening whatever went wrong
+                self.ready.clear()
+                log.warning("postgres listener reconnecting", error=str(error)[:200], delay_s=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
+
+# --- following a log ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Batch(Generic[T]):
+    """Items read from a log and the position after which to resume (a heartbeat if empty)."""
+
+    items: Sequence[T]
+    position: int
+
+
+ReadFn = Callable[[Session, int, int, int], Sequence[T]]
+
+
+@dataclass(frozen=True)
+class Follow:
+    """What a stream reads and how: `read(session, after, upto, limit)` returns items with
+    after < position <= upto in position order; `position_of` gives an item's position."""
+
+    log_name: str
+    key: str
+    domain: str
+    batch_size: int
+    heartbeat_s: float
+    follow: bool = True
+
+
+def _page(session: Session, spec: Follow, read: ReadFn[T], after: int) -> tuple[Sequence[T], Head]:
+    head = read_head(session, spec.log_name)
+    if after < head.purged_through:
+        raise expired(spec.domain)
+    return read(session, after, head.position, spec.batch_size), head
+
+
+async def start_position(db: Database, log_name: str) -> int:
+    """The log's current head: where a stream 'from now' starts."""
+    return (await db.run(read_head, log_name)).position
+
+
+async def follow_log(
+    db: Database,
+    notifier: Notifier,
+    spec: Follow,
+    read: ReadFn[T],
+    position_of: Callable[[T], int],
+    *,
+    after: int,
+) -> AsyncIterator[Batch[T]]:
+    """Yield batches strictly after `after`: what is stored, then (if spec.follow) live changes,
+    with a heartbeat batch (no items, newer position) after `heartbeat_s` of silence.
+
+    Holds at most one batch: the next is read only when the consumer asks for it, so a slow
+    client costs one batch of memory, however far behind it is.
+    """
+    last_sent = time.monotonic()
+    while True:
+        if notifier.closed:
+            raise unavailable(
+                "SHUTTING_DOWN",
+                "the server is shutting down; reconnect and resume from the last cursor",
+            )
+        wake = notifier.waiter(spec.log_name, spec.key)
+        items, head = await db.run(_page, spec, read, after)
+        if items:
+            after = position_of(items[-1])
+            yield Batch(items, after)
+            last_sent = time.monotonic()
+            continue
+        scanned = max(after, head.position)
+        if not spec.follow:
+            if scanned > after:
+                yield Batch([], scanned)
+            return
+        remaining = spec.heartbeat_s - (time.monotonic() - last_sent)
+        woken = False
+        if remaining > 0:
+            try:
+                await asyncio.wait_for(wake.wait(), remaining)
+                woken = True
+            except TimeoutError:
+                woken = False
+        if not woken:
+            after = scanned
+            yield Batch([], after)
+            last_sent = time.monotonic()

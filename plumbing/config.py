@@ -1,0 +1,116 @@
+"""Configuration: defaults, then a TOML file, then OPCONNECT_* environment variables.
+
+Every setting has a sane default so that `opconnect serve` runs with no file at all. A file is
+named by `--config` or OPCONNECT_CONFIG; each key of the file can be overridden by an environment
+variable named OPCONNECT_<KEY> in upper case (for example OPCONNECT_DATABASE_URL).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything that can be configured, with its default."""
+
+    # Where runtime state lives by default: the embedded database and the development PKI.
+    data_dir: Path = Path("var")
+    # SQLAlchemy URL; empty means SQLite (WAL) at <data_dir>/opconnect.db.
+    # PostgreSQL: postgresql+psycopg://user@host:5432/dbname
+    database_url: str = ""
+    # Address the gateway listens on (mutual TLS only).
+    listen: str = "127.0.0.1:50051"
+    # TLS files; empty means the development PKI in <data_dir>/pki, made on first run.
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    # PEM bundle of the CAs that may sign operator certificates.
+    operator_ca_file: str = ""
+    # PEM bundle of the CAs that may sign platform certificates.
+    platform_ca_file: str = ""
+    # CRL (PEM) of the CA; reloaded while running when the file changes.
+    crl_file: str = ""
+    # A file of revoked certificate serials (decimal or 0x-hex) or SHA-256 fingerprints, one a
+    # line, '#' comments; reloaded while running when it changes.
+    deny_list_file: str = ""
+    # How often, in seconds, certificate, CRL and deny-list files are checked for changes.
+    reload_interval_s: float = 2.0
+    # How long, in seconds, an operator's registry status is cached per process.
+    registry_cache_s: float = 2.0
+    # "json" (production) or "console" (readable on a terminal); "auto" picks console on a TTY.
+    log_format: str = "auto"
+    log_level: str = "info"
+    # Limits.
+    max_message_bytes: int = 16 * 1024 * 1024
+    max_upload_numbers: int = 10_000
+    default_page_size: int = 100
+    max_page_size: int = 1_000
+    stream_batch_size: int = 500
+    max_streams_per_operator: int = 16
+    # Requests per second per operator (token bucket refill) and the bucket's size.
+    rate_per_operator: float = 200.0
+    rate_burst: int = 400
+    # Streams: seconds between heartbeats while idle.
+    heartbeat_interval_s: float = 15.0
+    # Change-log retention, seconds (numbers assignment log); older changes are purged and
+    # cursors before them answer CURSOR_EXPIRED.
+    change_log_retention_s: int = 30 * 24 * 3600
+    # How often, in seconds, the purge task runs.
+    purge_interval_s: float = 3600.0
+    # Threads that run database work.
+    db_threads: int = 8
+    # Seconds allowed for streams to end cleanly on shutdown.
+    shutdown_grace_s: float = 5.0
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'opconnect.db'}"
+
+    @property
+    def pki_dir(self) -> Path:
+        return self.data_dir / "pki"
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+
+def _coerce(kind: Any, value: Any, key: str) -> Any:
+    target = {"Path": Path, "str": str, "int": int, "float": float}[str(kind)]
+    try:
+        return target(value)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"setting {key}: {value!r} is not a valid {target.__name__}") from exc
+
+
+def load_settings(
+    path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None
+) -> Settings:
+    """Build settings from defaults, an optional TOML file and the environment."""
+    env = os.environ if env is None else env
+    path = path or env.get("OPCONNECT_CONFIG") or None
+    values: dict[str, Any] = {}
+    known = {f.name: f.type for f in fields(Settings)}
+    if path:
+        with open(path, "rb") as handle:
+            data = tomllib.load(handle)
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise ValueError(f"unknown settings in {path}: {', '.join(unknown)}")
+        values.update(data)
+    for name in known:
+        raw = env.get(f"OPCONNECT_{name.upper()}")
+        if raw is not None:
+            values[name] = raw
+    return Settings(**{k: _coerce(known[k], v, k) for k, v in values.items()})
+
+
+def describe() -> list[tuple[str, str]]:
+    """(name, default) of every setting, for --help and the README."""
+    defaults = Settings()
+    return [(f.name, repr(getattr(defaults, f.name))) for f in fields(Settings)]

@@ -1,0 +1,133 @@
+"""Storage: SQLAlchemy 2 on SQLite (WAL, the embedded default) or PostgreSQL (by URL).
+
+A `Database` is made at start-up, never at import time. Work is done in units: a function that
+takes a `Session`, run by `await db.run(fn, ...)` on the database threads inside one transaction
+(`write=True`: serialized with other writers on SQLite by BEGIN IMMEDIATE; read-only units on
+PostgreSQL run at REPEATABLE READ so that everything they read is one snapshot). Schema changes
+are Alembic migrations (migrations/), applied at start by `migrate()`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import functools
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, ParamSpec, TypeVar
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Engine, create_engine, event, exc
+from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
+
+from plumbing.errors import unavailable
+from plumbing.logs import get_logger
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
+log = get_logger("opconnect.db")
+
+
+class Base(DeclarativeBase):
+    """The declarative base of every table of every service (one schema, one migration line)."""
+
+
+class Database:
+    """An engine, its session makers, and the threads that run units of work."""
+
+    def __init__(self, url: str, threads: int = 8) -> None:
+        self.url = url
+        self.is_sqlite = url.startswith("sqlite")
+        self.is_postgres = url.startswith("postgresql")
+        if self.is_sqlite:
+            if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
+                Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+            engine = create_engine(
+                url,
+                pool_size=threads,
+                max_overflow=0,
+                connect_args={"check_same_thread": False, "timeout": 30},
+            )
+            _sqlite_setup(engine)
+            read_engine = engine
+            write_engine = engine.execution_options(sqlite_begin="IMMEDIATE")
+        else:
+            engine = create_engine(url, pool_size=threads, max_overflow=2, pool_pre_ping=True)
+            read_engine = engine.execution_options(isolation_level="REPEATABLE READ")
+            write_engine = engine
+        self.engine: Engine = engine
+        self._read = sessionmaker(read_engine, expire_on_commit=False)
+        self._write = sessionmaker(write_engine, expire_on_commit=False)
+        self._executor = ThreadPoolExecutor(threads, thread_name_prefix="db")
+
+    def session(self, *, write: bool) -> Session:
+        """A new session (use as a context manager with `.begin()`)."""
+        return (self._write if write else self._read)()
+
+    def transaction(self, fn: Callable[..., T], *args: Any, write: bool = False) -> T:
+        """Run fn(session, *args) in one transaction, on the calling thread."""
+        with self.session(write=write) as session, session.begin():
+            return fn(session, *args)
+
+    async def run(self, fn: Callable[..., T], *args: Any, write: bool = False) -> T:
+        """Run fn(session, *args) in one transaction on a database thread.
+
+        Storage that cannot be reached answers UNAVAILABLE (with RetryInfo), not a crash.
+        """
+        loop = asyncio.get_running_loop()
+        call = functools.partial(self._guarded, fn, args, write)
+        ctx = contextvars.copy_context()
+        return await loop.run_in_executor(self._executor, ctx.run, call)
+
+    def _guarded(self, fn: Callable[..., T], args: tuple[Any, ...], write: bool) -> T:
+        try:
+            return self.transaction(fn, *args, write=write)
+        except exc.OperationalError as error:
+            log.error("storage unavailable", error=str(error.orig)[:200])
+            raise unavailable("STORAGE_UNAVAILABLE", "storage is unavailable; retry") from error
+        except exc.DBAPIError as error:
+            if error.connection_invalidated:
+                log.error("storage connection lost", error=str(error.orig)[:200])
+                raise unavailable("STORAGE_UNAVAILABLE", "storage is unavailable; retry") from error
+            raise
+
+    def migrate(self) -> None:
+        """Bring the schema to the newest migration (idempotent; safe with several replicas)."""
+        config = alembic_config(self.url)
+        with self.engine.begin() as connection:
+            config.attributes["connection"] = connection
+            command.upgrade(config, "head")
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
+        self.engine.dispose()
+
+
+def alembic_config(url: str) -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return config
+
+
+def _sqlite_setup(engine: Engine) -> None:
+    """WAL, full durability, foreign keys, and transactions begun by us, not by pysqlite."""
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=FULL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection: Any) -> None:
+        mode = connection.get_execution_options().get("sqlite_begin", "DEFERRED")
+        connection.exec_driver_sql(f"BEGIN {mode}")

@@ -1,0 +1,290 @@
+"""The per-RPC wrapper every service runs behind: one server interceptor that, for each call,
+takes a request id, authenticates the caller, applies the method's access rule and the caller's
+limits, runs the handler with the principal in scope, maps errors to rich statuses, and writes one
+log line (method, principal, status, duration, request id).
+
+Handlers raise `ApiError` (plumbing.errors); anything else is a bug, logged with its traceback and
+answered INTERNAL with a generic message. Nothing escapes as UNKNOWN.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextvars import ContextVar
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, Literal
+
+import grpc
+from grpc.aio import AbortError
+
+from plumbing.errors import ApiError, internal, permission_denied, resource_exhausted
+from plumbing.logs import get_logger
+
+log = get_logger("opconnect.rpc")
+
+PrincipalKind = Literal["operator", "platform"]
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling, as their client certificate says."""
+
+    kind: PrincipalKind
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.kind}/{self.name}"
+
+
+class Access(Enum):
+    """Who may call a method."""
+
+    OPERATOR = "operator"  # operator RPCs: an active operator
+    PLATFORM = "platform"  # internal RPCs: a platform principal
+    ANY = "any"  # health, reflection: any authenticated principal
+
+
+_principal: ContextVar[Principal] = ContextVar("principal")
+_request_id: ContextVar[str] = ContextVar("request_id", default="")
+
+
+def current_principal() -> Principal:
+    """The caller of the RPC being handled (set by the wrapper before the handler runs)."""
+    return _principal.get()
+
+
+def current_operator() -> str:
+    """The calling operator's id; only valid in an operator RPC."""
+    principal = _principal.get()
+    if principal.kind != "operator":
+        raise permission_denied("OPERATOR_ONLY", "only operators may call this method")
+    return principal.name
+
+
+Authenticate = Callable[[grpc.aio.ServicerContext[Any, Any]], Awaitable[Principal]]
+
+
+class RateLimiter:
+    """A token bucket per principal: `rate` requests a second, bursts of `burst`."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self._rate, self._burst = rate, float(burst)
+        self._buckets: dict[str, tuple[float, float]] = {}
+
+    def take(self, key: str) -> float | None:
+        """None if allowed; otherwise the seconds to wait before trying again."""
+        now = time.monotonic()
+        tokens, then = self._buckets.get(key, (self._burst, now))
+        tokens = min(self._burst, tokens + (now - then) * self._rate)
+        if tokens < 1.0:
+            self._buckets[key] = (tokens, now)
+            return (1.0 - tokens) / self._rate
+        self._buckets[key] = (tokens - 1.0, now)
+        return None
+
+
+class StreamSlots:
+    """Counts each principal's open streams against a maximum."""
+
+    def __init__(self, maximum: int) -> None:
+        self.maximum = maximum
+        self.open: dict[str, int] = {}
+
+    def acquire(self, key: str) -> bool:
+        count = self.open.get(key, 0)
+        if count >= self.maximum:
+            return False
+        self.open[key] = count + 1
+        return True
+
+    def release(self, key: str) -> None:
+        count = self.open.get(key, 1) - 1
+        if count:
+            self.open[key] = count
+        else:
+            self.open.pop(key, None)
+
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._\-]{1,64}")
+
+
+def _request_id_of(context: grpc.aio.ServicerContext[Any, Any]) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == "x-request-id" and isinstance(value, str) and _REQUEST_ID.fullmatch(value):
+            return value
+    return uuid.uuid4().hex[:16]
+
+
+class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """See the module docstring. `access` maps full method names to their rule; a method not in
+    it is refused (fail closed)."""
+
+    def __init__(
+        self,
+        authenticate: Authenticate,
+        access: Mapping[str, Access],
+        rate: RateLimiter,
+        streams: StreamSlots,
+    ) -> None:
+        self._authenticate = authenticate
+        self._access = dict(access)
+        self._rate = rate
+        self._streams = streams
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        method: str = details.method
+        access = self._access.get(method)
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                self._wrap_unary(method, access, handler.unary_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                self._wrap_stream(method, access, handler.unary_stream),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(
+                self._wrap_unary(method, access, handler.stream_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return grpc.stream_stream_rpc_method_handler(
+            self._wrap_stream(method, access, handler.stream_stream),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    async def _admit(
+        self, context: grpc.aio.ServicerContext[Any, Any], method: str, access: Access | None
+    ) -> Principal:
+        principal = await self._authenticate(context)
+        if access is None:
+            raise permission_denied("METHOD_NOT_ALLOWED", f"{method} is not served to callers")
+        if access is Access.OPERATOR and principal.kind != "operator":
+            raise permission_denied("OPERATOR_ONLY", "only operators may call this method")
+        if access is Access.PLATFORM and principal.kind != "platform":
+            raise permission_denied("PLATFORM_ONLY", "only platform systems may call this method")
+        if principal.kind == "operator":
+            wait = self._rate.take(principal.name)
+            if wait is not None:
+                raise resource_exhausted(
+                    "gateway.opconnect", "RATE_LIMITED", "request rate limit exceeded", wait
+                )
+        return principal
+
+    def _wrap_unary(
+        self, method: str, access: Access | None, behavior: Callable[..., Awaitable[Any]]
+    ) -> Callable[..., Awaitable[Any]]:
+        async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            call_log = _CallLog(method, _request_id_of(context))
+            _request_id.set(call_log.request_id)
+            try:
+                principal = await self._admit(context, method, access)
+                call_log.principal = str(principal)
+                _principal.set(principal)
+                context.set_trailing_metadata((("x-request-id", call_log.request_id),))
+                return await behavior(request, context)
+            except BaseException as error:  # every way out is logged and mapped once
+                await call_log.fail(context, error)
+                raise
+            finally:
+                call_log.write(context)
+
+        return call
+
+    def _wrap_stream(
+        self, method: str, access: Access | None, behavior: Callable[..., AsyncIterator[Any]]
+    ) -> Callable[..., AsyncIterator[Any]]:
+        async def call(
+            request: Any, context: grpc.aio.ServicerContext[Any, Any]
+        ) -> AsyncIterator[Any]:
+            call_log = _CallLog(method, _request_id_of(context))
+            _request_id.set(call_log.request_id)
+            slot: str | None = None
+            try:
+                principal = await self._admit(context, method, access)
+                call_log.principal = str(principal)
+                _principal.set(principal)
+                context.set_trailing_metadata((("x-request-id", call_log.request_id),))
+                if principal.kind == "operator":
+                    if not self._streams.acquire(principal.name):
+                        raise resource_exhausted(
+                            "gateway.opconnect",
+                            "TOO_MANY_STREAMS",
+                            f"at most {self._streams.maximum} concurrent streams per operator",
+                            1.0,
+                        )
+                    slot = principal.name
+                async for response in behavior(request, context):
+                    call_log.messages += 1
+                    yield response
+            except BaseException as error:
+                await call_log.fail(context, error)
+                raise
+            finally:
+                if slot is not None:
+                    self._streams.release(slot)
+                call_log.write(context)
+
+        return call
+
+
+class _CallLog:
+    """What one call did, for its log line."""
+
+    def __init__(self, method: str, request_id: str) -> None:
+        self.method = method
+        self.request_id = request_id
+        self.principal = "-"
+        self.status = "OK"
+        self.messages = 0
+        self.started = time.perf_counter()
+
+    async def fail(self, context: grpc.aio.ServicerContext[Any, Any], error: BaseException) -> None:
+        """Answer the error as the contract says (this raises AbortError for ApiError and bugs)."""
+        if isinstance(error, asyncio.CancelledError | GeneratorExit):
+            self.status = "CANCELLED"
+            return
+        if isinstance(error, AbortError):
+            code = context.code()
+            self.status = code.name if isinstance(code, grpc.StatusCode) else "ABORTED_BY_HANDLER"
+            return
+        if not isinstance(error, ApiError):
+            log.error(
+                "unhandled error", method=self.method, request_id=self.request_id, exc_info=error
+            )
+            error = internal()
+        self.status = error.code.name
+        status = error.to_status()
+        metadata = (*status.trailing_metadata, ("x-request-id", self.request_id))
+        await context.abort(status.code, status.details, metadata)
+
+    def write(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        if self.status == "OK" and context.cancelled():
+            self.status = "CANCELLED"
+        fields: dict[str, Any] = {
+            "method": self.method,
+            "principal": self.principal,
+            "status": self.status,
+            "duration_ms": round((time.perf_counter() - self.started) * 1000, 3),
+            "request_id": self.request_id,
+        }
+        if self.messages:
+            fields["messages"] = self.messages
+        log.info("rpc", **fields)

@@ -1,0 +1,96 @@
+"""Field rules shared by more than one service: E.164 numbers, Entra GUIDs, SIP URIs, FQDNs.
+
+Each check returns a description of what is wrong, or None when the value is fine, so callers
+can collect every violation of a request before answering.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+
+E164 = re.compile(r"\+[1-9][0-9]{1,14}")
+GUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+_SIP = re.compile(
+    r"(?P<scheme>sips?):"
+    r"(?:(?P<user>(?:[A-Za-z0-9\-_.!~*'()&=+$,?/]|%[0-9A-Fa-f]{2})+)@)?"
+    r"(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.\-]+)"
+    r"(?::(?P<port>[0-9]{1,5}))?"
+    r"(?P<params>(?:;[A-Za-z0-9\-_.!~*'%+]+(?:=[A-Za-z0-9\-_.!~*'%+\[\]:]*)?)*)"
+)
+SIP_URI_MAX = 512
+
+
+def check_e164(value: str) -> str | None:
+    if not value:
+        return "required: an E.164 number such as +14255550100"
+    if E164.fullmatch(value) is None:
+        return "not E.164: '+', then 2 to 15 digits, the first not 0"
+    return None
+
+
+def check_guid(value: str) -> str | None:
+    if not value:
+        return "required: a GUID such as 6f1a4b2c-8d3e-4f5a-9b6c-7d8e9f0a1b2c"
+    if GUID.fullmatch(value) is None:
+        return "not a GUID (8-4-4-4-12 hexadecimal digits)"
+    return None
+
+
+def check_fqdn(value: str) -> str | None:
+    if not value:
+        return "required: a host name such as sbc1.operator.example"
+    if len(value) > 253:
+        return "longer than 253 characters"
+    labels = value.rstrip(".").split(".")
+    if len(labels) < 2 or not all(_LABEL.fullmatch(label) for label in labels):
+        return "not a fully qualified domain name"
+    if labels[-1].isdigit():
+        return "not a fully qualified domain name"
+    return None
+
+
+def _check_host(host: str) -> str | None:
+    if host.startswith("["):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            return "host is not a valid IPv6 address"
+        return None
+    if all(part.isdigit() for part in host.split(".")):
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            return "host is not a valid IPv4 address"
+        return None
+    labels = host.rstrip(".").split(".")
+    if len(host) > 253 or not all(_LABEL.fullmatch(label) for label in labels):
+        return "host is not a valid domain name"
+    return None
+
+
+def check_sip_uri(value: str) -> str | None:
+    """A `sip:` or `sips:` URI with a host (RFC 3261 section 19.1), no password, no headers."""
+    if not value:
+        return "required: a SIP URI such as sip:+14255550100@sbc1.operator.example;user=phone"
+    if len(value) > SIP_URI_MAX:
+        return f"longer than {SIP_URI_MAX} characters"
+    match = _SIP.fullmatch(value)
+    if match is None:
+        return "not a SIP URI: sip: or sips:, an optional user@, a host, optional ;parameters"
+    problem = _check_host(match["host"])
+    if problem:
+        return problem
+    if match["port"] is not None and not 0 < int(match["port"]) < 65536:
+        return "port out of range 1-65535"
+    return None
+
+
+def check_sip_or_e164(value: str) -> str | None:
+    """A call party: E.164 on the PSTN side, or a SIP URI on the Teams side."""
+    if value.startswith("+"):
+        return check_e164(value)
+    if value[:4].lower() in ("sip:", "sips"):
+        return check_sip_uri(value)
+    return "neither an E.164 number nor a SIP URI"

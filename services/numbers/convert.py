@@ -1,0 +1,113 @@
+"""The protobuf edge of the numbers service: messages in, domain types out, and back."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from google.protobuf import timestamp_pb2
+
+from opconnect.numbers.v1 import numbers_pb2 as pb
+from opconnect.type.v1 import assignment_state_pb2 as state_pb
+from services.numbers.rules import (
+    Event,
+    EventType,
+    Number,
+    Outcome,
+    Result,
+    State,
+    Target,
+    TargetKind,
+    Upload,
+    Usage,
+)
+
+USAGE_IN = {
+    pb.NUMBER_USAGE_USER: Usage.USER,
+    pb.NUMBER_USAGE_VOICE_APP: Usage.VOICE_APP,
+    pb.NUMBER_USAGE_CONFERENCE: Usage.CONFERENCE,
+}
+USAGE_OUT = {v: k for k, v in USAGE_IN.items()}
+KIND_IN = {
+    pb.AssignmentTarget.KIND_USER: TargetKind.USER,
+    pb.AssignmentTarget.KIND_APPLICATION: TargetKind.APPLICATION,
+    pb.AssignmentTarget.KIND_CONFERENCE_BRIDGE: TargetKind.CONFERENCE_BRIDGE,
+}
+KIND_OUT = {v: k for k, v in KIND_IN.items()}
+STATE_IN = {
+    state_pb.ASSIGNMENT_STATE_UNASSIGNED: State.UNASSIGNED,
+    state_pb.ASSIGNMENT_STATE_ASSIGNED: State.ASSIGNED,
+}
+STATE_OUT = {v: k for k, v in STATE_IN.items()}
+EVENT_OUT = {
+    EventType.ASSIGNED: pb.ASSIGNMENT_EVENT_TYPE_ASSIGNED,
+    EventType.UNASSIGNED: pb.ASSIGNMENT_EVENT_TYPE_UNASSIGNED,
+    EventType.UPDATED: pb.ASSIGNMENT_EVENT_TYPE_UPDATED,
+}
+OUTCOME_OUT = {
+    Outcome.DONE: pb.NUMBER_OUTCOME_DONE,
+    Outcome.ALREADY_PRESENT: pb.NUMBER_OUTCOME_ALREADY_PRESENT,
+    Outcome.REFUSED: pb.NUMBER_OUTCOME_REFUSED,
+}
+
+
+def timestamp(value: dt.datetime) -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromDatetime(value)
+    return stamp
+
+
+def upload_in(message: pb.NumberUpload) -> Upload:
+    return Upload(
+        phone_number=message.phone_number,
+        usage=USAGE_IN.get(message.usage),
+        inbound=message.capabilities.inbound,
+        outbound=message.capabilities.outbound,
+    )
+
+
+def target_in(message: pb.AssignNumberRequest) -> Target | None:
+    kind = KIND_IN.get(message.target.kind)
+    return Target(kind, message.target.id) if kind is not None else None
+
+
+def state_in(value: int) -> State | None:
+    return STATE_IN.get(value)  # type: ignore[call-overload]
+
+
+def target_out(target: Target | None) -> pb.AssignmentTarget | None:
+    return pb.AssignmentTarget(kind=KIND_OUT[target.kind], id=target.id) if target else None
+
+
+def number_out(number: Number) -> pb.PhoneNumber:
+    return pb.PhoneNumber(
+        phone_number=number.phone_number,
+        tenant_id=number.tenant_id,
+        usage=USAGE_OUT[number.usage],
+        capabilities=pb.Capabilities(inbound=number.inbound, outbound=number.outbound),
+        state=STATE_OUT[number.state],
+        sip_uri=number.sip_uri,
+        target=target_out(number.target),
+        create_time=timestamp(number.created_at),
+        update_time=timestamp(number.updated_at),
+    )
+
+
+def result_out(result: Result) -> pb.NumberResult:
+    return pb.NumberResult(
+        phone_number=result.phone_number,
+        outcome=OUTCOME_OUT[result.outcome],
+        reason=result.reason,
+        message=result.message,
+    )
+
+
+def event_out(event: Event, cursor: str) -> pb.AssignmentEvent:
+    return pb.AssignmentEvent(
+        type=EVENT_OUT[event.type],
+        phone_number=event.phone_number,
+        tenant_id=event.tenant_id,
+        sip_uri=event.sip_uri,
+        target=target_out(event.target),
+        event_time=timestamp(event.occurred_at),
+        cursor=cursor,
+    )

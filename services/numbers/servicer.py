@@ -1,0 +1,232 @@
+"""RPC handlers of `NumberService` (operators) and `NumberAdminService` (the admin center).
+
+Each handler validates its request (rules.py), runs one unit of work (storage.py) and converts
+the result (convert.py). The caller's identity comes from the gateway (plumbing.rpc), never from a
+request field.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import struct
+import zlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from opconnect.numbers.v1 import numbers_pb2 as pb
+from opconnect.numbers.v1 import numbers_pb2_grpc as pb_grpc
+from plumbing.changelog import (
+    Follow,
+    Notifier,
+    decode_cursor,
+    encode_cursor,
+    follow_log,
+    start_position,
+)
+from plumbing.config import Settings
+from plumbing.db import Database
+from plumbing.errors import invalid_field
+from plumbing.rpc import Access, current_operator
+from services.numbers import convert, rules, storage
+from services.numbers.rules import DOMAIN, LOG, Outcome
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+class NumberService(pb_grpc.NumberServiceServicer):
+    def __init__(self, db: Database, notifier: Notifier, settings: Settings) -> None:
+        self._db = db
+        self._notifier = notifier
+        self._settings = settings
+
+    async def UploadNumbers(
+        self, request: pb.UploadNumbersRequest, context: Context
+    ) -> pb.UploadNumbersResponse:
+        operator = current_operator()
+        tenant = rules.normalize_tenant(request.tenant_id)
+        rules.check_batch(len(request.numbers), self._settings.max_upload_numbers, "numbers")
+        uploads = [convert.upload_in(m) for m in request.numbers]
+        seen: set[str] = set()
+        checks = [rules.check_upload(u, seen) for u in uploads]
+        valid = [u for u, refusal in zip(uploads, checks, strict=True) if refusal is None]
+        stored = await self._db.run(storage.upload_numbers, operator, tenant, valid, write=True)
+        results = [r or stored[u.phone_number] for u, r in zip(uploads, checks, strict=True)]
+        return pb.UploadNumbersResponse(
+            results=[convert.result_out(r) for r in results],
+            added_count=sum(r.outcome is Outcome.DONE for r in results),
+            already_present_count=sum(r.outcome is Outcome.ALREADY_PRESENT for r in results),
+            refused_count=sum(r.outcome is Outcome.REFUSED for r in results),
+        )
+
+    async def ReleaseNumbers(
+        self, request: pb.ReleaseNumbersRequest, context: Context
+    ) -> pb.ReleaseNumbersResponse:
+        operator = current_operator()
+        numbers = list(request.phone_numbers)
+        rules.check_batch(len(numbers), self._settings.max_upload_numbers, "phone_numbers")
+        seen: set[str] = set()
+        checks = [rules.check_release(n, seen) for n in numbers]
+        valid = [n for n, refusal in zip(numbers, checks, strict=True) if refusal is None]
+        stored = await self._db.run(storage.release_numbers, operator, valid, write=True)
+        results = [r or stored[n] for n, r in zip(numbers, checks, strict=True)]
+        return pb.ReleaseNumbersResponse(
+            results=[convert.result_out(r) for r in results],
+            released_count=sum(r.outcome is Outcome.DONE for r in results),
+            refused_count=sum(r.outcome is Outcome.REFUSED for r in results),
+        )
+
+    async def ListNumbers(
+        self, request: pb.ListNumbersRequest, context: Context
+    ) -> pb.ListNumbersResponse:
+        operator = current_operator()
+        if request.page_size < 0:
+            raise invalid_field(DOMAIN, "PAGE_SIZE_INVALID", "page_size", "must not be negative")
+        size = min(
+            request.page_size or self._settings.default_page_size, self._settings.max_page_size
+        )
+        tenant = rules.optional_tenant(request.tenant_id)
+        state = convert.state_in(request.state)
+        filters = f"{operator}|{tenant or ''}|{state or ''}"
+        after, watch = "", None
+        if request.page_token:
+            after, watch = _decode_page_token(request.page_token, filters)
+        page = await self._db.run(
+            functools.partial(
+                storage.list_numbers,
+                operator_id=operator,
+                tenant_id=tenant,
+                state=state,
+                after=after,
+                limit=size,
+                watch_position=watch,
+            )
+        )
+        return pb.ListNumbersResponse(
+            numbers=[convert.number_out(n) for n in page.numbers],
+            next_page_token=_page_token(page.last, page.watch_position, filters)
+            if page.last
+            else "",
+            watch_cursor=encode_cursor(LOG, page.watch_position),
+        )
+
+    async def GetNumber(
+        self, request: pb.GetNumberRequest, context: Context
+    ) -> pb.GetNumberResponse:
+        operator = current_operator()
+        number = rules.require_number(request.phone_number)
+        found = await self._db.run(storage.get_number, operator, number)
+        return pb.GetNumberResponse(number=convert.number_out(found))
+
+    async def WatchAssignments(
+        self, request: pb.WatchAssignmentsRequest, context: Context
+    ) -> AsyncIterator[pb.WatchAssignmentsResponse]:
+        operator = current_operator()
+        tenant = rules.optional_tenant(request.tenant_id)
+        if request.max_batch_size < 0:
+            raise invalid_field(
+                DOMAIN, "BATCH_SIZE_INVALID", "max_batch_size", "must not be negative"
+            )
+        batch = min(
+            request.max_batch_size or self._settings.stream_batch_size,
+            self._settings.stream_batch_size,
+        )
+        if request.cursor:
+            after = decode_cursor(request.cursor, LOG, DOMAIN)
+        else:
+            after = await start_position(self._db, LOG)
+        spec = Follow(LOG, operator, DOMAIN, batch, self._settings.heartbeat_interval_s)
+        read = functools.partial(storage.read_events, operator_id=operator, tenant_id=tenant)
+        async for found in follow_log(
+            self._db, self._notifier, spec, read, lambda e: e.position, after=after
+        ):
+            yield pb.WatchAssignmentsResponse(
+                events=[convert.event_out(e, encode_cursor(LOG, e.position)) for e in found.items],
+                cursor=encode_cursor(LOG, found.position),
+            )
+
+
+class NumberAdminService(pb_grpc.NumberAdminServiceServicer):
+    def __init__(self, db: Database, notifier: Notifier) -> None:
+        self._db = db
+        self._notifier = notifier
+
+    async def AssignNumber(
+        self, request: pb.AssignNumberRequest, context: Context
+    ) -> pb.AssignNumberResponse:
+        assignment = rules.check_assignment(
+            request.phone_number, request.tenant_id, request.sip_uri, convert.target_in(request)
+        )
+        change = await self._db.run(storage.assign_number, assignment, write=True)
+        if change.event is not None:
+            self._notifier.publish(LOG, [change.number.operator_id])
+        return pb.AssignNumberResponse(number=convert.number_out(change.number))
+
+    async def UnassignNumber(
+        self, request: pb.UnassignNumberRequest, context: Context
+    ) -> pb.UnassignNumberResponse:
+        number = rules.require_number(request.phone_number)
+        tenant = rules.normalize_tenant(request.tenant_id)
+        change = await self._db.run(storage.unassign_number, number, tenant, write=True)
+        if change.event is not None:
+            self._notifier.publish(LOG, [change.number.operator_id])
+        return pb.UnassignNumberResponse(number=convert.number_out(change.number))
+
+
+# --- page tokens: opaque, versioned, bound to the listing's filters -----------------------------
+
+_TOKEN = struct.Struct(">BQI")
+
+
+def _page_token(last: str, watch_position: int, filters: str) -> str:
+    body = _TOKEN.pack(1, watch_position, zlib.crc32(filters.encode())) + last.encode()
+    raw = body + struct.pack(">I", zlib.crc32(body))
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def _decode_page_token(token: str, filters: str) -> tuple[str, int]:
+    bad = invalid_field(
+        DOMAIN,
+        "PAGE_TOKEN_INVALID",
+        "page_token",
+        "not a page token of this listing (same filters)",
+    )
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+    except ValueError:
+        raise bad from None
+    if len(token) > 128 or len(raw) < _TOKEN.size + 4:
+        raise bad
+    body, (crc,) = raw[:-4], struct.unpack(">I", raw[-4:])
+    version, watch, filter_crc = _TOKEN.unpack(body[: _TOKEN.size])
+    if zlib.crc32(body) != crc or version != 1 or filter_crc != zlib.crc32(filters.encode()):
+        raise bad
+    try:
+        last = body[_TOKEN.size :].decode()
+    except UnicodeDecodeError:
+        raise bad from None
+    return last, int(watch)
+
+
+def access() -> dict[str, Access]:
+    """Who may call each method of this service."""
+    rules_by_service = {
+        pb.DESCRIPTOR.services_by_name["NumberService"]: Access.OPERATOR,
+        pb.DESCRIPTOR.services_by_name["NumberAdminService"]: Access.PLATFORM,
+    }
+    return {
+        f"/{service.full_name}/{method.name}": rule
+        for service, rule in rules_by_service.items()
+        for method in service.methods
+    }
+
+
+def register(
+    server: grpc.aio.Server, db: Database, notifier: Notifier, settings: Settings
+) -> list[str]:
+    """Add both services to `server`; returns their full names (for health and reflection)."""
+    pb_grpc.add_NumberServiceServicer_to_server(NumberService(db, notifier, settings), server)
+    pb_grpc.add_NumberAdminServiceServicer_to_server(NumberAdminService(db, notifier), server)
+    return [s.full_name for s in pb.DESCRIPTOR.services_by_name.values()]

@@ -1,0 +1,400 @@
+"""The numbers tables and the units of work on them.
+
+Each public function takes a `Session` inside a transaction (run it with `Database.run`) and
+speaks in domain types (rules.py). Assignment changes append to the `numbers` change log in the
+same transaction; the caller wakes watchers after commit.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from sqlalchemy import BigInteger, Boolean, DateTime, Index, String, delete, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Mapped, Session, mapped_column
+
+from plumbing.changelog import Head, allocate, mark_purged, notify_commit, read_head
+from plumbing.db import Base
+from plumbing.errors import ApiError, failed_precondition, not_found
+from services.numbers.rules import (
+    DOMAIN,
+    LOG,
+    Assignment,
+    Event,
+    EventType,
+    Number,
+    Outcome,
+    Result,
+    State,
+    Target,
+    TargetKind,
+    Upload,
+    Usage,
+    check_can_assign,
+    refused,
+)
+
+CHUNK = 500  # numbers per IN (...) list: inside SQLite's variable limit
+
+
+class NumberRow(Base):
+    """An uploaded number; held by exactly one operator (the number is the key)."""
+
+    __tablename__ = "numbers"
+
+    phone_number: Mapped[str] = mapped_column(String(16), primary_key=True)
+    operator_id: Mapped[str] = mapped_column(String(63))
+    tenant_id: Mapped[str] = mapped_column(String(36))
+    usage: Mapped[str] = mapped_column(String(16))
+    inbound: Mapped[bool] = mapped_column(Boolean)
+    outbound: Mapped[bool] = mapped_column(Boolean)
+    state: Mapped[str] = mapped_column(String(16))
+    sip_uri: Mapped[str] = mapped_column(String(512), default="")
+    target_kind: Mapped[str] = mapped_column(String(32), default="")
+    target_id: Mapped[str] = mapped_column(String(36), default="")
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (
+        Index("ix_numbers_operator_number", "operator_id", "phone_number"),
+        Index("ix_numbers_operator_tenant_number", "operator_id", "tenant_id", "phone_number"),
+    )
+
+
+class NumberEventRow(Base):
+    """The `numbers` change log: one row per assignment change, keyed by its position."""
+
+    __tablename__ = "number_events"
+
+    position: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    operator_id: Mapped[str] = mapped_column(String(63))
+    tenant_id: Mapped[str] = mapped_column(String(36))
+    phone_number: Mapped[str] = mapped_column(String(16))
+    type: Mapped[str] = mapped_column(String(16))
+    sip_uri: Mapped[str] = mapped_column(String(512), default="")
+    target_kind: Mapped[str] = mapped_column(String(32), default="")
+    target_id: Mapped[str] = mapped_column(String(36), default="")
+    occurred_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (
+        Index("ix_number_events_operator_position", "operator_id", "position"),
+        Index("ix_number_events_occurred_at", "occurred_at"),
+    )
+
+
+def now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def _utc(value: dt.datetime) -> dt.datetime:
+    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
+
+
+def _target(kind: str, target_id: str) -> Target | None:
+    return Target(TargetKind(kind), target_id) if kind else None
+
+
+def to_number(row: NumberRow) -> Number:
+    return Number(
+        phone_number=row.phone_number,
+        operator_id=row.operator_id,
+        tenant_id=row.tenant_id,
+        usage=Usage(row.usage),
+        inbound=row.inbound,
+        outbound=row.outbound,
+        state=State(row.state),
+        sip_uri=row.sip_uri,
+        target=_target(row.target_kind, row.target_id),
+        created_at=_utc(row.created_at),
+        updated_at=_utc(row.updated_at),
+    )
+
+
+def _insert(session: Session) -> type[sqlite.Insert] | type[postgresql.Insert]:
+    return postgresql.Insert if session.get_bind().dialect.name == "postgresql" else sqlite.Insert
+
+
+def _chunks(items: Sequence[str]) -> list[Sequence[str]]:
+    return [items[i : i + CHUNK] for i in range(0, len(items), CHUNK)]
+
+
+def _rows_by_number(session: Session, numbers: Sequence[str]) -> dict[str, NumberRow]:
+    found: dict[str, NumberRow] = {}
+    for chunk in _chunks(numbers):
+        rows = session.scalars(select(NumberRow).where(NumberRow.phone_number.in_(chunk)))
+        found.update((row.phone_number, row) for row in rows)
+    return found
+
+
+def upload_numbers(
+    session: Session, operator_id: str, tenant_id: str, uploads: Sequence[Upload]
+) -> dict[str, Result]:
+    """Store the numbers not held yet; classify the rest. Safe against concurrent uploads."""
+    stamp = now()
+    values = [
+        {
+            "phone_number": u.phone_number,
+            "operator_id": operator_id,
+            "tenant_id": tenant_id,
+            "usage": (u.usage or Usage.USER).value,
+            "inbound": u.inbound,
+            "outbound": u.outbound,
+            "state": State.UNASSIGNED.value,
+            "sip_uri": "",
+            "target_kind": "",
+            "target_id": "",
+            "created_at": stamp,
+            "updated_at": stamp,
+        }
+        for u in uploads
+    ]
+    insert = _insert(session)
+    added: set[str] = set()
+    for start in range(0, len(values), CHUNK):
+        statement = (
+            insert(NumberRow)
+            .values(values[start : start + CHUNK])
+            .on_conflict_do_nothing(index_elements=["phone_number"])
+            .returning(NumberRow.phone_number)
+        )
+        added.update(session.scalars(statement))
+    results = {n: Result(n, Outcome.DONE) for n in added}
+    held = _rows_by_number(
+        session, [u.phone_number for u in uploads if u.phone_number not in added]
+    )
+    for upload in uploads:
+        if upload.phone_number in added:
+            continue
+        row = held[upload.phone_number]
+        if row.operator_id != operator_id:
+            results[row.phone_number] = refused(
+                row.phone_number,
+                "HELD_BY_ANOTHER_OPERATOR",
+                "the number is held by another operator",
+            )
+        elif (row.tenant_id, row.usage, row.inbound, row.outbound) == (
+            tenant_id,
+            (upload.usage or Usage.USER).value,
+            upload.inbound,
+            upload.outbound,
+        ):
+            results[row.phone_number] = Result(row.phone_number, Outcome.ALREADY_PRESENT)
+        else:
+            results[row.phone_number] = refused(
+                row.phone_number,
+                "DATA_CONFLICT",
+                "the number is already uploaded with another tenant, usage or capabilities;"
+                " release it and upload it again to change them",
+            )
+    return results
+
+
+def release_numbers(
+    session: Session, operator_id: str, numbers: Sequence[str]
+) -> dict[str, Result]:
+    """Delete the operator's unassigned numbers among `numbers`; classify the rest."""
+    released: set[str] = set()
+    for chunk in _chunks(numbers):
+        statement = (
+            delete(NumberRow)
+            .where(
+                NumberRow.phone_number.in_(chunk),
+                NumberRow.operator_id == operator_id,
+                NumberRow.state == State.UNASSIGNED.value,
+            )
+            .returning(NumberRow.phone_number)
+        )
+        released.update(session.scalars(statement))
+    results = {n: Result(n, Outcome.DONE) for n in released}
+    left = _rows_by_number(session, [n for n in numbers if n not in released])
+    for number in numbers:
+        if number in released:
+            continue
+        row = left.get(number)
+        if row is None or row.operator_id != operator_id:
+            results[number] = refused(
+                number, "NUMBER_NOT_FOUND", "the operator holds no such number"
+            )
+        else:
+            results[number] = refused(
+                number, "NUMBER_ASSIGNED", "the number is assigned; it must be unassigned first"
+            )
+    return results
+
+
+def get_number(session: Session, operator_id: str | None, phone_number: str) -> Number:
+    """The number; NOT_FOUND if absent or (for an operator) held by another operator."""
+    row = session.get(NumberRow, phone_number)
+    if row is None or (operator_id is not None and row.operator_id != operator_id):
+        raise not_found(DOMAIN, "NUMBER_NOT_FOUND", "no such number")
+    return to_number(row)
+
+
+@dataclass(frozen=True)
+class Page:
+    numbers: list[Number]
+    last: str  # the last number of this page, "" if the listing is done
+    watch_position: int
+
+
+def list_numbers(
+    session: Session,
+    operator_id: str,
+    *,
+    tenant_id: str | None,
+    state: State | None,
+    after: str,
+    limit: int,
+    watch_position: int | None,
+) -> Page:
+    """One page in number order after `after`; on the first page, the log head (read in the same
+    snapshot) is where a watcher resumes to miss nothing."""
+    if watch_position is None:
+        watch_position = read_head(session, LOG).position
+    query = select(NumberRow).where(NumberRow.operator_id == operator_id)
+    if tenant_id is not None:
+        query = query.where(NumberRow.tenant_id == tenant_id)
+    if state is not None:
+        query = query.where(NumberRow.state == state.value)
+    if after:
+        query = query.where(NumberRow.phone_number > after)
+    rows = list(session.scalars(query.order_by(NumberRow.phone_number).limit(limit + 1)))
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return Page([to_number(r) for r in rows], rows[-1].phone_number if more else "", watch_position)
+
+
+@dataclass(frozen=True)
+class Change:
+    """What an assignment did: the number after it, and the event it logged (None: no change)."""
+
+    number: Number
+    event: Event | None
+
+
+def _locked_row(session: Session, phone_number: str) -> NumberRow:
+    row = session.scalars(
+        select(NumberRow).where(NumberRow.phone_number == phone_number).with_for_update()
+    ).one_or_none()
+    if row is None:
+        raise not_found(DOMAIN, "NUMBER_NOT_FOUND", "no such number has been uploaded")
+    return row
+
+
+def _log_event(session: Session, row: NumberRow, kind: EventType, stamp: dt.datetime) -> Event:
+    position = allocate(session, LOG)
+    session.add(
+        NumberEventRow(
+            position=position,
+            operator_id=row.operator_id,
+            tenant_id=row.tenant_id,
+            phone_number=row.phone_number,
+            type=kind.value,
+            sip_uri=row.sip_uri,
+            target_kind=row.target_kind,
+            target_id=row.target_id,
+            occurred_at=stamp,
+        )
+    )
+    session.flush()
+    notify_commit(session, LOG, position, [row.operator_id])
+    return Event(
+        position,
+        kind,
+        row.phone_number,
+        row.tenant_id,
+        row.sip_uri,
+        _target(row.target_kind, row.target_id),
+        stamp,
+    )
+
+
+def assign_number(session: Session, assignment: Assignment) -> Change:
+    row = _locked_row(session, assignment.phone_number)
+    problem: ApiError | None = check_can_assign(to_number(row), assignment)
+    if problem is not None:
+        raise problem
+    wanted = (assignment.sip_uri, assignment.target.kind.value, assignment.target.id)
+    if (
+        row.state == State.ASSIGNED.value
+        and (row.sip_uri, row.target_kind, row.target_id) == wanted
+    ):
+        return Change(to_number(row), None)
+    kind = EventType.UPDATED if row.state == State.ASSIGNED.value else EventType.ASSIGNED
+    stamp = now()
+    row.state = State.ASSIGNED.value
+    row.sip_uri, row.target_kind, row.target_id = wanted
+    row.updated_at = stamp
+    event = _log_event(session, row, kind, stamp)
+    return Change(to_number(row), event)
+
+
+def unassign_number(session: Session, phone_number: str, tenant_id: str) -> Change:
+    row = _locked_row(session, phone_number)
+    if row.tenant_id != tenant_id:
+        raise failed_precondition(
+            DOMAIN, "TENANT_MISMATCH", "the number was uploaded for another tenant"
+        )
+    if row.state == State.UNASSIGNED.value:
+        return Change(to_number(row), None)
+    stamp = now()
+    row.state = State.UNASSIGNED.value
+    row.sip_uri = row.target_kind = row.target_id = ""
+    row.updated_at = stamp
+    event = _log_event(session, row, EventType.UNASSIGNED, stamp)
+    return Change(to_number(row), event)
+
+
+def to_event(row: NumberEventRow) -> Event:
+    return Event(
+        row.position,
+        EventType(row.type),
+        row.phone_number,
+        row.tenant_id,
+        row.sip_uri,
+        _target(row.target_kind, row.target_id),
+        _utc(row.occurred_at),
+    )
+
+
+def read_events(
+    session: Session,
+    after: int,
+    upto: int,
+    limit: int,
+    *,
+    operator_id: str,
+    tenant_id: str | None,
+) -> list[Event]:
+    """The operator's events with after < position <= upto, in position order."""
+    query = select(NumberEventRow).where(
+        NumberEventRow.operator_id == operator_id,
+        NumberEventRow.position > after,
+        NumberEventRow.position <= upto,
+    )
+    if tenant_id is not None:
+        query = query.where(NumberEventRow.tenant_id == tenant_id)
+    return [
+        to_event(r) for r in session.scalars(query.order_by(NumberEventRow.position).limit(limit))
+    ]
+
+
+def purge_events(session: Session, older_than: dt.datetime) -> int:
+    """Delete events older than the retention; cursors before them then expire."""
+    through = session.scalar(
+        select(NumberEventRow.position)
+        .where(NumberEventRow.occurred_at < older_than)
+        .order_by(NumberEventRow.position.desc())
+        .limit(1)
+    )
+    if through is None:
+        return 0
+    deleted = session.execute(delete(NumberEventRow).where(NumberEventRow.position <= through))
+    mark_purged(session, LOG, int(through))
+    return int(deleted.rowcount or 0)
+
+
+def head(session: Session) -> Head:
+    return read_head(session, LOG)

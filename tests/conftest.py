@@ -1,0 +1,225 @@
+"""Fixtures: a PKI made for the test run, databases (SQLite always, PostgreSQL when
+OPCONNECT_TEST_POSTGRES_URL is set), and the whole system started in-process on port 0 over real
+mutual TLS, driven by ordinary (synchronous) gRPC clients as an operator's would be."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import threading
+import uuid
+from collections.abc import Coroutine, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+import pytest
+import sqlalchemy as sa
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from gateway import pki, server
+from gateway.registry import OperatorStatus
+from opconnect.numbers.v1 import numbers_pb2_grpc
+from plumbing.config import Settings
+
+T = TypeVar("T")
+POSTGRES_URL = os.environ.get("OPCONNECT_TEST_POSTGRES_URL", "")
+NO_POSTGRES = "OPCONNECT_TEST_POSTGRES_URL is not set (CI sets it; PostgreSQL on 127.0.0.1:5432)"
+
+TENANT = "6f1a4b2c-8d3e-4f5a-9b6c-7d8e9f0a1b2c"
+OTHER_TENANT = "0b5e2c1d-3a4f-4e6d-8c7b-9a0f1e2d3c4b"
+USER_ID = "11111111-2222-4333-8444-555555555555"
+
+# Client identities the test PKI issues (all by the test CA unless named "foreign").
+OPERATOR = "contoso-telecom"
+OTHER_OPERATOR = "fabrikam"
+UNKNOWN_OPERATOR = "unknown-op"
+SUSPENDED_OPERATOR = "suspended-op"
+REVOKED_OPERATOR = "revoked-op"
+PLATFORM = "admin-center"
+
+
+@dataclass(frozen=True)
+class Pki:
+    paths: pki.PkiPaths
+    foreign_ca: pki.Issued
+    foreign_client: pki.Issued  # names OPERATOR, signed by a CA the server does not trust
+
+    def client(self, kind: str, ident: str) -> tuple[bytes, bytes]:
+        cert, key = self.paths.client(f"{kind}-{ident}")
+        return cert.read_bytes(), key.read_bytes()
+
+
+def make_the_pki(directory: Path) -> Pki:
+    paths = pki.ensure_dev_pki(directory, operator_id=OPERATOR, platform_name=PLATFORM)
+    for ident in (OTHER_OPERATOR, UNKNOWN_OPERATOR, SUSPENDED_OPERATOR, REVOKED_OPERATOR):
+        pki.issue_client(paths, "operator", ident)
+    revoked_cert, _ = paths.client(f"operator-{REVOKED_OPERATOR}")
+    pki.revoke(paths, revoked_cert.read_bytes())
+    foreign = pki.create_ca("someone else's CA")
+    foreign_client = pki.issue_client_cert(foreign, pki.operator_uri(OPERATOR))
+    return Pki(paths, foreign, foreign_client)
+
+
+@pytest.fixture(scope="session")
+def session_pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return make_the_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture
+def own_pki(session_pki: Pki, tmp_path: Path) -> Pki:
+    """A copy of the test PKI that a test may change (revoke, rotate)."""
+    directory = tmp_path / "pki"
+    shutil.copytree(session_pki.paths.directory, directory)
+    return Pki(pki.PkiPaths.at(directory), session_pki.foreign_ca, session_pki.foreign_client)
+
+
+def reset_postgres(url: str) -> str:
+    """A fresh, empty schema of its own for one test; returns the URL that uses it."""
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(sa.text(f"CREATE SCHEMA {schema}"))
+    engine.dispose()
+    sep = "&" if "?" in url else "?"
+    return f"{url}{sep}options=-csearch_path%3D{schema}"
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'opconnect.db'}"
+    if not POSTGRES_URL:
+        pytest.skip(NO_POSTGRES)
+    return reset_postgres(POSTGRES_URL)
+
+
+def settings_for(
+    tmp_path: Path, paths: pki.PkiPaths, database_url: str, **changes: Any
+) -> Settings:
+    base = Settings(
+        data_dir=tmp_path,
+        database_url=database_url,
+        listen="127.0.0.1:0",
+        tls_cert_file=str(paths.server_cert),
+        tls_key_file=str(paths.server_key),
+        operator_ca_file=str(paths.ca_cert),
+        crl_file=str(paths.crl),
+        reload_interval_s=0.05,
+        registry_cache_s=0.0,
+        heartbeat_interval_s=0.5,
+        log_format="json",
+        log_level="warning",
+    )
+    return base.replace(**changes)
+
+
+class RunningSystem:
+    """The one-process system on its own event loop thread, with client helpers."""
+
+    def __init__(self, settings: Settings, the_pki: Pki) -> None:
+        self.pki = the_pki
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+        self.runtime: server.Runtime = self.call(server.start(settings))
+        self.address = f"localhost:{self.runtime.port}"
+        self._channels: list[grpc.Channel] = []
+
+    def call(self, coroutine: Coroutine[Any, Any, T], timeout: float = 30) -> T:
+        """Run a coroutine on the server's loop (registry changes, direct storage reads)."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    def channel(
+        self,
+        kind: str = "operator",
+        ident: str = OPERATOR,
+        *,
+        cert: tuple[bytes, bytes] | None = None,
+    ) -> grpc.Channel:
+        cert_pem, key_pem = cert or self.pki.client(kind, ident)
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=self.pki.paths.ca_cert.read_bytes(),
+            private_key=key_pem,
+            certificate_chain=cert_pem,
+        )
+        channel = grpc.secure_channel(self.address, credentials)
+        self._channels.append(channel)
+        return channel
+
+    def numbers(self, ident: str = OPERATOR) -> numbers_pb2_grpc.NumberServiceStub:
+        return numbers_pb2_grpc.NumberServiceStub(self.channel("operator", ident))
+
+    def admin(self, ident: str = PLATFORM) -> numbers_pb2_grpc.NumberAdminServiceStub:
+        return numbers_pb2_grpc.NumberAdminServiceStub(self.channel("platform", ident))
+
+    def stop(self) -> None:
+        for channel in self._channels:
+            channel.close()
+        self.call(self.runtime.stop(grace_s=1.0))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+        self.loop.close()
+
+
+def start_system(settings: Settings, the_pki: Pki) -> RunningSystem:
+    system = RunningSystem(settings, the_pki)
+    registry = system.runtime.registry
+    for ident in (OPERATOR, OTHER_OPERATOR, SUSPENDED_OPERATOR, REVOKED_OPERATOR):
+        system.call(registry.add(ident))
+    system.call(registry.set_status(SUSPENDED_OPERATOR, OperatorStatus.SUSPENDED))
+    return system
+
+
+@pytest.fixture
+def system(session_pki: Pki, database_url: str, tmp_path: Path) -> Iterator[RunningSystem]:
+    """The whole system, on SQLite and (when available) PostgreSQL."""
+    running = start_system(settings_for(tmp_path, session_pki.paths, database_url), session_pki)
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def sqlite_system(session_pki: Pki, tmp_path: Path) -> Iterator[RunningSystem]:
+    """The whole system on SQLite only (for tests where storage does not matter)."""
+    url = f"sqlite:///{tmp_path / 'opconnect.db'}"
+    running = start_system(settings_for(tmp_path, session_pki.paths, url), session_pki)
+    yield running
+    running.stop()
+
+
+@dataclass(frozen=True)
+class RichError:
+    code: grpc.StatusCode
+    message: str
+    reason: str
+    domain: str
+    fields: dict[str, str]  # field path -> reason
+    retry_delay_s: float | None
+
+
+def rich_error(error: grpc.RpcError) -> RichError:
+    """Decode the google.rpc details every opconnect error must carry."""
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    assert status is not None, f"no google.rpc.Status in {error!r}"
+    reason = domain = ""
+    fields: dict[str, str] = {}
+    retry: float | None = None
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            reason, domain = info.reason, info.domain
+        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            fields.update({v.field: v.reason for v in bad.field_violations})
+        elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            info_retry = error_details_pb2.RetryInfo()
+            detail.Unpack(info_retry)
+            retry = info_retry.retry_delay.ToNanoseconds() / 1e9
+    assert reason, "every error carries a google.rpc.ErrorInfo with a reason"
+    return RichError(error.code(), error.details() or "", reason, domain, fields, retry)  # type: ignore[attr-defined]
