@@ -53,7 +53,7 @@ class Pki:
         return cert.read_bytes(), key.read_bytes()
 
 
-def make_the_pki(directory: Path) -> Pki:
+def make_test_pki(directory: Path) -> Pki:
     paths = pki.ensure_dev_pki(directory, operator_id=OPERATOR, platform_name=PLATFORM)
     for ident in (OTHER_OPERATOR, UNKNOWN_OPERATOR, SUSPENDED_OPERATOR, REVOKED_OPERATOR):
         pki.issue_client(paths, "operator", ident)
@@ -66,7 +66,7 @@ def make_the_pki(directory: Path) -> Pki:
 
 @pytest.fixture(scope="session")
 def session_pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    return make_the_pki(tmp_path_factory.mktemp("pki"))
+    return make_test_pki(tmp_path_factory.mktemp("pki"))
 
 
 @pytest.fixture
@@ -120,8 +120,8 @@ def settings_for(
 class RunningSystem:
     """The one-process system on its own event loop thread, with client helpers."""
 
-    def __init__(self, settings: Settings, the_pki: Pki) -> None:
-        self.pki = the_pki
+    def __init__(self, settings: Settings, test_pki: Pki) -> None:
+        self.pki = test_pki
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._thread.start()
@@ -139,6 +139,7 @@ class RunningSystem:
         ident: str = OPERATOR,
         *,
         cert: tuple[bytes, bytes] | None = None,
+        options: list[tuple[str, Any]] | None = None,
     ) -> grpc.Channel:
         cert_pem, key_pem = cert or self.pki.client(kind, ident)
         credentials = grpc.ssl_channel_credentials(
@@ -146,7 +147,7 @@ class RunningSystem:
             private_key=key_pem,
             certificate_chain=cert_pem,
         )
-        channel = grpc.secure_channel(self.address, credentials)
+        channel = grpc.secure_channel(self.address, credentials, options=options)
         self._channels.append(channel)
         return channel
 
@@ -157,16 +158,16 @@ class RunningSystem:
         return numbers_pb2_grpc.NumberAdminServiceStub(self.channel("platform", ident))
 
     def stop(self) -> None:
+        self.call(self.runtime.stop(grace_s=1.0))
         for channel in self._channels:
             channel.close()
-        self.call(self.runtime.stop(grace_s=1.0))
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(10)
         self.loop.close()
 
 
-def start_system(settings: Settings, the_pki: Pki) -> RunningSystem:
-    system = RunningSystem(settings, the_pki)
+def start_system(settings: Settings, test_pki: Pki) -> RunningSystem:
+    system = RunningSystem(settings, test_pki)
     registry = system.runtime.registry
     for ident in (OPERATOR, OTHER_OPERATOR, SUSPENDED_OPERATOR, REVOKED_OPERATOR):
         system.call(registry.add(ident))

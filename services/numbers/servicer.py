@@ -137,6 +137,8 @@ class NumberService(pb_grpc.NumberServiceServicer):
             after = decode_cursor(request.cursor, LOG, DOMAIN)
         else:
             after = await start_position(self._db, LOG)
+            # Starting from now: say where "now" is at once, so the client can resume from it.
+            yield pb.WatchAssignmentsResponse(cursor=encode_cursor(LOG, after))
         spec = Follow(LOG, operator, DOMAIN, batch, self._settings.heartbeat_interval_s)
         read = functools.partial(storage.read_events, operator_id=operator, tenant_id=tenant)
         async for found in follow_log(

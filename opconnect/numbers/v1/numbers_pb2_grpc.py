@@ -127,8 +127,8 @@ class NumberServiceServicer:
     def WatchAssignments(self, request, context):
         """Streams every assignment change of the operator's numbers, in order, at least once.
 
-        Starts strictly after `cursor`, or from now when no cursor is given; sends what is stored,
-        then follows live. While nothing changes, sends a heartbeat (a response with no events)
+        Starts strictly after `cursor`, or from now when no cursor is given (then the first response
+        is at once a heartbeat carrying the cursor of "now"); sends what is stored, then follows live. While nothing changes, sends a heartbeat (a response with no events)
         carrying a newer cursor at the configured interval, so a client that saves the last cursor
         it received resumes without a gap and without rereading changes it was not shown.
 

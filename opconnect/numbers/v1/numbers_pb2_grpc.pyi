@@ -68,8 +68,8 @@ class NumberServiceStub:
     WatchAssignments: _grpc.UnaryStreamMultiCallable[_numbers_pb2.WatchAssignmentsRequest, _numbers_pb2.WatchAssignmentsResponse]
     """Streams every assignment change of the operator's numbers, in order, at least once.
 
-    Starts strictly after `cursor`, or from now when no cursor is given; sends what is stored,
-    then follows live. While nothing changes, sends a heartbeat (a response with no events)
+    Starts strictly after `cursor`, or from now when no cursor is given (then the first response
+    is at once a heartbeat carrying the cursor of "now"); sends what is stored, then follows live. While nothing changes, sends a heartbeat (a response with no events)
     carrying a newer cursor at the configured interval, so a client that saves the last cursor
     it received resumes without a gap and without rereading changes it was not shown.
 
@@ -119,8 +119,8 @@ class NumberServiceAsyncStub(NumberServiceStub):
     WatchAssignments: _aio.UnaryStreamMultiCallable[_numbers_pb2.WatchAssignmentsRequest, _numbers_pb2.WatchAssignmentsResponse]  # type: ignore[assignment]
     """Streams every assignment change of the operator's numbers, in order, at least once.
 
-    Starts strictly after `cursor`, or from now when no cursor is given; sends what is stored,
-    then follows live. While nothing changes, sends a heartbeat (a response with no events)
+    Starts strictly after `cursor`, or from now when no cursor is given (then the first response
+    is at once a heartbeat carrying the cursor of "now"); sends what is stored, then follows live. While nothing changes, sends a heartbeat (a response with no events)
     carrying a newer cursor at the configured interval, so a client that saves the last cursor
     it received resumes without a gap and without rereading changes it was not shown.
 
@@ -197,8 +197,8 @@ class NumberServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_numbers_pb2.WatchAssignmentsResponse], _abc.AsyncIterator[_numbers_pb2.WatchAssignmentsResponse]]:
         """Streams every assignment change of the operator's numbers, in order, at least once.
 
-        Starts strictly after `cursor`, or from now when no cursor is given; sends what is stored,
-        then follows live. While nothing changes, sends a heartbeat (a response with no events)
+        Starts strictly after `cursor`, or from now when no cursor is given (then the first response
+        is at once a heartbeat carrying the cursor of "now"); sends what is stored, then follows live. While nothing changes, sends a heartbeat (a response with no events)
         carrying a newer cursor at the configured interval, so a client that saves the last cursor
         it received resumes without a gap and without rereading changes it was not shown.
 

@@ -1,0 +1,675 @@
+"""The gateway and identity, through real servers over real mutual TLS: who may connect, who may
+call what, isolation between operators, trust files reloaded while running (CRL, deny list,
+server certificate), limits, health, reflection, stock tools and a second-language client."""
+
+from __future__ import annotations
+
+import base64
+import json
+import queue
+import shutil
+import socket
+import ssl
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from cryptography import x509
+from google.rpc import error_details_pb2, status_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from gateway import pki
+from gateway.registry import OperatorStatus
+from opconnect.numbers.v1 import numbers_pb2 as pb
+from opconnect.numbers.v1 import numbers_pb2_grpc as pb_grpc
+from opconnect.type.v1 import assignment_state_pb2 as state_pb
+from plumbing.changelog import decode_cursor
+from services.numbers.rules import DOMAIN, LOG
+from tests.conftest import (
+    OPERATOR,
+    OTHER_OPERATOR,
+    PLATFORM,
+    REVOKED_OPERATOR,
+    SUSPENDED_OPERATOR,
+    TENANT,
+    UNKNOWN_OPERATOR,
+    USER_ID,
+    Pki,
+    RunningSystem,
+    rich_error,
+    settings_for,
+    start_system,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+BUF = ROOT / "node_modules" / ".bin" / "buf"
+JS_CLIENT = Path(__file__).resolve().parent / "clients" / "grpc_js_client.js"
+
+OK = (grpc.StatusCode.OK, "")
+UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
+REVOKED = (UNAUTHENTICATED, "CERTIFICATE_REVOKED")
+NUMBER = "+14255550100"
+MISSING_NUMBER = "+14255550199"
+SIP_URI = "sip:+14255550100@sbc1.contoso.example;user=phone"
+BOTH = pb.Capabilities(inbound=True, outbound=True)
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+
+def outcome(call: Callable[[], object]) -> tuple[grpc.StatusCode, str]:
+    """(status code, ErrorInfo reason) of a call; (OK, "") when it succeeds."""
+    try:
+        call()
+    except grpc.RpcError as error:
+        found = rich_error(error)
+        return found.code, found.reason
+    return OK
+
+
+def eventually(
+    expected: tuple[grpc.StatusCode, str], call: Callable[[], object], timeout: float = 10
+) -> tuple[grpc.StatusCode, str]:
+    """Repeat `call` until its outcome is `expected` or the deadline passes; the last outcome."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = outcome(call)
+        if found == expected or time.monotonic() > deadline:
+            return found
+        time.sleep(0.05)
+
+
+def list_call(stub: pb_grpc.NumberServiceStub) -> Callable[[], object]:
+    return lambda: stub.ListNumbers(pb.ListNumbersRequest(), timeout=10)
+
+
+def upload(stub: pb_grpc.NumberServiceStub, *numbers: str) -> pb.UploadNumbersResponse:
+    return stub.UploadNumbers(
+        pb.UploadNumbersRequest(
+            tenant_id=TENANT,
+            numbers=[
+                pb.NumberUpload(phone_number=n, usage=pb.NUMBER_USAGE_USER, capabilities=BOTH)
+                for n in numbers
+            ],
+        ),
+        timeout=10,
+    )
+
+
+def assign_request(number: str = NUMBER) -> pb.AssignNumberRequest:
+    return pb.AssignNumberRequest(
+        phone_number=number,
+        tenant_id=TENANT,
+        sip_uri=SIP_URI,
+        target=pb.AssignmentTarget(kind=pb.AssignmentTarget.KIND_USER, id=USER_ID),
+    )
+
+
+def tls_channel(
+    system: RunningSystem, cert: tuple[bytes, bytes] | None, *, fresh: bool = False
+) -> grpc.Channel:
+    """A channel of our own: `cert` None sends no client certificate; `fresh` forces a new
+    connection (no subchannel shared with other channels of this process)."""
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=system.pki.paths.ca_cert.read_bytes(),
+        private_key=cert[1] if cert else None,
+        certificate_chain=cert[0] if cert else None,
+    )
+    options = [("grpc.use_local_subchannel_pool", 1)] if fresh else []
+    return grpc.secure_channel(system.address, credentials, options=options)
+
+
+def server_serial(system: RunningSystem) -> int:
+    """The serial of the certificate the server shows a new TLS connection."""
+    context = ssl.create_default_context(cafile=str(system.pki.paths.ca_cert))
+    cert, key = system.pki.paths.client(f"operator-{OPERATOR}")
+    context.load_cert_chain(cert, key)
+    context.set_alpn_protocols(["h2"])
+    with (
+        socket.create_connection(("localhost", system.runtime.port), timeout=10) as raw,
+        context.wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der).serial_number
+
+
+def cert_path(the_pki: Pki, kind: str, ident: str) -> Path:
+    return the_pki.paths.client(f"{kind}-{ident}")[0]
+
+
+class Watch:
+    """A WatchAssignments stream read on a thread, so a test can act while it is open."""
+
+    def __init__(self, stub: pb_grpc.NumberServiceStub) -> None:
+        self.call = stub.WatchAssignments(pb.WatchAssignmentsRequest())
+        self._responses: queue.Queue[pb.WatchAssignmentsResponse | grpc.RpcError] = queue.Queue()
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        try:
+            for response in self.call:
+                self._responses.put(response)
+        except grpc.RpcError as error:
+            self._responses.put(error)
+
+    def next(self, timeout: float = 10) -> pb.WatchAssignmentsResponse:
+        item = self._responses.get(timeout=timeout)
+        if isinstance(item, grpc.RpcError):
+            raise item
+        return item
+
+    def cancel(self) -> None:
+        self.call.cancel()
+        self._thread.join(5)
+
+
+@pytest.fixture
+def start(session_pki: Pki, tmp_path: Path) -> Iterator[Callable[..., RunningSystem]]:
+    """Start the system on SQLite with changed settings (and a PKI of the test's own)."""
+    started: list[RunningSystem] = []
+
+    def run(the_pki: Pki = session_pki, **changes: object) -> RunningSystem:
+        url = f"sqlite:///{tmp_path / 'opconnect.db'}"
+        running = start_system(settings_for(tmp_path, the_pki.paths, url, **changes), the_pki)
+        started.append(running)
+        return running
+
+    yield run
+    for running in started:
+        running.stop()
+
+
+# --- who may connect -----------------------------------------------------------------------------
+
+
+def test_a_client_without_a_certificate_fails_the_handshake(sqlite_system: RunningSystem) -> None:
+    with tls_channel(sqlite_system, None) as channel:
+        stub = pb_grpc.NumberServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.ListNumbers(pb.ListNumbersRequest(), timeout=10)
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert outcome(list_call(sqlite_system.numbers())) == OK  # the server is unharmed
+
+
+def test_a_certificate_from_another_ca_fails_the_handshake(
+    sqlite_system: RunningSystem, session_pki: Pki
+) -> None:
+    foreign = (session_pki.foreign_client.cert_pem, session_pki.foreign_client.key_pem)
+    with tls_channel(sqlite_system, foreign) as channel:
+        stub = pb_grpc.NumberServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.ListNumbers(pb.ListNumbersRequest(), timeout=10)
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_a_revoked_operator_is_unauthenticated(sqlite_system: RunningSystem) -> None:
+    with pytest.raises(grpc.RpcError) as caught:
+        sqlite_system.numbers(REVOKED_OPERATOR).ListNumbers(pb.ListNumbersRequest())
+    error = rich_error(caught.value)
+    assert (error.code, error.reason, error.domain) == (
+        UNAUTHENTICATED,
+        "CERTIFICATE_REVOKED",
+        "gateway.opconnect",
+    )
+
+
+def test_an_operator_missing_from_the_registry_is_unauthenticated(
+    sqlite_system: RunningSystem,
+) -> None:
+    stub = sqlite_system.numbers(UNKNOWN_OPERATOR)
+    assert outcome(list_call(stub)) == (UNAUTHENTICATED, "OPERATOR_UNKNOWN")
+
+
+def test_a_suspended_operator_is_unauthenticated_until_reactivated(
+    sqlite_system: RunningSystem,
+) -> None:
+    stub = sqlite_system.numbers(SUSPENDED_OPERATOR)
+    assert outcome(list_call(stub)) == (UNAUTHENTICATED, "OPERATOR_SUSPENDED")
+    registry = sqlite_system.runtime.registry
+    sqlite_system.call(registry.set_status(SUSPENDED_OPERATOR, OperatorStatus.ACTIVE))
+    assert outcome(list_call(stub)) == OK  # same channel, no reconnect
+    sqlite_system.call(registry.set_status(SUSPENDED_OPERATOR, OperatorStatus.SUSPENDED))
+    assert outcome(list_call(stub)) == (UNAUTHENTICATED, "OPERATOR_SUSPENDED")
+
+
+# --- who may call what ---------------------------------------------------------------------------
+
+
+def test_an_operator_may_not_call_an_internal_rpc(sqlite_system: RunningSystem) -> None:
+    upload(sqlite_system.numbers(), NUMBER)
+    as_operator = pb_grpc.NumberAdminServiceStub(sqlite_system.channel("operator", OPERATOR))
+    with pytest.raises(grpc.RpcError) as caught:
+        as_operator.AssignNumber(assign_request())
+    error = rich_error(caught.value)
+    assert (error.code, error.reason, error.domain) == (
+        grpc.StatusCode.PERMISSION_DENIED,
+        "PLATFORM_ONLY",
+        "gateway.opconnect",
+    )
+    number = sqlite_system.numbers().GetNumber(pb.GetNumberRequest(phone_number=NUMBER)).number
+    assert number.sip_uri == ""  # nothing was assigned
+
+
+def test_a_platform_principal_may_not_call_an_operator_rpc(sqlite_system: RunningSystem) -> None:
+    as_platform = pb_grpc.NumberServiceStub(sqlite_system.channel("platform", PLATFORM))
+    assert outcome(list_call(as_platform)) == (grpc.StatusCode.PERMISSION_DENIED, "OPERATOR_ONLY")
+    assert outcome(lambda: upload(as_platform, NUMBER)) == (
+        grpc.StatusCode.PERMISSION_DENIED,
+        "OPERATOR_ONLY",
+    )
+
+
+# --- isolation between operators (both backends) -------------------------------------------------
+
+
+def test_another_operators_number_answers_as_if_it_did_not_exist(system: RunningSystem) -> None:
+    upload(system.numbers(OPERATOR), NUMBER)
+    other = system.numbers(OTHER_OPERATOR)
+    errors = []
+    for number in (NUMBER, MISSING_NUMBER):
+        with pytest.raises(grpc.RpcError) as caught:
+            other.GetNumber(pb.GetNumberRequest(phone_number=number))
+        errors.append(rich_error(caught.value))
+    held, missing = errors
+    assert (held.code, held.reason, held.domain) == (
+        grpc.StatusCode.NOT_FOUND,
+        "NUMBER_NOT_FOUND",
+        DOMAIN,
+    )
+    assert held == missing
+
+
+def test_another_operators_numbers_are_not_listed(system: RunningSystem) -> None:
+    upload(system.numbers(OPERATOR), NUMBER, "+14255550101")
+    system.admin().AssignNumber(assign_request())
+    other = system.numbers(OTHER_OPERATOR)
+    for request in (
+        pb.ListNumbersRequest(),
+        pb.ListNumbersRequest(tenant_id=TENANT),
+        pb.ListNumbersRequest(state=state_pb.ASSIGNMENT_STATE_ASSIGNED),
+    ):
+        page = other.ListNumbers(request)
+        assert (list(page.numbers), page.next_page_token) == ([], "")
+    assert len(system.numbers(OPERATOR).ListNumbers(pb.ListNumbersRequest()).numbers) == 2
+
+
+def test_another_operator_cannot_release_numbers(system: RunningSystem) -> None:
+    owner = system.numbers(OPERATOR)
+    upload(owner, NUMBER, "+14255550101")
+    system.admin().AssignNumber(assign_request(NUMBER))  # assigned: must not say NUMBER_ASSIGNED
+    released = system.numbers(OTHER_OPERATOR).ReleaseNumbers(
+        pb.ReleaseNumbersRequest(phone_numbers=[NUMBER, "+14255550101", MISSING_NUMBER])
+    )
+    assert released.released_count == 0
+    answers = {(r.outcome, r.reason, r.message) for r in released.results}
+    assert len(answers) == 1, "held, assigned and missing numbers all answer the same"
+    assert answers.pop()[:2] == (pb.NUMBER_OUTCOME_REFUSED, "NUMBER_NOT_FOUND")
+    assert len(owner.ListNumbers(pb.ListNumbersRequest()).numbers) == 2
+
+
+def test_another_operator_does_not_see_assignments(system: RunningSystem) -> None:
+    upload(system.numbers(OPERATOR), NUMBER)
+    owner_watch = Watch(system.numbers(OPERATOR))
+    other_watch = Watch(system.numbers(OTHER_OPERATOR))
+    try:
+        owner_watch.next()  # first heartbeats: both streams are open and start before the change
+        other_watch.next()
+        system.admin().AssignNumber(assign_request())
+        event = next(e for e in iter(lambda: owner_watch.next().events, None) if e)[0]
+        assert (event.type, event.phone_number) == (pb.ASSIGNMENT_EVENT_TYPE_ASSIGNED, NUMBER)
+        change = decode_cursor(event.cursor, LOG, DOMAIN)
+        seen: list[pb.WatchAssignmentsResponse] = []
+        while not seen or decode_cursor(seen[-1].cursor, LOG, DOMAIN) < change:
+            seen.append(other_watch.next())
+        assert [list(r.events) for r in seen] == [[]] * len(seen)  # heartbeats only
+    finally:
+        owner_watch.cancel()
+        other_watch.cancel()
+
+
+# --- trust files reloaded while running ----------------------------------------------------------
+
+
+def test_a_revocation_takes_effect_without_a_restart(
+    start: Callable[..., RunningSystem], own_pki: Pki
+) -> None:
+    system = start(own_pki)
+    stub = system.numbers(OPERATOR)
+    assert outcome(list_call(stub)) == OK
+    pki.revoke(own_pki.paths, cert_path(own_pki, "operator", OPERATOR).read_bytes())
+    assert eventually(REVOKED, list_call(stub)) == REVOKED  # even on the open connection
+    assert outcome(list_call(system.numbers(OPERATOR))) == REVOKED
+    assert outcome(list_call(system.numbers(OTHER_OPERATOR))) == OK
+
+
+def test_the_deny_list_refuses_fingerprints_and_serials_and_follows_edits(
+    start: Callable[..., RunningSystem], session_pki: Pki, tmp_path: Path
+) -> None:
+    other_pem = cert_path(session_pki, "operator", OTHER_OPERATOR).read_bytes()
+    fingerprint = pki.fingerprint_sha256(other_pem).upper()
+    deny = tmp_path / "deny-list.txt"
+    pki.write_public(deny, f"# leaked key\n{':'.join(fingerprint[i : i + 2] for i in range(0, 64, 2))}\n".encode())
+    system = start(deny_list_file=str(deny))
+    operator, other = system.numbers(OPERATOR), system.numbers(OTHER_OPERATOR)
+    assert outcome(list_call(other)) == REVOKED
+    assert outcome(list_call(operator)) == OK
+
+    serial = pki.serial_of(cert_path(session_pki, "operator", OPERATOR).read_bytes())
+    pki.write_public(deny, f"{serial:#x}  # lost laptop\n".encode())
+    assert eventually(REVOKED, list_call(operator)) == REVOKED
+    assert outcome(list_call(other)) == OK
+
+
+def test_a_deny_list_that_does_not_parse_keeps_the_previous_one(
+    start: Callable[..., RunningSystem], session_pki: Pki, tmp_path: Path
+) -> None:
+    serial = pki.serial_of(cert_path(session_pki, "operator", OTHER_OPERATOR).read_bytes())
+    deny = tmp_path / "deny-list.txt"
+    pki.write_public(deny, f"{serial}\n".encode())
+    system = start(deny_list_file=str(deny))
+    other = system.numbers(OTHER_OPERATOR)
+    assert outcome(list_call(other)) == REVOKED
+    pki.write_public(deny, b"this is not a serial\n")
+    time.sleep(system.runtime.settings.reload_interval_s * 4)  # the next call rereads the files
+    assert outcome(list_call(other)) == REVOKED
+    assert outcome(list_call(system.numbers(OPERATOR))) == OK
+
+
+FAIL_OPEN = (
+    "gateway/trust.py TrustStore._load/_load_revoked: a CRL file holding no PEM CRL block (or a "
+    "missing one) loads as 'nothing revoked' instead of failing, so the previous CRL is dropped"
+)
+
+
+def _not_pem(crl: bytes, foreign: pki.Issued) -> bytes | None:
+    return b"this is not a CRL\n"
+
+
+def _truncated(crl: bytes, foreign: pki.Issued) -> bytes | None:
+    return crl[: len(crl) // 2]
+
+
+def _empty(crl: bytes, foreign: pki.Issued) -> bytes | None:
+    return b""
+
+
+def _deleted(crl: bytes, foreign: pki.Issued) -> bytes | None:
+    return None
+
+
+def _corrupt_body(crl: bytes, foreign: pki.Issued) -> bytes | None:
+    return b"-----BEGIN X509 CRL-----\nAAAA\n-----END X509 CRL-----\n"
+
+
+def _from_another_ca(crl: bytes, foreign: pki.Issued) -> bytes | None:
+    return pki.make_crl(foreign, [])
+
+
+@pytest.mark.parametrize(
+    "bad_crl",
+    [
+        pytest.param(_not_pem, marks=pytest.mark.xfail(strict=True, reason=FAIL_OPEN)),
+        pytest.param(_truncated, marks=pytest.mark.xfail(strict=True, reason=FAIL_OPEN)),
+        pytest.param(_empty, marks=pytest.mark.xfail(strict=True, reason=FAIL_OPEN)),
+        pytest.param(_deleted, marks=pytest.mark.xfail(strict=True, reason=FAIL_OPEN)),
+        _corrupt_body,
+        _from_another_ca,
+    ],
+)
+def test_a_bad_crl_file_keeps_the_previous_crl(
+    start: Callable[..., RunningSystem],
+    own_pki: Pki,
+    bad_crl: Callable[[bytes, pki.Issued], bytes | None],
+) -> None:
+    system = start(own_pki)
+    revoked, operator = system.numbers(REVOKED_OPERATOR), system.numbers(OPERATOR)
+    assert outcome(list_call(revoked)) == REVOKED
+    replacement = bad_crl(own_pki.paths.crl.read_bytes(), own_pki.foreign_ca)
+    if replacement is None:
+        own_pki.paths.crl.unlink()
+    else:
+        pki.write_public(own_pki.paths.crl, replacement)
+    time.sleep(system.runtime.settings.reload_interval_s * 4)  # the next call rereads the files
+    assert outcome(list_call(revoked)) == REVOKED
+    assert outcome(list_call(operator)) == OK
+    # A good CRL written afterwards is taken up again.
+    pki.revoke(own_pki.paths, cert_path(own_pki, "operator", OPERATOR).read_bytes())
+    assert eventually(REVOKED, list_call(operator)) == REVOKED
+    assert outcome(list_call(revoked)) == REVOKED
+
+
+def test_the_server_certificate_rotates_without_a_restart(
+    start: Callable[..., RunningSystem], own_pki: Pki
+) -> None:
+    system = start(own_pki)
+    before = server_serial(system)
+    assert before == pki.serial_of(own_pki.paths.server_cert.read_bytes())
+    old_stub = system.numbers(OPERATOR)
+    assert outcome(list_call(old_stub)) == OK
+
+    pki.rotate_server_cert(own_pki.paths, ["localhost"], ["127.0.0.1"])
+    rotated = pki.serial_of(own_pki.paths.server_cert.read_bytes())
+    deadline = time.monotonic() + 10
+    while (seen := server_serial(system)) == before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert seen == rotated != before
+
+    with tls_channel(system, own_pki.client("operator", OPERATOR), fresh=True) as channel:
+        assert outcome(list_call(pb_grpc.NumberServiceStub(channel))) == OK
+    assert outcome(list_call(old_stub)) == OK  # the open connection carries on
+
+
+# --- limits --------------------------------------------------------------------------------------
+
+
+def test_the_request_rate_per_operator_is_limited(start: Callable[..., RunningSystem]) -> None:
+    system = start(rate_per_operator=5, rate_burst=5)
+    stub = system.numbers(OPERATOR)
+    for _ in range(5):
+        assert outcome(list_call(stub)) == OK  # the burst
+    # Tokens refill at 5/s: a slow machine may earn one more call before the bucket is dry.
+    for _ in range(5):
+        try:
+            stub.ListNumbers(pb.ListNumbersRequest(), timeout=10)
+        except grpc.RpcError as caught:
+            error = rich_error(caught)
+            break
+    else:
+        pytest.fail("the rate limit never answered")
+    assert (error.code, error.reason, error.domain) == (
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "RATE_LIMITED",
+        "gateway.opconnect",
+    )
+    assert error.retry_delay_s is not None
+    assert 0 < error.retry_delay_s <= 1 / 5
+    assert outcome(list_call(system.numbers(OTHER_OPERATOR))) == OK  # per operator
+
+
+def test_concurrent_streams_per_operator_are_limited(start: Callable[..., RunningSystem]) -> None:
+    system = start(max_streams_per_operator=2)
+    stub = system.numbers(OPERATOR)
+    watches = [Watch(stub), Watch(stub)]
+    try:
+        for watch in watches:
+            watch.next()  # admitted: a first heartbeat arrived
+        third = Watch(stub)
+        with pytest.raises(grpc.RpcError) as caught:
+            third.next()
+        error = rich_error(caught.value)
+        assert (error.code, error.reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "TOO_MANY_STREAMS")
+        assert error.retry_delay_s is not None and error.retry_delay_s > 0
+        assert outcome(list_call(stub)) == OK  # unary calls are not streams
+
+        other = Watch(system.numbers(OTHER_OPERATOR))  # another operator has slots of its own
+        watches.append(other)
+        other.next()
+
+        watches.pop(0).cancel()
+        deadline = time.monotonic() + 10
+        while True:
+            replacement = Watch(stub)
+            watches.append(replacement)
+            try:
+                replacement.next()
+                break
+            except grpc.RpcError as refused:
+                assert rich_error(refused).reason == "TOO_MANY_STREAMS"
+                assert time.monotonic() < deadline, "a cancelled stream's slot was never freed"
+                time.sleep(0.05)
+    finally:
+        for watch in watches:
+            watch.cancel()
+
+
+# --- health, reflection, stock tools, other languages, request ids -------------------------------
+
+
+def test_health_checking(sqlite_system: RunningSystem) -> None:
+    health = health_pb2_grpc.HealthStub(sqlite_system.channel("operator", OPERATOR))
+    for service in ("", "opconnect.numbers.v1.NumberService"):
+        response = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+        assert response.status == health_pb2.HealthCheckResponse.SERVING
+    platform = health_pb2_grpc.HealthStub(sqlite_system.channel("platform", PLATFORM))
+    assert platform.Check(health_pb2.HealthCheckRequest()).status == (
+        health_pb2.HealthCheckResponse.SERVING
+    )
+
+
+def test_server_reflection_lists_the_services(sqlite_system: RunningSystem) -> None:
+    stub = reflection_pb2_grpc.ServerReflectionStub(sqlite_system.channel("operator", OPERATOR))
+    request = reflection_pb2.ServerReflectionRequest(list_services="")
+    (response,) = stub.ServerReflectionInfo(iter([request]), timeout=10)
+    names = {s.name for s in response.list_services_response.service}
+    assert {
+        "opconnect.numbers.v1.NumberService",
+        "opconnect.numbers.v1.NumberAdminService",
+        "grpc.health.v1.Health",
+    } <= names
+
+
+def buf_curl(system: RunningSystem, *args: str) -> subprocess.CompletedProcess[str]:
+    cert, key = system.pki.paths.client(f"operator-{OPERATOR}")
+    return subprocess.run(
+        [
+            str(BUF),
+            "curl",
+            "--protocol",
+            "grpc",
+            "--cacert",
+            str(system.pki.paths.ca_cert),
+            "--cert",
+            str(cert),
+            "--key",
+            str(key),
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.mark.skipif(not BUF.exists(), reason="node_modules/.bin/buf is missing (run npm ci)")
+def test_buf_curl_calls_through_reflection(sqlite_system: RunningSystem) -> None:
+    base = f"https://{sqlite_system.address}"
+    body = {
+        "tenantId": TENANT,
+        "numbers": [
+            {
+                "phoneNumber": NUMBER,
+                "usage": "NUMBER_USAGE_USER",
+                "capabilities": {"inbound": True, "outbound": True},
+            }
+        ],
+    }
+    done = buf_curl(
+        sqlite_system,
+        "-d",
+        json.dumps(body),
+        f"{base}/opconnect.numbers.v1.NumberService/UploadNumbers",
+    )
+    assert done.returncode == 0, done.stderr
+    answer = json.loads(done.stdout)
+    assert answer["addedCount"] == 1
+    assert answer["results"] == [{"phoneNumber": NUMBER, "outcome": "NUMBER_OUTCOME_DONE"}]
+    got = sqlite_system.numbers().GetNumber(pb.GetNumberRequest(phone_number=NUMBER)).number
+    assert got.tenant_id == TENANT
+
+    listed = buf_curl(sqlite_system, "--list-methods", base)
+    assert listed.returncode == 0, listed.stderr
+    methods = set(listed.stdout.split())
+    assert {
+        "opconnect.numbers.v1.NumberService/UploadNumbers",
+        "opconnect.numbers.v1.NumberService/WatchAssignments",
+        "opconnect.numbers.v1.NumberAdminService/AssignNumber",
+    } <= methods
+
+
+@pytest.mark.skipif(
+    shutil.which("node") is None
+    or not (ROOT / "node_modules" / "@grpc" / "grpc-js").is_dir()
+    or not (ROOT / "node_modules" / "@grpc" / "proto-loader").is_dir(),
+    reason="node or node_modules/@grpc/grpc-js and proto-loader are missing (run npm ci)",
+)
+def test_a_grpc_js_client(sqlite_system: RunningSystem) -> None:
+    cert, key = sqlite_system.pki.paths.client(f"operator-{OPERATOR}")
+    done = subprocess.run(
+        [
+            "node",
+            str(JS_CLIENT),
+            *("--address", sqlite_system.address),
+            *("--ca", str(sqlite_system.pki.paths.ca_cert)),
+            *("--cert", str(cert)),
+            *("--key", str(key)),
+            *("--number", NUMBER),
+            *("--tenant", TENANT),
+            *("--protos", str(ROOT / "protos")),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    answer = json.loads(done.stdout)
+    assert answer["upload"]["added_count"] == 1
+    assert answer["upload"]["results"][0]["outcome"] == "NUMBER_OUTCOME_DONE"
+    number = answer["get"]["number"]
+    assert (number["phone_number"], number["tenant_id"], number["usage"]) == (
+        NUMBER,
+        TENANT,
+        "NUMBER_USAGE_USER",
+    )
+
+    invalid = answer["invalid"]
+    assert invalid["codeName"] == "INVALID_ARGUMENT"
+    assert invalid["statusDetailsBin"], "the grpc-status-details-bin trailer reached grpc-js"
+    status = status_pb2.Status.FromString(base64.b64decode(invalid["statusDetailsBin"]))
+    assert status.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    info = error_details_pb2.ErrorInfo()
+    bad = error_details_pb2.BadRequest()
+    assert status.details[0].Unpack(info)
+    assert status.details[1].Unpack(bad)
+    assert (info.reason, info.domain) == ("PHONE_NUMBER_INVALID", DOMAIN)
+    assert [v.field for v in bad.field_violations] == ["phone_number"]
+
+
+def test_the_request_id_comes_back_in_trailing_metadata(sqlite_system: RunningSystem) -> None:
+    stub = sqlite_system.numbers()
+    metadata = (("x-request-id", "abc-123"),)
+    _, call = stub.ListNumbers.with_call(pb.ListNumbersRequest(), metadata=metadata)
+    assert ("x-request-id", "abc-123") in call.trailing_metadata()
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.GetNumber(pb.GetNumberRequest(phone_number=MISSING_NUMBER), metadata=metadata)
+    assert ("x-request-id", "abc-123") in caught.value.trailing_metadata()
+    _, call = stub.ListNumbers.with_call(pb.ListNumbersRequest())
+    assert dict(call.trailing_metadata())["x-request-id"]  # one is made when none is sent

@@ -1,0 +1,152 @@
+"""Storage plumbing: migrations, change-log ordering under concurrent writers, and wake-ups
+(in-process and across replicas through PostgreSQL LISTEN/NOTIFY)."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import functools
+import threading
+import time
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from plumbing.changelog import (
+    ANY_KEY,
+    LogHead,
+    Notifier,
+    PostgresListener,
+    allocate,
+    notify_commit,
+    read_head,
+)
+from plumbing.db import Base, Database
+from services.numbers import storage
+from services.numbers.rules import LOG
+from tests.conftest import NO_POSTGRES, POSTGRES_URL, reset_postgres
+
+
+@pytest.fixture
+def db(database_url: str) -> Database:
+    database = Database(database_url, threads=4)
+    database.migrate()
+    yield database
+    database.close()
+
+
+def test_migrations_match_the_models(db: Database) -> None:
+    with db.engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+    assert diff == []
+
+
+def test_migrating_again_changes_nothing(db: Database) -> None:
+    db.migrate()
+    assert db.transaction(read_head, LOG).position == 0
+
+
+def _event(session: Session, number: str) -> int:
+    position = allocate(session, LOG)
+    session.add(
+        storage.NumberEventRow(
+            position=position,
+            operator_id="op",
+            tenant_id="t",
+            phone_number=number,
+            type="assigned",
+            occurred_at=dt.datetime.now(dt.UTC),
+        )
+    )
+    return position
+
+
+def test_a_reader_never_runs_past_an_open_transaction(db: Database) -> None:
+    """Writer A takes a position and holds its transaction open; writer B must wait for it, and a
+    reader meanwhile sees neither. After both commit, positions follow commit order."""
+    a_holds = threading.Event()
+    release_a = threading.Event()
+    positions: dict[str, int] = {}
+
+    def writer_a(session: Session) -> None:
+        positions["a"] = _event(session, "+10000000001")
+        session.flush()
+        a_holds.set()
+        release_a.wait(10)
+
+    def writer_b(session: Session) -> None:
+        positions["b"] = _event(session, "+10000000002")
+
+    thread_a = threading.Thread(target=db.transaction, args=(writer_a,), kwargs={"write": True})
+    thread_a.start()
+    assert a_holds.wait(10)
+    thread_b = threading.Thread(target=db.transaction, args=(writer_b,), kwargs={"write": True})
+    thread_b.start()
+    time.sleep(0.3)
+    assert "b" not in positions, "B must wait for A's transaction to end"
+    assert db.transaction(read_head, LOG).position == 0
+    assert db.transaction(lambda s: list(s.scalars(select(storage.NumberEventRow.position)))) == []
+    release_a.set()
+    thread_a.join(10)
+    thread_b.join(10)
+    assert positions == {"a": 1, "b": 2}
+    read = functools.partial(storage.read_events, operator_id="op", tenant_id=None)
+    events = db.transaction(read, 0, 10, 10)
+    assert [e.phone_number for e in events] == ["+10000000001", "+10000000002"]
+
+
+def test_purge_marks_the_horizon(db: Database) -> None:
+    db.transaction(_event, "+10000000001", write=True)
+    db.transaction(_event, "+10000000002", write=True)
+    purged = db.transaction(
+        storage.purge_events, dt.datetime.now(dt.UTC) + dt.timedelta(seconds=1), write=True
+    )
+    assert purged == 2
+    head = db.transaction(read_head, LOG)
+    assert (head.position, head.purged_through) == (2, 2)
+    row = db.transaction(lambda s: s.get(LogHead, LOG))
+    assert row is not None and row.purged_through == 2
+
+
+async def test_notifier_wakes_only_the_keys_it_names() -> None:
+    notifier = Notifier()
+    notifier.bind(asyncio.get_running_loop())
+    mine, other = notifier.waiter(LOG, "a"), notifier.waiter(LOG, "b")
+    await asyncio.to_thread(notifier.publish, LOG, ["a"])
+    await asyncio.wait_for(mine.wait(), 2)
+    assert not other.is_set()
+    notifier.publish(LOG, [ANY_KEY])
+    await asyncio.wait_for(other.wait(), 2)
+    last = notifier.waiter(LOG, "c")
+    notifier.close()
+    assert last.is_set() and notifier.closed
+
+
+async def test_a_commit_through_one_replica_wakes_streams_on_another() -> None:
+    if not POSTGRES_URL:
+        pytest.skip(NO_POSTGRES)
+    url = reset_postgres(POSTGRES_URL)
+    writer = Database(url, threads=2)
+    writer.migrate()
+    replica = Notifier()
+    replica.bind(asyncio.get_running_loop())
+    listener = PostgresListener(url, replica)
+    listener.start()
+    try:
+        await asyncio.wait_for(listener.ready.wait(), 10)
+        waiter = replica.waiter(LOG, "op")
+        bystander = replica.waiter(LOG, "someone-else")
+
+        def write(session: Session) -> None:
+            position = _event(session, "+10000000001")
+            notify_commit(session, LOG, position, ["op"])
+
+        await writer.run(write, write=True)
+        await asyncio.wait_for(waiter.wait(), 5)
+        assert not bystander.is_set()
+    finally:
+        await listener.stop()
+        writer.close()
