@@ -113,4 +113,5 @@ def load_settings(
 def describe() -> list[tuple[str, str]]:
     """(name, default) of every setting, for --help and the README."""
     defaults = Settings()
-    return [(f.name, repr(getattr(defaults, f.name))) for f in fields(Settings)]
+    shown = {f.name: getattr(defaults, f.name) for f in fields(Settings)}
+    return [(k, repr(str(v) if isinstance(v, Path) else v)) for k, v in shown.items()]

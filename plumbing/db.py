@@ -53,8 +53,8 @@ class Database:
                 connect_args={"check_same_thread": False, "timeout": 30},
             )
             _sqlite_setup(engine)
-            read_engine = engine
-            write_engine = engine.execution_options(sqlite_begin="IMMEDIATE")
+            read_engine: Engine = engine
+            write_engine: Engine = engine.execution_options(sqlite_begin="IMMEDIATE")
         else:
             engine = create_engine(url, pool_size=threads, max_overflow=2, pool_pre_ping=True)
             read_engine = engine.execution_options(isolation_level="REPEATABLE READ")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import queue
 import shutil
 import socket
@@ -82,6 +83,18 @@ def eventually(
         if found == expected or time.monotonic() > deadline:
             return found
         time.sleep(0.05)
+
+
+def handshake_fails(system: RunningSystem, cert: tuple[bytes, bytes] | None) -> bool:
+    """Whether a new connection with `cert` is refused during the TLS handshake."""
+    with tls_channel(system, cert, fresh=True) as channel:
+        try:
+            list_call(pb_grpc.NumberServiceStub(channel))()
+        except grpc.RpcError as error:
+            if error.code() == grpc.StatusCode.UNAVAILABLE:  # type: ignore[attr-defined]
+                return True
+            raise
+    return False
 
 
 def list_call(stub: pb_grpc.NumberServiceStub) -> Callable[[], object]:
@@ -190,11 +203,7 @@ def start(session_pki: Pki, tmp_path: Path) -> Iterator[Callable[..., RunningSys
 
 
 def test_a_client_without_a_certificate_fails_the_handshake(sqlite_system: RunningSystem) -> None:
-    with tls_channel(sqlite_system, None) as channel:
-        stub = pb_grpc.NumberServiceStub(channel)
-        with pytest.raises(grpc.RpcError) as caught:
-            stub.ListNumbers(pb.ListNumbersRequest(), timeout=10)
-    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert handshake_fails(sqlite_system, None)
     assert outcome(list_call(sqlite_system.numbers())) == OK  # the server is unharmed
 
 
@@ -202,11 +211,7 @@ def test_a_certificate_from_another_ca_fails_the_handshake(
     sqlite_system: RunningSystem, session_pki: Pki
 ) -> None:
     foreign = (session_pki.foreign_client.cert_pem, session_pki.foreign_client.key_pem)
-    with tls_channel(sqlite_system, foreign) as channel:
-        stub = pb_grpc.NumberServiceStub(channel)
-        with pytest.raises(grpc.RpcError) as caught:
-            stub.ListNumbers(pb.ListNumbersRequest(), timeout=10)
-    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert handshake_fails(sqlite_system, foreign)
 
 
 def test_a_revoked_operator_is_unauthenticated(sqlite_system: RunningSystem) -> None:
@@ -237,6 +242,41 @@ def test_a_suspended_operator_is_unauthenticated_until_reactivated(
     assert outcome(list_call(stub)) == OK  # same channel, no reconnect
     sqlite_system.call(registry.set_status(SUSPENDED_OPERATOR, OperatorStatus.SUSPENDED))
     assert outcome(list_call(stub)) == (UNAUTHENTICATED, "OPERATOR_SUSPENDED")
+
+
+def test_a_certificate_naming_no_opconnect_identity_is_unauthenticated(
+    sqlite_system: RunningSystem, session_pki: Pki
+) -> None:
+    ca = pki.load_ca(session_pki.paths)
+    stranger = pki.issue_client_cert(ca, "spiffe://elsewhere/operator/contoso-telecom")
+    stub = pb_grpc.NumberServiceStub(
+        sqlite_system.channel(cert=(stranger.cert_pem, stranger.key_pem))
+    )
+    assert outcome(list_call(stub)) == (UNAUTHENTICATED, "IDENTITY_INVALID")
+
+
+def test_each_kind_of_certificate_must_come_from_its_own_ca(
+    start: Callable[..., RunningSystem], own_pki: Pki, tmp_path: Path
+) -> None:
+    platform_ca = pki.create_ca("opconnect platform CA")
+    bundle = tmp_path / "platform-ca.pem"
+    pki.write_public(bundle, platform_ca.cert_pem)
+    system = start(own_pki, platform_ca_file=str(bundle))
+    good = pki.issue_client_cert(platform_ca, pki.platform_uri(PLATFORM))
+    admin = pb_grpc.NumberAdminServiceStub(system.channel(cert=(good.cert_pem, good.key_pem)))
+    unassign = pb.UnassignNumberRequest(phone_number=MISSING_NUMBER, tenant_id=TENANT)
+    assert outcome(lambda: admin.UnassignNumber(unassign)) == (  # past the gateway
+        grpc.StatusCode.NOT_FOUND,
+        "NUMBER_NOT_FOUND",
+    )
+    assert outcome(lambda: system.admin().UnassignNumber(unassign)) == (  # by the operator CA
+        UNAUTHENTICATED,
+        "ISSUER_NOT_TRUSTED",
+    )
+    wrong = pki.issue_client_cert(platform_ca, pki.operator_uri(OPERATOR))
+    operator = pb_grpc.NumberServiceStub(system.channel(cert=(wrong.cert_pem, wrong.key_pem)))
+    assert outcome(list_call(operator)) == (UNAUTHENTICATED, "ISSUER_NOT_TRUSTED")
+    assert outcome(list_call(system.numbers(OPERATOR))) == OK
 
 
 # --- who may call what ---------------------------------------------------------------------------
@@ -355,7 +395,10 @@ def test_the_deny_list_refuses_fingerprints_and_serials_and_follows_edits(
     other_pem = cert_path(session_pki, "operator", OTHER_OPERATOR).read_bytes()
     fingerprint = pki.fingerprint_sha256(other_pem).upper()
     deny = tmp_path / "deny-list.txt"
-    pki.write_public(deny, f"# leaked key\n{':'.join(fingerprint[i : i + 2] for i in range(0, 64, 2))}\n".encode())
+    pki.write_public(
+        deny,
+        f"# leaked key\n{':'.join(fingerprint[i : i + 2] for i in range(0, 64, 2))}\n".encode(),
+    )
     system = start(deny_list_file=str(deny))
     operator, other = system.numbers(OPERATOR), system.numbers(OTHER_OPERATOR)
     assert outcome(list_call(other)) == REVOKED
@@ -382,9 +425,14 @@ def test_a_deny_list_that_does_not_parse_keeps_the_previous_one(
     assert outcome(list_call(system.numbers(OPERATOR))) == OK
 
 
-FAIL_OPEN = (
-    "gateway/trust.py TrustStore._load/_load_revoked: a CRL file holding no PEM CRL block (or a "
-    "missing one) loads as 'nothing revoked' instead of failing, so the previous CRL is dropped"
+NO_CRL_IN_FILE = (
+    "gateway/trust.py _load_revoked: a CRL file holding no PEM CRL block (garbage, a truncated or "
+    "an empty write) parses as 'nothing revoked' instead of raising, so the reload succeeds and "
+    "every revocation is dropped"
+)
+CRL_FILE_GONE = (
+    "gateway/trust.py TrustStore._load: a configured CRL file that is missing loads as 'nothing "
+    "revoked' (the f.crl.exists() test), so deleting it un-revokes every certificate"
 )
 
 
@@ -415,10 +463,10 @@ def _from_another_ca(crl: bytes, foreign: pki.Issued) -> bytes | None:
 @pytest.mark.parametrize(
     "bad_crl",
     [
-        pytest.param(_not_pem, marks=pytest.mark.xfail(strict=True, reason=FAIL_OPEN)),
-        pytest.param(_truncated, marks=pytest.mark.xfail(strict=True, reason=FAIL_OPEN)),
-        pytest.param(_empty, marks=pytest.mark.xfail(strict=True, reason=FAIL_OPEN)),
-        pytest.param(_deleted, marks=pytest.mark.xfail(strict=True, reason=FAIL_OPEN)),
+        pytest.param(_not_pem, marks=pytest.mark.xfail(strict=True, reason=NO_CRL_IN_FILE)),
+        pytest.param(_truncated, marks=pytest.mark.xfail(strict=True, reason=NO_CRL_IN_FILE)),
+        pytest.param(_empty, marks=pytest.mark.xfail(strict=True, reason=NO_CRL_IN_FILE)),
+        pytest.param(_deleted, marks=pytest.mark.xfail(strict=True, reason=CRL_FILE_GONE)),
         _corrupt_body,
         _from_another_ca,
     ],
@@ -466,6 +514,59 @@ def test_the_server_certificate_rotates_without_a_restart(
     assert outcome(list_call(old_stub)) == OK  # the open connection carries on
 
 
+def test_the_operator_ca_bundle_follows_edits(
+    start: Callable[..., RunningSystem], own_pki: Pki
+) -> None:
+    system = start(own_pki)
+    original = own_pki.paths.ca_cert.read_bytes()
+    new_ca = pki.create_ca("opconnect operator CA 2")
+    issued = pki.issue_client_cert(new_ca, pki.operator_uri(OTHER_OPERATOR))
+    cert = (issued.cert_pem, issued.key_pem)
+    assert handshake_fails(system, cert)
+
+    pki.write_public(own_pki.paths.ca_cert, original + new_ca.cert_pem)
+    deadline = time.monotonic() + 10
+    while handshake_fails(system, cert):
+        assert time.monotonic() < deadline, "the new CA was never trusted"
+        time.sleep(0.05)
+    open_stub = pb_grpc.NumberServiceStub(system.channel(cert=cert))
+    assert outcome(list_call(open_stub)) == OK
+
+    pki.write_public(own_pki.paths.ca_cert, original)  # the CA is withdrawn again
+    withdrawn = (UNAUTHENTICATED, "ISSUER_NOT_TRUSTED")
+    assert eventually(withdrawn, list_call(open_stub)) == withdrawn  # even on the open connection
+    assert handshake_fails(system, cert)
+    assert outcome(list_call(system.numbers(OPERATOR))) == OK
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "gateway/trust.py TrustStore._stamp: a change is detected by (st_mtime_ns, st_size) "
+        "only, so a file replaced by one of the same size within the same timestamp tick (or "
+        "copied with its mtime kept, cp -p / rsync -t) is never reloaded"
+    ),
+)
+def test_a_same_size_edit_within_one_timestamp_tick_is_reloaded(
+    start: Callable[..., RunningSystem], session_pki: Pki, tmp_path: Path
+) -> None:
+    def entry(ident: str) -> bytes:
+        return pki.fingerprint_sha256(
+            cert_path(session_pki, "operator", ident).read_bytes()
+        ).encode()
+
+    deny = tmp_path / "deny-list.txt"
+    pki.write_public(deny, entry(OTHER_OPERATOR) + b"\n")
+    system = start(deny_list_file=str(deny))
+    operator, other = system.numbers(OPERATOR), system.numbers(OTHER_OPERATOR)
+    assert outcome(list_call(other)) == REVOKED
+    assert outcome(list_call(operator)) == OK
+    before = deny.stat()
+    pki.write_public(deny, entry(OPERATOR) + b"\n")  # same size: one fingerprint for another
+    os.utime(deny, ns=(before.st_atime_ns, before.st_mtime_ns))  # as if in the same tick
+    assert eventually(REVOKED, list_call(operator), timeout=3) == REVOKED
+
+
 # --- limits --------------------------------------------------------------------------------------
 
 
@@ -504,7 +605,10 @@ def test_concurrent_streams_per_operator_are_limited(start: Callable[..., Runnin
         with pytest.raises(grpc.RpcError) as caught:
             third.next()
         error = rich_error(caught.value)
-        assert (error.code, error.reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "TOO_MANY_STREAMS")
+        assert (error.code, error.reason) == (
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "TOO_MANY_STREAMS",
+        )
         assert error.retry_delay_s is not None and error.retry_delay_s > 0
         assert outcome(list_call(stub)) == OK  # unary calls are not streams
 

@@ -46,7 +46,9 @@ def inserted(draw: st.DrawFn, base: st.SearchStrategy[str], extra: st.SearchStra
 
 
 @st.composite
-def replaced_digit(draw: st.DrawFn, base: st.SearchStrategy[str], by: st.SearchStrategy[str]) -> str:
+def replaced_digit(
+    draw: st.DrawFn, base: st.SearchStrategy[str], by: st.SearchStrategy[str]
+) -> str:
     value = draw(base)
     at = draw(st.integers(1, len(value) - 1))  # a digit, never the '+'
     return value[:at] + draw(by) + value[at + 1 :]

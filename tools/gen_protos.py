@@ -1,7 +1,7 @@
 """Generate the Python code (messages, gRPC stubs, .pyi type stubs) for every .proto in protos/.
 
-    python tools/gen_protos.py          # write opconnect/ (never edit it by hand)
-    python tools/gen_protos.py --check  # exit 1 if opconnect/ is out of sync with protos/
+python tools/gen_protos.py          # write opconnect/ (never edit it by hand)
+python tools/gen_protos.py --check  # exit 1 if opconnect/ is out of sync with protos/
 """
 
 from __future__ import annotations
@@ -41,7 +41,9 @@ def generate(into: Path) -> None:
         raise SystemExit("protoc failed")
     package = into / "opconnect"
     for folder in [package, *(p for p in package.rglob("*") if p.is_dir())]:
-        (folder / "__init__.py").write_text('"""Generated from protos/ by tools/gen_protos.py."""\n')
+        (folder / "__init__.py").write_text(
+            '"""Generated from protos/ by tools/gen_protos.py."""\n'
+        )
 
 
 def differences(a: Path, b: Path) -> list[str]:

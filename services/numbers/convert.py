@@ -71,7 +71,7 @@ def target_in(message: pb.AssignNumberRequest) -> Target | None:
 
 
 def state_in(value: int) -> State | None:
-    return STATE_IN.get(value)  # type: ignore[call-overload]
+    return STATE_IN.get(state_pb.AssignmentState.ValueType(value))
 
 
 def target_out(target: Target | None) -> pb.AssignmentTarget | None:

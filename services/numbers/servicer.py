@@ -12,7 +12,7 @@ import functools
 import struct
 import zlib
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, TypeAlias
 
 import grpc
 
@@ -33,7 +33,7 @@ from plumbing.rpc import Access, current_operator
 from services.numbers import convert, rules, storage
 from services.numbers.rules import DOMAIN, LOG, Outcome
 
-Context = grpc.aio.ServicerContext[Any, Any]
+Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 
 
 class NumberService(pb_grpc.NumberServiceServicer):

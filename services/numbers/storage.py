@@ -10,8 +10,9 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, cast
 
-from sqlalchemy import BigInteger, Boolean, DateTime, Index, String, delete, select
+from sqlalchemy import BigInteger, CursorResult, Boolean, DateTime, Index, String, delete, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
@@ -391,9 +392,12 @@ def purge_events(session: Session, older_than: dt.datetime) -> int:
     )
     if through is None:
         return 0
-    deleted = session.execute(delete(NumberEventRow).where(NumberEventRow.position <= through))
+    deleted = cast(
+        CursorResult[Any],
+        session.execute(delete(NumberEventRow).where(NumberEventRow.position <= through)),
+    )
     mark_purged(session, LOG, int(through))
-    return int(deleted.rowcount or 0)
+    return deleted.rowcount
 
 
 def head(session: Session) -> Head:
