@@ -17,10 +17,8 @@ PostgreSQL, by LISTEN/NOTIFY from any replica; they never poll the database in a
 from __future__ import annotations
 
 import asyncio
-import base64
 import struct
 import time
-import zlib
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -32,11 +30,11 @@ from sqlalchemy.orm import Mapped, Session, mapped_column
 from plumbing.db import Base, Database
 from plumbing.errors import ApiError, failed_precondition, invalid_field, unavailable
 from plumbing.logs import get_logger
+from plumbing.tokens import seal, unseal
 
 T = TypeVar("T")
 log = get_logger("opconnect.changelog")
 
-CURSOR_VERSION = 1
 NOTIFY_CHANNEL = "opconnect_changes"
 
 
@@ -101,36 +99,20 @@ def mark_purged(session: Session, log_name: str, through: int) -> None:
 
 # --- cursors -----------------------------------------------------------------------------------
 
-_HEADER = struct.Struct(">BQ")
+_POSITION = struct.Struct(">Q")
 
 
 def encode_cursor(log_name: str, position: int) -> str:
-    body = _HEADER.pack(CURSOR_VERSION, position) + log_name.encode()
-    raw = body + struct.pack(">I", zlib.crc32(body))
-    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+    return seal(f"cursor:{log_name}", _POSITION.pack(position))
 
 
 def decode_cursor(cursor: str, log_name: str, domain: str, field_path: str = "cursor") -> int:
     """The position in `log_name` that `cursor` names; INVALID_ARGUMENT/CURSOR_INVALID if it is
     not a cursor of this log made by this server."""
-    bad = invalid_field(domain, "CURSOR_INVALID", field_path, "not a cursor of this stream")
-    if len(cursor) > 128:
-        raise bad
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-    except ValueError:
-        raise bad from None
-    if len(raw) < _HEADER.size + 4:
-        raise bad
-    body, (crc,) = raw[:-4], struct.unpack(">I", raw[-4:])
-    version, position = _HEADER.unpack(body[: _HEADER.size])
-    if (
-        zlib.crc32(body) != crc
-        or version != CURSOR_VERSION
-        or body[_HEADER.size :] != log_name.encode()
-    ):
-        raise bad
-    return int(position)
+    body = unseal(cursor, f"cursor:{log_name}")
+    if body is None or len(body) != _POSITION.size:
+        raise invalid_field(domain, "CURSOR_INVALID", field_path, "not a cursor of this stream")
+    return int(_POSITION.unpack(body)[0])
 
 
 def expired(domain: str) -> ApiError:

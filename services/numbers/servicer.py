@@ -7,7 +7,6 @@ request field.
 
 from __future__ import annotations
 
-import base64
 import functools
 import struct
 import zlib
@@ -30,6 +29,8 @@ from plumbing.config import Settings
 from plumbing.db import Database
 from plumbing.errors import invalid_field
 from plumbing.rpc import Access, current_operator
+from plumbing.tokens import seal, unseal
+from plumbing.validation import E164
 from services.numbers import convert, rules, storage
 from services.numbers.rules import DOMAIN, LOG, Outcome
 
@@ -177,39 +178,31 @@ class NumberAdminService(pb_grpc.NumberAdminServiceServicer):
         return pb.UnassignNumberResponse(number=convert.number_out(change.number))
 
 
-# --- page tokens: opaque, versioned, bound to the listing's filters -----------------------------
+# --- page tokens: opaque, bound to the listing's filters ------------------------------------
 
-_TOKEN = struct.Struct(">BQI")
+_PAGE = struct.Struct(">QI")
 
 
 def _page_token(last: str, watch_position: int, filters: str) -> str:
-    body = _TOKEN.pack(1, watch_position, zlib.crc32(filters.encode())) + last.encode()
-    raw = body + struct.pack(">I", zlib.crc32(body))
-    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+    return seal(
+        "numbers.list", _PAGE.pack(watch_position, zlib.crc32(filters.encode())) + last.encode()
+    )
 
 
 def _decode_page_token(token: str, filters: str) -> tuple[str, int]:
-    bad = invalid_field(
+    """(last number of the previous page, the listing's watch position)."""
+    body = unseal(token, "numbers.list")
+    if body is not None and len(body) > _PAGE.size:
+        watch, filter_crc = _PAGE.unpack(body[: _PAGE.size])
+        last = body[_PAGE.size :].decode("ascii", "replace")
+        if filter_crc == zlib.crc32(filters.encode()) and E164.fullmatch(last):
+            return last, int(watch)
+    raise invalid_field(
         DOMAIN,
         "PAGE_TOKEN_INVALID",
         "page_token",
         "not a page token of this listing (same filters)",
     )
-    try:
-        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-    except ValueError:
-        raise bad from None
-    if len(token) > 128 or len(raw) < _TOKEN.size + 4:
-        raise bad
-    body, (crc,) = raw[:-4], struct.unpack(">I", raw[-4:])
-    version, watch, filter_crc = _TOKEN.unpack(body[: _TOKEN.size])
-    if zlib.crc32(body) != crc or version != 1 or filter_crc != zlib.crc32(filters.encode()):
-        raise bad
-    try:
-        last = body[_TOKEN.size :].decode()
-    except UnicodeDecodeError:
-        raise bad from None
-    return last, int(watch)
 
 
 def access() -> dict[str, Access]:

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
-from sqlalchemy import BigInteger, CursorResult, Boolean, DateTime, Index, String, delete, select
+from sqlalchemy import BigInteger, Boolean, CursorResult, DateTime, Index, String, delete, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Mapped, Session, mapped_column
 

@@ -1,0 +1,37 @@
+"""Opaque tokens (stream cursors, page tokens): versioned, checksummed, URL-safe strings.
+
+A token carries a purpose (what it is for, e.g. the change log it points into) and a body. It is
+not secret and not signed: it only lets a client hand back what the server gave it. Anything
+else (another purpose, a corrupted or made-up string) does not unseal.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import zlib
+
+VERSION = 1
+MAX_LENGTH = 256
+
+
+def seal(purpose: str, body: bytes) -> str:
+    raw = bytes([VERSION]) + purpose.encode() + b"\0" + body
+    raw += zlib.crc32(raw).to_bytes(4, "big")
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def unseal(token: str, purpose: str) -> bytes | None:
+    """The body of a token sealed for `purpose`, or None if `token` is not one."""
+    if len(token) > MAX_LENGTH or not token.isascii():
+        return None
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+    except (ValueError, binascii.Error):
+        return None
+    head = bytes([VERSION]) + purpose.encode() + b"\0"
+    if len(raw) < len(head) + 4 or not raw.startswith(head):
+        return None
+    if zlib.crc32(raw[:-4]).to_bytes(4, "big") != raw[-4:]:
+        return None
+    return raw[len(head) : -4]

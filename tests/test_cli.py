@@ -1,0 +1,97 @@
+"""The `opconnect` command: the one-process system as `make run` starts it, the development PKI
+and the operator registry."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from gateway.cli import main
+from opconnect.numbers.v1 import numbers_pb2 as pb
+from opconnect.numbers.v1 import numbers_pb2_grpc
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("OPCONNECT_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("OPCONNECT_LOG_FORMAT", "json")
+    return tmp_path
+
+
+def test_pki_and_registry_commands(data_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["pki", "init"]) == 0
+    pki = data_dir / "pki"
+    assert (pki / "ca.pem").exists()
+    assert (pki / "ca.key").stat().st_mode & 0o777 == 0o600
+    assert main(["pki", "issue", "operator", "acme-telecom"]) == 0
+    cert = pki / "clients" / "operator-acme-telecom.pem"
+    assert cert.exists()
+    assert (pki / "clients" / "operator-acme-telecom.key").stat().st_mode & 0o777 == 0o600
+    assert main(["operators", "add", "acme-telecom", "--name", "Acme"]) == 0
+    assert main(["operators", "suspend", "acme-telecom"]) == 0
+    assert main(["operators", "list"]) == 0
+    assert "acme-telecom\tsuspended\tAcme" in capsys.readouterr().out
+    assert main(["operators", "reactivate", "acme-telecom"]) == 0
+    assert main(["pki", "revoke", str(cert)]) == 0
+    assert len(json.loads((pki / "revoked.json").read_text())) == 1
+    assert main(["operators", "suspend", "nobody"]) == 1
+    assert main(["pki", "issue", "operator", "Not Valid"]) == 1
+
+
+def test_bad_settings_are_refused(
+    data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "opconnect.toml"
+    config.write_text('listen = "127.0.0.1:1"\nno_such_setting = 1\n')
+    assert main(["--config", str(config), "operators", "list"]) == 2
+    assert "no_such_setting" in capsys.readouterr().err
+
+
+def test_serve_makes_its_pki_serves_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
+    env = {
+        **os.environ,
+        "OPCONNECT_DATA_DIR": str(tmp_path),
+        "OPCONNECT_LISTEN": "127.0.0.1:0",
+        "OPCONNECT_LOG_FORMAT": "json",
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gateway.cli", "serve"], env=env, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        address = ""
+        deadline = time.monotonic() + 60
+        assert process.stderr is not None
+        while not address and time.monotonic() < deadline:
+            line = process.stderr.readline()
+            found = re.search(r"opconnect is serving on (\S+)", line)
+            address = found.group(1) if found else ""
+        assert address, "serve never said where it listens"
+        pki = tmp_path / "pki"
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=(pki / "ca.pem").read_bytes(),
+            private_key=(pki / "clients" / "operator-contoso-telecom.key").read_bytes(),
+            certificate_chain=(pki / "clients" / "operator-contoso-telecom.pem").read_bytes(),
+        )
+        with grpc.secure_channel(address, credentials) as channel:
+            health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+            assert health.status == health_pb2.HealthCheckResponse.SERVING
+            listing = numbers_pb2_grpc.NumberServiceStub(channel).ListNumbers(
+                pb.ListNumbersRequest()
+            )
+            assert listing.watch_cursor
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
