@@ -77,8 +77,16 @@ def parse_deny_list(text: str) -> tuple[frozenset[int], frozenset[str]]:
 
 
 def _load_revoked(crl_bundle: bytes, cas: tuple[bytes, ...]) -> frozenset[tuple[str, int]]:
+    """Revoked (issuer, serial) pairs of a PEM bundle of CRLs, each verified against its CA.
+
+    A file with no CRL in it, or anything but CRLs, is an error: an empty, truncated or
+    overwritten CRL file must never read as "nothing is revoked".
+    """
+    blocks = [m.group(0) for m in _PEM_CRL.finditer(crl_bundle)]
+    if not blocks or _PEM_CRL.sub(b"", crl_bundle).strip():
+        raise ValueError("the CRL file does not hold PEM CRLs only")
     revoked: set[tuple[str, int]] = set()
-    for block in (m.group(0) for m in _PEM_CRL.finditer(crl_bundle)):
+    for block in blocks:
         issuer = x509.load_pem_x509_crl(block).issuer
         for ca in cas:
             if x509.load_pem_x509_certificate(ca).subject != issuer:
@@ -111,8 +119,8 @@ class TrustStore:
         self._interval = interval_s
         self._lock = threading.Lock()
         self._checked = 0.0
-        self._stamps: dict[Path, tuple[int, int]] = {}
-        self._tls_stamps: tuple[tuple[int, int], ...] = ()
+        self._stamps: dict[Path, tuple[int, ...]] = {}
+        self._tls_stamps: tuple[tuple[int, ...], ...] = ()
         self._trust = self._load(version=1)  # raises at start-up if the files are unusable
         self._tls_config = self._load_tls()
 
@@ -124,14 +132,15 @@ class TrustStore:
             self._refresh(now)
         return self._trust
 
-    def _stamp(self, path: Path | None) -> tuple[int, int]:
+    def _stamp(self, path: Path | None) -> tuple[int, ...]:
+        """What identifies a version of a file: an atomic replace always changes the inode."""
         if path is None:
-            return (0, 0)
+            return (0,)
         try:
             info = path.stat()
         except FileNotFoundError:
-            return (-1, -1)
-        return (info.st_mtime_ns, info.st_size)
+            return (-1,)
+        return (info.st_ino, info.st_mtime_ns, info.st_ctime_ns, info.st_size)
 
     def _watched(self) -> list[Path | None]:
         f = self.files
@@ -160,7 +169,7 @@ class TrustStore:
         if not operator_cas or not platform_cas:
             raise ValueError("a CA bundle holds no certificate")
         revoked: frozenset[tuple[str, int]] = frozenset()
-        if f.crl is not None and f.crl.exists():
+        if f.crl is not None:  # configured: a missing file is an error, never "none revoked"
             revoked = _load_revoked(f.crl.read_bytes(), operator_cas + platform_cas)
         serials: frozenset[int] = frozenset()
         prints: frozenset[str] = frozenset()

@@ -232,6 +232,9 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                         )
                     slot = principal.name
                 async for response in behavior(request, context):
+                    # A revoked certificate or a suspended operator ends an open stream too, at
+                    # its next message (heartbeats included); the checks are cached.
+                    await self._authenticate(context)
                     call_log.messages += 1
                     yield response
             except BaseException as error:

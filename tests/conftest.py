@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import queue
 import shutil
 import threading
+import time
 import uuid
 from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass
@@ -22,7 +24,7 @@ from grpc_status import rpc_status
 
 from gateway import pki, server
 from gateway.registry import OperatorStatus
-from opconnect.numbers.v1 import numbers_pb2_grpc
+from opconnect.numbers.v1 import numbers_pb2, numbers_pb2_grpc
 from plumbing.config import Settings
 
 T = TypeVar("T")
@@ -224,3 +226,43 @@ def rich_error(error: grpc.RpcError) -> RichError:
             retry = info_retry.retry_delay.ToNanoseconds() / 1e9
     assert reason, "every error carries a google.rpc.ErrorInfo with a reason"
     return RichError(error.code(), error.details() or "", reason, domain, fields, retry)  # type: ignore[attr-defined]
+
+
+class Watcher:
+    """A WatchAssignments stream read on a thread, so a test can act while it is open."""
+
+    def __init__(
+        self,
+        stub: numbers_pb2_grpc.NumberServiceStub,
+        request: numbers_pb2.WatchAssignmentsRequest | None = None,
+    ) -> None:
+        self.call = stub.WatchAssignments(request or numbers_pb2.WatchAssignmentsRequest())
+        self._responses: queue.Queue[numbers_pb2.WatchAssignmentsResponse | grpc.RpcError] = (
+            queue.Queue()
+        )
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        try:
+            for response in self.call:
+                self._responses.put(response)
+        except grpc.RpcError as error:
+            self._responses.put(error)
+
+    def next(self, timeout: float = 10) -> numbers_pb2.WatchAssignmentsResponse:
+        item = self._responses.get(timeout=timeout)
+        if isinstance(item, grpc.RpcError):
+            raise item
+        return item
+
+    def events(self, count: int, timeout: float = 10) -> list[numbers_pb2.AssignmentEvent]:
+        found: list[numbers_pb2.AssignmentEvent] = []
+        deadline = time.monotonic() + timeout
+        while len(found) < count:
+            found += self.next(max(0.01, deadline - time.monotonic())).events
+        return found
+
+    def cancel(self) -> None:
+        self.call.cancel()
+        self._thread.join(5)

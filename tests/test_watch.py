@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
-import queue
 import threading
 import time
 from collections.abc import Iterator
@@ -26,6 +25,7 @@ from tests.conftest import (
     USER_ID,
     Pki,
     RunningSystem,
+    Watcher,
     rich_error,
     settings_for,
     start_system,
@@ -39,45 +39,11 @@ ASSIGNED, UNASSIGNED, UPDATED = (
 )
 
 
-class Watcher:
-    """Reads a WatchAssignments stream on a thread, so a test can act while it watches."""
-
-    def __init__(
-        self,
-        system: RunningSystem,
-        cursor: str = "",
-        operator: str = "contoso-telecom",
-        batch: int = 0,
-    ) -> None:
-        request = pb.WatchAssignmentsRequest(cursor=cursor, max_batch_size=batch)
-        self.call = system.numbers(operator).WatchAssignments(request)
-        self.responses: queue.Queue[pb.WatchAssignmentsResponse | grpc.RpcError] = queue.Queue()
-        self._thread = threading.Thread(target=self._read, daemon=True)
-        self._thread.start()
-
-    def _read(self) -> None:
-        try:
-            for response in self.call:
-                self.responses.put(response)
-        except grpc.RpcError as error:
-            self.responses.put(error)
-
-    def next(self, timeout: float = 10) -> pb.WatchAssignmentsResponse:
-        item = self.responses.get(timeout=timeout)
-        if isinstance(item, grpc.RpcError):
-            raise item
-        return item
-
-    def events(self, count: int, timeout: float = 10) -> list[pb.AssignmentEvent]:
-        found: list[pb.AssignmentEvent] = []
-        deadline = time.monotonic() + timeout
-        while len(found) < count:
-            found += self.next(max(0.01, deadline - time.monotonic())).events
-        return found
-
-    def close(self) -> None:
-        self.call.cancel()
-        self._thread.join(5)
+def watch(
+    system: RunningSystem, cursor: str = "", operator: str = "contoso-telecom", batch: int = 0
+) -> Watcher:
+    request = pb.WatchAssignmentsRequest(cursor=cursor, max_batch_size=batch)
+    return watch(system.numbers(operator), request)
 
 
 def position(cursor: str) -> int:
@@ -86,7 +52,7 @@ def position(cursor: str) -> int:
 
 def test_watch_from_now_follows_live(system: RunningSystem) -> None:
     upload(system, "+14255550100")
-    watcher = Watcher(system)
+    watcher = watch(system)
     started = watcher.next()
     assert not started.events, "a watch from now opens with a heartbeat carrying its cursor"
     assign(system, "+14255550100")
@@ -95,7 +61,7 @@ def test_watch_from_now_follows_live(system: RunningSystem) -> None:
         pb.UnassignNumberRequest(phone_number="+14255550100", tenant_id=TENANT)
     )
     events = watcher.events(3)
-    watcher.close()
+    watcher.cancel()
     assert [e.type for e in events] == [ASSIGNED, UPDATED, UNASSIGNED]
     assert [e.sip_uri for e in events] == [
         "sip:+14255550100@sbc1.contoso.example;user=phone",
@@ -112,7 +78,7 @@ def test_heartbeat_carries_a_newer_cursor_past_other_operators_changes(
     system: RunningSystem,
 ) -> None:
     listing = system.numbers().ListNumbers(pb.ListNumbersRequest())
-    watcher = Watcher(system, cursor=listing.watch_cursor)
+    watcher = watch(system, cursor=listing.watch_cursor)
     # Another operator's change moves the log on; this watcher must not see it, but its heartbeat
     # cursor moves past it.
     system.numbers(OTHER_OPERATOR).UploadNumbers(
@@ -134,7 +100,7 @@ def test_heartbeat_carries_a_newer_cursor_past_other_operators_changes(
         assert not beat.events
         if position(beat.cursor) > position(listing.watch_cursor) or time.monotonic() > deadline:
             break
-    watcher.close()
+    watcher.cancel()
     assert position(beat.cursor) == position(listing.watch_cursor) + 1
 
 
@@ -153,12 +119,12 @@ def test_resume_after_a_cut_misses_nothing_and_repeats_nothing(system: RunningSy
     seen: list[tuple[str, int]] = []
     cursor = start
     for _ in range(20):  # cut the stream after every second batch of 3
-        watcher = Watcher(system, cursor=cursor, batch=3)
+        watcher = watch(system, cursor=cursor, batch=3)
         for _ in range(2):
             response = watcher.next()
             seen += [(e.phone_number, e.type) for e in response.events]
             cursor = response.cursor
-        watcher.close()
+        watcher.cancel()
         if len(seen) >= len(expected):
             break
     assert seen == expected
@@ -169,9 +135,9 @@ def test_list_then_watch_sees_exactly_the_later_changes(system: RunningSystem) -
     assign(system, "+14255550100")
     listing = system.numbers().ListNumbers(pb.ListNumbersRequest(page_size=1))
     assign(system, "+14255550101")  # after the listing
-    watcher = Watcher(system, cursor=listing.watch_cursor)
+    watcher = watch(system, cursor=listing.watch_cursor)
     events = watcher.events(1)
-    watcher.close()
+    watcher.cancel()
     assert [(e.phone_number, e.type) for e in events] == [("+14255550101", ASSIGNED)]
 
 
@@ -182,7 +148,7 @@ def test_a_cursor_older_than_retention_expires(system: RunningSystem) -> None:
     future = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=1)
     purged = system.call(system.runtime.db.run(storage.purge_events, future, write=True))
     assert purged == 1
-    watcher = Watcher(system, cursor=old)
+    watcher = watch(system, cursor=old)
     with pytest.raises(grpc.RpcError) as expired:
         watcher.next()
     error = rich_error(expired.value)
@@ -193,12 +159,12 @@ def test_a_cursor_older_than_retention_expires(system: RunningSystem) -> None:
     )
     # Relist: the new cursor works.
     fresh = system.numbers().ListNumbers(pb.ListNumbersRequest()).watch_cursor
-    watcher = Watcher(system, cursor=fresh)
+    watcher = watch(system, cursor=fresh)
     system.admin().UnassignNumber(
         pb.UnassignNumberRequest(phone_number="+14255550100", tenant_id=TENANT)
     )
     assert [e.type for e in watcher.events(1)] == [UNASSIGNED]
-    watcher.close()
+    watcher.cancel()
 
 
 def _bulk_events(session: Session, operator: str, count: int) -> None:
@@ -262,7 +228,7 @@ def test_shutdown_ends_streams_with_unavailable(session_pki: Pki, tmp_path: Path
     running = start_system(
         settings_for(tmp_path, session_pki.paths, f"sqlite:///{tmp_path / 'db'}"), session_pki
     )
-    watcher = Watcher(running)
+    watcher = watch(running)
     time.sleep(0.2)
     running.stop()
     deadline = time.monotonic() + 10
@@ -288,7 +254,7 @@ def _changes(
 def _read_with_cuts(system: RunningSystem, cursor: str, want: int) -> Iterator[pb.AssignmentEvent]:
     got = 0
     while got < want:
-        watcher = Watcher(system, cursor=cursor, batch=7)
+        watcher = watch(system, cursor=cursor, batch=7)
         for _ in range(3):
             response = watcher.next(timeout=30)
             cursor = response.cursor
@@ -296,7 +262,7 @@ def _read_with_cuts(system: RunningSystem, cursor: str, want: int) -> Iterator[p
             yield from response.events
             if got >= want:
                 break
-        watcher.close()
+        watcher.cancel()
 
 
 def test_concurrent_writers_a_resuming_watcher_misses_no_committed_change(
