@@ -100,6 +100,7 @@ def mark_purged(session: Session, log_name: str, through: int) -> None:
 # --- cursors -----------------------------------------------------------------------------------
 
 _POSITION = struct.Struct(">Q")
+MAX_POSITION = 2**63 - 1  # positions are signed 64-bit in the database
 
 
 def encode_cursor(log_name: str, position: int) -> str:
@@ -110,9 +111,10 @@ def decode_cursor(cursor: str, log_name: str, domain: str, field_path: str = "cu
     """The position in `log_name` that `cursor` names; INVALID_ARGUMENT/CURSOR_INVALID if it is
     not a cursor of this log made by this server."""
     body = unseal(cursor, f"cursor:{log_name}")
-    if body is None or len(body) != _POSITION.size:
+    position = int(_POSITION.unpack(body)[0]) if body and len(body) == _POSITION.size else -1
+    if not 0 <= position <= MAX_POSITION:
         raise invalid_field(domain, "CURSOR_INVALID", field_path, "not a cursor of this stream")
-    return int(_POSITION.unpack(body)[0])
+    return position
 
 
 def expired(domain: str) -> ApiError:
@@ -257,6 +259,10 @@ def _page(session: Session, spec: Follow, read: ReadFn[T], after: int) -> tuple[
     head = read_head(session, spec.log_name)
     if after < head.purged_through:
         raise expired(spec.domain)
+    if after > head.position:
+        raise invalid_field(
+            spec.domain, "CURSOR_INVALID", "cursor", "the cursor is ahead of the log"
+        )
     return read(session, after, head.position, spec.batch_size), head
 
 

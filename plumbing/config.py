@@ -80,12 +80,30 @@ class Settings:
         return dataclasses.replace(self, **changes)
 
 
-def _coerce(kind: Any, value: Any, key: str) -> Any:
-    target = {"Path": Path, "str": str, "int": int, "float": float}[str(kind)]
+_TYPES: dict[str, type] = {"Path": Path, "str": str, "int": int, "float": float}
+# What a TOML file may give for each kind of setting (a bool is never a number).
+_FILE_TYPES: dict[str, tuple[type, ...]] = {
+    "Path": (str,),
+    "str": (str,),
+    "int": (int,),
+    "float": (int, float),
+}
+
+
+def _coerce(kind: Any, value: Any, key: str, from_text: bool) -> Any:
+    """A setting's value of the right type: environment text is converted; file values must
+    already have the type (TOML is typed)."""
+    target = _TYPES[str(kind)]
+    fits = isinstance(value, _FILE_TYPES[str(kind)]) and not isinstance(value, bool)
+    if not from_text and not fits:
+        raise ValueError(f"setting {key}: {value!r} is not a {target.__name__}")
     try:
-        return target(value)
+        result = target(value)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"setting {key}: {value!r} is not a valid {target.__name__}") from exc
+    if target in (int, float) and result < 0:
+        raise ValueError(f"setting {key}: {value!r} must not be negative")
+    return result
 
 
 def load_settings(
@@ -102,12 +120,12 @@ def load_settings(
         unknown = sorted(set(data) - set(known))
         if unknown:
             raise ValueError(f"unknown settings in {path}: {', '.join(unknown)}")
-        values.update(data)
-    for name in known:
+        values.update({k: _coerce(known[k], v, k, from_text=False) for k, v in data.items()})
+    for name, kind in known.items():
         raw = env.get(f"OPCONNECT_{name.upper()}")
         if raw is not None:
-            values[name] = raw
-    return Settings(**{k: _coerce(known[k], v, k) for k, v in values.items()})
+            values[name] = _coerce(kind, raw, name, from_text=True)
+    return Settings(**values)
 
 
 def describe() -> list[tuple[str, str]]:

@@ -11,7 +11,7 @@ import logging
 import re
 import sys
 from collections.abc import MutableMapping
-from typing import Any
+from typing import Any, TextIO, cast
 
 import structlog
 
@@ -19,7 +19,7 @@ _PEM_KEY = re.compile(
     r"-----BEGIN [A-Z ]*PRIVATE KEY-----.*?-----END [A-Z ]*PRIVATE KEY-----", re.S
 )
 _SIP_URI = re.compile(r"\b(sips?):(?:[^@\s;>\"',]+@)?([^\s;>\"',]*)", re.I)
-_NUMBER = re.compile(r"\+?\d{7,15}\b|\+\d{2,6}\b")
+_NUMBER = re.compile(r"\+?\d{7,}(?!\d)|\+\d{2,6}(?!\d)")
 
 
 def mask_number(number: str) -> str:
@@ -41,15 +41,17 @@ def redact(text: str) -> str:
 
 
 def _redact_value(value: Any) -> Any:
+    if value is None or isinstance(value, bool | int | float):
+        return value
     if isinstance(value, str):
         return redact(value)
     if isinstance(value, bytes):
         return redact(value.decode("utf-8", "replace"))
     if isinstance(value, dict):
-        return {k: _redact_value(v) for k, v in value.items()}
+        return {_redact_value(k): _redact_value(v) for k, v in value.items()}
     if isinstance(value, list | tuple | set | frozenset):
         return [_redact_value(v) for v in value]
-    return value
+    return redact(str(value))  # anything else is rendered as text: redact that text
 
 
 def redact_processor(
@@ -91,7 +93,7 @@ def configure_logging(log_format: str = "auto", level: str = "info") -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(file=_Stderr()),
+        logger_factory=structlog.PrintLoggerFactory(file=cast(TextIO, _Stderr())),
         cache_logger_on_first_use=True,
     )
     logging.basicConfig(level=max(numeric, logging.WARNING), stream=sys.stderr, force=True)

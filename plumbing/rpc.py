@@ -22,7 +22,7 @@ from typing import Any, Literal
 import grpc
 from grpc.aio import AbortError
 
-from plumbing.errors import ApiError, internal, permission_denied, resource_exhausted
+from plumbing.errors import ApiError, internal, invalid, permission_denied, resource_exhausted
 from plumbing.logs import get_logger
 
 log = get_logger("opconnect.rpc")
@@ -146,28 +146,28 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             return None
         method: str = details.method
         access = self._access.get(method)
+        # Requests reach the wrapper as bytes and are decoded there, so that a malformed body is
+        # answered INVALID_ARGUMENT with details like every other error (gRPC would say UNKNOWN).
+        decode = handler.request_deserializer
+        serialize = handler.response_serializer
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                self._wrap_unary(method, access, handler.unary_unary),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
+                self._wrap_unary(method, access, handler.unary_unary, _decoder(decode, False)),
+                response_serializer=serialize,
             )
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                self._wrap_stream(method, access, handler.unary_stream),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
+                self._wrap_stream(method, access, handler.unary_stream, _decoder(decode, False)),
+                response_serializer=serialize,
             )
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
-                self._wrap_unary(method, access, handler.stream_unary),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
+                self._wrap_unary(method, access, handler.stream_unary, _decoder(decode, True)),
+                response_serializer=serialize,
             )
         return grpc.stream_stream_rpc_method_handler(
-            self._wrap_stream(method, access, handler.stream_stream),
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
+            self._wrap_stream(method, access, handler.stream_stream, _decoder(decode, True)),
+            response_serializer=serialize,
         )
 
     async def _admit(
@@ -189,7 +189,11 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         return principal
 
     def _wrap_unary(
-        self, method: str, access: Access | None, behavior: Callable[..., Awaitable[Any]]
+        self,
+        method: str,
+        access: Access | None,
+        behavior: Callable[..., Awaitable[Any]],
+        decode: Callable[[Any], Any],
     ) -> Callable[..., Awaitable[Any]]:
         async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             call_log = _CallLog(method, _request_id_of(context))
@@ -199,7 +203,7 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 call_log.principal = str(principal)
                 _principal.set(principal)
                 context.set_trailing_metadata((("x-request-id", call_log.request_id),))
-                return await behavior(request, context)
+                return await behavior(decode(request), context)
             except BaseException as error:  # every way out is logged and mapped once
                 await call_log.fail(context, error)
                 raise
@@ -209,7 +213,11 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         return call
 
     def _wrap_stream(
-        self, method: str, access: Access | None, behavior: Callable[..., AsyncIterator[Any]]
+        self,
+        method: str,
+        access: Access | None,
+        behavior: Callable[..., AsyncIterator[Any]],
+        decode: Callable[[Any], Any],
     ) -> Callable[..., AsyncIterator[Any]]:
         async def call(
             request: Any, context: grpc.aio.ServicerContext[Any, Any]
@@ -231,7 +239,7 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                             1.0,
                         )
                     slot = principal.name
-                async for response in behavior(request, context):
+                async for response in behavior(decode(request), context):
                     # A revoked certificate or a suspended operator ends an open stream too, at
                     # its next message (heartbeats included); the checks are cached.
                     await self._authenticate(context)
@@ -246,6 +254,28 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 call_log.write(context)
 
         return call
+
+
+def _malformed() -> ApiError:
+    return invalid("opconnect", "REQUEST_MALFORMED", "the request is not a valid protobuf message")
+
+
+def _decoder(deserialize: Callable[[bytes], Any] | None, streaming: bool) -> Callable[[Any], Any]:
+    """How the wrapper turns what gRPC hands it (bytes, or an iterator of bytes) into messages."""
+
+    def one(raw: bytes) -> Any:
+        if deserialize is None:
+            return raw
+        try:
+            return deserialize(raw)
+        except Exception:
+            raise _malformed() from None
+
+    async def each(requests: AsyncIterator[bytes]) -> AsyncIterator[Any]:
+        async for raw in requests:
+            yield one(raw)
+
+    return each if streaming else one
 
 
 class _CallLog:

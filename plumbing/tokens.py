@@ -26,9 +26,11 @@ def unseal(token: str, purpose: str) -> bytes | None:
     if len(token) > MAX_LENGTH or not token.isascii():
         return None
     try:
-        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        raw = base64.b64decode(token + "=" * (-len(token) % 4), altchars=b"-_", validate=True)
     except (ValueError, binascii.Error):
         return None
+    if base64.urlsafe_b64encode(raw).rstrip(b"=").decode() != token:
+        return None  # one token, one spelling
     head = bytes([VERSION]) + purpose.encode() + b"\0"
     if len(raw) < len(head) + 4 or not raw.startswith(head):
         return None

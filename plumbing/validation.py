@@ -13,7 +13,7 @@ E164 = re.compile(r"\+[1-9][0-9]{1,14}")
 GUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 _LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
 _SIP = re.compile(
-    r"(?P<scheme>sips?):"
+    r"(?P<scheme>[sS][iI][pP][sS]?):"
     r"(?:(?P<user>(?:[A-Za-z0-9\-_.!~*'()&=+$,?/]|%[0-9A-Fa-f]{2})+)@)?"
     r"(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.\-]+)"
     r"(?::(?P<port>[0-9]{1,5}))?"
@@ -43,12 +43,15 @@ def check_fqdn(value: str) -> str | None:
         return "required: a host name such as sbc1.operator.example"
     if len(value) > 253:
         return "longer than 253 characters"
-    labels = value.rstrip(".").split(".")
-    if len(labels) < 2 or not all(_LABEL.fullmatch(label) for label in labels):
-        return "not a fully qualified domain name"
-    if labels[-1].isdigit():
+    labels = value.removesuffix(".").split(".")
+    if len(labels) < 2 or not _labels_ok(labels):
         return "not a fully qualified domain name"
     return None
+
+
+def _labels_ok(labels: list[str]) -> bool:
+    """RFC 1034 labels, the last (top) one starting with a letter (RFC 3261 toplabel)."""
+    return all(_LABEL.fullmatch(label) for label in labels) and labels[-1][:1].isalpha()
 
 
 def _check_host(host: str) -> str | None:
@@ -64,8 +67,7 @@ def _check_host(host: str) -> str | None:
         except ValueError:
             return "host is not a valid IPv4 address"
         return None
-    labels = host.rstrip(".").split(".")
-    if len(host) > 253 or not all(_LABEL.fullmatch(label) for label in labels):
+    if len(host) > 253 or not _labels_ok(host.removesuffix(".").split(".")):
         return "host is not a valid domain name"
     return None
 

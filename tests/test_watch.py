@@ -43,7 +43,7 @@ def watch(
     system: RunningSystem, cursor: str = "", operator: str = "contoso-telecom", batch: int = 0
 ) -> Watcher:
     request = pb.WatchAssignmentsRequest(cursor=cursor, max_batch_size=batch)
-    return watch(system.numbers(operator), request)
+    return Watcher(system.numbers(operator), request)
 
 
 def position(cursor: str) -> int:

@@ -1,0 +1,403 @@
+"""plumbing.logs (redaction, JSON output), plumbing.config (defaults, file, environment) and
+plumbing.errors (rich statuses)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+import structlog
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+from plumbing.config import Settings, load_settings
+from plumbing.errors import (
+    ApiError,
+    Violation,
+    internal,
+    invalid,
+    invalid_field,
+    resource_exhausted,
+    unavailable,
+)
+from plumbing.logs import configure_logging, get_logger, mask_number, redact, redact_processor
+
+# --- redact ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("+14255550100", "+1425555****"),
+        ("call from +14255550100 to +442071234567", "call from +1425555**** to +44207123****"),
+        ("+123456789012345", "+12345678901****"),  # 15 digits
+        ("+123456", "+12****"),
+        ("+12", "****"),
+        ("14255550100", "1425555****"),  # without '+' too
+        ("numbers=['+14255550100', '+14255550101']", "numbers=['+1425555****', '+1425555****']"),
+        ("status=200 took 15 ms", "status=200 took 15 ms"),  # short figures are not numbers
+    ],
+)
+def test_redact_masks_phone_numbers(text: str, expected: str) -> None:
+    assert redact(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            "sip:+14255550100@sbc1.contoso.example;user=phone",
+            "sip:****@sbc1.contoso.example;user=phone",
+        ),
+        ("to <sips:alice@contoso.example:5061>", "to <sips:****@contoso.example:5061>"),
+        ("SIP:bob@[2001:db8::1]", "SIP:****@[2001:db8::1]"),
+        ("host only sip:sbc1.contoso.example", "host only sip:sbc1.contoso.example"),
+    ],
+)
+def test_redact_drops_the_user_part_of_sip_uris(text: str, expected: str) -> None:
+    assert redact(text) == expected
+
+
+def pem_keys() -> list[str]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    return [
+        key.private_bytes(serialization.Encoding.PEM, fmt, serialization.NoEncryption()).decode()
+        for fmt in (
+            serialization.PrivateFormat.PKCS8,
+            serialization.PrivateFormat.TraditionalOpenSSL,
+        )
+    ]
+
+
+def test_redact_removes_private_keys() -> None:
+    for pem in pem_keys():
+        body = pem.splitlines()[1]
+        assert redact(f"loaded key\n{pem}done") == "loaded key\n[private key redacted]\ndone"
+        assert body not in redact(f"k={pem!r}")
+
+
+def test_mask_number() -> None:
+    assert mask_number("+14255550100") == "+1425555****"
+    assert mask_number("+1234") == "****"
+
+
+# Text around a number: no digits and no '+', so that the number in it is the only one.
+around = st.text(st.characters(exclude_categories=["Nd", "Cs"], exclude_characters="+"))
+non_word = st.characters(exclude_categories=["Nd", "Cs"], exclude_characters="+").filter(
+    lambda c: re.match(r"\w", c) is None
+)
+e164_numbers = st.from_regex(r"\+[1-9][0-9]{1,14}", fullmatch=True)
+
+
+@given(
+    number=e164_numbers,
+    before=around,
+    after=st.one_of(st.just(""), st.builds(str.__add__, non_word, around)),
+)
+def test_redact_never_keeps_a_number_whole_when_it_ends_a_word(
+    number: str, before: str, after: str
+) -> None:
+    assert number not in redact(before + number + after)
+
+
+@given(number=e164_numbers, before=around, after=around)
+@example(number="+14255550100", before="id=", after="_old")
+def test_redact_never_keeps_a_number_whole(number: str, before: str, after: str) -> None:
+    assert number not in redact(before + number + after)
+
+
+def test_redact_processor_leaves_numbers_alone_and_redacts_nested_values() -> None:
+    event = {
+        "event": "assigned +14255550100",
+        "count": 12345678901,  # an int is never a phone number
+        "ratio": 0.25,
+        "ok": True,
+        "nothing": None,
+        "numbers": ["+14255550100", ("+14255550101",)],
+        "nested": {"sip": "sip:alice@sbc1.example", "deeper": [{"n": "+14255550102"}]},
+        "raw": b"+14255550103",
+    }
+    assert redact_processor(None, "info", event) == {
+        "event": "assigned +1425555****",
+        "count": 12345678901,
+        "ratio": 0.25,
+        "ok": True,
+        "nothing": None,
+        "numbers": ["+1425555****", ["+1425555****"]],
+        "nested": {"sip": "sip:****@sbc1.example", "deeper": [{"n": "+1425555****"}]},
+        "raw": "+1425555****",
+    }
+
+
+def test_redact_processor_redacts_dict_keys() -> None:
+    event = redact_processor(None, "info", {"results": {"+14255550100": "done"}})
+    assert "+14255550100" not in json.dumps(event)
+
+
+@pytest.fixture
+def json_logs(capsys: pytest.CaptureFixture[str]) -> Iterator[pytest.CaptureFixture[str]]:
+    """Puts structlog and the root logger back as they were after a test that configures them.
+
+    The test itself calls configure_logging: capsys's stderr of the setup phase is closed before
+    the test runs."""
+    root = logging.getLogger()
+    level = root.level
+    yield capsys
+    structlog.reset_defaults()
+    for handler in root.handlers[:]:
+        if type(handler) is logging.StreamHandler:  # the one basicConfig added
+            root.removeHandler(handler)
+    root.setLevel(level)
+
+
+def logged(capsys: pytest.CaptureFixture[str]) -> list[dict[str, object]]:
+    return [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+
+
+def test_json_logs_are_redacted(json_logs: pytest.CaptureFixture[str]) -> None:
+    configure_logging("json", "info")
+    log = get_logger("opconnect.test")
+    log.warning(
+        "assigned +14255550100",
+        sip_uri="sip:+14255550100@sbc1.contoso.example;user=phone",
+        count=3,
+    )
+    log.debug("not shown at info")
+    [line] = logged(json_logs)
+    assert isinstance(line.pop("timestamp"), str)
+    assert line == {
+        "event": "assigned +1425555****",
+        "sip_uri": "sip:****@sbc1.contoso.example;user=phone",
+        "count": 3,
+        "level": "warning",
+    }
+
+
+def test_json_logs_redact_objects(json_logs: pytest.CaptureFixture[str]) -> None:
+    configure_logging("json", "info")
+    get_logger("opconnect.test").info("failed", error=ValueError("bad number +14255550100"))
+    assert "+14255550100" not in json_logs.readouterr().err
+
+
+# --- config ------------------------------------------------------------------------------------
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_defaults() -> None:
+    settings = load_settings(env={})
+    assert settings == Settings()
+    assert settings.max_message_bytes == 16 * 1024 * 1024
+    assert settings.max_upload_numbers == 10_000
+    assert (settings.default_page_size, settings.max_page_size) == (100, 1000)
+    assert settings.sqlalchemy_url == "sqlite:///var/opconnect.db"
+    assert settings.pki_dir == Path("var/pki")
+
+
+def test_file_values(tmp_path: Path) -> None:
+    path = write(
+        tmp_path / "opconnect.toml",
+        'data_dir = "/srv/opconnect"\n'
+        'listen = "0.0.0.0:443"\n'
+        "max_page_size = 50\n"
+        "rate_per_operator = 10\n"
+        "heartbeat_interval_s = 2.5\n",
+    )
+    settings = load_settings(path, env={})
+    assert settings == Settings().replace(
+        data_dir=Path("/srv/opconnect"),
+        listen="0.0.0.0:443",
+        max_page_size=50,
+        rate_per_operator=10.0,
+        heartbeat_interval_s=2.5,
+    )
+    assert isinstance(settings.rate_per_operator, float)
+    assert settings.sqlalchemy_url == "sqlite:////srv/opconnect/opconnect.db"
+
+
+def test_environment_overrides_the_file(tmp_path: Path) -> None:
+    path = write(tmp_path / "opconnect.toml", 'max_page_size = 50\nlog_level = "debug"\n')
+    env = {
+        "OPCONNECT_CONFIG": str(path),
+        "OPCONNECT_MAX_PAGE_SIZE": "70",
+        "OPCONNECT_RATE_PER_OPERATOR": "12.5",
+        "OPCONNECT_DATABASE_URL": "postgresql+psycopg://u@db:5432/opconnect",
+    }
+    settings = load_settings(env=env)  # the file named by OPCONNECT_CONFIG
+    assert (settings.max_page_size, settings.log_level) == (70, "debug")
+    assert settings.rate_per_operator == 12.5
+    assert settings.sqlalchemy_url == "postgresql+psycopg://u@db:5432/opconnect"
+
+
+def test_unknown_keys_in_the_file_are_refused(tmp_path: Path) -> None:
+    path = write(tmp_path / "opconnect.toml", "max_page_size = 5\nmax_pages = 5\nlisten_on = 1\n")
+    with pytest.raises(ValueError, match=r"unknown settings in .*: listen_on, max_pages$"):
+        load_settings(path, env={})
+
+
+def test_a_file_that_is_not_toml_is_refused(tmp_path: Path) -> None:
+    assert issubclass(tomllib.TOMLDecodeError, ValueError)
+    with pytest.raises(tomllib.TOMLDecodeError):
+        load_settings(write(tmp_path / "opconnect.toml", "max_page_size = = 5\n"), env={})
+
+
+@pytest.mark.parametrize(
+    ("text", "setting"),
+    [
+        ('max_page_size = "many"', "max_page_size"),
+        ("rate_per_operator = [1]", "rate_per_operator"),
+        ("data_dir = 5", "data_dir"),
+        ('heartbeat_interval_s = "soon"', "heartbeat_interval_s"),
+    ],
+)
+def test_bad_types_in_the_file_name_the_setting(tmp_path: Path, text: str, setting: str) -> None:
+    with pytest.raises(ValueError, match=f"^setting {setting}: "):
+        load_settings(write(tmp_path / "opconnect.toml", text + "\n"), env={})
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("OPCONNECT_MAX_MESSAGE_BYTES", "16MB"),
+        ("OPCONNECT_RATE_BURST", ""),
+        ("OPCONNECT_DB_THREADS", "1.5"),
+    ],
+)
+def test_bad_environment_values_name_the_setting(name: str, value: str) -> None:
+    setting = name.removeprefix("OPCONNECT_").lower()
+    with pytest.raises(ValueError, match=f"^setting {setting}: {value!r} is not a valid int$"):
+        load_settings(env={name: value})
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        'listen = ["127.0.0.1:1", "127.0.0.1:2"]',
+        "log_format = 5",
+        "max_page_size = 2.5",
+        "rate_burst = true",
+    ],
+)
+def test_wrong_toml_types_are_refused(tmp_path: Path, text: str) -> None:
+    with pytest.raises(ValueError, match=r"^setting "):
+        load_settings(write(tmp_path / "opconnect.toml", text + "\n"), env={})
+
+
+# --- errors ------------------------------------------------------------------------------------
+
+
+class Call:
+    """What grpc_status.rpc_status.from_call reads from a finished call."""
+
+    def __init__(self, status: grpc.Status) -> None:
+        self._status = status
+
+    def code(self) -> grpc.StatusCode:
+        return self._status.code
+
+    def details(self) -> str:
+        return self._status.details
+
+    def trailing_metadata(self) -> tuple[tuple[str, bytes], ...]:
+        return self._status.trailing_metadata
+
+
+def decode(error: ApiError) -> tuple[grpc.Status, status_pb2.Status, dict[str, object]]:
+    status = error.to_status()
+    rich = rpc_status.from_call(Call(status))
+    assert rich is not None
+    details: dict[str, object] = {}
+    for kind in (
+        error_details_pb2.ErrorInfo,
+        error_details_pb2.BadRequest,
+        error_details_pb2.RetryInfo,
+    ):
+        for packed in rich.details:
+            if packed.Is(kind.DESCRIPTOR):
+                message = kind()
+                packed.Unpack(message)
+                details[kind.__name__] = message
+    return status, rich, details
+
+
+def test_invalid_argument_carries_error_info_and_field_violations() -> None:
+    error = invalid(
+        "numbers.opconnect",
+        "PHONE_NUMBER_INVALID",
+        "phone_number: not E.164",
+        Violation("phone_number", "not E.164", "PHONE_NUMBER_INVALID"),
+        Violation("target.id", "not a GUID", "TARGET_INVALID"),
+    )
+    status, rich, details = decode(error)
+    assert (status.code, status.details) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "phone_number: not E.164",
+    )
+    assert (rich.code, rich.message) == (3, "phone_number: not E.164")
+    assert set(details) == {"ErrorInfo", "BadRequest"}
+    info = details["ErrorInfo"]
+    assert (info.reason, info.domain) == ("PHONE_NUMBER_INVALID", "numbers.opconnect")
+    assert [(v.field, v.description, v.reason) for v in details["BadRequest"].field_violations] == [
+        ("phone_number", "not E.164", "PHONE_NUMBER_INVALID"),
+        ("target.id", "not a GUID", "TARGET_INVALID"),
+    ]
+
+
+def test_invalid_field_is_one_violation() -> None:
+    error = invalid_field("numbers.opconnect", "CURSOR_INVALID", "cursor", "not a cursor")
+    assert str(error) == "INVALID_ARGUMENT CURSOR_INVALID: cursor: not a cursor"
+    _, _, details = decode(error)
+    [violation] = details["BadRequest"].field_violations
+    assert (violation.field, violation.description, violation.reason) == (
+        "cursor",
+        "not a cursor",
+        "CURSOR_INVALID",
+    )
+
+
+def test_resource_exhausted_carries_retry_info() -> None:
+    status, _, details = decode(
+        resource_exhausted("gateway.opconnect", "RATE_LIMITED", "slow down", 1.25)
+    )
+    assert status.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert set(details) == {"ErrorInfo", "RetryInfo"}
+    assert details["RetryInfo"].retry_delay.ToNanoseconds() == 1_250_000_000
+    assert (details["ErrorInfo"].reason, details["ErrorInfo"].domain) == (
+        "RATE_LIMITED",
+        "gateway.opconnect",
+    )
+
+
+def test_unavailable_and_internal() -> None:
+    status, _, details = decode(unavailable("DATABASE_UNAVAILABLE", "try again"))
+    assert status.code == grpc.StatusCode.UNAVAILABLE
+    assert details["RetryInfo"].retry_delay.ToNanoseconds() == 1_000_000_000
+    status, _, details = decode(internal())
+    assert (status.code, status.details) == (grpc.StatusCode.INTERNAL, "internal error")
+    assert set(details) == {"ErrorInfo"}
+    assert (details["ErrorInfo"].reason, details["ErrorInfo"].domain) == ("INTERNAL", "opconnect")
+
+
+def test_error_info_metadata_travels() -> None:
+    error = ApiError(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "CURSOR_EXPIRED",
+        "list again",
+        "numbers.opconnect",
+        metadata={"oldest_cursor": "AQ"},
+    )
+    _, _, details = decode(error)
+    assert dict(details["ErrorInfo"].metadata) == {"oldest_cursor": "AQ"}
