@@ -137,7 +137,9 @@ async def start(settings: Settings) -> Runtime:
             ("grpc.so_reuseport", 0),
         ],
     )
-    names = numbers.register(server, db, notifier, settings)
+    listener = PostgresListener(settings.sqlalchemy_url, notifier) if db.is_postgres else None
+    cache_usable = listener.ready.is_set if listener is not None else lambda: True
+    names = numbers.register(server, db, notifier, settings, cache_usable)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     for name in ["", *names]:
@@ -155,6 +157,7 @@ async def start(settings: Settings) -> Runtime:
         raise OSError(f"could not listen on {settings.listen}")
     await server.start()
     runtime = Runtime(settings, db, notifier, trust, registry, server, health, port, dev)
+    runtime.listener = listener
 
     async def purge() -> None:
         cutoff = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=settings.change_log_retention_s)
@@ -163,9 +166,8 @@ async def start(settings: Settings) -> Runtime:
             log.info("purged change log", log="numbers", events=purged)
 
     runtime.tasks.append(asyncio.create_task(_every(settings.purge_interval_s, "purge", purge)))
-    if db.is_postgres:
-        runtime.listener = PostgresListener(settings.sqlalchemy_url, notifier)
-        runtime.listener.start()
+    if listener is not None:
+        listener.start()
     log.info(
         "serving",
         address=runtime.address,

@@ -142,7 +142,12 @@ class Notifier:
     def __init__(self) -> None:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._events: dict[tuple[str, str], asyncio.Event] = {}
+        self._subscribers: dict[str, list[Callable[[tuple[str, ...]], None]]] = {}
         self.closed = False
+
+    def subscribe(self, log_name: str, callback: Callable[[tuple[str, ...]], None]) -> None:
+        """Call `callback(keys)` on the loop for every change of `log_name` (caches use this)."""
+        self._subscribers.setdefault(log_name, []).append(callback)
 
     def close(self) -> None:
         """Shutting down: wake every waiter; their streams end with UNAVAILABLE (resume later)."""
@@ -168,10 +173,12 @@ class Notifier:
         self._loop.call_soon_threadsafe(self.wake, log_name, tuple(keys))
 
     def logs(self) -> set[str]:
-        """The logs that have waiters now."""
-        return {slot[0] for slot in self._events}
+        """The logs that have waiters or subscribers now."""
+        return {slot[0] for slot in self._events} | set(self._subscribers)
 
     def wake(self, log_name: str, keys: tuple[str, ...]) -> None:
+        for callback in self._subscribers.get(log_name, ()):
+            callback(keys)
         if ANY_KEY in keys:
             slots = [s for s in self._events if s[0] == log_name]
         else:

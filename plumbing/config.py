@@ -63,6 +63,8 @@ class Settings:
     change_log_retention_s: int = 30 * 24 * 3600
     # How often, in seconds, the purge task runs.
     purge_interval_s: float = 3600.0
+    # Numbers kept by the GetNumber read cache (per process; exact, see plumbing/cache.py).
+    number_cache_entries: int = 100_000
     # Threads that run database work.
     db_threads: int = 8
     # Seconds allowed for streams to end cleanly on shutdown.

@@ -26,6 +26,7 @@ from gateway import pki, server
 from gateway.registry import OperatorStatus
 from opconnect.numbers.v1 import numbers_pb2, numbers_pb2_grpc
 from plumbing.config import Settings
+from plumbing.logs import configure_logging
 
 T = TypeVar("T")
 POSTGRES_URL = os.environ.get("OPCONNECT_TEST_POSTGRES_URL", "")
@@ -64,6 +65,12 @@ def make_test_pki(directory: Path) -> Pki:
     foreign = pki.create_ca("someone else's CA")
     foreign_client = pki.issue_client_cert(foreign, pki.operator_uri(OPERATOR))
     return Pki(paths, foreign, foreign_client)
+
+
+@pytest.fixture(autouse=True)
+def _quiet_logs() -> None:
+    """Servers in tests log warnings and errors only (as JSON on stderr, redacted)."""
+    configure_logging("json", "warning")
 
 
 @pytest.fixture(scope="session")

@@ -10,13 +10,14 @@ from __future__ import annotations
 import functools
 import struct
 import zlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeAlias
 
 import grpc
 
 from opconnect.numbers.v1 import numbers_pb2 as pb
 from opconnect.numbers.v1 import numbers_pb2_grpc as pb_grpc
+from plumbing.cache import MISSING, ReadCache
 from plumbing.changelog import (
     Follow,
     Notifier,
@@ -27,21 +28,29 @@ from plumbing.changelog import (
 )
 from plumbing.config import Settings
 from plumbing.db import Database
-from plumbing.errors import invalid_field
+from plumbing.errors import invalid_field, not_found
 from plumbing.rpc import Access, current_operator
 from plumbing.tokens import seal, unseal
 from plumbing.validation import E164
 from services.numbers import convert, rules, storage
-from services.numbers.rules import DOMAIN, LOG, Outcome
+from services.numbers.rules import DOMAIN, LOG, Number, Outcome
 
 Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 
 
 class NumberService(pb_grpc.NumberServiceServicer):
-    def __init__(self, db: Database, notifier: Notifier, settings: Settings) -> None:
+    def __init__(
+        self, db: Database, notifier: Notifier, settings: Settings, cache: ReadCache[Number | None]
+    ) -> None:
         self._db = db
         self._notifier = notifier
         self._settings = settings
+        self._cache = cache
+
+    def _changed(self, operator_id: str) -> None:
+        """After a commit that changed the operator's numbers: caches forget, watchers wake."""
+        self._cache.invalidate([operator_id])
+        self._notifier.publish(LOG, [operator_id])
 
     async def UploadNumbers(
         self, request: pb.UploadNumbersRequest, context: Context
@@ -54,6 +63,7 @@ class NumberService(pb_grpc.NumberServiceServicer):
         checks = [rules.check_upload(u, seen) for u in uploads]
         valid = [u for u, refusal in zip(uploads, checks, strict=True) if refusal is None]
         stored = await self._db.run(storage.upload_numbers, operator, tenant, valid, write=True)
+        self._changed(operator)
         results = [r or stored[u.phone_number] for u, r in zip(uploads, checks, strict=True)]
         return pb.UploadNumbersResponse(
             results=[convert.result_out(r) for r in results],
@@ -72,6 +82,7 @@ class NumberService(pb_grpc.NumberServiceServicer):
         checks = [rules.check_release(n, seen) for n in numbers]
         valid = [n for n, refusal in zip(numbers, checks, strict=True) if refusal is None]
         stored = await self._db.run(storage.release_numbers, operator, valid, write=True)
+        self._changed(operator)
         results = [r or stored[n] for n, r in zip(numbers, checks, strict=True)]
         return pb.ReleaseNumbersResponse(
             results=[convert.result_out(r) for r in results],
@@ -118,7 +129,14 @@ class NumberService(pb_grpc.NumberServiceServicer):
     ) -> pb.GetNumberResponse:
         operator = current_operator()
         number = rules.require_number(request.phone_number)
-        found = await self._db.run(storage.get_number, operator, number)
+        found = self._cache.get(operator, number)
+        if found is MISSING:
+            generation = self._cache.generation(operator)
+            fresh = await self._db.run(storage.find_number, operator, number)
+            self._cache.fill(operator, number, fresh, generation)
+            found = fresh
+        if not isinstance(found, Number):
+            raise not_found(DOMAIN, "NUMBER_NOT_FOUND", "no such number")
         return pb.GetNumberResponse(number=convert.number_out(found))
 
     async def WatchAssignments(
@@ -152,9 +170,15 @@ class NumberService(pb_grpc.NumberServiceServicer):
 
 
 class NumberAdminService(pb_grpc.NumberAdminServiceServicer):
-    def __init__(self, db: Database, notifier: Notifier) -> None:
+    def __init__(self, db: Database, notifier: Notifier, cache: ReadCache[Number | None]) -> None:
         self._db = db
         self._notifier = notifier
+        self._cache = cache
+
+    def _changed(self, change: storage.Change) -> None:
+        if change.event is not None:
+            self._cache.invalidate([change.number.operator_id])
+            self._notifier.publish(LOG, [change.number.operator_id])
 
     async def AssignNumber(
         self, request: pb.AssignNumberRequest, context: Context
@@ -163,8 +187,7 @@ class NumberAdminService(pb_grpc.NumberAdminServiceServicer):
             request.phone_number, request.tenant_id, request.sip_uri, convert.target_in(request)
         )
         change = await self._db.run(storage.assign_number, assignment, write=True)
-        if change.event is not None:
-            self._notifier.publish(LOG, [change.number.operator_id])
+        self._changed(change)
         return pb.AssignNumberResponse(number=convert.number_out(change.number))
 
     async def UnassignNumber(
@@ -173,8 +196,7 @@ class NumberAdminService(pb_grpc.NumberAdminServiceServicer):
         number = rules.require_number(request.phone_number)
         tenant = rules.normalize_tenant(request.tenant_id)
         change = await self._db.run(storage.unassign_number, number, tenant, write=True)
-        if change.event is not None:
-            self._notifier.publish(LOG, [change.number.operator_id])
+        self._changed(change)
         return pb.UnassignNumberResponse(number=convert.number_out(change.number))
 
 
@@ -219,9 +241,24 @@ def access() -> dict[str, Access]:
 
 
 def register(
-    server: grpc.aio.Server, db: Database, notifier: Notifier, settings: Settings
+    server: grpc.aio.Server,
+    db: Database,
+    notifier: Notifier,
+    settings: Settings,
+    cache_usable: Callable[[], bool],
 ) -> list[str]:
-    """Add both services to `server`; returns their full names (for health and reflection)."""
-    pb_grpc.add_NumberServiceServicer_to_server(NumberService(db, notifier, settings), server)
-    pb_grpc.add_NumberAdminServiceServicer_to_server(NumberAdminService(db, notifier), server)
+    """Add both services to `server`; returns their full names (for health and reflection).
+
+    `cache_usable` says whether this replica hears every other replica's changes now (always
+    with SQLite; with PostgreSQL while its LISTEN link is up): `GetNumber` reads through a cache
+    only then.
+    """
+    cache: ReadCache[Number | None] = ReadCache(settings.number_cache_entries, cache_usable)
+    notifier.subscribe(LOG, cache.invalidate)
+    pb_grpc.add_NumberServiceServicer_to_server(
+        NumberService(db, notifier, settings, cache), server
+    )
+    pb_grpc.add_NumberAdminServiceServicer_to_server(
+        NumberAdminService(db, notifier, cache), server
+    )
     return [s.full_name for s in pb.DESCRIPTOR.services_by_name.values()]

@@ -189,6 +189,8 @@ def upload_numbers(
                 "the number is already uploaded with another tenant, usage or capabilities;"
                 " release it and upload it again to change them",
             )
+    if added:  # the numbers changed: caches on every replica forget them
+        notify_commit(session, LOG, 0, [operator_id])
     return results
 
 
@@ -222,15 +224,15 @@ def release_numbers(
             results[number] = refused(
                 number, "NUMBER_ASSIGNED", "the number is assigned; it must be unassigned first"
             )
+    if released:  # the numbers changed: caches on every replica forget them
+        notify_commit(session, LOG, 0, [operator_id])
     return results
 
 
-def get_number(session: Session, operator_id: str | None, phone_number: str) -> Number:
-    """The number; NOT_FOUND if absent or (for an operator) held by another operator."""
+def find_number(session: Session, operator_id: str, phone_number: str) -> Number | None:
+    """The operator's number, or None (also when another operator holds it)."""
     row = session.get(NumberRow, phone_number)
-    if row is None or (operator_id is not None and row.operator_id != operator_id):
-        raise not_found(DOMAIN, "NUMBER_NOT_FOUND", "no such number")
-    return to_number(row)
+    return to_number(row) if row is not None and row.operator_id == operator_id else None
 
 
 @dataclass(frozen=True)
