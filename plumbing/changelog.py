@@ -21,10 +21,10 @@ import struct
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Generic, TypeVar, cast
 
 import psycopg
-from sqlalchemy import BigInteger, String, select, text, update
+from sqlalchemy import BigInteger, String, Table, select, text, update
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from plumbing.db import Base, Database
@@ -48,6 +48,9 @@ class LogHead(Base):
     purged_through: Mapped[int] = mapped_column(BigInteger, default=0)
 
 
+HEADS = cast(Table, LogHead.__table__)
+
+
 @dataclass(frozen=True)
 class Head:
     position: int
@@ -59,11 +62,12 @@ def allocate(session: Session, log_name: str, count: int = 1) -> int:
 
     Takes the log's row lock until commit: call it late in a write transaction.
     """
+    heads = HEADS.c
     last = session.execute(
-        update(LogHead)
-        .where(LogHead.log == log_name)
-        .values(position=LogHead.position + count)
-        .returning(LogHead.position)
+        update(HEADS)  # Core, not an ORM bulk update: this is every write's hot path
+        .where(heads.log == log_name)
+        .values(position=heads.position + count)
+        .returning(heads.position)
     ).scalar_one()
     return int(last) - count + 1
 

@@ -12,7 +12,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
-from sqlalchemy import BigInteger, Boolean, CursorResult, DateTime, Index, String, delete, select
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CursorResult,
+    DateTime,
+    Index,
+    String,
+    Table,
+    delete,
+    insert,
+    select,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
@@ -83,6 +94,9 @@ class NumberEventRow(Base):
         Index("ix_number_events_operator_position", "operator_id", "position"),
         Index("ix_number_events_occurred_at", "occurred_at"),
     )
+
+
+EVENTS = cast(Table, NumberEventRow.__table__)
 
 
 def now() -> dt.datetime:
@@ -287,21 +301,22 @@ def _locked_row(session: Session, phone_number: str) -> NumberRow:
 
 
 def _log_event(session: Session, row: NumberRow, kind: EventType, stamp: dt.datetime) -> Event:
+    session.flush()  # the number's own change first
     position = allocate(session, LOG)
-    session.add(
-        NumberEventRow(
-            position=position,
-            operator_id=row.operator_id,
-            tenant_id=row.tenant_id,
-            phone_number=row.phone_number,
-            type=kind.value,
-            sip_uri=row.sip_uri,
-            target_kind=row.target_kind,
-            target_id=row.target_id,
-            occurred_at=stamp,
-        )
+    session.execute(
+        insert(EVENTS),
+        {
+            "position": position,
+            "operator_id": row.operator_id,
+            "tenant_id": row.tenant_id,
+            "phone_number": row.phone_number,
+            "type": kind.value,
+            "sip_uri": row.sip_uri,
+            "target_kind": row.target_kind,
+            "target_id": row.target_id,
+            "occurred_at": stamp,
+        },
     )
-    session.flush()
     notify_commit(session, LOG, position, [row.operator_id])
     return Event(
         position,
