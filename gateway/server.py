@@ -126,11 +126,14 @@ async def start(settings: Settings) -> Runtime:
         access,
         RateLimiter(settings.rate_per_operator, settings.rate_burst),
         StreamSlots(settings.max_streams_per_operator),
+        settings.max_message_bytes,
     )
     server = grpc.aio.server(
         interceptors=[interceptor],
         options=[
-            ("grpc.max_receive_message_length", settings.max_message_bytes),
+            # The wrapper refuses messages over max_message_bytes with details; this is the
+            # transport's hard backstop.
+            ("grpc.max_receive_message_length", 2 * settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
             ("grpc.keepalive_time_ms", 60_000),
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),

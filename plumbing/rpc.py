@@ -134,7 +134,9 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         access: Mapping[str, Access],
         rate: RateLimiter,
         streams: StreamSlots,
+        max_request_bytes: int,
     ) -> None:
+        self._max_request_bytes = max_request_bytes
         self._authenticate = authenticate
         self._access = dict(access)
         self._rate = rate
@@ -156,21 +158,41 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         serialize = handler.response_serializer
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                self._wrap_unary(method, access, handler.unary_unary, _decoder(decode, False)),
+                self._wrap_unary(
+                    method,
+                    access,
+                    handler.unary_unary,
+                    _decoder(decode, self._max_request_bytes, streaming=False),
+                ),
                 response_serializer=serialize,
             )
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                self._wrap_stream(method, access, handler.unary_stream, _decoder(decode, False)),
+                self._wrap_stream(
+                    method,
+                    access,
+                    handler.unary_stream,
+                    _decoder(decode, self._max_request_bytes, streaming=False),
+                ),
                 response_serializer=serialize,
             )
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
-                self._wrap_unary(method, access, handler.stream_unary, _decoder(decode, True)),
+                self._wrap_unary(
+                    method,
+                    access,
+                    handler.stream_unary,
+                    _decoder(decode, self._max_request_bytes, streaming=True),
+                ),
                 response_serializer=serialize,
             )
         return grpc.stream_stream_rpc_method_handler(
-            self._wrap_stream(method, access, handler.stream_stream, _decoder(decode, True)),
+            self._wrap_stream(
+                method,
+                access,
+                handler.stream_stream,
+                _decoder(decode, self._max_request_bytes, streaming=True),
+            ),
             response_serializer=serialize,
         )
 
@@ -264,10 +286,26 @@ def _malformed() -> ApiError:
     return invalid("opconnect", "REQUEST_MALFORMED", "the request is not a valid protobuf message")
 
 
-def _decoder(deserialize: Callable[[bytes], Any] | None, streaming: bool) -> Callable[[Any], Any]:
-    """How the wrapper turns what gRPC hands it (bytes, or an iterator of bytes) into messages."""
+def _too_large(limit: int) -> ApiError:
+    return ApiError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "MESSAGE_TOO_LARGE",
+        f"a request message may be at most {limit} bytes; send smaller batches",
+        "opconnect",
+        metadata={"max_bytes": str(limit)},
+    )
+
+
+def _decoder(
+    deserialize: Callable[[bytes], Any] | None, limit: int, *, streaming: bool
+) -> Callable[[Any], Any]:
+    """How the wrapper turns what gRPC hands it (bytes, or an iterator of bytes) into messages,
+    refusing a message over the configured size with details (gRPC's own limit, set higher as
+    a backstop, would answer without any)."""
 
     def one(raw: bytes) -> Any:
+        if len(raw) > limit:
+            raise _too_large(limit)
         if deserialize is None:
             return raw
         try:
