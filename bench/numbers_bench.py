@@ -37,10 +37,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn, TypeAlias, cast
 
 import grpc
 from google import protobuf
@@ -74,7 +74,7 @@ SERVER_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.so_reuseport", 0),
 ]
 
-Context = grpc.aio.ServicerContext[Any, Any]
+Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 
 
 # --------------------------------------------------------------------------- shared helpers
@@ -138,6 +138,12 @@ async def read_line() -> str:
 # --------------------------------------------------------------------------- server processes
 
 
+async def unimplemented(context: Context) -> NoReturn:
+    """End the call with UNIMPLEMENTED (what the bare server answers to all but GetNumber)."""
+    await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not part of the bare baseline")
+    raise AssertionError("context.abort returned")
+
+
 class BareNumberService(pb_grpc.NumberServiceServicer):
     """NumberService.GetNumber answered from memory: the raw gRPC + mutual TLS baseline."""
 
@@ -148,6 +154,27 @@ class BareNumberService(pb_grpc.NumberServiceServicer):
         self, request: pb.GetNumberRequest, context: Context
     ) -> pb.GetNumberResponse:
         return self._response
+
+    async def UploadNumbers(
+        self, request: pb.UploadNumbersRequest, context: Context
+    ) -> pb.UploadNumbersResponse:
+        await unimplemented(context)
+
+    async def ReleaseNumbers(
+        self, request: pb.ReleaseNumbersRequest, context: Context
+    ) -> pb.ReleaseNumbersResponse:
+        await unimplemented(context)
+
+    async def ListNumbers(
+        self, request: pb.ListNumbersRequest, context: Context
+    ) -> pb.ListNumbersResponse:
+        await unimplemented(context)
+
+    async def WatchAssignments(
+        self, request: pb.WatchAssignmentsRequest, context: Context
+    ) -> AsyncIterator[pb.WatchAssignmentsResponse]:
+        await unimplemented(context)
+        yield pb.WatchAssignmentsResponse()  # not reached: makes this a server-streaming handler
 
 
 async def serve_commands() -> None:
@@ -443,7 +470,10 @@ async def prepare(address: str, root: Path) -> bytes:
             await pb_grpc.NumberAdminServiceStub(admin_channel).AssignNumber(
                 assign_request(GET_NUMBER)
             )
-        response = await stub.GetNumber(pb.GetNumberRequest(phone_number=GET_NUMBER))
+        response = cast(
+            pb.GetNumberResponse,
+            await stub.GetNumber(pb.GetNumberRequest(phone_number=GET_NUMBER)),
+        )
     return response.SerializeToString()
 
 

@@ -132,8 +132,8 @@ async def start(settings: Settings) -> Runtime:
         interceptors=[interceptor],
         options=[
             # The wrapper refuses messages over max_message_bytes with details; this is the
-            # transport's hard backstop.
-            ("grpc.max_receive_message_length", 2 * settings.max_message_bytes),
+            # transport's hard backstop (answered without details).
+            ("grpc.max_receive_message_length", settings.max_message_bytes + 4 * 1024 * 1024),
             ("grpc.max_send_message_length", settings.max_message_bytes),
             ("grpc.keepalive_time_ms", 60_000),
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),

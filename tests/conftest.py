@@ -213,7 +213,7 @@ class RichError:
 
 def rich_error(error: grpc.RpcError) -> RichError:
     """Decode the google.rpc details every opconnect error must carry."""
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    status = rpc_status.from_call(error)
     assert status is not None, f"no google.rpc.Status in {error!r}"
     reason = domain = ""
     fields: dict[str, str] = {}
@@ -232,7 +232,7 @@ def rich_error(error: grpc.RpcError) -> RichError:
             detail.Unpack(info_retry)
             retry = info_retry.retry_delay.ToNanoseconds() / 1e9
     assert reason, "every error carries a google.rpc.ErrorInfo with a reason"
-    return RichError(error.code(), error.details() or "", reason, domain, fields, retry)  # type: ignore[attr-defined]
+    return RichError(error.code(), error.details() or "", reason, domain, fields, retry)
 
 
 class Watcher:

@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import grpc
 import pytest
@@ -230,7 +231,7 @@ def raw_get_number(clients: Clients, body: bytes) -> bytes:
         request_serializer=None,
         response_deserializer=None,
     )
-    return call(body, timeout=10)
+    return cast(bytes, call(body, timeout=10))
 
 
 def test_garbage_request_body_does_not_stop_the_server(clients: Clients) -> None:
@@ -276,7 +277,11 @@ def test_a_message_over_the_size_limit(session_pki: Pki, tmp_path: Path) -> None
         numbers = small.numbers()
         with pytest.raises(grpc.RpcError) as caught:
             numbers.GetNumber(pb.GetNumberRequest(phone_number="+1" + "4" * 2000), timeout=10)
-        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        too_large = rich_error(caught.value)
+        assert (too_large.code, too_large.reason) == (
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "MESSAGE_TOO_LARGE",
+        )
         with pytest.raises(grpc.RpcError) as upload:
             numbers.UploadNumbers(
                 pb.UploadNumbersRequest(
@@ -292,7 +297,7 @@ def test_a_message_over_the_size_limit(session_pki: Pki, tmp_path: Path) -> None
                 ),
                 timeout=10,
             )
-        assert upload.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert rich_error(upload.value).reason == "MESSAGE_TOO_LARGE"
         # Still serving, on the same channel.
         added = numbers.UploadNumbers(
             pb.UploadNumbersRequest(

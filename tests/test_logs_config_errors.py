@@ -9,12 +9,14 @@ import re
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TypeVar, cast
 
 import grpc
 import pytest
 import structlog
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 from hypothesis import example, given
@@ -309,17 +311,20 @@ class Call:
         return self._status.code
 
     def details(self) -> str:
-        return self._status.details
+        return cast(str, self._status.details)
 
     def trailing_metadata(self) -> tuple[tuple[str, bytes], ...]:
-        return self._status.trailing_metadata
+        return cast(tuple[tuple[str, bytes], ...], self._status.trailing_metadata)
 
 
-def decode(error: ApiError) -> tuple[grpc.Status, status_pb2.Status, dict[str, object]]:
+M = TypeVar("M", bound=Message)
+
+
+def decode(error: ApiError) -> tuple[grpc.Status, status_pb2.Status, dict[str, Message]]:
     status = error.to_status()
     rich = rpc_status.from_call(Call(status))
     assert rich is not None
-    details: dict[str, object] = {}
+    details: dict[str, Message] = {}
     for kind in (
         error_details_pb2.ErrorInfo,
         error_details_pb2.BadRequest,
@@ -331,6 +336,13 @@ def decode(error: ApiError) -> tuple[grpc.Status, status_pb2.Status, dict[str, o
                 packed.Unpack(message)
                 details[kind.__name__] = message
     return status, rich, details
+
+
+def detail(details: dict[str, Message], kind: type[M]) -> M:
+    """The detail of type `kind` that `decode` unpacked (KeyError when there is none)."""
+    message = details[kind.__name__]
+    assert isinstance(message, kind)
+    return message
 
 
 def test_invalid_argument_carries_error_info_and_field_violations() -> None:
@@ -348,9 +360,10 @@ def test_invalid_argument_carries_error_info_and_field_violations() -> None:
     )
     assert (rich.code, rich.message) == (3, "phone_number: not E.164")
     assert set(details) == {"ErrorInfo", "BadRequest"}
-    info = details["ErrorInfo"]
+    info = detail(details, error_details_pb2.ErrorInfo)
     assert (info.reason, info.domain) == ("PHONE_NUMBER_INVALID", "numbers.opconnect")
-    assert [(v.field, v.description, v.reason) for v in details["BadRequest"].field_violations] == [
+    bad = detail(details, error_details_pb2.BadRequest)
+    assert [(v.field, v.description, v.reason) for v in bad.field_violations] == [
         ("phone_number", "not E.164", "PHONE_NUMBER_INVALID"),
         ("target.id", "not a GUID", "TARGET_INVALID"),
     ]
@@ -360,7 +373,7 @@ def test_invalid_field_is_one_violation() -> None:
     error = invalid_field("numbers.opconnect", "CURSOR_INVALID", "cursor", "not a cursor")
     assert str(error) == "INVALID_ARGUMENT CURSOR_INVALID: cursor: not a cursor"
     _, _, details = decode(error)
-    [violation] = details["BadRequest"].field_violations
+    [violation] = detail(details, error_details_pb2.BadRequest).field_violations
     assert (violation.field, violation.description, violation.reason) == (
         "cursor",
         "not a cursor",
@@ -374,8 +387,10 @@ def test_resource_exhausted_carries_retry_info() -> None:
     )
     assert status.code == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert set(details) == {"ErrorInfo", "RetryInfo"}
-    assert details["RetryInfo"].retry_delay.ToNanoseconds() == 1_250_000_000
-    assert (details["ErrorInfo"].reason, details["ErrorInfo"].domain) == (
+    retry = detail(details, error_details_pb2.RetryInfo)
+    assert retry.retry_delay.ToNanoseconds() == 1_250_000_000
+    info = detail(details, error_details_pb2.ErrorInfo)
+    assert (info.reason, info.domain) == (
         "RATE_LIMITED",
         "gateway.opconnect",
     )
@@ -384,11 +399,12 @@ def test_resource_exhausted_carries_retry_info() -> None:
 def test_unavailable_and_internal() -> None:
     status, _, details = decode(unavailable("DATABASE_UNAVAILABLE", "try again"))
     assert status.code == grpc.StatusCode.UNAVAILABLE
-    assert details["RetryInfo"].retry_delay.ToNanoseconds() == 1_000_000_000
+    assert detail(details, error_details_pb2.RetryInfo).retry_delay.ToNanoseconds() == 1_000_000_000
     status, _, details = decode(internal())
     assert (status.code, status.details) == (grpc.StatusCode.INTERNAL, "internal error")
     assert set(details) == {"ErrorInfo"}
-    assert (details["ErrorInfo"].reason, details["ErrorInfo"].domain) == ("INTERNAL", "opconnect")
+    info = detail(details, error_details_pb2.ErrorInfo)
+    assert (info.reason, info.domain) == ("INTERNAL", "opconnect")
 
 
 def test_error_info_metadata_travels() -> None:
@@ -400,4 +416,4 @@ def test_error_info_metadata_travels() -> None:
         metadata={"oldest_cursor": "AQ"},
     )
     _, _, details = decode(error)
-    assert dict(details["ErrorInfo"].metadata) == {"oldest_cursor": "AQ"}
+    assert dict(detail(details, error_details_pb2.ErrorInfo).metadata) == {"oldest_cursor": "AQ"}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import grpc
 import pytest
 
@@ -14,13 +16,16 @@ BOTH = pb.Capabilities(inbound=True, outbound=True)
 
 
 def upload(
-    system: RunningSystem, *numbers: str, tenant: str = TENANT, usage: int = USER
+    system: RunningSystem,
+    *numbers: str,
+    tenant: str = TENANT,
+    usage: pb.NumberUsage.ValueType = USER,
 ) -> pb.UploadNumbersResponse:
     request = pb.UploadNumbersRequest(
         tenant_id=tenant,
         numbers=[pb.NumberUpload(phone_number=n, usage=usage, capabilities=BOTH) for n in numbers],
     )
-    return system.numbers().UploadNumbers(request)
+    return cast(pb.UploadNumbersResponse, system.numbers().UploadNumbers(request))
 
 
 def assign(
@@ -29,7 +34,7 @@ def assign(
     sip: str = "sip:+14255550100@sbc1.contoso.example;user=phone",
     tenant: str = TENANT,
 ) -> pb.AssignNumberResponse:
-    return system.admin().AssignNumber(
+    response = system.admin().AssignNumber(
         pb.AssignNumberRequest(
             phone_number=number,
             tenant_id=tenant,
@@ -37,6 +42,7 @@ def assign(
             target=pb.AssignmentTarget(kind=pb.AssignmentTarget.KIND_USER, id=USER_ID),
         )
     )
+    return cast(pb.AssignNumberResponse, response)
 
 
 def test_upload_answers_each_number(system: RunningSystem) -> None:

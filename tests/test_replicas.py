@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import cast
 
 import grpc
 import pytest
@@ -124,5 +125,5 @@ def _absent(reader: NumberServiceStub, request: pb.GetNumberRequest) -> bool:
     try:
         reader.GetNumber(request)
     except grpc.RpcError as error:
-        return error.code() == grpc.StatusCode.NOT_FOUND
+        return cast(bool, error.code() == grpc.StatusCode.NOT_FOUND)
     return False

@@ -8,6 +8,7 @@ import datetime as dt
 import functools
 import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 from alembic.autogenerate import compare_metadata
@@ -31,7 +32,7 @@ from tests.conftest import NO_POSTGRES, POSTGRES_URL, reset_postgres
 
 
 @pytest.fixture
-def db(database_url: str) -> Database:
+def db(database_url: str) -> Iterator[Database]:
     database = Database(database_url, threads=4)
     database.migrate()
     yield database

@@ -9,9 +9,11 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import grpc
 import pytest
+from sqlalchemy import Table
 from sqlalchemy.orm import Session
 
 from opconnect.numbers.v1 import numbers_pb2 as pb
@@ -171,7 +173,7 @@ def _bulk_events(session: Session, operator: str, count: int) -> None:
     first = allocate(session, LOG, count)
     stamp = dt.datetime.now(dt.UTC)
     session.execute(
-        storage.NumberEventRow.__table__.insert(),
+        cast(Table, storage.NumberEventRow.__table__).insert(),
         [
             {
                 "position": first + i,
