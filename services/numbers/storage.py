@@ -27,7 +27,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
-from plumbing.changelog import Head, allocate, mark_purged, notify_commit, read_head
+from plumbing.changelog import allocate, mark_purged, notify_commit, read_head
 from plumbing.db import Base
 from plumbing.errors import ApiError, failed_precondition, not_found
 from services.numbers.rules import (
@@ -415,7 +415,3 @@ def purge_events(session: Session, older_than: dt.datetime) -> int:
     )
     mark_purged(session, LOG, int(through))
     return deleted.rowcount
-
-
-def head(session: Session) -> Head:
-    return read_head(session, LOG)
