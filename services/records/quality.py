@@ -1,0 +1,131 @@
+"""Call quality classification: each audio stream and each call is GOOD, POOR or UNCLASSIFIED,
+with the reasons (which metric crossed which threshold, or which metric is missing).
+
+The defaults are the Teams Call Quality Dashboard's stream rules: a stream of more than 500
+packets is POOR when any of round trip > 500 ms, packet loss rate > 0.1, jitter > 30 ms, network
+MOS degradation > 1.0 or concealed-samples ratio > 0.07. A stream of at most the minimum packet
+count is never POOR (too short to judge) and counts as GOOD. Thresholds are strict: a value equal
+to its threshold is not a crossing. Only audio is classified.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+class Quality(StrEnum):
+    GOOD = "good"
+    POOR = "poor"
+    UNCLASSIFIED = "unclassified"
+
+
+class Metric(StrEnum):
+    PACKET_COUNT = "packet_count"
+    ROUND_TRIP = "round_trip"
+    PACKET_LOSS_RATE = "packet_loss_rate"
+    JITTER = "jitter"
+    NETWORK_MOS_DEGRADATION = "network_mos_degradation"
+    CONCEALED_SAMPLES_RATIO = "concealed_samples_ratio"
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """The configurable rules; the defaults are the Call Quality Dashboard's."""
+
+    min_packets: int = 500
+    round_trip_ms: float = 500.0
+    packet_loss_rate: float = 0.1
+    jitter_ms: float = 30.0
+    mos_degradation: float = 1.0
+    concealed_ratio: float = 0.07
+
+    def limits(self) -> dict[Metric, float]:
+        return {
+            Metric.ROUND_TRIP: self.round_trip_ms,
+            Metric.PACKET_LOSS_RATE: self.packet_loss_rate,
+            Metric.JITTER: self.jitter_ms,
+            Metric.NETWORK_MOS_DEGRADATION: self.mos_degradation,
+            Metric.CONCEALED_SAMPLES_RATIO: self.concealed_ratio,
+        }
+
+
+@dataclass(frozen=True)
+class StreamMetrics:
+    """What the classification reads of one media stream; None is a missing metric."""
+
+    audio: bool
+    packet_count: int | None
+    round_trip_ms: float | None
+    packet_loss_rate: float | None
+    jitter_ms: float | None
+    mos_degradation: float | None
+    concealed_ratio: float | None
+
+    def value(self, metric: Metric) -> float | None:
+        return {
+            Metric.PACKET_COUNT: self.packet_count,
+            Metric.ROUND_TRIP: self.round_trip_ms,
+            Metric.PACKET_LOSS_RATE: self.packet_loss_rate,
+            Metric.JITTER: self.jitter_ms,
+            Metric.NETWORK_MOS_DEGRADATION: self.mos_degradation,
+            Metric.CONCEALED_SAMPLES_RATIO: self.concealed_ratio,
+        }[metric]
+
+
+@dataclass(frozen=True)
+class Reason:
+    """One metric against its threshold: crossed (POOR), or missing (observed None)."""
+
+    metric: Metric
+    observed: float | None
+    threshold: float
+    stream_index: int
+
+
+@dataclass(frozen=True)
+class Verdict:
+    quality: Quality
+    reasons: tuple[Reason, ...] = ()
+
+
+def classify_stream(index: int, stream: StreamMetrics, rules: Thresholds) -> Verdict:
+    if not stream.audio:
+        return Verdict(Quality.UNCLASSIFIED)
+    if stream.packet_count is None:
+        reason = Reason(Metric.PACKET_COUNT, None, rules.min_packets, index)
+        return Verdict(Quality.UNCLASSIFIED, (reason,))
+    if stream.packet_count <= rules.min_packets:
+        return Verdict(Quality.GOOD)
+    limits = rules.limits()
+    missing = tuple(
+        Reason(metric, None, limit, index)
+        for metric, limit in limits.items()
+        if stream.value(metric) is None
+    )
+    if missing:
+        return Verdict(Quality.UNCLASSIFIED, missing)
+    crossed = tuple(
+        Reason(metric, observed, limit, index)
+        for metric, limit in limits.items()
+        if (observed := stream.value(metric)) is not None and observed > limit
+    )
+    return Verdict(Quality.POOR, crossed) if crossed else Verdict(Quality.GOOD)
+
+
+def classify_call(
+    streams: Sequence[StreamMetrics], rules: Thresholds
+) -> tuple[Verdict, list[Verdict]]:
+    """The call's verdict and each stream's. A call is POOR if any audio stream is; otherwise
+    UNCLASSIFIED if any audio stream is, or if it has no audio; otherwise GOOD."""
+    verdicts = [classify_stream(i, s, rules) for i, s in enumerate(streams)]
+    audio = [v for v, s in zip(verdicts, streams, strict=True) if s.audio]
+    poor = [v for v in audio if v.quality is Quality.POOR]
+    if poor:
+        return Verdict(Quality.POOR, tuple(r for v in poor for r in v.reasons)), verdicts
+    unclassified = [v for v in audio if v.quality is Quality.UNCLASSIFIED]
+    if unclassified or not audio:
+        reasons = tuple(r for v in unclassified for r in v.reasons)
+        return Verdict(Quality.UNCLASSIFIED, reasons), verdicts
+    return Verdict(Quality.GOOD), verdicts

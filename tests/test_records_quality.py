@@ -1,0 +1,143 @@
+"""Quality classification at and around every threshold (Call Quality Dashboard defaults)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from services.records.quality import (
+    Metric,
+    Quality,
+    Reason,
+    StreamMetrics,
+    Thresholds,
+    classify_call,
+    classify_stream,
+)
+
+RULES = Thresholds()
+GOOD = StreamMetrics(
+    audio=True,
+    packet_count=1000,
+    round_trip_ms=100.0,
+    packet_loss_rate=0.01,
+    jitter_ms=5.0,
+    mos_degradation=0.2,
+    concealed_ratio=0.01,
+)
+FIELDS = {
+    Metric.ROUND_TRIP: ("round_trip_ms", 500.0),
+    Metric.PACKET_LOSS_RATE: ("packet_loss_rate", 0.1),
+    Metric.JITTER: ("jitter_ms", 30.0),
+    Metric.NETWORK_MOS_DEGRADATION: ("mos_degradation", 1.0),
+    Metric.CONCEALED_SAMPLES_RATIO: ("concealed_ratio", 0.07),
+}
+
+
+def changed(stream: StreamMetrics, field: str, value: float | None) -> StreamMetrics:
+    changes: dict[str, Any] = {field: value}
+    return dataclasses.replace(stream, **changes)
+
+
+def test_a_healthy_stream_is_good() -> None:
+    assert classify_stream(0, GOOD, RULES).quality is Quality.GOOD
+
+
+@pytest.mark.parametrize("metric", list(FIELDS))
+def test_each_threshold_is_strict(metric: Metric) -> None:
+    field, limit = FIELDS[metric]
+    at = changed(GOOD, field, limit)
+    above = changed(GOOD, field, limit * 1.0001)
+    assert classify_stream(0, at, RULES).quality is Quality.GOOD
+    verdict = classify_stream(3, above, RULES)
+    assert verdict.quality is Quality.POOR
+    assert verdict.reasons == (Reason(metric, limit * 1.0001, limit, 3),)
+
+
+@pytest.mark.parametrize("metric", list(FIELDS))
+def test_a_missing_metric_makes_the_stream_unclassified(metric: Metric) -> None:
+    field, limit = FIELDS[metric]
+    verdict = classify_stream(1, changed(GOOD, field, None), RULES)
+    assert verdict.quality is Quality.UNCLASSIFIED
+    assert verdict.reasons == (Reason(metric, None, limit, 1),)
+
+
+def test_the_minimum_packet_count() -> None:
+    bad = dataclasses.replace(GOOD, round_trip_ms=900.0, jitter_ms=None)
+    assert (
+        classify_stream(0, dataclasses.replace(bad, packet_count=500), RULES).quality
+        is Quality.GOOD
+    )
+    assert (
+        classify_stream(0, dataclasses.replace(bad, packet_count=501), RULES).quality
+        is Quality.UNCLASSIFIED
+    )
+    poor = dataclasses.replace(GOOD, round_trip_ms=900.0, packet_count=501)
+    assert classify_stream(0, poor, RULES).quality is Quality.POOR
+    missing = classify_stream(0, dataclasses.replace(GOOD, packet_count=None), RULES)
+    assert missing.reasons == (Reason(Metric.PACKET_COUNT, None, 500, 0),)
+
+
+def test_thresholds_are_configurable() -> None:
+    strict = Thresholds(jitter_ms=4.0)
+    verdict = classify_stream(0, GOOD, strict)
+    assert verdict.reasons == (Reason(Metric.JITTER, 5.0, 4.0, 0),)
+
+
+def test_every_crossing_is_a_reason() -> None:
+    worst = dataclasses.replace(
+        GOOD,
+        round_trip_ms=600.0,
+        packet_loss_rate=0.2,
+        jitter_ms=40.0,
+        mos_degradation=2.0,
+        concealed_ratio=0.1,
+    )
+    assert [r.metric for r in classify_stream(0, worst, RULES).reasons] == list(FIELDS)
+
+
+def test_a_call_is_as_bad_as_its_worst_audio_stream() -> None:
+    video = dataclasses.replace(GOOD, audio=False, jitter_ms=None)
+    poor = dataclasses.replace(GOOD, jitter_ms=31.0)
+    unknown = dataclasses.replace(GOOD, concealed_ratio=None)
+    assert classify_call([GOOD, video], RULES)[0].quality is Quality.GOOD
+    call, streams = classify_call([GOOD, unknown, poor], RULES)
+    assert call.quality is Quality.POOR
+    assert call.reasons == (Reason(Metric.JITTER, 31.0, 30.0, 2),)
+    assert [s.quality for s in streams] == [Quality.GOOD, Quality.UNCLASSIFIED, Quality.POOR]
+    assert classify_call([GOOD, unknown], RULES)[0].quality is Quality.UNCLASSIFIED
+    assert classify_call([video], RULES)[0].quality is Quality.UNCLASSIFIED
+    assert classify_call([], RULES)[0].quality is Quality.UNCLASSIFIED
+
+
+metric_values = st.floats(0, 1000, allow_nan=False)
+
+
+@given(
+    packets=st.integers(0, 10_000),
+    round_trip=metric_values,
+    loss=st.floats(0, 1),
+    jitter=metric_values,
+    degradation=st.floats(0, 5),
+    concealed=st.floats(0, 1),
+)
+def test_poor_exactly_when_the_dashboard_rules_say_so(
+    packets: int,
+    round_trip: float,
+    loss: float,
+    jitter: float,
+    degradation: float,
+    concealed: float,
+) -> None:
+    stream = StreamMetrics(True, packets, round_trip, loss, jitter, degradation, concealed)
+    expected_poor = packets > 500 and (
+        round_trip > 500 or loss > 0.1 or jitter > 30 or degradation > 1.0 or concealed > 0.07
+    )
+    verdict = classify_stream(0, stream, RULES)
+    assert (verdict.quality is Quality.POOR) == expected_poor
+    assert verdict.quality is not Quality.UNCLASSIFIED
+    assert all(r.observed is not None and r.observed > r.threshold for r in verdict.reasons)
