@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Iterator
 
+import grpc
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
@@ -26,6 +27,7 @@ from plumbing.changelog import (
     read_head,
 )
 from plumbing.db import Base, Database
+from plumbing.errors import ApiError
 from services.numbers import storage
 from services.numbers.rules import LOG
 from tests.conftest import NO_POSTGRES, POSTGRES_URL, reset_postgres
@@ -151,3 +153,15 @@ async def test_a_commit_through_one_replica_wakes_streams_on_another() -> None:
     finally:
         await listener.stop()
         writer.close()
+
+
+async def test_storage_that_cannot_be_reached_answers_unavailable() -> None:
+    unreachable = Database("postgresql+psycopg://nobody@127.0.0.1:1/none", threads=1)
+    try:
+        with pytest.raises(ApiError) as caught:
+            await unreachable.run(read_head, LOG)
+    finally:
+        unreachable.close()
+    error = caught.value
+    assert (error.code, error.reason) == (grpc.StatusCode.UNAVAILABLE, "STORAGE_UNAVAILABLE")
+    assert error.retry_after_s is not None
