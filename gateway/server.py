@@ -23,6 +23,8 @@ from gateway.identity import Authenticator
 from gateway.pki import PkiPaths, ensure_dev_pki
 from gateway.registry import Registry
 from gateway.trust import TrustFiles, TrustStore
+from plumbing import audit as audit_log
+from plumbing.audit import AuditLog
 from plumbing.changelog import Notifier, PostgresListener
 from plumbing.config import Settings
 from plumbing.db import Database
@@ -30,6 +32,8 @@ from plumbing.logs import get_logger
 from plumbing.rpc import Access, RateLimiter, RpcInterceptor, StreamSlots
 from services.numbers import servicer as numbers
 from services.numbers import storage as numbers_storage
+from services.records import servicer as records
+from services.records import storage as records_storage
 
 log = get_logger("opconnect.server")
 
@@ -55,6 +59,7 @@ class Runtime:
     health: HealthServicer
     port: int
     dev_pki: PkiPaths | None
+    audit: AuditLog | None = None
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     listener: PostgresListener | None = None
 
@@ -74,6 +79,8 @@ class Runtime:
         await asyncio.gather(*self.tasks, return_exceptions=True)
         if self.listener is not None:
             await self.listener.stop()
+        if self.audit is not None:
+            await self.audit.close()
         await asyncio.get_running_loop().run_in_executor(None, self.db.close)
         log.info("stopped")
 
@@ -108,6 +115,29 @@ async def _every(interval_s: float, name: str, job: Callable[[], Awaitable[None]
             log.exception("background job failed", job=name)
 
 
+async def purge(runtime: Runtime) -> None:
+    """Delete what is past its retention: assignment changes, call records, audit events."""
+    settings, db = runtime.settings, runtime.db
+    now = dt.datetime.now(dt.UTC)
+    cutoff = now - dt.timedelta(seconds=settings.change_log_retention_s)
+    purged = await db.run(numbers_storage.purge_events, cutoff, write=True)
+    if purged:
+        log.info("purged change log", log="numbers", events=purged)
+    cutoff = now - dt.timedelta(seconds=settings.record_retention_s)
+    records_purged = 0
+    while True:  # in chunks, one short transaction each
+        chunk = await db.run(records_storage.purge_records, cutoff, write=True)
+        records_purged += chunk
+        if chunk < records_storage.PURGE_CHUNK:
+            break
+    if records_purged:
+        log.info("purged call records", records=records_purged)
+    cutoff = now - dt.timedelta(seconds=settings.audit_retention_s)
+    audited = await db.run(audit_log.purge_events, cutoff, write=True)
+    if audited:
+        log.info("purged audit events", events=audited)
+
+
 async def start(settings: Settings) -> Runtime:
     loop = asyncio.get_running_loop()
     files, dev = await loop.run_in_executor(None, trust_files, settings)
@@ -120,7 +150,7 @@ async def start(settings: Settings) -> Runtime:
     if dev is not None:
         await registry.add(DEV_OPERATOR, "Contoso Telecom (development)")
 
-    access = {**OPEN_METHODS, **numbers.access()}
+    access = {**OPEN_METHODS, **numbers.access(), **records.access()}
     interceptor = RpcInterceptor(
         Authenticator(trust, registry),
         access,
@@ -142,7 +172,17 @@ async def start(settings: Settings) -> Runtime:
     )
     listener = PostgresListener(settings.sqlalchemy_url, notifier) if db.is_postgres else None
     cache_usable = listener.ready.is_set if listener is not None else lambda: True
-    names = numbers.register(server, db, notifier, settings, cache_usable)
+    audit = AuditLog(db)
+
+    async def known_operator(operator_id: str) -> bool:
+        return await registry.lookup(operator_id) is not None
+
+    names = [
+        *numbers.register(server, db, notifier, settings, cache_usable),
+        *records.register(
+            server, db, notifier, settings, audit=audit, known_operator=known_operator
+        ),
+    ]
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     for name in ["", *names]:
@@ -161,14 +201,11 @@ async def start(settings: Settings) -> Runtime:
     await server.start()
     runtime = Runtime(settings, db, notifier, trust, registry, server, health, port, dev)
     runtime.listener = listener
-
-    async def purge() -> None:
-        cutoff = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=settings.change_log_retention_s)
-        purged = await db.run(numbers_storage.purge_events, cutoff, write=True)
-        if purged:
-            log.info("purged change log", log="numbers", events=purged)
-
-    runtime.tasks.append(asyncio.create_task(_every(settings.purge_interval_s, "purge", purge)))
+    runtime.audit = audit
+    audit.start()
+    runtime.tasks.append(
+        asyncio.create_task(_every(settings.purge_interval_s, "purge", lambda: purge(runtime)))
+    )
     if listener is not None:
         listener.start()
     log.info(

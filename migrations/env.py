@@ -9,8 +9,10 @@ from alembic import context
 from sqlalchemy import Connection, create_engine, text
 
 import gateway.registry
+import plumbing.audit
 import plumbing.changelog
 import services.numbers.storage
+import services.records.storage
 from plumbing.db import Base
 
 target_metadata = Base.metadata

@@ -264,6 +264,9 @@ class Follow:
     batch_size: int
     heartbeat_s: float
     follow: bool = True
+    # Wall-clock time (epoch seconds) at which following stops: what is stored is then sent
+    # and the stream ends. None: follow until the client goes away.
+    until: float | None = None
 
 
 def _page(session: Session, spec: Follow, read: ReadFn[T], after: int) -> tuple[Sequence[T], Head]:
@@ -312,19 +315,20 @@ async def follow_log(
             last_sent = time.monotonic()
             continue
         scanned = max(after, head.position)
-        if not spec.follow:
+        if not spec.follow or (spec.until is not None and time.time() >= spec.until):
             if scanned > after:
                 yield Batch([], scanned)
             return
-        remaining = spec.heartbeat_s - (time.monotonic() - last_sent)
-        woken = False
-        if remaining > 0:
+        wait = spec.heartbeat_s - (time.monotonic() - last_sent)
+        if spec.until is not None:
+            wait = min(wait, spec.until - time.time())
+        if wait > 0:
             try:
-                await asyncio.wait_for(wake.wait(), remaining)
-                woken = True
+                await asyncio.wait_for(wake.wait(), wait)
+                continue
             except TimeoutError:
-                woken = False
-        if not woken:
+                pass
+        if time.monotonic() - last_sent >= spec.heartbeat_s:
             after = scanned
             yield Batch([], after)
             last_sent = time.monotonic()

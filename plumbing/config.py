@@ -63,6 +63,27 @@ class Settings:
     change_log_retention_s: int = 30 * 24 * 3600
     # How often, in seconds, the purge task runs.
     purge_interval_s: float = 3600.0
+    # Call records: kept this many seconds after they were published, then purged (cursors
+    # before them answer CURSOR_EXPIRED, and older records are refused at publish).
+    record_retention_s: int = 30 * 24 * 3600
+    # Most records in one StreamCallRecords response (a client may ask for fewer; the default
+    # is stream_batch_size).
+    max_stream_batch_size: int = 1_000
+    # How far in the future, in seconds, a published record's times may be (clock skew).
+    clock_skew_s: float = 300.0
+    # A following stream with an end_time ends this many seconds after end_time passes (records
+    # committed just before end_time are still delivered).
+    stream_end_grace_s: float = 2.0
+    # Call quality classification (the Teams Call Quality Dashboard defaults): an audio stream
+    # of more than quality_min_packets packets is POOR when any metric is above its threshold.
+    quality_min_packets: int = 500
+    quality_round_trip_ms: float = 500.0
+    quality_packet_loss_rate: float = 0.1
+    quality_jitter_ms: float = 30.0
+    quality_mos_degradation: float = 1.0
+    quality_concealed_ratio: float = 0.07
+    # Audit events (every operator read of records) are kept this many seconds.
+    audit_retention_s: int = 365 * 24 * 3600
     # Numbers kept by the GetNumber read cache (per process; exact, see plumbing/cache.py).
     number_cache_entries: int = 100_000
     # Threads that run database work.

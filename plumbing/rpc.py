@@ -59,6 +59,11 @@ def current_principal() -> Principal:
     return _principal.get()
 
 
+def current_request_id() -> str:
+    """The request id of the RPC being handled (also in its log line and trailers)."""
+    return _request_id.get()
+
+
 def current_operator() -> str:
     """The calling operator's id; only valid in an operator RPC."""
     principal = _principal.get()
@@ -155,7 +160,7 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         # Requests reach the wrapper as bytes and are decoded there, so that a malformed body is
         # answered INVALID_ARGUMENT with details like every other error (gRPC would say UNKNOWN).
         decode = handler.request_deserializer
-        serialize = handler.response_serializer
+        serialize = _encoder(handler.response_serializer)
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
                 self._wrap_unary(
@@ -318,6 +323,20 @@ def _decoder(
             yield one(raw)
 
     return each if streaming else one
+
+
+def _encoder(serialize: Callable[[Any], bytes] | None) -> Callable[[Any], bytes]:
+    """How responses are sent: messages are serialized; `bytes` are an already encoded
+    response (built from stored records, see plumbing.wire) and are sent as they are."""
+
+    def encode(response: Any) -> bytes:
+        if isinstance(response, bytes):
+            return response
+        if serialize is None:
+            raise TypeError("a handler without a serializer answered a message")
+        return serialize(response)
+
+    return encode
 
 
 class _CallLog:

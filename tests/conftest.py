@@ -25,6 +25,7 @@ from grpc_status import rpc_status
 from gateway import pki, server
 from gateway.registry import OperatorStatus
 from opconnect.numbers.v1 import numbers_pb2, numbers_pb2_grpc
+from opconnect.records.v1 import records_pb2_grpc
 from plumbing.config import Settings
 from plumbing.logs import configure_logging
 
@@ -165,6 +166,12 @@ class RunningSystem:
 
     def admin(self, ident: str = PLATFORM) -> numbers_pb2_grpc.NumberAdminServiceStub:
         return numbers_pb2_grpc.NumberAdminServiceStub(self.channel("platform", ident))
+
+    def records(self, ident: str = OPERATOR) -> records_pb2_grpc.CallRecordServiceStub:
+        return records_pb2_grpc.CallRecordServiceStub(self.channel("operator", ident))
+
+    def ingest(self, ident: str = PLATFORM) -> records_pb2_grpc.CallRecordIngestServiceStub:
+        return records_pb2_grpc.CallRecordIngestServiceStub(self.channel("platform", ident))
 
     def stop(self) -> None:
         self.call(self.runtime.stop(grace_s=1.0))

@@ -1,0 +1,38 @@
+"""Protobuf wire format, for building large stream responses from stored bytes.
+
+A stream that sends records already serialized once (at publish) joins their bytes into a
+response instead of parsing and re-serializing each one. The protobuf encoding makes this exact:
+a message is the concatenation of its fields, each a tag and, for length-delimited fields, a
+varint length and the bytes; fields may come in any order, and a repeated message field is
+simply the field repeated. Handlers yield such bytes and the per-RPC wrapper (plumbing.rpc) sends
+them as they are.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+_LENGTH_DELIMITED = 2
+
+
+def varint(value: int) -> bytes:
+    """The base-128 varint encoding of a non-negative integer."""
+    if value < 0:
+        raise ValueError("varint of a negative number")
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def field(number: int, payload: bytes) -> bytes:
+    """One length-delimited field (a message, bytes or a string) with its tag."""
+    return varint(number << 3 | _LENGTH_DELIMITED) + varint(len(payload)) + payload
+
+
+def repeated(number: int, payloads: Iterable[bytes]) -> bytes:
+    """A repeated length-delimited field: each payload framed under the same tag."""
+    tag = varint(number << 3 | _LENGTH_DELIMITED)
+    return b"".join(tag + varint(len(p)) + p for p in payloads)

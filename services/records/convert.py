@@ -1,0 +1,297 @@
+"""The protobuf edge of the records service: messages in, domain types out, and back.
+
+A published record is kept as the bytes operators are sent: the record as published (unknown
+fields dropped, output-only fields cleared), then its classification; `publish_time` is added
+at commit as one more field (see plumbing.wire). Streams join those bytes into responses
+without parsing them again.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import math
+
+from google.protobuf import duration_pb2, timestamp_pb2
+
+from opconnect.records.v1 import records_pb2 as pb
+from opconnect.type.v1 import call_direction_pb2 as direction_pb
+from plumbing import wire
+from services.records.quality import Metric, Quality, Reason, Verdict
+from services.records.rules import (
+    CallRecord,
+    Direction,
+    EndReason,
+    GroupBy,
+    MediaDirection,
+    MediaStream,
+    MediaType,
+    Outcome,
+    Percentiles,
+    Published,
+    QualityGroup,
+    Refusal,
+    Result,
+)
+
+DIRECTION_IN: dict[int, Direction] = {
+    direction_pb.CALL_DIRECTION_INBOUND: Direction.INBOUND,
+    direction_pb.CALL_DIRECTION_OUTBOUND: Direction.OUTBOUND,
+}
+END_REASON_IN = {
+    pb.CALL_END_REASON_CALLER_HANG_UP: EndReason.CALLER_HANG_UP,
+    pb.CALL_END_REASON_CALLEE_HANG_UP: EndReason.CALLEE_HANG_UP,
+    pb.CALL_END_REASON_CANCELED: EndReason.CANCELED,
+    pb.CALL_END_REASON_NO_ANSWER: EndReason.NO_ANSWER,
+    pb.CALL_END_REASON_BUSY: EndReason.BUSY,
+    pb.CALL_END_REASON_DECLINED: EndReason.DECLINED,
+    pb.CALL_END_REASON_UNREACHABLE: EndReason.UNREACHABLE,
+    pb.CALL_END_REASON_MEDIA_TIMEOUT: EndReason.MEDIA_TIMEOUT,
+    pb.CALL_END_REASON_ERROR: EndReason.ERROR,
+    pb.CALL_END_REASON_OTHER: EndReason.OTHER,
+}
+MEDIA_DIRECTION_IN = {
+    pb.MEDIA_DIRECTION_CALLER_TO_CALLEE: MediaDirection.CALLER_TO_CALLEE,
+    pb.MEDIA_DIRECTION_CALLEE_TO_CALLER: MediaDirection.CALLEE_TO_CALLER,
+}
+MEDIA_TYPE_IN = {
+    pb.MEDIA_TYPE_AUDIO: MediaType.AUDIO,
+    pb.MEDIA_TYPE_VIDEO: MediaType.VIDEO,
+    pb.MEDIA_TYPE_SCREEN_SHARING: MediaType.SCREEN_SHARING,
+    pb.MEDIA_TYPE_DATA: MediaType.DATA,
+}
+QUALITY_OUT = {
+    Quality.GOOD: pb.QUALITY_CLASS_GOOD,
+    Quality.POOR: pb.QUALITY_CLASS_POOR,
+    Quality.UNCLASSIFIED: pb.QUALITY_CLASS_UNCLASSIFIED,
+}
+METRIC_OUT = {
+    Metric.PACKET_COUNT: pb.QUALITY_METRIC_PACKET_COUNT,
+    Metric.ROUND_TRIP: pb.QUALITY_METRIC_ROUND_TRIP,
+    Metric.PACKET_LOSS_RATE: pb.QUALITY_METRIC_PACKET_LOSS_RATE,
+    Metric.JITTER: pb.QUALITY_METRIC_JITTER,
+    Metric.NETWORK_MOS_DEGRADATION: pb.QUALITY_METRIC_NETWORK_MOS_DEGRADATION,
+    Metric.CONCEALED_SAMPLES_RATIO: pb.QUALITY_METRIC_CONCEALED_SAMPLES_RATIO,
+}
+TIME_METRICS = {Metric.ROUND_TRIP, Metric.JITTER}
+OUTCOME_OUT = {
+    Outcome.ACCEPTED: pb.CALL_RECORD_OUTCOME_ACCEPTED,
+    Outcome.DUPLICATE: pb.CALL_RECORD_OUTCOME_DUPLICATE,
+    Outcome.REFUSED: pb.CALL_RECORD_OUTCOME_REFUSED,
+}
+GROUP_BY_IN = {
+    pb.QUALITY_GROUP_BY_UNSPECIFIED: GroupBy.NONE,
+    pb.QUALITY_GROUP_BY_TENANT: GroupBy.TENANT,
+    pb.QUALITY_GROUP_BY_TRUNK: GroupBy.TRUNK,
+}
+
+_MIN_SECONDS = -62_135_596_800  # 0001-01-01T00:00:00Z
+_MAX_SECONDS = 253_402_300_799  # 9999-12-31T23:59:59Z
+_MAX_DURATION_SECONDS = 315_576_000_000
+_PUBLISH_TIME = pb.CallRecord.DESCRIPTOR.fields_by_name["publish_time"].number
+_RECORDS = pb.StreamCallRecordsResponse.DESCRIPTOR.fields_by_name["records"].number
+_CURSOR = pb.StreamCallRecordsResponse.DESCRIPTOR.fields_by_name["cursor"].number
+
+
+class _Bad(Exception):
+    """A field that cannot be read at all (a timestamp or duration out of its range)."""
+
+    def __init__(self, refusal: Refusal) -> None:
+        self.refusal = refusal
+
+
+# --- in ----------------------------------------------------------------------------------------
+
+
+def _time(message: pb.CallRecord, name: str) -> dt.datetime | None:
+    if not message.HasField(name):  # type: ignore[arg-type]
+        return None
+    stamp: timestamp_pb2.Timestamp = getattr(message, name)
+    if not (_MIN_SECONDS <= stamp.seconds <= _MAX_SECONDS and 0 <= stamp.nanos < 1_000_000_000):
+        raise _Bad(Refusal("TIME_INVALID", f"record.{name}", "not a valid timestamp"))
+    return stamp.ToDatetime(tzinfo=dt.UTC)
+
+
+def _valid_duration(value: duration_pb2.Duration) -> bool:
+    seconds, nanos = value.seconds, value.nanos
+    return (
+        abs(seconds) <= _MAX_DURATION_SECONDS
+        and abs(nanos) < 1_000_000_000
+        and not (seconds > 0 > nanos or seconds < 0 < nanos)
+    )
+
+
+def _ms(stream: pb.MediaStream, name: str) -> float | None:
+    """A time metric in milliseconds; NaN (refused as out of range) when not a valid Duration."""
+    if not stream.HasField(name):  # type: ignore[arg-type]
+        return None
+    value: duration_pb2.Duration = getattr(stream, name)
+    if not _valid_duration(value):
+        return math.nan
+    return value.seconds * 1000.0 + value.nanos / 1e6
+
+
+def _optional(stream: pb.MediaStream, name: str) -> float | None:
+    return float(getattr(stream, name)) if stream.HasField(name) else None  # type: ignore[arg-type]
+
+
+def stream_in(stream: pb.MediaStream) -> MediaStream:
+    return MediaStream(
+        direction=MEDIA_DIRECTION_IN.get(stream.direction),
+        media_type=MEDIA_TYPE_IN.get(stream.media_type),
+        codec=stream.codec,
+        packet_count=stream.packet_count if stream.HasField("packet_count") else None,
+        average_jitter_ms=_ms(stream, "average_jitter"),
+        max_jitter_ms=_ms(stream, "max_jitter"),
+        packet_loss_rate=_optional(stream, "packet_loss_rate"),
+        average_round_trip_ms=_ms(stream, "average_round_trip"),
+        max_round_trip_ms=_ms(stream, "max_round_trip"),
+        network_mos_degradation=_optional(stream, "network_mos_degradation"),
+        concealed_samples_ratio=_optional(stream, "concealed_samples_ratio"),
+    )
+
+
+def _duration(message: pb.CallRecord) -> dt.timedelta:
+    value = message.duration
+    if not _valid_duration(value) or value.seconds < 0 or value.nanos < 0:
+        raise _Bad(Refusal("DURATION_INVALID", "record.duration", "not a valid, positive duration"))
+    return dt.timedelta(seconds=value.seconds, microseconds=value.nanos // 1000)
+
+
+def record_in(message: pb.CallRecord) -> CallRecord:
+    return CallRecord(
+        call_id=message.call_id,
+        tenant_id=message.tenant_id,
+        direction=DIRECTION_IN.get(message.direction),
+        caller=message.caller,
+        callee=message.callee,
+        trunk_fqdn=message.trunk_fqdn,
+        invite_time=_time(message, "invite_time"),
+        answer_time=_time(message, "answer_time"),
+        end_time=_time(message, "end_time"),
+        duration=_duration(message),
+        final_sip_code=message.final_sip_code,
+        final_sip_phrase=message.final_sip_phrase,
+        end_reason=END_REASON_IN.get(message.end_reason),
+        media_streams=tuple(stream_in(s) for s in message.media_streams),
+    )
+
+
+def published_in(message: pb.PublishedCallRecord) -> tuple[Published, pb.CallRecord] | Refusal:
+    """The domain record and a clean copy of the message (unknown fields dropped, output-only
+    fields cleared) that becomes the stored body; or why it cannot even be read."""
+    clean = pb.CallRecord()
+    clean.CopyFrom(message.record)
+    clean.DiscardUnknownFields()
+    clean.ClearField("quality_class")
+    clean.ClearField("quality_reasons")
+    clean.ClearField("publish_time")
+    for stream in clean.media_streams:
+        stream.ClearField("quality_class")
+        stream.ClearField("quality_reasons")
+    try:
+        record = record_in(clean)
+    except _Bad as bad:
+        return bad.refusal
+    content = clean.SerializeToString(deterministic=True)
+    digest = hashlib.sha256(message.operator_id.encode() + b"\0" + content).digest()
+    return Published(message.operator_id, record, digest), clean
+
+
+# --- out ---------------------------------------------------------------------------------------
+
+
+def timestamp(value: dt.datetime) -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromDatetime(value)
+    return stamp
+
+
+def duration_ms(value: float) -> duration_pb2.Duration:
+    out = duration_pb2.Duration()
+    out.FromNanoseconds(round(value * 1_000_000))
+    return out
+
+
+def _metric_value(metric: Metric, value: float) -> pb.MetricValue:
+    if metric in TIME_METRICS:
+        return pb.MetricValue(duration=duration_ms(value))
+    return pb.MetricValue(number=value)
+
+
+def reason_out(reason: Reason) -> pb.QualityReason:
+    out = pb.QualityReason(
+        metric=METRIC_OUT[reason.metric],
+        threshold=_metric_value(reason.metric, reason.threshold),
+        media_stream_index=reason.stream_index,
+    )
+    if reason.observed is not None:
+        out.observed.CopyFrom(_metric_value(reason.metric, reason.observed))
+    return out
+
+
+def body(clean: pb.CallRecord, call: Verdict, streams: list[Verdict]) -> bytes:
+    """The stored bytes of a record (all but publish_time): the clean copy, classified."""
+    clean.quality_class = QUALITY_OUT[call.quality]
+    clean.quality_reasons.extend(reason_out(r) for r in call.reasons)
+    for message, verdict in zip(clean.media_streams, streams, strict=True):
+        message.quality_class = QUALITY_OUT[verdict.quality]
+        message.quality_reasons.extend(reason_out(r) for r in verdict.reasons)
+    return clean.SerializeToString()
+
+
+def publish_time_field(value: dt.datetime) -> bytes:
+    """`publish_time` as one encoded field, appended to a stored body at commit."""
+    return wire.field(_PUBLISH_TIME, timestamp(value).SerializeToString())
+
+
+def record_out(stored: bytes) -> pb.CallRecord:
+    return pb.CallRecord.FromString(stored)
+
+
+def stream_response(bodies: list[bytes], cursor: str) -> bytes:
+    """An encoded StreamCallRecordsResponse made of stored record bodies."""
+    return wire.repeated(_RECORDS, bodies) + wire.field(_CURSOR, cursor.encode())
+
+
+def result_out(result: Result) -> pb.CallRecordResult:
+    out = pb.CallRecordResult(call_id=result.call_id, outcome=OUTCOME_OUT[result.outcome])
+    if result.refusal is not None:
+        out.reason = result.refusal.reason
+        out.field = result.refusal.field
+        out.message = result.refusal.message
+    return out
+
+
+def _durations(value: Percentiles | None) -> pb.DurationPercentiles | None:
+    if value is None:
+        return None
+    return pb.DurationPercentiles(
+        p50=duration_ms(value.p50),
+        p90=duration_ms(value.p90),
+        p99=duration_ms(value.p99),
+        stream_count=value.count,
+    )
+
+
+def group_out(group: QualityGroup) -> pb.QualityGroup:
+    loss = group.packet_loss_rate
+    return pb.QualityGroup(
+        key=group.key,
+        call_count=group.call_count,
+        good_call_count=group.good,
+        poor_call_count=group.poor,
+        unclassified_call_count=group.unclassified,
+        poor_call_rate=group.poor_rate,
+        jitter=_durations(group.jitter_ms),
+        packet_loss_rate=pb.RatioPercentiles(
+            p50=loss.p50, p90=loss.p90, p99=loss.p99, stream_count=loss.count
+        )
+        if loss is not None
+        else None,
+        round_trip=_durations(group.round_trip_ms),
+    )
+
+
+def direction_in(value: int) -> Direction | None:
+    return DIRECTION_IN.get(value)

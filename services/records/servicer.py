@@ -1,0 +1,354 @@
+"""RPC handlers of `CallRecordService` (operators) and `CallRecordIngestService` (the call
+controller).
+
+Each handler validates its request (rules.py), runs units of work (storage.py) and converts at
+the edge (convert.py). The operator comes from the caller's certificate (plumbing.rpc), never
+from a request field; every operator read is audited (plumbing.audit).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import functools
+import struct
+import zlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeAlias
+
+import grpc
+from google.protobuf import timestamp_pb2
+
+from opconnect.records.v1 import records_pb2 as pb
+from opconnect.records.v1 import records_pb2_grpc as pb_grpc
+from plumbing.audit import AuditLog
+from plumbing.changelog import (
+    Follow,
+    Notifier,
+    decode_cursor,
+    encode_cursor,
+    follow_log,
+    start_position,
+)
+from plumbing.config import Settings
+from plumbing.db import Database
+from plumbing.errors import invalid_field, not_found
+from plumbing.logs import mask_number
+from plumbing.rpc import Access, current_operator
+from plumbing.tokens import seal, unseal
+from services.records import convert, rules, storage
+from services.records.quality import Thresholds, classify_call
+from services.records.rules import DOMAIN, LOG, MAX_BATCH, Outcome, Refusal, Result
+
+Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
+KnownOperator = Callable[[str], Awaitable[bool]]
+
+
+def _time_field(request: Any, name: str, reason: str) -> dt.datetime | None:
+    """A request's Timestamp field as an aware UTC datetime; None when unset."""
+    if not request.HasField(name):
+        return None
+    stamp: timestamp_pb2.Timestamp = getattr(request, name)
+    if not (0 <= stamp.nanos < 1_000_000_000 and 0 <= stamp.seconds <= 253_402_300_799):
+        raise invalid_field(DOMAIN, reason, name, "not a valid timestamp")
+    return stamp.ToDatetime(tzinfo=dt.UTC)
+
+
+def _batch_size(requested: int, settings: Settings) -> int:
+    if requested < 0:
+        raise invalid_field(
+            DOMAIN, "MAX_BATCH_SIZE_INVALID", "max_batch_size", "must not be negative"
+        )
+    return min(requested or settings.stream_batch_size, settings.max_stream_batch_size)
+
+
+class CallRecordService(pb_grpc.CallRecordServiceServicer):
+    def __init__(
+        self, db: Database, notifier: Notifier, settings: Settings, audit: AuditLog
+    ) -> None:
+        self._db = db
+        self._notifier = notifier
+        self._settings = settings
+        self._audit = audit
+
+    async def StreamCallRecords(  # type: ignore[override]  # yields encoded responses (bytes)
+        self, request: pb.StreamCallRecordsRequest, context: Context
+    ) -> AsyncIterator[bytes]:
+        operator = current_operator()
+        selection = rules.StreamFilter(
+            operator_id=operator,
+            tenant_id=rules.optional_tenant(request.tenant_id),
+            phone_number=rules.optional_number(request.phone_number),
+            poor_only=request.poor_quality_only,
+            end_time=_time_field(request, "end_time", "TIME_RANGE_INVALID"),
+        )
+        size = _batch_size(request.max_batch_size, self._settings)
+        start = request.WhichOneof("start")
+        start_time = _time_field(request, "start_time", "TIME_RANGE_INVALID")
+        if start_time and selection.end_time and selection.end_time <= start_time:
+            raise invalid_field(
+                DOMAIN, "TIME_RANGE_INVALID", "end_time", "must be after start_time"
+            )
+        filters = _stream_filters(selection, start, start_time, request.follow)
+        with self._audit.read("StreamCallRecords", filters) as audit:
+            if start == "cursor":
+                after = decode_cursor(request.cursor, LOG, DOMAIN)
+            elif start_time is not None:
+                after = await self._db.run(storage.position_at, start_time)
+            else:
+                after = await start_position(self._db, LOG)
+                # Starting from now: say where "now" is at once, so the client can resume there.
+                yield convert.stream_response([], encode_cursor(LOG, after))
+            until = None
+            if selection.end_time is not None:
+                until = selection.end_time.timestamp() + self._settings.stream_end_grace_s
+            spec = Follow(
+                LOG,
+                operator,
+                DOMAIN,
+                size,
+                self._settings.heartbeat_interval_s,
+                follow=request.follow,
+                until=until,
+            )
+            read = functools.partial(storage.read_records, selection=selection)
+            async for batch in follow_log(
+                self._db, self._notifier, spec, read, _position_of, after=after
+            ):
+                audit.records += len(batch.items)
+                yield convert.stream_response(
+                    [row[1] for row in batch.items], encode_cursor(LOG, batch.position)
+                )
+
+    async def GetCallRecord(
+        self, request: pb.GetCallRecordRequest, context: Context
+    ) -> pb.GetCallRecordResponse:
+        operator = current_operator()
+        call_id = rules.require_call_id(request.call_id)
+        with self._audit.read("GetCallRecord", {}) as audit:
+            body = await self._db.run(storage.find_record, operator, call_id)
+            if body is None:
+                raise not_found(DOMAIN, "CALL_RECORD_NOT_FOUND", "no such call record")
+            audit.records = 1
+            return pb.GetCallRecordResponse(record=convert.record_out(body))
+
+    async def GetQualitySummary(
+        self, request: pb.GetQualitySummaryRequest, context: Context
+    ) -> pb.GetQualitySummaryResponse:
+        operator = current_operator()
+        start, end = rules.check_period(
+            _time_field(request, "start_time", "PERIOD_INVALID"),
+            _time_field(request, "end_time", "PERIOD_INVALID"),
+        )
+        group_by = convert.GROUP_BY_IN.get(request.group_by)
+        if group_by is None:
+            raise invalid_field(DOMAIN, "GROUP_BY_INVALID", "group_by", "not a known grouping")
+        if request.page_size < 0:
+            raise invalid_field(DOMAIN, "PAGE_SIZE_INVALID", "page_size", "must not be negative")
+        size = min(
+            request.page_size or self._settings.default_page_size, self._settings.max_page_size
+        )
+        query = rules.SummaryQuery(
+            operator_id=operator,
+            start=start,
+            end=end,
+            group_by=group_by,
+            tenant_id=rules.optional_tenant(request.tenant_id),
+            trunk_fqdn=rules.optional_trunk(request.trunk_fqdn),
+            direction=convert.direction_in(request.direction),
+        )
+        if request.direction and query.direction is None:
+            raise invalid_field(DOMAIN, "DIRECTION_INVALID", "direction", "not a known direction")
+        after = _decode_page_token(request.page_token, query) if request.page_token else None
+        filters = {
+            "start_time": start.isoformat(),
+            "end_time": end.isoformat(),
+            "group_by": group_by.value,
+            "tenant_id": query.tenant_id or "",
+            "trunk_fqdn": query.trunk_fqdn or "",
+            "direction": query.direction.value if query.direction else "",
+        }
+        with self._audit.read("GetQualitySummary", filters) as audit:
+            groups = await self._db.run(storage.quality_summary, query, after, size + 1)
+            page, more = groups[:size], len(groups) > size
+            audit.records = sum(g.call_count for g in page)
+            return pb.GetQualitySummaryResponse(
+                groups=[convert.group_out(g) for g in page],
+                next_page_token=_page_token(page[-1].key, query) if more else "",
+            )
+
+
+def _position_of(row: Any) -> int:
+    return int(row[0])
+
+
+def _stream_filters(
+    selection: rules.StreamFilter, start: str | None, start_time: dt.datetime | None, follow: bool
+) -> dict[str, str]:
+    """What the audit log keeps of a stream's request (a phone number masked, as in logs)."""
+    filters = {"start": start or "now", "follow": str(follow).lower()}
+    if start_time is not None:
+        filters["start_time"] = start_time.isoformat()
+    if selection.end_time is not None:
+        filters["end_time"] = selection.end_time.isoformat()
+    if selection.tenant_id:
+        filters["tenant_id"] = selection.tenant_id
+    if selection.phone_number:
+        filters["phone_number"] = mask_number(selection.phone_number)
+    if selection.poor_only:
+        filters["poor_quality_only"] = "true"
+    return filters
+
+
+class CallRecordIngestService(pb_grpc.CallRecordIngestServiceServicer):
+    def __init__(
+        self,
+        db: Database,
+        notifier: Notifier,
+        settings: Settings,
+        known_operator: KnownOperator,
+    ) -> None:
+        self._db = db
+        self._notifier = notifier
+        self._settings = settings
+        self._known_operator = known_operator
+        self._thresholds = rules.thresholds(settings)
+
+    async def PublishCallRecords(
+        self, requests: AsyncIterator[pb.PublishCallRecordsRequest], context: Context
+    ) -> AsyncIterator[pb.PublishCallRecordsResponse]:
+        async for request in requests:
+            rules.check_batch_id(request.batch_id)
+            if not request.records:
+                raise invalid_field(DOMAIN, "BATCH_EMPTY", "records", "1 to 1,000 records")
+            if len(request.records) > MAX_BATCH:
+                raise invalid_field(
+                    DOMAIN, "BATCH_TOO_LARGE", "records", f"at most {MAX_BATCH:,} records"
+                )
+            operators = {r.operator_id for r in request.records}
+            known = {o for o in operators if rules.OPERATOR_ID.fullmatch(o)}
+            known = {o for o in known if await self._known_operator(o)}
+            # Validation and classification are CPU work: off the event loop, so that streams
+            # keep flowing while a large batch is checked.
+            loop = asyncio.get_running_loop()
+            prepared = await loop.run_in_executor(
+                None, _prepare, list(request.records), known, self._settings, self._thresholds
+            )
+            candidates = [c for c in prepared if isinstance(c, storage.Candidate)]
+            stored = await self._db.run(
+                storage.publish, candidates, convert.publish_time_field, write=True
+            )
+            if stored.operators:
+                self._notifier.publish(LOG, stored.operators)
+            accepted = iter(stored.results)
+            results = [next(accepted) if isinstance(p, storage.Candidate) else p for p in prepared]
+            yield pb.PublishCallRecordsResponse(
+                batch_id=request.batch_id,
+                results=[convert.result_out(r) for r in results],
+                accepted_count=sum(r.outcome is Outcome.ACCEPTED for r in results),
+                duplicate_count=sum(r.outcome is Outcome.DUPLICATE for r in results),
+                refused_count=sum(r.outcome is Outcome.REFUSED for r in results),
+            )
+
+
+def _prepare(
+    messages: list[pb.PublishedCallRecord],
+    known: set[str],
+    settings: Settings,
+    thresholds: Thresholds,
+) -> list[storage.Candidate | Result]:
+    """Each record read, checked and classified: a candidate to store, or its refusal."""
+    now = dt.datetime.now(dt.UTC)
+    retention = dt.timedelta(seconds=settings.record_retention_s)
+    skew = dt.timedelta(seconds=settings.clock_skew_s)
+    out: list[storage.Candidate | Result] = []
+    for message in messages:
+        converted = convert.published_in(message)
+        if isinstance(converted, Refusal):
+            out.append(Result(message.record.call_id, Outcome.REFUSED, converted))
+            continue
+        published, clean = converted
+        refusal = rules.check_published(published, now, retention, skew)
+        if refusal is None and published.operator_id not in known:
+            refusal = Refusal(
+                "OPERATOR_NOT_FOUND", "operator_id", "no operator with this id is registered"
+            )
+        if refusal is not None:
+            out.append(Result(published.record.call_id, Outcome.REFUSED, refusal))
+            continue
+        call, streams = classify_call(
+            [s.metrics() for s in published.record.media_streams], thresholds
+        )
+        out.append(storage.Candidate(published, call.quality, convert.body(clean, call, streams)))
+    return out
+
+
+# --- page tokens of GetQualitySummary: opaque, bound to the request's period and filters --------
+
+_PAGE = struct.Struct(">I")
+
+
+def _summary_filters(query: rules.SummaryQuery) -> bytes:
+    return "|".join(
+        (
+            query.operator_id,
+            query.start.isoformat(),
+            query.end.isoformat(),
+            query.group_by.value,
+            query.tenant_id or "",
+            query.trunk_fqdn or "",
+            query.direction.value if query.direction else "",
+        )
+    ).encode()
+
+
+def _page_token(last_key: str, query: rules.SummaryQuery) -> str:
+    return seal(
+        "records.summary", _PAGE.pack(zlib.crc32(_summary_filters(query))) + last_key.encode()
+    )
+
+
+def _decode_page_token(token: str, query: rules.SummaryQuery) -> str:
+    body = unseal(token, "records.summary")
+    if body is not None and len(body) > _PAGE.size:
+        (crc,) = _PAGE.unpack(body[: _PAGE.size])
+        if crc == zlib.crc32(_summary_filters(query)):
+            return body[_PAGE.size :].decode("utf-8", "replace")
+    raise invalid_field(
+        DOMAIN,
+        "PAGE_TOKEN_INVALID",
+        "page_token",
+        "not a page token of this summary (same period, grouping and filters)",
+    )
+
+
+def access() -> dict[str, Access]:
+    """Who may call each method of this service."""
+    rules_by_service = {
+        pb.DESCRIPTOR.services_by_name["CallRecordService"]: Access.OPERATOR,
+        pb.DESCRIPTOR.services_by_name["CallRecordIngestService"]: Access.PLATFORM,
+    }
+    return {
+        f"/{service.full_name}/{method.name}": rule
+        for service, rule in rules_by_service.items()
+        for method in service.methods
+    }
+
+
+def register(
+    server: grpc.aio.Server,
+    db: Database,
+    notifier: Notifier,
+    settings: Settings,
+    *,
+    audit: AuditLog,
+    known_operator: KnownOperator,
+) -> list[str]:
+    """Add both services to `server`; returns their full names (for health and reflection)."""
+    pb_grpc.add_CallRecordServiceServicer_to_server(
+        CallRecordService(db, notifier, settings, audit), server
+    )
+    pb_grpc.add_CallRecordIngestServiceServicer_to_server(
+        CallRecordIngestService(db, notifier, settings, known_operator), server
+    )
+    return [s.full_name for s in pb.DESCRIPTOR.services_by_name.values()]

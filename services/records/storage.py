@@ -1,0 +1,427 @@
+"""The call records tables and the units of work on them.
+
+`call_records` is the record log itself: one row per published record, keyed by its position in
+the `records` change log, holding the columns streams and summaries select on and the record's
+serialized bytes (`body`), made once at publish and sent as they are. `call_media_streams` holds
+the quality metrics of each audio stream, with the call's grouping columns copied in, so that
+summaries are one scan of one table each. Each function takes a `Session` inside a transaction
+(run it with `Database.run`).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, cast
+
+from sqlalchemy import (
+    BigInteger,
+    ColumnElement,
+    CursorResult,
+    DateTime,
+    Double,
+    Index,
+    Integer,
+    LargeBinary,
+    Row,
+    String,
+    Table,
+    case,
+    delete,
+    func,
+    insert,
+    or_,
+    select,
+)
+from sqlalchemy.orm import Mapped, Session, mapped_column
+
+from plumbing.changelog import allocate, mark_purged, notify_commit, read_head
+from plumbing.db import Base
+from services.records.quality import Quality
+from services.records.rules import (
+    LOG,
+    GroupBy,
+    MediaType,
+    Outcome,
+    Percentiles,
+    Published,
+    QualityGroup,
+    Refusal,
+    Result,
+    StreamFilter,
+    SummaryQuery,
+)
+
+CHUNK = 500  # call ids per IN (...) list: inside SQLite's variable limit
+PURGE_CHUNK = 5_000  # records deleted per transaction
+# SQLite makes an INTEGER PRIMARY KEY the table's rowid: streams read the log in key order.
+POSITION = BigInteger().with_variant(Integer, "sqlite")
+
+
+class CallRecordRow(Base):
+    """A published call record, at its position in the `records` log. Immutable."""
+
+    __tablename__ = "call_records"
+
+    position: Mapped[int] = mapped_column(POSITION, primary_key=True, autoincrement=False)
+    call_id: Mapped[str] = mapped_column(String(64), unique=True)
+    operator_id: Mapped[str] = mapped_column(String(63))
+    tenant_id: Mapped[str] = mapped_column(String(36))
+    direction: Mapped[str] = mapped_column(String(8))
+    caller: Mapped[str] = mapped_column(String(512))
+    callee: Mapped[str] = mapped_column(String(512))
+    trunk_fqdn: Mapped[str] = mapped_column(String(253))
+    invite_time: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    end_time: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    duration_ms: Mapped[int] = mapped_column(BigInteger)
+    final_sip_code: Mapped[int] = mapped_column(Integer)
+    quality: Mapped[str] = mapped_column(String(16))
+    publish_time: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    # SHA-256 of the operator id and the record as published: same call_id, same digest is a
+    # duplicate; another digest is a conflict.
+    digest: Mapped[bytes] = mapped_column(LargeBinary(32))
+    # The record as operators get it (a serialized opconnect.records.v1.CallRecord).
+    body: Mapped[bytes] = mapped_column(LargeBinary)
+
+    __table_args__ = (
+        Index("ix_call_records_operator_position", "operator_id", "position"),
+        Index("ix_call_records_operator_invite", "operator_id", "invite_time"),
+        Index("ix_call_records_publish_time", "publish_time"),
+    )
+
+
+class MediaStreamRow(Base):
+    """The quality metrics of one audio stream of a call, for summaries (time metrics in ms)."""
+
+    __tablename__ = "call_media_streams"
+
+    position: Mapped[int] = mapped_column(POSITION, primary_key=True, autoincrement=False)
+    stream_index: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    operator_id: Mapped[str] = mapped_column(String(63))
+    tenant_id: Mapped[str] = mapped_column(String(36))
+    trunk_fqdn: Mapped[str] = mapped_column(String(253))
+    direction: Mapped[str] = mapped_column(String(8))
+    invite_time: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    jitter_ms: Mapped[float | None] = mapped_column(Double)
+    packet_loss_rate: Mapped[float | None] = mapped_column(Double)
+    round_trip_ms: Mapped[float | None] = mapped_column(Double)
+
+    __table_args__ = (Index("ix_call_media_streams_operator_invite", "operator_id", "invite_time"),)
+
+
+RECORDS = cast(Table, CallRecordRow.__table__)
+STREAMS = cast(Table, MediaStreamRow.__table__)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A valid, classified record ready to store: `body` lacks only its publish_time."""
+
+    published: Published
+    quality: Quality
+    body: bytes
+
+
+@dataclass(frozen=True)
+class Stored:
+    """What a publish committed: each candidate's result, and the operators whose logs grew."""
+
+    results: list[Result]
+    operators: set[str]
+
+
+def _conflict(call_id: str) -> Result:
+    return Result(
+        call_id,
+        Outcome.REFUSED,
+        Refusal(
+            "CALL_ID_CONFLICT",
+            "record.call_id",
+            "a record with this call_id and other content is stored; records are immutable",
+        ),
+    )
+
+
+def publish(
+    session: Session,
+    candidates: Sequence[Candidate],
+    publish_time_field: Callable[[dt.datetime], bytes],
+) -> Stored:
+    """Store the candidates in order, as if published one by one: a call_id already stored (or
+    earlier in the batch) is a duplicate with the same digest, a conflict with another.
+
+    The log's positions are allocated first: that takes the log's lock, so publishes are
+    serialized and the duplicate check sees every earlier commit, on PostgreSQL too.
+    `publish_time_field(time)` encodes the commit time appended to each body.
+    """
+    if not candidates:
+        return Stored([], set())
+    first = allocate(session, LOG, len(candidates))
+    ids = [c.published.record.call_id for c in candidates]
+    stored: dict[str, bytes] = {}
+    for start in range(0, len(ids), CHUNK):
+        chunk = ids[start : start + CHUNK]
+        query = select(RECORDS.c.call_id, RECORDS.c.digest).where(RECORDS.c.call_id.in_(chunk))
+        stored.update((row.call_id, bytes(row.digest)) for row in session.execute(query))
+    now = dt.datetime.now(dt.UTC)
+    stamp = publish_time_field(now)
+    rows: list[dict[str, Any]] = []
+    stream_rows: list[dict[str, Any]] = []
+    results: list[Result] = []
+    for offset, candidate in enumerate(candidates):
+        published, record = candidate.published, candidate.published.record
+        seen = stored.get(record.call_id)
+        if seen is not None:
+            if seen == published.digest:
+                results.append(Result(record.call_id, Outcome.DUPLICATE))
+            else:
+                results.append(_conflict(record.call_id))
+            continue
+        stored[record.call_id] = published.digest
+        position = first + offset
+        direction, invite, end = record.direction, record.invite_time, record.end_time
+        if direction is None or invite is None or end is None:
+            raise ValueError("publish() stores checked records only")
+        rows.append(
+            {
+                "position": position,
+                "call_id": record.call_id,
+                "operator_id": published.operator_id,
+                "tenant_id": record.tenant_id.lower(),
+                "direction": direction.value,
+                "caller": record.caller,
+                "callee": record.callee,
+                "trunk_fqdn": record.trunk_fqdn,
+                "invite_time": invite,
+                "end_time": end,
+                "duration_ms": record.duration // dt.timedelta(milliseconds=1),
+                "final_sip_code": record.final_sip_code,
+                "quality": candidate.quality.value,
+                "publish_time": now,
+                "digest": published.digest,
+                "body": candidate.body + stamp,
+            }
+        )
+        stream_rows.extend(
+            {
+                "position": position,
+                "stream_index": index,
+                "operator_id": published.operator_id,
+                "tenant_id": record.tenant_id.lower(),
+                "trunk_fqdn": record.trunk_fqdn,
+                "direction": direction.value,
+                "invite_time": invite,
+                "jitter_ms": stream.average_jitter_ms,
+                "packet_loss_rate": stream.packet_loss_rate,
+                "round_trip_ms": stream.average_round_trip_ms,
+            }
+            for index, stream in enumerate(record.media_streams)
+            if stream.media_type is MediaType.AUDIO
+        )
+        results.append(Result(record.call_id, Outcome.ACCEPTED))
+    operators = {row["operator_id"] for row in rows}
+    if rows:
+        session.execute(insert(RECORDS), rows)
+        if stream_rows:
+            session.execute(insert(STREAMS), stream_rows)
+        notify_commit(session, LOG, first + len(candidates) - 1, operators)
+    return Stored(results, operators)
+
+
+# --- reads ---------------------------------------------------------------------------------------
+
+
+def read_records(
+    session: Session, after: int, upto: int, limit: int, *, selection: StreamFilter
+) -> Sequence[Row[int, bytes]]:
+    """(position, body) of the operator's records with after < position <= upto that the
+    filter selects, in position order. The hot path of every stream: two columns, no ORM."""
+    c = RECORDS.c
+    query = select(c.position, c.body).where(
+        c.operator_id == selection.operator_id, c.position > after, c.position <= upto
+    )
+    if selection.tenant_id is not None:
+        query = query.where(c.tenant_id == selection.tenant_id)
+    if selection.phone_number is not None:
+        query = query.where(
+            or_(c.caller == selection.phone_number, c.callee == selection.phone_number)
+        )
+    if selection.poor_only:
+        query = query.where(c.quality == Quality.POOR.value)
+    if selection.end_time is not None:
+        query = query.where(c.publish_time < selection.end_time)
+    return session.execute(query.order_by(c.position).limit(limit)).all()
+
+
+def position_at(session: Session, start_time: dt.datetime) -> int:
+    """Where a stream from `start_time` starts: just before the first record, in log order,
+    published at or after it (the oldest kept one if that is purged), or the head if none is.
+
+    Publish times are taken under the log's lock, so they rise with positions (up to the clock
+    skew between replicas): the first by time is the first by position.
+    """
+    head = read_head(session, LOG)
+    first = session.scalar(
+        select(RECORDS.c.position)
+        .where(RECORDS.c.publish_time >= start_time, RECORDS.c.position <= head.position)
+        .order_by(RECORDS.c.publish_time, RECORDS.c.position)
+        .limit(1)
+    )
+    if first is None:
+        return head.position
+    return max(int(first) - 1, head.purged_through)
+
+
+def find_record(session: Session, operator_id: str, call_id: str) -> bytes | None:
+    body = session.scalar(
+        select(RECORDS.c.body).where(
+            RECORDS.c.call_id == call_id, RECORDS.c.operator_id == operator_id
+        )
+    )
+    return bytes(body) if body is not None else None
+
+
+# --- quality summary ---------------------------------------------------------------------------
+
+PERCENTS = (50, 90, 99)
+METRICS = ("jitter_ms", "packet_loss_rate", "round_trip_ms")
+
+
+def _group_key(table: Table, group_by: GroupBy) -> ColumnElement[str] | None:
+    if group_by is GroupBy.TENANT:
+        return cast(ColumnElement[str], table.c.tenant_id)
+    if group_by is GroupBy.TRUNK:
+        return cast(ColumnElement[str], table.c.trunk_fqdn)
+    return None
+
+
+def _conditions(table: Table, query: SummaryQuery) -> list[ColumnElement[bool]]:
+    c = table.c
+    conditions = [
+        c.operator_id == query.operator_id,
+        c.invite_time >= query.start,
+        c.invite_time < query.end,
+    ]
+    if query.tenant_id is not None:
+        conditions.append(c.tenant_id == query.tenant_id)
+    if query.trunk_fqdn is not None:
+        conditions.append(c.trunk_fqdn == query.trunk_fqdn)
+    if query.direction is not None:
+        conditions.append(c.direction == query.direction.value)
+    return conditions
+
+
+def quality_summary(
+    session: Session, query: SummaryQuery, after_key: str | None, limit: int
+) -> list[QualityGroup]:
+    """One page of groups, ordered by key, after `after_key`. Counts come from one GROUP BY;
+    percentiles (nearest rank: the value at rank ceil(p/100 * n)) from window functions over
+    the audio streams of the page's groups, one query per metric. Nothing is summed in Python."""
+    c = RECORDS.c
+    key = _group_key(RECORDS, query.group_by)
+    conditions = _conditions(RECORDS, query)
+    if key is not None and after_key is not None:
+        conditions.append(key > after_key)
+
+    def count(quality: Quality) -> Any:
+        return func.sum(case((c.quality == quality.value, 1), else_=0))
+
+    aggregates = (
+        func.count(),
+        count(Quality.GOOD),
+        count(Quality.POOR),
+        count(Quality.UNCLASSIFIED),
+    )
+    if key is None:
+        if after_key is not None:
+            return []
+        rows = [("", *row) for row in session.execute(select(*aggregates).where(*conditions))]
+    else:
+        statement = (
+            select(key, *aggregates).where(*conditions).group_by(key).order_by(key).limit(limit)
+        )
+        rows = [tuple(row) for row in session.execute(statement)]
+    rows = [row for row in rows if row[1]]
+    if not rows:
+        return []
+    keys = [str(row[0]) for row in rows]
+    percentiles = {metric: _percentiles(session, query, metric, keys) for metric in METRICS}
+    return [
+        QualityGroup(
+            key=str(k),
+            call_count=int(total),
+            good=int(good or 0),
+            poor=int(poor or 0),
+            unclassified=int(unclassified or 0),
+            jitter_ms=percentiles["jitter_ms"].get(str(k)),
+            packet_loss_rate=percentiles["packet_loss_rate"].get(str(k)),
+            round_trip_ms=percentiles["round_trip_ms"].get(str(k)),
+        )
+        for k, total, good, poor, unclassified in rows
+    ]
+
+
+def _percentiles(
+    session: Session, query: SummaryQuery, metric: str, keys: list[str]
+) -> dict[str, Percentiles]:
+    value = STREAMS.c[metric]
+    key = _group_key(STREAMS, query.group_by)
+    conditions = [*_conditions(STREAMS, query), value.is_not(None)]
+    if key is not None:
+        conditions.append(key.in_(keys))
+    ranked = (
+        select(
+            (key if key is not None else STREAMS.c.operator_id).label("key"),
+            value.label("value"),
+            func.row_number().over(partition_by=key, order_by=value).label("rank"),
+            func.count().over(partition_by=key).label("n"),
+        )
+        .where(*conditions)
+        .subquery()
+    )
+    wanted = [ranked.c.rank == (ranked.c.n * p + 99) // 100 for p in PERCENTS]
+    found: dict[str, dict[int, float]] = {}
+    counts: dict[str, int] = {}
+    statement = select(ranked.c.key, ranked.c.value, ranked.c.rank, ranked.c.n).where(or_(*wanted))
+    for row in session.execute(statement):
+        group = str(row.key) if key is not None else ""
+        counts[group] = int(row.n)
+        for p in PERCENTS:
+            if int(row.rank) == (int(row.n) * p + 99) // 100:
+                found.setdefault(group, {})[p] = float(row.value)
+    return {
+        group: Percentiles(values[50], values[90], values[99], counts[group])
+        for group, values in found.items()
+    }
+
+
+# --- retention ---------------------------------------------------------------------------------
+
+
+def _utc(value: dt.datetime) -> dt.datetime:
+    """SQLite hands back naive datetimes; every stored time is UTC."""
+    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
+
+
+def purge_records(session: Session, older_than: dt.datetime, limit: int = PURGE_CHUNK) -> int:
+    """Delete the oldest records, in log order, published before `older_than`: at most `limit`
+    in one transaction (call it until it returns less), so writers never wait long. Cursors
+    before them then answer CURSOR_EXPIRED. Returns how many were deleted."""
+    oldest = session.execute(
+        select(RECORDS.c.position, RECORDS.c.publish_time).order_by(RECORDS.c.position).limit(limit)
+    ).all()
+    through = None
+    count = 0
+    for position, published in oldest:
+        if _utc(published) >= older_than:
+            break
+        through, count = int(position), count + 1
+    if through is None:
+        return 0
+    session.execute(delete(STREAMS).where(STREAMS.c.position <= through))
+    deleted = cast(
+        CursorResult[Any], session.execute(delete(RECORDS).where(RECORDS.c.position <= through))
+    )
+    mark_purged(session, LOG, through)
+    return deleted.rowcount if deleted.rowcount >= 0 else count
