@@ -10,6 +10,7 @@
     opconnect operators suspend ID         refuse its calls (UNAUTHENTICATED), keep its data
     opconnect operators reactivate ID
     opconnect operators list
+    opconnect simulate [--rate R]          realistic calls into a running system, to watch
 
 Settings come from --config FILE (TOML) or OPCONNECT_CONFIG, then OPCONNECT_* variables.
 """
@@ -27,6 +28,7 @@ from gateway import pki, registry, server
 from plumbing.config import Settings, describe, load_settings
 from plumbing.db import Database
 from plumbing.logs import configure_logging
+from simulator import run as simulator
 
 
 def connect_help(runtime: server.Runtime) -> str:
@@ -113,6 +115,25 @@ def cmd_operators(args: argparse.Namespace, settings: Settings) -> int:
         db.close()
 
 
+def cmd_simulate(args: argparse.Namespace, settings: Settings) -> int:
+    options = simulator.Options(
+        target=args.target,
+        pki_dir=Path(args.pki_dir) if args.pki_dir else settings.pki_dir,
+        operator=args.operator,
+        tenant=args.tenant,
+        numbers=args.numbers,
+        rate=args.rate,
+        calls=args.calls,
+        duration=args.duration,
+        poor_share=args.poor_share,
+        seed=args.seed,
+    )
+    try:
+        return asyncio.run(simulator.simulate(options))
+    except KeyboardInterrupt:
+        return 130
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(
         prog="opconnect",
@@ -147,6 +168,19 @@ def parser() -> argparse.ArgumentParser:
     for name in ("suspend", "reactivate"):
         ops.add_parser(name).add_argument("id")
     ops.add_parser("list")
+
+    sim = commands.add_parser("simulate", help="publish realistic calls to a running system")
+    sim.add_argument("--target", default="localhost:50051", help="the gateway's host:port")
+    sim.add_argument("--pki-dir", help="development PKI (default <data_dir>/pki)")
+    sim.add_argument("--operator", default=simulator.DEV_OPERATOR)
+    sim.add_argument("--tenant", default=simulator.DEV_TENANT, help="customer tenant (GUID)")
+    sim.add_argument("--numbers", type=int, default=20, help="numbers to upload and assign")
+    sim.add_argument("--rate", type=float, default=5.0, help="calls a second")
+    until = sim.add_mutually_exclusive_group()
+    until.add_argument("--calls", type=int, help="stop after N calls (default: at Ctrl-C)")
+    until.add_argument("--duration", type=float, help="stop after S seconds")
+    sim.add_argument("--poor-share", type=float, default=0.1, help="share of poor calls")
+    sim.add_argument("--seed", type=int, help="repeat a run's mix of calls")
     return top
 
 
@@ -165,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "pki":
             return cmd_pki(args, settings)
+        if args.command == "simulate":
+            return cmd_simulate(args, settings)
         return cmd_operators(args, settings)
     except (OSError, ValueError, LookupError) as error:
         print(f"opconnect: {error}", file=sys.stderr)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import datetime as dt
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import grpc
 import pytest
@@ -17,8 +19,11 @@ from tests.conftest import (
     OTHER_OPERATOR,
     OTHER_TENANT,
     SUSPENDED_OPERATOR,
+    Pki,
     RunningSystem,
     rich_error,
+    settings_for,
+    start_system,
 )
 from tests.records_data import (
     OUTBOUND,
@@ -379,3 +384,53 @@ def test_every_operator_read_is_audited_without_personal_data(system: RunningSys
     text = repr(events)
     assert number not in text
     assert all(r.call_id not in text for r in records)
+
+
+# The stored classification at, just under and just over every threshold (the rules themselves
+# are unit-tested in test_records_quality.py): (metric, stream change, value, expected class).
+EDGES: list[tuple[str, Callable[[float], pb.MediaStream], float]] = [
+    ("jitter", lambda v: audio(jitter_ms=v), 30.0),
+    ("loss", lambda v: audio(loss=v), 0.1),
+    ("round trip", lambda v: audio(round_trip_ms=v), 500.0),
+    ("degradation", lambda v: audio(degradation=v), 1.0),
+    ("concealed", lambda v: audio(concealed=v), 0.07),
+    ("packets", lambda v: audio(packets=int(v), jitter_ms=99.0), 500),
+]
+
+
+def test_classification_at_every_threshold(sqlite_system: RunningSystem) -> None:
+    cases: list[tuple[str, pb.CallRecord, pb.QualityClass.ValueType]] = []
+    for name, make, limit in EDGES:
+        step = 1 if name == "packets" else limit / 1000
+        for value, expected in (
+            (limit - step, pb.QUALITY_CLASS_GOOD),
+            (limit, pb.QUALITY_CLASS_GOOD),  # strict: equal to the threshold is not a crossing
+            (limit + step, pb.QUALITY_CLASS_POOR),
+        ):
+            cases.append((f"{name}={value}", record(streams=[make(value)]), expected))
+    publish_records(sqlite_system.ingest(), [c[1] for c in cases])
+    got = {r.call_id: r for r in stream_all(sqlite_system.records(), start_time=EPOCH)[0]}
+    for name, sent, expected in cases:
+        assert got[sent.call_id].quality_class == expected, name
+
+
+def test_thresholds_are_configurable(session_pki: Pki, tmp_path: Path) -> None:
+    settings = settings_for(
+        tmp_path,
+        session_pki.paths,
+        f"sqlite:///{tmp_path / 'opconnect.db'}",
+        quality_jitter_ms=10.0,
+        quality_min_packets=100,
+    )
+    running = start_system(settings, session_pki)
+    try:
+        sent = record(streams=[audio(jitter_ms=12.0, packets=200)])
+        publish_records(running.ingest(), [sent])
+        (got,) = stream_all(running.records(), start_time=EPOCH)[0]
+        assert got.quality_class == pb.QUALITY_CLASS_POOR
+        (reason,) = got.quality_reasons
+        assert reason.metric == pb.QUALITY_METRIC_JITTER
+        assert reason.threshold.duration.ToMilliseconds() == 10
+        assert reason.observed.duration.ToMilliseconds() == 12
+    finally:
+        running.stop()

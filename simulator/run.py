@@ -1,0 +1,510 @@
+"""`opconnect simulate`: realistic traffic against a running system, so records flow to an
+operator's stream.
+
+Against the gateway at `Options.target`, over mutual TLS with the development PKI:
+
+1. as the operator, upload `numbers` numbers for the tenant (rerunning uploads the same numbers:
+   they are drawn from a seed of operator and tenant; ALREADY_PRESENT is fine, a refused number
+   is left out);
+2. as the platform (the Teams admin center), assign each one that is not assigned yet to a user
+   of the tenant, number i routed to `sip:user<i>@contoso.example`;
+3. as the platform (the call controller), publish calls (`simulator.calls`) at `rate` calls a
+   second on one `PublishCallRecords` stream, a batch per 0.2 s tick, reading the
+   acknowledgements as they come; for `calls` calls, for `duration` seconds, or until Ctrl-C.
+
+It prints a live line, a summary, the first refusals and the `buf curl` command that shows the
+records on the operator's stream. Exit status: 0 when every published record was accepted (or a
+duplicate), 1 when the system cannot be reached or a step failed (a refused or unacknowledged
+record included), 2 for bad options. Phone numbers are only ever printed masked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import datetime as dt
+import random
+import re
+import signal
+import sys
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from gateway.pki import IDENT_PATTERN, PkiPaths
+from opconnect.numbers.v1 import numbers_pb2 as numbers_pb
+from opconnect.numbers.v1 import numbers_pb2_grpc as numbers_grpc
+from opconnect.records.v1 import records_pb2 as records_pb
+from opconnect.records.v1 import records_pb2_grpc as records_grpc
+from opconnect.type.v1 import assignment_state_pb2 as state_pb
+from plumbing.logs import mask_number, redact
+from plumbing.validation import check_guid
+from simulator import calls
+
+# The development system's names (gateway/server.py makes their certificates).
+DEV_OPERATOR = "contoso-telecom"
+DEV_PLATFORM = "admin-center"
+# The customer tenant the simulated calls belong to unless --tenant says otherwise.
+DEV_TENANT = "6f1a4b2c-8d3e-4f5a-9b6c-7d8e9f0a1b2c"
+# The Entra object ids of the simulated users: uuid5 of "<tenant>/<index>" in this namespace.
+USERS_NAMESPACE = uuid.UUID("3b4c1e0a-6d2f-5a7b-8c9d-0e1f2a3b4c5d")
+
+TICK_S = 0.2  # a batch is published per tick
+MAX_BATCH = 1_000  # records per request: the server's limit
+MAX_IN_FLIGHT = 32  # batches published and not acknowledged yet
+CONNECT_TIMEOUT_S = 5.0
+CALL_TIMEOUT_S = 30.0  # each unary call of the set-up
+DRAIN_TIMEOUT_S = 30.0  # waiting for the last acknowledgements after the last batch
+STOP_DRAIN_TIMEOUT_S = 5.0  # the same after Ctrl-C
+SHOWN_REFUSALS = 5
+MAX_RATE = 100_000.0
+MAX_NUMBERS = 10_000
+
+
+@dataclass(frozen=True)
+class Options:
+    """What to simulate and against what.
+
+    `target` is the gateway's host:port; `pki_dir` the development PKI (CA `ca.pem`, client
+    certificates in `clients/`); `operator` the operator whose trunks carry the calls and
+    `platform` the platform system publishing them (both need certificates there); `tenant` the
+    customer tenant (GUID); `numbers` how many numbers to upload and assign; `rate` calls a
+    second; `calls` or `duration` (seconds) when to stop (neither: at Ctrl-C); `poor_share` the
+    share of answered calls of poor quality; `seed` makes the mix of calls repeatable (call ids
+    are new on every run, so a rerun never collides with records already published).
+    """
+
+    target: str = "localhost:50051"
+    pki_dir: Path = Path("var/pki")
+    operator: str = DEV_OPERATOR
+    platform: str = DEV_PLATFORM
+    tenant: str = DEV_TENANT
+    numbers: int = 20
+    rate: float = 5.0
+    calls: int | None = None
+    duration: float | None = None
+    poor_share: float = 0.1
+    seed: int | None = None
+
+
+def check_options(options: Options) -> str | None:
+    """What is wrong with the options, or None."""
+    if not options.target:
+        return "--target is required (host:port)"
+    for what, ident in (("operator", options.operator), ("platform", options.platform)):
+        if re.fullmatch(IDENT_PATTERN, ident) is None:
+            return f"--{what} must match {IDENT_PATTERN}"
+    if problem := check_guid(options.tenant):
+        return f"--tenant: {problem}"
+    if not 1 <= options.numbers <= MAX_NUMBERS:
+        return f"--numbers must be 1 to {MAX_NUMBERS}"
+    if not 0 < options.rate <= MAX_RATE:
+        return f"--rate must be above 0 and at most {MAX_RATE:,.0f} calls a second"
+    if options.calls is not None and options.duration is not None:
+        return "give --calls or --duration, not both"
+    if options.calls is not None and options.calls < 1:
+        return "--calls must be at least 1"
+    if options.duration is not None and not options.duration > 0:
+        return "--duration must be above 0 seconds"
+    if not 0 <= options.poor_share <= 1:
+        return "--poor-share must be 0 to 1"
+    return None
+
+
+class SetupError(Exception):
+    """A step before publishing failed; the message says what to do."""
+
+
+@dataclass
+class Tally:
+    """What the publish stream did: records published and acknowledged (by outcome), batches
+    awaiting their acknowledgement (batch id -> record count), the first refusals (printable,
+    redacted) and the error that ended the stream, if any."""
+
+    published: int = 0
+    accepted: int = 0
+    duplicate: int = 0
+    refused: int = 0
+    pending: dict[str, int] = field(default_factory=dict)
+    refusals: list[str] = field(default_factory=list)
+    error: str = ""
+
+    @property
+    def acknowledged(self) -> int:
+        return self.accepted + self.duplicate + self.refused
+
+    def line(self, elapsed: float) -> str:
+        rate = f"  ({self.published / elapsed:.1f} calls/s)" if elapsed >= 1 else ""
+        return (
+            f"{elapsed:7.1f}s  published {self.published}  accepted {self.accepted}  "
+            f"duplicate {self.duplicate}  refused {self.refused}  "
+            f"awaiting ack {self.published - self.acknowledged}{rate}"
+        )
+
+
+def _client_files(options: Options, name: str) -> tuple[Path, Path]:
+    cert, key = PkiPaths.at(options.pki_dir).client(name)
+    for path in (cert, key):
+        if not path.exists():
+            raise SetupError(
+                f"no {path}: is `make run` running? It makes the development PKI in var/pki on "
+                f"first run (another client: `opconnect pki issue operator|platform NAME`)."
+            )
+    return cert, key
+
+
+def _credentials(options: Options, name: str) -> Any:
+    ca = PkiPaths.at(options.pki_dir).ca_cert
+    if not ca.exists():
+        raise SetupError(f"no {ca}: is `make run` running? It makes the development PKI.")
+    cert, key = _client_files(options, name)
+    return grpc.ssl_channel_credentials(
+        root_certificates=ca.read_bytes(),
+        private_key=key.read_bytes(),
+        certificate_chain=cert.read_bytes(),
+    )
+
+
+async def _connect(options: Options, name: str) -> Any:
+    """A channel to the gateway as the client `name` (e.g. `operator-contoso-telecom`), ready."""
+    channel = grpc.aio.secure_channel(options.target, _credentials(options, name))
+    try:
+        await asyncio.wait_for(channel.channel_ready(), CONNECT_TIMEOUT_S)
+    except TimeoutError:
+        await channel.close()
+        raise SetupError(
+            f"cannot reach opconnect at {options.target} within {CONNECT_TIMEOUT_S:.0f} s "
+            f"(or the TLS handshake failed): is `make run` running?"
+        ) from None
+    return channel
+
+
+def _explain(error: grpc.aio.AioRpcError, what: str, options: Options) -> SetupError:
+    """A SetupError for a failed call, with a hint for the usual causes."""
+    code = error.code()
+    details = redact(error.details() or "")
+    hint = ""
+    if code == grpc.StatusCode.UNAVAILABLE:
+        hint = " Is `make run` running?"
+    elif code == grpc.StatusCode.UNAUTHENTICATED:
+        hint = (
+            f" Is operator {options.operator} registered and active (`opconnect operators list`)?"
+        )
+    elif code == grpc.StatusCode.UNIMPLEMENTED:
+        hint = " This server does not serve it yet."
+    return SetupError(f"{what} failed: {code.name}: {details}.{hint}")
+
+
+def _number_uploads(numbers: list[str]) -> list[numbers_pb.NumberUpload]:
+    both = numbers_pb.Capabilities(inbound=True, outbound=True)
+    return [
+        numbers_pb.NumberUpload(
+            phone_number=number, usage=numbers_pb.NUMBER_USAGE_USER, capabilities=both
+        )
+        for number in numbers
+    ]
+
+
+async def _assigned_numbers(stub: Any, tenant: str) -> dict[str, str]:
+    """The tenant's numbers the operator has that are assigned: number -> SIP URI."""
+    assigned: dict[str, str] = {}
+    token = ""
+    while True:
+        page = await stub.ListNumbers(
+            numbers_pb.ListNumbersRequest(
+                page_size=1_000,
+                page_token=token,
+                tenant_id=tenant,
+                state=state_pb.ASSIGNMENT_STATE_ASSIGNED,
+            ),
+            timeout=CALL_TIMEOUT_S,
+        )
+        assigned.update((n.phone_number, n.sip_uri) for n in page.numbers)
+        token = page.next_page_token
+        if not token:
+            return assigned
+
+
+async def setup_numbers(options: Options, operator: Any, platform: Any) -> list[calls.TeamsUser]:
+    """Upload and assign the operator's numbers; the tenant's users that have one."""
+    numbers = calls.operator_numbers(
+        random.Random(f"{options.operator}/{options.tenant}"), options.numbers
+    )
+    number_service = numbers_grpc.NumberServiceStub(operator)
+    admin = numbers_grpc.NumberAdminServiceStub(platform)
+    try:
+        uploaded = await number_service.UploadNumbers(
+            numbers_pb.UploadNumbersRequest(
+                tenant_id=options.tenant, numbers=_number_uploads(numbers)
+            ),
+            timeout=CALL_TIMEOUT_S,
+        )
+    except grpc.aio.AioRpcError as error:
+        raise _explain(error, "UploadNumbers (as the operator)", options) from None
+    usable: list[tuple[int, str]] = []
+    for index, result in enumerate(uploaded.results):
+        if result.outcome == numbers_pb.NUMBER_OUTCOME_REFUSED:
+            print(f"  {mask_number(result.phone_number)} left out: {result.reason}")
+        else:
+            usable.append((index, result.phone_number))
+    print(
+        f"numbers: {uploaded.added_count} uploaded, {uploaded.already_present_count} already "
+        f"there, {uploaded.refused_count} refused (tenant {options.tenant})"
+    )
+    try:
+        assigned = await _assigned_numbers(number_service, options.tenant)
+    except grpc.aio.AioRpcError as error:
+        raise _explain(error, "ListNumbers (as the operator)", options) from None
+    users: list[calls.TeamsUser] = []
+    newly = 0
+    for index, number in usable:
+        if number in assigned:
+            users.append(calls.TeamsUser(number, assigned[number]))
+            continue
+        user_id = uuid.uuid5(USERS_NAMESPACE, f"{options.tenant}/{index}")
+        request = numbers_pb.AssignNumberRequest(
+            phone_number=number,
+            tenant_id=options.tenant,
+            sip_uri=calls.sip_uri_for(index),
+            target=numbers_pb.AssignmentTarget(
+                kind=numbers_pb.AssignmentTarget.KIND_USER, id=str(user_id)
+            ),
+        )
+        try:
+            await admin.AssignNumber(request, timeout=CALL_TIMEOUT_S)
+        except grpc.aio.AioRpcError as error:
+            if error.code() not in (
+                grpc.StatusCode.INVALID_ARGUMENT,
+                grpc.StatusCode.NOT_FOUND,
+                grpc.StatusCode.FAILED_PRECONDITION,
+            ):
+                raise _explain(error, "AssignNumber (as the platform)", options) from None
+            print(f"  {mask_number(number)} left out: {redact(error.details() or '')}")
+            continue
+        newly += 1
+        users.append(calls.TeamsUser(number, calls.sip_uri_for(index)))
+    print(f"numbers: {len(users)} assigned ({newly} just now, {len(users) - newly} already)")
+    if not users:
+        raise SetupError("no number could be uploaded and assigned; nothing to call")
+    return users
+
+
+def stream_command(options: Options, started: dt.datetime) -> str:
+    """The `buf curl` command that follows the operator's records from `started` on."""
+    paths = PkiPaths.at(options.pki_dir)
+    cert, key = paths.client(f"operator-{options.operator}")
+    start = started.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    method = "opconnect.records.v1.CallRecordService/StreamCallRecords"
+    return (
+        f"node_modules/.bin/buf curl --protocol grpc --cacert {paths.ca_cert} \\\n"
+        f"    --cert {cert} --key {key} \\\n"
+        f"    https://{options.target}/{method} \\\n"
+        f'    -d \'{{"startTime":"{start}","follow":true}}\''
+    )
+
+
+async def _read_acks(call: Any, tally: Tally, slots: asyncio.Semaphore) -> None:
+    """Count the acknowledgements until the server ends the stream."""
+    while True:
+        response = await call.read()
+        if response is grpc.aio.EOF:
+            return
+        expected = tally.pending.pop(response.batch_id, None)
+        if expected != len(response.results):
+            tally.error = (
+                f"batch {response.batch_id!r}: {len(response.results)} results, "
+                f"{expected} records sent"
+            )
+        for result in response.results:
+            if result.outcome == records_pb.CALL_RECORD_OUTCOME_ACCEPTED:
+                tally.accepted += 1
+            elif result.outcome == records_pb.CALL_RECORD_OUTCOME_DUPLICATE:
+                tally.duplicate += 1
+            else:
+                tally.refused += 1
+                if len(tally.refusals) < SHOWN_REFUSALS:
+                    tally.refusals.append(
+                        f"{result.call_id}: {result.reason or '(no reason)'} at "
+                        f"{result.field or '(no field)'}: {redact(result.message)}"
+                    )
+        slots.release()
+
+
+async def _take_slot(
+    slots: asyncio.Semaphore, stop: asyncio.Event, reader: asyncio.Task[None]
+) -> bool:
+    """Wait until fewer than MAX_IN_FLIGHT batches await acknowledgement; False when stopped."""
+    while not stop.is_set() and not reader.done():
+        try:
+            await asyncio.wait_for(slots.acquire(), TICK_S)
+        except TimeoutError:
+            continue
+        return True
+    return False
+
+
+def _show(line: str, tty: bool) -> None:
+    if tty:
+        print(f"\r{line}\033[K", end="", flush=True)
+    else:
+        print(line, flush=True)
+
+
+async def publish(
+    options: Options, platform: Any, mix: calls.CallMix, rng: random.Random, stop: asyncio.Event
+) -> Tally:
+    """Publish calls on one stream until done or stopped; what happened."""
+    tally = Tally()
+    call = records_grpc.CallRecordIngestServiceStub(platform).PublishCallRecords()
+    slots = asyncio.Semaphore(MAX_IN_FLIGHT)
+    reader = asyncio.create_task(_read_acks(call, tally, slots))
+    loop = asyncio.get_running_loop()
+    tty = sys.stdout.isatty()
+    every = 1.0 if tty else 10.0
+    start = loop.time()
+    shown = start
+    batch = 0
+    try:
+        while not stop.is_set() and not reader.done():
+            elapsed = loop.time() - start
+            if options.duration is not None and elapsed >= options.duration:
+                break
+            due = int(options.rate * (elapsed + TICK_S)) - tally.published
+            if options.calls is not None:
+                due = min(due, options.calls - tally.published)
+            while due > 0 and await _take_slot(slots, stop, reader):
+                count = min(due, MAX_BATCH)
+                now = dt.datetime.now(dt.UTC)
+                records = [
+                    calls.make_call(rng, mix, now, call_id=str(uuid.uuid4())) for _ in range(count)
+                ]
+                batch += 1
+                batch_id = f"sim-{batch}"
+                tally.pending[batch_id] = count
+                await call.write(
+                    records_pb.PublishCallRecordsRequest(batch_id=batch_id, records=records)
+                )
+                tally.published += count
+                due -= count
+            if options.calls is not None and tally.published >= options.calls:
+                break
+            if loop.time() - shown >= every:
+                shown = loop.time()
+                _show(tally.line(shown - start), tty)
+            next_tick = start + (int((loop.time() - start) / TICK_S) + 1) * TICK_S
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), max(0.0, next_tick - loop.time()))
+        with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            await call.done_writing()
+    except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+        pass  # the stream ended; the reader has its status
+    drain = STOP_DRAIN_TIMEOUT_S if stop.is_set() else DRAIN_TIMEOUT_S
+    done, _ = await asyncio.wait({reader}, timeout=drain)
+    if not done:
+        call.cancel()
+        reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
+            await reader
+        tally.error = tally.error or f"no acknowledgement for {drain:.0f} s; stream cancelled"
+    elif (error := reader.exception()) is not None:
+        if isinstance(error, grpc.aio.AioRpcError):
+            hint = (
+                " (is `make run` running?)" if error.code() == grpc.StatusCode.UNAVAILABLE else ""
+            )
+            tally.error = f"{error.code().name}: {redact(error.details() or '')}{hint}"
+        else:
+            tally.error = f"{type(error).__name__}: {error}"
+    elif tally.pending and not tally.error:
+        tally.error = "the server ended the stream before acknowledging every batch"
+    if tty:
+        print()
+    print(tally.line(loop.time() - start))
+    return tally
+
+
+def _summary(tally: Tally) -> int:
+    """Print how publishing went; the exit status."""
+    missing = tally.published - tally.acknowledged
+    print(
+        f"published {tally.published} calls: {tally.accepted} accepted, {tally.duplicate} "
+        f"duplicate, {tally.refused} refused, {missing} not acknowledged"
+    )
+    for refusal in tally.refusals:
+        print(f"  refused {refusal}")
+    if tally.error:
+        print(f"publishing stopped: {tally.error}", file=sys.stderr)
+    return 0 if not tally.error and not tally.refused and not missing else 1
+
+
+def _stop_on_ctrl_c(stop: asyncio.Event) -> Callable[[], None]:
+    """Make the first Ctrl-C set `stop` (a clean stop) and a second one interrupt as usual;
+    returns what puts the previous handler back."""
+    loop = asyncio.get_running_loop()
+    previous = signal.getsignal(signal.SIGINT)
+
+    def restore() -> None:
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.remove_signal_handler(signal.SIGINT)
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
+
+    def interrupted() -> None:
+        stop.set()
+        restore()
+
+    with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+        loop.add_signal_handler(signal.SIGINT, interrupted)
+    return restore
+
+
+async def simulate(options: Options) -> int:
+    """Run the simulation (see the module docstring); the exit status."""
+    if problem := check_options(options):
+        print(f"opconnect simulate: {problem}", file=sys.stderr)
+        return 2
+    options = dataclasses.replace(options, tenant=options.tenant.lower())
+    started = dt.datetime.now(dt.UTC)
+    seed = options.seed if options.seed is not None else random.SystemRandom().getrandbits(32)
+    stop = asyncio.Event()
+    channels: list[Any] = []
+    restore = _stop_on_ctrl_c(stop)
+    try:
+        operator = await _connect(options, f"operator-{options.operator}")
+        channels.append(operator)
+        platform = await _connect(options, f"platform-{options.platform}")
+        channels.append(platform)
+        users = await setup_numbers(options, operator, platform)
+        trunk_domain = options.operator.rstrip("-")
+        mix = calls.CallMix(
+            operator_id=options.operator,
+            tenant_id=options.tenant,
+            trunks=(f"sbc1.{trunk_domain}.example", f"sbc2.{trunk_domain}.example"),
+            users=users,
+            poor_share=options.poor_share,
+        )
+        until = (
+            f"{options.calls} calls"
+            if options.calls is not None
+            else f"{options.duration:g} s"
+            if options.duration is not None
+            else "Ctrl-C"
+        )
+        print(f"\nSee the records arrive, as operator {options.operator}:")
+        print(f"  {stream_command(options, started)}\n")
+        print(f"publishing {options.rate:g} calls/s until {until} (seed {seed})")
+        tally = await publish(options, platform, mix, random.Random(seed), stop)
+    except SetupError as error:
+        print(f"opconnect simulate: {error}", file=sys.stderr)
+        return 1
+    finally:
+        restore()
+        for channel in channels:
+            await channel.close()
+    status = _summary(tally)
+    print(f"\nThe records, as operator {options.operator}:\n  {stream_command(options, started)}")
+    return status

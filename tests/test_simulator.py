@@ -1,0 +1,55 @@
+"""The traffic simulator against a running system: numbers assigned, a realistic mix of calls
+published, and the operator's stream shows them with their quality."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from collections import Counter
+
+from opconnect.numbers.v1 import numbers_pb2
+from opconnect.records.v1 import records_pb2 as pb
+from opconnect.type.v1 import assignment_state_pb2
+from simulator.run import Options, simulate
+from tests.conftest import RunningSystem
+from tests.records_data import stamp, stream_all
+
+
+def test_simulator_feeds_an_operator_stream(sqlite_system: RunningSystem) -> None:
+    started = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1)
+    options = Options(
+        target=sqlite_system.address,
+        pki_dir=sqlite_system.pki.paths.directory,
+        numbers=10,
+        rate=2_000.0,
+        calls=400,
+        poor_share=0.3,
+        seed=3,
+    )
+    assert asyncio.run(simulate(options)) == 0
+    assigned = sqlite_system.numbers().ListNumbers(
+        numbers_pb2.ListNumbersRequest(
+            tenant_id=options.tenant, state=assignment_state_pb2.ASSIGNMENT_STATE_ASSIGNED
+        )
+    )
+    numbers = {n.phone_number for n in assigned.numbers}
+    assert len(numbers) == 10
+    records, _, _ = stream_all(sqlite_system.records(), start_time=stamp(started))
+    assert len(records) == 400
+    assert all(
+        r.caller in numbers or r.callee in numbers or r.caller.startswith("sip:") for r in records
+    )
+    classes = Counter(r.quality_class for r in records)
+    assert classes[pb.QUALITY_CLASS_POOR] > 40
+    assert classes[pb.QUALITY_CLASS_GOOD] > 100
+    codes = Counter(r.final_sip_code for r in records)
+    assert codes[200] > 200 and len(codes) >= 5
+    # A second run reuses the numbers and adds new calls.
+    assert asyncio.run(simulate(Options(**{**options.__dict__, "calls": 50}))) == 0
+    records, _, _ = stream_all(sqlite_system.records(), start_time=stamp(started))
+    assert len(records) == 450
+
+
+def test_simulator_says_when_the_system_is_down(sqlite_system: RunningSystem) -> None:
+    options = Options(target="127.0.0.1:1", pki_dir=sqlite_system.pki.paths.directory, calls=1)
+    assert asyncio.run(simulate(options)) == 1
