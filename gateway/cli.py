@@ -11,6 +11,7 @@
     opconnect operators reactivate ID
     opconnect operators list
     opconnect simulate [--rate R]          realistic calls into a running system, to watch
+    opconnect audit [--operator ID]        the audit log of operator reads, newest first
 
 Settings come from --config FILE (TOML) or OPCONNECT_CONFIG, then OPCONNECT_* variables.
 """
@@ -20,11 +21,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import datetime as dt
 import signal
 import sys
 from pathlib import Path
 
 from gateway import pki, registry, server
+from plumbing import audit
 from plumbing.config import Settings, describe, load_settings
 from plumbing.db import Database
 from plumbing.logs import configure_logging
@@ -54,6 +57,14 @@ As the admin center, assign a number the operator uploaded:
   node_modules/.bin/buf curl --protocol grpc --cacert {dev.ca_cert} \\
     --cert {pf_cert} --key {pf_key} \\
     {url}/opconnect.numbers.v1.NumberAdminService/AssignNumber -d '{{...}}'
+
+See calls flow: in another terminal, publish realistic traffic (5 calls a second)...
+  .venv/bin/opconnect simulate
+
+...and stream the operator's call records as they are published:
+  node_modules/.bin/buf curl --protocol grpc --cacert {dev.ca_cert} \\
+    --cert {op_cert} --key {op_key} \\
+    {url}/opconnect.records.v1.CallRecordService/StreamCallRecords -d '{{"follow":true}}'
 
 Ctrl-C stops it (streams end cleanly; clients resume from their last cursor).
 """
@@ -115,6 +126,27 @@ def cmd_operators(args: argparse.Namespace, settings: Settings) -> int:
         db.close()
 
 
+def cmd_audit(args: argparse.Namespace, settings: Settings) -> int:
+    since = dt.datetime.fromisoformat(args.since) if args.since else None
+    if since is not None and since.tzinfo is None:
+        since = since.replace(tzinfo=dt.UTC)
+    principal = f"operator/{args.operator}" if args.operator else None
+    db = Database(settings.sqlalchemy_url, threads=1)
+    try:
+        db.migrate()
+        events = db.transaction(audit.list_events, principal, since, args.limit)
+    finally:
+        db.close()
+    for event in events:
+        filters = " ".join(f"{k}={v}" for k, v in sorted(event.filters.items()))
+        print(
+            f"{event.at.isoformat(timespec='milliseconds')}\t{event.principal}\t{event.method}"
+            f"\t{event.status}\t{event.record_count} records\t{event.duration_ms:.1f} ms"
+            f"\t{event.request_id}\t{filters}"
+        )
+    return 0
+
+
 def cmd_simulate(args: argparse.Namespace, settings: Settings) -> int:
     options = simulator.Options(
         target=args.target,
@@ -169,6 +201,11 @@ def parser() -> argparse.ArgumentParser:
         ops.add_parser(name).add_argument("id")
     ops.add_parser("list")
 
+    aud = commands.add_parser("audit", help="the audit log of operator reads, newest first")
+    aud.add_argument("--operator", help="only this operator's reads")
+    aud.add_argument("--since", help="only reads from this time on (ISO 8601; UTC if no zone)")
+    aud.add_argument("--limit", type=int, default=100, help="most events shown (default 100)")
+
     sim = commands.add_parser("simulate", help="publish realistic calls to a running system")
     sim.add_argument("--target", default="localhost:50051", help="the gateway's host:port")
     sim.add_argument("--pki-dir", help="development PKI (default <data_dir>/pki)")
@@ -201,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_pki(args, settings)
         if args.command == "simulate":
             return cmd_simulate(args, settings)
+        if args.command == "audit":
+            return cmd_audit(args, settings)
         return cmd_operators(args, settings)
     except (OSError, ValueError, LookupError) as error:
         print(f"opconnect: {error}", file=sys.stderr)

@@ -3,6 +3,8 @@ and the operator registry."""
 
 from __future__ import annotations
 
+import dataclasses
+import datetime as dt
 import json
 import os
 import re
@@ -21,6 +23,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from gateway.cli import main
 from opconnect.numbers.v1 import numbers_pb2 as pb
 from opconnect.numbers.v1 import numbers_pb2_grpc
+from plumbing import audit
+from plumbing.db import Database
 
 
 @pytest.fixture(autouse=True)
@@ -103,3 +107,32 @@ def test_serve_makes_its_pki_serves_and_stops_cleanly_on_sigterm(tmp_path: Path)
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_audit_command_lists_reads(data_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    db = Database(f"sqlite:///{data_dir / 'opconnect.db'}", threads=1)
+    db.migrate()
+    now = dt.datetime.now(dt.UTC)
+    event = audit.AuditEvent(
+        at=now - dt.timedelta(hours=2),
+        principal="operator/acme-telecom",
+        method="StreamCallRecords",
+        filters={"phone_number": "+1425555****"},
+        record_count=42,
+        duration_ms=12.5,
+        status="OK",
+        request_id="req-1",
+    )
+    other = dataclasses.replace(event, principal="operator/fabrikam", at=now, request_id="req-2")
+    db.transaction(audit.insert_events, [event, other], write=True)
+    db.close()
+    assert main(["audit"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split("\t")[6] for line in lines] == ["req-2", "req-1"]  # newest first
+    assert "42 records" in lines[1] and "phone_number=+1425555****" in lines[1]
+    assert main(["audit", "--operator", "acme-telecom"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 1
+    since = (now - dt.timedelta(hours=1)).isoformat()
+    assert main(["audit", "--since", since]) == 0
+    assert "req-2" in capsys.readouterr().out
+    assert main(["audit", "--since", "yesterday"]) == 1
