@@ -30,7 +30,7 @@ from tests.conftest import (
 )
 from tests.records_data import Follower, ids, publish, published, record, stamp, stream_all
 
-EPOCH_REQUEST = {"start_time": stamp(dt.datetime(2000, 1, 1, tzinfo=dt.UTC))}
+EPOCH_REQUEST: dict[str, Any] = {"start_time": stamp(dt.datetime(2000, 1, 1, tzinfo=dt.UTC))}
 
 
 def _position(cursor: str) -> int:
