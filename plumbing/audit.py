@@ -3,8 +3,10 @@ debugging logs and for longer (DESIGN.md section 4, "Privacy").
 
 A handler wraps its read in `audit.read(method, filters)`; when the read ends, however it ends,
 one event is written: principal, method, filters, records returned, duration, status and the
-request id (which joins it to the RPC's log line). Filters that are personal data (a phone
-number) are masked as in the logs; records themselves never appear.
+request id (which joins it to the RPC's log line). A stream, which may stay open for days, is
+also audited when it opens (status STARTED, as Kubernetes audits a watch at ResponseStarted).
+Filters that are personal data (a phone number) are masked as in the logs; records themselves
+never appear.
 
 Events are logged at once on the `opconnect.audit` logger and written to the `audit_events`
 table by a background task in batches (one transaction a second, not one per read), and on
@@ -90,22 +92,22 @@ def _status_of(error: BaseException | None) -> str:
 class AuditRead:
     """One read being audited; add to `records` as records are returned."""
 
-    def __init__(self, audit: AuditLog, method: str, filters: Mapping[str, str]) -> None:
+    def __init__(
+        self, audit: AuditLog, method: str, filters: Mapping[str, str], stream: bool
+    ) -> None:
         self._audit = audit
         self._method = method
         self._filters = dict(filters)
+        self._stream = stream
         self._started = time.perf_counter()
         self.records = 0
 
     def __enter__(self) -> AuditRead:
+        if self._stream:
+            self._record("STARTED")
         return self
 
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
+    def _record(self, status: str) -> None:
         self._audit.record(
             AuditEvent(
                 at=dt.datetime.now(dt.UTC),
@@ -114,10 +116,18 @@ class AuditRead:
                 filters=self._filters,
                 record_count=self.records,
                 duration_ms=round((time.perf_counter() - self._started) * 1000, 3),
-                status=_status_of(error),
+                status=status,
                 request_id=current_request_id(),
             )
         )
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self._record(_status_of(error))
 
 
 class AuditLog:
@@ -132,8 +142,9 @@ class AuditLog:
         self._pending: list[AuditEvent] = []
         self._task: asyncio.Task[None] | None = None
 
-    def read(self, method: str, filters: Mapping[str, str]) -> AuditRead:
-        return AuditRead(self, method, filters)
+    def read(self, method: str, filters: Mapping[str, str], *, stream: bool = False) -> AuditRead:
+        """Audit one read; `stream`: also when it opens."""
+        return AuditRead(self, method, filters, stream)
 
     def record(self, event: AuditEvent) -> None:
         log.info(

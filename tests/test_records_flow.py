@@ -373,6 +373,7 @@ def test_every_operator_read_is_audited_without_personal_data(system: RunningSys
     events = system.call(runtime.db.run(audit.list_events, None, None, 100))
     seen = [(e.principal, e.method, e.record_count, e.status) for e in reversed(events)]
     assert seen == [
+        ("operator/contoso-telecom", "StreamCallRecords", 0, "STARTED"),
         ("operator/contoso-telecom", "StreamCallRecords", 1, "OK"),
         ("operator/contoso-telecom", "GetCallRecord", 1, "OK"),
         ("operator/contoso-telecom", "GetCallRecord", 0, "NOT_FOUND"),

@@ -90,7 +90,7 @@ class CallRecordService(pb_grpc.CallRecordServiceServicer):
                 DOMAIN, "TIME_RANGE_INVALID", "end_time", "must be after start_time"
             )
         filters = _stream_filters(selection, start, start_time, request.follow)
-        with self._audit.read("StreamCallRecords", filters) as audit:
+        with self._audit.read("StreamCallRecords", filters, stream=True) as audit:
             if start == "cursor":
                 after = decode_cursor(request.cursor, LOG, DOMAIN)
             elif start_time is not None:
