@@ -72,6 +72,16 @@ def current_operator() -> str:
     return principal.name
 
 
+def access_rules(rule_by_service: Mapping[Any, Access]) -> dict[str, Access]:
+    """The access rule of every method of the given services (protobuf ServiceDescriptors),
+    keyed by full method name as the wrapper sees it."""
+    return {
+        f"/{service.full_name}/{method.name}": rule
+        for service, rule in rule_by_service.items()
+        for method in service.methods
+    }
+
+
 Authenticate = Callable[[grpc.aio.ServicerContext[Any, Any]], Awaitable[Principal]]
 
 

@@ -29,7 +29,7 @@ from plumbing.changelog import (
 from plumbing.config import Settings
 from plumbing.db import Database
 from plumbing.errors import invalid_field, not_found
-from plumbing.rpc import Access, current_operator
+from plumbing.rpc import Access, access_rules, current_operator
 from plumbing.tokens import seal, unseal
 from plumbing.validation import E164
 from services.numbers import convert, rules, storage
@@ -229,15 +229,12 @@ def _decode_page_token(token: str, filters: str) -> tuple[str, int]:
 
 def access() -> dict[str, Access]:
     """Who may call each method of this service."""
-    rules_by_service = {
-        pb.DESCRIPTOR.services_by_name["NumberService"]: Access.OPERATOR,
-        pb.DESCRIPTOR.services_by_name["NumberAdminService"]: Access.PLATFORM,
-    }
-    return {
-        f"/{service.full_name}/{method.name}": rule
-        for service, rule in rules_by_service.items()
-        for method in service.methods
-    }
+    return access_rules(
+        {
+            pb.DESCRIPTOR.services_by_name["NumberService"]: Access.OPERATOR,
+            pb.DESCRIPTOR.services_by_name["NumberAdminService"]: Access.PLATFORM,
+        }
+    )
 
 
 def register(

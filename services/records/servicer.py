@@ -34,7 +34,7 @@ from plumbing.config import Settings
 from plumbing.db import Database
 from plumbing.errors import invalid_field, not_found
 from plumbing.logs import mask_number
-from plumbing.rpc import Access, current_operator
+from plumbing.rpc import Access, access_rules, current_operator
 from plumbing.tokens import seal, unseal
 from services.records import convert, rules, storage
 from services.records.quality import Thresholds, classify_call
@@ -324,15 +324,12 @@ def _decode_page_token(token: str, query: rules.SummaryQuery) -> str:
 
 def access() -> dict[str, Access]:
     """Who may call each method of this service."""
-    rules_by_service = {
-        pb.DESCRIPTOR.services_by_name["CallRecordService"]: Access.OPERATOR,
-        pb.DESCRIPTOR.services_by_name["CallRecordIngestService"]: Access.PLATFORM,
-    }
-    return {
-        f"/{service.full_name}/{method.name}": rule
-        for service, rule in rules_by_service.items()
-        for method in service.methods
-    }
+    return access_rules(
+        {
+            pb.DESCRIPTOR.services_by_name["CallRecordService"]: Access.OPERATOR,
+            pb.DESCRIPTOR.services_by_name["CallRecordIngestService"]: Access.PLATFORM,
+        }
+    )
 
 
 def register(
