@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import grpc
 import pytest
@@ -30,6 +30,7 @@ from plumbing.config import Settings
 from plumbing.logs import configure_logging
 
 T = TypeVar("T")
+R = TypeVar("R")
 POSTGRES_URL = os.environ.get("OPCONNECT_TEST_POSTGRES_URL", "")
 NO_POSTGRES = "OPCONNECT_TEST_POSTGRES_URL is not set (CI sets it; PostgreSQL on 127.0.0.1:5432)"
 
@@ -242,18 +243,12 @@ def rich_error(error: grpc.RpcError) -> RichError:
     return RichError(error.code(), error.details() or "", reason, domain, fields, retry)
 
 
-class Watcher:
-    """A WatchAssignments stream read on a thread, so a test can act while it is open."""
+class StreamReader(Generic[R]):
+    """A server stream read on a thread, so a test can act while it is open."""
 
-    def __init__(
-        self,
-        stub: numbers_pb2_grpc.NumberServiceStub,
-        request: numbers_pb2.WatchAssignmentsRequest | None = None,
-    ) -> None:
-        self.call = stub.WatchAssignments(request or numbers_pb2.WatchAssignmentsRequest())
-        self._responses: queue.Queue[numbers_pb2.WatchAssignmentsResponse | grpc.RpcError] = (
-            queue.Queue()
-        )
+    def __init__(self, call: Any) -> None:
+        self.call = call
+        self._responses: queue.Queue[R | grpc.RpcError | None] = queue.Queue()
         self._thread = threading.Thread(target=self._read, daemon=True)
         self._thread.start()
 
@@ -261,14 +256,36 @@ class Watcher:
         try:
             for response in self.call:
                 self._responses.put(response)
+            self._responses.put(None)
         except grpc.RpcError as error:
             self._responses.put(error)
 
-    def next(self, timeout: float = 10) -> numbers_pb2.WatchAssignmentsResponse:
+    def next(self, timeout: float = 10) -> R | None:
+        """The next response; None when the stream ended with OK; raises its error."""
         item = self._responses.get(timeout=timeout)
         if isinstance(item, grpc.RpcError):
             raise item
         return item
+
+    def cancel(self) -> None:
+        self.call.cancel()
+        self._thread.join(5)
+
+
+class Watcher(StreamReader[numbers_pb2.WatchAssignmentsResponse]):
+    """An open WatchAssignments stream."""
+
+    def __init__(
+        self,
+        stub: numbers_pb2_grpc.NumberServiceStub,
+        request: numbers_pb2.WatchAssignmentsRequest | None = None,
+    ) -> None:
+        super().__init__(stub.WatchAssignments(request or numbers_pb2.WatchAssignmentsRequest()))
+
+    def next(self, timeout: float = 10) -> numbers_pb2.WatchAssignmentsResponse:
+        response = super().next(timeout)
+        assert response is not None, "a watch never ends with OK"
+        return response
 
     def events(self, count: int, timeout: float = 10) -> list[numbers_pb2.AssignmentEvent]:
         found: list[numbers_pb2.AssignmentEvent] = []
@@ -276,7 +293,3 @@ class Watcher:
         while len(found) < count:
             found += self.next(max(0.01, deadline - time.monotonic())).events
         return found
-
-    def cancel(self) -> None:
-        self.call.cancel()
-        self._thread.join(5)

@@ -5,20 +5,17 @@ from __future__ import annotations
 
 import datetime as dt
 import itertools
-import queue
-import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator
 from typing import Any, cast
 
-import grpc
 from google.protobuf import duration_pb2, timestamp_pb2
 
 from opconnect.records.v1 import records_pb2 as pb
 from opconnect.records.v1 import records_pb2_grpc as pb_grpc
 from opconnect.type.v1 import call_direction_pb2 as direction_pb
-from tests.conftest import OPERATOR, TENANT
+from tests.conftest import OPERATOR, TENANT, StreamReader
 
 INBOUND = direction_pb.CALL_DIRECTION_INBOUND
 OUTBOUND = direction_pb.CALL_DIRECTION_OUTBOUND
@@ -155,33 +152,13 @@ def chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
         yield items[start : start + size]
 
 
-class Follower:
-    """A following StreamCallRecords read on a thread, so a test can publish while it is open."""
+class Follower(StreamReader[pb.StreamCallRecordsResponse]):
+    """An open StreamCallRecords stream, read on a thread."""
 
     def __init__(
         self, stub: pb_grpc.CallRecordServiceStub, request: pb.StreamCallRecordsRequest
     ) -> None:
-        self.call = stub.StreamCallRecords(request)
-        self._responses: queue.Queue[pb.StreamCallRecordsResponse | grpc.RpcError | None] = (
-            queue.Queue()
-        )
-        self._thread = threading.Thread(target=self._read, daemon=True)
-        self._thread.start()
-
-    def _read(self) -> None:
-        try:
-            for response in self.call:
-                self._responses.put(response)
-            self._responses.put(None)
-        except grpc.RpcError as error:
-            self._responses.put(error)
-
-    def next(self, timeout: float = 10) -> pb.StreamCallRecordsResponse | None:
-        """The next response; None when the stream ended (OK)."""
-        item = self._responses.get(timeout=timeout)
-        if isinstance(item, grpc.RpcError):
-            raise item
-        return item
+        super().__init__(stub.StreamCallRecords(request))
 
     def records(self, count: int, timeout: float = 10) -> tuple[list[pb.CallRecord], str]:
         """Read until `count` records arrived; them and the last cursor."""
@@ -195,7 +172,3 @@ class Follower:
             found += response.records
             cursor = response.cursor
         return found, cursor
-
-    def cancel(self) -> None:
-        self.call.cancel()
-        self._thread.join(5)
