@@ -251,7 +251,8 @@ def record_out(stored: bytes) -> pb.CallRecord:
 
 def stream_response(bodies: list[bytes], cursor: str) -> bytes:
     """An encoded StreamCallRecordsResponse made of stored record bodies."""
-    return wire.repeated(_RECORDS, bodies) + wire.field(_CURSOR, cursor.encode())
+    tail = wire.field(_CURSOR, cursor.encode()) if cursor else b""  # proto3 omits empty
+    return wire.repeated(_RECORDS, bodies) + tail
 
 
 def result_out(result: Result) -> pb.CallRecordResult:
