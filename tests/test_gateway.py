@@ -45,6 +45,7 @@ from tests.conftest import (
     settings_for,
     start_system,
 )
+from tests.records_data import audio, ids, publish_records, record
 
 ROOT = Path(__file__).resolve().parent.parent
 BUF = ROOT / "node_modules" / ".bin" / "buf"
@@ -683,6 +684,8 @@ def test_buf_curl_calls_through_reflection(sqlite_system: RunningSystem) -> None
     reason="node or node_modules/@grpc/grpc-js and proto-loader are missing (run npm ci)",
 )
 def test_a_grpc_js_client(sqlite_system: RunningSystem) -> None:
+    published = [record(), record(streams=[audio(loss=0.3)]), record()]
+    publish_records(sqlite_system.ingest(), published)
     cert, key = sqlite_system.pki.paths.client(f"operator-{OPERATOR}")
     done = subprocess.run(
         [
@@ -723,6 +726,15 @@ def test_a_grpc_js_client(sqlite_system: RunningSystem) -> None:
     assert status.details[1].Unpack(bad)
     assert (info.reason, info.domain) == ("PHONE_NUMBER_INVALID", DOMAIN)
     assert [v.field for v in bad.field_violations] == ["phone_number"]
+
+    # Call records, sent as batches joined from stored bytes, decode in another language too.
+    responses = answer["records"]
+    assert [len(r["records"]) for r in responses][:2] == [2, 1]
+    assert [r["call_id"] for resp in responses for r in resp["records"]] == ids(published)
+    poor = responses[0]["records"][1]
+    assert poor["quality_class"] == "QUALITY_CLASS_POOR"
+    assert poor["media_streams"][0]["packet_loss_rate"] == pytest.approx(0.3)
+    assert all(r["cursor"] for r in responses)
 
 
 def test_the_request_id_comes_back_in_trailing_metadata(sqlite_system: RunningSystem) -> None:

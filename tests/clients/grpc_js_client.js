@@ -3,9 +3,11 @@
 // the schema loaded at run time from protos/ with @grpc/proto-loader (which bundles the
 // google.protobuf well-known types).
 //
-// Uploads one number, gets it back, then asks for an invalid number, and prints one JSON object:
+// Uploads one number, gets it back, asks for an invalid number, then reads its call records
+// (StreamCallRecords from 2000-01-01, 2 a response, not following), and prints one JSON object:
 //   {"upload": UploadNumbersResponse, "get": GetNumberResponse,
-//    "invalid": {"code", "codeName", "details", "statusDetailsBin" (base64 or null)}}
+//    "invalid": {"code", "codeName", "details", "statusDetailsBin" (base64 or null)},
+//    "records": [StreamCallRecordsResponse, ...]}
 //
 // Usage: node grpc_js_client.js --address HOST:PORT --ca CA.pem --cert CLIENT.pem --key CLIENT.key
 //          --number +14255550100 --tenant GUID [--protos DIR]
@@ -48,6 +50,16 @@ function unary(client, method, request) {
   });
 }
 
+function serverStream(client, method, request) {
+  return new Promise((resolve, reject) => {
+    const responses = [];
+    const call = client[method](request, { deadline: Date.now() + 10000 });
+    call.on('data', (response) => responses.push(response));
+    call.on('error', reject);
+    call.on('end', () => resolve(responses));
+  });
+}
+
 function describeError(error) {
   const details = error.metadata ? error.metadata.get('grpc-status-details-bin') : [];
   return {
@@ -60,21 +72,25 @@ function describeError(error) {
 
 async function main() {
   const opts = options(process.argv.slice(2));
-  const definition = protoLoader.loadSync('opconnect/numbers/v1/numbers.proto', {
+  const definition = protoLoader.loadSync(
+    ['opconnect/numbers/v1/numbers.proto', 'opconnect/records/v1/records.proto'],
+    {
     includeDirs: [opts.protos],
     keepCase: true,
     longs: String,
     enums: String,
     defaults: true,
     oneofs: true,
-  });
-  const numbersV1 = grpc.loadPackageDefinition(definition).opconnect.numbers.v1;
+    },
+  );
+  const opconnect = grpc.loadPackageDefinition(definition).opconnect;
   const credentials = grpc.credentials.createSsl(
     fs.readFileSync(opts.ca),
     fs.readFileSync(opts.key),
     fs.readFileSync(opts.cert),
   );
-  const client = new numbersV1.NumberService(opts.address, credentials);
+  const client = new opconnect.numbers.v1.NumberService(opts.address, credentials);
+  const recordsClient = new opconnect.records.v1.CallRecordService(opts.address, credentials);
   try {
     const upload = await unary(client, 'UploadNumbers', {
       tenant_id: opts.tenant,
@@ -93,9 +109,15 @@ async function main() {
     } catch (error) {
       invalid = describeError(error);
     }
-    process.stdout.write(`${JSON.stringify({ upload, get, invalid })}\n`);
+    const records = await serverStream(recordsClient, 'StreamCallRecords', {
+      start_time: { seconds: 946684800, nanos: 0 },
+      follow: false,
+      max_batch_size: 2,
+    });
+    process.stdout.write(`${JSON.stringify({ upload, get, invalid, records })}\n`);
   } finally {
     client.close();
+    recordsClient.close();
   }
 }
 
