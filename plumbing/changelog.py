@@ -21,13 +21,13 @@ import struct
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Generic, TypeVar, cast
+from typing import Any, Generic, TypeVar, cast
 
 import psycopg
-from sqlalchemy import BigInteger, String, Table, select, text, update
+from sqlalchemy import BigInteger, String, Table, text, update
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
-from plumbing.db import Base, Database
+from plumbing.db import Base, Database, driver_fetch
 from plumbing.errors import ApiError, failed_precondition, invalid_field, unavailable
 from plumbing.logs import get_logger
 from plumbing.tokens import seal, unseal
@@ -85,11 +85,13 @@ def notify_commit(session: Session, log_name: str, position: int, keys: Iterable
     )
 
 
+_READ_HEAD = "SELECT position, purged_through FROM change_log_heads WHERE log = ?"
+
+
 def read_head(session: Session, log_name: str) -> Head:
-    row = session.execute(
-        select(LogHead.position, LogHead.purged_through).where(LogHead.log == log_name)
-    ).one()
-    return Head(int(row.position), int(row.purged_through))
+    """The log's head; on the driver, as streams read it once a batch."""
+    ((position, purged_through),) = driver_fetch(session, _READ_HEAD, (log_name,))
+    return Head(int(position), int(purged_through))
 
 
 def mark_purged(session: Session, log_name: str, through: int) -> None:
@@ -297,38 +299,56 @@ async def follow_log(
     """Yield batches strictly after `after`: what is stored, then (if spec.follow) live changes,
     with a heartbeat batch (no items, newer position) after `heartbeat_s` of silence.
 
-    Holds at most one batch: the next is read only when the consumer asks for it, so a slow
-    client costs one batch of memory, however far behind it is.
+    Holds at most two batches, however far behind the client is: the one being sent and,
+    after a full batch (more is likely stored), the next, read while the first is sent.
     """
     last_sent = time.monotonic()
-    while True:
-        if notifier.closed:
-            raise unavailable(
-                "SHUTTING_DOWN",
-                "the server is shutting down; reconnect and resume from the last cursor",
-            )
-        wake = notifier.waiter(spec.log_name, spec.key)
-        items, head = await db.run(_page, spec, read, after)
-        if items:
-            after = position_of(items[-1])
-            yield Batch(items, after)
-            last_sent = time.monotonic()
-            continue
-        scanned = max(after, head.position)
-        if not spec.follow or (spec.until is not None and time.time() >= spec.until):
-            if scanned > after:
-                yield Batch([], scanned)
-            return
-        wait = spec.heartbeat_s - (time.monotonic() - last_sent)
-        if spec.until is not None:
-            wait = min(wait, spec.until - time.time())
-        if wait > 0:
-            try:
-                await asyncio.wait_for(wake.wait(), wait)
+    ahead: asyncio.Future[tuple[Sequence[T], Head]] | None = None
+    try:
+        while True:
+            if notifier.closed:
+                raise unavailable(
+                    "SHUTTING_DOWN",
+                    "the server is shutting down; reconnect and resume from the last cursor",
+                )
+            wake = notifier.waiter(spec.log_name, spec.key)
+            if ahead is not None:
+                items, head = await ahead
+                ahead = None
+                if not items:
+                    continue  # read again, with the waiter taken before the read
+            else:
+                items, head = await db.run(_page, spec, read, after)
+            if items:
+                after = position_of(items[-1])
+                if len(items) == spec.batch_size:  # more is likely stored: read it meanwhile
+                    ahead = asyncio.ensure_future(db.run(_page, spec, read, after))
+                yield Batch(items, after)
+                last_sent = time.monotonic()
                 continue
-            except TimeoutError:
-                pass
-        if time.monotonic() - last_sent >= spec.heartbeat_s:
-            after = scanned
-            yield Batch([], after)
-            last_sent = time.monotonic()
+            scanned = max(after, head.position)
+            if not spec.follow or (spec.until is not None and time.time() >= spec.until):
+                if scanned > after:
+                    yield Batch([], scanned)
+                return
+            wait = spec.heartbeat_s - (time.monotonic() - last_sent)
+            if spec.until is not None:
+                wait = min(wait, spec.until - time.time())
+            if wait > 0:
+                try:
+                    await asyncio.wait_for(wake.wait(), wait)
+                    continue
+                except TimeoutError:
+                    pass
+            if time.monotonic() - last_sent >= spec.heartbeat_s:
+                after = scanned
+                yield Batch([], after)
+                last_sent = time.monotonic()
+    finally:
+        if ahead is not None:  # the client went away: let the read finish unobserved
+            ahead.add_done_callback(_discard)
+
+
+def _discard(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()  # retrieved, so never reported as lost

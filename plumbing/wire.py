@@ -3,14 +3,12 @@
 A stream that sends records already serialized once (at publish) joins their bytes into a
 response instead of parsing and re-serializing each one. The protobuf encoding makes this exact:
 a message is the concatenation of its fields, each a tag and, for length-delimited fields, a
-varint length and the bytes; fields may come in any order, and a repeated message field is
-simply the field repeated. Handlers yield such bytes and the per-RPC wrapper (plumbing.rpc) sends
-them as they are.
+varint length and the bytes; a repeated field is the field repeated, so concatenated messages
+parse as one whose repeated fields are appended. Handlers yield such bytes and the per-RPC
+wrapper (plumbing.rpc) sends them as they are.
 """
 
 from __future__ import annotations
-
-from collections.abc import Iterable
 
 _LENGTH_DELIMITED = 2
 
@@ -30,9 +28,3 @@ def varint(value: int) -> bytes:
 def field(number: int, payload: bytes) -> bytes:
     """One length-delimited field (a message, bytes or a string) with its tag."""
     return varint(number << 3 | _LENGTH_DELIMITED) + varint(len(payload)) + payload
-
-
-def repeated(number: int, payloads: Iterable[bytes]) -> bytes:
-    """A repeated length-delimited field: each payload framed under the same tag."""
-    tag = varint(number << 3 | _LENGTH_DELIMITED)
-    return b"".join(tag + varint(len(p)) + p for p in payloads)

@@ -14,6 +14,8 @@ from plumbing import wire
 from services.records import convert
 from tests.records_data import record
 
+NOON = dt.datetime(2026, 11, 23, 12, 0, tzinfo=dt.UTC)
+
 
 @given(st.integers(min_value=0, max_value=2**64 - 1))
 def test_varint_matches_protobuf(value: int) -> None:
@@ -31,7 +33,12 @@ def test_varint_refuses_negatives() -> None:
 @given(count=st.integers(min_value=0, max_value=40), cursor=st.text(max_size=200))
 def test_a_stream_response_from_stored_bodies_is_canonical(count: int, cursor: str) -> None:
     records = [record(call_id=f"c{i}") for i in range(count)]
-    built = convert.stream_response([r.SerializeToString() for r in records], cursor)
+    stored = [
+        convert.stored(r.SerializeToString(), convert.publish_time_field(NOON)) for r in records
+    ]
+    for r in records:
+        r.publish_time.FromDatetime(NOON)
+    built = convert.stream_response(stored, cursor)
     expected = pb.StreamCallRecordsResponse(records=records, cursor=cursor)
     assert built == expected.SerializeToString()  # byte for byte: any client parses it
     assert pb.StreamCallRecordsResponse.FromString(built) == expected

@@ -1,9 +1,11 @@
 """The protobuf edge of the records service: messages in, domain types out, and back.
 
 A published record is kept as the bytes operators are sent: the record as published (unknown
-fields dropped, output-only fields cleared), then its classification; `publish_time` is added
-at commit as one more field (see plumbing.wire). Streams join those bytes into responses
-without parsing them again.
+fields dropped, output-only fields cleared) with its classification, and `publish_time` added at
+commit as one more field, all framed as a StreamCallRecordsResponse that holds this record
+alone. Concatenated protobuf messages parse as one message whose repeated fields are appended,
+so a batch is those bytes joined, then the cursor field (see plumbing.wire): nothing is parsed
+or encoded again per record.
 """
 
 from __future__ import annotations
@@ -241,18 +243,25 @@ def body(clean: pb.CallRecord, call: Verdict, streams: list[Verdict]) -> bytes:
 
 
 def publish_time_field(value: dt.datetime) -> bytes:
-    """`publish_time` as one encoded field, appended to a stored body at commit."""
+    """`publish_time` as one encoded field (the last field of a record)."""
     return wire.field(_PUBLISH_TIME, timestamp(value).SerializeToString())
 
 
+def stored(body: bytes, publish_time_field: bytes) -> bytes:
+    """What is stored of a record: its body and publish_time, as a StreamCallRecordsResponse
+    holding it alone (a `records` entry)."""
+    return wire.field(_RECORDS, body + publish_time_field)
+
+
 def record_out(stored: bytes) -> pb.CallRecord:
-    return pb.CallRecord.FromString(stored)
+    (record,) = pb.StreamCallRecordsResponse.FromString(stored).records
+    return record
 
 
-def stream_response(bodies: list[bytes], cursor: str) -> bytes:
-    """An encoded StreamCallRecordsResponse made of stored record bodies."""
+def stream_response(stored: list[bytes], cursor: str) -> bytes:
+    """An encoded StreamCallRecordsResponse of stored records (joined as they are)."""
     tail = wire.field(_CURSOR, cursor.encode()) if cursor else b""  # proto3 omits empty
-    return wire.repeated(_RECORDS, bodies) + tail
+    return b"".join(stored) + tail
 
 
 def result_out(result: Result) -> pb.CallRecordResult:

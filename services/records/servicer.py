@@ -236,7 +236,11 @@ class CallRecordIngestService(pb_grpc.CallRecordIngestServiceServicer):
             )
             candidates = [c for c in prepared if isinstance(c, storage.Candidate)]
             stored = await self._db.run(
-                storage.publish, candidates, convert.publish_time_field, write=True
+                storage.publish,
+                candidates,
+                convert.publish_time_field,
+                convert.stored,
+                write=True,
             )
             if stored.operators:
                 self._notifier.publish(LOG, stored.operators)

@@ -24,7 +24,6 @@ from sqlalchemy import (
     Index,
     Integer,
     LargeBinary,
-    Row,
     String,
     Table,
     case,
@@ -37,7 +36,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from plumbing.changelog import allocate, mark_purged, notify_commit, read_head
-from plumbing.db import Base
+from plumbing.db import Base, driver_fetch
 from services.records.quality import Quality
 from services.records.rules import (
     LOG,
@@ -81,7 +80,8 @@ class CallRecordRow(Base):
     # SHA-256 of the operator id and the record as published: same call_id, same digest is a
     # duplicate; another digest is a conflict.
     digest: Mapped[bytes] = mapped_column(LargeBinary(32))
-    # The record as operators get it (a serialized opconnect.records.v1.CallRecord).
+    # The record as streams send it: an encoded opconnect.records.v1.StreamCallRecordsResponse
+    # holding this record alone (a batch is such bytes joined, then the cursor).
     body: Mapped[bytes] = mapped_column(LargeBinary)
 
     __table_args__ = (
@@ -147,13 +147,15 @@ def publish(
     session: Session,
     candidates: Sequence[Candidate],
     publish_time_field: Callable[[dt.datetime], bytes],
+    stored_form: Callable[[bytes, bytes], bytes],
 ) -> Stored:
     """Store the candidates in order, as if published one by one: a call_id already stored (or
     earlier in the batch) is a duplicate with the same digest, a conflict with another.
 
     The log's positions are allocated first: that takes the log's lock, so publishes are
     serialized and the duplicate check sees every earlier commit, on PostgreSQL too.
-    `publish_time_field(time)` encodes the commit time appended to each body.
+    `publish_time_field(time)` encodes the commit time, and `stored_form(body, time_field)`
+    gives the bytes to store (convert.py: protobuf stays out of storage).
     """
     if not candidates:
         return Stored([], set())
@@ -200,7 +202,7 @@ def publish(
                 "quality": candidate.quality.value,
                 "publish_time": now,
                 "digest": published.digest,
-                "body": candidate.body + stamp,
+                "body": stored_form(candidate.body, stamp),
             }
         )
         stream_rows.extend(
@@ -234,24 +236,39 @@ def publish(
 
 def read_records(
     session: Session, after: int, upto: int, limit: int, *, selection: StreamFilter
-) -> Sequence[Row[int, bytes]]:
+) -> list[tuple[int, bytes]]:
     """(position, body) of the operator's records with after < position <= upto that the
-    filter selects, in position order. The hot path of every stream: two columns, no ORM."""
-    c = RECORDS.c
-    query = select(c.position, c.body).where(
-        c.operator_id == selection.operator_id, c.position > after, c.position <= upto
-    )
+    filter selects, in position order. The hot path of every stream: two columns, straight
+    from the driver (plumbing.db.driver_fetch), on the (operator_id, position) index."""
+    sql = [
+        "SELECT position, body FROM call_records",
+        "WHERE operator_id = ? AND position > ? AND position <= ?",
+    ]
+    params: list[Any] = [selection.operator_id, after, upto]
     if selection.tenant_id is not None:
-        query = query.where(c.tenant_id == selection.tenant_id)
+        sql.append("AND tenant_id = ?")
+        params.append(selection.tenant_id)
     if selection.phone_number is not None:
-        query = query.where(
-            or_(c.caller == selection.phone_number, c.callee == selection.phone_number)
-        )
+        sql.append("AND (caller = ? OR callee = ?)")
+        params += [selection.phone_number, selection.phone_number]
     if selection.poor_only:
-        query = query.where(c.quality == Quality.POOR.value)
+        sql.append("AND quality = ?")
+        params.append(Quality.POOR.value)
     if selection.end_time is not None:
-        query = query.where(c.publish_time < selection.end_time)
-    return session.execute(query.order_by(c.position).limit(limit)).all()
+        sql.append("AND publish_time < ?")
+        params.append(_stored_time(session, selection.end_time))
+    sql.append("ORDER BY position LIMIT ?")
+    params.append(limit)
+    # Both drivers hand back int and bytes for these columns.
+    return cast(list[tuple[int, bytes]], driver_fetch(session, " ".join(sql), params))
+
+
+def _stored_time(session: Session, value: dt.datetime) -> Any:
+    """A time as the driver compares it with stored ones: SQLite holds UTC text in SQLAlchemy's
+    format; PostgreSQL a timestamptz."""
+    if session.get_bind().dialect.name == "sqlite":
+        return value.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
+    return value
 
 
 def position_at(session: Session, start_time: dt.datetime) -> int:
