@@ -64,14 +64,19 @@ class StreamMetrics:
     concealed_ratio: float | None
 
     def value(self, metric: Metric) -> float | None:
-        return {
-            Metric.PACKET_COUNT: self.packet_count,
-            Metric.ROUND_TRIP: self.round_trip_ms,
-            Metric.PACKET_LOSS_RATE: self.packet_loss_rate,
-            Metric.JITTER: self.jitter_ms,
-            Metric.NETWORK_MOS_DEGRADATION: self.mos_degradation,
-            Metric.CONCEALED_SAMPLES_RATIO: self.concealed_ratio,
-        }[metric]
+        value: float | None = getattr(self, _FIELD_OF[metric])
+        return value
+
+
+# The StreamMetrics field each metric reads.
+_FIELD_OF = {
+    Metric.PACKET_COUNT: "packet_count",
+    Metric.ROUND_TRIP: "round_trip_ms",
+    Metric.PACKET_LOSS_RATE: "packet_loss_rate",
+    Metric.JITTER: "jitter_ms",
+    Metric.NETWORK_MOS_DEGRADATION: "mos_degradation",
+    Metric.CONCEALED_SAMPLES_RATIO: "concealed_ratio",
+}
 
 
 @dataclass(frozen=True)
