@@ -1,0 +1,1526 @@
+"""Records benchmark: StreamCallRecords throughput and memory, PublishCallRecords throughput.
+
+Run from the repository root:
+
+    .venv/bin/python bench/records_bench.py [--records N] [--json] [--profile]
+
+Every figure is set against a raw baseline measured in the same run, because the machines this
+runs on are small and noisy:
+
+1. Records/s streamed by StreamCallRecords (`--records`, 1,000,000 by default, of one operator,
+   from `start_time` = the epoch, follow=false) through the one-process system (gateway
+   interceptor, mutual TLS, SQLite reads in the follow loop, stored bytes joined into responses)
+   versus a bare grpc.aio server with the same mutual-TLS credentials streaming already encoded
+   responses of the same stored record bytes from memory. Both are read by the same client
+   code, which parses every response. Reported as `stream_ratio` = best system records/s / best
+   bare records/s at 500 records per response (target >= 0.3); 1,000 per response is tried too.
+2. The streaming server's resident memory (VmRSS), sampled at every response the client gets:
+   before the stream, at 10%, 50% and 100% of it, its peak and VmHWM; then a client that reads
+   slowly for a few seconds. Reported as `stream_rss_growth_mb` = the most RSS grew from 10% to
+   100% of a stream in any system round (target: flat, below a few MB).
+3. Records/s committed by PublishCallRecords (batches of 1,000 realistic records, a few batches
+   in flight) versus raw `sqlite3` executemany inserts of the very rows the system wrote into a
+   fresh copy of the schema, one durable transaction per batch. Reported as `publish_ratio`.
+
+The million stored records are written straight into SQLite before the system starts, since
+publishing them would take minutes: a few thousand realistic records go through the service's
+own `_prepare` and `storage.publish`, and the rest are copies of those rows with new call ids,
+positions and publish times, made exactly as `storage.publish` makes them (the copies of the
+first rows are checked byte for byte against what `storage.publish` wrote).
+
+Servers and clients run in their own processes (this script started again with `--role ...`),
+so client and server each get a core. Everything (PKI, SQLite databases) lives in a temporary
+directory removed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import datetime as dt
+import functools
+import hashlib
+import io
+import json
+import os
+import platform
+import pstats
+import random
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, ParamSpec, TypeAlias, TypeVar
+
+import grpc
+from google import protobuf
+from google.protobuf.internal import api_implementation
+from google.protobuf.timestamp_pb2 import Timestamp
+from sqlalchemy.dialects import sqlite as sqlite_dialect
+
+from gateway import registry
+from gateway import server as gateway_server
+from gateway.pki import PkiPaths, ensure_dev_pki
+from opconnect.records.v1 import records_pb2 as pb
+from opconnect.records.v1 import records_pb2_grpc as pb_grpc
+from plumbing import wire
+from plumbing.changelog import encode_cursor
+from plumbing.config import Settings
+from plumbing.db import Database
+from plumbing.logs import configure_logging
+from services.records import convert, rules, servicer, storage
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+OPERATOR = "contoso-telecom"
+PLATFORM = "admin-center"
+TENANT = "6f1a4b2c-8d3e-4f5a-9b6c-7d8e9f0a1b2c"
+TRUNKS = ("sbc1.contoso-telecom.example", "sbc2.contoso-telecom.example")
+STREAM_METHOD = "/opconnect.records.v1.CallRecordService/StreamCallRecords"
+LOG = rules.LOG
+
+STREAM_TARGET = 0.3
+FLAT_TOLERANCE_MB = 8.0  # RSS growth from 10% to 100% of a stream still called flat
+TEMPLATES = 5_000  # realistic records that go through the service's own code
+BARE_SAMPLE = 50_000  # stored records the bare server holds in memory (and cycles through)
+FILL_CHUNK = 20_000  # copied records per executemany while filling
+PUBLISH_BATCH = rules.MAX_BATCH
+INTO_FILLED_RUN = 90  # run id of the informative publish into the filled database
+PROFILE_RUN = 91  # run id of the profiled publish
+
+# The options gateway.server.start gives its server; the bare server gets the same.
+SERVER_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.max_receive_message_length", 20 * 1024 * 1024),
+    ("grpc.max_send_message_length", 16 * 1024 * 1024),
+    ("grpc.keepalive_time_ms", 60_000),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.so_reuseport", 0),
+]
+
+Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
+
+
+# --------------------------------------------------------------------------- shared helpers
+
+
+def credentials(pki_dir: Path, kind: str, ident: str) -> grpc.ChannelCredentials:
+    """Channel credentials for a client identity of the development PKI in `pki_dir`."""
+    paths = PkiPaths.at(pki_dir)
+    cert, key = paths.client(f"{kind}-{ident}")
+    return grpc.ssl_channel_credentials(
+        root_certificates=paths.ca_cert.read_bytes(),
+        private_key=key.read_bytes(),
+        certificate_chain=cert.read_bytes(),
+    )
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of a process and all its threads (Linux /proc), else None."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy_seconds() -> float | None:
+    """CPU seconds the whole machine has spent busy, all cores together (Linux /proc/stat)."""
+    try:
+        first = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    except OSError:
+        return None
+    ticks = [int(v) for v in first[1:]]
+    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle + iowait
+    return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def other_cpu(
+    busy: tuple[float | None, float | None],
+    seconds: float,
+    server_cpu: float | None,
+    client_cpu: float,
+) -> float | None:
+    """Cores busy with anything but the server and this client over a run (noise)."""
+    if busy[0] is None or busy[1] is None or server_cpu is None:
+        return None
+    return max(0.0, (busy[1] - busy[0]) / seconds - server_cpu - client_cpu)
+
+
+def memory_kb(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM (peak RSS) of a process in kB (Linux /proc); empty if unknown."""
+    out: dict[str, int] = {}
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith(("VmRSS:", "VmHWM:")):
+                    name, value = line.split(":", 1)
+                    out[name] = int(value.split()[0])
+    except OSError:
+        pass
+    return out
+
+
+def rss_kb(pid: int) -> int:
+    return memory_kb(pid).get("VmRSS", 0)
+
+
+def chunks(items: Sequence[T], size: int) -> list[Sequence[T]]:
+    return [items[start : start + size] for start in range(0, len(items), size)]
+
+
+async def read_line(executor: ThreadPoolExecutor) -> str:
+    """One line of stdin without blocking the event loop ('' at end of file), read on a thread
+    of its own (not the loop's default executor, which the profiler watches)."""
+    return await asyncio.get_running_loop().run_in_executor(executor, sys.stdin.readline)
+
+
+def repo_on_path() -> None:
+    """Make the repository's own top-level packages (simulator, tests) importable."""
+    root = str(Path(__file__).resolve().parent.parent)
+    if root not in sys.path:
+        sys.path.insert(0, root)
+
+
+def realistic_records(
+    count: int, seed: int, end: dt.datetime
+) -> tuple[list[pb.PublishedCallRecord], str]:
+    """`count` realistic, valid records of OPERATOR (distinct call ids) that ended in the ten
+    minutes before `end`, and where they came from: simulator/calls.py, or the tests' builders
+    when the simulator cannot be used."""
+    repo_on_path()
+    rng = random.Random(seed)
+    try:
+        from simulator import calls  # noqa: PLC0415 - importable once the repo is on the path
+
+        numbers = calls.operator_numbers(random.Random(seed + 1), 200)
+        mix = calls.CallMix(OPERATOR, TENANT, TRUNKS, calls.teams_users(numbers))
+        records = [
+            calls.make_call(rng, mix, end - dt.timedelta(milliseconds=rng.randint(0, 600_000)))
+            for _ in range(count)
+        ]
+        return records, "simulator/calls.py"
+    except Exception as error:
+        from tests import records_data  # noqa: PLC0415 - the fallback, only when needed
+
+        made = [
+            records_data.published(
+                records_data.record(
+                    f"call-{seed}-{i:08d}",
+                    end=end - dt.timedelta(milliseconds=rng.randint(0, 600_000)),
+                    talk_s=rng.uniform(5.0, 600.0),
+                ),
+                OPERATOR,
+            )
+            for i in range(count)
+        ]
+        return made, f"tests/records_data.py (simulator/calls.py failed: {error!r:.120})"
+
+
+def bench_settings(data_dir: Path, paths: PkiPaths) -> Settings:
+    """The settings the system runs with in this benchmark."""
+    return Settings(
+        data_dir=data_dir,
+        listen="127.0.0.1:0",
+        tls_cert_file=str(paths.server_cert),
+        tls_key_file=str(paths.server_key),
+        operator_ca_file=str(paths.ca_cert),
+        crl_file=str(paths.crl),
+        log_level="warning",
+        log_format="json",
+        rate_per_operator=1e9,
+        rate_burst=10**9,
+    )
+
+
+# --------------------------------------------------------------------------- filling the database
+
+
+@dataclass(frozen=True)
+class Template:
+    """A record stored by the service's own code, and what a copy of its rows under another call
+    id, position and publish time needs (in `RowMaker` column order)."""
+
+    call_id: str
+    rest: tuple[Any, ...]  # the call_records columns a copy keeps as they are
+    body_tail: bytes  # the stored body after its call_id field, without publish_time
+    content_tail: bytes  # the digested content (the record as published) after its call_id
+    stream_tails: list[tuple[Any, ...]]  # its call_media_streams rows without their position
+
+
+@dataclass
+class FillResult:
+    records: int
+    media_streams: int
+    templates: int
+    source: str
+    real_path_s: float
+    copies_s: float
+    seconds: float
+    database_mb: float
+    checked: int
+
+
+def _call_id_field(call_id: str) -> bytes:
+    """`CallRecord.call_id` encoded (field 1: the first field of a serialized record)."""
+    encoded = call_id.encode()
+    if len(encoded) < 0x80:  # tag 0x0a, a one-byte length (call ids are 64 characters at most)
+        return b"\n" + bytes((len(encoded),)) + encoded
+    return wire.field(1, encoded)
+
+
+class RowMaker:
+    """Rows of copies of templates, made as storage.publish makes them: the columns a copy
+    changes first (KEYS), then the others in table order."""
+
+    KEYS = ("position", "call_id", "publish_time", "digest", "body")
+
+    def __init__(self, columns: list[str]) -> None:
+        self.columns = [*self.KEYS, *(c for c in columns if c not in self.KEYS)]
+        self.order = [columns.index(c) for c in self.columns]  # table order -> this order
+        dialect = sqlite_dialect.dialect()
+        impl = storage.RECORDS.c.publish_time.type.dialect_impl(dialect)
+        processor = impl.bind_processor(dialect)
+        if processor is None:
+            raise RuntimeError("no SQLite bind processor for DateTime")
+        self.time_text: Callable[[dt.datetime], Any] = processor
+        self.digest_head = OPERATOR.encode() + b"\0"
+
+    def arrange(self, row: Sequence[Any]) -> tuple[Any, ...]:
+        """A row read in table order, in this maker's column order."""
+        return tuple(row[i] for i in self.order)
+
+    def template(
+        self, row: Sequence[Any], streams: list[tuple[Any, ...]], body: bytes, content: bytes
+    ) -> Template:
+        arranged = self.arrange(row)
+        call_id: str = arranged[1]
+        head = _call_id_field(call_id)
+        if not (body.startswith(head) and content.startswith(head)):
+            raise RuntimeError("a stored record does not start with its call_id")
+        return Template(
+            call_id, arranged[5:], body[len(head) :], content[len(head) :], [s[1:] for s in streams]
+        )
+
+    def stamp(self, moment: dt.datetime) -> tuple[Any, bytes]:
+        """publish_time as stored in its column, and as the field appended to the body."""
+        return self.time_text(moment), convert.publish_time_field(moment)
+
+    def row(
+        self, template: Template, call_id: str, position: int, stamp: tuple[Any, bytes]
+    ) -> tuple[Any, ...]:
+        head = _call_id_field(call_id)
+        digest = hashlib.sha256(self.digest_head + head + template.content_tail).digest()
+        body = convert.stored(head + template.body_tail, stamp[1])
+        return (position, call_id, stamp[0], digest, body, *template.rest)
+
+
+def copy_id(position: int, template_id: str) -> str:
+    """A call id for the copy of a template at `position`: GUID-shaped like the template's,
+    with the UUID version digit 0 so that it never equals a (version 4) template id."""
+    if len(template_id) == 36 and template_id[14] == "4":
+        return f"{position:08x}{template_id[8:14]}0{template_id[15:]}"
+    return f"{position:08x}.{template_id}"[:64]
+
+
+def _insert(table: str, columns: Sequence[str]) -> str:
+    return f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
+
+
+def fill(data_dir: Path, count: int, seed: int) -> FillResult:
+    """Migrate a database in `data_dir`, register OPERATOR, and store `count` records of it."""
+    started = time.perf_counter()
+    settings = Settings(data_dir=data_dir)
+    path = data_dir / "opconnect.db"
+    db = Database(settings.sqlalchemy_url, 2)
+    try:
+        db.migrate()
+        db.transaction(registry.add_operator, OPERATOR, "benchmark operator", write=True)
+        messages, source = realistic_records(
+            min(TEMPLATES, count), seed, dt.datetime.now(dt.UTC) - dt.timedelta(minutes=2)
+        )
+        prepared = servicer._prepare(messages, {OPERATOR}, settings, rules.thresholds(settings))
+        candidates = [p for p in prepared if isinstance(p, storage.Candidate)]
+        if len(candidates) != len(messages):
+            refused = Counter(
+                p.refusal.reason for p in prepared if isinstance(p, rules.Result) and p.refusal
+            )
+            raise RuntimeError(f"realistic records refused: {dict(refused)}")
+        for chunk in chunks(candidates, PUBLISH_BATCH):
+            stored = db.transaction(
+                storage.publish, chunk, convert.publish_time_field, convert.stored, write=True
+            )
+            if any(r.outcome is not rules.Outcome.ACCEPTED for r in stored.results):
+                raise RuntimeError("a template record was not accepted")
+    finally:
+        db.close()
+    real_path_s = time.perf_counter() - started
+
+    connection = sqlite3.connect(path, isolation_level=None)
+    try:
+        # Bulk loading: no journal, no syncs, a large cache (WAL is restored at the end, and
+        # everything is synced to disk before any measurement).
+        connection.execute("PRAGMA journal_mode=DELETE")
+        connection.execute("PRAGMA journal_mode=OFF")
+        connection.execute("PRAGMA synchronous=OFF")
+        connection.execute("PRAGMA cache_size=-1000000")
+        cursor = connection.execute("SELECT * FROM call_records ORDER BY position")
+        maker = RowMaker([d[0] for d in cursor.description])
+        rows = cursor.fetchall()
+        cursor = connection.execute("SELECT * FROM call_media_streams ORDER BY position")
+        stream_columns = [d[0] for d in cursor.description]
+        if stream_columns[0] != "position":
+            raise RuntimeError("call_media_streams does not start with position")
+        by_position: dict[int, list[tuple[Any, ...]]] = {}
+        for stream_row in cursor.fetchall():
+            by_position.setdefault(stream_row[0], []).append(stream_row)
+        templates: list[Template] = []
+        for row, candidate, message in zip(rows, candidates, messages, strict=True):
+            converted = convert.published_in(message)
+            if not isinstance(converted, tuple):
+                raise RuntimeError("a template record cannot be read")
+            content = converted[1].SerializeToString(deterministic=True)
+            template = maker.template(row, by_position.get(row[0], []), candidate.body, content)
+            # Its copy under its own id, position and publish time must be its very rows.
+            arranged = maker.arrange(row)
+            moment = dt.datetime.fromisoformat(arranged[2]).replace(tzinfo=dt.UTC)
+            again = maker.row(template, template.call_id, arranged[0], maker.stamp(moment))
+            streams_again = [(arranged[0], *t) for t in template.stream_tails]
+            if again != arranged or streams_again != by_position.get(row[0], []):
+                raise RuntimeError(f"a copied row differs from storage.publish's: {row[0]}")
+            templates.append(template)
+
+        copies_started = time.perf_counter()
+        # Secondary indexes are made again once the rows are in: sorting once is much faster
+        # than inserting a million random keys (same definitions, same contents).
+        indexes = connection.execute(
+            "SELECT name, sql FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL"
+            " AND tbl_name IN ('call_records', 'call_media_streams')"
+        ).fetchall()
+        for name, _ in indexes:
+            connection.execute(f'DROP INDEX "{name}"')
+        insert_records = _insert("call_records", maker.columns)
+        insert_streams = _insert("call_media_streams", stream_columns)
+        last = dt.datetime.fromisoformat(maker.arrange(rows[-1])[2]).replace(tzinfo=dt.UTC)
+        streams_n = sum(len(t.stream_tails) for t in templates)
+        position = len(templates)
+        while position < count:
+            upto = min(count, position + FILL_CHUNK)
+            record_rows: list[tuple[Any, ...]] = []
+            stream_rows: list[tuple[Any, ...]] = []
+            stamp = maker.stamp(last)
+            for p in range(position + 1, upto + 1):
+                if (p - 1) % PUBLISH_BATCH == 0:  # one publish time per batch, as publish does
+                    last += dt.timedelta(milliseconds=1)
+                    stamp = maker.stamp(last)
+                template = templates[(p - 1) % len(templates)]
+                record_rows.append(maker.row(template, copy_id(p, template.call_id), p, stamp))
+                stream_rows.extend([(p, *tail) for tail in template.stream_tails])
+            connection.execute("BEGIN")
+            connection.executemany(insert_records, record_rows)
+            connection.executemany(insert_streams, stream_rows)
+            connection.execute(
+                "UPDATE change_log_heads SET position = ? WHERE log = ?", (upto, LOG)
+            )
+            connection.execute("COMMIT")
+            streams_n += len(stream_rows)
+            position = upto
+        for _, sql in indexes:
+            connection.execute(sql)
+        head = connection.execute(
+            "SELECT position FROM change_log_heads WHERE log = ?", (LOG,)
+        ).fetchone()[0]
+        stored_n = connection.execute("SELECT count(*) FROM call_records").fetchone()[0]
+        if head != count or stored_n != count:
+            raise RuntimeError(f"filled {stored_n} records, head {head}, wanted {count}")
+        connection.execute("PRAGMA journal_mode=WAL")
+    finally:
+        connection.close()
+    os.sync()  # no writeback of the fill left to slow down the measurements
+    return FillResult(
+        records=count,
+        media_streams=streams_n,
+        templates=len(templates),
+        source=source,
+        real_path_s=real_path_s,
+        copies_s=time.perf_counter() - copies_started,
+        seconds=time.perf_counter() - started,
+        database_mb=path.stat().st_size / 1e6,
+        checked=len(templates),
+    )
+
+
+# --------------------------------------------------------------------------- server processes
+
+
+class ThreadProfiles:
+    """cProfile in every thread that runs work handed to an executor (database threads, the
+    loop's default executor), each thread with its own profiler, while `active`."""
+
+    def __init__(self) -> None:
+        self.active = False
+        self.profilers: dict[int, cProfile.Profile] = {}
+
+    def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        if not self.active:
+            return fn(*args, **kwargs)
+        profiler = self.profilers.setdefault(threading.get_ident(), cProfile.Profile())
+        profiler.enable()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            profiler.disable()
+
+
+class ProfilingExecutor(ThreadPoolExecutor):
+    """A thread pool whose work items run under `ThreadProfiles.call`."""
+
+    def __init__(self, workers: int | None, prefix: str, profiles: ThreadProfiles) -> None:
+        super().__init__(workers, thread_name_prefix=prefix)
+        self._profiles = profiles
+
+    def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
+        return super().submit(functools.partial(self._profiles.call, fn, *args, **kwargs))
+
+
+async def serve_commands(profiles: ThreadProfiles | None) -> None:
+    """Follow the orchestrator's commands on stdin until it closes it.
+
+    `profile-start` turns cProfile on (the event-loop thread, and with `profiles` the threads
+    of the executors); `profile-stop PATH` turns it off, writes the merged stats to PATH and
+    answers `PROFILED`.
+    """
+    stdin = ThreadPoolExecutor(1, thread_name_prefix="stdin")
+    profiler: cProfile.Profile | None = None
+    while line := await read_line(stdin):
+        command, _, argument = line.strip().partition(" ")
+        if command == "profile-start":
+            profiler = cProfile.Profile()
+            if profiles is not None:
+                profiles.profilers.clear()
+                profiles.active = True
+            profiler.enable()
+        elif command == "profile-stop" and profiler is not None:
+            profiler.disable()
+            stats = pstats.Stats(profiler)
+            if profiles is not None:
+                profiles.active = False
+                for thread_profiler in profiles.profilers.values():
+                    stats.add(thread_profiler)
+            stats.dump_stats(argument)
+            profiler = None
+            print("PROFILED", flush=True)
+    stdin.shutdown(wait=False)
+
+
+async def serve_system(spec: dict[str, Any]) -> None:
+    paths = PkiPaths.at(Path(spec["root"]) / "pki")
+    settings = bench_settings(Path(spec["data_dir"]), paths)
+    configure_logging(settings.log_format, settings.log_level)
+    runtime = await gateway_server.start(settings)
+    await runtime.registry.add(OPERATOR, "benchmark operator")
+    profiles: ThreadProfiles | None = None
+    if spec.get("profile"):
+        # Validation runs on the loop's default executor and storage on the database threads:
+        # profile both, not only the event loop.
+        profiles = ThreadProfiles()
+        old = runtime.db._executor
+        runtime.db._executor = ProfilingExecutor(settings.db_threads, "db", profiles)
+        old.shutdown(wait=False)
+        asyncio.get_running_loop().set_default_executor(
+            ProfilingExecutor(None, "default", profiles)
+        )
+    print(f"READY {runtime.port}", flush=True)
+    await serve_commands(profiles)
+    await runtime.stop(grace_s=1.0)
+
+
+def bare_responses(
+    database: Path, sample: int, batch_sizes: Sequence[int]
+) -> dict[int, list[bytes]]:
+    """Encoded StreamCallRecordsResponses of the first `sample` stored records, per batch size,
+    made as the system makes them (stored bodies joined, the cursor of the last record)."""
+    connection = sqlite3.connect(f"file:{database}?mode=ro", uri=True)
+    try:
+        rows = connection.execute(
+            "SELECT position, body FROM call_records ORDER BY position LIMIT ?", (sample,)
+        ).fetchall()
+    finally:
+        connection.close()
+    out: dict[int, list[bytes]] = {}
+    for size in batch_sizes:
+        out[size] = [
+            convert.stream_response([bytes(r[1]) for r in batch], encode_cursor(LOG, batch[-1][0]))
+            for batch in chunks(rows, size)
+            if len(batch) == size
+        ]
+    return out
+
+
+class BareStream:
+    """StreamCallRecords answered from memory: `records` records in responses of the asked
+    size, cycling through the prebuilt ones: the raw gRPC + mutual TLS baseline."""
+
+    def __init__(self, responses: dict[int, list[bytes]], records: int, settings: Settings) -> None:
+        self._responses = responses
+        self._records = records
+        self._default = settings.stream_batch_size
+        self._maximum = settings.max_stream_batch_size
+
+    async def stream(
+        self, request: pb.StreamCallRecordsRequest, context: Context
+    ) -> AsyncIterator[bytes]:
+        size = min(request.max_batch_size or self._default, self._maximum)
+        prebuilt = self._responses[size]
+        left = self._records
+        index = 0
+        while left >= size:
+            yield prebuilt[index]
+            index = (index + 1) % len(prebuilt)
+            left -= size
+        if left:
+            whole = pb.StreamCallRecordsResponse.FromString(prebuilt[0])
+            yield pb.StreamCallRecordsResponse(
+                records=whole.records[:left], cursor=whole.cursor
+            ).SerializeToString()
+
+
+async def serve_bare(spec: dict[str, Any]) -> None:
+    paths = PkiPaths.at(Path(spec["root"]) / "pki")
+    settings = Settings()
+    responses = bare_responses(Path(spec["database"]), spec["sample"], spec["batch_sizes"])
+    handler = BareStream(responses, spec["records"], settings)
+    bare = grpc.aio.server(options=SERVER_OPTIONS)
+    bare.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                "opconnect.records.v1.CallRecordService",
+                {
+                    # No response serializer: the handler yields encoded responses, sent as is.
+                    "StreamCallRecords": grpc.unary_stream_rpc_method_handler(
+                        handler.stream,
+                        request_deserializer=pb.StreamCallRecordsRequest.FromString,
+                    )
+                },
+            ),
+        )
+    )
+    tls = grpc.ssl_server_credentials(
+        [(paths.server_key.read_bytes(), paths.server_cert.read_bytes())],
+        root_certificates=paths.ca_cert.read_bytes(),
+        require_client_auth=True,
+    )
+    port = bare.add_secure_port("127.0.0.1:0", tls)
+    await bare.start()
+    print(f"READY {port}", flush=True)
+    await serve_commands(None)
+    await bare.stop(1.0)
+
+
+class Child:
+    """This script started again in a child process with `--role role`, driven by lines: commands
+    go to its stdin, answers come from its stdout; closing its stdin tells it to finish."""
+
+    def __init__(self, role: str, spec: dict[str, Any]) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, __file__, "--role", role, "--spec", json.dumps(spec)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self.pid = self.process.pid
+
+    def line(self) -> str:
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline()
+        if not line:
+            self.stop()
+            raise RuntimeError(f"child process {self.pid} ended (exit {self.process.returncode})")
+        return line.strip()
+
+    def expect(self, prefix: str) -> str:
+        line = self.line()
+        if not line.startswith(prefix):
+            self.stop()
+            raise RuntimeError(f"child process {self.pid} said {line!r}, expected {prefix!r}")
+        return line
+
+    def send(self, command: str) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.write(command + "\n")
+        self.process.stdin.flush()
+
+    def ask(self, command: str) -> dict[str, Any]:
+        """Send a command and read its one-line JSON answer."""
+        self.send(command)
+        answer: dict[str, Any] = json.loads(self.line())
+        if "error" in answer:
+            raise RuntimeError(f"child process {self.pid}: {answer['error']}")
+        return answer
+
+    def stop(self) -> None:
+        if self.process.poll() is not None:
+            return
+        assert self.process.stdin is not None
+        self.process.stdin.close()
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(5)
+
+
+class ServerProcess(Child):
+    """A server (`system` or `bare`) in a child process of its own."""
+
+    def __init__(self, kind: str, spec: dict[str, Any]) -> None:
+        super().__init__("serve", {"kind": kind, **spec})
+        self.kind = kind
+        self.port = int(self.expect("READY ").split()[1])
+        self.address = f"127.0.0.1:{self.port}"
+
+    def profile_start(self) -> None:
+        self.send("profile-start")
+
+    def profile_stop(self, path: Path) -> None:
+        self.send(f"profile-stop {path}")
+        self.expect("PROFILED")
+
+
+# --------------------------------------------------------------------------- stream client
+
+
+def stream_request(batch: int) -> pb.StreamCallRecordsRequest:
+    return pb.StreamCallRecordsRequest(
+        start_time=Timestamp(seconds=0), follow=False, max_batch_size=batch
+    )
+
+
+async def stream_once(method: Any, pid: int, batch: int) -> dict[str, Any]:
+    """Read a whole stream, parsing every response as a client does; time it, take the
+    server's CPU time and its RSS at every response."""
+    before = memory_kb(pid)
+    m0, c0, s0 = machine_busy_seconds(), time.process_time(), cpu_seconds(pid)
+    t0 = time.perf_counter()
+    records = size = messages = 0
+    samples: list[tuple[int, int]] = []
+    async for raw in method(stream_request(batch), timeout=900):
+        response = pb.StreamCallRecordsResponse.FromString(raw)
+        records += len(response.records)
+        size += len(raw)
+        messages += 1
+        samples.append((records, rss_kb(pid)))
+    t1 = time.perf_counter()
+    m1, c1, s1 = machine_busy_seconds(), time.process_time(), cpu_seconds(pid)
+    seconds = t1 - t0
+    client_cpu = (c1 - c0) / seconds
+    server_cpu = (s1 - s0) / seconds if s0 is not None and s1 is not None else None
+    return {
+        "records": records,
+        "bytes": size,
+        "messages": messages,
+        "seconds": seconds,
+        "client_cpu": client_cpu,
+        "server_cpu": server_cpu,
+        "other_cpu": other_cpu((m0, m1), seconds, server_cpu, client_cpu),
+        "rss_before_kb": before.get("VmRSS", 0),
+        "hwm_before_kb": before.get("VmHWM", 0),
+        "hwm_after_kb": memory_kb(pid).get("VmHWM", 0),
+        "rss_samples": samples,
+    }
+
+
+async def stream_slow(method: Any, pid: int, seconds: float, pause: float) -> dict[str, Any]:
+    """Read a stream slowly (a pause after every response) for `seconds`, then cancel it;
+    the server's RSS at every response."""
+    before = rss_kb(pid)
+    call = method(stream_request(500), timeout=900)
+    records = messages = 0
+    samples: list[tuple[float, int]] = []
+    t0 = time.perf_counter()
+    async for raw in call:
+        records += len(pb.StreamCallRecordsResponse.FromString(raw).records)
+        messages += 1
+        samples.append((time.perf_counter() - t0, rss_kb(pid)))
+        if time.perf_counter() - t0 >= seconds:
+            break
+        await asyncio.sleep(pause)
+    call.cancel()
+    await asyncio.sleep(0.5)  # let the server notice and drop the stream
+    return {
+        "records": records,
+        "messages": messages,
+        "seconds": time.perf_counter() - t0,
+        "pause_s": pause,
+        "rss_before_kb": before,
+        "rss_after_cancel_kb": rss_kb(pid),
+        "rss_samples": samples,
+    }
+
+
+async def stream_worker(spec: dict[str, Any]) -> None:
+    """The stream client process: one channel per server, kept for the whole benchmark.
+
+    Says READY once connected and warm; then answers each command on stdin with a JSON line:
+    `GO <server> <batch>` reads a whole stream, `SLOW <server> <seconds> <pause>` a slow one.
+    """
+    creds = credentials(Path(spec["root"]) / "pki", "operator", OPERATOR)
+    targets: dict[str, dict[str, Any]] = spec["targets"]
+    channels = {kind: grpc.aio.secure_channel(t["address"], creds) for kind, t in targets.items()}
+    stdin = ThreadPoolExecutor(1, thread_name_prefix="stdin")
+    try:
+        methods = {
+            kind: channel.unary_stream(
+                STREAM_METHOD,
+                request_serializer=pb.StreamCallRecordsRequest.SerializeToString,
+                response_deserializer=None,  # bytes: parsed in the loop, and their size counted
+            )
+            for kind, channel in channels.items()
+        }
+        for method in methods.values():  # warm up: connect, and read a little of a stream
+            call = method(stream_request(500), timeout=60)
+            for _ in range(3):
+                await call.read()
+            call.cancel()
+        print("READY", flush=True)
+        while line := await read_line(stdin):
+            command, kind, *rest = line.split()
+            pid = targets[kind]["pid"]
+            try:
+                if command == "GO":
+                    result = await stream_once(methods[kind], pid, int(rest[0]))
+                else:
+                    result = await stream_slow(methods[kind], pid, float(rest[0]), float(rest[1]))
+            except grpc.aio.AioRpcError as error:
+                result = {"error": f"{error.code().name}: {error.details()}"}
+            print(json.dumps(result), flush=True)
+    finally:
+        for channel in channels.values():
+            await channel.close()
+        stdin.shutdown(wait=False)
+
+
+# --------------------------------------------------------------------------- publish client
+
+
+async def publish_once(
+    channel: grpc.aio.Channel,
+    requests: list[pb.PublishCallRecordsRequest],
+    in_flight: int,
+    pid: int,
+) -> dict[str, Any]:
+    """Publish the batches on one stream with at most `in_flight` unacknowledged; time from
+    the first send to the last acknowledgement."""
+    stub = pb_grpc.CallRecordIngestServiceStub(channel)
+    window = asyncio.Semaphore(in_flight)
+    outcomes: Counter[str] = Counter()
+    reasons: Counter[str] = Counter()
+    acks = 0
+    m0, c0, s0 = machine_busy_seconds(), time.process_time(), cpu_seconds(pid)
+    t0 = time.perf_counter()
+    call = stub.PublishCallRecords(timeout=900)
+
+    async def read() -> None:
+        nonlocal acks
+        async for response in call:
+            acks += 1
+            outcomes["accepted"] += response.accepted_count
+            outcomes["duplicate"] += response.duplicate_count
+            outcomes["refused"] += response.refused_count
+            reasons.update(r.reason for r in response.results if r.reason)
+            window.release()
+
+    reader = asyncio.create_task(read())
+    for request in requests:
+        await window.acquire()
+        if reader.done():
+            break
+        await call.write(request)
+    await call.done_writing()
+    await reader
+    t1 = time.perf_counter()
+    m1, c1, s1 = machine_busy_seconds(), time.process_time(), cpu_seconds(pid)
+    seconds = t1 - t0
+    client_cpu = (c1 - c0) / seconds
+    server_cpu = (s1 - s0) / seconds if s0 is not None and s1 is not None else None
+    return {
+        "records": sum(len(r.records) for r in requests),
+        "batches": len(requests),
+        "acks": acks,
+        **outcomes,
+        "reasons": dict(reasons.most_common(5)),
+        "seconds": seconds,
+        "client_cpu": client_cpu,
+        "server_cpu": server_cpu,
+        "other_cpu": other_cpu((m0, m1), seconds, server_cpu, client_cpu),
+    }
+
+
+async def publish_worker(spec: dict[str, Any]) -> None:
+    """The publishing client process (the call controller): makes its realistic records once,
+    says READY; then each `GO <server> <run>` publishes them all under call ids of that run
+    (`r<run>-<id>`, distinct across runs) and answers with a JSON line."""
+    creds = credentials(Path(spec["root"]) / "pki", "platform", PLATFORM)
+    targets: dict[str, dict[str, Any]] = spec["targets"]
+    channels = {kind: grpc.aio.secure_channel(t["address"], creds) for kind, t in targets.items()}
+    stdin = ThreadPoolExecutor(1, thread_name_prefix="stdin")
+    try:
+        messages, source = realistic_records(
+            spec["records"], spec["seed"], dt.datetime.now(dt.UTC) - dt.timedelta(minutes=2)
+        )
+        ids = [m.record.call_id for m in messages]
+        for channel in channels.values():
+            await channel.channel_ready()
+        print(json.dumps({"source": source}), flush=True)
+        while line := await read_line(stdin):
+            _, kind, run = line.split()
+            for message, call_id in zip(messages, ids, strict=True):
+                message.record.call_id = f"r{run}-{call_id}"[:64]
+            requests = [
+                pb.PublishCallRecordsRequest(batch_id=f"r{run}-{i}", records=batch)
+                for i, batch in enumerate(chunks(messages, spec["batch"]))
+            ]
+            try:
+                result = await publish_once(
+                    channels[kind], requests, spec["in_flight"], targets[kind]["pid"]
+                )
+            except grpc.aio.AioRpcError as error:
+                result = {"error": f"{error.code().name}: {error.details()}"}
+            print(json.dumps(result), flush=True)
+    finally:
+        for channel in channels.values():
+            await channel.close()
+        stdin.shutdown(wait=False)
+
+
+# --------------------------------------------------------------------------- raw baseline
+
+
+def raw_inserts(source: Path, prefix: str, target: Path, batch: int) -> dict[str, Any]:
+    """The rows the system wrote for call ids starting with `prefix` (read back from its
+    database), inserted with plain sqlite3 executemany into a fresh copy of the schema, one
+    transaction per `batch` records (WAL, synchronous=FULL, as the system configures SQLite)."""
+    read = sqlite3.connect(f"file:{source}?mode=ro", uri=True)
+    try:
+        cursor = read.execute(
+            "SELECT * FROM call_records WHERE call_id >= ? AND call_id < ? ORDER BY position",
+            (prefix, prefix[:-1] + chr(ord(prefix[-1]) + 1)),
+        )
+        columns = [d[0] for d in cursor.description]
+        records = cursor.fetchall()
+        if not records:
+            raise RuntimeError(f"no stored records with call ids {prefix}*")
+        cursor = read.execute(
+            "SELECT * FROM call_media_streams WHERE position BETWEEN ? AND ? ORDER BY position",
+            (records[0][0], records[-1][0]),
+        )
+        stream_columns = [d[0] for d in cursor.description]
+        by_position: dict[int, list[tuple[Any, ...]]] = {}
+        for row in cursor.fetchall():
+            by_position.setdefault(row[0], []).append(row)
+    finally:
+        read.close()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    schema = Database(f"sqlite:///{target}", 1)
+    schema.migrate()
+    schema.close()
+    insert_records = (
+        f"INSERT INTO call_records ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
+    )
+    insert_streams = (
+        f"INSERT INTO call_media_streams ({', '.join(stream_columns)})"
+        f" VALUES ({', '.join('?' * len(stream_columns))})"
+    )
+    batches = [
+        (list(chunk), [s for r in chunk for s in by_position.get(r[0], [])])
+        for chunk in chunks(records, batch)
+    ]
+    connection = sqlite3.connect(target, isolation_level=None)
+    try:
+        connection.execute("PRAGMA journal_mode=WAL")
+        connection.execute("PRAGMA synchronous=FULL")
+        c0, t0 = time.process_time(), time.perf_counter()
+        for record_rows, stream_rows in batches:
+            connection.execute("BEGIN IMMEDIATE")
+            connection.executemany(insert_records, record_rows)
+            connection.executemany(insert_streams, stream_rows)
+            connection.execute("COMMIT")
+        seconds = time.perf_counter() - t0
+        cpu = (time.process_time() - c0) / seconds
+    finally:
+        connection.close()
+    return {
+        "records": len(records),
+        "media_streams": sum(len(s) for _, s in batches),
+        "seconds": seconds,
+        "cpu": cpu,
+    }
+
+
+# --------------------------------------------------------------------------- orchestrator
+
+
+@dataclass
+class StreamRun:
+    server: str
+    batch: int
+    round: int
+    records: int
+    messages: int
+    records_per_s: float
+    mb_per_s: float
+    seconds: float
+    client_cpu: float
+    server_cpu: float | None
+    other_cpu: float | None  # cores busy with anything but server and client: noise
+    memory: dict[str, float] | None  # system runs: RSS figures in MB
+
+
+@dataclass
+class PublishRun:
+    kind: str  # "system", "raw", or "system (filled)"
+    round: int
+    records: int
+    records_per_s: float
+    seconds: float
+    client_cpu: float | None
+    server_cpu: float | None  # for raw: the inserting process's CPU
+    other_cpu: float | None  # cores busy with anything else (system runs): noise
+    accepted: int | None
+    refused: int | None
+
+
+def stream_memory(result: dict[str, Any]) -> dict[str, float]:
+    """RSS before the stream, at 10%, 50% and 100% of it and its peak (MB), and the growth."""
+    samples: list[list[int]] = result["rss_samples"]
+    total = result["records"]
+    before = result["rss_before_kb"] / 1024
+
+    def at(share: float) -> float:
+        for records, kb in samples:
+            if records >= share * total:
+                return kb / 1024
+        return samples[-1][1] / 1024 if samples else 0.0
+
+    out = {
+        "rss_before": before,
+        "rss_10": at(0.1),
+        "rss_50": at(0.5),
+        "rss_100": at(1.0),
+        "rss_peak": max((kb for _, kb in samples), default=0) / 1024,
+        "hwm_before": result["hwm_before_kb"] / 1024,
+        "hwm_after": result["hwm_after_kb"] / 1024,
+    }
+    out["growth_10"] = out["rss_10"] - before
+    out["growth_50"] = out["rss_50"] - before
+    out["growth_100"] = out["rss_100"] - before
+    out["growth_10_to_100"] = out["rss_100"] - out["rss_10"]
+    return out
+
+
+def stream_run(
+    client: Child, server: ServerProcess, batch: int, round_no: int, expected: int
+) -> StreamRun:
+    result = client.ask(f"GO {server.kind} {batch}")
+    if result["records"] != expected:
+        raise RuntimeError(f"{server.kind} streamed {result['records']} records, not {expected}")
+    seconds = result["seconds"]
+    return StreamRun(
+        server=server.kind,
+        batch=batch,
+        round=round_no,
+        records=result["records"],
+        messages=result["messages"],
+        records_per_s=result["records"] / seconds,
+        mb_per_s=result["bytes"] / seconds / 1e6,
+        seconds=seconds,
+        client_cpu=result["client_cpu"],
+        server_cpu=result["server_cpu"],
+        other_cpu=result["other_cpu"],
+        memory=stream_memory(result) if server.kind == "system" else None,
+    )
+
+
+def publish_run(
+    client: Child, kind: str, label: str, round_no: int, run: int
+) -> tuple[PublishRun, dict[str, Any]]:
+    result = client.ask(f"GO {kind} {run}")
+    seconds = result["seconds"]
+    return (
+        PublishRun(
+            kind=label,
+            round=round_no,
+            records=result["records"],
+            records_per_s=result.get("accepted", 0) / seconds,
+            seconds=seconds,
+            client_cpu=result["client_cpu"],
+            server_cpu=result["server_cpu"],
+            other_cpu=result["other_cpu"],
+            accepted=result.get("accepted", 0),
+            refused=result.get("refused", 0),
+        ),
+        result,
+    )
+
+
+def raw_run(source: Path, run: int, target: Path, round_no: int, batch: int) -> PublishRun:
+    raw = raw_inserts(source, f"r{run}-", target, batch)
+    return PublishRun(
+        kind="raw",
+        round=round_no,
+        records=raw["records"],
+        records_per_s=raw["records"] / raw["seconds"],
+        seconds=raw["seconds"],
+        client_cpu=None,
+        server_cpu=raw["cpu"],
+        other_cpu=None,
+        accepted=None,
+        refused=None,
+    )
+
+
+def profile_text(path: Path) -> str:
+    out = io.StringIO()
+    stats = pstats.Stats(str(path), stream=out)
+    stats.sort_stats("tottime").print_stats(20)
+    stats.sort_stats("cumulative").print_stats(20)
+    return out.getvalue()
+
+
+def machine() -> dict[str, Any]:
+    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    return {
+        "nproc": affinity or os.cpu_count(),
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "grpcio": grpc.__version__,
+        "protobuf": f"{protobuf.__version__} ({api_implementation.Type()})",
+        "sqlite": sqlite3.sqlite_version,
+    }
+
+
+def best(runs: Sequence[StreamRun], server: str, batch: int) -> StreamRun:
+    return max((r for r in runs if r.server == server and r.batch == batch), key=_rate)
+
+
+def _rate(run: StreamRun | PublishRun) -> float:
+    return run.records_per_s
+
+
+def bench(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    batch_sizes = [500, 1000]
+    rounds = {500: args.rounds, 1000: max(1, args.rounds - 1)}
+    with tempfile.TemporaryDirectory(prefix="opconnect-records-bench-") as tmp:
+        root = Path(tmp)
+        paths = ensure_dev_pki(root / "pki", operator_id=OPERATOR, platform_name=PLATFORM)
+        settings = bench_settings(root / "stream", paths)
+        print(f"filling the database with {args.records:,} records ...", flush=True)
+        filled = fill(root / "stream", args.records, args.seed)
+        print(
+            f"filled in {filled.seconds:.1f} s; streaming {args.records:,} records"
+            f" ({sum(rounds.values())} rounds per server) ...",
+            flush=True,
+        )
+        children: list[Child] = []
+        stream_runs: list[StreamRun] = []
+        publish_runs: list[PublishRun] = []
+        slow: dict[str, Any] = {}
+        filled_publish: PublishRun | None = None
+        profile: dict[str, Any] | None = {} if args.profile else None
+        try:
+            spec = {"root": str(root), "profile": args.profile}
+            system = ServerProcess("system", {**spec, "data_dir": str(root / "stream")})
+            children.append(system)
+            bare = ServerProcess(
+                "bare",
+                {
+                    **spec,
+                    "database": str(root / "stream" / "opconnect.db"),
+                    "sample": min(BARE_SAMPLE, args.records),
+                    "records": args.records,
+                    "batch_sizes": batch_sizes,
+                },
+            )
+            children.append(bare)
+            servers = [system, bare]
+            targets = {s.kind: {"address": s.address, "pid": s.pid} for s in servers}
+            streamer = Child("stream", {"root": str(root), "targets": targets})
+            children.append(streamer)
+            streamer.expect("READY")
+            for batch in batch_sizes:
+                for round_no in range(1, rounds[batch] + 1):
+                    # Alternate which server goes first, so a drift in the machine's load does
+                    # not always favour the same one.
+                    order = (bare, system) if round_no % 2 else (system, bare)
+                    stream_runs.extend(
+                        stream_run(streamer, server, batch, round_no, args.records)
+                        for server in order
+                    )
+            print(f"slow client for {args.slow_seconds:g} s ...", flush=True)
+            slow = streamer.ask(f"SLOW system {args.slow_seconds} {args.slow_pause}")
+            if profile is not None:
+                path = root / "stream.prof"
+                system.profile_start()
+                profiled_stream = stream_run(streamer, system, 500, 0, args.records)
+                system.profile_stop(path)
+                profile["stream"] = {"run": asdict(profiled_stream), "text": profile_text(path)}
+            streamer.stop()
+            bare.stop()
+
+            print(
+                f"publishing {args.publish_records:,} records"
+                f" ({args.publish_rounds} rounds, and the raw baseline) ...",
+                flush=True,
+            )
+            fresh = ServerProcess("system", {**spec, "data_dir": str(root / "publish")})
+            children.append(fresh)
+            publish_targets = {
+                "fresh": {"address": fresh.address, "pid": fresh.pid},
+                "filled": {"address": system.address, "pid": system.pid},
+            }
+            publisher = Child(
+                "publish",
+                {
+                    "root": str(root),
+                    "targets": publish_targets,
+                    "records": args.publish_records,
+                    "batch": PUBLISH_BATCH,
+                    "in_flight": args.in_flight,
+                    "seed": args.seed + 1000,
+                },
+            )
+            children.append(publisher)
+            publish_source = json.loads(publisher.line())["source"]
+            fresh_db = root / "publish" / "opconnect.db"
+            first_run = 1
+            for round_no in range(1, args.publish_rounds + 1):
+                raw_target = root / "raw" / f"round{round_no}.db"
+                system_first = round_no % 2 == 1
+                if not system_first:
+                    publish_runs.append(
+                        raw_run(fresh_db, first_run, raw_target, round_no, PUBLISH_BATCH)
+                    )
+                run, result = publish_run(publisher, "fresh", "system", round_no, round_no)
+                if result.get("refused"):
+                    print(f"   refused in round {round_no}: {result['reasons']}", flush=True)
+                publish_runs.append(run)
+                if system_first:
+                    publish_runs.append(
+                        raw_run(fresh_db, first_run, raw_target, round_no, PUBLISH_BATCH)
+                    )
+            filled_publish, _ = publish_run(
+                publisher, "filled", "system (filled)", 1, INTO_FILLED_RUN
+            )
+            system.stop()
+            if profile is not None:
+                path = root / "publish.prof"
+                fresh.profile_start()
+                profiled, _ = publish_run(publisher, "fresh", "system", 0, PROFILE_RUN)
+                fresh.profile_stop(path)
+                profile["publish"] = {"run": asdict(profiled), "text": profile_text(path)}
+        finally:
+            for child in reversed(children):
+                child.stop()
+
+    report = make_report(
+        args, settings, filled, stream_runs, slow, publish_runs, filled_publish, profile
+    )
+    report["publish"]["source"] = publish_source
+    report["elapsed_s"] = time.perf_counter() - started
+    print_report(report, stream_runs, publish_runs, args)
+    if args.json:
+        if profile is not None:  # the texts were printed above
+            report["profile"] = {k: {"run": v["run"]} for k, v in profile.items()}
+        print(json.dumps(report, indent=2))
+    return 0
+
+
+def make_report(
+    args: argparse.Namespace,
+    settings: Settings,
+    filled: FillResult,
+    stream_runs: list[StreamRun],
+    slow: dict[str, Any],
+    publish_runs: list[PublishRun],
+    filled_publish: PublishRun | None,
+    profile: dict[str, Any] | None,
+) -> dict[str, Any]:
+    batches = sorted({r.batch for r in stream_runs})
+    ratios = {
+        b: best(stream_runs, "system", b).records_per_s / best(stream_runs, "bare", b).records_per_s
+        for b in batches
+    }
+    system_500 = [r for r in stream_runs if r.server == "system" and r.batch == 500]
+    growth = max((r.memory or {}).get("growth_10_to_100", 0.0) for r in system_500)
+    slow_samples: list[list[float]] = slow.get("rss_samples", [])
+    slow_rss = [kb / 1024 for _, kb in slow_samples]
+    best_system = max((r for r in publish_runs if r.kind == "system"), key=_rate)
+    best_raw = max((r for r in publish_runs if r.kind == "raw"), key=_rate)
+    return {
+        "machine": machine(),
+        "settings": {
+            "database": "sqlite (WAL, synchronous=FULL) in a temp dir",
+            "tls": "mutual, dev PKI in a temp dir",
+            "log_level": settings.log_level,
+            "rate_per_operator": f"{settings.rate_per_operator:g}",
+            "rate_burst": settings.rate_burst,
+            "db_threads": settings.db_threads,
+            "stream_batch_size": settings.stream_batch_size,
+            "max_stream_batch_size": settings.max_stream_batch_size,
+        },
+        "params": {
+            "records": args.records,
+            "rounds": args.rounds,
+            "publish_records": args.publish_records,
+            "publish_rounds": args.publish_rounds,
+            "in_flight": args.in_flight,
+            "slow_seconds": args.slow_seconds,
+            "slow_pause": args.slow_pause,
+            "seed": args.seed,
+        },
+        "fill": asdict(filled),
+        "stream": {
+            "runs": [asdict(r) for r in stream_runs],
+            "best": {
+                str(b): {k: best(stream_runs, k, b).records_per_s for k in ("system", "bare")}
+                for b in batches
+            },
+            "ratio_by_batch": {str(b): ratios[b] for b in batches},
+            "ratio": ratios[500],
+            "target": STREAM_TARGET,
+        },
+        "memory": {
+            "growth_10_to_100_mb_worst": growth,
+            "tolerance_mb": FLAT_TOLERANCE_MB,
+            "slow": {
+                "records": slow.get("records", 0),
+                "messages": slow.get("messages", 0),
+                "seconds": slow.get("seconds", 0.0),
+                "pause_s": slow.get("pause_s", 0.0),
+                "rss_before_mb": slow.get("rss_before_kb", 0) / 1024,
+                "rss_min_mb": min(slow_rss, default=0.0),
+                "rss_max_mb": max(slow_rss, default=0.0),
+                "rss_last_mb": slow_rss[-1] if slow_rss else 0.0,
+                "rss_after_cancel_mb": slow.get("rss_after_cancel_kb", 0) / 1024,
+            },
+        },
+        "publish": {
+            "runs": [asdict(r) for r in publish_runs],
+            "into_filled": asdict(filled_publish) if filled_publish else None,
+            "best": {"system": best_system.records_per_s, "raw": best_raw.records_per_s},
+            "ratio": best_system.records_per_s / best_raw.records_per_s,
+        },
+        "profile": profile,
+        "stream_ratio": round(ratios[500], 4),
+        "stream_rss_growth_mb": round(growth, 2),
+        "publish_ratio": round(best_system.records_per_s / best_raw.records_per_s, 4),
+    }
+
+
+def print_report(
+    report: dict[str, Any],
+    stream_runs: list[StreamRun],
+    publish_runs: list[PublishRun],
+    args: argparse.Namespace,
+) -> None:
+    m = report["machine"]
+    print()
+    print("opconnect records benchmark")
+    print(
+        f"machine:  nproc={m['nproc']} (cpu_count {m['cpu_count']}), {m['platform']}, "
+        f"python {m['python']}, grpcio {m['grpcio']}, protobuf {m['protobuf']}, "
+        f"sqlite {m['sqlite']}"
+    )
+    print("settings: " + ", ".join(f"{k}={v}" for k, v in report["settings"].items()))
+    print("bench:    " + ", ".join(f"{k}={v}" for k, v in report["params"].items()))
+    f = report["fill"]
+    print(
+        f"fill:     {f['records']:,} records, {f['media_streams']:,} media stream rows,"
+        f" {f['database_mb']:,.0f} MB, in {f['seconds']:.1f} s ({f['templates']:,} records from"
+        f" {f['source']} through _prepare + storage.publish in {f['real_path_s']:.1f} s, the"
+        f" rest copied in {f['copies_s']:.1f} s; {f['checked']:,} copies checked identical to"
+        " storage.publish's rows). Not a figure of merit."
+    )
+    print()
+
+    s = report["stream"]
+    print(
+        f"1. StreamCallRecords throughput: {args.records:,} records of one operator from"
+        " start_time=epoch, follow=false, one client process parsing every response"
+    )
+    print(
+        "   (CPU of the best round in shares of one core; client and server CPU count all their"
+        " threads; other CPU is the rest of the machine: noise; MB/s counts encoded responses)"
+    )
+    print(
+        f"   {'server':<8}{'batch':>6}{'best rec/s':>12}{'MB/s':>8}   {'every round':<36}"
+        f"{'client CPU':>11}{'server CPU':>11}{'other CPU':>10}"
+    )
+    for batch in sorted({r.batch for r in stream_runs}):
+        for kind in ("bare", "system"):
+            mine = [r for r in stream_runs if r.server == kind and r.batch == batch]
+            top = max(mine, key=_rate)
+            rounds = " / ".join(f"{r.records_per_s:,.0f}" for r in mine)
+            server_cpu = f"{top.server_cpu:.0%}" if top.server_cpu is not None else "n/a"
+            other = f"{top.other_cpu:.0%}" if top.other_cpu is not None else "n/a"
+            print(
+                f"   {kind:<8}{batch:>6}{top.records_per_s:>12,.0f}{top.mb_per_s:>8.1f}"
+                f"   {rounds:<36}{top.client_cpu:>11.0%}{server_cpu:>11}{other:>10}"
+            )
+    per = ", ".join(f"{b} per response {r:.2f}" for b, r in s["ratio_by_batch"].items())
+    print(f"   ratio system/bare at the same batch size: {per}")
+    top_bare = best(stream_runs, "bare", 500)
+    side = "client" if top_bare.client_cpu >= 0.9 else "server"
+    print(
+        f"   the bare server's best run (500) kept the client at {top_bare.client_cpu:.0%} of a"
+        f" core ({side} side was the limit of the baseline)"
+    )
+    verdict = "met" if s["ratio"] >= STREAM_TARGET else "MISSED"
+    print(
+        f"   best system {s['best']['500']['system']:,.0f} / best bare"
+        f" {s['best']['500']['bare']:,.0f} records/s (500 per response) = {s['ratio']:.2f}"
+        f" (target >= {STREAM_TARGET}: {verdict})"
+    )
+    print()
+
+    mem = report["memory"]
+    print(
+        "2. Streaming server memory (VmRSS of the system process, MB, sampled at every response;"
+        " growth is from the RSS just before the stream)"
+    )
+    print(
+        f"   {'batch':>7}{'round':>6}{'before':>9}{'+@10%':>8}{'+@50%':>8}{'+@100%':>8}"
+        f"{'10%->100%':>11}{'peak':>8}{'VmHWM':>8}"
+    )
+    for r in stream_runs:
+        if r.memory is None:
+            continue
+        g = r.memory
+        print(
+            f"   {r.batch:>7}{r.round:>6}{g['rss_before']:>9.1f}{g['growth_10']:>+8.1f}"
+            f"{g['growth_50']:>+8.1f}{g['growth_100']:>+8.1f}{g['growth_10_to_100']:>+11.1f}"
+            f"{g['rss_peak']:>8.1f}{g['hwm_after']:>8.1f}"
+        )
+    sl = mem["slow"]
+    print(
+        f"   slow client: {sl['records']:,} records in {sl['messages']} responses over"
+        f" {sl['seconds']:.1f} s ({sl['pause_s'] * 1000:.0f} ms pause after each); RSS before"
+        f" {sl['rss_before_mb']:.1f}, during {sl['rss_min_mb']:.1f} to {sl['rss_max_mb']:.1f},"
+        f" after cancel {sl['rss_after_cancel_mb']:.1f}"
+    )
+    worst = mem["growth_10_to_100_mb_worst"]
+    system_run = next(r for r in stream_runs if r.server == "system")
+    streamed_mb = system_run.mb_per_s * system_run.seconds
+    verdict = "flat" if worst <= FLAT_TOLERANCE_MB else "GROWS"
+    print(
+        f"   worst growth from 10% to 100% of a stream (500 per response): {worst:+.1f} MB while"
+        f" about {0.9 * streamed_mb:,.0f} MB of responses were sent (target: flat,"
+        f" <= {FLAT_TOLERANCE_MB:g} MB: {verdict})"
+    )
+    print()
+
+    p = report["publish"]
+    print(
+        f"3. PublishCallRecords throughput: {args.publish_records:,} realistic records"
+        f" ({p['source']}) in batches of {PUBLISH_BATCH:,}, at most {args.in_flight} batches in"
+        " flight, one platform client process, first send to last ack; raw: the same rows"
+        " (call_records + call_media_streams) by sqlite3 executemany into a fresh schema, one"
+        " durable transaction per batch"
+    )
+    print(
+        f"   {'kind':<18}{'round':>6}{'records/s':>11}{'seconds':>9}{'client CPU':>12}"
+        f"{'server CPU':>12}{'other CPU':>11}{'accepted':>10}{'refused':>9}"
+    )
+    runs = list(publish_runs)
+    if report["publish"]["into_filled"] is not None:
+        runs.append(PublishRun(**report["publish"]["into_filled"]))
+    for pr in runs:
+        client_cpu = f"{pr.client_cpu:.0%}" if pr.client_cpu is not None else "-"
+        server_cpu = f"{pr.server_cpu:.0%}" if pr.server_cpu is not None else "n/a"
+        other = f"{pr.other_cpu:.0%}" if pr.other_cpu is not None else "-"
+        accepted = f"{pr.accepted:,}" if pr.accepted is not None else "-"
+        refused = f"{pr.refused:,}" if pr.refused is not None else "-"
+        print(
+            f"   {pr.kind:<18}{pr.round:>6}{pr.records_per_s:>11,.0f}{pr.seconds:>9.2f}"
+            f"{client_cpu:>12}{server_cpu:>12}{other:>11}{accepted:>10}{refused:>9}"
+        )
+    print(
+        "   (raw's CPU is the inserting process's; 'system (filled)' published into the database"
+        f" holding the {args.records:,} streamed records, for information, not in the ratio)"
+    )
+    print(
+        f"   best system {p['best']['system']:,.0f} / best raw {p['best']['raw']:,.0f}"
+        f" records/s = {p['ratio']:.2f}"
+    )
+    for name, what in (("stream", "stream (500 per response)"), ("publish", "publish run")):
+        if not report["profile"] or name not in report["profile"]:
+            continue
+        profiled = report["profile"][name]
+        print()
+        print(
+            f"Server profile of one more {what}: cProfile of the event-loop thread and of every"
+            " executor thread, merged (validation runs on the loop's default executor, storage"
+            " on the database threads; C code that releases the GIL is not seen;"
+            f" {profiled['run']['records_per_s']:,.0f} records/s while profiled):"
+        )
+        print(profiled["text"].rstrip())
+    print()
+    print(f"(took {report['elapsed_s']:.0f} s)")
+    print(f"stream_ratio={report['stream_ratio']:.2f}")
+    print(f"stream_rss_growth_mb={report['stream_rss_growth_mb']:.1f}")
+    print(f"publish_ratio={report['publish_ratio']:.2f}")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="StreamCallRecords throughput and memory, and PublishCallRecords throughput"
+        " of the one-process system, each set against a raw baseline measured in the same run."
+    )
+    p.add_argument("--records", type=int, default=1_000_000, help="records stored and streamed")
+    p.add_argument("--rounds", type=int, default=3, help="stream rounds per server (500/resp)")
+    p.add_argument("--publish-records", type=int, default=50_000, help="records per publish run")
+    p.add_argument("--publish-rounds", type=int, default=2, help="publish rounds (and raw)")
+    p.add_argument("--in-flight", type=int, default=4, help="publish batches unacknowledged")
+    p.add_argument("--slow-seconds", type=float, default=5.0, help="slow client: how long")
+    p.add_argument("--slow-pause", type=float, default=0.05, help="slow client: pause, seconds")
+    p.add_argument("--seed", type=int, default=20261123, help="seed of the realistic records")
+    p.add_argument("--json", action="store_true", help="also print the figures as JSON")
+    p.add_argument("--profile", action="store_true", help="cProfile the system (stream, publish)")
+    p.add_argument(
+        "--role", choices=["bench", "serve", "stream", "publish"], default="bench", help="internal"
+    )
+    p.add_argument("--spec", default="{}", help="internal: JSON for the other roles")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    spec: dict[str, Any] = json.loads(args.spec)
+    if args.role == "serve":
+        serve = serve_system if spec["kind"] == "system" else serve_bare
+        asyncio.run(serve(spec))
+        return 0
+    if args.role == "stream":
+        asyncio.run(stream_worker(spec))
+        return 0
+    if args.role == "publish":
+        asyncio.run(publish_worker(spec))
+        return 0
+    if min(args.records, args.publish_records, args.rounds, args.publish_rounds) < 1:
+        parser().error("--records, --publish-records, --rounds, --publish-rounds must be >= 1")
+    return bench(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
