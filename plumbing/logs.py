@@ -74,6 +74,18 @@ class _Stderr:
         sys.stderr.flush()
 
 
+class _CancelledWriteFilter(logging.Filter):
+    """Drops grpc.aio's traceback for a response written to a stream its client has already
+    left (grpc/grpc#32551 logs it at ERROR): an ordinary disconnect, which the RPC's own log
+    line already records as CANCELLED."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("ExecuteBatchError raised in core")
+
+
+GRPC_CORE_LOGGER = "grpc._cython.cygrpc"
+
+
 def configure_logging(log_format: str = "auto", level: str = "info") -> None:
     """Set up structlog (and route the standard library's logging through the same output)."""
     use_console = log_format == "console" or (log_format == "auto" and sys.stderr.isatty())
@@ -97,6 +109,9 @@ def configure_logging(log_format: str = "auto", level: str = "info") -> None:
         cache_logger_on_first_use=True,
     )
     logging.basicConfig(level=max(numeric, logging.WARNING), stream=sys.stderr, force=True)
+    core = logging.getLogger(GRPC_CORE_LOGGER)
+    if not any(isinstance(f, _CancelledWriteFilter) for f in core.filters):
+        core.addFilter(_CancelledWriteFilter())
 
 
 def get_logger(name: str) -> Any:

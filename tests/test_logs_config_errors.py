@@ -32,7 +32,14 @@ from plumbing.errors import (
     resource_exhausted,
     unavailable,
 )
-from plumbing.logs import configure_logging, get_logger, mask_number, redact, redact_processor
+from plumbing.logs import (
+    GRPC_CORE_LOGGER,
+    configure_logging,
+    get_logger,
+    mask_number,
+    redact,
+    redact_processor,
+)
 
 # --- redact ------------------------------------------------------------------------------------
 
@@ -417,3 +424,22 @@ def test_error_info_metadata_travels() -> None:
     )
     _, _, details = decode(error)
     assert dict(detail(details, error_details_pb2.ErrorInfo).metadata) == {"oldest_cursor": "AQ"}
+
+
+def test_grpc_core_noise_of_a_client_that_left_is_dropped() -> None:
+    configure_logging("json", "info")
+    core = logging.getLogger(GRPC_CORE_LOGGER)
+    left = core.makeRecord(
+        core.name,
+        logging.ERROR,
+        __file__,
+        1,
+        "ExecuteBatchError raised in core by servicer method [/x]",
+        (),
+        None,
+    )
+    other = core.makeRecord(
+        core.name, logging.ERROR, __file__, 1, "Unexpected [Exception] raised", (), None
+    )
+    assert not core.filter(left)
+    assert core.filter(other)
