@@ -764,7 +764,10 @@ Global___GetQualitySummaryRequest: _TypeAlias = GetQualitySummaryRequest  # noqa
 
 @_typing.final
 class DurationPercentiles(_message.Message):
-    """Percentiles of a time metric over a group's audio streams that report it."""
+    """Percentiles of a time metric over a group's audio streams that report it, by nearest rank:
+    the p-th percentile of n values is the value at rank ceil(p/100 * n) in ascending order (a
+    value that occurred, never an interpolation).
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -804,7 +807,9 @@ Global___DurationPercentiles: _TypeAlias = DurationPercentiles  # noqa: Y015
 
 @_typing.final
 class RatioPercentiles(_message.Message):
-    """Percentiles of a ratio metric (0 to 1) over a group's audio streams that report it."""
+    """Percentiles of a ratio metric (0 to 1) over a group's audio streams that report it, by nearest
+    rank, as `DurationPercentiles`.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
