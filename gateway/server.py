@@ -34,6 +34,8 @@ from services.numbers import servicer as numbers
 from services.numbers import storage as numbers_storage
 from services.records import servicer as records
 from services.records import storage as records_storage
+from services.usage import servicer as usage
+from services.usage import storage as usage_storage
 
 log = get_logger("opconnect.server")
 
@@ -116,7 +118,8 @@ async def _every(interval_s: float, name: str, job: Callable[[], Awaitable[None]
 
 
 async def purge(runtime: Runtime) -> None:
-    """Delete what is past its retention: assignment changes, call records, audit events."""
+    """Delete what is past its retention: assignment changes, call records, call durations,
+    audit events."""
     settings, db = runtime.settings, runtime.db
     now = dt.datetime.now(dt.UTC)
     cutoff = now - dt.timedelta(seconds=settings.change_log_retention_s)
@@ -132,6 +135,10 @@ async def purge(runtime: Runtime) -> None:
             break
     if records_purged:
         log.info("purged call records", records=records_purged)
+    cutoff = now - dt.timedelta(seconds=settings.usage_retention_s)
+    durations = await db.run(usage_storage.purge_durations, cutoff, write=True)
+    if durations:
+        log.info("purged call durations", records=durations)
     cutoff = now - dt.timedelta(seconds=settings.audit_retention_s)
     audited = await db.run(audit_log.purge_events, cutoff, write=True)
     if audited:
@@ -150,7 +157,7 @@ async def start(settings: Settings) -> Runtime:
     if dev is not None:
         await registry.add(DEV_OPERATOR, "Contoso Telecom (development)")
 
-    access = {**OPEN_METHODS, **numbers.access(), **records.access()}
+    access = {**OPEN_METHODS, **numbers.access(), **records.access(), **usage.access()}
     interceptor = RpcInterceptor(
         Authenticator(trust, registry),
         access,
@@ -182,6 +189,7 @@ async def start(settings: Settings) -> Runtime:
         *records.register(
             server, db, notifier, settings, audit=audit, known_operator=known_operator
         ),
+        *usage.register(server, db, settings),
     ]
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)

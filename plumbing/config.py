@@ -82,6 +82,9 @@ class Settings:
     quality_jitter_ms: float = 30.0
     quality_mos_degradation: float = 1.0
     quality_concealed_ratio: float = 0.07
+    # Operators' call-duration records are kept this many seconds after the call started (13
+    # months: a year of monthly usage); older ones are purged, and refused at submission.
+    usage_retention_s: int = 396 * 24 * 3600
     # Audit events (every operator read of records) are kept this many seconds.
     audit_retention_s: int = 365 * 24 * 3600
     # Numbers kept by the GetNumber read cache (per process; exact, see plumbing/cache.py).

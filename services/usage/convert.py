@@ -1,0 +1,82 @@
+"""The protobuf edge of the usage service: messages in, domain types out, and back."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+
+from google.protobuf import duration_pb2, timestamp_pb2
+
+from opconnect.type.v1 import call_direction_pb2 as direction_pb
+from opconnect.usage.v1 import usage_pb2 as pb
+from services.usage.rules import Direction, DurationRecord, Outcome, Refusal, Result, Submitted
+
+DIRECTION_IN: dict[int, Direction] = {
+    direction_pb.CALL_DIRECTION_INBOUND: Direction.INBOUND,
+    direction_pb.CALL_DIRECTION_OUTBOUND: Direction.OUTBOUND,
+}
+OUTCOME_OUT = {
+    Outcome.ACCEPTED: pb.CALL_DURATION_OUTCOME_ACCEPTED,
+    Outcome.DUPLICATE: pb.CALL_DURATION_OUTCOME_DUPLICATE,
+    Outcome.REJECTED: pb.CALL_DURATION_OUTCOME_REJECTED,
+}
+_MIN_SECONDS = -62_135_596_800  # 0001-01-01T00:00:00Z
+_MAX_SECONDS = 253_402_300_799  # 9999-12-31T23:59:59Z
+_MAX_DURATION_SECONDS = 315_576_000_000
+
+
+class _Unreadable(Exception):
+    def __init__(self, refusal: Refusal) -> None:
+        self.refusal = refusal
+
+
+def _time(message: pb.CallDurationRecord, name: str) -> dt.datetime | None:
+    if not message.HasField(name):  # type: ignore[arg-type]
+        return None
+    stamp: timestamp_pb2.Timestamp = getattr(message, name)
+    if not (_MIN_SECONDS <= stamp.seconds <= _MAX_SECONDS and 0 <= stamp.nanos < 1_000_000_000):
+        raise _Unreadable(Refusal(f"{name.upper()}_INVALID", name, "not a valid timestamp"))
+    return stamp.ToDatetime(tzinfo=dt.UTC)
+
+
+def _duration(message: pb.CallDurationRecord) -> dt.timedelta | None:
+    if not message.HasField("duration"):
+        return None
+    value: duration_pb2.Duration = message.duration
+    seconds, nanos = value.seconds, value.nanos
+    valid = abs(seconds) <= _MAX_DURATION_SECONDS and abs(nanos) < 1_000_000_000
+    if not valid or seconds > 0 > nanos or seconds < 0 < nanos:
+        raise _Unreadable(Refusal("DURATION_INVALID", "duration", "not a valid duration"))
+    return dt.timedelta(seconds=seconds, microseconds=nanos // 1000)
+
+
+def submitted_in(message: pb.CallDurationRecord) -> Submitted | Refusal:
+    """The domain record and the digest of its content, or why it cannot even be read."""
+    clean = pb.CallDurationRecord()
+    clean.CopyFrom(message)
+    clean.DiscardUnknownFields()
+    try:
+        record = DurationRecord(
+            record_id=clean.record_id,
+            call_id=clean.call_id,
+            tenant_id=clean.tenant_id,
+            caller=clean.caller,
+            callee=clean.callee,
+            direction=DIRECTION_IN.get(clean.direction),
+            start_time=_time(clean, "start_time"),
+            end_time=_time(clean, "end_time"),
+            duration=_duration(clean),
+        )
+    except _Unreadable as unreadable:
+        return unreadable.refusal
+    digest = hashlib.sha256(clean.SerializeToString(deterministic=True)).digest()
+    return Submitted(record, digest)
+
+
+def result_out(result: Result) -> pb.CallDurationResult:
+    out = pb.CallDurationResult(record_id=result.record_id, outcome=OUTCOME_OUT[result.outcome])
+    if result.refusal is not None:
+        out.reason = result.refusal.reason
+        out.field = result.refusal.field
+        out.message = result.refusal.message
+    return out

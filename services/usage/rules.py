@@ -1,0 +1,128 @@
+"""The usage domain: operators' call-duration records, and the rules a submitted one must meet.
+
+A check returns a `Refusal` (reason, field name, message) or None; a rejected record is answered
+on its own and never stops its neighbours.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from dataclasses import dataclass
+from enum import StrEnum
+
+from plumbing.errors import invalid_field
+from plumbing.validation import E164, check_e164, check_guid
+
+DOMAIN = "usage.opconnect"
+
+MAX_BATCH = 1_000
+MAX_BATCH_ID = 128
+MAX_CALL_LENGTH = dt.timedelta(hours=48)
+# An operator's billable duration may round up: at most this much over end_time - start_time.
+DURATION_ALLOWANCE = dt.timedelta(seconds=1)
+
+RECORD_ID = re.compile(r"[\x20-\x7e]{1,128}")  # printable ASCII
+CALL_ID = re.compile(r"[A-Za-z0-9._\-]{1,64}")
+
+
+class Direction(StrEnum):
+    INBOUND = "inbound"
+    OUTBOUND = "outbound"
+
+
+class Outcome(StrEnum):
+    ACCEPTED = "accepted"
+    DUPLICATE = "duplicate"
+    REJECTED = "rejected"
+
+
+@dataclass(frozen=True)
+class DurationRecord:
+    """An operator's record of one call's duration, as submitted (None: missing or unknown)."""
+
+    record_id: str
+    call_id: str
+    tenant_id: str
+    caller: str
+    callee: str
+    direction: Direction | None
+    start_time: dt.datetime | None
+    end_time: dt.datetime | None
+    duration: dt.timedelta | None
+
+
+@dataclass(frozen=True)
+class Submitted:
+    """A checked record and the digest of its content: the same record_id with the same digest
+    is a duplicate; with another, a conflict."""
+
+    record: DurationRecord
+    digest: bytes
+
+
+@dataclass(frozen=True)
+class Refusal:
+    reason: str
+    field: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Result:
+    record_id: str
+    outcome: Outcome
+    refusal: Refusal | None = None
+
+
+def check_record(
+    record: DurationRecord, now: dt.datetime, retention: dt.timedelta, skew: dt.timedelta
+) -> Refusal | None:
+    """The first rule the record breaks, or None."""
+    if RECORD_ID.fullmatch(record.record_id) is None:
+        return Refusal("RECORD_ID_INVALID", "record_id", "1 to 128 printable ASCII characters")
+    if CALL_ID.fullmatch(record.call_id) is None:
+        return Refusal("CALL_ID_INVALID", "call_id", "1 to 64 of A-Z a-z 0-9 . _ -")
+    if problem := check_guid(record.tenant_id):
+        return Refusal("TENANT_ID_INVALID", "tenant_id", problem)
+    for name, value in (("caller", record.caller), ("callee", record.callee)):
+        if E164.fullmatch(value) is None:
+            return Refusal(f"{name.upper()}_INVALID", name, check_e164(value) or "not E.164")
+    if record.direction is None:
+        return Refusal("DIRECTION_INVALID", "direction", "required: INBOUND or OUTBOUND")
+    start, end, duration = record.start_time, record.end_time, record.duration
+    if start is None:
+        return Refusal("START_TIME_INVALID", "start_time", "required")
+    if start > now + skew:
+        return Refusal("START_TIME_INVALID", "start_time", "in the future")
+    if start < now - retention:
+        return Refusal("RECORD_EXPIRED", "start_time", "older than the retention of usage")
+    if end is None:
+        return Refusal("END_TIME_INVALID", "end_time", "required")
+    if end < start:
+        return Refusal("END_TIME_INVALID", "end_time", "before start_time")
+    if end - start > MAX_CALL_LENGTH:
+        return Refusal("END_TIME_INVALID", "end_time", "more than 48 hours after start_time")
+    if end > now + skew:
+        return Refusal("END_TIME_INVALID", "end_time", "in the future")
+    if duration is None or duration < dt.timedelta(0):
+        return Refusal("DURATION_INVALID", "duration", "required, and not negative")
+    if duration > end - start + DURATION_ALLOWANCE:
+        return Refusal(
+            "DURATION_INVALID",
+            "duration",
+            "at most 1 second longer than end_time minus start_time",
+        )
+    return None
+
+
+def check_batch(batch_id: str, size: int) -> None:
+    """A batch the stream cannot go on after (the stream ends with INVALID_ARGUMENT)."""
+    if len(batch_id) > MAX_BATCH_ID or not batch_id.isprintable():
+        raise invalid_field(
+            DOMAIN, "BATCH_ID_INVALID", "batch_id", "at most 128 printable characters"
+        )
+    if size == 0:
+        raise invalid_field(DOMAIN, "BATCH_EMPTY", "records", "1 to 1,000 records")
+    if size > MAX_BATCH:
+        raise invalid_field(DOMAIN, "BATCH_TOO_LARGE", "records", f"at most {MAX_BATCH:,} records")
