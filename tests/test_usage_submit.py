@@ -17,6 +17,7 @@ import sqlalchemy as sa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from gateway import server
 from opconnect.type.v1 import call_direction_pb2 as direction_pb
 from opconnect.usage.v1 import usage_pb2 as pb
 from opconnect.usage.v1 import usage_pb2_grpc as pb_grpc
@@ -292,3 +293,19 @@ def test_fuzzed_fields_are_accepted_or_rejected_for_that_field(
         assert (middle.reason, middle.field) == (TEXT_FIELDS[name], name)
     else:
         assert middle.outcome == pb.CALL_DURATION_OUTCOME_ACCEPTED
+
+
+def test_durations_past_the_retention_are_purged(sqlite_system: RunningSystem) -> None:
+    old, recent = duration_record(), duration_record()
+    submit(usage_stub(sqlite_system), [old, recent])
+
+    def age(session: sa.orm.Session) -> None:
+        c = storage.DURATIONS.c
+        then = dt.datetime.now(dt.UTC) - dt.timedelta(days=400)
+        session.execute(
+            sa.update(storage.DURATIONS).where(c.record_id == old.record_id).values(start_time=then)
+        )
+
+    sqlite_system.call(sqlite_system.runtime.db.run(age, write=True))
+    sqlite_system.call(server.purge(sqlite_system.runtime))
+    assert stored(sqlite_system) == [recent.record_id]
