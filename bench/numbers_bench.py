@@ -25,37 +25,43 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import cProfile
-import io
 import json
 import math
-import os
-import platform
-import pstats
 import sqlite3
-import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, NoReturn, TypeAlias, cast
+from typing import Any, NoReturn, cast
 
 import grpc
-from google import protobuf
-from google.protobuf.internal import api_implementation
+from common import (
+    OPERATOR,
+    PLATFORM,
+    SERVER_OPTIONS,
+    TENANT,
+    Child,
+    Context,
+    ServerProcess,
+    bench_settings,
+    cpu_seconds,
+    credentials,
+    machine,
+    machine_busy_seconds,
+    print_header,
+    profile_text,
+    read_line,
+    run_bare_server,
+    serve_commands,
+    start_system,
+)
 
-from gateway import server as gateway_server
 from gateway.pki import PkiPaths, ensure_dev_pki
 from opconnect.numbers.v1 import numbers_pb2 as pb
 from opconnect.numbers.v1 import numbers_pb2_grpc as pb_grpc
-from plumbing.config import Settings
-from plumbing.logs import configure_logging
 
-OPERATOR = "contoso-telecom"
-PLATFORM = "admin-center"
-TENANT = "6f1a4b2c-8d3e-4f5a-9b6c-7d8e9f0a1b2c"
 USER_ID = "11111111-2222-4333-8444-555555555555"
 SIP_URI = "sip:{number}@sbc1.contoso.example;user=phone"
 GET_NUMBER = "+14255550100"
@@ -64,52 +70,10 @@ POOL = [f"+1425555{1000 + i}" for i in range(100)]  # numbers assigned and unass
 GETNUMBER_TARGET = 0.7
 NOTIFY_P99_TARGET_MS = 20.0
 WARMUP_CHANGES = 20
-
-# The options gateway.server.start gives its server; the bare server gets the same.
-SERVER_OPTIONS: list[tuple[str, Any]] = [
-    ("grpc.max_receive_message_length", 16 * 1024 * 1024),
-    ("grpc.max_send_message_length", 16 * 1024 * 1024),
-    ("grpc.keepalive_time_ms", 60_000),
-    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-    ("grpc.so_reuseport", 0),
-]
-
-Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
+STOP_WAIT_S = 15.0  # how long a child process may take to finish once told to
 
 
-# --------------------------------------------------------------------------- shared helpers
-
-
-def credentials(pki_dir: Path, kind: str, ident: str) -> grpc.ChannelCredentials:
-    """Channel credentials for a client identity of the development PKI in `pki_dir`."""
-    paths = PkiPaths.at(pki_dir)
-    cert, key = paths.client(f"{kind}-{ident}")
-    return grpc.ssl_channel_credentials(
-        root_certificates=paths.ca_cert.read_bytes(),
-        private_key=key.read_bytes(),
-        certificate_chain=cert.read_bytes(),
-    )
-
-
-def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU seconds of a process and all its threads (Linux /proc), else None."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def machine_busy_seconds() -> float | None:
-    """CPU seconds the whole machine has spent busy, all cores together (Linux /proc/stat)."""
-    try:
-        first = Path("/proc/stat").read_text().split("\n", 1)[0].split()
-    except OSError:
-        return None
-    ticks = [int(v) for v in first[1:]]
-    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle + iowait
-    return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+# --------------------------------------------------------------------------- helpers
 
 
 def percentile(ordered: Sequence[float], p: float) -> float:
@@ -128,11 +92,6 @@ def summary_ms(samples_s: Sequence[float]) -> dict[str, float]:
         "p99": percentile(ordered, 99),
         "max": ordered[-1],
     }
-
-
-async def read_line() -> str:
-    """One line of stdin without blocking the event loop ('' at end of file)."""
-    return await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
 
 
 # --------------------------------------------------------------------------- server processes
@@ -177,130 +136,18 @@ class BareNumberService(pb_grpc.NumberServiceServicer):
         yield pb.WatchAssignmentsResponse()  # not reached: makes this a server-streaming handler
 
 
-async def serve_commands() -> None:
-    """Follow the orchestrator's commands on stdin until it closes it.
-
-    `profile-start` turns cProfile on (for the event-loop thread, where the gRPC handlers run);
-    `profile-stop PATH` turns it off, writes the stats to PATH and answers `PROFILED`.
-    """
-    profiler: cProfile.Profile | None = None
-    while line := await read_line():
-        command, _, argument = line.strip().partition(" ")
-        if command == "profile-start":
-            profiler = cProfile.Profile()
-            profiler.enable()
-        elif command == "profile-stop" and profiler is not None:
-            profiler.disable()
-            profiler.dump_stats(argument)
-            profiler = None
-            print("PROFILED", flush=True)
-
-
 async def serve_system(root: Path) -> None:
-    paths = PkiPaths.at(root / "pki")
-    settings = bench_settings(root, paths)
-    configure_logging(settings.log_format, settings.log_level)
-    runtime = await gateway_server.start(settings)
-    await runtime.registry.add(OPERATOR, "benchmark operator")
+    runtime = await start_system(bench_settings(root / "data", PkiPaths.at(root / "pki")))
     print(f"READY {runtime.port}", flush=True)
     await serve_commands()
     await runtime.stop(grace_s=1.0)
 
 
 async def serve_bare(root: Path) -> None:
-    paths = PkiPaths.at(root / "pki")
     response = pb.GetNumberResponse.FromString((root / "response.bin").read_bytes())
     bare = grpc.aio.server(options=SERVER_OPTIONS)
     pb_grpc.add_NumberServiceServicer_to_server(BareNumberService(response), bare)
-    tls = grpc.ssl_server_credentials(
-        [(paths.server_key.read_bytes(), paths.server_cert.read_bytes())],
-        root_certificates=paths.ca_cert.read_bytes(),
-        require_client_auth=True,
-    )
-    port = bare.add_secure_port("127.0.0.1:0", tls)
-    await bare.start()
-    print(f"READY {port}", flush=True)
-    await serve_commands()
-    await bare.stop(1.0)
-
-
-def bench_settings(root: Path, paths: PkiPaths) -> Settings:
-    """The settings the system runs with in this benchmark."""
-
-    return Settings(
-        data_dir=root / "data",
-        listen="127.0.0.1:0",
-        tls_cert_file=str(paths.server_cert),
-        tls_key_file=str(paths.server_key),
-        operator_ca_file=str(paths.ca_cert),
-        crl_file=str(paths.crl),
-        log_level="warning",
-        log_format="json",
-        rate_per_operator=1e9,
-        rate_burst=10**9,
-    )
-
-
-class Child:
-    """This script started again in a child process with `--role role`, driven by lines: commands
-    go to its stdin, answers come from its stdout; closing its stdin tells it to finish."""
-
-    def __init__(self, role: str, spec: str) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, __file__, "--role", role, "--spec", spec],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        self.pid = self.process.pid
-
-    def line(self) -> str:
-        assert self.process.stdout is not None
-        line = self.process.stdout.readline()
-        if not line:
-            self.stop()
-            raise RuntimeError(f"child process {self.pid} ended (exit {self.process.returncode})")
-        return line.strip()
-
-    def expect(self, prefix: str) -> str:
-        line = self.line()
-        if not line.startswith(prefix):
-            self.stop()
-            raise RuntimeError(f"child process {self.pid} said {line!r}, expected {prefix!r}")
-        return line
-
-    def send(self, command: str) -> None:
-        assert self.process.stdin is not None
-        self.process.stdin.write(command + "\n")
-        self.process.stdin.flush()
-
-    def stop(self) -> None:
-        if self.process.poll() is not None:
-            return
-        assert self.process.stdin is not None
-        self.process.stdin.close()
-        try:
-            self.process.wait(15)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(5)
-
-
-class ServerProcess(Child):
-    """A server (`system` or `bare`) in a child process of its own."""
-
-    def __init__(self, kind: str, root: Path) -> None:
-        super().__init__("serve", json.dumps({"kind": kind, "root": str(root)}))
-        self.kind = kind
-        self.port = int(self.expect("READY ").split()[1])
-        self.address = f"127.0.0.1:{self.port}"
-
-    def profile_start(self) -> None:
-        self.send("profile-start")
-
-    def profile_stop(self, path: Path) -> None:
-        self.send(f"profile-stop {path}")
-        self.expect("PROFILED")
+    await run_bare_server(bare, root / "pki")
 
 
 # --------------------------------------------------------------------------- load processes
@@ -399,17 +246,15 @@ class LoadWorkers:
         self, count: int, servers: Sequence[ServerProcess], root: Path, args: argparse.Namespace
     ) -> None:
         self.seconds = float(args.seconds)
-        spec = json.dumps(
-            {
-                "root": str(root),
-                "targets": {s.kind: {"address": s.address, "pid": s.pid} for s in servers},
-                "phone_number": GET_NUMBER,
-                "seconds": args.seconds,
-                "warmup": args.warmup,
-                "concurrency": args.concurrency,
-            }
-        )
-        self.workers = [Child("load", spec) for _ in range(count)]
+        spec = {
+            "root": str(root),
+            "targets": {s.kind: {"address": s.address, "pid": s.pid} for s in servers},
+            "phone_number": GET_NUMBER,
+            "seconds": args.seconds,
+            "warmup": args.warmup,
+            "concurrency": args.concurrency,
+        }
+        self.workers = [Child("load", spec, STOP_WAIT_S) for _ in range(count)]
         for worker in self.workers:
             worker.expect("READY")
 
@@ -608,40 +453,11 @@ def server_profile(system: ServerProcess, workers: LoadWorkers, root: Path) -> t
     system.profile_start()
     run = workers.run(system, 1, 0)
     system.profile_stop(path)
-    out = io.StringIO()
-    stats = pstats.Stats(str(path), stream=out)
-    stats.sort_stats("tottime").print_stats(15)
-    stats.sort_stats("cumulative").print_stats(15)
-    return run, out.getvalue()
-
-
-def machine() -> dict[str, Any]:
-    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
-    return {
-        "nproc": affinity or os.cpu_count(),
-        "cpu_count": os.cpu_count(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "grpcio": grpc.__version__,
-        "protobuf": f"{_protobuf_version()} ({api_implementation.Type()})",
-        "sqlite": sqlite3.sqlite_version,
-    }
-
-
-def _protobuf_version() -> str:
-    return str(protobuf.__version__)
+    return run, profile_text(path, 15)
 
 
 def print_report(report: dict[str, Any], runs: list[LoadRun], args: argparse.Namespace) -> None:
-    m = report["machine"]
-    print("opconnect numbers benchmark")
-    print(
-        f"machine:  nproc={m['nproc']} (cpu_count {m['cpu_count']}), {m['platform']}, "
-        f"python {m['python']}, grpcio {m['grpcio']}, protobuf {m['protobuf']}, "
-        f"sqlite {m['sqlite']}"
-    )
-    print("settings: " + ", ".join(f"{k}={v}" for k, v in report["settings"].items()))
-    print("bench:    " + ", ".join(f"{k}={v}" for k, v in report["params"].items()))
+    print_header("opconnect numbers benchmark", report)
     print()
 
     g = report["getnumber"]
@@ -742,14 +558,14 @@ def bench(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="opconnect-bench-") as tmp:
         root = Path(tmp)
         paths = ensure_dev_pki(root / "pki", operator_id=OPERATOR, platform_name=PLATFORM)
-        settings = bench_settings(root, paths)
+        settings = bench_settings(root / "data", paths)
         children: list[ServerProcess | LoadWorkers] = []
         try:
-            system = ServerProcess("system", root)
+            system = ServerProcess("system", {"root": str(root)}, STOP_WAIT_S)
             children.append(system)
             response = asyncio.run(prepare(system.address, root))
             (root / "response.bin").write_bytes(response)
-            bare = ServerProcess("bare", root)
+            bare = ServerProcess("bare", {"root": str(root)}, STOP_WAIT_S)
             children.append(bare)
             workers = LoadWorkers(client_counts[-1], [bare, system], root, args)
             children.append(workers)

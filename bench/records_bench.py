@@ -37,37 +37,49 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import cProfile
 import datetime as dt
 import functools
 import hashlib
-import io
 import json
 import os
-import platform
-import pstats
 import random
 import sqlite3
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, ParamSpec, TypeAlias, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 import grpc
-from google import protobuf
-from google.protobuf.internal import api_implementation
+from common import (
+    OPERATOR,
+    PLATFORM,
+    SERVER_OPTIONS,
+    TENANT,
+    Child,
+    Context,
+    ServerProcess,
+    ThreadProfiles,
+    bench_settings,
+    cpu_seconds,
+    credentials,
+    machine,
+    machine_busy_seconds,
+    print_header,
+    profile_text,
+    read_line,
+    run_bare_server,
+    serve_commands,
+    start_system,
+)
 from google.protobuf.timestamp_pb2 import Timestamp
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 
 from gateway import registry
-from gateway import server as gateway_server
 from gateway.pki import PkiPaths, ensure_dev_pki
 from opconnect.records.v1 import records_pb2 as pb
 from opconnect.records.v1 import records_pb2_grpc as pb_grpc
@@ -75,15 +87,11 @@ from plumbing import wire
 from plumbing.changelog import encode_cursor
 from plumbing.config import Settings
 from plumbing.db import Database
-from plumbing.logs import configure_logging
 from services.records import convert, rules, servicer, storage
 
 P = ParamSpec("P")
 T = TypeVar("T")
 
-OPERATOR = "contoso-telecom"
-PLATFORM = "admin-center"
-TENANT = "6f1a4b2c-8d3e-4f5a-9b6c-7d8e9f0a1b2c"
 TRUNKS = ("sbc1.contoso-telecom.example", "sbc2.contoso-telecom.example")
 STREAM_METHOD = "/opconnect.records.v1.CallRecordService/StreamCallRecords"
 LOG = rules.LOG
@@ -97,51 +105,8 @@ PUBLISH_BATCH = rules.MAX_BATCH
 INTO_FILLED_RUN = 90  # run id of the informative publish into the filled database
 PROFILE_RUN = 91  # run id of the profiled publish
 
-# The options gateway.server.start gives its server; the bare server gets the same.
-SERVER_OPTIONS: list[tuple[str, Any]] = [
-    ("grpc.max_receive_message_length", 20 * 1024 * 1024),
-    ("grpc.max_send_message_length", 16 * 1024 * 1024),
-    ("grpc.keepalive_time_ms", 60_000),
-    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-    ("grpc.so_reuseport", 0),
-]
 
-Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
-
-
-# --------------------------------------------------------------------------- shared helpers
-
-
-def credentials(pki_dir: Path, kind: str, ident: str) -> grpc.ChannelCredentials:
-    """Channel credentials for a client identity of the development PKI in `pki_dir`."""
-    paths = PkiPaths.at(pki_dir)
-    cert, key = paths.client(f"{kind}-{ident}")
-    return grpc.ssl_channel_credentials(
-        root_certificates=paths.ca_cert.read_bytes(),
-        private_key=key.read_bytes(),
-        certificate_chain=cert.read_bytes(),
-    )
-
-
-def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU seconds of a process and all its threads (Linux /proc), else None."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def machine_busy_seconds() -> float | None:
-    """CPU seconds the whole machine has spent busy, all cores together (Linux /proc/stat)."""
-    try:
-        first = Path("/proc/stat").read_text().split("\n", 1)[0].split()
-    except OSError:
-        return None
-    ticks = [int(v) for v in first[1:]]
-    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle + iowait
-    return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+# --------------------------------------------------------------------------- helpers
 
 
 def other_cpu(
@@ -176,12 +141,6 @@ def rss_kb(pid: int) -> int:
 
 def chunks(items: Sequence[T], size: int) -> list[Sequence[T]]:
     return [items[start : start + size] for start in range(0, len(items), size)]
-
-
-async def read_line(executor: ThreadPoolExecutor) -> str:
-    """One line of stdin without blocking the event loop ('' at end of file), read on a thread
-    of its own (not the loop's default executor, which the profiler watches)."""
-    return await asyncio.get_running_loop().run_in_executor(executor, sys.stdin.readline)
 
 
 def repo_on_path() -> None:
@@ -224,22 +183,6 @@ def realistic_records(
             for i in range(count)
         ]
         return made, f"tests/records_data.py (simulator/calls.py failed: {error!r:.120})"
-
-
-def bench_settings(data_dir: Path, paths: PkiPaths) -> Settings:
-    """The settings the system runs with in this benchmark."""
-    return Settings(
-        data_dir=data_dir,
-        listen="127.0.0.1:0",
-        tls_cert_file=str(paths.server_cert),
-        tls_key_file=str(paths.server_key),
-        operator_ca_file=str(paths.ca_cert),
-        crl_file=str(paths.crl),
-        log_level="warning",
-        log_format="json",
-        rate_per_operator=1e9,
-        rate_burst=10**9,
-    )
 
 
 # --------------------------------------------------------------------------- filling the database
@@ -462,25 +405,6 @@ def fill(data_dir: Path, count: int, seed: int) -> FillResult:
 # --------------------------------------------------------------------------- server processes
 
 
-class ThreadProfiles:
-    """cProfile in every thread that runs work handed to an executor (database threads, the
-    loop's default executor), each thread with its own profiler, while `active`."""
-
-    def __init__(self) -> None:
-        self.active = False
-        self.profilers: dict[int, cProfile.Profile] = {}
-
-    def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        if not self.active:
-            return fn(*args, **kwargs)
-        profiler = self.profilers.setdefault(threading.get_ident(), cProfile.Profile())
-        profiler.enable()
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            profiler.disable()
-
-
 class ProfilingExecutor(ThreadPoolExecutor):
     """A thread pool whose work items run under `ThreadProfiles.call`."""
 
@@ -492,42 +416,10 @@ class ProfilingExecutor(ThreadPoolExecutor):
         return super().submit(functools.partial(self._profiles.call, fn, *args, **kwargs))
 
 
-async def serve_commands(profiles: ThreadProfiles | None) -> None:
-    """Follow the orchestrator's commands on stdin until it closes it.
-
-    `profile-start` turns cProfile on (the event-loop thread, and with `profiles` the threads
-    of the executors); `profile-stop PATH` turns it off, writes the merged stats to PATH and
-    answers `PROFILED`.
-    """
-    stdin = ThreadPoolExecutor(1, thread_name_prefix="stdin")
-    profiler: cProfile.Profile | None = None
-    while line := await read_line(stdin):
-        command, _, argument = line.strip().partition(" ")
-        if command == "profile-start":
-            profiler = cProfile.Profile()
-            if profiles is not None:
-                profiles.profilers.clear()
-                profiles.active = True
-            profiler.enable()
-        elif command == "profile-stop" and profiler is not None:
-            profiler.disable()
-            stats = pstats.Stats(profiler)
-            if profiles is not None:
-                profiles.active = False
-                for thread_profiler in profiles.profilers.values():
-                    stats.add(thread_profiler)
-            stats.dump_stats(argument)
-            profiler = None
-            print("PROFILED", flush=True)
-    stdin.shutdown(wait=False)
-
-
 async def serve_system(spec: dict[str, Any]) -> None:
     paths = PkiPaths.at(Path(spec["root"]) / "pki")
     settings = bench_settings(Path(spec["data_dir"]), paths)
-    configure_logging(settings.log_format, settings.log_level)
-    runtime = await gateway_server.start(settings)
-    await runtime.registry.add(OPERATOR, "benchmark operator")
+    runtime = await start_system(settings)
     profiles: ThreadProfiles | None = None
     if spec.get("profile"):
         # Validation runs on the loop's default executor and storage on the database threads:
@@ -595,7 +487,6 @@ class BareStream:
 
 
 async def serve_bare(spec: dict[str, Any]) -> None:
-    paths = PkiPaths.at(Path(spec["root"]) / "pki")
     settings = Settings()
     responses = bare_responses(Path(spec["database"]), spec["sample"], spec["batch_sizes"])
     handler = BareStream(responses, spec["records"], settings)
@@ -614,86 +505,7 @@ async def serve_bare(spec: dict[str, Any]) -> None:
             ),
         )
     )
-    tls = grpc.ssl_server_credentials(
-        [(paths.server_key.read_bytes(), paths.server_cert.read_bytes())],
-        root_certificates=paths.ca_cert.read_bytes(),
-        require_client_auth=True,
-    )
-    port = bare.add_secure_port("127.0.0.1:0", tls)
-    await bare.start()
-    print(f"READY {port}", flush=True)
-    await serve_commands(None)
-    await bare.stop(1.0)
-
-
-class Child:
-    """This script started again in a child process with `--role role`, driven by lines: commands
-    go to its stdin, answers come from its stdout; closing its stdin tells it to finish."""
-
-    def __init__(self, role: str, spec: dict[str, Any]) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, __file__, "--role", role, "--spec", json.dumps(spec)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        self.pid = self.process.pid
-
-    def line(self) -> str:
-        assert self.process.stdout is not None
-        line = self.process.stdout.readline()
-        if not line:
-            self.stop()
-            raise RuntimeError(f"child process {self.pid} ended (exit {self.process.returncode})")
-        return line.strip()
-
-    def expect(self, prefix: str) -> str:
-        line = self.line()
-        if not line.startswith(prefix):
-            self.stop()
-            raise RuntimeError(f"child process {self.pid} said {line!r}, expected {prefix!r}")
-        return line
-
-    def send(self, command: str) -> None:
-        assert self.process.stdin is not None
-        self.process.stdin.write(command + "\n")
-        self.process.stdin.flush()
-
-    def ask(self, command: str) -> dict[str, Any]:
-        """Send a command and read its one-line JSON answer."""
-        self.send(command)
-        answer: dict[str, Any] = json.loads(self.line())
-        if "error" in answer:
-            raise RuntimeError(f"child process {self.pid}: {answer['error']}")
-        return answer
-
-    def stop(self) -> None:
-        if self.process.poll() is not None:
-            return
-        assert self.process.stdin is not None
-        self.process.stdin.close()
-        try:
-            self.process.wait(30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(5)
-
-
-class ServerProcess(Child):
-    """A server (`system` or `bare`) in a child process of its own."""
-
-    def __init__(self, kind: str, spec: dict[str, Any]) -> None:
-        super().__init__("serve", {"kind": kind, **spec})
-        self.kind = kind
-        self.port = int(self.expect("READY ").split()[1])
-        self.address = f"127.0.0.1:{self.port}"
-
-    def profile_start(self) -> None:
-        self.send("profile-start")
-
-    def profile_stop(self, path: Path) -> None:
-        self.send(f"profile-stop {path}")
-        self.expect("PROFILED")
+    await run_bare_server(bare, Path(spec["root"]) / "pki")
 
 
 # --------------------------------------------------------------------------- stream client
@@ -1088,27 +900,6 @@ def raw_run(source: Path, run: int, target: Path, round_no: int, batch: int) -> 
     )
 
 
-def profile_text(path: Path) -> str:
-    out = io.StringIO()
-    stats = pstats.Stats(str(path), stream=out)
-    stats.sort_stats("tottime").print_stats(20)
-    stats.sort_stats("cumulative").print_stats(20)
-    return out.getvalue()
-
-
-def machine() -> dict[str, Any]:
-    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
-    return {
-        "nproc": affinity or os.cpu_count(),
-        "cpu_count": os.cpu_count(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "grpcio": grpc.__version__,
-        "protobuf": f"{protobuf.__version__} ({api_implementation.Type()})",
-        "sqlite": sqlite3.sqlite_version,
-    }
-
-
 def best(runs: Sequence[StreamRun], server: str, batch: int) -> StreamRun:
     return max((r for r in runs if r.server == server and r.batch == batch), key=_rate)
 
@@ -1174,7 +965,7 @@ def bench(args: argparse.Namespace) -> int:
                 system.profile_start()
                 profiled_stream = stream_run(streamer, system, 500, 0, args.records)
                 system.profile_stop(path)
-                profile["stream"] = {"run": asdict(profiled_stream), "text": profile_text(path)}
+                profile["stream"] = {"run": asdict(profiled_stream), "text": profile_text(path, 20)}
             streamer.stop()
             bare.stop()
 
@@ -1228,7 +1019,7 @@ def bench(args: argparse.Namespace) -> int:
                 fresh.profile_start()
                 profiled, _ = publish_run(publisher, "fresh", "system", 0, PROFILE_RUN)
                 fresh.profile_stop(path)
-                profile["publish"] = {"run": asdict(profiled), "text": profile_text(path)}
+                profile["publish"] = {"run": asdict(profiled), "text": profile_text(path, 20)}
         finally:
             for child in reversed(children):
                 child.stop()
@@ -1334,16 +1125,8 @@ def print_report(
     publish_runs: list[PublishRun],
     args: argparse.Namespace,
 ) -> None:
-    m = report["machine"]
     print()
-    print("opconnect records benchmark")
-    print(
-        f"machine:  nproc={m['nproc']} (cpu_count {m['cpu_count']}), {m['platform']}, "
-        f"python {m['python']}, grpcio {m['grpcio']}, protobuf {m['protobuf']}, "
-        f"sqlite {m['sqlite']}"
-    )
-    print("settings: " + ", ".join(f"{k}={v}" for k, v in report["settings"].items()))
-    print("bench:    " + ", ".join(f"{k}={v}" for k, v in report["params"].items()))
+    print_header("opconnect records benchmark", report)
     f = report["fill"]
     print(
         f"fill:     {f['records']:,} records, {f['media_streams']:,} media stream rows,"
