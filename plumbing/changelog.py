@@ -282,6 +282,11 @@ def _page(session: Session, spec: Follow, read: ReadFn[T], after: int) -> tuple[
     return read(session, after, head.position, spec.batch_size), head
 
 
+def oldest_position(session: Session, log_name: str) -> int:
+    """Where a stream from the oldest change kept starts: the purge horizon."""
+    return read_head(session, log_name).purged_through
+
+
 async def start_position(db: Database, log_name: str) -> int:
     """The log's current head: where a stream 'from now' starts."""
     return (await db.run(read_head, log_name)).position

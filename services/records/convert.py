@@ -35,8 +35,9 @@ from services.records.rules import (
     Refusal,
     Result,
 )
+from services.records.storage import CallFact
 
-DIRECTION_IN: dict[int, Direction] = {
+DIRECTION_IN: dict[direction_pb.CallDirection.ValueType, Direction] = {
     direction_pb.CALL_DIRECTION_INBOUND: Direction.INBOUND,
     direction_pb.CALL_DIRECTION_OUTBOUND: Direction.OUTBOUND,
 }
@@ -303,5 +304,23 @@ def group_out(group: QualityGroup) -> pb.QualityGroup:
     )
 
 
-def direction_in(value: int) -> Direction | None:
+def direction_in(value: direction_pb.CallDirection.ValueType) -> Direction | None:
     return DIRECTION_IN.get(value)
+
+
+DIRECTION_OUT = {v: k for k, v in DIRECTION_IN.items()}
+
+
+def fact_out(fact: CallFact) -> pb.CallFact:
+    out = pb.CallFact(
+        operator_id=fact.operator_id,
+        call_id=fact.call_id,
+        tenant_id=fact.tenant_id,
+        direction=DIRECTION_OUT[Direction(fact.direction)],
+        invite_time=timestamp(fact.invite_time),
+        duration=duration_ms(fact.duration_ms),
+        publish_time=timestamp(fact.publish_time),
+    )
+    if fact.answer_time is not None:
+        out.answer_time.CopyFrom(timestamp(fact.answer_time))
+    return out

@@ -23,11 +23,13 @@ from opconnect.records.v1 import records_pb2 as pb
 from opconnect.records.v1 import records_pb2_grpc as pb_grpc
 from plumbing.audit import AuditLog
 from plumbing.changelog import (
+    ANY_KEY,
     Follow,
     Notifier,
     decode_cursor,
     encode_cursor,
     follow_log,
+    oldest_position,
     start_position,
 )
 from plumbing.config import Settings
@@ -200,6 +202,39 @@ def _stream_filters(
     return filters
 
 
+class CallFeedService(pb_grpc.CallFeedServiceServicer):
+    """Every operator's calls, for the platform's own systems (the usage service)."""
+
+    def __init__(self, db: Database, notifier: Notifier, settings: Settings) -> None:
+        self._db = db
+        self._notifier = notifier
+        self._settings = settings
+
+    async def FollowCalls(
+        self, request: pb.FollowCallsRequest, context: Context
+    ) -> AsyncIterator[pb.FollowCallsResponse]:
+        size = _batch_size(request.max_batch_size, self._settings)
+        if request.cursor:
+            after = decode_cursor(request.cursor, LOG, DOMAIN)
+        elif request.from_oldest:
+            after = await self._db.run(oldest_position, LOG)
+        else:
+            after = await start_position(self._db, LOG)
+            yield pb.FollowCallsResponse(cursor=encode_cursor(LOG, after))
+        spec = Follow(LOG, ANY_KEY, DOMAIN, size, self._settings.heartbeat_interval_s)
+        async for batch in follow_log(
+            self._db, self._notifier, spec, storage.read_facts, _fact_position, after=after
+        ):
+            yield pb.FollowCallsResponse(
+                calls=[convert.fact_out(f) for f in batch.items],
+                cursor=encode_cursor(LOG, batch.position),
+            )
+
+
+def _fact_position(fact: storage.CallFact) -> int:
+    return fact.position
+
+
 class CallRecordIngestService(pb_grpc.CallRecordIngestServiceServicer):
     def __init__(
         self,
@@ -332,6 +367,7 @@ def access() -> dict[str, Access]:
         {
             pb.DESCRIPTOR.services_by_name["CallRecordService"]: Access.OPERATOR,
             pb.DESCRIPTOR.services_by_name["CallRecordIngestService"]: Access.PLATFORM,
+            pb.DESCRIPTOR.services_by_name["CallFeedService"]: Access.PLATFORM,
         }
     )
 
@@ -352,4 +388,5 @@ def register(
     pb_grpc.add_CallRecordIngestServiceServicer_to_server(
         CallRecordIngestService(db, notifier, settings, known_operator), server
     )
+    pb_grpc.add_CallFeedServiceServicer_to_server(CallFeedService(db, notifier, settings), server)
     return [s.full_name for s in pb.DESCRIPTOR.services_by_name.values()]

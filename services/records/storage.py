@@ -72,6 +72,7 @@ class CallRecordRow(Base):
     callee: Mapped[str] = mapped_column(String(512))
     trunk_fqdn: Mapped[str] = mapped_column(String(253))
     invite_time: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    answer_time: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     end_time: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
     duration_ms: Mapped[int] = mapped_column(BigInteger)
     final_sip_code: Mapped[int] = mapped_column(Integer)
@@ -196,6 +197,7 @@ def publish(
                 "callee": record.callee,
                 "trunk_fqdn": record.trunk_fqdn,
                 "invite_time": invite,
+                "answer_time": record.answer_time,
                 "end_time": end,
                 "duration_ms": record.duration // dt.timedelta(milliseconds=1),
                 "final_sip_code": record.final_sip_code,
@@ -269,6 +271,56 @@ def _stored_time(session: Session, value: dt.datetime) -> Any:
     if session.get_bind().dialect.name == "sqlite":
         return value.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
     return value
+
+
+@dataclass(frozen=True)
+class CallFact:
+    """What the platform's own systems need of a published call (CallFeedService)."""
+
+    position: int
+    operator_id: str
+    call_id: str
+    tenant_id: str
+    direction: str
+    invite_time: dt.datetime
+    answer_time: dt.datetime | None
+    duration_ms: int
+    publish_time: dt.datetime
+
+
+def read_facts(session: Session, after: int, upto: int, limit: int) -> list[CallFact]:
+    """Every operator's calls with after < position <= upto, in position order."""
+    c = RECORDS.c
+    query = (
+        select(
+            c.position,
+            c.operator_id,
+            c.call_id,
+            c.tenant_id,
+            c.direction,
+            c.invite_time,
+            c.answer_time,
+            c.duration_ms,
+            c.publish_time,
+        )
+        .where(c.position > after, c.position <= upto)
+        .order_by(c.position)
+        .limit(limit)
+    )
+    return [
+        CallFact(
+            position=int(row.position),
+            operator_id=row.operator_id,
+            call_id=row.call_id,
+            tenant_id=row.tenant_id,
+            direction=row.direction,
+            invite_time=_utc(row.invite_time),
+            answer_time=_utc(row.answer_time) if row.answer_time is not None else None,
+            duration_ms=int(row.duration_ms),
+            publish_time=_utc(row.publish_time),
+        )
+        for row in session.execute(query)
+    ]
 
 
 def position_at(session: Session, start_time: dt.datetime) -> int:

@@ -1081,3 +1081,121 @@ class PublishCallRecordsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PublishCallRecordsResponse: _TypeAlias = PublishCallRecordsResponse  # noqa: Y015
+
+@_typing.final
+class CallFact(_message.Message):
+    """One published call, as the platform's systems need it to account for it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OPERATOR_ID_FIELD_NUMBER: _builtins.int
+    CALL_ID_FIELD_NUMBER: _builtins.int
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    DIRECTION_FIELD_NUMBER: _builtins.int
+    INVITE_TIME_FIELD_NUMBER: _builtins.int
+    ANSWER_TIME_FIELD_NUMBER: _builtins.int
+    DURATION_FIELD_NUMBER: _builtins.int
+    PUBLISH_TIME_FIELD_NUMBER: _builtins.int
+    operator_id: _builtins.str
+    """The operator whose trunk carried the call."""
+    call_id: _builtins.str
+    """The platform's call id."""
+    tenant_id: _builtins.str
+    """The customer tenant (a GUID, lowercase)."""
+    direction: _call_direction_pb2.CallDirection.ValueType
+    """Which way the call went."""
+    @_builtins.property
+    def invite_time(self) -> _timestamp_pb2.Timestamp:
+        """When the call was set up."""
+
+    @_builtins.property
+    def answer_time(self) -> _timestamp_pb2.Timestamp:
+        """When the call was answered; unset for a call that was never answered."""
+
+    @_builtins.property
+    def duration(self) -> _duration_pb2.Duration:
+        """How long the call was connected (zero when unanswered), to the millisecond."""
+
+    @_builtins.property
+    def publish_time(self) -> _timestamp_pb2.Timestamp:
+        """When the record was committed."""
+
+    def __init__(
+        self,
+        *,
+        operator_id: _builtins.str = ...,
+        call_id: _builtins.str = ...,
+        tenant_id: _builtins.str = ...,
+        direction: _call_direction_pb2.CallDirection.ValueType = ...,
+        invite_time: _timestamp_pb2.Timestamp | None = ...,
+        answer_time: _timestamp_pb2.Timestamp | None = ...,
+        duration: _duration_pb2.Duration | None = ...,
+        publish_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["answer_time", b"answer_time", "duration", b"duration", "invite_time", b"invite_time", "publish_time", b"publish_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer_time", b"answer_time", "call_id", b"call_id", "direction", b"direction", "duration", b"duration", "invite_time", b"invite_time", "operator_id", b"operator_id", "publish_time", b"publish_time", "tenant_id", b"tenant_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CallFact: _TypeAlias = CallFact  # noqa: Y015
+
+@_typing.final
+class FollowCallsRequest(_message.Message):
+    """Request of `CallFeedService.FollowCalls`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CURSOR_FIELD_NUMBER: _builtins.int
+    FROM_OLDEST_FIELD_NUMBER: _builtins.int
+    MAX_BATCH_SIZE_FIELD_NUMBER: _builtins.int
+    cursor: _builtins.str
+    """Start strictly after this cursor (from an earlier response); empty: see `from_oldest`."""
+    from_oldest: _builtins.bool
+    """Without a cursor: start at the oldest record kept (true) or from now (false)."""
+    max_batch_size: _builtins.int
+    """Most calls in one response: 0 for the default (500); above the maximum (1,000), the maximum
+    is used; negative is INVALID_ARGUMENT.
+    """
+    def __init__(
+        self,
+        *,
+        cursor: _builtins.str = ...,
+        from_oldest: _builtins.bool = ...,
+        max_batch_size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor", "from_oldest", b"from_oldest", "max_batch_size", b"max_batch_size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FollowCallsRequest: _TypeAlias = FollowCallsRequest  # noqa: Y015
+
+@_typing.final
+class FollowCallsResponse(_message.Message):
+    """Response of `CallFeedService.FollowCalls`: a batch of calls, or a heartbeat."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CALLS_FIELD_NUMBER: _builtins.int
+    CURSOR_FIELD_NUMBER: _builtins.int
+    cursor: _builtins.str
+    """Resume strictly after everything this response covers. Opaque: do not parse it."""
+    @_builtins.property
+    def calls(self) -> _containers.RepeatedCompositeFieldContainer[Global___CallFact]:
+        """The calls, in publish (commit) order; empty in a heartbeat."""
+
+    def __init__(
+        self,
+        *,
+        calls: _abc.Iterable[Global___CallFact] | None = ...,
+        cursor: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["calls", b"calls", "cursor", b"cursor"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FollowCallsResponse: _TypeAlias = FollowCallsResponse  # noqa: Y015

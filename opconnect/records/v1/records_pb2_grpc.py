@@ -337,3 +337,93 @@ class CallRecordIngestService:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class CallFeedServiceStub:
+    """Every operator's calls for the platform's own systems (a platform principal, such as the usage
+    service reconciling operators' durations), never for an operator.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.FollowCalls = channel.unary_stream(
+                '/opconnect.records.v1.CallFeedService/FollowCalls',
+                request_serializer=opconnect_dot_records_dot_v1_dot_records__pb2.FollowCallsRequest.SerializeToString,
+                response_deserializer=opconnect_dot_records_dot_v1_dot_records__pb2.FollowCallsResponse.FromString,
+                _registered_method=True)
+
+
+class CallFeedServiceServicer:
+    """Every operator's calls for the platform's own systems (a platform principal, such as the usage
+    service reconciling operators' durations), never for an operator.
+    """
+
+    def FollowCalls(self, request, context):
+        """Streams every published call, of every operator, in publish (log) order, at least once, a
+        batch per response, as the few facts usage and reconciliation need.
+
+        Starts strictly after `cursor`; without one, at the oldest record kept when `from_oldest`,
+        else from now (the first response then carries the cursor of "now"). Follows live, and
+        while nothing new arrives sends a heartbeat (a response with no calls) carrying a newer
+        cursor at the configured interval. Save the cursor of every response processed and resume
+        from it: nothing is skipped.
+
+        Errors: INVALID_ARGUMENT (CURSOR_INVALID, MAX_BATCH_SIZE_INVALID), FAILED_PRECONDITION
+        (CURSOR_EXPIRED: the cursor is older than the retention; start again `from_oldest`),
+        UNAVAILABLE when the server shuts down (reconnect with the last cursor).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_CallFeedServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'FollowCalls': grpc.unary_stream_rpc_method_handler(
+                    servicer.FollowCalls,
+                    request_deserializer=opconnect_dot_records_dot_v1_dot_records__pb2.FollowCallsRequest.FromString,
+                    response_serializer=opconnect_dot_records_dot_v1_dot_records__pb2.FollowCallsResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'opconnect.records.v1.CallFeedService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('opconnect.records.v1.CallFeedService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class CallFeedService:
+    """Every operator's calls for the platform's own systems (a platform principal, such as the usage
+    service reconciling operators' durations), never for an operator.
+    """
+
+    @staticmethod
+    def FollowCalls(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/opconnect.records.v1.CallFeedService/FollowCalls',
+            opconnect_dot_records_dot_v1_dot_records__pb2.FollowCallsRequest.SerializeToString,
+            opconnect_dot_records_dot_v1_dot_records__pb2.FollowCallsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

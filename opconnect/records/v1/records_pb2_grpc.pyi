@@ -267,3 +267,76 @@ class CallRecordIngestServiceServicer(metaclass=_abc_1.ABCMeta):
         """
 
 def add_CallRecordIngestServiceServicer_to_server(servicer: CallRecordIngestServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class CallFeedServiceStub:
+    """Every operator's calls for the platform's own systems (a platform principal, such as the usage
+    service reconciling operators' durations), never for an operator.
+    """
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> CallFeedServiceAsyncStub: ...
+    FollowCalls: _grpc.UnaryStreamMultiCallable[_records_pb2.FollowCallsRequest, _records_pb2.FollowCallsResponse]
+    """Streams every published call, of every operator, in publish (log) order, at least once, a
+    batch per response, as the few facts usage and reconciliation need.
+
+    Starts strictly after `cursor`; without one, at the oldest record kept when `from_oldest`,
+    else from now (the first response then carries the cursor of "now"). Follows live, and
+    while nothing new arrives sends a heartbeat (a response with no calls) carrying a newer
+    cursor at the configured interval. Save the cursor of every response processed and resume
+    from it: nothing is skipped.
+
+    Errors: INVALID_ARGUMENT (CURSOR_INVALID, MAX_BATCH_SIZE_INVALID), FAILED_PRECONDITION
+    (CURSOR_EXPIRED: the cursor is older than the retention; start again `from_oldest`),
+    UNAVAILABLE when the server shuts down (reconnect with the last cursor).
+    """
+
+@_typing.type_check_only
+class CallFeedServiceAsyncStub(CallFeedServiceStub):
+    """Every operator's calls for the platform's own systems (a platform principal, such as the usage
+    service reconciling operators' durations), never for an operator.
+    """
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    FollowCalls: _aio.UnaryStreamMultiCallable[_records_pb2.FollowCallsRequest, _records_pb2.FollowCallsResponse]  # type: ignore[assignment]
+    """Streams every published call, of every operator, in publish (log) order, at least once, a
+    batch per response, as the few facts usage and reconciliation need.
+
+    Starts strictly after `cursor`; without one, at the oldest record kept when `from_oldest`,
+    else from now (the first response then carries the cursor of "now"). Follows live, and
+    while nothing new arrives sends a heartbeat (a response with no calls) carrying a newer
+    cursor at the configured interval. Save the cursor of every response processed and resume
+    from it: nothing is skipped.
+
+    Errors: INVALID_ARGUMENT (CURSOR_INVALID, MAX_BATCH_SIZE_INVALID), FAILED_PRECONDITION
+    (CURSOR_EXPIRED: the cursor is older than the retention; start again `from_oldest`),
+    UNAVAILABLE when the server shuts down (reconnect with the last cursor).
+    """
+
+class CallFeedServiceServicer(metaclass=_abc_1.ABCMeta):
+    """Every operator's calls for the platform's own systems (a platform principal, such as the usage
+    service reconciling operators' durations), never for an operator.
+    """
+
+    @_abc_1.abstractmethod
+    def FollowCalls(
+        self,
+        request: _records_pb2.FollowCallsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_records_pb2.FollowCallsResponse], _abc.AsyncIterator[_records_pb2.FollowCallsResponse]]:
+        """Streams every published call, of every operator, in publish (log) order, at least once, a
+        batch per response, as the few facts usage and reconciliation need.
+
+        Starts strictly after `cursor`; without one, at the oldest record kept when `from_oldest`,
+        else from now (the first response then carries the cursor of "now"). Follows live, and
+        while nothing new arrives sends a heartbeat (a response with no calls) carrying a newer
+        cursor at the configured interval. Save the cursor of every response processed and resume
+        from it: nothing is skipped.
+
+        Errors: INVALID_ARGUMENT (CURSOR_INVALID, MAX_BATCH_SIZE_INVALID), FAILED_PRECONDITION
+        (CURSOR_EXPIRED: the cursor is older than the retention; start again `from_oldest`),
+        UNAVAILABLE when the server shuts down (reconnect with the last cursor).
+        """
+
+def add_CallFeedServiceServicer_to_server(servicer: CallFeedServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
