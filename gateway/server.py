@@ -20,7 +20,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from gateway.identity import Authenticator
-from gateway.pki import PkiPaths, ensure_dev_pki
+from gateway.pki import PkiPaths, ensure_dev_pki, issue_client
 from gateway.registry import Registry
 from gateway.trust import TrustFiles, TrustStore
 from plumbing import audit as audit_log
@@ -36,6 +36,7 @@ from services.records import servicer as records
 from services.records import storage as records_storage
 from services.usage import servicer as usage
 from services.usage import storage as usage_storage
+from services.usage.feed import CallFeedFollower, FeedClient
 
 log = get_logger("opconnect.server")
 
@@ -62,6 +63,7 @@ class Runtime:
     port: int
     dev_pki: PkiPaths | None
     audit: AuditLog | None = None
+    feed: CallFeedFollower | None = None
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     listener: PostgresListener | None = None
 
@@ -74,6 +76,8 @@ class Runtime:
     async def stop(self, grace_s: float | None = None) -> None:
         grace = self.settings.shutdown_grace_s if grace_s is None else grace_s
         await self.health.enter_graceful_shutdown()
+        if self.feed is not None:
+            await self.feed.stop()
         self.notifier.close()
         await self.server.stop(grace)
         for task in self.tasks:
@@ -107,6 +111,31 @@ def trust_files(settings: Settings) -> tuple[TrustFiles, PkiPaths | None]:
     return TrustFiles(dev.server_cert, dev.server_key, dev.ca_cert, dev.ca_cert, dev.crl, deny), dev
 
 
+def feed_client(settings: Settings, dev: PkiPaths | None, address: str) -> FeedClient | None:
+    """How the usage service reaches the call feed: the configured files, or with the
+    development PKI a platform certificate `usage` made for it; None when neither is there."""
+    target = settings.feed_target or address
+    if settings.feed_ca_file and settings.feed_cert_file and settings.feed_key_file:
+        ca, cert, key = (
+            Path(settings.feed_ca_file),
+            Path(settings.feed_cert_file),
+            Path(settings.feed_key_file),
+        )
+    elif dev is not None:
+        cert, key = dev.client("platform-usage")
+        if not (cert.exists() and key.exists()):
+            issue_client(dev, "platform", "usage")
+        ca = dev.ca_cert
+    else:
+        return None
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=ca.read_bytes(),
+        private_key=key.read_bytes(),
+        certificate_chain=cert.read_bytes(),
+    )
+    return FeedClient(target, credentials)
+
+
 async def _every(interval_s: float, name: str, job: Callable[[], Awaitable[None]]) -> None:
     """Run `job` every `interval_s` seconds until cancelled; a failure is logged, not fatal."""
     while True:
@@ -137,6 +166,7 @@ async def purge(runtime: Runtime) -> None:
         log.info("purged call records", records=records_purged)
     cutoff = now - dt.timedelta(seconds=settings.usage_retention_s)
     durations = await db.run(usage_storage.purge_durations, cutoff, write=True)
+    durations += await db.run(usage_storage.purge_platform_calls, cutoff, write=True)
     if durations:
         log.info("purged call durations", records=durations)
     cutoff = now - dt.timedelta(seconds=settings.audit_retention_s)
@@ -216,6 +246,12 @@ async def start(settings: Settings) -> Runtime:
     )
     if listener is not None:
         listener.start()
+    client = await loop.run_in_executor(None, feed_client, settings, dev, runtime.address)
+    if client is None:
+        log.info("usage call feed off: no feed_* certificate configured")
+    else:
+        runtime.feed = CallFeedFollower(db, client)
+        runtime.feed.start()
     log.info(
         "serving",
         address=runtime.address,

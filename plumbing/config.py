@@ -85,6 +85,14 @@ class Settings:
     # Operators' call-duration records are kept this many seconds after the call started (13
     # months: a year of monthly usage); older ones are purged, and refused at submission.
     usage_retention_s: int = 396 * 24 * 3600
+    # The usage service follows every operator's calls (records' CallFeedService) over gRPC as a
+    # platform principal: where (empty: this process's own address), the CA of the server's
+    # certificate and its client certificate and key (empty with the development PKI: made for
+    # it; empty otherwise: the feed is off and reconciliation lacks the platform's side).
+    feed_target: str = ""
+    feed_ca_file: str = ""
+    feed_cert_file: str = ""
+    feed_key_file: str = ""
     # Audit events (every operator read of records) are kept this many seconds.
     audit_retention_s: int = 365 * 24 * 3600
     # Numbers kept by the GetNumber read cache (per process; exact, see plumbing/cache.py).

@@ -20,6 +20,7 @@ from typing import Any, ParamSpec, TypeVar
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event, exc
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
 from plumbing.errors import unavailable
@@ -105,6 +106,11 @@ class Database:
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
         self.engine.dispose()
+
+
+def dialect_insert(session: Session) -> type[sqlite.Insert] | type[postgresql.Insert]:
+    """The INSERT construct of the session's database, which has ON CONFLICT DO NOTHING."""
+    return postgresql.Insert if session.get_bind().dialect.name == "postgresql" else sqlite.Insert
 
 
 def driver_fetch(session: Session, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:

@@ -24,11 +24,10 @@ from sqlalchemy import (
     insert,
     select,
 )
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from plumbing.changelog import allocate, mark_purged, notify_commit, read_head
-from plumbing.db import Base
+from plumbing.db import Base, dialect_insert
 from plumbing.errors import ApiError, failed_precondition, not_found
 from services.numbers.rules import (
     DOMAIN,
@@ -127,10 +126,6 @@ def to_number(row: NumberRow) -> Number:
     )
 
 
-def _insert(session: Session) -> type[sqlite.Insert] | type[postgresql.Insert]:
-    return postgresql.Insert if session.get_bind().dialect.name == "postgresql" else sqlite.Insert
-
-
 def _chunks(items: Sequence[str]) -> list[Sequence[str]]:
     return [items[i : i + CHUNK] for i in range(0, len(items), CHUNK)]
 
@@ -165,7 +160,7 @@ def upload_numbers(
         }
         for u in uploads
     ]
-    insert = _insert(session)
+    insert = dialect_insert(session)
     added: set[str] = set()
     for start in range(0, len(values), CHUNK):
         statement = (

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, cast
 
 from sqlalchemy import (
@@ -27,7 +28,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
-from plumbing.db import Base
+from plumbing.db import Base, dialect_insert
 from services.usage.rules import Outcome, Refusal, Result, Submitted
 
 CHUNK = 400  # ids per IN (...) list: inside SQLite's variable limit
@@ -165,3 +166,93 @@ def purge_durations(session: Session, older_than: dt.datetime) -> int:
         session.execute(delete(DURATIONS).where(DURATIONS.c.start_time < older_than)),
     )
     return result.rowcount
+
+
+class PlatformCallRow(Base):
+    """The platform's side of a call, as the records feed told it: what usage and
+    reconciliation compare operators' records with. Immutable, like the record it comes from."""
+
+    __tablename__ = "usage_platform_calls"
+
+    call_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    operator_id: Mapped[str] = mapped_column(String(63))
+    tenant_id: Mapped[str] = mapped_column(String(36))
+    direction: Mapped[str] = mapped_column(String(8))
+    invite_time: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    answer_time: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    duration_ms: Mapped[int] = mapped_column(BigInteger)
+
+    __table_args__ = (
+        Index("ix_usage_platform_calls_operator_answer", "operator_id", "answer_time"),
+        Index("ix_usage_platform_calls_tenant_answer", "tenant_id", "answer_time"),
+    )
+
+
+class FeedCursorRow(Base):
+    """Where a feed this service follows was left: saved with what it delivered."""
+
+    __tablename__ = "usage_feed_cursors"
+
+    feed: Mapped[str] = mapped_column(String(32), primary_key=True)
+    cursor: Mapped[str] = mapped_column(String(256))
+
+
+PLATFORM_CALLS: Table = PlatformCallRow.__table__  # type: ignore[assignment]
+CURSORS: Table = FeedCursorRow.__table__  # type: ignore[assignment]
+
+
+@dataclass(frozen=True)
+class PlatformCall:
+    call_id: str
+    operator_id: str
+    tenant_id: str
+    direction: str
+    invite_time: dt.datetime
+    answer_time: dt.datetime | None
+    duration_ms: int
+
+
+def feed_cursor(session: Session, feed: str) -> str:
+    """The saved cursor of a feed; empty when it was never followed."""
+    return session.scalar(select(CURSORS.c.cursor).where(CURSORS.c.feed == feed)) or ""
+
+
+def store_platform_calls(
+    session: Session, feed: str, calls: Sequence[PlatformCall], cursor: str
+) -> int:
+    """Keep the calls (each once: a call delivered again is ignored) and the feed's cursor, in
+    one transaction, so a restart resumes exactly after what was kept. Returns how many were
+    new."""
+    insert = dialect_insert(session)
+    added = 0
+    for first in range(0, len(calls), CHUNK):
+        rows = [
+            {
+                "call_id": c.call_id,
+                "operator_id": c.operator_id,
+                "tenant_id": c.tenant_id,
+                "direction": c.direction,
+                "invite_time": c.invite_time,
+                "answer_time": c.answer_time,
+                "duration_ms": c.duration_ms,
+            }
+            for c in calls[first : first + CHUNK]
+        ]
+        result = session.execute(
+            insert(PLATFORM_CALLS).values(rows).on_conflict_do_nothing(index_elements=["call_id"])
+        )
+        added += max(cast(CursorResult[Any], result).rowcount, 0)
+    session.execute(
+        insert(CURSORS)
+        .values(feed=feed, cursor=cursor)
+        .on_conflict_do_update(index_elements=["feed"], set_={"cursor": cursor})
+    )
+    return added
+
+
+def purge_platform_calls(session: Session, older_than: dt.datetime) -> int:
+    """Forget calls set up before the retention."""
+    result = session.execute(
+        delete(PLATFORM_CALLS).where(PLATFORM_CALLS.c.invite_time < older_than)
+    )
+    return cast(CursorResult[Any], result).rowcount

@@ -1,0 +1,107 @@
+"""The usage service's copy of the platform's side of every call.
+
+Usage shows a call's platform duration where the operator reported none, and reconciliation
+compares the two; the usage service learns the platform's calls from the records service's own
+API, never from its tables: it follows `CallFeedService.FollowCalls` over gRPC as a platform
+principal, and keeps each call with the feed's cursor in one transaction, so that after any
+restart or broken stream it resumes exactly after what it kept. A cursor past the records'
+retention (CURSOR_EXPIRED) starts it again from the oldest record kept.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from dataclasses import dataclass
+
+import grpc
+
+from opconnect.records.v1 import records_pb2 as records_pb
+from opconnect.records.v1 import records_pb2_grpc as records_grpc
+from plumbing.db import Database
+from plumbing.logs import get_logger
+from services.usage import storage
+from services.usage.convert import DIRECTION_IN
+
+FEED = "records"  # the name the cursor is saved under
+log = get_logger("opconnect.usage.feed")
+
+
+@dataclass(frozen=True)
+class FeedClient:
+    """Where the feed is served and how to authenticate as a platform principal there."""
+
+    target: str
+    credentials: grpc.ChannelCredentials
+
+
+def call_in(fact: records_pb.CallFact) -> storage.PlatformCall:
+    direction = DIRECTION_IN.get(fact.direction)
+    return storage.PlatformCall(
+        call_id=fact.call_id,
+        operator_id=fact.operator_id,
+        tenant_id=fact.tenant_id,
+        direction=direction.value if direction else "",
+        invite_time=fact.invite_time.ToDatetime(tzinfo=dt.UTC),
+        answer_time=fact.answer_time.ToDatetime(tzinfo=dt.UTC)
+        if fact.HasField("answer_time")
+        else None,
+        duration_ms=fact.duration.ToMilliseconds(),
+    )
+
+
+class CallFeedFollower:
+    """Follows the call feed until stopped, reconnecting with backoff."""
+
+    def __init__(self, db: Database, client: FeedClient, batch_size: int = 1_000) -> None:
+        self._db = db
+        self.client = client
+        self._batch_size = batch_size
+        self._task: asyncio.Task[None] | None = None
+        self.kept = 0  # calls kept since start (for logs and tests)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="usage-call-feed")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _run(self) -> None:
+        delay = 0.5
+        async with grpc.aio.secure_channel(self.client.target, self.client.credentials) as channel:
+            stub = records_grpc.CallFeedServiceStub(channel)
+            while True:
+                try:
+                    await self._follow(stub)
+                except asyncio.CancelledError:
+                    raise
+                except grpc.aio.AioRpcError as error:
+                    if error.code() == grpc.StatusCode.FAILED_PRECONDITION:  # CURSOR_EXPIRED
+                        log.warning("call feed cursor expired; following from the oldest kept")
+                        await self._db.run(storage.store_platform_calls, FEED, [], "", write=True)
+                        continue
+                    log.warning(
+                        "call feed interrupted; reconnecting",
+                        code=error.code().name,
+                        delay_s=delay,
+                    )
+                except Exception:
+                    log.exception("call feed failed; reconnecting", delay_s=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
+    async def _follow(self, stub: records_grpc.CallFeedServiceStub) -> None:
+        cursor = await self._db.run(storage.feed_cursor, FEED)
+        request = records_pb.FollowCallsRequest(
+            cursor=cursor, from_oldest=not cursor, max_batch_size=self._batch_size
+        )
+        async for response in stub.FollowCalls(request):
+            if not response.calls and response.cursor == cursor:
+                continue
+            calls = [call_in(c) for c in response.calls]
+            self.kept += await self._db.run(
+                storage.store_platform_calls, FEED, calls, response.cursor, write=True
+            )
+            cursor = response.cursor
