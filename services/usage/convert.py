@@ -9,9 +9,19 @@ from google.protobuf import duration_pb2, timestamp_pb2
 
 from opconnect.type.v1 import call_direction_pb2 as direction_pb
 from opconnect.usage.v1 import usage_pb2 as pb
-from services.usage.rules import Direction, DurationRecord, Outcome, Refusal, Result, Submitted
+from services.usage.rules import (
+    Direction,
+    DurationRecord,
+    Granularity,
+    Outcome,
+    Refusal,
+    Result,
+    Source,
+    Submitted,
+    UsageRow,
+)
 
-DIRECTION_IN: dict[int, Direction] = {
+DIRECTION_IN: dict[direction_pb.CallDirection.ValueType, Direction] = {
     direction_pb.CALL_DIRECTION_INBOUND: Direction.INBOUND,
     direction_pb.CALL_DIRECTION_OUTBOUND: Direction.OUTBOUND,
 }
@@ -80,3 +90,34 @@ def result_out(result: Result) -> pb.CallDurationResult:
         out.field = result.refusal.field
         out.message = result.refusal.message
     return out
+
+
+DIRECTION_OUT = {v: k for k, v in DIRECTION_IN.items()}
+SOURCE_OUT = {
+    Source.OPERATOR: pb.DURATION_SOURCE_OPERATOR,
+    Source.PLATFORM: pb.DURATION_SOURCE_PLATFORM,
+}
+GRANULARITY_IN = {
+    pb.GRANULARITY_DAY: Granularity.DAY,
+    pb.GRANULARITY_MONTH: Granularity.MONTH,
+}
+
+
+def row_out(row: UsageRow) -> pb.UsageRow:
+    start = timestamp_pb2.Timestamp()
+    start.FromDatetime(row.period_start)
+    return pb.UsageRow(
+        tenant_id=row.tenant_id,
+        period_start=start,
+        direction=DIRECTION_OUT[row.direction],
+        call_count=row.calls,
+        billed_duration=duration_pb2.Duration(seconds=row.billed_seconds),
+        by_source=[
+            pb.SourceUsage(
+                source=SOURCE_OUT[s.source],
+                call_count=s.calls,
+                billed_duration=duration_pb2.Duration(seconds=s.billed_seconds),
+            )
+            for s in row.by_source
+        ],
+    )

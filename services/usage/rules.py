@@ -24,11 +24,22 @@ DURATION_ALLOWANCE = dt.timedelta(seconds=1)
 
 RECORD_ID = re.compile(r"[\x20-\x7e]{1,128}")  # printable ASCII
 CALL_ID = re.compile(r"[A-Za-z0-9._\-]{1,64}")
+OPERATOR_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 
 
 class Direction(StrEnum):
     INBOUND = "inbound"
     OUTBOUND = "outbound"
+
+
+class Granularity(StrEnum):
+    DAY = "day"
+    MONTH = "month"
+
+
+class Source(StrEnum):
+    OPERATOR = "operator"
+    PLATFORM = "platform"
 
 
 class Outcome(StrEnum):
@@ -126,3 +137,66 @@ def check_batch(batch_id: str, size: int) -> None:
         raise invalid_field(DOMAIN, "BATCH_EMPTY", "records", "1 to 1,000 records")
     if size > MAX_BATCH:
         raise invalid_field(DOMAIN, "BATCH_TOO_LARGE", "records", f"at most {MAX_BATCH:,} records")
+
+
+MAX_USAGE_PERIOD = dt.timedelta(days=366)
+
+
+@dataclass(frozen=True)
+class UsageQuery:
+    """Usage of calls that started in [start, end), of one operator or all, one tenant or all."""
+
+    start: dt.datetime
+    end: dt.datetime
+    granularity: Granularity
+    operator_id: str | None
+    tenant_id: str | None
+
+
+@dataclass(frozen=True)
+class SourceUsage:
+    source: Source
+    calls: int
+    billed_seconds: int
+
+
+@dataclass(frozen=True)
+class UsageRow:
+    """One tenant's answered calls in one day or month and one direction."""
+
+    tenant_id: str
+    period_start: dt.datetime
+    direction: Direction
+    by_source: tuple[SourceUsage, ...]
+
+    @property
+    def calls(self) -> int:
+        return sum(s.calls for s in self.by_source)
+
+    @property
+    def billed_seconds(self) -> int:
+        return sum(s.billed_seconds for s in self.by_source)
+
+
+def check_period(
+    start: dt.datetime | None, end: dt.datetime | None, longest: dt.timedelta
+) -> tuple[dt.datetime, dt.datetime]:
+    if start is None:
+        raise invalid_field(DOMAIN, "PERIOD_INVALID", "start_time", "required")
+    if end is None:
+        raise invalid_field(DOMAIN, "PERIOD_INVALID", "end_time", "required")
+    if end <= start:
+        raise invalid_field(DOMAIN, "PERIOD_INVALID", "end_time", "must be after start_time")
+    if end - start > longest:
+        raise invalid_field(
+            DOMAIN, "PERIOD_TOO_LONG", "end_time", f"at most {longest.days} days after start_time"
+        )
+    return start, end
+
+
+def optional_tenant(value: str) -> str | None:
+    if not value:
+        return None
+    if problem := check_guid(value):
+        raise invalid_field(DOMAIN, "TENANT_ID_INVALID", "tenant_id", problem)
+    return value.lower()

@@ -1,26 +1,30 @@
 """RPC handlers of `UsageService` (operators) and `UsageReportService` (the usage view).
 
-Built so far: `SubmitCallDurations`. The summaries and reconciliation (issue 4) answer
-UNIMPLEMENTED with an ErrorInfo until they are built.
+Built so far: `SubmitCallDurations`, `GetUsageSummary` and `GetTenantUsage`. Reconciliation
+(issue 4) answers UNIMPLEMENTED with an ErrorInfo until it is built.
 """
 
 from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import struct
+import zlib
 from collections.abc import AsyncIterator
 from typing import Any, TypeAlias
 
 import grpc
+from google.protobuf import timestamp_pb2
 
 from opconnect.usage.v1 import usage_pb2 as pb
 from opconnect.usage.v1 import usage_pb2_grpc as pb_grpc
 from plumbing.config import Settings
 from plumbing.db import Database
-from plumbing.errors import ApiError
+from plumbing.errors import ApiError, invalid_field
 from plumbing.rpc import Access, access_rules, current_operator
+from plumbing.tokens import seal, unseal
 from services.usage import convert, rules, storage
-from services.usage.rules import DOMAIN, Outcome, Refusal, Result, Submitted
+from services.usage.rules import DOMAIN, OPERATOR_ID, Outcome, Refusal, Result, Submitted
 
 Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 
@@ -74,14 +78,109 @@ class UsageService(pb_grpc.UsageServiceServicer):
     async def GetUsageSummary(
         self, request: pb.GetUsageSummaryRequest, context: Context
     ) -> pb.GetUsageSummaryResponse:
-        raise _not_built("GetUsageSummary")
+        operator = current_operator()
+        query = _usage_query(request, operator, rules.optional_tenant(request.tenant_id))
+        rows, token = await _usage_page(self._db, self._settings, query, request)
+        return pb.GetUsageSummaryResponse(rows=rows, next_page_token=token)
 
 
 class UsageReportService(pb_grpc.UsageReportServiceServicer):
+    def __init__(self, db: Database, settings: Settings) -> None:
+        self._db = db
+        self._settings = settings
+
     async def GetTenantUsage(
         self, request: pb.GetTenantUsageRequest, context: Context
     ) -> pb.GetTenantUsageResponse:
-        raise _not_built("GetTenantUsage")
+        tenant = rules.optional_tenant(request.tenant_id)
+        if tenant is None:
+            raise invalid_field(DOMAIN, "TENANT_ID_INVALID", "tenant_id", "required")
+        operator = request.operator_id or None
+        if operator is not None and OPERATOR_ID.fullmatch(operator) is None:
+            raise invalid_field(DOMAIN, "OPERATOR_ID_INVALID", "operator_id", "not an operator id")
+        query = _usage_query(request, operator, tenant)
+        rows, token = await _usage_page(self._db, self._settings, query, request)
+        return pb.GetTenantUsageResponse(rows=rows, next_page_token=token)
+
+
+UsageRequest: TypeAlias = pb.GetUsageSummaryRequest | pb.GetTenantUsageRequest
+
+
+def _time_field(request: UsageRequest, name: str) -> dt.datetime | None:
+    if not request.HasField(name):  # type: ignore[arg-type]
+        return None
+    stamp: timestamp_pb2.Timestamp = getattr(request, name)
+    if not (0 <= stamp.nanos < 1_000_000_000 and 0 <= stamp.seconds <= 253_402_300_799):
+        raise invalid_field(DOMAIN, "PERIOD_INVALID", name, "not a valid timestamp")
+    return stamp.ToDatetime(tzinfo=dt.UTC)
+
+
+def _usage_query(
+    request: UsageRequest, operator: str | None, tenant: str | None
+) -> rules.UsageQuery:
+    start, end = rules.check_period(
+        _time_field(request, "start_time"),
+        _time_field(request, "end_time"),
+        rules.MAX_USAGE_PERIOD,
+    )
+    granularity = convert.GRANULARITY_IN.get(request.granularity)
+    if granularity is None:
+        raise invalid_field(DOMAIN, "GRANULARITY_INVALID", "granularity", "required: DAY or MONTH")
+    return rules.UsageQuery(start, end, granularity, operator, tenant)
+
+
+async def _usage_page(
+    db: Database, settings: Settings, query: rules.UsageQuery, request: UsageRequest
+) -> tuple[list[pb.UsageRow], str]:
+    if request.page_size < 0:
+        raise invalid_field(DOMAIN, "PAGE_SIZE_INVALID", "page_size", "must not be negative")
+    size = min(request.page_size or settings.default_page_size, settings.max_page_size)
+    after = _decode_page_token(request.page_token, query) if request.page_token else None
+    rows = await db.run(storage.usage_rows, query, after, size + 1)
+    page = rows[:size]
+    token = ""
+    if len(rows) > size:
+        last = page[-1]
+        token = _page_token(query, (last.tenant_id, _bucket(last, query), last.direction.value))
+    return [convert.row_out(r) for r in page], token
+
+
+def _bucket(row: rules.UsageRow, query: rules.UsageQuery) -> str:
+    """The row's period as the storage keys it (YYYY-MM-DD or YYYY-MM)."""
+    text = row.period_start.strftime("%Y-%m-%d")
+    return text if query.granularity is rules.Granularity.DAY else text[:7]
+
+
+def _query_key(query: rules.UsageQuery) -> bytes:
+    return "|".join(
+        (
+            query.start.isoformat(),
+            query.end.isoformat(),
+            query.granularity.value,
+            query.operator_id or "",
+            query.tenant_id or "",
+        )
+    ).encode()
+
+
+def _page_token(query: rules.UsageQuery, key: tuple[str, str, str]) -> str:
+    body = struct.pack(">I", zlib.crc32(_query_key(query))) + "\n".join(key).encode()
+    return seal("usage.rows", body)
+
+
+def _decode_page_token(token: str, query: rules.UsageQuery) -> tuple[str, str, str]:
+    body = unseal(token, "usage.rows")
+    if body is not None and len(body) > 4:
+        (crc,) = struct.unpack(">I", body[:4])
+        parts = body[4:].decode("utf-8", "replace").split("\n")
+        if crc == zlib.crc32(_query_key(query)) and len(parts) == 3:
+            return parts[0], parts[1], parts[2]
+    raise invalid_field(
+        DOMAIN,
+        "PAGE_TOKEN_INVALID",
+        "page_token",
+        "not a page token of this summary (same period, granularity and filters)",
+    )
 
 
 def _check(messages: list[pb.CallDurationRecord], settings: Settings) -> list[Submitted | Result]:
@@ -116,5 +215,5 @@ def access() -> dict[str, Access]:
 def register(server: grpc.aio.Server, db: Database, settings: Settings) -> list[str]:
     """Add both services to `server`; returns their full names (for health and reflection)."""
     pb_grpc.add_UsageServiceServicer_to_server(UsageService(db, settings), server)
-    pb_grpc.add_UsageReportServiceServicer_to_server(UsageReportService(), server)
+    pb_grpc.add_UsageReportServiceServicer_to_server(UsageReportService(db, settings), server)
     return [s.full_name for s in pb.DESCRIPTOR.services_by_name.values()]

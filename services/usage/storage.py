@@ -21,15 +21,32 @@ from sqlalchemy import (
     String,
     Table,
     UniqueConstraint,
+    and_,
+    case,
     delete,
+    func,
     insert,
+    literal,
     select,
     text,
+    tuple_,
+    union_all,
 )
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from plumbing.db import Base, dialect_insert
-from services.usage.rules import Outcome, Refusal, Result, Submitted
+from services.usage.rules import (
+    Direction,
+    Granularity,
+    Outcome,
+    Refusal,
+    Result,
+    Source,
+    SourceUsage,
+    Submitted,
+    UsageQuery,
+    UsageRow,
+)
 
 CHUNK = 400  # ids per IN (...) list: inside SQLite's variable limit
 
@@ -256,3 +273,100 @@ def purge_platform_calls(session: Session, older_than: dt.datetime) -> int:
         delete(PLATFORM_CALLS).where(PLATFORM_CALLS.c.invite_time < older_than)
     )
     return cast(CursorResult[Any], result).rowcount
+
+
+# --- usage -----------------------------------------------------------------------------------
+
+
+def _period(session: Session, column: Any, granularity: Granularity) -> Any:
+    """The UTC day (YYYY-MM-DD) or month (YYYY-MM) of a stored time, as text."""
+    if session.get_bind().dialect.name == "postgresql":
+        fmt = "YYYY-MM-DD" if granularity is Granularity.DAY else "YYYY-MM"
+        return func.to_char(func.timezone("UTC", column), fmt)
+    # SQLite keeps times as UTC text, "YYYY-MM-DD HH:MM:SS.ffffff".
+    return func.substr(column, 1, 10 if granularity is Granularity.DAY else 7)
+
+
+def _ceil_seconds(value: Any, per_second: int) -> Any:
+    return (value + (per_second - 1)) // per_second
+
+
+def usage_rows(
+    session: Session, query: UsageQuery, after: tuple[str, str, str] | None, limit: int
+) -> list[UsageRow]:
+    """Up to `limit` usage rows after the key `after` (tenant, period, direction), in key order.
+
+    A call counts once, at its start: every answered call the platform has, with the operator's
+    duration when the operator reported it and the platform's otherwise, plus every call the
+    operator reported that the platform has no answered call for. Each duration is rounded up
+    to a whole second before it is summed. Summed in SQL, split by source.
+    """
+    d, p = DURATIONS.alias("d"), PLATFORM_CALLS.alias("p")
+    same_call = and_(d.c.operator_id == p.c.operator_id, d.c.call_id == p.c.call_id)
+    reported = d.c.record_id.is_not(None)
+    platform_side = (
+        select(
+            p.c.tenant_id.label("tenant_id"),
+            p.c.answer_time.label("start"),
+            p.c.direction.label("direction"),
+            case((reported, Source.OPERATOR.value), else_=Source.PLATFORM.value).label("source"),
+            case(
+                (reported, _ceil_seconds(d.c.duration_us, 1_000_000)),
+                else_=_ceil_seconds(p.c.duration_ms, 1_000),
+            ).label("billed"),
+        )
+        .select_from(p.outerjoin(d, same_call))
+        .where(
+            p.c.answer_time.is_not(None),
+            p.c.answer_time >= query.start,
+            p.c.answer_time < query.end,
+        )
+    )
+    operator_only = (
+        select(
+            d.c.tenant_id,
+            d.c.start_time,
+            d.c.direction,
+            literal(Source.OPERATOR.value, String),
+            _ceil_seconds(d.c.duration_us, 1_000_000),
+        )
+        .select_from(d.outerjoin(p, and_(same_call, p.c.answer_time.is_not(None))))
+        .where(p.c.call_id.is_(None), d.c.start_time >= query.start, d.c.start_time < query.end)
+    )
+    if query.operator_id is not None:
+        platform_side = platform_side.where(p.c.operator_id == query.operator_id)
+        operator_only = operator_only.where(d.c.operator_id == query.operator_id)
+    if query.tenant_id is not None:
+        platform_side = platform_side.where(p.c.tenant_id == query.tenant_id)
+        operator_only = operator_only.where(d.c.tenant_id == query.tenant_id)
+    calls = union_all(platform_side, operator_only).subquery()
+    period = _period(session, calls.c.start, query.granularity).label("period")
+    key = (calls.c.tenant_id, period, calls.c.direction)
+    statement = select(*key, calls.c.source, func.count(), func.sum(calls.c.billed))
+    if after is not None:
+        statement = statement.where(tuple_(*key) > tuple_(*after))
+    statement = (
+        statement.group_by(*key, calls.c.source)
+        .order_by(*key, calls.c.source)
+        .limit(limit * len(Source))
+    )
+    rows: dict[tuple[str, str, str], list[SourceUsage]] = {}
+    for tenant, bucket, direction, source, count, billed in session.execute(statement):
+        group = rows.setdefault((tenant, bucket, direction), [])
+        group.append(SourceUsage(Source(source), int(count), int(billed or 0)))
+    return [
+        UsageRow(
+            tenant_id=tenant,
+            period_start=max(_period_start(bucket), query.start),
+            direction=Direction(direction),
+            by_source=tuple(sources),
+        )
+        for (tenant, bucket, direction), sources in list(rows.items())[:limit]
+    ]
+
+
+def _period_start(bucket: str) -> dt.datetime:
+    """The start of a day (YYYY-MM-DD) or month (YYYY-MM) as an aware UTC time."""
+    if len(bucket) == 7:
+        bucket += "-01"
+    return dt.datetime.fromisoformat(bucket).replace(tzinfo=dt.UTC)
