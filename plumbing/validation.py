@@ -6,8 +6,11 @@ can collect every violation of a request before answering.
 
 from __future__ import annotations
 
+import datetime as dt
 import ipaddress
 import re
+
+from plumbing.errors import invalid_field
 
 E164 = re.compile(r"\+[1-9][0-9]{1,14}")
 GUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
@@ -96,3 +99,21 @@ def check_sip_or_e164(value: str) -> str | None:
     if value[:4].lower() in ("sip:", "sips"):
         return check_sip_uri(value)
     return "neither an E.164 number nor a SIP URI"
+
+
+def check_period(
+    domain: str, start: dt.datetime | None, end: dt.datetime | None, longest: dt.timedelta
+) -> tuple[dt.datetime, dt.datetime]:
+    """A request's [start_time, end_time): both set, in order, at most `longest` apart; else
+    INVALID_ARGUMENT with PERIOD_INVALID or PERIOD_TOO_LONG naming the field."""
+    if start is None:
+        raise invalid_field(domain, "PERIOD_INVALID", "start_time", "required")
+    if end is None:
+        raise invalid_field(domain, "PERIOD_INVALID", "end_time", "required")
+    if end <= start:
+        raise invalid_field(domain, "PERIOD_INVALID", "end_time", "must be after start_time")
+    if end - start > longest:
+        raise invalid_field(
+            domain, "PERIOD_TOO_LONG", "end_time", f"at most {longest.days} days after start_time"
+        )
+    return start, end

@@ -197,14 +197,6 @@ class Result:
 
 
 @dataclass(frozen=True)
-class StoredRecord:
-    """A stored record, as streams send it: its position and its serialized form."""
-
-    position: int
-    body: bytes
-
-
-@dataclass(frozen=True)
 class Percentiles:
     """Nearest-rank percentiles of one metric over a group's audio streams that report it."""
 
@@ -449,19 +441,3 @@ def require_call_id(value: str) -> str:
 
 
 MAX_SUMMARY_PERIOD = dt.timedelta(days=31)
-
-
-def check_period(
-    start: dt.datetime | None, end: dt.datetime | None
-) -> tuple[dt.datetime, dt.datetime]:
-    if start is None:
-        raise invalid_field(DOMAIN, "PERIOD_INVALID", "start_time", "required")
-    if end is None:
-        raise invalid_field(DOMAIN, "PERIOD_INVALID", "end_time", "required")
-    if end <= start:
-        raise invalid_field(DOMAIN, "PERIOD_INVALID", "end_time", "must be after start_time")
-    if end - start > MAX_SUMMARY_PERIOD:
-        raise invalid_field(
-            DOMAIN, "PERIOD_TOO_LONG", "end_time", "at most 31 days after start_time"
-        )
-    return start, end

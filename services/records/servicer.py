@@ -38,6 +38,7 @@ from plumbing.errors import invalid_field, not_found
 from plumbing.logs import mask_number
 from plumbing.rpc import Access, access_rules, current_operator
 from plumbing.tokens import seal, unseal
+from plumbing.validation import check_period
 from services.records import convert, rules, storage
 from services.records.quality import Thresholds, classify_call
 from services.records.rules import DOMAIN, LOG, MAX_BATCH, Outcome, Refusal, Result
@@ -138,9 +139,11 @@ class CallRecordService(pb_grpc.CallRecordServiceServicer):
         self, request: pb.GetQualitySummaryRequest, context: Context
     ) -> pb.GetQualitySummaryResponse:
         operator = current_operator()
-        start, end = rules.check_period(
+        start, end = check_period(
+            DOMAIN,
             _time_field(request, "start_time", "PERIOD_INVALID"),
             _time_field(request, "end_time", "PERIOD_INVALID"),
+            rules.MAX_SUMMARY_PERIOD,
         )
         group_by = convert.GROUP_BY_IN.get(request.group_by)
         if group_by is None:

@@ -178,22 +178,6 @@ class UsageRow:
         return sum(s.billed_seconds for s in self.by_source)
 
 
-def check_period(
-    start: dt.datetime | None, end: dt.datetime | None, longest: dt.timedelta
-) -> tuple[dt.datetime, dt.datetime]:
-    if start is None:
-        raise invalid_field(DOMAIN, "PERIOD_INVALID", "start_time", "required")
-    if end is None:
-        raise invalid_field(DOMAIN, "PERIOD_INVALID", "end_time", "required")
-    if end <= start:
-        raise invalid_field(DOMAIN, "PERIOD_INVALID", "end_time", "must be after start_time")
-    if end - start > longest:
-        raise invalid_field(
-            DOMAIN, "PERIOD_TOO_LONG", "end_time", f"at most {longest.days} days after start_time"
-        )
-    return start, end
-
-
 def optional_tenant(value: str) -> str | None:
     if not value:
         return None

@@ -23,6 +23,7 @@ from plumbing.db import Database
 from plumbing.errors import ApiError, invalid_field
 from plumbing.rpc import Access, access_rules, current_operator
 from plumbing.tokens import seal, unseal
+from plumbing.validation import check_period
 from services.usage import convert, rules, storage
 from services.usage.rules import DOMAIN, OPERATOR_ID, Outcome, Refusal, Result, Submitted
 
@@ -118,7 +119,8 @@ def _time_field(request: UsageRequest, name: str) -> dt.datetime | None:
 def _usage_query(
     request: UsageRequest, operator: str | None, tenant: str | None
 ) -> rules.UsageQuery:
-    start, end = rules.check_period(
+    start, end = check_period(
+        DOMAIN,
         _time_field(request, "start_time"),
         _time_field(request, "end_time"),
         rules.MAX_USAGE_PERIOD,
