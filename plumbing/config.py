@@ -93,6 +93,10 @@ class Settings:
     feed_ca_file: str = ""
     feed_cert_file: str = ""
     feed_key_file: str = ""
+    # Reconciliation: an operator's and the platform's durations of a call match when they
+    # differ by at most the larger of these seconds and this share of the longer one.
+    reconcile_tolerance_s: float = 1.0
+    reconcile_tolerance_ratio: float = 0.01
     # Audit events (every operator read of records) are kept this many seconds.
     audit_retention_s: int = 365 * 24 * 3600
     # Numbers kept by the GetNumber read cache (per process; exact, see plumbing/cache.py).

@@ -243,7 +243,7 @@ def test_only_operators_submit_and_unbuilt_methods_say_so(sqlite_system: Running
         submit(as_platform, [duration_record()])
     assert rich_error(caught.value).reason == "OPERATOR_ONLY"
     with pytest.raises(grpc.RpcError) as caught:
-        usage_stub(sqlite_system).GetReconciliation(pb.GetReconciliationRequest())
+        list(usage_stub(sqlite_system).StreamDiscrepancies(pb.StreamDiscrepanciesRequest()))
     error = rich_error(caught.value)
     assert (error.code, error.reason) == (grpc.StatusCode.UNIMPLEMENTED, "NOT_IMPLEMENTED")
 

@@ -14,10 +14,12 @@ from services.usage.rules import (
     DurationRecord,
     Granularity,
     Outcome,
+    Reconciliation,
     Refusal,
     Result,
     Source,
     Submitted,
+    Tolerance,
     UsageRow,
 )
 
@@ -120,4 +122,38 @@ def row_out(row: UsageRow) -> pb.UsageRow:
             )
             for s in row.by_source
         ],
+    )
+
+
+def duration_in(value: duration_pb2.Duration) -> dt.timedelta | None:
+    """A Duration as a timedelta; None when it is not a valid Duration."""
+    seconds, nanos = value.seconds, value.nanos
+    valid = abs(seconds) <= _MAX_DURATION_SECONDS and abs(nanos) < 1_000_000_000
+    if not valid or seconds > 0 > nanos or seconds < 0 < nanos:
+        return None
+    return dt.timedelta(seconds=seconds, microseconds=nanos // 1000)
+
+
+def _us(value: int) -> duration_pb2.Duration:
+    out = duration_pb2.Duration()
+    out.FromMicroseconds(value)
+    return out
+
+
+def reconciliation_out(
+    found: Reconciliation, tolerance: Tolerance, computed: dt.datetime
+) -> pb.GetReconciliationResponse:
+    absolute = duration_pb2.Duration()
+    absolute.FromTimedelta(tolerance.absolute)
+    when = timestamp_pb2.Timestamp()
+    when.FromDatetime(computed)
+    return pb.GetReconciliationResponse(
+        matched_count=found.matched,
+        mismatch_count=found.mismatched,
+        platform_only_count=found.platform_only,
+        operator_only_count=found.operator_only,
+        platform_total_duration=_us(found.platform_total_us),
+        operator_total_duration=_us(found.operator_total_us),
+        tolerance=pb.Tolerance(absolute=absolute, relative=tolerance.relative),
+        compute_time=when,
     )

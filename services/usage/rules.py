@@ -184,3 +184,44 @@ def optional_tenant(value: str) -> str | None:
     if problem := check_guid(value):
         raise invalid_field(DOMAIN, "TENANT_ID_INVALID", "tenant_id", problem)
     return value.lower()
+
+
+MAX_RECONCILE_PERIOD = dt.timedelta(days=31)
+MAX_TOLERANCE = dt.timedelta(hours=1)
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Durations match when they differ by at most max(absolute, relative x the longer)."""
+
+    absolute: dt.timedelta
+    relative: float
+
+
+@dataclass(frozen=True)
+class ReconcileQuery:
+    operator_id: str
+    start: dt.datetime
+    end: dt.datetime
+    tenant_id: str | None
+    tolerance: Tolerance
+
+
+@dataclass(frozen=True)
+class Reconciliation:
+    matched: int
+    mismatched: int
+    platform_only: int
+    operator_only: int
+    platform_total_us: int
+    operator_total_us: int
+
+
+def check_tolerance(absolute: dt.timedelta | None, relative: float) -> Tolerance:
+    if absolute is None or not dt.timedelta(0) <= absolute <= MAX_TOLERANCE:
+        raise invalid_field(
+            DOMAIN, "TOLERANCE_INVALID", "tolerance.absolute", "a duration from 0 to 1 hour"
+        )
+    if not 0.0 <= relative <= 1.0:  # also refuses NaN
+        raise invalid_field(DOMAIN, "TOLERANCE_INVALID", "tolerance.relative", "from 0 to 1")
+    return Tolerance(absolute, relative)

@@ -1,7 +1,7 @@
 """RPC handlers of `UsageService` (operators) and `UsageReportService` (the usage view).
 
-Built so far: `SubmitCallDurations`, `GetUsageSummary` and `GetTenantUsage`. Reconciliation
-(issue 4) answers UNIMPLEMENTED with an ErrorInfo until it is built.
+Built so far: every RPC but `StreamDiscrepancies`, which
+answers UNIMPLEMENTED with an ErrorInfo until it is built (issue 4).
 """
 
 from __future__ import annotations
@@ -68,7 +68,10 @@ class UsageService(pb_grpc.UsageServiceServicer):
     async def GetReconciliation(
         self, request: pb.GetReconciliationRequest, context: Context
     ) -> pb.GetReconciliationResponse:
-        raise _not_built("GetReconciliation")
+        query = _reconcile_query(request, current_operator(), self._settings)
+        computed = dt.datetime.now(dt.UTC)
+        found = await self._db.run(storage.reconcile, query)
+        return convert.reconciliation_out(found, query.tolerance, computed)
 
     async def StreamDiscrepancies(
         self, request: pb.StreamDiscrepanciesRequest, context: Context
@@ -104,7 +107,9 @@ class UsageReportService(pb_grpc.UsageReportServiceServicer):
         return pb.GetTenantUsageResponse(rows=rows, next_page_token=token)
 
 
-UsageRequest: TypeAlias = pb.GetUsageSummaryRequest | pb.GetTenantUsageRequest
+UsageRequest: TypeAlias = (
+    pb.GetUsageSummaryRequest | pb.GetTenantUsageRequest | pb.GetReconciliationRequest
+)
 
 
 def _time_field(request: UsageRequest, name: str) -> dt.datetime | None:
@@ -116,8 +121,31 @@ def _time_field(request: UsageRequest, name: str) -> dt.datetime | None:
     return stamp.ToDatetime(tzinfo=dt.UTC)
 
 
+def _reconcile_query(
+    request: pb.GetReconciliationRequest, operator: str, settings: Settings
+) -> rules.ReconcileQuery:
+    start, end = check_period(
+        DOMAIN,
+        _time_field(request, "start_time"),
+        _time_field(request, "end_time"),
+        rules.MAX_RECONCILE_PERIOD,
+    )
+    if request.HasField("tolerance"):
+        tolerance = rules.check_tolerance(
+            convert.duration_in(request.tolerance.absolute), request.tolerance.relative
+        )
+    else:
+        tolerance = rules.Tolerance(
+            dt.timedelta(seconds=settings.reconcile_tolerance_s), settings.reconcile_tolerance_ratio
+        )
+    tenant = rules.optional_tenant(request.tenant_id)
+    return rules.ReconcileQuery(operator, start, end, tenant, tolerance)
+
+
 def _usage_query(
-    request: UsageRequest, operator: str | None, tenant: str | None
+    request: pb.GetUsageSummaryRequest | pb.GetTenantUsageRequest,
+    operator: str | None,
+    tenant: str | None,
 ) -> rules.UsageQuery:
     start, end = check_period(
         DOMAIN,
@@ -132,7 +160,10 @@ def _usage_query(
 
 
 async def _usage_page(
-    db: Database, settings: Settings, query: rules.UsageQuery, request: UsageRequest
+    db: Database,
+    settings: Settings,
+    query: rules.UsageQuery,
+    request: pb.GetUsageSummaryRequest | pb.GetTenantUsageRequest,
 ) -> tuple[list[pb.UsageRow], str]:
     if request.page_size < 0:
         raise invalid_field(DOMAIN, "PAGE_SIZE_INVALID", "page_size", "must not be negative")

@@ -39,6 +39,8 @@ from services.usage.rules import (
     Direction,
     Granularity,
     Outcome,
+    ReconcileQuery,
+    Reconciliation,
     Refusal,
     Result,
     Source,
@@ -370,3 +372,73 @@ def _period_start(bucket: str) -> dt.datetime:
     if len(bucket) == 7:
         bucket += "-01"
     return dt.datetime.fromisoformat(bucket).replace(tzinfo=dt.UTC)
+
+
+# --- reconciliation --------------------------------------------------------------------------
+
+
+def _greatest(session: Session, *values: Any) -> Any:
+    name = "greatest" if session.get_bind().dialect.name == "postgresql" else "max"
+    return getattr(func, name)(*values)
+
+
+def reconcile(session: Session, query: ReconcileQuery) -> Reconciliation:
+    """The operator's records against the platform's answered calls that started in the
+    period, in SQL: one pass over the platform's calls (each with the operator's record of it,
+    if any), one over the operator's records the platform has no answered call for."""
+    d, p = DURATIONS.alias("d"), PLATFORM_CALLS.alias("p")
+    same_call = and_(d.c.operator_id == p.c.operator_id, d.c.call_id == p.c.call_id)
+    platform_us = p.c.duration_ms * 1000
+    tolerance = query.tolerance
+    allowed = _greatest(
+        session,
+        tolerance.absolute // dt.timedelta(microseconds=1),
+        _greatest(session, d.c.duration_us, platform_us) * tolerance.relative,
+    )
+    reported = d.c.record_id.is_not(None)
+    within = func.abs(d.c.duration_us - platform_us) <= allowed
+
+    def total(condition: Any, value: Any = 1) -> Any:
+        return func.coalesce(func.sum(case((condition, value), else_=0)), 0)
+
+    platform_side = (
+        select(
+            total(and_(reported, within)),
+            total(and_(reported, ~within)),
+            total(~reported),
+            func.coalesce(func.sum(platform_us), 0),
+            func.coalesce(func.sum(d.c.duration_us), 0),
+        )
+        .select_from(p.outerjoin(d, same_call))
+        .where(
+            p.c.operator_id == query.operator_id,
+            p.c.answer_time.is_not(None),
+            p.c.answer_time >= query.start,
+            p.c.answer_time < query.end,
+        )
+    )
+    operator_only = (
+        select(func.count(), func.coalesce(func.sum(d.c.duration_us), 0))
+        .select_from(d.outerjoin(p, and_(same_call, p.c.answer_time.is_not(None))))
+        .where(
+            d.c.operator_id == query.operator_id,
+            p.c.call_id.is_(None),
+            d.c.start_time >= query.start,
+            d.c.start_time < query.end,
+        )
+    )
+    if query.tenant_id is not None:
+        platform_side = platform_side.where(p.c.tenant_id == query.tenant_id)
+        operator_only = operator_only.where(d.c.tenant_id == query.tenant_id)
+    matched, mismatched, platform_only, platform_total, operator_on_platform = session.execute(
+        platform_side
+    ).one()
+    unknown, unknown_total = session.execute(operator_only).one()
+    return Reconciliation(
+        matched=int(matched),
+        mismatched=int(mismatched),
+        platform_only=int(platform_only),
+        operator_only=int(unknown),
+        platform_total_us=int(platform_total),
+        operator_total_us=int(operator_on_platform) + int(unknown_total),
+    )

@@ -1,0 +1,202 @@
+"""GetReconciliation checked against figures computed here, independently, on a data set with
+every kind of call: matching exactly, within the absolute or the relative allowance, beyond
+both, only on the platform's side, only on the operator's."""
+
+from __future__ import annotations
+
+import datetime as dt
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import pytest
+
+from opconnect.usage.v1 import usage_pb2 as pb
+from tests.conftest import (
+    NO_POSTGRES,
+    OPERATOR,
+    OTHER_OPERATOR,
+    OTHER_TENANT,
+    POSTGRES_URL,
+    TENANT,
+    Pki,
+    RunningSystem,
+    reset_postgres,
+    rich_error,
+)
+from tests.records_data import publish_records, record, stamp
+from tests.test_usage_feed import feed_system, kept
+from tests.test_usage_submit import duration_record, submit, usage_stub
+
+NOW = dt.datetime.now(dt.UTC).replace(microsecond=0)
+START = NOW - dt.timedelta(days=3)
+END = NOW + dt.timedelta(minutes=5)
+
+
+@dataclass(frozen=True)
+class Call:
+    """One call of the data set: the platform's duration (None: not an answered platform
+    call) and the operator's (None: not reported), in seconds, and its tenant."""
+
+    tenant: str
+    platform_s: float | None
+    operator_s: float | None
+
+
+def expected(calls: list[Call], absolute_s: float, relative: float) -> dict[str, Any]:
+    out = {"matched": 0, "mismatch": 0, "platform_only": 0, "operator_only": 0}
+    platform_total = operator_total = 0.0
+    for call in calls:
+        if call.platform_s is not None:
+            platform_total += call.platform_s
+        if call.operator_s is not None:
+            operator_total += call.operator_s
+        if call.platform_s is not None and call.operator_s is not None:
+            allowed = max(absolute_s, relative * max(call.platform_s, call.operator_s))
+            kind = "matched" if abs(call.platform_s - call.operator_s) <= allowed else "mismatch"
+            out[kind] += 1
+        elif call.platform_s is not None:
+            out["platform_only"] += 1
+        else:
+            out["operator_only"] += 1
+    out["platform_total_ms"] = round(platform_total * 1000)
+    out["operator_total_ms"] = round(operator_total * 1000)
+    return out
+
+
+@pytest.fixture(
+    scope="module", params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+)
+def data(
+    request: pytest.FixtureRequest, session_pki: Pki, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[RunningSystem, list[Call]]]:
+    url = None
+    if request.param == "postgres":
+        if not POSTGRES_URL:
+            pytest.skip(NO_POSTGRES)
+        url = reset_postgres(POSTGRES_URL)
+    system = feed_system(session_pki, tmp_path_factory.mktemp("reconcile"), url)
+    rng = random.Random(5)
+    calls: list[Call] = []
+    published = []
+    reports = []
+    # (platform talk seconds, operator's offset in seconds or None, answered on the platform)
+    shapes = [
+        (60.0, 0.0, True),  # exact
+        (60.0, 0.8, True),  # within 1 s
+        (60.0, 1.0, True),  # at 1 s: within
+        (60.0, -2.0, True),  # beyond 1 s and 1%
+        (600.0, 5.0, True),  # within 1% of 605 s
+        (600.0, 7.0, True),  # beyond 1% of 607 s
+        (120.0, None, True),  # the operator did not report it
+        (30.0, 0.0, False),  # the platform has it unanswered: the operator's alone
+    ]
+    for index in range(48):
+        talk, offset, answered = shapes[index % len(shapes)]
+        tenant = rng.choice((TENANT, OTHER_TENANT))
+        end = NOW - dt.timedelta(hours=rng.randint(1, 60))
+        message = record(tenant=tenant, end=end, talk_s=talk, answered=answered)
+        published.append(message)
+        if offset is None:
+            calls.append(Call(tenant, talk, None))
+            continue
+        start = (
+            message.answer_time.ToDatetime(dt.UTC) if answered else end - dt.timedelta(seconds=talk)
+        )
+        report = duration_record(call_id=message.call_id, start=start, talk_s=talk + max(offset, 0))
+        report.tenant_id = tenant
+        report.duration.FromNanoseconds(round((talk + offset) * 1e9))
+        reports.append(report)
+        calls.append(Call(tenant, talk if answered else None, talk + offset))
+    for _ in range(4):  # calls the platform never heard of
+        report = duration_record(start=NOW - dt.timedelta(hours=2), talk_s=33.3)
+        reports.append(report)
+        calls.append(Call(TENANT, None, 33.3))
+    publish_records(system.ingest(), published)
+    (response,) = submit(usage_stub(system), reports)
+    assert response.accepted_count == len(reports), response
+    # Another operator's calls and records never count.
+    other = record(end=NOW - dt.timedelta(hours=3))
+    publish_records(system.ingest(), [other], operator=OTHER_OPERATOR)
+    submit(usage_stub(system, OTHER_OPERATOR), [duration_record(start=NOW - dt.timedelta(hours=3))])
+    deadline = time.monotonic() + 15
+    while len(kept(system)) < len(published) + 1:
+        assert time.monotonic() < deadline, "the call feed never caught up"
+        time.sleep(0.05)
+    yield system, calls
+    system.stop()
+
+
+def _figures(response: pb.GetReconciliationResponse) -> dict[str, Any]:
+    return {
+        "matched": response.matched_count,
+        "mismatch": response.mismatch_count,
+        "platform_only": response.platform_only_count,
+        "operator_only": response.operator_only_count,
+        "platform_total_ms": response.platform_total_duration.ToMilliseconds(),
+        "operator_total_ms": response.operator_total_duration.ToMilliseconds(),
+    }
+
+
+def test_reconciliation_with_the_default_tolerance(data: tuple[RunningSystem, list[Call]]) -> None:
+    system, calls = data
+    response = usage_stub(system).GetReconciliation(
+        pb.GetReconciliationRequest(start_time=stamp(START), end_time=stamp(END))
+    )
+    want = expected(calls, 1.0, 0.01)
+    assert want["mismatch"] and want["platform_only"] and want["operator_only"]
+    assert _figures(response) == want
+    assert response.tolerance.absolute.ToSeconds() == 1 and response.tolerance.relative == 0.01
+    assert response.compute_time.ToDatetime(dt.UTC) >= NOW
+
+
+def test_reconciliation_with_a_tolerance_and_a_tenant(
+    data: tuple[RunningSystem, list[Call]],
+) -> None:
+    system, calls = data
+    tolerance = pb.Tolerance(relative=0.0)
+    tolerance.absolute.FromMilliseconds(900)
+    response = usage_stub(system).GetReconciliation(
+        pb.GetReconciliationRequest(
+            start_time=stamp(START),
+            end_time=stamp(END),
+            tenant_id=OTHER_TENANT,
+            tolerance=tolerance,
+        )
+    )
+    assert _figures(response) == expected([c for c in calls if c.tenant == OTHER_TENANT], 0.9, 0.0)
+
+
+def test_reconciliation_request_errors(data: tuple[RunningSystem, list[Call]]) -> None:
+    system, _ = data
+    base: dict[str, Any] = {"start_time": stamp(START), "end_time": stamp(END)}
+    too_long = pb.Tolerance()
+    too_long.absolute.FromSeconds(3601)
+    negative = pb.Tolerance()
+    negative.absolute.FromSeconds(-1)
+    for request, reason, field in (
+        ({"end_time": stamp(END)}, "PERIOD_INVALID", "start_time"),
+        ({**base, "end_time": stamp(START + dt.timedelta(days=32))}, "PERIOD_TOO_LONG", "end_time"),
+        ({**base, "tenant_id": "x"}, "TENANT_ID_INVALID", "tenant_id"),
+        ({**base, "tolerance": too_long}, "TOLERANCE_INVALID", "tolerance.absolute"),
+        ({**base, "tolerance": negative}, "TOLERANCE_INVALID", "tolerance.absolute"),
+        (
+            {**base, "tolerance": pb.Tolerance(relative=1.5)},
+            "TOLERANCE_INVALID",
+            "tolerance.relative",
+        ),
+        (
+            {**base, "tolerance": pb.Tolerance(relative=float("nan"))},
+            "TOLERANCE_INVALID",
+            "tolerance.relative",
+        ),
+    ):
+        with pytest.raises(grpc.RpcError) as caught:
+            usage_stub(system).GetReconciliation(pb.GetReconciliationRequest(**request))
+        error = rich_error(caught.value)
+        assert (error.code, error.reason) == (grpc.StatusCode.INVALID_ARGUMENT, reason), request
+        assert field in error.fields
+    assert OPERATOR
