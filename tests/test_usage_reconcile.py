@@ -44,6 +44,8 @@ class Call:
     tenant: str
     platform_s: float | None
     operator_s: float | None
+    call_id: str = ""
+    start: dt.datetime | None = None  # the platform's answer time, else the operator's start
 
 
 def expected(calls: list[Call], absolute_s: float, relative: float) -> dict[str, Any]:
@@ -101,7 +103,8 @@ def data(
         message = record(tenant=tenant, end=end, talk_s=talk, answered=answered)
         published.append(message)
         if offset is None:
-            calls.append(Call(tenant, talk, None))
+            start = message.answer_time.ToDatetime(dt.UTC)
+            calls.append(Call(tenant, talk, None, message.call_id, start))
             continue
         start = (
             message.answer_time.ToDatetime(dt.UTC) if answered else end - dt.timedelta(seconds=talk)
@@ -110,11 +113,14 @@ def data(
         report.tenant_id = tenant
         report.duration.FromNanoseconds(round((talk + offset) * 1e9))
         reports.append(report)
-        calls.append(Call(tenant, talk if answered else None, talk + offset))
+        calls.append(
+            Call(tenant, talk if answered else None, talk + offset, message.call_id, start)
+        )
     for _ in range(4):  # calls the platform never heard of
-        report = duration_record(start=NOW - dt.timedelta(hours=2), talk_s=33.3)
+        start = NOW - dt.timedelta(hours=2, minutes=rng.randint(0, 59))
+        report = duration_record(start=start, talk_s=33.3)
         reports.append(report)
-        calls.append(Call(TENANT, None, 33.3))
+        calls.append(Call(TENANT, None, 33.3, report.call_id, start))
     publish_records(system.ingest(), published)
     (response,) = submit(usage_stub(system), reports)
     assert response.accepted_count == len(reports), response
@@ -200,3 +206,89 @@ def test_reconciliation_request_errors(data: tuple[RunningSystem, list[Call]]) -
         assert (error.code, error.reason) == (grpc.StatusCode.INVALID_ARGUMENT, reason), request
         assert field in error.fields
     assert OPERATOR
+
+
+def expected_discrepancies(
+    calls: list[Call], absolute_s: float, relative: float
+) -> list[tuple[int, str, int | None, int | None]]:
+    """(kind, call_id, platform ms, operator ms) in (start, call_id) order."""
+    out = []
+    for call in calls:
+        if call.platform_s is not None and call.operator_s is not None:
+            allowed = max(absolute_s, relative * max(call.platform_s, call.operator_s))
+            if abs(call.platform_s - call.operator_s) <= allowed:
+                continue
+            kind = pb.DISCREPANCY_KIND_MISMATCH
+        elif call.platform_s is not None:
+            kind = pb.DISCREPANCY_KIND_MISSING_FROM_OPERATOR
+        else:
+            kind = pb.DISCREPANCY_KIND_UNKNOWN_TO_PLATFORM
+        ms = [None if v is None else round(v * 1000) for v in (call.platform_s, call.operator_s)]
+        assert call.start is not None
+        out.append((call.start, call.call_id, kind, ms[0], ms[1]))
+    return [(kind, call_id, p, o) for _, call_id, kind, p, o in sorted(out)]
+
+
+def _streamed(responses: list[pb.StreamDiscrepanciesResponse]) -> list[tuple[int, str, Any, Any]]:
+    return [
+        (
+            x.kind,
+            x.call_id,
+            x.platform_duration.ToMilliseconds() if x.HasField("platform_duration") else None,
+            x.operator_duration.ToMilliseconds() if x.HasField("operator_duration") else None,
+        )
+        for response in responses
+        for x in response.discrepancies
+    ]
+
+
+def test_discrepancies_one_by_one_in_order(data: tuple[RunningSystem, list[Call]]) -> None:
+    system, calls = data
+    request = pb.StreamDiscrepanciesRequest(
+        start_time=stamp(START), end_time=stamp(END), max_batch_size=4
+    )
+    responses = list(usage_stub(system).StreamDiscrepancies(request, timeout=30))
+    want = expected_discrepancies(calls, 1.0, 0.01)
+    assert _streamed(responses) == want
+    assert all(len(r.discrepancies) <= 4 for r in responses)
+    assert [bool(r.next_page_token) for r in responses] == [True] * (len(responses) - 1) + [False]
+    # A new call with a response's token resumes strictly after it.
+    request.page_token = responses[1].next_page_token
+    rest = list(usage_stub(system).StreamDiscrepancies(request, timeout=30))
+    assert _streamed(rest) == want[8:]
+    # One kind only, and a tenant.
+    request = pb.StreamDiscrepanciesRequest(
+        start_time=stamp(START),
+        end_time=stamp(END),
+        kind=pb.DISCREPANCY_KIND_UNKNOWN_TO_PLATFORM,
+        tenant_id=TENANT,
+    )
+    only = _streamed(list(usage_stub(system).StreamDiscrepancies(request, timeout=30)))
+    tenant_calls = [c for c in calls if c.tenant == TENANT]
+    assert only == [
+        x
+        for x in expected_discrepancies(tenant_calls, 1.0, 0.01)
+        if x[0] == pb.DISCREPANCY_KIND_UNKNOWN_TO_PLATFORM
+    ]
+    assert only
+
+
+def test_discrepancy_request_errors(data: tuple[RunningSystem, list[Call]]) -> None:
+    system, _ = data
+    base: dict[str, Any] = {"start_time": stamp(START), "end_time": stamp(END)}
+    call = usage_stub(system).StreamDiscrepancies(
+        pb.StreamDiscrepanciesRequest(**base, max_batch_size=1), timeout=30
+    )
+    first = next(call)
+    call.cancel()
+    for request, reason in (
+        ({**base, "kind": 9}, "KIND_INVALID"),
+        ({**base, "max_batch_size": -1}, "MAX_BATCH_SIZE_INVALID"),
+        ({**base, "page_token": "junk"}, "PAGE_TOKEN_INVALID"),
+        # A token is bound to the period, filters and tolerance that made it.
+        ({**base, "page_token": first.next_page_token, "tenant_id": TENANT}, "PAGE_TOKEN_INVALID"),
+        ({"end_time": stamp(END)}, "PERIOD_INVALID"),
+    ):
+        with pytest.raises(grpc.RpcError) as caught:
+            list(usage_stub(system).StreamDiscrepancies(pb.StreamDiscrepanciesRequest(**request)))
+        assert rich_error(caught.value).reason == reason, request

@@ -237,15 +237,11 @@ def test_bad_batches_end_the_stream_and_keep_what_was_acknowledged(
     assert stored(sqlite_system) == [kept.record_id]
 
 
-def test_only_operators_submit_and_unbuilt_methods_say_so(sqlite_system: RunningSystem) -> None:
+def test_only_operators_submit(sqlite_system: RunningSystem) -> None:
     as_platform = pb_grpc.UsageServiceStub(sqlite_system.channel("platform", "admin-center"))
     with pytest.raises(grpc.RpcError) as caught:
         submit(as_platform, [duration_record()])
     assert rich_error(caught.value).reason == "OPERATOR_ONLY"
-    with pytest.raises(grpc.RpcError) as caught:
-        list(usage_stub(sqlite_system).StreamDiscrepancies(pb.StreamDiscrepanciesRequest()))
-    error = rich_error(caught.value)
-    assert (error.code, error.reason) == (grpc.StatusCode.UNIMPLEMENTED, "NOT_IMPLEMENTED")
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,8 @@ from opconnect.type.v1 import call_direction_pb2 as direction_pb
 from opconnect.usage.v1 import usage_pb2 as pb
 from services.usage.rules import (
     Direction,
+    Discrepancy,
+    DiscrepancyKind,
     DurationRecord,
     Granularity,
     Outcome,
@@ -157,3 +159,28 @@ def reconciliation_out(
         tolerance=pb.Tolerance(absolute=absolute, relative=tolerance.relative),
         compute_time=when,
     )
+
+
+KIND_IN = {
+    pb.DISCREPANCY_KIND_MISMATCH: DiscrepancyKind.MISMATCH,
+    pb.DISCREPANCY_KIND_MISSING_FROM_OPERATOR: DiscrepancyKind.MISSING_FROM_OPERATOR,
+    pb.DISCREPANCY_KIND_UNKNOWN_TO_PLATFORM: DiscrepancyKind.UNKNOWN_TO_PLATFORM,
+}
+KIND_OUT = {v: k for k, v in KIND_IN.items()}
+
+
+def discrepancy_out(found: Discrepancy) -> pb.Discrepancy:
+    start = timestamp_pb2.Timestamp()
+    start.FromDatetime(found.start)
+    out = pb.Discrepancy(
+        kind=KIND_OUT[found.kind],
+        call_id=found.call_id,
+        record_id=found.record_id,
+        tenant_id=found.tenant_id,
+        start_time=start,
+    )
+    if found.platform_us is not None:
+        out.platform_duration.CopyFrom(_us(found.platform_us))
+    if found.operator_us is not None:
+        out.operator_duration.CopyFrom(_us(found.operator_us))
+    return out

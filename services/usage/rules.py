@@ -207,6 +207,26 @@ class ReconcileQuery:
     tolerance: Tolerance
 
 
+class DiscrepancyKind(StrEnum):
+    MISMATCH = "mismatch"
+    MISSING_FROM_OPERATOR = "missing_from_operator"
+    UNKNOWN_TO_PLATFORM = "unknown_to_platform"
+
+
+@dataclass(frozen=True)
+class Discrepancy:
+    """One call the two sides disagree on (durations in microseconds; None: that side lacks
+    the call)."""
+
+    kind: DiscrepancyKind
+    call_id: str
+    record_id: str
+    tenant_id: str
+    start: dt.datetime
+    platform_us: int | None
+    operator_us: int | None
+
+
 @dataclass(frozen=True)
 class Reconciliation:
     matched: int

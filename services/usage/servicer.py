@@ -1,7 +1,7 @@
 """RPC handlers of `UsageService` (operators) and `UsageReportService` (the usage view).
 
-Built so far: every RPC but `StreamDiscrepancies`, which
-answers UNIMPLEMENTED with an ErrorInfo until it is built (issue 4).
+Every handler validates its request (rules.py), runs one unit of work (storage.py) and
+converts at the edge (convert.py); the operator comes from the caller's certificate.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from opconnect.usage.v1 import usage_pb2 as pb
 from opconnect.usage.v1 import usage_pb2_grpc as pb_grpc
 from plumbing.config import Settings
 from plumbing.db import Database
-from plumbing.errors import ApiError, invalid_field
+from plumbing.errors import invalid_field
 from plumbing.rpc import Access, access_rules, current_operator
 from plumbing.tokens import seal, unseal
 from plumbing.validation import check_period
@@ -28,15 +28,6 @@ from services.usage import convert, rules, storage
 from services.usage.rules import DOMAIN, OPERATOR_ID, Outcome, Refusal, Result, Submitted
 
 Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
-
-
-def _not_built(method: str) -> ApiError:
-    return ApiError(
-        grpc.StatusCode.UNIMPLEMENTED,
-        "NOT_IMPLEMENTED",
-        f"{method} is not available yet",
-        DOMAIN,
-    )
 
 
 class UsageService(pb_grpc.UsageServiceServicer):
@@ -76,8 +67,34 @@ class UsageService(pb_grpc.UsageServiceServicer):
     async def StreamDiscrepancies(
         self, request: pb.StreamDiscrepanciesRequest, context: Context
     ) -> AsyncIterator[pb.StreamDiscrepanciesResponse]:
-        raise _not_built("StreamDiscrepancies")
-        yield  # an async generator, like every server-streaming handler
+        query = _reconcile_query(request, current_operator(), self._settings)
+        kind = None
+        if request.kind:
+            kind = convert.KIND_IN.get(request.kind)
+            if kind is None:
+                raise invalid_field(DOMAIN, "KIND_INVALID", "kind", "not a discrepancy kind")
+        if request.max_batch_size < 0:
+            raise invalid_field(
+                DOMAIN, "MAX_BATCH_SIZE_INVALID", "max_batch_size", "must not be negative"
+            )
+        size = min(
+            request.max_batch_size or self._settings.stream_batch_size,
+            self._settings.max_stream_batch_size,
+        )
+        binding = _discrepancy_binding(query, kind)
+        after = _decode_after(request.page_token, binding) if request.page_token else None
+        while True:
+            found = await self._db.run(storage.discrepancies, query, kind, after, size + 1)
+            batch, more = found[:size], len(found) > size
+            token = ""
+            if more:
+                after = (batch[-1].start, batch[-1].call_id)
+                token = _after_token(after, binding)
+            yield pb.StreamDiscrepanciesResponse(
+                discrepancies=[convert.discrepancy_out(x) for x in batch], next_page_token=token
+            )
+            if not more:
+                return
 
     async def GetUsageSummary(
         self, request: pb.GetUsageSummaryRequest, context: Context
@@ -108,7 +125,10 @@ class UsageReportService(pb_grpc.UsageReportServiceServicer):
 
 
 UsageRequest: TypeAlias = (
-    pb.GetUsageSummaryRequest | pb.GetTenantUsageRequest | pb.GetReconciliationRequest
+    pb.GetUsageSummaryRequest
+    | pb.GetTenantUsageRequest
+    | pb.GetReconciliationRequest
+    | pb.StreamDiscrepanciesRequest
 )
 
 
@@ -122,7 +142,9 @@ def _time_field(request: UsageRequest, name: str) -> dt.datetime | None:
 
 
 def _reconcile_query(
-    request: pb.GetReconciliationRequest, operator: str, settings: Settings
+    request: pb.GetReconciliationRequest | pb.StreamDiscrepanciesRequest,
+    operator: str,
+    settings: Settings,
 ) -> rules.ReconcileQuery:
     start, end = check_period(
         DOMAIN,
@@ -233,6 +255,44 @@ def _check(messages: list[pb.CallDurationRecord], settings: Settings) -> list[Su
         else:
             out.append(Result(message.record_id, Outcome.REJECTED, refusal))
     return out
+
+
+def _discrepancy_binding(query: rules.ReconcileQuery, kind: rules.DiscrepancyKind | None) -> bytes:
+    """What a discrepancy page token is only valid with."""
+    return "|".join(
+        (
+            query.operator_id,
+            query.start.isoformat(),
+            query.end.isoformat(),
+            query.tenant_id or "",
+            str(query.tolerance.absolute.total_seconds()),
+            repr(query.tolerance.relative),
+            kind.value if kind else "",
+        )
+    ).encode()
+
+
+def _after_token(after: tuple[dt.datetime, str], binding: bytes) -> str:
+    key = f"{after[0].isoformat()}\n{after[1]}".encode()
+    return seal("usage.discrepancies", struct.pack(">I", zlib.crc32(binding)) + key)
+
+
+def _decode_after(token: str, binding: bytes) -> tuple[dt.datetime, str]:
+    body = unseal(token, "usage.discrepancies")
+    if body is not None and len(body) > 4:
+        (crc,) = struct.unpack(">I", body[:4])
+        start, _, call_id = body[4:].decode("utf-8", "replace").partition("\n")
+        if crc == zlib.crc32(binding) and call_id:
+            try:
+                return dt.datetime.fromisoformat(start), call_id
+            except ValueError:
+                pass
+    raise invalid_field(
+        DOMAIN,
+        "PAGE_TOKEN_INVALID",
+        "page_token",
+        "not a page token of these discrepancies (same period, filters and tolerance)",
+    )
 
 
 def access() -> dict[str, Access]:

@@ -27,6 +27,8 @@ from sqlalchemy import (
     func,
     insert,
     literal,
+    null,
+    or_,
     select,
     text,
     tuple_,
@@ -37,6 +39,8 @@ from sqlalchemy.orm import Mapped, Session, mapped_column
 from plumbing.db import Base, dialect_insert
 from services.usage.rules import (
     Direction,
+    Discrepancy,
+    DiscrepancyKind,
     Granularity,
     Outcome,
     ReconcileQuery,
@@ -382,10 +386,24 @@ def _greatest(session: Session, *values: Any) -> Any:
     return getattr(func, name)(*values)
 
 
-def reconcile(session: Session, query: ReconcileQuery) -> Reconciliation:
-    """The operator's records against the platform's answered calls that started in the
-    period, in SQL: one pass over the platform's calls (each with the operator's record of it,
-    if any), one over the operator's records the platform has no answered call for."""
+@dataclass(frozen=True)
+class _Pairing:
+    """The operator's records paired with the platform's answered calls that started in the
+    period: the platform's calls, each with the operator's record of it if any (`platform`),
+    and the operator's records the platform has no answered call for (`operator_only`)."""
+
+    d: Any
+    p: Any
+    platform_us: Any
+    reported: Any
+    within: Any
+    platform: Any  # FROM clause
+    platform_where: list[Any]
+    operator_only: Any  # FROM clause
+    operator_where: list[Any]
+
+
+def _pairing(session: Session, query: ReconcileQuery) -> _Pairing:
     d, p = DURATIONS.alias("d"), PLATFORM_CALLS.alias("p")
     same_call = and_(d.c.operator_id == p.c.operator_id, d.c.call_id == p.c.call_id)
     platform_us = p.c.duration_ms * 1000
@@ -395,41 +413,58 @@ def reconcile(session: Session, query: ReconcileQuery) -> Reconciliation:
         tolerance.absolute // dt.timedelta(microseconds=1),
         _greatest(session, d.c.duration_us, platform_us) * tolerance.relative,
     )
-    reported = d.c.record_id.is_not(None)
-    within = func.abs(d.c.duration_us - platform_us) <= allowed
+    platform_where = [
+        p.c.operator_id == query.operator_id,
+        p.c.answer_time.is_not(None),
+        p.c.answer_time >= query.start,
+        p.c.answer_time < query.end,
+    ]
+    operator_where = [
+        d.c.operator_id == query.operator_id,
+        p.c.call_id.is_(None),
+        d.c.start_time >= query.start,
+        d.c.start_time < query.end,
+    ]
+    if query.tenant_id is not None:
+        platform_where.append(p.c.tenant_id == query.tenant_id)
+        operator_where.append(d.c.tenant_id == query.tenant_id)
+    return _Pairing(
+        d=d,
+        p=p,
+        platform_us=platform_us,
+        reported=d.c.record_id.is_not(None),
+        within=func.abs(d.c.duration_us - platform_us) <= allowed,
+        platform=p.outerjoin(d, same_call),
+        platform_where=platform_where,
+        operator_only=d.outerjoin(p, and_(same_call, p.c.answer_time.is_not(None))),
+        operator_where=operator_where,
+    )
 
-    def total(condition: Any, value: Any = 1) -> Any:
-        return func.coalesce(func.sum(case((condition, value), else_=0)), 0)
+
+def reconcile(session: Session, query: ReconcileQuery) -> Reconciliation:
+    """Counts and totals of a reconciliation, in SQL: one pass over each side of the pairing."""
+    pair = _pairing(session, query)
+    reported, within, d = pair.reported, pair.within, pair.d
+
+    def total(condition: Any) -> Any:
+        return func.coalesce(func.sum(case((condition, 1), else_=0)), 0)
 
     platform_side = (
         select(
             total(and_(reported, within)),
             total(and_(reported, ~within)),
             total(~reported),
-            func.coalesce(func.sum(platform_us), 0),
+            func.coalesce(func.sum(pair.platform_us), 0),
             func.coalesce(func.sum(d.c.duration_us), 0),
         )
-        .select_from(p.outerjoin(d, same_call))
-        .where(
-            p.c.operator_id == query.operator_id,
-            p.c.answer_time.is_not(None),
-            p.c.answer_time >= query.start,
-            p.c.answer_time < query.end,
-        )
+        .select_from(pair.platform)
+        .where(*pair.platform_where)
     )
     operator_only = (
         select(func.count(), func.coalesce(func.sum(d.c.duration_us), 0))
-        .select_from(d.outerjoin(p, and_(same_call, p.c.answer_time.is_not(None))))
-        .where(
-            d.c.operator_id == query.operator_id,
-            p.c.call_id.is_(None),
-            d.c.start_time >= query.start,
-            d.c.start_time < query.end,
-        )
+        .select_from(pair.operator_only)
+        .where(*pair.operator_where)
     )
-    if query.tenant_id is not None:
-        platform_side = platform_side.where(p.c.tenant_id == query.tenant_id)
-        operator_only = operator_only.where(d.c.tenant_id == query.tenant_id)
     matched, mismatched, platform_only, platform_total, operator_on_platform = session.execute(
         platform_side
     ).one()
@@ -442,3 +477,68 @@ def reconcile(session: Session, query: ReconcileQuery) -> Reconciliation:
         platform_total_us=int(platform_total),
         operator_total_us=int(operator_on_platform) + int(unknown_total),
     )
+
+
+def discrepancies(
+    session: Session,
+    query: ReconcileQuery,
+    kind: DiscrepancyKind | None,
+    after: tuple[dt.datetime, str] | None,
+    limit: int,
+) -> list[Discrepancy]:
+    """The next `limit` discrepancies after (start, call_id), ordered by start then call_id."""
+    pair = _pairing(session, query)
+    d, p = pair.d, pair.p
+    platform_side = (
+        select(
+            case(
+                (pair.reported, DiscrepancyKind.MISMATCH.value),
+                else_=DiscrepancyKind.MISSING_FROM_OPERATOR.value,
+            ).label("kind"),
+            p.c.call_id.label("call_id"),
+            d.c.record_id.label("record_id"),
+            p.c.tenant_id.label("tenant_id"),
+            p.c.answer_time.label("start"),
+            pair.platform_us.label("platform_us"),
+            d.c.duration_us.label("operator_us"),
+        )
+        .select_from(pair.platform)
+        .where(*pair.platform_where, or_(~pair.reported, ~pair.within))
+    )
+    operator_side = (
+        select(
+            literal(DiscrepancyKind.UNKNOWN_TO_PLATFORM.value, String),
+            d.c.call_id,
+            d.c.record_id,
+            d.c.tenant_id,
+            d.c.start_time,
+            null(),
+            d.c.duration_us,
+        )
+        .select_from(pair.operator_only)
+        .where(*pair.operator_where)
+    )
+    found = union_all(platform_side, operator_side).subquery()
+    statement = select(found)
+    if kind is not None:
+        statement = statement.where(found.c.kind == kind.value)
+    if after is not None:
+        statement = statement.where(tuple_(found.c.start, found.c.call_id) > tuple_(*after))
+    statement = statement.order_by(found.c.start, found.c.call_id).limit(limit)
+    return [
+        Discrepancy(
+            kind=DiscrepancyKind(row.kind),
+            call_id=row.call_id,
+            record_id=row.record_id or "",
+            tenant_id=row.tenant_id,
+            start=_utc(row.start),
+            platform_us=None if row.platform_us is None else int(row.platform_us),
+            operator_us=None if row.operator_us is None else int(row.operator_us),
+        )
+        for row in session.execute(statement)
+    ]
+
+
+def _utc(value: dt.datetime) -> dt.datetime:
+    """SQLite hands back naive datetimes; every stored time is UTC."""
+    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
