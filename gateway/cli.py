@@ -11,6 +11,8 @@
     opconnect operators reactivate ID
     opconnect operators list
     opconnect simulate [--rate R]          realistic calls into a running system, to watch
+    opconnect operator submit FILE.csv     as an operator: submit call durations (resumable)
+    opconnect operator usage|reconcile     as an operator: usage, reconciliation report
     opconnect audit [--operator ID]        the audit log of operator reads, newest first
 
 Settings come from --config FILE (TOML) or OPCONNECT_CONFIG, then OPCONNECT_* variables.
@@ -26,7 +28,11 @@ import signal
 import sys
 from pathlib import Path
 
+import grpc
+from rich.console import Console
+
 from gateway import pki, registry, server
+from operator_client import commands as operator
 from plumbing import audit
 from plumbing.config import Settings, describe, load_settings
 from plumbing.db import Database
@@ -147,6 +153,49 @@ def cmd_audit(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _when(text: str) -> dt.datetime:
+    value = dt.datetime.fromisoformat(text)
+    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
+
+
+def cmd_operator(args: argparse.Namespace, settings: Settings) -> int:
+    dev = pki.PkiPaths.at(settings.pki_dir)
+    cert, key = dev.client(f"operator-{server.DEV_OPERATOR}")
+    connection = operator.Connection(
+        target=args.target,
+        ca=Path(args.ca) if args.ca else dev.ca_cert,
+        cert=Path(args.cert) if args.cert else cert,
+        key=Path(args.key) if args.key else key,
+    )
+    console = Console()
+    try:
+        if args.operator == "submit":
+            try:
+                return asyncio.run(operator.submit(connection, Path(args.file), console))
+            except KeyboardInterrupt:
+                done = operator.lines_done(Path(args.file))
+                console.print(f"interrupted after {done:,} lines; run again to resume")
+                return 130
+        now = dt.datetime.now(dt.UTC)
+        start = _when(args.start) if args.start else now - dt.timedelta(days=30)
+        end = _when(args.end) if args.end else now
+        if args.operator == "usage":
+            return operator.usage(
+                connection,
+                start=start,
+                end=end,
+                monthly=args.monthly,
+                tenant=args.tenant,
+                console=console,
+            )
+        return operator.reconcile(
+            connection, start=start, end=end, tenant=args.tenant, show=args.show, console=console
+        )
+    except grpc.RpcError as error:
+        console.print(f"opconnect: {error.code().name}: {error.details()}")
+        return 1
+
+
 def cmd_simulate(args: argparse.Namespace, settings: Settings) -> int:
     options = simulator.Options(
         target=args.target,
@@ -206,6 +255,25 @@ def parser() -> argparse.ArgumentParser:
     aud.add_argument("--since", help="only reads from this time on (ISO 8601; UTC if no zone)")
     aud.add_argument("--limit", type=int, default=100, help="most events shown (default 100)")
 
+    op = commands.add_parser(
+        "operator", help="an operator's client: durations, usage, reconciliation"
+    )
+    op.add_argument("--target", default="localhost:50051", help="the platform's host:port")
+    op.add_argument("--ca", help="CA of the platform's certificate (default: dev PKI)")
+    op.add_argument("--cert", help="your client certificate (default: dev operator's)")
+    op.add_argument("--key", help="its private key")
+    opc = op.add_subparsers(dest="operator", required=True)
+    opc.add_parser("submit", help="submit call durations from a CSV file").add_argument("file")
+    for name in ("usage", "reconcile"):
+        view = opc.add_parser(name)
+        view.add_argument("--start", help="ISO 8601, UTC if no zone (default: 30 days ago)")
+        view.add_argument("--end", help="ISO 8601 (default: now)")
+        view.add_argument("--tenant", default="", help="only this tenant")
+        if name == "usage":
+            view.add_argument("--monthly", action="store_true", help="a row per month")
+        else:
+            view.add_argument("--show", type=int, default=20, help="discrepancies listed")
+
     sim = commands.add_parser("simulate", help="publish realistic calls to a running system")
     sim.add_argument("--target", default="localhost:50051", help="the gateway's host:port")
     sim.add_argument("--pki-dir", help="development PKI (default <data_dir>/pki)")
@@ -238,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_pki(args, settings)
         if args.command == "simulate":
             return cmd_simulate(args, settings)
+        if args.command == "operator":
+            return cmd_operator(args, settings)
         if args.command == "audit":
             return cmd_audit(args, settings)
         return cmd_operators(args, settings)
