@@ -207,6 +207,10 @@ def cmd_simulate(args: argparse.Namespace, settings: Settings) -> int:
         calls=args.calls,
         duration=args.duration,
         poor_share=args.poor_share,
+        report=not args.no_durations,
+        missing_share=args.missing_share,
+        mismatch_share=args.mismatch_share,
+        extra_share=args.extra_share,
         seed=args.seed,
     )
     try:
@@ -285,6 +289,12 @@ def parser() -> argparse.ArgumentParser:
     until.add_argument("--calls", type=int, help="stop after N calls (default: at Ctrl-C)")
     until.add_argument("--duration", type=float, help="stop after S seconds")
     sim.add_argument("--poor-share", type=float, default=0.1, help="share of poor calls")
+    sim.add_argument(
+        "--no-durations", action="store_true", help="the operator reports no call durations"
+    )
+    sim.add_argument("--missing-share", type=float, default=0.03, help="calls it leaves out")
+    sim.add_argument("--mismatch-share", type=float, default=0.02, help="durations it gets wrong")
+    sim.add_argument("--extra-share", type=float, default=0.01, help="calls it invents")
     sim.add_argument("--seed", type=int, help="repeat a run's mix of calls")
     return top
 

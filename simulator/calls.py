@@ -32,6 +32,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from opconnect.records.v1 import records_pb2 as pb
 from opconnect.type.v1 import call_direction_pb2 as direction_pb
+from opconnect.usage.v1 import usage_pb2 as usage_pb
 
 # The Teams side's SIP domain: assigned number i routes to sip:user<i>@TEAMS_DOMAIN.
 TEAMS_DOMAIN = "contoso.example"
@@ -365,3 +366,59 @@ def make_calls(
 ) -> list[pb.PublishedCallRecord]:
     """`count` calls that all ended at `now`."""
     return [make_call(rng, mix, now) for _ in range(count)]
+
+
+# --- the operator's side: its duration records of the calls ---------------------------------
+
+
+@dataclass(frozen=True)
+class ReportMix:
+    """How the simulated operator's records differ from the platform's, on purpose, so that
+    reconciliation has something to find: shares of answered calls it does not report
+    (`missing`), reports with a duration off by more than the tolerance (`mismatched`), and
+    extra reports of calls the platform never had (`extra`, per answered call)."""
+
+    missing: float = 0.03
+    mismatched: float = 0.02
+    extra: float = 0.01
+
+
+def operator_reports(
+    rng: random.Random,
+    published: Sequence[pb.PublishedCallRecord],
+    users: Sequence[TeamsUser],
+    mix: ReportMix,
+) -> list[usage_pb.CallDurationRecord]:
+    """The operator's duration records of the answered calls among `published`."""
+    number_of = {u.sip_uri: u.number for u in users}
+    out: list[usage_pb.CallDurationRecord] = []
+    for item in published:
+        record = item.record
+        if not record.HasField("answer_time"):
+            continue  # usage counts answered calls only
+        if rng.random() < mix.missing:
+            continue
+        report = usage_pb.CallDurationRecord(
+            record_id=f"op-{record.call_id}",
+            call_id=record.call_id,
+            tenant_id=record.tenant_id,
+            caller=number_of.get(record.caller, record.caller),
+            callee=number_of.get(record.callee, record.callee),
+            direction=record.direction,
+            start_time=record.answer_time,
+            end_time=record.end_time,
+            duration=record.duration,
+        )
+        talk_ms = record.duration.ToMilliseconds()
+        if talk_ms >= 4_000 and rng.random() < mix.mismatched:
+            # Short by 10% to 40%, and at least 2 s: beyond max(1 s, 1%).
+            short = max(2_000, int(talk_ms * rng.uniform(0.1, 0.4)))
+            report.duration.FromMilliseconds(talk_ms - short)
+        out.append(report)
+        if rng.random() < mix.extra:
+            extra = usage_pb.CallDurationRecord()
+            extra.CopyFrom(report)
+            extra.call_id = _call_id(rng)
+            extra.record_id = f"op-extra-{extra.call_id}"
+            out.append(extra)
+    return out

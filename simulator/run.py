@@ -42,6 +42,8 @@ from opconnect.numbers.v1 import numbers_pb2_grpc as numbers_grpc
 from opconnect.records.v1 import records_pb2 as records_pb
 from opconnect.records.v1 import records_pb2_grpc as records_grpc
 from opconnect.type.v1 import assignment_state_pb2 as state_pb
+from opconnect.usage.v1 import usage_pb2 as usage_pb
+from opconnect.usage.v1 import usage_pb2_grpc as usage_grpc
 from plumbing.logs import mask_number, redact
 from plumbing.validation import check_guid
 from simulator import calls
@@ -90,6 +92,12 @@ class Options:
     duration: float | None = None
     poor_share: float = 0.1
     seed: int | None = None
+    # The operator's side: durations reported for the calls, with these shares off on purpose
+    # (see calls.ReportMix); `report` False leaves the operator silent.
+    report: bool = True
+    missing_share: float = 0.03
+    mismatch_share: float = 0.02
+    extra_share: float = 0.01
 
 
 def check_options(options: Options) -> str | None:
@@ -113,6 +121,9 @@ def check_options(options: Options) -> str | None:
         return "--duration must be above 0 seconds"
     if not 0 <= options.poor_share <= 1:
         return "--poor-share must be 0 to 1"
+    for name in ("missing_share", "mismatch_share", "extra_share"):
+        if not 0 <= getattr(options, name) <= 1:
+            return f"--{name.replace('_', '-')} must be 0 to 1"
     return None
 
 
@@ -355,8 +366,58 @@ def _show(line: str, tty: bool) -> None:
         print(line, flush=True)
 
 
+@dataclass
+class Reports:
+    """The operator's side: duration records waiting to be sent (None ends them), and how
+    the ones sent went."""
+
+    queue: asyncio.Queue[list[usage_pb.CallDurationRecord] | None] = field(
+        default_factory=asyncio.Queue
+    )
+    sent: int = 0
+    accepted: int = 0
+    duplicate: int = 0
+    rejected: list[str] = field(default_factory=list)
+    error: str = ""
+
+
+async def report_durations(operator: Any, reports: Reports) -> None:
+    """Send the operator's duration records, a batch at a time, on one stream."""
+    stub = usage_grpc.UsageServiceStub(operator)
+    call = stub.SubmitCallDurations()
+    try:
+        while (batch := await reports.queue.get()) is not None:
+            if not batch:
+                continue
+            for first in range(0, len(batch), MAX_BATCH):
+                part = batch[first : first + MAX_BATCH]
+                await call.write(usage_pb.SubmitCallDurationsRequest(records=part))
+                response = await call.read()
+                reports.sent += len(part)
+                for result in response.results:
+                    if result.outcome == usage_pb.CALL_DURATION_OUTCOME_ACCEPTED:
+                        reports.accepted += 1
+                    elif result.outcome == usage_pb.CALL_DURATION_OUTCOME_DUPLICATE:
+                        reports.duplicate += 1
+                    elif len(reports.rejected) < 5:
+                        reports.rejected.append(
+                            f"{result.reason} ({result.field}): {result.message}"
+                        )
+                    else:
+                        reports.rejected.append("")
+        await call.done_writing()
+    except grpc.aio.AioRpcError as error:
+        reports.error = f"{error.code().name}: {redact(error.details() or '')}"
+
+
 async def publish(
-    options: Options, platform: Any, mix: calls.CallMix, rng: random.Random, stop: asyncio.Event
+    options: Options,
+    platform: Any,
+    mix: calls.CallMix,
+    rng: random.Random,
+    stop: asyncio.Event,
+    *,
+    reports: Reports | None = None,
 ) -> Tally:
     """Publish calls on one stream until done or stopped; what happened."""
     tally = Tally()
@@ -389,6 +450,13 @@ async def publish(
                 await call.write(
                     records_pb.PublishCallRecordsRequest(batch_id=batch_id, records=records)
                 )
+                if reports is not None:
+                    mix_off = calls.ReportMix(
+                        options.missing_share, options.mismatch_share, options.extra_share
+                    )
+                    reports.queue.put_nowait(
+                        calls.operator_reports(rng, records, mix.users, mix_off)
+                    )
                 tally.published += count
                 due -= count
             if options.calls is not None and tally.published >= options.calls:
@@ -497,7 +565,16 @@ async def simulate(options: Options) -> int:
         print(f"\nSee the records arrive, as operator {options.operator}:")
         print(f"  {stream_command(options, started)}\n")
         print(f"publishing {options.rate:g} calls/s until {until} (seed {seed})")
-        tally = await publish(options, platform, mix, random.Random(seed), stop)
+        reports = Reports() if options.report else None
+        reporter = (
+            asyncio.create_task(report_durations(operator, reports))
+            if reports is not None
+            else None
+        )
+        tally = await publish(options, platform, mix, random.Random(seed), stop, reports=reports)
+        if reports is not None and reporter is not None:
+            reports.queue.put_nowait(None)
+            await asyncio.wait({reporter}, timeout=DRAIN_TIMEOUT_S)
     except SetupError as error:
         print(f"opconnect simulate: {error}", file=sys.stderr)
         return 1
@@ -506,5 +583,19 @@ async def simulate(options: Options) -> int:
         for channel in channels:
             await channel.close()
     status = _summary(tally)
+    if reports is not None:
+        rejected = len(reports.rejected)
+        print(
+            f"the operator reported {reports.sent} durations: {reports.accepted} accepted, "
+            f"{reports.duplicate} duplicate, {rejected} rejected (with "
+            f"{options.missing_share:.0%} missing, {options.mismatch_share:.0%} mismatched and "
+            f"{options.extra_share:.0%} extra on purpose; see `opconnect operator reconcile`)"
+        )
+        for text in reports.rejected[:5]:
+            print(f"  rejected {text}")
+        if reports.error:
+            print(f"reporting stopped: {reports.error}", file=sys.stderr)
+        if rejected or reports.error:
+            status = status or 1
     print(f"\nThe records, as operator {options.operator}:\n  {stream_command(options, started)}")
     return status

@@ -6,13 +6,17 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 from collections import Counter
+from pathlib import Path
 
 from opconnect.numbers.v1 import numbers_pb2
 from opconnect.records.v1 import records_pb2 as pb
 from opconnect.type.v1 import assignment_state_pb2
+from opconnect.usage.v1 import usage_pb2 as usage_pb
 from simulator.run import Options, simulate
-from tests.conftest import RunningSystem
+from tests.conftest import Pki, RunningSystem
 from tests.records_data import stamp, stream_all
+from tests.test_usage_feed import eventually, feed_system, kept
+from tests.test_usage_submit import usage_stub
 
 
 def test_simulator_feeds_an_operator_stream(sqlite_system: RunningSystem) -> None:
@@ -53,3 +57,35 @@ def test_simulator_feeds_an_operator_stream(sqlite_system: RunningSystem) -> Non
 def test_simulator_says_when_the_system_is_down(sqlite_system: RunningSystem) -> None:
     options = Options(target="127.0.0.1:1", pki_dir=sqlite_system.pki.paths.directory, calls=1)
     assert asyncio.run(simulate(options)) == 1
+
+
+def test_the_simulated_operator_gives_reconciliation_something_to_find(
+    session_pki: Pki, tmp_path: Path
+) -> None:
+    system = feed_system(session_pki, tmp_path)
+    try:
+        started = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
+        options = Options(
+            target=system.address,
+            pki_dir=system.pki.paths.directory,
+            rate=2_000.0,
+            calls=400,
+            seed=8,
+            missing_share=0.1,
+            mismatch_share=0.1,
+            extra_share=0.05,
+        )
+        assert asyncio.run(simulate(options)) == 0
+        eventually(lambda: len(kept(system)) == 400)
+        found = usage_stub(system).GetReconciliation(
+            usage_pb.GetReconciliationRequest(
+                start_time=stamp(started - dt.timedelta(hours=3)),
+                end_time=stamp(dt.datetime.now(dt.UTC) + dt.timedelta(minutes=1)),
+            )
+        )
+        assert found.matched_count > 150
+        assert found.mismatch_count > 5
+        assert found.platform_only_count > 5
+        assert found.operator_only_count > 2
+    finally:
+        system.stop()

@@ -17,6 +17,8 @@ from google.protobuf.duration_pb2 import Duration
 from opconnect.records.v1 import records_pb2 as pb
 from opconnect.type.v1 import call_direction_pb2 as direction_pb
 from services.records.quality import Quality, StreamMetrics, Thresholds, classify_call
+from services.usage import convert as usage_convert
+from services.usage import rules as usage_rules
 from simulator import calls
 
 NOW = dt.datetime(2025, 6, 1, 12, 0, 0, 123_456, tzinfo=dt.UTC)
@@ -394,3 +396,27 @@ def test_the_checks_here_catch_broken_records() -> None:
         breakage(broken)
         assert problems_of(broken), name
     assert problems_of(calls.make_call(rng, mix(rng), NOW)) == []
+
+
+def test_the_operators_reports_pass_its_checks_with_the_shares_asked() -> None:
+    rng = random.Random(4)
+    the_mix = mix(rng)
+    published = calls.make_calls(rng, the_mix, dt.datetime.now(dt.UTC), 4_000)
+    off = calls.ReportMix(missing=0.1, mismatched=0.2, extra=0.05)
+    reports = calls.operator_reports(rng, published, the_mix.users, off)
+    now = dt.datetime.now(dt.UTC)
+    for report in reports:
+        submitted = usage_convert.submitted_in(report)
+        assert isinstance(submitted, usage_rules.Submitted), submitted
+        refusal = usage_rules.check_record(
+            submitted.record, now, dt.timedelta(days=396), dt.timedelta(minutes=5)
+        )
+        assert refusal is None, (refusal, report)
+    answered = {p.record.call_id: p.record for p in published if p.record.HasField("answer_time")}
+    reported = [r for r in reports if r.call_id in answered]
+    extra = [r for r in reports if r.call_id not in answered]
+    off_by = [r for r in reported if r.duration != answered[r.call_id].duration]
+    assert 1 - len(reported) / len(answered) == pytest.approx(0.1, abs=0.03)
+    assert len(off_by) / len(reported) == pytest.approx(0.2, abs=0.04)
+    assert len(extra) / len(reported) == pytest.approx(0.05, abs=0.02)
+    assert len({r.record_id for r in reports}) == len(reports)
