@@ -36,7 +36,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from plumbing.changelog import allocate, mark_purged, notify_commit, read_head
-from plumbing.db import Base, driver_fetch
+from plumbing.db import Base, driver_fetch, driver_time
 from services.records.quality import Quality
 from services.records.rules import (
     LOG,
@@ -258,19 +258,11 @@ def read_records(
         params.append(Quality.POOR.value)
     if selection.end_time is not None:
         sql.append("AND publish_time < ?")
-        params.append(_stored_time(session, selection.end_time))
+        params.append(driver_time(session)(selection.end_time))
     sql.append("ORDER BY position LIMIT ?")
     params.append(limit)
     # Both drivers hand back int and bytes for these columns.
     return cast(list[tuple[int, bytes]], driver_fetch(session, " ".join(sql), params))
-
-
-def _stored_time(session: Session, value: dt.datetime) -> Any:
-    """A time as the driver compares it with stored ones: SQLite holds UTC text in SQLAlchemy's
-    format; PostgreSQL a timestamptz."""
-    if session.get_bind().dialect.name == "sqlite":
-        return value.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
-    return value
 
 
 @dataclass(frozen=True)

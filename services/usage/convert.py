@@ -44,13 +44,17 @@ class _Unreadable(Exception):
         self.refusal = refusal
 
 
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+
+
 def _time(message: pb.CallDurationRecord, name: str) -> dt.datetime | None:
     if not message.HasField(name):  # type: ignore[arg-type]
         return None
     stamp: timestamp_pb2.Timestamp = getattr(message, name)
-    if not (_MIN_SECONDS <= stamp.seconds <= _MAX_SECONDS and 0 <= stamp.nanos < 1_000_000_000):
+    seconds, nanos = stamp.seconds, stamp.nanos
+    if not (_MIN_SECONDS <= seconds <= _MAX_SECONDS and 0 <= nanos < 1_000_000_000):
         raise _Unreadable(Refusal(f"{name.upper()}_INVALID", name, "not a valid timestamp"))
-    return stamp.ToDatetime(tzinfo=dt.UTC)
+    return _EPOCH + dt.timedelta(seconds=seconds, microseconds=nanos // 1000)
 
 
 def _duration(message: pb.CallDurationRecord) -> dt.timedelta | None:
@@ -65,10 +69,9 @@ def _duration(message: pb.CallDurationRecord) -> dt.timedelta | None:
 
 
 def submitted_in(message: pb.CallDurationRecord) -> Submitted | Refusal:
-    """The domain record and the digest of its content, or why it cannot even be read."""
-    clean = pb.CallDurationRecord()
-    clean.CopyFrom(message)
-    clean.DiscardUnknownFields()
+    """The domain record and the digest of its content, or why it cannot even be read.
+    Unknown fields must have been dropped (`DiscardUnknownFields` on the request)."""
+    clean = message  # the caller dropped unknown fields from the whole request
     try:
         record = DurationRecord(
             record_id=clean.record_id,

@@ -42,6 +42,7 @@ class UsageService(pb_grpc.UsageServiceServicer):
         loop = asyncio.get_running_loop()
         async for request in requests:
             rules.check_batch(request.batch_id, len(request.records))
+            request.DiscardUnknownFields()  # unknown fields never change a record's digest
             checked = await loop.run_in_executor(
                 None, _check, list(request.records), self._settings
             )

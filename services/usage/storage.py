@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 from sqlalchemy import (
     BigInteger,
@@ -25,7 +25,6 @@ from sqlalchemy import (
     case,
     delete,
     func,
-    insert,
     literal,
     null,
     or_,
@@ -36,7 +35,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
-from plumbing.db import Base, dialect_insert
+from plumbing.db import Base, dialect_insert, driver_execute_many, driver_fetch, driver_time
 from services.usage.rules import (
     Direction,
     Discrepancy,
@@ -90,13 +89,39 @@ def _rejected(record_id: str, reason: str, field: str, message: str) -> Result:
     return Result(record_id, Outcome.REJECTED, Refusal(reason, field, message))
 
 
+_INSERT = (
+    "INSERT INTO call_durations (operator_id, record_id, call_id, tenant_id, caller, callee,"
+    " direction, start_time, end_time, duration_us, digest, submitted_at)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+def _stored(
+    session: Session, operator_id: str, column: Literal["record_id", "call_id"], values: list[str]
+) -> list[tuple[Any, ...]]:
+    """(record_id, call_id, digest) of the operator's records whose `column` is in `values`."""
+    found: list[tuple[Any, ...]] = []
+    for first in range(0, len(values), CHUNK):
+        chunk = values[first : first + CHUNK]
+        marks = ",".join("?" * len(chunk))
+        found += driver_fetch(
+            session,
+            "SELECT record_id, call_id, digest FROM call_durations"  # noqa: S608 - fixed column
+            f" WHERE operator_id = ? AND {column} IN ({marks})",
+            [operator_id, *chunk],
+        )
+    return found
+
+
 def submit(session: Session, operator_id: str, submitted: Sequence[Submitted]) -> list[Result]:
     """Store checked records in order, as if submitted one by one: a record_id already stored
     (or earlier in the batch) is a duplicate with the same digest and a conflict with another;
     a call_id another record of the operator reports is CALL_ALREADY_REPORTED.
 
-    On PostgreSQL the operator's submissions are serialized by a transaction-scoped advisory
-    lock, so concurrent streams of one operator see each other's commits (SQLite has one writer).
+    The ingest hot path: the look-ups (one per key, each on its index) and the insert run on
+    the driver (plumbing.db). On PostgreSQL the operator's submissions are serialized by a
+    transaction-scoped advisory lock, so concurrent streams of one operator see each other's
+    commits (SQLite has one writer).
     """
     if not submitted:
         return []
@@ -104,24 +129,16 @@ def submit(session: Session, operator_id: str, submitted: Sequence[Submitted]) -
         session.execute(
             text("SELECT pg_advisory_xact_lock(hashtext(:key))"), {"key": f"usage:{operator_id}"}
         )
-    c = DURATIONS.c
     by_record: dict[str, tuple[bytes, str]] = {}
     by_call: dict[str, str] = {}
-    record_ids = [s.record.record_id for s in submitted]
-    call_ids = [s.record.call_id for s in submitted]
-    for first in range(0, len(submitted), CHUNK):
-        found = session.execute(
-            select(c.record_id, c.call_id, c.digest).where(
-                c.operator_id == operator_id,
-                c.record_id.in_(record_ids[first : first + CHUNK])
-                | c.call_id.in_(call_ids[first : first + CHUNK]),
-            )
-        )
-        for record_id, call_id, digest in found:
-            by_record[record_id] = (bytes(digest), call_id)
-            by_call[call_id] = record_id
-    now = dt.datetime.now(dt.UTC)
-    rows: list[dict[str, Any]] = []
+    found = _stored(session, operator_id, "record_id", [s.record.record_id for s in submitted])
+    found += _stored(session, operator_id, "call_id", [s.record.call_id for s in submitted])
+    for record_id, call_id, digest in found:
+        by_record[record_id] = (bytes(digest), call_id)
+        by_call[call_id] = record_id
+    time_of = driver_time(session)
+    now = time_of(dt.datetime.now(dt.UTC))
+    rows: list[tuple[Any, ...]] = []
     results: list[Result] = []
     for item in submitted:
         record = item.record
@@ -161,24 +178,24 @@ def submit(session: Session, operator_id: str, submitted: Sequence[Submitted]) -
         by_record[record.record_id] = (item.digest, record.call_id)
         by_call[record.call_id] = record.record_id
         rows.append(
-            {
-                "operator_id": operator_id,
-                "record_id": record.record_id,
-                "call_id": record.call_id,
-                "tenant_id": record.tenant_id.lower(),
-                "caller": record.caller,
-                "callee": record.callee,
-                "direction": direction.value,
-                "start_time": start,
-                "end_time": end,
-                "duration_us": duration // dt.timedelta(microseconds=1),
-                "digest": item.digest,
-                "submitted_at": now,
-            }
+            (
+                operator_id,
+                record.record_id,
+                record.call_id,
+                record.tenant_id.lower(),
+                record.caller,
+                record.callee,
+                direction.value,
+                time_of(start),
+                time_of(end),
+                duration // dt.timedelta(microseconds=1),
+                item.digest,
+                now,
+            )
         )
         results.append(Result(record.record_id, Outcome.ACCEPTED))
     if rows:
-        session.execute(insert(DURATIONS), rows)
+        driver_execute_many(session, _INSERT, rows)
     return results
 
 
