@@ -28,6 +28,7 @@ gen: $(STAMP)
 bench: setup
 	$(BIN)/python bench/numbers_bench.py
 	$(BIN)/python bench/records_bench.py
+	$(BIN)/python bench/usage_bench.py
 
 setup: $(STAMP) $(NODE)
 

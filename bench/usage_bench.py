@@ -1,0 +1,1496 @@
+"""Usage benchmark: SubmitCallDurations ingest throughput, and reconciliation over a month.
+
+Run from the repository root:
+
+    .venv/bin/python bench/usage_bench.py [--records N] [--calls N] [--json] [--profile]
+
+Every throughput is set against a raw baseline measured in the same run, because the machines
+this runs on are small and noisy:
+
+1. Records/s committed by SubmitCallDurations: `--records` (1,000,000 by default) valid
+   call-duration records of one operator, sent by one operator client process through the
+   one-process system (gateway interceptor, mutual TLS, validation and digests, the duplicate
+   check and the insert in SQLite, one acknowledgement per batch after its commit) in batches of
+   1,000 with a few in flight, from the first send to the last acknowledgement; every record
+   must be accepted. Versus raw `sqlite3` executemany inserts of the very rows the system wrote
+   into a fresh copy of the schema, one durable transaction per 1,000 (WAL, synchronous=FULL,
+   as the system runs SQLite). Reported as `ingest_ratio` = best system / best raw records/s
+   (target >= 0.3).
+2. A month of `--calls` (1,000,000 by default) platform calls of the operator over 30 days and
+   the operator's duration records of them (most answered calls reported, a share of them
+   beyond the tolerance, a few the platform does not know), written straight into SQLite before
+   the system starts; then, through the system from an operator client process: the seconds of
+   GetReconciliation for the 30 days (`--rounds` rounds), of StreamDiscrepancies reading every
+   discrepancy of the 30 days (and its discrepancies/s), and of GetUsageSummary by day (every
+   page). Each figure is checked equal to what was filled, computed independently while
+   filling. As baselines, the service's own storage functions called in-process without gRPC,
+   the discrepancies and usage rows in one query each. Reported as `reconcile_s`,
+   `discrepancies_s` and `usage_summary_s` (target: seconds, not minutes).
+
+Servers and clients run in their own processes (this script started again with `--role ...`),
+so client and server each get a core. Everything (PKI, SQLite databases) lives in a temporary
+directory removed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import functools
+import hashlib
+import json
+import math
+import os
+import random
+import sqlite3
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, ParamSpec, TypeVar
+
+import grpc
+from common import (
+    OPERATOR,
+    PLATFORM,
+    Child,
+    ServerProcess,
+    ThreadProfiles,
+    bench_settings,
+    cpu_seconds,
+    credentials,
+    machine,
+    machine_busy_seconds,
+    print_header,
+    profile_text,
+    read_line,
+    serve_commands,
+    start_system,
+)
+from google.protobuf.duration_pb2 import Duration
+from google.protobuf.timestamp_pb2 import Timestamp
+from sqlalchemy.dialects import sqlite as sqlite_dialect
+
+from gateway import registry
+from gateway.pki import PkiPaths, ensure_dev_pki
+from opconnect.type.v1 import call_direction_pb2 as direction_pb
+from opconnect.usage.v1 import usage_pb2 as pb
+from opconnect.usage.v1 import usage_pb2_grpc as pb_grpc
+from plumbing.config import Settings
+from plumbing.db import Database
+from services.usage import rules, servicer, storage
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+SUBMIT_METHOD = "/opconnect.usage.v1.UsageService/SubmitCallDurations"
+INGEST_TARGET = 0.3
+SECONDS_TARGET = 60.0  # "seconds, not minutes": each query of the month under a minute
+BATCH = rules.MAX_BATCH  # records per SubmitCallDurations request, and per raw transaction
+TEMPLATES = 2_000  # rows of each table the fill makes through the service's own code
+FILL_CHUNK = 20_000  # platform calls generated and written per executemany while filling
+PROFILE_RUN = 91  # run id of the profiled ingest
+PAGE_SIZE = 1_000  # GetUsageSummary page size (the maximum)
+
+US = 1_000_000
+DAY_US = 86_400 * US
+EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+DIRECTIONS = {
+    "inbound": direction_pb.CALL_DIRECTION_INBOUND,
+    "outbound": direction_pb.CALL_DIRECTION_OUTBOUND,
+}
+# The month's mix.
+ANSWERED_SHARE = 0.85
+REPORTED_SHARE = 0.95  # of answered calls, reported by the operator
+MISMATCHED_SHARE = 0.02  # of reported calls of 4 s or more: a duration beyond the tolerance
+EXTRA_SHARE = 0.005  # per reported call: one more record of a call the platform does not know
+# Connected time: lognormal with this median (seconds) and spread, within these bounds (ms).
+TALK_MEDIAN_S = 150.0
+TALK_SIGMA = 0.9
+TALK_MIN_MS = 1_000
+TALK_MAX_MS = 2 * 3600 * 1000
+
+DURATION_COLUMNS = (
+    "operator_id",
+    "record_id",
+    "call_id",
+    "tenant_id",
+    "caller",
+    "callee",
+    "direction",
+    "start_time",
+    "end_time",
+    "duration_us",
+    "digest",
+    "submitted_at",
+)
+PLATFORM_COLUMNS = (
+    "call_id",
+    "operator_id",
+    "tenant_id",
+    "direction",
+    "invite_time",
+    "answer_time",
+    "duration_ms",
+)
+
+# A platform call: call_id, tenant, direction, invite and answer time (us since the epoch;
+# answer None when not answered), duration in ms.
+PlatformTuple = tuple[str, str, str, int, int | None, int]
+# An operator's record: record_id, call_id, tenant, caller, callee, direction, start and end
+# (us since the epoch), duration in us.
+RecordTuple = tuple[str, str, str, str, str, str, int, int, int]
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def other_cpu(
+    busy: tuple[float | None, float | None],
+    seconds: float,
+    server_cpu: float | None,
+    client_cpu: float,
+) -> float | None:
+    """Cores busy with anything but the server and this client over a run (noise)."""
+    if busy[0] is None or busy[1] is None or server_cpu is None:
+        return None
+    return max(0.0, (busy[1] - busy[0]) / seconds - server_cpu - client_cpu)
+
+
+def chunks(items: Sequence[T], size: int) -> list[Sequence[T]]:
+    return [items[start : start + size] for start in range(0, len(items), size)]
+
+
+def moment(us: int) -> dt.datetime:
+    return EPOCH + dt.timedelta(microseconds=us)
+
+
+def epoch_us(value: dt.datetime) -> int:
+    return (value - EPOCH) // dt.timedelta(microseconds=1)
+
+
+def stamp(us: int) -> Timestamp:
+    return Timestamp(seconds=us // US, nanos=us % US * 1000)
+
+
+def span(us: int) -> Duration:
+    """A non-negative Duration of `us` microseconds."""
+    return Duration(seconds=us // US, nanos=us % US * 1000)
+
+
+def guid(rng: random.Random) -> str:
+    """A random (version 4) GUID, as `uuid.uuid4` makes them."""
+    h = f"{rng.getrandbits(122):031x}"
+    variant = "89ab"[int(h[15], 16) & 3]
+    return f"{h[:8]}-{h[8:12]}-4{h[12:15]}-{variant}{h[16:19]}-{h[19:31]}"
+
+
+def talk_ms(rng: random.Random) -> int:
+    talk = round(rng.lognormvariate(math.log(TALK_MEDIAN_S), TALK_SIGMA) * 1000)
+    return max(TALK_MIN_MS, min(TALK_MAX_MS, talk))
+
+
+def pstn_number(rng: random.Random) -> str:
+    """A North American number outside the operator's own 425-555 block."""
+    r = rng.random
+    return f"+1{200 + int(r() * 800)}{200 + int(r() * 355)}{int(r() * 10_000):04d}"
+
+
+def tenant_numbers(tenants: int) -> list[list[str]]:
+    """Each tenant's block of 200 of the operator's numbers (+1 425 5xx xxxx)."""
+    return [[f"+14255{k // 10:02d}{k % 10}{n:03d}" for n in range(200)] for k in range(tenants)]
+
+
+def record_message(r: RecordTuple) -> pb.CallDurationRecord:
+    record_id, call_id, tenant, caller, callee, direction, start, end, duration = r
+    return pb.CallDurationRecord(
+        record_id=record_id,
+        call_id=call_id,
+        tenant_id=tenant,
+        caller=caller,
+        callee=callee,
+        direction=DIRECTIONS[direction],
+        start_time=stamp(start),
+        end_time=stamp(end),
+        duration=span(duration),
+    )
+
+
+def within(operator_us: int, platform_us: int, tolerance: rules.Tolerance) -> bool:
+    """The reconciliation's match rule: max(absolute, relative x the longer)."""
+    allowed = max(
+        tolerance.absolute // dt.timedelta(microseconds=1),
+        max(operator_us, platform_us) * tolerance.relative,
+    )
+    return abs(operator_us - platform_us) <= allowed
+
+
+# --------------------------------------------------------------------------- the month
+
+
+@dataclass
+class Expected:
+    """What the filled month must reconcile to, counted while it is made (independently of the
+    service's SQL)."""
+
+    platform_calls: int = 0
+    answered: int = 0
+    reported: int = 0
+    matched: int = 0
+    mismatched: int = 0
+    platform_only: int = 0
+    operator_only: int = 0
+    platform_total_us: int = 0
+    operator_total_us: int = 0
+    # (tenant, UTC day YYYY-MM-DD, direction) -> [calls, billed s, operator calls, operator s]
+    usage: dict[tuple[str, str, str], list[int]] = field(default_factory=dict)
+
+    @property
+    def records(self) -> int:
+        return self.reported + self.operator_only
+
+    @property
+    def discrepancies(self) -> int:
+        return self.mismatched + self.platform_only + self.operator_only
+
+
+class Month:
+    """A month of one operator's calls (`calls` of them, evenly over [start, end), in time
+    order) and the operator's duration records of them, made chunk by chunk from one seed."""
+
+    def __init__(
+        self, calls: int, tenants: int, seed: int, start_us: int, end_us: int, tol: rules.Tolerance
+    ) -> None:
+        self.rng = random.Random(seed)
+        self.calls = calls
+        self.start_us = start_us
+        self.step = (end_us - start_us) // calls
+        self.tenants = [guid(self.rng) for _ in range(tenants)]
+        self.numbers = tenant_numbers(tenants)
+        self.tolerance = tol
+        self.expected = Expected()
+        self.made = 0
+        self.record_seq = 0
+        self._days: dict[int, str] = {}
+
+    def _day(self, us: int) -> str:
+        index = us // DAY_US
+        day = self._days.get(index)
+        if day is None:
+            day = self._days[index] = moment(index * DAY_US).strftime("%Y-%m-%d")
+        return day
+
+    def _use(self, tenant: str, us: int, direction: str, billed_s: int, operator: bool) -> None:
+        row = self.expected.usage.setdefault((tenant, self._day(us), direction), [0, 0, 0, 0])
+        row[0] += 1
+        row[1] += billed_s
+        if operator:
+            row[2] += 1
+            row[3] += billed_s
+
+    def _record(
+        self, call_id: str, k: int, direction: str, start: int, end: int, duration: int
+    ) -> RecordTuple:
+        self.record_seq += 1
+        ours = self.numbers[k][int(self.rng.random() * len(self.numbers[k]))]
+        other = pstn_number(self.rng)
+        caller, callee = (other, ours) if direction == "inbound" else (ours, other)
+        record_id = f"cdr-{self.record_seq:010d}"
+        return (
+            record_id,
+            call_id,
+            self.tenants[k],
+            caller,
+            callee,
+            direction,
+            start,
+            end,
+            duration,
+        )
+
+    def chunk(self, size: int) -> tuple[list[PlatformTuple], list[RecordTuple]]:
+        """The next `size` platform calls (fewer at the end) and the operator's records of
+        them, with the expected figures updated."""
+        rng, e = self.rng, self.expected
+        calls: list[PlatformTuple] = []
+        records: list[RecordTuple] = []
+        for i in range(self.made, min(self.calls, self.made + size)):
+            t = self.start_us + i * self.step + int(rng.random() * self.step)
+            k = int(rng.random() * len(self.tenants))
+            tenant = self.tenants[k]
+            direction = "inbound" if rng.random() < 0.5 else "outbound"
+            call_id = guid(rng)
+            e.platform_calls += 1
+            if rng.random() >= ANSWERED_SHARE:
+                calls.append((call_id, tenant, direction, t, None, 0))
+                continue
+            ms = talk_ms(rng)
+            invite = t - US - int(rng.random() * 19 * US)  # rang 1 to 20 s
+            calls.append((call_id, tenant, direction, invite, t, ms))
+            e.answered += 1
+            e.platform_total_us += ms * 1000
+            if rng.random() >= REPORTED_SHARE:
+                e.platform_only += 1
+                self._use(tenant, t, direction, -(-ms // 1000), operator=False)
+                continue
+            if ms >= 4_000 and rng.random() < MISMATCHED_SHARE:
+                # Short by 10% to 40%, and at least 2 s: beyond max(1 s, 1%).
+                operator_us = (ms - max(2_000, int(ms * rng.uniform(0.1, 0.4)))) * 1000
+            else:
+                operator_us = -(-ms // 1000) * US  # whole seconds, rounded up, as billed
+            records.append(self._record(call_id, k, direction, t, t + ms * 1000, operator_us))
+            e.reported += 1
+            e.operator_total_us += operator_us
+            if within(operator_us, ms * 1000, self.tolerance):
+                e.matched += 1
+            else:
+                e.mismatched += 1
+            self._use(tenant, t, direction, -(-operator_us // US), operator=True)
+            if rng.random() < EXTRA_SHARE:
+                extra_us = -(-talk_ms(rng) // 1000) * US
+                records.append(self._record(guid(rng), k, direction, t, t + extra_us, extra_us))
+                e.operator_only += 1
+                e.operator_total_us += extra_us
+                self._use(tenant, t, direction, -(-extra_us // US), operator=True)
+        self.made = min(self.calls, self.made + size)
+        return calls, records
+
+
+class RowMaker:
+    """Rows of both tables as the service stores them (`storage.store_platform_calls` and
+    `storage.submit`), in PLATFORM_COLUMNS and DURATION_COLUMNS order."""
+
+    def __init__(self) -> None:
+        dialect = sqlite_dialect.dialect()
+        impl = storage.DURATIONS.c.start_time.type.dialect_impl(dialect)
+        processor = impl.bind_processor(dialect)
+        if processor is None:
+            raise RuntimeError("no SQLite bind processor for DateTime")
+        self._text: Callable[[dt.datetime], Any] = processor
+        self._days: dict[int, str] = {}
+
+    def time_text(self, us: int) -> Any:
+        """A time as SQLAlchemy stores it in SQLite (its DateTime bind processor's text, made
+        faster: the rows of the templates check it)."""
+        day, rest = divmod(us, DAY_US)
+        prefix = self._days.get(day)
+        if prefix is None:
+            prefix = self._days[day] = self._text(moment(day * DAY_US))[:10]
+        seconds, micro = divmod(rest, US)
+        hours, seconds = divmod(seconds, 3600)
+        minutes, seconds = divmod(seconds, 60)
+        return f"{prefix} {hours:02d}:{minutes:02d}:{seconds:02d}.{micro:06d}"
+
+    def platform(self, c: PlatformTuple) -> tuple[Any, ...]:
+        call_id, tenant, direction, invite, answer, ms = c
+        answer_text = None if answer is None else self.time_text(answer)
+        return (call_id, OPERATOR, tenant, direction, self.time_text(invite), answer_text, ms)
+
+    def duration(self, r: RecordTuple, submitted_at: Any) -> tuple[Any, ...]:
+        record_id, call_id, tenant, caller, callee, direction, start, end, duration = r
+        digest = hashlib.sha256(record_message(r).SerializeToString(deterministic=True)).digest()
+        return (
+            OPERATOR,
+            record_id,
+            call_id,
+            tenant,
+            caller,
+            callee,
+            direction,
+            self.time_text(start),
+            self.time_text(end),
+            duration,
+            digest,
+            submitted_at,
+        )
+
+
+@dataclass
+class FillResult:
+    platform_calls: int
+    records: int
+    tenants: int
+    templates: int
+    real_path_s: float
+    copies_s: float
+    seconds: float
+    database_mb: float
+
+
+def _insert(table: str, columns: Sequence[str]) -> str:
+    return f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
+
+
+def _columns(connection: sqlite3.Connection, table: str) -> set[str]:
+    return {row[1] for row in connection.execute(f"PRAGMA table_info({table})")}
+
+
+def fill(
+    data_dir: Path, calls: int, tenants: int, seed: int, start_us: int, end_us: int
+) -> tuple[FillResult, Expected, list[str]]:
+    """Migrate a database in `data_dir`, register OPERATOR and store a month of its calls and
+    duration records. The first TEMPLATES rows of each table go through the service's own
+    code (`storage.store_platform_calls`, `servicer._check` + `storage.submit`); the rest are
+    made by RowMaker, checked first to make those very rows."""
+    started = time.perf_counter()
+    settings = Settings(data_dir=data_dir)
+    tolerance = rules.Tolerance(
+        dt.timedelta(seconds=settings.reconcile_tolerance_s), settings.reconcile_tolerance_ratio
+    )
+    month = Month(calls, tenants, seed, start_us, end_us, tolerance)
+    maker = RowMaker()
+    path = data_dir / "opconnect.db"
+    first_calls, first_records = month.chunk(FILL_CHUNK)
+    template_calls, template_records = first_calls[:TEMPLATES], first_records[:TEMPLATES]
+    db = Database(settings.sqlalchemy_url, 2)
+    try:
+        db.migrate()
+        db.transaction(registry.add_operator, OPERATOR, "benchmark operator", write=True)
+        platform_calls = [
+            storage.PlatformCall(
+                c[0],
+                OPERATOR,
+                c[1],
+                c[2],
+                moment(c[3]),
+                None if c[4] is None else moment(c[4]),
+                c[5],
+            )
+            for c in template_calls
+        ]
+        db.transaction(storage.store_platform_calls, "bench-fill", platform_calls, "", write=True)
+        checked = servicer._check([record_message(r) for r in template_records], settings)
+        valid = [c for c in checked if isinstance(c, rules.Submitted)]
+        if len(valid) != len(template_records):
+            refused = Counter(
+                c.refusal.reason for c in checked if isinstance(c, rules.Result) and c.refusal
+            )
+            raise RuntimeError(f"template records refused: {dict(refused)}")
+        for part in chunks(valid, BATCH):
+            results = db.transaction(storage.submit, OPERATOR, part, write=True)
+            if any(r.outcome is not rules.Outcome.ACCEPTED for r in results):
+                raise RuntimeError("a template record was not accepted")
+    finally:
+        db.close()
+    real_path_s = time.perf_counter() - started
+
+    connection = sqlite3.connect(path, isolation_level=None)
+    try:
+        for table, columns in (
+            ("usage_platform_calls", PLATFORM_COLUMNS),
+            ("call_durations", DURATION_COLUMNS),
+        ):
+            if _columns(connection, table) != set(columns):
+                raise RuntimeError(f"{table} has columns {sorted(_columns(connection, table))}")
+        # The rows the service wrote must be the rows RowMaker makes (submitted_at aside, a
+        # time of the submission).
+        stored_calls = connection.execute(
+            f"SELECT {', '.join(PLATFORM_COLUMNS)} FROM usage_platform_calls ORDER BY rowid"
+        ).fetchall()
+        if stored_calls != [maker.platform(c) for c in template_calls]:
+            raise RuntimeError("a platform call row differs from store_platform_calls's")
+        stored_records = connection.execute(
+            f"SELECT {', '.join(DURATION_COLUMNS)} FROM call_durations ORDER BY rowid"
+        ).fetchall()
+        if len(stored_records) != len(template_records) or stored_records != [
+            maker.duration(r, s[-1]) for r, s in zip(template_records, stored_records, strict=True)
+        ]:
+            raise RuntimeError("a call_durations row differs from storage.submit's")
+        # Bulk loading: no journal, no syncs, a large cache (WAL is restored at the end, and
+        # everything is synced to disk before any measurement).
+        connection.execute("PRAGMA journal_mode=DELETE")
+        connection.execute("PRAGMA journal_mode=OFF")
+        connection.execute("PRAGMA synchronous=OFF")
+        connection.execute("PRAGMA cache_size=-1000000")
+        copies_started = time.perf_counter()
+        # Secondary indexes are made again once the rows are in (same definitions, same
+        # contents): sorting once is much faster than inserting a million random keys.
+        indexes = connection.execute(
+            "SELECT name, sql FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL"
+            " AND tbl_name IN ('usage_platform_calls', 'call_durations')"
+        ).fetchall()
+        for name, _ in indexes:
+            connection.execute(f'DROP INDEX "{name}"')
+        insert_calls = _insert("usage_platform_calls", PLATFORM_COLUMNS)
+        insert_records = _insert("call_durations", DURATION_COLUMNS)
+        rest_calls, rest_records = first_calls[TEMPLATES:], first_records[TEMPLATES:]
+        while True:
+            submitted_at = maker.time_text(epoch_us(dt.datetime.now(dt.UTC)))
+            record_rows = []
+            for i, r in enumerate(rest_records):
+                if i % BATCH == 0:  # one submission time per batch, as submit does
+                    submitted_at = maker.time_text(epoch_us(dt.datetime.now(dt.UTC)))
+                record_rows.append(maker.duration(r, submitted_at))
+            connection.execute("BEGIN")
+            connection.executemany(insert_calls, [maker.platform(c) for c in rest_calls])
+            connection.executemany(insert_records, record_rows)
+            connection.execute("COMMIT")
+            if month.made >= calls:
+                break
+            rest_calls, rest_records = month.chunk(FILL_CHUNK)
+        for _, sql in indexes:
+            connection.execute(sql)
+        e = month.expected
+        stored_calls_n = connection.execute("SELECT count(*) FROM usage_platform_calls").fetchone()[
+            0
+        ]
+        stored_records_n = connection.execute("SELECT count(*) FROM call_durations").fetchone()[0]
+        if stored_calls_n != e.platform_calls or stored_records_n != e.records:
+            raise RuntimeError(
+                f"filled {stored_calls_n} calls and {stored_records_n} records, wanted"
+                f" {e.platform_calls} and {e.records}"
+            )
+        connection.execute("PRAGMA journal_mode=WAL")
+    finally:
+        connection.close()
+    os.sync()  # no writeback of the fill left to slow down the measurements
+    result = FillResult(
+        platform_calls=month.expected.platform_calls,
+        records=month.expected.records,
+        tenants=tenants,
+        templates=TEMPLATES,
+        real_path_s=real_path_s,
+        copies_s=time.perf_counter() - copies_started,
+        seconds=time.perf_counter() - started,
+        database_mb=path.stat().st_size / 1e6,
+    )
+    return result, month.expected, month.tenants
+
+
+# --------------------------------------------------------------------------- server process
+
+
+class ProfilingExecutor(ThreadPoolExecutor):
+    """A thread pool whose work items run under `ThreadProfiles.call`."""
+
+    def __init__(self, workers: int | None, prefix: str, profiles: ThreadProfiles) -> None:
+        super().__init__(workers, thread_name_prefix=prefix)
+        self._profiles = profiles
+
+    def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
+        return super().submit(functools.partial(self._profiles.call, fn, *args, **kwargs))
+
+
+async def serve_system(spec: dict[str, Any]) -> None:
+    paths = PkiPaths.at(Path(spec["root"]) / "pki")
+    settings = bench_settings(Path(spec["data_dir"]), paths)
+    runtime = await start_system(settings)
+    profiles: ThreadProfiles | None = None
+    if spec.get("profile"):
+        # Validation runs on the loop's default executor and storage on the database threads:
+        # profile both, not only the event loop.
+        profiles = ThreadProfiles()
+        old = runtime.db._executor
+        runtime.db._executor = ProfilingExecutor(settings.db_threads, "db", profiles)
+        old.shutdown(wait=False)
+        asyncio.get_running_loop().set_default_executor(
+            ProfilingExecutor(None, "default", profiles)
+        )
+    print(f"READY {runtime.port}", flush=True)
+    await serve_commands(profiles)
+    await runtime.stop(grace_s=1.0)
+
+
+# --------------------------------------------------------------------------- submit client
+
+
+def ingest_records(count: int, seed: int, now: dt.datetime) -> list[RecordTuple]:
+    """`count` valid records of OPERATOR, of calls that started 3 hours to 30 days ago (so that
+    none ends in the future), in the order they started, as an operator reports calls soon
+    after they end: 50 tenants, sequential record ids, random (GUID) call ids."""
+    rng = random.Random(seed)
+    tenants = [guid(rng) for _ in range(50)]
+    numbers = tenant_numbers(len(tenants))
+    oldest = epoch_us(now - dt.timedelta(days=30))
+    step = (epoch_us(now - dt.timedelta(hours=3)) - oldest) // count
+    out: list[RecordTuple] = []
+    for i in range(count):
+        k = int(rng.random() * len(tenants))
+        start = oldest + i * step + int(rng.random() * step)
+        ms = talk_ms(rng)
+        direction = "inbound" if rng.random() < 0.5 else "outbound"
+        ours, other = numbers[k][int(rng.random() * 200)], pstn_number(rng)
+        caller, callee = (other, ours) if direction == "inbound" else (ours, other)
+        end = start + ms * 1000
+        duration = -(-ms // 1000) * US  # whole seconds, rounded up, as billed
+        call_id = guid(rng)
+        out.append(
+            (f"cdr-{i:010d}", call_id, tenants[k], caller, callee, direction, start, end, duration)
+        )
+    return out
+
+
+def encoded_batches(messages: list[pb.CallDurationRecord], run: int, count: int) -> list[bytes]:
+    """The first `count` records under the ids of run `run` (`r<run>-...`, distinct across runs),
+    as encoded SubmitCallDurationsRequests of BATCH records."""
+    batches: list[bytes] = []
+    for number, first in enumerate(range(0, count, BATCH)):
+        request = pb.SubmitCallDurationsRequest(batch_id=f"r{run}-{number}")
+        for message in messages[first : min(count, first + BATCH)]:
+            record = request.records.add()
+            record.CopyFrom(message)
+            record.record_id = f"r{run}-{message.record_id}"
+            record.call_id = f"r{run}-{message.call_id}"
+        batches.append(request.SerializeToString())
+    return batches
+
+
+async def submit_once(
+    channel: grpc.aio.Channel, batches: list[bytes], in_flight: int, pid: int
+) -> dict[str, Any]:
+    """Submit the batches on one stream with at most `in_flight` unacknowledged; time from the
+    first send to the last acknowledgement."""
+    method = channel.stream_stream(
+        SUBMIT_METHOD,
+        request_serializer=None,  # the batches are encoded already
+        response_deserializer=pb.SubmitCallDurationsResponse.FromString,
+    )
+    window = asyncio.Semaphore(in_flight)
+    outcomes: Counter[str] = Counter()
+    reasons: Counter[str] = Counter()
+    acks = 0
+    marks: list[tuple[float, int]] = []  # (seconds since the first send, records acknowledged)
+    m0, c0, s0 = machine_busy_seconds(), time.process_time(), cpu_seconds(pid)
+    t0 = time.perf_counter()
+    call = method(timeout=1800)
+
+    async def read() -> None:
+        nonlocal acks
+        async for response in call:
+            acks += 1
+            outcomes["accepted"] += response.accepted_count
+            outcomes["duplicate"] += response.duplicate_count
+            outcomes["rejected"] += response.rejected_count
+            marks.append((time.perf_counter() - t0, sum(outcomes.values())))
+            reasons.update(r.reason for r in response.results if r.reason)
+            window.release()
+
+    reader = asyncio.create_task(read())
+    for batch in batches:
+        await window.acquire()
+        if reader.done():
+            break
+        await call.write(batch)
+    await call.done_writing()
+    await reader
+    t1 = time.perf_counter()
+    m1, c1, s1 = machine_busy_seconds(), time.process_time(), cpu_seconds(pid)
+    seconds = t1 - t0
+    client_cpu = (c1 - c0) / seconds
+    server_cpu = (s1 - s0) / seconds if s0 is not None and s1 is not None else None
+    return {
+        "batches": len(batches),
+        "acks": acks,
+        "accepted": outcomes["accepted"],
+        "duplicate": outcomes["duplicate"],
+        "rejected": outcomes["rejected"],
+        "reasons": dict(reasons.most_common(5)),
+        "marks": marks,
+        "seconds": seconds,
+        "client_cpu": client_cpu,
+        "server_cpu": server_cpu,
+        "other_cpu": other_cpu((m0, m1), seconds, server_cpu, client_cpu),
+    }
+
+
+async def submit_worker(spec: dict[str, Any]) -> None:
+    """The operator's client process: makes its records once, says READY (with how long that
+    took); then each `GO <address> <pid> <run> <count>` submits the first `count` of them under
+    the ids of run `run` to the server at `address` and answers with a JSON line."""
+    creds = credentials(Path(spec["root"]) / "pki", "operator", OPERATOR)
+    stdin = ThreadPoolExecutor(1, thread_name_prefix="stdin")
+    t0 = time.perf_counter()
+    messages = [
+        record_message(r)
+        for r in ingest_records(spec["records"], spec["seed"], dt.datetime.now(dt.UTC))
+    ]
+    print(json.dumps({"made_s": time.perf_counter() - t0}), flush=True)
+    try:
+        while line := await read_line(stdin):
+            _, address, pid, run, count = line.split()
+            batches = encoded_batches(messages, int(run), int(count))
+            async with grpc.aio.secure_channel(address, creds) as channel:
+                await channel.channel_ready()
+                try:
+                    result = await submit_once(channel, batches, spec["in_flight"], int(pid))
+                    result["records"] = int(count)
+                except grpc.aio.AioRpcError as error:
+                    result = {"error": f"{error.code().name}: {error.details()}"}
+            print(json.dumps(result), flush=True)
+    finally:
+        stdin.shutdown(wait=False)
+
+
+# --------------------------------------------------------------------------- query client
+
+
+def _timed(pid: int) -> Callable[[], dict[str, Any]]:
+    """Start timing; the returned function ends it: seconds, client, server and other CPU."""
+    m0, c0, s0 = machine_busy_seconds(), time.process_time(), cpu_seconds(pid)
+    t0 = time.perf_counter()
+
+    def done() -> dict[str, Any]:
+        seconds = time.perf_counter() - t0
+        m1, c1, s1 = machine_busy_seconds(), time.process_time(), cpu_seconds(pid)
+        client_cpu = (c1 - c0) / seconds
+        server_cpu = (s1 - s0) / seconds if s0 is not None and s1 is not None else None
+        return {
+            "seconds": seconds,
+            "client_cpu": client_cpu,
+            "server_cpu": server_cpu,
+            "other_cpu": other_cpu((m0, m1), seconds, server_cpu, client_cpu),
+        }
+
+    return done
+
+
+async def reconcile_once(
+    stub: pb_grpc.UsageServiceStub, pid: int, start: int, end: int
+) -> dict[str, Any]:
+    done = _timed(pid)
+    response = await stub.GetReconciliation(
+        pb.GetReconciliationRequest(start_time=stamp(start), end_time=stamp(end)), timeout=1800
+    )
+    return {
+        **done(),
+        "matched": response.matched_count,
+        "mismatched": response.mismatch_count,
+        "platform_only": response.platform_only_count,
+        "operator_only": response.operator_only_count,
+        "platform_total_us": response.platform_total_duration.ToMicroseconds(),
+        "operator_total_us": response.operator_total_duration.ToMicroseconds(),
+    }
+
+
+async def discrepancies_once(
+    stub: pb_grpc.UsageServiceStub, pid: int, start: int, end: int, batch: int
+) -> dict[str, Any]:
+    """Read every discrepancy of the period; count them by kind, check their order, and time
+    the first response and the gaps between responses."""
+    request = pb.StreamDiscrepanciesRequest(
+        start_time=stamp(start), end_time=stamp(end), max_batch_size=batch
+    )
+    kinds: Counter[str] = Counter()
+    gaps: list[float] = []
+    ordered = True
+    last: tuple[int, int, str] = (0, 0, "")
+    first_s: float | None = None
+    responses = 0
+    done = _timed(pid)
+    previous = time.perf_counter()
+    async for response in stub.StreamDiscrepancies(request, timeout=1800):
+        now = time.perf_counter()
+        gaps.append(now - previous)
+        previous = now
+        if first_s is None:
+            first_s = gaps[0]
+        responses += 1
+        for d in response.discrepancies:
+            key = (d.start_time.seconds, d.start_time.nanos, d.call_id)
+            ordered = ordered and key > last
+            last = key
+            kinds[pb.DiscrepancyKind.Name(d.kind)] += 1
+    timing = done()
+    later = sorted(gaps[1:]) or [0.0]
+    tenth = max(1, len(gaps) // 10)
+    return {
+        **timing,
+        "discrepancies": sum(kinds.values()),
+        "kinds": dict(kinds),
+        "responses": responses,
+        "ordered": ordered,
+        "first_s": first_s or 0.0,
+        "gap_median_s": later[len(later) // 2],
+        "gap_max_s": later[-1],
+        # the mean wait for a response over the first and the last tenth of the stream
+        "gap_first_tenth_s": sum(gaps[1 : 1 + tenth]) / len(gaps[1 : 1 + tenth] or [0]),
+        "gap_last_tenth_s": sum(gaps[-tenth:]) / tenth,
+    }
+
+
+async def summary_once(
+    stub: pb_grpc.UsageServiceStub, pid: int, start: int, end: int, page_size: int
+) -> dict[str, Any]:
+    """Every page of the operator's usage by day; the rows as [tenant, day, direction, calls,
+    billed s, operator calls, operator s]."""
+    rows: list[list[Any]] = []
+    pages: list[float] = []
+    token = ""
+    done = _timed(pid)
+    while True:
+        t0 = time.perf_counter()
+        response = await stub.GetUsageSummary(
+            pb.GetUsageSummaryRequest(
+                start_time=stamp(start),
+                end_time=stamp(end),
+                granularity=pb.GRANULARITY_DAY,
+                page_size=page_size,
+                page_token=token,
+            ),
+            timeout=1800,
+        )
+        pages.append(time.perf_counter() - t0)
+        for row in response.rows:
+            operator = [s for s in row.by_source if s.source == pb.DURATION_SOURCE_OPERATOR]
+            rows.append(
+                [
+                    row.tenant_id,
+                    row.period_start.ToDatetime().strftime("%Y-%m-%d"),
+                    "inbound"
+                    if row.direction == direction_pb.CALL_DIRECTION_INBOUND
+                    else "outbound",
+                    row.call_count,
+                    row.billed_duration.seconds,
+                    sum(s.call_count for s in operator),
+                    sum(s.billed_duration.seconds for s in operator),
+                ]
+            )
+        token = response.next_page_token
+        if not token:
+            break
+    return {**done(), "pages": len(pages), "page_s": pages, "rows": rows}
+
+
+async def query_worker(spec: dict[str, Any]) -> None:
+    """The operator's client process for the month: one channel, kept; says READY once
+    connected; then answers each command with a JSON line: `RECONCILE`, `DISCREPANCIES
+    <max_batch_size>`, `SUMMARY <page_size>`, all for the period of the spec."""
+    creds = credentials(Path(spec["root"]) / "pki", "operator", OPERATOR)
+    start, end, pid = spec["start_us"], spec["end_us"], spec["pid"]
+    stdin = ThreadPoolExecutor(1, thread_name_prefix="stdin")
+    try:
+        async with grpc.aio.secure_channel(
+            spec["address"], creds, options=[("grpc.max_receive_message_length", 64 << 20)]
+        ) as channel:
+            stub = pb_grpc.UsageServiceStub(channel)
+            # Connect, and one small call through the whole path (one hour of the period).
+            await stub.GetReconciliation(
+                pb.GetReconciliationRequest(
+                    start_time=stamp(start), end_time=stamp(start + 3600 * US)
+                ),
+                timeout=60,
+            )
+            print("READY", flush=True)
+            while line := await read_line(stdin):
+                command, *rest = line.split()
+                try:
+                    if command == "RECONCILE":
+                        result = await reconcile_once(stub, pid, start, end)
+                    elif command == "DISCREPANCIES":
+                        result = await discrepancies_once(stub, pid, start, end, int(rest[0]))
+                    else:
+                        result = await summary_once(stub, pid, start, end, int(rest[0]))
+                except grpc.aio.AioRpcError as error:
+                    result = {"error": f"{error.code().name}: {error.details()}"}
+                print(json.dumps(result), flush=True)
+    finally:
+        stdin.shutdown(wait=False)
+
+
+# --------------------------------------------------------------------------- raw baselines
+
+
+def stored_rows(source: Path, prefix: str) -> list[tuple[Any, ...]]:
+    """The call_durations rows the system wrote for record ids starting with `prefix`, in the
+    order it wrote them."""
+    read = sqlite3.connect(f"file:{source}?mode=ro", uri=True)
+    try:
+        rows = read.execute(
+            f"SELECT {', '.join(DURATION_COLUMNS)} FROM call_durations"
+            " WHERE record_id >= ? AND record_id < ? ORDER BY rowid",
+            (prefix, prefix[:-1] + chr(ord(prefix[-1]) + 1)),
+        ).fetchall()
+    finally:
+        read.close()
+    if not rows:
+        raise RuntimeError(f"no stored records with ids {prefix}*")
+    return rows
+
+
+def raw_inserts(rows: list[tuple[Any, ...]], target: Path, batch: int) -> dict[str, Any]:
+    """`rows` inserted with plain sqlite3 executemany into a fresh copy of the schema (same
+    migrations, same indexes), one transaction per `batch` rows, WAL and synchronous=FULL as the
+    system configures SQLite."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    schema = Database(f"sqlite:///{target}", 1)
+    schema.migrate()
+    schema.close()
+    insert = _insert("call_durations", DURATION_COLUMNS)
+    batches = chunks(rows, batch)
+    connection = sqlite3.connect(target, isolation_level=None)
+    try:
+        connection.execute("PRAGMA journal_mode=WAL")
+        connection.execute("PRAGMA synchronous=FULL")
+        marks: list[tuple[float, int]] = []
+        done = 0
+        c0, t0 = time.process_time(), time.perf_counter()
+        for part in batches:
+            connection.execute("BEGIN IMMEDIATE")
+            connection.executemany(insert, part)
+            connection.execute("COMMIT")
+            done += len(part)
+            marks.append((time.perf_counter() - t0, done))
+        seconds = time.perf_counter() - t0
+        cpu = (time.process_time() - c0) / seconds
+    finally:
+        connection.close()
+    return {"records": len(rows), "seconds": seconds, "cpu": cpu, "marks": marks}
+
+
+def in_process(
+    data_dir: Path, query: rules.ReconcileQuery, usage: rules.UsageQuery
+) -> dict[str, Any]:
+    """The service's own storage functions on the month, called in this process without gRPC
+    (after the system's measurements, with the system idle): the reconciliation, every
+    discrepancy in one query, every usage row in one query; seconds each."""
+    db = Database(f"sqlite:///{data_dir / 'opconnect.db'}", 1)
+    try:
+        t0 = time.perf_counter()
+        db.transaction(storage.reconcile, query)
+        t1 = time.perf_counter()
+        found = db.transaction(storage.discrepancies, query, None, None, 10**9)
+        t2 = time.perf_counter()
+        rows = db.transaction(storage.usage_rows, usage, None, 10**7)
+        t3 = time.perf_counter()
+    finally:
+        db.close()
+    return {
+        "reconcile_s": t1 - t0,
+        "discrepancies_s": t2 - t1,
+        "discrepancies": len(found),
+        "usage_s": t3 - t2,
+        "usage_rows": len(rows),
+    }
+
+
+# --------------------------------------------------------------------------- orchestrator
+
+
+@dataclass
+class IngestRun:
+    kind: str  # "system" or "raw"
+    round: int
+    records: int
+    records_per_s: float
+    seconds: float
+    client_cpu: float | None
+    server_cpu: float | None  # for raw: the inserting process's CPU
+    other_cpu: float | None  # cores busy with anything else (system runs): noise
+    accepted: int | None
+    rejected: int | None
+    first_tenth_per_s: float  # records/s over the first 10% of the records
+    last_tenth_per_s: float  # and over the last 10%, into a table 9 times as large
+
+
+def tenths(marks: Sequence[Sequence[float]], total: int) -> tuple[float, float]:
+    """Records/s over about the first and the last tenth of a run's records, from its
+    (seconds since the start, records done) marks, one per batch."""
+    t1, n1 = next((t, n) for t, n in marks if n >= total / 10)
+    t9, n9 = max(((t, n) for t, n in marks if n <= total * 9 / 10), default=(0.0, 0))
+    last_t, last_n = marks[-1]
+    return n1 / t1, (last_n - n9) / max(last_t - t9, 1e-9)
+
+
+def ingest_run(
+    client: Child, server: ServerProcess, round_no: int, run: int, count: int
+) -> tuple[IngestRun, dict[str, Any]]:
+    result = client.ask(f"GO {server.address} {server.pid} {run} {count}")
+    if result["accepted"] != count:
+        raise RuntimeError(
+            f"ingest run {run}: {result['accepted']:,} of {count:,} records accepted"
+            f" ({result['duplicate']:,} duplicate, {result['rejected']:,} rejected:"
+            f" {result['reasons']})"
+        )
+    return (
+        IngestRun(
+            kind="system",
+            round=round_no,
+            records=count,
+            records_per_s=result["accepted"] / result["seconds"],
+            seconds=result["seconds"],
+            client_cpu=result["client_cpu"],
+            server_cpu=result["server_cpu"],
+            other_cpu=result["other_cpu"],
+            accepted=result["accepted"],
+            rejected=result["rejected"],
+            first_tenth_per_s=tenths(result["marks"], count)[0],
+            last_tenth_per_s=tenths(result["marks"], count)[1],
+        ),
+        result,
+    )
+
+
+def raw_run(rows: list[tuple[Any, ...]], target: Path, round_no: int) -> IngestRun:
+    raw = raw_inserts(rows, target, BATCH)
+    return IngestRun(
+        kind="raw",
+        round=round_no,
+        records=raw["records"],
+        records_per_s=raw["records"] / raw["seconds"],
+        seconds=raw["seconds"],
+        client_cpu=None,
+        server_cpu=raw["cpu"],
+        other_cpu=None,
+        accepted=None,
+        rejected=None,
+        first_tenth_per_s=tenths(raw["marks"], raw["records"])[0],
+        last_tenth_per_s=tenths(raw["marks"], raw["records"])[1],
+    )
+
+
+def _rate(run: IngestRun) -> float:
+    return run.records_per_s
+
+
+def check_month(expected: Expected, answers: dict[str, Any]) -> list[str]:
+    """Every way the system's answers differ from what was filled (empty: all equal)."""
+    problems: list[str] = []
+    want = {
+        "matched": expected.matched,
+        "mismatched": expected.mismatched,
+        "platform_only": expected.platform_only,
+        "operator_only": expected.operator_only,
+        "platform_total_us": expected.platform_total_us,
+        "operator_total_us": expected.operator_total_us,
+    }
+    for number, got in enumerate(answers["reconcile"], 1):
+        for key, value in want.items():
+            if got[key] != value:
+                problems.append(
+                    f"GetReconciliation round {number}: {key} {got[key]:,} != {value:,}"
+                )
+    kinds = {
+        "DISCREPANCY_KIND_MISMATCH": expected.mismatched,
+        "DISCREPANCY_KIND_MISSING_FROM_OPERATOR": expected.platform_only,
+        "DISCREPANCY_KIND_UNKNOWN_TO_PLATFORM": expected.operator_only,
+    }
+    listed = answers["discrepancies"]
+    for kind, value in kinds.items():
+        if listed["kinds"].get(kind, 0) != value:
+            problems.append(
+                f"StreamDiscrepancies: {kind} {listed['kinds'].get(kind, 0):,} != {value:,}"
+            )
+    if not listed["ordered"]:
+        problems.append("StreamDiscrepancies: not ordered by start time then call_id")
+    got_rows = {(r[0], r[1], r[2]): r[3:] for r in answers["summary"]["rows"]}
+    if len(got_rows) != len(answers["summary"]["rows"]):
+        problems.append("GetUsageSummary: a (tenant, day, direction) row came twice")
+    if got_rows != expected.usage:
+        differ = [
+            k
+            for k in expected.usage.keys() | got_rows.keys()
+            if got_rows.get(k) != expected.usage.get(k)
+        ]
+        problems.append(
+            f"GetUsageSummary: {len(differ):,} of {len(expected.usage):,} rows differ, e.g."
+            f" {differ[0]}: {got_rows.get(differ[0])} != {expected.usage.get(differ[0])}"
+        )
+    return problems
+
+
+def bench(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="opconnect-usage-bench-") as tmp:
+        root = Path(tmp)
+        paths = ensure_dev_pki(root / "pki", operator_id=OPERATOR, platform_name=PLATFORM)
+        settings = bench_settings(root / "ingest1", paths)
+        spec = {"root": str(root), "profile": args.profile}
+        children: list[Child] = []
+        ingest_runs: list[IngestRun] = []
+        profile: dict[str, Any] | None = {} if args.profile else None
+        try:
+            # The client makes its records while the month is filled (neither is measured).
+            submitter = Child(
+                "submit",
+                {
+                    "root": str(root),
+                    "records": args.records,
+                    "seed": args.seed,
+                    "in_flight": args.in_flight,
+                },
+            )
+            children.append(submitter)
+            print(
+                f"filling a month of {args.calls:,} platform calls and their records (and making"
+                f" {args.records:,} records to submit in the client) ...",
+                flush=True,
+            )
+            today = dt.datetime.now(dt.UTC) - dt.timedelta(hours=3)
+            end = dt.datetime(today.year, today.month, today.day, tzinfo=dt.UTC)
+            start = end - dt.timedelta(days=30)
+            start_us, end_us = epoch_us(start), epoch_us(end)
+            filled, expected, _ = fill(
+                root / "month", args.calls, args.tenants, args.seed + 1, start_us, end_us
+            )
+            made_s = json.loads(submitter.line())["made_s"]
+            print(f"filled in {filled.seconds:.1f} s", flush=True)
+
+            rows: list[tuple[Any, ...]] = []
+            for round_no in range(1, args.ingest_rounds + 1):
+                # Alternate which goes first (the raw rows are the first system run's).
+                system_first = round_no % 2 == 1
+                if not system_first:
+                    ingest_runs.append(
+                        raw_run(rows, root / "raw" / f"round{round_no}.db", round_no)
+                    )
+                print(f"ingest round {round_no}: {args.records:,} records ...", flush=True)
+                data_dir = root / f"ingest{round_no}"
+                system = ServerProcess("system", {**spec, "data_dir": str(data_dir)})
+                children.append(system)
+                run, _ = ingest_run(submitter, system, round_no, round_no, args.records)
+                ingest_runs.append(run)
+                system.stop()
+                print(f"   {run.records_per_s:,.0f} records/s, {run.seconds:.1f} s", flush=True)
+                if round_no == 1:
+                    rows = stored_rows(data_dir / "opconnect.db", "r1-")
+                if system_first:
+                    ingest_runs.append(
+                        raw_run(rows, root / "raw" / f"round{round_no}.db", round_no)
+                    )
+                    print(f"   raw {ingest_runs[-1].records_per_s:,.0f} records/s", flush=True)
+            for extra in range(args.raw_rounds_extra):
+                number = args.ingest_rounds + extra + 1
+                ingest_runs.append(raw_run(rows, root / "raw" / f"round{number}.db", number))
+            del rows
+            if profile is not None:
+                count = min(args.records, args.profile_records)
+                print(f"profiled ingest: {count:,} records ...", flush=True)
+                system = ServerProcess("system", {**spec, "data_dir": str(root / "profiled")})
+                children.append(system)
+                path = root / "ingest.prof"
+                system.profile_start()
+                profiled, _ = ingest_run(submitter, system, 0, PROFILE_RUN, count)
+                system.profile_stop(path)
+                system.stop()
+                profile["ingest"] = {"run": asdict(profiled), "text": profile_text(path, 25)}
+            submitter.stop()
+
+            print("querying the month ...", flush=True)
+            month = ServerProcess("system", {**spec, "data_dir": str(root / "month")})
+            children.append(month)
+            querier = Child(
+                "query",
+                {
+                    "root": str(root),
+                    "address": month.address,
+                    "pid": month.pid,
+                    "start_us": start_us,
+                    "end_us": end_us,
+                },
+            )
+            children.append(querier)
+            querier.expect("READY")
+            answers: dict[str, Any] = {"reconcile": []}
+            for round_no in range(1, args.rounds + 1):
+                answers["reconcile"].append(querier.ask("RECONCILE"))
+                seconds = answers["reconcile"][-1]["seconds"]
+                print(f"   GetReconciliation round {round_no}: {seconds:.2f} s", flush=True)
+            answers["discrepancies"] = querier.ask(f"DISCREPANCIES {args.discrepancy_batch}")
+            print(
+                f"   StreamDiscrepancies: {answers['discrepancies']['seconds']:.1f} s", flush=True
+            )
+            answers["summary"] = querier.ask(f"SUMMARY {PAGE_SIZE}")
+            print(f"   GetUsageSummary: {answers['summary']['seconds']:.2f} s", flush=True)
+            if profile is not None:
+                path = root / "month.prof"
+                month.profile_start()
+                profiled_month = {
+                    "reconcile": querier.ask("RECONCILE"),
+                    "discrepancies": querier.ask(f"DISCREPANCIES {args.discrepancy_batch}"),
+                    "summary": querier.ask(f"SUMMARY {PAGE_SIZE}"),
+                }
+                month.profile_stop(path)
+                for value in profiled_month.values():
+                    value.pop("rows", None)
+                profile["month"] = {"run": profiled_month, "text": profile_text(path, 20)}
+            querier.stop()
+            month.stop()
+            tolerance = rules.Tolerance(
+                dt.timedelta(seconds=settings.reconcile_tolerance_s),
+                settings.reconcile_tolerance_ratio,
+            )
+            direct = in_process(
+                root / "month",
+                rules.ReconcileQuery(OPERATOR, start, end, None, tolerance),
+                rules.UsageQuery(start, end, rules.Granularity.DAY, OPERATOR, None),
+            )
+        finally:
+            for child in reversed(children):
+                child.stop()
+
+    problems = check_month(expected, answers)
+    report = make_report(
+        args, settings, made_s, ingest_runs, filled, expected, answers, direct, problems, profile
+    )
+    report["elapsed_s"] = time.perf_counter() - started
+    print_report(report, ingest_runs, args)
+    if args.json:
+        if profile is not None:  # the texts were printed above
+            report["profile"] = {k: {"run": v["run"]} for k, v in profile.items()}
+        print(json.dumps(report, indent=2))
+    return 0
+
+
+def make_report(
+    args: argparse.Namespace,
+    settings: Settings,
+    made_s: float,
+    ingest_runs: list[IngestRun],
+    filled: FillResult,
+    expected: Expected,
+    answers: dict[str, Any],
+    direct: dict[str, Any],
+    problems: list[str],
+    profile: dict[str, Any] | None,
+) -> dict[str, Any]:
+    best_system = max((r for r in ingest_runs if r.kind == "system"), key=_rate)
+    best_raw = max((r for r in ingest_runs if r.kind == "raw"), key=_rate)
+    ratio = best_system.records_per_s / best_raw.records_per_s
+    reconcile_s = min(r["seconds"] for r in answers["reconcile"])
+    listed = answers["discrepancies"]
+    summary = {k: v for k, v in answers["summary"].items() if k != "rows"}
+    summary["rows"] = len(answers["summary"]["rows"])
+    return {
+        "machine": machine(),
+        "settings": {
+            "database": "sqlite (WAL, synchronous=FULL) in a temp dir",
+            "tls": "mutual, dev PKI in a temp dir",
+            "log_level": settings.log_level,
+            "rate_per_operator": f"{settings.rate_per_operator:g}",
+            "rate_burst": settings.rate_burst,
+            "db_threads": settings.db_threads,
+            "reconcile_tolerance": f"max({settings.reconcile_tolerance_s:g} s,"
+            f" {settings.reconcile_tolerance_ratio:g})",
+            "usage_call_feed": "off (no feed_* certificate: the month is filled directly)",
+        },
+        "params": {
+            "records": args.records,
+            "ingest_rounds": args.ingest_rounds,
+            "in_flight": args.in_flight,
+            "calls": args.calls,
+            "tenants": args.tenants,
+            "rounds": args.rounds,
+            "discrepancy_batch": args.discrepancy_batch,
+            "seed": args.seed,
+        },
+        "ingest": {
+            "made_s": made_s,
+            "runs": [asdict(r) for r in ingest_runs],
+            "best": {"system": best_system.records_per_s, "raw": best_raw.records_per_s},
+            "ratio": ratio,
+            # the same two runs over their first and their last tenth of the records
+            "ratio_first_tenth": best_system.first_tenth_per_s / best_raw.first_tenth_per_s,
+            "ratio_last_tenth": best_system.last_tenth_per_s / best_raw.last_tenth_per_s,
+            "target": INGEST_TARGET,
+        },
+        "fill": asdict(filled),
+        "expected": {k: v for k, v in asdict(expected).items() if k != "usage"}
+        | {"usage_rows": len(expected.usage), "discrepancies": expected.discrepancies},
+        "month": {
+            "reconcile": answers["reconcile"],
+            "discrepancies": listed,
+            "summary": summary,
+            "in_process": direct,
+            "problems": problems,
+            "target_s": SECONDS_TARGET,
+        },
+        "profile": profile,
+        "ingest_ratio": round(ratio, 4),
+        "reconcile_s": round(reconcile_s, 3),
+        "discrepancies_s": round(listed["seconds"], 3),
+        "usage_summary_s": round(answers["summary"]["seconds"], 3),
+    }
+
+
+def _cpu(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0%}"
+
+
+def _verdict(seconds: float) -> str:
+    return "met" if seconds < SECONDS_TARGET else "MISSED"
+
+
+def print_report(
+    report: dict[str, Any], ingest_runs: list[IngestRun], args: argparse.Namespace
+) -> None:
+    print()
+    print_header("opconnect usage benchmark", report)
+    print()
+    ing = report["ingest"]
+    print(
+        f"1. SubmitCallDurations ingest: {args.records:,} valid records of one operator in batches"
+        f" of {BATCH:,}, at most {args.in_flight} in flight, one operator client process (batches"
+        f" encoded before the clock starts; records made in {ing['made_s']:.1f} s while the month"
+        " was filled), each round into a"
+        " fresh system, first send to last ack; raw: the rows the system wrote, by sqlite3"
+        " executemany into a fresh schema, one durable transaction per batch"
+    )
+    print(
+        f"   {'kind':<8}{'round':>6}{'records/s':>11}{'1st 10%':>9}{'last 10%':>10}"
+        f"{'seconds':>9}{'client CPU':>12}{'server CPU':>12}{'other CPU':>11}{'accepted':>11}"
+        f"{'rejected':>10}"
+    )
+    for r in ingest_runs:
+        accepted = f"{r.accepted:,}" if r.accepted is not None else "-"
+        rejected = f"{r.rejected:,}" if r.rejected is not None else "-"
+        print(
+            f"   {r.kind:<8}{r.round:>6}{r.records_per_s:>11,.0f}{r.first_tenth_per_s:>9,.0f}"
+            f"{r.last_tenth_per_s:>10,.0f}{r.seconds:>9.2f}{_cpu(r.client_cpu):>12}"
+            f"{_cpu(r.server_cpu):>12}{_cpu(r.other_cpu):>11}{accepted:>11}{rejected:>10}"
+        )
+    print(
+        "   (records/s over the whole run, over its first 10% of records and over its last 10%,"
+        " when the table holds 9 times as many; raw's CPU is the inserting process's; CPU in"
+        " shares of one core, all threads)"
+    )
+    verdict = "met" if ing["ratio"] >= INGEST_TARGET else "MISSED"
+    print(
+        f"   best system {ing['best']['system']:,.0f} / best raw {ing['best']['raw']:,.0f}"
+        f" records/s = {ing['ratio']:.2f} (target >= {INGEST_TARGET}: {verdict}); the same"
+        f" runs over their first 10% of records {ing['ratio_first_tenth']:.2f}, over their last"
+        f" {ing['ratio_last_tenth']:.2f}"
+    )
+    print()
+
+    f, e, m = report["fill"], report["expected"], report["month"]
+    print(
+        f"2. A month: {f['platform_calls']:,} platform calls of the operator over 30 days"
+        f" ({e['answered']:,} answered) and {f['records']:,} duration records, {f['tenants']}"
+        f" tenants, {f['database_mb']:,.0f} MB, filled in {f['seconds']:.1f} s"
+        f" ({f['templates']:,} rows of each table through the service's own code in"
+        f" {f['real_path_s']:.1f} s, the rest made as it makes them in {f['copies_s']:.1f} s)."
+        " Not a figure of merit."
+    )
+    print(
+        f"   filled: {e['matched']:,} matched, {e['mismatched']:,} mismatched,"
+        f" {e['platform_only']:,} platform-only, {e['operator_only']:,} operator-only;"
+        f" {e['discrepancies']:,} discrepancies; {e['usage_rows']:,} usage rows"
+        " (tenant x day x direction)"
+    )
+    print(
+        f"   {'query (one operator client)':<42}{'seconds':>9}{'server CPU':>12}{'other CPU':>11}"
+    )
+    for number, r in enumerate(m["reconcile"], 1):
+        print(
+            f"   {f'GetReconciliation, 30 days, round {number}':<42}{r['seconds']:>9.2f}"
+            f"{_cpu(r['server_cpu']):>12}{_cpu(r['other_cpu']):>11}"
+        )
+    d = m["discrepancies"]
+    print(
+        f"   {'StreamDiscrepancies, 30 days, all':<42}{d['seconds']:>9.2f}"
+        f"{_cpu(d['server_cpu']):>12}{_cpu(d['other_cpu']):>11}"
+    )
+    s = m["summary"]
+    label = f"GetUsageSummary by day, {s['pages']} pages of {PAGE_SIZE:,}"
+    print(
+        f"   {label:<42}{s['seconds']:>9.2f}{_cpu(s['server_cpu']):>12}{_cpu(s['other_cpu']):>11}"
+    )
+    rate = d["discrepancies"] / d["seconds"] if d["seconds"] else 0.0
+    print(
+        f"   StreamDiscrepancies: {d['discrepancies']:,} discrepancies in {d['responses']:,}"
+        f" responses of up to {args.discrepancy_batch:,}, {rate:,.0f} discrepancies/s; first"
+        f" response after {d['first_s']:.2f} s, then one every {d['gap_median_s']:.2f} s"
+        f" (median; slowest {d['gap_max_s']:.2f} s; mean {d['gap_first_tenth_s']:.2f} s over"
+        f" the first tenth of the stream, {d['gap_last_tenth_s']:.2f} s over the last)"
+    )
+    pages = ", ".join(f"{p:.2f}" for p in s["page_s"])
+    print(f"   GetUsageSummary: {s['rows']:,} rows; seconds per page: {pages}")
+    x = m["in_process"]
+    print(
+        "   in-process baseline (the service's storage functions on this database, no gRPC, one"
+        f" query each): reconcile {x['reconcile_s']:.2f} s; all {x['discrepancies']:,}"
+        f" discrepancies {x['discrepancies_s']:.2f} s; all {x['usage_rows']:,} usage rows"
+        f" {x['usage_s']:.2f} s"
+    )
+    if m["problems"]:
+        print("   figures checked against the fill: DIFFER")
+        for problem in m["problems"]:
+            print(f"     {problem}")
+    else:
+        print(
+            "   figures checked against the fill: every reconciliation count and total, every"
+            " discrepancy's kind and order, every usage row: equal"
+        )
+    print(
+        f"   reconcile {report['reconcile_s']:.2f} s (best round), discrepancies"
+        f" {report['discrepancies_s']:.2f} s, usage summary {report['usage_summary_s']:.2f} s"
+        f" (target: seconds, not minutes, i.e. each < {SECONDS_TARGET:g} s:"
+        f" {_verdict(report['reconcile_s'])} / {_verdict(report['discrepancies_s'])} /"
+        f" {_verdict(report['usage_summary_s'])})"
+    )
+    if report["profile"]:
+        if "ingest" in report["profile"]:
+            profiled = report["profile"]["ingest"]
+            print()
+            print(
+                f"Server profile of one more ingest ({profiled['run']['records']:,} records into a"
+                " fresh system): cProfile of the event-loop thread and of every executor thread,"
+                " merged (validation runs on the loop's default executor, storage on the database"
+                " threads; C code that releases the GIL is not seen;"
+                f" {profiled['run']['records_per_s']:,.0f} records/s while profiled):"
+            )
+            print(profiled["text"].rstrip())
+        if "month" in report["profile"]:
+            print()
+            print(
+                "Server profile of one more GetReconciliation, StreamDiscrepancies and"
+                " GetUsageSummary on the month (same threads, merged):"
+            )
+            print(report["profile"]["month"]["text"].rstrip())
+    print()
+    print(f"(took {report['elapsed_s']:.0f} s)")
+    print(f"ingest_ratio={report['ingest']['ratio']:.2f}")
+    print(f"reconcile_s={report['reconcile_s']:.2f}")
+    print(f"discrepancies_s={report['discrepancies_s']:.2f}")
+    print(f"usage_summary_s={report['usage_summary_s']:.2f}")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="SubmitCallDurations ingest throughput against raw SQLite inserts, and the"
+        " time of reconciliation, discrepancies and usage over a month of calls, on the"
+        " one-process system."
+    )
+    p.add_argument("--records", type=int, default=1_000_000, help="records per ingest run")
+    p.add_argument("--ingest-rounds", type=int, default=1, help="ingest rounds (and raw)")
+    p.add_argument("--raw-rounds-extra", type=int, default=0, help="more raw rounds after")
+    p.add_argument("--in-flight", type=int, default=4, help="ingest batches unacknowledged")
+    p.add_argument("--profile-records", type=int, default=200_000, help="profiled ingest run")
+    p.add_argument("--calls", type=int, default=1_000_000, help="platform calls in the month")
+    p.add_argument("--tenants", type=int, default=50, help="customer tenants in the month")
+    p.add_argument("--rounds", type=int, default=3, help="GetReconciliation rounds")
+    p.add_argument("--discrepancy-batch", type=int, default=1_000, help="max_batch_size")
+    p.add_argument("--seed", type=int, default=20261123, help="seed of the generated data")
+    p.add_argument("--json", action="store_true", help="also print the figures as JSON")
+    p.add_argument("--profile", action="store_true", help="cProfile the system (ingest, month)")
+    p.add_argument(
+        "--role", choices=["bench", "serve", "submit", "query"], default="bench", help="internal"
+    )
+    p.add_argument("--spec", default="{}", help="internal: JSON for the other roles")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    spec: dict[str, Any] = json.loads(args.spec)
+    if args.role == "serve":
+        asyncio.run(serve_system(spec))
+        return 0
+    if args.role == "submit":
+        asyncio.run(submit_worker(spec))
+        return 0
+    if args.role == "query":
+        asyncio.run(query_worker(spec))
+        return 0
+    if min(args.records, args.calls, args.tenants, args.rounds, args.ingest_rounds) < 1:
+        parser().error("--records, --calls, --tenants, --rounds, --ingest-rounds must be >= 1")
+    return bench(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
