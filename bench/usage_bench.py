@@ -432,7 +432,7 @@ def _columns(connection: sqlite3.Connection, table: str) -> set[str]:
 
 def fill(
     data_dir: Path, calls: int, tenants: int, seed: int, start_us: int, end_us: int
-) -> tuple[FillResult, Expected, list[str]]:
+) -> tuple[FillResult, Expected]:
     """Migrate a database in `data_dir`, register OPERATOR and store a month of its calls and
     duration records. The first TEMPLATES rows of each table go through the service's own
     code (`storage.store_platform_calls`, `servicer._check` + `storage.submit`); the rest are
@@ -559,7 +559,7 @@ def fill(
         seconds=time.perf_counter() - started,
         database_mb=path.stat().st_size / 1e6,
     )
-    return result, month.expected, month.tenants
+    return result, month.expected
 
 
 # --------------------------------------------------------------------------- server process
@@ -1124,7 +1124,7 @@ def bench(args: argparse.Namespace) -> int:
             end = dt.datetime(today.year, today.month, today.day, tzinfo=dt.UTC)
             start = end - dt.timedelta(days=30)
             start_us, end_us = epoch_us(start), epoch_us(end)
-            filled, expected, _ = fill(
+            filled, expected = fill(
                 root / "month", args.calls, args.tenants, args.seed + 1, start_us, end_us
             )
             made_s = json.loads(submitter.line())["made_s"]
