@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from google.protobuf import timestamp_pb2
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
@@ -28,6 +27,7 @@ from rich.table import Table
 from opconnect.usage.v1 import usage_pb2 as pb
 from opconnect.usage.v1 import usage_pb2_grpc as pb_grpc
 from operator_client.durations_csv import Line, read_lines
+from plumbing.wellknown import timestamp
 
 BATCH = 1_000
 IN_FLIGHT = 4
@@ -199,12 +199,6 @@ def _finish(
 # --- usage and reconciliation ------------------------------------------------------------------
 
 
-def _stamp(value: dt.datetime) -> timestamp_pb2.Timestamp:
-    out = timestamp_pb2.Timestamp()
-    out.FromDatetime(value)
-    return out
-
-
 def _minutes(seconds: int) -> str:
     return f"{seconds / 60:,.1f}"
 
@@ -221,8 +215,8 @@ def usage(
     with grpc.secure_channel(connection.target, connection.credentials()) as channel:
         stub = pb_grpc.UsageServiceStub(channel)
         request = pb.GetUsageSummaryRequest(
-            start_time=_stamp(start),
-            end_time=_stamp(end),
+            start_time=timestamp(start),
+            end_time=timestamp(end),
             granularity=pb.GRANULARITY_MONTH if monthly else pb.GRANULARITY_DAY,
             tenant_id=tenant,
             page_size=1_000,
@@ -263,8 +257,8 @@ def reconcile(
     with grpc.secure_channel(connection.target, connection.credentials()) as channel:
         stub = pb_grpc.UsageServiceStub(channel)
         period: dict[str, Any] = {
-            "start_time": _stamp(start),
-            "end_time": _stamp(end),
+            "start_time": timestamp(start),
+            "end_time": timestamp(end),
             "tenant_id": tenant,
         }
         found = stub.GetReconciliation(pb.GetReconciliationRequest(**period))

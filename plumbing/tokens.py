@@ -10,6 +10,9 @@ from __future__ import annotations
 import base64
 import binascii
 import zlib
+from collections.abc import Sequence
+
+from plumbing.errors import invalid_field
 
 VERSION = 1
 MAX_LENGTH = 256
@@ -37,3 +40,34 @@ def unseal(token: str, purpose: str) -> bytes | None:
     if zlib.crc32(raw[:-4]).to_bytes(4, "big") != raw[-4:]:
         return None
     return raw[len(head) : -4]
+
+
+# --- page tokens: where the next page starts, bound to the request that made it ---------------
+
+_SEPARATOR = "\x1f"  # ASCII unit separator: in no key a page starts after
+
+
+def page_token(purpose: str, request: str, after: Sequence[str]) -> str:
+    """A token for the page after the key `after` (a few strings), only valid with `request`
+    (a text naming the request's period, filters and caller): AIP-158 page tokens."""
+    binding = zlib.crc32(request.encode()).to_bytes(4, "big")
+    return seal(purpose, binding + _SEPARATOR.join(after).encode())
+
+
+def read_page_token(token: str, purpose: str, request: str, parts: int, domain: str) -> list[str]:
+    """The key of `page_token(purpose, request, key)` (`parts` strings); INVALID_ARGUMENT /
+    PAGE_TOKEN_INVALID for anything else, a token of another request included."""
+    body = unseal(token, purpose)
+    if body is not None and body[:4] == zlib.crc32(request.encode()).to_bytes(4, "big"):
+        try:
+            key = body[4:].decode().split(_SEPARATOR)
+        except UnicodeDecodeError:
+            key = []
+        if len(key) == parts:
+            return key
+    raise invalid_field(
+        domain,
+        "PAGE_TOKEN_INVALID",
+        "page_token",
+        "not a page token of this request (the same period, filters and options)",
+    )

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import datetime as dt
-
-from google.protobuf import timestamp_pb2
-
 from opconnect.numbers.v1 import numbers_pb2 as pb
 from opconnect.type.v1 import assignment_state_pb2 as state_pb
+from plumbing.wellknown import timestamp
 from services.numbers.rules import (
     Event,
     EventType,
@@ -48,12 +45,6 @@ OUTCOME_OUT = {
     Outcome.ALREADY_PRESENT: pb.NUMBER_OUTCOME_ALREADY_PRESENT,
     Outcome.REFUSED: pb.NUMBER_OUTCOME_REFUSED,
 }
-
-
-def timestamp(value: dt.datetime) -> timestamp_pb2.Timestamp:
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromDatetime(value)
-    return stamp
 
 
 def upload_in(message: pb.NumberUpload) -> Upload:

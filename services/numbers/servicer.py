@@ -8,8 +8,6 @@ request field.
 from __future__ import annotations
 
 import functools
-import struct
-import zlib
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeAlias
 
@@ -30,7 +28,7 @@ from plumbing.config import Settings
 from plumbing.db import Database
 from plumbing.errors import invalid_field, not_found
 from plumbing.rpc import Access, access_rules, current_operator
-from plumbing.tokens import seal, unseal
+from plumbing.tokens import page_token, read_page_token
 from plumbing.validation import E164
 from services.numbers import convert, rules, storage
 from services.numbers.rules import DOMAIN, LOG, Number, Outcome
@@ -104,7 +102,7 @@ class NumberService(pb_grpc.NumberServiceServicer):
         filters = f"{operator}|{tenant or ''}|{state or ''}"
         after, watch = "", None
         if request.page_token:
-            after, watch = _decode_page_token(request.page_token, filters)
+            after, watch = _read_page_token(request.page_token, filters)
         page = await self._db.run(
             functools.partial(
                 storage.list_numbers,
@@ -118,7 +116,9 @@ class NumberService(pb_grpc.NumberServiceServicer):
         )
         return pb.ListNumbersResponse(
             numbers=[convert.number_out(n) for n in page.numbers],
-            next_page_token=_page_token(page.last, page.watch_position, filters)
+            next_page_token=page_token(
+                "numbers.list", filters, [str(page.watch_position), page.last]
+            )
             if page.last
             else "",
             watch_cursor=encode_cursor(LOG, page.watch_position),
@@ -200,31 +200,12 @@ class NumberAdminService(pb_grpc.NumberAdminServiceServicer):
         return pb.UnassignNumberResponse(number=convert.number_out(change.number))
 
 
-# --- page tokens: opaque, bound to the listing's filters ------------------------------------
-
-_PAGE = struct.Struct(">QI")
-
-
-def _page_token(last: str, watch_position: int, filters: str) -> str:
-    return seal(
-        "numbers.list", _PAGE.pack(watch_position, zlib.crc32(filters.encode())) + last.encode()
-    )
-
-
-def _decode_page_token(token: str, filters: str) -> tuple[str, int]:
+def _read_page_token(token: str, filters: str) -> tuple[str, int]:
     """(last number of the previous page, the listing's watch position)."""
-    body = unseal(token, "numbers.list")
-    if body is not None and len(body) > _PAGE.size:
-        watch, filter_crc = _PAGE.unpack(body[: _PAGE.size])
-        last = body[_PAGE.size :].decode("ascii", "replace")
-        if filter_crc == zlib.crc32(filters.encode()) and E164.fullmatch(last):
-            return last, int(watch)
-    raise invalid_field(
-        DOMAIN,
-        "PAGE_TOKEN_INVALID",
-        "page_token",
-        "not a page token of this listing (same filters)",
-    )
+    watch, last = read_page_token(token, "numbers.list", filters, 2, DOMAIN)
+    if not (watch.isdigit() and E164.fullmatch(last)):
+        raise invalid_field(DOMAIN, "PAGE_TOKEN_INVALID", "page_token", "not a page token")
+    return last, int(watch)
 
 
 def access() -> dict[str, Access]:

@@ -14,11 +14,12 @@ import datetime as dt
 import hashlib
 import math
 
-from google.protobuf import duration_pb2, timestamp_pb2
+from google.protobuf import duration_pb2
 
 from opconnect.records.v1 import records_pb2 as pb
 from opconnect.type.v1 import call_direction_pb2 as direction_pb
 from plumbing import wire
+from plumbing.wellknown import duration_in, time_in, timestamp
 from services.records.quality import Metric, Quality, Reason, Verdict
 from services.records.rules import (
     CallRecord,
@@ -88,9 +89,6 @@ GROUP_BY_IN = {
     pb.QUALITY_GROUP_BY_TRUNK: GroupBy.TRUNK,
 }
 
-_MIN_SECONDS = -62_135_596_800  # 0001-01-01T00:00:00Z
-_MAX_SECONDS = 253_402_300_799  # 9999-12-31T23:59:59Z
-_MAX_DURATION_SECONDS = 315_576_000_000
 _PUBLISH_TIME = pb.CallRecord.DESCRIPTOR.fields_by_name["publish_time"].number
 _RECORDS = pb.StreamCallRecordsResponse.DESCRIPTOR.fields_by_name["records"].number
 _CURSOR = pb.StreamCallRecordsResponse.DESCRIPTOR.fields_by_name["cursor"].number
@@ -109,19 +107,10 @@ class _Bad(Exception):
 def _time(message: pb.CallRecord, name: str) -> dt.datetime | None:
     if not message.HasField(name):  # type: ignore[arg-type]
         return None
-    stamp: timestamp_pb2.Timestamp = getattr(message, name)
-    if not (_MIN_SECONDS <= stamp.seconds <= _MAX_SECONDS and 0 <= stamp.nanos < 1_000_000_000):
+    value = time_in(getattr(message, name))
+    if value is None:
         raise _Bad(Refusal("TIME_INVALID", f"record.{name}", "not a valid timestamp"))
-    return stamp.ToDatetime(tzinfo=dt.UTC)
-
-
-def _valid_duration(value: duration_pb2.Duration) -> bool:
-    seconds, nanos = value.seconds, value.nanos
-    return (
-        abs(seconds) <= _MAX_DURATION_SECONDS
-        and abs(nanos) < 1_000_000_000
-        and not (seconds > 0 > nanos or seconds < 0 < nanos)
-    )
+    return value
 
 
 def _ms(stream: pb.MediaStream, name: str) -> float | None:
@@ -129,7 +118,7 @@ def _ms(stream: pb.MediaStream, name: str) -> float | None:
     if not stream.HasField(name):  # type: ignore[arg-type]
         return None
     value: duration_pb2.Duration = getattr(stream, name)
-    if not _valid_duration(value):
+    if duration_in(value) is None:
         return math.nan
     return value.seconds * 1000.0 + value.nanos / 1e6
 
@@ -155,10 +144,10 @@ def stream_in(stream: pb.MediaStream) -> MediaStream:
 
 
 def _duration(message: pb.CallRecord) -> dt.timedelta:
-    value = message.duration
-    if not _valid_duration(value) or value.seconds < 0 or value.nanos < 0:
+    value = duration_in(message.duration)
+    if value is None or value < dt.timedelta(0):
         raise _Bad(Refusal("DURATION_INVALID", "record.duration", "not a valid, positive duration"))
-    return dt.timedelta(seconds=value.seconds, microseconds=value.nanos // 1000)
+    return value
 
 
 def record_in(message: pb.CallRecord) -> CallRecord:
@@ -202,12 +191,6 @@ def published_in(message: pb.PublishedCallRecord) -> tuple[Published, pb.CallRec
 
 
 # --- out ---------------------------------------------------------------------------------------
-
-
-def timestamp(value: dt.datetime) -> timestamp_pb2.Timestamp:
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromDatetime(value)
-    return stamp
 
 
 def duration_ms(value: float) -> duration_pb2.Duration:

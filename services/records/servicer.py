@@ -11,13 +11,10 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import functools
-import struct
-import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeAlias
 
 import grpc
-from google.protobuf import timestamp_pb2
 
 from opconnect.records.v1 import records_pb2 as pb
 from opconnect.records.v1 import records_pb2_grpc as pb_grpc
@@ -37,24 +34,15 @@ from plumbing.db import Database
 from plumbing.errors import invalid_field, not_found
 from plumbing.logs import mask_number
 from plumbing.rpc import Access, access_rules, current_operator
-from plumbing.tokens import seal, unseal
+from plumbing.tokens import page_token, read_page_token
 from plumbing.validation import check_period
+from plumbing.wellknown import request_time
 from services.records import convert, rules, storage
 from services.records.quality import Thresholds, classify_call
 from services.records.rules import DOMAIN, LOG, MAX_BATCH, Outcome, Refusal, Result
 
 Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 KnownOperator = Callable[[str], Awaitable[bool]]
-
-
-def _time_field(request: Any, name: str, reason: str) -> dt.datetime | None:
-    """A request's Timestamp field as an aware UTC datetime; None when unset."""
-    if not request.HasField(name):
-        return None
-    stamp: timestamp_pb2.Timestamp = getattr(request, name)
-    if not (0 <= stamp.nanos < 1_000_000_000 and 0 <= stamp.seconds <= 253_402_300_799):
-        raise invalid_field(DOMAIN, reason, name, "not a valid timestamp")
-    return stamp.ToDatetime(tzinfo=dt.UTC)
 
 
 def _batch_size(requested: int, settings: Settings) -> int:
@@ -83,11 +71,11 @@ class CallRecordService(pb_grpc.CallRecordServiceServicer):
             tenant_id=rules.optional_tenant(request.tenant_id),
             phone_number=rules.optional_number(request.phone_number),
             poor_only=request.poor_quality_only,
-            end_time=_time_field(request, "end_time", "TIME_RANGE_INVALID"),
+            end_time=request_time(request, "end_time", DOMAIN, "TIME_RANGE_INVALID"),
         )
         size = _batch_size(request.max_batch_size, self._settings)
         start = request.WhichOneof("start")
-        start_time = _time_field(request, "start_time", "TIME_RANGE_INVALID")
+        start_time = request_time(request, "start_time", DOMAIN, "TIME_RANGE_INVALID")
         if start_time and selection.end_time and selection.end_time <= start_time:
             raise invalid_field(
                 DOMAIN, "TIME_RANGE_INVALID", "end_time", "must be after start_time"
@@ -141,8 +129,8 @@ class CallRecordService(pb_grpc.CallRecordServiceServicer):
         operator = current_operator()
         start, end = check_period(
             DOMAIN,
-            _time_field(request, "start_time", "PERIOD_INVALID"),
-            _time_field(request, "end_time", "PERIOD_INVALID"),
+            request_time(request, "start_time", DOMAIN, "PERIOD_INVALID"),
+            request_time(request, "end_time", DOMAIN, "PERIOD_INVALID"),
             rules.MAX_SUMMARY_PERIOD,
         )
         group_by = convert.GROUP_BY_IN.get(request.group_by)
@@ -164,7 +152,10 @@ class CallRecordService(pb_grpc.CallRecordServiceServicer):
         )
         if request.direction and query.direction is None:
             raise invalid_field(DOMAIN, "DIRECTION_INVALID", "direction", "not a known direction")
-        after = _decode_page_token(request.page_token, query) if request.page_token else None
+        binding = _summary_binding(query)
+        after = None
+        if request.page_token:
+            (after,) = read_page_token(request.page_token, "records.summary", binding, 1, DOMAIN)
         filters = {
             "start_time": start.isoformat(),
             "end_time": end.isoformat(),
@@ -179,7 +170,9 @@ class CallRecordService(pb_grpc.CallRecordServiceServicer):
             audit.records = sum(g.call_count for g in page)
             return pb.GetQualitySummaryResponse(
                 groups=[convert.group_out(g) for g in page],
-                next_page_token=_page_token(page[-1].key, query) if more else "",
+                next_page_token=page_token("records.summary", binding, [page[-1].key])
+                if more
+                else "",
             )
 
 
@@ -325,12 +318,8 @@ def _prepare(
     return out
 
 
-# --- page tokens of GetQualitySummary: opaque, bound to the request's period and filters --------
-
-_PAGE = struct.Struct(">I")
-
-
-def _summary_filters(query: rules.SummaryQuery) -> bytes:
+def _summary_binding(query: rules.SummaryQuery) -> str:
+    """What a GetQualitySummary page token is bound to: the caller, period, grouping, filters."""
     return "|".join(
         (
             query.operator_id,
@@ -341,26 +330,6 @@ def _summary_filters(query: rules.SummaryQuery) -> bytes:
             query.trunk_fqdn or "",
             query.direction.value if query.direction else "",
         )
-    ).encode()
-
-
-def _page_token(last_key: str, query: rules.SummaryQuery) -> str:
-    return seal(
-        "records.summary", _PAGE.pack(zlib.crc32(_summary_filters(query))) + last_key.encode()
-    )
-
-
-def _decode_page_token(token: str, query: rules.SummaryQuery) -> str:
-    body = unseal(token, "records.summary")
-    if body is not None and len(body) > _PAGE.size:
-        (crc,) = _PAGE.unpack(body[: _PAGE.size])
-        if crc == zlib.crc32(_summary_filters(query)):
-            return body[_PAGE.size :].decode("utf-8", "replace")
-    raise invalid_field(
-        DOMAIN,
-        "PAGE_TOKEN_INVALID",
-        "page_token",
-        "not a page token of this summary (same period, grouping and filters)",
     )
 
 

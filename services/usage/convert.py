@@ -5,10 +5,11 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 
-from google.protobuf import duration_pb2, timestamp_pb2
+from google.protobuf import duration_pb2
 
 from opconnect.type.v1 import call_direction_pb2 as direction_pb
 from opconnect.usage.v1 import usage_pb2 as pb
+from plumbing.wellknown import duration_in, time_in, timestamp
 from services.usage.rules import (
     Direction,
     Discrepancy,
@@ -34,9 +35,6 @@ OUTCOME_OUT = {
     Outcome.DUPLICATE: pb.CALL_DURATION_OUTCOME_DUPLICATE,
     Outcome.REJECTED: pb.CALL_DURATION_OUTCOME_REJECTED,
 }
-_MIN_SECONDS = -62_135_596_800  # 0001-01-01T00:00:00Z
-_MAX_SECONDS = 253_402_300_799  # 9999-12-31T23:59:59Z
-_MAX_DURATION_SECONDS = 315_576_000_000
 
 
 class _Unreadable(Exception):
@@ -44,28 +42,22 @@ class _Unreadable(Exception):
         self.refusal = refusal
 
 
-_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
-
-
 def _time(message: pb.CallDurationRecord, name: str) -> dt.datetime | None:
     if not message.HasField(name):  # type: ignore[arg-type]
         return None
-    stamp: timestamp_pb2.Timestamp = getattr(message, name)
-    seconds, nanos = stamp.seconds, stamp.nanos
-    if not (_MIN_SECONDS <= seconds <= _MAX_SECONDS and 0 <= nanos < 1_000_000_000):
+    value = time_in(getattr(message, name))
+    if value is None:
         raise _Unreadable(Refusal(f"{name.upper()}_INVALID", name, "not a valid timestamp"))
-    return _EPOCH + dt.timedelta(seconds=seconds, microseconds=nanos // 1000)
+    return value
 
 
 def _duration(message: pb.CallDurationRecord) -> dt.timedelta | None:
     if not message.HasField("duration"):
         return None
-    value: duration_pb2.Duration = message.duration
-    seconds, nanos = value.seconds, value.nanos
-    valid = abs(seconds) <= _MAX_DURATION_SECONDS and abs(nanos) < 1_000_000_000
-    if not valid or seconds > 0 > nanos or seconds < 0 < nanos:
+    value = duration_in(message.duration)
+    if value is None:
         raise _Unreadable(Refusal("DURATION_INVALID", "duration", "not a valid duration"))
-    return dt.timedelta(seconds=seconds, microseconds=nanos // 1000)
+    return value
 
 
 def submitted_in(message: pb.CallDurationRecord) -> Submitted | Refusal:
@@ -111,11 +103,9 @@ GRANULARITY_IN = {
 
 
 def row_out(row: UsageRow) -> pb.UsageRow:
-    start = timestamp_pb2.Timestamp()
-    start.FromDatetime(row.period_start)
     return pb.UsageRow(
         tenant_id=row.tenant_id,
-        period_start=start,
+        period_start=timestamp(row.period_start),
         direction=DIRECTION_OUT[row.direction],
         call_count=row.calls,
         billed_duration=duration_pb2.Duration(seconds=row.billed_seconds),
@@ -130,15 +120,6 @@ def row_out(row: UsageRow) -> pb.UsageRow:
     )
 
 
-def duration_in(value: duration_pb2.Duration) -> dt.timedelta | None:
-    """A Duration as a timedelta; None when it is not a valid Duration."""
-    seconds, nanos = value.seconds, value.nanos
-    valid = abs(seconds) <= _MAX_DURATION_SECONDS and abs(nanos) < 1_000_000_000
-    if not valid or seconds > 0 > nanos or seconds < 0 < nanos:
-        return None
-    return dt.timedelta(seconds=seconds, microseconds=nanos // 1000)
-
-
 def _us(value: int) -> duration_pb2.Duration:
     out = duration_pb2.Duration()
     out.FromMicroseconds(value)
@@ -150,8 +131,6 @@ def reconciliation_out(
 ) -> pb.GetReconciliationResponse:
     absolute = duration_pb2.Duration()
     absolute.FromTimedelta(tolerance.absolute)
-    when = timestamp_pb2.Timestamp()
-    when.FromDatetime(computed)
     return pb.GetReconciliationResponse(
         matched_count=found.matched,
         mismatch_count=found.mismatched,
@@ -160,7 +139,7 @@ def reconciliation_out(
         platform_total_duration=_us(found.platform_total_us),
         operator_total_duration=_us(found.operator_total_us),
         tolerance=pb.Tolerance(absolute=absolute, relative=tolerance.relative),
-        compute_time=when,
+        compute_time=timestamp(computed),
     )
 
 
@@ -173,14 +152,12 @@ KIND_OUT = {v: k for k, v in KIND_IN.items()}
 
 
 def discrepancy_out(found: Discrepancy) -> pb.Discrepancy:
-    start = timestamp_pb2.Timestamp()
-    start.FromDatetime(found.start)
     out = pb.Discrepancy(
         kind=KIND_OUT[found.kind],
         call_id=found.call_id,
         record_id=found.record_id,
         tenant_id=found.tenant_id,
-        start_time=start,
+        start_time=timestamp(found.start),
     )
     if found.platform_us is not None:
         out.platform_duration.CopyFrom(_us(found.platform_us))

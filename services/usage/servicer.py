@@ -8,13 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import struct
-import zlib
 from collections.abc import AsyncIterator
 from typing import Any, TypeAlias
 
 import grpc
-from google.protobuf import timestamp_pb2
 
 from opconnect.usage.v1 import usage_pb2 as pb
 from opconnect.usage.v1 import usage_pb2_grpc as pb_grpc
@@ -22,8 +19,9 @@ from plumbing.config import Settings
 from plumbing.db import Database
 from plumbing.errors import invalid_field
 from plumbing.rpc import Access, access_rules, current_operator
-from plumbing.tokens import seal, unseal
+from plumbing.tokens import page_token, read_page_token
 from plumbing.validation import check_period
+from plumbing.wellknown import duration_in, request_time
 from services.usage import convert, rules, storage
 from services.usage.rules import DOMAIN, OPERATOR_ID, Outcome, Refusal, Result, Submitted
 
@@ -83,14 +81,14 @@ class UsageService(pb_grpc.UsageServiceServicer):
             self._settings.max_stream_batch_size,
         )
         binding = _discrepancy_binding(query, kind)
-        after = _decode_after(request.page_token, binding) if request.page_token else None
+        after = _read_after(request.page_token, binding) if request.page_token else None
         while True:
             found = await self._db.run(storage.discrepancies, query, kind, after, size + 1)
             batch, more = found[:size], len(found) > size
             token = ""
             if more:
                 after = (batch[-1].start, batch[-1].call_id)
-                token = _after_token(after, binding)
+                token = page_token("usage.discrepancies", binding, [after[0].isoformat(), after[1]])
             yield pb.StreamDiscrepanciesResponse(
                 discrepancies=[convert.discrepancy_out(x) for x in batch], next_page_token=token
             )
@@ -125,23 +123,6 @@ class UsageReportService(pb_grpc.UsageReportServiceServicer):
         return pb.GetTenantUsageResponse(rows=rows, next_page_token=token)
 
 
-UsageRequest: TypeAlias = (
-    pb.GetUsageSummaryRequest
-    | pb.GetTenantUsageRequest
-    | pb.GetReconciliationRequest
-    | pb.StreamDiscrepanciesRequest
-)
-
-
-def _time_field(request: UsageRequest, name: str) -> dt.datetime | None:
-    if not request.HasField(name):  # type: ignore[arg-type]
-        return None
-    stamp: timestamp_pb2.Timestamp = getattr(request, name)
-    if not (0 <= stamp.nanos < 1_000_000_000 and 0 <= stamp.seconds <= 253_402_300_799):
-        raise invalid_field(DOMAIN, "PERIOD_INVALID", name, "not a valid timestamp")
-    return stamp.ToDatetime(tzinfo=dt.UTC)
-
-
 def _reconcile_query(
     request: pb.GetReconciliationRequest | pb.StreamDiscrepanciesRequest,
     operator: str,
@@ -149,13 +130,13 @@ def _reconcile_query(
 ) -> rules.ReconcileQuery:
     start, end = check_period(
         DOMAIN,
-        _time_field(request, "start_time"),
-        _time_field(request, "end_time"),
+        request_time(request, "start_time", DOMAIN, "PERIOD_INVALID"),
+        request_time(request, "end_time", DOMAIN, "PERIOD_INVALID"),
         rules.MAX_RECONCILE_PERIOD,
     )
     if request.HasField("tolerance"):
         tolerance = rules.check_tolerance(
-            convert.duration_in(request.tolerance.absolute), request.tolerance.relative
+            duration_in(request.tolerance.absolute), request.tolerance.relative
         )
     else:
         tolerance = rules.Tolerance(
@@ -172,8 +153,8 @@ def _usage_query(
 ) -> rules.UsageQuery:
     start, end = check_period(
         DOMAIN,
-        _time_field(request, "start_time"),
-        _time_field(request, "end_time"),
+        request_time(request, "start_time", DOMAIN, "PERIOD_INVALID"),
+        request_time(request, "end_time", DOMAIN, "PERIOD_INVALID"),
         rules.MAX_USAGE_PERIOD,
     )
     granularity = convert.GRANULARITY_IN.get(request.granularity)
@@ -191,13 +172,20 @@ async def _usage_page(
     if request.page_size < 0:
         raise invalid_field(DOMAIN, "PAGE_SIZE_INVALID", "page_size", "must not be negative")
     size = min(request.page_size or settings.default_page_size, settings.max_page_size)
-    after = _decode_page_token(request.page_token, query) if request.page_token else None
+    binding = _usage_binding(query)
+    after = None
+    if request.page_token:
+        tenant, bucket, direction = read_page_token(
+            request.page_token, "usage.rows", binding, 3, DOMAIN
+        )
+        after = (tenant, bucket, direction)
     rows = await db.run(storage.usage_rows, query, after, size + 1)
     page = rows[:size]
     token = ""
     if len(rows) > size:
         last = page[-1]
-        token = _page_token(query, (last.tenant_id, _bucket(last, query), last.direction.value))
+        key = [last.tenant_id, _bucket(last, query), last.direction.value]
+        token = page_token("usage.rows", binding, key)
     return [convert.row_out(r) for r in page], token
 
 
@@ -207,7 +195,8 @@ def _bucket(row: rules.UsageRow, query: rules.UsageQuery) -> str:
     return text if query.granularity is rules.Granularity.DAY else text[:7]
 
 
-def _query_key(query: rules.UsageQuery) -> bytes:
+def _usage_binding(query: rules.UsageQuery) -> str:
+    """What a usage page token is bound to: the period, granularity, operator and tenant."""
     return "|".join(
         (
             query.start.isoformat(),
@@ -216,26 +205,6 @@ def _query_key(query: rules.UsageQuery) -> bytes:
             query.operator_id or "",
             query.tenant_id or "",
         )
-    ).encode()
-
-
-def _page_token(query: rules.UsageQuery, key: tuple[str, str, str]) -> str:
-    body = struct.pack(">I", zlib.crc32(_query_key(query))) + "\n".join(key).encode()
-    return seal("usage.rows", body)
-
-
-def _decode_page_token(token: str, query: rules.UsageQuery) -> tuple[str, str, str]:
-    body = unseal(token, "usage.rows")
-    if body is not None and len(body) > 4:
-        (crc,) = struct.unpack(">I", body[:4])
-        parts = body[4:].decode("utf-8", "replace").split("\n")
-        if crc == zlib.crc32(_query_key(query)) and len(parts) == 3:
-            return parts[0], parts[1], parts[2]
-    raise invalid_field(
-        DOMAIN,
-        "PAGE_TOKEN_INVALID",
-        "page_token",
-        "not a page token of this summary (same period, granularity and filters)",
     )
 
 
@@ -258,8 +227,8 @@ def _check(messages: list[pb.CallDurationRecord], settings: Settings) -> list[Su
     return out
 
 
-def _discrepancy_binding(query: rules.ReconcileQuery, kind: rules.DiscrepancyKind | None) -> bytes:
-    """What a discrepancy page token is only valid with."""
+def _discrepancy_binding(query: rules.ReconcileQuery, kind: rules.DiscrepancyKind | None) -> str:
+    """What a discrepancy page token is bound to: caller, period, tenant, tolerance and kind."""
     return "|".join(
         (
             query.operator_id,
@@ -270,30 +239,19 @@ def _discrepancy_binding(query: rules.ReconcileQuery, kind: rules.DiscrepancyKin
             repr(query.tolerance.relative),
             kind.value if kind else "",
         )
-    ).encode()
-
-
-def _after_token(after: tuple[dt.datetime, str], binding: bytes) -> str:
-    key = f"{after[0].isoformat()}\n{after[1]}".encode()
-    return seal("usage.discrepancies", struct.pack(">I", zlib.crc32(binding)) + key)
-
-
-def _decode_after(token: str, binding: bytes) -> tuple[dt.datetime, str]:
-    body = unseal(token, "usage.discrepancies")
-    if body is not None and len(body) > 4:
-        (crc,) = struct.unpack(">I", body[:4])
-        start, _, call_id = body[4:].decode("utf-8", "replace").partition("\n")
-        if crc == zlib.crc32(binding) and call_id:
-            try:
-                return dt.datetime.fromisoformat(start), call_id
-            except ValueError:
-                pass
-    raise invalid_field(
-        DOMAIN,
-        "PAGE_TOKEN_INVALID",
-        "page_token",
-        "not a page token of these discrepancies (same period, filters and tolerance)",
     )
+
+
+def _read_after(token: str, binding: str) -> tuple[dt.datetime, str]:
+    """(start, call id) of the last discrepancy before the page `token` names."""
+    start, call_id = read_page_token(token, "usage.discrepancies", binding, 2, DOMAIN)
+    try:
+        when = dt.datetime.fromisoformat(start)
+    except ValueError:
+        when = None
+    if when is None or when.tzinfo is None or not call_id:
+        raise invalid_field(DOMAIN, "PAGE_TOKEN_INVALID", "page_token", "not a page token")
+    return when, call_id
 
 
 def access() -> dict[str, Access]:
