@@ -55,6 +55,7 @@ from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
 import grpc
+from alembic import command
 from common import (
     OPERATOR,
     PLATFORM,
@@ -74,6 +75,7 @@ from common import (
 )
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
+from sqlalchemy import create_engine
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 
 from gateway import registry
@@ -82,7 +84,7 @@ from opconnect.type.v1 import call_direction_pb2 as direction_pb
 from opconnect.usage.v1 import usage_pb2 as pb
 from opconnect.usage.v1 import usage_pb2_grpc as pb_grpc
 from plumbing.config import Settings
-from plumbing.db import Database
+from plumbing.db import Database, alembic_config
 from services.usage import rules, servicer, storage
 
 P = ParamSpec("P")
@@ -231,6 +233,9 @@ def within(operator_us: int, platform_us: int, tolerance: rules.Tolerance) -> bo
 
 
 # --------------------------------------------------------------------------- the month
+
+
+USAGE_DAYS_REVISION = "0006"  # the migration that makes and fills usage_daily
 
 
 @dataclass
@@ -418,8 +423,22 @@ class FillResult:
     templates: int
     real_path_s: float
     copies_s: float
+    usage_days_s: float  # the migration counting the usage by day of the month
     seconds: float
     database_mb: float
+
+
+def recount_usage_days(url: str) -> None:
+    """Migrate down to before `usage_daily` and up again: the migration fills it."""
+    config = alembic_config(url)
+    engine = create_engine(url)
+    try:
+        with engine.begin() as connection:
+            config.attributes["connection"] = connection
+            command.downgrade(config, USAGE_DAYS_REVISION + "-1")
+            command.upgrade(config, "head")
+    finally:
+        engine.dispose()
 
 
 def _insert(table: str, columns: Sequence[str]) -> str:
@@ -548,6 +567,11 @@ def fill(
         connection.execute("PRAGMA journal_mode=WAL")
     finally:
         connection.close()
+    # The usage by day of the bulk-loaded rows: made by the very migration that makes the table
+    # (down and up again), which counts it from the stored calls in SQL.
+    counted = time.perf_counter()
+    recount_usage_days(settings.sqlalchemy_url)
+    usage_days_s = time.perf_counter() - counted
     os.sync()  # no writeback of the fill left to slow down the measurements
     result = FillResult(
         platform_calls=month.expected.platform_calls,
@@ -555,7 +579,8 @@ def fill(
         tenants=tenants,
         templates=TEMPLATES,
         real_path_s=real_path_s,
-        copies_s=time.perf_counter() - copies_started,
+        copies_s=counted - copies_started,
+        usage_days_s=usage_days_s,
         seconds=time.perf_counter() - started,
         database_mb=path.stat().st_size / 1e6,
     )
@@ -1363,7 +1388,8 @@ def print_report(
         f" ({e['answered']:,} answered) and {f['records']:,} duration records, {f['tenants']}"
         f" tenants, {f['database_mb']:,.0f} MB, filled in {f['seconds']:.1f} s"
         f" ({f['templates']:,} rows of each table through the service's own code in"
-        f" {f['real_path_s']:.1f} s, the rest made as it makes them in {f['copies_s']:.1f} s)."
+        f" {f['real_path_s']:.1f} s, the rest made as it makes them in {f['copies_s']:.1f} s,"
+        f" the usage by day counted by its migration in {f['usage_days_s']:.1f} s)."
         " Not a figure of merit."
     )
     print(

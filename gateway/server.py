@@ -147,8 +147,8 @@ async def _every(interval_s: float, name: str, job: Callable[[], Awaitable[None]
 
 
 async def purge(runtime: Runtime) -> None:
-    """Delete what is past its retention: assignment changes, call records, call durations,
-    audit events."""
+    """Delete what is past its retention: assignment changes, call records, call durations (and
+    the usage of their days), audit events."""
     settings, db = runtime.settings, runtime.db
     now = dt.datetime.now(dt.UTC)
     cutoff = now - dt.timedelta(seconds=settings.change_log_retention_s)
@@ -167,6 +167,7 @@ async def purge(runtime: Runtime) -> None:
     cutoff = now - dt.timedelta(seconds=settings.usage_retention_s)
     durations = await db.run(usage_storage.purge_durations, cutoff, write=True)
     durations += await db.run(usage_storage.purge_platform_calls, cutoff, write=True)
+    await db.run(usage_storage.purge_usage_days, cutoff, write=True)
     if durations:
         log.info("purged call durations", records=durations)
     cutoff = now - dt.timedelta(seconds=settings.audit_retention_s)
