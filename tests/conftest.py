@@ -27,6 +27,7 @@ from gateway.registry import OperatorStatus
 from opconnect.numbers.v1 import numbers_pb2, numbers_pb2_grpc
 from opconnect.records.v1 import records_pb2_grpc
 from plumbing.config import Settings
+from plumbing.db import Database
 from plumbing.logs import configure_logging
 
 T = TypeVar("T")
@@ -106,6 +107,15 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if not POSTGRES_URL:
         pytest.skip(NO_POSTGRES)
     return reset_postgres(POSTGRES_URL)
+
+
+@pytest.fixture
+def db(database_url: str) -> Iterator[Database]:
+    """A migrated database of each backend."""
+    database = Database(database_url, threads=4)
+    database.migrate()
+    yield database
+    database.close()
 
 
 def settings_for(

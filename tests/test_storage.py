@@ -8,7 +8,6 @@ import datetime as dt
 import functools
 import threading
 import time
-from collections.abc import Iterator
 
 import grpc
 import pytest
@@ -31,14 +30,6 @@ from plumbing.errors import ApiError
 from services.numbers import storage
 from services.numbers.rules import LOG
 from tests.conftest import NO_POSTGRES, POSTGRES_URL, reset_postgres
-
-
-@pytest.fixture
-def db(database_url: str) -> Iterator[Database]:
-    database = Database(database_url, threads=4)
-    database.migrate()
-    yield database
-    database.close()
 
 
 def test_migrations_match_the_models(db: Database) -> None:

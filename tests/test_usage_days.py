@@ -10,10 +10,8 @@ import dataclasses
 import datetime as dt
 import hashlib
 import threading
-from collections.abc import Iterator
 from typing import Any
 
-import pytest
 import sqlalchemy as sa
 from alembic import command
 from hypothesis import HealthCheck, given, settings
@@ -246,14 +244,6 @@ def empty(db: Database) -> None:
     with db.engine.begin() as connection:
         for table in TABLES:
             connection.execute(sa.text(f"DELETE FROM {table}"))
-
-
-@pytest.fixture
-def db(database_url: str) -> Iterator[Database]:
-    database = Database(database_url, threads=4)
-    database.migrate()
-    yield database
-    database.close()
 
 
 @settings(
