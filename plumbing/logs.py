@@ -19,7 +19,9 @@ _PEM_KEY = re.compile(
     r"-----BEGIN [A-Z ]*PRIVATE KEY-----.*?-----END [A-Z ]*PRIVATE KEY-----", re.S
 )
 _SIP_URI = re.compile(r"\b(sips?):(?:[^@\s;>\"',]+@)?([^\s;>\"',]*)", re.I)
-_NUMBER = re.compile(r"\+?\d{7,}(?!\d)|\+\d{2,6}(?!\d)")
+# A number with its '+' wherever it is; a bare run of 7+ digits unless it is part of a token
+# of letters, digits and hyphens (a hex request id, a GUID): those are not phone numbers.
+_NUMBER = re.compile(r"\+\d{2,}(?!\d)|(?<![A-Za-z0-9-])\d{7,}(?![A-Za-z0-9-])")
 
 
 def mask_number(number: str) -> str:

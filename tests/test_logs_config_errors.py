@@ -55,6 +55,13 @@ from plumbing.logs import (
         ("14255550100", "1425555****"),  # without '+' too
         ("numbers=['+14255550100', '+14255550101']", "numbers=['+1425555****', '+1425555****']"),
         ("status=200 took 15 ms", "status=200 took 15 ms"),  # short figures are not numbers
+        # Request ids and GUIDs keep their digit runs: support greps logs for them.
+        ("request_id=08a911e00000000c", "request_id=08a911e00000000c"),
+        (
+            "call_id=6f1a4b2c-8d3e-4f5a-9b6c-123456789012",
+            "call_id=6f1a4b2c-8d3e-4f5a-9b6c-123456789012",
+        ),
+        ("id=c14255550100 from +14255550100", "id=c14255550100 from +1425555****"),
     ],
 )
 def test_redact_masks_phone_numbers(text: str, expected: str) -> None:
