@@ -1,6 +1,8 @@
 """`opconnect`: run the system, manage the development PKI and the operator registry.
 
     opconnect serve                        gateway + every service, one process
+    opconnect serve --role R               one process of the separate-processes mode:
+                                           numbers|records|usage (one service), gateway
     opconnect pki init                     make the development PKI (serve does it on first run)
     opconnect pki issue operator ID        a client certificate for a new operator
     opconnect pki issue platform NAME      a client certificate for a platform system
@@ -76,9 +78,12 @@ Ctrl-C stops it (streams end cleanly; clients resume from their last cursor).
 """
 
 
-async def serve(settings: Settings) -> None:
-    runtime = await server.start(settings)
-    print(connect_help(runtime), file=sys.stderr, flush=True)
+async def serve(settings: Settings, role: server.Role = "all") -> None:
+    runtime = await server.start(settings, role)
+    if role == "all":
+        print(connect_help(runtime), file=sys.stderr, flush=True)
+    else:
+        print(f"opconnect {role} is serving on {runtime.address}", file=sys.stderr, flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -229,7 +234,15 @@ def parser() -> argparse.ArgumentParser:
     )
     top.add_argument("--config", help="TOML settings file")
     commands = top.add_subparsers(dest="command", required=True)
-    commands.add_parser("serve", help="run gateway and services in one process")
+    serve_cmd = commands.add_parser("serve", help="run gateway and services (one process)")
+    serve_cmd.add_argument(
+        "--role",
+        choices=server.ROLES,
+        default="all",
+        help="all (default): everything in one process; numbers, records or usage: that"
+        " service alone (behind a gateway); gateway: the gateway alone, forwarding to the"
+        " processes in the *_target settings",
+    )
 
     pki_cmd = commands.add_parser("pki", help="development PKI").add_subparsers(
         dest="pki", required=True
@@ -310,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "serve":
             with contextlib.suppress(KeyboardInterrupt):
-                asyncio.run(serve(settings))
+                asyncio.run(serve(settings, args.role))
             return 0
         if args.command == "pki":
             return cmd_pki(args, settings)

@@ -9,8 +9,9 @@ could use.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import grpc
 from cryptography import x509
@@ -19,9 +20,12 @@ from gateway.pki import identity_from_cert, issued_by
 from gateway.registry import OperatorStatus, Registry
 from gateway.trust import Trust, TrustStore
 from plumbing.errors import unauthenticated
-from plumbing.rpc import Principal
+from plumbing.rpc import PRINCIPAL_HEADER, Authenticate, Principal, PrincipalKind
 
 CACHE_LIMIT = 10_000
+GATEWAY_NAME = "gateway"  # the platform principal that may speak for the callers it forwards
+GATEWAY = Principal("platform", GATEWAY_NAME)
+_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 
 
 @dataclass(frozen=True)
@@ -53,12 +57,44 @@ class Authenticator:
             raise unauthenticated(*checked.problem)
         principal = checked.principal
         if principal.kind == "operator":
-            operator = await self._registry.lookup(principal.name)
-            if operator is None:
-                raise unauthenticated("OPERATOR_UNKNOWN", "the operator is not registered")
-            if operator.status is not OperatorStatus.ACTIVE:
-                raise unauthenticated("OPERATOR_SUSPENDED", "the operator is suspended")
+            await check_operator(self._registry, principal.name)
         return principal
+
+
+async def check_operator(registry: Registry, operator_id: str) -> None:
+    """The operator may call: registered and active."""
+    operator = await registry.lookup(operator_id)
+    if operator is None:
+        raise unauthenticated("OPERATOR_UNKNOWN", "the operator is not registered")
+    if operator.status is not OperatorStatus.ACTIVE:
+        raise unauthenticated("OPERATOR_SUSPENDED", "the operator is suspended")
+
+
+class ServiceAuthenticator:
+    """Who is calling a service process (separate-processes mode): the caller's own
+    certificate, checked as the gateway checks it; when that caller is the gateway (the
+    platform principal `gateway`), the principal the gateway authenticated, from the
+    `x-opconnect-principal` header. A header from anyone else is ignored; operators' own
+    certificates are refused (they reach the services through the gateway, its limits
+    included)."""
+
+    def __init__(self, direct: Authenticate, registry: Registry) -> None:
+        self._direct = direct
+        self._registry = registry
+
+    async def __call__(self, context: grpc.aio.ServicerContext[Any, Any]) -> Principal:
+        caller = await self._direct(context)
+        if caller.kind == "operator":
+            raise unauthenticated("GATEWAY_REQUIRED", "operators call through the gateway")
+        if caller != GATEWAY:
+            return caller
+        claimed = [v for k, v in context.invocation_metadata() or () if k == PRINCIPAL_HEADER]
+        kind, _, name = str(claimed[0]).partition("/") if len(claimed) == 1 else ("", "", "")
+        if kind not in ("operator", "platform") or not _NAME.fullmatch(name):
+            raise unauthenticated("PRINCIPAL_MISSING", "the gateway named no caller")
+        if kind == "operator":
+            await check_operator(self._registry, name)
+        return Principal(cast(PrincipalKind, kind), name)
 
 
 def check_certificate(pem: bytes, trust: Trust) -> _Checked:

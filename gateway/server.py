@@ -13,23 +13,28 @@ import datetime as dt
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from gateway.identity import Authenticator
+from gateway.forward import Forwarder
+from gateway.identity import GATEWAY_NAME, Authenticator, ServiceAuthenticator
 from gateway.pki import PkiPaths, ensure_dev_pki, issue_client
 from gateway.registry import Registry
 from gateway.trust import TrustFiles, TrustStore
+from opconnect.numbers.v1 import numbers_pb2
+from opconnect.records.v1 import records_pb2
+from opconnect.usage.v1 import usage_pb2
 from plumbing import audit as audit_log
 from plumbing.audit import AuditLog
 from plumbing.changelog import Notifier, PostgresListener
 from plumbing.config import Settings
 from plumbing.db import Database
 from plumbing.logs import get_logger
-from plumbing.rpc import Access, RateLimiter, RpcInterceptor, StreamSlots
+from plumbing.rpc import Access, Authenticate, RateLimiter, RpcInterceptor, StreamSlots
 from services.numbers import servicer as numbers
 from services.numbers import storage as numbers_storage
 from services.records import servicer as records
@@ -42,6 +47,21 @@ log = get_logger("opconnect.server")
 
 DEV_OPERATOR = "contoso-telecom"
 DEV_PLATFORM = "admin-center"
+
+Role = Literal["all", "gateway", "numbers", "records", "usage"]
+ROLES: tuple[Role, ...] = ("all", "gateway", "numbers", "records", "usage")
+SERVICES = ("numbers", "records", "usage")
+PROTOS = {"numbers": numbers_pb2, "records": records_pb2, "usage": usage_pb2}
+ACCESS: dict[str, Callable[[], dict[str, Access]]] = {
+    "numbers": numbers.access,
+    "records": records.access,
+    "usage": usage.access,
+}
+_CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+    ("grpc.keepalive_time_ms", 60_000),
+]
 
 # Served to any authenticated principal: stock tools (grpc-health-probe, buf curl) work.
 OPEN_METHODS = {
@@ -66,6 +86,10 @@ class Runtime:
     feed: CallFeedFollower | None = None
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     listener: PostgresListener | None = None
+    role: Role = "all"
+    services: tuple[str, ...] = ()  # the services this process serves itself
+    streams: StreamSlots | None = None  # open streams per operator (this process)
+    channels: list[grpc.aio.Channel] = field(default_factory=list)  # the gateway's routes
 
     @property
     def address(self) -> str:
@@ -80,6 +104,8 @@ class Runtime:
             await self.feed.stop()
         self.notifier.close()
         await self.server.stop(grace)
+        for channel in self.channels:
+            await channel.close()
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
@@ -115,6 +141,8 @@ def feed_client(settings: Settings, dev: PkiPaths | None, address: str) -> FeedC
     """How the usage service reaches the call feed: the configured files, or with the
     development PKI a platform certificate `usage` made for it; None when neither is there."""
     target = settings.feed_target or address
+    if not target:
+        return None
     if settings.feed_ca_file and settings.feed_cert_file and settings.feed_key_file:
         ca, cert, key = (
             Path(settings.feed_ca_file),
@@ -147,56 +175,69 @@ async def _every(interval_s: float, name: str, job: Callable[[], Awaitable[None]
 
 
 async def purge(runtime: Runtime) -> None:
-    """Delete what is past its retention: assignment changes, call records, call durations (and
-    the usage of their days), audit events."""
+    """Delete what is past its retention, of the services this process serves: assignment
+    changes; call records and audit events; call durations, the platform's calls the usage
+    service keeps and the usage of their days."""
     settings, db = runtime.settings, runtime.db
     now = dt.datetime.now(dt.UTC)
-    cutoff = now - dt.timedelta(seconds=settings.change_log_retention_s)
-    purged = await db.run(numbers_storage.purge_events, cutoff, write=True)
-    if purged:
-        log.info("purged change log", log="numbers", events=purged)
-    cutoff = now - dt.timedelta(seconds=settings.record_retention_s)
-    records_purged = 0
-    while True:  # in chunks, one short transaction each
-        chunk = await db.run(records_storage.purge_records, cutoff, write=True)
-        records_purged += chunk
-        if chunk < records_storage.PURGE_CHUNK:
-            break
-    if records_purged:
-        log.info("purged call records", records=records_purged)
-    cutoff = now - dt.timedelta(seconds=settings.usage_retention_s)
-    durations = await db.run(usage_storage.purge_durations, cutoff, write=True)
-    durations += await db.run(usage_storage.purge_platform_calls, cutoff, write=True)
-    await db.run(usage_storage.purge_usage_days, cutoff, write=True)
-    if durations:
-        log.info("purged call durations", records=durations)
-    cutoff = now - dt.timedelta(seconds=settings.audit_retention_s)
-    audited = await db.run(audit_log.purge_events, cutoff, write=True)
-    if audited:
-        log.info("purged audit events", events=audited)
+    if "numbers" in runtime.services:
+        cutoff = now - dt.timedelta(seconds=settings.change_log_retention_s)
+        purged = await db.run(numbers_storage.purge_events, cutoff, write=True)
+        if purged:
+            log.info("purged change log", log="numbers", events=purged)
+    if "records" in runtime.services:
+        cutoff = now - dt.timedelta(seconds=settings.record_retention_s)
+        records_purged = 0
+        while True:  # in chunks, one short transaction each
+            chunk = await db.run(records_storage.purge_records, cutoff, write=True)
+            records_purged += chunk
+            if chunk < records_storage.PURGE_CHUNK:
+                break
+        if records_purged:
+            log.info("purged call records", records=records_purged)
+        cutoff = now - dt.timedelta(seconds=settings.audit_retention_s)
+        audited = await db.run(audit_log.purge_events, cutoff, write=True)
+        if audited:
+            log.info("purged audit events", events=audited)
+    if "usage" in runtime.services:
+        cutoff = now - dt.timedelta(seconds=settings.usage_retention_s)
+        durations = await db.run(usage_storage.purge_durations, cutoff, write=True)
+        durations += await db.run(usage_storage.purge_platform_calls, cutoff, write=True)
+        await db.run(usage_storage.purge_usage_days, cutoff, write=True)
+        if durations:
+            log.info("purged call durations", records=durations)
 
 
-async def start(settings: Settings) -> Runtime:
-    loop = asyncio.get_running_loop()
-    files, dev = await loop.run_in_executor(None, trust_files, settings)
-    trust = TrustStore(files, settings.reload_interval_s)
-    db = Database(settings.sqlalchemy_url, settings.db_threads)
-    await loop.run_in_executor(None, db.migrate)
-    notifier = Notifier()
-    notifier.bind(loop)
-    registry = Registry(db, settings.registry_cache_s)
-    if dev is not None:
-        await registry.add(DEV_OPERATOR, "Contoso Telecom (development)")
-
-    access = {**OPEN_METHODS, **numbers.access(), **records.access(), **usage.access()}
-    interceptor = RpcInterceptor(
-        Authenticator(trust, registry),
-        access,
-        RateLimiter(settings.rate_per_operator, settings.rate_burst),
-        StreamSlots(settings.max_streams_per_operator),
-        settings.max_message_bytes,
+def _channel_credentials(ca: Path, cert: Path, key: Path) -> grpc.ChannelCredentials:
+    return grpc.ssl_channel_credentials(
+        root_certificates=ca.read_bytes(),
+        private_key=key.read_bytes(),
+        certificate_chain=cert.read_bytes(),
     )
-    server = grpc.aio.server(
+
+
+def internal_credentials(settings: Settings, dev: PkiPaths | None) -> grpc.ChannelCredentials:
+    """How the gateway reaches the service processes: as the platform principal `gateway`,
+    with the configured files or, with the development PKI, a certificate made for it."""
+    if settings.internal_ca_file and settings.internal_cert_file and settings.internal_key_file:
+        return _channel_credentials(
+            Path(settings.internal_ca_file),
+            Path(settings.internal_cert_file),
+            Path(settings.internal_key_file),
+        )
+    if dev is None:
+        raise ValueError(
+            "the gateway needs internal_ca_file, internal_cert_file and internal_key_file (a"
+            f" platform certificate named {GATEWAY_NAME!r}) to reach the services"
+        )
+    cert, key = dev.client(f"platform-{GATEWAY_NAME}")
+    if not (cert.exists() and key.exists()):
+        issue_client(dev, "platform", GATEWAY_NAME)
+    return _channel_credentials(dev.ca_cert, cert, key)
+
+
+def _server(settings: Settings, interceptor: RpcInterceptor) -> grpc.aio.Server:
+    return grpc.aio.server(
         interceptors=[interceptor],
         options=[
             # The wrapper refuses messages over max_message_bytes with details; this is the
@@ -208,20 +249,75 @@ async def start(settings: Settings) -> Runtime:
             ("grpc.so_reuseport", 0),
         ],
     )
-    listener = PostgresListener(settings.sqlalchemy_url, notifier) if db.is_postgres else None
+
+
+async def start(settings: Settings, role: Role = "all") -> Runtime:
+    """Start one process of the system: `all` (gateway and every service, the default), one
+    service (`numbers`, `records`, `usage`: its RPCs, from the gateway or platform callers), or
+    the `gateway` alone (forwarding every service's RPCs to the processes in the `*_target`
+    settings)."""
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {', '.join(ROLES)}")
+    loop = asyncio.get_running_loop()
+    files, dev = await loop.run_in_executor(None, trust_files, settings)
+    trust = TrustStore(files, settings.reload_interval_s)
+    db = Database(settings.sqlalchemy_url, settings.db_threads)
+    await loop.run_in_executor(None, db.migrate)
+    notifier = Notifier()
+    notifier.bind(loop)
+    registry = Registry(db, settings.registry_cache_s)
+    if dev is not None:
+        await registry.add(DEV_OPERATOR, "Contoso Telecom (development)")
+
+    services = SERVICES if role in ("all", "gateway") else (role,)
+    access = dict(OPEN_METHODS)
+    for name in services:
+        access.update(ACCESS[name]())
+    authenticate: Authenticate = Authenticator(trust, registry)
+    if role not in ("all", "gateway"):
+        authenticate = ServiceAuthenticator(authenticate, registry)
+    interceptor = RpcInterceptor(
+        authenticate,
+        access,
+        RateLimiter(settings.rate_per_operator, settings.rate_burst),
+        StreamSlots(settings.max_streams_per_operator),
+        settings.max_message_bytes,
+    )
+    server = _server(settings, interceptor)
+    listener = None
+    if db.is_postgres and role != "gateway":
+        listener = PostgresListener(settings.sqlalchemy_url, notifier)
     cache_usable = listener.ready.is_set if listener is not None else lambda: True
-    audit = AuditLog(db)
+    audit = AuditLog(db) if "records" in services and role != "gateway" else None
 
     async def known_operator(operator_id: str) -> bool:
         return await registry.lookup(operator_id) is not None
 
-    names = [
-        *numbers.register(server, db, notifier, settings, cache_usable),
-        *records.register(
-            server, db, notifier, settings, audit=audit, known_operator=known_operator
-        ),
-        *usage.register(server, db, settings),
-    ]
+    names: list[str] = []
+    channels: list[grpc.aio.Channel] = []
+    if role == "gateway":
+        credentials = await loop.run_in_executor(None, internal_credentials, settings, dev)
+        routes = {}
+        for name in SERVICES:
+            target = getattr(settings, f"{name}_target")
+            if not target:
+                log.warning("service not routed: no target set", service=name)
+                continue
+            channel = grpc.aio.secure_channel(target, credentials, options=_CHANNEL_OPTIONS)
+            channels.append(channel)
+            for service in PROTOS[name].DESCRIPTOR.services_by_name.values():
+                routes[service] = channel
+                names.append(service.full_name)
+        server.add_generic_rpc_handlers(Forwarder(routes).handlers())
+    else:
+        if "numbers" in services:
+            names += numbers.register(server, db, notifier, settings, cache_usable)
+        if audit is not None:
+            names += records.register(
+                server, db, notifier, settings, audit=audit, known_operator=known_operator
+            )
+        if "usage" in services:
+            names += usage.register(server, db, settings)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     for name in ["", *names]:
@@ -239,22 +335,31 @@ async def start(settings: Settings) -> Runtime:
         raise OSError(f"could not listen on {settings.listen}")
     await server.start()
     runtime = Runtime(settings, db, notifier, trust, registry, server, health, port, dev)
+    runtime.role = role
+    runtime.services = services if role != "gateway" else ()
+    runtime.streams = interceptor.streams
+    runtime.channels = channels
     runtime.listener = listener
     runtime.audit = audit
-    audit.start()
-    runtime.tasks.append(
-        asyncio.create_task(_every(settings.purge_interval_s, "purge", lambda: purge(runtime)))
-    )
+    if audit is not None:
+        audit.start()
+    if runtime.services:
+        runtime.tasks.append(
+            asyncio.create_task(_every(settings.purge_interval_s, "purge", lambda: purge(runtime)))
+        )
     if listener is not None:
         listener.start()
-    client = await loop.run_in_executor(None, feed_client, settings, dev, runtime.address)
-    if client is None:
-        log.info("usage call feed off: no feed_* certificate configured")
-    else:
-        runtime.feed = CallFeedFollower(db, client)
-        runtime.feed.start()
+    if "usage" in runtime.services:
+        own = runtime.address if role == "all" else settings.records_target
+        client = await loop.run_in_executor(None, feed_client, settings, dev, own)
+        if client is None:
+            log.info("usage call feed off: no feed_* certificate or target configured")
+        else:
+            runtime.feed = CallFeedFollower(db, client)
+            runtime.feed.start()
     log.info(
         "serving",
+        role=role,
         address=runtime.address,
         database=db.engine.url.render_as_string(hide_password=True),
     )

@@ -93,6 +93,15 @@ class Settings:
     feed_ca_file: str = ""
     feed_cert_file: str = ""
     feed_key_file: str = ""
+    # Separate processes (`opconnect serve --role gateway`): where each service's process
+    # listens, and the gateway's client certificate there (a platform certificate named
+    # `gateway`; made with the development PKI when these are empty).
+    numbers_target: str = ""
+    records_target: str = ""
+    usage_target: str = ""
+    internal_ca_file: str = ""
+    internal_cert_file: str = ""
+    internal_key_file: str = ""
     # Reconciliation: an operator's and the platform's durations of a call match when they
     # differ by at most the larger of these seconds and this share of the longer one.
     reconcile_tolerance_s: float = 1.0

@@ -30,6 +30,10 @@ log = get_logger("opconnect.rpc")
 
 PrincipalKind = Literal["operator", "platform"]
 
+# Separate processes: the principal the gateway authenticated, as it tells the service process
+# ("operator/<id>" or "platform/<name>"); believed from the gateway's own certificate only.
+PRINCIPAL_HEADER = "x-opconnect-principal"
+
 
 @dataclass(frozen=True)
 class Principal:
@@ -155,7 +159,7 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         self._authenticate = authenticate
         self._access = dict(access)
         self._rate = rate
-        self._streams = streams
+        self.streams = streams
 
     async def intercept_service(
         self,
@@ -272,11 +276,11 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 _principal.set(principal)
                 context.set_trailing_metadata((("x-request-id", call_log.request_id),))
                 if principal.kind == "operator":
-                    if not self._streams.acquire(principal.name):
+                    if not self.streams.acquire(principal.name):
                         raise resource_exhausted(
                             "gateway.opconnect",
                             "TOO_MANY_STREAMS",
-                            f"at most {self._streams.maximum} concurrent streams per operator",
+                            f"at most {self.streams.maximum} concurrent streams per operator",
                             1.0,
                         )
                     slot = principal.name
@@ -291,7 +295,7 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 raise
             finally:
                 if slot is not None:
-                    self._streams.release(slot)
+                    self.streams.release(slot)
                 call_log.write(context)
 
         return call

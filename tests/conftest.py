@@ -139,14 +139,15 @@ def settings_for(
 
 
 class RunningSystem:
-    """The one-process system on its own event loop thread, with client helpers."""
+    """One process of the system (by default all of it) on its own event loop thread, with
+    client helpers."""
 
-    def __init__(self, settings: Settings, test_pki: Pki) -> None:
+    def __init__(self, settings: Settings, test_pki: Pki, role: server.Role = "all") -> None:
         self.pki = test_pki
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._thread.start()
-        self.runtime: server.Runtime = self.call(server.start(settings))
+        self.runtime: server.Runtime = self.call(server.start(settings, role))
         self.address = f"localhost:{self.runtime.port}"
         self._channels: list[grpc.Channel] = []
 

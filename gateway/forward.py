@@ -1,0 +1,150 @@
+"""The gateway of the separate-processes mode: every RPC of a service, forwarded to the process
+that serves it, as raw frames.
+
+The gateway's own wrapper (plumbing.rpc) has already authenticated the caller, applied the
+method's access rule and the caller's limits; here the request bytes go on unchanged to the
+service's process, over mutual TLS as the platform principal `gateway`, with the caller's
+principal and the request id in metadata, the caller's deadline as the call's timeout and the
+caller's other metadata; the answer (messages, status, details, trailing metadata) comes back
+unchanged. A caller that hangs up cancels the forwarded call; a service process that cannot be
+reached answers UNAVAILABLE / SERVICE_UNAVAILABLE with RetryInfo.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from typing import Any, TypeAlias
+
+import grpc
+from google.protobuf.descriptor import ServiceDescriptor
+
+from plumbing.errors import unavailable
+from plumbing.logs import get_logger
+from plumbing.rpc import PRINCIPAL_HEADER, current_principal, current_request_id
+
+log = get_logger("opconnect.forward")
+
+Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
+
+# Metadata a caller may not pass on: the transport's own, and what only the gateway says.
+_NOT_FORWARDED = {PRINCIPAL_HEADER, "x-request-id", "user-agent", "te", "content-type"}
+
+
+def _metadata(context: Context) -> list[tuple[str, str | bytes]]:
+    """The caller's metadata as the service process receives it: the caller's own headers,
+    then the principal the gateway authenticated and the request id of this call."""
+    out: list[tuple[str, str | bytes]] = [
+        (key, value)
+        for key, value in context.invocation_metadata() or ()
+        if key not in _NOT_FORWARDED and not key.startswith((":", "grpc-"))
+    ]
+    out.append((PRINCIPAL_HEADER, str(current_principal())))
+    out.append(("x-request-id", current_request_id()))
+    return out
+
+
+async def _relay_error(context: Context, error: grpc.aio.AioRpcError, path: str) -> None:
+    """Answer the caller as the service answered the gateway (this raises AbortError)."""
+    trailing = tuple(error.trailing_metadata() or ())
+    if error.code() is grpc.StatusCode.UNAVAILABLE and not any(
+        key == "grpc-status-details-bin" for key, _ in trailing
+    ):
+        # The process itself is not there (not an answer of the service's own).
+        log.warning("service unreachable", method=path, error=error.details() or "")
+        raise unavailable("SERVICE_UNAVAILABLE", "the service is unavailable; retry")
+    await context.abort(error.code(), error.details() or "", trailing)
+
+
+class Forwarder:
+    """Generic handlers for the services in `routes` (full service name → the channel to its
+    process). Each method is forwarded with its own cardinality, read from the descriptors."""
+
+    def __init__(self, routes: Mapping[ServiceDescriptor, grpc.aio.Channel]) -> None:
+        self._routes = dict(routes)
+
+    def handlers(self) -> list[grpc.GenericRpcHandler]:
+        out: list[grpc.GenericRpcHandler] = []
+        for service, channel in self._routes.items():
+            methods = {
+                method.name: _handler(channel, f"/{service.full_name}/{method.name}", method)
+                for method in service.methods
+            }
+            out.append(grpc.method_handlers_generic_handler(service.full_name, methods))
+        return out
+
+
+def _handler(channel: grpc.aio.Channel, path: str, method: Any) -> grpc.RpcMethodHandler:
+    """A method handler that forwards `path` on `channel`, bytes in and bytes out."""
+    if not method.client_streaming and not method.server_streaming:
+        forward_unary = channel.unary_unary(path)
+
+        async def unary_unary(request: bytes, context: Context) -> bytes:
+            call = forward_unary(
+                request, timeout=context.time_remaining(), metadata=_metadata(context)
+            )
+            try:
+                return await call  # type: ignore[no-any-return]
+            except grpc.aio.AioRpcError as error:
+                await _relay_error(context, error, path)
+                raise
+
+        return grpc.unary_unary_rpc_method_handler(unary_unary)
+
+    if not method.client_streaming:
+        forward_stream = channel.unary_stream(path)
+
+        async def unary_stream(request: bytes, context: Context) -> AsyncIterator[bytes]:
+            call = forward_stream(
+                request, timeout=context.time_remaining(), metadata=_metadata(context)
+            )
+            async for response in _responses(call, context, path):
+                yield response
+
+        return grpc.unary_stream_rpc_method_handler(unary_stream)
+
+    if not method.server_streaming:
+        forward_client_stream = channel.stream_unary(path)
+
+        async def stream_unary(requests: AsyncIterator[bytes], context: Context) -> bytes:
+            call = forward_client_stream(
+                _relay(requests), timeout=context.time_remaining(), metadata=_metadata(context)
+            )
+            try:
+                return await call  # type: ignore[no-any-return]
+            except grpc.aio.AioRpcError as error:
+                await _relay_error(context, error, path)
+                raise
+            finally:
+                call.cancel()
+
+        return grpc.stream_unary_rpc_method_handler(stream_unary)
+
+    forward_bidi = channel.stream_stream(path)
+
+    async def stream_stream(
+        requests: AsyncIterator[bytes], context: Context
+    ) -> AsyncIterator[bytes]:
+        call = forward_bidi(
+            _relay(requests), timeout=context.time_remaining(), metadata=_metadata(context)
+        )
+        async for response in _responses(call, context, path):
+            yield response
+
+    return grpc.stream_stream_rpc_method_handler(stream_stream)
+
+
+async def _relay(requests: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    async for request in requests:
+        yield request
+
+
+async def _responses(call: Any, context: Context, path: str) -> AsyncIterator[bytes]:
+    """The forwarded call's responses; when the caller goes (or anything else ends this), the
+    forwarded call is cancelled, so the service process frees the stream at once."""
+    try:
+        async for response in call:
+            yield response
+    except grpc.aio.AioRpcError as error:
+        await _relay_error(context, error, path)
+    finally:
+        call.cancel()

@@ -1,0 +1,251 @@
+"""The separate-processes mode: each service in a server of its own and the gateway forwarding
+to them (here each on its own event loop thread, over mutual TLS on port 0, sharing one
+database). Every kind of RPC through the gateway (unary, server stream, bidirectional), errors
+with their details, the caller's deadline and cancellation reaching the service, who a service
+process believes, the usage service following the records process, and a service that is down.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from gateway import pki
+from gateway.registry import OperatorStatus
+from opconnect.numbers.v1 import numbers_pb2, numbers_pb2_grpc
+from opconnect.records.v1 import records_pb2, records_pb2_grpc
+from opconnect.usage.v1 import usage_pb2
+from plumbing.rpc import PRINCIPAL_HEADER
+from tests.conftest import (
+    OPERATOR,
+    OTHER_OPERATOR,
+    PLATFORM,
+    SUSPENDED_OPERATOR,
+    Pki,
+    RunningSystem,
+    StreamReader,
+    Watcher,
+    rich_error,
+    settings_for,
+)
+from tests.records_data import publish_records, record, stamp
+from tests.test_numbers_flow import assign, upload
+from tests.test_usage_submit import duration_record, submit, usage_stub
+
+NUMBER = "+14255550123"
+
+
+@dataclass
+class Split:
+    gateway: RunningSystem
+    numbers: RunningSystem
+    records: RunningSystem
+    usage: RunningSystem
+
+    def services(self) -> list[RunningSystem]:
+        return [self.numbers, self.records, self.usage]
+
+
+def eventually(check: Callable[[], bool], timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "not within the time limit"
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def split(session_pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Split]:
+    directory = tmp_path_factory.mktemp("split")
+    paths = session_pki.paths
+    gateway_cert, gateway_key = pki.issue_client(paths, "platform", "gateway")
+    usage_cert, usage_key = pki.issue_client(paths, "platform", "usage")
+    url = f"sqlite:///{directory / 'opconnect.db'}"
+    base = settings_for(directory, paths, url)
+    numbers = RunningSystem(base, session_pki, "numbers")
+    records = RunningSystem(base, session_pki, "records")
+    usage = RunningSystem(
+        base.replace(
+            records_target=records.address,
+            feed_ca_file=str(paths.ca_cert),
+            feed_cert_file=str(usage_cert),
+            feed_key_file=str(usage_key),
+        ),
+        session_pki,
+        "usage",
+    )
+    gateway = RunningSystem(
+        base.replace(
+            numbers_target=numbers.address,
+            records_target=records.address,
+            usage_target=usage.address,
+            internal_ca_file=str(paths.ca_cert),
+            internal_cert_file=str(gateway_cert),
+            internal_key_file=str(gateway_key),
+        ),
+        session_pki,
+        "gateway",
+    )
+    for ident in (OPERATOR, OTHER_OPERATOR, SUSPENDED_OPERATOR):
+        gateway.call(gateway.runtime.registry.add(ident))
+    gateway.call(gateway.runtime.registry.set_status(SUSPENDED_OPERATOR, OperatorStatus.SUSPENDED))
+    running = Split(gateway, numbers, records, usage)
+    yield running
+    for system in (gateway, *running.services()):
+        system.stop()
+
+
+def test_numbers_through_the_gateway(split: Split) -> None:
+    gateway = split.gateway
+    uploaded = upload(gateway, NUMBER)  # unary
+    assert [r.outcome for r in uploaded.results] == [numbers_pb2.NUMBER_OUTCOME_DONE]
+    listing = gateway.numbers().ListNumbers(numbers_pb2.ListNumbersRequest(), timeout=10)
+    watcher = Watcher(  # server stream
+        gateway.numbers(), numbers_pb2.WatchAssignmentsRequest(cursor=listing.watch_cursor)
+    )
+    assign(gateway, NUMBER, sip="sip:alice@contoso.example")
+    (event,) = watcher.events(1)
+    assert event.phone_number == NUMBER
+    watcher.cancel()
+    got, call = gateway.numbers().GetNumber.with_call(
+        numbers_pb2.GetNumberRequest(phone_number=NUMBER),
+        timeout=10,
+        metadata=[("x-request-id", "split-test-1")],
+    )
+    assert got.number.sip_uri == "sip:alice@contoso.example"
+    assert ("x-request-id", "split-test-1") in call.trailing_metadata()
+
+
+def test_errors_come_back_with_their_details(split: Split) -> None:
+    with pytest.raises(grpc.RpcError) as caught:
+        split.gateway.numbers().GetNumber(
+            numbers_pb2.GetNumberRequest(phone_number="0425"), timeout=10
+        )
+    error = rich_error(caught.value)
+    assert error.code is grpc.StatusCode.INVALID_ARGUMENT
+    assert (error.domain, error.reason) == ("numbers.opconnect", "PHONE_NUMBER_INVALID")
+    assert "phone_number" in error.fields
+    # The gateway's own checks answer before any forwarding.
+    with pytest.raises(grpc.RpcError) as caught:
+        split.gateway.numbers(SUSPENDED_OPERATOR).ListNumbers(
+            numbers_pb2.ListNumbersRequest(), timeout=10
+        )
+    assert rich_error(caught.value).reason == "OPERATOR_SUSPENDED"
+    with pytest.raises(grpc.RpcError) as caught:
+        records_pb2_grpc.CallRecordServiceStub(
+            split.gateway.channel("platform", PLATFORM)
+        ).GetCallRecord(records_pb2.GetCallRecordRequest(call_id="x"), timeout=10)
+    assert rich_error(caught.value).reason == "OPERATOR_ONLY"
+
+
+def test_records_and_usage_through_the_gateway(split: Split) -> None:
+    gateway = split.gateway
+    calls = [record(end=dt.datetime.now(dt.UTC) - dt.timedelta(minutes=2)) for _ in range(3)]
+    published = publish_records(gateway.ingest(), calls)  # bidirectional, as the platform
+    assert published.accepted_count == 3
+    stream = gateway.records().StreamCallRecords(
+        records_pb2.StreamCallRecordsRequest(
+            start_time=stamp(dt.datetime.now(dt.UTC) - dt.timedelta(hours=1))
+        ),
+        timeout=10,
+    )
+    seen = [r.call_id for response in stream for r in response.records]
+    assert seen == [c.call_id for c in calls]
+
+    # The usage process follows the records process for the platform's side.
+    stub = usage_stub(gateway)
+    (answer,) = submit(stub, [duration_record(call_id="unknown-to-platform-1")])
+    assert answer.accepted_count == 1
+    start = stamp(dt.datetime.now(dt.UTC) - dt.timedelta(days=1))
+    end = stamp(dt.datetime.now(dt.UTC) + dt.timedelta(minutes=1))
+
+    def reconciled() -> bool:
+        found = stub.GetReconciliation(
+            usage_pb2.GetReconciliationRequest(start_time=start, end_time=end), timeout=10
+        )
+        return (found.platform_only_count, found.operator_only_count) == (3, 1)
+
+    eventually(reconciled)
+
+
+def test_the_callers_deadline_and_hang_up_reach_the_service(split: Split) -> None:
+    records = split.gateway.records()
+    follow = records_pb2.StreamCallRecordsRequest(follow=True)
+    with pytest.raises(grpc.RpcError) as caught:
+        for _ in records.StreamCallRecords(follow, timeout=1.0):
+            pass
+    assert caught.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+    streams = split.records.runtime.streams
+    assert streams is not None
+    eventually(lambda: not streams.open)
+    reader: StreamReader[records_pb2.StreamCallRecordsResponse] = StreamReader(
+        records.StreamCallRecords(follow, timeout=60)
+    )
+    assert reader.next() is not None  # opened: it says where "now" is
+    assert streams.open == {OPERATOR: 1}
+    reader.cancel()
+    eventually(lambda: not streams.open)
+
+
+def test_a_service_process_believes_only_the_gateway(split: Split) -> None:
+    # Through the gateway, a caller's own principal header is dropped: its own data only.
+    mine = split.gateway.numbers(OTHER_OPERATOR).ListNumbers(
+        numbers_pb2.ListNumbersRequest(),
+        timeout=10,
+        metadata=[(PRINCIPAL_HEADER, f"operator/{OPERATOR}")],
+    )
+    assert list(mine.numbers) == []
+    # Straight to the service process: operators are refused, a platform caller is itself.
+    direct = split.numbers
+    with pytest.raises(grpc.RpcError) as caught:
+        direct.numbers().ListNumbers(numbers_pb2.ListNumbersRequest(), timeout=10)
+    assert rich_error(caught.value).reason == "GATEWAY_REQUIRED"
+    admin_as_operator = direct.channel("platform", PLATFORM)
+    with pytest.raises(grpc.RpcError) as caught:
+        numbers_pb2_grpc.NumberServiceStub(admin_as_operator).ListNumbers(
+            numbers_pb2.ListNumbersRequest(),
+            timeout=10,
+            metadata=[(PRINCIPAL_HEADER, f"operator/{OPERATOR}")],
+        )
+    assert rich_error(caught.value).reason == "OPERATOR_ONLY"
+
+
+def test_health_on_the_gateway_and_each_service(split: Split) -> None:
+    for system in (split.gateway, *split.services()):
+        health = health_pb2_grpc.HealthStub(system.channel("platform", PLATFORM))
+        answer = health.Check(health_pb2.HealthCheckRequest(), timeout=10)
+        assert answer.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_a_service_that_is_down_answers_unavailable(session_pki: Pki, tmp_path: Path) -> None:
+    paths = session_pki.paths
+    gateway_cert, gateway_key = pki.issue_client(paths, "platform", "gateway")
+    settings = settings_for(
+        tmp_path,
+        paths,
+        f"sqlite:///{tmp_path / 'opconnect.db'}",
+        usage_target="localhost:1",  # nothing listens there
+        internal_ca_file=str(paths.ca_cert),
+        internal_cert_file=str(gateway_cert),
+        internal_key_file=str(gateway_key),
+    )
+    gateway = RunningSystem(settings, session_pki, "gateway")
+    try:
+        gateway.call(gateway.runtime.registry.add(OPERATOR))
+        with pytest.raises(grpc.RpcError) as caught:
+            usage_stub(gateway).GetUsageSummary(usage_pb2.GetUsageSummaryRequest(), timeout=10)
+        error = rich_error(caught.value)
+        assert (error.code, error.reason) == (grpc.StatusCode.UNAVAILABLE, "SERVICE_UNAVAILABLE")
+        assert error.retry_delay_s is not None
+        # A service with no target is not served at all.
+        with pytest.raises(grpc.RpcError) as caught:
+            gateway.numbers().ListNumbers(numbers_pb2.ListNumbersRequest(), timeout=10)
+        assert caught.value.code() is grpc.StatusCode.UNIMPLEMENTED
+    finally:
+        gateway.stop()
