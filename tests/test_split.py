@@ -8,8 +8,7 @@ process believes, the usage service following the records process, and a service
 from __future__ import annotations
 
 import datetime as dt
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +36,7 @@ from tests.conftest import (
 )
 from tests.records_data import publish_records, record, stamp
 from tests.test_numbers_flow import assign, upload
+from tests.test_usage_feed import eventually
 from tests.test_usage_submit import duration_record, submit, usage_stub
 
 NUMBER = "+14255550123"
@@ -51,13 +51,6 @@ class Split:
 
     def services(self) -> list[RunningSystem]:
         return [self.numbers, self.records, self.usage]
-
-
-def eventually(check: Callable[[], bool], timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "not within the time limit"
-        time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")
