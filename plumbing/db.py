@@ -13,6 +13,8 @@ import asyncio
 import contextvars
 import datetime as dt
 import functools
+import sqlite3
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -100,7 +102,10 @@ class Database:
     def migrate(self) -> None:
         """Bring the schema to the newest migration (idempotent; safe with several replicas)."""
         config = alembic_config(self.url)
-        with self.engine.begin() as connection:
+        # SQLite: a writer from the start (BEGIN IMMEDIATE), so processes starting together
+        # wait for each other's migration instead of failing to upgrade a read lock.
+        engine = self.engine.execution_options(sqlite_begin="IMMEDIATE")
+        with engine.begin() as connection:
             config.attributes["connection"] = connection
             command.upgrade(config, "head")
 
@@ -180,13 +185,27 @@ def _sqlite_setup(engine: Engine) -> None:
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        _wal(cursor)
         cursor.execute("PRAGMA synchronous=FULL")
         cursor.execute("PRAGMA foreign_keys=ON")
-        cursor.execute("PRAGMA busy_timeout=30000")
         cursor.close()
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Any) -> None:
         mode = connection.get_execution_options().get("sqlite_begin", "DEFERRED")
         connection.exec_driver_sql(f"BEGIN {mode}")
+
+
+def _wal(cursor: Any) -> None:
+    """Put the database in WAL mode (it stays so). Processes opening a new database at once
+    race to switch it, and SQLite answers the losers "locked" at once, without waiting: those
+    try again."""
+    for attempt in range(100):
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error) or attempt == 99:
+                raise
+            time.sleep(0.05)

@@ -6,8 +6,11 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import functools
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import grpc
 import pytest
@@ -41,6 +44,32 @@ def test_migrations_match_the_models(db: Database) -> None:
 def test_migrating_again_changes_nothing(db: Database) -> None:
     db.migrate()
     assert db.transaction(read_head, LOG).position == 0
+
+
+def test_processes_starting_together_migrate_once(database_url: str) -> None:
+    """Four processes (the separate-processes mode) start at once on a fresh database: each
+    waits for the others' migration, none fails."""
+    code = (
+        "import sys, time; from plumbing.db import Database; database = Database(sys.argv[1], 1)"
+        "; time.sleep(max(0.0, float(sys.argv[2]) - time.time())); database.migrate()"
+    )
+    at = str(time.time() + 3)  # all at once, once imported
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, database_url, at],
+            cwd=Path(__file__).parent.parent,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(4)
+    ]
+    failures = [p.communicate(timeout=120)[1] for p in processes if p.wait(timeout=120) != 0]
+    assert not failures, failures[0]
+    database = Database(database_url, threads=1)
+    try:
+        assert database.transaction(read_head, LOG).position == 0
+    finally:
+        database.close()
 
 
 def _event(session: Session, number: str) -> int:
