@@ -27,6 +27,7 @@ from tests.conftest import (
     OTHER_OPERATOR,
     PLATFORM,
     SUSPENDED_OPERATOR,
+    UNKNOWN_OPERATOR,
     Pki,
     RunningSystem,
     StreamReader,
@@ -242,3 +243,22 @@ def test_a_service_that_is_down_answers_unavailable(session_pki: Pki, tmp_path: 
         assert caught.value.code() is grpc.StatusCode.UNIMPLEMENTED
     finally:
         gateway.stop()
+
+
+def test_a_suspension_ends_a_forwarded_stream(split: Split) -> None:
+    """The gateway checks the caller again at each message it forwards (heartbeats too)."""
+    registry = split.gateway.runtime.registry
+    split.gateway.call(registry.add(UNKNOWN_OPERATOR))
+    stream = split.gateway.records(UNKNOWN_OPERATOR).StreamCallRecords(
+        records_pb2.StreamCallRecordsRequest(follow=True), timeout=30
+    )
+    reader: StreamReader[records_pb2.StreamCallRecordsResponse] = StreamReader(stream)
+    assert reader.next() is not None
+    split.gateway.call(registry.set_status(UNKNOWN_OPERATOR, OperatorStatus.SUSPENDED))
+    with pytest.raises(grpc.RpcError) as caught:
+        while reader.next() is not None:
+            pass
+    assert rich_error(caught.value).reason == "OPERATOR_SUSPENDED"
+    streams = split.records.runtime.streams
+    assert streams is not None
+    eventually(lambda: UNKNOWN_OPERATOR not in streams.open)
