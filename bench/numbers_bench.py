@@ -11,14 +11,19 @@ runs on are small and noisy:
    SQLite read, conversion) versus a bare grpc.aio server with the same mutual-TLS credentials
    answering GetNumber with a prebuilt response of the same serialized size from memory.
    Reported as `getnumber_ratio` = best system calls/s / best bare calls/s (target >= 0.7).
+   Beside them, in the same rounds, the split system: a numbers-service process (role
+   "numbers") behind a gateway process (role "gateway") that forwards every RPC to it as raw
+   bytes, on the same database and PKI. Reported as `split_ratio` = best split calls/s / best
+   system calls/s: the cost of the forwarding hop (no target; DESIGN.md says about 1/3).
 2. Time from just before AssignNumber / UnassignNumber is sent to the moment an operator's open
    WatchAssignments stream delivers the event, one change at a time, with the round-trip time of
    a unary GetNumber measured the same way as the raw baseline. Reported as `notify_p99_ms`
    (target < 20 ms on SQLite).
 
 Servers and load generators run in their own processes (this script started again with
-`--role serve` or `--role load`), so client and server each get a core. Everything (PKI, SQLite
-database) lives in a temporary directory removed at the end.
+`--role serve` or `--role load`), so client and server each get a core (the split system's two
+server processes and its clients share the machine's cores: on 2 cores it is CPU-bound).
+Everything (PKI, SQLite database) lives in a temporary directory removed at the end.
 """
 
 from __future__ import annotations
@@ -58,9 +63,13 @@ from common import (
     start_system,
 )
 
-from gateway.pki import PkiPaths, ensure_dev_pki
+from gateway import server as gateway_server
+from gateway.identity import GATEWAY_NAME
+from gateway.pki import PkiPaths, ensure_dev_pki, issue_client
 from opconnect.numbers.v1 import numbers_pb2 as pb
 from opconnect.numbers.v1 import numbers_pb2_grpc as pb_grpc
+from plumbing.config import Settings
+from plumbing.logs import configure_logging
 
 USER_ID = "11111111-2222-4333-8444-555555555555"
 SIP_URI = "sip:{number}@sbc1.contoso.example;user=phone"
@@ -71,6 +80,8 @@ GETNUMBER_TARGET = 0.7
 NOTIFY_P99_TARGET_MS = 20.0
 WARMUP_CHANGES = 20
 STOP_WAIT_S = 15.0  # how long a child process may take to finish once told to
+SPLIT_RATIO_DESIGN = 1 / 3  # DESIGN.md: "a hop between Python processes costs about 3x"
+KINDS = ("bare", "system", "split")  # the server configurations of part 1, in table order
 
 
 # --------------------------------------------------------------------------- helpers
@@ -143,6 +154,35 @@ async def serve_system(root: Path) -> None:
     await runtime.stop(grace_s=1.0)
 
 
+def split_settings(root: Path, spec: dict[str, Any]) -> Settings:
+    """The system's settings (same database file, same PKI) for a process of the split system:
+    the numbers service alone, or the gateway alone forwarding to `spec["numbers_target"]` as
+    the platform principal `gateway`."""
+    paths = PkiPaths.at(root / "pki")
+    settings = bench_settings(root / "data", paths)
+    if spec["kind"] == "split-numbers":
+        return settings
+    cert, key = paths.client(f"platform-{GATEWAY_NAME}")
+    return settings.replace(
+        numbers_target=spec["numbers_target"],
+        internal_ca_file=str(paths.ca_cert),
+        internal_cert_file=str(cert),
+        internal_key_file=str(key),
+    )
+
+
+async def serve_split(root: Path, spec: dict[str, Any]) -> None:
+    """One process of the split system: `split-numbers` (role "numbers") or `split` (role
+    "gateway"). The operator is already registered in the shared database by the system."""
+    settings = split_settings(root, spec)
+    configure_logging(settings.log_format, settings.log_level)
+    role: gateway_server.Role = "numbers" if spec["kind"] == "split-numbers" else "gateway"
+    runtime = await gateway_server.start(settings, role)
+    print(f"READY {runtime.port}", flush=True)
+    await serve_commands()
+    await runtime.stop(grace_s=1.0)
+
+
 async def serve_bare(root: Path) -> None:
     response = pb.GetNumberResponse.FromString((root / "response.bin").read_bytes())
     bare = grpc.aio.server(options=SERVER_OPTIONS)
@@ -153,12 +193,18 @@ async def serve_bare(root: Path) -> None:
 # --------------------------------------------------------------------------- load processes
 
 
+def server_cpu_seconds(pids: Sequence[int]) -> list[float] | None:
+    """CPU seconds of each server process, or None if one cannot be read."""
+    readings = [cpu_seconds(pid) for pid in pids]
+    return [r for r in readings if r is not None] if None not in readings else None
+
+
 async def measure(
-    stub: pb_grpc.NumberServiceStub, server_pid: int, spec: dict[str, Any]
+    stub: pb_grpc.NumberServiceStub, server_pids: Sequence[int], spec: dict[str, Any]
 ) -> dict[str, Any]:
     """`concurrency` coroutines call GetNumber back to back for `warmup` + `seconds`; count the
     calls that complete in the last `seconds`, and sample this process's and the server's CPU
-    time over exactly that window."""
+    time (each of its processes) over exactly that window."""
     request = pb.GetNumberRequest(phone_number=spec["phone_number"])
     start = time.perf_counter()
     begin, end = start + spec["warmup"], start + spec["warmup"] + spec["seconds"]
@@ -177,7 +223,7 @@ async def measure(
             if now >= begin:
                 counts["calls" if ok else "errors"] += 1
 
-    marks: list[tuple[float, float, float | None, float | None]] = []
+    marks: list[tuple[float, float, list[float] | None, float | None]] = []
 
     async def sampler() -> None:
         for moment in (begin, end):
@@ -186,19 +232,25 @@ async def measure(
                 (
                     time.perf_counter(),
                     time.process_time(),
-                    cpu_seconds(server_pid),
+                    server_cpu_seconds(server_pids),
                     machine_busy_seconds(),
                 )
             )
 
     await asyncio.gather(sampler(), *(caller() for _ in range(spec["concurrency"])))
     (t0, c0, s0, m0), (t1, c1, s1, m1) = marks
+    by_process = (
+        [(b - a) / (t1 - t0) for a, b in zip(s0, s1, strict=True)]
+        if s0 is not None and s1 is not None
+        else None
+    )
     return {
         "machine_cpu": (m1 - m0) / (t1 - t0) if m0 is not None and m1 is not None else None,
         "calls": counts["calls"],
         "errors": counts["errors"],
         "client_cpu": (c1 - c0) / (t1 - t0),
-        "server_cpu": (s1 - s0) / (t1 - t0) if s0 is not None and s1 is not None else None,
+        "server_cpu": sum(by_process) if by_process is not None else None,
+        "server_cpu_by_process": by_process,
     }
 
 
@@ -220,7 +272,7 @@ async def load_worker(spec: dict[str, Any]) -> None:
         print("READY", flush=True)
         while line := await read_line():
             kind = line.strip().removeprefix("GO ")
-            result = await measure(stubs[kind], targets[kind]["pid"], spec)
+            result = await measure(stubs[kind], targets[kind]["pids"], spec)
             print(json.dumps(result), flush=True)
     finally:
         for channel in channels.values():
@@ -235,20 +287,31 @@ class LoadRun:
     calls_per_s: float
     errors: int
     client_cpu: list[float]  # per client process, share of one core
-    server_cpu: float | None  # share of one core (all the server's threads)
+    server_cpu: float | None  # share of one core (all the server's threads and processes)
+    server_cpu_by_process: list[float] | None  # split: gateway, numbers service
     other_cpu: float | None  # cores busy on this machine with anything but server and clients
 
 
 class LoadWorkers:
-    """Client processes that generate load; `run` uses the first `clients` of them together."""
+    """Client processes that generate load; `run` uses the first `clients` of them together.
+
+    `servers` maps each server configuration to its processes: the first is the one the
+    clients call, all of them count in the server's CPU."""
 
     def __init__(
-        self, count: int, servers: Sequence[ServerProcess], root: Path, args: argparse.Namespace
+        self,
+        count: int,
+        servers: dict[str, Sequence[ServerProcess]],
+        root: Path,
+        args: argparse.Namespace,
     ) -> None:
         self.seconds = float(args.seconds)
         spec = {
             "root": str(root),
-            "targets": {s.kind: {"address": s.address, "pid": s.pid} for s in servers},
+            "targets": {
+                kind: {"address": ps[0].address, "pids": [p.pid for p in ps]}
+                for kind, ps in servers.items()
+            },
             "phone_number": GET_NUMBER,
             "seconds": args.seconds,
             "warmup": args.warmup,
@@ -258,26 +321,31 @@ class LoadWorkers:
         for worker in self.workers:
             worker.expect("READY")
 
-    def run(self, server: ServerProcess, clients: int, round_no: int) -> LoadRun:
-        """One measurement of `server` by `clients` worker processes released together."""
+    def run(self, kind: str, clients: int, round_no: int) -> LoadRun:
+        """One measurement of server `kind` by `clients` worker processes released together."""
         active = self.workers[:clients]
         for worker in active:
-            worker.send(f"GO {server.kind}")
+            worker.send(f"GO {kind}")
         results = [json.loads(worker.line()) for worker in active]
         server_cpus = [r["server_cpu"] for r in results if r["server_cpu"] is not None]
         server_cpu = sum(server_cpus) / len(server_cpus) if server_cpus else None
+        per_process = [
+            r["server_cpu_by_process"] for r in results if r["server_cpu_by_process"] is not None
+        ]
+        by_process = [sum(p) / len(per_process) for p in zip(*per_process, strict=True)] or None
         busy = results[0]["machine_cpu"]
         other = None
         if busy is not None and server_cpu is not None:
             other = max(0.0, busy - server_cpu - sum(r["client_cpu"] for r in results))
         return LoadRun(
-            server=server.kind,
+            server=kind,
             clients=clients,
             round=round_no,
             calls_per_s=sum(r["calls"] for r in results) / self.seconds,
             errors=sum(r["errors"] for r in results),
             client_cpu=[r["client_cpu"] for r in results],
             server_cpu=server_cpu,
+            server_cpu_by_process=by_process,
             other_cpu=other,
         )
 
@@ -315,9 +383,19 @@ async def prepare(address: str, root: Path) -> bytes:
             await pb_grpc.NumberAdminServiceStub(admin_channel).AssignNumber(
                 assign_request(GET_NUMBER)
             )
+    return await answer(address, root)
+
+
+async def answer(address: str, root: Path) -> bytes:
+    """The operator's GetNumber answer from the server at `address`, serialized."""
+    async with grpc.aio.secure_channel(
+        address, credentials(root / "pki", "operator", OPERATOR)
+    ) as channel:
         response = cast(
             pb.GetNumberResponse,
-            await stub.GetNumber(pb.GetNumberRequest(phone_number=GET_NUMBER)),
+            await pb_grpc.NumberServiceStub(channel).GetNumber(
+                pb.GetNumberRequest(phone_number=GET_NUMBER), timeout=10
+            ),
         )
     return response.SerializeToString()
 
@@ -451,7 +529,7 @@ def server_profile(system: ServerProcess, workers: LoadWorkers, root: Path) -> t
     """One more 1-client system run with cProfile on in the server's event-loop thread."""
     path = root / "server.prof"
     system.profile_start()
-    run = workers.run(system, 1, 0)
+    run = workers.run(system.kind, 1, 0)
     system.profile_stop(path)
     return run, profile_text(path, 15)
 
@@ -470,20 +548,27 @@ def print_report(report: dict[str, Any], runs: list[LoadRun], args: argparse.Nam
         " counts all its threads; other CPU is the rest of the machine: noise from other work)"
     )
     print(
+        "   (split: the numbers service in a process of its own (role numbers) behind a gateway"
+        " process (role gateway) forwarding raw bytes; its server CPU is gateway + numbers)"
+    )
+    print(
         f"   {'server':<8}{'clients':>8}{'best calls/s':>14}   {'every round':<26}"
-        f"{'client CPU':>12}{'server CPU':>12}{'other CPU':>11}{'errors':>8}"
+        f"{'client CPU':>12}{'server CPU':>14}{'other CPU':>11}{'errors':>8}"
     )
     for clients in g["client_counts"]:
-        for kind in ("bare", "system"):
+        for kind in KINDS:
             mine = [r for r in runs if r.server == kind and r.clients == clients]
             best = max(mine, key=lambda r: r.calls_per_s)
             rounds = " / ".join(f"{r.calls_per_s:,.0f}" for r in mine)
             client_cpu = " + ".join(f"{c:.0%}" for c in best.client_cpu)
-            server_cpu = f"{best.server_cpu:.0%}" if best.server_cpu is not None else "n/a"
+            if best.server_cpu_by_process is not None and len(best.server_cpu_by_process) > 1:
+                server_cpu = " + ".join(f"{c:.0%}" for c in best.server_cpu_by_process)
+            else:
+                server_cpu = f"{best.server_cpu:.0%}" if best.server_cpu is not None else "n/a"
             other_cpu = f"{best.other_cpu:.0%}" if best.other_cpu is not None else "n/a"
             print(
                 f"   {kind:<8}{clients:>8}{best.calls_per_s:>14,.0f}   {rounds:<26}"
-                f"{client_cpu:>12}{server_cpu:>12}{other_cpu:>11}{sum(r.errors for r in mine):>8}"
+                f"{client_cpu:>12}{server_cpu:>14}{other_cpu:>11}{sum(r.errors for r in mine):>8}"
             )
     per = ", ".join(
         f"{c} client process{'es' if c > 1 else ''} {g['ratio_by_clients'][str(c)]:.2f}"
@@ -502,8 +587,30 @@ def print_report(report: dict[str, Any], runs: list[LoadRun], args: argparse.Nam
         f"   best system {g['best']['system']:,.0f} / best bare {g['best']['bare']:,.0f} calls/s"
         f" = {g['ratio']:.2f} (target >= {GETNUMBER_TARGET}: {verdict})"
     )
+    per = ", ".join(
+        f"{c} client process{'es' if c > 1 else ''} {g['split_ratio_by_clients'][str(c)]:.2f}"
+        for c in g["client_counts"]
+    )
+    print(f"   ratio split/system at the same client count: {per}")
+    print(
+        f"   best split {g['best']['split']:,.0f} / best system {g['best']['system']:,.0f} calls/s"
+        f" = {g['split_ratio']:.2f}, the cost of the forwarding hop (no target; DESIGN.md: a hop"
+        f" between Python processes costs about 3x on unary calls, i.e. about"
+        f" {SPLIT_RATIO_DESIGN:.2f})"
+    )
+    cores = report["machine"]["nproc"]
+    busy = 2 + g["client_counts"][-1]
+    bound = "CPU-bound" if busy > cores else "not short of cores"
+    print(
+        f"   split on {cores} cores: 2 server processes + up to {g['client_counts'][-1]} client"
+        f" process(es) busy at once ({bound}: the figure includes the processes' competition for"
+        " CPU, not only the hop's own work; see the server and client CPU above)"
+    )
     sizes = g["response_bytes"]
-    print(f"   response size: system {sizes['system']} bytes, bare {sizes['bare']} bytes")
+    print(
+        f"   response size: system {sizes['system']} bytes, bare {sizes['bare']} bytes,"
+        f" split {sizes['split']} bytes"
+    )
     print()
 
     n = report["notify"]
@@ -549,6 +656,7 @@ def print_report(report: dict[str, Any], runs: list[LoadRun], args: argparse.Nam
     print()
     print(f"(took {report['elapsed_s']:.0f} s)")
     print(f"getnumber_ratio={g['ratio']:.2f}")
+    print(f"split_ratio={g['split_ratio']:.2f}")
     print(f"notify_p99_ms={p99:.1f}")
 
 
@@ -558,6 +666,7 @@ def bench(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="opconnect-bench-") as tmp:
         root = Path(tmp)
         paths = ensure_dev_pki(root / "pki", operator_id=OPERATOR, platform_name=PLATFORM)
+        issue_client(paths, "platform", GATEWAY_NAME)  # the split gateway's certificate
         settings = bench_settings(root / "data", paths)
         children: list[ServerProcess | LoadWorkers] = []
         try:
@@ -567,16 +676,33 @@ def bench(args: argparse.Namespace) -> int:
             (root / "response.bin").write_bytes(response)
             bare = ServerProcess("bare", {"root": str(root)}, STOP_WAIT_S)
             children.append(bare)
-            workers = LoadWorkers(client_counts[-1], [bare, system], root, args)
+            # The split system on the system's database file, after `prepare` wrote to it.
+            split_numbers = ServerProcess("split-numbers", {"root": str(root)}, STOP_WAIT_S)
+            children.append(split_numbers)
+            split = ServerProcess(
+                "split",
+                {"root": str(root), "numbers_target": split_numbers.address},
+                STOP_WAIT_S,
+            )
+            children.append(split)
+            split_response = asyncio.run(answer(split.address, root))
+            if split_response != response:
+                raise RuntimeError("the split system's GetNumber answer differs from the system's")
+            servers: dict[str, Sequence[ServerProcess]] = {
+                "bare": [bare],
+                "system": [system],
+                "split": [split, split_numbers],
+            }
+            workers = LoadWorkers(client_counts[-1], servers, root, args)
             children.append(workers)
 
             runs: list[LoadRun] = []
             for round_no in range(1, args.rounds + 1):
                 for clients in client_counts:
-                    # Alternate which server goes first, so a drift in the machine's load does
+                    # Alternate the order of the servers, so a drift in the machine's load does
                     # not always favour the same one.
-                    order = (bare, system) if round_no % 2 else (system, bare)
-                    runs.extend(workers.run(server, clients, round_no) for server in order)
+                    order = KINDS if round_no % 2 else KINDS[::-1]
+                    runs.extend(workers.run(kind, clients, round_no) for kind in order)
 
             rtt_system, size_system = asyncio.run(rtt(system.address, root, args.changes, 50))
             rtt_bare, size_bare = asyncio.run(rtt(bare.address, root, args.changes, 50))
@@ -597,9 +723,10 @@ def bench(args: argparse.Namespace) -> int:
             c: max(r.calls_per_s for r in runs if r.server == kind and r.clients == c)
             for c in client_counts
         }
-        for kind in ("bare", "system")
+        for kind in KINDS
     }
     best_bare, best_system = max(best["bare"].values()), max(best["system"].values())
+    best_split = max(best["split"].values())
     notify_ms = summary_ms(notified.notify)
     rtt_system_ms = summary_ms(rtt_system)
     report: dict[str, Any] = {
@@ -631,10 +758,19 @@ def bench(args: argparse.Namespace) -> int:
             "ratio_by_clients": {
                 str(c): best["system"][c] / best["bare"][c] for c in client_counts
             },
-            "best": {"bare": best_bare, "system": best_system},
+            "best": {"bare": best_bare, "system": best_system, "split": best_split},
             "ratio": best_system / best_bare,
             "target": GETNUMBER_TARGET,
-            "response_bytes": {"system": size_system, "bare": size_bare},
+            "split_ratio_by_clients": {
+                str(c): best["split"][c] / best["system"][c] for c in client_counts
+            },
+            "split_ratio": best_split / best_system,
+            "split_ratio_design": SPLIT_RATIO_DESIGN,
+            "response_bytes": {
+                "system": size_system,
+                "bare": size_bare,
+                "split": len(split_response),
+            },
         },
         "notify": {
             "changes": args.changes,
@@ -654,6 +790,7 @@ def bench(args: argparse.Namespace) -> int:
         "profile": profile,
         "elapsed_s": time.perf_counter() - started,
         "getnumber_ratio": round(best_system / best_bare, 4),
+        "split_ratio": round(best_split / best_system, 4),
         "notify_p99_ms": round(notify_ms["p99"], 3),
     }
     print_report(report, runs, args)
@@ -667,7 +804,9 @@ def bench(args: argparse.Namespace) -> int:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="GetNumber throughput and assignment-notification latency of the"
-        " one-process system, each set against a raw baseline measured in the same run."
+        " one-process system, each set against a raw baseline measured in the same run, and"
+        " GetNumber throughput of the split system (gateway and numbers service in processes of"
+        " their own) against the one-process system."
     )
     p.add_argument("--seconds", type=float, default=3.0, help="measured seconds per load run")
     p.add_argument("--warmup", type=float, default=1.0, help="warm-up seconds per load run")
@@ -686,8 +825,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     spec: dict[str, Any] = json.loads(args.spec)
     if args.role == "serve":
-        serve = serve_system if spec["kind"] == "system" else serve_bare
-        asyncio.run(serve(Path(spec["root"])))
+        root = Path(spec["root"])
+        if spec["kind"] == "system":
+            asyncio.run(serve_system(root))
+        elif spec["kind"] == "bare":
+            asyncio.run(serve_bare(root))
+        else:
+            asyncio.run(serve_split(root, spec))
         return 0
     if args.role == "load":
         asyncio.run(load_worker(spec))
