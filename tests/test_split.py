@@ -23,15 +23,18 @@ from opconnect.records.v1 import records_pb2, records_pb2_grpc
 from opconnect.usage.v1 import usage_pb2
 from plumbing.rpc import PRINCIPAL_HEADER
 from tests.conftest import (
+    NO_POSTGRES,
     OPERATOR,
     OTHER_OPERATOR,
     PLATFORM,
+    POSTGRES_URL,
     SUSPENDED_OPERATOR,
     UNKNOWN_OPERATOR,
     Pki,
     RunningSystem,
     StreamReader,
     Watcher,
+    reset_postgres,
     rich_error,
     settings_for,
 )
@@ -54,13 +57,22 @@ class Split:
         return [self.numbers, self.records, self.usage]
 
 
-@pytest.fixture(scope="module")
-def split(session_pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Split]:
+@pytest.fixture(
+    scope="module", params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+)
+def split(
+    request: pytest.FixtureRequest, session_pki: Pki, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Split]:
+    """The four processes on one database of each backend."""
     directory = tmp_path_factory.mktemp("split")
+    url = f"sqlite:///{directory / 'opconnect.db'}"
+    if request.param == "postgres":
+        if not POSTGRES_URL:
+            pytest.skip(NO_POSTGRES)
+        url = reset_postgres(POSTGRES_URL)
     paths = session_pki.paths
     gateway_cert, gateway_key = pki.issue_client(paths, "platform", "gateway")
     usage_cert, usage_key = pki.issue_client(paths, "platform", "usage")
-    url = f"sqlite:///{directory / 'opconnect.db'}"
     base = settings_for(directory, paths, url)
     numbers = RunningSystem(base, session_pki, "numbers")
     records = RunningSystem(base, session_pki, "records")
