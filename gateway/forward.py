@@ -7,16 +7,20 @@ service's process, over mutual TLS as the platform principal `gateway`, with the
 principal and the request id in metadata, the caller's deadline as the call's timeout and the
 caller's other metadata; the answer (messages, status, details, trailing metadata) comes back
 unchanged. A caller that hangs up cancels the forwarded call; a service process that cannot be
-reached answers UNAVAILABLE / SERVICE_UNAVAILABLE with RetryInfo.
+reached answers UNAVAILABLE / SERVICE_UNAVAILABLE with RetryInfo, and the gateway's health of
+its services says what the process's own health says (`mirror_health`).
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+import asyncio
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any, TypeAlias
 
 import grpc
 from google.protobuf.descriptor import ServiceDescriptor
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
 
 from plumbing.errors import unavailable
 from plumbing.logs import get_logger
@@ -148,3 +152,24 @@ async def _responses(call: Any, context: Context, path: str) -> AsyncIterator[by
         await _relay_error(context, error, path)
     finally:
         call.cancel()
+
+
+async def mirror_health(
+    channel: grpc.aio.Channel,
+    names: Sequence[str],
+    health: HealthServicer,
+    retry_s: float = 1.0,
+) -> None:
+    """Keep the gateway's health of `names` (the services one process serves) that process's
+    own: its Health.Watch followed until cancelled; NOT_SERVING while it cannot be reached."""
+    watch = health_pb2_grpc.HealthStub(channel).Watch
+    while True:
+        try:
+            async for answer in watch(health_pb2.HealthCheckRequest()):
+                for name in names:
+                    await health.set(name, answer.status)
+        except grpc.aio.AioRpcError as error:
+            log.warning("service health unknown", services=list(names), code=error.code().name)
+        for name in names:
+            await health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await asyncio.sleep(retry_s)

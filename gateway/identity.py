@@ -74,7 +74,8 @@ class ServiceAuthenticator:
     """Who is calling a service process (separate-processes mode): the caller's own
     certificate, checked as the gateway checks it; when that caller is the gateway (the
     platform principal `gateway`), the principal the gateway authenticated, from the
-    `x-opconnect-principal` header. A header from anyone else is ignored; operators' own
+    `x-opconnect-principal` header (without one, the gateway's own calls: health). A header
+    from anyone else is ignored; operators' own
     certificates are refused (they reach the services through the gateway, its limits
     included)."""
 
@@ -89,6 +90,8 @@ class ServiceAuthenticator:
         if caller != GATEWAY:
             return caller
         claimed = [v for k, v in context.invocation_metadata() or () if k == PRINCIPAL_HEADER]
+        if not claimed:
+            return caller  # the gateway's own calls (health)
         kind, _, name = str(claimed[0]).partition("/") if len(claimed) == 1 else ("", "", "")
         if kind not in ("operator", "platform") or not _NAME.fullmatch(name):
             raise unauthenticated("PRINCIPAL_MISSING", "the gateway named no caller")

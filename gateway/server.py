@@ -20,7 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from gateway.forward import Forwarder
+from gateway.forward import Forwarder, mirror_health
 from gateway.identity import GATEWAY_NAME, Authenticator, ServiceAuthenticator
 from gateway.pki import PkiPaths, ensure_dev_pki, issue_client
 from gateway.registry import Registry
@@ -295,6 +295,7 @@ async def start(settings: Settings, role: Role = "all") -> Runtime:
 
     names: list[str] = []
     channels: list[grpc.aio.Channel] = []
+    mirrored: dict[grpc.aio.Channel, list[str]] = {}
     if role == "gateway":
         credentials = await loop.run_in_executor(None, internal_credentials, settings, dev)
         routes = {}
@@ -308,6 +309,7 @@ async def start(settings: Settings, role: Role = "all") -> Runtime:
             for service in PROTOS[name].DESCRIPTOR.services_by_name.values():
                 routes[service] = channel
                 names.append(service.full_name)
+                mirrored.setdefault(channel, []).append(service.full_name)
         server.add_generic_rpc_handlers(Forwarder(routes).handlers())
     else:
         if "numbers" in services:
@@ -321,7 +323,9 @@ async def start(settings: Settings, role: Role = "all") -> Runtime:
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     for name in ["", *names]:
-        await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        forwarded = any(name in group for group in mirrored.values())
+        status = health_pb2.HealthCheckResponse.NOT_SERVING if forwarded else None
+        await health.set(name, status or health_pb2.HealthCheckResponse.SERVING)
     reflection.enable_server_reflection(
         [
             *names,
@@ -347,6 +351,8 @@ async def start(settings: Settings, role: Role = "all") -> Runtime:
         runtime.tasks.append(
             asyncio.create_task(_every(settings.purge_interval_s, "purge", lambda: purge(runtime)))
         )
+    for channel, group in mirrored.items():
+        runtime.tasks.append(asyncio.create_task(mirror_health(channel, group, health)))
     if listener is not None:
         listener.start()
     if "usage" in runtime.services:

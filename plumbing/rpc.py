@@ -10,6 +10,7 @@ answered INTERNAL with a generic message. Nothing escapes as UNKNOWN.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import itertools
 import re
 import secrets
@@ -284,7 +285,12 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                             1.0,
                         )
                     slot = principal.name
-                async for response in behavior(decode(request), context):
+                responses = behavior(decode(request), context)
+                if inspect.isawaitable(responses):
+                    # A handler that writes with context.write (grpc_health's Watch).
+                    await responses
+                    return
+                async for response in responses:
                     # A revoked certificate or a suspended operator ends an open stream too, at
                     # its next message (heartbeats included); the checks are cached.
                     await self._authenticate(context)

@@ -604,6 +604,10 @@ def test_health_checking(sqlite_system: RunningSystem) -> None:
     assert platform.Check(health_pb2.HealthCheckRequest()).status == (
         health_pb2.HealthCheckResponse.SERVING
     )
+    # Watch too (load balancers follow it): the current status at once, then each change.
+    watch = health.Watch(health_pb2.HealthCheckRequest(), timeout=10)
+    assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+    watch.cancel()
 
 
 def test_server_reflection_lists_the_services(sqlite_system: RunningSystem) -> None:

@@ -8,6 +8,7 @@ process believes, the usage service following the records process, and a service
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -227,6 +228,15 @@ def test_health_on_the_gateway_and_each_service(split: Split) -> None:
         health = health_pb2_grpc.HealthStub(system.channel("platform", PLATFORM))
         answer = health.Check(health_pb2.HealthCheckRequest(), timeout=10)
         assert answer.status == health_pb2.HealthCheckResponse.SERVING
+    # The gateway's health of each service is that service process's own.
+    health = health_pb2_grpc.HealthStub(split.gateway.channel("platform", PLATFORM))
+    for name in ("opconnect.numbers.v1.NumberService", "opconnect.usage.v1.UsageReportService"):
+        eventually(functools.partial(serving, health, name))
+
+
+def serving(health: health_pb2_grpc.HealthStub, service: str) -> bool:
+    answer = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+    return bool(answer.status == health_pb2.HealthCheckResponse.SERVING)
 
 
 def test_a_service_that_is_down_answers_unavailable(session_pki: Pki, tmp_path: Path) -> None:
@@ -249,6 +259,8 @@ def test_a_service_that_is_down_answers_unavailable(session_pki: Pki, tmp_path: 
         error = rich_error(caught.value)
         assert (error.code, error.reason) == (grpc.StatusCode.UNAVAILABLE, "SERVICE_UNAVAILABLE")
         assert error.retry_delay_s is not None
+        health = health_pb2_grpc.HealthStub(gateway.channel("platform", PLATFORM))
+        assert not serving(health, "opconnect.usage.v1.UsageService")
         # A service with no target is not served at all.
         with pytest.raises(grpc.RpcError) as caught:
             gateway.numbers().ListNumbers(numbers_pb2.ListNumbersRequest(), timeout=10)
