@@ -65,19 +65,30 @@ class Forwarder:
 
     def __init__(self, routes: Mapping[ServiceDescriptor, grpc.aio.Channel]) -> None:
         self._routes = dict(routes)
+        self._closing = asyncio.Event()
+
+    def close(self) -> None:
+        """The gateway is shutting down: every forwarded stream ends at once with UNAVAILABLE /
+        SHUTTING_DOWN (clients resume through another gateway, or this one restarted, from
+        their last cursor); unary calls in flight finish."""
+        self._closing.set()
 
     def handlers(self) -> list[grpc.GenericRpcHandler]:
         out: list[grpc.GenericRpcHandler] = []
         for service, channel in self._routes.items():
             methods = {
-                method.name: _handler(channel, f"/{service.full_name}/{method.name}", method)
+                method.name: _handler(
+                    channel, f"/{service.full_name}/{method.name}", method, self._closing
+                )
                 for method in service.methods
             }
             out.append(grpc.method_handlers_generic_handler(service.full_name, methods))
         return out
 
 
-def _handler(channel: grpc.aio.Channel, path: str, method: Any) -> grpc.RpcMethodHandler:
+def _handler(
+    channel: grpc.aio.Channel, path: str, method: Any, closing: asyncio.Event
+) -> grpc.RpcMethodHandler:
     """A method handler that forwards `path` on `channel`, bytes in and bytes out."""
     if not method.client_streaming and not method.server_streaming:
         forward_unary = channel.unary_unary(path)
@@ -101,7 +112,7 @@ def _handler(channel: grpc.aio.Channel, path: str, method: Any) -> grpc.RpcMetho
             call = forward_stream(
                 request, timeout=context.time_remaining(), metadata=_metadata(context)
             )
-            async for response in _responses(call, context, path):
+            async for response in _responses(call, context, path, closing):
                 yield response
 
         return grpc.unary_stream_rpc_method_handler(unary_stream)
@@ -131,7 +142,7 @@ def _handler(channel: grpc.aio.Channel, path: str, method: Any) -> grpc.RpcMetho
         call = forward_bidi(
             _relay(requests), timeout=context.time_remaining(), metadata=_metadata(context)
         )
-        async for response in _responses(call, context, path):
+        async for response in _responses(call, context, path, closing):
             yield response
 
     return grpc.stream_stream_rpc_method_handler(stream_stream)
@@ -142,15 +153,31 @@ async def _relay(requests: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         yield request
 
 
-async def _responses(call: Any, context: Context, path: str) -> AsyncIterator[bytes]:
-    """The forwarded call's responses; when the caller goes (or anything else ends this), the
-    forwarded call is cancelled, so the service process frees the stream at once."""
+async def _responses(
+    call: Any, context: Context, path: str, closing: asyncio.Event
+) -> AsyncIterator[bytes]:
+    """The forwarded call's responses, until it ends or the gateway shuts down (`closing`);
+    when the caller goes (or anything else ends this), the forwarded call is cancelled, so the
+    service process frees the stream at once."""
+    stop = asyncio.ensure_future(closing.wait())
     try:
-        async for response in call:
+        while True:
+            read = asyncio.ensure_future(call.read())
+            await asyncio.wait((read, stop), return_when=asyncio.FIRST_COMPLETED)
+            if not read.done():
+                read.cancel()
+                raise unavailable(
+                    "SHUTTING_DOWN",
+                    "the gateway is shutting down; reconnect and resume from the last cursor",
+                )
+            response = read.result()
+            if response is grpc.aio.EOF:
+                return
             yield response
     except grpc.aio.AioRpcError as error:
         await _relay_error(context, error, path)
     finally:
+        stop.cancel()
         call.cancel()
 
 

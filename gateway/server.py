@@ -90,6 +90,7 @@ class Runtime:
     services: tuple[str, ...] = ()  # the services this process serves itself
     streams: StreamSlots | None = None  # open streams per operator (this process)
     channels: list[grpc.aio.Channel] = field(default_factory=list)  # the gateway's routes
+    forwarder: Forwarder | None = None
 
     @property
     def address(self) -> str:
@@ -100,6 +101,8 @@ class Runtime:
     async def stop(self, grace_s: float | None = None) -> None:
         grace = self.settings.shutdown_grace_s if grace_s is None else grace_s
         await self.health.enter_graceful_shutdown()
+        if self.forwarder is not None:
+            self.forwarder.close()
         if self.feed is not None:
             await self.feed.stop()
         self.notifier.close()
@@ -295,6 +298,7 @@ async def start(settings: Settings, role: Role = "all") -> Runtime:
 
     names: list[str] = []
     channels: list[grpc.aio.Channel] = []
+    forwarder: Forwarder | None = None
     mirrored: dict[grpc.aio.Channel, list[str]] = {}
     if role == "gateway":
         credentials = await loop.run_in_executor(None, internal_credentials, settings, dev)
@@ -310,7 +314,8 @@ async def start(settings: Settings, role: Role = "all") -> Runtime:
                 routes[service] = channel
                 names.append(service.full_name)
                 mirrored.setdefault(channel, []).append(service.full_name)
-        server.add_generic_rpc_handlers(Forwarder(routes).handlers())
+        forwarder = Forwarder(routes)
+        server.add_generic_rpc_handlers(forwarder.handlers())
     else:
         if "numbers" in services:
             names += numbers.register(server, db, notifier, settings, cache_usable)
@@ -343,6 +348,7 @@ async def start(settings: Settings, role: Role = "all") -> Runtime:
     runtime.services = services if role != "gateway" else ()
     runtime.streams = interceptor.streams
     runtime.channels = channels
+    runtime.forwarder = forwarder
     runtime.listener = listener
     runtime.audit = audit
     if audit is not None:

@@ -22,6 +22,7 @@ from gateway.registry import OperatorStatus
 from opconnect.numbers.v1 import numbers_pb2, numbers_pb2_grpc
 from opconnect.records.v1 import records_pb2, records_pb2_grpc
 from opconnect.usage.v1 import usage_pb2
+from plumbing.config import Settings
 from plumbing.rpc import PRINCIPAL_HEADER
 from tests.conftest import (
     NO_POSTGRES,
@@ -53,6 +54,7 @@ class Split:
     numbers: RunningSystem
     records: RunningSystem
     usage: RunningSystem
+    gateway_settings: Settings
 
     def services(self) -> list[RunningSystem]:
         return [self.numbers, self.records, self.usage]
@@ -87,22 +89,19 @@ def split(
         session_pki,
         "usage",
     )
-    gateway = RunningSystem(
-        base.replace(
-            numbers_target=numbers.address,
-            records_target=records.address,
-            usage_target=usage.address,
-            internal_ca_file=str(paths.ca_cert),
-            internal_cert_file=str(gateway_cert),
-            internal_key_file=str(gateway_key),
-        ),
-        session_pki,
-        "gateway",
+    gateway_settings = base.replace(
+        numbers_target=numbers.address,
+        records_target=records.address,
+        usage_target=usage.address,
+        internal_ca_file=str(paths.ca_cert),
+        internal_cert_file=str(gateway_cert),
+        internal_key_file=str(gateway_key),
     )
+    gateway = RunningSystem(gateway_settings, session_pki, "gateway")
     for ident in (OPERATOR, OTHER_OPERATOR, SUSPENDED_OPERATOR):
         gateway.call(gateway.runtime.registry.add(ident))
     gateway.call(gateway.runtime.registry.set_status(SUSPENDED_OPERATOR, OperatorStatus.SUSPENDED))
-    running = Split(gateway, numbers, records, usage)
+    running = Split(gateway, numbers, records, usage, gateway_settings)
     yield running
     for system in (gateway, *running.services()):
         system.stop()
@@ -286,3 +285,25 @@ def test_a_suspension_ends_a_forwarded_stream(split: Split) -> None:
     streams = split.records.runtime.streams
     assert streams is not None
     eventually(lambda: UNKNOWN_OPERATOR not in streams.open)
+
+
+def test_a_gateway_shutting_down_ends_its_streams_with_unavailable(
+    split: Split, session_pki: Pki
+) -> None:
+    """A gateway stopping (a deploy) ends the streams it forwards with UNAVAILABLE /
+    SHUTTING_DOWN, the status clients resume on, not CANCELLED; the service frees them."""
+    other = RunningSystem(split.gateway_settings, session_pki, "gateway")
+    stream = other.records().StreamCallRecords(
+        records_pb2.StreamCallRecordsRequest(follow=True), timeout=30
+    )
+    reader: StreamReader[records_pb2.StreamCallRecordsResponse] = StreamReader(stream)
+    assert reader.next() is not None
+    other.stop()
+    with pytest.raises(grpc.RpcError) as caught:
+        while reader.next() is not None:
+            pass
+    error = rich_error(caught.value)
+    assert (error.code, error.reason) == (grpc.StatusCode.UNAVAILABLE, "SHUTTING_DOWN")
+    streams = split.records.runtime.streams
+    assert streams is not None
+    eventually(lambda: not streams.open)
