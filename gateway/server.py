@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Literal
 
 import grpc
+from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
@@ -254,6 +255,29 @@ def _server(settings: Settings, interceptor: RpcInterceptor) -> grpc.aio.Server:
     )
 
 
+_STATUS = {
+    True: health_pb2.HealthCheckResponse.SERVING,
+    False: health_pb2.HealthCheckResponse.NOT_SERVING,
+}
+
+
+def _routes(
+    settings: Settings, credentials: grpc.ChannelCredentials
+) -> dict[ServiceDescriptor, grpc.aio.Channel]:
+    """The gateway's routes: each service of each area whose `*_target` is set, to one channel
+    per target."""
+    routes: dict[ServiceDescriptor, grpc.aio.Channel] = {}
+    for name in SERVICES:
+        target = getattr(settings, f"{name}_target")
+        if not target:
+            log.warning("service not routed: no target set", service=name)
+            continue
+        channel = grpc.aio.secure_channel(target, credentials, options=_CHANNEL_OPTIONS)
+        for service in PROTOS[name].DESCRIPTOR.services_by_name.values():
+            routes[service] = channel
+    return routes
+
+
 async def start(settings: Settings, role: Role = "all") -> Runtime:
     """Start one process of the system: `all` (gateway and every service, the default), one
     service (`numbers`, `records`, `usage`: its RPCs, from the gateway or platform callers), or
@@ -291,35 +315,27 @@ async def start(settings: Settings, role: Role = "all") -> Runtime:
     if db.is_postgres and role != "gateway":
         listener = PostgresListener(settings.sqlalchemy_url, notifier)
     cache_usable = listener.ready.is_set if listener is not None else lambda: True
-    audit = AuditLog(db) if "records" in services and role != "gateway" else None
+    serves_records = "records" in services and role != "gateway"
+    audit = AuditLog(db) if serves_records else None
 
     async def known_operator(operator_id: str) -> bool:
         return await registry.lookup(operator_id) is not None
 
     names: list[str] = []
-    channels: list[grpc.aio.Channel] = []
+    routed: dict[grpc.aio.Channel, list[str]] = {}  # the gateway's: channel -> its services
     forwarder: Forwarder | None = None
-    mirrored: dict[grpc.aio.Channel, list[str]] = {}
     if role == "gateway":
         credentials = await loop.run_in_executor(None, internal_credentials, settings, dev)
-        routes = {}
-        for name in SERVICES:
-            target = getattr(settings, f"{name}_target")
-            if not target:
-                log.warning("service not routed: no target set", service=name)
-                continue
-            channel = grpc.aio.secure_channel(target, credentials, options=_CHANNEL_OPTIONS)
-            channels.append(channel)
-            for service in PROTOS[name].DESCRIPTOR.services_by_name.values():
-                routes[service] = channel
-                names.append(service.full_name)
-                mirrored.setdefault(channel, []).append(service.full_name)
+        routes = _routes(settings, credentials)
         forwarder = Forwarder(routes)
         server.add_generic_rpc_handlers(forwarder.handlers())
+        for service, channel in routes.items():
+            routed.setdefault(channel, []).append(service.full_name)
+            names.append(service.full_name)
     else:
         if "numbers" in services:
             names += numbers.register(server, db, notifier, settings, cache_usable)
-        if audit is not None:
+        if audit is not None:  # the records service
             names += records.register(
                 server, db, notifier, settings, audit=audit, known_operator=known_operator
             )
@@ -327,10 +343,9 @@ async def start(settings: Settings, role: Role = "all") -> Runtime:
             names += usage.register(server, db, settings)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    for name in ["", *names]:
-        forwarded = any(name in group for group in mirrored.values())
-        status = health_pb2.HealthCheckResponse.NOT_SERVING if forwarded else None
-        await health.set(name, status or health_pb2.HealthCheckResponse.SERVING)
+    await health.set("", health_pb2.HealthCheckResponse.SERVING)
+    for name in names:  # a forwarded service: not serving until its process says so
+        await health.set(name, _STATUS[role != "gateway"])
     reflection.enable_server_reflection(
         [
             *names,
@@ -347,7 +362,7 @@ async def start(settings: Settings, role: Role = "all") -> Runtime:
     runtime.role = role
     runtime.services = services if role != "gateway" else ()
     runtime.streams = interceptor.streams
-    runtime.channels = channels
+    runtime.channels = list(routed)
     runtime.forwarder = forwarder
     runtime.listener = listener
     runtime.audit = audit
@@ -357,7 +372,7 @@ async def start(settings: Settings, role: Role = "all") -> Runtime:
         runtime.tasks.append(
             asyncio.create_task(_every(settings.purge_interval_s, "purge", lambda: purge(runtime)))
         )
-    for channel, group in mirrored.items():
+    for channel, group in routed.items():
         runtime.tasks.append(asyncio.create_task(mirror_health(channel, group, health)))
     if listener is not None:
         listener.start()
