@@ -46,6 +46,7 @@ from tests.conftest import (
     start_system,
 )
 from tests.records_data import audio, ids, publish_records, record
+from tests.test_split import start_split
 
 ROOT = Path(__file__).resolve().parent.parent
 BUF = ROOT / "node_modules" / ".bin" / "buf"
@@ -645,9 +646,24 @@ def buf_curl(system: RunningSystem, *args: str) -> subprocess.CompletedProcess[s
     )
 
 
+@pytest.fixture(params=["one process", "separate processes"])
+def entry(
+    request: pytest.FixtureRequest, session_pki: Pki, tmp_path: Path
+) -> Iterator[RunningSystem]:
+    """A fresh system on SQLite: the one-process system, or the gateway in front of the
+    services' own processes (tests.test_split)."""
+    if request.param == "one process":
+        yield request.getfixturevalue("sqlite_system")
+        return
+    split = start_split(session_pki, tmp_path, f"sqlite:///{tmp_path / 'opconnect.db'}")
+    yield split.gateway
+    split.stop()
+
+
 @pytest.mark.skipif(not BUF.exists(), reason="node_modules/.bin/buf is missing (run npm ci)")
-def test_buf_curl_calls_through_reflection(sqlite_system: RunningSystem) -> None:
-    base = f"https://{sqlite_system.address}"
+def test_buf_curl_calls_through_reflection(entry: RunningSystem) -> None:
+    system = entry
+    base = f"https://{system.address}"
     body = {
         "tenantId": TENANT,
         "numbers": [
@@ -659,7 +675,7 @@ def test_buf_curl_calls_through_reflection(sqlite_system: RunningSystem) -> None
         ],
     }
     done = buf_curl(
-        sqlite_system,
+        system,
         "-d",
         json.dumps(body),
         f"{base}/opconnect.numbers.v1.NumberService/UploadNumbers",
@@ -668,10 +684,10 @@ def test_buf_curl_calls_through_reflection(sqlite_system: RunningSystem) -> None
     answer = json.loads(done.stdout)
     assert answer["addedCount"] == 1
     assert answer["results"] == [{"phoneNumber": NUMBER, "outcome": "NUMBER_OUTCOME_DONE"}]
-    got = sqlite_system.numbers().GetNumber(pb.GetNumberRequest(phone_number=NUMBER)).number
+    got = system.numbers().GetNumber(pb.GetNumberRequest(phone_number=NUMBER)).number
     assert got.tenant_id == TENANT
 
-    listed = buf_curl(sqlite_system, "--list-methods", base)
+    listed = buf_curl(system, "--list-methods", base)
     assert listed.returncode == 0, listed.stderr
     methods = set(listed.stdout.split())
     assert {
@@ -687,16 +703,17 @@ def test_buf_curl_calls_through_reflection(sqlite_system: RunningSystem) -> None
     or not (ROOT / "node_modules" / "@grpc" / "proto-loader").is_dir(),
     reason="node or node_modules/@grpc/grpc-js and proto-loader are missing (run npm ci)",
 )
-def test_a_grpc_js_client(sqlite_system: RunningSystem) -> None:
+def test_a_grpc_js_client(entry: RunningSystem) -> None:
+    system = entry
     published = [record(), record(streams=[audio(loss=0.3)]), record()]
-    publish_records(sqlite_system.ingest(), published)
-    cert, key = sqlite_system.pki.paths.client(f"operator-{OPERATOR}")
+    publish_records(system.ingest(), published)
+    cert, key = system.pki.paths.client(f"operator-{OPERATOR}")
     done = subprocess.run(
         [
             "node",
             str(JS_CLIENT),
-            *("--address", sqlite_system.address),
-            *("--ca", str(sqlite_system.pki.paths.ca_cert)),
+            *("--address", system.address),
+            *("--ca", str(system.pki.paths.ca_cert)),
             *("--cert", str(cert)),
             *("--key", str(key)),
             *("--number", NUMBER),

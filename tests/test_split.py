@@ -59,6 +59,44 @@ class Split:
     def services(self) -> list[RunningSystem]:
         return [self.numbers, self.records, self.usage]
 
+    def stop(self) -> None:
+        for system in (self.gateway, *self.services()):
+            system.stop()
+
+
+def start_split(test_pki: Pki, directory: Path, url: str) -> Split:
+    """The three service processes and a gateway in front of them, on one database."""
+    paths = test_pki.paths
+    gateway_cert, gateway_key = pki.issue_client(paths, "platform", "gateway")
+    usage_cert, usage_key = pki.issue_client(paths, "platform", "usage")
+    base = settings_for(directory, paths, url)
+    numbers = RunningSystem(base, test_pki, "numbers")
+    records = RunningSystem(base, test_pki, "records")
+    usage = RunningSystem(
+        base.replace(
+            records_target=records.address,
+            feed_ca_file=str(paths.ca_cert),
+            feed_cert_file=str(usage_cert),
+            feed_key_file=str(usage_key),
+        ),
+        test_pki,
+        "usage",
+    )
+    gateway_settings = base.replace(
+        numbers_target=numbers.address,
+        records_target=records.address,
+        usage_target=usage.address,
+        internal_ca_file=str(paths.ca_cert),
+        internal_cert_file=str(gateway_cert),
+        internal_key_file=str(gateway_key),
+    )
+    gateway = RunningSystem(gateway_settings, test_pki, "gateway")
+    registry = gateway.runtime.registry
+    for ident in (OPERATOR, OTHER_OPERATOR, SUSPENDED_OPERATOR):
+        gateway.call(registry.add(ident))
+    gateway.call(registry.set_status(SUSPENDED_OPERATOR, OperatorStatus.SUSPENDED))
+    return Split(gateway, numbers, records, usage, gateway_settings)
+
 
 @pytest.fixture(
     scope="module", params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
@@ -73,38 +111,9 @@ def split(
         if not POSTGRES_URL:
             pytest.skip(NO_POSTGRES)
         url = reset_postgres(POSTGRES_URL)
-    paths = session_pki.paths
-    gateway_cert, gateway_key = pki.issue_client(paths, "platform", "gateway")
-    usage_cert, usage_key = pki.issue_client(paths, "platform", "usage")
-    base = settings_for(directory, paths, url)
-    numbers = RunningSystem(base, session_pki, "numbers")
-    records = RunningSystem(base, session_pki, "records")
-    usage = RunningSystem(
-        base.replace(
-            records_target=records.address,
-            feed_ca_file=str(paths.ca_cert),
-            feed_cert_file=str(usage_cert),
-            feed_key_file=str(usage_key),
-        ),
-        session_pki,
-        "usage",
-    )
-    gateway_settings = base.replace(
-        numbers_target=numbers.address,
-        records_target=records.address,
-        usage_target=usage.address,
-        internal_ca_file=str(paths.ca_cert),
-        internal_cert_file=str(gateway_cert),
-        internal_key_file=str(gateway_key),
-    )
-    gateway = RunningSystem(gateway_settings, session_pki, "gateway")
-    for ident in (OPERATOR, OTHER_OPERATOR, SUSPENDED_OPERATOR):
-        gateway.call(gateway.runtime.registry.add(ident))
-    gateway.call(gateway.runtime.registry.set_status(SUSPENDED_OPERATOR, OperatorStatus.SUSPENDED))
-    running = Split(gateway, numbers, records, usage, gateway_settings)
+    running = start_split(session_pki, directory, url)
     yield running
-    for system in (gateway, *running.services()):
-        system.stop()
+    running.stop()
 
 
 def test_numbers_through_the_gateway(split: Split) -> None:
