@@ -29,6 +29,7 @@ from google import protobuf
 from google.protobuf.internal import api_implementation
 
 from gateway import server as gateway_server
+from gateway.identity import GATEWAY_NAME
 from gateway.pki import PkiPaths
 from plumbing.config import Settings
 from plumbing.logs import configure_logging
@@ -187,6 +188,30 @@ class ThreadProfiles:
             return fn(*args, **kwargs)
         finally:
             profiler.disable()
+
+
+async def serve_split(
+    settings: Settings, paths: PkiPaths, service: gateway_server.Role, spec: dict[str, Any]
+) -> None:
+    """One process of a split system (the separate-processes mode): for `spec["kind"]`
+    `split-<service>`, that service alone; for `split`, the gateway alone, forwarding it to
+    `spec["<service>_target"]` as the platform principal `gateway`. Same settings otherwise
+    (the database file, the PKI); the operator is already registered in the database."""
+    role: gateway_server.Role = service
+    if spec["kind"] == "split":
+        role = "gateway"
+        cert, key = paths.client(f"platform-{GATEWAY_NAME}")
+        settings = settings.replace(
+            **{f"{service}_target": spec[f"{service}_target"]},
+            internal_ca_file=str(paths.ca_cert),
+            internal_cert_file=str(cert),
+            internal_key_file=str(key),
+        )
+    configure_logging(settings.log_format, settings.log_level)
+    runtime = await gateway_server.start(settings, role)
+    print(f"READY {runtime.port}", flush=True)
+    await serve_commands()
+    await runtime.stop(grace_s=1.0)
 
 
 async def serve_commands(profiles: ThreadProfiles | None = None) -> None:

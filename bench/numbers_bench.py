@@ -60,16 +60,14 @@ from common import (
     read_line,
     run_bare_server,
     serve_commands,
+    serve_split,
     start_system,
 )
 
-from gateway import server as gateway_server
 from gateway.identity import GATEWAY_NAME
 from gateway.pki import PkiPaths, ensure_dev_pki, issue_client
 from opconnect.numbers.v1 import numbers_pb2 as pb
 from opconnect.numbers.v1 import numbers_pb2_grpc as pb_grpc
-from plumbing.config import Settings
-from plumbing.logs import configure_logging
 
 USER_ID = "11111111-2222-4333-8444-555555555555"
 SIP_URI = "sip:{number}@sbc1.contoso.example;user=phone"
@@ -149,35 +147,6 @@ class BareNumberService(pb_grpc.NumberServiceServicer):
 
 async def serve_system(root: Path) -> None:
     runtime = await start_system(bench_settings(root / "data", PkiPaths.at(root / "pki")))
-    print(f"READY {runtime.port}", flush=True)
-    await serve_commands()
-    await runtime.stop(grace_s=1.0)
-
-
-def split_settings(root: Path, spec: dict[str, Any]) -> Settings:
-    """The system's settings (same database file, same PKI) for a process of the split system:
-    the numbers service alone, or the gateway alone forwarding to `spec["numbers_target"]` as
-    the platform principal `gateway`."""
-    paths = PkiPaths.at(root / "pki")
-    settings = bench_settings(root / "data", paths)
-    if spec["kind"] == "split-numbers":
-        return settings
-    cert, key = paths.client(f"platform-{GATEWAY_NAME}")
-    return settings.replace(
-        numbers_target=spec["numbers_target"],
-        internal_ca_file=str(paths.ca_cert),
-        internal_cert_file=str(cert),
-        internal_key_file=str(key),
-    )
-
-
-async def serve_split(root: Path, spec: dict[str, Any]) -> None:
-    """One process of the split system: `split-numbers` (role "numbers") or `split` (role
-    "gateway"). The operator is already registered in the shared database by the system."""
-    settings = split_settings(root, spec)
-    configure_logging(settings.log_format, settings.log_level)
-    role: gateway_server.Role = "numbers" if spec["kind"] == "split-numbers" else "gateway"
-    runtime = await gateway_server.start(settings, role)
     print(f"READY {runtime.port}", flush=True)
     await serve_commands()
     await runtime.stop(grace_s=1.0)
@@ -831,7 +800,8 @@ def main(argv: list[str] | None = None) -> int:
         elif spec["kind"] == "bare":
             asyncio.run(serve_bare(root))
         else:
-            asyncio.run(serve_split(root, spec))
+            paths = PkiPaths.at(root / "pki")
+            asyncio.run(serve_split(bench_settings(root / "data", paths), paths, "numbers", spec))
         return 0
     if args.role == "load":
         asyncio.run(load_worker(spec))

@@ -14,6 +14,12 @@ runs on are small and noisy:
    responses of the same stored record bytes from memory. Both are read by the same client
    code, which parses every response. Reported as `stream_ratio` = best system records/s / best
    bare records/s at 500 records per response (target >= 0.3); 1,000 per response is tried too.
+   Beside them, in the same rounds, the split system: a records-service process (role
+   "records") behind a gateway process (role "gateway") that forwards the stream to it message
+   by message as raw bytes, on the same database file and PKI; its whole stream is checked byte
+   for byte equal to the system's. Reported as `stream_split_ratio` = best split records/s /
+   best system records/s at 500 per response (no target): below 1, what the forwarding hop
+   costs; above 1, spreading the work over two processes gained more than the hop costs.
 2. The streaming server's resident memory (VmRSS), sampled at every response the client gets:
    before the stream, at 10%, 50% and 100% of it, its peak and VmHWM; then a client that reads
    slowly for a few seconds. Reported as `stream_rss_growth_mb` = the most RSS grew from 10% to
@@ -29,8 +35,9 @@ positions and publish times, made exactly as `storage.publish` makes them (the c
 first rows are checked byte for byte against what `storage.publish` wrote).
 
 Servers and clients run in their own processes (this script started again with `--role ...`),
-so client and server each get a core. Everything (PKI, SQLite databases) lives in a temporary
-directory removed at the end.
+so client and server each get a core (the split system's two server processes and the client
+share the machine's cores: on 2 cores it is CPU-bound). Everything (PKI, SQLite databases)
+lives in a temporary directory removed at the end.
 """
 
 from __future__ import annotations
@@ -74,13 +81,15 @@ from common import (
     read_line,
     run_bare_server,
     serve_commands,
+    serve_split,
     start_system,
 )
 from google.protobuf.timestamp_pb2 import Timestamp
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 
 from gateway import registry
-from gateway.pki import PkiPaths, ensure_dev_pki
+from gateway.identity import GATEWAY_NAME
+from gateway.pki import PkiPaths, ensure_dev_pki, issue_client
 from opconnect.records.v1 import records_pb2 as pb
 from opconnect.records.v1 import records_pb2_grpc as pb_grpc
 from plumbing import wire
@@ -104,6 +113,8 @@ FILL_CHUNK = 20_000  # copied records per executemany while filling
 PUBLISH_BATCH = rules.MAX_BATCH
 INTO_FILLED_RUN = 90  # run id of the informative publish into the filled database
 PROFILE_RUN = 91  # run id of the profiled publish
+KINDS = ("bare", "system", "split")  # the stream servers, in table order
+CHECK_RESPONSES = 0  # responses of the split's and the system's streams compared (0: all)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -517,11 +528,19 @@ def stream_request(batch: int) -> pb.StreamCallRecordsRequest:
     )
 
 
-async def stream_once(method: Any, pid: int, batch: int) -> dict[str, Any]:
+def server_cpu_seconds(pids: Sequence[int]) -> list[float] | None:
+    """CPU seconds of each server process, or None if one cannot be read."""
+    readings = [cpu_seconds(pid) for pid in pids]
+    return [r for r in readings if r is not None] if None not in readings else None
+
+
+async def stream_once(method: Any, pids: Sequence[int], batch: int) -> dict[str, Any]:
     """Read a whole stream, parsing every response as a client does; time it, take the
-    server's CPU time and its RSS at every response."""
+    server's CPU time (each of its processes) and the RSS of the process called (the first) at
+    every response."""
+    pid = pids[0]
     before = memory_kb(pid)
-    m0, c0, s0 = machine_busy_seconds(), time.process_time(), cpu_seconds(pid)
+    m0, c0, s0 = machine_busy_seconds(), time.process_time(), server_cpu_seconds(pids)
     t0 = time.perf_counter()
     records = size = messages = 0
     samples: list[tuple[int, int]] = []
@@ -532,10 +551,15 @@ async def stream_once(method: Any, pid: int, batch: int) -> dict[str, Any]:
         messages += 1
         samples.append((records, rss_kb(pid)))
     t1 = time.perf_counter()
-    m1, c1, s1 = machine_busy_seconds(), time.process_time(), cpu_seconds(pid)
+    m1, c1, s1 = machine_busy_seconds(), time.process_time(), server_cpu_seconds(pids)
     seconds = t1 - t0
     client_cpu = (c1 - c0) / seconds
-    server_cpu = (s1 - s0) / seconds if s0 is not None and s1 is not None else None
+    by_process = (
+        [(b - a) / seconds for a, b in zip(s0, s1, strict=True)]
+        if s0 is not None and s1 is not None
+        else None
+    )
+    server_cpu = sum(by_process) if by_process is not None else None
     return {
         "records": records,
         "bytes": size,
@@ -543,12 +567,30 @@ async def stream_once(method: Any, pid: int, batch: int) -> dict[str, Any]:
         "seconds": seconds,
         "client_cpu": client_cpu,
         "server_cpu": server_cpu,
+        "server_cpu_by_process": by_process,
         "other_cpu": other_cpu((m0, m1), seconds, server_cpu, client_cpu),
         "rss_before_kb": before.get("VmRSS", 0),
         "hwm_before_kb": before.get("VmHWM", 0),
         "hwm_after_kb": memory_kb(pid).get("VmHWM", 0),
         "rss_samples": samples,
     }
+
+
+async def stream_check(method: Any, batch: int, responses: int) -> dict[str, Any]:
+    """The SHA-256 of the encoded responses of a stream (its first `responses`, 0: all of it)
+    and the records they hold: what the split's stream is compared with the system's by."""
+    digest = hashlib.sha256()
+    records = messages = 0
+    call = method(stream_request(batch), timeout=900)
+    async for raw in call:
+        digest.update(len(raw).to_bytes(4, "big"))
+        digest.update(raw)
+        records += len(pb.StreamCallRecordsResponse.FromString(raw).records)
+        messages += 1
+        if messages == responses:
+            break
+    call.cancel()
+    return {"records": records, "messages": messages, "sha256": digest.hexdigest()}
 
 
 async def stream_slow(method: Any, pid: int, seconds: float, pause: float) -> dict[str, Any]:
@@ -583,7 +625,8 @@ async def stream_worker(spec: dict[str, Any]) -> None:
     """The stream client process: one channel per server, kept for the whole benchmark.
 
     Says READY once connected and warm; then answers each command on stdin with a JSON line:
-    `GO <server> <batch>` reads a whole stream, `SLOW <server> <seconds> <pause>` a slow one.
+    `GO <server> <batch>` reads a whole stream, `SLOW <server> <seconds> <pause>` a slow one,
+    `CHECK <server> <batch> <responses>` digests a stream's responses (untimed).
     """
     creds = credentials(Path(spec["root"]) / "pki", "operator", OPERATOR)
     targets: dict[str, dict[str, Any]] = spec["targets"]
@@ -606,12 +649,16 @@ async def stream_worker(spec: dict[str, Any]) -> None:
         print("READY", flush=True)
         while line := await read_line(stdin):
             command, kind, *rest = line.split()
-            pid = targets[kind]["pid"]
+            pids: list[int] = targets[kind]["pids"]
             try:
                 if command == "GO":
-                    result = await stream_once(methods[kind], pid, int(rest[0]))
+                    result = await stream_once(methods[kind], pids, int(rest[0]))
+                elif command == "CHECK":
+                    result = await stream_check(methods[kind], int(rest[0]), int(rest[1]))
                 else:
-                    result = await stream_slow(methods[kind], pid, float(rest[0]), float(rest[1]))
+                    result = await stream_slow(
+                        methods[kind], pids[0], float(rest[0]), float(rest[1])
+                    )
             except grpc.aio.AioRpcError as error:
                 result = {"error": f"{error.code().name}: {error.details()}"}
             print(json.dumps(result), flush=True)
@@ -792,9 +839,10 @@ class StreamRun:
     mb_per_s: float
     seconds: float
     client_cpu: float
-    server_cpu: float | None
+    server_cpu: float | None  # all the server's threads (split: both its processes)
     other_cpu: float | None  # cores busy with anything but server and client: noise
     memory: dict[str, float] | None  # system runs: RSS figures in MB
+    server_cpu_by_process: list[float] | None = None  # split: gateway, records service
 
 
 @dataclass
@@ -859,6 +907,7 @@ def stream_run(
         server_cpu=result["server_cpu"],
         other_cpu=result["other_cpu"],
         memory=stream_memory(result) if server.kind == "system" else None,
+        server_cpu_by_process=result["server_cpu_by_process"],
     )
 
 
@@ -912,21 +961,25 @@ def bench(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     batch_sizes = [500, 1000]
     rounds = {500: args.rounds, 1000: max(1, args.rounds - 1)}
+    split_rounds = {500: args.split_rounds, 1000: max(0, args.split_rounds - 1)}
     with tempfile.TemporaryDirectory(prefix="opconnect-records-bench-") as tmp:
         root = Path(tmp)
         paths = ensure_dev_pki(root / "pki", operator_id=OPERATOR, platform_name=PLATFORM)
+        issue_client(paths, "platform", GATEWAY_NAME)  # the split gateway's certificate
         settings = bench_settings(root / "stream", paths)
         print(f"filling the database with {args.records:,} records ...", flush=True)
         filled = fill(root / "stream", args.records, args.seed)
         print(
             f"filled in {filled.seconds:.1f} s; streaming {args.records:,} records"
-            f" ({sum(rounds.values())} rounds per server) ...",
+            f" ({sum(rounds.values())} rounds per server, {sum(split_rounds.values())} for"
+            " split) ...",
             flush=True,
         )
         children: list[Child] = []
         stream_runs: list[StreamRun] = []
         publish_runs: list[PublishRun] = []
         slow: dict[str, Any] = {}
+        check: dict[str, dict[str, Any]] = {}
         filled_publish: PublishRun | None = None
         profile: dict[str, Any] | None = {} if args.profile else None
         try:
@@ -944,20 +997,44 @@ def bench(args: argparse.Namespace) -> int:
                 },
             )
             children.append(bare)
-            servers = [system, bare]
-            targets = {s.kind: {"address": s.address, "pid": s.pid} for s in servers}
+            # The split system on the system's database file (filled, operator registered).
+            split_spec = {**spec, "data_dir": str(root / "stream")}
+            split_records = ServerProcess("split-records", split_spec)
+            children.append(split_records)
+            split = ServerProcess("split", {**split_spec, "records_target": split_records.address})
+            children.append(split)
+            servers: dict[str, list[ServerProcess]] = {
+                "bare": [bare],
+                "system": [system],
+                "split": [split, split_records],
+            }
+            targets = {
+                kind: {"address": ps[0].address, "pids": [p.pid for p in ps]}
+                for kind, ps in servers.items()
+            }
             streamer = Child("stream", {"root": str(root), "targets": targets})
             children.append(streamer)
             streamer.expect("READY")
             for batch in batch_sizes:
                 for round_no in range(1, rounds[batch] + 1):
-                    # Alternate which server goes first, so a drift in the machine's load does
-                    # not always favour the same one.
-                    order = (bare, system) if round_no % 2 else (system, bare)
+                    # Alternate the order of the servers, so a drift in the machine's load does
+                    # not always favour the same one (split: in its first rounds only).
+                    kinds = [k for k in KINDS if k != "split" or round_no <= split_rounds[batch]]
+                    order = kinds if round_no % 2 else kinds[::-1]
                     stream_runs.extend(
-                        stream_run(streamer, server, batch, round_no, args.records)
-                        for server in order
+                        stream_run(streamer, servers[kind][0], batch, round_no, args.records)
+                        for kind in order
                     )
+            # The split streams what the system streams: the same encoded responses (checked
+            # after the measured rounds, so that their first rounds start as cold as before).
+            check = {
+                kind: streamer.ask(f"CHECK {kind} 500 {CHECK_RESPONSES}")
+                for kind in ("system", "split")
+            }
+            if check["split"] != check["system"] or (
+                CHECK_RESPONSES == 0 and check["system"]["records"] != args.records
+            ):
+                raise RuntimeError(f"the split's stream differs from the system's: {check}")
             print(f"slow client for {args.slow_seconds:g} s ...", flush=True)
             slow = streamer.ask(f"SLOW system {args.slow_seconds} {args.slow_pause}")
             if profile is not None:
@@ -968,6 +1045,8 @@ def bench(args: argparse.Namespace) -> int:
                 profile["stream"] = {"run": asdict(profiled_stream), "text": profile_text(path, 20)}
             streamer.stop()
             bare.stop()
+            split.stop()
+            split_records.stop()
 
             print(
                 f"publishing {args.publish_records:,} records"
@@ -1028,6 +1107,7 @@ def bench(args: argparse.Namespace) -> int:
         args, settings, filled, stream_runs, slow, publish_runs, filled_publish, profile
     )
     report["publish"]["source"] = publish_source
+    report["stream"]["split_check"] = {**check["split"], "responses_compared": CHECK_RESPONSES}
     report["elapsed_s"] = time.perf_counter() - started
     print_report(report, stream_runs, publish_runs, args)
     if args.json:
@@ -1052,6 +1132,11 @@ def make_report(
         b: best(stream_runs, "system", b).records_per_s / best(stream_runs, "bare", b).records_per_s
         for b in batches
     }
+    split_batches = sorted({r.batch for r in stream_runs if r.server == "split"})
+    split_ratios = {
+        b: _rate(best(stream_runs, "split", b)) / _rate(best(stream_runs, "system", b))
+        for b in split_batches
+    }
     system_500 = [r for r in stream_runs if r.server == "system" and r.batch == 500]
     growth = max((r.memory or {}).get("growth_10_to_100", 0.0) for r in system_500)
     slow_samples: list[list[float]] = slow.get("rss_samples", [])
@@ -1073,6 +1158,7 @@ def make_report(
         "params": {
             "records": args.records,
             "rounds": args.rounds,
+            "split_rounds": args.split_rounds,
             "publish_records": args.publish_records,
             "publish_rounds": args.publish_rounds,
             "in_flight": args.in_flight,
@@ -1084,12 +1170,18 @@ def make_report(
         "stream": {
             "runs": [asdict(r) for r in stream_runs],
             "best": {
-                str(b): {k: best(stream_runs, k, b).records_per_s for k in ("system", "bare")}
+                str(b): {
+                    k: best(stream_runs, k, b).records_per_s
+                    for k in KINDS
+                    if k != "split" or b in split_batches
+                }
                 for b in batches
             },
             "ratio_by_batch": {str(b): ratios[b] for b in batches},
             "ratio": ratios[500],
             "target": STREAM_TARGET,
+            "split_ratio_by_batch": {str(b): split_ratios[b] for b in split_batches},
+            "split_ratio": split_ratios[500],
         },
         "memory": {
             "growth_10_to_100_mb_worst": growth,
@@ -1114,6 +1206,7 @@ def make_report(
         },
         "profile": profile,
         "stream_ratio": round(ratios[500], 4),
+        "stream_split_ratio": round(split_ratios[500], 4),
         "stream_rss_growth_mb": round(growth, 2),
         "publish_ratio": round(best_system.records_per_s / best_raw.records_per_s, 4),
     }
@@ -1147,19 +1240,29 @@ def print_report(
         " threads; other CPU is the rest of the machine: noise; MB/s counts encoded responses)"
     )
     print(
+        "   (split: the records service in a process of its own (role records) behind a gateway"
+        " process (role gateway) forwarding each response as raw bytes; its server CPU is"
+        " gateway + records)"
+    )
+    print(
         f"   {'server':<8}{'batch':>6}{'best rec/s':>12}{'MB/s':>8}   {'every round':<36}"
-        f"{'client CPU':>11}{'server CPU':>11}{'other CPU':>10}"
+        f"{'client CPU':>11}{'server CPU':>14}{'other CPU':>10}"
     )
     for batch in sorted({r.batch for r in stream_runs}):
-        for kind in ("bare", "system"):
+        for kind in KINDS:
             mine = [r for r in stream_runs if r.server == kind and r.batch == batch]
+            if not mine:
+                continue
             top = max(mine, key=_rate)
             rounds = " / ".join(f"{r.records_per_s:,.0f}" for r in mine)
-            server_cpu = f"{top.server_cpu:.0%}" if top.server_cpu is not None else "n/a"
+            if top.server_cpu_by_process is not None and len(top.server_cpu_by_process) > 1:
+                server_cpu = " + ".join(f"{c:.0%}" for c in top.server_cpu_by_process)
+            else:
+                server_cpu = f"{top.server_cpu:.0%}" if top.server_cpu is not None else "n/a"
             other = f"{top.other_cpu:.0%}" if top.other_cpu is not None else "n/a"
             print(
                 f"   {kind:<8}{batch:>6}{top.records_per_s:>12,.0f}{top.mb_per_s:>8.1f}"
-                f"   {rounds:<36}{top.client_cpu:>11.0%}{server_cpu:>11}{other:>10}"
+                f"   {rounds:<36}{top.client_cpu:>11.0%}{server_cpu:>14}{other:>10}"
             )
     per = ", ".join(f"{b} per response {r:.2f}" for b, r in s["ratio_by_batch"].items())
     print(f"   ratio system/bare at the same batch size: {per}")
@@ -1174,6 +1277,29 @@ def print_report(
         f"   best system {s['best']['500']['system']:,.0f} / best bare"
         f" {s['best']['500']['bare']:,.0f} records/s (500 per response) = {s['ratio']:.2f}"
         f" (target >= {STREAM_TARGET}: {verdict})"
+    )
+    per = ", ".join(f"{b} per response {r:.2f}" for b, r in s["split_ratio_by_batch"].items())
+    print(f"   ratio split/system at the same batch size: {per}")
+    print(
+        f"   best split {s['best']['500']['split']:,.0f} / best system"
+        f" {s['best']['500']['system']:,.0f} records/s (500 per response) ="
+        f" {s['split_ratio']:.2f} (no target: below 1, what the forwarding hop costs; above 1,"
+        " spreading the work over two processes gained more than the hop costs)"
+    )
+    cores = report["machine"]["nproc"]
+    busy = 3  # the split's two server processes and the client
+    bound = "CPU-bound" if busy > cores else "not short of cores"
+    print(
+        f"   split on {cores} cores: 2 server processes + 1 client process busy at once ({bound}:"
+        " the figure includes the processes' competition for CPU, not only the hop's own work;"
+        " see the client and server CPU above)"
+    )
+    c = s["split_check"]
+    compared = "the whole stream" if c["responses_compared"] == 0 else "its first responses"
+    print(
+        f"   split stream checked against the system's after the rounds ({compared}, 500 per"
+        f" response): {c['messages']:,} responses, {c['records']:,} records, byte for byte"
+        " equal; every round's record count checked as for the others"
     )
     print()
 
@@ -1261,6 +1387,7 @@ def print_report(
     print()
     print(f"(took {report['elapsed_s']:.0f} s)")
     print(f"stream_ratio={report['stream_ratio']:.2f}")
+    print(f"stream_split_ratio={report['stream_split_ratio']:.2f}")
     print(f"stream_rss_growth_mb={report['stream_rss_growth_mb']:.1f}")
     print(f"publish_ratio={report['publish_ratio']:.2f}")
 
@@ -1272,6 +1399,9 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--records", type=int, default=1_000_000, help="records stored and streamed")
     p.add_argument("--rounds", type=int, default=3, help="stream rounds per server (500/resp)")
+    p.add_argument(
+        "--split-rounds", type=int, help="stream rounds of the split (500/resp; --rounds if unset)"
+    )
     p.add_argument("--publish-records", type=int, default=50_000, help="records per publish run")
     p.add_argument("--publish-rounds", type=int, default=2, help="publish rounds (and raw)")
     p.add_argument("--in-flight", type=int, default=4, help="publish batches unacknowledged")
@@ -1291,8 +1421,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     spec: dict[str, Any] = json.loads(args.spec)
     if args.role == "serve":
-        serve = serve_system if spec["kind"] == "system" else serve_bare
-        asyncio.run(serve(spec))
+        if spec["kind"] == "system":
+            asyncio.run(serve_system(spec))
+        elif spec["kind"] == "bare":
+            asyncio.run(serve_bare(spec))
+        else:
+            paths = PkiPaths.at(Path(spec["root"]) / "pki")
+            settings = bench_settings(Path(spec["data_dir"]), paths)
+            asyncio.run(serve_split(settings, paths, "records", spec))
         return 0
     if args.role == "stream":
         asyncio.run(stream_worker(spec))
@@ -1302,6 +1438,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if min(args.records, args.publish_records, args.rounds, args.publish_rounds) < 1:
         parser().error("--records, --publish-records, --rounds, --publish-rounds must be >= 1")
+    if args.split_rounds is None:
+        args.split_rounds = args.rounds
+    if not 1 <= args.split_rounds <= args.rounds:
+        parser().error("--split-rounds must be between 1 and --rounds")
     return bench(args)
 
 
