@@ -757,6 +757,18 @@ def test_a_grpc_js_client(entry: RunningSystem) -> None:
     assert poor["media_streams"][0]["packet_loss_rate"] == pytest.approx(0.3)
     assert all(r["cursor"] for r in responses)
 
+    # Call durations on a bidirectional stream: each batch acknowledged, in order, per record.
+    first, second = answer["submitted"]
+    assert (first["batch_id"], first["accepted_count"], first["rejected_count"]) == ("js-1", 2, 0)
+    assert [r["outcome"] for r in first["results"]] == ["CALL_DURATION_OUTCOME_ACCEPTED"] * 2
+    assert (second["batch_id"], second["rejected_count"]) == ("js-2", 1)
+    (bad,) = second["results"]
+    assert (bad["record_id"], bad["outcome"], bad["field"]) == (
+        "js-bad",
+        "CALL_DURATION_OUTCOME_REJECTED",
+        "caller",
+    )
+
 
 def test_the_request_id_comes_back_in_trailing_metadata(sqlite_system: RunningSystem) -> None:
     stub = sqlite_system.numbers()

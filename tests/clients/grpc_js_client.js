@@ -4,10 +4,12 @@
 // google.protobuf well-known types).
 //
 // Uploads one number, gets it back, asks for an invalid number, then reads its call records
-// (StreamCallRecords from 2000-01-01, 2 a response, not following), and prints one JSON object:
+// (StreamCallRecords from 2000-01-01, 2 a response, not following), submits its durations of two
+// of them and a bad one (SubmitCallDurations, bidirectional), and prints one JSON object:
 //   {"upload": UploadNumbersResponse, "get": GetNumberResponse,
 //    "invalid": {"code", "codeName", "details", "statusDetailsBin" (base64 or null)},
-//    "records": [StreamCallRecordsResponse, ...]}
+//    "records": [StreamCallRecordsResponse, ...],
+//    "submitted": [SubmitCallDurationsResponse, ...]}
 //
 // Usage: node grpc_js_client.js --address HOST:PORT --ca CA.pem --cert CLIENT.pem --key CLIENT.key
 //          --number +14255550100 --tenant GUID [--protos DIR]
@@ -60,6 +62,21 @@ function serverStream(client, method, request) {
   });
 }
 
+// A bidirectional stream: writes each request, ends its side, and collects every response.
+function bidiStream(client, method, requests) {
+  return new Promise((resolve, reject) => {
+    const responses = [];
+    const call = client[method]({ deadline: Date.now() + 10000 });
+    call.on('data', (response) => responses.push(response));
+    call.on('error', reject);
+    call.on('end', () => resolve(responses));
+    for (const request of requests) {
+      call.write(request);
+    }
+    call.end();
+  });
+}
+
 function describeError(error) {
   const details = error.metadata ? error.metadata.get('grpc-status-details-bin') : [];
   return {
@@ -73,7 +90,11 @@ function describeError(error) {
 async function main() {
   const opts = options(process.argv.slice(2));
   const definition = protoLoader.loadSync(
-    ['opconnect/numbers/v1/numbers.proto', 'opconnect/records/v1/records.proto'],
+    [
+      'opconnect/numbers/v1/numbers.proto',
+      'opconnect/records/v1/records.proto',
+      'opconnect/usage/v1/usage.proto',
+    ],
     {
     includeDirs: [opts.protos],
     keepCase: true,
@@ -91,6 +112,7 @@ async function main() {
   );
   const client = new opconnect.numbers.v1.NumberService(opts.address, credentials);
   const recordsClient = new opconnect.records.v1.CallRecordService(opts.address, credentials);
+  const usageClient = new opconnect.usage.v1.UsageService(opts.address, credentials);
   try {
     const upload = await unary(client, 'UploadNumbers', {
       tenant_id: opts.tenant,
@@ -114,10 +136,30 @@ async function main() {
       follow: false,
       max_batch_size: 2,
     });
-    process.stdout.write(`${JSON.stringify({ upload, get, invalid, records })}\n`);
+    // As the operator: our durations of the first two calls we were sent, then a batch with a
+    // record the platform must reject (its caller is not E.164).
+    const calls = records.flatMap((response) => response.records).slice(0, 2);
+    const durations = calls.map((call, i) => ({
+      record_id: `js-${i}-${call.call_id}`,
+      call_id: call.call_id,
+      tenant_id: call.tenant_id,
+      caller: call.caller,
+      callee: call.callee,
+      direction: call.direction,
+      start_time: call.answer_time,
+      end_time: call.end_time,
+      duration: call.duration,
+    }));
+    const rejected = { ...durations[0], record_id: 'js-bad', call_id: 'js-bad', caller: '12' };
+    const submitted = await bidiStream(usageClient, 'SubmitCallDurations', [
+      { batch_id: 'js-1', records: durations },
+      { batch_id: 'js-2', records: [rejected] },
+    ]);
+    process.stdout.write(`${JSON.stringify({ upload, get, invalid, records, submitted })}\n`);
   } finally {
     client.close();
     recordsClient.close();
+    usageClient.close();
   }
 }
 
