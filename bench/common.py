@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import cProfile
+import functools
 import io
 import json
 import os
@@ -19,10 +20,10 @@ import sqlite3
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
-from concurrent.futures import Executor, ThreadPoolExecutor
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeAlias, TypeVar
+from typing import Any, ParamSpec, TypeAlias, TypeVar
 
 import grpc
 from google import protobuf
@@ -35,6 +36,7 @@ from plumbing.config import Settings
 from plumbing.logs import configure_logging
 
 T = TypeVar("T")
+P = ParamSpec("P")
 
 OPERATOR = "contoso-telecom"
 PLATFORM = "admin-center"
@@ -319,3 +321,66 @@ class ServerProcess(Child):
     def profile_stop(self, path: Path) -> None:
         self.send(f"profile-stop {path}")
         self.expect("PROFILED")
+
+
+# --------------------------------------------------------------------------- shared by the benches
+
+
+def chunks(items: Sequence[T], size: int) -> list[Sequence[T]]:
+    return [items[start : start + size] for start in range(0, len(items), size)]
+
+
+def insert_sql(table: str, columns: Sequence[str]) -> str:
+    """An INSERT of one row of `columns` into `table`, with `?` placeholders."""
+    return f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
+
+
+def other_cpu(
+    busy: tuple[float | None, float | None],
+    seconds: float,
+    server_cpu: float | None,
+    client_cpu: float,
+) -> float | None:
+    """Cores busy with anything but the server and this client over a run (noise)."""
+    if busy[0] is None or busy[1] is None or server_cpu is None:
+        return None
+    return max(0.0, (busy[1] - busy[0]) / seconds - server_cpu - client_cpu)
+
+
+def server_cpu_seconds(pids: Sequence[int]) -> list[float] | None:
+    """CPU seconds of each server process, or None if one cannot be read."""
+    readings = [cpu_seconds(pid) for pid in pids]
+    return [r for r in readings if r is not None] if None not in readings else None
+
+
+class ProfilingExecutor(ThreadPoolExecutor):
+    """A thread pool whose work items run under `ThreadProfiles.call`."""
+
+    def __init__(self, workers: int | None, prefix: str, profiles: ThreadProfiles) -> None:
+        super().__init__(workers, thread_name_prefix=prefix)
+        self._profiles = profiles
+
+    def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
+        return super().submit(functools.partial(self._profiles.call, fn, *args, **kwargs))
+
+
+async def serve_system(spec: dict[str, Any]) -> None:
+    """The one-process system on `spec["data_dir"]`; with `spec["profile"]`, its loop, database
+    threads and default executor profiled (commands on stdin: see `serve_commands`)."""
+    paths = PkiPaths.at(Path(spec["root"]) / "pki")
+    settings = bench_settings(Path(spec["data_dir"]), paths)
+    runtime = await start_system(settings)
+    profiles: ThreadProfiles | None = None
+    if spec.get("profile"):
+        # Validation runs on the loop's default executor and storage on the database threads:
+        # profile both, not only the event loop.
+        profiles = ThreadProfiles()
+        old = runtime.db._executor
+        runtime.db._executor = ProfilingExecutor(settings.db_threads, "db", profiles)
+        old.shutdown(wait=False)
+        asyncio.get_running_loop().set_default_executor(
+            ProfilingExecutor(None, "default", profiles)
+        )
+    print(f"READY {runtime.port}", flush=True)
+    await serve_commands(profiles)
+    await runtime.stop(grace_s=1.0)

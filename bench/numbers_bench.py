@@ -51,7 +51,6 @@ from common import (
     Context,
     ServerProcess,
     bench_settings,
-    cpu_seconds,
     credentials,
     machine,
     machine_busy_seconds,
@@ -61,6 +60,7 @@ from common import (
     run_bare_server,
     serve_commands,
     serve_split,
+    server_cpu_seconds,
     start_system,
 )
 
@@ -160,12 +160,6 @@ async def serve_bare(root: Path) -> None:
 
 
 # --------------------------------------------------------------------------- load processes
-
-
-def server_cpu_seconds(pids: Sequence[int]) -> list[float] | None:
-    """CPU seconds of each server process, or None if one cannot be read."""
-    readings = [cpu_seconds(pid) for pid in pids]
-    return [r for r in readings if r is not None] if None not in readings else None
 
 
 async def measure(

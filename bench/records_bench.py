@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
-import functools
 import hashlib
 import json
 import os
@@ -56,7 +55,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
@@ -70,19 +69,21 @@ from common import (
     Child,
     Context,
     ServerProcess,
-    ThreadProfiles,
     bench_settings,
+    chunks,
     cpu_seconds,
     credentials,
+    insert_sql,
     machine,
     machine_busy_seconds,
+    other_cpu,
     print_header,
     profile_text,
     read_line,
     run_bare_server,
-    serve_commands,
     serve_split,
-    start_system,
+    serve_system,
+    server_cpu_seconds,
 )
 from google.protobuf.timestamp_pb2 import Timestamp
 from sqlalchemy.dialects import sqlite as sqlite_dialect
@@ -120,18 +121,6 @@ CHECK_RESPONSES = 0  # responses of the split's and the system's streams compare
 # --------------------------------------------------------------------------- helpers
 
 
-def other_cpu(
-    busy: tuple[float | None, float | None],
-    seconds: float,
-    server_cpu: float | None,
-    client_cpu: float,
-) -> float | None:
-    """Cores busy with anything but the server and this client over a run (noise)."""
-    if busy[0] is None or busy[1] is None or server_cpu is None:
-        return None
-    return max(0.0, (busy[1] - busy[0]) / seconds - server_cpu - client_cpu)
-
-
 def memory_kb(pid: int) -> dict[str, int]:
     """VmRSS and VmHWM (peak RSS) of a process in kB (Linux /proc); empty if unknown."""
     out: dict[str, int] = {}
@@ -148,10 +137,6 @@ def memory_kb(pid: int) -> dict[str, int]:
 
 def rss_kb(pid: int) -> int:
     return memory_kb(pid).get("VmRSS", 0)
-
-
-def chunks(items: Sequence[T], size: int) -> list[Sequence[T]]:
-    return [items[start : start + size] for start in range(0, len(items), size)]
 
 
 def repo_on_path() -> None:
@@ -286,10 +271,6 @@ def copy_id(position: int, template_id: str) -> str:
     return f"{position:08x}.{template_id}"[:64]
 
 
-def _insert(table: str, columns: Sequence[str]) -> str:
-    return f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
-
-
 def fill(data_dir: Path, count: int, seed: int) -> FillResult:
     """Migrate a database in `data_dir`, register OPERATOR, and store `count` records of it."""
     started = time.perf_counter()
@@ -362,8 +343,8 @@ def fill(data_dir: Path, count: int, seed: int) -> FillResult:
         ).fetchall()
         for name, _ in indexes:
             connection.execute(f'DROP INDEX "{name}"')
-        insert_records = _insert("call_records", maker.columns)
-        insert_streams = _insert("call_media_streams", stream_columns)
+        insert_records = insert_sql("call_records", maker.columns)
+        insert_streams = insert_sql("call_media_streams", stream_columns)
         last = dt.datetime.fromisoformat(maker.arrange(rows[-1])[2]).replace(tzinfo=dt.UTC)
         streams_n = sum(len(t.stream_tails) for t in templates)
         position = len(templates)
@@ -414,37 +395,6 @@ def fill(data_dir: Path, count: int, seed: int) -> FillResult:
 
 
 # --------------------------------------------------------------------------- server processes
-
-
-class ProfilingExecutor(ThreadPoolExecutor):
-    """A thread pool whose work items run under `ThreadProfiles.call`."""
-
-    def __init__(self, workers: int | None, prefix: str, profiles: ThreadProfiles) -> None:
-        super().__init__(workers, thread_name_prefix=prefix)
-        self._profiles = profiles
-
-    def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
-        return super().submit(functools.partial(self._profiles.call, fn, *args, **kwargs))
-
-
-async def serve_system(spec: dict[str, Any]) -> None:
-    paths = PkiPaths.at(Path(spec["root"]) / "pki")
-    settings = bench_settings(Path(spec["data_dir"]), paths)
-    runtime = await start_system(settings)
-    profiles: ThreadProfiles | None = None
-    if spec.get("profile"):
-        # Validation runs on the loop's default executor and storage on the database threads:
-        # profile both, not only the event loop.
-        profiles = ThreadProfiles()
-        old = runtime.db._executor
-        runtime.db._executor = ProfilingExecutor(settings.db_threads, "db", profiles)
-        old.shutdown(wait=False)
-        asyncio.get_running_loop().set_default_executor(
-            ProfilingExecutor(None, "default", profiles)
-        )
-    print(f"READY {runtime.port}", flush=True)
-    await serve_commands(profiles)
-    await runtime.stop(grace_s=1.0)
 
 
 def bare_responses(
@@ -526,12 +476,6 @@ def stream_request(batch: int) -> pb.StreamCallRecordsRequest:
     return pb.StreamCallRecordsRequest(
         start_time=Timestamp(seconds=0), follow=False, max_batch_size=batch
     )
-
-
-def server_cpu_seconds(pids: Sequence[int]) -> list[float] | None:
-    """CPU seconds of each server process, or None if one cannot be read."""
-    readings = [cpu_seconds(pid) for pid in pids]
-    return [r for r in readings if r is not None] if None not in readings else None
 
 
 async def stream_once(method: Any, pids: Sequence[int], batch: int) -> dict[str, Any]:

@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
-import functools
 import hashlib
 import json
 import math
@@ -49,7 +48,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
@@ -61,17 +60,18 @@ from common import (
     PLATFORM,
     Child,
     ServerProcess,
-    ThreadProfiles,
     bench_settings,
+    chunks,
     cpu_seconds,
     credentials,
+    insert_sql,
     machine,
     machine_busy_seconds,
+    other_cpu,
     print_header,
     profile_text,
     read_line,
-    serve_commands,
-    start_system,
+    serve_system,
 )
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -79,7 +79,7 @@ from sqlalchemy import create_engine
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 
 from gateway import registry
-from gateway.pki import PkiPaths, ensure_dev_pki
+from gateway.pki import ensure_dev_pki
 from opconnect.type.v1 import call_direction_pb2 as direction_pb
 from opconnect.usage.v1 import usage_pb2 as pb
 from opconnect.usage.v1 import usage_pb2_grpc as pb_grpc
@@ -150,22 +150,6 @@ RecordTuple = tuple[str, str, str, str, str, str, int, int, int]
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def other_cpu(
-    busy: tuple[float | None, float | None],
-    seconds: float,
-    server_cpu: float | None,
-    client_cpu: float,
-) -> float | None:
-    """Cores busy with anything but the server and this client over a run (noise)."""
-    if busy[0] is None or busy[1] is None or server_cpu is None:
-        return None
-    return max(0.0, (busy[1] - busy[0]) / seconds - server_cpu - client_cpu)
-
-
-def chunks(items: Sequence[T], size: int) -> list[Sequence[T]]:
-    return [items[start : start + size] for start in range(0, len(items), size)]
 
 
 def moment(us: int) -> dt.datetime:
@@ -441,10 +425,6 @@ def recount_usage_days(url: str) -> None:
         engine.dispose()
 
 
-def _insert(table: str, columns: Sequence[str]) -> str:
-    return f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
-
-
 def _columns(connection: sqlite3.Connection, table: str) -> set[str]:
     return {row[1] for row in connection.execute(f"PRAGMA table_info({table})")}
 
@@ -535,8 +515,8 @@ def fill(
         ).fetchall()
         for name, _ in indexes:
             connection.execute(f'DROP INDEX "{name}"')
-        insert_calls = _insert("usage_platform_calls", PLATFORM_COLUMNS)
-        insert_records = _insert("call_durations", DURATION_COLUMNS)
+        insert_calls = insert_sql("usage_platform_calls", PLATFORM_COLUMNS)
+        insert_records = insert_sql("call_durations", DURATION_COLUMNS)
         rest_calls, rest_records = first_calls[TEMPLATES:], first_records[TEMPLATES:]
         while True:
             submitted_at = maker.time_text(epoch_us(dt.datetime.now(dt.UTC)))
@@ -588,37 +568,6 @@ def fill(
 
 
 # --------------------------------------------------------------------------- server process
-
-
-class ProfilingExecutor(ThreadPoolExecutor):
-    """A thread pool whose work items run under `ThreadProfiles.call`."""
-
-    def __init__(self, workers: int | None, prefix: str, profiles: ThreadProfiles) -> None:
-        super().__init__(workers, thread_name_prefix=prefix)
-        self._profiles = profiles
-
-    def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
-        return super().submit(functools.partial(self._profiles.call, fn, *args, **kwargs))
-
-
-async def serve_system(spec: dict[str, Any]) -> None:
-    paths = PkiPaths.at(Path(spec["root"]) / "pki")
-    settings = bench_settings(Path(spec["data_dir"]), paths)
-    runtime = await start_system(settings)
-    profiles: ThreadProfiles | None = None
-    if spec.get("profile"):
-        # Validation runs on the loop's default executor and storage on the database threads:
-        # profile both, not only the event loop.
-        profiles = ThreadProfiles()
-        old = runtime.db._executor
-        runtime.db._executor = ProfilingExecutor(settings.db_threads, "db", profiles)
-        old.shutdown(wait=False)
-        asyncio.get_running_loop().set_default_executor(
-            ProfilingExecutor(None, "default", profiles)
-        )
-    print(f"READY {runtime.port}", flush=True)
-    await serve_commands(profiles)
-    await runtime.stop(grace_s=1.0)
 
 
 # --------------------------------------------------------------------------- submit client
@@ -945,7 +894,7 @@ def raw_inserts(rows: list[tuple[Any, ...]], target: Path, batch: int) -> dict[s
     schema = Database(f"sqlite:///{target}", 1)
     schema.migrate()
     schema.close()
-    insert = _insert("call_durations", DURATION_COLUMNS)
+    insert = insert_sql("call_durations", DURATION_COLUMNS)
     batches = chunks(rows, batch)
     connection = sqlite3.connect(target, isolation_level=None)
     try:
