@@ -9,8 +9,20 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import re
+from dataclasses import dataclass
 
 from plumbing.errors import invalid_field
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why one record of a batch was refused: a reason (UPPER_SNAKE), the field path, a
+    message. Its neighbours in the batch go on."""
+
+    reason: str
+    field: str
+    message: str
+
 
 E164 = re.compile(r"\+[1-9][0-9]{1,14}")
 GUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")

@@ -19,6 +19,7 @@ from google.protobuf import duration_pb2
 from opconnect.records.v1 import records_pb2 as pb
 from opconnect.type.v1 import call_direction_pb2 as direction_pb
 from plumbing import wire
+from plumbing.validation import Refusal
 from plumbing.wellknown import duration_in, time_in, timestamp
 from services.records.quality import Metric, Quality, Reason, Verdict
 from services.records.rules import (
@@ -33,7 +34,6 @@ from services.records.rules import (
     Percentiles,
     Published,
     QualityGroup,
-    Refusal,
     Result,
 )
 from services.records.storage import CallFact

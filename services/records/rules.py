@@ -14,7 +14,7 @@ from enum import StrEnum
 
 from plumbing.config import Settings
 from plumbing.errors import invalid_field
-from plumbing.validation import E164, check_e164, check_fqdn, check_guid, check_sip_or_e164
+from plumbing.validation import E164, Refusal, check_e164, check_fqdn, check_guid, check_sip_or_e164
 from services.records.quality import StreamMetrics, Thresholds
 
 DOMAIN = "records.opconnect"
@@ -176,15 +176,6 @@ class Published:
     operator_id: str
     record: CallRecord
     digest: bytes
-
-
-@dataclass(frozen=True)
-class Refusal:
-    """Why one published record was refused."""
-
-    reason: str
-    field: str
-    message: str
 
 
 @dataclass(frozen=True)

@@ -35,11 +35,11 @@ from plumbing.errors import invalid_field, not_found
 from plumbing.logs import mask_number
 from plumbing.rpc import Access, access_rules, current_operator
 from plumbing.tokens import page_token, read_page_token
-from plumbing.validation import check_period
+from plumbing.validation import Refusal, check_period
 from plumbing.wellknown import request_time
 from services.records import convert, rules, storage
 from services.records.quality import Thresholds, classify_call
-from services.records.rules import DOMAIN, LOG, MAX_BATCH, Outcome, Refusal, Result
+from services.records.rules import DOMAIN, LOG, MAX_BATCH, Outcome, Result
 
 Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 KnownOperator = Callable[[str], Awaitable[bool]]

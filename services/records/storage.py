@@ -37,6 +37,7 @@ from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from plumbing.changelog import allocate, mark_purged, notify_commit, read_head
 from plumbing.db import Base, driver_fetch, driver_time
+from plumbing.validation import Refusal
 from services.records.quality import Quality
 from services.records.rules import (
     LOG,
@@ -46,7 +47,6 @@ from services.records.rules import (
     Percentiles,
     Published,
     QualityGroup,
-    Refusal,
     Result,
     StreamFilter,
     SummaryQuery,

@@ -9,6 +9,7 @@ from google.protobuf import duration_pb2
 
 from opconnect.type.v1 import call_direction_pb2 as direction_pb
 from opconnect.usage.v1 import usage_pb2 as pb
+from plumbing.validation import Refusal
 from plumbing.wellknown import duration_in, time_in, timestamp
 from services.usage.rules import (
     Direction,
@@ -18,7 +19,6 @@ from services.usage.rules import (
     Granularity,
     Outcome,
     Reconciliation,
-    Refusal,
     Result,
     Source,
     Submitted,

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from plumbing.errors import invalid_field
-from plumbing.validation import E164, check_e164, check_guid
+from plumbing.validation import E164, Refusal, check_e164, check_guid
 
 DOMAIN = "usage.opconnect"
 
@@ -70,13 +70,6 @@ class Submitted:
 
     record: DurationRecord
     digest: bytes
-
-
-@dataclass(frozen=True)
-class Refusal:
-    reason: str
-    field: str
-    message: str
 
 
 @dataclass(frozen=True)

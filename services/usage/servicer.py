@@ -20,10 +20,10 @@ from plumbing.db import Database
 from plumbing.errors import invalid_field
 from plumbing.rpc import Access, access_rules, current_operator
 from plumbing.tokens import page_token, read_page_token
-from plumbing.validation import check_period
+from plumbing.validation import Refusal, check_period
 from plumbing.wellknown import duration_in, request_time
 from services.usage import convert, rules, storage
-from services.usage.rules import DOMAIN, OPERATOR_ID, Outcome, Refusal, Result, Submitted
+from services.usage.rules import DOMAIN, OPERATOR_ID, Outcome, Result, Submitted
 
 Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 

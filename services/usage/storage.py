@@ -39,6 +39,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from plumbing.db import Base, dialect_insert, driver_execute_many, driver_fetch, driver_time
+from plumbing.validation import Refusal
 from services.usage.rules import (
     Direction,
     Discrepancy,
@@ -47,7 +48,6 @@ from services.usage.rules import (
     Outcome,
     ReconcileQuery,
     Reconciliation,
-    Refusal,
     Result,
     Source,
     SourceUsage,
