@@ -118,6 +118,27 @@ def db(database_url: str) -> Iterator[Database]:
     database.close()
 
 
+@pytest.fixture(scope="module")
+def fuzz_system(
+    session_pki: Pki, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RunningSystem]:
+    """One system on SQLite for a module of hypothesis tests, with no rate limit (they send
+    many requests)."""
+    directory = tmp_path_factory.mktemp("fuzz")
+    running = start_system(
+        settings_for(
+            directory,
+            session_pki.paths,
+            f"sqlite:///{directory / 'opconnect.db'}",
+            rate_per_operator=1e9,
+            rate_burst=1_000_000_000,
+        ),
+        session_pki,
+    )
+    yield running
+    running.stop()
+
+
 def settings_for(
     tmp_path: Path, paths: pki.PkiPaths, database_url: str, **changes: Any
 ) -> Settings:

@@ -4,7 +4,6 @@ unknown number), never INTERNAL or UNKNOWN, and the server keeps serving."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
@@ -51,19 +50,9 @@ class Clients:
 
 
 @pytest.fixture(scope="module")
-def clients(session_pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Clients]:
-    """One system for the whole module (hypothesis runs many examples), with no rate limit."""
-    directory = tmp_path_factory.mktemp("bad-input")
-    running = start_system(
-        settings_for(
-            directory,
-            session_pki.paths,
-            f"sqlite:///{directory / 'opconnect.db'}",
-            rate_per_operator=1e9,
-            rate_burst=1_000_000_000,
-        ),
-        session_pki,
-    )
+def clients(fuzz_system: RunningSystem) -> Clients:
+    """The module's system (hypothesis runs many examples, no rate limit) and its clients."""
+    running = fuzz_system
     channel = running.channel()
     numbers = numbers_pb2_grpc.NumberServiceStub(channel)
     numbers.UploadNumbers(
@@ -74,8 +63,7 @@ def clients(session_pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Itera
             ],
         )
     )
-    yield Clients(running, numbers, running.admin(), channel)
-    running.stop()
+    return Clients(running, numbers, running.admin(), channel)
 
 
 def assert_still_serving(clients: Clients) -> None:

@@ -6,18 +6,16 @@ from __future__ import annotations
 
 import datetime as dt
 import math
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import grpc
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from opconnect.records.v1 import records_pb2 as pb
 from opconnect.records.v1 import records_pb2_grpc as pb_grpc
-from tests.conftest import Pki, RunningSystem, rich_error, settings_for, start_system
+from tests.conftest import RunningSystem, rich_error
 from tests.records_data import (
     OUTBOUND,
     audio,
@@ -36,23 +34,6 @@ EPOCH = stamp(dt.datetime(2000, 1, 1, tzinfo=dt.UTC))
 fuzz = settings(
     max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
-
-
-@pytest.fixture(scope="module")
-def system(session_pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningSystem]:
-    directory: Path = tmp_path_factory.mktemp("records-bad-input")
-    running = start_system(
-        settings_for(
-            directory,
-            session_pki.paths,
-            f"sqlite:///{directory / 'opconnect.db'}",
-            rate_per_operator=1e9,
-            rate_burst=1_000_000_000,
-        ),
-        session_pki,
-    )
-    yield running
-    running.stop()
 
 
 def _set(name: str, value: object) -> Mutation:
@@ -274,7 +255,9 @@ CASES: list[tuple[str, Mutation, str, str]] = [
 ]
 
 
-def test_each_bad_record_is_refused_alone_and_its_neighbours_land(system: RunningSystem) -> None:
+def test_each_bad_record_is_refused_alone_and_its_neighbours_land(
+    fuzz_system: RunningSystem,
+) -> None:
     batch: list[pb.PublishedCallRecord] = []
     good: list[pb.CallRecord] = []
     for _, mutate, _, _ in CASES:
@@ -283,7 +266,7 @@ def test_each_bad_record_is_refused_alone_and_its_neighbours_land(system: Runnin
         ok = record()
         batch += [published(bad), published(ok)]
         good.append(ok)
-    (response,) = publish(system.ingest(), batch)
+    (response,) = publish(fuzz_system.ingest(), batch)
     for (name, _, reason, field), bad_result, good_result in zip(
         CASES, response.results[::2], response.results[1::2], strict=True
     ):
@@ -295,11 +278,11 @@ def test_each_bad_record_is_refused_alone_and_its_neighbours_land(system: Runnin
         assert bad_result.message, name
         assert good_result.outcome == pb.CALL_RECORD_OUTCOME_ACCEPTED, name
     assert response.refused_count == len(CASES) and response.accepted_count == len(CASES)
-    got, _, _ = stream_all(system.records(), start_time=EPOCH)
+    got, _, _ = stream_all(fuzz_system.records(), start_time=EPOCH)
     assert set(ids(good)) <= set(ids(got))
 
 
-def test_valid_variants_are_accepted(system: RunningSystem) -> None:
+def test_valid_variants_are_accepted(fuzz_system: RunningSystem) -> None:
     """The edges that must pass: a Teams SIP URI on the Teams side, early media on a failed
     call, a missing metric (UNCLASSIFIED), a non-audio stream, values at their limits."""
     teams_caller = record(
@@ -319,9 +302,9 @@ def test_valid_variants_are_accepted(system: RunningSystem) -> None:
     )
     limits = record(streams=[audio(loss=1.0, concealed=0.0, degradation=4.0, codec="")])
     records = [teams_caller, early_media, missing, video, limits]
-    (response,) = publish(system.ingest(), [published(r) for r in records])
+    (response,) = publish(fuzz_system.ingest(), [published(r) for r in records])
     assert [r.reason for r in response.results] == [""] * len(records)
-    got = {r.call_id: r for r in stream_all(system.records(), start_time=EPOCH)[0]}
+    got = {r.call_id: r for r in stream_all(fuzz_system.records(), start_time=EPOCH)[0]}
     assert got[missing.call_id].quality_class == pb.QUALITY_CLASS_UNCLASSIFIED
     reason = got[missing.call_id].quality_reasons[0]
     assert reason.metric == pb.QUALITY_METRIC_PACKET_LOSS_RATE and not reason.HasField("observed")
@@ -353,10 +336,10 @@ def _publish_between_good(system: RunningSystem, bad: pb.CallRecord) -> pb.CallR
 
 @fuzz
 @given(name=st.sampled_from(sorted(TEXT_FIELDS)), value=st.text(max_size=300))
-def test_fuzzed_text_fields(system: RunningSystem, name: str, value: str) -> None:
+def test_fuzzed_text_fields(fuzz_system: RunningSystem, name: str, value: str) -> None:
     bad = record()
     setattr(bad, name, value)
-    result = _publish_between_good(system, bad)
+    result = _publish_between_good(fuzz_system, bad)
     if result.outcome == pb.CALL_RECORD_OUTCOME_REFUSED:
         assert (result.reason, result.field) == (TEXT_FIELDS[name], f"record.{name}")
     else:
@@ -374,14 +357,14 @@ METRICS = ("packet_loss_rate", "network_mos_degradation", "concealed_samples_rat
     packets=st.integers(min_value=-(2**63), max_value=2**63 - 1),
 )
 def test_fuzzed_stream_values(
-    system: RunningSystem, name: str, value: float, codec: str, packets: int
+    fuzz_system: RunningSystem, name: str, value: float, codec: str, packets: int
 ) -> None:
     bad = record()
     stream = bad.media_streams[0]
     setattr(stream, name, value)
     stream.codec = codec
     stream.packet_count = packets
-    result = _publish_between_good(system, bad)
+    result = _publish_between_good(fuzz_system, bad)
     assert result.outcome in (pb.CALL_RECORD_OUTCOME_ACCEPTED, pb.CALL_RECORD_OUTCOME_REFUSED)
     if result.outcome == pb.CALL_RECORD_OUTCOME_REFUSED:
         assert result.reason in ("MEDIA_STREAM_INVALID", "METRIC_INVALID")
@@ -390,10 +373,10 @@ def test_fuzzed_stream_values(
 
 @fuzz
 @given(body=st.binary(max_size=2_000))
-def test_garbage_publish_bodies_answer_clearly(system: RunningSystem, body: bytes) -> None:
+def test_garbage_publish_bodies_answer_clearly(fuzz_system: RunningSystem, body: bytes) -> None:
     """Raw bytes on the publish stream: not a message (REQUEST_MALFORMED) or a message with
     whatever fields it happens to decode to; never INTERNAL, and the server keeps serving."""
-    channel = system.channel("platform", "admin-center")
+    channel = fuzz_system.channel("platform", "admin-center")
     method = channel.stream_stream(
         "/opconnect.records.v1.CallRecordIngestService/PublishCallRecords",
         request_serializer=None,

@@ -7,19 +7,17 @@ serving."""
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import grpc
-import pytest
 from google.protobuf import duration_pb2, timestamp_pb2
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from opconnect.usage.v1 import usage_pb2 as pb
 from opconnect.usage.v1 import usage_pb2_grpc as pb_grpc
-from tests.conftest import PLATFORM, TENANT, Pki, RunningSystem, rich_error, settings_for
-from tests.conftest import start_system as start
+from tests.conftest import PLATFORM, TENANT, RunningSystem, rich_error
 
 DOMAIN = "usage.opconnect"
 NOW = dt.datetime.now(dt.UTC).replace(microsecond=0)
@@ -57,23 +55,6 @@ def request_fields(*extra: st.SearchStrategy[dict[str, Any]]) -> st.SearchStrate
     return st.tuples(*parts, *extra).map(lambda dicts: {k: v for d in dicts for k, v in d.items()})
 
 
-@pytest.fixture(scope="module")
-def system(session_pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningSystem]:
-    directory = tmp_path_factory.mktemp("usage-bad-input")
-    running = start(
-        settings_for(
-            directory,
-            session_pki.paths,
-            f"sqlite:///{directory / 'opconnect.db'}",
-            rate_per_operator=1e9,
-            rate_burst=1_000_000_000,
-        ),
-        session_pki,
-    )
-    yield running
-    running.stop()
-
-
 def answered_or_refused(call: Callable[[], object]) -> None:
     """The call answers, or is refused as the contract says: INVALID_ARGUMENT, usage domain,
     the offending field named."""
@@ -101,11 +82,11 @@ def still_serving(system: RunningSystem) -> None:
         maybe("granularity", enums), maybe("page_size", sizes), maybe("page_token", tokens)
     )
 )
-def test_usage_summary_with_any_input(system: RunningSystem, fields: dict[str, Any]) -> None:
-    stub = pb_grpc.UsageServiceStub(system.channel())
+def test_usage_summary_with_any_input(fuzz_system: RunningSystem, fields: dict[str, Any]) -> None:
+    stub = pb_grpc.UsageServiceStub(fuzz_system.channel())
     request = pb.GetUsageSummaryRequest(**fields)
     answered_or_refused(lambda: stub.GetUsageSummary(request, timeout=10))
-    still_serving(system)
+    still_serving(fuzz_system)
 
 
 @fuzz
@@ -117,11 +98,11 @@ def test_usage_summary_with_any_input(system: RunningSystem, fields: dict[str, A
         maybe("page_token", tokens),
     )
 )
-def test_tenant_usage_with_any_input(system: RunningSystem, fields: dict[str, Any]) -> None:
-    stub = pb_grpc.UsageReportServiceStub(system.channel("platform", PLATFORM))
+def test_tenant_usage_with_any_input(fuzz_system: RunningSystem, fields: dict[str, Any]) -> None:
+    stub = pb_grpc.UsageReportServiceStub(fuzz_system.channel("platform", PLATFORM))
     request = pb.GetTenantUsageRequest(**fields)
     answered_or_refused(lambda: stub.GetTenantUsage(request, timeout=10))
-    still_serving(system)
+    still_serving(fuzz_system)
 
 
 tolerances = st.builds(
@@ -133,11 +114,11 @@ tolerances = st.builds(
 
 @fuzz
 @given(fields=request_fields(maybe("tolerance", tolerances)))
-def test_reconciliation_with_any_input(system: RunningSystem, fields: dict[str, Any]) -> None:
-    stub = pb_grpc.UsageServiceStub(system.channel())
+def test_reconciliation_with_any_input(fuzz_system: RunningSystem, fields: dict[str, Any]) -> None:
+    stub = pb_grpc.UsageServiceStub(fuzz_system.channel())
     request = pb.GetReconciliationRequest(**fields)
     answered_or_refused(lambda: stub.GetReconciliation(request, timeout=10))
-    still_serving(system)
+    still_serving(fuzz_system)
 
 
 @fuzz
@@ -149,8 +130,8 @@ def test_reconciliation_with_any_input(system: RunningSystem, fields: dict[str, 
         maybe("page_token", tokens),
     )
 )
-def test_discrepancies_with_any_input(system: RunningSystem, fields: dict[str, Any]) -> None:
-    stub = pb_grpc.UsageServiceStub(system.channel())
+def test_discrepancies_with_any_input(fuzz_system: RunningSystem, fields: dict[str, Any]) -> None:
+    stub = pb_grpc.UsageServiceStub(fuzz_system.channel())
     request = pb.StreamDiscrepanciesRequest(**fields)
     answered_or_refused(lambda: list(stub.StreamDiscrepancies(request, timeout=10)))
-    still_serving(system)
+    still_serving(fuzz_system)

@@ -7,8 +7,6 @@ from __future__ import annotations
 import datetime as dt
 import itertools
 import uuid
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -26,11 +24,8 @@ from tests.conftest import (
     OPERATOR,
     OTHER_OPERATOR,
     TENANT,
-    Pki,
     RunningSystem,
     rich_error,
-    settings_for,
-    start_system,
 )
 from tests.records_data import stamp
 
@@ -242,25 +237,6 @@ def test_only_operators_submit(sqlite_system: RunningSystem) -> None:
     with pytest.raises(grpc.RpcError) as caught:
         submit(as_platform, [duration_record()])
     assert rich_error(caught.value).reason == "OPERATOR_ONLY"
-
-
-@pytest.fixture(scope="module")
-def fuzz_system(
-    session_pki: Pki, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[RunningSystem]:
-    directory: Path = tmp_path_factory.mktemp("usage-fuzz")
-    running = start_system(
-        settings_for(
-            directory,
-            session_pki.paths,
-            f"sqlite:///{directory / 'db'}",
-            rate_per_operator=1e9,
-            rate_burst=1_000_000_000,
-        ),
-        session_pki,
-    )
-    yield running
-    running.stop()
 
 
 TEXT_FIELDS = {
