@@ -122,7 +122,7 @@ def _handler(
 
         async def stream_unary(requests: AsyncIterator[bytes], context: Context) -> bytes:
             call = forward_client_stream(
-                _relay(requests), timeout=context.time_remaining(), metadata=_metadata(context)
+                requests, timeout=context.time_remaining(), metadata=_metadata(context)
             )
             try:
                 return await call  # type: ignore[no-any-return]
@@ -139,18 +139,11 @@ def _handler(
     async def stream_stream(
         requests: AsyncIterator[bytes], context: Context
     ) -> AsyncIterator[bytes]:
-        call = forward_bidi(
-            _relay(requests), timeout=context.time_remaining(), metadata=_metadata(context)
-        )
+        call = forward_bidi(requests, timeout=context.time_remaining(), metadata=_metadata(context))
         async for response in _responses(call, context, path, closing):
             yield response
 
     return grpc.stream_stream_rpc_method_handler(stream_stream)
-
-
-async def _relay(requests: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    async for request in requests:
-        yield request
 
 
 async def _responses(

@@ -94,7 +94,10 @@ class ServiceAuthenticator:
             return caller  # the gateway's own calls (health)
         kind, _, name = str(claimed[0]).partition("/") if len(claimed) == 1 else ("", "", "")
         if kind not in ("operator", "platform") or not _NAME.fullmatch(name):
-            raise unauthenticated("PRINCIPAL_MISSING", "the gateway named no caller")
+            raise unauthenticated(
+                "PRINCIPAL_INVALID",
+                "the gateway named no caller (operator/<id> or platform/<name>)",
+            )
         if kind == "operator":
             await check_operator(self._registry, name)
         return Principal(cast(PrincipalKind, kind), name)

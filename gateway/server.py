@@ -58,11 +58,6 @@ ACCESS: dict[str, Callable[[], dict[str, Access]]] = {
     "records": records.access,
     "usage": usage.access,
 }
-_CHANNEL_OPTIONS = [
-    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-    ("grpc.max_send_message_length", 64 * 1024 * 1024),
-    ("grpc.keepalive_time_ms", 60_000),
-]
 
 # Served to any authenticated principal: stock tools (grpc-health-probe, buf curl) work.
 OPEN_METHODS = {
@@ -266,13 +261,20 @@ def _routes(
 ) -> dict[ServiceDescriptor, grpc.aio.Channel]:
     """The gateway's routes: each service of each area whose `*_target` is set, to one channel
     per target."""
+    # The gateway admits requests up to max_message_bytes; a service answers at most that.
+    limit = settings.max_message_bytes + 4 * 1024 * 1024
+    options = [
+        ("grpc.max_receive_message_length", limit),
+        ("grpc.max_send_message_length", limit),
+        ("grpc.keepalive_time_ms", 60_000),
+    ]
     routes: dict[ServiceDescriptor, grpc.aio.Channel] = {}
     for name in SERVICES:
         target = getattr(settings, f"{name}_target")
         if not target:
             log.warning("service not routed: no target set", service=name)
             continue
-        channel = grpc.aio.secure_channel(target, credentials, options=_CHANNEL_OPTIONS)
+        channel = grpc.aio.secure_channel(target, credentials, options=options)
         for service in PROTOS[name].DESCRIPTOR.services_by_name.values():
             routes[service] = channel
     return routes

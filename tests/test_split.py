@@ -10,8 +10,10 @@ from __future__ import annotations
 import datetime as dt
 import functools
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import grpc
 import pytest
@@ -229,6 +231,103 @@ def test_a_service_process_believes_only_the_gateway(split: Split) -> None:
             metadata=[(PRINCIPAL_HEADER, f"operator/{OPERATOR}")],
         )
     assert rich_error(caught.value).reason == "OPERATOR_ONLY"
+
+
+def test_what_a_service_process_makes_of_the_gateways_word(split: Split) -> None:
+    """Straight to the numbers process with the gateway's own certificate: the principal
+    header names the caller, checked like a certificate (registered, active, well formed)."""
+    numbers = numbers_pb2_grpc.NumberServiceStub(split.numbers.channel("platform", "gateway"))
+
+    def list_as(principal: str) -> numbers_pb2.ListNumbersResponse:
+        response = numbers.ListNumbers(
+            numbers_pb2.ListNumbersRequest(), timeout=10, metadata=[(PRINCIPAL_HEADER, principal)]
+        )
+        return cast(numbers_pb2.ListNumbersResponse, response)
+
+    assert list_as(f"operator/{OTHER_OPERATOR}").numbers is not None
+    for principal, reason in (
+        (f"operator/{SUSPENDED_OPERATOR}", "OPERATOR_SUSPENDED"),
+        ("operator/never-registered", "OPERATOR_UNKNOWN"),
+        (f"customer/{OPERATOR}", "PRINCIPAL_INVALID"),
+        ("operator/", "PRINCIPAL_INVALID"),
+        ("operator/Not_A_Name", "PRINCIPAL_INVALID"),
+    ):
+        with pytest.raises(grpc.RpcError) as caught:
+            list_as(principal)
+        error = rich_error(caught.value)
+        assert (error.code, error.reason) == (grpc.StatusCode.UNAUTHENTICATED, reason), principal
+    with pytest.raises(grpc.RpcError) as caught:  # the gateway as itself: a platform caller
+        numbers.ListNumbers(numbers_pb2.ListNumbersRequest(), timeout=10)
+    assert rich_error(caught.value).reason == "OPERATOR_ONLY"
+
+
+def test_the_callers_deadline_and_metadata_reach_the_service(
+    session_pki: Pki, tmp_path: Path
+) -> None:
+    """A stand-in numbers process records what the gateway sends it."""
+    seen: dict[str, Any] = {}
+
+    def get_number(
+        request: numbers_pb2.GetNumberRequest, context: grpc.ServicerContext
+    ) -> numbers_pb2.GetNumberResponse:
+        seen["time_remaining"] = context.time_remaining()
+        seen["metadata"] = dict(context.invocation_metadata())
+        return numbers_pb2.GetNumberResponse()
+
+    paths = session_pki.paths
+    stand_in = grpc.server(ThreadPoolExecutor(2))
+    stand_in.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                "opconnect.numbers.v1.NumberService",
+                {
+                    "GetNumber": grpc.unary_unary_rpc_method_handler(
+                        get_number,
+                        request_deserializer=numbers_pb2.GetNumberRequest.FromString,
+                        response_serializer=numbers_pb2.GetNumberResponse.SerializeToString,
+                    )
+                },
+            ),
+        )
+    )
+    port = stand_in.add_secure_port(
+        "127.0.0.1:0",
+        grpc.ssl_server_credentials(
+            [(paths.server_key.read_bytes(), paths.server_cert.read_bytes())],
+            root_certificates=paths.ca_cert.read_bytes(),
+            require_client_auth=True,
+        ),
+    )
+    stand_in.start()
+    gateway_cert, gateway_key = pki.issue_client(paths, "platform", "gateway")
+    settings = settings_for(
+        tmp_path,
+        paths,
+        f"sqlite:///{tmp_path / 'opconnect.db'}",
+        numbers_target=f"localhost:{port}",
+        internal_ca_file=str(paths.ca_cert),
+        internal_cert_file=str(gateway_cert),
+        internal_key_file=str(gateway_key),
+    )
+    gateway = RunningSystem(settings, session_pki, "gateway")
+    try:
+        gateway.call(gateway.runtime.registry.add(OPERATOR))
+        gateway.numbers().GetNumber(
+            numbers_pb2.GetNumberRequest(phone_number=NUMBER),
+            timeout=5,
+            metadata=[
+                ("x-client-tag", "abc"),
+                ("x-request-id", "deadline-1"),
+                (PRINCIPAL_HEADER, f"operator/{OTHER_OPERATOR}"),  # not the gateway's to pass
+            ],
+        )
+    finally:
+        gateway.stop()
+        stand_in.stop(None)
+    assert 0 < seen["time_remaining"] <= 5
+    metadata = seen["metadata"]
+    assert metadata[PRINCIPAL_HEADER] == f"operator/{OPERATOR}"
+    assert (metadata["x-client-tag"], metadata["x-request-id"]) == ("abc", "deadline-1")
 
 
 def test_health_on_the_gateway_and_each_service(split: Split) -> None:
