@@ -311,6 +311,8 @@ async def start(settings: Settings, role: Role = "all") -> Runtime:
         RateLimiter(settings.rate_per_operator, settings.rate_burst),
         StreamSlots(settings.max_streams_per_operator),
         settings.max_message_bytes,
+        # Open calls re-check their caller as often as the trust files are reloaded.
+        recheck_interval_s=settings.reload_interval_s,
     )
     server = _server(settings, interceptor)
     listener = None

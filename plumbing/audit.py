@@ -41,7 +41,7 @@ from sqlalchemy.orm import Mapped, Session, mapped_column
 from plumbing.db import Base, Database
 from plumbing.errors import ApiError
 from plumbing.logs import get_logger
-from plumbing.rpc import current_principal, current_request_id
+from plumbing.rpc import current_principal, current_request_id, ending_status
 
 log = get_logger("opconnect.audit")
 
@@ -85,7 +85,7 @@ def _status_of(error: BaseException | None) -> str:
     if isinstance(error, ApiError):
         return str(error.code.name)
     if isinstance(error, asyncio.CancelledError | GeneratorExit):
-        return "CANCELLED"
+        return ending_status()  # revoked, suspended, past its deadline, or cancelled
     return "INTERNAL"
 
 
@@ -100,6 +100,9 @@ class AuditRead:
         self._filters = dict(filters)
         self._stream = stream
         self._started = time.perf_counter()
+        # Taken now, in the call's context: the end may be recorded from anywhere.
+        self._principal = str(current_principal())
+        self._request_id = current_request_id()
         self.records = 0
 
     def __enter__(self) -> AuditRead:
@@ -111,13 +114,13 @@ class AuditRead:
         self._audit.record(
             AuditEvent(
                 at=dt.datetime.now(dt.UTC),
-                principal=str(current_principal()),
+                principal=self._principal,
                 method=self._method,
                 filters=self._filters,
                 record_count=self.records,
                 duration_ms=round((time.perf_counter() - self._started) * 1000, 3),
                 status=status,
-                request_id=current_request_id(),
+                request_id=self._request_id,
             )
         )
 

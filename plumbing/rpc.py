@@ -15,13 +15,14 @@ import itertools
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Literal
 
 import grpc
+from cryptography import x509
 from grpc.aio import AbortError
 
 from plumbing.errors import ApiError, internal, invalid, permission_denied, resource_exhausted
@@ -29,7 +30,9 @@ from plumbing.logs import get_logger
 
 log = get_logger("opconnect.rpc")
 
-PrincipalKind = Literal["operator", "platform"]
+# "unverified": a caller whose certificate chains to a trusted CA but who is not admitted
+# (revoked, unknown, suspended, not bound to its issuer): served health and reflection only.
+PrincipalKind = Literal["operator", "platform", "unverified"]
 
 # Separate processes: the principal the gateway authenticated, as it tells the service process
 # ("operator/<id>" or "platform/<name>"); believed from the gateway's own certificate only.
@@ -57,6 +60,7 @@ class Access(Enum):
 
 _principal: ContextVar[Principal] = ContextVar("principal")
 _request_id: ContextVar[str] = ContextVar("request_id", default="")
+_guard: ContextVar[_StreamGuard | None] = ContextVar("stream_guard", default=None)
 
 
 def current_principal() -> Principal:
@@ -67,6 +71,20 @@ def current_principal() -> Principal:
 def current_request_id() -> str:
     """The request id of the RPC being handled (also in its log line and trailers)."""
     return _request_id.get()
+
+
+def ending_status() -> str:
+    """How the stream being handled is ending when its handler sees CancelledError: the
+    status the caller is given (UNAUTHENTICATED when the caller was revoked or suspended
+    mid-stream, DEADLINE_EXCEEDED when its deadline passed), else CANCELLED."""
+    guard = _guard.get()
+    if guard is not None:
+        if guard.refused is not None:
+            return str(guard.refused.code.name)
+        remaining = guard.context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            return "DEADLINE_EXCEEDED"
+    return "CANCELLED"
 
 
 def current_operator() -> str:
@@ -144,9 +162,80 @@ def _request_id_of(context: grpc.aio.ServicerContext[Any, Any]) -> str:
     return f"{_ID_PREFIX}{next(_ID_COUNTER):08x}"
 
 
+class _StreamGuard:
+    """Keeps an open call's caller checked: a watchdog re-authenticates it every
+    `interval_s`, and every request message is re-checked before the handler sees it. A
+    refusal (revoked, suspended, ...) ends the call with that refusal, whatever the handler is
+    waiting for, nothing of a refused request reaching the handler.
+
+    The RPC's task is cancelled only while it waits inside the handler (`in_handler`), never
+    while gRPC writes a response, so the cancellation always lands in code that turns it into
+    the refusal."""
+
+    def __init__(
+        self,
+        authenticate: Authenticate,
+        context: grpc.aio.ServicerContext[Any, Any],
+        interval_s: float,
+    ) -> None:
+        self._authenticate = authenticate
+        self.context = context
+        self.refused: ApiError | None = None
+        self.in_handler = False
+        self._task = asyncio.current_task()
+        self._cancelled = False
+        self._watchdog = asyncio.create_task(self._watch(interval_s))
+
+    async def _watch(self, interval_s: float) -> None:
+        while self.refused is None:
+            await asyncio.sleep(interval_s)
+            await self.check()
+
+    async def check(self) -> None:
+        """Re-authenticate the caller; on a refusal, end the call (see the class docstring)."""
+        if self.refused is not None:
+            raise self.refused
+        try:
+            await self._authenticate(self.context)
+        except ApiError as error:
+            self.refuse(error)
+            raise
+        except Exception:
+            log.exception("re-checking a caller failed", request_id=current_request_id())
+            bug = internal()
+            self.refuse(bug)
+            raise bug from None
+
+    def refuse(self, error: ApiError) -> None:
+        if self.refused is None:
+            self.refused = error
+        if self.in_handler and self._task is not None and self._task is not asyncio.current_task():
+            self._cancelled = True
+            self._task.cancel()
+
+    def turn(self, error: BaseException) -> BaseException:
+        """What a CancelledError of this call is: the refusal, when the guard caused it."""
+        if isinstance(error, asyncio.CancelledError) and self._cancelled and self._task:
+            self._cancelled = False
+            self._task.uncancel()
+            assert self.refused is not None
+            return self.refused
+        return error
+
+    async def requests(self, messages: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        """`messages`, each one let through only after the caller is checked again."""
+        async for message in messages:
+            await self.check()
+            yield message
+
+    def close(self) -> None:
+        self._watchdog.cancel()
+
+
 class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """See the module docstring. `access` maps full method names to their rule; a method not in
-    it is refused (fail closed)."""
+    it is refused (fail closed). Open calls re-check their caller every `recheck_interval_s`
+    and before each request message (see `_StreamGuard`)."""
 
     def __init__(
         self,
@@ -155,12 +244,15 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         rate: RateLimiter,
         streams: StreamSlots,
         max_request_bytes: int,
+        *,
+        recheck_interval_s: float = 2.0,
     ) -> None:
         self._max_request_bytes = max_request_bytes
         self._authenticate = authenticate
         self._access = dict(access)
         self._rate = rate
         self.streams = streams
+        self._recheck_s = recheck_interval_s
 
     async def intercept_service(
         self,
@@ -193,12 +285,13 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                     access,
                     handler.unary_stream,
                     _decoder(decode, self._max_request_bytes, streaming=False),
+                    streaming_requests=False,
                 ),
                 response_serializer=serialize,
             )
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
-                self._wrap_unary(
+                self._wrap_client_stream(
                     method,
                     access,
                     handler.stream_unary,
@@ -212,26 +305,57 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 access,
                 handler.stream_stream,
                 _decoder(decode, self._max_request_bytes, streaming=True),
+                streaming_requests=True,
             ),
             response_serializer=serialize,
         )
 
     async def _admit(
-        self, context: grpc.aio.ServicerContext[Any, Any], method: str, access: Access | None
+        self,
+        context: grpc.aio.ServicerContext[Any, Any],
+        method: str,
+        access: Access | None,
+        call_log: _CallLog,
     ) -> Principal:
-        principal = await self._authenticate(context)
+        try:
+            principal = await self._authenticate(context)
+        except ApiError as error:
+            call_log.peer = peer_certificate(context)
+            if access is not Access.ANY or error.code is not grpc.StatusCode.UNAUTHENTICATED:
+                raise
+            # Health and reflection: any caller whose certificate chained to a trusted CA at
+            # the handshake, so that a refused one sees its real reason on the actual RPC.
+            call_log.refusal = error.reason
+            principal = Principal("unverified", call_log.peer[0])
         if access is None:
             raise permission_denied("METHOD_NOT_ALLOWED", f"{method} is not served to callers")
         if access is Access.OPERATOR and principal.kind != "operator":
             raise permission_denied("OPERATOR_ONLY", "only operators may call this method")
         if access is Access.PLATFORM and principal.kind != "platform":
             raise permission_denied("PLATFORM_ONLY", "only platform systems may call this method")
-        if principal.kind == "operator":
-            wait = self._rate.take(principal.name)
+        if principal.kind != "platform":
+            wait = self._rate.take(_limit_key(principal))
             if wait is not None:
                 raise resource_exhausted(
                     "gateway.opconnect", "RATE_LIMITED", "request rate limit exceeded", wait
                 )
+        return principal
+
+    async def _start(
+        self,
+        context: grpc.aio.ServicerContext[Any, Any],
+        method: str,
+        access: Access | None,
+        call_log: _CallLog,
+    ) -> Principal:
+        try:
+            principal = await self._admit(context, method, access, call_log)
+        except ApiError:
+            call_log.peer = call_log.peer or peer_certificate(context)
+            raise
+        call_log.principal = str(principal)
+        _principal.set(principal)
+        context.set_trailing_metadata((("x-request-id", call_log.request_id),))
         return principal
 
     def _wrap_unary(
@@ -245,15 +369,47 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             call_log = _CallLog(method, _request_id_of(context))
             _request_id.set(call_log.request_id)
             try:
-                principal = await self._admit(context, method, access)
-                call_log.principal = str(principal)
-                _principal.set(principal)
-                context.set_trailing_metadata((("x-request-id", call_log.request_id),))
+                await self._start(context, method, access, call_log)
                 return await behavior(decode(request), context)
             except BaseException as error:  # every way out is logged and mapped once
                 await call_log.fail(context, error)
                 raise
             finally:
+                call_log.write(context)
+
+        return call
+
+    def _wrap_client_stream(
+        self,
+        method: str,
+        access: Access | None,
+        behavior: Callable[..., Awaitable[Any]],
+        decode: Callable[[Any], Any],
+    ) -> Callable[..., Awaitable[Any]]:
+        """A client stream with one response: every request message is let through only after
+        the caller is checked again."""
+
+        async def call(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            call_log = _CallLog(method, _request_id_of(context))
+            _request_id.set(call_log.request_id)
+            guard: _StreamGuard | None = None
+            try:
+                await self._start(context, method, access, call_log)
+                guard = _StreamGuard(self._authenticate, context, self._recheck_s)
+                _guard.set(guard)
+                guard.in_handler = True
+                try:
+                    return await behavior(guard.requests(decode(requests)), context)
+                except BaseException as error:
+                    raise guard.turn(error) from None
+            except BaseException as error:
+                if guard is not None and guard.refused is not None:
+                    call_log.peer = peer_certificate(context)
+                await call_log.fail(context, error)
+                raise
+            finally:
+                if guard is not None:
+                    guard.close()
                 call_log.write(context)
 
         return call
@@ -264,6 +420,8 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         access: Access | None,
         behavior: Callable[..., AsyncIterator[Any]],
         decode: Callable[[Any], Any],
+        *,
+        streaming_requests: bool,
     ) -> Callable[..., AsyncIterator[Any]]:
         async def call(
             request: Any, context: grpc.aio.ServicerContext[Any, Any]
@@ -271,40 +429,105 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             call_log = _CallLog(method, _request_id_of(context))
             _request_id.set(call_log.request_id)
             slot: str | None = None
+            guard: _StreamGuard | None = None
             try:
-                principal = await self._admit(context, method, access)
-                call_log.principal = str(principal)
-                _principal.set(principal)
-                context.set_trailing_metadata((("x-request-id", call_log.request_id),))
-                if principal.kind == "operator":
-                    if not self.streams.acquire(principal.name):
+                principal = await self._start(context, method, access, call_log)
+                if principal.kind != "platform":
+                    slot = _limit_key(principal)
+                    if not self.streams.acquire(slot):
+                        slot = None
                         raise resource_exhausted(
                             "gateway.opconnect",
                             "TOO_MANY_STREAMS",
                             f"at most {self.streams.maximum} concurrent streams per operator",
                             1.0,
                         )
-                    slot = principal.name
-                responses = behavior(decode(request), context)
-                if inspect.isawaitable(responses):
-                    # A handler that writes with context.write (grpc_health's Watch).
-                    await responses
-                    return
-                async for response in responses:
-                    # A revoked certificate or a suspended operator ends an open stream too, at
-                    # its next message (heartbeats included); the checks are cached.
-                    await self._authenticate(context)
+                # A caller admitted only to health and reflection is not re-checked: it is
+                # already refused everything else.
+                if principal.kind != "unverified":
+                    guard = _StreamGuard(self._authenticate, context, self._recheck_s)
+                    _guard.set(guard)
+                requests = decode(request)
+                if streaming_requests and guard is not None:
+                    requests = guard.requests(requests)
+                async for response in _guarded(behavior(requests, context), guard):
                     call_log.messages += 1
                     yield response
             except BaseException as error:
+                if guard is not None and guard.refused is not None:
+                    call_log.peer = peer_certificate(context)
                 await call_log.fail(context, error)
                 raise
             finally:
+                if guard is not None:
+                    guard.close()
                 if slot is not None:
                     self.streams.release(slot)
                 call_log.write(context)
 
         return call
+
+
+async def _guarded(
+    responses: AsyncIterator[Any] | Awaitable[None], guard: _StreamGuard | None
+) -> AsyncIterator[Any]:
+    """A handler's responses, ended by the guard's refusal however the handler waits. The
+    handler is closed here, in the call's own context, whatever ends the stream (so its audit
+    of the end sees the call's principal and status)."""
+    if inspect.isawaitable(responses):  # a handler that writes with context.write (Health.Watch)
+        if guard is not None:
+            guard.in_handler = True
+        try:
+            await responses
+        except BaseException as error:
+            raise (guard.turn(error) if guard is not None else error) from None
+        return
+    assert isinstance(responses, AsyncGenerator)
+    try:
+        while True:
+            if guard is not None:
+                guard.in_handler = True
+            try:
+                response = await anext(responses)
+            except StopAsyncIteration:
+                return
+            except BaseException as error:
+                raise (guard.turn(error) if guard is not None else error) from None
+            finally:
+                if guard is not None:
+                    guard.in_handler = False
+            if guard is not None and guard.refused is not None:
+                raise guard.refused
+            yield response
+    finally:
+        await responses.aclose()
+
+
+def _limit_key(principal: Principal) -> str:
+    """Whose limits a call counts against: an operator's id (as always), or an unverified
+    caller's claimed identity (health and reflection callers are limited too)."""
+    return principal.name if principal.kind == "operator" else str(principal)
+
+
+def peer_certificate(context: grpc.aio.ServicerContext[Any, Any]) -> tuple[str, str]:
+    """The identity (SPIFFE URI path, or the subject) and serial (hex) of the caller's
+    certificate, for the log line of a refused call; never key material."""
+    pems = context.auth_context().get("x509_pem_cert")
+    if not pems:
+        return "-", "-"
+    try:
+        cert = x509.load_pem_x509_certificate(pems[0])
+    except ValueError:
+        return "-", "-"
+    try:
+        uris = cert.extensions.get_extension_for_class(
+            x509.SubjectAlternativeName
+        ).value.get_values_for_type(x509.UniformResourceIdentifier)
+    except (x509.ExtensionNotFound, ValueError):
+        uris = []
+    prefix = "spiffe://opconnect/"
+    identity = ",".join(u.removeprefix(prefix) for u in uris) or cert.subject.rfc4514_string()
+    return identity[:200], f"{cert.serial_number:x}"
 
 
 def _malformed() -> ApiError:
@@ -369,11 +592,16 @@ class _CallLog:
         self.status = "OK"
         self.messages = 0
         self.started = time.perf_counter()
+        self.reason = ""  # the ErrorInfo reason of an error answered
+        self.refusal = ""  # an unverified caller's reason (served health or reflection anyway)
+        self.peer: tuple[str, str] | None = None  # a refused caller's certificate identity, serial
 
     async def fail(self, context: grpc.aio.ServicerContext[Any, Any], error: BaseException) -> None:
         """Answer the error as the contract says (this raises AbortError for ApiError and bugs)."""
         if isinstance(error, asyncio.CancelledError | GeneratorExit):
-            self.status = "CANCELLED"
+            remaining = context.time_remaining()
+            passed = remaining is not None and remaining <= 0
+            self.status = "DEADLINE_EXCEEDED" if passed else "CANCELLED"
             return
         if isinstance(error, AbortError):
             code = context.code()
@@ -385,6 +613,7 @@ class _CallLog:
             )
             error = internal()
         self.status = error.code.name
+        self.reason = error.reason
         status = error.to_status()
         metadata = (*status.trailing_metadata, ("x-request-id", self.request_id))
         await context.abort(status.code, status.details, metadata)
@@ -401,4 +630,11 @@ class _CallLog:
         }
         if self.messages:
             fields["messages"] = self.messages
-        log.info("rpc", **fields)
+        if self.reason:
+            fields["reason"] = self.reason
+        if self.refusal:
+            fields["refusal"] = self.refusal
+        if self.peer is not None:
+            fields["certificate"], fields["serial"] = self.peer
+        refused = self.status in ("UNAUTHENTICATED", "PERMISSION_DENIED")
+        (log.warning if refused else log.info)("rpc", **fields)

@@ -44,8 +44,9 @@ from tests.conftest import (
 )
 from tests.records_data import publish_records, record, stamp
 from tests.test_numbers_flow import assign, upload
+from tests.test_recheck import Feed
 from tests.test_usage_feed import eventually
-from tests.test_usage_submit import duration_record, submit, usage_stub
+from tests.test_usage_submit import duration_record, stored, submit, usage_stub
 
 NUMBER = "+14255550123"
 
@@ -415,3 +416,25 @@ def test_a_gateway_shutting_down_ends_its_streams_with_unavailable(
     streams = split.records.runtime.streams
     assert streams is not None
     eventually(lambda: not streams.open)
+
+
+def test_a_suspension_refuses_the_next_batch_through_the_gateway(split: Split) -> None:
+    """A batch sent after the caller's suspension never reaches the service: nothing of it is
+    committed, and the caller is told why."""
+    operator = "late-operator"
+    pki.issue_client(split.gateway.pki.paths, "operator", operator)
+    registry = split.gateway.runtime.registry
+    split.gateway.call(registry.add(operator))
+    feed: Feed[usage_pb2.SubmitCallDurationsRequest] = Feed()
+    answers = usage_stub(split.gateway, operator).SubmitCallDurations(iter(feed), timeout=30)
+    first = [duration_record() for _ in range(2)]
+    feed.send(usage_pb2.SubmitCallDurationsRequest(batch_id="1", records=first))
+    assert next(answers).accepted_count == 2
+    split.gateway.call(registry.set_status(operator, OperatorStatus.SUSPENDED))
+    feed.send(usage_pb2.SubmitCallDurationsRequest(batch_id="2", records=[duration_record()]))
+    with pytest.raises(grpc.RpcError) as refused:
+        next(answers)
+    feed.close()
+    found = rich_error(refused.value)
+    assert (found.code, found.reason) == (grpc.StatusCode.UNAUTHENTICATED, "OPERATOR_SUSPENDED")
+    assert stored(split.usage, operator) == sorted(r.record_id for r in first)
