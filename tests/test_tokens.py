@@ -17,6 +17,7 @@ from typing import Any
 
 import grpc
 import pytest
+import sqlalchemy as sa
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -27,6 +28,8 @@ from plumbing import tokens
 from plumbing.changelog import decode_cursor, encode_cursor
 from plumbing.config import Settings, load_settings
 from plumbing.errors import ApiError
+from services.usage import feed
+from services.usage import storage as usage_storage
 from tests.conftest import (
     OPERATOR,
     Pki,
@@ -39,6 +42,7 @@ from tests.conftest import (
 )
 from tests.records_data import publish_records, record, stamp
 from tests.test_numbers_flow import upload
+from tests.test_usage_feed import _start, eventually, feed_system, kept
 
 NUMBERS = "+14255550100", "+14255550101", "+14255550102"
 LIST_FILTERS = f"{OPERATOR}||"  # what a ListNumbers page token of no filters is bound to
@@ -508,3 +512,31 @@ def test_a_summary_page_token_after_the_longest_trunk_name_reads(
             break
         assert len(token) <= tokens.MAX_LENGTH
     assert keys == trunks
+
+
+def test_the_usage_feed_starts_again_from_the_oldest_when_its_cursor_is_unreadable(
+    session_pki: Pki, tmp_path: Path
+) -> None:
+    """The feed's saved cursor sealed with a key no longer listed (or by an older version)."""
+    system = feed_system(session_pki, tmp_path)
+    try:
+        records = [record(), record()]
+        publish_records(system.ingest(), records)
+        eventually(lambda: len(kept(system)) == 2)
+        follower = system.runtime.feed
+        assert follower is not None
+        system.call(follower.stop())
+        unreadable = tokens.Keyring.generate().seal("cursor:records", struct.pack(">Q", 0))
+
+        def forget(session: sa.orm.Session) -> None:
+            session.execute(sa.delete(usage_storage.PLATFORM_CALLS))
+            usage_storage.store_platform_calls(session, feed.FEED, [], unreadable)
+
+        system.call(system.runtime.db.run(forget, write=True))
+        system.runtime.feed = feed.CallFeedFollower(system.runtime.db, follower.client)
+        system.call(_start(system.runtime.feed))
+        eventually(lambda: set(kept(system)) == {r.call_id for r in records})
+        saved = system.call(system.runtime.db.run(usage_storage.feed_cursor, feed.FEED))
+        assert saved != unreadable
+    finally:
+        system.stop()
