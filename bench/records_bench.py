@@ -93,7 +93,7 @@ from gateway.identity import GATEWAY_NAME
 from gateway.pki import PkiPaths, ensure_dev_pki, issue_client
 from opconnect.records.v1 import records_pb2 as pb
 from opconnect.records.v1 import records_pb2_grpc as pb_grpc
-from plumbing import wire
+from plumbing import tokens, wire
 from plumbing.changelog import encode_cursor
 from plumbing.config import Settings
 from plumbing.db import Database
@@ -449,6 +449,7 @@ class BareStream:
 
 async def serve_bare(spec: dict[str, Any]) -> None:
     settings = Settings()
+    tokens.install(tokens.Keyring.generate())  # its cursors are sealed as the system's are
     responses = bare_responses(Path(spec["database"]), spec["sample"], spec["batch_sizes"])
     handler = BareStream(responses, spec["records"], settings)
     bare = grpc.aio.server(options=SERVER_OPTIONS)

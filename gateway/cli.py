@@ -16,6 +16,9 @@
     opconnect operator submit FILE.csv     as an operator: submit call durations (resumable)
     opconnect operator usage|reconcile     as an operator: usage, reconciliation report
     opconnect audit [--operator ID]        the audit log of operator reads, newest first
+    opconnect tokens rotate                a new key seals cursors and page tokens (old ones
+                                           still open theirs); restart the services to use it
+    opconnect tokens list                  the ids of the token keys, the sealing one first
 
 Settings come from --config FILE (TOML) or OPCONNECT_CONFIG, then OPCONNECT_* variables.
 """
@@ -35,7 +38,7 @@ from rich.console import Console
 
 from gateway import pki, registry, server
 from operator_client import commands as operator
-from plumbing import audit
+from plumbing import audit, tokens
 from plumbing.config import Settings, describe, load_settings
 from plumbing.db import Database
 from plumbing.logs import configure_logging
@@ -158,6 +161,28 @@ def cmd_audit(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_tokens(args: argparse.Namespace, settings: Settings) -> int:
+    if settings.token_keys:
+        if args.tokens == "rotate":
+            print(
+                "opconnect: the keys come from the token_keys setting: put this new key first"
+                f" there, keep the others:\n{tokens.new_key()}",
+                file=sys.stderr,
+            )
+            return 1
+        ids = tokens.Keyring(tokens.parse_keys(settings.token_keys, "token_keys")).ids
+    elif args.tokens == "rotate":
+        path = settings.token_keys_path
+        print(
+            f"{tokens.rotate_key_file(path)}: the new sealing key in {path}; restart the services"
+        )
+        return 0
+    else:
+        ids = tokens.keys_of_file(settings.token_keys_path)
+    print("\n".join(ids))
+    return 0
+
+
 def _when(text: str) -> dt.datetime:
     value = dt.datetime.fromisoformat(text)
     return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
@@ -272,6 +297,11 @@ def parser() -> argparse.ArgumentParser:
     aud.add_argument("--since", help="only reads from this time on (ISO 8601; UTC if no zone)")
     aud.add_argument("--limit", type=int, default=100, help="most events shown (default 100)")
 
+    tok = commands.add_parser("tokens", help="the keys of cursors and page tokens")
+    tok_cmd = tok.add_subparsers(dest="tokens", required=True)
+    tok_cmd.add_parser("rotate", help="a new key seals; the old ones still open")
+    tok_cmd.add_parser("list", help="the keys' ids, the sealing key's first")
+
     op = commands.add_parser(
         "operator", help="an operator's client: durations, usage, reconciliation"
     )
@@ -333,6 +363,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_operator(args, settings)
         if args.command == "audit":
             return cmd_audit(args, settings)
+        if args.command == "tokens":
+            return cmd_tokens(args, settings)
         return cmd_operators(args, settings)
     except (OSError, ValueError, LookupError) as error:
         print(f"opconnect: {error}", file=sys.stderr)

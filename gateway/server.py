@@ -30,6 +30,7 @@ from opconnect.numbers.v1 import numbers_pb2
 from opconnect.records.v1 import records_pb2
 from opconnect.usage.v1 import usage_pb2
 from plumbing import audit as audit_log
+from plumbing import tokens
 from plumbing.audit import AuditLog
 from plumbing.changelog import Notifier, PostgresListener
 from plumbing.config import Settings
@@ -289,6 +290,8 @@ async def start(settings: Settings, role: Role = "all") -> Runtime:
         raise ValueError(f"role must be one of {', '.join(ROLES)}")
     loop = asyncio.get_running_loop()
     files, dev = await loop.run_in_executor(None, trust_files, settings)
+    if role != "gateway":  # the services seal and open cursors and page tokens
+        tokens.install(await loop.run_in_executor(None, tokens.load_keyring, settings))
     trust = TrustStore(files, settings.reload_interval_s)
     db = Database(settings.sqlalchemy_url, settings.db_threads)
     await loop.run_in_executor(None, db.migrate)

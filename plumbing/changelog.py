@@ -6,9 +6,9 @@ commit, so transactions of one log commit in position order on SQLite and Postgr
 reader that reads the head and then every event at or below it never runs past a position below
 which a transaction is still open, and a resuming reader misses nothing.
 
-A cursor is an opaque, versioned, checksummed string naming a log and a position; a stream
-resumes strictly after it. Positions at or below a log's `purged_through` may be gone: a cursor
-before it answers FAILED_PRECONDITION / CURSOR_EXPIRED.
+A cursor is an opaque string naming a log and a position, encrypted and authenticated (see
+plumbing/tokens.py); a stream resumes strictly after it. Positions at or below a log's
+`purged_through` may be gone: a cursor before it answers FAILED_PRECONDITION / CURSOR_EXPIRED.
 
 Live streams wait on a `Notifier`, woken after a commit by the writer in this process or, with
 PostgreSQL, by LISTEN/NOTIFY from any replica; they never poll the database in a loop.

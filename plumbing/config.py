@@ -11,7 +11,7 @@ import dataclasses
 import os
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +110,11 @@ class Settings:
     audit_retention_s: int = 365 * 24 * 3600
     # Numbers kept by the GetNumber read cache (per process; exact, see plumbing/cache.py).
     number_cache_entries: int = 100_000
+    # Keys that seal cursors and page tokens (AES-256-GCM): a file of base64url keys, one a line,
+    # the first sealing and every one opening; empty means <data_dir>/token-keys, made on first
+    # run. `token_keys` (the keys themselves, comma-separated) overrides the file when set.
+    token_keys_file: str = ""
+    token_keys: str = field(default="", repr=False)
     # Threads that run database work.
     db_threads: int = 8
     # Seconds allowed for streams to end cleanly on shutdown.
@@ -122,6 +127,10 @@ class Settings:
     @property
     def pki_dir(self) -> Path:
         return self.data_dir / "pki"
+
+    @property
+    def token_keys_path(self) -> Path:
+        return Path(self.token_keys_file) if self.token_keys_file else self.data_dir / "token-keys"
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)

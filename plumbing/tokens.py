@@ -1,45 +1,258 @@
-"""Opaque tokens (stream cursors, page tokens): versioned, checksummed, URL-safe strings.
+"""Opaque tokens (stream cursors, page tokens): authenticated, encrypted, URL-safe strings.
 
-A token carries a purpose (what it is for, e.g. the change log it points into) and a body. It is
-not secret and not signed: it only lets a client hand back what the server gave it. Anything
-else (another purpose, a corrupted or made-up string) does not unseal.
+A token carries a purpose (what it is for, e.g. the change log it points into) and a body, sealed
+with AES-GCM under a key of this deployment: a client can hand back what the server gave it, and
+can neither read it (no log position, no platform-wide head) nor make or change one. Anything else
+(another purpose or request, another deployment's key, a corrupted or made-up string) does not
+unseal, and is answered exactly as a malformed token is.
+
+    token = base64url(VERSION | key id (4) | nonce (12) | AES-GCM(body) with its tag (16))
+
+The version, key id, purpose and (page tokens) the request are the associated data. Keys come
+from the `token_keys` setting or the key file (`token_keys_file`, default <data_dir>/token-keys,
+made on first run, mode 0600): one base64url key a line, '#' comments. The first key seals;
+every listed key opens, so keys rotate by adding a new one first and keeping the old ones until
+the tokens sealed with them have expired. A key's id is derived from the key.
+
+A process's keys are installed once, by `install()` (the server's start-up does it); sealing or
+opening before that is a programming error (RuntimeError).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import zlib
+import datetime as dt
+import hashlib
+import os
+import secrets
+import stat
 from collections.abc import Sequence
+from pathlib import Path
 
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from plumbing.config import Settings
 from plumbing.errors import invalid_field
+from plumbing.logs import get_logger
 
-VERSION = 1
-MAX_LENGTH = 256
+log = get_logger("opconnect.tokens")
+
+VERSION = 2  # 1: checksummed, not encrypted (no longer read)
+# Longest token read: the longest real one is a quality summary's page token after a 253-character
+# trunk FQDN (382 characters); a cursor is 55.
+MAX_LENGTH = 512
+KEY_BYTES = 32  # AES-256
+_ID_BYTES = 4
+_NONCE_BYTES = 12
+_TAG_BYTES = 16
+_HEAD = 1 + _ID_BYTES
+KEY_FILE_HEADER = (
+    "# opconnect token keys (cursors, page tokens): one base64url AES-256 key a line.\n"
+    "# The first key seals; every key listed opens. Keep this file secret (mode 0600) and the\n"
+    "# same for every replica of the deployment.\n"
+)
 
 
-def seal(purpose: str, body: bytes) -> str:
-    raw = bytes([VERSION]) + purpose.encode() + b"\0" + body
-    raw += zlib.crc32(raw).to_bytes(4, "big")
+def _b64(raw: bytes) -> str:
     return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
 
 
-def unseal(token: str, purpose: str) -> bytes | None:
-    """The body of a token sealed for `purpose`, or None if `token` is not one."""
-    if len(token) > MAX_LENGTH or not token.isascii():
+def _unb64(text: str) -> bytes | None:
+    """The bytes of an unpadded base64url string in its one canonical spelling, or None."""
+    if not text.isascii():
         return None
     try:
-        raw = base64.b64decode(token + "=" * (-len(token) % 4), altchars=b"-_", validate=True)
+        raw = base64.b64decode(text + "=" * (-len(text) % 4), altchars=b"-_", validate=True)
     except (ValueError, binascii.Error):
         return None
-    if base64.urlsafe_b64encode(raw).rstrip(b"=").decode() != token:
-        return None  # one token, one spelling
-    head = bytes([VERSION]) + purpose.encode() + b"\0"
-    if len(raw) < len(head) + 4 or not raw.startswith(head):
-        return None
-    if zlib.crc32(raw[:-4]).to_bytes(4, "big") != raw[-4:]:
-        return None
-    return raw[len(head) : -4]
+    return raw if _b64(raw) == text else None  # one token, one spelling
+
+
+def key_id(key: bytes) -> bytes:
+    """A key's short id, carried in its tokens (derived, so nothing else needs to be kept)."""
+    return hashlib.sha256(b"opconnect token key id\0" + key).digest()[:_ID_BYTES]
+
+
+def new_key() -> str:
+    """A new random key, as the key file and the `token_keys` setting spell it."""
+    return _b64(secrets.token_bytes(KEY_BYTES))
+
+
+class Keyring:
+    """A deployment's token keys: the first seals, every one opens."""
+
+    def __init__(self, keys: Sequence[bytes]) -> None:
+        if not keys:
+            raise ValueError("token keys: none given")
+        self._ciphers: dict[bytes, AESGCM] = {}
+        for key in keys:
+            if len(key) != KEY_BYTES:
+                raise ValueError(f"token keys: a key must be {KEY_BYTES} bytes")
+            ident = key_id(key)
+            if ident in self._ciphers:
+                raise ValueError(f"token keys: key {ident.hex()} is listed twice")
+            self._ciphers[ident] = AESGCM(key)
+        self._sealing = key_id(keys[0])
+
+    @classmethod
+    def generate(cls) -> Keyring:
+        """A keyring of one new random key (tests, tools that need no shared key)."""
+        return cls([secrets.token_bytes(KEY_BYTES)])
+
+    @property
+    def ids(self) -> list[str]:
+        """The keys' ids (hex), the sealing key's first."""
+        return [ident.hex() for ident in self._ciphers]
+
+    def seal(self, purpose: str, body: bytes, request: str | None = None) -> str:
+        head = bytes([VERSION]) + self._sealing
+        nonce = secrets.token_bytes(_NONCE_BYTES)
+        sealed = self._ciphers[self._sealing].encrypt(nonce, body, _context(head, purpose, request))
+        return _b64(head + nonce + sealed)
+
+    def unseal(self, token: str, purpose: str, request: str | None = None) -> bytes | None:
+        if len(token) > MAX_LENGTH:
+            return None
+        raw = _unb64(token)
+        if raw is None or len(raw) < _HEAD + _NONCE_BYTES + _TAG_BYTES or raw[0] != VERSION:
+            return None
+        cipher = self._ciphers.get(raw[1:_HEAD])
+        if cipher is None:
+            return None
+        nonce, sealed = raw[_HEAD : _HEAD + _NONCE_BYTES], raw[_HEAD + _NONCE_BYTES :]
+        try:
+            return cipher.decrypt(nonce, sealed, _context(raw[:_HEAD], purpose, request))
+        except InvalidTag:
+            return None
+
+
+def _context(head: bytes, purpose: str, request: str | None) -> bytes:
+    """The associated data: version, key id, purpose and (page tokens) the request."""
+    name = purpose.encode()
+    bound = b"" if request is None else b"\1" + request.encode()
+    return head + len(name).to_bytes(4, "big") + name + bound
+
+
+# --- the process's keys ------------------------------------------------------------------------
+
+
+class _Process:
+    """The keys this process seals and opens tokens with (installed once, at start-up)."""
+
+    keyring: Keyring | None = None
+
+
+def install(keyring: Keyring | None) -> None:
+    """Use `keyring` for every token this process seals or opens from now on."""
+    _Process.keyring = keyring
+
+
+def installed() -> Keyring | None:
+    return _Process.keyring
+
+
+def _keyring() -> Keyring:
+    if _Process.keyring is None:
+        raise RuntimeError("no token keys installed (plumbing.tokens.install)")
+    return _Process.keyring
+
+
+def seal(purpose: str, body: bytes) -> str:
+    return _keyring().seal(purpose, body)
+
+
+def unseal(token: str, purpose: str) -> bytes | None:
+    """The body of a token sealed for `purpose` by this deployment, or None if `token` is not
+    one."""
+    return _keyring().unseal(token, purpose)
+
+
+# --- keys from the settings or the key file ----------------------------------------------------
+
+
+def parse_keys(text: str, source: str) -> list[bytes]:
+    """The keys of a key file's text or of the `token_keys` setting (separated by line breaks,
+    commas or spaces; '#' starts a comment to the end of the line)."""
+    keys: list[bytes] = []
+    for number, line in enumerate(text.splitlines(), 1):
+        for word in line.split("#", 1)[0].replace(",", " ").split():
+            key = _unb64(word)
+            if key is None or len(key) != KEY_BYTES:
+                raise ValueError(
+                    f"{source} line {number}: not a base64url key of {KEY_BYTES} bytes"
+                )
+            keys.append(key)
+    if not keys:
+        raise ValueError(f"{source}: no token keys")
+    return keys
+
+
+def _write_new(path: Path, text: str) -> Path:
+    """`text` in a new file beside `path` (mode 0600), not yet in place."""
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(8)}")
+    handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.fchmod(handle, 0o600)
+        os.write(handle, text.encode())
+        os.fsync(handle)
+    finally:
+        os.close(handle)
+    return temporary
+
+
+def _stamp() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+def ensure_key_file(path: Path) -> bool:
+    """Make the key file with one new key if it is missing (its directory 0700 if missing too);
+    True if made. Safe when several processes start at once: one file wins, whole."""
+    if path.exists():
+        return False
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    temporary = _write_new(path, f"{KEY_FILE_HEADER}# added {_stamp()}\n{new_key()}\n")
+    try:
+        os.link(temporary, path)
+    except FileExistsError:
+        return False
+    finally:
+        temporary.unlink()
+    return True
+
+
+def rotate_key_file(path: Path) -> str:
+    """Put a new key first in the key file (made if missing), keeping the others; its id."""
+    if ensure_key_file(path):
+        return keys_of_file(path)[0]
+    old = path.read_text()
+    parse_keys(old, str(path))  # never rewrite a file that does not read
+    header = set(KEY_FILE_HEADER.splitlines(True))
+    body = "".join(line for line in old.splitlines(True) if line not in header)
+    key = new_key()
+    temporary = _write_new(path, f"{KEY_FILE_HEADER}# added {_stamp()}\n{key}\n{body}")
+    os.replace(temporary, path)
+    return Keyring(parse_keys(key, "new key")).ids[0]
+
+
+def keys_of_file(path: Path) -> list[str]:
+    """The ids (hex) of the file's keys, the sealing key's first."""
+    return Keyring(parse_keys(path.read_text(), str(path))).ids
+
+
+def load_keyring(settings: Settings) -> Keyring:
+    """The deployment's keys: the `token_keys` setting if set, else the key file (made on first
+    run when it is the default one, <data_dir>/token-keys)."""
+    if settings.token_keys:
+        return Keyring(parse_keys(settings.token_keys, "setting token_keys"))
+    path = settings.token_keys_path
+    if not settings.token_keys_file and ensure_key_file(path):
+        log.info("token key file made", path=str(path))
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        log.warning("token key file is readable by others", path=str(path), mode=oct(mode))
+    return Keyring(parse_keys(path.read_text(), str(path)))
 
 
 # --- page tokens: where the next page starts, bound to the request that made it ---------------
@@ -50,17 +263,16 @@ _SEPARATOR = "\x1f"  # ASCII unit separator: in no key a page starts after
 def page_token(purpose: str, request: str, after: Sequence[str]) -> str:
     """A token for the page after the key `after` (a few strings), only valid with `request`
     (a text naming the request's period, filters and caller): AIP-158 page tokens."""
-    binding = zlib.crc32(request.encode()).to_bytes(4, "big")
-    return seal(purpose, binding + _SEPARATOR.join(after).encode())
+    return _keyring().seal(purpose, _SEPARATOR.join(after).encode(), request)
 
 
 def read_page_token(token: str, purpose: str, request: str, parts: int, domain: str) -> list[str]:
     """The key of `page_token(purpose, request, key)` (`parts` strings); INVALID_ARGUMENT /
     PAGE_TOKEN_INVALID for anything else, a token of another request included."""
-    body = unseal(token, purpose)
-    if body is not None and body[:4] == zlib.crc32(request.encode()).to_bytes(4, "big"):
+    body = _keyring().unseal(token, purpose, request)
+    if body is not None:
         try:
-            key = body[4:].decode().split(_SEPARATOR)
+            key = body.decode().split(_SEPARATOR)
         except UnicodeDecodeError:
             key = []
         if len(key) == parts:

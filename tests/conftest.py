@@ -26,6 +26,7 @@ from gateway import pki, server
 from gateway.registry import OperatorStatus
 from opconnect.numbers.v1 import numbers_pb2, numbers_pb2_grpc
 from opconnect.records.v1 import records_pb2_grpc
+from plumbing import tokens
 from plumbing.config import Settings
 from plumbing.db import Database
 from plumbing.logs import configure_logging
@@ -38,6 +39,10 @@ NO_POSTGRES = "OPCONNECT_TEST_POSTGRES_URL is not set (CI sets it; PostgreSQL on
 TENANT = "6f1a4b2c-8d3e-4f5a-9b6c-7d8e9f0a1b2c"
 OTHER_TENANT = "0b5e2c1d-3a4f-4e6d-8c7b-9a0f1e2d3c4b"
 USER_ID = "11111111-2222-4333-8444-555555555555"
+
+# Tests that seal or open tokens with no server started (some while collected) use a key of their
+# own; a server's start-up installs its deployment's keys instead.
+tokens.install(tokens.Keyring.generate())
 
 # Client identities the test PKI issues (all by the test CA unless named "foreign").
 OPERATOR = "contoso-telecom"

@@ -14,6 +14,7 @@ import pytest
 from opconnect.numbers.v1 import numbers_pb2 as pb
 from opconnect.numbers.v1.numbers_pb2_grpc import NumberServiceStub
 from opconnect.type.v1 import assignment_state_pb2 as state_pb
+from plumbing import tokens
 from plumbing.cache import MISSING, ReadCache
 from plumbing.changelog import ANY_KEY
 from tests.conftest import (
@@ -71,8 +72,9 @@ def replicas(session_pki: Pki, tmp_path: Path) -> Iterator[tuple[RunningSystem, 
     if not POSTGRES_URL:
         pytest.skip(NO_POSTGRES)
     url = reset_postgres(POSTGRES_URL)
-    first = start_system(settings_for(tmp_path / "a", session_pki.paths, url), session_pki)
-    second = start_system(settings_for(tmp_path / "b", session_pki.paths, url), session_pki)
+    keys = {"token_keys": tokens.new_key()}  # replicas share the deployment's token keys
+    first = start_system(settings_for(tmp_path / "a", session_pki.paths, url, **keys), session_pki)
+    second = start_system(settings_for(tmp_path / "b", session_pki.paths, url, **keys), session_pki)
     for running in (first, second):
         listener = running.runtime.listener
         assert listener is not None

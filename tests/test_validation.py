@@ -442,7 +442,7 @@ def test_a_cursor_of_one_log_is_refused_by_another(position: int) -> None:
         "a",
         "!!!!",
         "٣٣٣٣",
-        encode_cursor(LOG, 7) + "A" * 300,  # longer than any token
+        encode_cursor(LOG, 7) + "A" * 600,  # longer than any token
         encode_cursor(LOG, 7) + "AAAA",  # trailing bytes
         encode_cursor(LOG, 7)[:-2],  # truncated
         encode_cursor(LOG, 7)[:12] + "_" + encode_cursor(LOG, 7)[13:],  # a changed character

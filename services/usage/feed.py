@@ -5,7 +5,8 @@ compares the two; the usage service learns the platform's calls from the records
 API, never from its tables: it follows `CallFeedService.FollowCalls` over gRPC as a platform
 principal, and keeps each call with the feed's cursor in one transaction, so that after any
 restart or broken stream it resumes exactly after what it kept. A cursor past the records'
-retention (CURSOR_EXPIRED) starts it again from the oldest record kept.
+retention (CURSOR_EXPIRED), or one no longer readable (CURSOR_INVALID: sealed with a token key
+since removed), starts it again from the oldest record kept.
 """
 
 from __future__ import annotations
@@ -80,6 +81,12 @@ class CallFeedFollower:
                 except grpc.aio.AioRpcError as error:
                     if error.code() == grpc.StatusCode.FAILED_PRECONDITION:  # CURSOR_EXPIRED
                         log.warning("call feed cursor expired; following from the oldest kept")
+                        await self._db.run(storage.store_platform_calls, FEED, [], "", write=True)
+                        continue
+                    saved = await self._db.run(storage.feed_cursor, FEED)
+                    if error.code() == grpc.StatusCode.INVALID_ARGUMENT and saved:  # CURSOR_INVALID
+                        # Sealed with a token key no longer listed, or in an older format.
+                        log.warning("call feed cursor unreadable; following from the oldest kept")
                         await self._db.run(storage.store_platform_calls, FEED, [], "", write=True)
                         continue
                     log.warning(

@@ -492,8 +492,9 @@ class ListNumbersResponse(_message.Message):
     next_page_token: _builtins.str
     """Token of the next page; empty on the last page."""
     watch_cursor: _builtins.str
-    """Where `WatchAssignments` starts so that, with this listing, no change is missed. The same on
-    every page of one listing (it is taken when the first page is read).
+    """Where `WatchAssignments` starts so that, with this listing, no change is missed. The same
+    point on every page of one listing (taken when the first page is read), though not the same
+    text: every cursor is encrypted afresh.
     """
     @_builtins.property
     def numbers(self) -> _containers.RepeatedCompositeFieldContainer[Global___PhoneNumber]:
