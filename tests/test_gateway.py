@@ -364,6 +364,29 @@ def test_an_operator_is_spoken_for_only_by_its_own_anchors(
     assert handshake_fails(system, pair(own_pki.foreign_client))
 
 
+def test_an_operator_bound_to_its_root_ca_speaks_through_an_intermediate(
+    start: Callable[..., RunningSystem], own_pki: Pki
+) -> None:
+    """The chain a client sends is validated, and any CA on it may be the operator's anchor:
+    its root (in the operator bundle) or its issuing CA."""
+    root = make_cert(None, "fabrikam root CA", ca=True)
+    issuing = make_cert(root, "fabrikam issuing CA", ca=True, path_length=0)
+    bundle = own_pki.paths.operator_ca_cert
+    ca_a = bundle.read_bytes()
+    pki.write_public(bundle, ca_a + root.cert_pem)
+    system = start(own_pki)
+    registry = system.runtime.registry
+    system.call(registry.trust(OPERATOR, ca_anchors(ca_a), replace=True))
+    system.call(registry.trust(OTHER_OPERATOR, ca_anchors(root.cert_pem), replace=True))
+    as_b = make_cert(issuing, pki.operator_uri(OTHER_OPERATOR), chain=issuing.cert_pem)
+    as_a = make_cert(issuing, pki.operator_uri(OPERATOR), chain=issuing.cert_pem)
+    assert outcome(list_call(pb_grpc.NumberServiceStub(own_channel(system, as_b)))) == OK
+    refused = (UNAUTHENTICATED, "ISSUER_NOT_BOUND")
+    assert outcome(list_call(pb_grpc.NumberServiceStub(own_channel(system, as_a)))) == refused
+    system.call(registry.trust(OTHER_OPERATOR, ca_anchors(issuing.cert_pem), replace=True))
+    assert outcome(list_call(pb_grpc.NumberServiceStub(own_channel(system, as_b)))) == OK
+
+
 def test_operators_trust_takes_effect_within_the_registry_cache(
     start: Callable[..., RunningSystem], own_pki: Pki, tmp_path: Path
 ) -> None:
