@@ -30,8 +30,8 @@ from google import protobuf
 from google.protobuf.internal import api_implementation
 
 from gateway import server as gateway_server
-from gateway.identity import GATEWAY_NAME
-from gateway.pki import PkiPaths
+from gateway.pki import GATEWAY_NAME, PkiPaths
+from gateway.registry import ca_anchors
 from plumbing.config import Settings
 from plumbing.logs import configure_logging
 
@@ -140,7 +140,9 @@ def bench_settings(data_dir: Path, paths: PkiPaths) -> Settings:
         listen="127.0.0.1:0",
         tls_cert_file=str(paths.server_cert),
         tls_key_file=str(paths.server_key),
-        operator_ca_file=str(paths.ca_cert),
+        operator_ca_file=str(paths.operator_ca_cert),
+        platform_ca_file=str(paths.platform_ca_cert),
+        gateway_ca_file=str(paths.gateway_ca_cert),  # the service processes pin the gateway
         crl_file=str(paths.crl),
         log_level="warning",
         log_format="json",
@@ -153,7 +155,8 @@ async def start_system(settings: Settings) -> gateway_server.Runtime:
     """The one-process system started with `settings`, OPERATOR registered."""
     configure_logging(settings.log_format, settings.log_level)
     runtime = await gateway_server.start(settings)
-    await runtime.registry.add(OPERATOR, "benchmark operator")
+    anchors = ca_anchors(Path(settings.operator_ca_file).read_bytes())
+    await runtime.registry.add(OPERATOR, "benchmark operator", anchors)
     return runtime
 
 
@@ -163,7 +166,7 @@ async def run_bare_server(bare: grpc.aio.Server, pki_dir: Path) -> None:
     paths = PkiPaths.at(pki_dir)
     tls = grpc.ssl_server_credentials(
         [(paths.server_key.read_bytes(), paths.server_cert.read_bytes())],
-        root_certificates=paths.ca_cert.read_bytes(),
+        root_certificates=paths.operator_ca_cert.read_bytes() + paths.platform_ca_cert.read_bytes(),
         require_client_auth=True,
     )
     port = bare.add_secure_port("127.0.0.1:0", tls)
@@ -211,6 +214,9 @@ async def serve_split(
         )
     configure_logging(settings.log_format, settings.log_level)
     runtime = await gateway_server.start(settings, role)
+    if role == "gateway":  # bound to the operator CA (filled databases register no anchor)
+        anchors = ca_anchors(paths.operator_ca_cert.read_bytes())
+        await runtime.registry.add(OPERATOR, "benchmark operator", anchors)
     print(f"READY {runtime.port}", flush=True)
     await serve_commands()
     await runtime.stop(grace_s=1.0)

@@ -8,10 +8,15 @@
     opconnect pki issue platform NAME      a client certificate for a platform system
     opconnect pki revoke CERT.pem          revoke a certificate (CRL reloaded while running)
     opconnect pki rotate-server            re-issue the server certificate (no restart needed)
-    opconnect operators add ID [--name N]  register an operator (active)
+    opconnect operators add ID [--name N] --ca FILE | --pin-cert FILE | --pin SHA256
+                                           register an operator (active) and the trust
+                                           anchors that may speak for it
+    opconnect operators trust ID [--ca FILE] [--pin-cert FILE] [--pin SHA256]
+                              [--remove SHA256] [--replace]
+                                           change its anchors (within registry_cache_s)
     opconnect operators suspend ID         refuse its calls (UNAUTHENTICATED), keep its data
     opconnect operators reactivate ID
-    opconnect operators list
+    opconnect operators list               operators, their status and anchors
     opconnect simulate [--rate R]          realistic calls into a running system, to watch
     opconnect operator submit FILE.csv     as an operator: submit call durations (resumable)
     opconnect operator usage|reconcile     as an operator: usage, reconciliation report
@@ -107,7 +112,8 @@ def cmd_pki(args: argparse.Namespace, settings: Settings) -> int:
         cert, key = pki.issue_client(_pki_paths(settings), args.kind, args.ident)
         print(f"certificate {cert}\nprivate key {key} (mode 0600: hand it over securely)")
         if args.kind == "operator":
-            print(f"register the operator too: opconnect operators add {args.ident}")
+            ca = _pki_paths(settings).operator_ca_cert
+            print(f"register the operator too: opconnect operators add {args.ident} --ca {ca}")
     elif args.pki == "revoke":
         pki.revoke(_pki_paths(settings), Path(args.cert).read_bytes())
         print(f"revoked; {_pki_paths(settings).crl} updated (a running server reloads it)")
@@ -117,13 +123,51 @@ def cmd_pki(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _anchors(args: argparse.Namespace) -> list[registry.Anchor]:
+    """The anchors named by --ca, --pin-cert and --pin."""
+    anchors: list[registry.Anchor] = []
+    for path in args.ca or ():
+        anchors += registry.ca_anchors(Path(path).read_bytes())
+    for path in args.pin_cert or ():
+        anchors.append(registry.pinned_anchor(cert_pem=Path(path).read_bytes()))
+    for fingerprint in args.pin or ():
+        anchors.append(registry.pinned_anchor(fingerprint))
+    return anchors
+
+
+def _show(operator: registry.Operator) -> None:
+    print(f"{operator.operator_id}\t{operator.status.value}\t{operator.display_name}")
+    for anchor in operator.anchors:
+        print(f"  {anchor}")
+    if not operator.anchors:
+        print(
+            "  no trust anchor: its calls are refused (NO_TRUST_ANCHOR) until"
+            f" `opconnect operators trust {operator.operator_id} --ca FILE`"
+        )
+
+
 def cmd_operators(args: argparse.Namespace, settings: Settings) -> int:
     db = Database(settings.sqlalchemy_url, threads=1)
     try:
         db.migrate()
         if args.operators == "add":
-            found = db.transaction(registry.add_operator, args.id, args.name, write=True)
-        elif args.operators in ("suspend", "reactivate"):
+            found = db.transaction(
+                registry.add_operator, args.id, args.name, _anchors(args), write=True
+            )
+            _show(found)
+            return 0
+        if args.operators == "trust":
+            found = db.transaction(
+                registry.trust_operator,
+                args.id,
+                _anchors(args),
+                args.remove or [],
+                args.replace,
+                write=True,
+            )
+            _show(found)
+            return 0
+        if args.operators in ("suspend", "reactivate"):
             status = (
                 registry.OperatorStatus.SUSPENDED
                 if args.operators == "suspend"
@@ -132,7 +176,7 @@ def cmd_operators(args: argparse.Namespace, settings: Settings) -> int:
             found = db.transaction(registry.set_status, args.id, status, write=True)
         else:
             for operator in db.transaction(registry.list_operators):
-                print(f"{operator.operator_id}\t{operator.status.value}\t{operator.display_name}")
+                _show(operator)
             return 0
         print(f"{found.operator_id}: {found.status.value}")
         return 0
@@ -285,9 +329,37 @@ def parser() -> argparse.ArgumentParser:
     ops = commands.add_parser("operators", help="the operator registry").add_subparsers(
         dest="operators", required=True
     )
-    add = ops.add_parser("add", help="register an operator")
+    add = ops.add_parser("add", help="register an operator and its trust anchors")
     add.add_argument("id")
     add.add_argument("--name", default="")
+    trust = ops.add_parser("trust", help="change the trust anchors that may speak for an operator")
+    trust.add_argument("id")
+    trust.add_argument(
+        "--remove",
+        action="append",
+        metavar="SHA256",
+        help="drop the anchor of this fingerprint (or CA key-sha256), as `list` shows it",
+    )
+    trust.add_argument("--replace", action="store_true", help="drop all its anchors first")
+    for command in (add, trust):
+        command.add_argument(
+            "--ca",
+            action="append",
+            metavar="FILE",
+            help="a PEM file of CA certificates whose certificates may speak for it",
+        )
+        command.add_argument(
+            "--pin-cert",
+            action="append",
+            metavar="FILE",
+            help="a PEM client certificate that may speak for it (pinned by fingerprint)",
+        )
+        command.add_argument(
+            "--pin",
+            action="append",
+            metavar="SHA256",
+            help="the SHA-256 fingerprint of a client certificate that may speak for it",
+        )
     for name in ("suspend", "reactivate"):
         ops.add_parser(name).add_argument("id")
     ops.add_parser("list")

@@ -7,6 +7,11 @@ Identities are SPIFFE URI SANs (DESIGN.md section 2):
 
 The gateway server certificate carries DNS and IP SANs instead.
 
+Each kind of certificate has a CA of its own, so that no CA can sign an identity of another
+kind: the server CA (``ca.pem``: what clients verify the server with; it signs no client), the
+operator CA, the platform CA, and the gateway CA (``gateway-ca.pem``: the gateway's own
+certificate to the service processes, and nothing else).
+
 Everything here is a plain function over PEM bytes or paths; nothing caches state. Private keys
 are never put into a repr, a log line or an exception message.
 
@@ -22,7 +27,7 @@ import json
 import os
 import re
 import secrets
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -39,6 +44,7 @@ __all__ = [
     "OPERATOR_URI_PREFIX",
     "PLATFORM_URI_PREFIX",
     "SPIFFE_TRUST_DOMAIN",
+    "CaRole",
     "Issued",
     "PeerIdentity",
     "PkiPaths",
@@ -50,6 +56,7 @@ __all__ = [
     "issue_client_cert",
     "issue_server_cert",
     "issued_by",
+    "issuer_role",
     "load_ca",
     "load_crl_serials",
     "make_crl",
@@ -58,11 +65,23 @@ __all__ = [
     "revoke",
     "rotate_server_cert",
     "serial_of",
+    "spki_sha256",
     "write_private",
     "write_public",
 ]
 
 PeerKind = Literal["operator", "platform"]
+# The CAs of the development PKI; "server" signs the server certificate only.
+CaRole = Literal["server", "operator", "platform", "gateway"]
+CA_ROLES: tuple[CaRole, ...] = ("server", "operator", "platform", "gateway")
+CLIENT_CA_ROLES: tuple[CaRole, ...] = ("operator", "platform")  # those with a CRL
+GATEWAY_NAME = "gateway"  # the platform name of the gateway's certificate to the services
+_CA_FILES: dict[CaRole, str] = {
+    "server": "ca",
+    "operator": "operator-ca",
+    "platform": "platform-ca",
+    "gateway": "gateway-ca",
+}
 
 SPIFFE_TRUST_DOMAIN = "opconnect"
 OPERATOR_URI_PREFIX = f"spiffe://{SPIFFE_TRUST_DOMAIN}/operator/"
@@ -74,6 +93,8 @@ IDENT_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
 _IDENT_RE = re.compile(IDENT_PATTERN)
 # Client file names are "<kind>-<ident>"; this also keeps them inside clients/.
 _CLIENT_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,127}$")
+
+_PEM_CRL = re.compile(rb"-----BEGIN X509 CRL-----.+?-----END X509 CRL-----\s*", re.S)
 
 _CLOCK_SKEW = datetime.timedelta(minutes=5)
 _CN_MAX = 64  # ub-common-name, RFC 5280
@@ -390,6 +411,18 @@ def fingerprint_sha256(cert_pem: bytes) -> str:
     return _load_cert(cert_pem).fingerprint(hashes.SHA256()).hex()
 
 
+def spki_sha256(cert: x509.Certificate) -> str:
+    """SHA-256 over the certificate's DER SubjectPublicKeyInfo (its key, whatever the
+    certificate around it), lowercase hex."""
+    digest = hashes.Hash(hashes.SHA256())
+    digest.update(
+        cert.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    return digest.finalize().hex()
+
+
 @dataclass(frozen=True)
 class PeerIdentity:
     kind: PeerKind
@@ -495,13 +528,19 @@ class PkiPaths:
     """File layout of a PKI directory. Build with :meth:`PkiPaths.at`."""
 
     directory: Path
-    ca_cert: Path
+    ca_cert: Path  # the server CA: what clients verify the server with
     ca_key: Path
-    crl: Path
+    crl: Path  # the CRLs of the operator and platform CAs, one PEM file
     revoked: Path
     server_cert: Path
     server_key: Path
     clients_dir: Path
+    operator_ca_cert: Path
+    operator_ca_key: Path
+    platform_ca_cert: Path
+    platform_ca_key: Path
+    gateway_ca_cert: Path
+    gateway_ca_key: Path
 
     @classmethod
     def at(cls, directory: Path) -> PkiPaths:
@@ -515,7 +554,18 @@ class PkiPaths:
             server_cert=directory / "server.pem",
             server_key=directory / "server.key",
             clients_dir=directory / "clients",
+            operator_ca_cert=directory / "operator-ca.pem",
+            operator_ca_key=directory / "operator-ca.key",
+            platform_ca_cert=directory / "platform-ca.pem",
+            platform_ca_key=directory / "platform-ca.key",
+            gateway_ca_cert=directory / "gateway-ca.pem",
+            gateway_ca_key=directory / "gateway-ca.key",
         )
+
+    def ca(self, role: CaRole) -> tuple[Path, Path]:
+        """``(<role CA>.pem, <role CA>.key)``: ``ca`` (server), ``operator-ca``, ..."""
+        name = _CA_FILES[role]
+        return self.directory / f"{name}.pem", self.directory / f"{name}.key"
 
     def client(self, name: str) -> tuple[Path, Path]:
         """``(clients/<name>.pem, clients/<name>.key)``; ``name`` is e.g. ``operator-acme``."""
@@ -530,27 +580,77 @@ def _make_private_dir(directory: Path) -> None:
         directory.chmod(0o700)
 
 
-def load_ca(paths: PkiPaths) -> Issued:
-    """Read the CA certificate and key; ValueError if they do not belong together."""
-    ca = Issued(cert_pem=paths.ca_cert.read_bytes(), key_pem=paths.ca_key.read_bytes())
+def load_ca(paths: PkiPaths, role: CaRole) -> Issued:
+    """Read one CA's certificate and key; ValueError if they do not belong together."""
+    cert_path, key_path = paths.ca(role)
+    ca = Issued(cert_pem=cert_path.read_bytes(), key_pem=key_path.read_bytes())
     _load_ca(ca)
     return ca
 
 
-def _load_revoked(paths: PkiPaths) -> list[int]:
+def issuer_role(kind: PeerKind, ident: str) -> CaRole:
+    """Which CA of the development PKI signs a client identity."""
+    if kind == "operator":
+        return "operator"
+    return "gateway" if ident == GATEWAY_NAME else "platform"
+
+
+Revoked = dict[str, list[int]]  # per client CA role (and "retired")
+
+
+def _load_revoked(paths: PkiPaths) -> Revoked:
+    """Revoked serials per client CA. The list of the one-CA layout (before the operator and
+    platform CAs) reads as nothing revoked: that CA is now the server CA, which no client
+    certificate chains to any more."""
+    revoked: Revoked = {role: [] for role in CLIENT_CA_ROLES}
     if not paths.revoked.exists():
-        return []
+        return revoked
     data = json.loads(paths.revoked.read_text(encoding="utf-8"))
-    if not isinstance(data, list) or not all(
-        isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in data
-    ):
-        raise ValueError(f"{paths.revoked} must be a JSON list of positive integers")
-    return data
+    if isinstance(data, list):
+        return revoked
+    if not isinstance(data, dict) or set(data) - {*CLIENT_CA_ROLES, _RETIRED}:
+        raise ValueError(f"{paths.revoked} must map operator and platform to serials")
+    for role in (*CLIENT_CA_ROLES, _RETIRED):
+        serials = data.get(role, [])
+        if not isinstance(serials, list) or not all(
+            isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in serials
+        ):
+            raise ValueError(f"{paths.revoked} must hold lists of positive integers")
+        revoked[role] = serials
+    return revoked
 
 
-def _write_crl(paths: PkiPaths, ca: Issued, serials: list[int]) -> None:
-    write_public(paths.revoked, json.dumps(sorted(set(serials))).encode() + b"\n")
-    write_public(paths.crl, make_crl(ca, serials))
+_RETIRED = "retired"  # revoked.json: what the one-CA layout's CA had revoked (never re-issued)
+
+
+def _revoked_layout(paths: PkiPaths) -> tuple[bool, set[int]]:
+    """Whether revoked.json is of the current layout, and the serials the one-CA layout's CA
+    had revoked (its list, kept as "retired" once upgraded)."""
+    if not paths.revoked.exists():
+        return False, set()
+    data = json.loads(paths.revoked.read_text(encoding="utf-8"))
+    if isinstance(data, list):
+        return False, {s for s in data if isinstance(s, int)}
+    retired = data.get(_RETIRED, []) if isinstance(data, dict) else []
+    return True, {s for s in retired if isinstance(s, int)}
+
+
+def _write_crl(paths: PkiPaths, cas: Mapping[CaRole, Issued], revoked: Revoked) -> None:
+    text: dict[str, list[int]] = {role: sorted(set(revoked[role])) for role in CLIENT_CA_ROLES}
+    if revoked.get(_RETIRED):
+        text[_RETIRED] = sorted(set(revoked[_RETIRED]))
+    write_public(paths.revoked, json.dumps(text).encode() + b"\n")
+    write_public(paths.crl, b"".join(make_crl(cas[role], text[role]) for role in CLIENT_CA_ROLES))
+
+
+def _crl_serials(crl_bundle: bytes, ca: Issued) -> frozenset[int] | None:
+    """The serials of the CRL of ``ca`` in a PEM bundle of CRLs; None if it holds none."""
+    for block in _PEM_CRL.findall(crl_bundle):
+        try:
+            return load_crl_serials(block, ca.cert_pem)
+        except ValueError:
+            continue
+    return None
 
 
 def _write_pair(cert_path: Path, key_path: Path, issued: Issued) -> None:
@@ -569,14 +669,15 @@ def _pair_is_current(cert_path: Path, key_path: Path, ca: Issued) -> bool:
 
 
 def issue_client(paths: PkiPaths, kind: PeerKind, ident: str) -> tuple[Path, Path]:
-    """Issue a client certificate for an operator or platform identity into clients/.
+    """Issue a client certificate for an operator or platform identity into clients/, by the
+    CA of its kind (the platform name ``gateway``: the gateway CA).
 
     Writes ``clients/<kind>-<ident>.pem`` and ``.key`` (replacing any previous pair) and
     returns their paths.
     """
     uri = _uri_for(kind, ident)
     cert_path, key_path = paths.client(f"{kind}-{ident}")
-    ca = load_ca(paths)
+    ca = load_ca(paths, issuer_role(kind, ident))
     _make_private_dir(paths.clients_dir)
     _write_pair(cert_path, key_path, issue_client_cert(ca, uri))
     return cert_path, key_path
@@ -585,24 +686,50 @@ def issue_client(paths: PkiPaths, kind: PeerKind, ident: str) -> tuple[Path, Pat
 def revoke(paths: PkiPaths, cert_pem: bytes) -> None:
     """Add the certificate's serial to revoked.json and regenerate crl.pem.
 
-    ValueError if the certificate was not issued by this PKI's CA.
+    ValueError if the certificate was not issued by this PKI's operator or platform CA.
     """
-    ca = load_ca(paths)
-    if not issued_by(cert_pem, [ca.cert_pem]):
-        raise ValueError("certificate was not issued by this CA")
-    serials = _load_revoked(paths)
+    cas = {role: load_ca(paths, role) for role in CLIENT_CA_ROLES}
+    role = next((r for r in CLIENT_CA_ROLES if issued_by(cert_pem, [cas[r].cert_pem])), None)
+    if role is None:
+        raise ValueError("certificate was not issued by this PKI's operator or platform CA")
+    revoked = _load_revoked(paths)
     serial = serial_of(cert_pem)
-    if serial not in serials:
-        serials.append(serial)
-    _write_crl(paths, ca, serials)
+    if serial not in revoked[role]:
+        revoked[role].append(serial)
+    _write_crl(paths, cas, revoked)
 
 
 def rotate_server_cert(
     paths: PkiPaths, dns_names: Sequence[str], ip_addresses: Sequence[str]
 ) -> None:
     """Re-issue the server certificate and key (each file replaced atomically, key first)."""
-    ca = load_ca(paths)
+    ca = load_ca(paths, "server")
     _write_pair(paths.server_cert, paths.server_key, issue_server_cert(ca, dns_names, ip_addresses))
+
+
+def _ensure_ca(paths: PkiPaths, role: CaRole) -> tuple[Issued, bool]:
+    """The CA of ``role``, made if missing; and whether it was made now."""
+    cert_path, key_path = paths.ca(role)
+    have_cert, have_key = cert_path.exists(), key_path.exists()
+    if have_cert != have_key:
+        raise ValueError(
+            f"incomplete CA in {paths.directory}: need both {cert_path.name} and {key_path.name}"
+        )
+    if have_cert:
+        return load_ca(paths, role), False
+    ca = create_ca(f"opconnect dev {role} CA")
+    _write_pair(cert_path, key_path, ca)
+    return ca, True
+
+
+def _client_names(paths: PkiPaths) -> list[tuple[PeerKind, str]]:
+    """The identities of the client pairs in clients/ (by their file names)."""
+    found: list[tuple[PeerKind, str]] = []
+    for cert_path in sorted(paths.clients_dir.glob("*.pem")):
+        kind, _, ident = cert_path.stem.partition("-")
+        if kind in ("operator", "platform") and _IDENT_RE.fullmatch(ident):
+            found.append(("operator" if kind == "operator" else "platform", ident))
+    return found
 
 
 def ensure_dev_pki(
@@ -614,10 +741,13 @@ def ensure_dev_pki(
 ) -> PkiPaths:
     """Create whatever is missing of a development PKI in ``directory`` (mode 0700).
 
-    The CA, an empty CRL, the server pair and the client pairs ``operator-<operator_id>`` and
+    The four CAs (server, operator, platform, gateway), the CRLs of the operator and platform
+    CAs, the server pair and the client pairs ``operator-<operator_id>`` and
     ``platform-<platform_name>``. Existing files are left alone, so a second call changes
-    nothing; a pair that is incomplete or not issued by the current CA is re-issued. A CA with
-    only one of its two files present is an error rather than being silently replaced.
+    nothing; a pair that is incomplete or not issued by the CA of its kind is re-issued (so a
+    directory of the one-CA layout is upgraded: its CA becomes the server CA, and every client
+    pair it signed that it had not revoked is re-issued by the CA of its kind). A CA with only
+    one of its two files present is an error rather than being silently replaced.
     """
     op_uri = operator_uri(operator_id)
     pf_uri = platform_uri(platform_name)
@@ -627,35 +757,43 @@ def ensure_dev_pki(
     _make_private_dir(paths.directory)
     _make_private_dir(paths.clients_dir)
 
-    have_cert, have_key = paths.ca_cert.exists(), paths.ca_key.exists()
-    if have_cert != have_key:
-        raise ValueError(f"incomplete CA in {paths.directory}: need both ca.pem and ca.key")
-    if have_cert:
-        ca = load_ca(paths)
-    else:
-        ca = create_ca("opconnect dev CA")
-        _write_pair(paths.ca_cert, paths.ca_key, ca)
-        # Anything left over belongs to a CA that no longer exists.
-        paths.revoked.unlink(missing_ok=True)
-        paths.crl.unlink(missing_ok=True)
+    made = {role: _ensure_ca(paths, role) for role in CA_ROLES}
+    cas = {role: ca for role, (ca, _) in made.items()}
+    layout_current, legacy = _revoked_layout(paths)  # legacy: never re-issued below
+    crl_bundle = paths.crl.read_bytes() if paths.crl.exists() else b""
+    crls = {role: _crl_serials(crl_bundle, cas[role]) for role in CLIENT_CA_ROLES}
+    if not layout_current:
+        # Recover the lists from the CRLs of these CAs rather than forgetting revocations.
+        recovered: Revoked = {role: sorted(crls[role] or ()) for role in CLIENT_CA_ROLES}
+        recovered[_RETIRED] = sorted(legacy)
+        _write_crl(paths, cas, recovered)
+    elif any(crls[role] is None or made[role][1] for role in CLIENT_CA_ROLES):
+        revoked = _load_revoked(paths)
+        for role in CLIENT_CA_ROLES:
+            if made[role][1]:
+                revoked[role] = []  # the serials of a CA that no longer exists
+        _write_crl(paths, cas, revoked)
 
-    if not paths.revoked.exists():
-        # Recover the list from an existing CRL of this CA rather than forgetting revocations.
-        serials: list[int] = []
-        if paths.crl.exists():
-            serials = sorted(load_crl_serials(paths.crl.read_bytes(), ca.cert_pem))
-        write_public(paths.revoked, json.dumps(serials).encode() + b"\n")
-    if not paths.crl.exists():
-        write_public(paths.crl, make_crl(ca, _load_revoked(paths)))
-
-    if not _pair_is_current(paths.server_cert, paths.server_key, ca):
+    if not _pair_is_current(paths.server_cert, paths.server_key, cas["server"]):
         _write_pair(
             paths.server_cert,
             paths.server_key,
-            issue_server_cert(ca, list(dns_names), list(ip_addresses)),
+            issue_server_cert(cas["server"], list(dns_names), list(ip_addresses)),
         )
-    for name, uri in ((f"operator-{operator_id}", op_uri), (f"platform-{platform_name}", pf_uri)):
-        cert_path, key_path = paths.client(name)
-        if not _pair_is_current(cert_path, key_path, ca):
-            _write_pair(cert_path, key_path, issue_client_cert(ca, uri))
+    wanted: dict[tuple[PeerKind, str], str] = {
+        ("operator", operator_id): op_uri,
+        ("platform", platform_name): pf_uri,
+    }
+    for kind, ident in _client_names(paths):
+        wanted.setdefault((kind, ident), _uri_for(kind, ident))
+    for (kind, ident), uri in wanted.items():
+        cert_path, key_path = paths.client(f"{kind}-{ident}")
+        if _pair_is_current(cert_path, key_path, cas[issuer_role(kind, ident)]):
+            continue
+        try:
+            if cert_path.exists() and serial_of(cert_path.read_bytes()) in legacy:
+                continue  # revoked: not brought back to life
+        except ValueError:
+            pass
+        _write_pair(cert_path, key_path, issue_client_cert(cas[issuer_role(kind, ident)], uri))
     return paths

@@ -1,20 +1,30 @@
-"""The operator registry: which operators exist and whether they are active.
+"""The operator registry: which operators exist, whether they are active, and which trust
+anchors may speak for each.
 
-A certificate proves who an operator is; the registry says whether it may call now. Suspending
-an operator refuses its next call (UNAUTHENTICATED) without touching its certificates or data.
+A certificate proves who an operator is only when an anchor registered for that operator vouches
+for it: a CA on the certificate's verified chain (matched by its public key, so a CA re-issued
+with the same key stays bound) or the certificate itself, pinned by its SHA-256 fingerprint. An
+operator with no anchor is refused (fail closed). The registry also says whether it may call
+now: suspending an operator refuses its next call (UNAUTHENTICATED) without touching its
+certificates or data.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Literal
 
-from sqlalchemy import DateTime, String, select
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from sqlalchemy import DateTime, ForeignKey, String, delete, select
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
-from gateway.pki import operator_uri
+from gateway.pki import operator_uri, spki_sha256
 from plumbing.db import Base, Database
 
 
@@ -33,19 +43,150 @@ class OperatorRow(Base):
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
 
 
+AnchorKind = Literal["ca", "pin"]
+
+
+class OperatorAnchorRow(Base):
+    """A trust anchor that may speak for an operator: a CA (its key) or a pinned certificate."""
+
+    __tablename__ = "operator_anchors"
+
+    operator_id: Mapped[str] = mapped_column(
+        String(63), ForeignKey("operators.operator_id"), primary_key=True
+    )
+    # SHA-256 of the DER certificate (the CA's or the pinned one), lowercase hex.
+    fingerprint: Mapped[str] = mapped_column(String(64), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(8))
+    # A CA: SHA-256 of its SubjectPublicKeyInfo, what is matched; a pin: empty.
+    key_sha256: Mapped[str] = mapped_column(String(64))
+    subject: Mapped[str] = mapped_column(String(1024))  # RFC 4514, for people; empty for a bare pin
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+
+
+@dataclass(frozen=True)
+class Anchor:
+    kind: AnchorKind
+    fingerprint: str
+    key_sha256: str = ""
+    subject: str = ""
+
+    def __str__(self) -> str:
+        if self.kind == "ca":
+            return f"ca  sha256={self.fingerprint} key-sha256={self.key_sha256} {self.subject}"
+        return f"pin sha256={self.fingerprint}{' ' + self.subject if self.subject else ''}"
+
+
+_FINGERPRINT = re.compile(r"[0-9a-f]{64}")
+
+
+def normalize_fingerprint(text: str) -> str:
+    """A SHA-256 fingerprint as 64 lowercase hex digits (':' separators and case as openssl
+    prints them accepted); ValueError otherwise."""
+    value = text.strip().lower().replace(":", "")
+    if not _FINGERPRINT.fullmatch(value):
+        raise ValueError("a SHA-256 fingerprint is 64 hex digits")
+    return value
+
+
+def ca_anchors(bundle: bytes) -> list[Anchor]:
+    """The CA certificates of a PEM bundle as anchors; ValueError if it holds none, or a
+    certificate that is not a CA (pin a leaf with its fingerprint instead)."""
+    certs = x509.load_pem_x509_certificates(bundle) if b"-----BEGIN" in bundle else []
+    if not certs:
+        raise ValueError("no PEM certificate found")
+    anchors = []
+    for cert in certs:
+        try:
+            is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+        except x509.ExtensionNotFound:
+            is_ca = False
+        if not is_ca:
+            raise ValueError(
+                f"{cert.subject.rfc4514_string()} is not a CA certificate (pin a client"
+                " certificate by its fingerprint instead)"
+            )
+        anchors.append(
+            Anchor(
+                "ca",
+                cert.fingerprint(hashes.SHA256()).hex(),
+                spki_sha256(cert),
+                cert.subject.rfc4514_string(),
+            )
+        )
+    return anchors
+
+
+def pinned_anchor(fingerprint: str = "", cert_pem: bytes = b"") -> Anchor:
+    """A pinned client certificate, by its fingerprint or the certificate itself."""
+    if cert_pem:
+        cert = x509.load_pem_x509_certificate(cert_pem)
+        return Anchor(
+            "pin", cert.fingerprint(hashes.SHA256()).hex(), "", cert.subject.rfc4514_string()
+        )
+    return Anchor("pin", normalize_fingerprint(fingerprint))
+
+
 @dataclass(frozen=True)
 class Operator:
     operator_id: str
     display_name: str
     status: OperatorStatus
+    anchors: tuple[Anchor, ...] = ()
+
+    @property
+    def ca_keys(self) -> frozenset[str]:
+        """SHA-256 of the public keys of the CAs that may speak for the operator."""
+        return frozenset(a.key_sha256 for a in self.anchors if a.kind == "ca")
+
+    @property
+    def pins(self) -> frozenset[str]:
+        """Fingerprints of the certificates pinned for the operator."""
+        return frozenset(a.fingerprint for a in self.anchors if a.kind == "pin")
 
 
-def _operator(row: OperatorRow) -> Operator:
-    return Operator(row.operator_id, row.display_name, OperatorStatus(row.status))
+def _anchors(session: Session, operator_id: str) -> tuple[Anchor, ...]:
+    rows = session.scalars(
+        select(OperatorAnchorRow)
+        .where(OperatorAnchorRow.operator_id == operator_id)
+        .order_by(OperatorAnchorRow.kind, OperatorAnchorRow.fingerprint)
+    )
+    return tuple(
+        Anchor("ca" if r.kind == "ca" else "pin", r.fingerprint, r.key_sha256, r.subject)
+        for r in rows
+    )
 
 
-def add_operator(session: Session, operator_id: str, display_name: str = "") -> Operator:
-    """Add an active operator; an existing one is returned unchanged."""
+def _operator(row: OperatorRow, session: Session) -> Operator:
+    return Operator(
+        row.operator_id,
+        row.display_name,
+        OperatorStatus(row.status),
+        _anchors(session, row.operator_id),
+    )
+
+
+def _add_anchors(session: Session, operator_id: str, anchors: Sequence[Anchor]) -> None:
+    stamp = dt.datetime.now(dt.UTC)
+    for anchor in anchors:
+        if session.get(OperatorAnchorRow, (operator_id, anchor.fingerprint)) is None:
+            session.add(
+                OperatorAnchorRow(
+                    operator_id=operator_id,
+                    fingerprint=anchor.fingerprint,
+                    kind=anchor.kind,
+                    key_sha256=anchor.key_sha256,
+                    subject=anchor.subject[:1024],
+                    created_at=stamp,
+                )
+            )
+    session.flush()
+
+
+def add_operator(
+    session: Session, operator_id: str, display_name: str = "", anchors: Sequence[Anchor] = ()
+) -> Operator:
+    """Add an active operator, with the trust anchors that may speak for it; an existing one is
+    returned unchanged but for the anchors, which are added to its own."""
     operator_uri(operator_id)  # raises ValueError for an id a certificate could not carry
     row = session.get(OperatorRow, operator_id)
     if row is None:
@@ -59,7 +200,39 @@ def add_operator(session: Session, operator_id: str, display_name: str = "") -> 
         )
         session.add(row)
         session.flush()
-    return _operator(row)
+    _add_anchors(session, operator_id, anchors)
+    return _operator(row, session)
+
+
+def trust_operator(
+    session: Session,
+    operator_id: str,
+    add: Sequence[Anchor] = (),
+    remove: Sequence[str] = (),
+    replace: bool = False,
+) -> Operator:
+    """Change the anchors that may speak for an operator: drop all of them (`replace`) or those
+    named in `remove` (a fingerprint, or a CA's key-sha256), then add `add`. LookupError for an
+    unknown operator or an anchor it does not have."""
+    row = session.get(OperatorRow, operator_id)
+    if row is None:
+        raise LookupError(f"no operator {operator_id}")
+    table = OperatorAnchorRow
+    if replace:
+        session.execute(delete(table).where(table.operator_id == operator_id))
+    for text in remove:
+        value = normalize_fingerprint(text)
+        gone = session.execute(
+            delete(table).where(
+                table.operator_id == operator_id,
+                (table.fingerprint == value) | ((table.key_sha256 == value) & (table.kind == "ca")),
+            )
+        )
+        if not getattr(gone, "rowcount", 0):
+            raise LookupError(f"operator {operator_id} has no anchor {value}")
+    _add_anchors(session, operator_id, add)
+    row.updated_at = dt.datetime.now(dt.UTC)
+    return _operator(row, session)
 
 
 def set_status(session: Session, operator_id: str, status: OperatorStatus) -> Operator:
@@ -68,23 +241,23 @@ def set_status(session: Session, operator_id: str, status: OperatorStatus) -> Op
         raise LookupError(f"no operator {operator_id}")
     row.status = status.value
     row.updated_at = dt.datetime.now(dt.UTC)
-    return _operator(row)
+    return _operator(row, session)
 
 
 def get_operator(session: Session, operator_id: str) -> Operator | None:
     row = session.get(OperatorRow, operator_id)
-    return _operator(row) if row else None
+    return _operator(row, session) if row else None
 
 
 def list_operators(session: Session) -> list[Operator]:
-    return [
-        _operator(r) for r in session.scalars(select(OperatorRow).order_by(OperatorRow.operator_id))
-    ]
+    rows = session.scalars(select(OperatorRow).order_by(OperatorRow.operator_id)).all()
+    return [_operator(r, session) for r in rows]
 
 
 class Registry:
-    """Registry reads for the hot path: each operator's status cached for `ttl_s` seconds, so a
-    suspension made by another process takes effect within that time (at once in this one)."""
+    """Registry reads for the hot path: each operator's status and anchors cached for `ttl_s`
+    seconds, so a suspension or an anchor change made by another process (`opconnect
+    operators`) takes effect within that time (at once in this one)."""
 
     def __init__(self, db: Database, ttl_s: float) -> None:
         self._db = db
@@ -100,8 +273,21 @@ class Registry:
         self._cache[operator_id] = (found, now)
         return found
 
-    async def add(self, operator_id: str, display_name: str = "") -> Operator:
-        found = await self._db.run(add_operator, operator_id, display_name, write=True)
+    async def add(
+        self, operator_id: str, display_name: str = "", anchors: Sequence[Anchor] = ()
+    ) -> Operator:
+        found = await self._db.run(add_operator, operator_id, display_name, anchors, write=True)
+        self._cache.pop(operator_id, None)
+        return found
+
+    async def trust(
+        self,
+        operator_id: str,
+        add: Sequence[Anchor] = (),
+        remove: Sequence[str] = (),
+        replace: bool = False,
+    ) -> Operator:
+        found = await self._db.run(trust_operator, operator_id, add, remove, replace, write=True)
         self._cache.pop(operator_id, None)
         return found
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -22,9 +22,14 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from gateway.forward import Forwarder, mirror_health
-from gateway.identity import GATEWAY_NAME, Authenticator, ServiceAuthenticator
-from gateway.pki import PkiPaths, ensure_dev_pki, issue_client
-from gateway.registry import Registry
+from gateway.identity import (
+    Authenticator,
+    ServiceAuthenticator,
+    check_bundles_apart,
+    parse_fingerprints,
+)
+from gateway.pki import GATEWAY_NAME, PkiPaths, ensure_dev_pki, issue_client
+from gateway.registry import Registry, ca_anchors
 from gateway.trust import TrustFiles, TrustStore
 from opconnect.numbers.v1 import numbers_pb2
 from opconnect.records.v1 import records_pb2
@@ -117,24 +122,55 @@ class Runtime:
         log.info("stopped")
 
 
-def trust_files(settings: Settings) -> tuple[TrustFiles, PkiPaths | None]:
-    """The configured TLS files, or the development PKI (made on first run) where none are."""
+def trust_files(settings: Settings, role: Role = "all") -> tuple[TrustFiles, PkiPaths | None]:
+    """The configured TLS files, or the development PKI (made on first run) where none are.
+
+    ValueError when a configuration would let one kind of CA sign another kind's identities:
+    no platform bundle of its own, a platform bundle sharing a CA with the operator bundle, or
+    (a service process) no pinned gateway, or a gateway CA shared with either bundle."""
     deny = Path(settings.deny_list_file) if settings.deny_list_file else None
+    dev: PkiPaths | None = None
+    gateway_ca = Path(settings.gateway_ca_file) if settings.gateway_ca_file else None
     if settings.tls_cert_file and settings.tls_key_file and settings.operator_ca_file:
-        operator_ca = Path(settings.operator_ca_file)
+        if not settings.platform_ca_file:
+            raise ValueError(
+                "platform_ca_file is not set: platform certificates must come from a CA bundle"
+                " of their own, never the operators' (set it to the platform CA bundle)"
+            )
         files = TrustFiles(
             server_cert=Path(settings.tls_cert_file),
             server_key=Path(settings.tls_key_file),
-            operator_ca=operator_ca,
-            platform_ca=Path(settings.platform_ca_file)
-            if settings.platform_ca_file
-            else operator_ca,
+            operator_ca=Path(settings.operator_ca_file),
+            platform_ca=Path(settings.platform_ca_file),
             crl=Path(settings.crl_file) if settings.crl_file else None,
             deny_list=deny,
         )
-        return files, None
-    dev = ensure_dev_pki(settings.pki_dir, operator_id=DEV_OPERATOR, platform_name=DEV_PLATFORM)
-    return TrustFiles(dev.server_cert, dev.server_key, dev.ca_cert, dev.ca_cert, dev.crl, deny), dev
+    else:
+        dev = ensure_dev_pki(settings.pki_dir, operator_id=DEV_OPERATOR, platform_name=DEV_PLATFORM)
+        gateway_ca = gateway_ca or dev.gateway_ca_cert
+        files = TrustFiles(
+            dev.server_cert,
+            dev.server_key,
+            dev.operator_ca_cert,
+            dev.platform_ca_cert,
+            dev.crl,
+            deny,
+        )
+    operator_cas, platform_cas = files.operator_ca.read_bytes(), files.platform_ca.read_bytes()
+    check_bundles_apart(operator_cas, platform_cas, "operator_ca_file", "platform_ca_file")
+    if role in ("all", "gateway"):
+        return files, dev
+    if gateway_ca is None and not parse_fingerprints(settings.gateway_fingerprints):
+        raise ValueError(
+            f"a {role} process believes the principal header only from a pinned gateway: set"
+            " gateway_ca_file (a CA that signs the gateway's certificate and nothing else)"
+            " and/or gateway_fingerprints (the SHA-256 of the gateway's certificate)"
+        )
+    if gateway_ca is not None:
+        gateway_cas = gateway_ca.read_bytes()
+        check_bundles_apart(operator_cas, gateway_cas, "operator_ca_file", "gateway_ca_file")
+        check_bundles_apart(platform_cas, gateway_cas, "platform_ca_file", "gateway_ca_file")
+    return replace(files, gateway_ca=gateway_ca), dev
 
 
 def feed_client(settings: Settings, dev: PkiPaths | None, address: str) -> FeedClient | None:
@@ -289,7 +325,7 @@ async def start(settings: Settings, role: Role = "all") -> Runtime:
     if role not in ROLES:
         raise ValueError(f"role must be one of {', '.join(ROLES)}")
     loop = asyncio.get_running_loop()
-    files, dev = await loop.run_in_executor(None, trust_files, settings)
+    files, dev = await loop.run_in_executor(None, trust_files, settings, role)
     if role != "gateway":  # the services seal and open cursors and page tokens
         tokens.install(await loop.run_in_executor(None, tokens.load_keyring, settings))
     trust = TrustStore(files, settings.reload_interval_s)
@@ -298,16 +334,18 @@ async def start(settings: Settings, role: Role = "all") -> Runtime:
     notifier = Notifier()
     notifier.bind(loop)
     registry = Registry(db, settings.registry_cache_s)
-    if dev is not None:
-        await registry.add(DEV_OPERATOR, "Contoso Telecom (development)")
+    if dev is not None:  # bound to the development operator CA (again, if it was unbound)
+        anchors = ca_anchors(dev.operator_ca_cert.read_bytes())
+        await registry.add(DEV_OPERATOR, "Contoso Telecom (development)", anchors)
 
     services = SERVICES if role in ("all", "gateway") else (role,)
     access = dict(OPEN_METHODS)
     for name in services:
         access.update(ACCESS[name]())
-    authenticate: Authenticate = Authenticator(trust, registry)
+    direct = Authenticator(trust, registry, parse_fingerprints(settings.gateway_fingerprints))
+    authenticate: Authenticate = direct
     if role not in ("all", "gateway"):
-        authenticate = ServiceAuthenticator(authenticate, registry)
+        authenticate = ServiceAuthenticator(direct, registry)
     interceptor = RpcInterceptor(
         authenticate,
         access,

@@ -39,6 +39,8 @@ class TrustFiles:
     platform_ca: Path
     crl: Path | None
     deny_list: Path | None
+    # A service process: the CA bundle of the gateway's own certificate (trusted for it alone).
+    gateway_ca: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,7 @@ class Trust:
     revoked: frozenset[tuple[str, int]]  # (issuer RFC 4514 name, serial)
     denied_serials: frozenset[int]
     denied_fingerprints: frozenset[str]
+    gateway_cas: tuple[bytes, ...] = ()
 
 
 def split_certs(bundle: bytes) -> tuple[bytes, ...]:
@@ -144,7 +147,7 @@ class TrustStore:
 
     def _watched(self) -> list[Path | None]:
         f = self.files
-        return [f.operator_ca, f.platform_ca, f.crl, f.deny_list]
+        return [f.operator_ca, f.platform_ca, f.crl, f.deny_list, f.gateway_ca]
 
     def _refresh(self, now: float) -> None:
         with self._lock:
@@ -175,31 +178,32 @@ class TrustStore:
         prints: frozenset[str] = frozenset()
         if f.deny_list is not None and f.deny_list.exists():
             serials, prints = parse_deny_list(f.deny_list.read_text())
-        return Trust(version, operator_cas, platform_cas, revoked, serials, prints)
+        gateway_cas = split_certs(f.gateway_ca.read_bytes()) if f.gateway_ca else ()
+        if f.gateway_ca and not gateway_cas:
+            raise ValueError("the gateway CA bundle holds no certificate")
+        return Trust(version, operator_cas, platform_cas, revoked, serials, prints, gateway_cas)
 
     # -- TLS credentials -------------------------------------------------------------------------
 
+    def _tls_files(self) -> tuple[Path, ...]:
+        f = self.files
+        cas = (f.operator_ca, f.platform_ca) + ((f.gateway_ca,) if f.gateway_ca else ())
+        return (f.server_cert, f.server_key, *cas)
+
     def _load_tls(self) -> grpc.ServerCertificateConfiguration:
         f = self.files
-        stamps = tuple(
-            self._stamp(p) for p in (f.server_cert, f.server_key, f.operator_ca, f.platform_ca)
-        )
+        stamps = tuple(self._stamp(p) for p in self._tls_files())
         cert, key = f.server_cert.read_bytes(), f.server_key.read_bytes()
         _check_pair(cert, key)
         roots = b"".join(
-            dict.fromkeys(
-                split_certs(f.operator_ca.read_bytes()) + split_certs(f.platform_ca.read_bytes())
-            )
+            dict.fromkeys(c for p in self._tls_files()[2:] for c in split_certs(p.read_bytes()))
         )
         self._tls_stamps = stamps
         return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=roots)
 
     def _fetch_tls(self) -> grpc.ServerCertificateConfiguration | None:
         """Called by gRPC before handshakes: a new configuration when the files changed."""
-        f = self.files
-        stamps = tuple(
-            self._stamp(p) for p in (f.server_cert, f.server_key, f.operator_ca, f.platform_ca)
-        )
+        stamps = tuple(self._stamp(p) for p in self._tls_files())
         if stamps == self._tls_stamps:
             return None
         with self._lock:

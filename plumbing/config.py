@@ -30,9 +30,11 @@ class Settings:
     # TLS files; empty means the development PKI in <data_dir>/pki, made on first run.
     tls_cert_file: str = ""
     tls_key_file: str = ""
-    # PEM bundle of the CAs that may sign operator certificates.
+    # PEM bundle of the CAs that may sign operator certificates (each operator is bound to its
+    # own anchors in the registry: `opconnect operators trust`).
     operator_ca_file: str = ""
-    # PEM bundle of the CAs that may sign platform certificates.
+    # PEM bundle of the CAs that may sign platform certificates: required with your own PKI, and
+    # sharing no CA with the operator bundle (start-up refuses otherwise).
     platform_ca_file: str = ""
     # CRL (PEM) of the CA; reloaded while running when the file changes.
     crl_file: str = ""
@@ -102,6 +104,12 @@ class Settings:
     internal_ca_file: str = ""
     internal_cert_file: str = ""
     internal_key_file: str = ""
+    # A service process believes the principal header only from the gateway pinned here: a CA
+    # bundle that signs the gateway's certificate and nothing else, and/or the SHA-256
+    # fingerprints of the gateway's certificates (comma separated). One is required for a
+    # service process outside the development PKI (which makes a gateway CA).
+    gateway_ca_file: str = ""
+    gateway_fingerprints: str = ""
     # Reconciliation: an operator's and the platform's durations of a call match when they
     # differ by at most the larger of these seconds and this share of the longer one.
     reconcile_tolerance_s: float = 1.0

@@ -23,7 +23,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from gateway import pki, server
-from gateway.registry import OperatorStatus
+from gateway.registry import Anchor, OperatorStatus, ca_anchors
 from opconnect.numbers.v1 import numbers_pb2, numbers_pb2_grpc
 from opconnect.records.v1 import records_pb2_grpc
 from plumbing import tokens
@@ -44,7 +44,8 @@ USER_ID = "11111111-2222-4333-8444-555555555555"
 # own; a server's start-up installs its deployment's keys instead.
 tokens.install(tokens.Keyring.generate())
 
-# Client identities the test PKI issues (all by the test CA unless named "foreign").
+# Client identities the test PKI issues (by its operator and platform CAs unless named
+# "foreign"); every operator registered is bound to the operator CA.
 OPERATOR = "contoso-telecom"
 OTHER_OPERATOR = "fabrikam"
 UNKNOWN_OPERATOR = "unknown-op"
@@ -62,6 +63,10 @@ class Pki:
     def client(self, kind: str, ident: str) -> tuple[bytes, bytes]:
         cert, key = self.paths.client(f"{kind}-{ident}")
         return cert.read_bytes(), key.read_bytes()
+
+    def anchors(self) -> list[Anchor]:
+        """The operator CA, as the anchor operators are registered with."""
+        return ca_anchors(self.paths.operator_ca_cert.read_bytes())
 
 
 def make_test_pki(directory: Path) -> Pki:
@@ -153,7 +158,9 @@ def settings_for(
         listen="127.0.0.1:0",
         tls_cert_file=str(paths.server_cert),
         tls_key_file=str(paths.server_key),
-        operator_ca_file=str(paths.ca_cert),
+        operator_ca_file=str(paths.operator_ca_cert),
+        platform_ca_file=str(paths.platform_ca_cert),
+        gateway_ca_file=str(paths.gateway_ca_cert),  # the service processes' pinned gateway
         crl_file=str(paths.crl),
         reload_interval_s=0.05,
         registry_cache_s=0.0,
@@ -224,7 +231,7 @@ def start_system(settings: Settings, test_pki: Pki) -> RunningSystem:
     system = RunningSystem(settings, test_pki)
     registry = system.runtime.registry
     for ident in (OPERATOR, OTHER_OPERATOR, SUSPENDED_OPERATOR, REVOKED_OPERATOR):
-        system.call(registry.add(ident))
+        system.call(registry.add(ident, "", test_pki.anchors()))
     system.call(registry.set_status(SUSPENDED_OPERATOR, OperatorStatus.SUSPENDED))
     return system
 

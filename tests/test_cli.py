@@ -18,6 +18,8 @@ from pathlib import Path
 import grpc
 import pytest
 import structlog
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway.cli import main
@@ -49,15 +51,37 @@ def test_pki_and_registry_commands(data_dir: Path, capsys: pytest.CaptureFixture
     cert = pki / "clients" / "operator-acme-telecom.pem"
     assert cert.exists()
     assert (pki / "clients" / "operator-acme-telecom.key").stat().st_mode & 0o777 == 0o600
+    assert f"operators add acme-telecom --ca {pki / 'operator-ca.pem'}" in capsys.readouterr().out
     assert main(["operators", "add", "acme-telecom", "--name", "Acme"]) == 0
+    assert "no trust anchor" in capsys.readouterr().out  # refused until one is registered
+    assert main(["operators", "trust", "acme-telecom", "--ca", str(pki / "operator-ca.pem")]) == 0
+    assert main(["operators", "trust", "acme-telecom", "--pin-cert", str(cert)]) == 0
     assert main(["operators", "suspend", "acme-telecom"]) == 0
+    capsys.readouterr()
     assert main(["operators", "list"]) == 0
-    assert "acme-telecom\tsuspended\tAcme" in capsys.readouterr().out
+    listed = capsys.readouterr().out
+    assert "acme-telecom\tsuspended\tAcme" in listed
+    ca = x509.load_pem_x509_certificate((pki / "operator-ca.pem").read_bytes())
+    fingerprint = cert_fingerprint(cert.read_bytes())
+    assert f"ca  sha256={cert_fingerprint((pki / 'operator-ca.pem').read_bytes())}" in listed
+    assert ca.subject.rfc4514_string() in listed
+    assert f"pin sha256={fingerprint}" in listed
+    colons = ":".join(fingerprint[i : i + 2] for i in range(0, 64, 2)).upper()
+    assert main(["operators", "trust", "acme-telecom", "--remove", colons]) == 0
+    assert f"pin sha256={fingerprint}" not in capsys.readouterr().out
+    assert main(["operators", "trust", "acme-telecom", "--remove", fingerprint]) == 1  # gone
+    # Not a CA: pin a client certificate instead.
+    assert main(["operators", "trust", "acme-telecom", "--ca", str(cert)]) == 1
+    assert "not a CA certificate" in capsys.readouterr().err
     assert main(["operators", "reactivate", "acme-telecom"]) == 0
     assert main(["pki", "revoke", str(cert)]) == 0
-    assert len(json.loads((pki / "revoked.json").read_text())) == 1
+    assert len(json.loads((pki / "revoked.json").read_text())["operator"]) == 1
     assert main(["operators", "suspend", "nobody"]) == 1
     assert main(["pki", "issue", "operator", "Not Valid"]) == 1
+
+
+def cert_fingerprint(pem: bytes) -> str:
+    return x509.load_pem_x509_certificate(pem).fingerprint(hashes.SHA256()).hex()
 
 
 def test_bad_settings_are_refused(
@@ -67,6 +91,28 @@ def test_bad_settings_are_refused(
     config.write_text('listen = "127.0.0.1:1"\nno_such_setting = 1\n')
     assert main(["--config", str(config), "operators", "list"]) == 2
     assert "no_such_setting" in capsys.readouterr().err
+
+
+def test_serve_refuses_to_start_without_a_platform_bundle_of_its_own(
+    data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Outside the development PKI, an unset platform bundle (which once meant "the operator
+    bundle") or one equal to the operator bundle stops `opconnect serve` with a message."""
+    assert main(["pki", "init"]) == 0
+    pki = data_dir / "pki"
+    files = (
+        f'listen = "127.0.0.1:0"\ntls_cert_file = "{pki / "server.pem"}"\n'
+        f'tls_key_file = "{pki / "server.key"}"\noperator_ca_file = "{pki / "operator-ca.pem"}"\n'
+    )
+    config = tmp_path / "opconnect.toml"
+    for extra, message in [
+        ("", "platform_ca_file is not set"),
+        (f'platform_ca_file = "{pki / "operator-ca.pem"}"\n', "share a CA"),
+    ]:
+        config.write_text(files + extra)
+        capsys.readouterr()
+        assert main(["--config", str(config), "serve"]) == 1
+        assert message in capsys.readouterr().err
 
 
 def test_serve_makes_its_pki_serves_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:

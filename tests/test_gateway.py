@@ -4,7 +4,9 @@ server certificate), limits, health, reflection, stock tools and a second-langua
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import datetime as dt
 import json
 import os
 import shutil
@@ -18,16 +20,23 @@ from pathlib import Path
 import grpc
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from gateway import pki
-from gateway.registry import OperatorStatus
+from gateway import pki, registry, server
+from gateway.identity import check_certificate
+from gateway.registry import OperatorStatus, ca_anchors
+from gateway.trust import Trust
 from opconnect.numbers.v1 import numbers_pb2 as pb
 from opconnect.numbers.v1 import numbers_pb2_grpc as pb_grpc
 from opconnect.type.v1 import assignment_state_pb2 as state_pb
 from plumbing.changelog import decode_cursor
+from plumbing.config import Settings
+from plumbing.db import Database
 from services.numbers.rules import DOMAIN, LOG
 from tests.conftest import (
     OPERATOR,
@@ -46,6 +55,7 @@ from tests.conftest import (
     start_system,
 )
 from tests.records_data import audio, ids, publish_records, record
+from tests.test_pki import make_one_ca_pki
 from tests.test_split import start_split
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -158,6 +168,82 @@ def cert_path(the_pki: Pki, kind: str, ident: str) -> Path:
     return the_pki.paths.client(f"{kind}-{ident}")[0]
 
 
+def pair(issued: pki.Issued) -> tuple[bytes, bytes]:
+    """(certificate chain, key) as a channel presents them."""
+    return issued.cert_pem, issued.key_pem
+
+
+def own_channel(system: RunningSystem, issued: pki.Issued) -> grpc.Channel:
+    """A channel presenting `issued`, on a connection of its own (none shared with another
+    channel of this process, whose certificate would speak instead)."""
+    return system.channel(cert=pair(issued), options=[("grpc.use_local_subchannel_pool", 1)])
+
+
+def make_cert(
+    issuer: pki.Issued | None,
+    name: str,
+    *,
+    ca: bool = False,
+    path_length: int | None = None,
+    usages: list[x509.ObjectIdentifier] | None = None,
+    chain: bytes = b"",
+) -> pki.Issued:
+    """A certificate of our own making: a CA (self-signed without `issuer`) or a client
+    certificate for the URI `name`, with the extended key usages given (default clientAuth;
+    none: no extension). `chain` is appended to the certificate, as a client sends it."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name[-60:])])
+    signer = key
+    issuer_name = subject
+    if issuer is not None:
+        issuer_cert = x509.load_pem_x509_certificate(issuer.cert_pem)
+        loaded = serialization.load_pem_private_key(issuer.key_pem, password=None)
+        assert isinstance(loaded, ec.EllipticCurvePrivateKey)
+        signer, issuer_name = loaded, issuer_cert.subject
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=path_length), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(signer.public_key()), critical=False
+        )
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=not ca or name.startswith("spiffe:"),
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=ca,
+                crl_sign=ca,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+    )
+    if name.startswith("spiffe:"):
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(name)]), critical=False
+        )
+    if usages is None:
+        usages = [ExtendedKeyUsageOID.CLIENT_AUTH] if name.startswith("spiffe:") else []
+    if usages:
+        builder = builder.add_extension(x509.ExtendedKeyUsage(usages), critical=False)
+    cert = builder.sign(signer, hashes.SHA256())
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return pki.Issued(cert.public_bytes(serialization.Encoding.PEM) + chain, key_pem)
+
+
 @pytest.fixture
 def start(session_pki: Pki, tmp_path: Path) -> Iterator[Callable[..., RunningSystem]]:
     """Start the system on SQLite with changed settings (and a PKI of the test's own)."""
@@ -222,7 +308,7 @@ def test_a_suspended_operator_is_unauthenticated_until_reactivated(
 def test_a_certificate_naming_no_opconnect_identity_is_unauthenticated(
     sqlite_system: RunningSystem, session_pki: Pki
 ) -> None:
-    ca = pki.load_ca(session_pki.paths)
+    ca = pki.load_ca(session_pki.paths, "operator")
     stranger = pki.issue_client_cert(ca, "spiffe://elsewhere/operator/contoso-telecom")
     stub = pb_grpc.NumberServiceStub(
         sqlite_system.channel(cert=(stranger.cert_pem, stranger.key_pem))
@@ -231,27 +317,212 @@ def test_a_certificate_naming_no_opconnect_identity_is_unauthenticated(
 
 
 def test_each_kind_of_certificate_must_come_from_its_own_ca(
-    start: Callable[..., RunningSystem], own_pki: Pki, tmp_path: Path
+    sqlite_system: RunningSystem, session_pki: Pki
 ) -> None:
-    platform_ca = pki.create_ca("opconnect platform CA")
-    bundle = tmp_path / "platform-ca.pem"
-    pki.write_public(bundle, platform_ca.cert_pem)
-    system = start(own_pki, platform_ca_file=str(bundle))
-    good = pki.issue_client_cert(platform_ca, pki.platform_uri(PLATFORM))
-    admin = pb_grpc.NumberAdminServiceStub(system.channel(cert=(good.cert_pem, good.key_pem)))
+    """An operator CA cannot mint a platform identity (the admin center's, say), nor the
+    platform CA an operator's."""
+    paths = session_pki.paths
+    minted = pki.issue_client_cert(pki.load_ca(paths, "operator"), pki.platform_uri(PLATFORM))
+    admin = pb_grpc.NumberAdminServiceStub(own_channel(sqlite_system, minted))
     unassign = pb.UnassignNumberRequest(phone_number=MISSING_NUMBER, tenant_id=TENANT)
-    assert outcome(lambda: admin.UnassignNumber(unassign)) == (  # past the gateway
-        grpc.StatusCode.NOT_FOUND,
-        "NUMBER_NOT_FOUND",
-    )
-    assert outcome(lambda: system.admin().UnassignNumber(unassign)) == (  # by the operator CA
+    assert outcome(lambda: admin.UnassignNumber(unassign)) == (
         UNAUTHENTICATED,
         "ISSUER_NOT_TRUSTED",
     )
-    wrong = pki.issue_client_cert(platform_ca, pki.operator_uri(OPERATOR))
-    operator = pb_grpc.NumberServiceStub(system.channel(cert=(wrong.cert_pem, wrong.key_pem)))
+    assert outcome(lambda: sqlite_system.admin().UnassignNumber(unassign)) == (  # past the gateway
+        grpc.StatusCode.NOT_FOUND,
+        "NUMBER_NOT_FOUND",
+    )
+    wrong = pki.issue_client_cert(pki.load_ca(paths, "platform"), pki.operator_uri(OPERATOR))
+    operator = pb_grpc.NumberServiceStub(own_channel(sqlite_system, wrong))
     assert outcome(list_call(operator)) == (UNAUTHENTICATED, "ISSUER_NOT_TRUSTED")
+    assert outcome(list_call(sqlite_system.numbers(OPERATOR))) == OK
+
+
+def test_an_operator_is_spoken_for_only_by_its_own_anchors(
+    start: Callable[..., RunningSystem], own_pki: Pki
+) -> None:
+    """Operator B's CA, trusted for B, cannot mint operator A: each operator is bound to the
+    anchors registered for it, whatever CA of the operator bundle signed the certificate."""
+    ca_b = pki.create_ca("fabrikam's own CA")
+    bundle = own_pki.paths.operator_ca_cert
+    ca_a = bundle.read_bytes()
+    pki.write_public(bundle, ca_a + ca_b.cert_pem)  # both trusted for operators
+    system = start(own_pki)
+    registry = system.runtime.registry
+    system.call(registry.trust(OPERATOR, ca_anchors(ca_a), replace=True))
+    system.call(registry.trust(OTHER_OPERATOR, ca_anchors(ca_b.cert_pem), replace=True))
+    as_a = pki.issue_client_cert(ca_b, pki.operator_uri(OPERATOR))
+    as_b = pki.issue_client_cert(ca_b, pki.operator_uri(OTHER_OPERATOR))
+    refused = (UNAUTHENTICATED, "ISSUER_NOT_BOUND")
+    assert outcome(list_call(pb_grpc.NumberServiceStub(own_channel(system, as_a)))) == refused
+    assert outcome(list_call(pb_grpc.NumberServiceStub(own_channel(system, as_b)))) == OK
+    assert outcome(list_call(system.numbers(OPERATOR))) == OK  # A's own, by A's CA
+    # B's certificate from the shared operator CA is no longer B's: its anchor is B's CA.
+    assert outcome(list_call(system.numbers(OTHER_OPERATOR))) == refused
+    # A certificate of the unregistered CA is refused at the handshake, as before.
+    assert handshake_fails(system, pair(own_pki.foreign_client))
+
+
+def test_an_operator_bound_to_its_root_ca_speaks_through_an_intermediate(
+    start: Callable[..., RunningSystem], own_pki: Pki
+) -> None:
+    """The chain a client sends is validated, and any CA on it may be the operator's anchor:
+    its root (in the operator bundle) or its issuing CA."""
+    root = make_cert(None, "fabrikam root CA", ca=True)
+    issuing = make_cert(root, "fabrikam issuing CA", ca=True, path_length=0)
+    bundle = own_pki.paths.operator_ca_cert
+    ca_a = bundle.read_bytes()
+    pki.write_public(bundle, ca_a + root.cert_pem)
+    system = start(own_pki)
+    registry = system.runtime.registry
+    system.call(registry.trust(OPERATOR, ca_anchors(ca_a), replace=True))
+    system.call(registry.trust(OTHER_OPERATOR, ca_anchors(root.cert_pem), replace=True))
+    as_b = make_cert(issuing, pki.operator_uri(OTHER_OPERATOR), chain=issuing.cert_pem)
+    as_a = make_cert(issuing, pki.operator_uri(OPERATOR), chain=issuing.cert_pem)
+    assert outcome(list_call(pb_grpc.NumberServiceStub(own_channel(system, as_b)))) == OK
+    refused = (UNAUTHENTICATED, "ISSUER_NOT_BOUND")
+    assert outcome(list_call(pb_grpc.NumberServiceStub(own_channel(system, as_a)))) == refused
+    system.call(registry.trust(OTHER_OPERATOR, ca_anchors(issuing.cert_pem), replace=True))
+    assert outcome(list_call(pb_grpc.NumberServiceStub(own_channel(system, as_b)))) == OK
+
+
+def test_operators_trust_takes_effect_within_the_registry_cache(
+    start: Callable[..., RunningSystem], own_pki: Pki, tmp_path: Path
+) -> None:
+    """`opconnect operators trust` (here its function, on a database connection of its own, as
+    the command runs in another process) changes who may speak for an operator within
+    registry_cache_s; a pinned certificate is accepted by its fingerprint alone."""
+    system = start(own_pki, registry_cache_s=0.2)
+    other = system.numbers(OTHER_OPERATOR)
+    assert outcome(list_call(other)) == OK
+    own_pem = cert_path(own_pki, "operator", OTHER_OPERATOR).read_bytes()
+    elsewhere = pki.fingerprint_sha256(cert_path(own_pki, "operator", OPERATOR).read_bytes())
+    admin = Database(system.runtime.settings.sqlalchemy_url, threads=1)
+    try:
+
+        def trust(*anchors: registry.Anchor) -> None:
+            admin.transaction(
+                registry.trust_operator, OTHER_OPERATOR, anchors, (), True, write=True
+            )
+
+        trust(registry.pinned_anchor(elsewhere))  # pinned: another certificate only
+        refused = (UNAUTHENTICATED, "ISSUER_NOT_BOUND")
+        assert eventually(refused, list_call(other)) == refused
+        trust(registry.pinned_anchor(cert_pem=own_pem))  # pinned: its own
+        assert eventually(OK, list_call(other)) == OK
+        trust()  # no anchor at all: fail closed
+        unbound = (UNAUTHENTICATED, "NO_TRUST_ANCHOR")
+        assert eventually(unbound, list_call(other)) == unbound
+    finally:
+        admin.close()
     assert outcome(list_call(system.numbers(OPERATOR))) == OK
+
+
+def test_a_client_certificate_is_checked_by_our_own_path_validation(
+    start: Callable[..., RunningSystem], own_pki: Pki, tmp_path: Path
+) -> None:
+    """What the TLS layer lets through, our check refuses, each with its reason: a CA
+    certificate as a client's, one without the clientAuth extended key usage, and a chain
+    through a CA that its issuer's path length constraint forbids (the TLS layer does not
+    apply a trust anchor's: it accepted this one)."""
+    anchor = make_cert(None, "platform CA", ca=True, path_length=0)  # may sign leaves only
+    bundle = tmp_path / "platform-ca.pem"
+    pki.write_public(bundle, anchor.cert_pem)
+    system = start(own_pki, platform_ca_file=str(bundle), crl_file="")
+    uri = pki.platform_uri(PLATFORM)
+    below = make_cert(anchor, "sub CA", ca=True)  # forbidden by the anchor's pathlen 0
+    cases = {
+        "good": make_cert(anchor, uri),
+        "a CA certificate": make_cert(anchor, uri, ca=True),
+        "client authentication": make_cert(anchor, uri, usages=[]),
+        "client authentication (serverAuth)": make_cert(
+            anchor, uri, usages=[ExtendedKeyUsageOID.SERVER_AUTH]
+        ),
+        "path length": make_cert(below, uri, chain=below.cert_pem),
+    }
+    health = health_pb2.HealthCheckRequest()
+    for name, issued in cases.items():
+        stub = health_pb2_grpc.HealthStub(own_channel(system, issued))
+        if name == "good":
+            stub.Check(health, timeout=10)
+            continue
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.Check(health, timeout=10)
+        if "serverAuth" in name:  # this one the TLS layer refuses itself
+            assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
+            continue
+        error = rich_error(caught.value)
+        assert (error.code, error.reason) == (UNAUTHENTICATED, "CERTIFICATE_INVALID"), name
+        assert name in error.message, (name, error.message)
+    # Our own check refuses what the TLS layer happened to as well.
+    trust = Trust(1, (), (anchor.cert_pem,), frozenset(), frozenset(), frozenset())
+    checked = check_certificate(cases["client authentication (serverAuth)"].cert_pem, trust)
+    assert checked.principal is None
+    assert checked.problem[0] == "CERTIFICATE_INVALID"
+    assert "client authentication" in checked.problem[1]
+    assert check_certificate(cases["good"].cert_pem, trust).principal is not None
+
+
+def test_start_up_refuses_a_platform_bundle_that_is_not_its_own(
+    own_pki: Pki, tmp_path: Path
+) -> None:
+    """Outside the development PKI: no platform bundle, or one sharing a CA with the operator
+    bundle (an operator CA could mint the admin center), is refused at start; so is a service
+    process with no pinned gateway, or a gateway CA that signs others too."""
+    paths = own_pki.paths
+    base = settings_for(tmp_path, paths, f"sqlite:///{tmp_path / 'opconnect.db'}")
+    both = tmp_path / "both.pem"
+    pki.write_public(
+        both, paths.platform_ca_cert.read_bytes() + paths.operator_ca_cert.read_bytes()
+    )
+    subordinate = tmp_path / "subordinate.pem"  # a platform CA the operator CA signed
+    below = make_cert(pki.load_ca(paths, "operator"), "platform sub CA", ca=True)
+    pki.write_public(subordinate, below.cert_pem)
+    cases: list[tuple[dict[str, str], server.Role, str]] = [
+        ({"platform_ca_file": ""}, "all", "platform_ca_file is not set"),
+        ({"platform_ca_file": str(paths.operator_ca_cert)}, "all", "share a CA"),
+        ({"platform_ca_file": str(both)}, "gateway", "share a CA"),
+        ({"platform_ca_file": str(subordinate)}, "all", "share a CA"),
+        ({"gateway_ca_file": ""}, "numbers", "pinned gateway"),
+        ({"gateway_ca_file": str(paths.platform_ca_cert)}, "records", "share a CA"),
+    ]
+    for changes, role, message in cases:
+        with pytest.raises(ValueError, match=message):
+            asyncio.run(server.start(base.replace(**changes), role))
+
+
+def test_the_development_pki_of_one_ca_is_upgraded_and_serves(tmp_path: Path) -> None:
+    """`make run` on a data directory made before the operator, platform and gateway CAs: the
+    old CA stays the one clients verify the server with, the development pairs are re-issued
+    by the CAs of their kind, the development operator is bound to its CA, and the old CA
+    can sign no client any more."""
+    old = make_one_ca_pki(tmp_path / "pki")
+    settings = Settings(
+        data_dir=tmp_path, listen="127.0.0.1:0", log_format="json", log_level="warning"
+    )
+    paths = pki.PkiPaths.at(tmp_path / "pki")
+    database = Database(settings.sqlalchemy_url, threads=1)  # registered before anchors were
+    database.migrate()
+    database.transaction(registry.add_operator, OPERATOR, write=True)
+    database.close()
+    foreign = pki.issue_client_cert(old, pki.operator_uri(OPERATOR))
+    system = RunningSystem(settings, Pki(paths, old, foreign))
+    try:
+        assert outcome(list_call(system.numbers(OPERATOR))) == OK
+        health = health_pb2_grpc.HealthStub(system.channel("platform", PLATFORM))
+        assert health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == (
+            health_pb2.HealthCheckResponse.SERVING
+        )
+        assert handshake_fails(system, pair(foreign))  # the old CA signs no client now
+        minted = pki.issue_client_cert(pki.load_ca(paths, "operator"), pki.platform_uri(PLATFORM))
+        admin = health_pb2_grpc.HealthStub(own_channel(system, minted))
+        assert outcome(lambda: admin.Check(health_pb2.HealthCheckRequest(), timeout=10)) == (
+            UNAUTHENTICATED,
+            "ISSUER_NOT_TRUSTED",
+        )
+    finally:
+        system.stop()
 
 
 # --- who may call what ---------------------------------------------------------------------------
@@ -486,13 +757,15 @@ def test_the_operator_ca_bundle_follows_edits(
     start: Callable[..., RunningSystem], own_pki: Pki
 ) -> None:
     system = start(own_pki)
-    original = own_pki.paths.ca_cert.read_bytes()
+    bundle = own_pki.paths.operator_ca_cert
+    original = bundle.read_bytes()
     new_ca = pki.create_ca("opconnect operator CA 2")
     issued = pki.issue_client_cert(new_ca, pki.operator_uri(OTHER_OPERATOR))
     cert = (issued.cert_pem, issued.key_pem)
+    system.call(system.runtime.registry.trust(OTHER_OPERATOR, ca_anchors(new_ca.cert_pem)))
     assert handshake_fails(system, cert)
 
-    pki.write_public(own_pki.paths.ca_cert, original + new_ca.cert_pem)
+    pki.write_public(bundle, original + new_ca.cert_pem)
     deadline = time.monotonic() + 10
     while handshake_fails(system, cert):
         assert time.monotonic() < deadline, "the new CA was never trusted"
@@ -500,7 +773,7 @@ def test_the_operator_ca_bundle_follows_edits(
     open_stub = pb_grpc.NumberServiceStub(system.channel(cert=cert))
     assert outcome(list_call(open_stub)) == OK
 
-    pki.write_public(own_pki.paths.ca_cert, original)  # the CA is withdrawn again
+    pki.write_public(bundle, original)  # the CA is withdrawn again
     withdrawn = (UNAUTHENTICATED, "ISSUER_NOT_TRUSTED")
     assert eventually(withdrawn, list_call(open_stub)) == withdrawn  # even on the open connection
     assert handshake_fails(system, cert)

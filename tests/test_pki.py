@@ -4,6 +4,7 @@ import datetime
 import ipaddress
 import json
 import os
+import re
 import socket
 import ssl
 import stat
@@ -284,17 +285,22 @@ def test_ensure_dev_pki(tmp_path: Path) -> None:
     assert mode(paths.clients_dir) == 0o700
     op_cert, op_key = paths.client("operator-contoso-telecom")
     pf_cert, pf_key = paths.client("platform-admin-center")
-    for key in [paths.ca_key, paths.server_key, op_key, pf_key]:
+    ca_keys = [paths.ca(role)[1] for role in pki.CA_ROLES]
+    for key in [*ca_keys, paths.server_key, op_key, pf_key]:
         assert mode(key) == 0o600
-    for public in [paths.ca_cert, paths.server_cert, paths.crl, paths.revoked, op_cert]:
+    ca_certs = [paths.ca(role)[0] for role in pki.CA_ROLES]
+    for public in [*ca_certs, paths.server_cert, paths.crl, paths.revoked, op_cert]:
         assert mode(public) == 0o644
-    ca = pki.load_ca(paths)
-    for cert in [paths.server_cert, op_cert, pf_cert]:
-        load(cert.read_bytes()).verify_directly_issued_by(load(ca.cert_pem))
+    # A CA for each kind of certificate, and each certificate by the CA of its kind only.
+    cas = {role: pki.load_ca(paths, role) for role in pki.CA_ROLES}
+    assert len({pki.spki_sha256(load(ca.cert_pem)) for ca in cas.values()}) == 4
+    for cert, role in [(paths.server_cert, "server"), (op_cert, "operator"), (pf_cert, "platform")]:
+        pem = cert.read_bytes()
+        assert [r for r in pki.CA_ROLES if pki.issued_by(pem, [cas[r].cert_pem])] == [role]
     assert pki.identity_from_cert(op_cert.read_bytes()).name == "contoso-telecom"
     assert pki.identity_from_cert(pf_cert.read_bytes()).kind == "platform"
-    assert json.loads(paths.revoked.read_text()) == []
-    assert pki.load_crl_serials(paths.crl.read_bytes(), ca.cert_pem) == frozenset()
+    assert json.loads(paths.revoked.read_text()) == {"operator": [], "platform": []}
+    assert crl_serials(paths, cas["operator"]) == crl_serials(paths, cas["platform"]) == set()
 
     before = snapshot(directory)
     dir_mtime = directory.stat().st_mtime_ns
@@ -312,16 +318,99 @@ def test_ensure_dev_pki(tmp_path: Path) -> None:
     }
 
 
+def crl_serials(paths: pki.PkiPaths, ca: pki.Issued) -> set[int]:
+    """The serials on the CRL of `ca` in crl.pem (a bundle of the operator and platform CRLs)."""
+    blocks = re.findall(
+        rb"-----BEGIN X509 CRL-----.+?-----END X509 CRL-----\n", paths.crl.read_bytes(), re.S
+    )
+    issued = [b for b in blocks if x509.load_pem_x509_crl(b).issuer == load(ca.cert_pem).subject]
+    assert len(issued) == 1
+    return set(pki.load_crl_serials(issued[0], ca.cert_pem))
+
+
 def test_ensure_dev_pki_refuses_half_a_ca(tmp_path: Path) -> None:
     paths = pki.ensure_dev_pki(tmp_path / "pki")
     paths.ca_key.unlink()
     with pytest.raises(ValueError, match="incomplete CA"):
         pki.ensure_dev_pki(tmp_path / "pki")
+    paths = pki.ensure_dev_pki(tmp_path / "other")
+    paths.platform_ca_cert.unlink()
+    with pytest.raises(ValueError, match="incomplete CA"):
+        pki.ensure_dev_pki(tmp_path / "other")
+
+
+def make_one_ca_pki(directory: Path) -> pki.Issued:
+    """A development PKI as it was before the operator, platform and gateway CAs: one CA
+    (returned) signing the server certificate and the development client pairs."""
+    clients = directory / "clients"
+    clients.mkdir(parents=True)
+    old = pki.create_ca("opconnect dev CA")
+    pki.write_public(directory / "ca.pem", old.cert_pem)
+    pki.write_private(directory / "ca.key", old.key_pem)
+    server = pki.issue_server_cert(old, ["localhost"], ["127.0.0.1", "::1"])
+    pki.write_public(directory / "server.pem", server.cert_pem)
+    pki.write_private(directory / "server.key", server.key_pem)
+    for name, uri in [
+        ("operator-contoso-telecom", pki.operator_uri("contoso-telecom")),
+        ("platform-admin-center", pki.platform_uri("admin-center")),
+    ]:
+        pair = pki.issue_client_cert(old, uri)
+        pki.write_public(clients / f"{name}.pem", pair.cert_pem)
+        pki.write_private(clients / f"{name}.key", pair.key_pem)
+    pki.write_public(directory / "revoked.json", b"[]\n")
+    pki.write_public(directory / "crl.pem", pki.make_crl(old, []))
+    return old
+
+
+def test_a_one_ca_pki_is_upgraded(tmp_path: Path) -> None:
+    """A directory of the one-CA layout (before the operator, platform and gateway CAs): its CA
+    stays the server CA (clients keep verifying the server with ca.pem), and every client pair
+    it signed is re-issued by the CA of its kind, but for one it had revoked."""
+    directory = tmp_path / "pki"
+    clients = directory / "clients"
+    old = make_one_ca_pki(directory)
+    server = pki.Issued(
+        (directory / "server.pem").read_bytes(), (directory / "server.key").read_bytes()
+    )
+    for name, uri in [
+        ("platform-gateway", pki.platform_uri("gateway")),
+        ("operator-acme", pki.operator_uri("acme")),
+        ("operator-gone", pki.operator_uri("gone")),
+    ]:
+        pair = pki.issue_client_cert(old, uri)
+        pki.write_public(clients / f"{name}.pem", pair.cert_pem)
+        pki.write_private(clients / f"{name}.key", pair.key_pem)
+    gone = (clients / "operator-gone.pem").read_bytes()
+    pki.write_public(directory / "revoked.json", json.dumps([pki.serial_of(gone)]).encode())
+    pki.write_public(directory / "crl.pem", pki.make_crl(old, [pki.serial_of(gone)]))
+
+    paths = pki.ensure_dev_pki(directory)
+    assert paths.ca_cert.read_bytes() == old.cert_pem
+    assert paths.server_cert.read_bytes() == server.cert_pem  # still signed by ca.pem
+    cas = {role: pki.load_ca(paths, role) for role in pki.CA_ROLES}
+    expected: list[tuple[str, pki.CaRole]] = [
+        ("operator-contoso-telecom", "operator"),
+        ("platform-admin-center", "platform"),
+        ("platform-gateway", "gateway"),
+        ("operator-acme", "operator"),
+    ]
+    for name, role in expected:
+        assert pki.issued_by((clients / f"{name}.pem").read_bytes(), [cas[role].cert_pem]), name
+    assert (clients / "operator-gone.pem").read_bytes() == gone  # revoked: not re-issued
+    assert json.loads(paths.revoked.read_text()) == {
+        "operator": [],
+        "platform": [],
+        "retired": [pki.serial_of(gone)],
+    }
+    assert crl_serials(paths, cas["operator"]) == set()
+    before = snapshot(directory)
+    pki.ensure_dev_pki(directory)
+    assert snapshot(directory) == before
 
 
 def test_issue_revoke_rotate(tmp_path: Path, other_ca: pki.Issued) -> None:
     paths = pki.ensure_dev_pki(tmp_path / "pki")
-    ca = pki.load_ca(paths)
+    ca = pki.load_ca(paths, "operator")
     cert_path, key_path = pki.issue_client(paths, "operator", "fabrikam")
     assert cert_path == paths.clients_dir / "operator-fabrikam.pem"
     assert mode(key_path) == 0o600
@@ -333,18 +422,23 @@ def test_issue_revoke_rotate(tmp_path: Path, other_ca: pki.Issued) -> None:
     pki.revoke(paths, cert_pem)
     pki.revoke(paths, cert_pem)  # idempotent
     serial = pki.serial_of(cert_pem)
-    assert json.loads(paths.revoked.read_text()) == [serial]
-    assert pki.load_crl_serials(paths.crl.read_bytes(), ca.cert_pem) == frozenset({serial})
-    with pytest.raises(ValueError, match="not issued by this CA"):
+    assert json.loads(paths.revoked.read_text()) == {"operator": [serial], "platform": []}
+    assert crl_serials(paths, ca) == {serial}
+    assert crl_serials(paths, pki.load_ca(paths, "platform")) == set()
+    with pytest.raises(ValueError, match="not issued by this PKI"):
         pki.revoke(paths, pki.issue_client_cert(other_ca, pki.operator_uri("x")).cert_pem)
+    # A platform certificate is revoked by the platform CA's CRL.
+    admin = paths.client("platform-admin-center")[0].read_bytes()
+    pki.revoke(paths, admin)
+    assert crl_serials(paths, pki.load_ca(paths, "platform")) == {pki.serial_of(admin)}
 
     # A lost crl.pem is rebuilt from revoked.json, and a lost revoked.json from crl.pem.
     paths.crl.unlink()
     pki.ensure_dev_pki(tmp_path / "pki")
-    assert pki.load_crl_serials(paths.crl.read_bytes(), ca.cert_pem) == frozenset({serial})
+    assert crl_serials(paths, ca) == {serial}
     paths.revoked.unlink()
     pki.ensure_dev_pki(tmp_path / "pki")
-    assert json.loads(paths.revoked.read_text()) == [serial]
+    assert json.loads(paths.revoked.read_text())["operator"] == [serial]
 
     old_server = paths.server_cert.read_bytes()
     pki.rotate_server_cert(paths, ["gw.example"], ["10.0.0.1"])
@@ -365,7 +459,8 @@ def handshake(
     server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server_ctx.load_cert_chain(paths.server_cert, paths.server_key)
     server_ctx.verify_mode = ssl.CERT_REQUIRED
-    server_ctx.load_verify_locations(paths.ca_cert)
+    server_ctx.load_verify_locations(paths.operator_ca_cert)
+    server_ctx.load_verify_locations(paths.platform_ca_cert)
     if crl_check:
         server_ctx.load_verify_locations(paths.crl)
         server_ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF

@@ -96,7 +96,7 @@ def start_split(test_pki: Pki, directory: Path, url: str) -> Split:
     gateway = RunningSystem(gateway_settings, test_pki, "gateway")
     registry = gateway.runtime.registry
     for ident in (OPERATOR, OTHER_OPERATOR, SUSPENDED_OPERATOR):
-        gateway.call(registry.add(ident))
+        gateway.call(registry.add(ident, "", test_pki.anchors()))
     gateway.call(registry.set_status(SUSPENDED_OPERATOR, OperatorStatus.SUSPENDED))
     return Split(gateway, numbers, records, usage, gateway_settings)
 
@@ -219,19 +219,90 @@ def test_a_service_process_believes_only_the_gateway(split: Split) -> None:
         metadata=[(PRINCIPAL_HEADER, f"operator/{OPERATOR}")],
     )
     assert list(mine.numbers) == []
-    # Straight to the service process: operators are refused, a platform caller is itself.
+    # Straight to the service process: operators are refused, a platform caller is itself,
+    # and may not name another caller.
     direct = split.numbers
     with pytest.raises(grpc.RpcError) as caught:
         direct.numbers().ListNumbers(numbers_pb2.ListNumbersRequest(), timeout=10)
     assert rich_error(caught.value).reason == "GATEWAY_REQUIRED"
-    admin_as_operator = direct.channel("platform", PLATFORM)
+    admin = numbers_pb2_grpc.NumberServiceStub(direct.channel("platform", PLATFORM))
     with pytest.raises(grpc.RpcError) as caught:
-        numbers_pb2_grpc.NumberServiceStub(admin_as_operator).ListNumbers(
+        admin.ListNumbers(
             numbers_pb2.ListNumbersRequest(),
             timeout=10,
             metadata=[(PRINCIPAL_HEADER, f"operator/{OPERATOR}")],
         )
+    assert rich_error(caught.value).reason == "PRINCIPAL_HEADER_REFUSED"
+    with pytest.raises(grpc.RpcError) as caught:
+        admin.ListNumbers(numbers_pb2.ListNumbersRequest(), timeout=10)
     assert rich_error(caught.value).reason == "OPERATOR_ONLY"
+
+
+def own_connection(system: RunningSystem, issued: pki.Issued) -> grpc.Channel:
+    """A channel presenting `issued` on a connection no other channel shares."""
+    return system.channel(
+        cert=(issued.cert_pem, issued.key_pem), options=[("grpc.use_local_subchannel_pool", 1)]
+    )
+
+
+def list_as(channel: grpc.Channel, principal: str | None) -> tuple[grpc.StatusCode, str]:
+    """(code, reason) of ListNumbers on `channel`, naming `principal` in the header."""
+    metadata = [(PRINCIPAL_HEADER, principal)] if principal else []
+    try:
+        numbers_pb2_grpc.NumberServiceStub(channel).ListNumbers(
+            numbers_pb2.ListNumbersRequest(), timeout=10, metadata=metadata
+        )
+    except grpc.RpcError as error:
+        found = rich_error(error)
+        return found.code, found.reason
+    return grpc.StatusCode.OK, ""
+
+
+def test_only_the_pinned_gateway_speaks_for_operators(split: Split, session_pki: Pki) -> None:
+    """A certificate named `platform/gateway` from the platform CA is not the gateway: a
+    service process pins the gateway's own CA (or certificate), and refuses that one whatever
+    it says; the gateway CA, in turn, vouches for the gateway alone."""
+    paths = session_pki.paths
+    refused = grpc.StatusCode.UNAUTHENTICATED
+    impostor = pki.issue_client_cert(pki.load_ca(paths, "platform"), pki.platform_uri("gateway"))
+    channel = own_connection(split.numbers, impostor)
+    assert list_as(channel, f"operator/{OPERATOR}") == (refused, "GATEWAY_NOT_PINNED")
+    assert list_as(channel, None) == (refused, "GATEWAY_NOT_PINNED")
+    other = pki.issue_client_cert(pki.load_ca(paths, "gateway"), pki.platform_uri(PLATFORM))
+    assert list_as(own_connection(split.numbers, other), f"operator/{OPERATOR}") == (
+        refused,
+        "ISSUER_NOT_TRUSTED",
+    )
+    pinned = own_connection(split.numbers, pki.Issued(*session_pki.client("platform", "gateway")))
+    assert list_as(pinned, f"operator/{OPERATOR}") == (grpc.StatusCode.OK, "")
+
+
+def test_a_gateway_pinned_by_its_fingerprint(session_pki: Pki, tmp_path: Path) -> None:
+    """Without a gateway CA, a service process believes the certificate whose fingerprint it
+    pins, and no other certificate named `gateway`."""
+    platform_ca = pki.load_ca(session_pki.paths, "platform")
+    gateway = pki.issue_client_cert(platform_ca, pki.platform_uri("gateway"))
+    impostor = pki.issue_client_cert(platform_ca, pki.platform_uri("gateway"))
+    settings = settings_for(
+        tmp_path,
+        session_pki.paths,
+        f"sqlite:///{tmp_path / 'opconnect.db'}",
+        gateway_ca_file="",
+        gateway_fingerprints=f"{pki.fingerprint_sha256(gateway.cert_pem)}",
+    )
+    numbers = RunningSystem(settings, session_pki, "numbers")
+    try:
+        numbers.call(numbers.runtime.registry.add(OTHER_OPERATOR))
+        assert list_as(own_connection(numbers, gateway), f"operator/{OTHER_OPERATOR}") == (
+            grpc.StatusCode.OK,
+            "",
+        )
+        assert list_as(own_connection(numbers, impostor), f"operator/{OTHER_OPERATOR}") == (
+            grpc.StatusCode.UNAUTHENTICATED,
+            "GATEWAY_NOT_PINNED",
+        )
+    finally:
+        numbers.stop()
 
 
 def test_what_a_service_process_makes_of_the_gateways_word(split: Split) -> None:
@@ -295,7 +366,7 @@ def test_the_callers_deadline_and_metadata_reach_the_service(
         "127.0.0.1:0",
         grpc.ssl_server_credentials(
             [(paths.server_key.read_bytes(), paths.server_cert.read_bytes())],
-            root_certificates=paths.ca_cert.read_bytes(),
+            root_certificates=paths.gateway_ca_cert.read_bytes(),
             require_client_auth=True,
         ),
     )
@@ -312,7 +383,7 @@ def test_the_callers_deadline_and_metadata_reach_the_service(
     )
     gateway = RunningSystem(settings, session_pki, "gateway")
     try:
-        gateway.call(gateway.runtime.registry.add(OPERATOR))
+        gateway.call(gateway.runtime.registry.add(OPERATOR, "", session_pki.anchors()))
         gateway.numbers().GetNumber(
             numbers_pb2.GetNumberRequest(phone_number=NUMBER),
             timeout=5,
@@ -361,7 +432,7 @@ def test_a_service_that_is_down_answers_unavailable(session_pki: Pki, tmp_path: 
     )
     gateway = RunningSystem(settings, session_pki, "gateway")
     try:
-        gateway.call(gateway.runtime.registry.add(OPERATOR))
+        gateway.call(gateway.runtime.registry.add(OPERATOR, "", session_pki.anchors()))
         with pytest.raises(grpc.RpcError) as caught:
             usage_stub(gateway).GetUsageSummary(usage_pb2.GetUsageSummaryRequest(), timeout=10)
         error = rich_error(caught.value)
@@ -380,7 +451,7 @@ def test_a_service_that_is_down_answers_unavailable(session_pki: Pki, tmp_path: 
 def test_a_suspension_ends_a_forwarded_stream(split: Split) -> None:
     """The gateway checks the caller again at each message it forwards (heartbeats too)."""
     registry = split.gateway.runtime.registry
-    split.gateway.call(registry.add(UNKNOWN_OPERATOR))
+    split.gateway.call(registry.add(UNKNOWN_OPERATOR, "", split.gateway.pki.anchors()))
     stream = split.gateway.records(UNKNOWN_OPERATOR).StreamCallRecords(
         records_pb2.StreamCallRecordsRequest(follow=True), timeout=30
     )
