@@ -441,14 +441,15 @@ def test_a_client_certificate_is_checked_by_our_own_path_validation(
         ),
         "path length": make_cert(below, uri, chain=below.cert_pem),
     }
-    health = health_pb2.HealthCheckRequest()
+    # An internal RPC (health and reflection would answer any certificate that chained).
+    request = pb.UnassignNumberRequest(phone_number="+14255550100")
     for name, issued in cases.items():
-        stub = health_pb2_grpc.HealthStub(own_channel(system, issued))
-        if name == "good":
-            stub.Check(health, timeout=10)
-            continue
+        stub = pb_grpc.NumberAdminServiceStub(own_channel(system, issued))
         with pytest.raises(grpc.RpcError) as caught:
-            stub.Check(health, timeout=10)
+            stub.UnassignNumber(request, timeout=10)
+        if name == "good":  # let in: its (empty) request is what is refused
+            assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+            continue
         if "serverAuth" in name:  # this one the TLS layer refuses itself
             assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
             continue
@@ -516,8 +517,9 @@ def test_the_development_pki_of_one_ca_is_upgraded_and_serves(tmp_path: Path) ->
         )
         assert handshake_fails(system, pair(foreign))  # the old CA signs no client now
         minted = pki.issue_client_cert(pki.load_ca(paths, "operator"), pki.platform_uri(PLATFORM))
-        admin = health_pb2_grpc.HealthStub(own_channel(system, minted))
-        assert outcome(lambda: admin.Check(health_pb2.HealthCheckRequest(), timeout=10)) == (
+        admin = pb_grpc.NumberAdminServiceStub(own_channel(system, minted))
+        request = pb.UnassignNumberRequest()
+        assert outcome(lambda: admin.UnassignNumber(request, timeout=10)) == (
             UNAUTHENTICATED,
             "ISSUER_NOT_TRUSTED",
         )

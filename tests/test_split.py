@@ -495,7 +495,7 @@ def test_a_suspension_refuses_the_next_batch_through_the_gateway(split: Split) -
     operator = "late-operator"
     pki.issue_client(split.gateway.pki.paths, "operator", operator)
     registry = split.gateway.runtime.registry
-    split.gateway.call(registry.add(operator))
+    split.gateway.call(registry.add(operator, "", split.gateway.pki.anchors()))
     feed: Feed[usage_pb2.SubmitCallDurationsRequest] = Feed()
     answers = usage_stub(split.gateway, operator).SubmitCallDurations(iter(feed), timeout=30)
     first = [duration_record() for _ in range(2)]
