@@ -173,7 +173,7 @@ class TrustStore:
             revoked = _load_revoked(f.crl.read_bytes(), operator_cas + platform_cas)
         serials: frozenset[int] = frozenset()
         prints: frozenset[str] = frozenset()
-        if f.deny_list is not None and f.deny_list.exists():
+        if f.deny_list is not None:  # configured: a missing file is an error, never "none denied"
             serials, prints = parse_deny_list(f.deny_list.read_text())
         return Trust(version, operator_cas, platform_cas, revoked, serials, prints)
 
