@@ -176,7 +176,7 @@ class TrustStore:
             revoked = _load_revoked(f.crl.read_bytes(), operator_cas + platform_cas)
         serials: frozenset[int] = frozenset()
         prints: frozenset[str] = frozenset()
-        if f.deny_list is not None and f.deny_list.exists():
+        if f.deny_list is not None:  # configured: a missing file is an error, never "none denied"
             serials, prints = parse_deny_list(f.deny_list.read_text())
         gateway_cas = split_certs(f.gateway_ca.read_bytes()) if f.gateway_ca else ()
         if f.gateway_ca and not gateway_cas:

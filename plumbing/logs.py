@@ -1,8 +1,28 @@
 """structlog set-up: JSON in production, readable on a terminal, and redaction of personal data.
 
-Every string in every log event passes through `redact`: phone numbers keep all but their last
-four digits (`+1425555****`), SIP URIs lose their user part (`sip:****@sbc1.example`), and PEM
-private-key blocks are dropped whole. Code may log freely; the processor is the one safeguard.
+Every string in every log event passes through `redact`, our own lines and the standard library's
+(asyncio, grpc, alembic: rendered by the same renderer, exceptions included). Code may log freely;
+the processor is the one safeguard. What it removes:
+
+- PEM private-key blocks, dropped whole.
+- Phone numbers keep all but their last four digits, written without separators:
+  `+1 (425) 555-0100` -> `+1425555****`. A phone number is
+  - a `+`, a digit 1-9 and one or more further digits, which may be grouped by one space, `-`
+    or `.`, or a bracketed group (`+1 425 555 0100`, `+1-425-555-0100`, `+44 (0)20 7123 4567`);
+    at most 15 digits are read as one number, the groups after that are looked at anew;
+  - without a `+`: three or more groups of digits so separated, or a bracketed area code and
+    groups, 9 digits or more (`425-555-0100`, `(425) 555-0100`, `020 7123 4567`);
+  - a bare run of 7 or more digits;
+  but never digits within a word of letters, digits and hyphens (a hex request id, a GUID) or
+  of a decimal fraction (`0.12345678`).
+- SIP URIs lose their user part, whatever characters it holds: `sip:****@sbc1.example`.
+
+Kept whole: ISO 8601 dates, times and date-times with their UTC offsets (`2026-11-28T10:00:00
++00:00`, `10:00Z`), a UTC offset alone (`+00:00`, `-05:00`, `+14:00`; `+0100` too, as no E.164
+number starts with 0), IPv4 addresses and ports, durations and other short figures, request ids,
+GUIDs, and values already masked: digits followed by four stars (`+1425555****`), so that
+`redact(redact(text)) == redact(text)`. Ints and floats are never personal data and are not
+looked at.
 """
 
 from __future__ import annotations
@@ -18,10 +38,48 @@ import structlog
 _PEM_KEY = re.compile(
     r"-----BEGIN [A-Z ]*PRIVATE KEY-----.*?-----END [A-Z ]*PRIVATE KEY-----", re.S
 )
-_SIP_URI = re.compile(r"\b(sips?):(?:[^@\s;>\"',]+@)?([^\s;>\"',]*)", re.I)
-# A number with its '+' wherever it is; a bare run of 7+ digits unless it is part of a token
-# of letters, digits and hyphens (a hex request id, a GUID): those are not phone numbers.
-_NUMBER = re.compile(r"\+\d{2,}(?!\d)|(?<![A-Za-z0-9-])\d{7,}(?![A-Za-z0-9-])")
+# The user part: every character an RFC 3261 user part or password may hold (more than
+# plumbing.validation accepts), and a backslash, as a repr() escapes a quote with one.
+_SIP_USER = re.compile(r"([sS][iI][pP][sS]?):[A-Za-z0-9\-_.!~*'()&=+$,;?/%:\\]+@")
+_DIGIT = re.compile(r"\d")
+_TWO_DIGITS = re.compile(r"\d\D{0,2}\d")  # what every number that is masked holds
+_SEP = r"[ .\-]"
+# Digits followed by four stars: a number already masked, kept as it is.
+_MASKED = r"\*{4}"
+# Numbers to mask and what to keep whole, one token a match. The first character is matched
+# first (so that the search finds candidates quickly); each alternative then checks, looking
+# back, what that character was. A token starts after a letter or a digit only with a '+': the
+# digits of a word (a hex request id) or the middle of a run of digits are passed over. The empty
+# group that ends an alternative names what it found (Match.lastgroup).
+_TOKEN = re.compile(
+    rf"""
+    [\d+(\-]
+    (?:
+        (?<=\+)(?:
+            (?:0\d|1[0-4]):[0-5]\d(?!\d)(?P<offset>)  # a UTC offset alone: +00:00, +14:00
+          | [1-9]\d*(?:(?:{_SEP}?\(\d{{1,5}}\){_SEP}?|{_SEP})\d+)*(?!\d|{_MASKED})(?P<plus>)
+        )
+      | (?<=-)(?<![A-Za-z0-9]-)(?:0\d|1[0-4]):[0-5]\d(?!\d)(?P<negative_offset>)  # -05:00
+      | (?<![A-Za-z0-9].)(?:
+            # An ISO 8601 date, date-time or time of day, and its UTC offset.
+            (?<=\d)(?:\d{{3}}-\d{{2}}-\d{{2}}(?:[T ]\d{{1,2}}:\d{{2}}(?::\d{{2}}(?:[.,]\d+)?)?)?
+                     |\d?:\d{{2}}(?::\d{{2}}(?:[.,]\d+)?)?)
+            (?!\d)(?:\ ?(?:Z|[+-]\d{{2}}(?::?\d{{2}})?)(?!\d|{_MASKED}))?(?P<time>)
+            # An IPv4 address.
+          | (?<=\d)(?<!\..)\d{{0,2}}(?:\.\d{{1,3}}){{3}}(?!\d|\.\d|{_MASKED})(?P<ipv4>)
+            # Groups of digits: (425) 555-0100, 425-555-0100, 020 7123 4567.
+          | (?<![.+\-].)(?:(?<=\()\d{{1,5}}\){_SEP}?|(?<=\d)\d{{0,4}}{_SEP})
+            \d{{2,}}(?:{_SEP}\d{{2,}})+(?!\d|{_MASKED})(?P<grouped>)
+            # A run of 7 digits or more, not in a word or GUID (-), nor a fraction (0.1234567).
+          | (?<=\d)(?<!-.)(?<!\d\.\d)\d{{6,}}(?![A-Za-z0-9\-]|\.\d|{_MASKED})(?P<run>)
+        )
+    )
+    """,
+    re.X,
+)
+_DIGIT_RUN = re.compile(r"\d+")
+E164_MAX_DIGITS = 15
+GROUPED_MIN_DIGITS = 9
 
 
 def mask_number(number: str) -> str:
@@ -29,17 +87,46 @@ def mask_number(number: str) -> str:
     return number[:-4] + "****" if len(number) > 5 else "****"
 
 
-def _mask_sip(match: re.Match[str]) -> str:
-    return f"{match.group(1)}:****@{match.group(2)}" if "@" in match.group(0) else match.group(0)
+def _mask_groups(text: str, plus: bool) -> str:
+    """A number written in groups: its digits, masked (when it has enough of them). Groups
+    beyond 15 digits are another number (or none), redacted on their own."""
+    digits, rest = "", ""
+    for run in _DIGIT_RUN.finditer(text):
+        if digits and len(digits) + len(run.group(0)) > E164_MAX_DIGITS:
+            rest = text[len(text[: run.start()].rstrip(" .-(")) :]
+            text = text[: len(text) - len(rest)]
+            break
+        digits += run.group(0)
+    if rest:
+        cut = len(rest) - len(rest.lstrip(" .-"))
+        rest = rest[:cut] + _redact_tokens(rest[cut:])
+    if len(digits) < (2 if plus else GROUPED_MIN_DIGITS):
+        return text + rest
+    return mask_number("+" + digits if plus else digits) + rest
+
+
+def _mask_token(match: re.Match[str]) -> str:
+    kind = match.lastgroup
+    if kind in ("plus", "grouped"):
+        return _mask_groups(match.group(0), kind == "plus")
+    if kind == "run":
+        return mask_number(match.group(0))
+    return match.group(0)  # a timestamp, an offset, an address: kept
+
+
+def _redact_tokens(text: str) -> str:
+    return _TOKEN.sub(_mask_token, text)
 
 
 def redact(text: str) -> str:
     """Remove personal data and key material from one string."""
     if "PRIVATE KEY" in text:
         text = _PEM_KEY.sub("[private key redacted]", text)
-    if ":" in text:
-        text = _SIP_URI.sub(_mask_sip, text)
-    return _NUMBER.sub(lambda m: mask_number(m.group(0)), text)
+    if _TWO_DIGITS.search(text):
+        text = _TOKEN.sub(_mask_token, text)
+    if ":" in text and "@" in text:  # after the numbers: a masked number is still a user part
+        text = _SIP_USER.sub(r"\1:****@", text)
+    return text
 
 
 def _redact_value(value: Any) -> Any:
@@ -59,10 +146,12 @@ def _redact_value(value: Any) -> Any:
 def redact_processor(
     _logger: Any, _name: str, event: MutableMapping[str, Any]
 ) -> MutableMapping[str, Any]:
-    for key, value in event.items():
+    for key, value in list(event.items()):
         # Durations, counts, codes and the like are never personal data.
         if not isinstance(value, int | float | bool) and value is not None:
             event[key] = _redact_value(value)
+        if isinstance(key, str) and _DIGIT.search(key) and redact(key) != key:
+            event[redact(key)] = event.pop(key)  # log.info("x", **{"+14255550100": ...})
     return event
 
 
@@ -88,8 +177,24 @@ class _CancelledWriteFilter(logging.Filter):
 GRPC_CORE_LOGGER = "grpc._cython.cygrpc"
 
 
+class _Formatter(structlog.stdlib.ProcessorFormatter):
+    """Renders a standard library record as structlog renders its own lines; a record whose
+    message does not format (`log.error("%d", "text")`) is rendered as its parts, redacted,
+    instead of being printed unredacted by logging's handleError."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        try:
+            return super().format(record)
+        except Exception as error:  # any failure to format the message
+            fallback = logging.makeLogRecord(record.__dict__)
+            fallback.msg = f"unformattable log record ({error}): {record.msg!s} {record.args!r}"
+            fallback.args = ()
+            return super().format(fallback)
+
+
 def configure_logging(log_format: str = "auto", level: str = "info") -> None:
-    """Set up structlog (and route the standard library's logging through the same output)."""
+    """Set up structlog, and route the standard library's logging (asyncio, grpc, alembic)
+    through the same redaction and renderer."""
     use_console = log_format == "console" or (log_format == "auto" and sys.stderr.isatty())
     renderer: Any = (
         structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
@@ -97,20 +202,35 @@ def configure_logging(log_format: str = "auto", level: str = "info") -> None:
         else structlog.processors.JSONRenderer()
     )
     numeric = logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
+    # Redact, then stamp the time: a timestamp is never personal data.
+    last: list[Any] = [
+        structlog.processors.format_exc_info,
+        redact_processor,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        renderer,
+    ]
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            redact_processor,
-            renderer,
+            *last,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
         logger_factory=structlog.PrintLoggerFactory(file=cast(TextIO, _Stderr())),
         cache_logger_on_first_use=True,
     )
-    logging.basicConfig(level=max(numeric, logging.WARNING), stream=sys.stderr, force=True)
+    handler = logging.StreamHandler(cast(TextIO, _Stderr()))
+    handler.setFormatter(
+        _Formatter(
+            foreign_pre_chain=[
+                structlog.contextvars.merge_contextvars,
+                structlog.processors.add_log_level,
+                structlog.stdlib.add_logger_name,
+            ],
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *last],
+        )
+    )
+    logging.basicConfig(level=max(numeric, logging.WARNING), handlers=[handler], force=True)
     core = logging.getLogger(GRPC_CORE_LOGGER)
     if not any(isinstance(f, _CancelledWriteFilter) for f in core.filters):
         core.addFilter(_CancelledWriteFilter())

@@ -30,7 +30,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from gateway import pki, registry, server
 from gateway.identity import check_certificate
 from gateway.registry import OperatorStatus, ca_anchors
-from gateway.trust import Trust
+from gateway.trust import Trust, TrustFiles, TrustStore
 from opconnect.numbers.v1 import numbers_pb2 as pb
 from opconnect.numbers.v1 import numbers_pb2_grpc as pb_grpc
 from opconnect.type.v1 import assignment_state_pb2 as state_pb
@@ -672,6 +672,67 @@ def test_a_deny_list_that_does_not_parse_keeps_the_previous_one(
     time.sleep(system.runtime.settings.reload_interval_s * 4)  # the next call rereads the files
     assert outcome(list_call(other)) == REVOKED
     assert outcome(list_call(system.numbers(OPERATOR))) == OK
+
+
+def _deny_list_deleted(path: Path) -> None:
+    path.unlink()
+
+
+def _deny_list_a_directory(path: Path) -> None:
+    path.unlink()
+    path.mkdir()
+
+
+def _deny_list_not_utf8(path: Path) -> None:
+    pki.write_public(path, b"\xff\xfe not text\n")
+
+
+@pytest.mark.parametrize("spoil", [_deny_list_deleted, _deny_list_a_directory, _deny_list_not_utf8])
+def test_a_deny_list_that_vanishes_or_cannot_be_read_keeps_the_previous_one(
+    start: Callable[..., RunningSystem],
+    session_pki: Pki,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    spoil: Callable[[Path], None],
+) -> None:
+    serial = pki.serial_of(cert_path(session_pki, "operator", OTHER_OPERATOR).read_bytes())
+    deny = tmp_path / "deny-list.txt"
+    pki.write_public(deny, f"{serial}\n".encode())
+    system = start(deny_list_file=str(deny))
+    other = system.numbers(OTHER_OPERATOR)
+    assert outcome(list_call(other)) == REVOKED
+    spoil(deny)
+    # Calls reread the files; wait for the reload's error, the certificate denied all along.
+    logged, deadline = "", time.monotonic() + 10
+    while "trust files not reloaded" not in logged:
+        assert outcome(list_call(other)) == REVOKED
+        assert time.monotonic() < deadline, "the spoilt deny list was never noticed"
+        logged += capsys.readouterr().err
+    assert outcome(list_call(other)) == REVOKED
+    assert outcome(list_call(system.numbers(OPERATOR))) == OK
+    # A good deny list written afterwards is taken up again.
+    if deny.is_dir():
+        deny.rmdir()
+    serial = pki.serial_of(cert_path(session_pki, "operator", OPERATOR).read_bytes())
+    pki.write_public(deny, f"{serial}\n".encode())
+    assert eventually(REVOKED, list_call(system.numbers(OPERATOR))) == REVOKED
+    assert outcome(list_call(other)) == OK
+
+
+def test_a_configured_deny_list_that_is_missing_stops_the_start(
+    session_pki: Pki, tmp_path: Path
+) -> None:
+    paths = session_pki.paths
+    files = TrustFiles(
+        paths.server_cert,
+        paths.server_key,
+        paths.ca_cert,
+        paths.ca_cert,
+        paths.crl,
+        tmp_path / "deny-list.txt",
+    )
+    with pytest.raises(FileNotFoundError, match=r"deny-list\.txt"):
+        TrustStore(files, 1.0)
 
 
 # Every way a CRL file can go bad while running; the previous CRL must stay in force.

@@ -3,6 +3,11 @@ plumbing.errors (rich statuses)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import datetime as dt
+import gc
+import io
 import json
 import logging
 import re
@@ -22,7 +27,9 @@ from grpc_status import rpc_status
 from hypothesis import example, given
 from hypothesis import strategies as st
 
+from plumbing import audit
 from plumbing.config import Settings, load_settings
+from plumbing.db import Database
 from plumbing.errors import (
     ApiError,
     Violation,
@@ -40,6 +47,7 @@ from plumbing.logs import (
     redact,
     redact_processor,
 )
+from plumbing.validation import _SIP, E164, check_e164, check_sip_or_e164, check_sip_uri
 
 # --- redact ------------------------------------------------------------------------------------
 
@@ -82,6 +90,79 @@ def test_redact_masks_phone_numbers(text: str, expected: str) -> None:
 )
 def test_redact_drops_the_user_part_of_sip_uris(text: str, expected: str) -> None:
     assert redact(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        # Numbers as people write them: masked, written without their separators.
+        ("+1 425 555 0100", "+1425555****"),
+        ("+1-425-555-0100", "+1425555****"),
+        ("+1.425.555.0100", "+1425555****"),
+        ("+1 (425) 555-0100", "+1425555****"),
+        ("+44 (0)20 7123 4567", "+440207123****"),
+        ("call (425) 555-0100 now", "call 425555**** now"),
+        ("425-555-0100", "425555****"),
+        ("425.555.0100", "425555****"),
+        ("1-425-555-0100", "1425555****"),
+        ("020 7123 4567", "0207123****"),
+        ("06 12 34 56 78", "061234****"),
+        # A second number right after the 15 digits of a first is a number of its own.
+        ("+14255550100 5551234567", "+1425555**** 555123****"),
+        # SIP URIs whose user part holds any character the validator accepts.
+        ("sip:o'brien,jr@contoso.example", "sip:****@contoso.example"),
+        (
+            "sips:a-b_c.d!e~f*g'h(i)j&k=l+m$n,o?p/q%2F@[2001:db8::1]:5061",
+            "sips:****@[2001:db8::1]:5061",
+        ),
+        ("to='sip:+1 425 555 0100@sbc1.example'", "to='sip:****@sbc1.example'"),
+        ("x=gossip:alice@host", "x=gossip:****@host"),  # no word boundary needed
+        ("sip:alice:secret@host", "sip:****@host"),  # a password too
+        ('repr: "sip:o\\\'b@h"', 'repr: "sip:****@h"'),
+    ],
+)
+def test_redact_masks_written_numbers_and_any_sip_user_part(text: str, expected: str) -> None:
+    assert redact(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "2026-11-28T10:00:00+00:00",
+        "at 2026-11-28T10:00:00.123456+00:00 and 2026-11-28 10:00:00Z",
+        "since=2026-11-28T10:00:00+14:00",
+        "10:00:00-05:00",
+        "tz=+00:00 or -05:30 or +10:00 or +0100",
+        "Sat, 28 Nov 2026 10:00:00 +1000",
+        "2026-11-28",
+        "28.11.2026",
+        "took 15 ms, 1234.5 ms, 0.123456789 s",
+        "peer 192.168.100.200:50051 and ipv4:10.0.0.1:443 and [2001:db8::1]:443",
+        "request_id=08a911e00000000c",
+        "call_id=12345678-1234-1234-1234-123456789012",
+        "oid 1.2.840.10045.4.3.2 and version 1.68.1",
+        "1 000 000 rows",
+        "+1 more",
+        "+1425555****",
+        "1425555****",
+        "sip:****@sbc1.example",
+        "sip:sbc1.example;transport=tls",
+    ],
+)
+def test_redact_keeps_timestamps_addresses_figures_and_masked_values(text: str) -> None:
+    assert redact(text) == text
+
+
+number_like = st.text(alphabet="0123456789+-.:() TZ*sip@'\\,xX\n")
+
+
+@given(text=st.one_of(st.text(), number_like))
+@example(text="+1425555****")
+@example(text="sip:x+1 425 555 0100@host")
+@example(text="2026-11-28T10:00:00+00:00 +14255550100")
+def test_redact_is_idempotent(text: str) -> None:
+    once = redact(text)
+    assert redact(once) == once
 
 
 def pem_keys() -> list[str]:
@@ -203,6 +284,238 @@ def test_json_logs_redact_objects(json_logs: pytest.CaptureFixture[str]) -> None
     configure_logging("json", "info")
     get_logger("opconnect.test").info("failed", error=ValueError("bad number +14255550100"))
     assert "+14255550100" not in json_logs.readouterr().err
+
+
+# Every number and SIP URI the validators accept (SIP URIs with a user part: without one, a URI
+# names a host only and is kept), built from the validator's own grammar.
+accepted_numbers = st.from_regex(E164, fullmatch=True).filter(lambda n: check_e164(n) is None)
+_label = st.from_regex(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?", fullmatch=True)
+_top_label = st.from_regex(r"[A-Za-z](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?", fullmatch=True)
+_hosts = st.one_of(
+    st.builds(
+        lambda labels, top, dot: ".".join([*labels, top]) + dot,
+        st.lists(_label, max_size=3),
+        _top_label,
+        st.sampled_from(["", "."]),
+    ),
+    st.ip_addresses(v=4).map(str),
+    st.ip_addresses(v=6).map(lambda a: f"[{a}]"),
+)
+_composed_sip_uris = st.builds(
+    lambda scheme, user, host, port, params: f"{scheme}:{user}@{host}{port}{params}",
+    st.from_regex(r"[sS][iI][pP][sS]?", fullmatch=True),
+    st.one_of(
+        st.from_regex(r"(?:[A-Za-z0-9\-_.!~*'()&=+$,?/]|%[0-9A-Fa-f]{2})+", fullmatch=True),
+        accepted_numbers,
+    ),
+    _hosts,
+    st.one_of(st.just(""), st.integers(1, 65535).map(lambda p: f":{p}")),
+    st.from_regex(r"(?:;[A-Za-z0-9\-_.!~*'%+]+(?:=[A-Za-z0-9\-_.!~*'%+\[\]:]*)?)*", fullmatch=True),
+)
+
+
+def _accepted_with_user(uri: str) -> bool:
+    match = _SIP.fullmatch(uri)
+    return check_sip_uri(uri) is None and match is not None and bool(match["user"])
+
+
+accepted_sip_uris = st.one_of(_composed_sip_uris, st.from_regex(_SIP, fullmatch=True)).filter(
+    _accepted_with_user
+)
+
+
+def _emit_structlog(text: str, where: str) -> None:
+    log = get_logger("opconnect.test")
+    if where == "event":
+        log.warning(text)
+    elif where == "field":
+        log.warning("event", field=text)
+    elif where == "nested":
+        log.warning("event", nested={"a": [text, {"b": (text,)}], text: "as a key"})
+    elif where == "key":
+        log.warning("event", **{text: 1})
+    elif where == "bytes":
+        log.warning("event", raw=text.encode())
+    elif where == "error object":
+        log.warning("event", error=ValueError(text))
+    else:
+        try:
+            raise ValueError(text)
+        except ValueError:
+            log.exception("failed")
+
+
+def _emit_stdlib(text: str, where: str) -> None:
+    log = logging.getLogger("asyncio" if where.endswith("asyncio") else "grpc._server")
+    if where.startswith("%s"):
+        log.error("task failed for %s (%d%%)", text, 50)
+    elif where.startswith("%r"):
+        log.error("task failed for %r", text)
+    elif where.startswith("message"):
+        log.error(text)
+    else:
+        try:
+            raise ValueError(text)
+        except ValueError:
+            log.exception("failed: %s", text)
+
+
+PLACES = [
+    *(("structlog", w) for w in ("event", "field", "nested", "key", "bytes", "error object")),
+    ("structlog", "exception"),
+    *(("stdlib", w) for w in ("%s asyncio", "%r grpc", "message asyncio", "exception grpc")),
+]
+
+
+def _strings(value: object) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield key
+            yield from _strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _strings(item)
+
+
+@contextlib.contextmanager
+def rendered(log_format: str) -> Iterator[io.StringIO]:
+    """What configure_logging's output writes to stderr, for a test that logs in between."""
+    with contextlib.redirect_stderr(io.StringIO()) as out:
+        configure_logging(log_format, "info")
+        yield out
+
+
+@given(
+    value=st.one_of(accepted_numbers, accepted_sip_uris),
+    # Text around it holds no digit, which would make another number of it, nor do four stars
+    # follow it, which would make it a number already masked.
+    before=around,
+    after=around.filter(lambda text: not text.startswith("****")),
+    place=st.sampled_from(PLACES),
+    log_format=st.sampled_from(["json", "console"]),
+)
+@example(
+    value="sip:o'brien,jr@contoso.example", before="", after="", place=PLACES[0], log_format="json"
+)
+def test_no_accepted_number_or_sip_uri_is_ever_logged_whole(
+    value: str, before: str, after: str, place: tuple[str, str], log_format: str
+) -> None:
+    assert check_sip_or_e164(value) is None
+    text = before + value + after
+    kind, where = place
+    with rendered(log_format) as out:
+        (_emit_structlog if kind == "structlog" else _emit_stdlib)(text, where)
+    output = out.getvalue()
+    assert output.strip()
+    assert value not in output
+    if log_format == "json":
+        for line in output.splitlines():
+            assert not any(value in s for s in _strings(json.loads(line)))
+    else:  # as a repr() may have escaped it
+        assert value not in output.replace("\\'", "'").replace("\\\\", "\\")
+
+
+def test_the_audit_line_keeps_timestamps_and_masks_once(
+    json_logs: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    configure_logging("json", "info")
+    # A logger used before caches the level of its first use: a fresh one for this level.
+    monkeypatch.setattr(audit, "log", get_logger("opconnect.audit"))
+    filters = {
+        "start_time": "2026-11-28T10:00:00+00:00",
+        "end_time": "2026-11-29T10:00:00.250000+00:00",
+        "tenant_id": "6f1a4b2c-8d3e-4f5a-9b6c-123456789012",
+        "phone_number": mask_number("+14255550100"),  # as the records service masks it
+    }
+    audit.AuditLog(cast(Database, None)).record(
+        audit.AuditEvent(
+            at=dt.datetime(2026, 11, 28, 10, tzinfo=dt.UTC),
+            principal="operator/acme-telecom",
+            method="/opconnect.records.v1.RecordService/StreamCalls",
+            filters=filters,
+            record_count=3,
+            duration_ms=1.25,
+            status="OK",
+            request_id="08a911e00000000c",
+        )
+    )
+    [line] = logged(json_logs)
+    assert line["filters"] == filters
+    assert line["request_id"] == "08a911e00000000c"
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", str(line["timestamp"]))
+
+
+def test_the_standard_librarys_logging_is_json_and_redacted(
+    json_logs: pytest.CaptureFixture[str],
+) -> None:
+    configure_logging("json", "info")
+    logging.getLogger("asyncio").error(
+        "call from %s to %r", "+1 425 555 0100", "sip:o'brien@contoso.example"
+    )
+    try:
+        raise ValueError("no route to +14255550100")
+    except ValueError:
+        logging.getLogger("grpc._server").exception("Exception calling application: %s", "x")
+    logging.getLogger("alembic").info("the standard library's info lines are not shown")
+    first, second = logged(json_logs)
+    assert isinstance(first.pop("timestamp"), str)
+    assert first == {
+        "event": 'call from +1425555**** to "sip:****@contoso.example"',
+        "level": "error",
+        "logger": "asyncio",
+    }
+    assert (second["logger"], second["level"]) == ("grpc._server", "error")
+    assert second["event"] == "Exception calling application: x"
+    assert str(second["exception"]).startswith("Traceback (most recent call last):")
+    assert str(second["exception"]).endswith("ValueError: no route to +1425555****")
+
+
+def test_a_task_exception_never_retrieved_is_logged_as_json_and_redacted(
+    json_logs: pytest.CaptureFixture[str],
+) -> None:
+    configure_logging("json", "info")
+
+    async def fail() -> None:
+        raise ValueError("no route to +14255550100 (sip:alice@contoso.example)")
+
+    loop = asyncio.new_event_loop()
+    try:
+        task = loop.create_task(fail())
+        loop.run_until_complete(asyncio.wait([task]))  # done; its exception never retrieved
+        del task
+        gc.collect()
+    finally:
+        loop.close()
+    [line] = logged(json_logs)
+    assert (line["logger"], line["level"]) == ("asyncio", "error")
+    assert str(line["event"]).startswith("Task exception was never retrieved\n")
+    assert str(line["exception"]).endswith(
+        "ValueError: no route to +1425555**** (sip:****@contoso.example)"
+    )
+    assert "alice" not in json.dumps(line)
+
+
+def test_a_standard_library_record_that_does_not_format_is_still_redacted(
+    json_logs: pytest.CaptureFixture[str],
+) -> None:
+    configure_logging("json", "info")
+    logging.getLogger("opconnect.test").error("number %d", "+14255550100")
+    [line] = logged(json_logs)
+    assert "+1425555****" in str(line["event"])
+    assert "+14255550100" not in json.dumps(line)
+
+
+def test_the_standard_librarys_logging_on_a_console_is_redacted(
+    json_logs: pytest.CaptureFixture[str],
+) -> None:
+    configure_logging("console", "info")
+    logging.getLogger("asyncio").error("call from %s", "+14255550100")
+    [line] = json_logs.readouterr().err.splitlines()
+    assert re.fullmatch(r"\d{4}-\S+Z \[error\s*\] call from \+1425555\*{4}\s+\[asyncio\]", line), (
+        line
+    )
 
 
 # --- config ------------------------------------------------------------------------------------
