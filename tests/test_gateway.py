@@ -726,8 +726,8 @@ def test_a_configured_deny_list_that_is_missing_stops_the_start(
     files = TrustFiles(
         paths.server_cert,
         paths.server_key,
-        paths.ca_cert,
-        paths.ca_cert,
+        paths.operator_ca_cert,
+        paths.platform_ca_cert,
         paths.crl,
         tmp_path / "deny-list.txt",
     )
