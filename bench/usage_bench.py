@@ -814,7 +814,7 @@ async def summary_once(
             rows.append(
                 [
                     row.tenant_id,
-                    row.period_start.ToDatetime().strftime("%Y-%m-%d"),
+                    row.period_start_time.ToDatetime().strftime("%Y-%m-%d"),
                     "inbound"
                     if row.direction == direction_pb.CALL_DIRECTION_INBOUND
                     else "outbound",

@@ -235,7 +235,7 @@ def usage(
         yours = sum(s.call_count for s in row.by_source if s.source == pb.DURATION_SOURCE_OPERATOR)
         table.add_row(
             row.tenant_id,
-            row.period_start.ToDatetime(dt.UTC).strftime("%Y-%m" if monthly else "%Y-%m-%d"),
+            row.period_start_time.ToDatetime(dt.UTC).strftime("%Y-%m" if monthly else "%Y-%m-%d"),
             "inbound" if row.direction == 1 else "outbound",
             f"{row.call_count:,}",
             _minutes(row.billed_duration.seconds),

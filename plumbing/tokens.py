@@ -266,17 +266,25 @@ def page_token(purpose: str, request: str, after: Sequence[str]) -> str:
     return _keyring().seal(purpose, _SEPARATOR.join(after).encode(), request)
 
 
+def bound_key(token: str, purpose: str, request: str, parts: int) -> list[str] | None:
+    """The key of `page_token(purpose, request, key)` (`parts` strings), or None for anything
+    else, a token of another request included (a stream's cursor bound to its request)."""
+    body = _keyring().unseal(token, purpose, request)
+    if body is None:
+        return None
+    try:
+        key = body.decode().split(_SEPARATOR)
+    except UnicodeDecodeError:
+        return None
+    return key if len(key) == parts else None
+
+
 def read_page_token(token: str, purpose: str, request: str, parts: int, domain: str) -> list[str]:
     """The key of `page_token(purpose, request, key)` (`parts` strings); INVALID_ARGUMENT /
     PAGE_TOKEN_INVALID for anything else, a token of another request included."""
-    body = _keyring().unseal(token, purpose, request)
-    if body is not None:
-        try:
-            key = body.decode().split(_SEPARATOR)
-        except UnicodeDecodeError:
-            key = []
-        if len(key) == parts:
-            return key
+    key = bound_key(token, purpose, request, parts)
+    if key is not None:
+        return key
     raise invalid_field(
         domain,
         "PAGE_TOKEN_INVALID",

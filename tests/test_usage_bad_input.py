@@ -1,8 +1,8 @@
 """Bad input to the usage queries through the real server (GetUsageSummary, GetTenantUsage,
 GetReconciliation, StreamDiscrepancies): any period, tenant, granularity, kind, tolerance, page
-size and page token answers either a page or INVALID_ARGUMENT with an ErrorInfo of the usage
-domain and a BadRequest violation naming the field; never INTERNAL or UNKNOWN; the server keeps
-serving."""
+size, page token and cursor answers either a page or INVALID_ARGUMENT with an ErrorInfo of the
+usage domain and a BadRequest violation naming the field; never INTERNAL or UNKNOWN; the server
+keeps serving."""
 
 from __future__ import annotations
 
@@ -127,7 +127,7 @@ def test_reconciliation_with_any_input(fuzz_system: RunningSystem, fields: dict[
         maybe("tolerance", tolerances),
         maybe("kind", enums),
         maybe("max_batch_size", sizes),
-        maybe("page_token", tokens),
+        maybe("cursor", tokens),
     )
 )
 def test_discrepancies_with_any_input(fuzz_system: RunningSystem, fields: dict[str, Any]) -> None:

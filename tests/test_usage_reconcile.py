@@ -4,6 +4,7 @@ both, only on the platform's side, only on the operator's."""
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import random
 import time
@@ -15,6 +16,7 @@ import grpc
 import pytest
 
 from opconnect.usage.v1 import usage_pb2 as pb
+from plumbing.tokens import Keyring
 from tests.conftest import (
     NO_POSTGRES,
     OPERATOR,
@@ -250,12 +252,10 @@ def test_discrepancies_one_by_one_in_order(data: tuple[RunningSystem, list[Call]
     responses = list(usage_stub(system).StreamDiscrepancies(request, timeout=30))
     want = expected_discrepancies(calls, 1.0, 0.01)
     assert _streamed(responses) == want
-    assert all(len(r.discrepancies) <= 4 for r in responses)
-    assert [bool(r.next_page_token) for r in responses] == [True] * (len(responses) - 1) + [False]
-    # A new call with a response's token resumes strictly after it.
-    request.page_token = responses[1].next_page_token
-    rest = list(usage_stub(system).StreamDiscrepancies(request, timeout=30))
-    assert _streamed(rest) == want[8:]
+    assert all(0 < len(r.discrepancies) <= 4 for r in responses)
+    # Every response carries a cursor, each sealed afresh.
+    cursors = [r.cursor for r in responses]
+    assert all(cursors) and len(set(cursors)) == len(cursors)
     # One kind only, and a tenant.
     request = pb.StreamDiscrepanciesRequest(
         start_time=stamp(START),
@@ -273,6 +273,59 @@ def test_discrepancies_one_by_one_in_order(data: tuple[RunningSystem, list[Call]
     assert only
 
 
+def test_discrepancies_resume_from_the_last_cursor_after_a_cut(
+    data: tuple[RunningSystem, list[Call]],
+) -> None:
+    """A stream cut after any response and resumed with the last cursor received gives every
+    discrepancy exactly once; resuming after the last gives one response without any."""
+    system, calls = data
+    want = expected_discrepancies(calls, 1.0, 0.01)
+    base: dict[str, Any] = {"start_time": stamp(START), "end_time": stamp(END)}
+    stub = usage_stub(system)
+    batches = -(-len(want) // 3)
+    assert batches >= 3
+    for cut in range(1, batches + 1):
+        call = stub.StreamDiscrepancies(
+            pb.StreamDiscrepanciesRequest(**base, max_batch_size=3), timeout=30
+        )
+        received = [next(call) for _ in range(cut)]
+        call.cancel()  # the stream breaks here
+        rest = list(
+            stub.StreamDiscrepancies(
+                pb.StreamDiscrepanciesRequest(**base, max_batch_size=3, cursor=received[-1].cursor),
+                timeout=30,
+            )
+        )
+        assert _streamed(received + rest) == want, cut
+        assert all(r.cursor for r in rest)
+    (last,) = rest
+    assert list(last.discrepancies) == []
+    # From the cursor of a response without discrepancies: again nothing, and a cursor.
+    (again,) = stub.StreamDiscrepancies(
+        pb.StreamDiscrepanciesRequest(**base, cursor=last.cursor), timeout=30
+    )
+    assert (list(again.discrepancies), bool(again.cursor)) == ([], True)
+    # A period without discrepancies: one response, none in it, and a cursor that resumes.
+    empty: dict[str, Any] = {
+        "start_time": stamp(END),
+        "end_time": stamp(END + dt.timedelta(hours=1)),
+    }
+    (nothing,) = stub.StreamDiscrepancies(pb.StreamDiscrepanciesRequest(**empty), timeout=30)
+    assert (list(nothing.discrepancies), bool(nothing.cursor)) == ([], True)
+    request = pb.StreamDiscrepanciesRequest(**empty, cursor=nothing.cursor)
+    assert [list(r.discrepancies) for r in stub.StreamDiscrepancies(request)] == [[]]
+
+
+def _refusal(system: RunningSystem, fields: dict[str, Any], operator: str = OPERATOR) -> Any:
+    with pytest.raises(grpc.RpcError) as caught:
+        list(
+            usage_stub(system, operator).StreamDiscrepancies(
+                pb.StreamDiscrepanciesRequest(**fields), timeout=30
+            )
+        )
+    return rich_error(caught.value)
+
+
 def test_discrepancy_request_errors(data: tuple[RunningSystem, list[Call]]) -> None:
     system, _ = data
     base: dict[str, Any] = {"start_time": stamp(START), "end_time": stamp(END)}
@@ -284,11 +337,57 @@ def test_discrepancy_request_errors(data: tuple[RunningSystem, list[Call]]) -> N
     for request, reason in (
         ({**base, "kind": 9}, "KIND_INVALID"),
         ({**base, "max_batch_size": -1}, "MAX_BATCH_SIZE_INVALID"),
-        ({**base, "page_token": "junk"}, "PAGE_TOKEN_INVALID"),
-        # A token is bound to the period, filters and tolerance that made it.
-        ({**base, "page_token": first.next_page_token, "tenant_id": TENANT}, "PAGE_TOKEN_INVALID"),
+        ({**base, "cursor": "junk"}, "CURSOR_INVALID"),
         ({"end_time": stamp(END)}, "PERIOD_INVALID"),
     ):
-        with pytest.raises(grpc.RpcError) as caught:
-            list(usage_stub(system).StreamDiscrepancies(pb.StreamDiscrepanciesRequest(**request)))
-        assert rich_error(caught.value).reason == reason, request
+        assert _refusal(system, request).reason == reason, request
+    # A cursor is bound to the caller, period, filters and tolerance that made it: with any
+    # other, it is refused exactly as a malformed one.
+    malformed = _refusal(system, {**base, "cursor": "junk"})
+    assert (malformed.code, malformed.fields) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        {"cursor": "CURSOR_INVALID"},
+    )
+    cursor = first.cursor
+    later = stamp(START + dt.timedelta(seconds=1))
+    tolerance = pb.Tolerance(relative=0.5)
+    tolerance.absolute.FromSeconds(1)
+    for name, request in {
+        "another start": {**base, "start_time": later, "cursor": cursor},
+        "another end": {**base, "end_time": stamp(END + dt.timedelta(days=1)), "cursor": cursor},
+        "a tenant": {**base, "tenant_id": TENANT, "cursor": cursor},
+        "a kind": {**base, "kind": pb.DISCREPANCY_KIND_MISMATCH, "cursor": cursor},
+        "a tolerance": {**base, "tolerance": tolerance, "cursor": cursor},
+    }.items():
+        assert _refusal(system, request) == malformed, name
+    assert _refusal(system, {**base, "cursor": cursor}, OTHER_OPERATOR) == malformed
+
+
+def test_forged_and_foreign_discrepancy_cursors_answer_as_malformed_ones(
+    data: tuple[RunningSystem, list[Call]],
+) -> None:
+    system, _ = data
+    base: dict[str, Any] = {"start_time": stamp(START), "end_time": stamp(END)}
+    call = usage_stub(system).StreamDiscrepancies(
+        pb.StreamDiscrepanciesRequest(**base, max_batch_size=1), timeout=30
+    )
+    real = next(call).cursor
+    call.cancel()
+    summary = usage_stub(system).GetUsageSummary(
+        pb.GetUsageSummaryRequest(**base, granularity=pb.GRANULARITY_DAY, page_size=1)
+    )
+    assert summary.next_page_token
+    raw = bytearray(base64.urlsafe_b64decode(real + "=" * (-len(real) % 4)))
+    raw[-1] ^= 1
+    body = f"{START.isoformat()}\x1f{'x' * 8}".encode()
+    forged = {
+        "another deployment's": Keyring.generate().seal("usage.discrepancies", body, "x"),
+        "truncated": real[:-3],
+        "a bit of its tag flipped": base64.urlsafe_b64encode(bytes(raw)).rstrip(b"=").decode(),
+        "a usage page token": summary.next_page_token,
+        "made of base64url": "A" * len(real),
+    }
+    malformed = _refusal(system, {**base, "cursor": "junk"})
+    assert malformed.reason == "CURSOR_INVALID"
+    for name, cursor in forged.items():
+        assert _refusal(system, {**base, "cursor": cursor}) == malformed, name

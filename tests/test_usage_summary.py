@@ -140,7 +140,7 @@ def _rows_of(rows: list[pb.UsageRow]) -> dict[Key, dict[str, list[int]]]:
     for row in rows:
         key = (
             row.tenant_id,
-            row.period_start.ToDatetime(dt.UTC).strftime("%Y-%m-%d"),
+            row.period_start_time.ToDatetime(dt.UTC).strftime("%Y-%m-%d"),
             row.direction,
         )
         assert key not in out, f"row {key} twice"
@@ -180,7 +180,7 @@ def test_an_operator_sees_its_own_usage_per_tenant_day_and_direction(
             page_size=3,
         )
         rows = _all_pages(usage_stub(system, operator).GetUsageSummary, request)
-        keys = [(r.tenant_id, r.period_start.ToDatetime(dt.UTC), r.direction) for r in rows]
+        keys = [(r.tenant_id, r.period_start_time.ToDatetime(dt.UTC), r.direction) for r in rows]
         assert keys == sorted(keys), "ordered by tenant, period, direction"
         assert _rows_of(rows) == expected[operator]
 
@@ -204,7 +204,7 @@ def test_monthly_rows_and_the_tenant_filter(
     got = {(r.tenant_id, r.direction): [r.call_count, r.billed_duration.seconds] for r in rows}
     assert got == dict(months)
     # A month row starts at the month's start, clipped to the period.
-    assert all(r.period_start.ToDatetime(dt.UTC) >= START for r in rows)
+    assert all(r.period_start_time.ToDatetime(dt.UTC) >= START for r in rows)
 
 
 def test_the_platform_sees_a_tenant_across_operators(

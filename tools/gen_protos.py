@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 import grpc_tools
+from google.api import field_behavior_pb2
 from grpc_tools import protoc
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,10 +26,14 @@ BIN = Path(sys.executable).parent
 def generate(into: Path) -> None:
     files = sorted(str(p.relative_to(PROTOS)) for p in PROTOS.rglob("*.proto"))
     well_known = Path(grpc_tools.__file__).parent / "_proto"
+    # google/api/field_behavior.proto as the installed googleapis-common-protos ships it: the
+    # generated code imports that package's field_behavior_pb2 at run time.
+    googleapis = Path(field_behavior_pb2.__file__).resolve().parents[2]
     args = [
         "protoc",
         f"-I{PROTOS}",
         f"-I{well_known}",
+        f"-I{googleapis}",
         f"--plugin=protoc-gen-mypy={BIN / 'protoc-gen-mypy'}",
         f"--plugin=protoc-gen-mypy_grpc={BIN / 'protoc-gen-mypy_grpc'}",
         f"--python_out={into}",

@@ -105,7 +105,7 @@ GRANULARITY_IN = {
 def row_out(row: UsageRow) -> pb.UsageRow:
     return pb.UsageRow(
         tenant_id=row.tenant_id,
-        period_start=timestamp(row.period_start),
+        period_start_time=timestamp(row.period_start),
         direction=DIRECTION_OUT[row.direction],
         call_count=row.calls,
         billed_duration=duration_pb2.Duration(seconds=row.billed_seconds),

@@ -19,7 +19,7 @@ from plumbing.config import Settings
 from plumbing.db import Database
 from plumbing.errors import invalid_field
 from plumbing.rpc import Access, access_rules, current_operator
-from plumbing.tokens import page_token, read_page_token
+from plumbing.tokens import bound_key, page_token, read_page_token
 from plumbing.validation import Refusal, check_period
 from plumbing.wellknown import duration_in, request_time
 from services.usage import convert, rules, storage
@@ -81,16 +81,15 @@ class UsageService(pb_grpc.UsageServiceServicer):
             self._settings.max_stream_batch_size,
         )
         binding = _discrepancy_binding(query, kind)
-        after = _read_after(request.page_token, binding) if request.page_token else None
+        after = _read_cursor(request.cursor, binding) if request.cursor else None
         while True:
             found = await self._db.run(storage.discrepancies, query, kind, after, size + 1)
             batch, more = found[:size], len(found) > size
-            token = ""
-            if more:
+            if batch:
                 after = (batch[-1].start, batch[-1].call_id)
-                token = page_token("usage.discrepancies", binding, [after[0].isoformat(), after[1]])
             yield pb.StreamDiscrepanciesResponse(
-                discrepancies=[convert.discrepancy_out(x) for x in batch], next_page_token=token
+                discrepancies=[convert.discrepancy_out(x) for x in batch],
+                cursor=_discrepancy_cursor(binding, after),
             )
             if not more:
                 return
@@ -242,16 +241,36 @@ def _discrepancy_binding(query: rules.ReconcileQuery, kind: rules.DiscrepancyKin
     )
 
 
-def _read_after(token: str, binding: str) -> tuple[dt.datetime, str]:
-    """(start, call id) of the last discrepancy before the page `token` names."""
-    start, call_id = read_page_token(token, "usage.discrepancies", binding, 2, DOMAIN)
-    try:
-        when = dt.datetime.fromisoformat(start)
-    except ValueError:
-        when = None
-    if when is None or when.tzinfo is None or not call_id:
-        raise invalid_field(DOMAIN, "PAGE_TOKEN_INVALID", "page_token", "not a page token")
-    return when, call_id
+_DISCREPANCIES = "usage.discrepancies"
+
+
+def _discrepancy_cursor(binding: str, after: tuple[dt.datetime, str] | None) -> str:
+    """A cursor resuming strictly after (start, call id), or at the first discrepancy for None;
+    bound to the request's caller, period, filters and tolerance."""
+    key = ["", ""] if after is None else [after[0].isoformat(), after[1]]
+    return page_token(_DISCREPANCIES, binding, key)
+
+
+def _read_cursor(cursor: str, binding: str) -> tuple[dt.datetime, str] | None:
+    """(start, call id) of the last discrepancy before `cursor`, or None for the first;
+    INVALID_ARGUMENT / CURSOR_INVALID for anything but a cursor of this very request."""
+    key = bound_key(cursor, _DISCREPANCIES, binding, 2)
+    if key == ["", ""]:
+        return None
+    if key is not None and key[1]:
+        try:
+            when = dt.datetime.fromisoformat(key[0])
+        except ValueError:
+            pass
+        else:
+            if when.tzinfo is not None:
+                return when, key[1]
+    raise invalid_field(
+        DOMAIN,
+        "CURSOR_INVALID",
+        "cursor",
+        "not a cursor of this stream (the same period, filters and tolerance)",
+    )
 
 
 def access() -> dict[str, Access]:

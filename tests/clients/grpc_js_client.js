@@ -1,7 +1,8 @@
 #!/usr/bin/env node
 // A second-language operator client for the integration tests: @grpc/grpc-js over mutual TLS,
 // the schema loaded at run time from protos/ with @grpc/proto-loader (which bundles the
-// google.protobuf well-known types).
+// google.protobuf well-known types), and google/api/field_behavior.proto from
+// third_party/googleapis/.
 //
 // Uploads one number, gets it back, asks for an invalid number, then reads its call records
 // (StreamCallRecords from 2000-01-01, 2 a response, not following), submits its durations of two
@@ -96,7 +97,7 @@ async function main() {
       'opconnect/usage/v1/usage.proto',
     ],
     {
-    includeDirs: [opts.protos],
+    includeDirs: [opts.protos, path.join(__dirname, '..', '..', 'third_party', 'googleapis')],
     keepCase: true,
     longs: String,
     enums: String,

@@ -264,7 +264,7 @@ class NumberUpload(_message.Message):
     phone_number: _builtins.str
     """The number, E.164."""
     usage: Global___NumberUsage.ValueType
-    """What the number is sold for; required."""
+    """What the number is sold for."""
     @_builtins.property
     def capabilities(self) -> Global___Capabilities:
         """What the number can do; at least one of inbound or outbound."""
@@ -580,7 +580,7 @@ class WatchAssignmentsRequest(_message.Message):
     """
     max_batch_size: _builtins.int
     """Most events in one response: 0 for the server's default (500); above it, the server's
-    default is used.
+    default is used; negative is INVALID_ARGUMENT.
     """
     def __init__(
         self,

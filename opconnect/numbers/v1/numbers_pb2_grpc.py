@@ -128,14 +128,17 @@ class NumberServiceServicer:
         """Streams every assignment change of the operator's numbers, in order, at least once.
 
         Starts strictly after `cursor`, or from now when no cursor is given (then the first response
-        is at once a heartbeat carrying the cursor of "now"); sends what is stored, then follows live. While nothing changes, sends a heartbeat (a response with no events)
-        carrying a newer cursor at the configured interval, so a client that saves the last cursor
-        it received resumes without a gap and without rereading changes it was not shown.
+        is at once a heartbeat carrying the cursor of "now"); sends what is stored, then follows
+        live. While nothing changes, sends a heartbeat (a response with no events) carrying a newer
+        cursor at the configured interval, so a client that saves the last cursor it received
+        resumes without a gap and without rereading changes it was not shown.
 
-        Errors: INVALID_ARGUMENT (CURSOR_INVALID), FAILED_PRECONDITION (CURSOR_EXPIRED: the cursor is
-        older than the retention of the change log; list again and watch from the new
-        `watch_cursor`), RESOURCE_EXHAUSTED (TOO_MANY_STREAMS), UNAVAILABLE when the server shuts
-        down (reconnect with the last cursor).
+        Errors: INVALID_ARGUMENT (CURSOR_INVALID: not a cursor of this stream, or ahead of the log;
+        TENANT_ID_INVALID, BATCH_SIZE_INVALID: `max_batch_size` negative), FAILED_PRECONDITION
+        (CURSOR_EXPIRED: the cursor is older than the retention of the change log; list again and
+        watch from the new `watch_cursor`), RESOURCE_EXHAUSTED (TOO_MANY_STREAMS), UNAVAILABLE
+        (SHUTTING_DOWN: the server shuts down, reconnect with the last cursor;
+        STORAGE_UNAVAILABLE).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -43,7 +43,9 @@ class _CallEndReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CallEnd
     CALL_END_REASON_DECLINED: _CallEndReason.ValueType  # 6
     """The callee declined the call (603)."""
     CALL_END_REASON_UNREACHABLE: _CallEndReason.ValueType  # 7
-    """The callee could not be reached: unknown number, no route (e.g. 404, 484, 503 from the trunk)."""
+    """The callee could not be reached: unknown number, no route (e.g. 404, 484, 503 from the
+    trunk).
+    """
     CALL_END_REASON_MEDIA_TIMEOUT: _CallEndReason.ValueType  # 8
     """Media stopped flowing and the call was torn down (media timeout)."""
     CALL_END_REASON_ERROR: _CallEndReason.ValueType  # 9
@@ -69,7 +71,9 @@ CALL_END_REASON_BUSY: CallEndReason.ValueType  # 5
 CALL_END_REASON_DECLINED: CallEndReason.ValueType  # 6
 """The callee declined the call (603)."""
 CALL_END_REASON_UNREACHABLE: CallEndReason.ValueType  # 7
-"""The callee could not be reached: unknown number, no route (e.g. 404, 484, 503 from the trunk)."""
+"""The callee could not be reached: unknown number, no route (e.g. 404, 484, 503 from the
+trunk).
+"""
 CALL_END_REASON_MEDIA_TIMEOUT: CallEndReason.ValueType  # 8
 """Media stopped flowing and the call was torn down (media timeout)."""
 CALL_END_REASON_ERROR: CallEndReason.ValueType  # 9
@@ -357,9 +361,9 @@ class MediaStream(_message.Message):
     QUALITY_CLASS_FIELD_NUMBER: _builtins.int
     QUALITY_REASONS_FIELD_NUMBER: _builtins.int
     direction: Global___MediaDirection.ValueType
-    """Which way the stream flows. Required."""
+    """Which way the stream flows."""
     media_type: Global___MediaType.ValueType
-    """What the stream carries. Required."""
+    """What the stream carries."""
     codec: _builtins.str
     """The codec, as the payload format name of the SDP `rtpmap` (e.g. `PCMU`, `G722`, `opus`,
     `SILK`), at most 32 characters; empty when unknown.
@@ -377,7 +381,7 @@ class MediaStream(_message.Message):
     when unknown.
     """
     quality_class: Global___QualityClass.ValueType
-    """Output only: the stream's class. Always UNCLASSIFIED for a stream that is not audio.
+    """The stream's class. Always UNCLASSIFIED for a stream that is not audio.
     Ignored when published.
     """
     @_builtins.property
@@ -398,7 +402,7 @@ class MediaStream(_message.Message):
 
     @_builtins.property
     def quality_reasons(self) -> _containers.RepeatedCompositeFieldContainer[Global___QualityReason]:
-        """Output only: for POOR, every threshold crossed; for an UNCLASSIFIED audio stream, every
+        """For POOR, every threshold crossed; for an UNCLASSIFIED audio stream, every
         missing metric; empty otherwise. Ignored when published.
         """
 
@@ -473,7 +477,7 @@ class CallRecord(_message.Message):
     tenant_id: _builtins.str
     """The customer tenant whose user or application took part: a Microsoft Entra tenant id (GUID)."""
     direction: _call_direction_pb2.CallDirection.ValueType
-    """Which way the call went. Required."""
+    """Which way the call went."""
     caller: _builtins.str
     """Who called: the PSTN side as E.164 (`+`, then 2 to 15 digits); the Teams side as E.164 when
     the user or application has a number, else as its `sip:` or `sips:` URI (at most 512
@@ -492,15 +496,15 @@ class CallRecord(_message.Message):
     final_sip_phrase: _builtins.str
     """The reason phrase of the final response (e.g. `OK`, `Busy Here`), at most 128 characters."""
     end_reason: Global___CallEndReason.ValueType
-    """Why the call ended. Required."""
+    """Why the call ended."""
     quality_class: Global___QualityClass.ValueType
-    """Output only: the call's class. POOR when any audio stream is POOR; otherwise UNCLASSIFIED
+    """The call's class. POOR when any audio stream is POOR; otherwise UNCLASSIFIED
     when any audio stream is UNCLASSIFIED or the call has no audio stream; otherwise GOOD.
     Ignored when published.
     """
     @_builtins.property
     def invite_time(self) -> _timestamp_pb2.Timestamp:
-        """When the call was set up (the INVITE was sent or received). Required."""
+        """When the call was set up (the INVITE was sent or received)."""
 
     @_builtins.property
     def answer_time(self) -> _timestamp_pb2.Timestamp:
@@ -508,7 +512,7 @@ class CallRecord(_message.Message):
 
     @_builtins.property
     def end_time(self) -> _timestamp_pb2.Timestamp:
-        """When the call ended (or setup failed). Required; not before `invite_time` nor `answer_time`."""
+        """When the call ended (or setup failed). Not before `invite_time` nor `answer_time`."""
 
     @_builtins.property
     def duration(self) -> _duration_pb2.Duration:
@@ -522,14 +526,14 @@ class CallRecord(_message.Message):
 
     @_builtins.property
     def quality_reasons(self) -> _containers.RepeatedCompositeFieldContainer[Global___QualityReason]:
-        """Output only: the reasons of the audio streams that decided the call's class (those of its
+        """The reasons of the audio streams that decided the call's class (those of its
         POOR streams for POOR, of its UNCLASSIFIED audio streams for UNCLASSIFIED), each naming its
         stream; empty for GOOD. Ignored when published.
         """
 
     @_builtins.property
     def publish_time(self) -> _timestamp_pb2.Timestamp:
-        """Output only: when the record was committed; what `start_time` and `end_time` of
+        """When the record was committed; what `start_time` and `end_time` of
         `StreamCallRecords` select on. Ignored when published.
         """
 
@@ -736,11 +740,11 @@ class GetQualitySummaryRequest(_message.Message):
     """
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp:
-        """Calls set up (`invite_time`) at or after this time. Required."""
+        """Calls set up (`invite_time`) at or after this time."""
 
     @_builtins.property
     def end_time(self) -> _timestamp_pb2.Timestamp:
-        """Calls set up before this time. Required; after `start_time`, at most 31 days later."""
+        """Calls set up before this time. After `start_time`, at most 31 days later."""
 
     def __init__(
         self,

@@ -22,60 +22,103 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from opconnect.type.v1 import call_direction_pb2 as opconnect_dot_type_dot_v1_dot_call__direction__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eopconnect/usage/v1/usage.proto\x12\x12opconnect.usage.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a&opconnect/type/v1/call_direction.proto\"\xab\x02\n\x12\x43\x61llDurationRecord\x12\x11\n\trecord_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63\x61ll_id\x18\x02 \x01(\t\x12\x11\n\ttenant_id\x18\x03 \x01(\t\x12\x0e\n\x06\x63\x61ller\x18\x04 \x01(\t\x12\x0e\n\x06\x63\x61llee\x18\x05 \x01(\t\x12\x33\n\tdirection\x18\x06 \x01(\x0e\x32 .opconnect.type.v1.CallDirection\x12.\n\nstart_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x08\x64uration\x18\t \x01(\x0b\x32\x19.google.protobuf.Duration\"g\n\x1aSubmitCallDurationsRequest\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12\x37\n\x07records\x18\x02 \x03(\x0b\x32&.opconnect.usage.v1.CallDurationRecord\"\x91\x01\n\x12\x43\x61llDurationResult\x12\x11\n\trecord_id\x18\x01 \x01(\t\x12\x38\n\x07outcome\x18\x02 \x01(\x0e\x32\'.opconnect.usage.v1.CallDurationOutcome\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\r\n\x05\x66ield\x18\x04 \x01(\t\x12\x0f\n\x07message\x18\x05 \x01(\t\"\xb1\x01\n\x1bSubmitCallDurationsResponse\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12\x37\n\x07results\x18\x02 \x03(\x0b\x32&.opconnect.usage.v1.CallDurationResult\x12\x16\n\x0e\x61\x63\x63\x65pted_count\x18\x03 \x01(\x05\x12\x17\n\x0f\x64uplicate_count\x18\x04 \x01(\x05\x12\x16\n\x0erejected_count\x18\x05 \x01(\x05\"J\n\tTolerance\x12+\n\x08\x61\x62solute\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x10\n\x08relative\x18\x02 \x01(\x01\"\xbd\x01\n\x18GetReconciliationRequest\x12.\n\nstart_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\ttenant_id\x18\x03 \x01(\t\x12\x30\n\ttolerance\x18\x04 \x01(\x0b\x32\x1d.opconnect.usage.v1.Tolerance\"\xe0\x02\n\x19GetReconciliationResponse\x12\x15\n\rmatched_count\x18\x01 \x01(\x03\x12\x16\n\x0emismatch_count\x18\x02 \x01(\x03\x12\x1b\n\x13platform_only_count\x18\x03 \x01(\x03\x12\x1b\n\x13operator_only_count\x18\x04 \x01(\x03\x12:\n\x17platform_total_duration\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12:\n\x17operator_total_duration\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x30\n\ttolerance\x18\x07 \x01(\x0b\x32\x1d.opconnect.usage.v1.Tolerance\x12\x30\n\x0c\x63ompute_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x93\x02\n\x0b\x44iscrepancy\x12\x31\n\x04kind\x18\x01 \x01(\x0e\x32#.opconnect.usage.v1.DiscrepancyKind\x12\x0f\n\x07\x63\x61ll_id\x18\x02 \x01(\t\x12\x11\n\trecord_id\x18\x03 \x01(\t\x12\x11\n\ttenant_id\x18\x04 \x01(\t\x12.\n\nstart_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\x11platform_duration\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x34\n\x11operator_duration\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x9e\x02\n\x1aStreamDiscrepanciesRequest\x12.\n\nstart_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\ttenant_id\x18\x03 \x01(\t\x12\x31\n\x04kind\x18\x04 \x01(\x0e\x32#.opconnect.usage.v1.DiscrepancyKind\x12\x30\n\ttolerance\x18\x05 \x01(\x0b\x32\x1d.opconnect.usage.v1.Tolerance\x12\x12\n\npage_token\x18\x06 \x01(\t\x12\x16\n\x0emax_batch_size\x18\x07 \x01(\x05\"n\n\x1bStreamDiscrepanciesResponse\x12\x36\n\rdiscrepancies\x18\x01 \x03(\x0b\x32\x1f.opconnect.usage.v1.Discrepancy\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x89\x01\n\x0bSourceUsage\x12\x32\n\x06source\x18\x01 \x01(\x0e\x32\".opconnect.usage.v1.DurationSource\x12\x12\n\ncall_count\x18\x02 \x01(\x03\x12\x32\n\x0f\x62illed_duration\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x80\x02\n\x08UsageRow\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x30\n\x0cperiod_start\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\tdirection\x18\x03 \x01(\x0e\x32 .opconnect.type.v1.CallDirection\x12\x12\n\ncall_count\x18\x04 \x01(\x03\x12\x32\n\x0f\x62illed_duration\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x32\n\tby_source\x18\x06 \x03(\x0b\x32\x1f.opconnect.usage.v1.SourceUsage\"\xe6\x01\n\x16GetUsageSummaryRequest\x12.\n\nstart_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\x0bgranularity\x18\x03 \x01(\x0e\x32\x1f.opconnect.usage.v1.Granularity\x12\x11\n\ttenant_id\x18\x04 \x01(\t\x12\x11\n\tpage_size\x18\x05 \x01(\x05\x12\x12\n\npage_token\x18\x06 \x01(\t\"^\n\x17GetUsageSummaryResponse\x12*\n\x04rows\x18\x01 \x03(\x0b\x32\x1c.opconnect.usage.v1.UsageRow\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xfa\x01\n\x15GetTenantUsageRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12.\n\nstart_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\x0bgranularity\x18\x04 \x01(\x0e\x32\x1f.opconnect.usage.v1.Granularity\x12\x13\n\x0boperator_id\x18\x05 \x01(\t\x12\x11\n\tpage_size\x18\x06 \x01(\x05\x12\x12\n\npage_token\x18\x07 \x01(\t\"]\n\x16GetTenantUsageResponse\x12*\n\x04rows\x18\x01 \x03(\x0b\x32\x1c.opconnect.usage.v1.UsageRow\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*m\n\x0e\x44urationSource\x12\x1f\n\x1b\x44URATION_SOURCE_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x44URATION_SOURCE_OPERATOR\x10\x01\x12\x1c\n\x18\x44URATION_SOURCE_PLATFORM\x10\x02*V\n\x0bGranularity\x12\x1b\n\x17GRANULARITY_UNSPECIFIED\x10\x00\x12\x13\n\x0fGRANULARITY_DAY\x10\x01\x12\x15\n\x11GRANULARITY_MONTH\x10\x02*\xa9\x01\n\x13\x43\x61llDurationOutcome\x12%\n!CALL_DURATION_OUTCOME_UNSPECIFIED\x10\x00\x12\"\n\x1e\x43\x41LL_DURATION_OUTCOME_ACCEPTED\x10\x01\x12#\n\x1f\x43\x41LL_DURATION_OUTCOME_DUPLICATE\x10\x02\x12\"\n\x1e\x43\x41LL_DURATION_OUTCOME_REJECTED\x10\x03*\xa8\x01\n\x0f\x44iscrepancyKind\x12 \n\x1c\x44ISCREPANCY_KIND_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x44ISCREPANCY_KIND_MISMATCH\x10\x01\x12*\n&DISCREPANCY_KIND_MISSING_FROM_OPERATOR\x10\x02\x12(\n$DISCREPANCY_KIND_UNKNOWN_TO_PLATFORM\x10\x03\x32\xe2\x03\n\x0cUsageService\x12z\n\x13SubmitCallDurations\x12..opconnect.usage.v1.SubmitCallDurationsRequest\x1a/.opconnect.usage.v1.SubmitCallDurationsResponse(\x01\x30\x01\x12p\n\x11GetReconciliation\x12,.opconnect.usage.v1.GetReconciliationRequest\x1a-.opconnect.usage.v1.GetReconciliationResponse\x12x\n\x13StreamDiscrepancies\x12..opconnect.usage.v1.StreamDiscrepanciesRequest\x1a/.opconnect.usage.v1.StreamDiscrepanciesResponse0\x01\x12j\n\x0fGetUsageSummary\x12*.opconnect.usage.v1.GetUsageSummaryRequest\x1a+.opconnect.usage.v1.GetUsageSummaryResponse2}\n\x12UsageReportService\x12g\n\x0eGetTenantUsage\x12).opconnect.usage.v1.GetTenantUsageRequest\x1a*.opconnect.usage.v1.GetTenantUsageResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eopconnect/usage/v1/usage.proto\x12\x12opconnect.usage.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a&opconnect/type/v1/call_direction.proto\"\xe1\x02\n\x12\x43\x61llDurationRecord\x12\x17\n\trecord_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x15\n\x07\x63\x61ll_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x17\n\ttenant_id\x18\x03 \x01(\tB\x04\xe2\x41\x01\x02\x12\x14\n\x06\x63\x61ller\x18\x04 \x01(\tB\x04\xe2\x41\x01\x02\x12\x14\n\x06\x63\x61llee\x18\x05 \x01(\tB\x04\xe2\x41\x01\x02\x12\x39\n\tdirection\x18\x06 \x01(\x0e\x32 .opconnect.type.v1.CallDirectionB\x04\xe2\x41\x01\x02\x12\x34\n\nstart_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x02\x12\x32\n\x08\x65nd_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x02\x12\x31\n\x08\x64uration\x18\t \x01(\x0b\x32\x19.google.protobuf.DurationB\x04\xe2\x41\x01\x02\"m\n\x1aSubmitCallDurationsRequest\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12=\n\x07records\x18\x02 \x03(\x0b\x32&.opconnect.usage.v1.CallDurationRecordB\x04\xe2\x41\x01\x02\"\x91\x01\n\x12\x43\x61llDurationResult\x12\x11\n\trecord_id\x18\x01 \x01(\t\x12\x38\n\x07outcome\x18\x02 \x01(\x0e\x32\'.opconnect.usage.v1.CallDurationOutcome\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\r\n\x05\x66ield\x18\x04 \x01(\t\x12\x0f\n\x07message\x18\x05 \x01(\t\"\xb1\x01\n\x1bSubmitCallDurationsResponse\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12\x37\n\x07results\x18\x02 \x03(\x0b\x32&.opconnect.usage.v1.CallDurationResult\x12\x16\n\x0e\x61\x63\x63\x65pted_count\x18\x03 \x01(\x05\x12\x17\n\x0f\x64uplicate_count\x18\x04 \x01(\x05\x12\x16\n\x0erejected_count\x18\x05 \x01(\x05\"J\n\tTolerance\x12+\n\x08\x61\x62solute\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x10\n\x08relative\x18\x02 \x01(\x01\"\xc9\x01\n\x18GetReconciliationRequest\x12\x34\n\nstart_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x02\x12\x32\n\x08\x65nd_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x02\x12\x11\n\ttenant_id\x18\x03 \x01(\t\x12\x30\n\ttolerance\x18\x04 \x01(\x0b\x32\x1d.opconnect.usage.v1.Tolerance\"\xe0\x02\n\x19GetReconciliationResponse\x12\x15\n\rmatched_count\x18\x01 \x01(\x03\x12\x16\n\x0emismatch_count\x18\x02 \x01(\x03\x12\x1b\n\x13platform_only_count\x18\x03 \x01(\x03\x12\x1b\n\x13operator_only_count\x18\x04 \x01(\x03\x12:\n\x17platform_total_duration\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12:\n\x17operator_total_duration\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x30\n\ttolerance\x18\x07 \x01(\x0b\x32\x1d.opconnect.usage.v1.Tolerance\x12\x30\n\x0c\x63ompute_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x93\x02\n\x0b\x44iscrepancy\x12\x31\n\x04kind\x18\x01 \x01(\x0e\x32#.opconnect.usage.v1.DiscrepancyKind\x12\x0f\n\x07\x63\x61ll_id\x18\x02 \x01(\t\x12\x11\n\trecord_id\x18\x03 \x01(\t\x12\x11\n\ttenant_id\x18\x04 \x01(\t\x12.\n\nstart_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\x11platform_duration\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x34\n\x11operator_duration\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xa6\x02\n\x1aStreamDiscrepanciesRequest\x12\x34\n\nstart_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x02\x12\x32\n\x08\x65nd_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x02\x12\x11\n\ttenant_id\x18\x03 \x01(\t\x12\x31\n\x04kind\x18\x04 \x01(\x0e\x32#.opconnect.usage.v1.DiscrepancyKind\x12\x30\n\ttolerance\x18\x05 \x01(\x0b\x32\x1d.opconnect.usage.v1.Tolerance\x12\x0e\n\x06\x63ursor\x18\x06 \x01(\t\x12\x16\n\x0emax_batch_size\x18\x07 \x01(\x05\"e\n\x1bStreamDiscrepanciesResponse\x12\x36\n\rdiscrepancies\x18\x01 \x03(\x0b\x32\x1f.opconnect.usage.v1.Discrepancy\x12\x0e\n\x06\x63ursor\x18\x02 \x01(\t\"\x89\x01\n\x0bSourceUsage\x12\x32\n\x06source\x18\x01 \x01(\x0e\x32\".opconnect.usage.v1.DurationSource\x12\x12\n\ncall_count\x18\x02 \x01(\x03\x12\x32\n\x0f\x62illed_duration\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x85\x02\n\x08UsageRow\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x35\n\x11period_start_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\tdirection\x18\x03 \x01(\x0e\x32 .opconnect.type.v1.CallDirection\x12\x12\n\ncall_count\x18\x04 \x01(\x03\x12\x32\n\x0f\x62illed_duration\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x32\n\tby_source\x18\x06 \x03(\x0b\x32\x1f.opconnect.usage.v1.SourceUsage\"\xf8\x01\n\x16GetUsageSummaryRequest\x12\x34\n\nstart_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x02\x12\x32\n\x08\x65nd_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x02\x12:\n\x0bgranularity\x18\x03 \x01(\x0e\x32\x1f.opconnect.usage.v1.GranularityB\x04\xe2\x41\x01\x02\x12\x11\n\ttenant_id\x18\x04 \x01(\t\x12\x11\n\tpage_size\x18\x05 \x01(\x05\x12\x12\n\npage_token\x18\x06 \x01(\t\"^\n\x17GetUsageSummaryResponse\x12*\n\x04rows\x18\x01 \x03(\x0b\x32\x1c.opconnect.usage.v1.UsageRow\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x92\x02\n\x15GetTenantUsageRequest\x12\x17\n\ttenant_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x34\n\nstart_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x02\x12\x32\n\x08\x65nd_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x02\x12:\n\x0bgranularity\x18\x04 \x01(\x0e\x32\x1f.opconnect.usage.v1.GranularityB\x04\xe2\x41\x01\x02\x12\x13\n\x0boperator_id\x18\x05 \x01(\t\x12\x11\n\tpage_size\x18\x06 \x01(\x05\x12\x12\n\npage_token\x18\x07 \x01(\t\"]\n\x16GetTenantUsageResponse\x12*\n\x04rows\x18\x01 \x03(\x0b\x32\x1c.opconnect.usage.v1.UsageRow\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*m\n\x0e\x44urationSource\x12\x1f\n\x1b\x44URATION_SOURCE_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x44URATION_SOURCE_OPERATOR\x10\x01\x12\x1c\n\x18\x44URATION_SOURCE_PLATFORM\x10\x02*V\n\x0bGranularity\x12\x1b\n\x17GRANULARITY_UNSPECIFIED\x10\x00\x12\x13\n\x0fGRANULARITY_DAY\x10\x01\x12\x15\n\x11GRANULARITY_MONTH\x10\x02*\xa9\x01\n\x13\x43\x61llDurationOutcome\x12%\n!CALL_DURATION_OUTCOME_UNSPECIFIED\x10\x00\x12\"\n\x1e\x43\x41LL_DURATION_OUTCOME_ACCEPTED\x10\x01\x12#\n\x1f\x43\x41LL_DURATION_OUTCOME_DUPLICATE\x10\x02\x12\"\n\x1e\x43\x41LL_DURATION_OUTCOME_REJECTED\x10\x03*\xa8\x01\n\x0f\x44iscrepancyKind\x12 \n\x1c\x44ISCREPANCY_KIND_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x44ISCREPANCY_KIND_MISMATCH\x10\x01\x12*\n&DISCREPANCY_KIND_MISSING_FROM_OPERATOR\x10\x02\x12(\n$DISCREPANCY_KIND_UNKNOWN_TO_PLATFORM\x10\x03\x32\xe2\x03\n\x0cUsageService\x12z\n\x13SubmitCallDurations\x12..opconnect.usage.v1.SubmitCallDurationsRequest\x1a/.opconnect.usage.v1.SubmitCallDurationsResponse(\x01\x30\x01\x12p\n\x11GetReconciliation\x12,.opconnect.usage.v1.GetReconciliationRequest\x1a-.opconnect.usage.v1.GetReconciliationResponse\x12x\n\x13StreamDiscrepancies\x12..opconnect.usage.v1.StreamDiscrepanciesRequest\x1a/.opconnect.usage.v1.StreamDiscrepanciesResponse0\x01\x12j\n\x0fGetUsageSummary\x12*.opconnect.usage.v1.GetUsageSummaryRequest\x1a+.opconnect.usage.v1.GetUsageSummaryResponse2}\n\x12UsageReportService\x12g\n\x0eGetTenantUsage\x12).opconnect.usage.v1.GetTenantUsageRequest\x1a*.opconnect.usage.v1.GetTenantUsageResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'opconnect.usage.v1.usage_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DURATIONSOURCE']._serialized_start=3272
-  _globals['_DURATIONSOURCE']._serialized_end=3381
-  _globals['_GRANULARITY']._serialized_start=3383
-  _globals['_GRANULARITY']._serialized_end=3469
-  _globals['_CALLDURATIONOUTCOME']._serialized_start=3472
-  _globals['_CALLDURATIONOUTCOME']._serialized_end=3641
-  _globals['_DISCREPANCYKIND']._serialized_start=3644
-  _globals['_DISCREPANCYKIND']._serialized_end=3812
-  _globals['_CALLDURATIONRECORD']._serialized_start=160
-  _globals['_CALLDURATIONRECORD']._serialized_end=459
-  _globals['_SUBMITCALLDURATIONSREQUEST']._serialized_start=461
-  _globals['_SUBMITCALLDURATIONSREQUEST']._serialized_end=564
-  _globals['_CALLDURATIONRESULT']._serialized_start=567
-  _globals['_CALLDURATIONRESULT']._serialized_end=712
-  _globals['_SUBMITCALLDURATIONSRESPONSE']._serialized_start=715
-  _globals['_SUBMITCALLDURATIONSRESPONSE']._serialized_end=892
-  _globals['_TOLERANCE']._serialized_start=894
-  _globals['_TOLERANCE']._serialized_end=968
-  _globals['_GETRECONCILIATIONREQUEST']._serialized_start=971
-  _globals['_GETRECONCILIATIONREQUEST']._serialized_end=1160
-  _globals['_GETRECONCILIATIONRESPONSE']._serialized_start=1163
-  _globals['_GETRECONCILIATIONRESPONSE']._serialized_end=1515
-  _globals['_DISCREPANCY']._serialized_start=1518
-  _globals['_DISCREPANCY']._serialized_end=1793
-  _globals['_STREAMDISCREPANCIESREQUEST']._serialized_start=1796
-  _globals['_STREAMDISCREPANCIESREQUEST']._serialized_end=2082
-  _globals['_STREAMDISCREPANCIESRESPONSE']._serialized_start=2084
-  _globals['_STREAMDISCREPANCIESRESPONSE']._serialized_end=2194
-  _globals['_SOURCEUSAGE']._serialized_start=2197
-  _globals['_SOURCEUSAGE']._serialized_end=2334
-  _globals['_USAGEROW']._serialized_start=2337
-  _globals['_USAGEROW']._serialized_end=2593
-  _globals['_GETUSAGESUMMARYREQUEST']._serialized_start=2596
-  _globals['_GETUSAGESUMMARYREQUEST']._serialized_end=2826
-  _globals['_GETUSAGESUMMARYRESPONSE']._serialized_start=2828
-  _globals['_GETUSAGESUMMARYRESPONSE']._serialized_end=2922
-  _globals['_GETTENANTUSAGEREQUEST']._serialized_start=2925
-  _globals['_GETTENANTUSAGEREQUEST']._serialized_end=3175
-  _globals['_GETTENANTUSAGERESPONSE']._serialized_start=3177
-  _globals['_GETTENANTUSAGERESPONSE']._serialized_end=3270
-  _globals['_USAGESERVICE']._serialized_start=3815
-  _globals['_USAGESERVICE']._serialized_end=4297
-  _globals['_USAGEREPORTSERVICE']._serialized_start=4299
-  _globals['_USAGEREPORTSERVICE']._serialized_end=4424
+  _globals['_CALLDURATIONRECORD'].fields_by_name['record_id']._loaded_options = None
+  _globals['_CALLDURATIONRECORD'].fields_by_name['record_id']._serialized_options = b'\342A\001\002'
+  _globals['_CALLDURATIONRECORD'].fields_by_name['call_id']._loaded_options = None
+  _globals['_CALLDURATIONRECORD'].fields_by_name['call_id']._serialized_options = b'\342A\001\002'
+  _globals['_CALLDURATIONRECORD'].fields_by_name['tenant_id']._loaded_options = None
+  _globals['_CALLDURATIONRECORD'].fields_by_name['tenant_id']._serialized_options = b'\342A\001\002'
+  _globals['_CALLDURATIONRECORD'].fields_by_name['caller']._loaded_options = None
+  _globals['_CALLDURATIONRECORD'].fields_by_name['caller']._serialized_options = b'\342A\001\002'
+  _globals['_CALLDURATIONRECORD'].fields_by_name['callee']._loaded_options = None
+  _globals['_CALLDURATIONRECORD'].fields_by_name['callee']._serialized_options = b'\342A\001\002'
+  _globals['_CALLDURATIONRECORD'].fields_by_name['direction']._loaded_options = None
+  _globals['_CALLDURATIONRECORD'].fields_by_name['direction']._serialized_options = b'\342A\001\002'
+  _globals['_CALLDURATIONRECORD'].fields_by_name['start_time']._loaded_options = None
+  _globals['_CALLDURATIONRECORD'].fields_by_name['start_time']._serialized_options = b'\342A\001\002'
+  _globals['_CALLDURATIONRECORD'].fields_by_name['end_time']._loaded_options = None
+  _globals['_CALLDURATIONRECORD'].fields_by_name['end_time']._serialized_options = b'\342A\001\002'
+  _globals['_CALLDURATIONRECORD'].fields_by_name['duration']._loaded_options = None
+  _globals['_CALLDURATIONRECORD'].fields_by_name['duration']._serialized_options = b'\342A\001\002'
+  _globals['_SUBMITCALLDURATIONSREQUEST'].fields_by_name['records']._loaded_options = None
+  _globals['_SUBMITCALLDURATIONSREQUEST'].fields_by_name['records']._serialized_options = b'\342A\001\002'
+  _globals['_GETRECONCILIATIONREQUEST'].fields_by_name['start_time']._loaded_options = None
+  _globals['_GETRECONCILIATIONREQUEST'].fields_by_name['start_time']._serialized_options = b'\342A\001\002'
+  _globals['_GETRECONCILIATIONREQUEST'].fields_by_name['end_time']._loaded_options = None
+  _globals['_GETRECONCILIATIONREQUEST'].fields_by_name['end_time']._serialized_options = b'\342A\001\002'
+  _globals['_STREAMDISCREPANCIESREQUEST'].fields_by_name['start_time']._loaded_options = None
+  _globals['_STREAMDISCREPANCIESREQUEST'].fields_by_name['start_time']._serialized_options = b'\342A\001\002'
+  _globals['_STREAMDISCREPANCIESREQUEST'].fields_by_name['end_time']._loaded_options = None
+  _globals['_STREAMDISCREPANCIESREQUEST'].fields_by_name['end_time']._serialized_options = b'\342A\001\002'
+  _globals['_GETUSAGESUMMARYREQUEST'].fields_by_name['start_time']._loaded_options = None
+  _globals['_GETUSAGESUMMARYREQUEST'].fields_by_name['start_time']._serialized_options = b'\342A\001\002'
+  _globals['_GETUSAGESUMMARYREQUEST'].fields_by_name['end_time']._loaded_options = None
+  _globals['_GETUSAGESUMMARYREQUEST'].fields_by_name['end_time']._serialized_options = b'\342A\001\002'
+  _globals['_GETUSAGESUMMARYREQUEST'].fields_by_name['granularity']._loaded_options = None
+  _globals['_GETUSAGESUMMARYREQUEST'].fields_by_name['granularity']._serialized_options = b'\342A\001\002'
+  _globals['_GETTENANTUSAGEREQUEST'].fields_by_name['tenant_id']._loaded_options = None
+  _globals['_GETTENANTUSAGEREQUEST'].fields_by_name['tenant_id']._serialized_options = b'\342A\001\002'
+  _globals['_GETTENANTUSAGEREQUEST'].fields_by_name['start_time']._loaded_options = None
+  _globals['_GETTENANTUSAGEREQUEST'].fields_by_name['start_time']._serialized_options = b'\342A\001\002'
+  _globals['_GETTENANTUSAGEREQUEST'].fields_by_name['end_time']._loaded_options = None
+  _globals['_GETTENANTUSAGEREQUEST'].fields_by_name['end_time']._serialized_options = b'\342A\001\002'
+  _globals['_GETTENANTUSAGEREQUEST'].fields_by_name['granularity']._loaded_options = None
+  _globals['_GETTENANTUSAGEREQUEST'].fields_by_name['granularity']._serialized_options = b'\342A\001\002'
+  _globals['_DURATIONSOURCE']._serialized_start=3423
+  _globals['_DURATIONSOURCE']._serialized_end=3532
+  _globals['_GRANULARITY']._serialized_start=3534
+  _globals['_GRANULARITY']._serialized_end=3620
+  _globals['_CALLDURATIONOUTCOME']._serialized_start=3623
+  _globals['_CALLDURATIONOUTCOME']._serialized_end=3792
+  _globals['_DISCREPANCYKIND']._serialized_start=3795
+  _globals['_DISCREPANCYKIND']._serialized_end=3963
+  _globals['_CALLDURATIONRECORD']._serialized_start=193
+  _globals['_CALLDURATIONRECORD']._serialized_end=546
+  _globals['_SUBMITCALLDURATIONSREQUEST']._serialized_start=548
+  _globals['_SUBMITCALLDURATIONSREQUEST']._serialized_end=657
+  _globals['_CALLDURATIONRESULT']._serialized_start=660
+  _globals['_CALLDURATIONRESULT']._serialized_end=805
+  _globals['_SUBMITCALLDURATIONSRESPONSE']._serialized_start=808
+  _globals['_SUBMITCALLDURATIONSRESPONSE']._serialized_end=985
+  _globals['_TOLERANCE']._serialized_start=987
+  _globals['_TOLERANCE']._serialized_end=1061
+  _globals['_GETRECONCILIATIONREQUEST']._serialized_start=1064
+  _globals['_GETRECONCILIATIONREQUEST']._serialized_end=1265
+  _globals['_GETRECONCILIATIONRESPONSE']._serialized_start=1268
+  _globals['_GETRECONCILIATIONRESPONSE']._serialized_end=1620
+  _globals['_DISCREPANCY']._serialized_start=1623
+  _globals['_DISCREPANCY']._serialized_end=1898
+  _globals['_STREAMDISCREPANCIESREQUEST']._serialized_start=1901
+  _globals['_STREAMDISCREPANCIESREQUEST']._serialized_end=2195
+  _globals['_STREAMDISCREPANCIESRESPONSE']._serialized_start=2197
+  _globals['_STREAMDISCREPANCIESRESPONSE']._serialized_end=2298
+  _globals['_SOURCEUSAGE']._serialized_start=2301
+  _globals['_SOURCEUSAGE']._serialized_end=2438
+  _globals['_USAGEROW']._serialized_start=2441
+  _globals['_USAGEROW']._serialized_end=2702
+  _globals['_GETUSAGESUMMARYREQUEST']._serialized_start=2705
+  _globals['_GETUSAGESUMMARYREQUEST']._serialized_end=2953
+  _globals['_GETUSAGESUMMARYRESPONSE']._serialized_start=2955
+  _globals['_GETUSAGESUMMARYRESPONSE']._serialized_end=3049
+  _globals['_GETTENANTUSAGEREQUEST']._serialized_start=3052
+  _globals['_GETTENANTUSAGEREQUEST']._serialized_end=3326
+  _globals['_GETTENANTUSAGERESPONSE']._serialized_start=3328
+  _globals['_GETTENANTUSAGERESPONSE']._serialized_end=3421
+  _globals['_USAGESERVICE']._serialized_start=3966
+  _globals['_USAGESERVICE']._serialized_end=4448
+  _globals['_USAGEREPORTSERVICE']._serialized_start=4450
+  _globals['_USAGEREPORTSERVICE']._serialized_end=4575
 # @@protoc_insertion_point(module_scope)

@@ -156,18 +156,18 @@ class CallDurationRecord(_message.Message):
     callee: _builtins.str
     """Who was called, E.164."""
     direction: _call_direction_pb2.CallDirection.ValueType
-    """Which way the call went. Required."""
+    """Which way the call went."""
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp:
-        """When the call was connected (answered). Required; not in the future."""
+        """When the call was connected (answered). Not in the future."""
 
     @_builtins.property
     def end_time(self) -> _timestamp_pb2.Timestamp:
-        """When the call ended. Required; not before `start_time`."""
+        """When the call ended. Not before `start_time`."""
 
     @_builtins.property
     def duration(self) -> _duration_pb2.Duration:
-        """The billable duration the operator measured. Required; not negative, and at most 1 second
+        """The billable duration the operator measured. Not negative, and at most 1 second
         longer than `end_time` minus `start_time`.
         """
 
@@ -355,11 +355,11 @@ class GetReconciliationRequest(_message.Message):
     """Only calls of this tenant; empty for all."""
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp:
-        """Calls that started at or after this time. Required."""
+        """Calls that started at or after this time."""
 
     @_builtins.property
     def end_time(self) -> _timestamp_pb2.Timestamp:
-        """Calls that started before this time. Required; after `start_time`, at most 31 days later."""
+        """Calls that started before this time. After `start_time`, at most 31 days later."""
 
     @_builtins.property
     def tolerance(self) -> Global___Tolerance:
@@ -510,15 +510,16 @@ class StreamDiscrepanciesRequest(_message.Message):
     TENANT_ID_FIELD_NUMBER: _builtins.int
     KIND_FIELD_NUMBER: _builtins.int
     TOLERANCE_FIELD_NUMBER: _builtins.int
-    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    CURSOR_FIELD_NUMBER: _builtins.int
     MAX_BATCH_SIZE_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
     """Only calls of this tenant; empty for all."""
     kind: Global___DiscrepancyKind.ValueType
     """Only discrepancies of this kind; UNSPECIFIED for all."""
-    page_token: _builtins.str
-    """`next_page_token` of a response of an earlier call; empty to start from the first. Only
-    valid with the same period, filters and tolerance as the request that made it.
+    cursor: _builtins.str
+    """Start strictly after this cursor (from a response of an earlier call); empty to start
+    from the first. Only valid with the same period, filters and tolerance as the request that
+    made it.
     """
     max_batch_size: _builtins.int
     """Most discrepancies in one response: 0 for the default (500); above the maximum (1,000), the
@@ -526,11 +527,11 @@ class StreamDiscrepanciesRequest(_message.Message):
     """
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp:
-        """Calls that started at or after this time. Required."""
+        """Calls that started at or after this time."""
 
     @_builtins.property
     def end_time(self) -> _timestamp_pb2.Timestamp:
-        """Calls that started before this time. Required; after `start_time`, at most 31 days later."""
+        """Calls that started before this time. After `start_time`, at most 31 days later."""
 
     @_builtins.property
     def tolerance(self) -> Global___Tolerance:
@@ -544,12 +545,12 @@ class StreamDiscrepanciesRequest(_message.Message):
         tenant_id: _builtins.str = ...,
         kind: Global___DiscrepancyKind.ValueType = ...,
         tolerance: Global___Tolerance | None = ...,
-        page_token: _builtins.str = ...,
+        cursor: _builtins.str = ...,
         max_batch_size: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time", "tolerance", b"tolerance"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "kind", b"kind", "max_batch_size", b"max_batch_size", "page_token", b"page_token", "start_time", b"start_time", "tenant_id", b"tenant_id", "tolerance", b"tolerance"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor", "end_time", b"end_time", "kind", b"kind", "max_batch_size", b"max_batch_size", "start_time", b"start_time", "tenant_id", b"tenant_id", "tolerance", b"tolerance"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -562,24 +563,26 @@ class StreamDiscrepanciesResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     DISCREPANCIES_FIELD_NUMBER: _builtins.int
-    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
-    next_page_token: _builtins.str
-    """Resume strictly after this response's last discrepancy; empty on the last response. Opaque:
-    do not parse it.
+    CURSOR_FIELD_NUMBER: _builtins.int
+    cursor: _builtins.str
+    """Resume strictly after everything this response covers (its last discrepancy, or for a
+    response without any, where the call started). Never empty. Opaque: do not parse it.
     """
     @_builtins.property
     def discrepancies(self) -> _containers.RepeatedCompositeFieldContainer[Global___Discrepancy]:
-        """The discrepancies, ordered by start time then `call_id`."""
+        """The discrepancies, ordered by start time then `call_id`; empty only when there are none
+        (left).
+        """
 
     def __init__(
         self,
         *,
         discrepancies: _abc.Iterable[Global___Discrepancy] | None = ...,
-        next_page_token: _builtins.str = ...,
+        cursor: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["discrepancies", b"discrepancies", "next_page_token", b"next_page_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor", "discrepancies", b"discrepancies"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -624,7 +627,7 @@ class UsageRow(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     TENANT_ID_FIELD_NUMBER: _builtins.int
-    PERIOD_START_FIELD_NUMBER: _builtins.int
+    PERIOD_START_TIME_FIELD_NUMBER: _builtins.int
     DIRECTION_FIELD_NUMBER: _builtins.int
     CALL_COUNT_FIELD_NUMBER: _builtins.int
     BILLED_DURATION_FIELD_NUMBER: _builtins.int
@@ -636,7 +639,7 @@ class UsageRow(_message.Message):
     call_count: _builtins.int
     """How many answered calls."""
     @_builtins.property
-    def period_start(self) -> _timestamp_pb2.Timestamp:
+    def period_start_time(self) -> _timestamp_pb2.Timestamp:
         """The start of the UTC day or month the row covers (clipped to the requested period)."""
 
     @_builtins.property
@@ -653,15 +656,15 @@ class UsageRow(_message.Message):
         self,
         *,
         tenant_id: _builtins.str = ...,
-        period_start: _timestamp_pb2.Timestamp | None = ...,
+        period_start_time: _timestamp_pb2.Timestamp | None = ...,
         direction: _call_direction_pb2.CallDirection.ValueType = ...,
         call_count: _builtins.int = ...,
         billed_duration: _duration_pb2.Duration | None = ...,
         by_source: _abc.Iterable[Global___SourceUsage] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["billed_duration", b"billed_duration", "period_start", b"period_start"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["billed_duration", b"billed_duration", "period_start_time", b"period_start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["billed_duration", b"billed_duration", "by_source", b"by_source", "call_count", b"call_count", "direction", b"direction", "period_start", b"period_start", "tenant_id", b"tenant_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["billed_duration", b"billed_duration", "by_source", b"by_source", "call_count", b"call_count", "direction", b"direction", "period_start_time", b"period_start_time", "tenant_id", b"tenant_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -680,7 +683,7 @@ class GetUsageSummaryRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     granularity: Global___Granularity.ValueType
-    """A row per day or per month. Required."""
+    """A row per day or per month."""
     tenant_id: _builtins.str
     """Only this tenant; empty for all the operator's tenants."""
     page_size: _builtins.int
@@ -693,11 +696,11 @@ class GetUsageSummaryRequest(_message.Message):
     """
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp:
-        """Calls that started at or after this time. Required."""
+        """Calls that started at or after this time."""
 
     @_builtins.property
     def end_time(self) -> _timestamp_pb2.Timestamp:
-        """Calls that started before this time. Required; after `start_time`, at most 366 days later."""
+        """Calls that started before this time. After `start_time`, at most 366 days later."""
 
     def __init__(
         self,
@@ -761,9 +764,9 @@ class GetTenantUsageRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
-    """The customer tenant (Microsoft Entra tenant id). Required."""
+    """The customer tenant (Microsoft Entra tenant id)."""
     granularity: Global___Granularity.ValueType
-    """A row per day or per month. Required."""
+    """A row per day or per month."""
     operator_id: _builtins.str
     """Only calls carried by this operator; empty for all operators."""
     page_size: _builtins.int
@@ -776,11 +779,11 @@ class GetTenantUsageRequest(_message.Message):
     """
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp:
-        """Calls that started at or after this time. Required."""
+        """Calls that started at or after this time."""
 
     @_builtins.property
     def end_time(self) -> _timestamp_pb2.Timestamp:
-        """Calls that started before this time. Required; after `start_time`, at most 366 days later."""
+        """Calls that started before this time. After `start_time`, at most 366 days later."""
 
     def __init__(
         self,

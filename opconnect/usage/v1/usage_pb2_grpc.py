@@ -126,11 +126,17 @@ class UsageServiceServicer:
 
     def StreamDiscrepancies(self, request, context):
         """Streams the discrepancies of a reconciliation one by one, in batches, ordered by start time
-        then `call_id`, and ends (OK) after the last. Each response carries a `next_page_token`:
-        a new call with it resumes strictly after that response's last discrepancy. Errors:
-        INVALID_ARGUMENT (PERIOD_INVALID, PERIOD_TOO_LONG, TENANT_ID_INVALID, TOLERANCE_INVALID,
-        KIND_INVALID, PAGE_TOKEN_INVALID, MAX_BATCH_SIZE_INVALID), RESOURCE_EXHAUSTED
-        (TOO_MANY_STREAMS), UNAVAILABLE when the server shuts down (call again with the last token).
+        then `call_id`, and ends (OK) after the last; at least one response, without discrepancies
+        when there are none. Starts strictly after `cursor`, or at the first discrepancy when no
+        cursor is given. Every response carries a `cursor`: a new call with it (and the same
+        period, filters and tolerance) resumes strictly after everything the response covers, so a
+        client that saves the last cursor it received misses nothing and rereads nothing.
+
+        Errors: INVALID_ARGUMENT (PERIOD_INVALID, PERIOD_TOO_LONG, TENANT_ID_INVALID,
+        TOLERANCE_INVALID, KIND_INVALID, CURSOR_INVALID: not a cursor of this stream, or of another
+        period, filter or tolerance; MAX_BATCH_SIZE_INVALID), RESOURCE_EXHAUSTED
+        (TOO_MANY_STREAMS), UNAVAILABLE when the server shuts down (call again with the last
+        cursor).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
