@@ -1,5 +1,5 @@
 """Call records for tests: a valid record by default, any field overridable, and helpers to
-publish them and read a stream to its end."""
+publish them and read a stream to its end; and an operator's call duration records (usage)."""
 
 from __future__ import annotations
 
@@ -15,12 +15,15 @@ from google.protobuf import duration_pb2, timestamp_pb2
 from opconnect.records.v1 import records_pb2 as pb
 from opconnect.records.v1 import records_pb2_grpc as pb_grpc
 from opconnect.type.v1 import call_direction_pb2 as direction_pb
+from opconnect.usage.v1 import usage_pb2
 from tests.conftest import OPERATOR, TENANT, StreamReader
 
 INBOUND = direction_pb.CALL_DIRECTION_INBOUND
 OUTBOUND = direction_pb.CALL_DIRECTION_OUTBOUND
 TRUNK = "sbc1.contoso-telecom.example"
 _ids = itertools.count(1)
+_duration_ids = itertools.count(1)
+NOW = dt.datetime.now(dt.UTC)
 
 
 def stamp(value: dt.datetime) -> timestamp_pb2.Timestamp:
@@ -172,3 +175,28 @@ class Follower(StreamReader[pb.StreamCallRecordsResponse]):
             found += response.records
             cursor = response.cursor
         return found, cursor
+
+
+def duration_record(
+    record_id: str | None = None,
+    call_id: str | None = None,
+    *,
+    start: dt.datetime | None = None,
+    talk_s: float = 95.0,
+) -> usage_pb2.CallDurationRecord:
+    """A valid operator's record of a call that started at `start` (default: an hour before the
+    test run)."""
+    start = start or NOW - dt.timedelta(hours=1)
+    end = start + dt.timedelta(seconds=talk_s)
+    message = usage_pb2.CallDurationRecord(
+        record_id=record_id or f"cdr-{next(_duration_ids)}",
+        call_id=call_id or str(uuid.uuid4()),
+        tenant_id=TENANT,
+        caller="+442071838750",
+        callee="+14255550100",
+        direction=INBOUND,
+        start_time=stamp(start),
+        end_time=stamp(end),
+    )
+    message.duration.FromTimedelta(end - start)
+    return message

@@ -54,9 +54,8 @@ from tests.conftest import (
     settings_for,
     start_system,
 )
+from tests.helpers import make_one_ca_pki, poll, start_split
 from tests.records_data import audio, ids, publish_records, record
-from tests.test_pki import make_one_ca_pki
-from tests.test_split import start_split
 
 ROOT = Path(__file__).resolve().parent.parent
 BUF = ROOT / "node_modules" / ".bin" / "buf"
@@ -84,16 +83,11 @@ def outcome(call: Callable[[], object]) -> tuple[grpc.StatusCode, str]:
     return OK
 
 
-def eventually(
+def eventual_outcome(
     expected: tuple[grpc.StatusCode, str], call: Callable[[], object], timeout: float = 10
 ) -> tuple[grpc.StatusCode, str]:
     """Repeat `call` until its outcome is `expected` or the deadline passes; the last outcome."""
-    deadline = time.monotonic() + timeout
-    while True:
-        found = outcome(call)
-        if found == expected or time.monotonic() > deadline:
-            return found
-        time.sleep(0.05)
+    return poll(lambda: outcome(call), lambda found: found == expected, timeout)
 
 
 def handshake_fails(system: RunningSystem, cert: tuple[bytes, bytes] | None) -> bool:
@@ -408,12 +402,12 @@ def test_operators_trust_takes_effect_within_the_registry_cache(
 
         trust(registry.pinned_anchor(elsewhere))  # pinned: another certificate only
         refused = (UNAUTHENTICATED, "ISSUER_NOT_BOUND")
-        assert eventually(refused, list_call(other)) == refused
+        assert eventual_outcome(refused, list_call(other)) == refused
         trust(registry.pinned_anchor(cert_pem=own_pem))  # pinned: its own
-        assert eventually(OK, list_call(other)) == OK
+        assert eventual_outcome(OK, list_call(other)) == OK
         trust()  # no anchor at all: fail closed
         unbound = (UNAUTHENTICATED, "NO_TRUST_ANCHOR")
-        assert eventually(unbound, list_call(other)) == unbound
+        assert eventual_outcome(unbound, list_call(other)) == unbound
     finally:
         admin.close()
     assert outcome(list_call(system.numbers(OPERATOR))) == OK
@@ -635,7 +629,7 @@ def test_a_revocation_takes_effect_without_a_restart(
     stub = system.numbers(OPERATOR)
     assert outcome(list_call(stub)) == OK
     pki.revoke(own_pki.paths, cert_path(own_pki, "operator", OPERATOR).read_bytes())
-    assert eventually(REVOKED, list_call(stub)) == REVOKED  # even on the open connection
+    assert eventual_outcome(REVOKED, list_call(stub)) == REVOKED  # even on the open connection
     assert outcome(list_call(system.numbers(OPERATOR))) == REVOKED
     assert outcome(list_call(system.numbers(OTHER_OPERATOR))) == OK
 
@@ -655,7 +649,7 @@ def test_the_deny_list_refuses_fingerprints_and_serials_and_follows_edits(
 
     serial = pki.serial_of(cert_path(session_pki, "operator", OPERATOR).read_bytes())
     pki.write_public(deny, f"{serial:#x}  # lost laptop\n".encode())
-    assert eventually(REVOKED, list_call(operator)) == REVOKED
+    assert eventual_outcome(REVOKED, list_call(operator)) == REVOKED
     assert outcome(list_call(other)) == OK
 
 
@@ -715,7 +709,7 @@ def test_a_deny_list_that_vanishes_or_cannot_be_read_keeps_the_previous_one(
         deny.rmdir()
     serial = pki.serial_of(cert_path(session_pki, "operator", OPERATOR).read_bytes())
     pki.write_public(deny, f"{serial}\n".encode())
-    assert eventually(REVOKED, list_call(system.numbers(OPERATOR))) == REVOKED
+    assert eventual_outcome(REVOKED, list_call(system.numbers(OPERATOR))) == REVOKED
     assert outcome(list_call(other)) == OK
 
 
@@ -791,7 +785,7 @@ def test_a_bad_crl_file_keeps_the_previous_crl(
     assert outcome(list_call(operator)) == OK
     # A good CRL written afterwards is taken up again.
     pki.revoke(own_pki.paths, cert_path(own_pki, "operator", OPERATOR).read_bytes())
-    assert eventually(REVOKED, list_call(operator)) == REVOKED
+    assert eventual_outcome(REVOKED, list_call(operator)) == REVOKED
     assert outcome(list_call(revoked)) == REVOKED
 
 
@@ -838,7 +832,8 @@ def test_the_operator_ca_bundle_follows_edits(
 
     pki.write_public(bundle, original)  # the CA is withdrawn again
     withdrawn = (UNAUTHENTICATED, "ISSUER_NOT_TRUSTED")
-    assert eventually(withdrawn, list_call(open_stub)) == withdrawn  # even on the open connection
+    # Even on the open connection:
+    assert eventual_outcome(withdrawn, list_call(open_stub)) == withdrawn
     assert handshake_fails(system, cert)
     assert outcome(list_call(system.numbers(OPERATOR))) == OK
 
@@ -860,7 +855,7 @@ def test_a_same_size_edit_within_one_timestamp_tick_is_reloaded(
     before = deny.stat()
     pki.write_public(deny, entry(OPERATOR) + b"\n")  # same size: one fingerprint for another
     os.utime(deny, ns=(before.st_atime_ns, before.st_mtime_ns))  # as if in the same tick
-    assert eventually(REVOKED, list_call(operator), timeout=3) == REVOKED
+    assert eventual_outcome(REVOKED, list_call(operator), timeout=3) == REVOKED
 
 
 # --- limits --------------------------------------------------------------------------------------

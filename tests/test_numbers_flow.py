@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import cast
-
 import grpc
 import pytest
 
@@ -12,39 +10,7 @@ from opconnect.type.v1 import assignment_state_pb2 as state_pb
 from plumbing.changelog import decode_cursor
 from services.numbers.rules import DOMAIN, LOG
 from tests.conftest import OTHER_TENANT, TENANT, USER_ID, RunningSystem, rich_error
-
-USER = pb.NUMBER_USAGE_USER
-BOTH = pb.Capabilities(inbound=True, outbound=True)
-
-
-def upload(
-    system: RunningSystem,
-    *numbers: str,
-    tenant: str = TENANT,
-    usage: pb.NumberUsage.ValueType = USER,
-) -> pb.UploadNumbersResponse:
-    request = pb.UploadNumbersRequest(
-        tenant_id=tenant,
-        numbers=[pb.NumberUpload(phone_number=n, usage=usage, capabilities=BOTH) for n in numbers],
-    )
-    return cast(pb.UploadNumbersResponse, system.numbers().UploadNumbers(request))
-
-
-def assign(
-    system: RunningSystem,
-    number: str,
-    sip: str = "sip:+14255550100@sbc1.contoso.example;user=phone",
-    tenant: str = TENANT,
-) -> pb.AssignNumberResponse:
-    response = system.admin().AssignNumber(
-        pb.AssignNumberRequest(
-            phone_number=number,
-            tenant_id=tenant,
-            sip_uri=sip,
-            target=pb.AssignmentTarget(kind=pb.AssignmentTarget.KIND_USER, id=USER_ID),
-        )
-    )
-    return cast(pb.AssignNumberResponse, response)
+from tests.helpers import BOTH, USER, assign, upload
 
 
 def test_upload_answers_each_number(system: RunningSystem) -> None:

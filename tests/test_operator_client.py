@@ -15,9 +15,8 @@ from operator_client.commands import journal_path
 from operator_client.durations_csv import read_lines, write_records
 from services.usage import storage
 from tests.conftest import OPERATOR, Pki, RunningSystem
-from tests.records_data import publish_records, record
-from tests.test_usage_feed import eventually, feed_system, kept
-from tests.test_usage_submit import duration_record, submit, usage_stub
+from tests.helpers import eventually, feed_system, kept, submit, usage_stub
+from tests.records_data import duration_record, publish_records, record
 
 
 @pytest.fixture

@@ -20,6 +20,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gateway import pki
+from tests.helpers import make_one_ca_pki
 
 
 @pytest.fixture(scope="module")
@@ -337,29 +338,6 @@ def test_ensure_dev_pki_refuses_half_a_ca(tmp_path: Path) -> None:
     paths.platform_ca_cert.unlink()
     with pytest.raises(ValueError, match="incomplete CA"):
         pki.ensure_dev_pki(tmp_path / "other")
-
-
-def make_one_ca_pki(directory: Path) -> pki.Issued:
-    """A development PKI as it was before the operator, platform and gateway CAs: one CA
-    (returned) signing the server certificate and the development client pairs."""
-    clients = directory / "clients"
-    clients.mkdir(parents=True)
-    old = pki.create_ca("opconnect dev CA")
-    pki.write_public(directory / "ca.pem", old.cert_pem)
-    pki.write_private(directory / "ca.key", old.key_pem)
-    server = pki.issue_server_cert(old, ["localhost"], ["127.0.0.1", "::1"])
-    pki.write_public(directory / "server.pem", server.cert_pem)
-    pki.write_private(directory / "server.key", server.key_pem)
-    for name, uri in [
-        ("operator-contoso-telecom", pki.operator_uri("contoso-telecom")),
-        ("platform-admin-center", pki.platform_uri("admin-center")),
-    ]:
-        pair = pki.issue_client_cert(old, uri)
-        pki.write_public(clients / f"{name}.pem", pair.cert_pem)
-        pki.write_private(clients / f"{name}.key", pair.key_pem)
-    pki.write_public(directory / "revoked.json", b"[]\n")
-    pki.write_public(directory / "crl.pem", pki.make_crl(old, []))
-    return old
 
 
 def test_a_one_ca_pki_is_upgraded(tmp_path: Path) -> None:

@@ -10,11 +10,9 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
-import queue
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any
 
 import grpc
 import pytest
@@ -40,34 +38,8 @@ from tests.conftest import (
     settings_for,
     start_system,
 )
-from tests.records_data import published, record
-from tests.test_usage_submit import duration_record, stored, usage_stub
-
-M = TypeVar("M")
-
-
-class Feed(Generic[M]):
-    """Request messages handed to a client stream one at a time, by the test."""
-
-    def __init__(self) -> None:
-        self._queue: queue.Queue[M | None] = queue.Queue()
-
-    def send(self, message: M) -> None:
-        self._queue.put(message)
-
-    def close(self) -> None:
-        self._queue.put(None)
-
-    def __iter__(self) -> Iterator[M]:
-        while (message := self._queue.get()) is not None:
-            yield message
-
-
-def wait_for(check: Callable[[], bool], timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "never happened"
-        time.sleep(0.02)
+from tests.helpers import Feed, eventually, stored, usage_stub
+from tests.records_data import duration_record, published, record
 
 
 @pytest.fixture
@@ -150,7 +122,7 @@ def test_a_revoked_platform_caller_publishes_no_batch_on_its_open_stream(
             return rich_error(error).reason == "CERTIFICATE_REVOKED"
         return False
 
-    wait_for(refused_now)
+    eventually(refused_now)
     late = [record() for _ in range(2)]
     feed.send(records_pb.PublishCallRecordsRequest(batch_id="2", records=map(published, late)))
     with pytest.raises(grpc.RpcError) as refused:
@@ -181,7 +153,7 @@ def test_health_watch_ends_when_its_caller_is_suspended_and_frees_its_slot(
         watch.next(timeout=10)
     found = rich_error(ended.value)
     assert (found.code, found.reason) == (grpc.StatusCode.UNAUTHENTICATED, "OPERATOR_SUSPENDED")
-    wait_for(lambda: OTHER_OPERATOR not in streams.open)
+    eventually(lambda: OTHER_OPERATOR not in streams.open)
 
 
 def test_an_idle_record_stream_ends_within_the_reload_interval_of_a_revocation(
@@ -238,7 +210,7 @@ def test_a_stream_ended_by_suspension_is_audited_without_a_stray_task_error(
     suspend(system, OTHER_OPERATOR)
     assert ends(follower) == grpc.StatusCode.UNAUTHENTICATED
     principal = f"operator/{OTHER_OPERATOR}"
-    wait_for(lambda: len(audit_events(system)) == 2)
+    eventually(lambda: len(audit_events(system)) == 2)
     assert audit_events(system) == [(principal, "STARTED"), (principal, "UNAUTHENTICATED")]
     system.call(_collect_garbage())
     assert system.loop_errors == []  # type: ignore[attr-defined]
@@ -280,7 +252,7 @@ def test_every_way_a_stream_ends_is_audited(
         assert seen == [(principal, "STARTED"), (principal, "UNAVAILABLE")]
         system.runtime.stop = _stopped  # type: ignore[method-assign]
         return
-    wait_for(lambda: len(audit_events(system)) == 2)
+    eventually(lambda: len(audit_events(system)) == 2)
     assert audit_events(system) == [(principal, "STARTED"), (principal, expected)]
 
 
@@ -337,7 +309,7 @@ def test_a_refused_calls_log_line_names_the_certificate_and_the_reason(
         refused.extend(line for line in lines if line.get("event") == "rpc")
         return len(refused) >= 2
 
-    wait_for(both_logged)
+    eventually(both_logged)
     revoked_pem = session_pki.paths.client(f"operator-{REVOKED_OPERATOR}")[0].read_bytes()
     platform_pem = session_pki.paths.client(f"platform-{PLATFORM}")[0].read_bytes()
     assert {

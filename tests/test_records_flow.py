@@ -25,6 +25,7 @@ from tests.conftest import (
     settings_for,
     start_system,
 )
+from tests.helpers import moment
 from tests.records_data import (
     OUTBOUND,
     Follower,
@@ -234,14 +235,10 @@ def test_follow_delivers_live_records_and_heartbeats(system: RunningSystem) -> N
 def test_time_window_selects_by_publish_time(system: RunningSystem) -> None:
     early = [record(), record()]
     publish_records(system.ingest(), early)
-    time.sleep(0.05)
-    middle = dt.datetime.now(dt.UTC)
-    time.sleep(0.05)
+    middle = moment()  # after early's publish time, before late's
     late = [record(), record()]
     publish_records(system.ingest(), late)
-    time.sleep(0.05)
-    end = dt.datetime.now(dt.UTC)
-    time.sleep(0.05)
+    end = moment()
     publish_records(system.ingest(), [record()])
     got, _, _ = stream_all(system.records(), start_time=stamp(middle))
     assert ids(got)[:2] == ids(late) and len(got) == 3

@@ -3,8 +3,7 @@ reads on another (LISTEN/NOTIFY wakes, the tables are the log); and the read cac
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import cast
 
@@ -28,7 +27,7 @@ from tests.conftest import (
     settings_for,
     start_system,
 )
-from tests.test_numbers_flow import assign, upload
+from tests.helpers import assign, eventually, upload
 
 
 def test_the_cache_drops_a_read_that_raced_with_a_change() -> None:
@@ -82,13 +81,6 @@ def replicas(session_pki: Pki, tmp_path: Path) -> Iterator[tuple[RunningSystem, 
     yield first, second
     first.stop()
     second.stop()
-
-
-def eventually(check: Callable[[], bool], timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "the other replica never saw the change"
-        time.sleep(0.02)
 
 
 def test_a_change_through_one_replica_reaches_a_watcher_on_another(

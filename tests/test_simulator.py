@@ -8,15 +8,17 @@ import datetime as dt
 from collections import Counter
 from pathlib import Path
 
+import pytest
+
 from opconnect.numbers.v1 import numbers_pb2
 from opconnect.records.v1 import records_pb2 as pb
 from opconnect.type.v1 import assignment_state_pb2
 from opconnect.usage.v1 import usage_pb2 as usage_pb
+from simulator import run
 from simulator.run import Options, simulate
 from tests.conftest import Pki, RunningSystem
+from tests.helpers import eventually, feed_system, kept, usage_stub
 from tests.records_data import stamp, stream_all
-from tests.test_usage_feed import eventually, feed_system, kept
-from tests.test_usage_submit import usage_stub
 
 
 def test_simulator_feeds_an_operator_stream(sqlite_system: RunningSystem) -> None:
@@ -54,8 +56,12 @@ def test_simulator_feeds_an_operator_stream(sqlite_system: RunningSystem) -> Non
     assert len(records) == 450
 
 
-def test_simulator_says_when_the_system_is_down(sqlite_system: RunningSystem) -> None:
-    options = Options(target="127.0.0.1:1", pki_dir=sqlite_system.pki.paths.directory, calls=1)
+def test_simulator_says_when_the_system_is_down(
+    session_pki: Pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Nothing listens there (no system started): no need to wait its whole connect timeout.
+    monkeypatch.setattr(run, "CONNECT_TIMEOUT_S", 0.5)
+    options = Options(target="127.0.0.1:1", pki_dir=session_pki.paths.directory, calls=1)
     assert asyncio.run(simulate(options)) == 1
 
 

@@ -11,7 +11,6 @@ import datetime as dt
 import functools
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -24,7 +23,6 @@ from gateway.registry import OperatorStatus
 from opconnect.numbers.v1 import numbers_pb2, numbers_pb2_grpc
 from opconnect.records.v1 import records_pb2, records_pb2_grpc
 from opconnect.usage.v1 import usage_pb2
-from plumbing.config import Settings
 from plumbing.rpc import PRINCIPAL_HEADER
 from tests.conftest import (
     NO_POSTGRES,
@@ -42,63 +40,20 @@ from tests.conftest import (
     rich_error,
     settings_for,
 )
-from tests.records_data import publish_records, record, stamp
-from tests.test_numbers_flow import assign, upload
-from tests.test_recheck import Feed
-from tests.test_usage_feed import eventually
-from tests.test_usage_submit import duration_record, stored, submit, usage_stub
+from tests.helpers import (
+    Feed,
+    Split,
+    assign,
+    eventually,
+    start_split,
+    stored,
+    submit,
+    upload,
+    usage_stub,
+)
+from tests.records_data import duration_record, publish_records, record, stamp
 
 NUMBER = "+14255550123"
-
-
-@dataclass
-class Split:
-    gateway: RunningSystem
-    numbers: RunningSystem
-    records: RunningSystem
-    usage: RunningSystem
-    gateway_settings: Settings
-
-    def services(self) -> list[RunningSystem]:
-        return [self.numbers, self.records, self.usage]
-
-    def stop(self) -> None:
-        for system in (self.gateway, *self.services()):
-            system.stop()
-
-
-def start_split(test_pki: Pki, directory: Path, url: str) -> Split:
-    """The three service processes and a gateway in front of them, on one database."""
-    paths = test_pki.paths
-    gateway_cert, gateway_key = pki.issue_client(paths, "platform", "gateway")
-    usage_cert, usage_key = pki.issue_client(paths, "platform", "usage")
-    base = settings_for(directory, paths, url)
-    numbers = RunningSystem(base, test_pki, "numbers")
-    records = RunningSystem(base, test_pki, "records")
-    usage = RunningSystem(
-        base.replace(
-            records_target=records.address,
-            feed_ca_file=str(paths.ca_cert),
-            feed_cert_file=str(usage_cert),
-            feed_key_file=str(usage_key),
-        ),
-        test_pki,
-        "usage",
-    )
-    gateway_settings = base.replace(
-        numbers_target=numbers.address,
-        records_target=records.address,
-        usage_target=usage.address,
-        internal_ca_file=str(paths.ca_cert),
-        internal_cert_file=str(gateway_cert),
-        internal_key_file=str(gateway_key),
-    )
-    gateway = RunningSystem(gateway_settings, test_pki, "gateway")
-    registry = gateway.runtime.registry
-    for ident in (OPERATOR, OTHER_OPERATOR, SUSPENDED_OPERATOR):
-        gateway.call(registry.add(ident, "", test_pki.anchors()))
-    gateway.call(registry.set_status(SUSPENDED_OPERATOR, OperatorStatus.SUSPENDED))
-    return Split(gateway, numbers, records, usage, gateway_settings)
 
 
 @pytest.fixture(

@@ -46,25 +46,49 @@ def test_migrating_again_changes_nothing(db: Database) -> None:
     assert db.transaction(read_head, LOG).position == 0
 
 
-def test_processes_starting_together_migrate_once(database_url: str) -> None:
+# Four processes released together onto one fresh database. One process loads what migrating
+# needs once (by migrating a scratch database of its own: every import, every migration script),
+# then forks the four (it has no thread yet); each waits on one pipe until all are there, so that
+# they reach the shared database at the same moment with nothing left to load.
+MIGRATE_TOGETHER = """
+import os, sys, traceback
+from plumbing.db import Database
+
+Database(sys.argv[2], 1).migrate()
+go_read, go_write = os.pipe()
+children = []
+for _ in range(4):
+    pid = os.fork()
+    if pid == 0:
+        os.close(go_write)
+        os.read(go_read, 1)
+        try:
+            Database(sys.argv[1], 1).migrate()
+        except BaseException:
+            traceback.print_exc()
+            sys.stderr.flush()
+            os._exit(1)
+        os._exit(0)
+    children.append(pid)
+os.write(go_write, b"go!!")
+statuses = [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in children]
+sys.exit(sum(status != 0 for status in statuses))
+"""
+
+
+def test_processes_starting_together_migrate_once(database_url: str, tmp_path: Path) -> None:
     """Four processes (the separate-processes mode) start at once on a fresh database: each
     waits for the others' migration, none fails."""
-    code = (
-        "import sys, time; from plumbing.db import Database; database = Database(sys.argv[1], 1)"
-        "; time.sleep(max(0.0, float(sys.argv[2]) - time.time())); database.migrate()"
+    scratch = f"sqlite:///{tmp_path / 'scratch.db'}"
+    done = subprocess.run(
+        [sys.executable, "-c", MIGRATE_TOGETHER, database_url, scratch],
+        cwd=Path(__file__).parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
-    at = str(time.time() + 3)  # all at once, once imported
-    processes = [
-        subprocess.Popen(
-            [sys.executable, "-c", code, database_url, at],
-            cwd=Path(__file__).parent.parent,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for _ in range(4)
-    ]
-    failures = [p.communicate(timeout=120)[1] for p in processes if p.wait(timeout=120) != 0]
-    assert not failures, failures[0]
+    assert done.returncode == 0, done.stderr
     database = Database(database_url, threads=1)
     try:
         assert database.transaction(read_head, LOG).position == 0
@@ -108,7 +132,7 @@ def test_a_reader_never_runs_past_an_open_transaction(db: Database) -> None:
     assert a_holds.wait(10)
     thread_b = threading.Thread(target=db.transaction, args=(writer_b,), kwargs={"write": True})
     thread_b.start()
-    time.sleep(0.3)
+    time.sleep(0.3)  # the time B would need to get past A were it not made to wait
     assert "b" not in positions, "B must wait for A's transaction to end"
     assert db.transaction(read_head, LOG).position == 0
     assert db.transaction(lambda s: list(s.scalars(select(storage.NumberEventRow.position)))) == []

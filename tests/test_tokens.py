@@ -40,9 +40,8 @@ from tests.conftest import (
     settings_for,
     start_system,
 )
+from tests.helpers import eventually, feed_system, kept, start_follower, upload
 from tests.records_data import publish_records, record, stamp
-from tests.test_numbers_flow import upload
-from tests.test_usage_feed import _start, eventually, feed_system, kept
 
 NUMBERS = "+14255550100", "+14255550101", "+14255550102"
 LIST_FILTERS = f"{OPERATOR}||"  # what a ListNumbers page token of no filters is bound to
@@ -538,7 +537,7 @@ def test_the_usage_feed_starts_again_from_the_oldest_when_its_cursor_is_unreadab
 
         system.call(system.runtime.db.run(forget, write=True))
         system.runtime.feed = feed.CallFeedFollower(system.runtime.db, follower.client)
-        system.call(_start(system.runtime.feed))
+        system.call(start_follower(system.runtime.feed))
         eventually(lambda: set(kept(system)) == {r.call_id for r in records})
         saved = system.call(system.runtime.db.run(usage_storage.feed_cursor, feed.FEED))
         assert saved != unreadable

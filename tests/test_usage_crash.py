@@ -19,7 +19,7 @@ import sqlalchemy as sa
 
 from opconnect.usage.v1 import usage_pb2 as pb
 from opconnect.usage.v1 import usage_pb2_grpc as pb_grpc
-from tests.test_usage_submit import duration_record
+from tests.records_data import duration_record
 
 BATCHES, SIZE = 40, 500
 

@@ -5,10 +5,7 @@ and started again from the oldest record kept when its cursor expired."""
 from __future__ import annotations
 
 import datetime as dt
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import sqlalchemy as sa
 
@@ -16,37 +13,9 @@ from gateway import server
 from plumbing.changelog import encode_cursor
 from services.records import storage as records_storage
 from services.usage import feed, storage
-from tests.conftest import OTHER_OPERATOR, Pki, RunningSystem, settings_for, start_system
+from tests.conftest import OTHER_OPERATOR, Pki
+from tests.helpers import eventually, feed_system, kept, start_follower
 from tests.records_data import publish_records, record
-
-
-def feed_system(pki: Pki, directory: Path, url: str | None = None) -> RunningSystem:
-    """A system whose usage service follows the call feed as the test PKI's platform client."""
-    cert, key = pki.paths.client("platform-admin-center")
-    settings = settings_for(
-        directory,
-        pki.paths,
-        url or f"sqlite:///{directory / 'opconnect.db'}",
-        feed_ca_file=str(pki.paths.ca_cert),
-        feed_cert_file=str(cert),
-        feed_key_file=str(key),
-    )
-    return start_system(settings, pki)
-
-
-def kept(system: RunningSystem) -> dict[str, dict[str, Any]]:
-    def read(session: sa.orm.Session) -> dict[str, dict[str, Any]]:
-        rows = session.execute(sa.select(storage.PLATFORM_CALLS)).mappings()
-        return {row["call_id"]: dict(row) for row in rows}
-
-    return system.call(system.runtime.db.run(read))
-
-
-def eventually(check: Callable[[], bool], timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "the call feed never delivered"
-        time.sleep(0.05)
 
 
 def test_the_usage_service_learns_every_call_from_the_feed(
@@ -123,11 +92,7 @@ def test_an_expired_cursor_starts_again_from_the_oldest_kept(
         system.call(server.purge(system.runtime))
         follower = feed.CallFeedFollower(system.runtime.db, system.runtime.feed.client)  # type: ignore[union-attr]
         system.runtime.feed = follower
-        system.call(_start(follower))
+        system.call(start_follower(follower))
         eventually(lambda: set(kept(system)) == {r.call_id for r in records[1:]})
     finally:
         system.stop()
-
-
-async def _start(follower: feed.CallFeedFollower) -> None:
-    follower.start()

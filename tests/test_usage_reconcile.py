@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import random
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -29,9 +28,8 @@ from tests.conftest import (
     reset_postgres,
     rich_error,
 )
-from tests.records_data import publish_records, record, stamp
-from tests.test_usage_feed import feed_system, kept
-from tests.test_usage_submit import duration_record, submit, usage_stub
+from tests.helpers import eventually, feed_system, kept, submit, usage_stub
+from tests.records_data import duration_record, publish_records, record, stamp
 
 NOW = dt.datetime.now(dt.UTC).replace(microsecond=0)
 START = NOW - dt.timedelta(days=3)
@@ -130,10 +128,7 @@ def data(
     other = record(end=NOW - dt.timedelta(hours=3))
     publish_records(system.ingest(), [other], operator=OTHER_OPERATOR)
     submit(usage_stub(system, OTHER_OPERATOR), [duration_record(start=NOW - dt.timedelta(hours=3))])
-    deadline = time.monotonic() + 15
-    while len(kept(system)) < len(published) + 1:
-        assert time.monotonic() < deadline, "the call feed never caught up"
-        time.sleep(0.05)
+    eventually(lambda: len(kept(system)) >= len(published) + 1, timeout=15)  # the feed caught up
     yield system, calls
     system.stop()
 

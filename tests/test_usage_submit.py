@@ -5,8 +5,6 @@ record exactly once."""
 from __future__ import annotations
 
 import datetime as dt
-import itertools
-import uuid
 from typing import Any
 
 import grpc
@@ -16,69 +14,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway import server
-from opconnect.type.v1 import call_direction_pb2 as direction_pb
 from opconnect.usage.v1 import usage_pb2 as pb
 from opconnect.usage.v1 import usage_pb2_grpc as pb_grpc
 from services.usage import storage
 from tests.conftest import (
-    OPERATOR,
     OTHER_OPERATOR,
-    TENANT,
     RunningSystem,
     rich_error,
 )
-from tests.records_data import stamp
-
-_ids = itertools.count(1)
-NOW = dt.datetime.now(dt.UTC)
-
-
-def duration_record(
-    record_id: str | None = None,
-    call_id: str | None = None,
-    *,
-    start: dt.datetime | None = None,
-    talk_s: float = 95.0,
-) -> pb.CallDurationRecord:
-    start = start or NOW - dt.timedelta(hours=1)
-    end = start + dt.timedelta(seconds=talk_s)
-    message = pb.CallDurationRecord(
-        record_id=record_id or f"cdr-{next(_ids)}",
-        call_id=call_id or str(uuid.uuid4()),
-        tenant_id=TENANT,
-        caller="+442071838750",
-        callee="+14255550100",
-        direction=direction_pb.CALL_DIRECTION_INBOUND,
-        start_time=stamp(start),
-        end_time=stamp(end),
-    )
-    message.duration.FromTimedelta(end - start)
-    return message
-
-
-def usage_stub(system: RunningSystem, operator: str = OPERATOR) -> pb_grpc.UsageServiceStub:
-    return pb_grpc.UsageServiceStub(system.channel("operator", operator))
-
-
-def submit(
-    stub: pb_grpc.UsageServiceStub, *batches: list[pb.CallDurationRecord]
-) -> list[pb.SubmitCallDurationsResponse]:
-    requests = (
-        pb.SubmitCallDurationsRequest(batch_id=f"b{i}", records=batch)
-        for i, batch in enumerate(batches)
-    )
-    return list(stub.SubmitCallDurations(requests, timeout=30))
-
-
-def stored(system: RunningSystem, operator: str = OPERATOR) -> list[str]:
-    """The record ids the operator has stored."""
-
-    def read(session: sa.orm.Session) -> list[str]:
-        c = storage.DURATIONS.c
-        query = sa.select(c.record_id).where(c.operator_id == operator).order_by(c.record_id)
-        return list(session.scalars(query))
-
-    return system.call(system.runtime.db.run(read))
+from tests.helpers import stored, submit, usage_stub
+from tests.records_data import duration_record, stamp
 
 
 def test_submit_is_acknowledged_per_record(system: RunningSystem) -> None:

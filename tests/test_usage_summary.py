@@ -7,7 +7,6 @@ from __future__ import annotations
 import datetime as dt
 import math
 import random
-import time
 from collections import defaultdict
 from collections.abc import Iterator
 from typing import Any
@@ -31,9 +30,15 @@ from tests.conftest import (
     reset_postgres,
     rich_error,
 )
-from tests.records_data import INBOUND, OUTBOUND, publish_records, record, stamp
-from tests.test_usage_feed import feed_system, kept
-from tests.test_usage_submit import duration_record, submit, usage_stub
+from tests.helpers import eventually, feed_system, kept, submit, usage_stub
+from tests.records_data import (
+    INBOUND,
+    OUTBOUND,
+    duration_record,
+    publish_records,
+    record,
+    stamp,
+)
 
 NOW = dt.datetime.now(dt.UTC).replace(microsecond=0)
 START = NOW - dt.timedelta(days=4)
@@ -128,10 +133,7 @@ def expected(system: RunningSystem) -> dict[str, dict[Key, dict[str, list[int]]]
         publish_records(system.ingest(), published, operator=operator)
         (response,) = submit(usage_stub(system, operator), durations)
         assert response.accepted_count == len(durations), response
-    deadline = time.monotonic() + 15
-    while len(kept(system)) < 80:
-        assert time.monotonic() < deadline, "the call feed never caught up"
-        time.sleep(0.05)
+    eventually(lambda: len(kept(system)) >= 80, timeout=15)  # the call feed caught up
     return {op: {k: dict(v) for k, v in rows.items()} for op, rows in usage.items()}
 
 
