@@ -12,7 +12,7 @@ from typing import Any
 
 import grpc
 from google.protobuf import duration_pb2, timestamp_pb2
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from opconnect.usage.v1 import usage_pb2 as pb
@@ -81,6 +81,13 @@ def still_serving(system: RunningSystem) -> None:
     fields=request_fields(
         maybe("granularity", enums), maybe("page_size", sizes), maybe("page_token", tokens)
     )
+)
+@example(  # a period within the last day there is (no midnight after it): was INTERNAL
+    fields={
+        "start_time": timestamp_pb2.Timestamp(seconds=253_402_300_799, nanos=0),
+        "end_time": timestamp_pb2.Timestamp(seconds=253_402_300_799, nanos=999_999_000),
+        "granularity": 1,
+    }
 )
 def test_usage_summary_with_any_input(fuzz_system: RunningSystem, fields: dict[str, Any]) -> None:
     stub = pb_grpc.UsageServiceStub(fuzz_system.channel())

@@ -515,7 +515,10 @@ def usage_rows(
     from the calls themselves."""
     first_day = _day_start(query.start)
     if first_day < query.start:
-        first_day += dt.timedelta(days=1)
+        try:
+            first_day += dt.timedelta(days=1)
+        except OverflowError:  # the last day there is: the period holds no whole day
+            first_day = query.end
     end_day = _day_start(query.end)
     sums: Sums = {}
     if first_day >= end_day:  # not one whole day
