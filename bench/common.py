@@ -29,7 +29,7 @@ import grpc
 from google import protobuf
 from google.protobuf.internal import api_implementation
 
-from gateway import server as gateway_server
+from app import runtime as gateway_server
 from gateway.pki import GATEWAY_NAME, PkiPaths
 from gateway.registry import ca_anchors
 from plumbing.config import Settings
@@ -42,7 +42,7 @@ OPERATOR = "contoso-telecom"
 PLATFORM = "admin-center"
 TENANT = "6f1a4b2c-8d3e-4f5a-9b6c-7d8e9f0a1b2c"
 
-# The options gateway.server.start gives its server; the bare servers get the same.
+# The options app.runtime.start gives its server; the bare servers get the same.
 SERVER_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.max_receive_message_length", 20 * 1024 * 1024),
     ("grpc.max_send_message_length", 16 * 1024 * 1024),
@@ -196,13 +196,13 @@ class ThreadProfiles:
 
 
 async def serve_split(
-    settings: Settings, paths: PkiPaths, service: gateway_server.Role, spec: dict[str, Any]
+    settings: Settings, paths: PkiPaths, service: str, spec: dict[str, Any]
 ) -> None:
     """One process of a split system (the separate-processes mode): for `spec["kind"]`
     `split-<service>`, that service alone; for `split`, the gateway alone, forwarding it to
     `spec["<service>_target"]` as the platform principal `gateway`. Same settings otherwise
     (the database file, the PKI); the operator is already registered in the database."""
-    role: gateway_server.Role = service
+    role: str = service
     if spec["kind"] == "split":
         role = "gateway"
         cert, key = paths.client(f"platform-{GATEWAY_NAME}")

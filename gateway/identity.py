@@ -33,13 +33,13 @@ from gateway.trust import Trust, TrustStore
 from plumbing.errors import unauthenticated
 from plumbing.logs import get_logger
 from plumbing.rpc import PRINCIPAL_HEADER, Principal, PrincipalKind
+from plumbing.validation import IDENTITY
 
 log = get_logger("opconnect.identity")
 
 CACHE_LIMIT = 10_000
 GATEWAY_NAME = pki.GATEWAY_NAME  # the platform name of the gateway's own certificate
 GATEWAY = Principal("platform", GATEWAY_NAME)  # the gateway, as a service process knows it
-_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 _MAX_CHAIN = 8
 
 
@@ -203,7 +203,7 @@ class ServiceAuthenticator:
         if not claimed:
             return caller  # the gateway's own calls (health)
         kind, _, name = str(claimed[0]).partition("/") if len(claimed) == 1 else ("", "", "")
-        if kind not in ("operator", "platform") or not _NAME.fullmatch(name):
+        if kind not in ("operator", "platform") or not IDENTITY.fullmatch(name):
             raise unauthenticated(
                 "PRINCIPAL_INVALID",
                 "the gateway named no caller (operator/<id> or platform/<name>)",

@@ -39,7 +39,12 @@ from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, r
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from plumbing.config import DEV_OPERATOR, DEV_PLATFORM
+from plumbing.validation import IDENTITY, IDENTITY_PATTERN
+
 __all__ = [
+    "DEV_OPERATOR",
+    "DEV_PLATFORM",
     "IDENT_PATTERN",
     "OPERATOR_URI_PREFIX",
     "PLATFORM_URI_PREFIX",
@@ -83,14 +88,15 @@ _CA_FILES: dict[CaRole, str] = {
     "gateway": "gateway-ca",
 }
 
+
 SPIFFE_TRUST_DOMAIN = "opconnect"
 OPERATOR_URI_PREFIX = f"spiffe://{SPIFFE_TRUST_DOMAIN}/operator/"
 PLATFORM_URI_PREFIX = f"spiffe://{SPIFFE_TRUST_DOMAIN}/platform/"
 
 # Operator ids and platform names. Always applied with re.fullmatch, so the "$" cannot
 # accept a trailing newline.
-IDENT_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
-_IDENT_RE = re.compile(IDENT_PATTERN)
+IDENT_PATTERN = IDENTITY_PATTERN
+_IDENT_RE = IDENTITY
 # Client file names are "<kind>-<ident>"; this also keeps them inside clients/.
 _CLIENT_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,127}$")
 
@@ -734,8 +740,8 @@ def _client_names(paths: PkiPaths) -> list[tuple[PeerKind, str]]:
 
 def ensure_dev_pki(
     directory: Path,
-    operator_id: str = "contoso-telecom",
-    platform_name: str = "admin-center",
+    operator_id: str = DEV_OPERATOR,
+    platform_name: str = DEV_PLATFORM,
     dns_names: Sequence[str] = ("localhost",),
     ip_addresses: Sequence[str] = ("127.0.0.1", "::1"),
 ) -> PkiPaths:

@@ -15,6 +15,11 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+# The development set-up's identities: the operator and the platform system that `make run`
+# makes certificates for, and that the simulator and `opconnect operator` play by default.
+DEV_OPERATOR = "contoso-telecom"
+DEV_PLATFORM = "admin-center"
+
 
 @dataclass(frozen=True)
 class Settings:

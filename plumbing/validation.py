@@ -25,6 +25,10 @@ class Refusal:
 
 
 E164 = re.compile(r"\+[1-9][0-9]{1,14}")
+# Operator ids and platform names, as a certificate's SPIFFE URI carries them (always applied
+# with fullmatch).
+IDENTITY_PATTERN = r"[a-z0-9][a-z0-9-]{0,62}"
+IDENTITY = re.compile(IDENTITY_PATTERN)
 GUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 _LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
 _SIP = re.compile(

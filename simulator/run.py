@@ -25,7 +25,6 @@ import contextlib
 import dataclasses
 import datetime as dt
 import random
-import re
 import signal
 import sys
 import uuid
@@ -36,7 +35,6 @@ from typing import Any
 
 import grpc
 
-from gateway.pki import IDENT_PATTERN, PkiPaths
 from opconnect.numbers.v1 import numbers_pb2 as numbers_pb
 from opconnect.numbers.v1 import numbers_pb2_grpc as numbers_grpc
 from opconnect.records.v1 import records_pb2 as records_pb
@@ -44,13 +42,11 @@ from opconnect.records.v1 import records_pb2_grpc as records_grpc
 from opconnect.type.v1 import assignment_state_pb2 as state_pb
 from opconnect.usage.v1 import usage_pb2 as usage_pb
 from opconnect.usage.v1 import usage_pb2_grpc as usage_grpc
+from plumbing.config import DEV_OPERATOR, DEV_PLATFORM
 from plumbing.logs import mask_number, redact
-from plumbing.validation import check_guid
+from plumbing.validation import IDENTITY, IDENTITY_PATTERN, check_guid
 from simulator import calls
 
-# The development system's names (gateway/server.py makes their certificates).
-DEV_OPERATOR = "contoso-telecom"
-DEV_PLATFORM = "admin-center"
 # The customer tenant the simulated calls belong to unless --tenant says otherwise.
 DEV_TENANT = "6f1a4b2c-8d3e-4f5a-9b6c-7d8e9f0a1b2c"
 # The Entra object ids of the simulated users: uuid5 of "<tenant>/<index>" in this namespace.
@@ -105,8 +101,8 @@ def check_options(options: Options) -> str | None:
     if not options.target:
         return "--target is required (host:port)"
     for what, ident in (("operator", options.operator), ("platform", options.platform)):
-        if re.fullmatch(IDENT_PATTERN, ident) is None:
-            return f"--{what} must match {IDENT_PATTERN}"
+        if IDENTITY.fullmatch(ident) is None:
+            return f"--{what} must match {IDENTITY_PATTERN}"
     if problem := check_guid(options.tenant):
         return f"--tenant: {problem}"
     if not 1 <= options.numbers <= MAX_NUMBERS:
@@ -158,8 +154,15 @@ class Tally:
         )
 
 
+def _dev_pki_files(pki_dir: Path, name: str) -> tuple[Path, Path, Path]:
+    """The development PKI as clients see it (README): the CA of the server certificate, and
+    the client's certificate and key."""
+    clients = pki_dir / "clients"
+    return pki_dir / "ca.pem", clients / f"{name}.pem", clients / f"{name}.key"
+
+
 def _client_files(options: Options, name: str) -> tuple[Path, Path]:
-    cert, key = PkiPaths.at(options.pki_dir).client(name)
+    _, cert, key = _dev_pki_files(options.pki_dir, name)
     for path in (cert, key):
         if not path.exists():
             raise SetupError(
@@ -170,7 +173,7 @@ def _client_files(options: Options, name: str) -> tuple[Path, Path]:
 
 
 def _credentials(options: Options, name: str) -> Any:
-    ca = PkiPaths.at(options.pki_dir).ca_cert
+    ca, _, _ = _dev_pki_files(options.pki_dir, name)
     if not ca.exists():
         raise SetupError(f"no {ca}: is `make run` running? It makes the development PKI.")
     cert, key = _client_files(options, name)
@@ -307,12 +310,11 @@ async def setup_numbers(options: Options, operator: Any, platform: Any) -> list[
 
 def stream_command(options: Options, started: dt.datetime) -> str:
     """The `buf curl` command that follows the operator's records from `started` on."""
-    paths = PkiPaths.at(options.pki_dir)
-    cert, key = paths.client(f"operator-{options.operator}")
+    ca, cert, key = _dev_pki_files(options.pki_dir, f"operator-{options.operator}")
     start = started.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     method = "opconnect.records.v1.CallRecordService/StreamCallRecords"
     return (
-        f"node_modules/.bin/buf curl --protocol grpc --cacert {paths.ca_cert} \\\n"
+        f"node_modules/.bin/buf curl --protocol grpc --cacert {ca} \\\n"
         f"    --cert {cert} --key {key} \\\n"
         f"    https://{options.target}/{method} \\\n"
         f'    -d \'{{"startTime":"{start}","follow":true}}\''

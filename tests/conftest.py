@@ -22,14 +22,18 @@ import sqlalchemy as sa
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from gateway import pki, server
+from app import runtime as server
+from gateway import pki
 from gateway.registry import Anchor, OperatorStatus, ca_anchors
 from opconnect.numbers.v1 import numbers_pb2, numbers_pb2_grpc
 from opconnect.records.v1 import records_pb2_grpc
 from plumbing import tokens
+from plumbing.audit import AuditLog
 from plumbing.config import Settings
 from plumbing.db import Database
 from plumbing.logs import configure_logging
+from services.records.service import Records
+from services.usage.service import Usage
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -175,7 +179,7 @@ class RunningSystem:
     """One process of the system (by default all of it) on its own event loop thread, with
     client helpers."""
 
-    def __init__(self, settings: Settings, test_pki: Pki, role: server.Role = "all") -> None:
+    def __init__(self, settings: Settings, test_pki: Pki, role: str = "all") -> None:
         self.pki = test_pki
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
@@ -205,6 +209,20 @@ class RunningSystem:
         channel = grpc.secure_channel(self.address, credentials, options=options)
         self._channels.append(channel)
         return channel
+
+    @property
+    def audit(self) -> AuditLog:
+        """The records service's audit log."""
+        service = self.runtime.service("records")
+        assert isinstance(service, Records) and service.audit is not None
+        return service.audit
+
+    @property
+    def usage_service(self) -> Usage:
+        """The usage service (its call feed follower: `.feed`)."""
+        service = self.runtime.service("usage")
+        assert isinstance(service, Usage)
+        return service
 
     def numbers(self, ident: str = OPERATOR) -> numbers_pb2_grpc.NumberServiceStub:
         return numbers_pb2_grpc.NumberServiceStub(self.channel("operator", ident))

@@ -22,7 +22,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from gateway.cli import main
+from app.cli import main
 from opconnect.numbers.v1 import numbers_pb2 as pb
 from opconnect.numbers.v1 import numbers_pb2_grpc
 from plumbing import audit
@@ -123,7 +123,7 @@ def test_serve_makes_its_pki_serves_and_stops_cleanly_on_sigterm(tmp_path: Path)
         "OPCONNECT_LOG_FORMAT": "json",
     }
     process = subprocess.Popen(
-        [sys.executable, "-m", "gateway.cli", "serve"], env=env, stderr=subprocess.PIPE, text=True
+        [sys.executable, "-m", "app.cli", "serve"], env=env, stderr=subprocess.PIPE, text=True
     )
     try:
         address = ""

@@ -31,9 +31,8 @@ from tests.conftest import (
     settings_for,
     start_system,
 )
+from tests.helpers import BOTH, USER, duration_record, upload, usage_stub
 from tests.records_data import publish, published, record, stamp
-from tests.test_numbers_flow import BOTH, USER, upload
-from tests.test_usage_submit import duration_record, usage_stub
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTOS = ROOT / "protos"

@@ -27,7 +27,8 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from gateway import pki, registry, server
+from app import runtime as server
+from gateway import pki, registry
 from gateway.identity import check_certificate
 from gateway.registry import OperatorStatus, ca_anchors
 from gateway.trust import Trust, TrustFiles, TrustStore
@@ -474,7 +475,7 @@ def test_start_up_refuses_a_platform_bundle_that_is_not_its_own(
     subordinate = tmp_path / "subordinate.pem"  # a platform CA the operator CA signed
     below = make_cert(pki.load_ca(paths, "operator"), "platform sub CA", ca=True)
     pki.write_public(subordinate, below.cert_pem)
-    cases: list[tuple[dict[str, str], server.Role, str]] = [
+    cases: list[tuple[dict[str, str], str, str]] = [
         ({"platform_ca_file": ""}, "all", "platform_ca_file is not set"),
         ({"platform_ca_file": str(paths.operator_ca_cert)}, "all", "share a CA"),
         ({"platform_ca_file": str(both)}, "gateway", "share a CA"),

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from gateway.cli import main
+from app.cli import main
 from operator_client.commands import journal_path
 from operator_client.durations_csv import read_lines, write_records
 from services.usage import storage

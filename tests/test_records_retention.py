@@ -9,7 +9,7 @@ import grpc
 import pytest
 import sqlalchemy as sa
 
-from gateway import server
+from app import runtime as server
 from opconnect.records.v1 import records_pb2 as pb
 from plumbing import audit
 from services.records import storage

@@ -21,7 +21,7 @@ import sqlalchemy as sa
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.cli import main
+from app.cli import main
 from opconnect.numbers.v1 import numbers_pb2 as pb
 from opconnect.records.v1 import records_pb2 as rpb
 from plumbing import tokens
@@ -526,7 +526,7 @@ def test_the_usage_feed_starts_again_from_the_oldest_when_its_cursor_is_unreadab
         records = [record(), record()]
         publish_records(system.ingest(), records)
         eventually(lambda: len(kept(system)) == 2)
-        follower = system.runtime.feed
+        follower = system.usage_service.feed
         assert follower is not None
         system.call(follower.stop())
         unreadable = tokens.Keyring.generate().seal("cursor:records", struct.pack(">Q", 0))
@@ -536,8 +536,8 @@ def test_the_usage_feed_starts_again_from_the_oldest_when_its_cursor_is_unreadab
             usage_storage.store_platform_calls(session, feed.FEED, [], unreadable)
 
         system.call(system.runtime.db.run(forget, write=True))
-        system.runtime.feed = feed.CallFeedFollower(system.runtime.db, follower.client)
-        system.call(start_follower(system.runtime.feed))
+        system.usage_service.feed = feed.CallFeedFollower(system.runtime.db, follower.client)
+        system.call(start_follower(system.usage_service.feed))
         eventually(lambda: set(kept(system)) == {r.call_id for r in records})
         saved = system.call(system.runtime.db.run(usage_storage.feed_cursor, feed.FEED))
         assert saved != unreadable

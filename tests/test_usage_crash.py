@@ -32,7 +32,7 @@ def _serve(data_dir: Path) -> tuple[subprocess.Popen[str], str]:
         "OPCONNECT_LOG_FORMAT": "json",
     }
     process = subprocess.Popen(
-        [sys.executable, "-m", "gateway.cli", "serve"], env=env, stderr=subprocess.PIPE, text=True
+        [sys.executable, "-m", "app.cli", "serve"], env=env, stderr=subprocess.PIPE, text=True
     )
     assert process.stderr is not None
     deadline = time.monotonic() + 60

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from gateway import server
+from app import runtime as server
 from plumbing.changelog import encode_cursor
 from services.records import storage as records_storage
 from services.usage import feed, storage
@@ -75,7 +75,9 @@ def test_an_expired_cursor_starts_again_from_the_oldest_kept(
         records = [record() for _ in range(3)]
         publish_records(system.ingest(), records)
         eventually(lambda: len(kept(system)) == 3)
-        system.call(system.runtime.feed.stop())  # type: ignore[union-attr]
+        service = system.usage_service
+        assert service.feed is not None
+        system.call(service.feed.stop())
         # The records log is purged past the feed's cursor while the follower is away.
         then = dt.datetime.now(dt.UTC) - dt.timedelta(days=40)
 
@@ -90,8 +92,8 @@ def test_an_expired_cursor_starts_again_from_the_oldest_kept(
 
         system.call(system.runtime.db.run(age_and_forget, write=True))
         system.call(server.purge(system.runtime))
-        follower = feed.CallFeedFollower(system.runtime.db, system.runtime.feed.client)  # type: ignore[union-attr]
-        system.runtime.feed = follower
+        follower = feed.CallFeedFollower(system.runtime.db, service.feed.client)
+        service.feed = follower
         system.call(start_follower(follower))
         eventually(lambda: set(kept(system)) == {r.call_id for r in records[1:]})
     finally:

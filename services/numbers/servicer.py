@@ -8,7 +8,7 @@ request field.
 from __future__ import annotations
 
 import functools
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any, TypeAlias
 
 import grpc
@@ -27,7 +27,7 @@ from plumbing.changelog import (
 from plumbing.config import Settings
 from plumbing.db import Database
 from plumbing.errors import invalid_field, not_found
-from plumbing.rpc import Access, access_rules, current_operator
+from plumbing.rpc import current_operator
 from plumbing.tokens import page_token, read_page_token
 from plumbing.validation import E164
 from services.numbers import convert, rules, storage
@@ -206,37 +206,3 @@ def _read_page_token(token: str, filters: str) -> tuple[str, int]:
     if not (watch.isdigit() and E164.fullmatch(last)):
         raise invalid_field(DOMAIN, "PAGE_TOKEN_INVALID", "page_token", "not a page token")
     return last, int(watch)
-
-
-def access() -> dict[str, Access]:
-    """Who may call each method of this service."""
-    return access_rules(
-        {
-            pb.DESCRIPTOR.services_by_name["NumberService"]: Access.OPERATOR,
-            pb.DESCRIPTOR.services_by_name["NumberAdminService"]: Access.PLATFORM,
-        }
-    )
-
-
-def register(
-    server: grpc.aio.Server,
-    db: Database,
-    notifier: Notifier,
-    settings: Settings,
-    cache_usable: Callable[[], bool],
-) -> list[str]:
-    """Add both services to `server`; returns their full names (for health and reflection).
-
-    `cache_usable` says whether this replica hears every other replica's changes now (always
-    with SQLite; with PostgreSQL while its LISTEN link is up): `GetNumber` reads through a cache
-    only then.
-    """
-    cache: ReadCache[Number | None] = ReadCache(settings.number_cache_entries, cache_usable)
-    notifier.subscribe(LOG, cache.invalidate)
-    pb_grpc.add_NumberServiceServicer_to_server(
-        NumberService(db, notifier, settings, cache), server
-    )
-    pb_grpc.add_NumberAdminServiceServicer_to_server(
-        NumberAdminService(db, notifier, cache), server
-    )
-    return [s.full_name for s in pb.DESCRIPTOR.services_by_name.values()]

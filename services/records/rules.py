@@ -14,7 +14,15 @@ from enum import StrEnum
 
 from plumbing.config import Settings
 from plumbing.errors import invalid_field
-from plumbing.validation import E164, Refusal, check_e164, check_fqdn, check_guid, check_sip_or_e164
+from plumbing.validation import (
+    E164,
+    IDENTITY,
+    Refusal,
+    check_e164,
+    check_fqdn,
+    check_guid,
+    check_sip_or_e164,
+)
 from services.records.quality import StreamMetrics, Thresholds
 
 DOMAIN = "records.opconnect"
@@ -31,7 +39,7 @@ MAX_BATCH_ID = 128
 MAX_MOS_DEGRADATION = 4.0
 
 CALL_ID = re.compile(r"[A-Za-z0-9._\-]{1,64}")
-OPERATOR_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+OPERATOR_ID = IDENTITY
 # Payload format names (SDP rtpmap) the platform's media stack uses; compared case-insensitively.
 KNOWN_CODECS = frozenset(
     c.lower()

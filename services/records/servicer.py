@@ -33,7 +33,7 @@ from plumbing.config import Settings
 from plumbing.db import Database
 from plumbing.errors import invalid_field, not_found
 from plumbing.logs import mask_number
-from plumbing.rpc import Access, access_rules, current_operator
+from plumbing.rpc import current_operator
 from plumbing.tokens import page_token, read_page_token
 from plumbing.validation import Refusal, check_period
 from plumbing.wellknown import request_time
@@ -331,34 +331,3 @@ def _summary_binding(query: rules.SummaryQuery) -> str:
             query.direction.value if query.direction else "",
         )
     )
-
-
-def access() -> dict[str, Access]:
-    """Who may call each method of this service."""
-    return access_rules(
-        {
-            pb.DESCRIPTOR.services_by_name["CallRecordService"]: Access.OPERATOR,
-            pb.DESCRIPTOR.services_by_name["CallRecordIngestService"]: Access.PLATFORM,
-            pb.DESCRIPTOR.services_by_name["CallFeedService"]: Access.PLATFORM,
-        }
-    )
-
-
-def register(
-    server: grpc.aio.Server,
-    db: Database,
-    notifier: Notifier,
-    settings: Settings,
-    *,
-    audit: AuditLog,
-    known_operator: KnownOperator,
-) -> list[str]:
-    """Add both services to `server`; returns their full names (for health and reflection)."""
-    pb_grpc.add_CallRecordServiceServicer_to_server(
-        CallRecordService(db, notifier, settings, audit), server
-    )
-    pb_grpc.add_CallRecordIngestServiceServicer_to_server(
-        CallRecordIngestService(db, notifier, settings, known_operator), server
-    )
-    pb_grpc.add_CallFeedServiceServicer_to_server(CallFeedService(db, notifier, settings), server)
-    return [s.full_name for s in pb.DESCRIPTOR.services_by_name.values()]

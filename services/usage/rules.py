@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from plumbing.errors import invalid_field
-from plumbing.validation import E164, Refusal, check_e164, check_guid
+from plumbing.validation import E164, IDENTITY, Refusal, check_e164, check_guid
 
 DOMAIN = "usage.opconnect"
 
@@ -24,7 +24,7 @@ DURATION_ALLOWANCE = dt.timedelta(seconds=1)
 
 RECORD_ID = re.compile(r"[\x20-\x7e]{1,128}")  # printable ASCII
 CALL_ID = re.compile(r"[A-Za-z0-9._\-]{1,64}")
-OPERATOR_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+OPERATOR_ID = IDENTITY
 
 
 class Direction(StrEnum):

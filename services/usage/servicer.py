@@ -18,7 +18,7 @@ from opconnect.usage.v1 import usage_pb2_grpc as pb_grpc
 from plumbing.config import Settings
 from plumbing.db import Database
 from plumbing.errors import invalid_field
-from plumbing.rpc import Access, access_rules, current_operator
+from plumbing.rpc import current_operator
 from plumbing.tokens import bound_key, page_token, read_page_token
 from plumbing.validation import Refusal, check_period
 from plumbing.wellknown import duration_in, request_time
@@ -271,20 +271,3 @@ def _read_cursor(cursor: str, binding: str) -> tuple[dt.datetime, str] | None:
         "cursor",
         "not a cursor of this stream (the same period, filters and tolerance)",
     )
-
-
-def access() -> dict[str, Access]:
-    """Who may call each method of this service."""
-    return access_rules(
-        {
-            pb.DESCRIPTOR.services_by_name["UsageService"]: Access.OPERATOR,
-            pb.DESCRIPTOR.services_by_name["UsageReportService"]: Access.PLATFORM,
-        }
-    )
-
-
-def register(server: grpc.aio.Server, db: Database, settings: Settings) -> list[str]:
-    """Add both services to `server`; returns their full names (for health and reflection)."""
-    pb_grpc.add_UsageServiceServicer_to_server(UsageService(db, settings), server)
-    pb_grpc.add_UsageReportServiceServicer_to_server(UsageReportService(db, settings), server)
-    return [s.full_name for s in pb.DESCRIPTOR.services_by_name.values()]

@@ -1,19 +1,20 @@
-"""The one-process system: gateway and every service on one gRPC server (no forwarding hop).
+"""Starting and stopping one process of the system, in any role (app.roles): the one-process
+system (gateway and every service on one gRPC server, no forwarding hop), one service, or the
+gateway forwarding to the services' processes.
 
-`start(settings)` makes what is missing (the development PKI, the schema), opens the mutual-TLS
-port and returns a `Runtime`; `Runtime.stop()` shuts down gracefully: health turns NOT_SERVING,
-new calls are refused, open streams end with UNAVAILABLE (clients resume from their last
-cursor), in-flight unary calls finish within the grace period, and the database closes last.
+`start(settings, role)` makes what is missing (the development PKI, the schema), opens the
+mutual-TLS port and returns a `Runtime`; `Runtime.stop()` shuts down gracefully: health turns
+NOT_SERVING, new calls are refused, open streams end with UNAVAILABLE (clients resume from
+their last cursor), in-flight unary calls finish within the grace period, services stop their
+background work, and the database closes last.
 """
 
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal
 
 import grpc
 from google.protobuf.descriptor import ServiceDescriptor
@@ -21,6 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from app.roles import ROLES, SERVICES, Role
 from gateway.forward import Forwarder, mirror_health
 from gateway.identity import (
     Authenticator,
@@ -31,39 +33,15 @@ from gateway.identity import (
 from gateway.pki import GATEWAY_NAME, PkiPaths, ensure_dev_pki, issue_client
 from gateway.registry import Registry, ca_anchors
 from gateway.trust import TrustFiles, TrustStore
-from opconnect.numbers.v1 import numbers_pb2
-from opconnect.records.v1 import records_pb2
-from opconnect.usage.v1 import usage_pb2
-from plumbing import audit as audit_log
 from plumbing import tokens
-from plumbing.audit import AuditLog
 from plumbing.changelog import Notifier, PostgresListener
-from plumbing.config import Settings
+from plumbing.config import DEV_OPERATOR, Settings
 from plumbing.db import Database
 from plumbing.logs import get_logger
 from plumbing.rpc import Access, Authenticate, RateLimiter, RpcInterceptor, StreamSlots
-from services.numbers import servicer as numbers
-from services.numbers import storage as numbers_storage
-from services.records import servicer as records
-from services.records import storage as records_storage
-from services.usage import servicer as usage
-from services.usage import storage as usage_storage
-from services.usage.feed import CallFeedFollower, FeedClient
+from plumbing.service import Host, Service
 
 log = get_logger("opconnect.server")
-
-DEV_OPERATOR = "contoso-telecom"
-DEV_PLATFORM = "admin-center"
-
-Role = Literal["all", "gateway", "numbers", "records", "usage"]
-ROLES: tuple[Role, ...] = ("all", "gateway", "numbers", "records", "usage")
-SERVICES = ("numbers", "records", "usage")
-PROTOS = {"numbers": numbers_pb2, "records": records_pb2, "usage": usage_pb2}
-ACCESS: dict[str, Callable[[], dict[str, Access]]] = {
-    "numbers": numbers.access,
-    "records": records.access,
-    "usage": usage.access,
-}
 
 # Served to any authenticated principal: stock tools (grpc-health-probe, buf curl) work.
 OPEN_METHODS = {
@@ -84,29 +62,27 @@ class Runtime:
     health: HealthServicer
     port: int
     dev_pki: PkiPaths | None
-    audit: AuditLog | None = None
-    feed: CallFeedFollower | None = None
+    role: Role
+    services: dict[str, Service]  # the services this process serves itself, by name
+    streams: StreamSlots  # open streams per operator (this process)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     listener: PostgresListener | None = None
-    role: Role = "all"
-    services: tuple[str, ...] = ()  # the services this process serves itself
-    streams: StreamSlots | None = None  # open streams per operator (this process)
     channels: list[grpc.aio.Channel] = field(default_factory=list)  # the gateway's routes
     forwarder: Forwarder | None = None
 
     @property
     def address(self) -> str:
-        host = self.settings.listen.rsplit(":", 1)[0].strip("[]")
-        local = host in ("127.0.0.1", "::1", "", "0.0.0.0", "::")  # noqa: S104 - naming, not binding
-        return f"{'localhost' if local else host}:{self.port}"
+        return _address(self.settings, self.port)
+
+    def service(self, name: str) -> Service:
+        """A service this process serves (KeyError otherwise)."""
+        return self.services[name]
 
     async def stop(self, grace_s: float | None = None) -> None:
         grace = self.settings.shutdown_grace_s if grace_s is None else grace_s
         await self.health.enter_graceful_shutdown()
         if self.forwarder is not None:
             self.forwarder.close()
-        if self.feed is not None:
-            await self.feed.stop()
         self.notifier.close()
         await self.server.stop(grace)
         for channel in self.channels:
@@ -116,13 +92,22 @@ class Runtime:
         await asyncio.gather(*self.tasks, return_exceptions=True)
         if self.listener is not None:
             await self.listener.stop()
-        if self.audit is not None:
-            await self.audit.close()
+        for service in reversed(self.services.values()):
+            await service.stop()
         await asyncio.get_running_loop().run_in_executor(None, self.db.close)
         log.info("stopped")
 
 
-def trust_files(settings: Settings, role: Role = "all") -> tuple[TrustFiles, PkiPaths | None]:
+def _address(settings: Settings, port: int) -> str:
+    """How a client on this machine reaches a process listening on `settings.listen`."""
+    host = settings.listen.rsplit(":", 1)[0].strip("[]")
+    local = host in ("127.0.0.1", "::1", "", "0.0.0.0", "::")  # noqa: S104 - naming, not binding
+    return f"{'localhost' if local else host}:{port}"
+
+
+def trust_files(
+    settings: Settings, role: Role = ROLES["all"]
+) -> tuple[TrustFiles, PkiPaths | None]:
     """The configured TLS files, or the development PKI (made on first run) where none are.
 
     ValueError when a configuration would let one kind of CA sign another kind's identities:
@@ -146,7 +131,7 @@ def trust_files(settings: Settings, role: Role = "all") -> tuple[TrustFiles, Pki
             deny_list=deny,
         )
     else:
-        dev = ensure_dev_pki(settings.pki_dir, operator_id=DEV_OPERATOR, platform_name=DEV_PLATFORM)
+        dev = ensure_dev_pki(settings.pki_dir)
         gateway_ca = gateway_ca or dev.gateway_ca_cert
         files = TrustFiles(
             dev.server_cert,
@@ -158,11 +143,11 @@ def trust_files(settings: Settings, role: Role = "all") -> tuple[TrustFiles, Pki
         )
     operator_cas, platform_cas = files.operator_ca.read_bytes(), files.platform_ca.read_bytes()
     check_bundles_apart(operator_cas, platform_cas, "operator_ca_file", "platform_ca_file")
-    if role in ("all", "gateway"):
+    if not role.behind_gateway:
         return files, dev
     if gateway_ca is None and not parse_fingerprints(settings.gateway_fingerprints):
         raise ValueError(
-            f"a {role} process believes the principal header only from a pinned gateway: set"
+            f"a {role.name} process believes the principal header only from a pinned gateway: set"
             " gateway_ca_file (a CA that signs the gateway's certificate and nothing else)"
             " and/or gateway_fingerprints (the SHA-256 of the gateway's certificate)"
         )
@@ -171,33 +156,6 @@ def trust_files(settings: Settings, role: Role = "all") -> tuple[TrustFiles, Pki
         check_bundles_apart(operator_cas, gateway_cas, "operator_ca_file", "gateway_ca_file")
         check_bundles_apart(platform_cas, gateway_cas, "platform_ca_file", "gateway_ca_file")
     return replace(files, gateway_ca=gateway_ca), dev
-
-
-def feed_client(settings: Settings, dev: PkiPaths | None, address: str) -> FeedClient | None:
-    """How the usage service reaches the call feed: the configured files, or with the
-    development PKI a platform certificate `usage` made for it; None when neither is there."""
-    target = settings.feed_target or address
-    if not target:
-        return None
-    if settings.feed_ca_file and settings.feed_cert_file and settings.feed_key_file:
-        ca, cert, key = (
-            Path(settings.feed_ca_file),
-            Path(settings.feed_cert_file),
-            Path(settings.feed_key_file),
-        )
-    elif dev is not None:
-        cert, key = dev.client("platform-usage")
-        if not (cert.exists() and key.exists()):
-            issue_client(dev, "platform", "usage")
-        ca = dev.ca_cert
-    else:
-        return None
-    credentials = grpc.ssl_channel_credentials(
-        root_certificates=ca.read_bytes(),
-        private_key=key.read_bytes(),
-        certificate_chain=cert.read_bytes(),
-    )
-    return FeedClient(target, credentials)
 
 
 async def _every(interval_s: float, name: str, job: Callable[[], Awaitable[None]]) -> None:
@@ -211,37 +169,20 @@ async def _every(interval_s: float, name: str, job: Callable[[], Awaitable[None]
 
 
 async def purge(runtime: Runtime) -> None:
-    """Delete what is past its retention, of the services this process serves: assignment
-    changes; call records and audit events; call durations, the platform's calls the usage
-    service keeps and the usage of their days."""
-    settings, db = runtime.settings, runtime.db
-    now = dt.datetime.now(dt.UTC)
-    if "numbers" in runtime.services:
-        cutoff = now - dt.timedelta(seconds=settings.change_log_retention_s)
-        purged = await db.run(numbers_storage.purge_events, cutoff, write=True)
-        if purged:
-            log.info("purged change log", log="numbers", events=purged)
-    if "records" in runtime.services:
-        cutoff = now - dt.timedelta(seconds=settings.record_retention_s)
-        records_purged = 0
-        while True:  # in chunks, one short transaction each
-            chunk = await db.run(records_storage.purge_records, cutoff, write=True)
-            records_purged += chunk
-            if chunk < records_storage.PURGE_CHUNK:
-                break
-        if records_purged:
-            log.info("purged call records", records=records_purged)
-        cutoff = now - dt.timedelta(seconds=settings.audit_retention_s)
-        audited = await db.run(audit_log.purge_events, cutoff, write=True)
-        if audited:
-            log.info("purged audit events", events=audited)
-    if "usage" in runtime.services:
-        cutoff = now - dt.timedelta(seconds=settings.usage_retention_s)
-        durations = await db.run(usage_storage.purge_durations, cutoff, write=True)
-        durations += await db.run(usage_storage.purge_platform_calls, cutoff, write=True)
-        await db.run(usage_storage.purge_usage_days, cutoff, write=True)
-        if durations:
-            log.info("purged call durations", records=durations)
+    """Delete what is past its retention, of each service this process serves."""
+    for service in runtime.services.values():
+        await service.purge(runtime.db, runtime.settings)
+
+
+def platform_credentials(dev: PkiPaths | None, name: str) -> grpc.ChannelCredentials | None:
+    """A development platform client certificate `name` (made on first use); None without
+    the development PKI."""
+    if dev is None:
+        return None
+    cert, key = dev.client(f"platform-{name}")
+    if not (cert.exists() and key.exists()):
+        issue_client(dev, "platform", name)
+    return _channel_credentials(dev.ca_cert, cert, key)
 
 
 def _channel_credentials(ca: Path, cert: Path, key: Path) -> grpc.ChannelCredentials:
@@ -296,8 +237,8 @@ _STATUS = {
 def _routes(
     settings: Settings, credentials: grpc.ChannelCredentials
 ) -> dict[ServiceDescriptor, grpc.aio.Channel]:
-    """The gateway's routes: each service of each area whose `*_target` is set, to one channel
-    per target."""
+    """The gateway's routes: each protobuf service of each service whose `<name>_target` is
+    set, to one channel per target."""
     # The gateway admits requests up to max_message_bytes; a service answers at most that.
     limit = settings.max_message_bytes + 4 * 1024 * 1024
     options = [
@@ -306,27 +247,28 @@ def _routes(
         ("grpc.keepalive_time_ms", 60_000),
     ]
     routes: dict[ServiceDescriptor, grpc.aio.Channel] = {}
-    for name in SERVICES:
-        target = getattr(settings, f"{name}_target")
+    for service in SERVICES:
+        target = getattr(settings, f"{service.name}_target")
         if not target:
-            log.warning("service not routed: no target set", service=name)
+            log.warning("service not routed: no target set", service=service.name)
             continue
         channel = grpc.aio.secure_channel(target, credentials, options=options)
-        for service in PROTOS[name].DESCRIPTOR.services_by_name.values():
-            routes[service] = channel
+        for descriptor in service.descriptors():
+            routes[descriptor] = channel
     return routes
 
 
-async def start(settings: Settings, role: Role = "all") -> Runtime:
-    """Start one process of the system: `all` (gateway and every service, the default), one
-    service (`numbers`, `records`, `usage`: its RPCs, from the gateway or platform callers), or
+async def start(settings: Settings, role: str = "all") -> Runtime:
+    """Start one process of the system in a role of app.roles: `all` (gateway and every
+    service, the default), one service (its RPCs, from the gateway or platform callers), or
     the `gateway` alone (forwarding every service's RPCs to the processes in the `*_target`
     settings)."""
     if role not in ROLES:
         raise ValueError(f"role must be one of {', '.join(ROLES)}")
+    kind = ROLES[role]
     loop = asyncio.get_running_loop()
-    files, dev = await loop.run_in_executor(None, trust_files, settings, role)
-    if role != "gateway":  # the services seal and open cursors and page tokens
+    files, dev = await loop.run_in_executor(None, trust_files, settings, kind)
+    if kind.serves:  # the services seal and open cursors and page tokens
         tokens.install(await loop.run_in_executor(None, tokens.load_keyring, settings))
     trust = TrustStore(files, settings.reload_interval_s)
     db = Database(settings.sqlalchemy_url, settings.db_threads)
@@ -338,13 +280,13 @@ async def start(settings: Settings, role: Role = "all") -> Runtime:
         anchors = ca_anchors(dev.operator_ca_cert.read_bytes())
         await registry.add(DEV_OPERATOR, "Contoso Telecom (development)", anchors)
 
-    services = SERVICES if role in ("all", "gateway") else (role,)
+    services = {s.name: s() for s in SERVICES if s.name in kind.serves}
     access = dict(OPEN_METHODS)
-    for name in services:
-        access.update(ACCESS[name]())
+    for served in SERVICES if kind.forwards else [type(s) for s in services.values()]:
+        access.update(served.access())
     direct = Authenticator(trust, registry, parse_fingerprints(settings.gateway_fingerprints))
     authenticate: Authenticate = direct
-    if role not in ("all", "gateway"):
+    if kind.behind_gateway:
         authenticate = ServiceAuthenticator(direct, registry)
     interceptor = RpcInterceptor(
         authenticate,
@@ -357,40 +299,44 @@ async def start(settings: Settings, role: Role = "all") -> Runtime:
     )
     server = _server(settings, interceptor)
     listener = None
-    if db.is_postgres and role != "gateway":
+    if db.is_postgres and services:
         listener = PostgresListener(settings.sqlalchemy_url, notifier)
     cache_usable = listener.ready.is_set if listener is not None else lambda: True
-    serves_records = "records" in services and role != "gateway"
-    audit = AuditLog(db) if serves_records else None
 
     async def known_operator(operator_id: str) -> bool:
         return await registry.lookup(operator_id) is not None
 
+    port = 0
+    host = Host(
+        server=server,
+        db=db,
+        notifier=notifier,
+        settings=settings,
+        known_operator=known_operator,
+        cache_usable=cache_usable,
+        platform_credentials=lambda name: platform_credentials(dev, name),
+        serves=frozenset(services),
+        address=lambda: _address(settings, port) if port else "",
+    )
     names: list[str] = []
     routed: dict[grpc.aio.Channel, list[str]] = {}  # the gateway's: channel -> its services
     forwarder: Forwarder | None = None
-    if role == "gateway":
+    if kind.forwards:
         credentials = await loop.run_in_executor(None, internal_credentials, settings, dev)
         routes = _routes(settings, credentials)
         forwarder = Forwarder(routes)
         server.add_generic_rpc_handlers(forwarder.handlers())
-        for service, channel in routes.items():
-            routed.setdefault(channel, []).append(service.full_name)
-            names.append(service.full_name)
-    else:
-        if "numbers" in services:
-            names += numbers.register(server, db, notifier, settings, cache_usable)
-        if audit is not None:  # the records service
-            names += records.register(
-                server, db, notifier, settings, audit=audit, known_operator=known_operator
-            )
-        if "usage" in services:
-            names += usage.register(server, db, settings)
+        for descriptor, channel in routes.items():
+            routed.setdefault(channel, []).append(descriptor.full_name)
+            names.append(descriptor.full_name)
+    for service in services.values():
+        service.register(host)
+        names += [d.full_name for d in service.descriptors()]
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     await health.set("", health_pb2.HealthCheckResponse.SERVING)
     for name in names:  # a forwarded service: not serving until its process says so
-        await health.set(name, _STATUS[role != "gateway"])
+        await health.set(name, _STATUS[not kind.forwards])
     reflection.enable_server_reflection(
         [
             *names,
@@ -403,17 +349,24 @@ async def start(settings: Settings, role: Role = "all") -> Runtime:
     if port == 0:
         raise OSError(f"could not listen on {settings.listen}")
     await server.start()
-    runtime = Runtime(settings, db, notifier, trust, registry, server, health, port, dev)
-    runtime.role = role
-    runtime.services = services if role != "gateway" else ()
-    runtime.streams = interceptor.streams
-    runtime.channels = list(routed)
-    runtime.forwarder = forwarder
-    runtime.listener = listener
-    runtime.audit = audit
-    if audit is not None:
-        audit.start()
-    if runtime.services:
+    runtime = Runtime(
+        settings,
+        db,
+        notifier,
+        trust,
+        registry,
+        server,
+        health,
+        port,
+        dev,
+        kind,
+        services,
+        interceptor.streams,
+        listener=listener,
+        channels=list(routed),
+        forwarder=forwarder,
+    )
+    if services:
         runtime.tasks.append(
             asyncio.create_task(_every(settings.purge_interval_s, "purge", lambda: purge(runtime)))
         )
@@ -421,14 +374,8 @@ async def start(settings: Settings, role: Role = "all") -> Runtime:
         runtime.tasks.append(asyncio.create_task(mirror_health(channel, group, health)))
     if listener is not None:
         listener.start()
-    if "usage" in runtime.services:
-        own = runtime.address if role == "all" else settings.records_target
-        client = await loop.run_in_executor(None, feed_client, settings, dev, own)
-        if client is None:
-            log.info("usage call feed off: no feed_* certificate or target configured")
-        else:
-            runtime.feed = CallFeedFollower(db, client)
-            runtime.feed.start()
+    for service in services.values():
+        await service.start(host)
     log.info(
         "serving",
         role=role,

@@ -41,10 +41,12 @@ from pathlib import Path
 import grpc
 from rich.console import Console
 
-from gateway import pki, registry, server
+from app import runtime as server
+from app.roles import ROLES
+from gateway import pki, registry
 from operator_client import commands as operator
 from plumbing import audit, tokens
-from plumbing.config import Settings, describe, load_settings
+from plumbing.config import DEV_OPERATOR, DEV_PLATFORM, Settings, describe, load_settings
 from plumbing.db import Database
 from plumbing.logs import configure_logging
 from simulator import run as simulator
@@ -54,15 +56,15 @@ def connect_help(runtime: server.Runtime) -> str:
     dev = runtime.dev_pki
     if dev is None:
         return f"opconnect is serving on {runtime.address} (mutual TLS)."
-    op_cert, op_key = dev.client(f"operator-{server.DEV_OPERATOR}")
-    pf_cert, pf_key = dev.client(f"platform-{server.DEV_PLATFORM}")
+    op_cert, op_key = dev.client(f"operator-{DEV_OPERATOR}")
+    pf_cert, pf_key = dev.client(f"platform-{DEV_PLATFORM}")
     url = f"https://{runtime.address}"
     return f"""
 opconnect is serving on {runtime.address} (mutual TLS; development PKI in {dev.directory})
 
   CA certificate      {dev.ca_cert}
-  operator  {server.DEV_OPERATOR:<14}{op_cert}  {op_key}
-  platform  {server.DEV_PLATFORM:<14}{pf_cert}  {pf_key}
+  operator  {DEV_OPERATOR:<14}{op_cert}  {op_key}
+  platform  {DEV_PLATFORM:<14}{pf_cert}  {pf_key}
 
 As the operator (buf from `npm ci`; the schema comes from server reflection):
   node_modules/.bin/buf curl --protocol grpc --cacert {dev.ca_cert} \\
@@ -86,7 +88,7 @@ Ctrl-C stops it (streams end cleanly; clients resume from their last cursor).
 """
 
 
-async def serve(settings: Settings, role: server.Role = "all") -> None:
+async def serve(settings: Settings, role: str = "all") -> None:
     runtime = await server.start(settings, role)
     if role == "all":
         print(connect_help(runtime), file=sys.stderr, flush=True)
@@ -106,7 +108,7 @@ def _pki_paths(settings: Settings) -> pki.PkiPaths:
 
 def cmd_pki(args: argparse.Namespace, settings: Settings) -> int:
     if args.pki == "init":
-        paths = pki.ensure_dev_pki(settings.pki_dir, server.DEV_OPERATOR, server.DEV_PLATFORM)
+        paths = pki.ensure_dev_pki(settings.pki_dir, DEV_OPERATOR, DEV_PLATFORM)
         print(f"development PKI ready in {paths.directory}")
     elif args.pki == "issue":
         cert, key = pki.issue_client(_pki_paths(settings), args.kind, args.ident)
@@ -234,7 +236,7 @@ def _when(text: str) -> dt.datetime:
 
 def cmd_operator(args: argparse.Namespace, settings: Settings) -> int:
     dev = pki.PkiPaths.at(settings.pki_dir)
-    cert, key = dev.client(f"operator-{server.DEV_OPERATOR}")
+    cert, key = dev.client(f"operator-{DEV_OPERATOR}")
     connection = operator.Connection(
         target=args.target,
         ca=Path(args.ca) if args.ca else dev.ca_cert,
@@ -306,7 +308,7 @@ def parser() -> argparse.ArgumentParser:
     serve_cmd = commands.add_parser("serve", help="run gateway and services (one process)")
     serve_cmd.add_argument(
         "--role",
-        choices=server.ROLES,
+        choices=list(ROLES),
         default="all",
         help="all (default): everything in one process; numbers, records or usage: that"
         " service alone (behind a gateway); gateway: the gateway alone, forwarding to the"
@@ -396,7 +398,7 @@ def parser() -> argparse.ArgumentParser:
     sim = commands.add_parser("simulate", help="publish realistic calls to a running system")
     sim.add_argument("--target", default="localhost:50051", help="the gateway's host:port")
     sim.add_argument("--pki-dir", help="development PKI (default <data_dir>/pki)")
-    sim.add_argument("--operator", default=simulator.DEV_OPERATOR)
+    sim.add_argument("--operator", default=DEV_OPERATOR)
     sim.add_argument("--tenant", default=simulator.DEV_TENANT, help="customer tenant (GUID)")
     sim.add_argument("--numbers", type=int, default=20, help="numbers to upload and assign")
     sim.add_argument("--rate", type=float, default=5.0, help="calls a second")

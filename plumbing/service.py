@@ -1,0 +1,76 @@
+"""What a service is to the process that runs it: one small public face per service.
+
+Each service folder has a `service.py` with one class derived from `Service`: which protobuf
+file it serves and who may call each of its RPCs (`access`), how it adds its handlers to a
+server (`register`), the background work it runs while serving (`start`, `stop`) and how it
+deletes what is past its retention (`purge`). The composition root (`app/`) builds processes
+from a list of these and knows nothing else of a service; a service never imports another.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import ClassVar
+
+import grpc
+from google.protobuf.descriptor import FileDescriptor, ServiceDescriptor
+
+from plumbing.changelog import Notifier
+from plumbing.config import Settings
+from plumbing.db import Database
+from plumbing.rpc import Access, access_rules
+
+
+@dataclass(frozen=True)
+class Host:
+    """What a process gives the services it runs."""
+
+    server: grpc.aio.Server
+    db: Database
+    notifier: Notifier
+    settings: Settings
+    # The registry's word on an operator id (records: a record for an unknown one is refused).
+    known_operator: Callable[[str], Awaitable[bool]]
+    # False while cross-replica change notifications may be missed (read caches stand aside).
+    cache_usable: Callable[[], bool]
+    # The credentials of a platform client certificate `name` (the development PKI makes
+    # one on demand); None where there is no development PKI.
+    platform_credentials: Callable[[str], grpc.ChannelCredentials | None]
+    # The services this process serves itself (by `Service.name`).
+    serves: frozenset[str]
+    # This process's own address, once it listens ("" before).
+    address: Callable[[], str]
+
+
+class Service:
+    """One service's public face (see the module docstring). A subclass sets `name` and
+    `protos` and overrides what it needs; one instance is made per process."""
+
+    name: ClassVar[str]
+    protos: ClassVar[FileDescriptor]
+    # Who may call each protobuf service of `protos` (by its short name).
+    rules: ClassVar[dict[str, Access]]
+
+    @classmethod
+    def descriptors(cls) -> list[ServiceDescriptor]:
+        """The protobuf services it serves."""
+        return list(cls.protos.services_by_name.values())
+
+    @classmethod
+    def access(cls) -> dict[str, Access]:
+        """The access rule of every method, keyed by full method name."""
+        return access_rules({cls.protos.services_by_name[s]: a for s, a in cls.rules.items()})
+
+    def register(self, host: Host) -> None:
+        """Add the handlers to `host.server` (before it starts)."""
+        raise NotImplementedError
+
+    async def start(self, host: Host) -> None:
+        """Start background work, once the server listens."""
+
+    async def stop(self) -> None:
+        """Stop background work (the server has stopped; the database is still open)."""
+
+    async def purge(self, db: Database, settings: Settings) -> None:
+        """Delete what is past its retention."""

@@ -1,0 +1,50 @@
+"""The numbers service's public face: what a process needs to run it (plumbing.service)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import ClassVar
+
+from opconnect.numbers.v1 import numbers_pb2 as pb
+from opconnect.numbers.v1 import numbers_pb2_grpc as pb_grpc
+from plumbing.cache import ReadCache
+from plumbing.config import Settings
+from plumbing.db import Database
+from plumbing.logs import get_logger
+from plumbing.rpc import Access
+from plumbing.service import Host, Service
+from services.numbers import storage
+from services.numbers.rules import LOG, Number
+from services.numbers.servicer import NumberAdminService, NumberService
+
+log = get_logger("opconnect.numbers")
+
+
+class Numbers(Service):
+    name = "numbers"
+    protos = pb.DESCRIPTOR
+    rules: ClassVar[dict[str, Access]] = {
+        "NumberService": Access.OPERATOR,
+        "NumberAdminService": Access.PLATFORM,
+    }
+
+    def register(self, host: Host) -> None:
+        """`GetNumber` reads through a cache only while this replica hears every other
+        replica's changes (always with SQLite; with PostgreSQL while its LISTEN link is up)."""
+        cache: ReadCache[Number | None] = ReadCache(
+            host.settings.number_cache_entries, host.cache_usable
+        )
+        host.notifier.subscribe(LOG, cache.invalidate)
+        pb_grpc.add_NumberServiceServicer_to_server(
+            NumberService(host.db, host.notifier, host.settings, cache), host.server
+        )
+        pb_grpc.add_NumberAdminServiceServicer_to_server(
+            NumberAdminService(host.db, host.notifier, cache), host.server
+        )
+
+    async def purge(self, db: Database, settings: Settings) -> None:
+        """Assignment changes past `change_log_retention_s`."""
+        cutoff = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=settings.change_log_retention_s)
+        purged = await db.run(storage.purge_events, cutoff, write=True)
+        if purged:
+            log.info("purged change log", log="numbers", events=purged)

@@ -1,0 +1,72 @@
+"""The records service's public face: what a process needs to run it (plumbing.service)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import ClassVar
+
+from opconnect.records.v1 import records_pb2 as pb
+from opconnect.records.v1 import records_pb2_grpc as pb_grpc
+from plumbing import audit as audit_log
+from plumbing.audit import AuditLog
+from plumbing.config import Settings
+from plumbing.db import Database
+from plumbing.logs import get_logger
+from plumbing.rpc import Access
+from plumbing.service import Host, Service
+from services.records import storage
+from services.records.servicer import CallFeedService, CallRecordIngestService, CallRecordService
+
+log = get_logger("opconnect.records")
+
+
+class Records(Service):
+    name = "records"
+    protos = pb.DESCRIPTOR
+    rules: ClassVar[dict[str, Access]] = {
+        "CallRecordService": Access.OPERATOR,
+        "CallRecordIngestService": Access.PLATFORM,
+        "CallFeedService": Access.PLATFORM,
+    }
+
+    def __init__(self) -> None:
+        self.audit: AuditLog | None = None  # every operator read, written in batches
+
+    def register(self, host: Host) -> None:
+        self.audit = AuditLog(host.db)
+        db, notifier, settings, server = host.db, host.notifier, host.settings, host.server
+        pb_grpc.add_CallRecordServiceServicer_to_server(
+            CallRecordService(db, notifier, settings, self.audit), server
+        )
+        pb_grpc.add_CallRecordIngestServiceServicer_to_server(
+            CallRecordIngestService(db, notifier, settings, host.known_operator), server
+        )
+        pb_grpc.add_CallFeedServiceServicer_to_server(
+            CallFeedService(db, notifier, settings), server
+        )
+
+    async def start(self, host: Host) -> None:
+        if self.audit is not None:
+            self.audit.start()
+
+    async def stop(self) -> None:
+        if self.audit is not None:
+            await self.audit.close()
+
+    async def purge(self, db: Database, settings: Settings) -> None:
+        """Call records past `record_retention_s` (in chunks, one short transaction each) and
+        audit events past `audit_retention_s`."""
+        now = dt.datetime.now(dt.UTC)
+        cutoff = now - dt.timedelta(seconds=settings.record_retention_s)
+        purged = 0
+        while True:
+            chunk = await db.run(storage.purge_records, cutoff, write=True)
+            purged += chunk
+            if chunk < storage.PURGE_CHUNK:
+                break
+        if purged:
+            log.info("purged call records", records=purged)
+        cutoff = now - dt.timedelta(seconds=settings.audit_retention_s)
+        audited = await db.run(audit_log.purge_events, cutoff, write=True)
+        if audited:
+            log.info("purged audit events", events=audited)

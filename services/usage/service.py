@@ -1,0 +1,88 @@
+"""The usage service's public face: what a process needs to run it (plumbing.service)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import ClassVar
+
+import grpc
+
+from opconnect.usage.v1 import usage_pb2 as pb
+from opconnect.usage.v1 import usage_pb2_grpc as pb_grpc
+from plumbing.config import Settings
+from plumbing.db import Database
+from plumbing.logs import get_logger
+from plumbing.rpc import Access
+from plumbing.service import Host, Service
+from services.usage import storage
+from services.usage.feed import CallFeedFollower, FeedClient
+from services.usage.servicer import UsageReportService, UsageService
+
+log = get_logger("opconnect.usage")
+
+FEED_CLIENT = "usage"  # the platform principal the usage service follows the call feed as
+
+
+class Usage(Service):
+    name = "usage"
+    protos = pb.DESCRIPTOR
+    rules: ClassVar[dict[str, Access]] = {
+        "UsageService": Access.OPERATOR,
+        "UsageReportService": Access.PLATFORM,
+    }
+
+    def __init__(self) -> None:
+        self.feed: CallFeedFollower | None = None  # the platform's side of every call
+
+    def register(self, host: Host) -> None:
+        pb_grpc.add_UsageServiceServicer_to_server(
+            UsageService(host.db, host.settings), host.server
+        )
+        pb_grpc.add_UsageReportServiceServicer_to_server(
+            UsageReportService(host.db, host.settings), host.server
+        )
+
+    async def start(self, host: Host) -> None:
+        client = feed_client(host)
+        if client is None:
+            log.info("usage call feed off: no feed_* certificate or target configured")
+            return
+        self.feed = CallFeedFollower(host.db, client)
+        self.feed.start()
+
+    async def stop(self) -> None:
+        if self.feed is not None:
+            await self.feed.stop()
+
+    async def purge(self, db: Database, settings: Settings) -> None:
+        """Call durations, the platform's calls kept, and the usage of their days, past
+        `usage_retention_s` (from the call's start)."""
+        cutoff = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=settings.usage_retention_s)
+        purged = await db.run(storage.purge_durations, cutoff, write=True)
+        purged += await db.run(storage.purge_platform_calls, cutoff, write=True)
+        await db.run(storage.purge_usage_days, cutoff, write=True)
+        if purged:
+            log.info("purged call durations", records=purged)
+
+
+def feed_client(host: Host) -> FeedClient | None:
+    """Where and as whom the usage service follows the call feed: `feed_target`, or the
+    records service (this process's own address when it serves records, `records_target`
+    otherwise); as the `feed_*` certificate, or the development PKI's `platform/usage`. None
+    when there is no target or no certificate."""
+    settings = host.settings
+    own = host.address() if "records" in host.serves else settings.records_target
+    target = settings.feed_target or own
+    if not target:
+        return None
+    credentials: grpc.ChannelCredentials | None
+    if settings.feed_ca_file and settings.feed_cert_file and settings.feed_key_file:
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=Path(settings.feed_ca_file).read_bytes(),
+            private_key=Path(settings.feed_key_file).read_bytes(),
+            certificate_chain=Path(settings.feed_cert_file).read_bytes(),
+        )
+    else:
+        credentials = host.platform_credentials(FEED_CLIENT)
+    return None if credentials is None else FeedClient(target, credentials)

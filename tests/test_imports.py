@@ -1,0 +1,92 @@
+"""What each package may import (docs/architecture.md): plumbing is shared by all and imports
+none of them; a service never imports another service, the gateway or the composition root;
+the gateway (the edge: TLS identity, trust, registry, forwarding) imports no service; clients
+(simulator, operator_client) import neither the servers nor each other; only the composition
+root (app) knows every service. Read from the source, so a new import that breaks a rule fails
+here."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("app", "gateway", "plumbing", "services", "simulator", "operator_client")
+
+# package -> the first-party packages it must not import ("services.*" means any service).
+FORBIDDEN: dict[str, set[str]] = {
+    "plumbing": {"app", "gateway", "services.*", "simulator", "operator_client"},
+    "gateway": {"app", "services.*", "simulator", "operator_client"},
+    "simulator": {"app", "gateway", "services.*", "operator_client"},
+    "operator_client": {"app", "gateway", "services.*", "simulator"},
+}
+SERVICE_FORBIDDEN = {"app", "gateway", "simulator", "operator_client"}  # and other services
+
+
+def owner(module: str) -> str:
+    """`services.usage.storage` -> `services.usage`; `gateway.pki` -> `gateway`."""
+    parts = module.split(".")
+    return ".".join(parts[:2]) if parts[0] == "services" and len(parts) > 1 else parts[0]
+
+
+def imports_of(path: Path) -> set[str]:
+    """The first-party modules a source file imports (absolute imports; we use no others)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module]
+        else:
+            continue
+        found.update(n for n in names if n.split(".")[0] in PACKAGES)
+    return found
+
+
+def sources() -> list[Path]:
+    return sorted(p for package in PACKAGES for p in (ROOT / package).rglob("*.py"))
+
+
+def broken_rules(path: Path) -> list[str]:
+    module = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+    mine = owner(module)
+    forbidden = SERVICE_FORBIDDEN if mine.startswith("services.") else FORBIDDEN.get(mine, set())
+    broken = []
+    for imported in sorted(imports_of(path)):
+        theirs = owner(imported)
+        if theirs == mine:
+            continue
+        is_service = theirs.startswith("services.")
+        if (
+            theirs in forbidden
+            or (is_service and "services.*" in forbidden)
+            or (is_service and mine.startswith("services."))
+        ):
+            broken.append(f"{module} imports {imported}")
+    return broken
+
+
+def test_every_package_imports_only_what_it_may() -> None:
+    assert [b for path in sources() for b in broken_rules(path)] == []
+
+
+@pytest.mark.parametrize(
+    ("module", "source"),
+    [
+        ("plumbing/x.py", "from services.usage import storage"),
+        ("gateway/x.py", "import services.numbers.storage"),
+        ("services/usage/x.py", "from services.records.rules import Record"),
+        ("services/usage/x.py", "from gateway.pki import PkiPaths"),
+        ("simulator/x.py", "from gateway import pki"),
+    ],
+)
+def test_the_rules_catch_a_forbidden_import(
+    module: str, source: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / module
+    path.parent.mkdir(parents=True)
+    path.write_text(source + "\n")
+    monkeypatch.setattr(f"{__name__}.ROOT", tmp_path)
+    assert broken_rules(path) != []
