@@ -31,8 +31,8 @@ from tests.conftest import (
     settings_for,
     start_system,
 )
-from tests.helpers import BOTH, USER, duration_record, upload, usage_stub
-from tests.records_data import publish, published, record, stamp
+from tests.helpers import BOTH, USER, upload, usage_stub
+from tests.records_data import duration_record, publish, published, record, stamp
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTOS = ROOT / "protos"
