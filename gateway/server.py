@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +34,8 @@ from plumbing import audit as audit_log
 from plumbing.audit import AuditLog
 from plumbing.changelog import Notifier, PostgresListener
 from plumbing.config import Settings
-from plumbing.db import Database
+from plumbing.db import Database, private_directory
+from plumbing.limits import CallSlots
 from plumbing.logs import get_logger
 from plumbing.rpc import Access, Authenticate, RateLimiter, RpcInterceptor, StreamSlots
 from services.numbers import servicer as numbers
@@ -288,9 +290,21 @@ async def start(settings: Settings, role: Role = "all") -> Runtime:
     if role not in ROLES:
         raise ValueError(f"role must be one of {', '.join(ROLES)}")
     loop = asyncio.get_running_loop()
+    # The data directory is private (0700): made when the default database or the development
+    # PKI will live there, tightened if it is open to others.
+    in_data_dir = not settings.database_url or not (
+        settings.tls_cert_file and settings.tls_key_file and settings.operator_ca_file
+    )
+    await loop.run_in_executor(
+        None, functools.partial(private_directory, settings.data_dir, create=in_data_dir)
+    )
     files, dev = await loop.run_in_executor(None, trust_files, settings)
     trust = TrustStore(files, settings.reload_interval_s)
-    db = Database(settings.sqlalchemy_url, settings.db_threads)
+    db = Database(
+        settings.sqlalchemy_url,
+        settings.db_threads,
+        work_per_lane=settings.max_db_work_per_operator,
+    )
     await loop.run_in_executor(None, db.migrate)
     notifier = Notifier()
     notifier.bind(loop)
@@ -311,6 +325,7 @@ async def start(settings: Settings, role: Role = "all") -> Runtime:
         RateLimiter(settings.rate_per_operator, settings.rate_burst),
         StreamSlots(settings.max_streams_per_operator),
         settings.max_message_bytes,
+        calls=CallSlots(settings.max_calls_per_operator),
     )
     server = _server(settings, interceptor)
     listener = None

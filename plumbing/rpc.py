@@ -25,6 +25,7 @@ import grpc
 from grpc.aio import AbortError
 
 from plumbing.errors import ApiError, internal, invalid, permission_denied, resource_exhausted
+from plumbing.limits import CallSlots
 from plumbing.logs import get_logger
 
 log = get_logger("opconnect.rpc")
@@ -155,8 +156,11 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         rate: RateLimiter,
         streams: StreamSlots,
         max_request_bytes: int,
+        *,
+        calls: CallSlots | None = None,
     ) -> None:
         self._max_request_bytes = max_request_bytes
+        self.calls = calls or CallSlots(2**31)
         self._authenticate = authenticate
         self._access = dict(access)
         self._rate = rate
@@ -244,16 +248,22 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             call_log = _CallLog(method, _request_id_of(context))
             _request_id.set(call_log.request_id)
+            slot: str | None = None
             try:
                 principal = await self._admit(context, method, access)
                 call_log.principal = str(principal)
                 _principal.set(principal)
                 context.set_trailing_metadata((("x-request-id", call_log.request_id),))
+                if principal.kind == "operator":  # its calls in flight (plumbing.limits)
+                    self.calls.enter(principal.name)
+                    slot = principal.name
                 return await behavior(decode(request), context)
             except BaseException as error:  # every way out is logged and mapped once
                 await call_log.fail(context, error)
                 raise
             finally:
+                if slot is not None:
+                    self.calls.leave(slot)
                 call_log.write(context)
 
         return call
