@@ -124,7 +124,7 @@ class Database:
                 # Another process holds SQLite's lock. Waited out the busy timeout: a limit,
                 # answered as one; refused at once (a stale snapshot): the unit is tried again.
                 if time.monotonic() + _BUSY_PAUSE_S >= deadline:
-                    log.warning("storage busy", error=str(busy.__cause__)[:200])
+                    log.warning("storage busy", error=str(busy))
                     raise resource_exhausted(
                         "opconnect",
                         "STORAGE_BUSY",
@@ -138,7 +138,7 @@ class Database:
             return self.transaction(fn, *args, write=write)
         except exc.OperationalError as error:
             if _is_busy(error):
-                raise _Busy from error
+                raise _Busy(str(error.orig)[:200]) from error  # the driver's words: no SQL
             log.error("storage unavailable", error=str(error.orig)[:200])
             raise unavailable("STORAGE_UNAVAILABLE", "storage is unavailable; retry") from error
         except exc.DBAPIError as error:
@@ -168,7 +168,7 @@ _SQLITE_BUSY, _SQLITE_LOCKED = 5, 6
 
 
 class _Busy(Exception):
-    """SQLite answered busy or locked (the cause is the driver's error)."""
+    """SQLite answered busy or locked (the driver's message; the cause is its error)."""
 
 
 def _is_busy(error: exc.OperationalError) -> bool:
