@@ -12,6 +12,7 @@ background work, and the database closes last.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -36,7 +37,8 @@ from gateway.trust import TrustFiles, TrustStore
 from plumbing import tokens
 from plumbing.changelog import Notifier, PostgresListener
 from plumbing.config import DEV_OPERATOR, Settings
-from plumbing.db import Database
+from plumbing.db import Database, private_directory
+from plumbing.limits import CallSlots
 from plumbing.logs import get_logger
 from plumbing.rpc import Access, Authenticate, RateLimiter, RpcInterceptor, StreamSlots
 from plumbing.service import Host, Service
@@ -267,11 +269,23 @@ async def start(settings: Settings, role: str = "all") -> Runtime:
         raise ValueError(f"role must be one of {', '.join(ROLES)}")
     kind = ROLES[role]
     loop = asyncio.get_running_loop()
+    # The data directory is private (0700): made when the default database or the development
+    # PKI will live there, tightened if it is open to others.
+    in_data_dir = not settings.database_url or not (
+        settings.tls_cert_file and settings.tls_key_file and settings.operator_ca_file
+    )
+    await loop.run_in_executor(
+        None, functools.partial(private_directory, settings.data_dir, create=in_data_dir)
+    )
     files, dev = await loop.run_in_executor(None, trust_files, settings, kind)
     if kind.serves:  # the services seal and open cursors and page tokens
         tokens.install(await loop.run_in_executor(None, tokens.load_keyring, settings))
     trust = TrustStore(files, settings.reload_interval_s)
-    db = Database(settings.sqlalchemy_url, settings.db_threads)
+    db = Database(
+        settings.sqlalchemy_url,
+        settings.db_threads,
+        work_per_lane=settings.max_db_work_per_operator,
+    )
     await loop.run_in_executor(None, db.migrate)
     notifier = Notifier()
     notifier.bind(loop)
@@ -296,6 +310,7 @@ async def start(settings: Settings, role: str = "all") -> Runtime:
         settings.max_message_bytes,
         # Open calls re-check their caller as often as the trust files are reloaded.
         recheck_interval_s=settings.reload_interval_s,
+        calls=CallSlots(settings.max_calls_per_operator),
     )
     server = _server(settings, interceptor)
     listener = None

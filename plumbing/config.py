@@ -60,6 +60,13 @@ class Settings:
     max_page_size: int = 1_000
     stream_batch_size: int = 500
     max_streams_per_operator: int = 16
+    # Unary calls one operator may have in flight at once; more answer RESOURCE_EXHAUSTED
+    # (TOO_MANY_CALLS) with RetryInfo.
+    max_calls_per_operator: int = 8
+    # Units of database work one principal may run at once (more wait, taken in turn between
+    # principals; on SQLite writes run one at a time); at most db_threads. Small: the units
+    # share one GIL, so more of one principal's units at once slow everyone else's.
+    max_db_work_per_operator: int = 2
     # Requests per second per operator (token bucket refill) and the bucket's size.
     rate_per_operator: float = 200.0
     rate_burst: int = 400

@@ -5,15 +5,25 @@ takes a `Session`, run by `await db.run(fn, ...)` on the database threads inside
 (`write=True`: serialized with other writers on SQLite by BEGIN IMMEDIATE; read-only units on
 PostgreSQL run at REPEATABLE READ so that everything they read is one snapshot). Schema changes
 are Alembic migrations (migrations/), applied at start by `migrate()`.
+
+Every unit passes a `FairGate` (plumbing.limits) first, in the lane of the principal of the call
+it serves: a bounded number at once per principal, taken in turn between principals, and on
+SQLite one writer at a time in the process. SQLite's "database is locked" (another process held
+the lock past the busy timeout) answers RESOURCE_EXHAUSTED STORAGE_BUSY with RetryInfo, never
+UNAVAILABLE. The SQLite files and their directory are private to the server's user (0600, 0700):
+they hold whole phone numbers.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import datetime as dt
 import functools
+import os
 import sqlite3
+import stat
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -26,8 +36,10 @@ from sqlalchemy import Engine, create_engine, event, exc
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
-from plumbing.errors import unavailable
+from plumbing.errors import resource_exhausted, unavailable
+from plumbing.limits import SYSTEM_LANE, FairGate
 from plumbing.logs import get_logger
+from plumbing.rpc import current_principal
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -43,20 +55,26 @@ class Base(DeclarativeBase):
 class Database:
     """An engine, its session makers, and the threads that run units of work."""
 
-    def __init__(self, url: str, threads: int = 8) -> None:
+    def __init__(
+        self, url: str, threads: int = 8, *, work_per_lane: int = 0, busy_timeout_s: float = 30.0
+    ) -> None:
+        """`work_per_lane`: units one principal may run at once (0: as many as `threads`);
+        `busy_timeout_s`: how long SQLite waits for another process's write lock."""
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
         self.is_postgres = url.startswith("postgresql")
+        self.busy_timeout_s = busy_timeout_s
+        self.gate = FairGate(threads, work_per_lane, one_writer=self.is_sqlite)
         if self.is_sqlite:
             if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
-                Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+                _private_database(Path(url.removeprefix("sqlite:///").partition("?")[0]))
             engine = create_engine(
                 url,
                 pool_size=threads,
                 max_overflow=0,
-                connect_args={"check_same_thread": False, "timeout": 30},
+                connect_args={"check_same_thread": False, "timeout": busy_timeout_s},
             )
-            _sqlite_setup(engine)
+            _sqlite_setup(engine, busy_timeout_s)
             read_engine: Engine = engine
             write_engine: Engine = engine.execution_options(sqlite_begin="IMMEDIATE")
         else:
@@ -80,17 +98,47 @@ class Database:
     async def run(self, fn: Callable[..., T], *args: Any, write: bool = False) -> T:
         """Run fn(session, *args) in one transaction on a database thread.
 
-        Storage that cannot be reached answers UNAVAILABLE (with RetryInfo), not a crash.
+        Storage that cannot be reached answers UNAVAILABLE (with RetryInfo), not a crash. The
+        unit waits its turn at the gate first (see the module docstring); its place there is
+        given back when its thread is done with it, also when the caller has gone.
         """
         loop = asyncio.get_running_loop()
+        lane = _lane()
+        await self.gate.enter(lane, write)
         call = functools.partial(self._guarded, fn, args, write)
         ctx = contextvars.copy_context()
-        return await loop.run_in_executor(self._executor, ctx.run, call)
+        try:
+            work = self._executor.submit(ctx.run, call)
+        except BaseException:
+            self.gate.leave(lane, write)
+            raise
+        work.add_done_callback(lambda _: _on_loop(loop, self.gate.leave, lane, write))
+        return await asyncio.wrap_future(work, loop=loop)
 
     def _guarded(self, fn: Callable[..., T], args: tuple[Any, ...], write: bool) -> T:
+        deadline = time.monotonic() + self.busy_timeout_s
+        while True:
+            try:
+                return self._attempt(fn, args, write)
+            except _Busy as busy:
+                # Another process holds SQLite's lock. Waited out the busy timeout: a limit,
+                # answered as one; refused at once (a stale snapshot): the unit is tried again.
+                if time.monotonic() + _BUSY_PAUSE_S >= deadline:
+                    log.warning("storage busy", error=str(busy))
+                    raise resource_exhausted(
+                        "opconnect",
+                        "STORAGE_BUSY",
+                        "the database is busy with other writers; retry after the delay given",
+                        1.0,
+                    ) from busy.__cause__
+                time.sleep(_BUSY_PAUSE_S)
+
+    def _attempt(self, fn: Callable[..., T], args: tuple[Any, ...], write: bool) -> T:
         try:
             return self.transaction(fn, *args, write=write)
         except exc.OperationalError as error:
+            if _is_busy(error):
+                raise _Busy(str(error.orig)[:200]) from error  # the driver's words: no SQL
             log.error("storage unavailable", error=str(error.orig)[:200])
             raise unavailable("STORAGE_UNAVAILABLE", "storage is unavailable; retry") from error
         except exc.DBAPIError as error:
@@ -112,6 +160,80 @@ class Database:
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
         self.engine.dispose()
+
+
+_BUSY_PAUSE_S = 0.05
+# SQLite's primary result codes for a lock held by another connection.
+_SQLITE_BUSY, _SQLITE_LOCKED = 5, 6
+
+
+class _Busy(Exception):
+    """SQLite answered busy or locked (the driver's message; the cause is its error)."""
+
+
+def _is_busy(error: exc.OperationalError) -> bool:
+    code = getattr(error.orig, "sqlite_errorcode", None)
+    return isinstance(code, int) and code & 0xFF in (_SQLITE_BUSY, _SQLITE_LOCKED)
+
+
+def _lane() -> str:
+    """The gate lane of the work being done: the principal of the call it serves, or the
+    process's own lane."""
+    try:
+        return str(current_principal())
+    except LookupError:
+        return SYSTEM_LANE
+
+
+def _on_loop(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: Any) -> None:
+    """Run fn on the loop (from a database thread); at once if the loop has closed."""
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:
+        fn(*args)
+
+
+def private_directory(path: Path, *, create: bool = True, tighten: bool = True) -> None:
+    """Make `path` a directory only the server's user may enter (0700): it holds whole phone
+    numbers and keys. One that exists and is open to others is tightened (with `tighten`), and
+    that is logged; a shared one (sticky, like /tmp) or another user's is left as it is, with a
+    warning."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        if not create:
+            return
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        mode = path.stat().st_mode
+    if not mode & 0o077:
+        return
+    if not tighten or mode & stat.S_ISVTX or path.stat().st_uid != os.geteuid():
+        log.warning("directory open to others", path=str(path), mode=oct(stat.S_IMODE(mode)))
+        return
+    path.chmod(0o700)
+    log.warning(
+        "directory was open to others: made 0700", path=str(path), was=oct(stat.S_IMODE(mode))
+    )
+
+
+def _private_database(path: Path) -> None:
+    """The SQLite database file made 0600 before SQLite opens it (its -wal and -shm files take
+    the database's mode); existing files open to others are tightened, and that is logged."""
+    # Made 0700 if missing; an existing directory may be the working directory or a shared
+    # one: only the data directory is tightened (app.runtime).
+    private_directory(path.parent, tighten=False)
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    for file in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        try:
+            mode = stat.S_IMODE(file.stat().st_mode)
+        except FileNotFoundError:
+            continue
+        if mode & 0o077:
+            file.chmod(mode & 0o600)
+            log.warning(
+                "database file was open to others: made 0600", path=str(file), was=oct(mode)
+            )
 
 
 def dialect_insert(session: Session) -> type[sqlite.Insert] | type[postgresql.Insert]:
@@ -178,14 +300,14 @@ def alembic_config(url: str) -> Config:
     return config
 
 
-def _sqlite_setup(engine: Engine) -> None:
+def _sqlite_setup(engine: Engine, busy_timeout_s: float) -> None:
     """WAL, full durability, foreign keys, and transactions begun by us, not by pysqlite."""
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
         _wal(cursor)
         cursor.execute("PRAGMA synchronous=FULL")
         cursor.execute("PRAGMA foreign_keys=ON")

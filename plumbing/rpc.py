@@ -26,6 +26,7 @@ from cryptography import x509
 from grpc.aio import AbortError
 
 from plumbing.errors import ApiError, internal, invalid, permission_denied, resource_exhausted
+from plumbing.limits import CallSlots
 from plumbing.logs import get_logger
 
 log = get_logger("opconnect.rpc")
@@ -246,8 +247,10 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         max_request_bytes: int,
         *,
         recheck_interval_s: float = 2.0,
+        calls: CallSlots | None = None,
     ) -> None:
         self._max_request_bytes = max_request_bytes
+        self.calls = calls or CallSlots(2**31)
         self._authenticate = authenticate
         self._access = dict(access)
         self._rate = rate
@@ -368,13 +371,19 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             call_log = _CallLog(method, _request_id_of(context))
             _request_id.set(call_log.request_id)
+            slot: str | None = None
             try:
-                await self._start(context, method, access, call_log)
+                principal = await self._start(context, method, access, call_log)
+                if principal.kind == "operator":  # its calls in flight (plumbing.limits)
+                    self.calls.enter(principal.name)
+                    slot = principal.name
                 return await behavior(decode(request), context)
             except BaseException as error:  # every way out is logged and mapped once
                 await call_log.fail(context, error)
                 raise
             finally:
+                if slot is not None:
+                    self.calls.leave(slot)
                 call_log.write(context)
 
         return call
