@@ -31,6 +31,7 @@ _INSERT = (
 
 
 def _select_stored(column: Literal["record_id", "call_id"], count: int) -> str:
+    """The operator's records whose `column` is among `count` values."""
     marks = ",".join("?" * count)
     return (
         "SELECT record_id, call_id, digest FROM call_durations"  # noqa: S608 - fixed column
