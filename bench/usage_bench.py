@@ -85,7 +85,8 @@ from opconnect.usage.v1 import usage_pb2 as pb
 from opconnect.usage.v1 import usage_pb2_grpc as pb_grpc
 from plumbing.config import Settings
 from plumbing.db import Database, alembic_config
-from services.usage import rules, servicer, storage
+from services.usage import ingest, reconciliation, rules, servicer, tables, usage_query
+from services.usage.platform_calls import store_platform_calls
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -351,12 +352,12 @@ class Month:
 
 
 class RowMaker:
-    """Rows of both tables as the service stores them (`storage.store_platform_calls` and
-    `storage.submit`), in PLATFORM_COLUMNS and DURATION_COLUMNS order."""
+    """Rows of both tables as the service stores them (`platform_calls.store_platform_calls` and
+    `ingest.submit`), in PLATFORM_COLUMNS and DURATION_COLUMNS order."""
 
     def __init__(self) -> None:
         dialect = sqlite_dialect.dialect()
-        impl = storage.DURATIONS.c.start_time.type.dialect_impl(dialect)
+        impl = tables.DURATIONS.c.start_time.type.dialect_impl(dialect)
         processor = impl.bind_processor(dialect)
         if processor is None:
             raise RuntimeError("no SQLite bind processor for DateTime")
@@ -434,7 +435,7 @@ def fill(
 ) -> tuple[FillResult, Expected]:
     """Migrate a database in `data_dir`, register OPERATOR and store a month of its calls and
     duration records. The first TEMPLATES rows of each table go through the service's own
-    code (`storage.store_platform_calls`, `servicer._check` + `storage.submit`); the rest are
+    code (`platform_calls.store_platform_calls`, `servicer._check` + `ingest.submit`); the rest are
     made by RowMaker, checked first to make those very rows."""
     started = time.perf_counter()
     settings = Settings(data_dir=data_dir)
@@ -451,7 +452,7 @@ def fill(
         db.migrate()
         db.transaction(registry.add_operator, OPERATOR, "benchmark operator", write=True)
         platform_calls = [
-            storage.PlatformCall(
+            rules.PlatformCall(
                 c[0],
                 OPERATOR,
                 c[1],
@@ -462,7 +463,7 @@ def fill(
             )
             for c in template_calls
         ]
-        db.transaction(storage.store_platform_calls, "bench-fill", platform_calls, "", write=True)
+        db.transaction(store_platform_calls, "bench-fill", platform_calls, "", write=True)
         checked = servicer._check([record_message(r) for r in template_records], settings)
         valid = [c for c in checked if isinstance(c, rules.Submitted)]
         if len(valid) != len(template_records):
@@ -471,7 +472,7 @@ def fill(
             )
             raise RuntimeError(f"template records refused: {dict(refused)}")
         for part in chunks(valid, BATCH):
-            results = db.transaction(storage.submit, OPERATOR, part, write=True)
+            results = db.transaction(ingest.submit, OPERATOR, part, write=True)
             if any(r.outcome is not rules.Outcome.ACCEPTED for r in results):
                 raise RuntimeError("a template record was not accepted")
     finally:
@@ -499,7 +500,7 @@ def fill(
         if len(stored_records) != len(template_records) or stored_records != [
             maker.duration(r, s[-1]) for r, s in zip(template_records, stored_records, strict=True)
         ]:
-            raise RuntimeError("a call_durations row differs from storage.submit's")
+            raise RuntimeError("a call_durations row differs from ingest.submit's")
         # Bulk loading: no journal, no syncs, a large cache (WAL is restored at the end, and
         # everything is synced to disk before any measurement).
         connection.execute("PRAGMA journal_mode=DELETE")
@@ -925,11 +926,11 @@ def in_process(
     db = Database(f"sqlite:///{data_dir / 'opconnect.db'}", 1)
     try:
         t0 = time.perf_counter()
-        db.transaction(storage.reconcile, query)
+        db.transaction(reconciliation.reconcile, query)
         t1 = time.perf_counter()
-        found = db.transaction(storage.discrepancies, query, None, None, 10**9)
+        found = db.transaction(reconciliation.discrepancies, query, None, None, 10**9)
         t2 = time.perf_counter()
-        rows = db.transaction(storage.usage_rows, usage, None, 10**7)
+        rows = db.transaction(usage_query.usage_rows, usage, None, 10**7)
         t3 = time.perf_counter()
     finally:
         db.close()

@@ -13,7 +13,7 @@ import plumbing.audit
 import plumbing.changelog
 import services.numbers.storage
 import services.records.storage
-import services.usage.storage
+import services.usage.tables
 from plumbing.db import Base
 
 target_metadata = Base.metadata

@@ -86,6 +86,7 @@ def notify_commit(session: Session, log_name: str, position: int, keys: Iterable
 
 
 _READ_HEAD = "SELECT position, purged_through FROM change_log_heads WHERE log = ?"
+SQL = (_READ_HEAD,)  # the statements written by hand (tests/test_sql.py checks them)
 
 
 def read_head(session: Session, log_name: str) -> Head:

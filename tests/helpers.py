@@ -20,7 +20,8 @@ from gateway.registry import OperatorStatus
 from opconnect.numbers.v1 import numbers_pb2
 from opconnect.usage.v1 import usage_pb2, usage_pb2_grpc
 from plumbing.config import Settings
-from services.usage import feed, storage
+from services.usage import feed
+from services.usage import tables as storage
 from tests.conftest import (
     OPERATOR,
     OTHER_OPERATOR,

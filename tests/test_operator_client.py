@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from app.cli import main
 from operator_client.commands import journal_path
 from operator_client.durations_csv import read_lines, write_records
-from services.usage import storage
+from services.usage import tables
 from tests.conftest import OPERATOR, Pki, RunningSystem
 from tests.helpers import eventually, feed_system, kept, submit, usage_stub
 from tests.records_data import duration_record, publish_records, record
@@ -39,7 +39,7 @@ def _client(system: RunningSystem) -> list[str]:
 
 def _stored(system: RunningSystem) -> int:
     def count(session: sa.orm.Session) -> int:
-        return int(session.scalar(sa.select(sa.func.count()).select_from(storage.DURATIONS)) or 0)
+        return int(session.scalar(sa.select(sa.func.count()).select_from(tables.DURATIONS)) or 0)
 
     return system.call(system.runtime.db.run(count))
 

@@ -29,7 +29,8 @@ from plumbing.changelog import decode_cursor, encode_cursor
 from plumbing.config import Settings, load_settings
 from plumbing.errors import ApiError
 from services.usage import feed
-from services.usage import storage as usage_storage
+from services.usage import platform_calls as usage_platform_calls
+from services.usage import tables as usage_tables
 from tests.conftest import (
     OPERATOR,
     Pki,
@@ -532,14 +533,14 @@ def test_the_usage_feed_starts_again_from_the_oldest_when_its_cursor_is_unreadab
         unreadable = tokens.Keyring.generate().seal("cursor:records", struct.pack(">Q", 0))
 
         def forget(session: sa.orm.Session) -> None:
-            session.execute(sa.delete(usage_storage.PLATFORM_CALLS))
-            usage_storage.store_platform_calls(session, feed.FEED, [], unreadable)
+            session.execute(sa.delete(usage_tables.PLATFORM_CALLS))
+            usage_platform_calls.store_platform_calls(session, feed.FEED, [], unreadable)
 
         system.call(system.runtime.db.run(forget, write=True))
         system.usage_service.feed = feed.CallFeedFollower(system.runtime.db, follower.client)
         system.call(start_follower(system.usage_service.feed))
         eventually(lambda: set(kept(system)) == {r.call_id for r in records})
-        saved = system.call(system.runtime.db.run(usage_storage.feed_cursor, feed.FEED))
+        saved = system.call(system.runtime.db.run(usage_platform_calls.feed_cursor, feed.FEED))
         assert saved != unreadable
     finally:
         system.stop()

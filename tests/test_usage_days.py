@@ -18,11 +18,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from plumbing.db import Database, alembic_config
-from services.usage import storage
+from services.usage import ingest, platform_calls, usage_query
 from services.usage.rules import (
     Direction,
     DurationRecord,
     Granularity,
+    PlatformCall,
     Source,
     Submitted,
     UsageQuery,
@@ -54,12 +55,12 @@ class Call:
     def call_id(self) -> str:
         return f"call-{self.number:04d}"
 
-    def platform(self) -> storage.PlatformCall:
+    def platform(self) -> PlatformCall:
         invite = BASE + dt.timedelta(minutes=(self.answer_min or 0) - 1)
         answer = None
         if self.answer_min is not None:
             answer = BASE + dt.timedelta(minutes=self.answer_min, microseconds=123)
-        return storage.PlatformCall(
+        return PlatformCall(
             call_id=self.call_id,
             operator_id=self.operator,
             tenant_id=self.tenant,
@@ -207,7 +208,7 @@ def stored_usage(db: Database, query: UsageQuery, limit: int) -> Expected:
     out: Expected = {}
     after = None
     while True:
-        rows = db.transaction(storage.usage_rows, query, after, limit + 1)
+        rows = db.transaction(usage_query.usage_rows, query, after, limit + 1)
         for row in rows[:limit]:
             key = (row.tenant_id, row.period_start, row.direction.value)
             assert key not in out, "a row twice"
@@ -225,7 +226,7 @@ def deliver(db: Database, batches: list[tuple[str, list[Call]]]) -> None:
     for kind, batch in batches:
         if kind == "platform":
             db.transaction(
-                storage.store_platform_calls,
+                platform_calls.store_platform_calls,
                 "records",
                 [c.platform() for c in batch],
                 "cursor",
@@ -237,7 +238,7 @@ def deliver(db: Database, batches: list[tuple[str, list[Call]]]) -> None:
                 assert c.reported_by is not None
                 by_operator.setdefault(c.reported_by, []).append(c.record())
             for operator, records in by_operator.items():
-                db.transaction(storage.submit, operator, records, write=True)
+                db.transaction(ingest.submit, operator, records, write=True)
 
 
 def empty(db: Database) -> None:

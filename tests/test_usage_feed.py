@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from app import runtime as server
 from plumbing.changelog import encode_cursor
 from services.records import storage as records_storage
-from services.usage import feed, storage
+from services.usage import feed, platform_calls, tables
 from tests.conftest import OTHER_OPERATOR, Pki
 from tests.helpers import eventually, feed_system, kept, start_follower
 from tests.records_data import publish_records, record
@@ -37,7 +37,7 @@ def test_the_usage_service_learns_every_call_from_the_feed(
         assert first["duration_ms"] == answered.duration.ToMilliseconds()
         assert calls[unanswered.call_id]["answer_time"] is None
         assert calls[theirs.call_id]["operator_id"] == OTHER_OPERATOR
-        cursor = system.call(system.runtime.db.run(storage.feed_cursor, feed.FEED))
+        cursor = system.call(system.runtime.db.run(platform_calls.feed_cursor, feed.FEED))
         assert cursor
     finally:
         system.stop()
@@ -53,7 +53,7 @@ def test_a_restart_resumes_after_the_saved_cursor(session_pki: Pki, tmp_path: Pa
         system.stop()
 
     def forget(session: sa.orm.Session) -> None:  # the copy lost, the cursor kept
-        session.execute(sa.delete(storage.PLATFORM_CALLS))
+        session.execute(sa.delete(tables.PLATFORM_CALLS))
 
     system = feed_system(session_pki, tmp_path)
     try:
@@ -87,8 +87,8 @@ def test_an_expired_cursor_starts_again_from_the_oldest_kept(
                 .where(records_storage.RECORDS.c.call_id == records[0].call_id)
                 .values(publish_time=then)
             )
-            session.execute(sa.delete(storage.PLATFORM_CALLS))
-            storage.store_platform_calls(session, feed.FEED, [], encode_cursor("records", 0))
+            session.execute(sa.delete(tables.PLATFORM_CALLS))
+            platform_calls.store_platform_calls(session, feed.FEED, [], encode_cursor("records", 0))
 
         system.call(system.runtime.db.run(age_and_forget, write=True))
         system.call(server.purge(system.runtime))

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from app import runtime as server
 from opconnect.usage.v1 import usage_pb2 as pb
 from opconnect.usage.v1 import usage_pb2_grpc as pb_grpc
-from services.usage import storage
+from services.usage import tables
 from tests.conftest import (
     OTHER_OPERATOR,
     RunningSystem,
@@ -217,10 +217,10 @@ def test_durations_past_the_retention_are_purged(sqlite_system: RunningSystem) -
     submit(usage_stub(sqlite_system), [old, recent])
 
     def age(session: sa.orm.Session) -> None:
-        c = storage.DURATIONS.c
+        c = tables.DURATIONS.c
         then = dt.datetime.now(dt.UTC) - dt.timedelta(days=400)
         session.execute(
-            sa.update(storage.DURATIONS).where(c.record_id == old.record_id).values(start_time=then)
+            sa.update(tables.DURATIONS).where(c.record_id == old.record_id).values(start_time=then)
         )
 
     sqlite_system.call(sqlite_system.runtime.db.run(age, write=True))

@@ -17,7 +17,7 @@ down_revision: str | None = "0005"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
-# The usage of every call stored so far, as services/usage/storage.py counts it: an answered
+# The usage of every call stored so far, as services/usage/usage_days.py counts it: an answered
 # platform call at its answer (the operator's duration if reported, its own otherwise), an
 # operator's record the platform has no answered call for at its start; whole seconds, rounded
 # up.

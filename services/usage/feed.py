@@ -21,8 +21,9 @@ from opconnect.records.v1 import records_pb2 as records_pb
 from opconnect.records.v1 import records_pb2_grpc as records_grpc
 from plumbing.db import Database
 from plumbing.logs import get_logger
-from services.usage import storage
+from services.usage import platform_calls
 from services.usage.convert import DIRECTION_IN
+from services.usage.rules import PlatformCall
 
 FEED = "records"  # the name the cursor is saved under
 log = get_logger("opconnect.usage.feed")
@@ -36,9 +37,9 @@ class FeedClient:
     credentials: grpc.ChannelCredentials
 
 
-def call_in(fact: records_pb.CallFact) -> storage.PlatformCall:
+def call_in(fact: records_pb.CallFact) -> PlatformCall:
     direction = DIRECTION_IN.get(fact.direction)
-    return storage.PlatformCall(
+    return PlatformCall(
         call_id=fact.call_id,
         operator_id=fact.operator_id,
         tenant_id=fact.tenant_id,
@@ -81,13 +82,17 @@ class CallFeedFollower:
                 except grpc.aio.AioRpcError as error:
                     if error.code() == grpc.StatusCode.FAILED_PRECONDITION:  # CURSOR_EXPIRED
                         log.warning("call feed cursor expired; following from the oldest kept")
-                        await self._db.run(storage.store_platform_calls, FEED, [], "", write=True)
+                        await self._db.run(
+                            platform_calls.store_platform_calls, FEED, [], "", write=True
+                        )
                         continue
-                    saved = await self._db.run(storage.feed_cursor, FEED)
+                    saved = await self._db.run(platform_calls.feed_cursor, FEED)
                     if error.code() == grpc.StatusCode.INVALID_ARGUMENT and saved:  # CURSOR_INVALID
                         # Sealed with a token key no longer listed, or in an older format.
                         log.warning("call feed cursor unreadable; following from the oldest kept")
-                        await self._db.run(storage.store_platform_calls, FEED, [], "", write=True)
+                        await self._db.run(
+                            platform_calls.store_platform_calls, FEED, [], "", write=True
+                        )
                         continue
                     log.warning(
                         "call feed interrupted; reconnecting",
@@ -100,7 +105,7 @@ class CallFeedFollower:
                 delay = min(delay * 2, 10.0)
 
     async def _follow(self, stub: records_grpc.CallFeedServiceStub) -> None:
-        cursor = await self._db.run(storage.feed_cursor, FEED)
+        cursor = await self._db.run(platform_calls.feed_cursor, FEED)
         request = records_pb.FollowCallsRequest(
             cursor=cursor, from_oldest=not cursor, max_batch_size=self._batch_size
         )
@@ -109,6 +114,6 @@ class CallFeedFollower:
                 continue
             calls = [call_in(c) for c in response.calls]
             self.kept += await self._db.run(
-                storage.store_platform_calls, FEED, calls, response.cursor, write=True
+                platform_calls.store_platform_calls, FEED, calls, response.cursor, write=True
             )
             cursor = response.cursor

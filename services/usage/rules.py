@@ -10,6 +10,7 @@ import datetime as dt
 import re
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import NamedTuple
 
 from plumbing.errors import invalid_field
 from plumbing.validation import E164, IDENTITY, Refusal, check_e164, check_guid
@@ -77,6 +78,29 @@ class Result:
     record_id: str
     outcome: Outcome
     refusal: Refusal | None = None
+
+
+@dataclass(frozen=True)
+class PlatformCall:
+    """The platform's side of a call, as the records feed tells it."""
+
+    call_id: str
+    operator_id: str
+    tenant_id: str
+    direction: str
+    invite_time: dt.datetime
+    answer_time: dt.datetime | None
+    duration_ms: int
+
+
+class Reported(NamedTuple):
+    """A record as the usage by day counts it."""
+
+    call_id: str
+    tenant_id: str
+    start: dt.datetime
+    direction: str
+    duration_us: int
 
 
 def check_record(

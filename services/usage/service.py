@@ -15,7 +15,7 @@ from plumbing.db import Database
 from plumbing.logs import get_logger
 from plumbing.rpc import Access
 from plumbing.service import Host, Service
-from services.usage import storage
+from services.usage import ingest, platform_calls, usage_days
 from services.usage.feed import CallFeedFollower, FeedClient
 from services.usage.servicer import UsageReportService, UsageService
 
@@ -59,9 +59,9 @@ class Usage(Service):
         """Call durations, the platform's calls kept, and the usage of their days, past
         `usage_retention_s` (from the call's start)."""
         cutoff = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=settings.usage_retention_s)
-        purged = await db.run(storage.purge_durations, cutoff, write=True)
-        purged += await db.run(storage.purge_platform_calls, cutoff, write=True)
-        await db.run(storage.purge_usage_days, cutoff, write=True)
+        purged = await db.run(ingest.purge_durations, cutoff, write=True)
+        purged += await db.run(platform_calls.purge_platform_calls, cutoff, write=True)
+        await db.run(usage_days.purge_usage_days, cutoff, write=True)
         if purged:
             log.info("purged call durations", records=purged)
 

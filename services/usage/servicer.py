@@ -1,7 +1,8 @@
 """RPC handlers of `UsageService` (operators) and `UsageReportService` (the usage view).
 
-Every handler validates its request (rules.py), runs one unit of work (storage.py) and
-converts at the edge (convert.py); the operator comes from the caller's certificate.
+Every handler validates its request (rules.py), runs one unit of work (ingest.py,
+usage_query.py, reconciliation.py) and converts at the edge (convert.py); the operator comes
+from the caller's certificate.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from plumbing.rpc import current_operator
 from plumbing.tokens import bound_key, page_token, read_page_token
 from plumbing.validation import Refusal, check_period
 from plumbing.wellknown import duration_in, request_time
-from services.usage import convert, rules, storage
+from services.usage import convert, ingest, reconciliation, rules, usage_query
 from services.usage.rules import DOMAIN, OPERATOR_ID, Outcome, Result, Submitted
 
 Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
@@ -45,7 +46,7 @@ class UsageService(pb_grpc.UsageServiceServicer):
                 None, _check, list(request.records), self._settings
             )
             valid = [c for c in checked if isinstance(c, Submitted)]
-            stored = iter(await self._db.run(storage.submit, operator, valid, write=True))
+            stored = iter(await self._db.run(ingest.submit, operator, valid, write=True))
             results = [next(stored) if isinstance(c, Submitted) else c for c in checked]
             yield pb.SubmitCallDurationsResponse(
                 batch_id=request.batch_id,
@@ -60,7 +61,7 @@ class UsageService(pb_grpc.UsageServiceServicer):
     ) -> pb.GetReconciliationResponse:
         query = _reconcile_query(request, current_operator(), self._settings)
         computed = dt.datetime.now(dt.UTC)
-        found = await self._db.run(storage.reconcile, query)
+        found = await self._db.run(reconciliation.reconcile, query)
         return convert.reconciliation_out(found, query.tolerance, computed)
 
     async def StreamDiscrepancies(
@@ -83,7 +84,7 @@ class UsageService(pb_grpc.UsageServiceServicer):
         binding = _discrepancy_binding(query, kind)
         after = _read_cursor(request.cursor, binding) if request.cursor else None
         while True:
-            found = await self._db.run(storage.discrepancies, query, kind, after, size + 1)
+            found = await self._db.run(reconciliation.discrepancies, query, kind, after, size + 1)
             batch, more = found[:size], len(found) > size
             if batch:
                 after = (batch[-1].start, batch[-1].call_id)
@@ -178,7 +179,7 @@ async def _usage_page(
             request.page_token, "usage.rows", binding, 3, DOMAIN
         )
         after = (tenant, bucket, direction)
-    rows = await db.run(storage.usage_rows, query, after, size + 1)
+    rows = await db.run(usage_query.usage_rows, query, after, size + 1)
     page = rows[:size]
     token = ""
     if len(rows) > size:

@@ -1,0 +1,122 @@
+"""The usage service's tables (declared on `plumbing.db.Base`, created by the migrations), and
+what the units of work on them share: the size of an IN (...) list and the operator's lock.
+
+`call_durations` holds each operator's records, keyed by (operator, record_id), at most one per
+(operator, call_id); `usage_platform_calls` the platform's side of every call, from the records
+feed, and `usage_feed_cursors` where that feed was left; `usage_daily` the usage by day.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+
+from sqlalchemy import (
+    BigInteger,
+    Date,
+    DateTime,
+    Index,
+    LargeBinary,
+    String,
+    Table,
+    UniqueConstraint,
+    text,
+)
+from sqlalchemy.orm import Mapped, Session, mapped_column
+
+from plumbing.db import Base
+
+CHUNK = 400  # ids per IN (...) list: inside SQLite's variable limit
+
+
+class DurationRow(Base):
+    """An operator's record of one call's duration. Immutable."""
+
+    __tablename__ = "call_durations"
+
+    operator_id: Mapped[str] = mapped_column(String(63), primary_key=True)
+    record_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    call_id: Mapped[str] = mapped_column(String(64))
+    tenant_id: Mapped[str] = mapped_column(String(36))
+    caller: Mapped[str] = mapped_column(String(16))
+    callee: Mapped[str] = mapped_column(String(16))
+    direction: Mapped[str] = mapped_column(String(8))
+    start_time: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    end_time: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    duration_us: Mapped[int] = mapped_column(BigInteger)
+    # SHA-256 of the record as submitted: same record_id and digest is a duplicate.
+    digest: Mapped[bytes] = mapped_column(LargeBinary(32))
+    submitted_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (
+        UniqueConstraint("operator_id", "call_id", name="uq_call_durations_operator_call"),
+        Index("ix_call_durations_operator_start", "operator_id", "start_time"),
+        Index("ix_call_durations_tenant_start", "tenant_id", "start_time"),
+    )
+
+
+DURATIONS: Table = DurationRow.__table__  # type: ignore[assignment]
+
+
+class PlatformCallRow(Base):
+    """The platform's side of a call, as the records feed told it: what usage and
+    reconciliation compare operators' records with. Immutable, like the record it comes from."""
+
+    __tablename__ = "usage_platform_calls"
+
+    call_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    operator_id: Mapped[str] = mapped_column(String(63))
+    tenant_id: Mapped[str] = mapped_column(String(36))
+    direction: Mapped[str] = mapped_column(String(8))
+    invite_time: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    answer_time: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    duration_ms: Mapped[int] = mapped_column(BigInteger)
+
+    __table_args__ = (
+        Index("ix_usage_platform_calls_operator_answer", "operator_id", "answer_time"),
+        Index("ix_usage_platform_calls_tenant_answer", "tenant_id", "answer_time"),
+    )
+
+
+class FeedCursorRow(Base):
+    """Where a feed this service follows was left: saved with what it delivered."""
+
+    __tablename__ = "usage_feed_cursors"
+
+    feed: Mapped[str] = mapped_column(String(32), primary_key=True)
+    cursor: Mapped[str] = mapped_column(String(256))
+
+
+PLATFORM_CALLS: Table = PlatformCallRow.__table__  # type: ignore[assignment]
+CURSORS: Table = FeedCursorRow.__table__  # type: ignore[assignment]
+
+
+class UsageDayRow(Base):
+    """Calls and billed seconds of one operator, tenant, UTC day, direction and source."""
+
+    __tablename__ = "usage_daily"
+
+    operator_id: Mapped[str] = mapped_column(String(63), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    day: Mapped[dt.date] = mapped_column(Date, primary_key=True)
+    direction: Mapped[str] = mapped_column(String(8), primary_key=True)
+    source: Mapped[str] = mapped_column(String(8), primary_key=True)
+    calls: Mapped[int] = mapped_column(BigInteger)
+    billed_s: Mapped[int] = mapped_column(BigInteger)
+
+    __table_args__ = (Index("ix_usage_daily_tenant_day", "tenant_id", "day"),)
+
+
+USAGE_DAYS: Table = UsageDayRow.__table__  # type: ignore[assignment]
+
+
+def lock_operators(session: Session, operators: Sequence[str]) -> None:
+    """Serialize, per operator, whatever pairs its records with the platform's calls (ingest,
+    the records feed): on PostgreSQL a transaction-scoped advisory lock each, taken in one
+    order; SQLite has one writer."""
+    if session.get_bind().dialect.name != "postgresql":
+        return
+    for operator_id in sorted(set(operators)):
+        session.execute(
+            text("SELECT pg_advisory_xact_lock(hashtext(:key))"), {"key": f"usage:{operator_id}"}
+        )

@@ -1,0 +1,158 @@
+"""The usage by day (`usage_daily`), kept as calls arrive."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable, Sequence
+from typing import Any, cast
+
+from sqlalchemy import CursorResult, delete
+from sqlalchemy.orm import Session
+
+from plumbing.db import driver_execute_many, driver_fetch
+from services.usage.rules import PlatformCall, Reported, Source
+from services.usage.tables import CHUNK, USAGE_DAYS
+
+# A call counts once, at its start: every answered call the platform has, with the operator's
+# duration when the operator reported it and the platform's otherwise, plus every call the
+# operator reported that the platform has no answered call for; each duration rounded up to a
+# whole second. `usage_daily` holds those sums per (operator, tenant, UTC day, direction,
+# source), kept by the two writers that can change them, each under the operator's lock:
+# `ingest.submit` (an operator's record arrives) and `platform_calls.store_platform_calls` (the
+# platform's call arrives). `usage_query.usage_rows` reads whole days from it and the partial
+# days at a period's ends from the calls themselves (`_usage_of_calls`, the definition above in
+# SQL).
+
+# (operator, tenant, day, direction, source) -> [calls, billed seconds]
+DayKey = tuple[str, str, dt.date, str, str]
+
+_ADD_USAGE = (
+    "INSERT INTO usage_daily (operator_id, tenant_id, day, direction, source, calls, billed_s)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?)"
+    " ON CONFLICT (operator_id, tenant_id, day, direction, source) DO UPDATE SET"
+    " calls = usage_daily.calls + excluded.calls,"
+    " billed_s = usage_daily.billed_s + excluded.billed_s"
+)
+
+
+def _utc_day(value: Any) -> dt.date:
+    """The UTC day of a time as the driver returns it: SQLite's UTC text or an aware datetime."""
+    if isinstance(value, str):
+        return dt.date.fromisoformat(value[:10])
+    return cast(dt.datetime, value).astimezone(dt.UTC).date()
+
+
+def _add_usage(session: Session, changes: dict[DayKey, list[int]]) -> None:
+    """Add the changes to `usage_daily`, in key order (so concurrent writers on PostgreSQL
+    lock its rows in one order)."""
+    day_of: Callable[[dt.date], Any] = lambda day: day  # noqa: E731
+    if session.get_bind().dialect.name == "sqlite":
+        day_of = dt.date.isoformat  # as SQLAlchemy's Date keeps it
+    rows = [
+        (operator, tenant, day_of(day), direction, source, calls, billed)
+        for (operator, tenant, day, direction, source), (calls, billed) in sorted(changes.items())
+        if calls or billed
+    ]
+    if rows:
+        driver_execute_many(session, _ADD_USAGE, rows)
+
+
+def _change(changes: dict[DayKey, list[int]], key: DayKey, calls: int, billed: int) -> None:
+    total = changes.setdefault(key, [0, 0])
+    total[0] += calls
+    total[1] += billed
+
+
+def ceil_seconds(value: Any, per_second: int) -> Any:
+    return (value + (per_second - 1)) // per_second
+
+
+def _select_answered(count: int) -> str:
+    """The operator's answered platform calls among `count` call ids."""
+    marks = ",".join("?" * count)
+    return (
+        "SELECT call_id, tenant_id, answer_time, direction, duration_ms"  # noqa: S608
+        " FROM usage_platform_calls WHERE operator_id = ? AND answer_time IS NOT NULL"
+        f" AND call_id IN ({marks})"
+    )
+
+
+def _select_reported(count: int) -> str:
+    """The operator's records of `count` call ids."""
+    marks = ",".join("?" * count)
+    return (
+        "SELECT call_id, tenant_id, start_time, direction, duration_us"  # noqa: S608
+        f" FROM call_durations WHERE operator_id = ? AND call_id IN ({marks})"
+    )
+
+
+def count_reported(session: Session, operator_id: str, stored: Sequence[Reported]) -> None:
+    """The operator's newly stored records into the usage by day: a call the platform has
+    moves from its duration to the operator's; any other call counts at the record's start."""
+    platform: dict[str, tuple[Any, ...]] = {}
+    for first in range(0, len(stored), CHUNK):
+        chunk = [r.call_id for r in stored[first : first + CHUNK]]
+        for row in driver_fetch(session, _select_answered(len(chunk)), [operator_id, *chunk]):
+            platform[row[0]] = row
+    changes: dict[DayKey, list[int]] = {}
+    for record in stored:
+        billed = ceil_seconds(record.duration_us, 1_000_000)
+        call = platform.get(record.call_id)
+        if call is None:
+            day = _utc_day(record.start)
+            key = (operator_id, record.tenant_id, day, record.direction, Source.OPERATOR.value)
+            _change(changes, key, 1, billed)
+            continue
+        _, tenant, answer_time, direction, duration_ms = call
+        day = _utc_day(answer_time)
+        _change(
+            changes,
+            (operator_id, tenant, day, direction, Source.PLATFORM.value),
+            -1,
+            -ceil_seconds(duration_ms, 1000),
+        )
+        _change(changes, (operator_id, tenant, day, direction, Source.OPERATOR.value), 1, billed)
+    _add_usage(session, changes)
+
+
+def count_platform(session: Session, calls: Sequence[PlatformCall]) -> None:
+    """The platform's newly stored calls into the usage by day: an answered call counts at its
+    answer with the operator's duration if reported (moving that record from its own start) and
+    its own otherwise; an unanswered call counts nowhere."""
+    answered = [c for c in calls if c.answer_time is not None]
+    reported: dict[tuple[str, str], tuple[Any, ...]] = {}
+    by_operator: dict[str, list[str]] = {}
+    for call in answered:
+        by_operator.setdefault(call.operator_id, []).append(call.call_id)
+    for operator_id, call_ids in by_operator.items():
+        for first in range(0, len(call_ids), CHUNK):
+            chunk = call_ids[first : first + CHUNK]
+            for row in driver_fetch(session, _select_reported(len(chunk)), [operator_id, *chunk]):
+                reported[(operator_id, row[0])] = row
+    changes: dict[DayKey, list[int]] = {}
+    for call in answered:
+        day = _utc_day(call.answer_time)
+        record = reported.get((call.operator_id, call.call_id))
+        if record is None:
+            key = (call.operator_id, call.tenant_id, day, call.direction, Source.PLATFORM.value)
+            _change(changes, key, 1, ceil_seconds(call.duration_ms, 1000))
+            continue
+        _, tenant, start_time, direction, duration_us = record
+        billed = ceil_seconds(duration_us, 1_000_000)
+        own = (call.operator_id, tenant, _utc_day(start_time), direction, Source.OPERATOR.value)
+        _change(changes, own, -1, -billed)
+        key = (call.operator_id, call.tenant_id, day, call.direction, Source.OPERATOR.value)
+        _change(changes, key, 1, billed)
+    _add_usage(session, changes)
+
+
+def purge_usage_days(session: Session, older_than: dt.datetime) -> int:
+    """Forget the usage of days that ended before the retention."""
+    day = older_than.astimezone(dt.UTC).date()
+    result = session.execute(delete(USAGE_DAYS).where(USAGE_DAYS.c.day < day))
+    return cast(CursorResult[Any], result).rowcount
+
+
+# Every statement this module writes by hand (an IN list with one item), as
+# tests/test_sql.py checks them against the tables.
+SQL = (_ADD_USAGE, _select_answered(1), _select_reported(1))

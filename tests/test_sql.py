@@ -1,0 +1,128 @@
+"""Statements written by hand, checked against the tables as the migrations are (test_storage).
+
+The hot paths run plain SQL on the driver (`plumbing.db.driver_fetch`, `driver_execute_many`,
+`?` turned into `%s` for PostgreSQL), past SQLAlchemy's knowledge of the models. Each module
+lists its statements in `SQL`; here each one is compiled by the database itself (EXPLAIN, through
+the same driver call and rewriting) on a freshly migrated SQLite and PostgreSQL database, so an
+unknown table or column fails here, and so does every one of its column names misspelt. The
+records stream's query, assembled from its filters, is taken from a real call with every filter
+on. The usage service's statements are also caught as its units of work run, so a statement
+that is not listed fails too.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import hashlib
+import re
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from sqlalchemy.orm import Session
+
+from plumbing import changelog
+from plumbing.db import Base, Database, driver_fetch
+from services.records import storage as records_storage
+from services.records.rules import StreamFilter
+from services.usage import ingest, platform_calls, usage_days
+from services.usage.rules import Direction, DurationRecord, PlatformCall, Submitted
+
+TENANT = "11111111-1111-4111-8111-111111111111"
+START = dt.datetime(2026, 11, 2, 10, tzinfo=dt.UTC)
+COLUMNS = {column.name for table in Base.metadata.tables.values() for column in table.columns}
+
+
+def records_stream_sql(db: Database) -> str:
+    """The records stream's query with every filter on, as `read_records` sends it."""
+    sent: list[str] = []
+
+    def spy(session: Session, sql: str, params: Any) -> list[tuple[Any, ...]]:
+        sent.append(sql)
+        return driver_fetch(session, sql, params)
+
+    selection = StreamFilter("op-a", TENANT, "+14255550100", poor_only=True, end_time=START)
+    read = functools.partial(records_storage.read_records, selection=selection)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(records_storage, "driver_fetch", spy)
+        db.transaction(read, 0, 10, 5)
+    (sql,) = sent
+    return sql
+
+
+def statements(db: Database) -> list[str]:
+    return [*ingest.SQL, *usage_days.SQL, *changelog.SQL, records_stream_sql(db)]
+
+
+def explain(db: Database, sql: str) -> None:
+    """Have the database compile the statement (not run it), with NULL for every parameter."""
+    db.transaction(driver_fetch, "EXPLAIN " + sql, [None] * sql.count("?"))
+
+
+def test_every_hand_written_statement_names_only_what_the_tables_have(db: Database) -> None:
+    for sql in statements(db):
+        explain(db, sql)
+
+
+def test_a_misspelt_column_in_any_of_them_fails(db: Database) -> None:
+    for sql in statements(db):
+        names = sorted(set(re.findall(r"\b\w+\b", sql)) & COLUMNS)
+        assert names, sql
+        for name in names:
+            misspelt = re.sub(rf"\b{name}\b", name + "x", sql, count=1)
+            with pytest.raises(Exception, match=f"(?i){name}x"):
+                explain(db, misspelt)
+
+
+def test_a_misspelt_table_fails(db: Database) -> None:
+    for sql in statements(db):
+        table = re.search(r"\b(?:FROM|INTO) (\w+)", sql)
+        assert table is not None, sql
+        misspelt = sql.replace(table[0], table[0] + "x", 1)
+        with pytest.raises(Exception, match=f"(?i){table[1]}x"):
+            explain(db, misspelt)
+
+
+def test_the_usage_units_of_work_send_only_listed_statements(db: Database) -> None:
+    """Every statement ingest and the usage by day send to the driver is one of their `SQL`
+    (an IN list of any length as the listed one of one item)."""
+    sent: list[str] = []
+
+    def spying(real: Callable[..., Any]) -> Callable[..., Any]:
+        def spy(session: Session, sql: str, params: Any) -> Any:
+            sent.append(re.sub(r"IN \(\?(,\?)*\)", "IN (?)", sql))
+            return real(session, sql, params)
+
+        return spy
+
+    def record(call_id: str) -> Submitted:
+        duration = dt.timedelta(seconds=61)
+        body = DurationRecord(
+            f"rec-{call_id}",
+            call_id,
+            TENANT,
+            "+14255550100",
+            "+14255550101",
+            Direction.INBOUND,
+            START,
+            START + duration,
+            duration,
+        )
+        return Submitted(body, hashlib.sha256(call_id.encode()).digest())
+
+    def call(call_id: str) -> PlatformCall:
+        return PlatformCall(call_id, "op-a", TENANT, "inbound", START, START, 60_000)
+
+    with pytest.MonkeyPatch.context() as patch:
+        for module in (ingest, usage_days, platform_calls):
+            for name in ("driver_fetch", "driver_execute_many"):
+                if hasattr(module, name):
+                    patch.setattr(module, name, spying(getattr(module, name)))
+        # The platform's call first, then the operator's records of it and of another call,
+        # then the platform's call of that other: every look-up of both writers runs.
+        db.transaction(platform_calls.store_platform_calls, "f", [call("c-1")], "", write=True)
+        db.transaction(ingest.submit, "op-a", [record("c-1"), record("c-2")], write=True)
+        db.transaction(platform_calls.store_platform_calls, "f", [call("c-2")], "", write=True)
+    listed = {*ingest.SQL, *usage_days.SQL}
+    assert set(sent) == listed
