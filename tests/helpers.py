@@ -21,7 +21,7 @@ from opconnect.numbers.v1 import numbers_pb2
 from opconnect.usage.v1 import usage_pb2, usage_pb2_grpc
 from plumbing.config import Settings
 from services.usage import feed
-from services.usage import tables as storage
+from services.usage import tables as usage_tables
 from tests.conftest import (
     OPERATOR,
     OTHER_OPERATOR,
@@ -149,7 +149,7 @@ def stored(system: RunningSystem, operator: str = OPERATOR) -> list[str]:
     """The record ids the operator has stored."""
 
     def read(session: sa.orm.Session) -> list[str]:
-        c = storage.DURATIONS.c
+        c = usage_tables.DURATIONS.c
         query = sa.select(c.record_id).where(c.operator_id == operator).order_by(c.record_id)
         return list(session.scalars(query))
 
@@ -174,7 +174,7 @@ def kept(system: RunningSystem) -> dict[str, dict[str, Any]]:
     """The platform's calls the usage service has learnt from the feed, by call id."""
 
     def read(session: sa.orm.Session) -> dict[str, dict[str, Any]]:
-        rows = session.execute(sa.select(storage.PLATFORM_CALLS)).mappings()
+        rows = session.execute(sa.select(usage_tables.PLATFORM_CALLS)).mappings()
         return {row["call_id"]: dict(row) for row in rows}
 
     return system.call(system.runtime.db.run(read))
