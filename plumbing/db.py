@@ -331,3 +331,9 @@ def _wal(cursor: Any) -> None:
             if "locked" not in str(error) or attempt == 99:
                 raise
             time.sleep(0.05)
+
+
+def utc(value: dt.datetime) -> dt.datetime:
+    """A time read back from storage, as UTC (SQLite hands back naive datetimes; every stored
+    time is UTC)."""
+    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)

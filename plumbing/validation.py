@@ -133,3 +133,34 @@ def check_period(
             domain, "PERIOD_TOO_LONG", "end_time", f"at most {longest.days} days after start_time"
         )
     return start, end
+
+
+# --- the checks every read request shares ------------------------------------------------------
+
+
+def optional_tenant(value: str, domain: str, field: str = "tenant_id") -> str | None:
+    """A tenant filter: empty for none, else a GUID (lower-cased); INVALID_ARGUMENT /
+    TENANT_ID_INVALID naming `field` otherwise."""
+    if not value:
+        return None
+    if problem := check_guid(value):
+        raise invalid_field(domain, "TENANT_ID_INVALID", field, problem)
+    return value.lower()
+
+
+def page_size(requested: int, default: int, maximum: int, domain: str) -> int:
+    """A request's `page_size`: 0 for `default`, at most `maximum`; INVALID_ARGUMENT /
+    PAGE_SIZE_INVALID when negative."""
+    if requested < 0:
+        raise invalid_field(domain, "PAGE_SIZE_INVALID", "page_size", "must not be negative")
+    return min(requested or default, maximum)
+
+
+def batch_size(requested: int, default: int, maximum: int, domain: str) -> int:
+    """A stream request's `max_batch_size`: 0 for `default`, at most `maximum`;
+    INVALID_ARGUMENT / MAX_BATCH_SIZE_INVALID when negative."""
+    if requested < 0:
+        raise invalid_field(
+            domain, "MAX_BATCH_SIZE_INVALID", "max_batch_size", "must not be negative"
+        )
+    return min(requested or default, maximum)

@@ -347,7 +347,7 @@ def test_watch_assignments_lists_every_reason_its_handler_raises(served: Running
         error = refusal(functools.partial(first_of_watch, numbers, request))
         assert error is not None, request
         raised.add(error.reason)
-    assert raised == {"CURSOR_INVALID", "TENANT_ID_INVALID", "BATCH_SIZE_INVALID"}
+    assert raised == {"CURSOR_INVALID", "TENANT_ID_INVALID", "MAX_BATCH_SIZE_INVALID"}
     # ...and those of the change log it follows and of the per-RPC wrapper.
     raised |= {"CURSOR_EXPIRED", "TOO_MANY_STREAMS", "SHUTTING_DOWN", "STORAGE_UNAVAILABLE"}
     assert raised <= listed_reasons(comment)

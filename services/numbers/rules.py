@@ -119,10 +119,6 @@ def normalize_tenant(tenant_id: str, field_path: str = "tenant_id") -> str:
     return tenant_id.lower()
 
 
-def optional_tenant(tenant_id: str) -> str | None:
-    return normalize_tenant(tenant_id) if tenant_id else None
-
-
 def require_number(phone_number: str, field_path: str = "phone_number") -> str:
     problem = check_e164(phone_number)
     if problem:

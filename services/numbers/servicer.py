@@ -29,7 +29,7 @@ from plumbing.db import Database
 from plumbing.errors import invalid_field, not_found
 from plumbing.rpc import current_operator
 from plumbing.tokens import page_token, read_page_token
-from plumbing.validation import E164
+from plumbing.validation import E164, batch_size, optional_tenant, page_size
 from services.numbers import convert, rules, storage
 from services.numbers.rules import DOMAIN, LOG, Number, Outcome
 
@@ -92,12 +92,11 @@ class NumberService(pb_grpc.NumberServiceServicer):
         self, request: pb.ListNumbersRequest, context: Context
     ) -> pb.ListNumbersResponse:
         operator = current_operator()
-        if request.page_size < 0:
-            raise invalid_field(DOMAIN, "PAGE_SIZE_INVALID", "page_size", "must not be negative")
-        size = min(
-            request.page_size or self._settings.default_page_size, self._settings.max_page_size
+        settings = self._settings
+        size = page_size(
+            request.page_size, settings.default_page_size, settings.max_page_size, DOMAIN
         )
-        tenant = rules.optional_tenant(request.tenant_id)
+        tenant = optional_tenant(request.tenant_id, DOMAIN)
         state = convert.state_in(request.state)
         filters = f"{operator}|{tenant or ''}|{state or ''}"
         after, watch = "", None
@@ -143,14 +142,13 @@ class NumberService(pb_grpc.NumberServiceServicer):
         self, request: pb.WatchAssignmentsRequest, context: Context
     ) -> AsyncIterator[pb.WatchAssignmentsResponse]:
         operator = current_operator()
-        tenant = rules.optional_tenant(request.tenant_id)
-        if request.max_batch_size < 0:
-            raise invalid_field(
-                DOMAIN, "BATCH_SIZE_INVALID", "max_batch_size", "must not be negative"
-            )
-        batch = min(
-            request.max_batch_size or self._settings.stream_batch_size,
+        tenant = optional_tenant(request.tenant_id, DOMAIN)
+        # Watch batches are at most `stream_batch_size` (events are small; no larger ask).
+        batch = batch_size(
+            request.max_batch_size,
             self._settings.stream_batch_size,
+            self._settings.stream_batch_size,
+            DOMAIN,
         )
         if request.cursor:
             after = decode_cursor(request.cursor, LOG, DOMAIN)

@@ -27,7 +27,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from plumbing.changelog import allocate, mark_purged, notify_commit, read_head
-from plumbing.db import Base, dialect_insert
+from plumbing.db import Base, dialect_insert, utc
 from plumbing.errors import ApiError, failed_precondition, not_found
 from services.numbers.rules import (
     DOMAIN,
@@ -102,10 +102,6 @@ def now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-def _utc(value: dt.datetime) -> dt.datetime:
-    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
-
-
 def _target(kind: str, target_id: str) -> Target | None:
     return Target(TargetKind(kind), target_id) if kind else None
 
@@ -121,8 +117,8 @@ def to_number(row: NumberRow) -> Number:
         state=State(row.state),
         sip_uri=row.sip_uri,
         target=_target(row.target_kind, row.target_id),
-        created_at=_utc(row.created_at),
-        updated_at=_utc(row.updated_at),
+        created_at=utc(row.created_at),
+        updated_at=utc(row.updated_at),
     )
 
 
@@ -370,7 +366,7 @@ def to_event(row: NumberEventRow) -> Event:
         row.tenant_id,
         row.sip_uri,
         _target(row.target_kind, row.target_id),
-        _utc(row.occurred_at),
+        utc(row.occurred_at),
     )
 
 

@@ -408,14 +408,6 @@ def check_batch_id(batch_id: str) -> None:
 # --- checks of read requests -------------------------------------------------------------------
 
 
-def optional_tenant(value: str, field: str = "tenant_id") -> str | None:
-    if not value:
-        return None
-    if problem := check_guid(value):
-        raise invalid_field(DOMAIN, "TENANT_ID_INVALID", field, problem)
-    return value.lower()
-
-
 def optional_number(value: str, field: str = "phone_number") -> str | None:
     if not value:
         return None

@@ -35,7 +35,7 @@ from plumbing.errors import invalid_field, not_found
 from plumbing.logs import mask_number
 from plumbing.rpc import current_operator
 from plumbing.tokens import page_token, read_page_token
-from plumbing.validation import Refusal, check_period
+from plumbing.validation import Refusal, batch_size, check_period, optional_tenant, page_size
 from plumbing.wellknown import request_time
 from services.records import convert, rules, storage
 from services.records.quality import Thresholds, classify_call
@@ -46,11 +46,7 @@ KnownOperator = Callable[[str], Awaitable[bool]]
 
 
 def _batch_size(requested: int, settings: Settings) -> int:
-    if requested < 0:
-        raise invalid_field(
-            DOMAIN, "MAX_BATCH_SIZE_INVALID", "max_batch_size", "must not be negative"
-        )
-    return min(requested or settings.stream_batch_size, settings.max_stream_batch_size)
+    return batch_size(requested, settings.stream_batch_size, settings.max_stream_batch_size, DOMAIN)
 
 
 class CallRecordService(pb_grpc.CallRecordServiceServicer):
@@ -68,7 +64,7 @@ class CallRecordService(pb_grpc.CallRecordServiceServicer):
         operator = current_operator()
         selection = rules.StreamFilter(
             operator_id=operator,
-            tenant_id=rules.optional_tenant(request.tenant_id),
+            tenant_id=optional_tenant(request.tenant_id, DOMAIN),
             phone_number=rules.optional_number(request.phone_number),
             poor_only=request.poor_quality_only,
             end_time=request_time(request, "end_time", DOMAIN, "TIME_RANGE_INVALID"),
@@ -136,17 +132,16 @@ class CallRecordService(pb_grpc.CallRecordServiceServicer):
         group_by = convert.GROUP_BY_IN.get(request.group_by)
         if group_by is None:
             raise invalid_field(DOMAIN, "GROUP_BY_INVALID", "group_by", "not a known grouping")
-        if request.page_size < 0:
-            raise invalid_field(DOMAIN, "PAGE_SIZE_INVALID", "page_size", "must not be negative")
-        size = min(
-            request.page_size or self._settings.default_page_size, self._settings.max_page_size
+        settings = self._settings
+        size = page_size(
+            request.page_size, settings.default_page_size, settings.max_page_size, DOMAIN
         )
         query = rules.SummaryQuery(
             operator_id=operator,
             start=start,
             end=end,
             group_by=group_by,
-            tenant_id=rules.optional_tenant(request.tenant_id),
+            tenant_id=optional_tenant(request.tenant_id, DOMAIN),
             trunk_fqdn=rules.optional_trunk(request.trunk_fqdn),
             direction=convert.direction_in(request.direction),
         )

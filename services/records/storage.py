@@ -36,7 +36,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from plumbing.changelog import allocate, mark_purged, notify_commit, read_head
-from plumbing.db import Base, driver_fetch, driver_time
+from plumbing.db import Base, driver_fetch, driver_time, utc
 from plumbing.validation import Refusal
 from services.records.quality import Quality
 from services.records.rules import (
@@ -306,10 +306,10 @@ def read_facts(session: Session, after: int, upto: int, limit: int) -> list[Call
             call_id=row.call_id,
             tenant_id=row.tenant_id,
             direction=row.direction,
-            invite_time=_utc(row.invite_time),
-            answer_time=_utc(row.answer_time) if row.answer_time is not None else None,
+            invite_time=utc(row.invite_time),
+            answer_time=utc(row.answer_time) if row.answer_time is not None else None,
             duration_ms=int(row.duration_ms),
-            publish_time=_utc(row.publish_time),
+            publish_time=utc(row.publish_time),
         )
         for row in session.execute(query)
     ]
@@ -460,11 +460,6 @@ def _percentiles(
 # --- retention ---------------------------------------------------------------------------------
 
 
-def _utc(value: dt.datetime) -> dt.datetime:
-    """SQLite hands back naive datetimes; every stored time is UTC."""
-    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
-
-
 def purge_records(session: Session, older_than: dt.datetime, limit: int = PURGE_CHUNK) -> int:
     """Delete the oldest records, in log order, published before `older_than`: at most `limit`
     in one transaction (call it until it returns less), so writers never wait long. Cursors
@@ -475,7 +470,7 @@ def purge_records(session: Session, older_than: dt.datetime, limit: int = PURGE_
     through = None
     count = 0
     for position, published in oldest:
-        if _utc(published) >= older_than:
+        if utc(published) >= older_than:
             break
         through, count = int(position), count + 1
     if through is None:

@@ -13,6 +13,7 @@ from typing import Any
 from sqlalchemy import String, and_, case, func, literal, null, or_, select, tuple_
 from sqlalchemy.orm import Session
 
+from plumbing.db import utc
 from services.usage.rules import Discrepancy, DiscrepancyKind, ReconcileQuery, Reconciliation
 from services.usage.tables import DURATIONS, PLATFORM_CALLS
 
@@ -198,7 +199,7 @@ def _discrepancies_of(session: Session, statement: Any) -> list[Discrepancy]:
             call_id=call_id,
             record_id=record_id or "",
             tenant_id=tenant_id,
-            start=_utc(start),
+            start=utc(start),
             platform_us=None if platform_us is None else int(platform_us),
             operator_us=None if operator_us is None else int(operator_us),
         )
@@ -206,8 +207,3 @@ def _discrepancies_of(session: Session, statement: Any) -> list[Discrepancy]:
             statement
         )
     ]
-
-
-def _utc(value: dt.datetime) -> dt.datetime:
-    """SQLite hands back naive datetimes; every stored time is UTC."""
-    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)

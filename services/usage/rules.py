@@ -195,14 +195,6 @@ class UsageRow:
         return sum(s.billed_seconds for s in self.by_source)
 
 
-def optional_tenant(value: str) -> str | None:
-    if not value:
-        return None
-    if problem := check_guid(value):
-        raise invalid_field(DOMAIN, "TENANT_ID_INVALID", "tenant_id", problem)
-    return value.lower()
-
-
 MAX_RECONCILE_PERIOD = dt.timedelta(days=31)
 MAX_TOLERANCE = dt.timedelta(hours=1)
 

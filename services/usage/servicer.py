@@ -21,7 +21,7 @@ from plumbing.db import Database
 from plumbing.errors import invalid_field
 from plumbing.rpc import current_operator
 from plumbing.tokens import bound_key, page_token, read_page_token
-from plumbing.validation import Refusal, check_period
+from plumbing.validation import Refusal, batch_size, check_period, optional_tenant, page_size
 from plumbing.wellknown import duration_in, request_time
 from services.usage import convert, ingest, reconciliation, rules, usage_query
 from services.usage.rules import DOMAIN, OPERATOR_ID, Outcome, Result, Submitted
@@ -73,13 +73,11 @@ class UsageService(pb_grpc.UsageServiceServicer):
             kind = convert.KIND_IN.get(request.kind)
             if kind is None:
                 raise invalid_field(DOMAIN, "KIND_INVALID", "kind", "not a discrepancy kind")
-        if request.max_batch_size < 0:
-            raise invalid_field(
-                DOMAIN, "MAX_BATCH_SIZE_INVALID", "max_batch_size", "must not be negative"
-            )
-        size = min(
-            request.max_batch_size or self._settings.stream_batch_size,
+        size = batch_size(
+            request.max_batch_size,
+            self._settings.stream_batch_size,
             self._settings.max_stream_batch_size,
+            DOMAIN,
         )
         binding = _discrepancy_binding(query, kind)
         after = _read_cursor(request.cursor, binding) if request.cursor else None
@@ -99,7 +97,7 @@ class UsageService(pb_grpc.UsageServiceServicer):
         self, request: pb.GetUsageSummaryRequest, context: Context
     ) -> pb.GetUsageSummaryResponse:
         operator = current_operator()
-        query = _usage_query(request, operator, rules.optional_tenant(request.tenant_id))
+        query = _usage_query(request, operator, optional_tenant(request.tenant_id, DOMAIN))
         rows, token = await _usage_page(self._db, self._settings, query, request)
         return pb.GetUsageSummaryResponse(rows=rows, next_page_token=token)
 
@@ -112,7 +110,7 @@ class UsageReportService(pb_grpc.UsageReportServiceServicer):
     async def GetTenantUsage(
         self, request: pb.GetTenantUsageRequest, context: Context
     ) -> pb.GetTenantUsageResponse:
-        tenant = rules.optional_tenant(request.tenant_id)
+        tenant = optional_tenant(request.tenant_id, DOMAIN)
         if tenant is None:
             raise invalid_field(DOMAIN, "TENANT_ID_INVALID", "tenant_id", "required")
         operator = request.operator_id or None
@@ -142,7 +140,7 @@ def _reconcile_query(
         tolerance = rules.Tolerance(
             dt.timedelta(seconds=settings.reconcile_tolerance_s), settings.reconcile_tolerance_ratio
         )
-    tenant = rules.optional_tenant(request.tenant_id)
+    tenant = optional_tenant(request.tenant_id, DOMAIN)
     return rules.ReconcileQuery(operator, start, end, tenant, tolerance)
 
 
@@ -169,9 +167,7 @@ async def _usage_page(
     query: rules.UsageQuery,
     request: pb.GetUsageSummaryRequest | pb.GetTenantUsageRequest,
 ) -> tuple[list[pb.UsageRow], str]:
-    if request.page_size < 0:
-        raise invalid_field(DOMAIN, "PAGE_SIZE_INVALID", "page_size", "must not be negative")
-    size = min(request.page_size or settings.default_page_size, settings.max_page_size)
+    size = page_size(request.page_size, settings.default_page_size, settings.max_page_size, DOMAIN)
     binding = _usage_binding(query)
     after = None
     if request.page_token:

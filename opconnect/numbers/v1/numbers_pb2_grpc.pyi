@@ -75,7 +75,7 @@ class NumberServiceStub:
     resumes without a gap and without rereading changes it was not shown.
 
     Errors: INVALID_ARGUMENT (CURSOR_INVALID: not a cursor of this stream, or ahead of the log;
-    TENANT_ID_INVALID, BATCH_SIZE_INVALID: `max_batch_size` negative), FAILED_PRECONDITION
+    TENANT_ID_INVALID, MAX_BATCH_SIZE_INVALID: `max_batch_size` negative), FAILED_PRECONDITION
     (CURSOR_EXPIRED: the cursor is older than the retention of the change log; list again and
     watch from the new `watch_cursor`), RESOURCE_EXHAUSTED (TOO_MANY_STREAMS), UNAVAILABLE
     (SHUTTING_DOWN: the server shuts down, reconnect with the last cursor;
@@ -129,7 +129,7 @@ class NumberServiceAsyncStub(NumberServiceStub):
     resumes without a gap and without rereading changes it was not shown.
 
     Errors: INVALID_ARGUMENT (CURSOR_INVALID: not a cursor of this stream, or ahead of the log;
-    TENANT_ID_INVALID, BATCH_SIZE_INVALID: `max_batch_size` negative), FAILED_PRECONDITION
+    TENANT_ID_INVALID, MAX_BATCH_SIZE_INVALID: `max_batch_size` negative), FAILED_PRECONDITION
     (CURSOR_EXPIRED: the cursor is older than the retention of the change log; list again and
     watch from the new `watch_cursor`), RESOURCE_EXHAUSTED (TOO_MANY_STREAMS), UNAVAILABLE
     (SHUTTING_DOWN: the server shuts down, reconnect with the last cursor;
@@ -210,7 +210,7 @@ class NumberServiceServicer(metaclass=_abc_1.ABCMeta):
         resumes without a gap and without rereading changes it was not shown.
 
         Errors: INVALID_ARGUMENT (CURSOR_INVALID: not a cursor of this stream, or ahead of the log;
-        TENANT_ID_INVALID, BATCH_SIZE_INVALID: `max_batch_size` negative), FAILED_PRECONDITION
+        TENANT_ID_INVALID, MAX_BATCH_SIZE_INVALID: `max_batch_size` negative), FAILED_PRECONDITION
         (CURSOR_EXPIRED: the cursor is older than the retention of the change log; list again and
         watch from the new `watch_cursor`), RESOURCE_EXHAUSTED (TOO_MANY_STREAMS), UNAVAILABLE
         (SHUTTING_DOWN: the server shuts down, reconnect with the last cursor;
