@@ -62,7 +62,7 @@ def connect_help(runtime: server.Runtime) -> str:
     return f"""
 opconnect is serving on {runtime.address} (mutual TLS; development PKI in {dev.directory})
 
-  {'CA certificate':<26}{dev.ca_cert}
+  {"CA certificate":<26}{dev.ca_cert}
   operator  {DEV_OPERATOR:<16}{op_cert}  {op_key}
   platform  {DEV_PLATFORM:<16}{pf_cert}  {pf_key}
 
