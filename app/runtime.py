@@ -215,19 +215,22 @@ def internal_credentials(settings: Settings, dev: PkiPaths | None) -> grpc.Chann
     return _channel_credentials(dev.ca_cert, cert, key)
 
 
+def server_options(settings: Settings) -> list[tuple[str, int]]:
+    """The options of every server of the system (the benches give their bare servers the
+    same)."""
+    return [
+        # The wrapper refuses messages over max_message_bytes with details; this is the
+        # transport's hard backstop (answered without details).
+        ("grpc.max_receive_message_length", settings.max_message_bytes + 4 * 1024 * 1024),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.so_reuseport", 0),
+    ]
+
+
 def _server(settings: Settings, interceptor: RpcInterceptor) -> grpc.aio.Server:
-    return grpc.aio.server(
-        interceptors=[interceptor],
-        options=[
-            # The wrapper refuses messages over max_message_bytes with details; this is the
-            # transport's hard backstop (answered without details).
-            ("grpc.max_receive_message_length", settings.max_message_bytes + 4 * 1024 * 1024),
-            ("grpc.max_send_message_length", settings.max_message_bytes),
-            ("grpc.keepalive_time_ms", 60_000),
-            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-            ("grpc.so_reuseport", 0),
-        ],
-    )
+    return grpc.aio.server(interceptors=[interceptor], options=server_options(settings))
 
 
 _STATUS = {

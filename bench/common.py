@@ -42,14 +42,9 @@ OPERATOR = "contoso-telecom"
 PLATFORM = "admin-center"
 TENANT = "6f1a4b2c-8d3e-4f5a-9b6c-7d8e9f0a1b2c"
 
-# The options app.runtime.start gives its server; the bare servers get the same.
-SERVER_OPTIONS: list[tuple[str, Any]] = [
-    ("grpc.max_receive_message_length", 20 * 1024 * 1024),
-    ("grpc.max_send_message_length", 16 * 1024 * 1024),
-    ("grpc.keepalive_time_ms", 60_000),
-    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-    ("grpc.so_reuseport", 0),
-]
+# The options app.runtime.start gives its server (default settings); the bare servers get the
+# same.
+SERVER_OPTIONS: list[tuple[str, Any]] = list(gateway_server.server_options(Settings()))
 
 Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 
