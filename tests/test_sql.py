@@ -24,10 +24,11 @@ from sqlalchemy.orm import Session
 
 from plumbing import changelog
 from plumbing.db import Base, Database, driver_fetch
+from plumbing.direction import Direction
 from services.records import storage as records_storage
 from services.records.rules import StreamFilter
 from services.usage import ingest, platform_calls, usage_days
-from services.usage.rules import Direction, DurationRecord, PlatformCall, Submitted
+from services.usage.rules import DurationRecord, PlatformCall, Submitted
 
 TENANT = "11111111-1111-4111-8111-111111111111"
 START = dt.datetime(2026, 11, 2, 10, tzinfo=dt.UTC)

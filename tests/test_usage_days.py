@@ -18,9 +18,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from plumbing.db import Database, alembic_config
+from plumbing.direction import Direction
 from services.usage import ingest, platform_calls, usage_query
 from services.usage.rules import (
-    Direction,
     DurationRecord,
     Granularity,
     PlatformCall,

@@ -19,12 +19,12 @@ from google.protobuf import duration_pb2
 from opconnect.records.v1 import records_pb2 as pb
 from opconnect.type.v1 import call_direction_pb2 as direction_pb
 from plumbing import wire
+from plumbing.direction import DIRECTION_IN, DIRECTION_OUT, Direction
 from plumbing.validation import Refusal
 from plumbing.wellknown import duration_in, time_in, timestamp
 from services.records.quality import Metric, Quality, Reason, Verdict
 from services.records.rules import (
     CallRecord,
-    Direction,
     EndReason,
     GroupBy,
     MediaDirection,
@@ -38,10 +38,6 @@ from services.records.rules import (
 )
 from services.records.storage import CallFact
 
-DIRECTION_IN: dict[direction_pb.CallDirection.ValueType, Direction] = {
-    direction_pb.CALL_DIRECTION_INBOUND: Direction.INBOUND,
-    direction_pb.CALL_DIRECTION_OUTBOUND: Direction.OUTBOUND,
-}
 END_REASON_IN = {
     pb.CALL_END_REASON_CALLER_HANG_UP: EndReason.CALLER_HANG_UP,
     pb.CALL_END_REASON_CALLEE_HANG_UP: EndReason.CALLEE_HANG_UP,
@@ -289,9 +285,6 @@ def group_out(group: QualityGroup) -> pb.QualityGroup:
 
 def direction_in(value: direction_pb.CallDirection.ValueType) -> Direction | None:
     return DIRECTION_IN.get(value)
-
-
-DIRECTION_OUT = {v: k for k, v in DIRECTION_IN.items()}
 
 
 def fact_out(fact: CallFact) -> pb.CallFact:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from plumbing.config import Settings
+from plumbing.direction import Direction
 from plumbing.errors import invalid_field
 from plumbing.validation import (
     E164,
@@ -67,11 +68,6 @@ KNOWN_CODECS = frozenset(
         "T38",
     )
 )
-
-
-class Direction(StrEnum):
-    INBOUND = "inbound"
-    OUTBOUND = "outbound"
 
 
 class EndReason(StrEnum):

@@ -7,12 +7,11 @@ import hashlib
 
 from google.protobuf import duration_pb2
 
-from opconnect.type.v1 import call_direction_pb2 as direction_pb
 from opconnect.usage.v1 import usage_pb2 as pb
+from plumbing.direction import DIRECTION_IN, DIRECTION_OUT
 from plumbing.validation import Refusal
 from plumbing.wellknown import duration_in, time_in, timestamp
 from services.usage.rules import (
-    Direction,
     Discrepancy,
     DiscrepancyKind,
     DurationRecord,
@@ -26,10 +25,6 @@ from services.usage.rules import (
     UsageRow,
 )
 
-DIRECTION_IN: dict[direction_pb.CallDirection.ValueType, Direction] = {
-    direction_pb.CALL_DIRECTION_INBOUND: Direction.INBOUND,
-    direction_pb.CALL_DIRECTION_OUTBOUND: Direction.OUTBOUND,
-}
 OUTCOME_OUT = {
     Outcome.ACCEPTED: pb.CALL_DURATION_OUTCOME_ACCEPTED,
     Outcome.DUPLICATE: pb.CALL_DURATION_OUTCOME_DUPLICATE,
@@ -91,7 +86,6 @@ def result_out(result: Result) -> pb.CallDurationResult:
     return out
 
 
-DIRECTION_OUT = {v: k for k, v in DIRECTION_IN.items()}
 SOURCE_OUT = {
     Source.OPERATOR: pb.DURATION_SOURCE_OPERATOR,
     Source.PLATFORM: pb.DURATION_SOURCE_PLATFORM,

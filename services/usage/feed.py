@@ -20,9 +20,9 @@ import grpc
 from opconnect.records.v1 import records_pb2 as records_pb
 from opconnect.records.v1 import records_pb2_grpc as records_grpc
 from plumbing.db import Database
+from plumbing.direction import DIRECTION_IN
 from plumbing.logs import get_logger
 from services.usage import platform_calls
-from services.usage.convert import DIRECTION_IN
 from services.usage.rules import PlatformCall
 
 FEED = "records"  # the name the cursor is saved under

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import NamedTuple
 
+from plumbing.direction import Direction
 from plumbing.errors import invalid_field
 from plumbing.validation import E164, IDENTITY, Refusal, check_e164, check_guid
 
@@ -26,11 +27,6 @@ DURATION_ALLOWANCE = dt.timedelta(seconds=1)
 RECORD_ID = re.compile(r"[\x20-\x7e]{1,128}")  # printable ASCII
 CALL_ID = re.compile(r"[A-Za-z0-9._\-]{1,64}")
 OPERATOR_ID = IDENTITY
-
-
-class Direction(StrEnum):
-    INBOUND = "inbound"
-    OUTBOUND = "outbound"
 
 
 class Granularity(StrEnum):

@@ -12,7 +12,8 @@ from typing import Any
 from sqlalchemy import String, and_, case, func, literal, select, tuple_, union_all
 from sqlalchemy.orm import Session
 
-from services.usage.rules import Direction, Granularity, Source, SourceUsage, UsageQuery, UsageRow
+from plumbing.direction import Direction
+from services.usage.rules import Granularity, Source, SourceUsage, UsageQuery, UsageRow
 from services.usage.tables import DURATIONS, PLATFORM_CALLS, USAGE_DAYS
 from services.usage.usage_days import ceil_seconds
 
