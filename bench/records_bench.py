@@ -284,7 +284,7 @@ def fill(data_dir: Path, count: int, seed: int) -> FillResult:
             min(TEMPLATES, count), seed, dt.datetime.now(dt.UTC) - dt.timedelta(minutes=2)
         )
         prepared = servicer._prepare(messages, {OPERATOR}, settings, rules.thresholds(settings))
-        candidates = [p for p in prepared if isinstance(p, storage.Candidate)]
+        candidates = [p for p in prepared if isinstance(p, rules.Candidate)]
         if len(candidates) != len(messages):
             refused = Counter(
                 p.refusal.reason for p in prepared if isinstance(p, rules.Result) and p.refusal

@@ -90,3 +90,15 @@ def test_the_rules_catch_a_forbidden_import(
     path.write_text(source + "\n")
     monkeypatch.setattr(f"{__name__}.ROOT", tmp_path)
     assert broken_rules(path) != []
+
+
+def test_the_protobuf_edge_imports_no_storage() -> None:
+    """A service's convert.py (protobuf <-> domain) knows the domain types (rules.py, quality.py)
+    and no storage module."""
+    found = [
+        f"{path.relative_to(ROOT)} imports {name}"
+        for path in sorted((ROOT / "services").glob("*/convert.py"))
+        for name in sorted(imports_of(path))
+        if name.startswith("services.") and name.split(".")[-1] not in ("rules", "quality")
+    ]
+    assert found == []

@@ -24,6 +24,7 @@ from plumbing.validation import Refusal
 from plumbing.wellknown import duration_in, time_in, timestamp
 from services.records.quality import Metric, Quality, Reason, Verdict
 from services.records.rules import (
+    CallFact,
     CallRecord,
     EndReason,
     GroupBy,
@@ -36,7 +37,6 @@ from services.records.rules import (
     QualityGroup,
     Result,
 )
-from services.records.storage import CallFact
 
 END_REASON_IN = {
     pb.CALL_END_REASON_CALLER_HANG_UP: EndReason.CALLER_HANG_UP,

@@ -24,7 +24,7 @@ from plumbing.validation import (
     check_guid,
     check_sip_or_e164,
 )
-from services.records.quality import StreamMetrics, Thresholds
+from services.records.quality import Quality, StreamMetrics, Thresholds
 
 DOMAIN = "records.opconnect"
 LOG = "records"  # the record change log: one position per published record
@@ -428,3 +428,27 @@ def require_call_id(value: str) -> str:
 
 
 MAX_SUMMARY_PERIOD = dt.timedelta(days=31)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A valid, classified record ready to store: `body` lacks only its publish_time."""
+
+    published: Published
+    quality: Quality
+    body: bytes
+
+
+@dataclass(frozen=True)
+class CallFact:
+    """What the platform's own systems need of a published call (CallFeedService)."""
+
+    position: int
+    operator_id: str
+    call_id: str
+    tenant_id: str
+    direction: str
+    invite_time: dt.datetime
+    answer_time: dt.datetime | None
+    duration_ms: int
+    publish_time: dt.datetime

@@ -222,7 +222,7 @@ class CallFeedService(pb_grpc.CallFeedServiceServicer):
             )
 
 
-def _fact_position(fact: storage.CallFact) -> int:
+def _fact_position(fact: rules.CallFact) -> int:
     return fact.position
 
 
@@ -260,7 +260,7 @@ class CallRecordIngestService(pb_grpc.CallRecordIngestServiceServicer):
             prepared = await loop.run_in_executor(
                 None, _prepare, list(request.records), known, self._settings, self._thresholds
             )
-            candidates = [c for c in prepared if isinstance(c, storage.Candidate)]
+            candidates = [c for c in prepared if isinstance(c, rules.Candidate)]
             stored = await self._db.run(
                 storage.publish,
                 candidates,
@@ -271,7 +271,7 @@ class CallRecordIngestService(pb_grpc.CallRecordIngestServiceServicer):
             if stored.operators:
                 self._notifier.publish(LOG, stored.operators)
             accepted = iter(stored.results)
-            results = [next(accepted) if isinstance(p, storage.Candidate) else p for p in prepared]
+            results = [next(accepted) if isinstance(p, rules.Candidate) else p for p in prepared]
             yield pb.PublishCallRecordsResponse(
                 batch_id=request.batch_id,
                 results=[convert.result_out(r) for r in results],
@@ -286,12 +286,12 @@ def _prepare(
     known: set[str],
     settings: Settings,
     thresholds: Thresholds,
-) -> list[storage.Candidate | Result]:
+) -> list[rules.Candidate | Result]:
     """Each record read, checked and classified: a candidate to store, or its refusal."""
     now = dt.datetime.now(dt.UTC)
     retention = dt.timedelta(seconds=settings.record_retention_s)
     skew = dt.timedelta(seconds=settings.clock_skew_s)
-    out: list[storage.Candidate | Result] = []
+    out: list[rules.Candidate | Result] = []
     for message in messages:
         converted = convert.published_in(message)
         if isinstance(converted, Refusal):
@@ -309,7 +309,7 @@ def _prepare(
         call, streams = classify_call(
             [s.metrics() for s in published.record.media_streams], thresholds
         )
-        out.append(storage.Candidate(published, call.quality, convert.body(clean, call, streams)))
+        out.append(rules.Candidate(published, call.quality, convert.body(clean, call, streams)))
     return out
 
 

@@ -41,11 +41,12 @@ from plumbing.validation import Refusal
 from services.records.quality import Quality
 from services.records.rules import (
     LOG,
+    CallFact,
+    Candidate,
     GroupBy,
     MediaType,
     Outcome,
     Percentiles,
-    Published,
     QualityGroup,
     Result,
     StreamFilter,
@@ -113,15 +114,6 @@ class MediaStreamRow(Base):
 
 RECORDS = cast(Table, CallRecordRow.__table__)
 STREAMS = cast(Table, MediaStreamRow.__table__)
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """A valid, classified record ready to store: `body` lacks only its publish_time."""
-
-    published: Published
-    quality: Quality
-    body: bytes
 
 
 @dataclass(frozen=True)
@@ -263,21 +255,6 @@ def read_records(
     params.append(limit)
     # Both drivers hand back int and bytes for these columns.
     return cast(list[tuple[int, bytes]], driver_fetch(session, " ".join(sql), params))
-
-
-@dataclass(frozen=True)
-class CallFact:
-    """What the platform's own systems need of a published call (CallFeedService)."""
-
-    position: int
-    operator_id: str
-    call_id: str
-    tenant_id: str
-    direction: str
-    invite_time: dt.datetime
-    answer_time: dt.datetime | None
-    duration_ms: int
-    publish_time: dt.datetime
 
 
 def read_facts(session: Session, after: int, upto: int, limit: int) -> list[CallFact]:
