@@ -42,6 +42,7 @@ from plumbing.db import Base, Database
 from plumbing.errors import ApiError
 from plumbing.logs import get_logger
 from plumbing.rpc import current_principal, current_request_id, ending_status
+from plumbing.status import code_of
 
 log = get_logger("opconnect.audit")
 
@@ -83,7 +84,7 @@ def _status_of(error: BaseException | None) -> str:
     if error is None:
         return "OK"
     if isinstance(error, ApiError):
-        return str(error.code.name)
+        return str(code_of(error).name)
     if isinstance(error, asyncio.CancelledError | GeneratorExit):
         return ending_status()  # revoked, suspended, past its deadline, or cancelled
     return "INTERNAL"

@@ -1,19 +1,30 @@
-"""Errors as the contract states them: a gRPC status with a google.rpc.ErrorInfo (UPPER_SNAKE
-reason, domain `<area>.opconnect`), plus BadRequest field violations for invalid input and
-RetryInfo for limits.
+"""Errors in the domain's own terms: what went wrong (a `Kind`: invalid input, not found, the
+wrong state, a conflict, a limit, unavailable, ...), an UPPER_SNAKE reason, the domain
+(`<area>.opconnect`), a message, and the bad fields, a retry delay or metadata where they apply.
 
-Handlers and rules raise `ApiError`; the per-RPC wrapper (plumbing.rpc) turns it into the status
-in one place. Nothing else builds statuses.
+Rules, storage and handlers raise `ApiError`; nothing here knows gRPC. The edge
+(plumbing.status, used by the per-RPC wrapper) maps each kind to its gRPC status code and the
+error to a status with google.rpc details, in one place.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 
-import grpc
-from google.protobuf import any_pb2, duration_pb2
-from google.rpc import code_pb2, error_details_pb2, status_pb2
-from grpc_status import rpc_status
+
+class Kind(Enum):
+    """What kind of error, in the domain's words (the edge maps each to a gRPC code)."""
+
+    INVALID = "invalid"  # the request is wrong (INVALID_ARGUMENT)
+    NOT_FOUND = "not_found"  # no such thing, or another operator's (NOT_FOUND)
+    WRONG_STATE = "wrong_state"  # right request, wrong moment (FAILED_PRECONDITION)
+    CONFLICT = "conflict"  # a concurrent change won (ABORTED)
+    LIMITED = "limited"  # over a limit; retry after a delay (RESOURCE_EXHAUSTED)
+    UNAVAILABLE = "unavailable"  # storage down, shutting down; retry (UNAVAILABLE)
+    UNAUTHENTICATED = "unauthenticated"  # who is calling is not established (UNAUTHENTICATED)
+    FORBIDDEN = "forbidden"  # known caller, not allowed (PERMISSION_DENIED)
+    BUG = "bug"  # ours (INTERNAL, with a generic message)
 
 
 @dataclass(frozen=True)
@@ -27,9 +38,9 @@ class Violation:
 
 @dataclass
 class ApiError(Exception):
-    """An error answered to the caller as a gRPC status with rich details."""
+    """An error answered to the caller (see the module docstring)."""
 
-    code: grpc.StatusCode
+    kind: Kind
     reason: str
     message: str
     domain: str = "opconnect"
@@ -38,43 +49,12 @@ class ApiError(Exception):
     metadata: dict[str, str] = field(default_factory=dict)
 
     def __str__(self) -> str:
-        return f"{self.code.name} {self.reason}: {self.message}"
-
-    def to_status(self) -> grpc.Status:
-        details: list[any_pb2.Any] = []
-        info = error_details_pb2.ErrorInfo(
-            reason=self.reason, domain=self.domain, metadata=self.metadata
-        )
-        details.append(_pack(info))
-        if self.violations:
-            bad = error_details_pb2.BadRequest(
-                field_violations=[
-                    error_details_pb2.BadRequest.FieldViolation(
-                        field=v.field, description=v.description, reason=v.reason
-                    )
-                    for v in self.violations
-                ]
-            )
-            details.append(_pack(bad))
-        if self.retry_after_s is not None:
-            delay = duration_pb2.Duration()
-            delay.FromNanoseconds(int(self.retry_after_s * 1e9))
-            details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
-        status = status_pb2.Status(
-            code=getattr(code_pb2, self.code.name), message=self.message, details=details
-        )
-        return rpc_status.to_status(status)
-
-
-def _pack(message: object) -> any_pb2.Any:
-    packed = any_pb2.Any()
-    packed.Pack(message)  # type: ignore[arg-type]
-    return packed
+        return f"{self.kind.name} {self.reason}: {self.message}"
 
 
 def invalid(domain: str, reason: str, message: str, *violations: Violation) -> ApiError:
     """INVALID_ARGUMENT with field violations."""
-    return ApiError(grpc.StatusCode.INVALID_ARGUMENT, reason, message, domain, list(violations))
+    return ApiError(Kind.INVALID, reason, message, domain, list(violations))
 
 
 def invalid_field(domain: str, reason: str, field_path: str, description: str) -> ApiError:
@@ -85,32 +65,28 @@ def invalid_field(domain: str, reason: str, field_path: str, description: str) -
 
 
 def not_found(domain: str, reason: str, message: str) -> ApiError:
-    return ApiError(grpc.StatusCode.NOT_FOUND, reason, message, domain)
+    return ApiError(Kind.NOT_FOUND, reason, message, domain)
 
 
 def failed_precondition(domain: str, reason: str, message: str) -> ApiError:
-    return ApiError(grpc.StatusCode.FAILED_PRECONDITION, reason, message, domain)
+    return ApiError(Kind.WRONG_STATE, reason, message, domain)
 
 
 def unauthenticated(reason: str, message: str) -> ApiError:
-    return ApiError(grpc.StatusCode.UNAUTHENTICATED, reason, message, "gateway.opconnect")
+    return ApiError(Kind.UNAUTHENTICATED, reason, message, "gateway.opconnect")
 
 
 def permission_denied(reason: str, message: str) -> ApiError:
-    return ApiError(grpc.StatusCode.PERMISSION_DENIED, reason, message, "gateway.opconnect")
+    return ApiError(Kind.FORBIDDEN, reason, message, "gateway.opconnect")
 
 
 def resource_exhausted(domain: str, reason: str, message: str, retry_after_s: float) -> ApiError:
-    return ApiError(
-        grpc.StatusCode.RESOURCE_EXHAUSTED, reason, message, domain, retry_after_s=retry_after_s
-    )
+    return ApiError(Kind.LIMITED, reason, message, domain, retry_after_s=retry_after_s)
 
 
 def unavailable(reason: str, message: str, retry_after_s: float = 1.0) -> ApiError:
-    return ApiError(
-        grpc.StatusCode.UNAVAILABLE, reason, message, "opconnect", retry_after_s=retry_after_s
-    )
+    return ApiError(Kind.UNAVAILABLE, reason, message, "opconnect", retry_after_s=retry_after_s)
 
 
 def internal() -> ApiError:
-    return ApiError(grpc.StatusCode.INTERNAL, "INTERNAL", "internal error", "opconnect")
+    return ApiError(Kind.BUG, "INTERNAL", "internal error", "opconnect")

@@ -25,9 +25,17 @@ import grpc
 from cryptography import x509
 from grpc.aio import AbortError
 
-from plumbing.errors import ApiError, internal, invalid, permission_denied, resource_exhausted
+from plumbing.errors import (
+    ApiError,
+    Kind,
+    internal,
+    invalid,
+    permission_denied,
+    resource_exhausted,
+)
 from plumbing.limits import CallSlots
 from plumbing.logs import get_logger
+from plumbing.status import code_of, to_status
 
 log = get_logger("opconnect.rpc")
 
@@ -81,7 +89,7 @@ def ending_status() -> str:
     guard = _guard.get()
     if guard is not None:
         if guard.refused is not None:
-            return str(guard.refused.code.name)
+            return str(code_of(guard.refused).name)
         remaining = guard.context.time_remaining()
         if remaining is not None and remaining <= 0:
             return "DEADLINE_EXCEEDED"
@@ -324,7 +332,7 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             principal = await self._authenticate(context)
         except ApiError as error:
             call_log.peer = peer_certificate(context)
-            if access is not Access.ANY or error.code is not grpc.StatusCode.UNAUTHENTICATED:
+            if access is not Access.ANY or error.kind is not Kind.UNAUTHENTICATED:
                 raise
             # Health and reflection: any caller whose certificate chained to a trusted CA at
             # the handshake, so that a refused one sees its real reason on the actual RPC.
@@ -545,7 +553,7 @@ def _malformed() -> ApiError:
 
 def _too_large(limit: int) -> ApiError:
     return ApiError(
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        Kind.LIMITED,
         "MESSAGE_TOO_LARGE",
         f"a request message may be at most {limit} bytes; send smaller batches",
         "opconnect",
@@ -621,9 +629,9 @@ class _CallLog:
                 "unhandled error", method=self.method, request_id=self.request_id, exc_info=error
             )
             error = internal()
-        self.status = error.code.name
+        self.status = code_of(error).name
         self.reason = error.reason
-        status = error.to_status()
+        status = to_status(error)
         metadata = (*status.trailing_metadata, ("x-request-id", self.request_id))
         await context.abort(status.code, status.details, metadata)
 

@@ -24,6 +24,7 @@ from opconnect.numbers.v1 import numbers_pb2 as pb
 from plumbing.db import Database
 from plumbing.errors import ApiError
 from plumbing.limits import FairGate
+from plumbing.status import code_of
 from services.numbers import storage
 from tests.conftest import (
     OPERATOR,
@@ -301,7 +302,7 @@ def test_a_lock_held_by_another_process_answers_busy_not_unavailable(tmp_path: P
 
         with pytest.raises(ApiError) as raised:
             asyncio.run(database.run(write, write=True))
-        assert raised.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert code_of(raised.value) == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert raised.value.reason == "STORAGE_BUSY"
         assert raised.value.retry_after_s
         other.execute("ROLLBACK")

@@ -102,3 +102,25 @@ def test_the_protobuf_edge_imports_no_storage() -> None:
         if name.startswith("services.") and name.split(".")[-1] not in ("rules", "quality")
     ]
     assert found == []
+
+
+GRPC_EDGE = ("servicer.py", "service.py", "feed.py")  # handlers, the face, a gRPC client
+
+
+def test_the_domain_speaks_without_grpc() -> None:
+    """Rules, storage and conversions raise and return domain errors (plumbing.errors: a Kind,
+    a reason, a message); only handlers, faces and gRPC clients import grpc, and the status
+    codes are mapped once, at the edge (plumbing.status)."""
+    modules = [ROOT / "plumbing" / "errors.py"] + [
+        p for p in sorted((ROOT / "services").rglob("*.py")) if p.name not in GRPC_EDGE
+    ]
+    found = [
+        str(path.relative_to(ROOT))
+        for path in modules
+        for node in ast.walk(ast.parse(path.read_text()))
+        if (
+            isinstance(node, ast.Import) and any(a.name.split(".")[0] == "grpc" for a in node.names)
+        )
+        or (isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "grpc")
+    ]
+    assert found == []

@@ -32,6 +32,7 @@ from plumbing.config import Settings, load_settings
 from plumbing.db import Database
 from plumbing.errors import (
     ApiError,
+    Kind,
     Violation,
     internal,
     invalid,
@@ -47,6 +48,7 @@ from plumbing.logs import (
     redact,
     redact_processor,
 )
+from plumbing.status import to_status
 from plumbing.validation import _SIP, E164, check_e164, check_sip_or_e164, check_sip_uri
 
 # --- redact ------------------------------------------------------------------------------------
@@ -648,7 +650,7 @@ M = TypeVar("M", bound=Message)
 
 
 def decode(error: ApiError) -> tuple[grpc.Status, status_pb2.Status, dict[str, Message]]:
-    status = error.to_status()
+    status = to_status(error)
     rich = rpc_status.from_call(Call(status))
     assert rich is not None
     details: dict[str, Message] = {}
@@ -698,7 +700,7 @@ def test_invalid_argument_carries_error_info_and_field_violations() -> None:
 
 def test_invalid_field_is_one_violation() -> None:
     error = invalid_field("numbers.opconnect", "CURSOR_INVALID", "cursor", "not a cursor")
-    assert str(error) == "INVALID_ARGUMENT CURSOR_INVALID: cursor: not a cursor"
+    assert str(error) == "INVALID CURSOR_INVALID: cursor: not a cursor"
     _, _, details = decode(error)
     [violation] = detail(details, error_details_pb2.BadRequest).field_violations
     assert (violation.field, violation.description, violation.reason) == (
@@ -736,7 +738,7 @@ def test_unavailable_and_internal() -> None:
 
 def test_error_info_metadata_travels() -> None:
     error = ApiError(
-        grpc.StatusCode.FAILED_PRECONDITION,
+        Kind.WRONG_STATE,
         "CURSOR_EXPIRED",
         "list again",
         "numbers.opconnect",

@@ -12,7 +12,6 @@ import threading
 import time
 from pathlib import Path
 
-import grpc
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
@@ -29,7 +28,7 @@ from plumbing.changelog import (
     read_head,
 )
 from plumbing.db import Base, Database
-from plumbing.errors import ApiError
+from plumbing.errors import ApiError, Kind
 from services.numbers import storage
 from services.numbers.rules import LOG
 from tests.conftest import NO_POSTGRES, POSTGRES_URL, reset_postgres
@@ -207,5 +206,5 @@ async def test_storage_that_cannot_be_reached_answers_unavailable() -> None:
     finally:
         unreachable.close()
     error = caught.value
-    assert (error.code, error.reason) == (grpc.StatusCode.UNAVAILABLE, "STORAGE_UNAVAILABLE")
+    assert (error.kind, error.reason) == (Kind.UNAVAILABLE, "STORAGE_UNAVAILABLE")
     assert error.retry_after_s is not None
