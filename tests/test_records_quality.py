@@ -19,6 +19,8 @@ from services.records.quality import (
     classify_stream,
 )
 
+pytestmark = pytest.mark.unit  # the fast tier: no sockets, no database
+
 RULES = Thresholds()
 GOOD = StreamMetrics(
     audio=True,
