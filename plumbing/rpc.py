@@ -193,17 +193,30 @@ class _StreamGuard:
         self.in_handler = False
         self._task = asyncio.current_task()
         self._cancelled = False
+        # Once the RPC is over its context must not be read again (its call is gone): the
+        # watchdog stops then, even when gRPC leaves the handler's generator to be collected.
+        self._finished = False
         self._watchdog = asyncio.create_task(self._watch(interval_s))
+        context.add_done_callback(self._on_done)
+
+    def _on_done(self, _context: object) -> None:
+        self._finished = True
+        self._watchdog.cancel()
 
     async def _watch(self, interval_s: float) -> None:
-        while self.refused is None:
+        while self.refused is None and not self._finished:
             await asyncio.sleep(interval_s)
-            await self.check()
+            try:
+                await self.check()
+            except ApiError:
+                return  # the call is refused: `refuse` has ended it
 
     async def check(self) -> None:
         """Re-authenticate the caller; on a refusal, end the call (see the class docstring)."""
         if self.refused is not None:
             raise self.refused
+        if self._finished:
+            return
         try:
             await self._authenticate(self.context)
         except ApiError as error:
@@ -238,6 +251,7 @@ class _StreamGuard:
             yield message
 
     def close(self) -> None:
+        self._finished = True
         self._watchdog.cancel()
 
 
