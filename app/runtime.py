@@ -38,9 +38,9 @@ from plumbing import tokens
 from plumbing.changelog import Notifier, PostgresListener
 from plumbing.config import DEV_OPERATOR, Settings
 from plumbing.db import Database, private_directory
-from plumbing.limits import CallSlots
+from plumbing.limits import Slots
 from plumbing.logs import get_logger
-from plumbing.rpc import Access, Authenticate, RateLimiter, RpcInterceptor, StreamSlots
+from plumbing.rpc import Access, Authenticate, RateLimiter, RpcInterceptor
 from plumbing.service import Host, Service
 
 log = get_logger("opconnect.server")
@@ -66,7 +66,7 @@ class Runtime:
     dev_pki: PkiPaths | None
     role: Role
     services: dict[str, Service]  # the services this process serves itself, by name
-    streams: StreamSlots  # open streams per operator (this process)
+    streams: Slots  # open streams per operator (this process)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     listener: PostgresListener | None = None
     channels: list[grpc.aio.Channel] = field(default_factory=list)  # the gateway's routes
@@ -309,11 +309,11 @@ async def start(settings: Settings, role: str = "all") -> Runtime:
         authenticate,
         access,
         RateLimiter(settings.rate_per_operator, settings.rate_burst),
-        StreamSlots(settings.max_streams_per_operator),
+        Slots(settings.max_streams_per_operator),
         settings.max_message_bytes,
         # Open calls re-check their caller as often as the trust files are reloaded.
         recheck_interval_s=settings.reload_interval_s,
-        calls=CallSlots(settings.max_calls_per_operator),
+        calls=Slots(settings.max_calls_per_operator),
     )
     server = _server(settings, interceptor)
     listener = None

@@ -25,21 +25,23 @@ CALL_RETRY_S = 1.0
 SYSTEM_LANE = ""
 
 
-class CallSlots:
-    """Counts each operator's unary calls in flight against a maximum; the excess is answered
-    RESOURCE_EXHAUSTED (TOO_MANY_CALLS) with RetryInfo."""
+class Slots:
+    """Counts what each key (an operator) holds open against a maximum: its unary calls in
+    flight, or its streams."""
 
     def __init__(self, maximum: int) -> None:
         self.maximum = maximum
         self.open: dict[str, int] = {}
 
-    def enter(self, key: str) -> None:
+    def acquire(self, key: str) -> bool:
+        """Take a slot; False when the key holds the maximum already."""
         count = self.open.get(key, 0)
         if count >= self.maximum:
-            raise too_many_calls(self.maximum)
+            return False
         self.open[key] = count + 1
+        return True
 
-    def leave(self, key: str) -> None:
+    def release(self, key: str) -> None:
         count = self.open.get(key, 1) - 1
         if count:
             self.open[key] = count

@@ -33,7 +33,7 @@ from plumbing.errors import (
     permission_denied,
     resource_exhausted,
 )
-from plumbing.limits import CallSlots
+from plumbing.limits import Slots, too_many_calls
 from plumbing.logs import get_logger
 from plumbing.status import code_of, to_status
 
@@ -134,28 +134,6 @@ class RateLimiter:
             return (1.0 - tokens) / self._rate
         self._buckets[key] = (tokens - 1.0, now)
         return None
-
-
-class StreamSlots:
-    """Counts each principal's open streams against a maximum."""
-
-    def __init__(self, maximum: int) -> None:
-        self.maximum = maximum
-        self.open: dict[str, int] = {}
-
-    def acquire(self, key: str) -> bool:
-        count = self.open.get(key, 0)
-        if count >= self.maximum:
-            return False
-        self.open[key] = count + 1
-        return True
-
-    def release(self, key: str) -> None:
-        count = self.open.get(key, 1) - 1
-        if count:
-            self.open[key] = count
-        else:
-            self.open.pop(key, None)
 
 
 # Request ids: a random prefix per process and a counter (cheaper than a UUID per call).
@@ -265,14 +243,14 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         authenticate: Authenticate,
         access: Mapping[str, Access],
         rate: RateLimiter,
-        streams: StreamSlots,
+        streams: Slots,
         max_request_bytes: int,
         *,
         recheck_interval_s: float = 2.0,
-        calls: CallSlots | None = None,
+        calls: Slots | None = None,
     ) -> None:
         self._max_request_bytes = max_request_bytes
-        self.calls = calls or CallSlots(2**31)
+        self.calls = calls or Slots(2**31)
         self._authenticate = authenticate
         self._access = dict(access)
         self._rate = rate
@@ -397,7 +375,8 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             try:
                 principal = await self._start(context, method, access, call_log)
                 if principal.kind == "operator":  # its calls in flight (plumbing.limits)
-                    self.calls.enter(principal.name)
+                    if not self.calls.acquire(principal.name):
+                        raise too_many_calls(self.calls.maximum)
                     slot = principal.name
                 return await behavior(decode(request), context)
             except BaseException as error:  # every way out is logged and mapped once
@@ -405,7 +384,7 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 raise
             finally:
                 if slot is not None:
-                    self.calls.leave(slot)
+                    self.calls.release(slot)
                 call_log.write(context)
 
         return call
