@@ -38,6 +38,11 @@ class NumberServiceStub:
 
     Errors are gRPC statuses with a `google.rpc.ErrorInfo` detail (domain `numbers.opconnect`);
     validation errors add a `google.rpc.BadRequest` with one field violation per bad field.
+    Any call may also be refused before its handler runs (domain `gateway.opconnect`):
+    UNAUTHENTICATED (the certificate or its operator: CERTIFICATE_REVOKED, ISSUER_NOT_BOUND,
+    OPERATOR_SUSPENDED, ...; also mid-stream, when the caller is revoked or suspended),
+    PERMISSION_DENIED (OPERATOR_ONLY, PLATFORM_ONLY), RESOURCE_EXHAUSTED with a `RetryInfo`
+    (RATE_LIMITED, TOO_MANY_CALLS, TOO_MANY_STREAMS; STORAGE_BUSY, domain `opconnect`).
     """
 
     def __init__(self, channel):
@@ -86,6 +91,11 @@ class NumberServiceServicer:
 
     Errors are gRPC statuses with a `google.rpc.ErrorInfo` detail (domain `numbers.opconnect`);
     validation errors add a `google.rpc.BadRequest` with one field violation per bad field.
+    Any call may also be refused before its handler runs (domain `gateway.opconnect`):
+    UNAUTHENTICATED (the certificate or its operator: CERTIFICATE_REVOKED, ISSUER_NOT_BOUND,
+    OPERATOR_SUSPENDED, ...; also mid-stream, when the caller is revoked or suspended),
+    PERMISSION_DENIED (OPERATOR_ONLY, PLATFORM_ONLY), RESOURCE_EXHAUSTED with a `RetryInfo`
+    (RATE_LIMITED, TOO_MANY_CALLS, TOO_MANY_STREAMS; STORAGE_BUSY, domain `opconnect`).
     """
 
     def UploadNumbers(self, request, context):
@@ -193,6 +203,11 @@ class NumberService:
 
     Errors are gRPC statuses with a `google.rpc.ErrorInfo` detail (domain `numbers.opconnect`);
     validation errors add a `google.rpc.BadRequest` with one field violation per bad field.
+    Any call may also be refused before its handler runs (domain `gateway.opconnect`):
+    UNAUTHENTICATED (the certificate or its operator: CERTIFICATE_REVOKED, ISSUER_NOT_BOUND,
+    OPERATOR_SUSPENDED, ...; also mid-stream, when the caller is revoked or suspended),
+    PERMISSION_DENIED (OPERATOR_ONLY, PLATFORM_ONLY), RESOURCE_EXHAUSTED with a `RetryInfo`
+    (RATE_LIMITED, TOO_MANY_CALLS, TOO_MANY_STREAMS; STORAGE_BUSY, domain `opconnect`).
     """
 
     @staticmethod

@@ -39,6 +39,11 @@ class NumberServiceStub:
 
     Errors are gRPC statuses with a `google.rpc.ErrorInfo` detail (domain `numbers.opconnect`);
     validation errors add a `google.rpc.BadRequest` with one field violation per bad field.
+    Any call may also be refused before its handler runs (domain `gateway.opconnect`):
+    UNAUTHENTICATED (the certificate or its operator: CERTIFICATE_REVOKED, ISSUER_NOT_BOUND,
+    OPERATOR_SUSPENDED, ...; also mid-stream, when the caller is revoked or suspended),
+    PERMISSION_DENIED (OPERATOR_ONLY, PLATFORM_ONLY), RESOURCE_EXHAUSTED with a `RetryInfo`
+    (RATE_LIMITED, TOO_MANY_CALLS, TOO_MANY_STREAMS; STORAGE_BUSY, domain `opconnect`).
     """
 
     @_typing.overload
@@ -96,6 +101,11 @@ class NumberServiceAsyncStub(NumberServiceStub):
 
     Errors are gRPC statuses with a `google.rpc.ErrorInfo` detail (domain `numbers.opconnect`);
     validation errors add a `google.rpc.BadRequest` with one field violation per bad field.
+    Any call may also be refused before its handler runs (domain `gateway.opconnect`):
+    UNAUTHENTICATED (the certificate or its operator: CERTIFICATE_REVOKED, ISSUER_NOT_BOUND,
+    OPERATOR_SUSPENDED, ...; also mid-stream, when the caller is revoked or suspended),
+    PERMISSION_DENIED (OPERATOR_ONLY, PLATFORM_ONLY), RESOURCE_EXHAUSTED with a `RetryInfo`
+    (RATE_LIMITED, TOO_MANY_CALLS, TOO_MANY_STREAMS; STORAGE_BUSY, domain `opconnect`).
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -149,6 +159,11 @@ class NumberServiceServicer(metaclass=_abc_1.ABCMeta):
 
     Errors are gRPC statuses with a `google.rpc.ErrorInfo` detail (domain `numbers.opconnect`);
     validation errors add a `google.rpc.BadRequest` with one field violation per bad field.
+    Any call may also be refused before its handler runs (domain `gateway.opconnect`):
+    UNAUTHENTICATED (the certificate or its operator: CERTIFICATE_REVOKED, ISSUER_NOT_BOUND,
+    OPERATOR_SUSPENDED, ...; also mid-stream, when the caller is revoked or suspended),
+    PERMISSION_DENIED (OPERATOR_ONLY, PLATFORM_ONLY), RESOURCE_EXHAUSTED with a `RetryInfo`
+    (RATE_LIMITED, TOO_MANY_CALLS, TOO_MANY_STREAMS; STORAGE_BUSY, domain `opconnect`).
     """
 
     @_abc_1.abstractmethod

@@ -40,6 +40,11 @@ class CallRecordServiceStub:
 
     Errors are gRPC statuses with a `google.rpc.ErrorInfo` detail (domain `records.opconnect`);
     validation errors add a `google.rpc.BadRequest` with one field violation per bad field.
+    Any call may also be refused before its handler runs (domain `gateway.opconnect`):
+    UNAUTHENTICATED (the certificate or its operator: CERTIFICATE_REVOKED, ISSUER_NOT_BOUND,
+    OPERATOR_SUSPENDED, ...; also mid-stream, when the caller is revoked or suspended),
+    PERMISSION_DENIED (OPERATOR_ONLY, PLATFORM_ONLY), RESOURCE_EXHAUSTED with a `RetryInfo`
+    (RATE_LIMITED, TOO_MANY_CALLS, TOO_MANY_STREAMS; STORAGE_BUSY, domain `opconnect`).
     """
 
     def __init__(self, channel):
@@ -80,6 +85,11 @@ class CallRecordServiceServicer:
 
     Errors are gRPC statuses with a `google.rpc.ErrorInfo` detail (domain `records.opconnect`);
     validation errors add a `google.rpc.BadRequest` with one field violation per bad field.
+    Any call may also be refused before its handler runs (domain `gateway.opconnect`):
+    UNAUTHENTICATED (the certificate or its operator: CERTIFICATE_REVOKED, ISSUER_NOT_BOUND,
+    OPERATOR_SUSPENDED, ...; also mid-stream, when the caller is revoked or suspended),
+    PERMISSION_DENIED (OPERATOR_ONLY, PLATFORM_ONLY), RESOURCE_EXHAUSTED with a `RetryInfo`
+    (RATE_LIMITED, TOO_MANY_CALLS, TOO_MANY_STREAMS; STORAGE_BUSY, domain `opconnect`).
     """
 
     def StreamCallRecords(self, request, context):
@@ -164,6 +174,11 @@ class CallRecordService:
 
     Errors are gRPC statuses with a `google.rpc.ErrorInfo` detail (domain `records.opconnect`);
     validation errors add a `google.rpc.BadRequest` with one field violation per bad field.
+    Any call may also be refused before its handler runs (domain `gateway.opconnect`):
+    UNAUTHENTICATED (the certificate or its operator: CERTIFICATE_REVOKED, ISSUER_NOT_BOUND,
+    OPERATOR_SUSPENDED, ...; also mid-stream, when the caller is revoked or suspended),
+    PERMISSION_DENIED (OPERATOR_ONLY, PLATFORM_ONLY), RESOURCE_EXHAUSTED with a `RetryInfo`
+    (RATE_LIMITED, TOO_MANY_CALLS, TOO_MANY_STREAMS; STORAGE_BUSY, domain `opconnect`).
     """
 
     @staticmethod
