@@ -640,7 +640,7 @@ async def submit_once(
             acks += 1
             outcomes["accepted"] += response.accepted_count
             outcomes["duplicate"] += response.duplicate_count
-            outcomes["rejected"] += response.rejected_count
+            outcomes["rejected"] += response.refused_count
             marks.append((time.perf_counter() - t0, sum(outcomes.values())))
             reasons.update(r.reason for r in response.results if r.reason)
             window.release()

@@ -86,7 +86,7 @@ class Batch:
 class Tally:
     accepted: int = 0
     duplicate: int = 0
-    rejected: int = 0
+    refused: int = 0
     unreadable: int = 0
     problems: list[str] = field(default_factory=list)
 
@@ -160,11 +160,11 @@ async def submit(connection: Connection, path: Path, console: Console) -> int:
             progress.update(task, completed=done)
     console.print(
         f"{path.name}: {tally.accepted:,} accepted, {tally.duplicate:,} already there, "
-        f"{tally.rejected:,} rejected, {tally.unreadable:,} unreadable lines"
+        f"{tally.refused:,} refused, {tally.unreadable:,} unreadable lines"
     )
     for text in tally.problems:
         console.print(f"  {text}")
-    return 0 if tally.rejected == tally.unreadable == 0 else 1
+    return 0 if tally.refused == tally.unreadable == 0 else 1
 
 
 def _finish(
@@ -187,7 +187,7 @@ def _finish(
             elif result.outcome == pb.CALL_DURATION_OUTCOME_DUPLICATE:
                 tally.duplicate += 1
             else:
-                tally.rejected += 1
+                tally.refused += 1
                 tally.problem(
                     f"line {line.number}: {result.reason} ({result.field}): {result.message}"
                 )

@@ -379,7 +379,7 @@ class Reports:
     sent: int = 0
     accepted: int = 0
     duplicate: int = 0
-    rejected: list[str] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)
     error: str = ""
 
 
@@ -401,12 +401,12 @@ async def report_durations(operator: Any, reports: Reports) -> None:
                         reports.accepted += 1
                     elif result.outcome == usage_pb.CALL_DURATION_OUTCOME_DUPLICATE:
                         reports.duplicate += 1
-                    elif len(reports.rejected) < 5:
-                        reports.rejected.append(
+                    elif len(reports.refused) < 5:
+                        reports.refused.append(
                             f"{result.reason} ({result.field}): {result.message}"
                         )
                     else:
-                        reports.rejected.append("")
+                        reports.refused.append("")
         await call.done_writing()
     except grpc.aio.AioRpcError as error:
         reports.error = f"{error.code().name}: {redact(error.details() or '')}"
@@ -586,18 +586,18 @@ async def simulate(options: Options) -> int:
             await channel.close()
     status = _summary(tally)
     if reports is not None:
-        rejected = len(reports.rejected)
+        refused = len(reports.refused)
         print(
             f"the operator reported {reports.sent} durations: {reports.accepted} accepted, "
-            f"{reports.duplicate} duplicate, {rejected} rejected (with "
+            f"{reports.duplicate} duplicate, {refused} refused (with "
             f"{options.missing_share:.0%} missing, {options.mismatch_share:.0%} mismatched and "
             f"{options.extra_share:.0%} extra on purpose; see `opconnect operator reconcile`)"
         )
-        for text in reports.rejected[:5]:
-            print(f"  rejected {text}")
+        for text in reports.refused[:5]:
+            print(f"  refused {text}")
         if reports.error:
             print(f"reporting stopped: {reports.error}", file=sys.stderr)
-        if rejected or reports.error:
+        if refused or reports.error:
             status = status or 1
     print(f"\nThe records, as operator {options.operator}:\n  {stream_command(options, started)}")
     return status

@@ -226,7 +226,7 @@ def _batch_items_refused_when_a_required_field_is_missing(system: RunningSystem)
             iter([usage_pb.SubmitCallDurationsRequest(records=[item])]), timeout=30
         )
         (result,) = submitted.results
-        assert result.outcome == usage_pb.CALL_DURATION_OUTCOME_REJECTED, field.name
+        assert result.outcome == usage_pb.CALL_DURATION_OUTCOME_REFUSED, field.name
         assert result.field == field.name, (field.name, result)
         assert REQUIRED in behaviors(field)
         checked.add(f"CallDurationRecord.{field.name}")
@@ -313,6 +313,26 @@ def test_proto_comment_lines_fit_the_width() -> None:
         if line.lstrip().startswith("//") and len(line) > WIDTH
     ]
     assert long == []
+
+
+def test_a_record_not_taken_is_refused_in_every_service() -> None:
+    """One word for a record the platform did not take: every per-item outcome enum names it
+    `..._OUTCOME_REFUSED` and every batch answer counts it in `refused_count`."""
+    outcomes = [
+        enum
+        for file in FILES
+        for enum in file.enum_types_by_name.values()
+        if enum.name.endswith("Outcome")
+    ]
+    assert len(outcomes) == 3
+    for enum in outcomes:
+        prefix = re.sub(r"(?<!^)(?=[A-Z])", "_", enum.name).upper()
+        names = {value.name.removeprefix(prefix + "_") for value in enum.values}
+        assert "REFUSED" in names, enum.name
+        assert not names & {"REJECTED", "DENIED", "FAILED", "INVALID"}, enum.name
+    counts = {field.name for found in messages() for field in found.fields}
+    assert {"refused_count"} <= counts
+    assert not {name for name in counts if re.fullmatch(r"(rejected|denied|failed)_count", name)}
 
 
 def rpc_comment(path: Path, rpc: str) -> str:

@@ -1091,13 +1091,13 @@ def test_a_grpc_js_client(entry: RunningSystem) -> None:
 
     # Call durations on a bidirectional stream: each batch acknowledged, in order, per record.
     first, second = answer["submitted"]
-    assert (first["batch_id"], first["accepted_count"], first["rejected_count"]) == ("js-1", 2, 0)
+    assert (first["batch_id"], first["accepted_count"], first["refused_count"]) == ("js-1", 2, 0)
     assert [r["outcome"] for r in first["results"]] == ["CALL_DURATION_OUTCOME_ACCEPTED"] * 2
-    assert (second["batch_id"], second["rejected_count"]) == ("js-2", 1)
+    assert (second["batch_id"], second["refused_count"]) == ("js-2", 1)
     (bad,) = second["results"]
     assert (bad["record_id"], bad["outcome"], bad["field"]) == (
         "js-bad",
-        "CALL_DURATION_OUTCOME_REJECTED",
+        "CALL_DURATION_OUTCOME_REFUSED",
         "caller",
     )
 

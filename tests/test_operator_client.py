@@ -61,7 +61,7 @@ def test_submit_a_csv_resume_it_and_resend_it(
     journal_path(path).unlink()
     assert main([*_client(system), "submit", str(path)]) == 0
     out = capsys.readouterr().out
-    assert "1,000 accepted, 1,500 already there, 0 rejected" in out
+    assert "1,000 accepted, 1,500 already there, 0 refused" in out
     assert _stored(system) == 2_500
 
 
@@ -70,14 +70,14 @@ def test_bad_lines_are_reported_with_their_numbers(
 ) -> None:
     good = duration_record()
     late = duration_record()
-    late.duration.FromSeconds(late.duration.seconds + 5)  # longer than the call: rejected
+    late.duration.FromSeconds(late.duration.seconds + 5)  # longer than the call: refused
     path = tmp_path / "durations.csv"
     write_records(path, [good, late])
     with path.open("a") as handle:
         handle.write("r-x,c-x,tenant,+1,+2,sideways,2026-11-23T10:00:00Z,2026-11-23T10:01:00Z,60\n")
     assert main([*_client(system), "submit", str(path)]) == 1
     out = capsys.readouterr().out
-    assert "1 accepted" in out and "1 rejected" in out and "1 unreadable" in out
+    assert "1 accepted" in out and "1 refused" in out and "1 unreadable" in out
     assert "line 3: DURATION_INVALID" in out
     assert "line 4: direction must be inbound or outbound" in out
 

@@ -33,7 +33,7 @@ def test_submit_is_acknowledged_per_record(system: RunningSystem) -> None:
     assert [(r.record_id, r.outcome) for r in response.results] == [
         (r.record_id, pb.CALL_DURATION_OUTCOME_ACCEPTED) for r in records
     ]
-    assert (response.accepted_count, response.duplicate_count, response.rejected_count) == (3, 0, 0)
+    assert (response.accepted_count, response.duplicate_count, response.refused_count) == (3, 0, 0)
     assert stored(system) == sorted(r.record_id for r in records)
 
 
@@ -52,12 +52,12 @@ def test_duplicates_conflicts_and_one_record_per_call(system: RunningSystem) -> 
     assert one.accepted_count == 1
     assert [(r.outcome, r.reason, r.field) for r in two.results] == [
         (pb.CALL_DURATION_OUTCOME_DUPLICATE, "", ""),
-        (pb.CALL_DURATION_OUTCOME_REJECTED, "RECORD_ID_CONFLICT", "record_id"),
-        (pb.CALL_DURATION_OUTCOME_REJECTED, "CALL_ALREADY_REPORTED", "call_id"),
+        (pb.CALL_DURATION_OUTCOME_REFUSED, "RECORD_ID_CONFLICT", "record_id"),
+        (pb.CALL_DURATION_OUTCOME_REFUSED, "CALL_ALREADY_REPORTED", "call_id"),
         (pb.CALL_DURATION_OUTCOME_ACCEPTED, "", ""),
         (pb.CALL_DURATION_OUTCOME_DUPLICATE, "", ""),
     ]
-    assert (two.accepted_count, two.duplicate_count, two.rejected_count) == (1, 2, 2)
+    assert (two.accepted_count, two.duplicate_count, two.refused_count) == (1, 2, 2)
     assert stored(system) == sorted([first.record_id, other.record_id])
     # Another operator's ids are its own: the same record_id and call_id are new there.
     (theirs,) = submit(usage_stub(system, OTHER_OPERATOR), [first])
@@ -116,7 +116,7 @@ def test_bad_records_are_rejected_alone(system: RunningSystem) -> None:
         CASES, response.results[::2], response.results[1::2], strict=True
     ):
         assert (bad_result.outcome, bad_result.reason, bad_result.field) == (
-            pb.CALL_DURATION_OUTCOME_REJECTED,
+            pb.CALL_DURATION_OUTCOME_REFUSED,
             reason,
             field,
         )
@@ -206,7 +206,7 @@ def test_fuzzed_fields_are_accepted_or_rejected_for_that_field(
     (response,) = submit(usage_stub(fuzz_system), [before, bad, after])
     first, middle, last = response.results
     assert first.outcome == last.outcome == pb.CALL_DURATION_OUTCOME_ACCEPTED
-    if middle.outcome == pb.CALL_DURATION_OUTCOME_REJECTED:
+    if middle.outcome == pb.CALL_DURATION_OUTCOME_REFUSED:
         assert (middle.reason, middle.field) == (TEXT_FIELDS[name], name)
     else:
         assert middle.outcome == pb.CALL_DURATION_OUTCOME_ACCEPTED

@@ -19,8 +19,8 @@ from services.usage.tables import CHUNK, DURATIONS, lock_operators
 from services.usage.usage_days import count_reported
 
 
-def _rejected(record_id: str, reason: str, field: str, message: str) -> Result:
-    return Result(record_id, Outcome.REJECTED, Refusal(reason, field, message))
+def _refused(record_id: str, reason: str, field: str, message: str) -> Result:
+    return Result(record_id, Outcome.REFUSED, Refusal(reason, field, message))
 
 
 _INSERT = (
@@ -83,7 +83,7 @@ def submit(session: Session, operator_id: str, submitted: Sequence[Submitted]) -
                 results.append(Result(record.record_id, Outcome.DUPLICATE))
             else:
                 results.append(
-                    _rejected(
+                    _refused(
                         record.record_id,
                         "RECORD_ID_CONFLICT",
                         "record_id",
@@ -94,7 +94,7 @@ def submit(session: Session, operator_id: str, submitted: Sequence[Submitted]) -
             continue
         if record.call_id in by_call:
             results.append(
-                _rejected(
+                _refused(
                     record.record_id,
                     "CALL_ALREADY_REPORTED",
                     "call_id",

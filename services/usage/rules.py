@@ -1,6 +1,6 @@
 """The usage domain: operators' call-duration records, and the rules a submitted one must meet.
 
-A check returns a `Refusal` (reason, field name, message) or None; a rejected record is answered
+A check returns a `Refusal` (reason, field name, message) or None; a refused record is answered
 on its own and never stops its neighbours.
 """
 
@@ -42,7 +42,7 @@ class Source(StrEnum):
 class Outcome(StrEnum):
     ACCEPTED = "accepted"
     DUPLICATE = "duplicate"
-    REJECTED = "rejected"
+    REFUSED = "refused"
 
 
 @dataclass(frozen=True)

@@ -53,7 +53,7 @@ class UsageService(pb_grpc.UsageServiceServicer):
                 results=[convert.result_out(r) for r in results],
                 accepted_count=sum(r.outcome is Outcome.ACCEPTED for r in results),
                 duplicate_count=sum(r.outcome is Outcome.DUPLICATE for r in results),
-                rejected_count=sum(r.outcome is Outcome.REJECTED for r in results),
+                refused_count=sum(r.outcome is Outcome.REFUSED for r in results),
             )
 
     async def GetReconciliation(
@@ -205,7 +205,7 @@ def _usage_binding(query: rules.UsageQuery) -> str:
 
 
 def _check(messages: list[pb.CallDurationRecord], settings: Settings) -> list[Submitted | Result]:
-    """Each record read and checked: ready to store, or its rejection."""
+    """Each record read and checked: ready to store, or its refusal."""
     now = dt.datetime.now(dt.UTC)
     retention = dt.timedelta(seconds=settings.usage_retention_s)
     skew = dt.timedelta(seconds=settings.clock_skew_s)
@@ -213,13 +213,13 @@ def _check(messages: list[pb.CallDurationRecord], settings: Settings) -> list[Su
     for message in messages:
         submitted = convert.submitted_in(message)
         if isinstance(submitted, Refusal):
-            out.append(Result(message.record_id, Outcome.REJECTED, submitted))
+            out.append(Result(message.record_id, Outcome.REFUSED, submitted))
             continue
         refusal = rules.check_record(submitted.record, now, retention, skew)
         if refusal is None:
             out.append(submitted)
         else:
-            out.append(Result(message.record_id, Outcome.REJECTED, refusal))
+            out.append(Result(message.record_id, Outcome.REFUSED, refusal))
     return out
 
 

@@ -82,8 +82,8 @@ class _CallDurationOutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_C
     """Stored; it now counts in usage and reconciliation."""
     CALL_DURATION_OUTCOME_DUPLICATE: _CallDurationOutcome.ValueType  # 2
     """A record with this `record_id` and exactly this content is already stored; nothing changed."""
-    CALL_DURATION_OUTCOME_REJECTED: _CallDurationOutcome.ValueType  # 3
-    """Rejected; `reason`, `field` and `message` say why. Nothing changed for this record."""
+    CALL_DURATION_OUTCOME_REFUSED: _CallDurationOutcome.ValueType  # 3
+    """Refused; `reason`, `field` and `message` say why. Nothing changed for this record."""
 
 class CallDurationOutcome(_CallDurationOutcome, metaclass=_CallDurationOutcomeEnumTypeWrapper):
     """How one submitted record went."""
@@ -94,8 +94,8 @@ CALL_DURATION_OUTCOME_ACCEPTED: CallDurationOutcome.ValueType  # 1
 """Stored; it now counts in usage and reconciliation."""
 CALL_DURATION_OUTCOME_DUPLICATE: CallDurationOutcome.ValueType  # 2
 """A record with this `record_id` and exactly this content is already stored; nothing changed."""
-CALL_DURATION_OUTCOME_REJECTED: CallDurationOutcome.ValueType  # 3
-"""Rejected; `reason`, `field` and `message` say why. Nothing changed for this record."""
+CALL_DURATION_OUTCOME_REFUSED: CallDurationOutcome.ValueType  # 3
+"""Refused; `reason`, `field` and `message` say why. Nothing changed for this record."""
 Global___CallDurationOutcome: _TypeAlias = CallDurationOutcome  # noqa: Y015
 
 class _DiscrepancyKind:
@@ -238,7 +238,7 @@ class CallDurationResult(_message.Message):
     outcome: Global___CallDurationOutcome.ValueType
     """What happened."""
     reason: _builtins.str
-    """For REJECTED, an UPPER_SNAKE reason: RECORD_ID_INVALID, CALL_ID_INVALID, TENANT_ID_INVALID,
+    """For REFUSED, an UPPER_SNAKE reason: RECORD_ID_INVALID, CALL_ID_INVALID, TENANT_ID_INVALID,
     CALLER_INVALID, CALLEE_INVALID, DIRECTION_INVALID, START_TIME_INVALID, END_TIME_INVALID,
     DURATION_INVALID, RECORD_EXPIRED (started before the retention), RECORD_ID_CONFLICT (a
     record with this `record_id` and other content is stored: records are immutable),
@@ -246,12 +246,12 @@ class CallDurationResult(_message.Message):
     otherwise.
     """
     field: _builtins.str
-    """For REJECTED, the name of the offending field of the record, as in a
+    """For REFUSED, the name of the offending field of the record, as in a
     `google.rpc.BadRequest` field violation (e.g. `duration`); empty when no single field is at
     fault. Empty otherwise.
     """
     message: _builtins.str
-    """For REJECTED, a sentence for a person. Empty otherwise."""
+    """For REFUSED, a sentence for a person. Empty otherwise."""
     def __init__(
         self,
         *,
@@ -281,15 +281,15 @@ class SubmitCallDurationsResponse(_message.Message):
     RESULTS_FIELD_NUMBER: _builtins.int
     ACCEPTED_COUNT_FIELD_NUMBER: _builtins.int
     DUPLICATE_COUNT_FIELD_NUMBER: _builtins.int
-    REJECTED_COUNT_FIELD_NUMBER: _builtins.int
+    REFUSED_COUNT_FIELD_NUMBER: _builtins.int
     batch_id: _builtins.str
     """The batch's `batch_id`, as it was sent."""
     accepted_count: _builtins.int
     """How many records were accepted."""
     duplicate_count: _builtins.int
     """How many were duplicates."""
-    rejected_count: _builtins.int
-    """How many were rejected."""
+    refused_count: _builtins.int
+    """How many were refused."""
     @_builtins.property
     def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___CallDurationResult]:
         """One result per record of the batch, in request order."""
@@ -301,11 +301,11 @@ class SubmitCallDurationsResponse(_message.Message):
         results: _abc.Iterable[Global___CallDurationResult] | None = ...,
         accepted_count: _builtins.int = ...,
         duplicate_count: _builtins.int = ...,
-        rejected_count: _builtins.int = ...,
+        refused_count: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_count", b"accepted_count", "batch_id", b"batch_id", "duplicate_count", b"duplicate_count", "rejected_count", b"rejected_count", "results", b"results"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_count", b"accepted_count", "batch_id", b"batch_id", "duplicate_count", b"duplicate_count", "refused_count", b"refused_count", "results", b"results"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

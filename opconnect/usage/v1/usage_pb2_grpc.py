@@ -109,8 +109,8 @@ class UsageServiceServicer:
         Each request carries a batch of 1 to 1,000 records; the server answers every request with
         exactly one response, in request order, sent only after the batch's records are durably
         committed. Each record is answered on its own: accepted, duplicate (same `record_id`, same
-        content: a no-op) or rejected with a reason and the offending field. Records of a batch are
-        handled in order, as if submitted one by one. A rejected record never ends the stream nor
+        content: a no-op) or refused with a reason and the offending field. Records of a batch are
+        handled in order, as if submitted one by one. A refused record never ends the stream nor
         stops the other records. Submitting is idempotent by `record_id`: after a broken stream,
         submit again every batch that was not acknowledged.
 

@@ -61,8 +61,8 @@ class UsageServiceStub:
     Each request carries a batch of 1 to 1,000 records; the server answers every request with
     exactly one response, in request order, sent only after the batch's records are durably
     committed. Each record is answered on its own: accepted, duplicate (same `record_id`, same
-    content: a no-op) or rejected with a reason and the offending field. Records of a batch are
-    handled in order, as if submitted one by one. A rejected record never ends the stream nor
+    content: a no-op) or refused with a reason and the offending field. Records of a batch are
+    handled in order, as if submitted one by one. A refused record never ends the stream nor
     stops the other records. Submitting is idempotent by `record_id`: after a broken stream,
     submit again every batch that was not acknowledged.
 
@@ -131,8 +131,8 @@ class UsageServiceAsyncStub(UsageServiceStub):
     Each request carries a batch of 1 to 1,000 records; the server answers every request with
     exactly one response, in request order, sent only after the batch's records are durably
     committed. Each record is answered on its own: accepted, duplicate (same `record_id`, same
-    content: a no-op) or rejected with a reason and the offending field. Records of a batch are
-    handled in order, as if submitted one by one. A rejected record never ends the stream nor
+    content: a no-op) or refused with a reason and the offending field. Records of a batch are
+    handled in order, as if submitted one by one. A refused record never ends the stream nor
     stops the other records. Submitting is idempotent by `record_id`: after a broken stream,
     submit again every batch that was not acknowledged.
 
@@ -204,8 +204,8 @@ class UsageServiceServicer(metaclass=_abc_1.ABCMeta):
         Each request carries a batch of 1 to 1,000 records; the server answers every request with
         exactly one response, in request order, sent only after the batch's records are durably
         committed. Each record is answered on its own: accepted, duplicate (same `record_id`, same
-        content: a no-op) or rejected with a reason and the offending field. Records of a batch are
-        handled in order, as if submitted one by one. A rejected record never ends the stream nor
+        content: a no-op) or refused with a reason and the offending field. Records of a batch are
+        handled in order, as if submitted one by one. A refused record never ends the stream nor
         stops the other records. Submitting is idempotent by `record_id`: after a broken stream,
         submit again every batch that was not acknowledged.
 
