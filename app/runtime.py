@@ -37,7 +37,8 @@ from gateway.trust import TrustFiles, TrustStore
 from plumbing import tokens
 from plumbing.changelog import Notifier, PostgresListener
 from plumbing.config import DEV_OPERATOR, Settings
-from plumbing.db import Database, private_directory
+from plumbing.db import Database
+from plumbing.files import private_directory
 from plumbing.limits import Slots
 from plumbing.logs import get_logger
 from plumbing.rpc import Access, Authenticate, RateLimiter, RpcInterceptor

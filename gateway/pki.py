@@ -24,9 +24,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import json
-import os
 import re
-import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +38,7 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPub
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from plumbing.config import DEV_OPERATOR, DEV_PLATFORM
+from plumbing.files import private_directory, write_file
 from plumbing.validation import IDENTITY, IDENTITY_PATTERN
 
 __all__ = [
@@ -493,40 +492,14 @@ def issued_by(cert_pem: bytes, ca_pems: Sequence[bytes]) -> bool:
 # --------------------------------------------------------------------------- files
 
 
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    directory = path.parent
-    tmp = directory / f".{path.name}.{secrets.token_hex(8)}.tmp"
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
-    fd = os.open(tmp, flags, mode)
-    try:
-        try:
-            os.fchmod(fd, mode)  # exact mode regardless of umask
-            view = memoryview(data)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 def write_private(path: Path, data: bytes) -> None:
     """Atomically replace ``path`` with ``data``, mode 0600 from the moment of creation."""
-    _write_atomic(path, data, 0o600)
+    write_file(path, data, 0o600)
 
 
 def write_public(path: Path, data: bytes) -> None:
     """Atomically replace ``path`` with ``data``, mode 0644."""
-    _write_atomic(path, data, 0o644)
+    write_file(path, data, 0o644)
 
 
 @dataclass(frozen=True)
@@ -578,12 +551,6 @@ class PkiPaths:
         if _CLIENT_NAME_RE.fullmatch(name) is None:
             raise ValueError("invalid client name")
         return self.clients_dir / f"{name}.pem", self.clients_dir / f"{name}.key"
-
-
-def _make_private_dir(directory: Path) -> None:
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    if directory.stat().st_mode & 0o777 != 0o700:
-        directory.chmod(0o700)
 
 
 def load_ca(paths: PkiPaths, role: CaRole) -> Issued:
@@ -684,7 +651,7 @@ def issue_client(paths: PkiPaths, kind: PeerKind, ident: str) -> tuple[Path, Pat
     uri = _uri_for(kind, ident)
     cert_path, key_path = paths.client(f"{kind}-{ident}")
     ca = load_ca(paths, issuer_role(kind, ident))
-    _make_private_dir(paths.clients_dir)
+    private_directory(paths.clients_dir)
     _write_pair(cert_path, key_path, issue_client_cert(ca, uri))
     return cert_path, key_path
 
@@ -760,8 +727,8 @@ def ensure_dev_pki(
     _reject_bare_str(dns_names, "dns_names")
     _reject_bare_str(ip_addresses, "ip_addresses")
     paths = PkiPaths.at(directory)
-    _make_private_dir(paths.directory)
-    _make_private_dir(paths.clients_dir)
+    private_directory(paths.directory)
+    private_directory(paths.clients_dir)
 
     made = {role: _ensure_ca(paths, role) for role in CA_ROLES}
     cas = {role: ca for role, (ca, _) in made.items()}

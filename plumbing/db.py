@@ -23,7 +23,6 @@ import datetime as dt
 import functools
 import os
 import sqlite3
-import stat
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -37,6 +36,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
 from plumbing.errors import resource_exhausted, unavailable
+from plumbing.files import private_directory, private_files
 from plumbing.limits import SYSTEM_LANE, FairGate
 from plumbing.logs import get_logger
 from plumbing.rpc import current_principal
@@ -193,29 +193,6 @@ def _on_loop(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: Any
         fn(*args)
 
 
-def private_directory(path: Path, *, create: bool = True, tighten: bool = True) -> None:
-    """Make `path` a directory only the server's user may enter (0700): it holds whole phone
-    numbers and keys. One that exists and is open to others is tightened (with `tighten`), and
-    that is logged; a shared one (sticky, like /tmp) or another user's is left as it is, with a
-    warning."""
-    try:
-        mode = path.stat().st_mode
-    except FileNotFoundError:
-        if not create:
-            return
-        path.mkdir(mode=0o700, parents=True, exist_ok=True)
-        mode = path.stat().st_mode
-    if not mode & 0o077:
-        return
-    if not tighten or mode & stat.S_ISVTX or path.stat().st_uid != os.geteuid():
-        log.warning("directory open to others", path=str(path), mode=oct(stat.S_IMODE(mode)))
-        return
-    path.chmod(0o700)
-    log.warning(
-        "directory was open to others: made 0700", path=str(path), was=oct(stat.S_IMODE(mode))
-    )
-
-
 def _private_database(path: Path) -> None:
     """The SQLite database file made 0600 before SQLite opens it (its -wal and -shm files take
     the database's mode); existing files open to others are tightened, and that is logged."""
@@ -224,16 +201,7 @@ def _private_database(path: Path) -> None:
     private_directory(path.parent, tighten=False)
     with contextlib.suppress(FileExistsError):
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-    for file in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
-        try:
-            mode = stat.S_IMODE(file.stat().st_mode)
-        except FileNotFoundError:
-            continue
-        if mode & 0o077:
-            file.chmod(mode & 0o600)
-            log.warning(
-                "database file was open to others: made 0600", path=str(file), was=oct(mode)
-            )
+    private_files(path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm"))
 
 
 def dialect_insert(session: Session) -> type[sqlite.Insert] | type[postgresql.Insert]:

@@ -24,7 +24,6 @@ import base64
 import binascii
 import datetime as dt
 import hashlib
-import os
 import secrets
 import stat
 from collections.abc import Sequence
@@ -35,6 +34,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from plumbing.config import Settings
 from plumbing.errors import invalid_field
+from plumbing.files import create_file, write_file
 from plumbing.logs import get_logger
 
 log = get_logger("opconnect.tokens")
@@ -189,19 +189,6 @@ def parse_keys(text: str, source: str) -> list[bytes]:
     return keys
 
 
-def _write_new(path: Path, text: str) -> Path:
-    """`text` in a new file beside `path` (mode 0600), not yet in place."""
-    temporary = path.with_name(f".{path.name}.{secrets.token_hex(8)}")
-    handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        os.fchmod(handle, 0o600)
-        os.write(handle, text.encode())
-        os.fsync(handle)
-    finally:
-        os.close(handle)
-    return temporary
-
-
 def _stamp() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
@@ -212,14 +199,7 @@ def ensure_key_file(path: Path) -> bool:
     if path.exists():
         return False
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    temporary = _write_new(path, f"{KEY_FILE_HEADER}# added {_stamp()}\n{new_key()}\n")
-    try:
-        os.link(temporary, path)
-    except FileExistsError:
-        return False
-    finally:
-        temporary.unlink()
-    return True
+    return create_file(path, f"{KEY_FILE_HEADER}# added {_stamp()}\n{new_key()}\n".encode())
 
 
 def rotate_key_file(path: Path) -> str:
@@ -231,8 +211,7 @@ def rotate_key_file(path: Path) -> str:
     header = set(KEY_FILE_HEADER.splitlines(True))
     body = "".join(line for line in old.splitlines(True) if line not in header)
     key = new_key()
-    temporary = _write_new(path, f"{KEY_FILE_HEADER}# added {_stamp()}\n{key}\n{body}")
-    os.replace(temporary, path)
+    write_file(path, f"{KEY_FILE_HEADER}# added {_stamp()}\n{key}\n{body}".encode())
     return Keyring(parse_keys(key, "new key")).ids[0]
 
 
