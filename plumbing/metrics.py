@@ -1,0 +1,386 @@
+"""Every metric a process exports, in one place: the catalogue (`Metrics`) and its HTTP endpoint.
+
+A process makes one `Metrics` at start-up and hands it to what records into it (the RPC
+wrapper, the database, the change-log followers, the services through `Host`, the trust store,
+the registry). Families live on the object's own registry, never the global one, so that
+several systems in one process (the tests) never mix their figures. `Metrics(enabled=False)`
+gives the same attributes as no-ops: code records unconditionally, and a process that exports
+nothing pays nothing.
+
+Names and labels:
+- RPC families follow go-grpc-prometheus (`grpc_server_started_total`, `grpc_server_handled_total`,
+  `grpc_server_handling_seconds`, `grpc_server_msg_received_total`, `grpc_server_msg_sent_total`
+  and the same `grpc_client_*` for the gateway's forwarding hop and the usage feed), labelled
+  `grpc_service`, `grpc_method`, `grpc_type` (unary, client_stream, server_stream, bidi_stream)
+  and `grpc_code`.
+- Domain families are `opconnect_*`, in base units (seconds, bytes) with `_total` on counters.
+- Labels are bounded: operator ids (only of admitted callers, which the registry knows), enums
+  and reason codes that the code defines. Never a phone number, tenant, call id or request id.
+
+Figures that are a state rather than an event (stream lag, certificate expiry, registry
+operators by state, audit events pending) are read when Prometheus scrapes, from callbacks
+registered with `Metrics.on_scrape`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar, cast
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+    start_http_server,
+)
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from plumbing.logs import get_logger
+
+log = get_logger("opconnect.metrics")
+
+# No `*_created` series: nothing here reads them, and they double every counter's series.
+disable_created_metrics()  # type: ignore[no-untyped-call]
+
+F = TypeVar("F", Counter, Gauge, Histogram)
+
+# Seconds: from a fast SQLite read (~0.1 ms) to a stream that waits on a slow database.
+SECONDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+# Commit to delivery: "at once" is tens of milliseconds; a lagging stream is seconds to minutes.
+DELIVERY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+
+RPC = ("grpc_service", "grpc_method", "grpc_type")
+RPC_CODE = (*RPC, "grpc_code")
+
+# A callback run at scrape time: the families it yields are added to the scrape.
+ScrapeFn = Callable[[], Iterable[Metric]]
+
+
+class _Null:
+    """What a family is when metrics are off: every method does nothing."""
+
+    def labels(self, *_args: Any, **_kwargs: Any) -> _Null:
+        return self
+
+    def inc(self, _amount: float = 1) -> None:
+        pass
+
+    def dec(self, _amount: float = 1) -> None:
+        pass
+
+    def set(self, _value: float) -> None:
+        pass
+
+    def observe(self, _value: float) -> None:
+        pass
+
+
+_NULL = _Null()
+
+
+class _Callbacks(Collector):
+    """The scrape-time families: whatever the registered callbacks yield."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._callbacks: list[tuple[str, ScrapeFn]] = []
+
+    def add(self, name: str, callback: ScrapeFn) -> None:
+        with self._lock:
+            self._callbacks.append((name, callback))
+
+    def collect(self) -> Iterable[Metric]:
+        with self._lock:
+            callbacks = list(self._callbacks)
+        for name, callback in callbacks:
+            try:
+                families = list(callback())
+            except Exception:  # one broken figure must not empty the whole scrape
+                log.exception("metrics callback failed", callback=name)
+                continue
+            yield from families
+
+    def describe(self) -> Iterable[Metric]:
+        return []  # names only known by calling: never checked for clashes at registration
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """A running metrics endpoint: where it listens, and how to stop it."""
+
+    address: str
+    port: int
+    stop: Callable[[], None]
+    scheme: str = "http"
+
+    @property
+    def url(self) -> str:
+        host = self.address if ":" not in self.address else f"[{self.address}]"
+        return f"{self.scheme}://{host}:{self.port}/metrics"
+
+
+class Metrics:
+    """The catalogue: one attribute per family (see the module docstring for the rules)."""
+
+    def __init__(self, *, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._callbacks = _Callbacks()
+        if enabled:
+            self.registry.register(self._callbacks)
+
+        # --- RPCs, server side (every method, every process) ---------------------------------
+        self.server_started = self._counter(
+            "grpc_server_started_total", "RPCs started on the server.", RPC
+        )
+        self.server_handled = self._counter(
+            "grpc_server_handled_total",
+            "RPCs completed on the server, whatever their status.",
+            RPC_CODE,
+        )
+        self.server_handling_seconds = self._histogram(
+            "grpc_server_handling_seconds",
+            "Seconds from an RPC's start to its end, as the server saw it (for a stream: how"
+            " long it stayed open).",
+            RPC,
+            SECONDS,
+        )
+        self.server_msg_received = self._counter(
+            "grpc_server_msg_received_total", "Request messages received by the server.", RPC
+        )
+        self.server_msg_sent = self._counter(
+            "grpc_server_msg_sent_total", "Response messages sent by the server.", RPC
+        )
+        # --- RPCs, client side: the gateway's forwarding hop, the usage feed -----------------
+        self.client_started = self._counter(
+            "grpc_client_started_total", "RPCs started by this process as a client.", RPC
+        )
+        self.client_handled = self._counter(
+            "grpc_client_handled_total",
+            "RPCs this process made as a client that completed, by status.",
+            RPC_CODE,
+        )
+        self.client_handling_seconds = self._histogram(
+            "grpc_client_handling_seconds",
+            "Seconds from the start of an RPC this process made as a client to its end.",
+            RPC,
+            SECONDS,
+        )
+        self.client_msg_received = self._counter(
+            "grpc_client_msg_received_total", "Messages received by this process as a client.", RPC
+        )
+        self.client_msg_sent = self._counter(
+            "grpc_client_msg_sent_total", "Messages sent by this process as a client.", RPC
+        )
+
+        # --- the flows ----------------------------------------------------------------------
+        self.records_published = self._counter(
+            "opconnect_records_published_total",
+            "Call records published by the platform, by outcome (accepted, duplicate, refused)"
+            " and refusal reason (empty unless refused).",
+            ("outcome", "reason"),
+        )
+        self.durations_submitted = self._counter(
+            "opconnect_durations_submitted_total",
+            "Call durations submitted by operators, by operator, outcome and refusal reason.",
+            ("operator", "outcome", "reason"),
+        )
+        self.numbers_changed = self._counter(
+            "opconnect_numbers_changed_total",
+            "Numbers changed, by operator and change (uploaded, released, assigned, unassigned,"
+            " updated).",
+            ("operator", "change"),
+        )
+
+        # --- streams --------------------------------------------------------------------------
+        self.streams_open = self._gauge(
+            "opconnect_streams_open",
+            "Streams open now, by service, method and operator (`platform` for platform callers).",
+            ("grpc_service", "grpc_method", "operator"),
+        )
+        self.stream_delivered = self._counter(
+            "opconnect_stream_delivered_total",
+            "Items (records, events) delivered on streams, by operator and stream kind.",
+            ("operator", "kind"),
+        )
+        self.delivery_seconds = self._histogram(
+            "opconnect_delivery_latency_seconds",
+            "Seconds from a change's commit to its delivery on a stream that was open when it"
+            " was committed, by stream kind.",
+            ("kind",),
+            DELIVERY,
+        )
+        # opconnect_stream_lag_positions{operator,kind} and opconnect_stream_lag_seconds are
+        # read at scrape time (plumbing.changelog).
+
+        # --- change logs and retention -------------------------------------------------------
+        # opconnect_changelog_head_position{log} and opconnect_changelog_purged_position{log}
+        # are read at scrape time.
+        self.purge_runs = self._counter(
+            "opconnect_purge_runs_total",
+            "Retention purges run, by service and result (ok, failed).",
+            ("service", "result"),
+        )
+        self.purge_removed = self._counter(
+            "opconnect_purge_removed_total",
+            "Rows removed by retention purges, by table.",
+            ("table",),
+        )
+        self.purge_last_success = self._gauge(
+            "opconnect_purge_last_success_timestamp_seconds",
+            "When a service's retention purge last completed (Unix time).",
+            ("service",),
+        )
+
+        # --- database -------------------------------------------------------------------------
+        self.db_unit_seconds = self._histogram(
+            "opconnect_db_unit_seconds",
+            "Seconds a unit of database work took, from its turn at the fair gate to commit, by"
+            " kind (read, write).",
+            ("kind",),
+            SECONDS,
+        )
+        self.db_unit_wait_seconds = self._histogram(
+            "opconnect_db_unit_wait_seconds",
+            "Seconds a unit of database work waited for its turn (fair gate, threads).",
+            ("kind",),
+            SECONDS,
+        )
+        self.db_unit_failures = self._counter(
+            "opconnect_db_unit_failures_total",
+            "Units of database work that failed, by kind and reason (busy, unavailable, error).",
+            ("kind", "reason"),
+        )
+        # opconnect_db_pool_connections{state="in_use"|"idle"} is read at scrape time.
+
+        # --- trust ----------------------------------------------------------------------------
+        self.trust_reloads = self._counter(
+            "opconnect_trust_reloads_total",
+            "Reloads of the trust files after a change, by result (ok, failed).",
+            ("result",),
+        )
+        # opconnect_certificate_expiry_seconds{file,subject}, opconnect_crl_next_update_seconds,
+        # opconnect_deny_list_entries and opconnect_registry_operators{state} are read at scrape
+        # time.
+
+        # --- refusals at the gate -------------------------------------------------------------
+        self.calls_refused = self._counter(
+            "opconnect_calls_refused_total",
+            "Calls refused by the per-operator limits before any handler ran, by operator and"
+            " reason (RATE_LIMITED, TOO_MANY_STREAMS, TOO_MANY_CALLS).",
+            ("operator", "reason"),
+        )
+
+        # --- audit and the usage feed --------------------------------------------------------
+        self.audit_written = self._counter(
+            "opconnect_audit_events_written_total", "Audit events written to the database.", ()
+        )
+        # opconnect_audit_events_pending is read at scrape time.
+        self.feed_position = self._gauge(
+            "opconnect_usage_feed_position",
+            "The records log position the usage service's feed has stored through.",
+            (),
+        )
+        self.feed_lag_seconds = self._gauge(
+            "opconnect_usage_feed_lag_seconds",
+            "Seconds between now and the commit of the newest call the usage feed has stored;"
+            " grows while the feed is stalled and calls are made.",
+            (),
+        )
+        self.feed_last_batch = self._gauge(
+            "opconnect_usage_feed_last_batch_timestamp_seconds",
+            "When the usage feed last stored a batch or heartbeat (Unix time).",
+            (),
+        )
+
+    # -- families ----------------------------------------------------------------------------
+
+    def _family(self, kind: type[F], name: str, text: str, labels: Sequence[str], **kw: Any) -> F:
+        if not self.enabled:
+            return cast(F, _NULL)
+        return kind(name, text, labelnames=labels, registry=self.registry, **kw)
+
+    def _counter(self, name: str, text: str, labels: Sequence[str]) -> Counter:
+        return self._family(Counter, name.removesuffix("_total"), text, labels)
+
+    def _gauge(self, name: str, text: str, labels: Sequence[str]) -> Gauge:
+        return self._family(Gauge, name, text, labels)
+
+    def _histogram(
+        self, name: str, text: str, labels: Sequence[str], buckets: Sequence[float]
+    ) -> Histogram:
+        return self._family(Histogram, name, text, labels, buckets=buckets)
+
+    def on_scrape(self, name: str, callback: ScrapeFn) -> None:
+        """Run `callback` at every scrape (from the HTTP server's thread: it must only read
+        state that is safe to read there) and export what it yields."""
+        if self.enabled:
+            self._callbacks.add(name, callback)
+
+    # -- export ------------------------------------------------------------------------------
+
+    def text(self) -> str:
+        """The exposition text of every family (what a scrape returns)."""
+        return generate_latest(self.registry).decode()
+
+    def serve(self, listen: str, tls: Tls | None = None) -> Endpoint:
+        """Serve the families over HTTP at `listen` (host:port; port 0 picks one).
+
+        On a loopback address (a scraper on the same host) plain HTTP; on any other, HTTPS with
+        `tls`: the process's own certificate, and a client certificate required from the CA
+        bundle given (no port of the system is open to the network without mutual TLS).
+        ValueError for a non-loopback address without `tls`."""
+        host, _, port = listen.rpartition(":")
+        host = host.strip("[]")
+        secure = tls is not None and not _loopback(host)
+        if not secure and not _loopback(host):
+            raise ValueError(
+                f"metrics_listen {listen!r}: a non-loopback address needs TLS files (the"
+                " server's certificate and the platform CA bundle)"
+            )
+        options: dict[str, Any] = {}
+        if secure and tls is not None:
+            options = {
+                "certfile": tls.cert_file,
+                "keyfile": tls.key_file,
+                "client_cafile": tls.client_ca_file,
+                "client_auth_required": True,
+            }
+        server, thread = start_http_server(int(port), addr=host, registry=self.registry, **options)
+
+        def stop() -> None:
+            server.shutdown()
+            server.server_close()
+            thread.join(5)
+
+        return Endpoint(host, int(server.server_port), stop, "https" if secure else "http")
+
+
+@dataclass(frozen=True)
+class Tls:
+    """The files of a metrics endpoint served over mutual TLS."""
+
+    cert_file: str
+    key_file: str
+    client_ca_file: str
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def gauge(name: str, text: str, labels: Sequence[str] = ()) -> GaugeMetricFamily:
+    """A scrape-time gauge family: add samples with `.add_metric(label_values, value)`."""
+    return GaugeMetricFamily(name, text, labels=list(labels))
