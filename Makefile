@@ -8,8 +8,9 @@ NODE   := node_modules/.installed-$(shell cat package-lock.json | cksum | cut -d
 
 .PHONY: run test lint gen setup bench clean
 
+# Metrics on at a fixed loopback address (printed at start); OPCONNECT_METRICS_LISTEN overrides.
 run: $(STAMP)
-	$(BIN)/opconnect serve
+	OPCONNECT_METRICS_LISTEN=$${OPCONNECT_METRICS_LISTEN-127.0.0.1:9464} $(BIN)/opconnect serve
 
 test: setup
 	$(BIN)/pytest $(PYTEST_ARGS)

@@ -84,8 +84,16 @@ See calls flow: in another terminal, publish realistic traffic (5 calls a second
     --cert {op_cert} --key {op_key} \\
     {url}/opconnect.records.v1.CallRecordService/StreamCallRecords -d '{{"follow":true}}'
 
+{metrics_line(runtime)}
 Ctrl-C stops it (streams end cleanly; clients resume from their last cursor).
 """
+
+
+def metrics_line(runtime: server.Runtime) -> str:
+    """Where Prometheus scrapes this process, or how to turn metrics on."""
+    if runtime.metrics_endpoint is None:
+        return "Metrics are off (set metrics_listen, e.g. OPCONNECT_METRICS_LISTEN=127.0.0.1:9464)."
+    return f"Prometheus metrics: {runtime.metrics_endpoint.url}"
 
 
 async def serve(settings: Settings, role: str = "all") -> None:
@@ -94,6 +102,7 @@ async def serve(settings: Settings, role: str = "all") -> None:
         print(connect_help(runtime), file=sys.stderr, flush=True)
     else:
         print(f"opconnect {role} is serving on {runtime.address}", file=sys.stderr, flush=True)
+        print(metrics_line(runtime), file=sys.stderr, flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

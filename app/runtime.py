@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -41,6 +42,7 @@ from plumbing.db import Database
 from plumbing.files import private_directory
 from plumbing.limits import Slots
 from plumbing.logs import get_logger
+from plumbing.metrics import Endpoint, Metrics, Tls
 from plumbing.rpc import Access, Authenticate, RateLimiter, RpcInterceptor
 from plumbing.service import Host, Service
 
@@ -72,6 +74,8 @@ class Runtime:
     listener: PostgresListener | None = None
     channels: list[grpc.aio.Channel] = field(default_factory=list)  # the gateway's routes
     forwarder: Forwarder | None = None
+    metrics: Metrics = field(default_factory=lambda: Metrics(enabled=False))
+    metrics_endpoint: Endpoint | None = None  # where Prometheus scrapes (metrics_listen)
 
     @property
     def address(self) -> str:
@@ -97,7 +101,10 @@ class Runtime:
             await self.listener.stop()
         for service in reversed(self.services.values()):
             await service.stop()
-        await asyncio.get_running_loop().run_in_executor(None, self.db.close)
+        loop = asyncio.get_running_loop()
+        if self.metrics_endpoint is not None:
+            await loop.run_in_executor(None, self.metrics_endpoint.stop)
+        await loop.run_in_executor(None, self.db.close)
         log.info("stopped")
 
 
@@ -172,9 +179,18 @@ async def _every(interval_s: float, name: str, job: Callable[[], Awaitable[None]
 
 
 async def purge(runtime: Runtime) -> None:
-    """Delete what is past its retention, of each service this process serves."""
+    """Delete what is past its retention, of each service this process serves (a service's
+    failure is logged and counted; the others still run)."""
+    metrics = runtime.metrics
     for service in runtime.services.values():
-        await service.purge(runtime.db, runtime.settings)
+        try:
+            await service.purge(runtime.db, runtime.settings)
+        except Exception:
+            metrics.purge_runs.labels(service.name, "failed").inc()
+            log.exception("purge failed", service=service.name)
+            continue
+        metrics.purge_runs.labels(service.name, "ok").inc()
+        metrics.purge_last_success.labels(service.name).set(time.time())
 
 
 def platform_credentials(dev: PkiPaths | None, name: str) -> grpc.ChannelCredentials | None:
@@ -284,16 +300,18 @@ async def start(settings: Settings, role: str = "all") -> Runtime:
     files, dev = await loop.run_in_executor(None, trust_files, settings, kind)
     if kind.serves:  # the services seal and open cursors and page tokens
         tokens.install(await loop.run_in_executor(None, tokens.load_keyring, settings))
-    trust = TrustStore(files, settings.reload_interval_s)
+    metrics = Metrics(enabled=bool(settings.metrics_listen))
+    trust = TrustStore(files, settings.reload_interval_s, metrics)
     db = Database(
         settings.sqlalchemy_url,
         settings.db_threads,
         work_per_lane=settings.max_db_work_per_operator,
+        metrics=metrics,
     )
     await loop.run_in_executor(None, db.migrate)
     notifier = Notifier()
     notifier.bind(loop)
-    registry = Registry(db, settings.registry_cache_s)
+    registry = Registry(db, settings.registry_cache_s, metrics)
     if dev is not None:  # bound to the development operator CA (again, if it was unbound)
         anchors = ca_anchors(dev.operator_ca_cert.read_bytes())
         await registry.add(DEV_OPERATOR, "Contoso Telecom (development)", anchors)
@@ -315,6 +333,7 @@ async def start(settings: Settings, role: str = "all") -> Runtime:
         # Open calls re-check their caller as often as the trust files are reloaded.
         recheck_interval_s=settings.reload_interval_s,
         calls=Slots(settings.max_calls_per_operator),
+        metrics=metrics,
     )
     server = _server(settings, interceptor)
     listener = None
@@ -336,6 +355,7 @@ async def start(settings: Settings, role: str = "all") -> Runtime:
         platform_credentials=lambda name: platform_credentials(dev, name),
         serves=frozenset(services),
         address=lambda: _address(settings, port) if port else "",
+        metrics=metrics,
     )
     names: list[str] = []
     routed: dict[grpc.aio.Channel, list[str]] = {}  # the gateway's: channel -> its services
@@ -343,7 +363,7 @@ async def start(settings: Settings, role: str = "all") -> Runtime:
     if kind.forwards:
         credentials = await loop.run_in_executor(None, internal_credentials, settings, dev)
         routes = _routes(settings, credentials)
-        forwarder = Forwarder(routes)
+        forwarder = Forwarder(routes, metrics)
         server.add_generic_rpc_handlers(forwarder.handlers())
         for descriptor, channel in routes.items():
             routed.setdefault(channel, []).append(descriptor.full_name)
@@ -384,7 +404,13 @@ async def start(settings: Settings, role: str = "all") -> Runtime:
         listener=listener,
         channels=list(routed),
         forwarder=forwarder,
+        metrics=metrics,
     )
+    if settings.metrics_listen:
+        tls = Tls(str(files.server_cert), str(files.server_key), str(files.platform_ca))
+        runtime.metrics_endpoint = await loop.run_in_executor(
+            None, metrics.serve, settings.metrics_listen, tls
+        )
     if services:
         runtime.tasks.append(
             asyncio.create_task(_every(settings.purge_interval_s, "purge", lambda: purge(runtime)))
@@ -400,5 +426,6 @@ async def start(settings: Settings, role: str = "all") -> Runtime:
         role=role,
         address=runtime.address,
         database=db.engine.url.render_as_string(hide_password=True),
+        metrics=runtime.metrics_endpoint.url if runtime.metrics_endpoint else "off",
     )
     return runtime

@@ -14,7 +14,9 @@ its services says what the process's own health says (`mirror_health`).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping, Sequence
+import functools
+import time
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any, TypeAlias
 
 import grpc
@@ -24,6 +26,7 @@ from grpc_health.v1._async import HealthServicer
 
 from plumbing.errors import unavailable
 from plumbing.logs import get_logger
+from plumbing.metrics import Metrics, grpc_code
 from plumbing.rpc import PRINCIPAL_HEADER, current_principal, current_request_id
 
 log = get_logger("opconnect.forward")
@@ -59,13 +62,48 @@ async def _relay_error(context: Context, error: grpc.aio.AioRpcError, path: str)
     await context.abort(error.code(), error.details() or "", trailing)
 
 
+class _Hop:
+    """One forwarded call's client-side metrics (go-grpc-prometheus `grpc_client_*`)."""
+
+    def __init__(self, metrics: Metrics, labels: tuple[str, str, str]) -> None:
+        self._metrics = metrics
+        self._labels = labels
+        self.started = time.perf_counter()
+        self.sent = 0
+        self.received = 0
+        metrics.client_started.labels(*labels).inc()
+
+    async def count(self, requests: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        async for request in requests:
+            self.sent += 1
+            yield request
+
+    def done(self, code: grpc.StatusCode | None) -> None:
+        """The forwarded call ended with `code` (None: the caller went away first)."""
+        m, labels = self._metrics, self._labels
+        status = "CANCELLED" if code is None else code.name
+        m.client_handled.labels(*labels, grpc_code(status)).inc()
+        m.client_handling_seconds.labels(*labels).observe(time.perf_counter() - self.started)
+        if self.sent:
+            m.client_msg_sent.labels(*labels).inc(self.sent)
+        if self.received:
+            m.client_msg_received.labels(*labels).inc(self.received)
+
+
+def _ended(error: BaseException) -> grpc.StatusCode | None:
+    return error.code() if isinstance(error, grpc.aio.AioRpcError) else None
+
+
 class Forwarder:
     """Generic handlers for the services in `routes` (full service name → the channel to its
     process). Each method is forwarded with its own cardinality, read from the descriptors."""
 
-    def __init__(self, routes: Mapping[ServiceDescriptor, grpc.aio.Channel]) -> None:
+    def __init__(
+        self, routes: Mapping[ServiceDescriptor, grpc.aio.Channel], metrics: Metrics | None = None
+    ) -> None:
         self._routes = dict(routes)
         self._closing = asyncio.Event()
+        self._metrics = metrics or Metrics(enabled=False)
 
     def close(self) -> None:
         """The gateway is shutting down: every forwarded stream ends at once with UNAVAILABLE /
@@ -78,7 +116,11 @@ class Forwarder:
         for service, channel in self._routes.items():
             methods = {
                 method.name: _handler(
-                    channel, f"/{service.full_name}/{method.name}", method, self._closing
+                    channel,
+                    f"/{service.full_name}/{method.name}",
+                    method,
+                    self._closing,
+                    functools.partial(_Hop, self._metrics, _labels(service, method)),
                 )
                 for method in service.methods
             }
@@ -86,22 +128,44 @@ class Forwarder:
         return out
 
 
+def _labels(service: ServiceDescriptor, method: Any) -> tuple[str, str, str]:
+    streams = (method.client_streaming, method.server_streaming)
+    kind = {
+        (False, False): "unary",
+        (False, True): "server_stream",
+        (True, False): "client_stream",
+        (True, True): "bidi_stream",
+    }[streams]
+    return service.full_name, method.name, kind
+
+
 def _handler(
-    channel: grpc.aio.Channel, path: str, method: Any, closing: asyncio.Event
+    channel: grpc.aio.Channel,
+    path: str,
+    method: Any,
+    closing: asyncio.Event,
+    hop: Callable[[], _Hop],
 ) -> grpc.RpcMethodHandler:
     """A method handler that forwards `path` on `channel`, bytes in and bytes out."""
     if not method.client_streaming and not method.server_streaming:
         forward_unary = channel.unary_unary(path)
 
         async def unary_unary(request: bytes, context: Context) -> bytes:
+            figures = hop()
+            figures.sent = 1
             call = forward_unary(
                 request, timeout=context.time_remaining(), metadata=_metadata(context)
             )
             try:
-                return await call  # type: ignore[no-any-return]
-            except grpc.aio.AioRpcError as error:
-                await _relay_error(context, error, path)
+                response: bytes = await call
+            except BaseException as error:
+                figures.done(_ended(error))
+                if isinstance(error, grpc.aio.AioRpcError):
+                    await _relay_error(context, error, path)
                 raise
+            figures.received = 1
+            figures.done(grpc.StatusCode.OK)
+            return response
 
         return grpc.unary_unary_rpc_method_handler(unary_unary)
 
@@ -109,10 +173,12 @@ def _handler(
         forward_stream = channel.unary_stream(path)
 
         async def unary_stream(request: bytes, context: Context) -> AsyncIterator[bytes]:
+            figures = hop()
+            figures.sent = 1
             call = forward_stream(
                 request, timeout=context.time_remaining(), metadata=_metadata(context)
             )
-            async for response in _responses(call, context, path, closing):
+            async for response in _responses(call, context, path, closing, figures):
                 yield response
 
         return grpc.unary_stream_rpc_method_handler(unary_stream)
@@ -121,16 +187,24 @@ def _handler(
         forward_client_stream = channel.stream_unary(path)
 
         async def stream_unary(requests: AsyncIterator[bytes], context: Context) -> bytes:
+            figures = hop()
             call = forward_client_stream(
-                requests, timeout=context.time_remaining(), metadata=_metadata(context)
+                figures.count(requests),
+                timeout=context.time_remaining(),
+                metadata=_metadata(context),
             )
             try:
-                return await call  # type: ignore[no-any-return]
-            except grpc.aio.AioRpcError as error:
-                await _relay_error(context, error, path)
+                response: bytes = await call
+            except BaseException as error:
+                figures.done(_ended(error))
+                if isinstance(error, grpc.aio.AioRpcError):
+                    await _relay_error(context, error, path)
                 raise
             finally:
                 call.cancel()
+            figures.received = 1
+            figures.done(grpc.StatusCode.OK)
+            return response
 
         return grpc.stream_unary_rpc_method_handler(stream_unary)
 
@@ -139,20 +213,24 @@ def _handler(
     async def stream_stream(
         requests: AsyncIterator[bytes], context: Context
     ) -> AsyncIterator[bytes]:
-        call = forward_bidi(requests, timeout=context.time_remaining(), metadata=_metadata(context))
-        async for response in _responses(call, context, path, closing):
+        figures = hop()
+        call = forward_bidi(
+            figures.count(requests), timeout=context.time_remaining(), metadata=_metadata(context)
+        )
+        async for response in _responses(call, context, path, closing, figures):
             yield response
 
     return grpc.stream_stream_rpc_method_handler(stream_stream)
 
 
 async def _responses(
-    call: Any, context: Context, path: str, closing: asyncio.Event
+    call: Any, context: Context, path: str, closing: asyncio.Event, figures: _Hop
 ) -> AsyncIterator[bytes]:
     """The forwarded call's responses, until it ends or the gateway shuts down (`closing`);
     when the caller goes (or anything else ends this), the forwarded call is cancelled, so the
     service process frees the stream at once."""
     stop = asyncio.ensure_future(closing.wait())
+    code: grpc.StatusCode | None = None
     try:
         while True:
             read = asyncio.ensure_future(call.read())
@@ -165,11 +243,15 @@ async def _responses(
                 )
             response = read.result()
             if response is grpc.aio.EOF:
+                code = grpc.StatusCode.OK
                 return
+            figures.received += 1
             yield response
     except grpc.aio.AioRpcError as error:
+        code = error.code()
         await _relay_error(context, error, path)
     finally:
+        figures.done(code)
         stop.cancel()
         call.cancel()
 

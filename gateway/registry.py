@@ -14,18 +14,20 @@ from __future__ import annotations
 import datetime as dt
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Literal
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
-from sqlalchemy import DateTime, ForeignKey, String, delete, select
+from prometheus_client.core import Metric
+from sqlalchemy import DateTime, ForeignKey, String, delete, func, select
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from gateway.pki import operator_uri, spki_sha256
 from plumbing.db import Base, Database
+from plumbing.metrics import Metrics, gauge
 
 
 class OperatorStatus(StrEnum):
@@ -254,15 +256,33 @@ def list_operators(session: Session) -> list[Operator]:
     return [_operator(r, session) for r in rows]
 
 
+def count_by_status(session: Session) -> dict[OperatorStatus, int]:
+    rows = session.execute(select(OperatorRow.status, func.count()).group_by(OperatorRow.status))
+    return {OperatorStatus(status): int(count) for status, count in rows}
+
+
 class Registry:
     """Registry reads for the hot path: each operator's status and anchors cached for `ttl_s`
     seconds, so a suspension or an anchor change made by another process (`opconnect
     operators`) takes effect within that time (at once in this one)."""
 
-    def __init__(self, db: Database, ttl_s: float) -> None:
+    def __init__(self, db: Database, ttl_s: float, metrics: Metrics | None = None) -> None:
         self._db = db
         self._ttl = ttl_s
         self._cache: dict[str, tuple[Operator | None, float]] = {}
+        if metrics is not None:
+            metrics.on_scrape("registry", self._figures)
+
+    def _figures(self) -> Iterator[Metric]:
+        """Scrape time (the HTTP server's thread): operators by state, one small query."""
+        counts = dict.fromkeys(OperatorStatus, 0)
+        counts.update(self._db.transaction(count_by_status))
+        family = gauge(
+            "opconnect_registry_operators", "Operators in the registry, by state.", ("state",)
+        )
+        for status, count in counts.items():
+            family.add_metric([status.value], count)
+        yield family
 
     async def lookup(self, operator_id: str) -> Operator | None:
         hit = self._cache.get(operator_id)

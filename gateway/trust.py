@@ -14,15 +14,18 @@ from __future__ import annotations
 import re
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from prometheus_client.core import Metric
 
 from gateway.pki import load_crl_serials
 from plumbing.logs import get_logger
+from plumbing.metrics import Metrics, gauge
 
 log = get_logger("opconnect.trust")
 
@@ -54,6 +57,8 @@ class Trust:
     denied_serials: frozenset[int]
     denied_fingerprints: frozenset[str]
     gateway_cas: tuple[bytes, ...] = ()
+    # When each CRL of the CRL file says the next one is due (issuer RFC 4514 name, Unix time).
+    crl_next_updates: tuple[tuple[str, float], ...] = ()
 
 
 def split_certs(bundle: bytes) -> tuple[bytes, ...]:
@@ -77,6 +82,16 @@ def parse_deny_list(text: str) -> tuple[frozenset[int], frozenset[str]]:
         else:
             raise ValueError(f"deny list line {number}: not a serial or a SHA-256 fingerprint")
     return frozenset(serials), frozenset(prints)
+
+
+def crl_next_updates(crl_bundle: bytes) -> tuple[tuple[str, float], ...]:
+    """(issuer, next update as Unix time) of each CRL of a PEM bundle that says when."""
+    out: list[tuple[str, float]] = []
+    for match in _PEM_CRL.finditer(crl_bundle):
+        crl = x509.load_pem_x509_crl(match.group(0))
+        if crl.next_update_utc is not None:
+            out.append((crl.issuer.rfc4514_string(), crl.next_update_utc.timestamp()))
+    return tuple(out)
 
 
 def _load_revoked(crl_bundle: bytes, cas: tuple[bytes, ...]) -> frozenset[tuple[str, int]]:
@@ -117,8 +132,12 @@ class TrustStore:
     """Loads the trust files, and reloads them when they change (checked at most every
     `interval_s`). Thread-safe: gRPC calls the credentials fetcher from its own threads."""
 
-    def __init__(self, files: TrustFiles, interval_s: float) -> None:
+    def __init__(
+        self, files: TrustFiles, interval_s: float, metrics: Metrics | None = None
+    ) -> None:
         self.files = files
+        self.metrics = metrics or Metrics(enabled=False)
+        self._server_cert = b""
         self._interval = interval_s
         self._lock = threading.Lock()
         self._checked = 0.0
@@ -126,6 +145,7 @@ class TrustStore:
         self._tls_stamps: tuple[tuple[int, ...], ...] = ()
         self._trust = self._load(version=1)  # raises at start-up if the files are unusable
         self._tls_config = self._load_tls()
+        self.metrics.on_scrape("trust", self._figures)
 
     # -- post-handshake trust --------------------------------------------------------------------
 
@@ -157,12 +177,33 @@ class TrustStore:
             stamps = {p: self._stamp(p) for p in self._watched() if p is not None}
             if stamps == self._stamps:
                 return
+            changed = [p for p in stamps if stamps[p] != self._stamps.get(p)]
             try:
                 self._trust = self._load(self._trust.version + 1)
                 log.info("trust reloaded", version=self._trust.version)
+                self._count_reload(changed, "ok")
             except (OSError, ValueError) as error:
                 self._stamps = stamps  # don't retry a bad file until it changes again
                 log.error("trust files not reloaded; keeping the previous ones", error=str(error))
+                self._count_reload(changed, "failed")
+
+    def _file_name(self, path: Path) -> str:
+        """A trust file as a metric label: the setting it comes from, without `_file`."""
+        f = self.files
+        names = {
+            f.server_cert: "tls_cert",
+            f.server_key: "tls_key",
+            f.operator_ca: "operator_ca",
+            f.platform_ca: "platform_ca",
+            f.crl: "crl",
+            f.deny_list: "deny_list",
+            f.gateway_ca: "gateway_ca",
+        }
+        return names.get(path, "other")
+
+    def _count_reload(self, paths: list[Path], result: str) -> None:
+        for path in paths:
+            self.metrics.trust_reloads.labels(self._file_name(path), result).inc()
 
     def _load(self, version: int) -> Trust:
         f = self.files
@@ -172,8 +213,11 @@ class TrustStore:
         if not operator_cas or not platform_cas:
             raise ValueError("a CA bundle holds no certificate")
         revoked: frozenset[tuple[str, int]] = frozenset()
+        updates: tuple[tuple[str, float], ...] = ()
         if f.crl is not None:  # configured: a missing file is an error, never "none revoked"
-            revoked = _load_revoked(f.crl.read_bytes(), operator_cas + platform_cas)
+            crls = f.crl.read_bytes()
+            revoked = _load_revoked(crls, operator_cas + platform_cas)
+            updates = crl_next_updates(crls)
         serials: frozenset[int] = frozenset()
         prints: frozenset[str] = frozenset()
         if f.deny_list is not None:  # configured: a missing file is an error, never "none denied"
@@ -181,7 +225,9 @@ class TrustStore:
         gateway_cas = split_certs(f.gateway_ca.read_bytes()) if f.gateway_ca else ()
         if f.gateway_ca and not gateway_cas:
             raise ValueError("the gateway CA bundle holds no certificate")
-        return Trust(version, operator_cas, platform_cas, revoked, serials, prints, gateway_cas)
+        return Trust(
+            version, operator_cas, platform_cas, revoked, serials, prints, gateway_cas, updates
+        )
 
     # -- TLS credentials -------------------------------------------------------------------------
 
@@ -195,6 +241,7 @@ class TrustStore:
         stamps = tuple(self._stamp(p) for p in self._tls_files())
         cert, key = f.server_cert.read_bytes(), f.server_key.read_bytes()
         _check_pair(cert, key)
+        self._server_cert = cert
         roots = b"".join(
             dict.fromkeys(c for p in self._tls_files()[2:] for c in split_certs(p.read_bytes()))
         )
@@ -206,15 +253,57 @@ class TrustStore:
         stamps = tuple(self._stamp(p) for p in self._tls_files())
         if stamps == self._tls_stamps:
             return None
+        old = self._tls_stamps or tuple(() for _ in stamps)
+        changed = [p for p, a, b in zip(self._tls_files(), stamps, old, strict=True) if a != b]
         with self._lock:
             try:
                 config = self._load_tls()
             except (OSError, ValueError) as error:
                 self._tls_stamps = stamps
                 log.error("TLS files not reloaded; keeping the previous ones", error=str(error))
+                self._count_reload(changed, "failed")
                 return None
         log.info("TLS certificate or CA bundle reloaded")
+        self._count_reload(changed, "ok")
         return config
+
+    def _figures(self) -> Iterator[Metric]:
+        """Scrape time: how long until each certificate in force and each CRL expire, and the
+        deny list's size."""
+        trust = self.current()
+        now = time.time()
+        expiry = gauge(
+            "opconnect_certificate_expiry_seconds",
+            "Seconds until a certificate in force expires (negative: expired), by trust file"
+            " and subject: the server's own and each CA of each bundle.",
+            ("file", "subject"),
+        )
+        bundles = {
+            "tls_cert": (self._server_cert,),
+            "operator_ca": trust.operator_cas,
+            "platform_ca": trust.platform_cas,
+            "gateway_ca": trust.gateway_cas,
+        }
+        for name, pems in bundles.items():
+            for pem in pems:
+                cert = x509.load_pem_x509_certificate(pem)
+                seconds = cert.not_valid_after_utc.timestamp() - now
+                expiry.add_metric([name, cert.subject.rfc4514_string()], seconds)
+        yield expiry
+        crl = gauge(
+            "opconnect_crl_next_update_seconds",
+            "Seconds until each CRL's next update is due (negative: overdue), by issuer.",
+            ("issuer",),
+        )
+        for issuer, due in trust.crl_next_updates:
+            crl.add_metric([issuer], due - now)
+        yield crl
+        denied = gauge(
+            "opconnect_deny_list_entries",
+            "Serials and fingerprints in the deny list in force.",
+        )
+        denied.add_metric([], len(trust.denied_serials) + len(trust.denied_fingerprints))
+        yield denied
 
     def server_credentials(self) -> grpc.ServerCredentials:
         return grpc.dynamic_ssl_server_credentials(

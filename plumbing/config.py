@@ -50,6 +50,11 @@ class Settings:
     reload_interval_s: float = 2.0
     # How long, in seconds, an operator's registry status is cached per process.
     registry_cache_s: float = 2.0
+    # Where this process serves its Prometheus metrics over HTTP (host:port; port 0 picks a free
+    # one); empty: no metrics are kept at all. Plain HTTP on a loopback address only; on any
+    # other, HTTPS with the server's certificate, a client certificate required from the
+    # platform CA bundle. `make run` sets 127.0.0.1:9464.
+    metrics_listen: str = ""
     # "json" (production) or "console" (readable on a terminal); "auto" picks console on a TTY.
     log_format: str = "auto"
     log_level: str = "info"

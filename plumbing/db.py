@@ -24,21 +24,24 @@ import functools
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
 from alembic import command
 from alembic.config import Config
+from prometheus_client.core import Metric
 from sqlalchemy import Engine, create_engine, event, exc
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
+from sqlalchemy.pool import QueuePool
 
-from plumbing.errors import resource_exhausted, unavailable
+from plumbing.errors import ApiError, resource_exhausted, unavailable
 from plumbing.files import private_directory, private_files
 from plumbing.limits import SYSTEM_LANE, FairGate
 from plumbing.logs import get_logger
+from plumbing.metrics import Metrics, gauge
 from plumbing.rpc import current_principal
 
 P = ParamSpec("P")
@@ -56,11 +59,19 @@ class Database:
     """An engine, its session makers, and the threads that run units of work."""
 
     def __init__(
-        self, url: str, threads: int = 8, *, work_per_lane: int = 0, busy_timeout_s: float = 30.0
+        self,
+        url: str,
+        threads: int = 8,
+        *,
+        work_per_lane: int = 0,
+        busy_timeout_s: float = 30.0,
+        metrics: Metrics | None = None,
     ) -> None:
         """`work_per_lane`: units one principal may run at once (0: as many as `threads`);
-        `busy_timeout_s`: how long SQLite waits for another process's write lock."""
+        `busy_timeout_s`: how long SQLite waits for another process's write lock; `metrics`:
+        where units of work are counted and timed (none: not at all)."""
         self.url = url
+        self.metrics = metrics or Metrics(enabled=False)
         self.is_sqlite = url.startswith("sqlite")
         self.is_postgres = url.startswith("postgresql")
         self.busy_timeout_s = busy_timeout_s
@@ -85,6 +96,19 @@ class Database:
         self._read = sessionmaker(read_engine, expire_on_commit=False)
         self._write = sessionmaker(write_engine, expire_on_commit=False)
         self._executor = ThreadPoolExecutor(threads, thread_name_prefix="db")
+        self.metrics.on_scrape("db_pool", self._pool_figures)
+
+    def _pool_figures(self) -> Iterator[Metric]:
+        pool = self.engine.pool
+        family = gauge(
+            "opconnect_db_pool_connections",
+            "Database connections of this process's pool, by state (in_use, idle).",
+            ("state",),
+        )
+        if isinstance(pool, QueuePool):
+            family.add_metric(["in_use"], pool.checkedout())
+            family.add_metric(["idle"], pool.checkedin())
+        yield family
 
     def session(self, *, write: bool) -> Session:
         """A new session (use as a context manager with `.begin()`)."""
@@ -104,8 +128,9 @@ class Database:
         """
         loop = asyncio.get_running_loop()
         lane = _lane()
+        queued = time.perf_counter()
         await self.gate.enter(lane, write)
-        call = functools.partial(self._guarded, fn, args, write)
+        call = functools.partial(self._timed, fn, args, write, queued)
         ctx = contextvars.copy_context()
         try:
             work = self._executor.submit(ctx.run, call)
@@ -114,6 +139,24 @@ class Database:
             raise
         work.add_done_callback(lambda _: _on_loop(loop, self.gate.leave, lane, write))
         return await asyncio.wrap_future(work, loop=loop)
+
+    def _timed(self, fn: Callable[..., T], args: tuple[Any, ...], write: bool, queued: float) -> T:
+        """The unit on its thread, timed: its wait (gate and thread) and its work, by kind, and
+        a failure by reason."""
+        kind = "write" if write else "read"
+        started = time.perf_counter()
+        self.metrics.db_unit_wait_seconds.labels(kind).observe(started - queued)
+        try:
+            return self._guarded(fn, args, write)
+        except ApiError as error:
+            reason = {"STORAGE_BUSY": "busy", "STORAGE_UNAVAILABLE": "unavailable"}
+            self.metrics.db_unit_failures.labels(kind, reason.get(error.reason, "refused")).inc()
+            raise
+        except Exception:
+            self.metrics.db_unit_failures.labels(kind, "error").inc()
+            raise
+        finally:
+            self.metrics.db_unit_seconds.labels(kind).observe(time.perf_counter() - started)
 
     def _guarded(self, fn: Callable[..., T], args: tuple[Any, ...], write: bool) -> T:
         deadline = time.monotonic() + self.busy_timeout_s

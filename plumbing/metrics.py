@@ -57,6 +57,26 @@ SECONDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2
 DELIVERY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 
 RPC = ("grpc_service", "grpc_method", "grpc_type")
+# `grpc_code` as go-grpc-prometheus writes it (Go's codes.Code names), from the status name.
+GRPC_CODES = {
+    "OK": "OK",
+    "CANCELLED": "Canceled",
+    "UNKNOWN": "Unknown",
+    "INVALID_ARGUMENT": "InvalidArgument",
+    "DEADLINE_EXCEEDED": "DeadlineExceeded",
+    "NOT_FOUND": "NotFound",
+    "ALREADY_EXISTS": "AlreadyExists",
+    "PERMISSION_DENIED": "PermissionDenied",
+    "RESOURCE_EXHAUSTED": "ResourceExhausted",
+    "FAILED_PRECONDITION": "FailedPrecondition",
+    "ABORTED": "Aborted",
+    "OUT_OF_RANGE": "OutOfRange",
+    "UNIMPLEMENTED": "Unimplemented",
+    "INTERNAL": "Internal",
+    "UNAVAILABLE": "Unavailable",
+    "DATA_LOSS": "DataLoss",
+    "UNAUTHENTICATED": "Unauthenticated",
+}
 RPC_CODE = (*RPC, "grpc_code")
 
 # A callback run at scrape time: the families it yields are added to the scrape.
@@ -263,8 +283,10 @@ class Metrics:
         # --- trust ----------------------------------------------------------------------------
         self.trust_reloads = self._counter(
             "opconnect_trust_reloads_total",
-            "Reloads of the trust files after a change, by result (ok, failed).",
-            ("result",),
+            "Reloads of a trust file after it changed, by file (tls_cert, tls_key, operator_ca,"
+            " platform_ca, crl, deny_list, gateway_ca) and result (ok, failed: the previous"
+            " version stays in force).",
+            ("file", "result"),
         )
         # opconnect_certificate_expiry_seconds{file,subject}, opconnect_crl_next_update_seconds,
         # opconnect_deny_list_entries and opconnect_registry_operators{state} are read at scrape
@@ -370,6 +392,11 @@ class Tls:
     cert_file: str
     key_file: str
     client_ca_file: str
+
+
+def grpc_code(status: str) -> str:
+    """The `grpc_code` label of a status name (`INVALID_ARGUMENT` -> `InvalidArgument`)."""
+    return GRPC_CODES.get(status, "Unknown")
 
 
 def _loopback(host: str) -> bool:

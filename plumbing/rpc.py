@@ -35,6 +35,7 @@ from plumbing.errors import (
 )
 from plumbing.limits import Slots, too_many_calls
 from plumbing.logs import get_logger
+from plumbing.metrics import Metrics, grpc_code
 from plumbing.status import code_of, to_status
 
 log = get_logger("opconnect.rpc")
@@ -248,7 +249,10 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         *,
         recheck_interval_s: float = 2.0,
         calls: Slots | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
+        self.metrics = metrics or Metrics(enabled=False)
+        self._figures: dict[str, _Figures] = {}
         self._max_request_bytes = max_request_bytes
         self.calls = calls or Slots(2**31)
         self._authenticate = authenticate
@@ -267,6 +271,18 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             return None
         method: str = details.method
         access = self._access.get(method)
+        kind = (
+            "unary"
+            if handler.unary_unary
+            else "server_stream"
+            if handler.unary_stream
+            else "client_stream"
+            if handler.stream_unary
+            else "bidi_stream"
+        )
+        figures = self._figures.get(method)
+        if figures is None:
+            figures = self._figures[method] = _Figures(self.metrics, method, kind)
         # Requests reach the wrapper as bytes and are decoded there, so that a malformed body is
         # answered INVALID_ARGUMENT with details like every other error (gRPC would say UNKNOWN).
         decode = handler.request_deserializer
@@ -274,7 +290,7 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
                 self._wrap_unary(
-                    method,
+                    figures,
                     access,
                     handler.unary_unary,
                     _decoder(decode, self._max_request_bytes, streaming=False),
@@ -284,7 +300,7 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
                 self._wrap_stream(
-                    method,
+                    figures,
                     access,
                     handler.unary_stream,
                     _decoder(decode, self._max_request_bytes, streaming=False),
@@ -295,7 +311,7 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
                 self._wrap_client_stream(
-                    method,
+                    figures,
                     access,
                     handler.stream_unary,
                     _decoder(decode, self._max_request_bytes, streaming=True),
@@ -304,7 +320,7 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             )
         return grpc.stream_stream_rpc_method_handler(
             self._wrap_stream(
-                method,
+                figures,
                 access,
                 handler.stream_stream,
                 _decoder(decode, self._max_request_bytes, streaming=True),
@@ -339,10 +355,14 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if principal.kind != "platform":
             wait = self._rate.take(_limit_key(principal))
             if wait is not None:
+                self._refused(principal, "RATE_LIMITED")
                 raise resource_exhausted(
                     "gateway.opconnect", "RATE_LIMITED", "request rate limit exceeded", wait
                 )
         return principal
+
+    def _refused(self, principal: Principal, reason: str) -> None:
+        self.metrics.calls_refused.labels(_who(principal), reason).inc()
 
     async def _start(
         self,
@@ -363,22 +383,28 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
     def _wrap_unary(
         self,
-        method: str,
+        figures: _Figures,
         access: Access | None,
         behavior: Callable[..., Awaitable[Any]],
         decode: Callable[[Any], Any],
     ) -> Callable[..., Awaitable[Any]]:
+        method = figures.method
+
         async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            call_log = _CallLog(method, _request_id_of(context))
+            call_log = _CallLog(figures, _request_id_of(context))
+            call_log.received = 1
             _request_id.set(call_log.request_id)
             slot: str | None = None
             try:
                 principal = await self._start(context, method, access, call_log)
                 if principal.kind == "operator":  # its calls in flight (plumbing.limits)
                     if not self.calls.acquire(principal.name):
+                        self._refused(principal, "TOO_MANY_CALLS")
                         raise too_many_calls(self.calls.maximum)
                     slot = principal.name
-                return await behavior(decode(request), context)
+                response = await behavior(decode(request), context)
+                call_log.messages = 1
+                return response
             except BaseException as error:  # every way out is logged and mapped once
                 await call_log.fail(context, error)
                 raise
@@ -391,16 +417,17 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
     def _wrap_client_stream(
         self,
-        method: str,
+        figures: _Figures,
         access: Access | None,
         behavior: Callable[..., Awaitable[Any]],
         decode: Callable[[Any], Any],
     ) -> Callable[..., Awaitable[Any]]:
         """A client stream with one response: every request message is let through only after
         the caller is checked again."""
+        method = figures.method
 
         async def call(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            call_log = _CallLog(method, _request_id_of(context))
+            call_log = _CallLog(figures, _request_id_of(context))
             _request_id.set(call_log.request_id)
             guard: _StreamGuard | None = None
             try:
@@ -409,9 +436,12 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 _guard.set(guard)
                 guard.in_handler = True
                 try:
-                    return await behavior(guard.requests(decode(requests)), context)
+                    counted = call_log.count(decode(requests))
+                    response = await behavior(guard.requests(counted), context)
                 except BaseException as error:
                     raise guard.turn(error) from None
+                call_log.messages = 1
+                return response
             except BaseException as error:
                 if guard is not None and guard.refused is not None:
                     call_log.peer = peer_certificate(context)
@@ -426,40 +456,50 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
     def _wrap_stream(
         self,
-        method: str,
+        figures: _Figures,
         access: Access | None,
         behavior: Callable[..., AsyncIterator[Any]],
         decode: Callable[[Any], Any],
         *,
         streaming_requests: bool,
     ) -> Callable[..., AsyncIterator[Any]]:
+        method = figures.method
+
         async def call(
             request: Any, context: grpc.aio.ServicerContext[Any, Any]
         ) -> AsyncIterator[Any]:
-            call_log = _CallLog(method, _request_id_of(context))
+            call_log = _CallLog(figures, _request_id_of(context))
             _request_id.set(call_log.request_id)
             slot: str | None = None
             guard: _StreamGuard | None = None
+            open_streams: Any = None
             try:
                 principal = await self._start(context, method, access, call_log)
                 if principal.kind != "platform":
                     slot = _limit_key(principal)
                     if not self.streams.acquire(slot):
                         slot = None
+                        self._refused(principal, "TOO_MANY_STREAMS")
                         raise resource_exhausted(
                             "gateway.opconnect",
                             "TOO_MANY_STREAMS",
                             f"at most {self.streams.maximum} concurrent streams per operator",
                             1.0,
                         )
+                open_streams = figures.open_streams(_who(principal))
+                open_streams.inc()
                 # A caller admitted only to health and reflection is not re-checked: it is
                 # already refused everything else.
                 if principal.kind != "unverified":
                     guard = _StreamGuard(self._authenticate, context, self._recheck_s)
                     _guard.set(guard)
-                requests = decode(request)
-                if streaming_requests and guard is not None:
-                    requests = guard.requests(requests)
+                if streaming_requests:
+                    requests = call_log.count(decode(request))
+                    if guard is not None:
+                        requests = guard.requests(requests)
+                else:
+                    call_log.received = 1
+                    requests = decode(request)
                 async for response in _guarded(behavior(requests, context), guard):
                     call_log.messages += 1
                     yield response
@@ -473,6 +513,8 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                     guard.close()
                 if slot is not None:
                     self.streams.release(slot)
+                if open_streams is not None:
+                    open_streams.dec()
                 call_log.write(context)
 
         return call
@@ -511,6 +553,40 @@ async def _guarded(
             yield response
     finally:
         await responses.aclose()
+
+
+def _who(principal: Principal) -> str:
+    """A caller as a metric label: an (admitted) operator's id, else its kind (`platform`,
+    `unverified`): bounded, never a certificate's own words."""
+    return principal.name if principal.kind == "operator" else principal.kind
+
+
+class _Figures:
+    """One method's RPC metrics (go-grpc-prometheus names), its label values bound once."""
+
+    def __init__(self, metrics: Metrics, method: str, kind: str) -> None:
+        self.method = method
+        self.kind = kind
+        service, _, name = method.strip("/").partition("/")
+        labels = (service, name, kind)
+        self._metrics = metrics
+        self._labels = labels
+        self.started = metrics.server_started.labels(*labels)
+        self.seconds = metrics.server_handling_seconds.labels(*labels)
+        self.received = metrics.server_msg_received.labels(*labels)
+        self.sent = metrics.server_msg_sent.labels(*labels)
+        self._handled: dict[str, Any] = {}
+
+    def handled(self, status: str) -> Any:
+        child = self._handled.get(status)
+        if child is None:
+            child = self._handled[status] = self._metrics.server_handled.labels(
+                *self._labels, grpc_code(status)
+            )
+        return child
+
+    def open_streams(self, who: str) -> Any:
+        return self._metrics.streams_open.labels(self._labels[0], self._labels[1], who)
 
 
 def _limit_key(principal: Principal) -> str:
@@ -593,15 +669,18 @@ def _encoder(serialize: Callable[[Any], bytes] | None) -> Callable[[Any], bytes]
 
 
 class _CallLog:
-    """What one call did, for its log line."""
+    """What one call did, for its log line and its metrics."""
 
-    def __init__(self, method: str, request_id: str) -> None:
-        self.method = method
+    def __init__(self, figures: _Figures, request_id: str) -> None:
+        self.figures = figures
+        self.method = figures.method
         self.request_id = request_id
         self.principal = "-"
         self.status = "OK"
-        self.messages = 0
+        self.messages = 0  # responses sent
+        self.received = 0  # requests received
         self.started = time.perf_counter()
+        figures.started.inc()
         self.reason = ""  # the ErrorInfo reason of an error answered
         self.refusal = ""  # an unverified caller's reason (served health or reflection anyway)
         self.peer: tuple[str, str] | None = None  # a refused caller's certificate identity, serial
@@ -628,17 +707,31 @@ class _CallLog:
         metadata = (*status.trailing_metadata, ("x-request-id", self.request_id))
         await context.abort(status.code, status.details, metadata)
 
+    async def count(self, requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        """The request messages of a stream, counted as they arrive."""
+        async for request in requests:
+            self.received += 1
+            yield request
+
     def write(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         if self.status == "OK" and context.cancelled():
             self.status = "CANCELLED"
+        seconds = time.perf_counter() - self.started
+        figures = self.figures
+        figures.handled(self.status).inc()
+        figures.seconds.observe(seconds)
+        if self.received:
+            figures.received.inc(self.received)
+        if self.messages:
+            figures.sent.inc(self.messages)
         fields: dict[str, Any] = {
             "method": self.method,
             "principal": self.principal,
             "status": self.status,
-            "duration_ms": round((time.perf_counter() - self.started) * 1000, 3),
+            "duration_ms": round(seconds * 1000, 3),
             "request_id": self.request_id,
         }
-        if self.messages:
+        if self.messages and figures.kind in ("server_stream", "bidi_stream"):
             fields["messages"] = self.messages
         if self.reason:
             fields["reason"] = self.reason

@@ -19,6 +19,7 @@ from google.protobuf.descriptor import FileDescriptor, ServiceDescriptor
 from plumbing.changelog import Notifier
 from plumbing.config import Settings
 from plumbing.db import Database
+from plumbing.metrics import Metrics
 from plumbing.rpc import Access, access_rules
 
 
@@ -41,6 +42,8 @@ class Host:
     serves: frozenset[str]
     # This process's own address, once it listens ("" before).
     address: Callable[[], str]
+    # Where the service counts what it does (plumbing.metrics; no-ops when metrics are off).
+    metrics: Metrics
 
 
 class Service:

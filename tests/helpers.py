@@ -8,12 +8,14 @@ from __future__ import annotations
 import datetime as dt
 import queue
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar, cast
 
 import sqlalchemy as sa
+from prometheus_client.parser import text_string_to_metric_families
 
 from gateway import pki
 from gateway.registry import OperatorStatus
@@ -204,12 +206,13 @@ class Split:
             system.stop()
 
 
-def start_split(test_pki: Pki, directory: Path, url: str) -> Split:
-    """The three service processes and a gateway in front of them, on one database."""
+def start_split(test_pki: Pki, directory: Path, url: str, **changes: Any) -> Split:
+    """The three service processes and a gateway in front of them, on one database (every
+    process with the settings `changes`)."""
     paths = test_pki.paths
     gateway_cert, gateway_key = pki.issue_client(paths, "platform", "gateway")
     usage_cert, usage_key = pki.issue_client(paths, "platform", "usage")
-    base = settings_for(directory, paths, url)
+    base = settings_for(directory, paths, url, **changes)
     numbers = RunningSystem(base, test_pki, "numbers")
     records = RunningSystem(base, test_pki, "records")
     usage = RunningSystem(
@@ -262,3 +265,32 @@ def make_one_ca_pki(directory: Path) -> pki.Issued:
     pki.write_public(directory / "revoked.json", b"[]\n")
     pki.write_public(directory / "crl.pem", pki.make_crl(old, []))
     return old
+
+
+# --- metrics -----------------------------------------------------------------------------------
+
+Sample = tuple[str, frozenset[tuple[str, str]]]
+
+
+def scrape(system: RunningSystem) -> dict[Sample, float]:
+    """One scrape of a running process's metrics endpoint: every sample by name and labels."""
+    endpoint = system.runtime.metrics_endpoint
+    assert endpoint is not None, "metrics_listen is not set"
+    with urllib.request.urlopen(endpoint.url, timeout=10) as answer:
+        text = answer.read().decode()
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def sample(samples: dict[Sample, float], name: str, **labels: str) -> float:
+    """The value of the one sample `name` with exactly `labels` (0 when absent)."""
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def samples_of(samples: dict[Sample, float], name: str, **labels: str) -> dict[Sample, float]:
+    """Every sample `name` whose labels include `labels`."""
+    want = set(labels.items())
+    return {key: value for key, value in samples.items() if key[0] == name and want <= key[1]}
