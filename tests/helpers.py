@@ -1,19 +1,26 @@
 """Helpers shared by the test modules (which never import one another): waiting for an event,
 feeding a client stream, the clients' common calls per service, and systems started in shapes of
-their own (a usage service following the call feed, the separate-processes mode). Fixtures live
-in conftest.py; call records and duration records to send in records_data.py."""
+their own (a usage service following the call feed, the separate-processes mode), scraping a
+process's metrics, and a real Prometheus server to scrape them. Fixtures live in conftest.py;
+call records and duration records to send in records_data.py."""
 
 from __future__ import annotations
 
 import datetime as dt
+import json
 import queue
+import shutil
+import socket
+import subprocess
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar, cast
 
+import pytest
 import sqlalchemy as sa
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -42,12 +49,14 @@ M = TypeVar("M")
 # --- waiting for an event --------------------------------------------------------------------
 
 
-def poll(read: Callable[[], T], until: Callable[[T], bool], timeout: float = 10) -> T:
-    """Call `read` until `until` holds for what it returns or `timeout` seconds pass; the last
-    value read (so that an assertion on it shows what was seen)."""
+def poll(
+    read: Callable[[], T], until: Callable[[T], bool], timeout: float = 10, interval: float = 0.02
+) -> T:
+    """Call `read` every `interval` seconds until `until` holds for what it returns or `timeout`
+    seconds pass; the last value read (so that an assertion on it shows what was seen)."""
     deadline = time.monotonic() + timeout
     while not until(value := read()) and time.monotonic() < deadline:
-        time.sleep(0.02)
+        time.sleep(interval)
     return value
 
 
@@ -294,3 +303,142 @@ def samples_of(samples: dict[Sample, float], name: str, **labels: str) -> dict[S
     """Every sample `name` whose labels include `labels`."""
     want = set(labels.items())
     return {key: value for key, value in samples.items() if key[0] == name and want <= key[1]}
+
+
+# Families read at scrape time, from callbacks (plumbing.metrics names them in comments; they
+# are not attributes of `Metrics`).
+SCRAPE_FAMILIES = (
+    "opconnect_stream_lag_positions",
+    "opconnect_stream_lag_seconds",
+    "opconnect_changelog_head_position",
+    "opconnect_changelog_purged_position",
+    "opconnect_db_pool_connections",
+    "opconnect_certificate_expiry_seconds",
+    "opconnect_crl_next_update_seconds",
+    "opconnect_deny_list_entries",
+    "opconnect_registry_operators",
+    "opconnect_audit_events_pending",
+)
+
+
+# --- a real Prometheus -------------------------------------------------------------------------
+
+NO_PROMETHEUS = "is not installed (Debian's `prometheus` package, which .ci/run installs)"
+
+
+def prometheus_tool(name: str) -> str:
+    """The path of `prometheus` or `promtool`; skips the test where it is not installed."""
+    found = shutil.which(name) or shutil.which(name, path="/usr/bin")
+    if found is None:
+        pytest.skip(f"{name} {NO_PROMETHEUS}")
+    return found
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+Series = tuple[dict[str, str], float]
+
+
+class Prometheus:
+    """A Prometheus server of a test's own: it scrapes the metrics endpoints given (as job
+    `opconnect`, each labelled with its role, as deploy/prometheus/prometheus.yml does) every
+    second and evaluates the rule files given every second; its HTTP API answers queries."""
+
+    def __init__(
+        self, directory: Path, targets: dict[str, list[str]], rule_files: list[Path]
+    ) -> None:
+        binary = prometheus_tool("prometheus")
+        directory.mkdir(parents=True, exist_ok=True)
+        config = directory / "prometheus.yml"
+        config.write_text(  # JSON is YAML
+            json.dumps(
+                {
+                    "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+                    "rule_files": [str(path) for path in rule_files],
+                    "scrape_configs": [
+                        {
+                            "job_name": "opconnect",
+                            "scrape_timeout": "1s",
+                            "static_configs": [
+                                {"targets": hosts, "labels": {"role": role}}
+                                for role, hosts in targets.items()
+                            ],
+                        }
+                    ],
+                }
+            )
+        )
+        self.log = directory / "prometheus.log"
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        with self.log.open("wb") as log:
+            self.process = subprocess.Popen(
+                [
+                    binary,
+                    f"--config.file={config}",
+                    f"--storage.tsdb.path={directory / 'data'}",
+                    f"--web.listen-address=127.0.0.1:{port}",
+                    "--log.level=warn",
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        if not poll(self._ready, bool, timeout=60, interval=0.1):
+            self.stop()
+            raise AssertionError(f"prometheus did not start: {self.log.read_text()[-2000:]}")
+
+    def _ready(self) -> bool:
+        assert self.process.poll() is None, f"prometheus exited: {self.log.read_text()[-2000:]}"
+        try:
+            with urllib.request.urlopen(f"{self.url}/-/ready", timeout=5) as answer:
+                return bool(answer.status == 200)
+        except OSError:
+            return False
+
+    def api(self, path: str, **params: str) -> Any:
+        """The `data` of an answer of the HTTP API (`/api/v1/...`)."""
+        url = f"{self.url}/api/v1/{path}?{urllib.parse.urlencode(params)}"
+        with urllib.request.urlopen(url, timeout=10) as answer:
+            body = json.load(answer)
+        assert body["status"] == "success", body
+        return body["data"]
+
+    def query(self, expr: str) -> list[Series]:
+        """An instant query's answer: each series' labels and value."""
+        data = self.api("query", query=expr)
+        if data["resultType"] == "scalar":
+            return [({}, float(data["result"][1]))]
+        return [(item["metric"], float(item["value"][1])) for item in data["result"]]
+
+    def value(self, expr: str) -> float | None:
+        """The value of an instant query that answers one series (None: it answers none)."""
+        found = self.query(expr)
+        assert len(found) <= 1, f"{expr} answered {found}"
+        return found[0][1] if found else None
+
+    def wait_for(
+        self, expr: str, until: Callable[[float | None], bool], timeout: float = 60
+    ) -> float | None:
+        """The value of `expr` once `until` holds for it (scrapes are every second), or the last
+        one seen after `timeout` seconds."""
+        return poll(lambda: self.value(expr), until, timeout, interval=0.25)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(10)
+
+
+def metrics_target(system: RunningSystem) -> str:
+    """host:port of a process's metrics endpoint, as Prometheus scrapes it."""
+    endpoint = system.runtime.metrics_endpoint
+    assert endpoint is not None, "metrics_listen is not set"
+    return f"{endpoint.address}:{endpoint.port}"
