@@ -428,6 +428,10 @@ class Prometheus:
         one seen after `timeout` seconds."""
         return poll(lambda: self.value(expr), until, timeout, interval=0.25)
 
+    def value_when(self, expr: str, want: float, timeout: float = 60) -> float | None:
+        """The value of `expr` once it is `want`, or the last one seen after `timeout` seconds."""
+        return self.wait_for(expr, lambda value: value == want, timeout)
+
     def stop(self) -> None:
         self.process.terminate()
         try:
