@@ -15,6 +15,7 @@ from typing import ClassVar
 
 import grpc
 from google.protobuf.descriptor import FileDescriptor, ServiceDescriptor
+from opentelemetry.trace import Tracer
 
 from plumbing.changelog import Notifier
 from plumbing.config import Settings
@@ -44,6 +45,8 @@ class Host:
     address: Callable[[], str]
     # Where the service counts what it does (plumbing.metrics; no-ops when metrics are off).
     metrics: Metrics
+    # Where its gRPC clients make spans (plumbing.tracing); None: tracing is off.
+    tracer: Tracer | None = None
 
 
 class Service:

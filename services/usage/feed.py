@@ -16,16 +16,19 @@ import datetime as dt
 from dataclasses import dataclass
 
 import grpc
+from opentelemetry.trace import Tracer
 
 from opconnect.records.v1 import records_pb2 as records_pb
 from opconnect.records.v1 import records_pb2_grpc as records_grpc
 from plumbing.db import Database
 from plumbing.direction import DIRECTION_IN
 from plumbing.logs import get_logger
+from plumbing.tracing import client_call
 from services.usage import platform_calls
 from services.usage.rules import PlatformCall
 
 FEED = "records"  # the name the cursor is saved under
+FOLLOW_CALLS = "/opconnect.records.v1.CallFeedService/FollowCalls"
 log = get_logger("opconnect.usage.feed")
 
 
@@ -55,8 +58,15 @@ def call_in(fact: records_pb.CallFact) -> PlatformCall:
 class CallFeedFollower:
     """Follows the call feed until stopped, reconnecting with backoff."""
 
-    def __init__(self, db: Database, client: FeedClient, batch_size: int = 1_000) -> None:
+    def __init__(
+        self,
+        db: Database,
+        client: FeedClient,
+        batch_size: int = 1_000,
+        tracer: Tracer | None = None,
+    ) -> None:
         self._db = db
+        self._tracer = tracer  # tracing on: each FollowCalls call is a span, its context sent
         self.client = client
         self._batch_size = batch_size
         self._task: asyncio.Task[None] | None = None
@@ -109,11 +119,12 @@ class CallFeedFollower:
         request = records_pb.FollowCallsRequest(
             cursor=cursor, from_oldest=not cursor, max_batch_size=self._batch_size
         )
-        async for response in stub.FollowCalls(request):
-            if not response.calls and response.cursor == cursor:
-                continue
-            calls = [call_in(c) for c in response.calls]
-            self.kept += await self._db.run(
-                platform_calls.store_platform_calls, FEED, calls, response.cursor, write=True
-            )
-            cursor = response.cursor
+        with client_call(self._tracer, FOLLOW_CALLS) as metadata:
+            async for response in stub.FollowCalls(request, metadata=metadata):
+                if not response.calls and response.cursor == cursor:
+                    continue
+                calls = [call_in(c) for c in response.calls]
+                self.kept += await self._db.run(
+                    platform_calls.store_platform_calls, FEED, calls, response.cursor, write=True
+                )
+                cursor = response.cursor

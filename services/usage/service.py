@@ -48,7 +48,7 @@ class Usage(Service):
         if client is None:
             log.info("usage call feed off: no feed_* certificate or target configured")
             return
-        self.feed = CallFeedFollower(host.db, client)
+        self.feed = CallFeedFollower(host.db, client, tracer=host.tracer)
         self.feed.start()
 
     async def stop(self) -> None:
