@@ -57,7 +57,7 @@ class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
         self._spans: list[Seen] = []
         self.endpoint = ""
 
-    def Export(  # noqa: N802 - the OTLP service's method
+    def Export(
         self, request: trace_service_pb2.ExportTraceServiceRequest, context: Any
     ) -> trace_service_pb2.ExportTraceServiceResponse:
         for resource in request.resource_spans:
