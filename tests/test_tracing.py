@@ -20,6 +20,7 @@ import pytest
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.proto.common.v1 import common_pb2
 from opentelemetry.proto.trace.v1 import trace_pb2
+from opentelemetry.sdk.trace import TracerProvider
 
 from opconnect.numbers.v1 import numbers_pb2, numbers_pb2_grpc
 from plumbing import tracing
@@ -84,7 +85,7 @@ def receiver(monkeypatch: pytest.MonkeyPatch) -> Iterator[Receiver]:
     monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "50")
     got = Receiver()
     server = grpc.server(ThreadPoolExecutor(4))
-    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(got, server)
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(got, server)  # type: ignore[no-untyped-call]
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     got.endpoint = f"http://127.0.0.1:{port}"
@@ -250,9 +251,13 @@ def test_tracing_is_off_unless_configured(
 ) -> None:
     # OpenTelemetry's own variables do not turn it on.
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint)
-    made: list[object] = []
-    real = tracing.TracerProvider
-    monkeypatch.setattr(tracing, "TracerProvider", lambda **kw: made.append(kw) or real(**kw))
+    made: list[TracerProvider] = []
+
+    def provider(**options: Any) -> TracerProvider:
+        made.append(TracerProvider(**options))
+        return made[-1]
+
+    monkeypatch.setattr("plumbing.tracing.TracerProvider", provider)
     url = f"sqlite:///{tmp_path / 'opconnect.db'}"
     system = start_system(settings_for(tmp_path, session_pki.paths, url), session_pki)
     try:
