@@ -361,8 +361,8 @@ class Metrics:
         ValueError for a non-loopback address without `tls`."""
         host, _, port = listen.rpartition(":")
         host = host.strip("[]")
-        secure = tls is not None and not _loopback(host)
-        if not secure and not _loopback(host):
+        secure = tls is not None and not loopback(host)
+        if not secure and not loopback(host):
             raise ValueError(
                 f"metrics_listen {listen!r}: a non-loopback address needs TLS files (the"
                 " server's certificate and the platform CA bundle)"
@@ -399,7 +399,8 @@ def grpc_code(status: str) -> str:
     return GRPC_CODES.get(status, "Unknown")
 
 
-def _loopback(host: str) -> bool:
+def loopback(host: str) -> bool:
+    """Whether `host` (a name or an address) is this machine's loopback."""
     if host == "localhost":
         return True
     try:

@@ -25,7 +25,6 @@ code that would make spans makes none.
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -41,6 +40,8 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from plumbing.metrics import loopback
 
 # The W3C Trace Context headers (`traceparent`, `tracestate`): read from a caller, written to
 # the next process. Only this format, whatever OTEL_PROPAGATORS says.
@@ -110,22 +111,13 @@ def otlp_target(endpoint: str) -> tuple[str, bool]:
     if parts.path.strip("/") or parts.query:
         raise ValueError(f"otlp_endpoint {endpoint!r}: OTLP over gRPC takes no path")
     host = parts.hostname
-    if parts.scheme == "http" and not _loopback(host):
+    if parts.scheme == "http" and not loopback(host):
         raise ValueError(
             f"otlp_endpoint {endpoint!r}: spans leave this machine over TLS only (https://);"
             " plain http:// is for a collector on a loopback address"
         )
     shown = f"[{host}]" if ":" in host else host
     return f"{parts.scheme}://{shown}:{port}", parts.scheme == "http"
-
-
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def rpc_attributes(method: str) -> dict[str, str]:

@@ -25,7 +25,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opconnect.numbers.v1 import numbers_pb2, numbers_pb2_grpc
 from plumbing import tracing
 from tests.conftest import PLATFORM, TENANT, Pki, settings_for, start_system
-from tests.helpers import eventually, poll, start_split
+from tests.helpers import Split, eventually, poll, start_split
 from tests.records_data import publish_records, record
 
 NUMBER = "+14255550142"
@@ -93,6 +93,12 @@ def receiver(monkeypatch: pytest.MonkeyPatch) -> Iterator[Receiver]:
     server.stop(None)
 
 
+def traced_split(test_pki: Pki, directory: Path, receiver: Receiver) -> Split:
+    """The four processes of the separate-processes mode, each tracing to `receiver`."""
+    url = f"sqlite:///{directory / 'opconnect.db'}"
+    return start_split(test_pki, directory, url, otlp_endpoint=receiver.endpoint)
+
+
 def caller_context() -> tuple[str, str, tuple[tuple[str, str]]]:
     """A caller's own trace: its trace id, its span id, and the metadata that sends them."""
     trace_id, span_id = secrets.token_hex(16), secrets.token_hex(8)
@@ -141,12 +147,7 @@ def rpc_line(capsys: pytest.CaptureFixture[str], status: str) -> dict[str, Any]:
 def test_a_call_through_the_gateway_is_one_trace(
     session_pki: Pki, tmp_path: Path, receiver: Receiver, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    split = start_split(
-        session_pki,
-        tmp_path,
-        f"sqlite:///{tmp_path / 'opconnect.db'}",
-        otlp_endpoint=receiver.endpoint,
-    )
+    split = traced_split(session_pki, tmp_path, receiver)
     try:
         trace_id, caller_span, metadata = caller_context()
         answer = split.gateway.numbers().UploadNumbers(
@@ -207,12 +208,7 @@ def test_a_call_through_the_gateway_is_one_trace(
 def test_the_usage_feed_carries_its_trace_to_the_records_process(
     session_pki: Pki, tmp_path: Path, receiver: Receiver
 ) -> None:
-    split = start_split(
-        session_pki,
-        tmp_path,
-        f"sqlite:///{tmp_path / 'opconnect.db'}",
-        otlp_endpoint=receiver.endpoint,
-    )
+    split = traced_split(session_pki, tmp_path, receiver)
     try:
         published = publish_records(split.gateway.ingest(), [record()])
         assert published.accepted_count == 1
