@@ -24,7 +24,16 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from opconnect.numbers.v1 import numbers_pb2, numbers_pb2_grpc
 from plumbing import tracing
-from tests.conftest import PLATFORM, TENANT, Pki, settings_for, start_system
+from tests.conftest import (
+    NO_POSTGRES,
+    PLATFORM,
+    POSTGRES_URL,
+    TENANT,
+    Pki,
+    reset_postgres,
+    settings_for,
+    start_system,
+)
 from tests.helpers import Split, eventually, poll, start_split
 from tests.records_data import publish_records, record
 
@@ -93,9 +102,12 @@ def receiver(monkeypatch: pytest.MonkeyPatch) -> Iterator[Receiver]:
     server.stop(None)
 
 
-def traced_split(test_pki: Pki, directory: Path, receiver: Receiver) -> Split:
-    """The four processes of the separate-processes mode, each tracing to `receiver`."""
-    url = f"sqlite:///{directory / 'opconnect.db'}"
+def traced_split(
+    test_pki: Pki, directory: Path, receiver: Receiver, url: str | None = None
+) -> Split:
+    """The four processes of the separate-processes mode, each tracing to `receiver` (on
+    SQLite unless `url` is given)."""
+    url = url or f"sqlite:///{directory / 'opconnect.db'}"
     return start_split(test_pki, directory, url, otlp_endpoint=receiver.endpoint)
 
 
@@ -144,10 +156,22 @@ def rpc_line(capsys: pytest.CaptureFixture[str], status: str) -> dict[str, Any]:
     return line
 
 
+@pytest.mark.parametrize(
+    "backend", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
+)
 def test_a_call_through_the_gateway_is_one_trace(
-    session_pki: Pki, tmp_path: Path, receiver: Receiver, capsys: pytest.CaptureFixture[str]
+    session_pki: Pki,
+    tmp_path: Path,
+    receiver: Receiver,
+    capsys: pytest.CaptureFixture[str],
+    backend: str,
 ) -> None:
-    split = traced_split(session_pki, tmp_path, receiver)
+    url = None
+    if backend == "postgresql":
+        if not POSTGRES_URL:
+            pytest.skip(NO_POSTGRES)
+        url = reset_postgres(POSTGRES_URL)
+    split = traced_split(session_pki, tmp_path, receiver, url)
     try:
         trace_id, caller_span, metadata = caller_context()
         answer = split.gateway.numbers().UploadNumbers(
@@ -180,7 +204,7 @@ def test_a_call_through_the_gateway_is_one_trace(
         assert units
         assert {(s.service, s.span.kind) for s in units} == {("opconnect-numbers", CLIENT)}
         assert all(s.span.name.startswith("db ") for s in units)
-        assert {s.attributes["db.system"] for s in units} == {"sqlite"}
+        assert {s.attributes["db.system"] for s in units} == {backend}
         assert any(s.attributes["opconnect.db.write"] for s in units)
         # Never a number or a tenant in what is exported.
         text = str([s.span for s in spans])
