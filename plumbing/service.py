@@ -16,7 +16,7 @@ from typing import ClassVar
 import grpc
 from google.protobuf.descriptor import FileDescriptor, ServiceDescriptor
 
-from plumbing.changelog import Notifier
+from plumbing.changelog import Notifier, Streams
 from plumbing.config import Settings
 from plumbing.db import Database
 from plumbing.metrics import Metrics
@@ -44,6 +44,8 @@ class Host:
     address: Callable[[], str]
     # Where the service counts what it does (plumbing.metrics; no-ops when metrics are off).
     metrics: Metrics
+    # The open streams on change logs, for their metrics: every `follow_log` is given it.
+    streams: Streams
 
 
 class Service:
