@@ -373,9 +373,9 @@ class _Open(Generic[T]):
 
     def lag(self, head: Head | None, now: float) -> tuple[int, float]:
         """(positions, seconds) behind `head` (see `Streams`)."""
-        if self.caught_up and self.held_since is None:
-            return 0, 0.0
         positions = max(0, head.position - self.through) if head is not None else 0
+        if self.held_since is None and (self.caught_up or positions == 0):
+            return 0, 0.0
         since = self.held_since if self.held_since is not None else self.last_commit
         return positions, max(0.0, now - since) if since else 0.0
 
@@ -392,7 +392,8 @@ class Streams:
     - `opconnect_stream_lag_positions{operator,kind}` and `opconnect_stream_lag_seconds`: for
       each operator and kind with a stream open in this process, the slowest one. A stream is
       caught up (0, 0) when its last read found nothing past what it had sent up to the head it
-      read, or what it read was short of a batch and has been delivered: a change committed
+      read, or what it read was short of a batch and has been delivered, or it has delivered
+      everything up to the log's head now, and holds nothing unsent: a change committed
       since then, on any replica, counts only once the stream has read it (woken by the
       commit). Otherwise it is behind: positions is the log head now minus the position through
       which it has delivered everything, an upper bound of what it still has to send (the log's
