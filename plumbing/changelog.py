@@ -33,7 +33,7 @@ from sqlalchemy.orm import Mapped, Session, mapped_column
 from plumbing.db import Base, Database, driver_fetch
 from plumbing.errors import ApiError, failed_precondition, invalid_field, unavailable
 from plumbing.logs import get_logger
-from plumbing.metrics import Metrics, gauge
+from plumbing.metrics import Metrics, gauge, observe_many
 from plumbing.tokens import seal, unseal
 
 T = TypeVar("T")
@@ -333,6 +333,7 @@ class _Open(Generic[T]):
         self._committed_at = committed_at
         self._delivered_items = metrics.stream_delivered.labels(spec.operator, spec.kind)
         self._latency = metrics.delivery_seconds.labels(spec.kind)
+        self._timed = metrics.enabled
         self._batch_size = spec.batch_size
         # The head at the stream's first read: changes past it were committed while it was open.
         self._opened: int | None = None
@@ -357,12 +358,12 @@ class _Open(Generic[T]):
         self._delivered_items.inc(len(items))
         last = self._position_of(items[-1])
         opened = self._opened if self._opened is not None else last
-        if last > opened:  # some were committed while the stream was open
-            now = time.time()
-            committed_at, observe = self._committed_at, self._latency.observe
-            for item in items:
-                if self._position_of(item) > opened:
-                    observe(max(0.0, now - committed_at(item)))
+        if last > opened and self._timed:  # some were committed while the stream was open
+            now, committed_at, position_of = time.time(), self._committed_at, self._position_of
+            observe_many(
+                self._latency,
+                [max(0.0, now - committed_at(i)) for i in items if position_of(i) > opened],
+            )
         self.last_commit = self._committed_at(items[-1])
         self.held_since = None
         if len(items) < self._batch_size:  # the read reached its head: caught up through it

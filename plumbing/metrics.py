@@ -24,6 +24,7 @@ registered with `Metrics.on_scrape`.
 
 from __future__ import annotations
 
+import bisect
 import ipaddress
 import threading
 from collections.abc import Callable, Iterable, Sequence
@@ -417,6 +418,26 @@ def _loopback(host: str) -> bool:
 def gauge(name: str, text: str, labels: Sequence[str] = ()) -> GaugeMetricFamily:
     """A scrape-time gauge family: add samples with `.add_metric(label_values, value)`."""
     return GaugeMetricFamily(name, text, labels=list(labels))
+
+
+def observe_many(histogram: Histogram, values: Sequence[float]) -> None:
+    """`histogram.observe(value)` for each of `values` (one labelled child), as one update per
+    bucket touched: a stream's batch is hundreds of values, observed one by one it would cost
+    more than sending them. Uses prometheus-client's layout of a child (the version is pinned);
+    a child without it (the no-op family) observes one by one."""
+    bounds: list[float] | None = getattr(histogram, "_upper_bounds", None)
+    if bounds is None:
+        for value in values:
+            histogram.observe(value)
+        return
+    counts = [0] * len(bounds)
+    for value in values:
+        counts[bisect.bisect_left(bounds, value)] += 1  # the first bucket with value <= bound
+    histogram._sum.inc(sum(values))
+    buckets = histogram._buckets
+    for index, count in enumerate(counts):
+        if count:
+            buckets[index].inc(count)
 
 
 def count_labels(family: Counter, labels: Iterable[tuple[str, ...]]) -> None:

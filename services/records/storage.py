@@ -11,6 +11,7 @@ summaries are one scan of one table each. Each function takes a `Session` inside
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, cast
@@ -259,9 +260,13 @@ def read_records(
 
 
 def row_commit_time(row: tuple[int, bytes, Any]) -> float:
-    """A `read_records` row's publish (commit) time, epoch seconds: SQLite gives UTC text,
-    PostgreSQL a datetime."""
-    value = row[2]
+    """A `read_records` row's publish (commit) time, epoch seconds."""
+    return _epoch(row[2])
+
+
+@functools.lru_cache(maxsize=64)  # one publish time per published batch: read once
+def _epoch(value: str | dt.datetime) -> float:
+    """A publish time as the driver gives it (SQLite: UTC text; PostgreSQL: a datetime)."""
     if isinstance(value, str):
         return dt.datetime.fromisoformat(value).replace(tzinfo=dt.UTC).timestamp()
     return utc(value).timestamp()
