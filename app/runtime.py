@@ -36,7 +36,7 @@ from gateway.pki import GATEWAY_NAME, PkiPaths, ensure_dev_pki, issue_client
 from gateway.registry import Registry, ca_anchors
 from gateway.trust import TrustFiles, TrustStore
 from plumbing import tokens
-from plumbing.changelog import Notifier, PostgresListener
+from plumbing.changelog import Notifier, PostgresListener, Streams
 from plumbing.config import DEV_OPERATOR, Settings
 from plumbing.db import Database
 from plumbing.files import private_directory
@@ -366,6 +366,8 @@ async def start(settings: Settings, role: str = "all") -> Runtime:
         address=lambda: _address(settings, port) if port else "",
         metrics=metrics,
         tracer=tracer,
+        # Log heads and stream lag are exported by the processes that serve services.
+        streams=Streams(db, metrics if services else Metrics(enabled=False)),
     )
     names: list[str] = []
     routed: dict[grpc.aio.Channel, list[str]] = {}  # the gateway's: channel -> its services
