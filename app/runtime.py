@@ -36,7 +36,7 @@ from gateway.pki import GATEWAY_NAME, PkiPaths, ensure_dev_pki, issue_client
 from gateway.registry import Registry, ca_anchors
 from gateway.trust import TrustFiles, TrustStore
 from plumbing import tokens
-from plumbing.changelog import Notifier, PostgresListener
+from plumbing.changelog import Notifier, PostgresListener, Streams
 from plumbing.config import DEV_OPERATOR, Settings
 from plumbing.db import Database
 from plumbing.files import private_directory
@@ -45,6 +45,7 @@ from plumbing.logs import get_logger
 from plumbing.metrics import Endpoint, Metrics, Tls
 from plumbing.rpc import Access, Authenticate, RateLimiter, RpcInterceptor
 from plumbing.service import Host, Service
+from plumbing.tracing import Tracing, start_tracing
 
 log = get_logger("opconnect.server")
 
@@ -76,6 +77,7 @@ class Runtime:
     forwarder: Forwarder | None = None
     metrics: Metrics = field(default_factory=lambda: Metrics(enabled=False))
     metrics_endpoint: Endpoint | None = None  # where Prometheus scrapes (metrics_listen)
+    tracing: Tracing = field(default_factory=Tracing)  # its own tracer provider (otlp_endpoint)
 
     @property
     def address(self) -> str:
@@ -105,6 +107,7 @@ class Runtime:
         if self.metrics_endpoint is not None:
             await loop.run_in_executor(None, self.metrics_endpoint.stop)
         await loop.run_in_executor(None, self.db.close)
+        await loop.run_in_executor(None, self.tracing.shutdown)  # the last spans exported
         log.info("stopped")
 
 
@@ -301,12 +304,17 @@ async def start(settings: Settings, role: str = "all") -> Runtime:
     if kind.serves:  # the services seal and open cursors and page tokens
         tokens.install(await loop.run_in_executor(None, tokens.load_keyring, settings))
     metrics = Metrics(enabled=bool(settings.metrics_listen))
+    tracing = await loop.run_in_executor(
+        None, start_tracing, settings.otlp_endpoint, settings.otlp_ca_file, role
+    )
+    tracer = tracing.tracer
     trust = TrustStore(files, settings.reload_interval_s, metrics)
     db = Database(
         settings.sqlalchemy_url,
         settings.db_threads,
         work_per_lane=settings.max_db_work_per_operator,
         metrics=metrics,
+        tracer=tracer,
     )
     await loop.run_in_executor(None, db.migrate)
     notifier = Notifier()
@@ -334,6 +342,7 @@ async def start(settings: Settings, role: str = "all") -> Runtime:
         recheck_interval_s=settings.reload_interval_s,
         calls=Slots(settings.max_calls_per_operator),
         metrics=metrics,
+        tracer=tracer,
     )
     server = _server(settings, interceptor)
     listener = None
@@ -356,6 +365,9 @@ async def start(settings: Settings, role: str = "all") -> Runtime:
         serves=frozenset(services),
         address=lambda: _address(settings, port) if port else "",
         metrics=metrics,
+        tracer=tracer,
+        # Log heads and stream lag are exported by the processes that serve services.
+        streams=Streams(db, metrics if services else Metrics(enabled=False)),
     )
     names: list[str] = []
     routed: dict[grpc.aio.Channel, list[str]] = {}  # the gateway's: channel -> its services
@@ -363,7 +375,7 @@ async def start(settings: Settings, role: str = "all") -> Runtime:
     if kind.forwards:
         credentials = await loop.run_in_executor(None, internal_credentials, settings, dev)
         routes = _routes(settings, credentials)
-        forwarder = Forwarder(routes, metrics)
+        forwarder = Forwarder(routes, metrics, tracer)
         server.add_generic_rpc_handlers(forwarder.handlers())
         for descriptor, channel in routes.items():
             routed.setdefault(channel, []).append(descriptor.full_name)
@@ -405,6 +417,7 @@ async def start(settings: Settings, role: str = "all") -> Runtime:
         channels=list(routed),
         forwarder=forwarder,
         metrics=metrics,
+        tracing=tracing,
     )
     if settings.metrics_listen:
         tls = Tls(str(files.server_cert), str(files.server_key), str(files.platform_ca))
@@ -427,5 +440,6 @@ async def start(settings: Settings, role: str = "all") -> Runtime:
         address=runtime.address,
         database=db.engine.url.render_as_string(hide_password=True),
         metrics=runtime.metrics_endpoint.url if runtime.metrics_endpoint else "off",
+        tracing=settings.otlp_endpoint or "off",
     )
     return runtime

@@ -8,7 +8,9 @@ principal and the request id in metadata, the caller's deadline as the call's ti
 caller's other metadata; the answer (messages, status, details, trailing metadata) comes back
 unchanged. A caller that hangs up cancels the forwarded call; a service process that cannot be
 reached answers UNAVAILABLE / SERVICE_UNAVAILABLE with RetryInfo, and the gateway's health of
-its services says what the process's own health says (`mirror_health`).
+its services says what the process's own health says (`mirror_health`). With tracing on, each
+forwarded call is a CLIENT span (child of the gateway's span of the call), and the service process
+is sent its `traceparent` in place of the caller's; with tracing off the caller's passes on.
 """
 
 from __future__ import annotations
@@ -23,11 +25,13 @@ import grpc
 from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
+from opentelemetry.trace import Tracer
 
 from plumbing.errors import unavailable
 from plumbing.logs import get_logger
 from plumbing.metrics import Metrics, grpc_code
 from plumbing.rpc import PRINCIPAL_HEADER, current_principal, current_request_id
+from plumbing.tracing import TRACE_HEADERS, end_rpc_span, start_client_span, traceparent
 
 log = get_logger("opconnect.forward")
 
@@ -37,14 +41,18 @@ Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 _NOT_FORWARDED = {PRINCIPAL_HEADER, "x-request-id", "user-agent", "te", "content-type"}
 
 
-def _metadata(context: Context) -> list[tuple[str, str | bytes]]:
+def _metadata(context: Context, hop: _Hop) -> list[tuple[str, str | bytes]]:
     """The caller's metadata as the service process receives it: the caller's own headers,
-    then the principal the gateway authenticated and the request id of this call."""
+    then the principal the gateway authenticated and the request id of this call (and, when
+    the hop is traced, its trace context instead of the caller's)."""
+    dropped = _NOT_FORWARDED if hop.span is None else _NOT_FORWARDED | TRACE_HEADERS
     out: list[tuple[str, str | bytes]] = [
         (key, value)
         for key, value in context.invocation_metadata() or ()
-        if key not in _NOT_FORWARDED and not key.startswith((":", "grpc-"))
+        if key not in dropped and not key.startswith((":", "grpc-"))
     ]
+    if hop.span is not None:
+        out += traceparent(hop.span)
     out.append((PRINCIPAL_HEADER, str(current_principal())))
     out.append(("x-request-id", current_request_id()))
     return out
@@ -63,11 +71,15 @@ async def _relay_error(context: Context, error: grpc.aio.AioRpcError, path: str)
 
 
 class _Hop:
-    """One forwarded call's client-side metrics (go-grpc-prometheus `grpc_client_*`)."""
+    """One forwarded call's client-side metrics (go-grpc-prometheus `grpc_client_*`) and,
+    tracing on, its span."""
 
-    def __init__(self, metrics: Metrics, labels: tuple[str, str, str]) -> None:
+    def __init__(
+        self, metrics: Metrics, labels: tuple[str, str, str], tracer: Tracer | None, path: str
+    ) -> None:
         self._metrics = metrics
         self._labels = labels
+        self.span = None if tracer is None else start_client_span(tracer, path)
         self.started = time.perf_counter()
         self.sent = 0
         self.received = 0
@@ -88,6 +100,8 @@ class _Hop:
             m.client_msg_sent.labels(*labels).inc(self.sent)
         if self.received:
             m.client_msg_received.labels(*labels).inc(self.received)
+        if self.span is not None:
+            end_rpc_span(self.span, status, server=False)
 
 
 def _ended(error: BaseException) -> grpc.StatusCode | None:
@@ -99,11 +113,15 @@ class Forwarder:
     process). Each method is forwarded with its own cardinality, read from the descriptors."""
 
     def __init__(
-        self, routes: Mapping[ServiceDescriptor, grpc.aio.Channel], metrics: Metrics | None = None
+        self,
+        routes: Mapping[ServiceDescriptor, grpc.aio.Channel],
+        metrics: Metrics | None = None,
+        tracer: Tracer | None = None,
     ) -> None:
         self._routes = dict(routes)
         self._closing = asyncio.Event()
         self._metrics = metrics or Metrics(enabled=False)
+        self._tracer = tracer
 
     def close(self) -> None:
         """The gateway is shutting down: every forwarded stream ends at once with UNAVAILABLE /
@@ -114,16 +132,12 @@ class Forwarder:
     def handlers(self) -> list[grpc.GenericRpcHandler]:
         out: list[grpc.GenericRpcHandler] = []
         for service, channel in self._routes.items():
-            methods = {
-                method.name: _handler(
-                    channel,
-                    f"/{service.full_name}/{method.name}",
-                    method,
-                    self._closing,
-                    functools.partial(_Hop, self._metrics, _labels(service, method)),
-                )
-                for method in service.methods
-            }
+            methods = {}
+            for method in service.methods:
+                path = f"/{service.full_name}/{method.name}"
+                labels = _labels(service, method)
+                hop = functools.partial(_Hop, self._metrics, labels, self._tracer, path)
+                methods[method.name] = _handler(channel, path, method, self._closing, hop)
             out.append(grpc.method_handlers_generic_handler(service.full_name, methods))
         return out
 
@@ -154,7 +168,7 @@ def _handler(
             figures = hop()
             figures.sent = 1
             call = forward_unary(
-                request, timeout=context.time_remaining(), metadata=_metadata(context)
+                request, timeout=context.time_remaining(), metadata=_metadata(context, figures)
             )
             try:
                 response: bytes = await call
@@ -176,7 +190,7 @@ def _handler(
             figures = hop()
             figures.sent = 1
             call = forward_stream(
-                request, timeout=context.time_remaining(), metadata=_metadata(context)
+                request, timeout=context.time_remaining(), metadata=_metadata(context, figures)
             )
             async for response in _responses(call, context, path, closing, figures):
                 yield response
@@ -191,7 +205,7 @@ def _handler(
             call = forward_client_stream(
                 figures.count(requests),
                 timeout=context.time_remaining(),
-                metadata=_metadata(context),
+                metadata=_metadata(context, figures),
             )
             try:
                 response: bytes = await call
@@ -215,7 +229,9 @@ def _handler(
     ) -> AsyncIterator[bytes]:
         figures = hop()
         call = forward_bidi(
-            figures.count(requests), timeout=context.time_remaining(), metadata=_metadata(context)
+            figures.count(requests),
+            timeout=context.time_remaining(),
+            metadata=_metadata(context, figures),
         )
         async for response in _responses(call, context, path, closing, figures):
             yield response

@@ -19,11 +19,12 @@ import asyncio
 import datetime as dt
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, cast
 
+from prometheus_client.core import Metric
 from sqlalchemy import (
     BigInteger,
     CursorResult,
@@ -41,6 +42,7 @@ from sqlalchemy.orm import Mapped, Session, mapped_column
 from plumbing.db import Base, Database
 from plumbing.errors import ApiError
 from plumbing.logs import get_logger
+from plumbing.metrics import Metrics, gauge
 from plumbing.rpc import current_principal, current_request_id, ending_status
 from plumbing.status import code_of
 
@@ -138,13 +140,30 @@ class AuditLog:
     """Collects audit events and writes them to the table in batches."""
 
     def __init__(
-        self, db: Database, flush_interval_s: float = 1.0, max_pending: int = 100_000
+        self,
+        db: Database,
+        flush_interval_s: float = 1.0,
+        max_pending: int = 100_000,
+        metrics: Metrics | None = None,
     ) -> None:
         self._db = db
         self._interval = flush_interval_s
         self._max_pending = max_pending
         self._pending: list[AuditEvent] = []
         self._task: asyncio.Task[None] | None = None
+        metrics = metrics or Metrics(enabled=False)
+        self._written = metrics.audit_written
+        metrics.on_scrape("audit", self._figures)
+
+    def _figures(self) -> Iterator[Metric]:
+        """Scrape time (the HTTP server's thread): the length of the list of events buffered."""
+        family = gauge(
+            "opconnect_audit_events_pending",
+            "Audit events logged and not yet written to the database (written every second;"
+            " a backlog means the table's writes are failing or slow).",
+        )
+        family.add_metric([], len(self._pending))
+        yield family
 
     def read(self, method: str, filters: Mapping[str, str], *, stream: bool = False) -> AuditRead:
         """Audit one read; `stream`: also when it opens."""
@@ -175,6 +194,7 @@ class AuditLog:
         except Exception:
             self._pending[:0] = events  # keep them for the next try
             raise
+        self._written.inc(len(events))
         return len(events)
 
     def start(self) -> None:

@@ -17,19 +17,23 @@ PostgreSQL, by LISTEN/NOTIFY from any replica; they never poll the database in a
 from __future__ import annotations
 
 import asyncio
+import itertools
 import struct
+import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from dataclasses import KW_ONLY, dataclass
 from typing import Any, Generic, TypeVar, cast
 
 import psycopg
-from sqlalchemy import BigInteger, String, Table, text, update
+from prometheus_client.core import Metric
+from sqlalchemy import BigInteger, String, Table, select, text, update
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from plumbing.db import Base, Database, driver_fetch
 from plumbing.errors import ApiError, failed_precondition, invalid_field, unavailable
 from plumbing.logs import get_logger
+from plumbing.metrics import Metrics, gauge, observe_many
 from plumbing.tokens import seal, unseal
 
 T = TypeVar("T")
@@ -93,6 +97,12 @@ def read_head(session: Session, log_name: str) -> Head:
     """The log's head; on the driver, as streams read it once a batch."""
     ((position, purged_through),) = driver_fetch(session, _READ_HEAD, (log_name,))
     return Head(int(position), int(purged_through))
+
+
+def read_heads(session: Session) -> dict[str, Head]:
+    """Every log's head (scrape time: a handful of rows)."""
+    rows = session.execute(select(HEADS.c.log, HEADS.c.position, HEADS.c.purged_through))
+    return {str(log): Head(int(position), int(purged)) for log, position, purged in rows}
 
 
 def mark_purged(session: Session, log_name: str, through: int) -> None:
@@ -270,6 +280,14 @@ class Follow:
     # Wall-clock time (epoch seconds) at which following stops: what is stored is then sent
     # and the stream ends. None: follow until the client goes away.
     until: float | None = None
+    _: KW_ONLY
+    # What the stream is to its metrics (`Streams`): a bounded name of its kind (assignments,
+    # records, calls) and the operator it serves (`PLATFORM` for a platform caller's stream).
+    kind: str
+    operator: str
+
+
+PLATFORM = "platform"  # the `operator` label of a platform caller's stream
 
 
 def _page(session: Session, spec: Follow, read: ReadFn[T], after: int) -> tuple[Sequence[T], Head]:
@@ -293,6 +311,178 @@ async def start_position(db: Database, log_name: str) -> int:
     return (await db.run(read_head, log_name)).position
 
 
+# --- the streams' metrics ------------------------------------------------------------------------
+
+
+class _Open(Generic[T]):
+    """One open stream, as `Streams` sees it: written on the event loop by its `follow_log`,
+    read by the scrape thread (plain attributes; a scrape may see one batch's update half done,
+    which moves a figure by one batch at most)."""
+
+    def __init__(
+        self,
+        streams: Streams,
+        spec: Follow,
+        position_of: Callable[[T], int],
+        committed_at: Callable[[T], float],
+        after: int,
+    ) -> None:
+        metrics = streams.metrics
+        self.log_name, self.operator, self.kind = spec.log_name, spec.operator, spec.kind
+        self._position_of = position_of
+        self._committed_at = committed_at
+        self._delivered_items = metrics.stream_delivered.labels(spec.operator, spec.kind)
+        self._latency = metrics.delivery_seconds.labels(spec.kind)
+        self._timed = metrics.enabled
+        self._batch_size = spec.batch_size
+        # The head at the stream's first read: changes past it were committed while it was open.
+        self._opened: int | None = None
+        self.through = after  # every change of the stream's at or below this is delivered
+        self.caught_up = True  # its last read reached the head it read, and all it read is sent
+        self.held_since: float | None = None  # commit time of the oldest change read, unsent
+        self.last_commit = 0.0  # commit time of the last change delivered
+
+    def read(self, items: Sequence[T], head: Head) -> None:
+        """A read returned: `items` are held until delivered."""
+        if self._opened is None:
+            self._opened = head.position
+        if items:
+            self.held_since = self._committed_at(items[0])
+            self.caught_up = False
+        elif self.held_since is None:  # nothing more up to the head it read: caught up
+            self.through = max(self.through, head.position)
+            self.caught_up = True
+
+    def delivered(self, items: Sequence[T], head: Head) -> None:
+        """The stream's consumer took `items` (read with `head`): counted, latency observed."""
+        self._delivered_items.inc(len(items))
+        last = self._position_of(items[-1])
+        opened = self._opened if self._opened is not None else last
+        if last > opened and self._timed:  # some were committed while the stream was open
+            now, committed_at, position_of = time.time(), self._committed_at, self._position_of
+            observe_many(
+                self._latency,
+                [max(0.0, now - committed_at(i)) for i in items if position_of(i) > opened],
+            )
+        self.last_commit = self._committed_at(items[-1])
+        self.held_since = None
+        if len(items) < self._batch_size:  # the read reached its head: caught up through it
+            self.through = max(last, head.position)
+            self.caught_up = True
+        else:
+            self.through = last
+
+    def lag(self, head: Head | None, now: float) -> tuple[int, float]:
+        """(positions, seconds) behind `head` (see `Streams`)."""
+        positions = max(0, head.position - self.through) if head is not None else 0
+        if self.held_since is None and (self.caught_up or positions == 0):
+            return 0, 0.0
+        since = self.held_since if self.held_since is not None else self.last_commit
+        return positions, max(0.0, now - since) if since else 0.0
+
+
+class Streams:
+    """This process's open streams on change logs, which `follow_log` registers: it counts the
+    changes each delivers (`opconnect_stream_delivered_total`) and times them from commit to
+    delivery (`opconnect_delivery_latency_seconds`, for changes committed while the stream was
+    open: positions past the log's head at its first read), and at each scrape exports:
+
+    - `opconnect_changelog_head_position{log}` and `opconnect_changelog_purged_position{log}`:
+      every log's head and purge horizon, read from the database (one small query), so
+      commits of every replica count.
+    - `opconnect_stream_lag_positions{operator,kind}` and `opconnect_stream_lag_seconds`: for
+      each operator and kind with a stream open in this process, the slowest one. A stream is
+      caught up (0, 0) when its last read found nothing past what it had sent up to the head it
+      read, or what it read was short of a batch and has been delivered, or it has delivered
+      everything up to the log's head now, and holds nothing unsent: a change committed
+      since then, on any replica, counts only once the stream has read it (woken by the
+      commit). Otherwise it is behind: positions is the log head now minus the position through
+      which it has delivered everything, an upper bound of what it still has to send (the log's
+      positions of other operators, and changes its filter leaves out, count too); seconds is
+      now minus the commit time of the oldest change it has read but not yet delivered (a
+      consumer that does not read holds one batch: its age grows), or, between reads, of the
+      last change it delivered. A change is delivered when the stream's consumer takes the
+      next batch, that is once gRPC has accepted the previous one for sending.
+
+    With metrics off, nothing is counted or exported; the streams are still tracked (a few
+    attribute writes a batch).
+    """
+
+    def __init__(self, db: Database, metrics: Metrics) -> None:
+        self._db = db
+        self.metrics = metrics
+        self._lock = threading.Lock()
+        self._open: dict[int, _Open[Any]] = {}
+        self._ids = itertools.count()
+        metrics.on_scrape("changelog", self._figures)
+
+    def open(
+        self,
+        spec: Follow,
+        position_of: Callable[[T], int],
+        committed_at: Callable[[T], float],
+        after: int,
+    ) -> tuple[int, _Open[T]]:
+        stream = _Open(self, spec, position_of, committed_at, after)
+        with self._lock:
+            key = next(self._ids)
+            self._open[key] = stream
+        return key, stream
+
+    def close(self, key: int) -> None:
+        with self._lock:
+            self._open.pop(key, None)
+
+    def lags(self, heads: dict[str, Head]) -> dict[tuple[str, str], tuple[int, float]]:
+        """The slowest open stream's lag, by (operator, kind)."""
+        with self._lock:
+            streams = list(self._open.values())
+        now = time.time()
+        worst: dict[tuple[str, str], tuple[int, float]] = {}
+        for stream in streams:
+            positions, seconds = stream.lag(heads.get(stream.log_name), now)
+            key = (stream.operator, stream.kind)
+            known = worst.get(key, (0, 0.0))
+            worst[key] = (max(known[0], positions), max(known[1], seconds))
+        return worst
+
+    def _figures(self) -> Iterator[Metric]:
+        """Scrape time (the HTTP server's thread): one query of the log heads."""
+        heads = self._db.transaction(read_heads)
+        head = gauge(
+            "opconnect_changelog_head_position",
+            "The last position allocated in each change log (every replica's commits).",
+            ("log",),
+        )
+        purged = gauge(
+            "opconnect_changelog_purged_position",
+            "The position through which each change log may have been purged: a cursor at or"
+            " before it answers CURSOR_EXPIRED.",
+            ("log",),
+        )
+        for name, found in sorted(heads.items()):
+            head.add_metric([name], found.position)
+            purged.add_metric([name], found.purged_through)
+        positions = gauge(
+            "opconnect_stream_lag_positions",
+            "The slowest open stream of this process per operator and kind: log positions"
+            " between what it has delivered and the log head, an upper bound of the changes it"
+            " has still to send (0 when caught up).",
+            ("operator", "kind"),
+        )
+        seconds = gauge(
+            "opconnect_stream_lag_seconds",
+            "The slowest open stream of this process per operator and kind: seconds since the"
+            " commit of the oldest change it has read and not yet delivered (0 when caught"
+            " up).",
+            ("operator", "kind"),
+        )
+        for (operator, kind), (behind, age) in sorted(self.lags(heads).items()):
+            positions.add_metric([operator, kind], behind)
+            seconds.add_metric([operator, kind], age)
+        yield from (head, purged, positions, seconds)
+
+
 async def follow_log(
     db: Database,
     notifier: Notifier,
@@ -301,15 +491,20 @@ async def follow_log(
     position_of: Callable[[T], int],
     *,
     after: int,
+    streams: Streams,
+    committed_at: Callable[[T], float],
 ) -> AsyncIterator[Batch[T]]:
     """Yield batches strictly after `after`: what is stored, then (if spec.follow) live changes,
     with a heartbeat batch (no items, newer position) after `heartbeat_s` of silence.
 
     Holds at most two batches, however far behind the client is: the one being sent and,
     after a full batch (more is likely stored), the next, read while the first is sent.
+    The stream is registered with `streams` while open (its metrics); `committed_at(item)` is
+    the item's commit time (epoch seconds) as its log's rows keep it.
     """
     last_sent = time.monotonic()
     ahead: asyncio.Future[tuple[Sequence[T], Head]] | None = None
+    key, meter = streams.open(spec, position_of, committed_at, after)
     try:
         while True:
             if notifier.closed:
@@ -325,11 +520,13 @@ async def follow_log(
                     continue  # read again, with the waiter taken before the read
             else:
                 items, head = await db.run(_page, spec, read, after)
+            meter.read(items, head)
             if items:
                 after = position_of(items[-1])
                 if len(items) == spec.batch_size:  # more is likely stored: read it meanwhile
                     ahead = asyncio.ensure_future(db.run(_page, spec, read, after))
                 yield Batch(items, after)
+                meter.delivered(items, head)
                 last_sent = time.monotonic()
                 continue
             scanned = max(after, head.position)
@@ -351,6 +548,7 @@ async def follow_log(
                 yield Batch([], after)
                 last_sent = time.monotonic()
     finally:
+        streams.close(key)
         if ahead is not None:  # the client went away: let the read finish unobserved
             ahead.add_done_callback(_discard)
 

@@ -55,6 +55,13 @@ class Settings:
     # other, HTTPS with the server's certificate, a client certificate required from the
     # platform CA bundle. `make run` sets 127.0.0.1:9464.
     metrics_listen: str = ""
+    # Where this process sends its traces (OpenTelemetry, OTLP over gRPC); empty: no tracing
+    # at all. `https://collector:4317` (or `collector:4317`) over TLS, the collector's
+    # certificate checked against the system's CAs or `otlp_ca_file`; plain `http://` only to
+    # a collector on a loopback address. The standard OTEL_* variables tune the rest (sampler,
+    # batching, timeout, headers, a client certificate).
+    otlp_endpoint: str = ""
+    otlp_ca_file: str = ""
     # "json" (production) or "console" (readable on a terminal); "auto" picks console on a TTY.
     log_format: str = "auto"
     log_level: str = "info"

@@ -11,7 +11,8 @@ it serves: a bounded number at once per principal, taken in turn between princip
 SQLite one writer at a time in the process. SQLite's "database is locked" (another process held
 the lock past the busy timeout) answers RESOURCE_EXHAUSTED STORAGE_BUSY with RetryInfo, never
 UNAVAILABLE. The SQLite files and their directory are private to the server's user (0600, 0700):
-they hold whole phone numbers.
+they hold whole phone numbers. With tracing on, a unit done for a traced call is a span of its own
+(plumbing.tracing), named by the unit's function.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from typing import Any, ParamSpec, TypeVar
 
 from alembic import command
 from alembic.config import Config
+from opentelemetry.trace import Tracer
 from prometheus_client.core import Metric
 from sqlalchemy import Engine, create_engine, event, exc
 from sqlalchemy.dialects import postgresql, sqlite
@@ -43,6 +45,7 @@ from plumbing.limits import SYSTEM_LANE, FairGate
 from plumbing.logs import get_logger
 from plumbing.metrics import Metrics, gauge
 from plumbing.rpc import current_principal
+from plumbing.tracing import failed, traced, unit_span
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -66,12 +69,15 @@ class Database:
         work_per_lane: int = 0,
         busy_timeout_s: float = 30.0,
         metrics: Metrics | None = None,
+        tracer: Tracer | None = None,
     ) -> None:
         """`work_per_lane`: units one principal may run at once (0: as many as `threads`);
         `busy_timeout_s`: how long SQLite waits for another process's write lock; `metrics`:
-        where units of work are counted and timed (none: not at all)."""
+        where units of work are counted and timed (none: not at all); `tracer`: where units
+        done for a traced call are spans (none: tracing is off)."""
         self.url = url
         self.metrics = metrics or Metrics(enabled=False)
+        self.tracer = tracer
         self.is_sqlite = url.startswith("sqlite")
         self.is_postgres = url.startswith("postgresql")
         self.busy_timeout_s = busy_timeout_s
@@ -131,6 +137,8 @@ class Database:
         queued = time.perf_counter()
         await self.gate.enter(lane, write)
         call = functools.partial(self._timed, fn, args, write, queued)
+        if self.tracer is not None and traced():
+            call = functools.partial(self._traced, self.tracer, call, fn, write)
         ctx = contextvars.copy_context()
         try:
             work = self._executor.submit(ctx.run, call)
@@ -157,6 +165,22 @@ class Database:
             raise
         finally:
             self.metrics.db_unit_seconds.labels(kind).observe(time.perf_counter() - started)
+
+    def _traced(self, tracer: Tracer, call: Callable[[], T], fn: Any, write: bool) -> T:
+        """The unit as a span (a child of the call's): its function's name, the database, read
+        or write; a failure's reason (ErrorInfo reason or exception type, never its text)."""
+        name = getattr(getattr(fn, "func", fn), "__name__", "unit")  # a partial's function
+        system = "postgresql" if self.is_postgres else "sqlite" if self.is_sqlite else "other"
+        attributes = {"db.system": system, "opconnect.db.write": write}
+        with unit_span(tracer, f"db {name}", attributes) as span:
+            try:
+                return call()
+            except ApiError as error:
+                failed(span, error.reason)
+                raise
+            except Exception as error:
+                failed(span, type(error).__name__)
+                raise
 
     def _guarded(self, fn: Callable[..., T], args: tuple[Any, ...], write: bool) -> T:
         deadline = time.monotonic() + self.busy_timeout_s

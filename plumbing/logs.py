@@ -34,6 +34,7 @@ from collections.abc import MutableMapping
 from typing import Any, TextIO, cast
 
 import structlog
+from opentelemetry import trace
 
 _PEM_KEY = re.compile(
     r"-----BEGIN [A-Z ]*PRIVATE KEY-----.*?-----END [A-Z ]*PRIVATE KEY-----", re.S
@@ -143,6 +144,19 @@ def _redact_value(value: Any) -> Any:
     return redact(str(value))  # anything else is rendered as text: redact that text
 
 
+def trace_processor(
+    _logger: Any, _name: str, event: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """The trace and span of the work being logged (hex, as trace tools show them), when it
+    is done for a traced call (plumbing.tracing). Added after redaction: ids are never personal
+    data, and a span id may be all digits."""
+    span = trace.get_current_span().get_span_context()
+    if span.is_valid:
+        event["trace_id"] = format(span.trace_id, "032x")
+        event["span_id"] = format(span.span_id, "016x")
+    return event
+
+
 def redact_processor(
     _logger: Any, _name: str, event: MutableMapping[str, Any]
 ) -> MutableMapping[str, Any]:
@@ -202,10 +216,11 @@ def configure_logging(log_format: str = "auto", level: str = "info") -> None:
         else structlog.processors.JSONRenderer()
     )
     numeric = logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
-    # Redact, then stamp the time: a timestamp is never personal data.
+    # Redact, then add the trace and stamp the time: neither is ever personal data.
     last: list[Any] = [
         structlog.processors.format_exc_info,
         redact_processor,
+        trace_processor,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         renderer,
     ]

@@ -24,6 +24,7 @@ registered with `Metrics.on_scrape`.
 
 from __future__ import annotations
 
+import bisect
 import ipaddress
 import threading
 from collections.abc import Callable, Iterable, Sequence
@@ -99,6 +100,9 @@ class _Null:
         pass
 
     def observe(self, _value: float) -> None:
+        pass
+
+    def set_function(self, _function: Callable[[], float]) -> None:
         pass
 
 
@@ -307,13 +311,16 @@ class Metrics:
         # opconnect_audit_events_pending is read at scrape time.
         self.feed_position = self._gauge(
             "opconnect_usage_feed_position",
-            "The records log position the usage service's feed has stored through.",
+            "The records log position the usage service's feed has stored through (set when"
+            " this process holds the records service's token keys, which seal the cursor).",
             (),
         )
         self.feed_lag_seconds = self._gauge(
             "opconnect_usage_feed_lag_seconds",
-            "Seconds between now and the commit of the newest call the usage feed has stored;"
-            " grows while the feed is stalled and calls are made.",
+            "Seconds between now and the time through which the usage feed is known to have"
+            " stored every call: its last heartbeat (it was caught up), or else the commit of"
+            " the newest call it stored. Healthy it stays below about heartbeat_interval_s;"
+            " it grows while the feed is stalled, disconnected or behind.",
             (),
         )
         self.feed_last_batch = self._gauge(
@@ -361,8 +368,8 @@ class Metrics:
         ValueError for a non-loopback address without `tls`."""
         host, _, port = listen.rpartition(":")
         host = host.strip("[]")
-        secure = tls is not None and not _loopback(host)
-        if not secure and not _loopback(host):
+        secure = tls is not None and not loopback(host)
+        if not secure and not loopback(host):
             raise ValueError(
                 f"metrics_listen {listen!r}: a non-loopback address needs TLS files (the"
                 " server's certificate and the platform CA bundle)"
@@ -399,7 +406,8 @@ def grpc_code(status: str) -> str:
     return GRPC_CODES.get(status, "Unknown")
 
 
-def _loopback(host: str) -> bool:
+def loopback(host: str) -> bool:
+    """Whether `host` (a name or an address) is this machine's loopback."""
     if host == "localhost":
         return True
     try:
@@ -411,3 +419,33 @@ def _loopback(host: str) -> bool:
 def gauge(name: str, text: str, labels: Sequence[str] = ()) -> GaugeMetricFamily:
     """A scrape-time gauge family: add samples with `.add_metric(label_values, value)`."""
     return GaugeMetricFamily(name, text, labels=list(labels))
+
+
+def observe_many(histogram: Histogram, values: Sequence[float]) -> None:
+    """`histogram.observe(value)` for each of `values` (one labelled child), as one update per
+    bucket touched: a stream's batch is hundreds of values, observed one by one it would cost
+    more than sending them. Uses prometheus-client's layout of a child (the version is pinned);
+    a child without it (the no-op family) observes one by one."""
+    bounds: list[float] | None = getattr(histogram, "_upper_bounds", None)
+    if bounds is None:
+        for value in values:
+            histogram.observe(value)
+        return
+    counts = [0] * len(bounds)
+    for value in values:
+        counts[bisect.bisect_left(bounds, value)] += 1  # the first bucket with value <= bound
+    histogram._sum.inc(sum(values))
+    buckets = histogram._buckets
+    for index, count in enumerate(counts):
+        if count:
+            buckets[index].inc(count)
+
+
+def count_labels(family: Counter, labels: Iterable[tuple[str, ...]]) -> None:
+    """Count one for each label tuple of `labels` on `family`, one `inc` per distinct tuple
+    (a batch's outcomes: a handful of children, however large the batch)."""
+    counts: dict[tuple[str, ...], int] = {}
+    for key in labels:
+        counts[key] = counts.get(key, 0) + 1
+    for key, count in counts.items():
+        family.labels(*key).inc(count)

@@ -1,7 +1,8 @@
 """The per-RPC wrapper every service runs behind: one server interceptor that, for each call,
 takes a request id, authenticates the caller, applies the method's access rule and the caller's
 limits, runs the handler with the principal in scope, maps errors to rich statuses, and writes one
-log line (method, principal, status, duration, request id).
+log line (method, principal, status, duration, request id); with tracing on (plumbing.tracing),
+the call is a SERVER span, the caller's `traceparent` its parent.
 
 Handlers raise `ApiError` (plumbing.errors); anything else is a bug, logged with its traceback and
 answered INTERNAL with a generic message. Nothing escapes as UNKNOWN.
@@ -24,6 +25,7 @@ from typing import Any, Literal
 import grpc
 from cryptography import x509
 from grpc.aio import AbortError
+from opentelemetry.trace import Span, Tracer
 
 from plumbing.errors import (
     ApiError,
@@ -37,6 +39,7 @@ from plumbing.limits import Slots, too_many_calls
 from plumbing.logs import get_logger
 from plumbing.metrics import Metrics, grpc_code
 from plumbing.status import code_of, to_status
+from plumbing.tracing import end_rpc_span, start_server_span
 
 log = get_logger("opconnect.rpc")
 
@@ -250,8 +253,10 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         recheck_interval_s: float = 2.0,
         calls: Slots | None = None,
         metrics: Metrics | None = None,
+        tracer: Tracer | None = None,
     ) -> None:
         self.metrics = metrics or Metrics(enabled=False)
+        self._tracer = tracer  # None: tracing is off
         self._figures: dict[str, _Figures] = {}
         self._max_request_bytes = max_request_bytes
         self.calls = calls or Slots(2**31)
@@ -361,6 +366,15 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 )
         return principal
 
+    def _begin(self, figures: _Figures, context: grpc.aio.ServicerContext[Any, Any]) -> _CallLog:
+        """A call begins: its request id and (tracing on) its span, current from here on."""
+        span = None
+        if self._tracer is not None:
+            span = start_server_span(self._tracer, figures.method, context.invocation_metadata())
+        call_log = _CallLog(figures, _request_id_of(context), span)
+        _request_id.set(call_log.request_id)
+        return call_log
+
     def _refused(self, principal: Principal, reason: str) -> None:
         self.metrics.calls_refused.labels(_who(principal), reason).inc()
 
@@ -391,9 +405,8 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         method = figures.method
 
         async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            call_log = _CallLog(figures, _request_id_of(context))
+            call_log = self._begin(figures, context)
             call_log.received = 1
-            _request_id.set(call_log.request_id)
             slot: str | None = None
             try:
                 principal = await self._start(context, method, access, call_log)
@@ -427,8 +440,7 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         method = figures.method
 
         async def call(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            call_log = _CallLog(figures, _request_id_of(context))
-            _request_id.set(call_log.request_id)
+            call_log = self._begin(figures, context)
             guard: _StreamGuard | None = None
             try:
                 await self._start(context, method, access, call_log)
@@ -468,8 +480,7 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         async def call(
             request: Any, context: grpc.aio.ServicerContext[Any, Any]
         ) -> AsyncIterator[Any]:
-            call_log = _CallLog(figures, _request_id_of(context))
-            _request_id.set(call_log.request_id)
+            call_log = self._begin(figures, context)
             slot: str | None = None
             guard: _StreamGuard | None = None
             open_streams: Any = None
@@ -671,8 +682,9 @@ def _encoder(serialize: Callable[[Any], bytes] | None) -> Callable[[Any], bytes]
 class _CallLog:
     """What one call did, for its log line and its metrics."""
 
-    def __init__(self, figures: _Figures, request_id: str) -> None:
+    def __init__(self, figures: _Figures, request_id: str, span: Span | None = None) -> None:
         self.figures = figures
+        self.span = span
         self.method = figures.method
         self.request_id = request_id
         self.principal = "-"
@@ -741,3 +753,5 @@ class _CallLog:
             fields["certificate"], fields["serial"] = self.peer
         refused = self.status in ("UNAUTHENTICATED", "PERMISSION_DENIED")
         (log.warning if refused else log.info)("rpc", **fields)
+        if self.span is not None:
+            end_rpc_span(self.span, self.status, server=True, reason=self.reason)

@@ -15,8 +15,9 @@ from typing import ClassVar
 
 import grpc
 from google.protobuf.descriptor import FileDescriptor, ServiceDescriptor
+from opentelemetry.trace import Tracer
 
-from plumbing.changelog import Notifier
+from plumbing.changelog import Notifier, Streams
 from plumbing.config import Settings
 from plumbing.db import Database
 from plumbing.metrics import Metrics
@@ -44,6 +45,10 @@ class Host:
     address: Callable[[], str]
     # Where the service counts what it does (plumbing.metrics; no-ops when metrics are off).
     metrics: Metrics
+    # The open streams on change logs, for their metrics: every `follow_log` is given it.
+    streams: Streams
+    # Where its gRPC clients make spans (plumbing.tracing); None: tracing is off.
+    tracer: Tracer | None = None
 
 
 class Service:

@@ -78,10 +78,10 @@ def test_purge_works_in_chunks(sqlite_system: RunningSystem) -> None:
     _age(sqlite_system, ids(records), days=40)
     db = sqlite_system.runtime.db
     cutoff = dt.datetime.now(dt.UTC) - dt.timedelta(days=30)
-    assert sqlite_system.call(db.run(storage.purge_records, cutoff, 3, write=True)) == 3
-    assert sqlite_system.call(db.run(storage.purge_records, cutoff, 3, write=True)) == 3
-    assert sqlite_system.call(db.run(storage.purge_records, cutoff, 3, write=True)) == 1
-    assert sqlite_system.call(db.run(storage.purge_records, cutoff, 3, write=True)) == 0
+    assert sqlite_system.call(db.run(storage.purge_records, cutoff, 3, write=True)).records == 3
+    assert sqlite_system.call(db.run(storage.purge_records, cutoff, 3, write=True)).records == 3
+    assert sqlite_system.call(db.run(storage.purge_records, cutoff, 3, write=True)).records == 1
+    assert sqlite_system.call(db.run(storage.purge_records, cutoff, 3, write=True)).records == 0
 
 
 def test_records_older_than_the_retention_are_refused(sqlite_system: RunningSystem) -> None:

@@ -11,6 +11,7 @@ from plumbing.cache import ReadCache
 from plumbing.config import Settings
 from plumbing.db import Database
 from plumbing.logs import get_logger
+from plumbing.metrics import Metrics
 from plumbing.rpc import Access
 from plumbing.service import Host, Service
 from services.numbers import storage
@@ -28,23 +29,36 @@ class Numbers(Service):
         "NumberAdminService": Access.PLATFORM,
     }
 
+    def __init__(self) -> None:
+        self.metrics = Metrics(enabled=False)
+
     def register(self, host: Host) -> None:
         """`GetNumber` reads through a cache only while this replica hears every other
         replica's changes (always with SQLite; with PostgreSQL while its LISTEN link is up)."""
+        self.metrics = host.metrics
         cache: ReadCache[Number | None] = ReadCache(
             host.settings.number_cache_entries, host.cache_usable
         )
         host.notifier.subscribe(LOG, cache.invalidate)
         pb_grpc.add_NumberServiceServicer_to_server(
-            NumberService(host.db, host.notifier, host.settings, cache), host.server
+            NumberService(
+                host.db,
+                host.notifier,
+                host.settings,
+                cache,
+                streams=host.streams,
+                metrics=host.metrics,
+            ),
+            host.server,
         )
         pb_grpc.add_NumberAdminServiceServicer_to_server(
-            NumberAdminService(host.db, host.notifier, cache), host.server
+            NumberAdminService(host.db, host.notifier, cache, host.metrics), host.server
         )
 
     async def purge(self, db: Database, settings: Settings) -> None:
         """Assignment changes past `change_log_retention_s`."""
         cutoff = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=settings.change_log_retention_s)
         purged = await db.run(storage.purge_events, cutoff, write=True)
+        self.metrics.purge_removed.labels("number_events").inc(purged)
         if purged:
             log.info("purged change log", log="numbers", events=purged)

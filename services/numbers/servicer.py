@@ -19,6 +19,7 @@ from plumbing.cache import MISSING, ReadCache
 from plumbing.changelog import (
     Follow,
     Notifier,
+    Streams,
     decode_cursor,
     encode_cursor,
     follow_log,
@@ -27,6 +28,7 @@ from plumbing.changelog import (
 from plumbing.config import Settings
 from plumbing.db import Database
 from plumbing.errors import invalid_field, not_found
+from plumbing.metrics import Metrics
 from plumbing.rpc import current_operator
 from plumbing.tokens import page_token, read_page_token
 from plumbing.validation import E164, batch_size, optional_tenant, page_size
@@ -38,12 +40,21 @@ Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 
 class NumberService(pb_grpc.NumberServiceServicer):
     def __init__(
-        self, db: Database, notifier: Notifier, settings: Settings, cache: ReadCache[Number | None]
+        self,
+        db: Database,
+        notifier: Notifier,
+        settings: Settings,
+        cache: ReadCache[Number | None],
+        *,
+        streams: Streams,
+        metrics: Metrics,
     ) -> None:
         self._db = db
         self._notifier = notifier
         self._settings = settings
         self._cache = cache
+        self._streams = streams
+        self._changes = metrics.numbers_changed
 
     def _changed(self, operator_id: str) -> None:
         """After a commit that changed the operator's numbers: caches forget, watchers wake."""
@@ -63,6 +74,7 @@ class NumberService(pb_grpc.NumberServiceServicer):
         stored = await self._db.run(storage.upload_numbers, operator, tenant, valid, write=True)
         self._changed(operator)
         results = [r or stored[u.phone_number] for u, r in zip(uploads, checks, strict=True)]
+        self._changes.labels(operator, "uploaded").inc(_done(results))
         return pb.UploadNumbersResponse(
             results=[convert.result_out(r) for r in results],
             added_count=sum(r.outcome is Outcome.DONE for r in results),
@@ -82,6 +94,7 @@ class NumberService(pb_grpc.NumberServiceServicer):
         stored = await self._db.run(storage.release_numbers, operator, valid, write=True)
         self._changed(operator)
         results = [r or stored[n] for n, r in zip(numbers, checks, strict=True)]
+        self._changes.labels(operator, "released").inc(_done(results))
         return pb.ReleaseNumbersResponse(
             results=[convert.result_out(r) for r in results],
             released_count=sum(r.outcome is Outcome.DONE for r in results),
@@ -156,10 +169,25 @@ class NumberService(pb_grpc.NumberServiceServicer):
             after = await start_position(self._db, LOG)
             # Starting from now: say where "now" is at once, so the client can resume from it.
             yield pb.WatchAssignmentsResponse(cursor=encode_cursor(LOG, after))
-        spec = Follow(LOG, operator, DOMAIN, batch, self._settings.heartbeat_interval_s)
+        spec = Follow(
+            LOG,
+            operator,
+            DOMAIN,
+            batch,
+            self._settings.heartbeat_interval_s,
+            kind="assignments",
+            operator=operator,
+        )
         read = functools.partial(storage.read_events, operator_id=operator, tenant_id=tenant)
         async for found in follow_log(
-            self._db, self._notifier, spec, read, lambda e: e.position, after=after
+            self._db,
+            self._notifier,
+            spec,
+            read,
+            _event_position,
+            after=after,
+            streams=self._streams,
+            committed_at=_event_time,
         ):
             yield pb.WatchAssignmentsResponse(
                 events=[convert.event_out(e, encode_cursor(LOG, e.position)) for e in found.items],
@@ -167,16 +195,40 @@ class NumberService(pb_grpc.NumberServiceServicer):
             )
 
 
+def _done(results: list[rules.Result]) -> int:
+    """How many numbers an upload or release changed (not those already present or refused)."""
+    return sum(r.outcome is Outcome.DONE for r in results)
+
+
+def _event_position(event: rules.Event) -> int:
+    return event.position
+
+
+def _event_time(event: rules.Event) -> float:
+    """When the change was committed: its event time, taken in the committing transaction."""
+    return event.occurred_at.timestamp()
+
+
 class NumberAdminService(pb_grpc.NumberAdminServiceServicer):
-    def __init__(self, db: Database, notifier: Notifier, cache: ReadCache[Number | None]) -> None:
+    def __init__(
+        self,
+        db: Database,
+        notifier: Notifier,
+        cache: ReadCache[Number | None],
+        metrics: Metrics,
+    ) -> None:
         self._db = db
         self._notifier = notifier
         self._cache = cache
+        self._changes = metrics.numbers_changed
 
     def _changed(self, change: storage.Change) -> None:
+        """After an assignment's commit: counted, caches forget, watchers wake (no-op: none)."""
         if change.event is not None:
-            self._cache.invalidate([change.number.operator_id])
-            self._notifier.publish(LOG, [change.number.operator_id])
+            operator = change.number.operator_id
+            self._changes.labels(operator, change.event.type.value).inc()
+            self._cache.invalidate([operator])
+            self._notifier.publish(LOG, [operator])
 
     async def AssignNumber(
         self, request: pb.AssignNumberRequest, context: Context

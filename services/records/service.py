@@ -12,6 +12,7 @@ from plumbing.audit import AuditLog
 from plumbing.config import Settings
 from plumbing.db import Database
 from plumbing.logs import get_logger
+from plumbing.metrics import Metrics
 from plumbing.rpc import Access
 from plumbing.service import Host, Service
 from services.records import storage
@@ -31,18 +32,21 @@ class Records(Service):
 
     def __init__(self) -> None:
         self.audit: AuditLog | None = None  # every operator read, written in batches
+        self.metrics = Metrics(enabled=False)
 
     def register(self, host: Host) -> None:
-        self.audit = AuditLog(host.db)
+        self.metrics = host.metrics
+        self.audit = AuditLog(host.db, metrics=host.metrics)
         db, notifier, settings, server = host.db, host.notifier, host.settings, host.server
         pb_grpc.add_CallRecordServiceServicer_to_server(
-            CallRecordService(db, notifier, settings, self.audit), server
+            CallRecordService(db, notifier, settings, self.audit, host.streams), server
         )
         pb_grpc.add_CallRecordIngestServiceServicer_to_server(
-            CallRecordIngestService(db, notifier, settings, host.known_operator), server
+            CallRecordIngestService(db, notifier, settings, host.known_operator, host.metrics),
+            server,
         )
         pb_grpc.add_CallFeedServiceServicer_to_server(
-            CallFeedService(db, notifier, settings), server
+            CallFeedService(db, notifier, settings, host.streams), server
         )
 
     async def start(self, host: Host) -> None:
@@ -59,14 +63,18 @@ class Records(Service):
         now = dt.datetime.now(dt.UTC)
         cutoff = now - dt.timedelta(seconds=settings.record_retention_s)
         purged = 0
+        removed = self.metrics.purge_removed
         while True:
             chunk = await db.run(storage.purge_records, cutoff, write=True)
-            purged += chunk
-            if chunk < storage.PURGE_CHUNK:
+            purged += chunk.records
+            removed.labels("call_records").inc(chunk.records)
+            removed.labels("call_media_streams").inc(chunk.media_streams)
+            if chunk.records < storage.PURGE_CHUNK:
                 break
         if purged:
             log.info("purged call records", records=purged)
         cutoff = now - dt.timedelta(seconds=settings.audit_retention_s)
         audited = await db.run(audit_log.purge_events, cutoff, write=True)
+        removed.labels("audit_events").inc(audited)
         if audited:
             log.info("purged audit events", events=audited)

@@ -21,8 +21,10 @@ from opconnect.records.v1 import records_pb2_grpc as pb_grpc
 from plumbing.audit import AuditLog
 from plumbing.changelog import (
     ANY_KEY,
+    PLATFORM,
     Follow,
     Notifier,
+    Streams,
     decode_cursor,
     encode_cursor,
     follow_log,
@@ -33,6 +35,7 @@ from plumbing.config import Settings
 from plumbing.db import Database
 from plumbing.errors import invalid_field, not_found
 from plumbing.logs import mask_number
+from plumbing.metrics import Metrics, count_labels
 from plumbing.rpc import current_operator
 from plumbing.tokens import page_token, read_page_token
 from plumbing.validation import Refusal, batch_size, check_period, optional_tenant, page_size
@@ -51,12 +54,18 @@ def _batch_size(requested: int, settings: Settings) -> int:
 
 class CallRecordService(pb_grpc.CallRecordServiceServicer):
     def __init__(
-        self, db: Database, notifier: Notifier, settings: Settings, audit: AuditLog
+        self,
+        db: Database,
+        notifier: Notifier,
+        settings: Settings,
+        audit: AuditLog,
+        streams: Streams,
     ) -> None:
         self._db = db
         self._notifier = notifier
         self._settings = settings
         self._audit = audit
+        self._streams = streams
 
     async def StreamCallRecords(  # type: ignore[override]  # yields encoded responses (bytes)
         self, request: pb.StreamCallRecordsRequest, context: Context
@@ -97,10 +106,19 @@ class CallRecordService(pb_grpc.CallRecordServiceServicer):
                 self._settings.heartbeat_interval_s,
                 follow=request.follow,
                 until=until,
+                kind="records",
+                operator=operator,
             )
             read = functools.partial(storage.read_records, selection=selection)
             async for batch in follow_log(
-                self._db, self._notifier, spec, read, _position_of, after=after
+                self._db,
+                self._notifier,
+                spec,
+                read,
+                _position_of,
+                after=after,
+                streams=self._streams,
+                committed_at=storage.row_commit_time,
             ):
                 audit.records += len(batch.items)
                 yield convert.stream_response(
@@ -196,10 +214,13 @@ def _stream_filters(
 class CallFeedService(pb_grpc.CallFeedServiceServicer):
     """Every operator's calls, for the platform's own systems (the usage service)."""
 
-    def __init__(self, db: Database, notifier: Notifier, settings: Settings) -> None:
+    def __init__(
+        self, db: Database, notifier: Notifier, settings: Settings, streams: Streams
+    ) -> None:
         self._db = db
         self._notifier = notifier
         self._settings = settings
+        self._streams = streams
 
     async def FollowCalls(
         self, request: pb.FollowCallsRequest, context: Context
@@ -212,9 +233,24 @@ class CallFeedService(pb_grpc.CallFeedServiceServicer):
         else:
             after = await start_position(self._db, LOG)
             yield pb.FollowCallsResponse(cursor=encode_cursor(LOG, after))
-        spec = Follow(LOG, ANY_KEY, DOMAIN, size, self._settings.heartbeat_interval_s)
+        spec = Follow(
+            LOG,
+            ANY_KEY,
+            DOMAIN,
+            size,
+            self._settings.heartbeat_interval_s,
+            kind="calls",
+            operator=PLATFORM,
+        )
         async for batch in follow_log(
-            self._db, self._notifier, spec, storage.read_facts, _fact_position, after=after
+            self._db,
+            self._notifier,
+            spec,
+            storage.read_facts,
+            _fact_position,
+            after=after,
+            streams=self._streams,
+            committed_at=_fact_time,
         ):
             yield pb.FollowCallsResponse(
                 calls=[convert.fact_out(f) for f in batch.items],
@@ -226,6 +262,10 @@ def _fact_position(fact: rules.CallFact) -> int:
     return fact.position
 
 
+def _fact_time(fact: rules.CallFact) -> float:
+    return fact.publish_time.timestamp()
+
+
 class CallRecordIngestService(pb_grpc.CallRecordIngestServiceServicer):
     def __init__(
         self,
@@ -233,12 +273,14 @@ class CallRecordIngestService(pb_grpc.CallRecordIngestServiceServicer):
         notifier: Notifier,
         settings: Settings,
         known_operator: KnownOperator,
+        metrics: Metrics,
     ) -> None:
         self._db = db
         self._notifier = notifier
         self._settings = settings
         self._known_operator = known_operator
         self._thresholds = rules.thresholds(settings)
+        self._published = metrics.records_published
 
     async def PublishCallRecords(
         self, requests: AsyncIterator[pb.PublishCallRecordsRequest], context: Context
@@ -272,6 +314,10 @@ class CallRecordIngestService(pb_grpc.CallRecordIngestServiceServicer):
                 self._notifier.publish(LOG, stored.operators)
             accepted = iter(stored.results)
             results = [next(accepted) if isinstance(p, rules.Candidate) else p for p in prepared]
+            count_labels(
+                self._published,
+                ((r.outcome.value, r.refusal.reason if r.refusal else "") for r in results),
+            )
             yield pb.PublishCallRecordsResponse(
                 batch_id=request.batch_id,
                 results=[convert.result_out(r) for r in results],

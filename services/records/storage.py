@@ -11,9 +11,10 @@ summaries are one scan of one table each. Each function takes a `Session` inside
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 from sqlalchemy import (
     BigInteger,
@@ -230,12 +231,13 @@ def publish(
 
 def read_records(
     session: Session, after: int, upto: int, limit: int, *, selection: StreamFilter
-) -> list[tuple[int, bytes]]:
-    """(position, body) of the operator's records with after < position <= upto that the
-    filter selects, in position order. The hot path of every stream: two columns, straight
-    from the driver (plumbing.db.driver_fetch), on the (operator_id, position) index."""
+) -> list[tuple[int, bytes, Any]]:
+    """(position, body, publish time as the driver gives it: `row_commit_time` reads it) of the
+    operator's records with after < position <= upto that the filter selects, in position
+    order. The hot path of every stream: three columns, straight from the driver
+    (plumbing.db.driver_fetch), on the (operator_id, position) index."""
     sql = [
-        "SELECT position, body FROM call_records",
+        "SELECT position, body, publish_time FROM call_records",
         "WHERE operator_id = ? AND position > ? AND position <= ?",
     ]
     params: list[Any] = [selection.operator_id, after, upto]
@@ -254,7 +256,20 @@ def read_records(
     sql.append("ORDER BY position LIMIT ?")
     params.append(limit)
     # Both drivers hand back int and bytes for these columns.
-    return cast(list[tuple[int, bytes]], driver_fetch(session, " ".join(sql), params))
+    return cast(list[tuple[int, bytes, Any]], driver_fetch(session, " ".join(sql), params))
+
+
+def row_commit_time(row: tuple[int, bytes, Any]) -> float:
+    """A `read_records` row's publish (commit) time, epoch seconds."""
+    return _epoch(row[2])
+
+
+@functools.lru_cache(maxsize=64)  # one publish time per published batch: read once
+def _epoch(value: str | dt.datetime) -> float:
+    """A publish time as the driver gives it (SQLite: UTC text; PostgreSQL: a datetime)."""
+    if isinstance(value, str):
+        return dt.datetime.fromisoformat(value).replace(tzinfo=dt.UTC).timestamp()
+    return utc(value).timestamp()
 
 
 def read_facts(session: Session, after: int, upto: int, limit: int) -> list[CallFact]:
@@ -437,10 +452,17 @@ def _percentiles(
 # --- retention ---------------------------------------------------------------------------------
 
 
-def purge_records(session: Session, older_than: dt.datetime, limit: int = PURGE_CHUNK) -> int:
+class Purged(NamedTuple):
+    """Rows one purge transaction deleted, by table."""
+
+    records: int
+    media_streams: int
+
+
+def purge_records(session: Session, older_than: dt.datetime, limit: int = PURGE_CHUNK) -> Purged:
     """Delete the oldest records, in log order, published before `older_than`: at most `limit`
-    in one transaction (call it until it returns less), so writers never wait long. Cursors
-    before them then answer CURSOR_EXPIRED. Returns how many were deleted."""
+    in one transaction (call it until it returns fewer records), so writers never wait long.
+    Cursors before them then answer CURSOR_EXPIRED. Returns how many rows were deleted."""
     oldest = session.execute(
         select(RECORDS.c.position, RECORDS.c.publish_time).order_by(RECORDS.c.position).limit(limit)
     ).all()
@@ -451,10 +473,12 @@ def purge_records(session: Session, older_than: dt.datetime, limit: int = PURGE_
             break
         through, count = int(position), count + 1
     if through is None:
-        return 0
-    session.execute(delete(STREAMS).where(STREAMS.c.position <= through))
+        return Purged(0, 0)
+    streams = cast(
+        CursorResult[Any], session.execute(delete(STREAMS).where(STREAMS.c.position <= through))
+    )
     deleted = cast(
         CursorResult[Any], session.execute(delete(RECORDS).where(RECORDS.c.position <= through))
     )
     mark_purged(session, LOG, through)
-    return deleted.rowcount if deleted.rowcount >= 0 else count
+    return Purged(deleted.rowcount if deleted.rowcount >= 0 else count, max(streams.rowcount, 0))

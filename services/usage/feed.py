@@ -12,20 +12,29 @@ since removed), starts it again from the oldest record kept.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
+import time
 from dataclasses import dataclass
 
 import grpc
+from opentelemetry.trace import Tracer
 
 from opconnect.records.v1 import records_pb2 as records_pb
 from opconnect.records.v1 import records_pb2_grpc as records_grpc
+from plumbing.changelog import decode_cursor
 from plumbing.db import Database
 from plumbing.direction import DIRECTION_IN
+from plumbing.errors import ApiError
 from plumbing.logs import get_logger
+from plumbing.metrics import Metrics
+from plumbing.tracing import client_call
 from services.usage import platform_calls
 from services.usage.rules import PlatformCall
 
 FEED = "records"  # the name the cursor is saved under
+FOLLOW_CALLS = "/opconnect.records.v1.CallFeedService/FollowCalls"
+RECORDS_LOG = "records"  # the change log the feed's cursors name (the records service's)
 log = get_logger("opconnect.usage.feed")
 
 
@@ -53,14 +62,40 @@ def call_in(fact: records_pb.CallFact) -> PlatformCall:
 
 
 class CallFeedFollower:
-    """Follows the call feed until stopped, reconnecting with backoff."""
+    """Follows the call feed until stopped, reconnecting with backoff.
 
-    def __init__(self, db: Database, client: FeedClient, batch_size: int = 1_000) -> None:
+    Its metrics: the records log position stored through (read from the cursor, which this
+    process can open when it shares the records service's token keys), when it last stored a
+    batch or heard a heartbeat, and its lag: now minus the time through which it is known to
+    have stored every call, which is the receipt of its last empty response (a heartbeat, sent
+    after `heartbeat_interval_s` with nothing new: it was caught up) or else the commit of the
+    newest call it stored. Healthy, that stays below about the heartbeat interval; it grows
+    while the feed is stalled, disconnected or reading a backlog.
+    """
+
+    def __init__(
+        self,
+        db: Database,
+        client: FeedClient,
+        batch_size: int = 1_000,
+        tracer: Tracer | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
         self._db = db
+        self._tracer = tracer  # tracing on: each FollowCalls call is a span, its context sent
         self.client = client
         self._batch_size = batch_size
         self._task: asyncio.Task[None] | None = None
         self.kept = 0  # calls kept since start (for logs and tests)
+        metrics = metrics or Metrics(enabled=False)
+        self._position = metrics.feed_position
+        self._last_batch = metrics.feed_last_batch
+        self._complete_through = time.time()  # nothing known yet: the lag grows from start
+        metrics.feed_lag_seconds.set_function(self.lag)
+
+    def lag(self) -> float:
+        """Seconds since the time through which every call is known stored (see the class)."""
+        return max(0.0, time.time() - self._complete_through)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="usage-call-feed")
@@ -109,11 +144,27 @@ class CallFeedFollower:
         request = records_pb.FollowCallsRequest(
             cursor=cursor, from_oldest=not cursor, max_batch_size=self._batch_size
         )
-        async for response in stub.FollowCalls(request):
-            if not response.calls and response.cursor == cursor:
-                continue
-            calls = [call_in(c) for c in response.calls]
-            self.kept += await self._db.run(
-                platform_calls.store_platform_calls, FEED, calls, response.cursor, write=True
+        with client_call(self._tracer, FOLLOW_CALLS) as metadata:
+            async for response in stub.FollowCalls(request, metadata=metadata):
+                if not response.calls and response.cursor == cursor:
+                    self._stored(response)
+                    continue
+                calls = [call_in(c) for c in response.calls]
+                self.kept += await self._db.run(
+                    platform_calls.store_platform_calls, FEED, calls, response.cursor, write=True
+                )
+                cursor = response.cursor
+                self._stored(response)
+
+    def _stored(self, response: records_pb.FollowCallsResponse) -> None:
+        """A response is stored (or had nothing to store): the feed's metrics."""
+        now = time.time()
+        self._last_batch.set(now)
+        if response.calls:
+            self._complete_through = (
+                response.calls[-1].publish_time.ToDatetime(tzinfo=dt.UTC).timestamp()
             )
-            cursor = response.cursor
+        else:
+            self._complete_through = now
+        with contextlib.suppress(ApiError):  # readable where this process holds the token keys
+            self._position.set(decode_cursor(response.cursor, RECORDS_LOG, "usage"))

@@ -13,6 +13,7 @@ from opconnect.usage.v1 import usage_pb2_grpc as pb_grpc
 from plumbing.config import Settings
 from plumbing.db import Database
 from plumbing.logs import get_logger
+from plumbing.metrics import Metrics
 from plumbing.rpc import Access
 from plumbing.service import Host, Service
 from services.usage import ingest, platform_calls, usage_days
@@ -34,10 +35,12 @@ class Usage(Service):
 
     def __init__(self) -> None:
         self.feed: CallFeedFollower | None = None  # the platform's side of every call
+        self.metrics = Metrics(enabled=False)
 
     def register(self, host: Host) -> None:
+        self.metrics = host.metrics
         pb_grpc.add_UsageServiceServicer_to_server(
-            UsageService(host.db, host.settings), host.server
+            UsageService(host.db, host.settings, host.metrics), host.server
         )
         pb_grpc.add_UsageReportServiceServicer_to_server(
             UsageReportService(host.db, host.settings), host.server
@@ -48,7 +51,7 @@ class Usage(Service):
         if client is None:
             log.info("usage call feed off: no feed_* certificate or target configured")
             return
-        self.feed = CallFeedFollower(host.db, client)
+        self.feed = CallFeedFollower(host.db, client, tracer=host.tracer, metrics=host.metrics)
         self.feed.start()
 
     async def stop(self) -> None:
@@ -59,9 +62,14 @@ class Usage(Service):
         """Call durations, the platform's calls kept, and the usage of their days, past
         `usage_retention_s` (from the call's start)."""
         cutoff = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=settings.usage_retention_s)
+        removed = self.metrics.purge_removed
         purged = await db.run(ingest.purge_durations, cutoff, write=True)
-        purged += await db.run(platform_calls.purge_platform_calls, cutoff, write=True)
-        await db.run(usage_days.purge_usage_days, cutoff, write=True)
+        removed.labels("call_durations").inc(purged)
+        calls = await db.run(platform_calls.purge_platform_calls, cutoff, write=True)
+        removed.labels("usage_platform_calls").inc(calls)
+        days = await db.run(usage_days.purge_usage_days, cutoff, write=True)
+        removed.labels("usage_daily").inc(days)
+        purged += calls
         if purged:
             log.info("purged call durations", records=purged)
 

@@ -19,6 +19,7 @@ from opconnect.usage.v1 import usage_pb2_grpc as pb_grpc
 from plumbing.config import Settings
 from plumbing.db import Database
 from plumbing.errors import invalid_field
+from plumbing.metrics import Metrics, count_labels
 from plumbing.rpc import current_operator
 from plumbing.tokens import bound_key, page_token, read_page_token
 from plumbing.validation import Refusal, batch_size, check_period, optional_tenant, page_size
@@ -30,9 +31,10 @@ Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 
 
 class UsageService(pb_grpc.UsageServiceServicer):
-    def __init__(self, db: Database, settings: Settings) -> None:
+    def __init__(self, db: Database, settings: Settings, metrics: Metrics) -> None:
         self._db = db
         self._settings = settings
+        self._submitted = metrics.durations_submitted
 
     async def SubmitCallDurations(
         self, requests: AsyncIterator[pb.SubmitCallDurationsRequest], context: Context
@@ -48,6 +50,13 @@ class UsageService(pb_grpc.UsageServiceServicer):
             valid = [c for c in checked if isinstance(c, Submitted)]
             stored = iter(await self._db.run(ingest.submit, operator, valid, write=True))
             results = [next(stored) if isinstance(c, Submitted) else c for c in checked]
+            count_labels(
+                self._submitted,
+                (
+                    (operator, r.outcome.value, r.refusal.reason if r.refusal else "")
+                    for r in results
+                ),
+            )
             yield pb.SubmitCallDurationsResponse(
                 batch_id=request.batch_id,
                 results=[convert.result_out(r) for r in results],
