@@ -124,19 +124,23 @@ def test_records_published_delivered_and_a_lagging_stream_catching_up(watched: W
         CallRecordServiceStub(channel),
         records_pb2.StreamCallRecordsRequest(follow=True, max_batch_size=10),
     )
+    first = follower.next()  # a heartbeat: the stream is open before anything is published
+    assert first is not None and not first.records
     batches = [[published(record()) for _ in range(500)] for _ in range(PUBLISHED // 500)]
     duplicate = batches[0][0]
     refused = published(record(), operator="nobody-registered")
     responses = publish(watched.edge.ingest(), *batches, [duplicate, refused])
     assert sum(r.accepted_count for r in responses) == PUBLISHED
 
-    lag = f'max(opconnect_stream_lag_positions{{operator="{OPERATOR}"}})'
+    lag = f'max(opconnect_stream_lag_positions{{operator="{OPERATOR}",kind="records"}})'
     behind = prometheus.wait_for(lag, lambda v: v is not None and v > 0)
     assert behind is not None and behind > 0, "the stalled stream was never seen behind"
+    seconds = f'max(opconnect_stream_lag_seconds{{operator="{OPERATOR}",kind="records"}})'
+    late = prometheus.wait_for(seconds, lambda v: v is not None and v > 0)
+    assert late is not None and late > 0, "the stalled stream's oldest change never aged"
     received, _ = follower.records(PUBLISHED, timeout=120)
     assert len(received) == PUBLISHED
     assert prometheus.value_when(lag, 0) == 0, "caught up, its lag is zero"
-    seconds = f'max(opconnect_stream_lag_seconds{{operator="{OPERATOR}"}})'
     assert prometheus.value_when(seconds, 0) == 0
     follower.cancel()
 
@@ -148,10 +152,10 @@ def test_records_published_delivered_and_a_lagging_stream_catching_up(watched: W
     for labels, count in outcomes.items():
         selector = f"sum(opconnect_records_published_total{{{labels}}})"
         assert prometheus.value_when(selector, count) == count, selector
-    delivered = f'sum(opconnect_stream_delivered_total{{operator="{OPERATOR}"}})'
+    delivered = f'sum(opconnect_stream_delivered_total{{operator="{OPERATOR}",kind="records"}})'
     assert prometheus.value_when(delivered, PUBLISHED) == PUBLISHED
     # Every record was committed while the stream was open: each one's delivery is timed.
-    timed = "sum(opconnect_delivery_latency_seconds_count)"
+    timed = 'sum(opconnect_delivery_latency_seconds_count{kind="records"})'
     assert prometheus.value_when(timed, PUBLISHED) == PUBLISHED
     head = 'max(opconnect_changelog_head_position{log="records"})'
     assert prometheus.wait_for(head, lambda v: v is not None and v >= PUBLISHED)
