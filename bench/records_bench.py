@@ -97,6 +97,7 @@ from plumbing import tokens, wire
 from plumbing.changelog import encode_cursor
 from plumbing.config import Settings
 from plumbing.db import Database
+from plumbing.validation import Outcome
 from services.records import convert, rules, servicer, storage
 
 P = ParamSpec("P")
@@ -294,7 +295,7 @@ def fill(data_dir: Path, count: int, seed: int) -> FillResult:
             stored = db.transaction(
                 storage.publish, chunk, convert.publish_time_field, convert.stored, write=True
             )
-            if any(r.outcome is not rules.Outcome.ACCEPTED for r in stored.results):
+            if any(r.outcome is not Outcome.ACCEPTED for r in stored.results):
                 raise RuntimeError("a template record was not accepted")
     finally:
         db.close()

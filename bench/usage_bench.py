@@ -85,6 +85,7 @@ from opconnect.usage.v1 import usage_pb2 as pb
 from opconnect.usage.v1 import usage_pb2_grpc as pb_grpc
 from plumbing.config import Settings
 from plumbing.db import Database, alembic_config
+from plumbing.validation import Outcome
 from services.usage import ingest, reconciliation, rules, servicer, tables, usage_query
 from services.usage.platform_calls import store_platform_calls
 
@@ -473,7 +474,7 @@ def fill(
             raise RuntimeError(f"template records refused: {dict(refused)}")
         for part in chunks(valid, BATCH):
             results = db.transaction(ingest.submit, OPERATOR, part, write=True)
-            if any(r.outcome is not rules.Outcome.ACCEPTED for r in results):
+            if any(r.outcome is not Outcome.ACCEPTED for r in results):
                 raise RuntimeError("a template record was not accepted")
     finally:
         db.close()

@@ -10,8 +10,18 @@ import datetime as dt
 import ipaddress
 import re
 from dataclasses import dataclass
+from enum import StrEnum
 
 from plumbing.errors import invalid_field
+
+
+class Outcome(StrEnum):
+    """What became of one record of a batch, in every service that takes records in batches
+    (call records, call durations): one vocabulary, as the contract's `*_OUTCOME_*` says."""
+
+    ACCEPTED = "accepted"  # stored
+    DUPLICATE = "duplicate"  # the same record was already stored: nothing changed
+    REFUSED = "refused"  # not stored; a `Refusal` says why
 
 
 @dataclass(frozen=True)

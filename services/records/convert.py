@@ -20,7 +20,7 @@ from opconnect.records.v1 import records_pb2 as pb
 from opconnect.type.v1 import call_direction_pb2 as direction_pb
 from plumbing import wire
 from plumbing.direction import DIRECTION_IN, DIRECTION_OUT, Direction
-from plumbing.validation import Refusal
+from plumbing.validation import Outcome, Refusal
 from plumbing.wellknown import duration_in, time_in, timestamp
 from services.records.quality import Metric, Quality, Reason, Verdict
 from services.records.rules import (
@@ -31,7 +31,6 @@ from services.records.rules import (
     MediaDirection,
     MediaStream,
     MediaType,
-    Outcome,
     Percentiles,
     Published,
     QualityGroup,

@@ -18,6 +18,7 @@ from plumbing.errors import invalid_field
 from plumbing.validation import (
     E164,
     IDENTITY,
+    Outcome,
     Refusal,
     check_e164,
     check_fqdn,
@@ -104,12 +105,6 @@ class MediaType(StrEnum):
     VIDEO = "video"
     SCREEN_SHARING = "screen_sharing"
     DATA = "data"
-
-
-class Outcome(StrEnum):
-    ACCEPTED = "accepted"
-    DUPLICATE = "duplicate"
-    REFUSED = "refused"
 
 
 class GroupBy(StrEnum):

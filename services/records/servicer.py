@@ -38,11 +38,18 @@ from plumbing.logs import mask_number
 from plumbing.metrics import Metrics, count_labels
 from plumbing.rpc import current_operator
 from plumbing.tokens import page_token, read_page_token
-from plumbing.validation import Refusal, batch_size, check_period, optional_tenant, page_size
+from plumbing.validation import (
+    Outcome,
+    Refusal,
+    batch_size,
+    check_period,
+    optional_tenant,
+    page_size,
+)
 from plumbing.wellknown import request_time
 from services.records import convert, rules, storage
 from services.records.quality import Thresholds, classify_call
-from services.records.rules import DOMAIN, LOG, MAX_BATCH, Outcome, Result
+from services.records.rules import DOMAIN, LOG, MAX_BATCH, Result
 
 Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 KnownOperator = Callable[[str], Awaitable[bool]]

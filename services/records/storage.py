@@ -38,7 +38,7 @@ from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from plumbing.changelog import allocate, mark_purged, notify_commit, read_head
 from plumbing.db import Base, driver_fetch, driver_time, utc
-from plumbing.validation import Refusal
+from plumbing.validation import Outcome, Refusal
 from services.records.quality import Quality
 from services.records.rules import (
     LOG,
@@ -46,7 +46,6 @@ from services.records.rules import (
     Candidate,
     GroupBy,
     MediaType,
-    Outcome,
     Percentiles,
     QualityGroup,
     Result,

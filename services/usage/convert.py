@@ -9,14 +9,13 @@ from google.protobuf import duration_pb2
 
 from opconnect.usage.v1 import usage_pb2 as pb
 from plumbing.direction import DIRECTION_IN, DIRECTION_OUT
-from plumbing.validation import Refusal
+from plumbing.validation import Outcome, Refusal
 from plumbing.wellknown import duration_in, time_in, timestamp
 from services.usage.rules import (
     Discrepancy,
     DiscrepancyKind,
     DurationRecord,
     Granularity,
-    Outcome,
     Reconciliation,
     Result,
     Source,

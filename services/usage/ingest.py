@@ -13,8 +13,8 @@ from sqlalchemy import CursorResult, delete
 from sqlalchemy.orm import Session
 
 from plumbing.db import driver_execute_many, driver_fetch, driver_time
-from plumbing.validation import Refusal
-from services.usage.rules import Outcome, Reported, Result, Submitted
+from plumbing.validation import Outcome, Refusal
+from services.usage.rules import Reported, Result, Submitted
 from services.usage.tables import CHUNK, DURATIONS, lock_operators
 from services.usage.usage_days import count_reported
 

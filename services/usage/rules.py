@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 from plumbing.direction import Direction
 from plumbing.errors import invalid_field
-from plumbing.validation import E164, IDENTITY, Refusal, check_e164, check_guid
+from plumbing.validation import E164, IDENTITY, Outcome, Refusal, check_e164, check_guid
 
 DOMAIN = "usage.opconnect"
 
@@ -37,12 +37,6 @@ class Granularity(StrEnum):
 class Source(StrEnum):
     OPERATOR = "operator"
     PLATFORM = "platform"
-
-
-class Outcome(StrEnum):
-    ACCEPTED = "accepted"
-    DUPLICATE = "duplicate"
-    REFUSED = "refused"
 
 
 @dataclass(frozen=True)

@@ -22,10 +22,17 @@ from plumbing.errors import invalid_field
 from plumbing.metrics import Metrics, count_labels
 from plumbing.rpc import current_operator
 from plumbing.tokens import bound_key, page_token, read_page_token
-from plumbing.validation import Refusal, batch_size, check_period, optional_tenant, page_size
+from plumbing.validation import (
+    Outcome,
+    Refusal,
+    batch_size,
+    check_period,
+    optional_tenant,
+    page_size,
+)
 from plumbing.wellknown import duration_in, request_time
 from services.usage import convert, ingest, reconciliation, rules, usage_query
-from services.usage.rules import DOMAIN, OPERATOR_ID, Outcome, Result, Submitted
+from services.usage.rules import DOMAIN, OPERATOR_ID, Result, Submitted
 
 Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 
