@@ -44,7 +44,7 @@ from plumbing.limits import Slots
 from plumbing.logs import get_logger
 from plumbing.metrics import Endpoint, Metrics, Tls
 from plumbing.rpc import Access, Authenticate, RateLimiter, RpcInterceptor
-from plumbing.service import Host, Service
+from plumbing.service import ClientCertificate, Host, Service, client_certificate
 from plumbing.tracing import Tracing, start_tracing
 
 log = get_logger("opconnect.server")
@@ -196,7 +196,7 @@ async def purge(runtime: Runtime) -> None:
         metrics.purge_last_success.labels(service.name).set(time.time())
 
 
-def platform_credentials(dev: PkiPaths | None, name: str) -> grpc.ChannelCredentials | None:
+def platform_credentials(dev: PkiPaths | None, name: str) -> ClientCertificate | None:
     """A development platform client certificate `name` (made on first use); None without
     the development PKI."""
     if dev is None:
@@ -204,22 +204,14 @@ def platform_credentials(dev: PkiPaths | None, name: str) -> grpc.ChannelCredent
     cert, key = dev.client(f"platform-{name}")
     if not (cert.exists() and key.exists()):
         issue_client(dev, "platform", name)
-    return _channel_credentials(dev.ca_cert, cert, key)
+    return client_certificate(dev.ca_cert, cert, key)
 
 
-def _channel_credentials(ca: Path, cert: Path, key: Path) -> grpc.ChannelCredentials:
-    return grpc.ssl_channel_credentials(
-        root_certificates=ca.read_bytes(),
-        private_key=key.read_bytes(),
-        certificate_chain=cert.read_bytes(),
-    )
-
-
-def internal_credentials(settings: Settings, dev: PkiPaths | None) -> grpc.ChannelCredentials:
+def internal_credentials(settings: Settings, dev: PkiPaths | None) -> ClientCertificate:
     """How the gateway reaches the service processes: as the platform principal `gateway`,
     with the configured files or, with the development PKI, a certificate made for it."""
     if settings.internal_ca_file and settings.internal_cert_file and settings.internal_key_file:
-        return _channel_credentials(
+        return client_certificate(
             Path(settings.internal_ca_file),
             Path(settings.internal_cert_file),
             Path(settings.internal_key_file),
@@ -229,10 +221,9 @@ def internal_credentials(settings: Settings, dev: PkiPaths | None) -> grpc.Chann
             "the gateway needs internal_ca_file, internal_cert_file and internal_key_file (a"
             f" platform certificate named {GATEWAY_NAME!r}) to reach the services"
         )
-    cert, key = dev.client(f"platform-{GATEWAY_NAME}")
-    if not (cert.exists() and key.exists()):
-        issue_client(dev, "platform", GATEWAY_NAME)
-    return _channel_credentials(dev.ca_cert, cert, key)
+    found = platform_credentials(dev, GATEWAY_NAME)
+    assert found is not None
+    return found
 
 
 def server_options(settings: Settings) -> list[tuple[str, int]]:
@@ -362,6 +353,7 @@ async def start(settings: Settings, role: str = "all") -> Runtime:
         known_operator=known_operator,
         cache_usable=cache_usable,
         platform_credentials=lambda name: platform_credentials(dev, name),
+        present_certificate=trust.present,
         serves=frozenset(services),
         address=lambda: _address(settings, port) if port else "",
         metrics=metrics,
@@ -373,7 +365,9 @@ async def start(settings: Settings, role: str = "all") -> Runtime:
     routed: dict[grpc.aio.Channel, list[str]] = {}  # the gateway's: channel -> its services
     forwarder: Forwarder | None = None
     if kind.forwards:
-        credentials = await loop.run_in_executor(None, internal_credentials, settings, dev)
+        internal = await loop.run_in_executor(None, internal_credentials, settings, dev)
+        trust.present("internal_cert", internal.cert_file)
+        credentials = internal.credentials
         routes = _routes(settings, credentials)
         forwarder = Forwarder(routes, metrics, tracer)
         server.add_generic_rpc_handlers(forwarder.handlers())
@@ -424,6 +418,8 @@ async def start(settings: Settings, role: str = "all") -> Runtime:
         runtime.metrics_endpoint = await loop.run_in_executor(
             None, metrics.serve, settings.metrics_listen, tls
         )
+    for name in services:  # at 0 from the start: a first failure is an increase
+        metrics.purge_runs.labels(name, "failed")
     if services:
         runtime.tasks.append(
             asyncio.create_task(_every(settings.purge_interval_s, "purge", lambda: purge(runtime)))

@@ -138,6 +138,7 @@ class TrustStore:
         self.files = files
         self.metrics = metrics or Metrics(enabled=False)
         self._server_cert = b""
+        self._presented: dict[str, Path] = {}  # client certificates this process presents
         self._interval = interval_s
         self._lock = threading.Lock()
         self._checked = 0.0
@@ -146,6 +147,11 @@ class TrustStore:
         self._trust = self._load(version=1)  # raises at start-up if the files are unusable
         self._tls_config = self._load_tls()
         self.metrics.on_scrape("trust", self._figures)
+        # Every failure series exists from the start at 0, so the first failure is an increase
+        # (alerts use increase(); a series first seen at 1 would not count).
+        for path in (*self._watched(), *self._tls_files()):
+            if path is not None:
+                self.metrics.trust_reloads.labels(self._file_name(path), "failed")
 
     # -- post-handshake trust --------------------------------------------------------------------
 
@@ -267,6 +273,14 @@ class TrustStore:
         self._count_reload(changed, "ok")
         return config
 
+    def present(self, name: str, cert_file: Path) -> None:
+        """A client certificate this process presents to others (`internal_cert`: the
+        gateway's to the services; `feed_cert`: the usage feed's to records): its expiry is
+        exported beside the trust files', read from the file at each scrape (it may be
+        replaced)."""
+        with self._lock:
+            self._presented[name] = cert_file
+
     def _figures(self) -> Iterator[Metric]:
         """Scrape time: how long until each certificate in force and each CRL expire, and the
         deny list's size."""
@@ -274,8 +288,9 @@ class TrustStore:
         now = time.time()
         expiry = gauge(
             "opconnect_certificate_expiry_seconds",
-            "Seconds until a certificate in force expires (negative: expired), by trust file"
-            " and subject: the server's own and each CA of each bundle.",
+            "Seconds until a certificate in force expires (negative: expired), by file and"
+            " subject: the server's own (tls_cert), each CA of each bundle, and the client"
+            " certificates this process presents (internal_cert, feed_cert).",
             ("file", "subject"),
         )
         bundles = {
@@ -284,6 +299,13 @@ class TrustStore:
             "platform_ca": trust.platform_cas,
             "gateway_ca": trust.gateway_cas,
         }
+        with self._lock:
+            presented = dict(self._presented)
+        for name, path in presented.items():
+            try:
+                bundles[name] = split_certs(path.read_bytes())[:1]
+            except OSError:
+                log.warning("presented certificate unreadable", file=name)
         for name, pems in bundles.items():
             for pem in pems:
                 cert = x509.load_pem_x509_certificate(pem)

@@ -103,6 +103,9 @@ class Database:
         self._write = sessionmaker(write_engine, expire_on_commit=False)
         self._executor = ThreadPoolExecutor(threads, thread_name_prefix="db")
         self.metrics.on_scrape("db_pool", self._pool_figures)
+        for kind in ("read", "write"):  # at 0 from the start: a first failure is an increase
+            for reason in ("busy", "unavailable"):
+                self.metrics.db_unit_failures.labels(kind, reason)
 
     def _pool_figures(self) -> Iterator[Metric]:
         pool = self.engine.pool

@@ -416,8 +416,27 @@ def loopback(host: str) -> bool:
         return False
 
 
+# The families read at scrape time (from `on_scrape` callbacks), all gauges: the catalogue's
+# other half. `gauge()` makes no other, so this list is complete.
+SCRAPE_FAMILIES = (
+    "opconnect_stream_lag_positions",
+    "opconnect_stream_lag_seconds",
+    "opconnect_changelog_head_position",
+    "opconnect_changelog_purged_position",
+    "opconnect_db_pool_connections",
+    "opconnect_certificate_expiry_seconds",
+    "opconnect_crl_next_update_seconds",
+    "opconnect_deny_list_entries",
+    "opconnect_registry_operators",
+    "opconnect_audit_events_pending",
+)
+
+
 def gauge(name: str, text: str, labels: Sequence[str] = ()) -> GaugeMetricFamily:
-    """A scrape-time gauge family: add samples with `.add_metric(label_values, value)`."""
+    """A scrape-time gauge family (one of SCRAPE_FAMILIES): add samples with
+    `.add_metric(label_values, value)`."""
+    if name not in SCRAPE_FAMILIES:
+        raise ValueError(f"{name} is not in SCRAPE_FAMILIES (plumbing/metrics.py)")
     return GaugeMetricFamily(name, text, labels=list(labels))
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 import grpc
@@ -25,6 +26,25 @@ from plumbing.rpc import Access, access_rules
 
 
 @dataclass(frozen=True)
+class ClientCertificate:
+    """A client certificate a process presents: the channel credentials and the file of the
+    certificate (whose expiry is watched)."""
+
+    credentials: grpc.ChannelCredentials
+    cert_file: Path
+
+
+def client_certificate(ca: Path, cert: Path, key: Path) -> ClientCertificate:
+    """Channel credentials from PEM files: the server's CA, a client certificate and its key."""
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=ca.read_bytes(),
+        private_key=key.read_bytes(),
+        certificate_chain=cert.read_bytes(),
+    )
+    return ClientCertificate(credentials, cert)
+
+
+@dataclass(frozen=True)
 class Host:
     """What a process gives the services it runs."""
 
@@ -36,9 +56,12 @@ class Host:
     known_operator: Callable[[str], Awaitable[bool]]
     # False while cross-replica change notifications may be missed (read caches stand aside).
     cache_usable: Callable[[], bool]
-    # The credentials of a platform client certificate `name` (the development PKI makes
-    # one on demand); None where there is no development PKI.
-    platform_credentials: Callable[[str], grpc.ChannelCredentials | None]
+    # A platform client certificate `name` and its credentials (the development PKI makes one
+    # on demand); None where there is no development PKI.
+    platform_credentials: Callable[[str], ClientCertificate | None]
+    # Tell the process of a client certificate a service presents to others (by the setting it
+    # comes from, e.g. `feed_cert`): its expiry is exported with the trust files'.
+    present_certificate: Callable[[str, Path], None]
     # The services this process serves itself (by `Service.name`).
     serves: frozenset[str]
     # This process's own address, once it listens ("" before).

@@ -305,22 +305,6 @@ def samples_of(samples: dict[Sample, float], name: str, **labels: str) -> dict[S
     return {key: value for key, value in samples.items() if key[0] == name and want <= key[1]}
 
 
-# Families read at scrape time, from callbacks (plumbing.metrics names them in comments; they
-# are not attributes of `Metrics`).
-SCRAPE_FAMILIES = (
-    "opconnect_stream_lag_positions",
-    "opconnect_stream_lag_seconds",
-    "opconnect_changelog_head_position",
-    "opconnect_changelog_purged_position",
-    "opconnect_db_pool_connections",
-    "opconnect_certificate_expiry_seconds",
-    "opconnect_crl_next_update_seconds",
-    "opconnect_deny_list_entries",
-    "opconnect_registry_operators",
-    "opconnect_audit_events_pending",
-)
-
-
 # --- a real Prometheus -------------------------------------------------------------------------
 
 NO_PROMETHEUS = "is not installed (Debian's `prometheus` package, which .ci/run installs)"

@@ -16,8 +16,8 @@ import promql_parser
 import pytest
 import yaml
 
-from plumbing.metrics import Metrics
-from tests.helpers import SCRAPE_FAMILIES, prometheus_tool
+from plumbing.metrics import SCRAPE_FAMILIES, Metrics
+from tests.helpers import prometheus_tool
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 ALERTS = DEPLOY / "prometheus" / "alerts.yml"

@@ -219,6 +219,15 @@ def test_the_gateway_counts_its_forwarding_hop(session_pki: Pki, tmp_path: Path)
         served = scrape(split.numbers)
         assert sample(served, "grpc_server_handled_total", **unary, grpc_code="NotFound") == 1
         assert sample(served, "grpc_client_started_total", **unary) == 0
+        # The client certificates each process presents are watched too.
+        (internal,) = samples_of(
+            hop, "opconnect_certificate_expiry_seconds", file="internal_cert"
+        ).values()
+        assert internal > 0
+        (feed,) = samples_of(
+            scrape(split.usage), "opconnect_certificate_expiry_seconds", file="feed_cert"
+        ).values()
+        assert feed > 0
     finally:
         split.stop()
 
@@ -271,3 +280,26 @@ def pem_files(directory: Path, name: str, pair: tuple[bytes, bytes]) -> tuple[Pa
     cert.write_bytes(pair[0])
     key.write_bytes(pair[1])
     return cert, key
+
+
+def test_failure_series_exist_at_zero_from_the_start(measured: RunningSystem) -> None:
+    """Alerts use increase(): a failure series first seen at 1 would never count, so every
+    failure a process can have is exported at 0 from its start."""
+    got = scrape(measured)
+    for kind in ("read", "write"):
+        for reason in ("busy", "unavailable"):
+            key = (
+                "opconnect_db_unit_failures_total",
+                frozenset({("kind", kind), ("reason", reason)}),
+            )
+            assert got[key] == 0
+    for service in ("numbers", "records", "usage"):
+        key = (
+            "opconnect_purge_runs_total",
+            frozenset({("service", service), ("result", "failed")}),
+        )
+        assert got[key] == 0
+    failed = samples_of(got, "opconnect_trust_reloads_total", result="failed")
+    files = {dict(key[1])["file"] for key in failed}
+    assert {"tls_cert", "tls_key", "operator_ca", "platform_ca", "crl"} <= files
+    assert set(failed.values()) == {0}

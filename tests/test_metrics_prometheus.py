@@ -20,9 +20,9 @@ from cryptography import x509
 from opconnect.numbers.v1 import numbers_pb2
 from opconnect.records.v1 import records_pb2
 from opconnect.records.v1.records_pb2_grpc import CallRecordServiceStub
+from plumbing.metrics import SCRAPE_FAMILIES
 from tests.conftest import OPERATOR, Pki, RunningSystem, settings_for, start_system
 from tests.helpers import (
-    SCRAPE_FAMILIES,
     Prometheus,
     metrics_target,
     poll,

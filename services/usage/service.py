@@ -6,8 +6,6 @@ import datetime as dt
 from pathlib import Path
 from typing import ClassVar
 
-import grpc
-
 from opconnect.usage.v1 import usage_pb2 as pb
 from opconnect.usage.v1 import usage_pb2_grpc as pb_grpc
 from plumbing.config import Settings
@@ -15,7 +13,7 @@ from plumbing.db import Database
 from plumbing.logs import get_logger
 from plumbing.metrics import Metrics
 from plumbing.rpc import Access
-from plumbing.service import Host, Service
+from plumbing.service import ClientCertificate, Host, Service, client_certificate
 from services.usage import ingest, platform_calls, usage_days
 from services.usage.feed import CallFeedFollower, FeedClient
 from services.usage.servicer import UsageReportService, UsageService
@@ -84,13 +82,14 @@ def feed_client(host: Host) -> FeedClient | None:
     target = settings.feed_target or own
     if not target:
         return None
-    credentials: grpc.ChannelCredentials | None
+    found: ClientCertificate | None
     if settings.feed_ca_file and settings.feed_cert_file and settings.feed_key_file:
-        credentials = grpc.ssl_channel_credentials(
-            root_certificates=Path(settings.feed_ca_file).read_bytes(),
-            private_key=Path(settings.feed_key_file).read_bytes(),
-            certificate_chain=Path(settings.feed_cert_file).read_bytes(),
+        found = client_certificate(
+            Path(settings.feed_ca_file), Path(settings.feed_cert_file), Path(settings.feed_key_file)
         )
     else:
-        credentials = host.platform_credentials(FEED_CLIENT)
-    return None if credentials is None else FeedClient(target, credentials)
+        found = host.platform_credentials(FEED_CLIENT)
+    if found is None:
+        return None
+    host.present_certificate("feed_cert", found.cert_file)
+    return FeedClient(target, found.credentials)
