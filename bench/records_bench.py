@@ -97,7 +97,7 @@ from plumbing import tokens, wire
 from plumbing.changelog import encode_cursor
 from plumbing.config import Settings
 from plumbing.db import Database
-from services.records import convert, rules, servicer, storage
+from services.records import convert, rules, storage
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -283,7 +283,7 @@ def fill(data_dir: Path, count: int, seed: int) -> FillResult:
         messages, source = realistic_records(
             min(TEMPLATES, count), seed, dt.datetime.now(dt.UTC) - dt.timedelta(minutes=2)
         )
-        prepared = servicer._prepare(messages, {OPERATOR}, settings, rules.thresholds(settings))
+        prepared = convert.prepare(messages, {OPERATOR}, settings, rules.thresholds(settings))
         candidates = [p for p in prepared if isinstance(p, rules.Candidate)]
         if len(candidates) != len(messages):
             refused = Counter(

@@ -85,7 +85,7 @@ from opconnect.usage.v1 import usage_pb2 as pb
 from opconnect.usage.v1 import usage_pb2_grpc as pb_grpc
 from plumbing.config import Settings
 from plumbing.db import Database, alembic_config
-from services.usage import ingest, reconciliation, rules, servicer, tables, usage_query
+from services.usage import convert, ingest, reconciliation, rules, tables, usage_query
 from services.usage.platform_calls import store_platform_calls
 
 P = ParamSpec("P")
@@ -464,7 +464,7 @@ def fill(
             for c in template_calls
         ]
         db.transaction(store_platform_calls, "bench-fill", platform_calls, "", write=True)
-        checked = servicer._check([record_message(r) for r in template_records], settings)
+        checked = convert.check([record_message(r) for r in template_records], settings)
         valid = [c for c in checked if isinstance(c, rules.Submitted)]
         if len(valid) != len(template_records):
             refused = Counter(
