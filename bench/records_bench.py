@@ -569,9 +569,11 @@ async def publish_once(
     stub = pb_grpc.CallRecordIngestServiceStub(channel)
     outcomes: Counter[str] = Counter()
     reasons: Counter[str] = Counter()
+    acks = 0
 
     def answered(response: pb.PublishCallRecordsResponse) -> None:
-        outcomes["acks"] += 1
+        nonlocal acks
+        acks += 1
         outcomes["accepted"] += response.accepted_count
         outcomes["duplicate"] += response.duplicate_count
         outcomes["refused"] += response.refused_count
@@ -583,7 +585,7 @@ async def publish_once(
     return {
         "records": sum(len(r.records) for r in requests),
         "batches": len(requests),
-        "acks": outcomes.pop("acks", 0),
+        "acks": acks,
         **outcomes,
         "reasons": dict(reasons.most_common(5)),
         **cpu.figures(),

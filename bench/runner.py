@@ -328,13 +328,11 @@ async def serve_commands(profiles: ThreadProfiles | None = None) -> None:
 
     `profile-start` turns cProfile on (the event-loop thread, where the gRPC handlers run, and
     with `profiles` the threads of the executors); `profile-stop PATH` turns it off, writes the
-    merged stats to PATH and answers `PROFILED`. Stdin is read on a thread of its own (not the
-    loop's default executor, which `profiles` may watch).
+    merged stats to PATH and answers `PROFILED`.
     """
-    stdin = ThreadPoolExecutor(1, thread_name_prefix="stdin")
     profiler: cProfile.Profile | None = None
-    while line := await read_line(stdin):
-        command, _, argument = line.strip().partition(" ")
+    async for line in commands():
+        command, _, argument = line.partition(" ")
         if command == "profile-start":
             profiler = cProfile.Profile()
             if profiles is not None:
@@ -351,24 +349,23 @@ async def serve_commands(profiles: ThreadProfiles | None = None) -> None:
             stats.dump_stats(argument)
             profiler = None
             print("PROFILED", flush=True)
-    stdin.shutdown(wait=False)
-
-
-async def read_line(executor: Executor | None = None) -> str:
-    """One line of stdin without blocking the event loop ('' at end of file), read on
-    `executor` (by default the loop's default executor)."""
-    return await asyncio.get_running_loop().run_in_executor(executor, sys.stdin.readline)
 
 
 async def commands() -> AsyncIterator[str]:
-    """The orchestrator's commands to a client process, a line each (stripped), until it
-    closes stdin; read on a thread of its own."""
+    """The orchestrator's commands, a line each (stripped), until it closes stdin. Read on a
+    thread of its own, not the loop's default executor (which a profiled server watches)."""
     stdin = ThreadPoolExecutor(1, thread_name_prefix="stdin")
     try:
         while line := await read_line(stdin):
             yield line.strip()
     finally:
         stdin.shutdown(wait=False)
+
+
+async def read_line(executor: Executor | None = None) -> str:
+    """One line of stdin without blocking the event loop ('' at end of file), read on
+    `executor` (by default the loop's default executor)."""
+    return await asyncio.get_running_loop().run_in_executor(executor, sys.stdin.readline)
 
 
 # --------------------------------------------------------------------------- child processes
