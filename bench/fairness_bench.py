@@ -25,7 +25,6 @@ import asyncio
 import json
 import math
 import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -33,26 +32,14 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from common import (
-    OPERATOR,
-    PLATFORM,
-    TENANT,
-    Child,
-    ServerProcess,
-    bench_settings,
-    credentials,
-    machine,
-    print_header,
-    serve_commands,
-    start_system,
-)
+import runner
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
+from report import machine, print_header, summary_ms
+from runner import OPERATOR, TENANT, Child, ServerProcess, Spec, credentials
 
-from gateway.pki import PkiPaths, ensure_dev_pki, issue_client
 from opconnect.numbers.v1 import numbers_pb2 as pb
 from opconnect.numbers.v1 import numbers_pb2_grpc as pb_grpc
-from plumbing.config import Settings
 
 BUSY = "busy-telecom"
 QUIET = OPERATOR
@@ -60,23 +47,7 @@ BUSY_TENANT = "0b5e2c1d-3a4f-4e6d-8c7b-9a0f1e2d3c4b"
 UPLOAD_SIZE = 10_000
 STOP_WAIT_S = 60.0
 BOTH = pb.Capabilities(inbound=True, outbound=True)
-
-
-def percentile(ordered: Sequence[float], p: float) -> float:
-    """Nearest-rank percentile of an already sorted, non-empty sequence."""
-    return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
-
-
-def summary_ms(samples_s: Sequence[float]) -> dict[str, float]:
-    ordered = sorted(s * 1000 for s in samples_s)
-    if not ordered:
-        return {"n": 0, "p50": math.nan, "p99": math.nan, "max": math.nan}
-    return {
-        "n": len(ordered),
-        "p50": percentile(ordered, 50),
-        "p99": percentile(ordered, 99),
-        "max": ordered[-1],
-    }
+PERCENTILES = (50, 99)  # of the quiet operator's latencies
 
 
 def outcome(error: grpc.aio.AioRpcError) -> tuple[str, float | None]:
@@ -105,29 +76,15 @@ def upload_request(numbers: Sequence[str], tenant: str) -> pb.UploadNumbersReque
     )
 
 
-def settings_of(spec: dict[str, Any]) -> Settings:
-    root = Path(spec["root"])
-    settings = bench_settings(root / "data", PkiPaths.at(root / "pki"))
-    return settings.replace(database_url=spec.get("database_url", ""))
-
-
 # --------------------------------------------------------------------------- child processes
 
 
-async def serve(spec: dict[str, Any]) -> None:
-    runtime = await start_system(settings_of(spec))
-    await runtime.registry.add(BUSY, "busy benchmark operator")
-    print(f"READY {runtime.port}", flush=True)
-    await serve_commands()
-    await runtime.stop(grace_s=1.0)
-
-
-async def busy(spec: dict[str, Any]) -> None:
+async def busy(spec: Spec) -> None:
     """Upload 10,000 new numbers per call from `workers` coroutines until told to stop; then
     print the outcomes as JSON."""
     channel = grpc.aio.secure_channel(
         spec["address"],
-        credentials(Path(spec["root"]) / "pki", "operator", BUSY),
+        credentials(spec["root"], "operator", BUSY),
         options=[("grpc.max_send_message_length", 64 * 1024 * 1024)],
     )
     stub = pb_grpc.NumberServiceStub(channel)
@@ -151,7 +108,7 @@ async def busy(spec: dict[str, Any]) -> None:
     tasks = [asyncio.create_task(worker()) for _ in range(spec["workers"])]
     await asyncio.sleep(spec["warmup"])
     print("LOADED", flush=True)
-    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+    await runner.read_line()
     stopping.set()
     await asyncio.gather(*tasks)
     await channel.close()
@@ -166,7 +123,7 @@ async def quiet(
 ) -> dict[str, Any]:
     """`samples` write-then-read pairs, one call at a time (fewer if `max_s` runs out first);
     latencies and failures."""
-    channel = grpc.aio.secure_channel(address, credentials(root / "pki", "operator", QUIET))
+    channel = grpc.aio.secure_channel(address, credentials(root, "operator", QUIET))
     stub = pb_grpc.NumberServiceStub(channel)
     writes: list[float] = []
     reads: list[float] = []
@@ -186,43 +143,41 @@ async def quiet(
         except grpc.aio.AioRpcError as error:
             failed[outcome(error)[0]] += 1
     await channel.close()
-    return {"write_ms": summary_ms(writes), "read_ms": summary_ms(reads), "failed": dict(failed)}
+    return {
+        "write_ms": summary_ms(writes, PERCENTILES),
+        "read_ms": summary_ms(reads, PERCENTILES),
+        "failed": dict(failed),
+    }
 
 
-def bench(args: argparse.Namespace) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory(prefix="opconnect-bench-") as tmp:
-        root = Path(tmp)
-        paths = ensure_dev_pki(root / "pki", operator_id=OPERATOR, platform_name=PLATFORM)
-        issue_client(paths, "operator", BUSY)
-        spec = {"root": str(root), "database_url": args.database_url}
-        server = ServerProcess("system", spec, STOP_WAIT_S)
-        load: Child | None = None
-        try:
-            asyncio.run(quiet(server.address, root, 20, 3_000_000_000))  # warm-up
-            alone = asyncio.run(
-                quiet(server.address, root, args.samples, 3_100_000_000, args.max_seconds)
-            )
-            load = Child(
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    with (
+        runner.workspace(
+            "opconnect-bench-", [("operator", BUSY)], database_url=args.database_url
+        ) as ws,
+        runner.Children() as children,
+    ):
+        root = ws.root
+        settings = ws.settings()
+        spec = ws.spec(operators={BUSY: "busy benchmark operator"})
+        server = children.add(ServerProcess("system", spec, STOP_WAIT_S))
+        asyncio.run(quiet(server.address, root, 20, 3_000_000_000))  # warm-up
+        alone = asyncio.run(
+            quiet(server.address, root, args.samples, 3_100_000_000, args.max_seconds)
+        )
+        load = children.add(
+            Child(
                 "busy",
-                {
-                    **spec,
-                    "address": server.address,
-                    "workers": args.busy_workers,
-                    "warmup": args.warmup,
-                },
+                ws.spec(address=server.address, workers=args.busy_workers, warmup=args.warmup),
                 STOP_WAIT_S,
             )
-            load.expect("LOADED")
-            loaded = asyncio.run(
-                quiet(server.address, root, args.samples, 3_200_000_000, args.max_seconds)
-            )
-            load.send("stop")
-            busy_outcomes: dict[str, int] = json.loads(load.line())
-        finally:
-            if load is not None:
-                load.stop()
-            server.stop()
-    settings = settings_of(spec)
+        )
+        load.expect("LOADED")
+        loaded = asyncio.run(
+            quiet(server.address, root, args.samples, 3_200_000_000, args.max_seconds)
+        )
+        load.send("stop")
+        busy_outcomes: dict[str, int] = json.loads(load.line())
     return {
         "machine": machine(),
         "settings": {
@@ -246,7 +201,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def print_report(report: dict[str, Any]) -> None:
+def print_report(report: dict[str, Any], args: argparse.Namespace) -> None:
     print_header("opconnect fairness benchmark", report)
     print()
     print(f"quiet operator ({QUIET}), one call at a time, ms:")
@@ -268,34 +223,22 @@ def print_report(report: dict[str, Any]) -> None:
     print(f"UNAVAILABLE answers (must be 0): {unavailable}")
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+def options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--samples", type=int, default=200, help="write+read pairs per phase")
     p.add_argument("--max-seconds", type=float, default=300, help="at most this long a phase")
     p.add_argument("--busy-workers", type=int, default=16, help="busy uploads kept in flight")
     p.add_argument("--warmup", type=float, default=2.0, help="seconds of busy load before timing")
     p.add_argument("--database-url", default="", help="empty: SQLite in the temp directory")
-    p.add_argument("--json", action="store_true", help="also print the figures as JSON")
-    p.add_argument("--role", choices=["bench", "serve", "busy"], default="bench", help="internal")
-    p.add_argument("--spec", default="{}", help="internal: JSON for --role serve/busy")
-    return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    spec: dict[str, Any] = json.loads(args.spec)
-    if args.role == "serve":
-        asyncio.run(serve(spec))
-        return 0
-    if args.role == "busy":
-        asyncio.run(busy(spec))
-        return 0
-    report = bench(args)
-    print_report(report)
-    if args.json:
-        print(json.dumps(report, indent=2))
-    return 0
-
+SCENARIO = runner.Scenario(
+    description=__doc__ or "",
+    options=options,
+    quick={"samples": 5, "busy_workers": 2, "warmup": 0.5},
+    roles={"serve": runner.serve, "busy": busy},
+    run=run,
+    print_report=print_report,
+)
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(runner.main(SCENARIO))

@@ -31,10 +31,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
 import sqlite3
 import sys
-import tempfile
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import asdict, dataclass
@@ -42,30 +40,24 @@ from pathlib import Path
 from typing import Any, NoReturn, cast
 
 import grpc
-from common import (
+import runner
+from report import machine, print_figures, print_header, share, shares, summary_ms, verdict
+from runner import (
     OPERATOR,
     PLATFORM,
     SERVER_OPTIONS,
     TENANT,
     Child,
     Context,
+    CpuWindow,
     ServerProcess,
-    bench_settings,
+    Spec,
+    Workspace,
     credentials,
-    machine,
-    machine_busy_seconds,
-    print_header,
-    profile_text,
-    read_line,
-    run_bare_server,
-    serve_commands,
-    serve_split,
-    server_cpu_seconds,
-    start_system,
+    in_turn,
 )
 
 from gateway.identity import GATEWAY_NAME
-from gateway.pki import PkiPaths, ensure_dev_pki, issue_client
 from opconnect.numbers.v1 import numbers_pb2 as pb
 from opconnect.numbers.v1 import numbers_pb2_grpc as pb_grpc
 
@@ -80,27 +72,6 @@ WARMUP_CHANGES = 20
 STOP_WAIT_S = 15.0  # how long a child process may take to finish once told to
 SPLIT_RATIO_DESIGN = 1 / 3  # DESIGN.md: "a hop between Python processes costs about 3x"
 KINDS = ("bare", "system", "split")  # the server configurations of part 1, in table order
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def percentile(ordered: Sequence[float], p: float) -> float:
-    """Nearest-rank percentile of an already sorted, non-empty sequence."""
-    return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
-
-
-def summary_ms(samples_s: Sequence[float]) -> dict[str, float]:
-    ordered = sorted(s * 1000 for s in samples_s)
-    if not ordered:
-        return {"n": 0, "p50": math.nan, "p90": math.nan, "p99": math.nan, "max": math.nan}
-    return {
-        "n": len(ordered),
-        "p50": percentile(ordered, 50),
-        "p90": percentile(ordered, 90),
-        "p99": percentile(ordered, 99),
-        "max": ordered[-1],
-    }
 
 
 # --------------------------------------------------------------------------- server processes
@@ -145,25 +116,24 @@ class BareNumberService(pb_grpc.NumberServiceServicer):
         yield pb.WatchAssignmentsResponse()  # not reached: makes this a server-streaming handler
 
 
-async def serve_system(root: Path) -> None:
-    runtime = await start_system(bench_settings(root / "data", PkiPaths.at(root / "pki")))
-    print(f"READY {runtime.port}", flush=True)
-    await serve_commands()
-    await runtime.stop(grace_s=1.0)
-
-
-async def serve_bare(root: Path) -> None:
-    response = pb.GetNumberResponse.FromString((root / "response.bin").read_bytes())
+async def serve_bare(spec: Spec) -> None:
+    """NumberService.GetNumber answered from memory with the system's answer
+    (`spec["response"]`, hex)."""
+    response = pb.GetNumberResponse.FromString(bytes.fromhex(spec["response"]))
     bare = grpc.aio.server(options=SERVER_OPTIONS)
     pb_grpc.add_NumberServiceServicer_to_server(BareNumberService(response), bare)
-    await run_bare_server(bare, root / "pki")
+    await runner.serve_bare(bare, spec)
+
+
+async def serve(spec: Spec) -> None:
+    await runner.serve(spec, "numbers", serve_bare)
 
 
 # --------------------------------------------------------------------------- load processes
 
 
 async def measure(
-    stub: pb_grpc.NumberServiceStub, server_pids: Sequence[int], spec: dict[str, Any]
+    stub: pb_grpc.NumberServiceStub, server_pids: Sequence[int], spec: Spec
 ) -> dict[str, Any]:
     """`concurrency` coroutines call GetNumber back to back for `warmup` + `seconds`; count the
     calls that complete in the last `seconds`, and sample this process's and the server's CPU
@@ -186,44 +156,33 @@ async def measure(
             if now >= begin:
                 counts["calls" if ok else "errors"] += 1
 
-    marks: list[tuple[float, float, list[float] | None, float | None]] = []
+    used: list[runner.CpuUse] = []
 
     async def sampler() -> None:
-        for moment in (begin, end):
-            await asyncio.sleep(max(0.0, moment - time.perf_counter()))
-            marks.append(
-                (
-                    time.perf_counter(),
-                    time.process_time(),
-                    server_cpu_seconds(server_pids),
-                    machine_busy_seconds(),
-                )
-            )
+        await asyncio.sleep(max(0.0, begin - time.perf_counter()))
+        window = CpuWindow(server_pids)
+        await asyncio.sleep(max(0.0, end - time.perf_counter()))
+        used.append(window.end())
 
     await asyncio.gather(sampler(), *(caller() for _ in range(spec["concurrency"])))
-    (t0, c0, s0, m0), (t1, c1, s1, m1) = marks
-    by_process = (
-        [(b - a) / (t1 - t0) for a, b in zip(s0, s1, strict=True)]
-        if s0 is not None and s1 is not None
-        else None
-    )
+    (cpu,) = used
     return {
-        "machine_cpu": (m1 - m0) / (t1 - t0) if m0 is not None and m1 is not None else None,
+        "machine_cpu": cpu.machine_cpu,
         "calls": counts["calls"],
         "errors": counts["errors"],
-        "client_cpu": (c1 - c0) / (t1 - t0),
-        "server_cpu": sum(by_process) if by_process is not None else None,
-        "server_cpu_by_process": by_process,
+        "client_cpu": cpu.client_cpu,
+        "server_cpu": cpu.server_cpu,
+        "server_cpu_by_process": cpu.server_cpu_by_process,
     }
 
 
-async def load_worker(spec: dict[str, Any]) -> None:
+async def load_worker(spec: Spec) -> None:
     """A load-generating process: one channel per server, kept for the whole benchmark.
 
     Says READY once connected and warm; then each `GO <server>` line on stdin runs one
     measurement against that server and answers with one JSON line; ends at end of input.
     """
-    creds = credentials(Path(spec["root"]) / "pki", "operator", OPERATOR)
+    creds = credentials(spec["root"], "operator", OPERATOR)
     targets: dict[str, dict[str, Any]] = spec["targets"]
     channels = {kind: grpc.aio.secure_channel(t["address"], creds) for kind, t in targets.items()}
     try:
@@ -233,8 +192,8 @@ async def load_worker(spec: dict[str, Any]) -> None:
             for _ in range(20):
                 await stub.GetNumber(request, timeout=10)
         print("READY", flush=True)
-        while line := await read_line():
-            kind = line.strip().removeprefix("GO ")
+        async for line in runner.commands():
+            kind = line.removeprefix("GO ")
             result = await measure(stubs[kind], targets[kind]["pids"], spec)
             print(json.dumps(result), flush=True)
     finally:
@@ -265,21 +224,20 @@ class LoadWorkers:
         self,
         count: int,
         servers: dict[str, Sequence[ServerProcess]],
-        root: Path,
+        ws: Workspace,
         args: argparse.Namespace,
     ) -> None:
         self.seconds = float(args.seconds)
-        spec = {
-            "root": str(root),
-            "targets": {
+        spec = ws.spec(
+            targets={
                 kind: {"address": ps[0].address, "pids": [p.pid for p in ps]}
                 for kind, ps in servers.items()
             },
-            "phone_number": GET_NUMBER,
-            "seconds": args.seconds,
-            "warmup": args.warmup,
-            "concurrency": args.concurrency,
-        }
+            phone_number=GET_NUMBER,
+            seconds=args.seconds,
+            warmup=args.warmup,
+            concurrency=args.concurrency,
+        )
         self.workers = [Child("load", spec, STOP_WAIT_S) for _ in range(count)]
         for worker in self.workers:
             worker.expect("READY")
@@ -322,10 +280,7 @@ class LoadWorkers:
 
 async def prepare(address: str, root: Path) -> bytes:
     """Upload the numbers the benchmarks use; return the system's GetNumber answer, serialized."""
-    pki_dir = root / "pki"
-    async with grpc.aio.secure_channel(
-        address, credentials(pki_dir, "operator", OPERATOR)
-    ) as channel:
+    async with grpc.aio.secure_channel(address, credentials(root, "operator", OPERATOR)) as channel:
         stub = pb_grpc.NumberServiceStub(channel)
         both = pb.Capabilities(inbound=True, outbound=True)
         uploaded = await stub.UploadNumbers(
@@ -341,7 +296,7 @@ async def prepare(address: str, root: Path) -> bytes:
             raise RuntimeError(f"upload failed: {uploaded}")
         # Assigned, so that the answer carries every field an operator sees in practice.
         async with grpc.aio.secure_channel(
-            address, credentials(pki_dir, "platform", PLATFORM)
+            address, credentials(root, "platform", PLATFORM)
         ) as admin_channel:
             await pb_grpc.NumberAdminServiceStub(admin_channel).AssignNumber(
                 assign_request(GET_NUMBER)
@@ -351,9 +306,7 @@ async def prepare(address: str, root: Path) -> bytes:
 
 async def answer(address: str, root: Path) -> bytes:
     """The operator's GetNumber answer from the server at `address`, serialized."""
-    async with grpc.aio.secure_channel(
-        address, credentials(root / "pki", "operator", OPERATOR)
-    ) as channel:
+    async with grpc.aio.secure_channel(address, credentials(root, "operator", OPERATOR)) as channel:
         response = cast(
             pb.GetNumberResponse,
             await pb_grpc.NumberServiceStub(channel).GetNumber(
@@ -374,9 +327,7 @@ def assign_request(number: str) -> pb.AssignNumberRequest:
 
 async def rtt(address: str, root: Path, count: int, warmup: int) -> tuple[list[float], int]:
     """Sequential GetNumber round trips (seconds) and the answer's serialized size."""
-    async with grpc.aio.secure_channel(
-        address, credentials(root / "pki", "operator", OPERATOR)
-    ) as channel:
+    async with grpc.aio.secure_channel(address, credentials(root, "operator", OPERATOR)) as channel:
         stub = pb_grpc.NumberServiceStub(channel)
         request = pb.GetNumberRequest(phone_number=GET_NUMBER)
         samples: list[float] = []
@@ -404,9 +355,8 @@ class NotifyResult:
 
 async def notify_latency(address: str, root: Path, changes: int, warmup: int) -> NotifyResult:
     """Assign and unassign pool numbers in turn, one change at a time, timing each event."""
-    pki_dir = root / "pki"
-    operator = grpc.aio.secure_channel(address, credentials(pki_dir, "operator", OPERATOR))
-    platform_ = grpc.aio.secure_channel(address, credentials(pki_dir, "platform", PLATFORM))
+    operator = grpc.aio.secure_channel(address, credentials(root, "operator", OPERATOR))
+    platform_ = grpc.aio.secure_channel(address, credentials(root, "platform", PLATFORM))
     stub = pb_grpc.NumberServiceStub(operator)
     admin = pb_grpc.NumberAdminServiceStub(platform_)
     loop = asyncio.get_running_loop()
@@ -488,18 +438,10 @@ def sqlite_commits(directory: Path, count: int) -> list[float]:
     return samples
 
 
-def server_profile(system: ServerProcess, workers: LoadWorkers, root: Path) -> tuple[LoadRun, str]:
-    """One more 1-client system run with cProfile on in the server's event-loop thread."""
-    path = root / "server.prof"
-    system.profile_start()
-    run = workers.run(system.kind, 1, 0)
-    system.profile_stop(path)
-    return run, profile_text(path, 15)
-
-
-def print_report(report: dict[str, Any], runs: list[LoadRun], args: argparse.Namespace) -> None:
+def print_report(report: dict[str, Any], args: argparse.Namespace) -> None:
     print_header("opconnect numbers benchmark", report)
     print()
+    runs = [LoadRun(**r) for r in report["getnumber"]["runs"]]
 
     g = report["getnumber"]
     print(
@@ -523,12 +465,12 @@ def print_report(report: dict[str, Any], runs: list[LoadRun], args: argparse.Nam
             mine = [r for r in runs if r.server == kind and r.clients == clients]
             best = max(mine, key=lambda r: r.calls_per_s)
             rounds = " / ".join(f"{r.calls_per_s:,.0f}" for r in mine)
-            client_cpu = " + ".join(f"{c:.0%}" for c in best.client_cpu)
+            client_cpu = shares(best.client_cpu)
             if best.server_cpu_by_process is not None and len(best.server_cpu_by_process) > 1:
-                server_cpu = " + ".join(f"{c:.0%}" for c in best.server_cpu_by_process)
+                server_cpu = shares(best.server_cpu_by_process)
             else:
-                server_cpu = f"{best.server_cpu:.0%}" if best.server_cpu is not None else "n/a"
-            other_cpu = f"{best.other_cpu:.0%}" if best.other_cpu is not None else "n/a"
+                server_cpu = share(best.server_cpu)
+            other_cpu = share(best.other_cpu)
             print(
                 f"   {kind:<8}{clients:>8}{best.calls_per_s:>14,.0f}   {rounds:<26}"
                 f"{client_cpu:>12}{server_cpu:>14}{other_cpu:>11}{sum(r.errors for r in mine):>8}"
@@ -542,13 +484,13 @@ def print_report(report: dict[str, Any], runs: list[LoadRun], args: argparse.Nam
     side = "client" if max(top.client_cpu) >= 0.9 else "server"
     print(
         f"   client side: the bare server peaked at {top.calls_per_s:,.0f} calls/s with"
-        f" {top.clients} client process(es) at {' + '.join(f'{c:.0%}' for c in top.client_cpu)}"
+        f" {top.clients} client process(es) at {shares(top.client_cpu)}"
         f" of a core ({side} side was the limit)"
     )
-    verdict = "met" if g["ratio"] >= GETNUMBER_TARGET else "MISSED"
+    met = verdict(g["ratio"] >= GETNUMBER_TARGET)
     print(
         f"   best system {g['best']['system']:,.0f} / best bare {g['best']['bare']:,.0f} calls/s"
-        f" = {g['ratio']:.2f} (target >= {GETNUMBER_TARGET}: {verdict})"
+        f" = {g['ratio']:.2f} (target >= {GETNUMBER_TARGET}: {met})"
     )
     per = ", ".join(
         f"{c} client process{'es' if c > 1 else ''} {g['split_ratio_by_clients'][str(c)]:.2f}"
@@ -602,10 +544,9 @@ def print_report(report: dict[str, Any], runs: list[LoadRun], args: argparse.Nam
         f" of {n['latency_ms']['n']}; timeouts: {n['timeouts']}"
     )
     p99 = n["latency_ms"]["p99"]
-    verdict = "met" if p99 < NOTIFY_P99_TARGET_MS else "MISSED"
     print(
         f"   notify p99 {p99:.1f} ms = {n['p99_over_getnumber_p99']:.1f}x the GetNumber p99"
-        f" (target < {NOTIFY_P99_TARGET_MS:g} ms: {verdict})"
+        f" (target < {NOTIFY_P99_TARGET_MS:g} ms: {verdict(p99 < NOTIFY_P99_TARGET_MS)})"
     )
     if report["profile"]:
         run = report["profile"]["run"]
@@ -616,70 +557,59 @@ def print_report(report: dict[str, Any], runs: list[LoadRun], args: argparse.Nam
             " while profiled):"
         )
         print(report["profile"]["text"].rstrip())
-    print()
-    print(f"(took {report['elapsed_s']:.0f} s)")
-    print(f"getnumber_ratio={g['ratio']:.2f}")
-    print(f"split_ratio={g['split_ratio']:.2f}")
-    print(f"notify_p99_ms={p99:.1f}")
+    print_figures(
+        report,
+        [
+            ("getnumber_ratio", f"{g['ratio']:.2f}"),
+            ("split_ratio", f"{g['split_ratio']:.2f}"),
+            ("notify_p99_ms", f"{p99:.1f}"),
+        ],
+    )
 
 
-def bench(args: argparse.Namespace) -> int:
-    started = time.perf_counter()
+def run(args: argparse.Namespace) -> dict[str, Any]:
     client_counts = list(range(1, max(1, args.max_clients) + 1))
-    with tempfile.TemporaryDirectory(prefix="opconnect-bench-") as tmp:
-        root = Path(tmp)
-        paths = ensure_dev_pki(root / "pki", operator_id=OPERATOR, platform_name=PLATFORM)
-        issue_client(paths, "platform", GATEWAY_NAME)  # the split gateway's certificate
-        settings = bench_settings(root / "data", paths)
-        children: list[ServerProcess | LoadWorkers] = []
-        try:
-            system = ServerProcess("system", {"root": str(root)}, STOP_WAIT_S)
-            children.append(system)
-            response = asyncio.run(prepare(system.address, root))
-            (root / "response.bin").write_bytes(response)
-            bare = ServerProcess("bare", {"root": str(root)}, STOP_WAIT_S)
-            children.append(bare)
-            # The split system on the system's database file, after `prepare` wrote to it.
-            split_numbers = ServerProcess("split-numbers", {"root": str(root)}, STOP_WAIT_S)
-            children.append(split_numbers)
-            split = ServerProcess(
-                "split",
-                {"root": str(root), "numbers_target": split_numbers.address},
-                STOP_WAIT_S,
-            )
-            children.append(split)
-            split_response = asyncio.run(answer(split.address, root))
-            if split_response != response:
-                raise RuntimeError("the split system's GetNumber answer differs from the system's")
-            servers: dict[str, Sequence[ServerProcess]] = {
-                "bare": [bare],
-                "system": [system],
-                "split": [split, split_numbers],
-            }
-            workers = LoadWorkers(client_counts[-1], servers, root, args)
-            children.append(workers)
+    # The split gateway's certificate besides the operator's and the platform's.
+    with (
+        runner.workspace("opconnect-bench-", [("platform", GATEWAY_NAME)]) as ws,
+        runner.Children() as children,
+    ):
+        root = ws.root
+        settings = ws.settings()
+        system = children.add(ServerProcess("system", ws.spec(), STOP_WAIT_S))
+        response = asyncio.run(prepare(system.address, root))
+        bare = children.add(ServerProcess("bare", ws.spec(response=response.hex()), STOP_WAIT_S))
+        # The split system on the system's database file, after `prepare` wrote to it.
+        split_numbers = children.add(ServerProcess("split-numbers", ws.spec(), STOP_WAIT_S))
+        split = children.add(
+            ServerProcess("split", ws.spec(numbers_target=split_numbers.address), STOP_WAIT_S)
+        )
+        split_response = asyncio.run(answer(split.address, root))
+        if split_response != response:
+            raise RuntimeError("the split system's GetNumber answer differs from the system's")
+        servers: dict[str, Sequence[ServerProcess]] = {
+            "bare": [bare],
+            "system": [system],
+            "split": [split, split_numbers],
+        }
+        workers = children.add(LoadWorkers(client_counts[-1], servers, ws, args))
 
-            runs: list[LoadRun] = []
-            for round_no in range(1, args.rounds + 1):
-                for clients in client_counts:
-                    # Alternate the order of the servers, so a drift in the machine's load does
-                    # not always favour the same one.
-                    order = KINDS if round_no % 2 else KINDS[::-1]
-                    runs.extend(workers.run(kind, clients, round_no) for kind in order)
+        runs: list[LoadRun] = []
+        for round_no in range(1, args.rounds + 1):
+            for clients in client_counts:
+                for kind in in_turn(KINDS, round_no):
+                    runs.append(workers.run(kind, clients, round_no))
 
-            rtt_system, size_system = asyncio.run(rtt(system.address, root, args.changes, 50))
-            rtt_bare, size_bare = asyncio.run(rtt(bare.address, root, args.changes, 50))
-            commits = sqlite_commits(root, 200)
-            notified = asyncio.run(
-                notify_latency(system.address, root, args.changes, WARMUP_CHANGES)
+        rtt_system, size_system = asyncio.run(rtt(system.address, root, args.changes, 50))
+        rtt_bare, size_bare = asyncio.run(rtt(bare.address, root, args.changes, 50))
+        commits = sqlite_commits(root, 200)
+        notified = asyncio.run(notify_latency(system.address, root, args.changes, WARMUP_CHANGES))
+        profile: dict[str, Any] | None = None
+        if args.profile:  # one more 1-client system run, profiled
+            profiled, text = runner.profiled(
+                system, root / "server.prof", 15, lambda: workers.run(system.kind, 1, 0)
             )
-            profile: dict[str, Any] | None = None
-            if args.profile:
-                profiled, text = server_profile(system, workers, root)
-                profile = {"run": asdict(profiled), "text": text}
-        finally:
-            for child in reversed(children):
-                child.stop()
+            profile = {"run": asdict(profiled), "text": text}
 
     best = {
         kind: {
@@ -751,58 +681,37 @@ def bench(args: argparse.Namespace) -> int:
             "target_p99_ms": NOTIFY_P99_TARGET_MS,
         },
         "profile": profile,
-        "elapsed_s": time.perf_counter() - started,
         "getnumber_ratio": round(best_system / best_bare, 4),
         "split_ratio": round(best_split / best_system, 4),
         "notify_p99_ms": round(notify_ms["p99"], 3),
     }
-    print_report(report, runs, args)
-    if args.json:
-        if profile is not None:
-            report["profile"] = {"run": profile["run"]}  # the text was printed above
-        print(json.dumps(report, indent=2))
-    return 0
+    return report
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description="GetNumber throughput and assignment-notification latency of the"
-        " one-process system, each set against a raw baseline measured in the same run, and"
-        " GetNumber throughput of the split system (gateway and numbers service in processes of"
-        " their own) against the one-process system."
-    )
+def options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seconds", type=float, default=3.0, help="measured seconds per load run")
     p.add_argument("--warmup", type=float, default=1.0, help="warm-up seconds per load run")
     p.add_argument("--concurrency", type=int, default=32, help="calls in flight per client")
     p.add_argument("--rounds", type=int, default=3, help="load runs per server and client count")
     p.add_argument("--max-clients", type=int, default=2, help="client processes to try, 1..N")
     p.add_argument("--changes", type=int, default=500, help="assignment changes to time (even)")
-    p.add_argument("--json", action="store_true", help="also print the figures as JSON")
-    p.add_argument("--profile", action="store_true", help="cProfile the system server")
-    p.add_argument("--role", choices=["bench", "serve", "load"], default="bench", help="internal")
-    p.add_argument("--spec", default="{}", help="internal: JSON for --role serve/load")
-    return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    spec: dict[str, Any] = json.loads(args.spec)
-    if args.role == "serve":
-        root = Path(spec["root"])
-        if spec["kind"] == "system":
-            asyncio.run(serve_system(root))
-        elif spec["kind"] == "bare":
-            asyncio.run(serve_bare(root))
-        else:
-            paths = PkiPaths.at(root / "pki")
-            asyncio.run(serve_split(bench_settings(root / "data", paths), paths, "numbers", spec))
-        return 0
-    if args.role == "load":
-        asyncio.run(load_worker(spec))
-        return 0
+def check(args: argparse.Namespace) -> str | None:
     args.changes += args.changes % 2
-    return bench(args)
+    return None
 
+
+SCENARIO = runner.Scenario(
+    description=__doc__ or "",
+    options=options,
+    quick={"seconds": 0.5, "warmup": 0.2, "rounds": 1, "max_clients": 1, "changes": 20},
+    roles={"serve": serve, "load": load_worker},
+    run=run,
+    print_report=print_report,
+    profile="cProfile the system server",
+    check=check,
+)
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(runner.main(SCENARIO))

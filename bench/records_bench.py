@@ -30,9 +30,9 @@ runs on are small and noisy:
 
 The million stored records are written straight into SQLite before the system starts, since
 publishing them would take minutes: a few thousand realistic records go through the service's
-own `_prepare` and `storage.publish`, and the rest are copies of those rows with new call ids,
-positions and publish times, made exactly as `storage.publish` makes them (the copies of the
-first rows are checked byte for byte against what `storage.publish` wrote).
+own `convert.prepare` and `storage.publish`, and the rest are copies of those rows with new call
+ids, positions and publish times, made exactly as `storage.publish` makes them (the copies of
+the first rows are checked byte for byte against what `storage.publish` wrote).
 
 Servers and clients run in their own processes (this script started again with `--role ...`),
 so client and server each get a core (the split system's two server processes and the client
@@ -51,57 +51,51 @@ import os
 import random
 import sqlite3
 import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, ParamSpec, TypeVar
+from typing import Any
 
 import grpc
-from common import (
+import runner
+from google.protobuf.timestamp_pb2 import Timestamp
+from report import machine, print_figures, print_header, share, shares, verdict
+from rows import (
+    Row,
+    bulk_load,
+    chunks,
+    durable_inserts,
+    insert_sql,
+    open_database,
+    prefix_range,
+    scalar,
+    time_text,
+)
+from runner import (
     OPERATOR,
     PLATFORM,
     SERVER_OPTIONS,
     TENANT,
     Child,
     Context,
+    CpuWindow,
     ServerProcess,
-    bench_settings,
-    chunks,
-    cpu_seconds,
+    Spec,
     credentials,
-    insert_sql,
-    machine,
-    machine_busy_seconds,
-    other_cpu,
-    print_header,
-    profile_text,
-    read_line,
-    run_bare_server,
-    serve_split,
-    serve_system,
-    server_cpu_seconds,
+    in_turn,
 )
-from google.protobuf.timestamp_pb2 import Timestamp
-from sqlalchemy.dialects import sqlite as sqlite_dialect
 
-from gateway import registry
 from gateway.identity import GATEWAY_NAME
-from gateway.pki import PkiPaths, ensure_dev_pki, issue_client
 from opconnect.records.v1 import records_pb2 as pb
 from opconnect.records.v1 import records_pb2_grpc as pb_grpc
 from plumbing import tokens, wire
-from plumbing.changelog import encode_cursor
+from plumbing.changelog import decode_cursor, encode_cursor
 from plumbing.config import Settings
-from plumbing.db import Database
 from plumbing.validation import Outcome
-from services.records import convert, rules, servicer, storage
-
-P = ParamSpec("P")
-T = TypeVar("T")
+from services.records import convert, rules, storage
+from simulator import calls
 
 TRUNKS = ("sbc1.contoso-telecom.example", "sbc2.contoso-telecom.example")
 STREAM_METHOD = "/opconnect.records.v1.CallRecordService/StreamCallRecords"
@@ -116,6 +110,7 @@ PUBLISH_BATCH = rules.MAX_BATCH
 INTO_FILLED_RUN = 90  # run id of the informative publish into the filled database
 PROFILE_RUN = 91  # run id of the profiled publish
 KINDS = ("bare", "system", "split")  # the stream servers, in table order
+SOURCE = "simulator/calls.py"  # where the realistic records come from
 CHECK_RESPONSES = 0  # responses of the split's and the system's streams compared (0: all)
 
 
@@ -140,46 +135,16 @@ def rss_kb(pid: int) -> int:
     return memory_kb(pid).get("VmRSS", 0)
 
 
-def repo_on_path() -> None:
-    """Make the repository's own top-level packages (simulator, tests) importable."""
-    root = str(Path(__file__).resolve().parent.parent)
-    if root not in sys.path:
-        sys.path.insert(0, root)
-
-
-def realistic_records(
-    count: int, seed: int, end: dt.datetime
-) -> tuple[list[pb.PublishedCallRecord], str]:
-    """`count` realistic, valid records of OPERATOR (distinct call ids) that ended in the ten
-    minutes before `end`, and where they came from: simulator/calls.py, or the tests' builders
-    when the simulator cannot be used."""
-    repo_on_path()
+def realistic_records(count: int, seed: int, end: dt.datetime) -> list[pb.PublishedCallRecord]:
+    """`count` realistic, valid records of OPERATOR (distinct call ids, simulator/calls.py) that
+    ended in the ten minutes before `end`."""
     rng = random.Random(seed)
-    try:
-        from simulator import calls  # noqa: PLC0415 - importable once the repo is on the path
-
-        numbers = calls.operator_numbers(random.Random(seed + 1), 200)
-        mix = calls.CallMix(OPERATOR, TENANT, TRUNKS, calls.teams_users(numbers))
-        records = [
-            calls.make_call(rng, mix, end - dt.timedelta(milliseconds=rng.randint(0, 600_000)))
-            for _ in range(count)
-        ]
-        return records, "simulator/calls.py"
-    except Exception as error:
-        from tests import records_data  # noqa: PLC0415 - the fallback, only when needed
-
-        made = [
-            records_data.published(
-                records_data.record(
-                    f"call-{seed}-{i:08d}",
-                    end=end - dt.timedelta(milliseconds=rng.randint(0, 600_000)),
-                    talk_s=rng.uniform(5.0, 600.0),
-                ),
-                OPERATOR,
-            )
-            for i in range(count)
-        ]
-        return made, f"tests/records_data.py (simulator/calls.py failed: {error!r:.120})"
+    numbers = calls.operator_numbers(random.Random(seed + 1), 200)
+    mix = calls.CallMix(OPERATOR, TENANT, TRUNKS, calls.teams_users(numbers))
+    return [
+        calls.make_call(rng, mix, end - dt.timedelta(milliseconds=rng.randint(0, 600_000)))
+        for _ in range(count)
+    ]
 
 
 # --------------------------------------------------------------------------- filling the database
@@ -227,12 +192,7 @@ class RowMaker:
     def __init__(self, columns: list[str]) -> None:
         self.columns = [*self.KEYS, *(c for c in columns if c not in self.KEYS)]
         self.order = [columns.index(c) for c in self.columns]  # table order -> this order
-        dialect = sqlite_dialect.dialect()
-        impl = storage.RECORDS.c.publish_time.type.dialect_impl(dialect)
-        processor = impl.bind_processor(dialect)
-        if processor is None:
-            raise RuntimeError("no SQLite bind processor for DateTime")
-        self.time_text: Callable[[dt.datetime], Any] = processor
+        self.time_text: Callable[[dt.datetime], Any] = time_text(storage.RECORDS.c.publish_time)
         self.digest_head = OPERATOR.encode() + b"\0"
 
     def arrange(self, row: Sequence[Any]) -> tuple[Any, ...]:
@@ -272,19 +232,17 @@ def copy_id(position: int, template_id: str) -> str:
     return f"{position:08x}.{template_id}"[:64]
 
 
-def fill(data_dir: Path, count: int, seed: int) -> FillResult:
-    """Migrate a database in `data_dir`, register OPERATOR, and store `count` records of it."""
+def fill(settings: Settings, records: int, seed: int) -> FillResult:
+    """Migrate the database of `settings` (SQLite), register OPERATOR, and store `records`
+    records of it: the first TEMPLATES through the service's own code, the rest copies."""
     started = time.perf_counter()
-    settings = Settings(data_dir=data_dir)
-    path = data_dir / "opconnect.db"
-    db = Database(settings.sqlalchemy_url, 2)
+    path = settings.data_dir / "opconnect.db"
+    messages = realistic_records(
+        min(TEMPLATES, records), seed, dt.datetime.now(dt.UTC) - dt.timedelta(minutes=2)
+    )
+    db = open_database(settings)
     try:
-        db.migrate()
-        db.transaction(registry.add_operator, OPERATOR, "benchmark operator", write=True)
-        messages, source = realistic_records(
-            min(TEMPLATES, count), seed, dt.datetime.now(dt.UTC) - dt.timedelta(minutes=2)
-        )
-        prepared = servicer._prepare(messages, {OPERATOR}, settings, rules.thresholds(settings))
+        prepared = convert.prepare(messages, {OPERATOR}, settings, rules.thresholds(settings))
         candidates = [p for p in prepared if isinstance(p, rules.Candidate)]
         if len(candidates) != len(messages):
             refused = Counter(
@@ -301,58 +259,48 @@ def fill(data_dir: Path, count: int, seed: int) -> FillResult:
         db.close()
     real_path_s = time.perf_counter() - started
 
-    connection = sqlite3.connect(path, isolation_level=None)
+    connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
-        # Bulk loading: no journal, no syncs, a large cache (WAL is restored at the end, and
-        # everything is synced to disk before any measurement).
-        connection.execute("PRAGMA journal_mode=DELETE")
-        connection.execute("PRAGMA journal_mode=OFF")
-        connection.execute("PRAGMA synchronous=OFF")
-        connection.execute("PRAGMA cache_size=-1000000")
         cursor = connection.execute("SELECT * FROM call_records ORDER BY position")
         maker = RowMaker([d[0] for d in cursor.description])
-        rows = cursor.fetchall()
+        stored_rows = cursor.fetchall()
         cursor = connection.execute("SELECT * FROM call_media_streams ORDER BY position")
         stream_columns = [d[0] for d in cursor.description]
-        if stream_columns[0] != "position":
-            raise RuntimeError("call_media_streams does not start with position")
-        by_position: dict[int, list[tuple[Any, ...]]] = {}
-        for stream_row in cursor.fetchall():
-            by_position.setdefault(stream_row[0], []).append(stream_row)
-        templates: list[Template] = []
-        for row, candidate, message in zip(rows, candidates, messages, strict=True):
-            converted = convert.published_in(message)
-            if not isinstance(converted, tuple):
-                raise RuntimeError("a template record cannot be read")
-            content = converted[1].SerializeToString(deterministic=True)
-            template = maker.template(row, by_position.get(row[0], []), candidate.body, content)
-            # Its copy under its own id, position and publish time must be its very rows.
-            arranged = maker.arrange(row)
-            moment = dt.datetime.fromisoformat(arranged[2]).replace(tzinfo=dt.UTC)
-            again = maker.row(template, template.call_id, arranged[0], maker.stamp(moment))
-            streams_again = [(arranged[0], *t) for t in template.stream_tails]
-            if again != arranged or streams_again != by_position.get(row[0], []):
-                raise RuntimeError(f"a copied row differs from storage.publish's: {row[0]}")
-            templates.append(template)
+        stream_rows = cursor.fetchall()
+    finally:
+        connection.close()
+    if stream_columns[0] != "position":
+        raise RuntimeError("call_media_streams does not start with position")
+    by_position: dict[int, list[Row]] = {}
+    for stream_row in stream_rows:
+        by_position.setdefault(stream_row[0], []).append(stream_row)
+    templates: list[Template] = []
+    for row, candidate, message in zip(stored_rows, candidates, messages, strict=True):
+        converted = convert.published_in(message)
+        if not isinstance(converted, tuple):
+            raise RuntimeError("a template record cannot be read")
+        content = converted[1].SerializeToString(deterministic=True)
+        template = maker.template(row, by_position.get(row[0], []), candidate.body, content)
+        # Its copy under its own id, position and publish time must be its very rows.
+        arranged = maker.arrange(row)
+        moment = dt.datetime.fromisoformat(arranged[2]).replace(tzinfo=dt.UTC)
+        again = maker.row(template, template.call_id, arranged[0], maker.stamp(moment))
+        streams_again = [(arranged[0], *t) for t in template.stream_tails]
+        if again != arranged or streams_again != by_position.get(row[0], []):
+            raise RuntimeError(f"a copied row differs from storage.publish's: {row[0]}")
+        templates.append(template)
 
-        copies_started = time.perf_counter()
-        # Secondary indexes are made again once the rows are in: sorting once is much faster
-        # than inserting a million random keys (same definitions, same contents).
-        indexes = connection.execute(
-            "SELECT name, sql FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL"
-            " AND tbl_name IN ('call_records', 'call_media_streams')"
-        ).fetchall()
-        for name, _ in indexes:
-            connection.execute(f'DROP INDEX "{name}"')
-        insert_records = insert_sql("call_records", maker.columns)
-        insert_streams = insert_sql("call_media_streams", stream_columns)
-        last = dt.datetime.fromisoformat(maker.arrange(rows[-1])[2]).replace(tzinfo=dt.UTC)
-        streams_n = sum(len(t.stream_tails) for t in templates)
-        position = len(templates)
-        while position < count:
-            upto = min(count, position + FILL_CHUNK)
-            record_rows: list[tuple[Any, ...]] = []
-            stream_rows: list[tuple[Any, ...]] = []
+    copies_started = time.perf_counter()
+    insert_records = insert_sql("call_records", maker.columns)
+    insert_streams = insert_sql("call_media_streams", stream_columns)
+    last = dt.datetime.fromisoformat(maker.arrange(stored_rows[-1])[2]).replace(tzinfo=dt.UTC)
+    streams_n = sum(len(t.stream_tails) for t in templates)
+    position = len(templates)
+    with bulk_load(path, ["call_records", "call_media_streams"]) as connection:
+        while position < records:
+            upto = min(records, position + FILL_CHUNK)
+            record_rows: list[Row] = []
+            copied_streams: list[Row] = []
             stamp = maker.stamp(last)
             for p in range(position + 1, upto + 1):
                 if (p - 1) % PUBLISH_BATCH == 0:  # one publish time per batch, as publish does
@@ -360,33 +308,26 @@ def fill(data_dir: Path, count: int, seed: int) -> FillResult:
                     stamp = maker.stamp(last)
                 template = templates[(p - 1) % len(templates)]
                 record_rows.append(maker.row(template, copy_id(p, template.call_id), p, stamp))
-                stream_rows.extend([(p, *tail) for tail in template.stream_tails])
+                copied_streams.extend([(p, *tail) for tail in template.stream_tails])
             connection.execute("BEGIN")
             connection.executemany(insert_records, record_rows)
-            connection.executemany(insert_streams, stream_rows)
+            connection.executemany(insert_streams, copied_streams)
             connection.execute(
                 "UPDATE change_log_heads SET position = ? WHERE log = ?", (upto, LOG)
             )
             connection.execute("COMMIT")
-            streams_n += len(stream_rows)
+            streams_n += len(copied_streams)
             position = upto
-        for _, sql in indexes:
-            connection.execute(sql)
-        head = connection.execute(
-            "SELECT position FROM change_log_heads WHERE log = ?", (LOG,)
-        ).fetchone()[0]
-        stored_n = connection.execute("SELECT count(*) FROM call_records").fetchone()[0]
-        if head != count or stored_n != count:
-            raise RuntimeError(f"filled {stored_n} records, head {head}, wanted {count}")
-        connection.execute("PRAGMA journal_mode=WAL")
-    finally:
-        connection.close()
+    head = scalar(path, "SELECT position FROM change_log_heads WHERE log = ?", LOG)
+    stored_n = scalar(path, "SELECT count(*) FROM call_records")
+    if head != records or stored_n != records:
+        raise RuntimeError(f"filled {stored_n} records, head {head}, wanted {records}")
     os.sync()  # no writeback of the fill left to slow down the measurements
     return FillResult(
-        records=count,
+        records=records,
         media_streams=streams_n,
         templates=len(templates),
-        source=source,
+        source=SOURCE,
         real_path_s=real_path_s,
         copies_s=time.perf_counter() - copies_started,
         seconds=time.perf_counter() - started,
@@ -448,7 +389,9 @@ class BareStream:
             ).SerializeToString()
 
 
-async def serve_bare(spec: dict[str, Any]) -> None:
+async def serve_bare(spec: Spec) -> None:
+    """StreamCallRecords answered from memory (see BareStream), the first `spec["sample"]`
+    stored records of `spec["database"]` cycled through until `spec["records"]` are sent."""
     settings = Settings()
     tokens.install(tokens.Keyring.generate())  # its cursors are sealed as the system's are
     responses = bare_responses(Path(spec["database"]), spec["sample"], spec["batch_sizes"])
@@ -468,7 +411,11 @@ async def serve_bare(spec: dict[str, Any]) -> None:
             ),
         )
     )
-    await run_bare_server(bare, Path(spec["root"]) / "pki")
+    await runner.serve_bare(bare, spec)
+
+
+async def serve(spec: Spec) -> None:
+    await runner.serve(spec, "records", serve_bare)
 
 
 # --------------------------------------------------------------------------- stream client
@@ -486,8 +433,7 @@ async def stream_once(method: Any, pids: Sequence[int], batch: int) -> dict[str,
     every response."""
     pid = pids[0]
     before = memory_kb(pid)
-    m0, c0, s0 = machine_busy_seconds(), time.process_time(), server_cpu_seconds(pids)
-    t0 = time.perf_counter()
+    window = CpuWindow(pids)
     records = size = messages = 0
     samples: list[tuple[int, int]] = []
     async for raw in method(stream_request(batch), timeout=900):
@@ -496,25 +442,13 @@ async def stream_once(method: Any, pids: Sequence[int], batch: int) -> dict[str,
         size += len(raw)
         messages += 1
         samples.append((records, rss_kb(pid)))
-    t1 = time.perf_counter()
-    m1, c1, s1 = machine_busy_seconds(), time.process_time(), server_cpu_seconds(pids)
-    seconds = t1 - t0
-    client_cpu = (c1 - c0) / seconds
-    by_process = (
-        [(b - a) / seconds for a, b in zip(s0, s1, strict=True)]
-        if s0 is not None and s1 is not None
-        else None
-    )
-    server_cpu = sum(by_process) if by_process is not None else None
+    cpu = window.end()
     return {
         "records": records,
         "bytes": size,
         "messages": messages,
-        "seconds": seconds,
-        "client_cpu": client_cpu,
-        "server_cpu": server_cpu,
-        "server_cpu_by_process": by_process,
-        "other_cpu": other_cpu((m0, m1), seconds, server_cpu, client_cpu),
+        **cpu.figures(),
+        "server_cpu_by_process": cpu.server_cpu_by_process,
         "rss_before_kb": before.get("VmRSS", 0),
         "hwm_before_kb": before.get("VmHWM", 0),
         "hwm_after_kb": memory_kb(pid).get("VmHWM", 0),
@@ -523,15 +457,23 @@ async def stream_once(method: Any, pids: Sequence[int], batch: int) -> dict[str,
 
 
 async def stream_check(method: Any, batch: int, responses: int) -> dict[str, Any]:
-    """The SHA-256 of the encoded responses of a stream (its first `responses`, 0: all of it)
-    and the records they hold: what the split's stream is compared with the system's by."""
+    """The SHA-256 of a stream's responses (its first `responses`, 0: all of it), each as its
+    records' bytes and the position its cursor names, and the records they hold: what the
+    split's stream is compared with the system's by. (A cursor is sealed with a random nonce,
+    so two streams of the same records never carry the same cursor bytes; the position in it
+    is opened with the servers' token keys, installed by `stream_worker`.)"""
     digest = hashlib.sha256()
     records = messages = 0
     call = method(stream_request(batch), timeout=900)
     async for raw in call:
-        digest.update(len(raw).to_bytes(4, "big"))
-        digest.update(raw)
-        records += len(pb.StreamCallRecordsResponse.FromString(raw).records)
+        response = pb.StreamCallRecordsResponse.FromString(raw)
+        position = decode_cursor(response.cursor, LOG, rules.DOMAIN)
+        response.ClearField("cursor")
+        body = response.SerializeToString()
+        digest.update(len(body).to_bytes(4, "big"))
+        digest.update(body)
+        digest.update(position.to_bytes(8, "big"))
+        records += len(response.records)
         messages += 1
         if messages == responses:
             break
@@ -567,17 +509,18 @@ async def stream_slow(method: Any, pid: int, seconds: float, pause: float) -> di
     }
 
 
-async def stream_worker(spec: dict[str, Any]) -> None:
+async def stream_worker(spec: Spec) -> None:
     """The stream client process: one channel per server, kept for the whole benchmark.
 
     Says READY once connected and warm; then answers each command on stdin with a JSON line:
     `GO <server> <batch>` reads a whole stream, `SLOW <server> <seconds> <pause>` a slow one,
     `CHECK <server> <batch> <responses>` digests a stream's responses (untimed).
     """
-    creds = credentials(Path(spec["root"]) / "pki", "operator", OPERATOR)
+    creds = credentials(spec["root"], "operator", OPERATOR)
+    keys = Path(spec["token_keys"])  # the servers' keys, to open the cursors CHECK compares
+    tokens.install(tokens.Keyring(tokens.parse_keys(keys.read_text(), str(keys))))
     targets: dict[str, dict[str, Any]] = spec["targets"]
     channels = {kind: grpc.aio.secure_channel(t["address"], creds) for kind, t in targets.items()}
-    stdin = ThreadPoolExecutor(1, thread_name_prefix="stdin")
     try:
         methods = {
             kind: channel.unary_stream(
@@ -593,7 +536,7 @@ async def stream_worker(spec: dict[str, Any]) -> None:
                 await call.read()
             call.cancel()
         print("READY", flush=True)
-        while line := await read_line(stdin):
+        async for line in runner.commands():
             command, kind, *rest = line.split()
             pids: list[int] = targets[kind]["pids"]
             try:
@@ -611,7 +554,6 @@ async def stream_worker(spec: dict[str, Any]) -> None:
     finally:
         for channel in channels.values():
             await channel.close()
-        stdin.shutdown(wait=False)
 
 
 # --------------------------------------------------------------------------- publish client
@@ -626,67 +568,47 @@ async def publish_once(
     """Publish the batches on one stream with at most `in_flight` unacknowledged; time from
     the first send to the last acknowledgement."""
     stub = pb_grpc.CallRecordIngestServiceStub(channel)
-    window = asyncio.Semaphore(in_flight)
     outcomes: Counter[str] = Counter()
     reasons: Counter[str] = Counter()
     acks = 0
-    m0, c0, s0 = machine_busy_seconds(), time.process_time(), cpu_seconds(pid)
-    t0 = time.perf_counter()
-    call = stub.PublishCallRecords(timeout=900)
 
-    async def read() -> None:
+    def answered(response: pb.PublishCallRecordsResponse) -> None:
         nonlocal acks
-        async for response in call:
-            acks += 1
-            outcomes["accepted"] += response.accepted_count
-            outcomes["duplicate"] += response.duplicate_count
-            outcomes["refused"] += response.refused_count
-            reasons.update(r.reason for r in response.results if r.reason)
-            window.release()
+        acks += 1
+        outcomes["accepted"] += response.accepted_count
+        outcomes["duplicate"] += response.duplicate_count
+        outcomes["refused"] += response.refused_count
+        reasons.update(r.reason for r in response.results if r.reason)
 
-    reader = asyncio.create_task(read())
-    for request in requests:
-        await window.acquire()
-        if reader.done():
-            break
-        await call.write(request)
-    await call.done_writing()
-    await reader
-    t1 = time.perf_counter()
-    m1, c1, s1 = machine_busy_seconds(), time.process_time(), cpu_seconds(pid)
-    seconds = t1 - t0
-    client_cpu = (c1 - c0) / seconds
-    server_cpu = (s1 - s0) / seconds if s0 is not None and s1 is not None else None
+    window = CpuWindow([pid])
+    await runner.write_windowed(stub.PublishCallRecords(timeout=900), requests, in_flight, answered)
+    cpu = window.end()
     return {
         "records": sum(len(r.records) for r in requests),
         "batches": len(requests),
         "acks": acks,
         **outcomes,
         "reasons": dict(reasons.most_common(5)),
-        "seconds": seconds,
-        "client_cpu": client_cpu,
-        "server_cpu": server_cpu,
-        "other_cpu": other_cpu((m0, m1), seconds, server_cpu, client_cpu),
+        **cpu.figures(),
     }
 
 
-async def publish_worker(spec: dict[str, Any]) -> None:
+async def publish_worker(spec: Spec) -> None:
     """The publishing client process (the call controller): makes its realistic records once,
     says READY; then each `GO <server> <run>` publishes them all under call ids of that run
     (`r<run>-<id>`, distinct across runs) and answers with a JSON line."""
-    creds = credentials(Path(spec["root"]) / "pki", "platform", PLATFORM)
+    creds = credentials(spec["root"], "platform", PLATFORM)
     targets: dict[str, dict[str, Any]] = spec["targets"]
     channels = {kind: grpc.aio.secure_channel(t["address"], creds) for kind, t in targets.items()}
-    stdin = ThreadPoolExecutor(1, thread_name_prefix="stdin")
     try:
-        messages, source = realistic_records(
+        messages = realistic_records(
             spec["records"], spec["seed"], dt.datetime.now(dt.UTC) - dt.timedelta(minutes=2)
         )
         ids = [m.record.call_id for m in messages]
         for channel in channels.values():
             await channel.channel_ready()
-        print(json.dumps({"source": source}), flush=True)
-        while line := await read_line(stdin):
+        print("READY", flush=True)
+        async for line in runner.commands():
             _, kind, run = line.split()
             for message, call_id in zip(messages, ids, strict=True):
                 message.record.call_id = f"r{run}-{call_id}"[:64]
@@ -704,7 +626,6 @@ async def publish_worker(spec: dict[str, Any]) -> None:
     finally:
         for channel in channels.values():
             await channel.close()
-        stdin.shutdown(wait=False)
 
 
 # --------------------------------------------------------------------------- raw baseline
@@ -712,13 +633,13 @@ async def publish_worker(spec: dict[str, Any]) -> None:
 
 def raw_inserts(source: Path, prefix: str, target: Path, batch: int) -> dict[str, Any]:
     """The rows the system wrote for call ids starting with `prefix` (read back from its
-    database), inserted with plain sqlite3 executemany into a fresh copy of the schema, one
-    transaction per `batch` records (WAL, synchronous=FULL, as the system configures SQLite)."""
+    database), inserted durably into a fresh copy of the schema, `batch` records (and their
+    media streams) per transaction: `rows.durable_inserts`."""
     read = sqlite3.connect(f"file:{source}?mode=ro", uri=True)
     try:
         cursor = read.execute(
             "SELECT * FROM call_records WHERE call_id >= ? AND call_id < ? ORDER BY position",
-            (prefix, prefix[:-1] + chr(ord(prefix[-1]) + 1)),
+            prefix_range(prefix),
         )
         columns = [d[0] for d in cursor.description]
         records = cursor.fetchall()
@@ -729,46 +650,20 @@ def raw_inserts(source: Path, prefix: str, target: Path, batch: int) -> dict[str
             (records[0][0], records[-1][0]),
         )
         stream_columns = [d[0] for d in cursor.description]
-        by_position: dict[int, list[tuple[Any, ...]]] = {}
+        by_position: dict[int, list[Row]] = {}
         for row in cursor.fetchall():
             by_position.setdefault(row[0], []).append(row)
     finally:
         read.close()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    schema = Database(f"sqlite:///{target}", 1)
-    schema.migrate()
-    schema.close()
-    insert_records = (
-        f"INSERT INTO call_records ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
-    )
-    insert_streams = (
-        f"INSERT INTO call_media_streams ({', '.join(stream_columns)})"
-        f" VALUES ({', '.join('?' * len(stream_columns))})"
-    )
     batches = [
-        (list(chunk), [s for r in chunk for s in by_position.get(r[0], [])])
+        (chunk, [s for r in chunk for s in by_position.get(r[0], [])])
         for chunk in chunks(records, batch)
     ]
-    connection = sqlite3.connect(target, isolation_level=None)
-    try:
-        connection.execute("PRAGMA journal_mode=WAL")
-        connection.execute("PRAGMA synchronous=FULL")
-        c0, t0 = time.process_time(), time.perf_counter()
-        for record_rows, stream_rows in batches:
-            connection.execute("BEGIN IMMEDIATE")
-            connection.executemany(insert_records, record_rows)
-            connection.executemany(insert_streams, stream_rows)
-            connection.execute("COMMIT")
-        seconds = time.perf_counter() - t0
-        cpu = (time.process_time() - c0) / seconds
-    finally:
-        connection.close()
-    return {
-        "records": len(records),
-        "media_streams": sum(len(s) for _, s in batches),
-        "seconds": seconds,
-        "cpu": cpu,
-    }
+    statements = [
+        insert_sql("call_records", columns),
+        insert_sql("call_media_streams", stream_columns),
+    ]
+    return durable_inserts(target, statements, batches)
 
 
 # --------------------------------------------------------------------------- orchestrator
@@ -903,164 +798,142 @@ def _rate(run: StreamRun | PublishRun) -> float:
     return run.records_per_s
 
 
-def bench(args: argparse.Namespace) -> int:
-    started = time.perf_counter()
+def run(args: argparse.Namespace) -> dict[str, Any]:
     batch_sizes = [500, 1000]
     rounds = {500: args.rounds, 1000: max(1, args.rounds - 1)}
     split_rounds = {500: args.split_rounds, 1000: max(0, args.split_rounds - 1)}
-    with tempfile.TemporaryDirectory(prefix="opconnect-records-bench-") as tmp:
-        root = Path(tmp)
-        paths = ensure_dev_pki(root / "pki", operator_id=OPERATOR, platform_name=PLATFORM)
-        issue_client(paths, "platform", GATEWAY_NAME)  # the split gateway's certificate
-        settings = bench_settings(root / "stream", paths)
+    stream_runs: list[StreamRun] = []
+    publish_runs: list[PublishRun] = []
+    profile: dict[str, Any] | None = {} if args.profile else None
+    # The split gateway's certificate besides the operator's and the platform's.
+    with (
+        runner.workspace("opconnect-records-bench-", [("platform", GATEWAY_NAME)]) as ws,
+        runner.Children() as children,
+    ):
+        root = ws.root
+        settings = ws.settings("stream")
         print(f"filling the database with {args.records:,} records ...", flush=True)
-        filled = fill(root / "stream", args.records, args.seed)
+        filled = fill(settings, args.records, args.seed)
         print(
             f"filled in {filled.seconds:.1f} s; streaming {args.records:,} records"
             f" ({sum(rounds.values())} rounds per server, {sum(split_rounds.values())} for"
             " split) ...",
             flush=True,
         )
-        children: list[Child] = []
-        stream_runs: list[StreamRun] = []
-        publish_runs: list[PublishRun] = []
-        slow: dict[str, Any] = {}
-        check: dict[str, dict[str, Any]] = {}
-        filled_publish: PublishRun | None = None
-        profile: dict[str, Any] | None = {} if args.profile else None
-        try:
-            spec = {"root": str(root), "profile": args.profile}
-            system = ServerProcess("system", {**spec, "data_dir": str(root / "stream")})
-            children.append(system)
-            bare = ServerProcess(
+        spec = ws.spec("stream", profile=args.profile)
+        system = children.add(ServerProcess("system", spec))
+        bare = children.add(
+            ServerProcess(
                 "bare",
                 {
                     **spec,
-                    "database": str(root / "stream" / "opconnect.db"),
+                    "database": str(settings.data_dir / "opconnect.db"),
                     "sample": min(BARE_SAMPLE, args.records),
                     "records": args.records,
                     "batch_sizes": batch_sizes,
                 },
             )
-            children.append(bare)
-            # The split system on the system's database file (filled, operator registered).
-            split_spec = {**spec, "data_dir": str(root / "stream")}
-            split_records = ServerProcess("split-records", split_spec)
-            children.append(split_records)
-            split = ServerProcess("split", {**split_spec, "records_target": split_records.address})
-            children.append(split)
-            servers: dict[str, list[ServerProcess]] = {
-                "bare": [bare],
-                "system": [system],
-                "split": [split, split_records],
-            }
-            targets = {
-                kind: {"address": ps[0].address, "pids": [p.pid for p in ps]}
-                for kind, ps in servers.items()
-            }
-            streamer = Child("stream", {"root": str(root), "targets": targets})
-            children.append(streamer)
-            streamer.expect("READY")
-            for batch in batch_sizes:
-                for round_no in range(1, rounds[batch] + 1):
-                    # Alternate the order of the servers, so a drift in the machine's load does
-                    # not always favour the same one (split: in its first rounds only).
-                    kinds = [k for k in KINDS if k != "split" or round_no <= split_rounds[batch]]
-                    order = kinds if round_no % 2 else kinds[::-1]
-                    stream_runs.extend(
-                        stream_run(streamer, servers[kind][0], batch, round_no, args.records)
-                        for kind in order
-                    )
-            # The split streams what the system streams: the same encoded responses (checked
-            # after the measured rounds, so that their first rounds start as cold as before).
-            check = {
-                kind: streamer.ask(f"CHECK {kind} 500 {CHECK_RESPONSES}")
-                for kind in ("system", "split")
-            }
-            if check["split"] != check["system"] or (
-                CHECK_RESPONSES == 0 and check["system"]["records"] != args.records
-            ):
-                raise RuntimeError(f"the split's stream differs from the system's: {check}")
-            print(f"slow client for {args.slow_seconds:g} s ...", flush=True)
-            slow = streamer.ask(f"SLOW system {args.slow_seconds} {args.slow_pause}")
-            if profile is not None:
-                path = root / "stream.prof"
-                system.profile_start()
-                profiled_stream = stream_run(streamer, system, 500, 0, args.records)
-                system.profile_stop(path)
-                profile["stream"] = {"run": asdict(profiled_stream), "text": profile_text(path, 20)}
-            streamer.stop()
-            bare.stop()
-            split.stop()
-            split_records.stop()
+        )
+        # The split system on the system's database file (filled, operator registered).
+        split_records = children.add(ServerProcess("split-records", spec))
+        split = children.add(
+            ServerProcess("split", {**spec, "records_target": split_records.address})
+        )
+        servers: dict[str, list[ServerProcess]] = {
+            "bare": [bare],
+            "system": [system],
+            "split": [split, split_records],
+        }
+        targets = {
+            kind: {"address": ps[0].address, "pids": [p.pid for p in ps]}
+            for kind, ps in servers.items()
+        }
+        streamer = children.add(
+            Child("stream", ws.spec(targets=targets, token_keys=str(settings.token_keys_path)))
+        )
+        streamer.expect("READY")
+        for batch in batch_sizes:
+            for round_no in range(1, rounds[batch] + 1):
+                # The split in its first rounds only.
+                kinds = [k for k in KINDS if k != "split" or round_no <= split_rounds[batch]]
+                stream_runs.extend(
+                    stream_run(streamer, servers[kind][0], batch, round_no, args.records)
+                    for kind in in_turn(kinds, round_no)
+                )
+        # The split streams what the system streams: the same records and cursors (checked
+        # after the measured rounds, so that their first rounds start as cold as before).
+        check = {
+            kind: streamer.ask(f"CHECK {kind} 500 {CHECK_RESPONSES}")
+            for kind in ("system", "split")
+        }
+        if check["split"] != check["system"] or (
+            CHECK_RESPONSES == 0 and check["system"]["records"] != args.records
+        ):
+            raise RuntimeError(f"the split's stream differs from the system's: {check}")
+        print(f"slow client for {args.slow_seconds:g} s ...", flush=True)
+        slow = streamer.ask(f"SLOW system {args.slow_seconds} {args.slow_pause}")
+        if profile is not None:
+            profiled_stream, text = runner.profiled(
+                system,
+                root / "stream.prof",
+                20,
+                lambda: stream_run(streamer, system, 500, 0, args.records),
+            )
+            profile["stream"] = {"run": asdict(profiled_stream), "text": text}
+        for child in (streamer, bare, split, split_records):
+            child.stop()
 
-            print(
-                f"publishing {args.publish_records:,} records"
-                f" ({args.publish_rounds} rounds, and the raw baseline) ...",
-                flush=True,
-            )
-            fresh = ServerProcess("system", {**spec, "data_dir": str(root / "publish")})
-            children.append(fresh)
-            publish_targets = {
-                "fresh": {"address": fresh.address, "pid": fresh.pid},
-                "filled": {"address": system.address, "pid": system.pid},
-            }
-            publisher = Child(
+        print(
+            f"publishing {args.publish_records:,} records"
+            f" ({args.publish_rounds} rounds, and the raw baseline) ...",
+            flush=True,
+        )
+        fresh = children.add(ServerProcess("system", ws.spec("publish", profile=args.profile)))
+        publish_targets = {
+            "fresh": {"address": fresh.address, "pid": fresh.pid},
+            "filled": {"address": system.address, "pid": system.pid},
+        }
+        publisher = children.add(
+            Child(
                 "publish",
-                {
-                    "root": str(root),
-                    "targets": publish_targets,
-                    "records": args.publish_records,
-                    "batch": PUBLISH_BATCH,
-                    "in_flight": args.in_flight,
-                    "seed": args.seed + 1000,
-                },
+                ws.spec(
+                    targets=publish_targets,
+                    records=args.publish_records,
+                    batch=PUBLISH_BATCH,
+                    in_flight=args.in_flight,
+                    seed=args.seed + 1000,
+                ),
             )
-            children.append(publisher)
-            publish_source = json.loads(publisher.line())["source"]
-            fresh_db = root / "publish" / "opconnect.db"
-            first_run = 1
-            for round_no in range(1, args.publish_rounds + 1):
-                raw_target = root / "raw" / f"round{round_no}.db"
-                system_first = round_no % 2 == 1
-                if not system_first:
-                    publish_runs.append(
-                        raw_run(fresh_db, first_run, raw_target, round_no, PUBLISH_BATCH)
-                    )
-                run, result = publish_run(publisher, "fresh", "system", round_no, round_no)
+        )
+        publisher.expect("READY")
+        fresh_db = root / "publish" / "opconnect.db"
+        for round_no in range(1, args.publish_rounds + 1):
+            for kind in in_turn(["system", "raw"], round_no):
+                if kind == "raw":  # the rows of the first system round
+                    raw_target = root / "raw" / f"round{round_no}.db"
+                    publish_runs.append(raw_run(fresh_db, 1, raw_target, round_no, PUBLISH_BATCH))
+                    continue
+                published, result = publish_run(publisher, "fresh", "system", round_no, round_no)
                 if result.get("refused"):
                     print(f"   refused in round {round_no}: {result['reasons']}", flush=True)
-                publish_runs.append(run)
-                if system_first:
-                    publish_runs.append(
-                        raw_run(fresh_db, first_run, raw_target, round_no, PUBLISH_BATCH)
-                    )
-            filled_publish, _ = publish_run(
-                publisher, "filled", "system (filled)", 1, INTO_FILLED_RUN
+                publish_runs.append(published)
+        filled_publish, _ = publish_run(publisher, "filled", "system (filled)", 1, INTO_FILLED_RUN)
+        system.stop()
+        if profile is not None:
+            (profiled, _), text = runner.profiled(
+                fresh,
+                root / "publish.prof",
+                20,
+                lambda: publish_run(publisher, "fresh", "system", 0, PROFILE_RUN),
             )
-            system.stop()
-            if profile is not None:
-                path = root / "publish.prof"
-                fresh.profile_start()
-                profiled, _ = publish_run(publisher, "fresh", "system", 0, PROFILE_RUN)
-                fresh.profile_stop(path)
-                profile["publish"] = {"run": asdict(profiled), "text": profile_text(path, 20)}
-        finally:
-            for child in reversed(children):
-                child.stop()
+            profile["publish"] = {"run": asdict(profiled), "text": text}
 
     report = make_report(
         args, settings, filled, stream_runs, slow, publish_runs, filled_publish, profile
     )
-    report["publish"]["source"] = publish_source
+    report["publish"]["source"] = SOURCE
     report["stream"]["split_check"] = {**check["split"], "responses_compared": CHECK_RESPONSES}
-    report["elapsed_s"] = time.perf_counter() - started
-    print_report(report, stream_runs, publish_runs, args)
-    if args.json:
-        if profile is not None:  # the texts were printed above
-            report["profile"] = {k: {"run": v["run"]} for k, v in profile.items()}
-        print(json.dumps(report, indent=2))
-    return 0
+    return report
 
 
 def make_report(
@@ -1158,19 +1031,16 @@ def make_report(
     }
 
 
-def print_report(
-    report: dict[str, Any],
-    stream_runs: list[StreamRun],
-    publish_runs: list[PublishRun],
-    args: argparse.Namespace,
-) -> None:
+def print_report(report: dict[str, Any], args: argparse.Namespace) -> None:
+    stream_runs = [StreamRun(**r) for r in report["stream"]["runs"]]
+    publish_runs = [PublishRun(**r) for r in report["publish"]["runs"]]
     print()
     print_header("opconnect records benchmark", report)
     f = report["fill"]
     print(
         f"fill:     {f['records']:,} records, {f['media_streams']:,} media stream rows,"
         f" {f['database_mb']:,.0f} MB, in {f['seconds']:.1f} s ({f['templates']:,} records from"
-        f" {f['source']} through _prepare + storage.publish in {f['real_path_s']:.1f} s, the"
+        f" {f['source']} through convert.prepare + storage.publish in {f['real_path_s']:.1f} s, the"
         f" rest copied in {f['copies_s']:.1f} s; {f['checked']:,} copies checked identical to"
         " storage.publish's rows). Not a figure of merit."
     )
@@ -1202,10 +1072,10 @@ def print_report(
             top = max(mine, key=_rate)
             rounds = " / ".join(f"{r.records_per_s:,.0f}" for r in mine)
             if top.server_cpu_by_process is not None and len(top.server_cpu_by_process) > 1:
-                server_cpu = " + ".join(f"{c:.0%}" for c in top.server_cpu_by_process)
+                server_cpu = shares(top.server_cpu_by_process)
             else:
-                server_cpu = f"{top.server_cpu:.0%}" if top.server_cpu is not None else "n/a"
-            other = f"{top.other_cpu:.0%}" if top.other_cpu is not None else "n/a"
+                server_cpu = share(top.server_cpu)
+            other = share(top.other_cpu)
             print(
                 f"   {kind:<8}{batch:>6}{top.records_per_s:>12,.0f}{top.mb_per_s:>8.1f}"
                 f"   {rounds:<36}{top.client_cpu:>11.0%}{server_cpu:>14}{other:>10}"
@@ -1218,11 +1088,10 @@ def print_report(
         f"   the bare server's best run (500) kept the client at {top_bare.client_cpu:.0%} of a"
         f" core ({side} side was the limit of the baseline)"
     )
-    verdict = "met" if s["ratio"] >= STREAM_TARGET else "MISSED"
     print(
         f"   best system {s['best']['500']['system']:,.0f} / best bare"
         f" {s['best']['500']['bare']:,.0f} records/s (500 per response) = {s['ratio']:.2f}"
-        f" (target >= {STREAM_TARGET}: {verdict})"
+        f" (target >= {STREAM_TARGET}: {verdict(s['ratio'] >= STREAM_TARGET)})"
     )
     per = ", ".join(f"{b} per response {r:.2f}" for b, r in s["split_ratio_by_batch"].items())
     print(f"   ratio split/system at the same batch size: {per}")
@@ -1245,7 +1114,8 @@ def print_report(
     print(
         f"   split stream checked against the system's after the rounds ({compared}, 500 per"
         f" response): {c['messages']:,} responses, {c['records']:,} records, byte for byte"
-        " equal; every round's record count checked as for the others"
+        " equal, their cursors at the same positions; every round's record count checked as for"
+        " the others"
     )
     print()
 
@@ -1277,11 +1147,11 @@ def print_report(
     worst = mem["growth_10_to_100_mb_worst"]
     system_run = next(r for r in stream_runs if r.server == "system")
     streamed_mb = system_run.mb_per_s * system_run.seconds
-    verdict = "flat" if worst <= FLAT_TOLERANCE_MB else "GROWS"
+    flat = "flat" if worst <= FLAT_TOLERANCE_MB else "GROWS"
     print(
         f"   worst growth from 10% to 100% of a stream (500 per response): {worst:+.1f} MB while"
         f" about {0.9 * streamed_mb:,.0f} MB of responses were sent (target: flat,"
-        f" <= {FLAT_TOLERANCE_MB:g} MB: {verdict})"
+        f" <= {FLAT_TOLERANCE_MB:g} MB: {flat})"
     )
     print()
 
@@ -1301,9 +1171,9 @@ def print_report(
     if report["publish"]["into_filled"] is not None:
         runs.append(PublishRun(**report["publish"]["into_filled"]))
     for pr in runs:
-        client_cpu = f"{pr.client_cpu:.0%}" if pr.client_cpu is not None else "-"
-        server_cpu = f"{pr.server_cpu:.0%}" if pr.server_cpu is not None else "n/a"
-        other = f"{pr.other_cpu:.0%}" if pr.other_cpu is not None else "-"
+        client_cpu = share(pr.client_cpu, "-")
+        server_cpu = share(pr.server_cpu)
+        other = share(pr.other_cpu, "-")
         accepted = f"{pr.accepted:,}" if pr.accepted is not None else "-"
         refused = f"{pr.refused:,}" if pr.refused is not None else "-"
         print(
@@ -1330,19 +1200,18 @@ def print_report(
             f" {profiled['run']['records_per_s']:,.0f} records/s while profiled):"
         )
         print(profiled["text"].rstrip())
-    print()
-    print(f"(took {report['elapsed_s']:.0f} s)")
-    print(f"stream_ratio={report['stream_ratio']:.2f}")
-    print(f"stream_split_ratio={report['stream_split_ratio']:.2f}")
-    print(f"stream_rss_growth_mb={report['stream_rss_growth_mb']:.1f}")
-    print(f"publish_ratio={report['publish_ratio']:.2f}")
-
-
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description="StreamCallRecords throughput and memory, and PublishCallRecords throughput"
-        " of the one-process system, each set against a raw baseline measured in the same run."
+    print_figures(
+        report,
+        [
+            ("stream_ratio", f"{report['stream_ratio']:.2f}"),
+            ("stream_split_ratio", f"{report['stream_split_ratio']:.2f}"),
+            ("stream_rss_growth_mb", f"{report['stream_rss_growth_mb']:.1f}"),
+            ("publish_ratio", f"{report['publish_ratio']:.2f}"),
+        ],
     )
+
+
+def options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--records", type=int, default=1_000_000, help="records stored and streamed")
     p.add_argument("--rounds", type=int, default=3, help="stream rounds per server (500/resp)")
     p.add_argument(
@@ -1354,42 +1223,34 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--slow-seconds", type=float, default=5.0, help="slow client: how long")
     p.add_argument("--slow-pause", type=float, default=0.05, help="slow client: pause, seconds")
     p.add_argument("--seed", type=int, default=20261123, help="seed of the realistic records")
-    p.add_argument("--json", action="store_true", help="also print the figures as JSON")
-    p.add_argument("--profile", action="store_true", help="cProfile the system (stream, publish)")
-    p.add_argument(
-        "--role", choices=["bench", "serve", "stream", "publish"], default="bench", help="internal"
-    )
-    p.add_argument("--spec", default="{}", help="internal: JSON for the other roles")
-    return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    spec: dict[str, Any] = json.loads(args.spec)
-    if args.role == "serve":
-        if spec["kind"] == "system":
-            asyncio.run(serve_system(spec))
-        elif spec["kind"] == "bare":
-            asyncio.run(serve_bare(spec))
-        else:
-            paths = PkiPaths.at(Path(spec["root"]) / "pki")
-            settings = bench_settings(Path(spec["data_dir"]), paths)
-            asyncio.run(serve_split(settings, paths, "records", spec))
-        return 0
-    if args.role == "stream":
-        asyncio.run(stream_worker(spec))
-        return 0
-    if args.role == "publish":
-        asyncio.run(publish_worker(spec))
-        return 0
+def check(args: argparse.Namespace) -> str | None:
     if min(args.records, args.publish_records, args.rounds, args.publish_rounds) < 1:
-        parser().error("--records, --publish-records, --rounds, --publish-rounds must be >= 1")
+        return "--records, --publish-records, --rounds, --publish-rounds must be >= 1"
     if args.split_rounds is None:
         args.split_rounds = args.rounds
     if not 1 <= args.split_rounds <= args.rounds:
-        parser().error("--split-rounds must be between 1 and --rounds")
-    return bench(args)
+        return "--split-rounds must be between 1 and --rounds"
+    return None
 
+
+SCENARIO = runner.Scenario(
+    description=__doc__ or "",
+    options=options,
+    quick={
+        "records": 3_000,
+        "rounds": 1,
+        "publish_records": 2_000,
+        "publish_rounds": 1,
+        "slow_seconds": 0.5,
+    },
+    roles={"serve": serve, "stream": stream_worker, "publish": publish_worker},
+    run=run,
+    print_report=print_report,
+    profile="cProfile the system (stream, publish)",
+    check=check,
+)
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(runner.main(SCENARIO))

@@ -35,7 +35,6 @@ directory removed at the end.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import datetime as dt
 import hashlib
 import json
@@ -44,53 +43,41 @@ import os
 import random
 import sqlite3
 import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, ParamSpec, TypeVar
+from typing import Any
 
 import grpc
+import runner
 from alembic import command
-from common import (
-    OPERATOR,
-    PLATFORM,
-    Child,
-    ServerProcess,
-    bench_settings,
-    chunks,
-    cpu_seconds,
-    credentials,
-    insert_sql,
-    machine,
-    machine_busy_seconds,
-    other_cpu,
-    print_header,
-    profile_text,
-    read_line,
-    serve_system,
-)
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
+from report import machine, print_figures, print_header, share, verdict
+from rows import (
+    Row,
+    bulk_load,
+    chunks,
+    durable_inserts,
+    insert_sql,
+    open_database,
+    prefix_range,
+    scalar,
+    time_text,
+)
+from runner import OPERATOR, Child, CpuWindow, ServerProcess, Spec, credentials, in_turn
 from sqlalchemy import create_engine
-from sqlalchemy.dialects import sqlite as sqlite_dialect
 
-from gateway import registry
-from gateway.pki import ensure_dev_pki
 from opconnect.type.v1 import call_direction_pb2 as direction_pb
 from opconnect.usage.v1 import usage_pb2 as pb
 from opconnect.usage.v1 import usage_pb2_grpc as pb_grpc
 from plumbing.config import Settings
 from plumbing.db import Database, alembic_config
 from plumbing.validation import Outcome
-from services.usage import ingest, reconciliation, rules, servicer, tables, usage_query
+from services.usage import convert, ingest, reconciliation, rules, tables, usage_query
 from services.usage.platform_calls import store_platform_calls
-
-P = ParamSpec("P")
-T = TypeVar("T")
 
 SUBMIT_METHOD = "/opconnect.usage.v1.UsageService/SubmitCallDurations"
 INGEST_TARGET = 0.3
@@ -357,12 +344,7 @@ class RowMaker:
     `ingest.submit`), in PLATFORM_COLUMNS and DURATION_COLUMNS order."""
 
     def __init__(self) -> None:
-        dialect = sqlite_dialect.dialect()
-        impl = tables.DURATIONS.c.start_time.type.dialect_impl(dialect)
-        processor = impl.bind_processor(dialect)
-        if processor is None:
-            raise RuntimeError("no SQLite bind processor for DateTime")
-        self._text: Callable[[dt.datetime], Any] = processor
+        self._text: Callable[[dt.datetime], Any] = time_text(tables.DURATIONS.c.start_time)
         self._days: dict[int, str] = {}
 
     def time_text(self, us: int) -> Any:
@@ -432,26 +414,23 @@ def _columns(connection: sqlite3.Connection, table: str) -> set[str]:
 
 
 def fill(
-    data_dir: Path, calls: int, tenants: int, seed: int, start_us: int, end_us: int
+    settings: Settings, calls: int, tenants: int, seed: int, start_us: int, end_us: int
 ) -> tuple[FillResult, Expected]:
-    """Migrate a database in `data_dir`, register OPERATOR and store a month of its calls and
-    duration records. The first TEMPLATES rows of each table go through the service's own
-    code (`platform_calls.store_platform_calls`, `servicer._check` + `ingest.submit`); the rest are
-    made by RowMaker, checked first to make those very rows."""
+    """Migrate the database of `settings` (SQLite), register OPERATOR and store a month of its
+    calls and duration records. The first TEMPLATES rows of each table go through the service's
+    own code (`platform_calls.store_platform_calls`, `convert.check` + `ingest.submit`); the rest
+    are made by RowMaker, checked first to make those very rows."""
     started = time.perf_counter()
-    settings = Settings(data_dir=data_dir)
     tolerance = rules.Tolerance(
         dt.timedelta(seconds=settings.reconcile_tolerance_s), settings.reconcile_tolerance_ratio
     )
     month = Month(calls, tenants, seed, start_us, end_us, tolerance)
     maker = RowMaker()
-    path = data_dir / "opconnect.db"
+    path = settings.data_dir / "opconnect.db"
     first_calls, first_records = month.chunk(FILL_CHUNK)
     template_calls, template_records = first_calls[:TEMPLATES], first_records[:TEMPLATES]
-    db = Database(settings.sqlalchemy_url, 2)
+    db = open_database(settings)
     try:
-        db.migrate()
-        db.transaction(registry.add_operator, OPERATOR, "benchmark operator", write=True)
         platform_calls = [
             rules.PlatformCall(
                 c[0],
@@ -465,7 +444,7 @@ def fill(
             for c in template_calls
         ]
         db.transaction(store_platform_calls, "bench-fill", platform_calls, "", write=True)
-        checked = servicer._check([record_message(r) for r in template_records], settings)
+        checked = convert.check([record_message(r) for r in template_records], settings)
         valid = [c for c in checked if isinstance(c, rules.Submitted)]
         if len(valid) != len(template_records):
             refused = Counter(
@@ -480,7 +459,7 @@ def fill(
         db.close()
     real_path_s = time.perf_counter() - started
 
-    connection = sqlite3.connect(path, isolation_level=None)
+    connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
         for table, columns in (
             ("usage_platform_calls", PLATFORM_COLUMNS),
@@ -488,38 +467,28 @@ def fill(
         ):
             if _columns(connection, table) != set(columns):
                 raise RuntimeError(f"{table} has columns {sorted(_columns(connection, table))}")
-        # The rows the service wrote must be the rows RowMaker makes (submitted_at aside, a
-        # time of the submission).
         stored_calls = connection.execute(
             f"SELECT {', '.join(PLATFORM_COLUMNS)} FROM usage_platform_calls ORDER BY rowid"
         ).fetchall()
-        if stored_calls != [maker.platform(c) for c in template_calls]:
-            raise RuntimeError("a platform call row differs from store_platform_calls's")
         stored_records = connection.execute(
             f"SELECT {', '.join(DURATION_COLUMNS)} FROM call_durations ORDER BY rowid"
         ).fetchall()
-        if len(stored_records) != len(template_records) or stored_records != [
-            maker.duration(r, s[-1]) for r, s in zip(template_records, stored_records, strict=True)
-        ]:
-            raise RuntimeError("a call_durations row differs from ingest.submit's")
-        # Bulk loading: no journal, no syncs, a large cache (WAL is restored at the end, and
-        # everything is synced to disk before any measurement).
-        connection.execute("PRAGMA journal_mode=DELETE")
-        connection.execute("PRAGMA journal_mode=OFF")
-        connection.execute("PRAGMA synchronous=OFF")
-        connection.execute("PRAGMA cache_size=-1000000")
-        copies_started = time.perf_counter()
-        # Secondary indexes are made again once the rows are in (same definitions, same
-        # contents): sorting once is much faster than inserting a million random keys.
-        indexes = connection.execute(
-            "SELECT name, sql FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL"
-            " AND tbl_name IN ('usage_platform_calls', 'call_durations')"
-        ).fetchall()
-        for name, _ in indexes:
-            connection.execute(f'DROP INDEX "{name}"')
-        insert_calls = insert_sql("usage_platform_calls", PLATFORM_COLUMNS)
-        insert_records = insert_sql("call_durations", DURATION_COLUMNS)
-        rest_calls, rest_records = first_calls[TEMPLATES:], first_records[TEMPLATES:]
+    finally:
+        connection.close()
+    # The rows the service wrote must be the rows RowMaker makes (submitted_at aside, a time of
+    # the submission).
+    if stored_calls != [maker.platform(c) for c in template_calls]:
+        raise RuntimeError("a platform call row differs from store_platform_calls's")
+    if len(stored_records) != len(template_records) or stored_records != [
+        maker.duration(r, s[-1]) for r, s in zip(template_records, stored_records, strict=True)
+    ]:
+        raise RuntimeError("a call_durations row differs from ingest.submit's")
+
+    copies_started = time.perf_counter()
+    insert_calls = insert_sql("usage_platform_calls", PLATFORM_COLUMNS)
+    insert_records = insert_sql("call_durations", DURATION_COLUMNS)
+    rest_calls, rest_records = first_calls[TEMPLATES:], first_records[TEMPLATES:]
+    with bulk_load(path, ["usage_platform_calls", "call_durations"]) as connection:
         while True:
             submitted_at = maker.time_text(epoch_us(dt.datetime.now(dt.UTC)))
             record_rows = []
@@ -534,21 +503,14 @@ def fill(
             if month.made >= calls:
                 break
             rest_calls, rest_records = month.chunk(FILL_CHUNK)
-        for _, sql in indexes:
-            connection.execute(sql)
-        e = month.expected
-        stored_calls_n = connection.execute("SELECT count(*) FROM usage_platform_calls").fetchone()[
-            0
-        ]
-        stored_records_n = connection.execute("SELECT count(*) FROM call_durations").fetchone()[0]
-        if stored_calls_n != e.platform_calls or stored_records_n != e.records:
-            raise RuntimeError(
-                f"filled {stored_calls_n} calls and {stored_records_n} records, wanted"
-                f" {e.platform_calls} and {e.records}"
-            )
-        connection.execute("PRAGMA journal_mode=WAL")
-    finally:
-        connection.close()
+    e = month.expected
+    stored_calls_n = scalar(path, "SELECT count(*) FROM usage_platform_calls")
+    stored_records_n = scalar(path, "SELECT count(*) FROM call_durations")
+    if stored_calls_n != e.platform_calls or stored_records_n != e.records:
+        raise RuntimeError(
+            f"filled {stored_calls_n} calls and {stored_records_n} records, wanted"
+            f" {e.platform_calls} and {e.records}"
+        )
     # The usage by day of the bulk-loaded rows: made by the very migration that makes the table
     # (down and up again), which counts it from the stored calls in SQL.
     counted = time.perf_counter()
@@ -567,9 +529,6 @@ def fill(
         database_mb=path.stat().st_size / 1e6,
     )
     return result, month.expected
-
-
-# --------------------------------------------------------------------------- server process
 
 
 # --------------------------------------------------------------------------- submit client
@@ -626,114 +585,68 @@ async def submit_once(
         request_serializer=None,  # the batches are encoded already
         response_deserializer=pb.SubmitCallDurationsResponse.FromString,
     )
-    window = asyncio.Semaphore(in_flight)
     outcomes: Counter[str] = Counter()
     reasons: Counter[str] = Counter()
-    acks = 0
     marks: list[tuple[float, int]] = []  # (seconds since the first send, records acknowledged)
-    m0, c0, s0 = machine_busy_seconds(), time.process_time(), cpu_seconds(pid)
-    t0 = time.perf_counter()
-    call = method(timeout=1800)
+    window = CpuWindow([pid])
 
-    async def read() -> None:
-        nonlocal acks
-        async for response in call:
-            acks += 1
-            outcomes["accepted"] += response.accepted_count
-            outcomes["duplicate"] += response.duplicate_count
-            outcomes["rejected"] += response.refused_count
-            marks.append((time.perf_counter() - t0, sum(outcomes.values())))
-            reasons.update(r.reason for r in response.results if r.reason)
-            window.release()
+    def answered(response: pb.SubmitCallDurationsResponse) -> None:
+        outcomes["accepted"] += response.accepted_count
+        outcomes["duplicate"] += response.duplicate_count
+        outcomes["rejected"] += response.refused_count
+        marks.append((time.perf_counter() - window.started, sum(outcomes.values())))
+        reasons.update(r.reason for r in response.results if r.reason)
 
-    reader = asyncio.create_task(read())
-    for batch in batches:
-        await window.acquire()
-        if reader.done():
-            break
-        await call.write(batch)
-    await call.done_writing()
-    await reader
-    t1 = time.perf_counter()
-    m1, c1, s1 = machine_busy_seconds(), time.process_time(), cpu_seconds(pid)
-    seconds = t1 - t0
-    client_cpu = (c1 - c0) / seconds
-    server_cpu = (s1 - s0) / seconds if s0 is not None and s1 is not None else None
+    await runner.write_windowed(method(timeout=1800), batches, in_flight, answered)
+    cpu = window.end()
     return {
         "batches": len(batches),
-        "acks": acks,
+        "acks": len(marks),
         "accepted": outcomes["accepted"],
         "duplicate": outcomes["duplicate"],
         "rejected": outcomes["rejected"],
         "reasons": dict(reasons.most_common(5)),
         "marks": marks,
-        "seconds": seconds,
-        "client_cpu": client_cpu,
-        "server_cpu": server_cpu,
-        "other_cpu": other_cpu((m0, m1), seconds, server_cpu, client_cpu),
+        **cpu.figures(),
     }
 
 
-async def submit_worker(spec: dict[str, Any]) -> None:
+async def submit_worker(spec: Spec) -> None:
     """The operator's client process: makes its records once, says READY (with how long that
     took); then each `GO <address> <pid> <run> <count>` submits the first `count` of them under
     the ids of run `run` to the server at `address` and answers with a JSON line."""
-    creds = credentials(Path(spec["root"]) / "pki", "operator", OPERATOR)
-    stdin = ThreadPoolExecutor(1, thread_name_prefix="stdin")
+    creds = credentials(spec["root"], "operator", OPERATOR)
     t0 = time.perf_counter()
     messages = [
         record_message(r)
         for r in ingest_records(spec["records"], spec["seed"], dt.datetime.now(dt.UTC))
     ]
     print(json.dumps({"made_s": time.perf_counter() - t0}), flush=True)
-    try:
-        while line := await read_line(stdin):
-            _, address, pid, run, count = line.split()
-            batches = encoded_batches(messages, int(run), int(count))
-            async with grpc.aio.secure_channel(address, creds) as channel:
-                await channel.channel_ready()
-                try:
-                    result = await submit_once(channel, batches, spec["in_flight"], int(pid))
-                    result["records"] = int(count)
-                except grpc.aio.AioRpcError as error:
-                    result = {"error": f"{error.code().name}: {error.details()}"}
-            print(json.dumps(result), flush=True)
-    finally:
-        stdin.shutdown(wait=False)
+    async for line in runner.commands():
+        _, address, pid, run, count = line.split()
+        batches = encoded_batches(messages, int(run), int(count))
+        async with grpc.aio.secure_channel(address, creds) as channel:
+            await channel.channel_ready()
+            try:
+                result = await submit_once(channel, batches, spec["in_flight"], int(pid))
+                result["records"] = int(count)
+            except grpc.aio.AioRpcError as error:
+                result = {"error": f"{error.code().name}: {error.details()}"}
+        print(json.dumps(result), flush=True)
 
 
 # --------------------------------------------------------------------------- query client
 
 
-def _timed(pid: int) -> Callable[[], dict[str, Any]]:
-    """Start timing; the returned function ends it: seconds, client, server and other CPU."""
-    m0, c0, s0 = machine_busy_seconds(), time.process_time(), cpu_seconds(pid)
-    t0 = time.perf_counter()
-
-    def done() -> dict[str, Any]:
-        seconds = time.perf_counter() - t0
-        m1, c1, s1 = machine_busy_seconds(), time.process_time(), cpu_seconds(pid)
-        client_cpu = (c1 - c0) / seconds
-        server_cpu = (s1 - s0) / seconds if s0 is not None and s1 is not None else None
-        return {
-            "seconds": seconds,
-            "client_cpu": client_cpu,
-            "server_cpu": server_cpu,
-            "other_cpu": other_cpu((m0, m1), seconds, server_cpu, client_cpu),
-        }
-
-    return done
-
-
 async def reconcile_once(
     stub: pb_grpc.UsageServiceStub, pid: int, start: int, end: int
 ) -> dict[str, Any]:
-    done = _timed(pid)
+    window = CpuWindow([pid])
     response = await stub.GetReconciliation(
         pb.GetReconciliationRequest(start_time=stamp(start), end_time=stamp(end)), timeout=1800
     )
     return {
-        **done(),
+        **window.end().figures(),
         "matched": response.matched_count,
         "mismatched": response.mismatch_count,
         "platform_only": response.platform_only_count,
@@ -757,7 +670,7 @@ async def discrepancies_once(
     last: tuple[int, int, str] = (0, 0, "")
     first_s: float | None = None
     responses = 0
-    done = _timed(pid)
+    window = CpuWindow([pid])
     previous = time.perf_counter()
     async for response in stub.StreamDiscrepancies(request, timeout=1800):
         now = time.perf_counter()
@@ -771,7 +684,7 @@ async def discrepancies_once(
             ordered = ordered and key > last
             last = key
             kinds[pb.DiscrepancyKind.Name(d.kind)] += 1
-    timing = done()
+    timing = window.end().figures()
     later = sorted(gaps[1:]) or [0.0]
     tenth = max(1, len(gaps) // 10)
     return {
@@ -797,7 +710,7 @@ async def summary_once(
     rows: list[list[Any]] = []
     pages: list[float] = []
     token = ""
-    done = _timed(pid)
+    window = CpuWindow([pid])
     while True:
         t0 = time.perf_counter()
         response = await stub.GetUsageSummary(
@@ -829,49 +742,43 @@ async def summary_once(
         token = response.next_page_token
         if not token:
             break
-    return {**done(), "pages": len(pages), "page_s": pages, "rows": rows}
+    return {**window.end().figures(), "pages": len(pages), "page_s": pages, "rows": rows}
 
 
-async def query_worker(spec: dict[str, Any]) -> None:
+async def query_worker(spec: Spec) -> None:
     """The operator's client process for the month: one channel, kept; says READY once
     connected; then answers each command with a JSON line: `RECONCILE`, `DISCREPANCIES
     <max_batch_size>`, `SUMMARY <page_size>`, all for the period of the spec."""
-    creds = credentials(Path(spec["root"]) / "pki", "operator", OPERATOR)
+    creds = credentials(spec["root"], "operator", OPERATOR)
     start, end, pid = spec["start_us"], spec["end_us"], spec["pid"]
-    stdin = ThreadPoolExecutor(1, thread_name_prefix="stdin")
-    try:
-        async with grpc.aio.secure_channel(
-            spec["address"], creds, options=[("grpc.max_receive_message_length", 64 << 20)]
-        ) as channel:
-            stub = pb_grpc.UsageServiceStub(channel)
-            # Connect, and one small call through the whole path (one hour of the period).
-            await stub.GetReconciliation(
-                pb.GetReconciliationRequest(
-                    start_time=stamp(start), end_time=stamp(start + 3600 * US)
-                ),
-                timeout=60,
-            )
-            print("READY", flush=True)
-            while line := await read_line(stdin):
-                command, *rest = line.split()
-                try:
-                    if command == "RECONCILE":
-                        result = await reconcile_once(stub, pid, start, end)
-                    elif command == "DISCREPANCIES":
-                        result = await discrepancies_once(stub, pid, start, end, int(rest[0]))
-                    else:
-                        result = await summary_once(stub, pid, start, end, int(rest[0]))
-                except grpc.aio.AioRpcError as error:
-                    result = {"error": f"{error.code().name}: {error.details()}"}
-                print(json.dumps(result), flush=True)
-    finally:
-        stdin.shutdown(wait=False)
+    async with grpc.aio.secure_channel(
+        spec["address"], creds, options=[("grpc.max_receive_message_length", 64 << 20)]
+    ) as channel:
+        stub = pb_grpc.UsageServiceStub(channel)
+        # Connect, and one small call through the whole path (one hour of the period).
+        await stub.GetReconciliation(
+            pb.GetReconciliationRequest(start_time=stamp(start), end_time=stamp(start + 3600 * US)),
+            timeout=60,
+        )
+        print("READY", flush=True)
+        async for line in runner.commands():
+            command, *rest = line.split()
+            try:
+                if command == "RECONCILE":
+                    result = await reconcile_once(stub, pid, start, end)
+                elif command == "DISCREPANCIES":
+                    result = await discrepancies_once(stub, pid, start, end, int(rest[0]))
+                else:
+                    result = await summary_once(stub, pid, start, end, int(rest[0]))
+            except grpc.aio.AioRpcError as error:
+                result = {"error": f"{error.code().name}: {error.details()}"}
+            print(json.dumps(result), flush=True)
 
 
 # --------------------------------------------------------------------------- raw baselines
 
 
-def stored_rows(source: Path, prefix: str) -> list[tuple[Any, ...]]:
+def stored_rows(source: Path, prefix: str) -> list[Row]:
     """The call_durations rows the system wrote for record ids starting with `prefix`, in the
     order it wrote them."""
     read = sqlite3.connect(f"file:{source}?mode=ro", uri=True)
@@ -879,43 +786,13 @@ def stored_rows(source: Path, prefix: str) -> list[tuple[Any, ...]]:
         rows = read.execute(
             f"SELECT {', '.join(DURATION_COLUMNS)} FROM call_durations"
             " WHERE record_id >= ? AND record_id < ? ORDER BY rowid",
-            (prefix, prefix[:-1] + chr(ord(prefix[-1]) + 1)),
+            prefix_range(prefix),
         ).fetchall()
     finally:
         read.close()
     if not rows:
         raise RuntimeError(f"no stored records with ids {prefix}*")
     return rows
-
-
-def raw_inserts(rows: list[tuple[Any, ...]], target: Path, batch: int) -> dict[str, Any]:
-    """`rows` inserted with plain sqlite3 executemany into a fresh copy of the schema (same
-    migrations, same indexes), one transaction per `batch` rows, WAL and synchronous=FULL as the
-    system configures SQLite."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    schema = Database(f"sqlite:///{target}", 1)
-    schema.migrate()
-    schema.close()
-    insert = insert_sql("call_durations", DURATION_COLUMNS)
-    batches = chunks(rows, batch)
-    connection = sqlite3.connect(target, isolation_level=None)
-    try:
-        connection.execute("PRAGMA journal_mode=WAL")
-        connection.execute("PRAGMA synchronous=FULL")
-        marks: list[tuple[float, int]] = []
-        done = 0
-        c0, t0 = time.process_time(), time.perf_counter()
-        for part in batches:
-            connection.execute("BEGIN IMMEDIATE")
-            connection.executemany(insert, part)
-            connection.execute("COMMIT")
-            done += len(part)
-            marks.append((time.perf_counter() - t0, done))
-        seconds = time.perf_counter() - t0
-        cpu = (time.process_time() - c0) / seconds
-    finally:
-        connection.close()
-    return {"records": len(rows), "seconds": seconds, "cpu": cpu, "marks": marks}
 
 
 def in_process(
@@ -1001,8 +878,11 @@ def ingest_run(
     )
 
 
-def raw_run(rows: list[tuple[Any, ...]], target: Path, round_no: int) -> IngestRun:
-    raw = raw_inserts(rows, target, BATCH)
+def raw_run(rows: list[Row], target: Path, round_no: int) -> IngestRun:
+    """`rows` inserted durably into a fresh schema at `target`, BATCH rows per transaction
+    (`rows.durable_inserts`)."""
+    batches = [[part] for part in chunks(rows, BATCH)]
+    raw = durable_inserts(target, [insert_sql("call_durations", DURATION_COLUMNS)], batches)
     return IngestRun(
         kind="raw",
         round=round_no,
@@ -1069,147 +949,125 @@ def check_month(expected: Expected, answers: dict[str, Any]) -> list[str]:
     return problems
 
 
-def bench(args: argparse.Namespace) -> int:
-    started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="opconnect-usage-bench-") as tmp:
-        root = Path(tmp)
-        paths = ensure_dev_pki(root / "pki", operator_id=OPERATOR, platform_name=PLATFORM)
-        settings = bench_settings(root / "ingest1", paths)
-        spec = {"root": str(root), "profile": args.profile}
-        children: list[Child] = []
-        ingest_runs: list[IngestRun] = []
-        profile: dict[str, Any] | None = {} if args.profile else None
-        try:
-            # The client makes its records while the month is filled (neither is measured).
-            submitter = Child(
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    ingest_runs: list[IngestRun] = []
+    profile: dict[str, Any] | None = {} if args.profile else None
+    with runner.workspace("opconnect-usage-bench-") as ws, runner.Children() as children:
+        root = ws.root
+        settings = ws.settings("ingest1")
+        # The client makes its records while the month is filled (neither is measured).
+        submitter = children.add(
+            Child(
                 "submit",
-                {
-                    "root": str(root),
-                    "records": args.records,
-                    "seed": args.seed,
-                    "in_flight": args.in_flight,
-                },
+                ws.spec(records=args.records, seed=args.seed, in_flight=args.in_flight),
             )
-            children.append(submitter)
-            print(
-                f"filling a month of {args.calls:,} platform calls and their records (and making"
-                f" {args.records:,} records to submit in the client) ...",
-                flush=True,
-            )
-            today = dt.datetime.now(dt.UTC) - dt.timedelta(hours=3)
-            end = dt.datetime(today.year, today.month, today.day, tzinfo=dt.UTC)
-            start = end - dt.timedelta(days=30)
-            start_us, end_us = epoch_us(start), epoch_us(end)
-            filled, expected = fill(
-                root / "month", args.calls, args.tenants, args.seed + 1, start_us, end_us
-            )
-            made_s = json.loads(submitter.line())["made_s"]
-            print(f"filled in {filled.seconds:.1f} s", flush=True)
+        )
+        print(
+            f"filling a month of {args.calls:,} platform calls and their records (and making"
+            f" {args.records:,} records to submit in the client) ...",
+            flush=True,
+        )
+        today = dt.datetime.now(dt.UTC) - dt.timedelta(hours=3)
+        end = dt.datetime(today.year, today.month, today.day, tzinfo=dt.UTC)
+        start = end - dt.timedelta(days=30)
+        start_us, end_us = epoch_us(start), epoch_us(end)
+        filled, expected = fill(
+            ws.settings("month"), args.calls, args.tenants, args.seed + 1, start_us, end_us
+        )
+        made_s = json.loads(submitter.line())["made_s"]
+        print(f"filled in {filled.seconds:.1f} s", flush=True)
 
-            rows: list[tuple[Any, ...]] = []
-            for round_no in range(1, args.ingest_rounds + 1):
-                # Alternate which goes first (the raw rows are the first system run's).
-                system_first = round_no % 2 == 1
-                if not system_first:
+        rows: list[Row] = []
+        for round_no in range(1, args.ingest_rounds + 1):
+            # Each round into a fresh system; the raw rows are the first system run's.
+            for kind in in_turn(["system", "raw"], round_no):
+                if kind == "raw":
                     ingest_runs.append(
                         raw_run(rows, root / "raw" / f"round{round_no}.db", round_no)
                     )
+                    if round_no % 2:  # after the system's
+                        print(f"   raw {ingest_runs[-1].records_per_s:,.0f} records/s", flush=True)
+                    continue
                 print(f"ingest round {round_no}: {args.records:,} records ...", flush=True)
-                data_dir = root / f"ingest{round_no}"
-                system = ServerProcess("system", {**spec, "data_dir": str(data_dir)})
-                children.append(system)
-                run, _ = ingest_run(submitter, system, round_no, round_no, args.records)
-                ingest_runs.append(run)
+                data = f"ingest{round_no}"
+                system = children.add(ServerProcess("system", ws.spec(data, profile=args.profile)))
+                ingested, _ = ingest_run(submitter, system, round_no, round_no, args.records)
+                ingest_runs.append(ingested)
                 system.stop()
-                print(f"   {run.records_per_s:,.0f} records/s, {run.seconds:.1f} s", flush=True)
+                print(
+                    f"   {ingested.records_per_s:,.0f} records/s, {ingested.seconds:.1f} s",
+                    flush=True,
+                )
                 if round_no == 1:
-                    rows = stored_rows(data_dir / "opconnect.db", "r1-")
-                if system_first:
-                    ingest_runs.append(
-                        raw_run(rows, root / "raw" / f"round{round_no}.db", round_no)
-                    )
-                    print(f"   raw {ingest_runs[-1].records_per_s:,.0f} records/s", flush=True)
-            for extra in range(args.raw_rounds_extra):
-                number = args.ingest_rounds + extra + 1
-                ingest_runs.append(raw_run(rows, root / "raw" / f"round{number}.db", number))
-            del rows
-            if profile is not None:
-                count = min(args.records, args.profile_records)
-                print(f"profiled ingest: {count:,} records ...", flush=True)
-                system = ServerProcess("system", {**spec, "data_dir": str(root / "profiled")})
-                children.append(system)
-                path = root / "ingest.prof"
-                system.profile_start()
-                profiled, _ = ingest_run(submitter, system, 0, PROFILE_RUN, count)
-                system.profile_stop(path)
-                system.stop()
-                profile["ingest"] = {"run": asdict(profiled), "text": profile_text(path, 25)}
-            submitter.stop()
+                    rows = stored_rows(root / data / "opconnect.db", "r1-")
+        for extra in range(args.raw_rounds_extra):
+            number = args.ingest_rounds + extra + 1
+            ingest_runs.append(raw_run(rows, root / "raw" / f"round{number}.db", number))
+        del rows
+        if profile is not None:
+            count = min(args.records, args.profile_records)
+            print(f"profiled ingest: {count:,} records ...", flush=True)
+            system = children.add(
+                ServerProcess("system", ws.spec("profiled", profile=args.profile))
+            )
+            (profiled, _), text = runner.profiled(
+                system,
+                root / "ingest.prof",
+                25,
+                lambda: ingest_run(submitter, system, 0, PROFILE_RUN, count),
+            )
+            system.stop()
+            profile["ingest"] = {"run": asdict(profiled), "text": text}
+        submitter.stop()
 
-            print("querying the month ...", flush=True)
-            month = ServerProcess("system", {**spec, "data_dir": str(root / "month")})
-            children.append(month)
-            querier = Child(
+        print("querying the month ...", flush=True)
+        month = children.add(ServerProcess("system", ws.spec("month", profile=args.profile)))
+        querier = children.add(
+            Child(
                 "query",
-                {
-                    "root": str(root),
-                    "address": month.address,
-                    "pid": month.pid,
-                    "start_us": start_us,
-                    "end_us": end_us,
-                },
+                ws.spec(address=month.address, pid=month.pid, start_us=start_us, end_us=end_us),
             )
-            children.append(querier)
-            querier.expect("READY")
-            answers: dict[str, Any] = {"reconcile": []}
-            for round_no in range(1, args.rounds + 1):
-                answers["reconcile"].append(querier.ask("RECONCILE"))
-                seconds = answers["reconcile"][-1]["seconds"]
-                print(f"   GetReconciliation round {round_no}: {seconds:.2f} s", flush=True)
-            answers["discrepancies"] = querier.ask(f"DISCREPANCIES {args.discrepancy_batch}")
-            print(
-                f"   StreamDiscrepancies: {answers['discrepancies']['seconds']:.1f} s", flush=True
-            )
-            answers["summary"] = querier.ask(f"SUMMARY {PAGE_SIZE}")
-            print(f"   GetUsageSummary: {answers['summary']['seconds']:.2f} s", flush=True)
-            if profile is not None:
-                path = root / "month.prof"
-                month.profile_start()
-                profiled_month = {
+        )
+        querier.expect("READY")
+        answers: dict[str, Any] = {"reconcile": []}
+        for round_no in range(1, args.rounds + 1):
+            answers["reconcile"].append(querier.ask("RECONCILE"))
+            seconds = answers["reconcile"][-1]["seconds"]
+            print(f"   GetReconciliation round {round_no}: {seconds:.2f} s", flush=True)
+        answers["discrepancies"] = querier.ask(f"DISCREPANCIES {args.discrepancy_batch}")
+        print(f"   StreamDiscrepancies: {answers['discrepancies']['seconds']:.1f} s", flush=True)
+        answers["summary"] = querier.ask(f"SUMMARY {PAGE_SIZE}")
+        print(f"   GetUsageSummary: {answers['summary']['seconds']:.2f} s", flush=True)
+        if profile is not None:
+            profiled_month, text = runner.profiled(
+                month,
+                root / "month.prof",
+                20,
+                lambda: {
                     "reconcile": querier.ask("RECONCILE"),
                     "discrepancies": querier.ask(f"DISCREPANCIES {args.discrepancy_batch}"),
                     "summary": querier.ask(f"SUMMARY {PAGE_SIZE}"),
-                }
-                month.profile_stop(path)
-                for value in profiled_month.values():
-                    value.pop("rows", None)
-                profile["month"] = {"run": profiled_month, "text": profile_text(path, 20)}
-            querier.stop()
-            month.stop()
-            tolerance = rules.Tolerance(
-                dt.timedelta(seconds=settings.reconcile_tolerance_s),
-                settings.reconcile_tolerance_ratio,
+                },
             )
-            direct = in_process(
-                root / "month",
-                rules.ReconcileQuery(OPERATOR, start, end, None, tolerance),
-                rules.UsageQuery(start, end, rules.Granularity.DAY, OPERATOR, None),
-            )
-        finally:
-            for child in reversed(children):
-                child.stop()
+            for value in profiled_month.values():
+                value.pop("rows", None)
+            profile["month"] = {"run": profiled_month, "text": text}
+        querier.stop()
+        month.stop()
+        tolerance = rules.Tolerance(
+            dt.timedelta(seconds=settings.reconcile_tolerance_s),
+            settings.reconcile_tolerance_ratio,
+        )
+        direct = in_process(
+            root / "month",
+            rules.ReconcileQuery(OPERATOR, start, end, None, tolerance),
+            rules.UsageQuery(start, end, rules.Granularity.DAY, OPERATOR, None),
+        )
 
     problems = check_month(expected, answers)
-    report = make_report(
+    return make_report(
         args, settings, made_s, ingest_runs, filled, expected, answers, direct, problems, profile
     )
-    report["elapsed_s"] = time.perf_counter() - started
-    print_report(report, ingest_runs, args)
-    if args.json:
-        if profile is not None:  # the texts were printed above
-            report["profile"] = {k: {"run": v["run"]} for k, v in profile.items()}
-        print(json.dumps(report, indent=2))
-    return 0
 
 
 def make_report(
@@ -1283,17 +1141,16 @@ def make_report(
     }
 
 
-def _cpu(value: float | None) -> str:
-    return "-" if value is None else f"{value:.0%}"
+def _share(value: float | None) -> str:
+    return share(value, "-")
 
 
 def _verdict(seconds: float) -> str:
-    return "met" if seconds < SECONDS_TARGET else "MISSED"
+    return verdict(seconds < SECONDS_TARGET)
 
 
-def print_report(
-    report: dict[str, Any], ingest_runs: list[IngestRun], args: argparse.Namespace
-) -> None:
+def print_report(report: dict[str, Any], args: argparse.Namespace) -> None:
+    ingest_runs = [IngestRun(**r) for r in report["ingest"]["runs"]]
     print()
     print_header("opconnect usage benchmark", report)
     print()
@@ -1316,18 +1173,18 @@ def print_report(
         rejected = f"{r.rejected:,}" if r.rejected is not None else "-"
         print(
             f"   {r.kind:<8}{r.round:>6}{r.records_per_s:>11,.0f}{r.first_tenth_per_s:>9,.0f}"
-            f"{r.last_tenth_per_s:>10,.0f}{r.seconds:>9.2f}{_cpu(r.client_cpu):>12}"
-            f"{_cpu(r.server_cpu):>12}{_cpu(r.other_cpu):>11}{accepted:>11}{rejected:>10}"
+            f"{r.last_tenth_per_s:>10,.0f}{r.seconds:>9.2f}{_share(r.client_cpu):>12}"
+            f"{_share(r.server_cpu):>12}{_share(r.other_cpu):>11}{accepted:>11}{rejected:>10}"
         )
     print(
         "   (records/s over the whole run, over its first 10% of records and over its last 10%,"
         " when the table holds 9 times as many; raw's CPU is the inserting process's; CPU in"
         " shares of one core, all threads)"
     )
-    verdict = "met" if ing["ratio"] >= INGEST_TARGET else "MISSED"
+    met = verdict(ing["ratio"] >= INGEST_TARGET)
     print(
         f"   best system {ing['best']['system']:,.0f} / best raw {ing['best']['raw']:,.0f}"
-        f" records/s = {ing['ratio']:.2f} (target >= {INGEST_TARGET}: {verdict}); the same"
+        f" records/s = {ing['ratio']:.2f} (target >= {INGEST_TARGET}: {met}); the same"
         f" runs over their first 10% of records {ing['ratio_first_tenth']:.2f}, over their last"
         f" {ing['ratio_last_tenth']:.2f}"
     )
@@ -1355,17 +1212,18 @@ def print_report(
     for number, r in enumerate(m["reconcile"], 1):
         print(
             f"   {f'GetReconciliation, 30 days, round {number}':<42}{r['seconds']:>9.2f}"
-            f"{_cpu(r['server_cpu']):>12}{_cpu(r['other_cpu']):>11}"
+            f"{_share(r['server_cpu']):>12}{_share(r['other_cpu']):>11}"
         )
     d = m["discrepancies"]
     print(
         f"   {'StreamDiscrepancies, 30 days, all':<42}{d['seconds']:>9.2f}"
-        f"{_cpu(d['server_cpu']):>12}{_cpu(d['other_cpu']):>11}"
+        f"{_share(d['server_cpu']):>12}{_share(d['other_cpu']):>11}"
     )
     s = m["summary"]
     label = f"GetUsageSummary by day, {s['pages']} pages of {PAGE_SIZE:,}"
     print(
-        f"   {label:<42}{s['seconds']:>9.2f}{_cpu(s['server_cpu']):>12}{_cpu(s['other_cpu']):>11}"
+        f"   {label:<42}{s['seconds']:>9.2f}{_share(s['server_cpu']):>12}"
+        f"{_share(s['other_cpu']):>11}"
     )
     rate = d["discrepancies"] / d["seconds"] if d["seconds"] else 0.0
     print(
@@ -1419,20 +1277,18 @@ def print_report(
                 " GetUsageSummary on the month (same threads, merged):"
             )
             print(report["profile"]["month"]["text"].rstrip())
-    print()
-    print(f"(took {report['elapsed_s']:.0f} s)")
-    print(f"ingest_ratio={report['ingest']['ratio']:.2f}")
-    print(f"reconcile_s={report['reconcile_s']:.2f}")
-    print(f"discrepancies_s={report['discrepancies_s']:.2f}")
-    print(f"usage_summary_s={report['usage_summary_s']:.2f}")
-
-
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description="SubmitCallDurations ingest throughput against raw SQLite inserts, and the"
-        " time of reconciliation, discrepancies and usage over a month of calls, on the"
-        " one-process system."
+    print_figures(
+        report,
+        [
+            ("ingest_ratio", f"{report['ingest']['ratio']:.2f}"),
+            ("reconcile_s", f"{report['reconcile_s']:.2f}"),
+            ("discrepancies_s", f"{report['discrepancies_s']:.2f}"),
+            ("usage_summary_s", f"{report['usage_summary_s']:.2f}"),
+        ],
     )
+
+
+def options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--records", type=int, default=1_000_000, help="records per ingest run")
     p.add_argument("--ingest-rounds", type=int, default=1, help="ingest rounds (and raw)")
     p.add_argument("--raw-rounds-extra", type=int, default=0, help="more raw rounds after")
@@ -1443,31 +1299,24 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=3, help="GetReconciliation rounds")
     p.add_argument("--discrepancy-batch", type=int, default=1_000, help="max_batch_size")
     p.add_argument("--seed", type=int, default=20261123, help="seed of the generated data")
-    p.add_argument("--json", action="store_true", help="also print the figures as JSON")
-    p.add_argument("--profile", action="store_true", help="cProfile the system (ingest, month)")
-    p.add_argument(
-        "--role", choices=["bench", "serve", "submit", "query"], default="bench", help="internal"
-    )
-    p.add_argument("--spec", default="{}", help="internal: JSON for the other roles")
-    return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    spec: dict[str, Any] = json.loads(args.spec)
-    if args.role == "serve":
-        asyncio.run(serve_system(spec))
-        return 0
-    if args.role == "submit":
-        asyncio.run(submit_worker(spec))
-        return 0
-    if args.role == "query":
-        asyncio.run(query_worker(spec))
-        return 0
+def check(args: argparse.Namespace) -> str | None:
     if min(args.records, args.calls, args.tenants, args.rounds, args.ingest_rounds) < 1:
-        parser().error("--records, --calls, --tenants, --rounds, --ingest-rounds must be >= 1")
-    return bench(args)
+        return "--records, --calls, --tenants, --rounds, --ingest-rounds must be >= 1"
+    return None
 
+
+SCENARIO = runner.Scenario(
+    description=__doc__ or "",
+    options=options,
+    quick={"records": 2_000, "calls": 5_000, "tenants": 5, "rounds": 1, "profile_records": 1_000},
+    roles={"serve": runner.serve, "submit": submit_worker, "query": query_worker},
+    run=run,
+    print_report=print_report,
+    profile="cProfile the system (ingest, month)",
+    check=check,
+)
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(runner.main(SCENARIO))

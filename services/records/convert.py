@@ -19,13 +19,15 @@ from google.protobuf import duration_pb2
 from opconnect.records.v1 import records_pb2 as pb
 from opconnect.type.v1 import call_direction_pb2 as direction_pb
 from plumbing import wire
+from plumbing.config import Settings
 from plumbing.direction import DIRECTION_IN, DIRECTION_OUT, Direction
 from plumbing.validation import Outcome, Refusal
 from plumbing.wellknown import duration_in, time_in, timestamp
-from services.records.quality import Metric, Quality, Reason, Verdict
+from services.records.quality import Metric, Quality, Reason, Thresholds, Verdict, classify_call
 from services.records.rules import (
     CallFact,
     CallRecord,
+    Candidate,
     EndReason,
     GroupBy,
     MediaDirection,
@@ -35,6 +37,7 @@ from services.records.rules import (
     Published,
     QualityGroup,
     Result,
+    check_published,
 )
 
 END_REASON_IN = {
@@ -183,6 +186,39 @@ def published_in(message: pb.PublishedCallRecord) -> tuple[Published, pb.CallRec
     content = clean.SerializeToString(deterministic=True)
     digest = hashlib.sha256(message.operator_id.encode() + b"\0" + content).digest()
     return Published(message.operator_id, record, digest), clean
+
+
+def prepare(
+    messages: list[pb.PublishedCallRecord],
+    known: set[str],
+    settings: Settings,
+    thresholds: Thresholds,
+) -> list[Candidate | Result]:
+    """Each published record read, checked and classified: a candidate to store (its body made),
+    or its refusal. `known` holds the registered operators among the records' operator ids."""
+    now = dt.datetime.now(dt.UTC)
+    retention = dt.timedelta(seconds=settings.record_retention_s)
+    skew = dt.timedelta(seconds=settings.clock_skew_s)
+    out: list[Candidate | Result] = []
+    for message in messages:
+        converted = published_in(message)
+        if isinstance(converted, Refusal):
+            out.append(Result(message.record.call_id, Outcome.REFUSED, converted))
+            continue
+        published, clean = converted
+        refusal = check_published(published, now, retention, skew)
+        if refusal is None and published.operator_id not in known:
+            refusal = Refusal(
+                "OPERATOR_NOT_FOUND", "operator_id", "no operator with this id is registered"
+            )
+        if refusal is not None:
+            out.append(Result(published.record.call_id, Outcome.REFUSED, refusal))
+            continue
+        call, streams = classify_call(
+            [s.metrics() for s in published.record.media_streams], thresholds
+        )
+        out.append(Candidate(published, call.quality, body(clean, call, streams)))
+    return out
 
 
 # --- out ---------------------------------------------------------------------------------------

@@ -40,7 +40,6 @@ from plumbing.rpc import current_operator
 from plumbing.tokens import page_token, read_page_token
 from plumbing.validation import (
     Outcome,
-    Refusal,
     batch_size,
     check_period,
     optional_tenant,
@@ -48,8 +47,7 @@ from plumbing.validation import (
 )
 from plumbing.wellknown import request_time
 from services.records import convert, rules, storage
-from services.records.quality import Thresholds, classify_call
-from services.records.rules import DOMAIN, LOG, MAX_BATCH, Result
+from services.records.rules import DOMAIN, LOG, MAX_BATCH
 
 Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 KnownOperator = Callable[[str], Awaitable[bool]]
@@ -307,7 +305,12 @@ class CallRecordIngestService(pb_grpc.CallRecordIngestServiceServicer):
             # keep flowing while a large batch is checked.
             loop = asyncio.get_running_loop()
             prepared = await loop.run_in_executor(
-                None, _prepare, list(request.records), known, self._settings, self._thresholds
+                None,
+                convert.prepare,
+                list(request.records),
+                known,
+                self._settings,
+                self._thresholds,
             )
             candidates = [c for c in prepared if isinstance(c, rules.Candidate)]
             stored = await self._db.run(
@@ -332,38 +335,6 @@ class CallRecordIngestService(pb_grpc.CallRecordIngestServiceServicer):
                 duplicate_count=sum(r.outcome is Outcome.DUPLICATE for r in results),
                 refused_count=sum(r.outcome is Outcome.REFUSED for r in results),
             )
-
-
-def _prepare(
-    messages: list[pb.PublishedCallRecord],
-    known: set[str],
-    settings: Settings,
-    thresholds: Thresholds,
-) -> list[rules.Candidate | Result]:
-    """Each record read, checked and classified: a candidate to store, or its refusal."""
-    now = dt.datetime.now(dt.UTC)
-    retention = dt.timedelta(seconds=settings.record_retention_s)
-    skew = dt.timedelta(seconds=settings.clock_skew_s)
-    out: list[rules.Candidate | Result] = []
-    for message in messages:
-        converted = convert.published_in(message)
-        if isinstance(converted, Refusal):
-            out.append(Result(message.record.call_id, Outcome.REFUSED, converted))
-            continue
-        published, clean = converted
-        refusal = rules.check_published(published, now, retention, skew)
-        if refusal is None and published.operator_id not in known:
-            refusal = Refusal(
-                "OPERATOR_NOT_FOUND", "operator_id", "no operator with this id is registered"
-            )
-        if refusal is not None:
-            out.append(Result(published.record.call_id, Outcome.REFUSED, refusal))
-            continue
-        call, streams = classify_call(
-            [s.metrics() for s in published.record.media_streams], thresholds
-        )
-        out.append(rules.Candidate(published, call.quality, convert.body(clean, call, streams)))
-    return out
 
 
 def _summary_binding(query: rules.SummaryQuery) -> str:

@@ -8,6 +8,7 @@ import hashlib
 from google.protobuf import duration_pb2
 
 from opconnect.usage.v1 import usage_pb2 as pb
+from plumbing.config import Settings
 from plumbing.direction import DIRECTION_IN, DIRECTION_OUT
 from plumbing.validation import Outcome, Refusal
 from plumbing.wellknown import duration_in, time_in, timestamp
@@ -22,6 +23,7 @@ from services.usage.rules import (
     Submitted,
     Tolerance,
     UsageRow,
+    check_record,
 )
 
 OUTCOME_OUT = {
@@ -74,6 +76,26 @@ def submitted_in(message: pb.CallDurationRecord) -> Submitted | Refusal:
         return unreadable.refusal
     digest = hashlib.sha256(clean.SerializeToString(deterministic=True)).digest()
     return Submitted(record, digest)
+
+
+def check(messages: list[pb.CallDurationRecord], settings: Settings) -> list[Submitted | Result]:
+    """Each record read and checked: ready to store, or its refusal. Unknown fields must have
+    been dropped, as for `submitted_in`."""
+    now = dt.datetime.now(dt.UTC)
+    retention = dt.timedelta(seconds=settings.usage_retention_s)
+    skew = dt.timedelta(seconds=settings.clock_skew_s)
+    out: list[Submitted | Result] = []
+    for message in messages:
+        submitted = submitted_in(message)
+        if isinstance(submitted, Refusal):
+            out.append(Result(message.record_id, Outcome.REFUSED, submitted))
+            continue
+        refusal = check_record(submitted.record, now, retention, skew)
+        if refusal is None:
+            out.append(submitted)
+        else:
+            out.append(Result(message.record_id, Outcome.REFUSED, refusal))
+    return out
 
 
 def result_out(result: Result) -> pb.CallDurationResult:

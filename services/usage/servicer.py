@@ -24,7 +24,6 @@ from plumbing.rpc import current_operator
 from plumbing.tokens import bound_key, page_token, read_page_token
 from plumbing.validation import (
     Outcome,
-    Refusal,
     batch_size,
     check_period,
     optional_tenant,
@@ -32,7 +31,7 @@ from plumbing.validation import (
 )
 from plumbing.wellknown import duration_in, request_time
 from services.usage import convert, ingest, reconciliation, rules, usage_query
-from services.usage.rules import DOMAIN, OPERATOR_ID, Result, Submitted
+from services.usage.rules import DOMAIN, OPERATOR_ID, Submitted
 
 Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 
@@ -52,7 +51,7 @@ class UsageService(pb_grpc.UsageServiceServicer):
             rules.check_batch(request.batch_id, len(request.records))
             request.DiscardUnknownFields()  # unknown fields never change a record's digest
             checked = await loop.run_in_executor(
-                None, _check, list(request.records), self._settings
+                None, convert.check, list(request.records), self._settings
             )
             valid = [c for c in checked if isinstance(c, Submitted)]
             stored = iter(await self._db.run(ingest.submit, operator, valid, write=True))
@@ -218,25 +217,6 @@ def _usage_binding(query: rules.UsageQuery) -> str:
             query.tenant_id or "",
         )
     )
-
-
-def _check(messages: list[pb.CallDurationRecord], settings: Settings) -> list[Submitted | Result]:
-    """Each record read and checked: ready to store, or its refusal."""
-    now = dt.datetime.now(dt.UTC)
-    retention = dt.timedelta(seconds=settings.usage_retention_s)
-    skew = dt.timedelta(seconds=settings.clock_skew_s)
-    out: list[Submitted | Result] = []
-    for message in messages:
-        submitted = convert.submitted_in(message)
-        if isinstance(submitted, Refusal):
-            out.append(Result(message.record_id, Outcome.REFUSED, submitted))
-            continue
-        refusal = rules.check_record(submitted.record, now, retention, skew)
-        if refusal is None:
-            out.append(submitted)
-        else:
-            out.append(Result(message.record_id, Outcome.REFUSED, refusal))
-    return out
 
 
 def _discrepancy_binding(query: rules.ReconcileQuery, kind: rules.DiscrepancyKind | None) -> str:
