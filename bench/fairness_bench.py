@@ -159,7 +159,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     ):
         root = ws.root
         settings = ws.settings()
-        spec = ws.spec(operators={BUSY: "busy benchmark operator"})
+        spec = ws.spec(operators={BUSY: "busy benchmark operator"}, fair=True)
         server = children.add(ServerProcess("system", spec, STOP_WAIT_S))
         asyncio.run(quiet(server.address, root, 20, 3_000_000_000))  # warm-up
         alone = asyncio.run(

@@ -71,7 +71,10 @@ NOTIFY_P99_TARGET_MS = 20.0
 WARMUP_CHANGES = 20
 STOP_WAIT_S = 15.0  # how long a child process may take to finish once told to
 SPLIT_RATIO_DESIGN = 1 / 3  # DESIGN.md: "a hop between Python processes costs about 3x"
-KINDS = ("bare", "system", "split")  # the server configurations of part 1, in table order
+# The server configurations of part 1, in table order: `metrics` and `tracing` are the system
+# with its Prometheus metrics on, and with every call traced to an OTLP sink (runner.OBSERVED).
+KINDS = ("bare", "system", "split", "metrics", "tracing")
+OBSERVED_TARGET = 0.95  # metrics on may cost at most 5% of GetNumber throughput
 
 
 # --------------------------------------------------------------------------- server processes
@@ -511,6 +514,17 @@ def print_report(report: dict[str, Any], args: argparse.Namespace) -> None:
         f" process(es) busy at once ({bound}: the figure includes the processes' competition for"
         " CPU, not only the hop's own work; see the server and client CPU above)"
     )
+    met = verdict(g["metrics_ratio"] >= OBSERVED_TARGET)
+    print(
+        f"   best metrics {g['best']['metrics']:,.0f} / best system {g['best']['system']:,.0f}"
+        f" calls/s = {g['metrics_ratio']:.2f}, the system with its Prometheus metrics on (target"
+        f" >= {OBSERVED_TARGET}: {met})"
+    )
+    print(
+        f"   best tracing {g['best']['tracing']:,.0f} / best system {g['best']['system']:,.0f}"
+        f" calls/s = {g['tracing_ratio']:.2f}, every call traced (a server span and a database"
+        f" span) and exported to an OTLP sink ({g['spans_exported']:,} spans received; no target)"
+    )
     sizes = g["response_bytes"]
     print(
         f"   response size: system {sizes['system']} bytes, bare {sizes['bare']} bytes,"
@@ -562,6 +576,8 @@ def print_report(report: dict[str, Any], args: argparse.Namespace) -> None:
         [
             ("getnumber_ratio", f"{g['ratio']:.2f}"),
             ("split_ratio", f"{g['split_ratio']:.2f}"),
+            ("metrics_ratio", f"{g['metrics_ratio']:.2f}"),
+            ("tracing_ratio", f"{g['tracing_ratio']:.2f}"),
             ("notify_p99_ms", f"{p99:.1f}"),
         ],
     )
@@ -587,10 +603,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         split_response = asyncio.run(answer(split.address, root))
         if split_response != response:
             raise RuntimeError("the split system's GetNumber answer differs from the system's")
+        # The system again, on the same database, with metrics on, and with tracing on.
+        metered = children.add(ServerProcess("metrics", ws.spec(), STOP_WAIT_S))
+        sink = children.add(ServerProcess("otlp-sink", ws.spec(), STOP_WAIT_S))
+        endpoint = f"http://{sink.address}"
+        traced = children.add(ServerProcess("tracing", ws.spec(otlp_endpoint=endpoint)))
+        for observed in (metered, traced):
+            if asyncio.run(answer(observed.address, root)) != response:
+                raise RuntimeError(f"the {observed.kind} system's answer differs from the system's")
         servers: dict[str, Sequence[ServerProcess]] = {
             "bare": [bare],
             "system": [system],
             "split": [split, split_numbers],
+            "metrics": [metered],
+            "tracing": [traced],
         }
         workers = children.add(LoadWorkers(client_counts[-1], servers, ws, args))
 
@@ -600,6 +626,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 for kind in in_turn(KINDS, round_no):
                     runs.append(workers.run(kind, clients, round_no))
 
+        traced.stop()  # its last spans exported
+        spans = sink.ask("SPANS")["spans"]
         rtt_system, size_system = asyncio.run(rtt(system.address, root, args.changes, 50))
         rtt_bare, size_bare = asyncio.run(rtt(bare.address, root, args.changes, 50))
         commits = sqlite_commits(root, 200)
@@ -620,6 +648,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     best_bare, best_system = max(best["bare"].values()), max(best["system"].values())
     best_split = max(best["split"].values())
+    best_metrics, best_tracing = max(best["metrics"].values()), max(best["tracing"].values())
     notify_ms = summary_ms(notified.notify)
     rtt_system_ms = summary_ms(rtt_system)
     report: dict[str, Any] = {
@@ -651,7 +680,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "ratio_by_clients": {
                 str(c): best["system"][c] / best["bare"][c] for c in client_counts
             },
-            "best": {"bare": best_bare, "system": best_system, "split": best_split},
+            "best": {
+                "bare": best_bare,
+                "system": best_system,
+                "split": best_split,
+                "metrics": best_metrics,
+                "tracing": best_tracing,
+            },
             "ratio": best_system / best_bare,
             "target": GETNUMBER_TARGET,
             "split_ratio_by_clients": {
@@ -659,6 +694,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             },
             "split_ratio": best_split / best_system,
             "split_ratio_design": SPLIT_RATIO_DESIGN,
+            "metrics_ratio": best_metrics / best_system,
+            "tracing_ratio": best_tracing / best_system,
+            "observed_target": OBSERVED_TARGET,
+            "spans_exported": spans,
             "response_bytes": {
                 "system": size_system,
                 "bare": size_bare,
@@ -683,6 +722,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "profile": profile,
         "getnumber_ratio": round(best_system / best_bare, 4),
         "split_ratio": round(best_split / best_system, 4),
+        "metrics_ratio": round(best_metrics / best_system, 4),
+        "tracing_ratio": round(best_tracing / best_system, 4),
         "notify_p99_ms": round(notify_ms["p99"], 3),
     }
     return report

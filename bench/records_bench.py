@@ -109,7 +109,11 @@ FILL_CHUNK = 20_000  # copied records per executemany while filling
 PUBLISH_BATCH = rules.MAX_BATCH
 INTO_FILLED_RUN = 90  # run id of the informative publish into the filled database
 PROFILE_RUN = 91  # run id of the profiled publish
-KINDS = ("bare", "system", "split")  # the stream servers, in table order
+# The stream servers, in table order: `metrics` and `tracing` are the system with its
+# Prometheus metrics on, and with every call traced to an OTLP sink (runner.OBSERVED), measured
+# at 500 records per response.
+KINDS = ("bare", "system", "split", "metrics", "tracing")
+OBSERVED_TARGET = 0.95  # metrics on may cost at most 5% of stream throughput
 SOURCE = "simulator/calls.py"  # where the realistic records come from
 CHECK_RESPONSES = 0  # responses of the split's and the system's streams compared (0: all)
 
@@ -839,10 +843,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         split = children.add(
             ServerProcess("split", {**spec, "records_target": split_records.address})
         )
+        # The system again, on the same database, with metrics on, and with tracing on.
+        metered = children.add(ServerProcess("metrics", spec))
+        sink = children.add(ServerProcess("otlp-sink", spec))
+        traced = children.add(
+            ServerProcess("tracing", {**spec, "otlp_endpoint": f"http://{sink.address}"})
+        )
         servers: dict[str, list[ServerProcess]] = {
             "bare": [bare],
             "system": [system],
             "split": [split, split_records],
+            "metrics": [metered],
+            "tracing": [traced],
         }
         targets = {
             kind: {"address": ps[0].address, "pids": [p.pid for p in ps]}
@@ -855,7 +867,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for batch in batch_sizes:
             for round_no in range(1, rounds[batch] + 1):
                 # The split in its first rounds only.
-                kinds = [k for k in KINDS if k != "split" or round_no <= split_rounds[batch]]
+                kinds = [
+                    k
+                    for k in KINDS
+                    if (k != "split" or round_no <= split_rounds[batch])
+                    and (k not in ("metrics", "tracing") or batch == 500)
+                ]
                 stream_runs.extend(
                     stream_run(streamer, servers[kind][0], batch, round_no, args.records)
                     for kind in in_turn(kinds, round_no)
@@ -880,8 +897,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 lambda: stream_run(streamer, system, 500, 0, args.records),
             )
             profile["stream"] = {"run": asdict(profiled_stream), "text": text}
-        for child in (streamer, bare, split, split_records):
+        for child in (streamer, bare, split, split_records, metered, traced):
             child.stop()
+        spans = sink.ask("SPANS")["spans"]
 
         print(
             f"publishing {args.publish_records:,} records"
@@ -933,6 +951,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     report["publish"]["source"] = SOURCE
     report["stream"]["split_check"] = {**check["split"], "responses_compared": CHECK_RESPONSES}
+    report["stream"]["spans_exported"] = spans
     return report
 
 
@@ -955,6 +974,10 @@ def make_report(
     split_ratios = {
         b: _rate(best(stream_runs, "split", b)) / _rate(best(stream_runs, "system", b))
         for b in split_batches
+    }
+    observed = {
+        kind: _rate(best(stream_runs, kind, 500)) / _rate(best(stream_runs, "system", 500))
+        for kind in ("metrics", "tracing")
     }
     system_500 = [r for r in stream_runs if r.server == "system" and r.batch == 500]
     growth = max((r.memory or {}).get("growth_10_to_100", 0.0) for r in system_500)
@@ -992,7 +1015,8 @@ def make_report(
                 str(b): {
                     k: best(stream_runs, k, b).records_per_s
                     for k in KINDS
-                    if k != "split" or b in split_batches
+                    if (k != "split" or b in split_batches)
+                    and (k not in ("metrics", "tracing") or b == 500)
                 }
                 for b in batches
             },
@@ -1001,6 +1025,9 @@ def make_report(
             "target": STREAM_TARGET,
             "split_ratio_by_batch": {str(b): split_ratios[b] for b in split_batches},
             "split_ratio": split_ratios[500],
+            "metrics_ratio": observed["metrics"],
+            "tracing_ratio": observed["tracing"],
+            "observed_target": OBSERVED_TARGET,
         },
         "memory": {
             "growth_10_to_100_mb_worst": growth,
@@ -1026,6 +1053,8 @@ def make_report(
         "profile": profile,
         "stream_ratio": round(ratios[500], 4),
         "stream_split_ratio": round(split_ratios[500], 4),
+        "stream_metrics_ratio": round(observed["metrics"], 4),
+        "stream_tracing_ratio": round(observed["tracing"], 4),
         "stream_rss_growth_mb": round(growth, 2),
         "publish_ratio": round(best_system.records_per_s / best_raw.records_per_s, 4),
     }
@@ -1100,6 +1129,19 @@ def print_report(report: dict[str, Any], args: argparse.Namespace) -> None:
         f" {s['best']['500']['system']:,.0f} records/s (500 per response) ="
         f" {s['split_ratio']:.2f} (no target: below 1, what the forwarding hop costs; above 1,"
         " spreading the work over two processes gained more than the hop costs)"
+    )
+    met = verdict(s["metrics_ratio"] >= OBSERVED_TARGET)
+    print(
+        f"   best metrics {s['best']['500']['metrics']:,.0f} / best system"
+        f" {s['best']['500']['system']:,.0f} records/s (500 per response) ="
+        f" {s['metrics_ratio']:.2f}, the system with its Prometheus metrics on (target >="
+        f" {OBSERVED_TARGET}: {met})"
+    )
+    print(
+        f"   best tracing {s['best']['500']['tracing']:,.0f} / best system"
+        f" {s['best']['500']['system']:,.0f} records/s (500 per response) ="
+        f" {s['tracing_ratio']:.2f}, every call traced and exported to an OTLP sink"
+        f" ({s['spans_exported']:,} spans received; no target)"
     )
     cores = report["machine"]["nproc"]
     busy = 3  # the split's two server processes and the client
@@ -1205,6 +1247,8 @@ def print_report(report: dict[str, Any], args: argparse.Namespace) -> None:
         [
             ("stream_ratio", f"{report['stream_ratio']:.2f}"),
             ("stream_split_ratio", f"{report['stream_split_ratio']:.2f}"),
+            ("stream_metrics_ratio", f"{report['stream_metrics_ratio']:.2f}"),
+            ("stream_tracing_ratio", f"{report['stream_tracing_ratio']:.2f}"),
             ("stream_rss_growth_mb", f"{report['stream_rss_growth_mb']:.1f}"),
             ("publish_ratio", f"{report['publish_ratio']:.2f}"),
         ],

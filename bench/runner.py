@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, ParamSpec, Protocol, TypeAlias, TypeVar
 
 import grpc
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from report import profile_text
 
 from app import runtime as gateway_server
@@ -173,7 +174,10 @@ def workspace(
 
 def system_settings(spec: Spec) -> Settings:
     """The settings a system runs with in the benchmarks: its workspace's PKI, data folder and
-    database (see `Workspace.spec`), logs at warning, the rate limit out of the way."""
+    database (see `Workspace.spec`), logs at warning, the per-operator limits out of the way
+    (the rate, and the calls in flight: a load client keeps 32 in flight, and a split gateway
+    holds each for the whole hop, so the default 8 would refuse calls and count them as
+    errors), unless `spec["fair"]` (the fairness benchmark measures those limits at work)."""
     paths = PkiPaths.at(Path(spec["root"]) / "pki")
     return Settings(
         data_dir=Path(spec["data_dir"]),
@@ -189,6 +193,7 @@ def system_settings(spec: Spec) -> Settings:
         log_format="json",
         rate_per_operator=1e9,
         rate_burst=10**9,
+        max_calls_per_operator=Settings.max_calls_per_operator if spec.get("fair") else 10**6,
     )
 
 
@@ -207,13 +212,22 @@ def credentials(root: Path | str, kind: str, ident: str) -> grpc.ChannelCredenti
 # --------------------------------------------------------------------------- server processes
 
 
+# The one-process system as measured: as it runs by default (`system`), with its Prometheus
+# metrics on (`metrics`: `metrics_listen` on a free loopback port), or with tracing on
+# (`tracing`: every call traced and exported to an OTLP sink, `spec["otlp_endpoint"]`).
+OBSERVED = ("system", "metrics", "tracing")
+
+
 async def serve(spec: Spec, service: str = "", bare: Role | None = None) -> None:
-    """The `serve` role: by `spec["kind"]`, the one-process system (`system`), the scenario's
-    bare server (`bare`), or one process of the split system of `service` (`split-<service>`,
-    `split`)."""
+    """The `serve` role: by `spec["kind"]`, the one-process system (`system`, `metrics`,
+    `tracing`: see OBSERVED), the scenario's bare server (`bare`), an OTLP receiver that
+    drops what it gets (`otlp-sink`), or one process of the split system of `service`
+    (`split-<service>`, `split`)."""
     kind = spec["kind"]
-    if kind == "system":
+    if kind in OBSERVED:
         await serve_system(spec)
+    elif kind == "otlp-sink":
+        await serve_otlp_sink()
     elif kind == "bare" and bare is not None:
         await bare(spec)
     elif kind in ("split", f"split-{service}") and service:
@@ -228,6 +242,10 @@ async def serve_system(spec: Spec) -> None:
     `spec["profile"]`, its loop, database threads and default executor profiled (see
     `serve_commands`)."""
     settings = system_settings(spec)
+    if spec["kind"] == "metrics":
+        settings = settings.replace(metrics_listen="127.0.0.1:0")
+    elif spec["kind"] == "tracing":
+        settings = settings.replace(otlp_endpoint=spec["otlp_endpoint"])
     configure_logging(settings.log_format, settings.log_level)
     runtime = await gateway_server.start(settings)
     anchors = ca_anchors(Path(settings.operator_ca_file).read_bytes())
@@ -291,6 +309,39 @@ async def serve_bare(bare: grpc.aio.Server, spec: Spec) -> None:
     print(f"READY {port}", flush=True)
     await serve_commands()
     await bare.stop(1.0)
+
+
+class _Sink(trace_service_pb2_grpc.TraceServiceServicer):
+    """An OTLP trace receiver that counts the spans it is sent and keeps none."""
+
+    def __init__(self) -> None:
+        self.spans = 0
+
+    async def Export(
+        self, request: trace_service_pb2.ExportTraceServiceRequest, context: Context
+    ) -> trace_service_pb2.ExportTraceServiceResponse:
+        self.spans += sum(
+            len(scope.spans)
+            for resource in request.resource_spans
+            for scope in resource.scope_spans
+        )
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+
+async def serve_otlp_sink() -> None:
+    """The `otlp-sink` server: an OTLP/gRPC trace receiver on a free loopback port (plain text,
+    as a collector beside the process would be), saying `READY <port>`; `SPANS` answers how
+    many spans it received."""
+    sink = _Sink()
+    server = grpc.aio.server()
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(sink, server)  # type: ignore[no-untyped-call]
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    print(f"READY {port}", flush=True)
+    async for line in commands():
+        if line == "SPANS":
+            print(json.dumps({"spans": sink.spans}), flush=True)
+    await server.stop(1.0)
 
 
 class ThreadProfiles:

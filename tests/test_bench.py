@@ -43,6 +43,8 @@ def test_numbers_bench() -> None:
     best = report["getnumber"]["best"]
     assert positive(best["bare"], best["system"], best["split"])
     assert positive(report["getnumber_ratio"], report["split_ratio"], report["notify_p99_ms"])
+    assert positive(report["metrics_ratio"], report["tracing_ratio"])
+    assert report["getnumber"]["spans_exported"] > 0  # the traced system exported its spans
     notify = report["notify"]
     assert notify["latency_ms"]["n"] > 0
     assert positive(notify["getnumber_rtt_ms"]["system"]["p99"], notify["sqlite_commit_ms"]["p99"])
@@ -58,6 +60,8 @@ def test_records_bench() -> None:
     assert report["stream"]["split_check"]["records"] == records
     assert all(r["records"] == records for r in report["stream"]["runs"])
     assert positive(report["stream_ratio"], report["stream_split_ratio"])
+    assert positive(report["stream_metrics_ratio"], report["stream_tracing_ratio"])
+    assert report["stream"]["spans_exported"] > 0
     assert "growth_10_to_100_mb_worst" in report["memory"]
     assert isinstance(report["stream_rss_growth_mb"], float)
     publish = report["publish"]
