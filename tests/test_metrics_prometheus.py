@@ -30,7 +30,7 @@ from tests.helpers import (
     start_split,
     upload,
 )
-from tests.records_data import Follower, publish, published, record
+from tests.records_data import publish, published, record
 
 ALERTS = Path(__file__).resolve().parent.parent / "deploy" / "prometheus" / "alerts.yml"
 NUMBERS = "opconnect.numbers.v1.NumberService"
@@ -117,15 +117,16 @@ def test_calls_are_counted_by_method_and_code(watched: Watched) -> None:
 
 def test_records_published_delivered_and_a_lagging_stream_catching_up(watched: Watched) -> None:
     prometheus = watched.prometheus
-    # A follower that reads nothing yet: no BDP probing, so the transport holds 64 KiB at most
-    # and the stream falls behind the log while records are published.
+    # A follower that reads nothing yet (an iterator read here, no reader thread): no BDP
+    # probing, so the transport holds 64 KiB at most and the stream falls behind the log while
+    # records are published.
     channel = watched.edge.channel(options=[("grpc.http2.bdp_probe", 0)])
-    follower = Follower(
-        CallRecordServiceStub(channel),
-        records_pb2.StreamCallRecordsRequest(follow=True, max_batch_size=10),
+    call = CallRecordServiceStub(channel).StreamCallRecords(
+        records_pb2.StreamCallRecordsRequest(follow=True, max_batch_size=10), timeout=300
     )
-    first = follower.next()  # a heartbeat: the stream is open before anything is published
-    assert first is not None and not first.records
+    stream = iter(call)
+    first = next(stream)  # its "from now" cursor: the stream is open before anything is published
+    assert not first.records
     batches = [[published(record()) for _ in range(500)] for _ in range(PUBLISHED // 500)]
     duplicate = batches[0][0]
     refused = published(record(), operator="nobody-registered")
@@ -138,11 +139,13 @@ def test_records_published_delivered_and_a_lagging_stream_catching_up(watched: W
     seconds = f'max(opconnect_stream_lag_seconds{{operator="{OPERATOR}",kind="records"}})'
     late = prometheus.wait_for(seconds, lambda v: v is not None and v > 0)
     assert late is not None and late > 0, "the stalled stream's oldest change never aged"
-    received, _ = follower.records(PUBLISHED, timeout=120)
-    assert len(received) == PUBLISHED
+    received = 0
+    while received < PUBLISHED:
+        received += len(next(stream).records)
+    assert received == PUBLISHED
     assert prometheus.value_when(lag, 0) == 0, "caught up, its lag is zero"
     assert prometheus.value_when(seconds, 0) == 0
-    follower.cancel()
+    call.cancel()
 
     outcomes = {
         'outcome="accepted"': PUBLISHED,
