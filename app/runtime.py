@@ -261,11 +261,12 @@ def _routes(
         ("grpc.max_receive_message_length", limit),
         ("grpc.max_send_message_length", limit),
         ("grpc.keepalive_time_ms", 60_000),
-        # A fixed flow-control window (64 KiB) per forwarded stream, not one grown by BDP
+        # A fixed flow-control window per forwarded stream (256 KiB), not one grown by BDP
         # probing to megabytes: a caller that stops reading holds back the service process
         # after one window, so the gateway never buffers much for it (memory stays bounded
         # with many stalled streams) and the service process sees the stream's real lag.
         ("grpc.http2.bdp_probe", 0),
+        ("grpc.http2.lookahead_bytes", 256 * 1024),
     ]
     routes: dict[ServiceDescriptor, grpc.aio.Channel] = {}
     for service in SERVICES:
