@@ -26,10 +26,15 @@ from __future__ import annotations
 
 import bisect
 import ipaddress
+import os
+import socket
+import ssl
+import sys
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from prometheus_client import (
     CollectorRegistry,
@@ -38,9 +43,10 @@ from prometheus_client import (
     Histogram,
     disable_created_metrics,
     generate_latest,
-    start_http_server,
+    make_wsgi_app,
 )
 from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
 from plumbing.logs import get_logger
@@ -364,8 +370,9 @@ class Metrics:
 
         On a loopback address (a scraper on the same host) plain HTTP; on any other, HTTPS with
         `tls`: the process's own certificate, and a client certificate required from the CA
-        bundle given (no port of the system is open to the network without mutual TLS).
-        ValueError for a non-loopback address without `tls`."""
+        bundle given (no port of the system is open to the network without mutual TLS). The
+        files are read again when they change, for the next connection (a rotated certificate
+        needs no restart). ValueError for a non-loopback address without `tls`."""
         host, _, port = listen.rpartition(":")
         host = host.strip("[]")
         secure = tls is not None and not loopback(host)
@@ -374,15 +381,16 @@ class Metrics:
                 f"metrics_listen {listen!r}: a non-loopback address needs TLS files (the"
                 " server's certificate and the platform CA bundle)"
             )
-        options: dict[str, Any] = {}
-        if secure and tls is not None:
-            options = {
-                "certfile": tls.cert_file,
-                "keyfile": tls.key_file,
-                "client_cafile": tls.client_ca_file,
-                "client_auth_required": True,
-            }
-        server, thread = start_http_server(int(port), addr=host, registry=self.registry, **options)
+
+        class Server(_Server):
+            address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+        server = make_server(
+            host, int(port), make_wsgi_app(self.registry), Server, handler_class=_Quiet
+        )
+        server.tls = _ReloadingTls(tls) if secure and tls is not None else None
+        thread = threading.Thread(target=server.serve_forever, name="metrics", daemon=True)
+        thread.start()
 
         def stop() -> None:
             server.shutdown()
@@ -399,6 +407,78 @@ class Tls:
     cert_file: str
     key_file: str
     client_ca_file: str
+
+
+class _ReloadingTls:
+    """The endpoint's TLS context, made again when one of its files changes (checked at each
+    connection: scrapes are few). A file that does not load keeps the previous context."""
+
+    def __init__(self, tls: Tls) -> None:
+        self._tls = tls
+        self._lock = threading.Lock()
+        self._stamps = self._stamp()
+        self._context = self._load()  # raises at start if the files are unusable
+
+    def _stamp(self) -> tuple[tuple[int, int], ...]:
+        files = (self._tls.cert_file, self._tls.key_file, self._tls.client_ca_file)
+        stamps = []
+        for name in files:
+            try:
+                info = os.stat(name)
+            except OSError:
+                stamps.append((-1, -1))
+                continue
+            stamps.append((info.st_ino, info.st_mtime_ns))
+        return tuple(stamps)
+
+    def _load(self) -> ssl.SSLContext:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.verify_mode = ssl.CERT_REQUIRED
+        context.load_verify_locations(cafile=self._tls.client_ca_file)
+        context.load_cert_chain(self._tls.cert_file, self._tls.key_file)
+        return context
+
+    def context(self) -> ssl.SSLContext:
+        with self._lock:
+            stamps = self._stamp()
+            if stamps != self._stamps:
+                self._stamps = stamps
+                try:
+                    self._context = self._load()
+                    log.info("metrics TLS files reloaded")
+                except (OSError, ssl.SSLError) as error:
+                    log.error(
+                        "metrics TLS files not reloaded; keeping the previous ones",
+                        error=str(error)[:200],
+                    )
+            return self._context
+
+
+class _Server(ThreadingWSGIServer):
+    """The metrics HTTP server: each connection wrapped in TLS when `tls` is set (the handshake
+    runs in the connection's own thread, so a slow or refused client holds up no other)."""
+
+    tls: _ReloadingTls | None = None
+
+    def get_request(self) -> tuple[Any, Any]:
+        connection, address = super().get_request()
+        if self.tls is not None:
+            connection = self.tls.context().wrap_socket(
+                connection, server_side=True, do_handshake_on_connect=False
+            )
+        return connection, address
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A refused handshake or a client that went away: one warning, no traceback."""
+        log.warning("metrics request failed", error=str(sys.exc_info()[1])[:200])
+
+
+class _Quiet(WSGIRequestHandler):
+    """No access log line per scrape."""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
 
 
 def grpc_code(status: str) -> str:

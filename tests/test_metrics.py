@@ -4,6 +4,7 @@ expiry; off unless `metrics_listen` is set, and never plain HTTP off the loopbac
 
 from __future__ import annotations
 
+import socket
 import ssl
 import time
 import urllib.error
@@ -16,6 +17,7 @@ import pytest
 from cryptography import x509
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from gateway import pki
 from opconnect.numbers.v1 import numbers_pb2 as pb
 from opconnect.records.v1 import records_pb2 as records_pb
 from plumbing.metrics import Metrics
@@ -303,3 +305,44 @@ def test_failure_series_exist_at_zero_from_the_start(measured: RunningSystem) ->
     files = {dict(key[1])["file"] for key in failed}
     assert {"tls_cert", "tls_key", "operator_ca", "platform_ca", "crl"} <= files
     assert set(failed.values()) == {0}
+
+
+def served_serial(port: int, scraper: ssl.SSLContext) -> int:
+    """The serial of the certificate the metrics endpoint on `port` presents now."""
+    with (
+        socket.create_connection(("localhost", port), timeout=10) as raw,
+        scraper.wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der).serial_number
+
+
+def test_the_metrics_endpoint_takes_a_rotated_certificate_without_restart(
+    own_pki: Pki, tmp_path: Path
+) -> None:
+    settings = settings_for(
+        tmp_path,
+        own_pki.paths,
+        f"sqlite:///{tmp_path / 'opconnect.db'}",
+        metrics_listen="0.0.0.0:0",
+    )
+    running = start_system(settings, own_pki)
+    try:
+        endpoint = running.runtime.metrics_endpoint
+        assert endpoint is not None
+        scraper = ssl.create_default_context(cafile=str(own_pki.paths.ca_cert))
+        scraper.load_cert_chain(
+            *pem_files(tmp_path, "platform", own_pki.client("platform", PLATFORM))
+        )
+        before = served_serial(endpoint.port, scraper)
+        assert before == pki.serial_of(own_pki.paths.server_cert.read_bytes())
+        pki.rotate_server_cert(own_pki.paths, ["localhost"], ["127.0.0.1"])
+        after = pki.serial_of(own_pki.paths.server_cert.read_bytes())
+        assert after != before
+        assert served_serial(endpoint.port, scraper) == after  # the next connection: no restart
+        url = f"https://localhost:{endpoint.port}/metrics"
+        with urllib.request.urlopen(url, context=scraper, timeout=10) as answer:
+            assert answer.status == 200
+    finally:
+        running.stop()
