@@ -29,7 +29,7 @@ from opentelemetry.trace import Tracer
 
 from plumbing.errors import unavailable
 from plumbing.logs import get_logger
-from plumbing.metrics import Metrics, grpc_code
+from plumbing.metrics import Metrics, grpc_code, rpc_type
 from plumbing.rpc import PRINCIPAL_HEADER, current_principal, current_request_id
 from plumbing.tracing import TRACE_HEADERS, end_rpc_span, start_client_span, traceparent
 
@@ -143,13 +143,7 @@ class Forwarder:
 
 
 def _labels(service: ServiceDescriptor, method: Any) -> tuple[str, str, str]:
-    streams = (method.client_streaming, method.server_streaming)
-    kind = {
-        (False, False): "unary",
-        (False, True): "server_stream",
-        (True, False): "client_stream",
-        (True, True): "bidi_stream",
-    }[streams]
+    kind = rpc_type(method.client_streaming, method.server_streaming)
     return service.full_name, method.name, kind
 
 

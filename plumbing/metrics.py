@@ -375,8 +375,8 @@ class Metrics:
         needs no restart). ValueError for a non-loopback address without `tls`."""
         host, _, port = listen.rpartition(":")
         host = host.strip("[]")
-        secure = tls is not None and not loopback(host)
-        if not secure and not loopback(host):
+        secure = not loopback(host)
+        if secure and tls is None:
             raise ValueError(
                 f"metrics_listen {listen!r}: a non-loopback address needs TLS files (the"
                 " server's certificate and the platform CA bundle)"
@@ -388,7 +388,7 @@ class Metrics:
         server = make_server(
             host, int(port), make_wsgi_app(self.registry), Server, handler_class=_Quiet
         )
-        server.tls = _ReloadingTls(tls) if secure and tls is not None else None
+        server.tls = _ReloadingTls(tls) if secure and tls is not None else None  # None: HTTP
         thread = threading.Thread(target=server.serve_forever, name="metrics", daemon=True)
         thread.start()
 
@@ -479,6 +479,13 @@ class _Quiet(WSGIRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         pass
+
+
+def rpc_type(client_streaming: bool, server_streaming: bool) -> str:
+    """The `grpc_type` label of a method of this cardinality."""
+    if client_streaming:
+        return "bidi_stream" if server_streaming else "client_stream"
+    return "server_stream" if server_streaming else "unary"
 
 
 def grpc_code(status: str) -> str:

@@ -37,7 +37,7 @@ from plumbing.errors import (
 )
 from plumbing.limits import Slots, too_many_calls
 from plumbing.logs import get_logger
-from plumbing.metrics import Metrics, grpc_code
+from plumbing.metrics import Metrics, grpc_code, rpc_type
 from plumbing.status import code_of, to_status
 from plumbing.tracing import end_rpc_span, start_server_span
 
@@ -276,17 +276,9 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             return None
         method: str = details.method
         access = self._access.get(method)
-        kind = (
-            "unary"
-            if handler.unary_unary
-            else "server_stream"
-            if handler.unary_stream
-            else "client_stream"
-            if handler.stream_unary
-            else "bidi_stream"
-        )
         figures = self._figures.get(method)
-        if figures is None:
+        if figures is None:  # the first call of a method the server has (a bounded set)
+            kind = rpc_type(handler.request_streaming, handler.response_streaming)
             figures = self._figures[method] = _Figures(self.metrics, method, kind)
         # Requests reach the wrapper as bytes and are decoded there, so that a malformed body is
         # answered INVALID_ARGUMENT with details like every other error (gRPC would say UNKNOWN).

@@ -20,7 +20,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from gateway import pki
 from opconnect.numbers.v1 import numbers_pb2 as pb
 from opconnect.records.v1 import records_pb2 as records_pb
-from plumbing.metrics import Metrics
+from plumbing.metrics import Metrics, observe_many
 from tests.conftest import (
     OPERATOR,
     PLATFORM,
@@ -260,16 +260,10 @@ def test_off_the_loopback_metrics_need_a_platform_client_certificate(
         with pytest.raises((urllib.error.URLError, ssl.SSLError, ConnectionError)):
             urllib.request.urlopen(url, context=anonymous, timeout=10).read()
         # An operator's certificate is refused: scrapers are platform systems.
-        operator = ssl.create_default_context(cafile=str(session_pki.paths.ca_cert))
-        operator.load_cert_chain(
-            *pem_files(tmp_path, "operator", session_pki.client("operator", OPERATOR))
-        )
+        operator = client_context(session_pki, tmp_path, "operator", OPERATOR)
         with pytest.raises((urllib.error.URLError, ssl.SSLError, ConnectionError)):
             urllib.request.urlopen(url, context=operator, timeout=10).read()
-        scraper = ssl.create_default_context(cafile=str(session_pki.paths.ca_cert))
-        scraper.load_cert_chain(
-            *pem_files(tmp_path, "platform", session_pki.client("platform", PLATFORM))
-        )
+        scraper = client_context(session_pki, tmp_path, "platform", PLATFORM)
         with urllib.request.urlopen(url, context=scraper, timeout=10) as answer:
             assert answer.status == 200
             assert b"opconnect_registry_operators" in answer.read()
@@ -277,11 +271,15 @@ def test_off_the_loopback_metrics_need_a_platform_client_certificate(
         running.stop()
 
 
-def pem_files(directory: Path, name: str, pair: tuple[bytes, bytes]) -> tuple[Path, Path]:
-    cert, key = directory / f"{name}.pem", directory / f"{name}.key"
-    cert.write_bytes(pair[0])
-    key.write_bytes(pair[1])
-    return cert, key
+def client_context(test_pki: Pki, directory: Path, kind: str, ident: str) -> ssl.SSLContext:
+    """A TLS client trusting the test PKI's server CA, presenting the certificate of `ident`."""
+    cert_pem, key_pem = test_pki.client(kind, ident)
+    cert, key = directory / f"{kind}-{ident}.pem", directory / f"{kind}-{ident}.key"
+    cert.write_bytes(cert_pem)
+    key.write_bytes(key_pem)
+    context = ssl.create_default_context(cafile=str(test_pki.paths.ca_cert))
+    context.load_cert_chain(cert, key)
+    return context
 
 
 def test_failure_series_exist_at_zero_from_the_start(measured: RunningSystem) -> None:
@@ -331,10 +329,7 @@ def test_the_metrics_endpoint_takes_a_rotated_certificate_without_restart(
     try:
         endpoint = running.runtime.metrics_endpoint
         assert endpoint is not None
-        scraper = ssl.create_default_context(cafile=str(own_pki.paths.ca_cert))
-        scraper.load_cert_chain(
-            *pem_files(tmp_path, "platform", own_pki.client("platform", PLATFORM))
-        )
+        scraper = client_context(own_pki, tmp_path, "platform", PLATFORM)
         before = served_serial(endpoint.port, scraper)
         assert before == pki.serial_of(own_pki.paths.server_cert.read_bytes())
         pki.rotate_server_cert(own_pki.paths, ["localhost"], ["127.0.0.1"])
@@ -346,3 +341,16 @@ def test_the_metrics_endpoint_takes_a_rotated_certificate_without_restart(
             assert answer.status == 200
     finally:
         running.stop()
+
+
+@pytest.mark.unit
+def test_a_batch_observed_at_once_counts_as_each_value_observed_alone() -> None:
+    """`observe_many` writes a histogram child's buckets directly (prometheus-client's layout):
+    the same text as observing one by one, bucket edges included, or an upgrade broke it."""
+    values = [0.0, 0.005, 0.0051, 0.01, 0.3, 1.0, 299.0, 300.0, 301.0, 1e9]
+    one, many = Metrics(), Metrics()
+    for value in values:
+        one.delivery_seconds.labels("records").observe(value)
+    observe_many(many.delivery_seconds.labels("records"), values)
+    assert many.text() == one.text()
+    assert "opconnect_delivery_latency_seconds_count" in one.text()
