@@ -3,11 +3,11 @@
 Run from the repository root:
 
     .venv/bin/python bench/fairness_bench.py [--samples N] [--max-seconds S] [--busy-workers N]
-                                             [--json] [--database-url URL]
+                                             [--json] [--database URL]
 
 The one-process system runs in a child process (this script again, `--role serve`) on a fresh
-database (SQLite in a temporary directory, or `--database-url`: an empty database), with two
-operators registered: `busy-telecom` and `contoso-telecom` (the quiet one). The quiet operator
+database (SQLite in a temporary directory, or `--database`: a schema of its own on that
+PostgreSQL), with two operators registered: `busy-telecom` and `contoso-telecom` (the quiet one). The quiet operator
 makes `--samples` pairs of calls one after the other (fewer if a phase reaches `--max-seconds`):
 an UploadNumbers of one new number (a write), then a GetNumber of it (a read), each timed from
 just before the call to its answer. First alone (the baseline), then while a second child process
@@ -153,7 +153,7 @@ async def quiet(
 def run(args: argparse.Namespace) -> dict[str, Any]:
     with (
         runner.workspace(
-            "opconnect-bench-", [("operator", BUSY)], database_url=args.database_url
+            "opconnect-bench-", [("operator", BUSY)], database_url=args.database
         ) as ws,
         runner.Children() as children,
     ):
@@ -181,7 +181,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "machine": machine(),
         "settings": {
-            "database": args.database_url.split("@")[-1] or "sqlite (WAL) in a temp dir",
+            "database": args.database.split("@")[-1].split("?")[0] or "sqlite (WAL) in a temp dir",
             "max_calls_per_operator": getattr(settings, "max_calls_per_operator", "-"),
             "max_db_work_per_operator": getattr(settings, "max_db_work_per_operator", "-"),
             "db_threads": settings.db_threads,
@@ -228,7 +228,6 @@ def options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-seconds", type=float, default=300, help="at most this long a phase")
     p.add_argument("--busy-workers", type=int, default=16, help="busy uploads kept in flight")
     p.add_argument("--warmup", type=float, default=2.0, help="seconds of busy load before timing")
-    p.add_argument("--database-url", default="", help="empty: SQLite in the temp directory")
 
 
 SCENARIO = runner.Scenario(

@@ -24,6 +24,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -32,6 +33,7 @@ from pathlib import Path
 from typing import Any, ParamSpec, Protocol, TypeAlias, TypeVar
 
 import grpc
+import sqlalchemy as sa
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from report import profile_text
 
@@ -86,6 +88,14 @@ def parser(scenario: Scenario) -> argparse.ArgumentParser:
     )
     scenario.options(p)
     p.add_argument("--json", action="store_true", help="also print the figures as JSON")
+    p.add_argument(
+        "--database",
+        default="",
+        metavar="URL",
+        help="the database the systems and the raw baselines use: SQLite in the run's folder"
+        " (default), or a PostgreSQL URL (postgresql+psycopg://...), in which the run makes a"
+        " schema of its own and drops it at the end",
+    )
     if scenario.profile:
         p.add_argument("--profile", action="store_true", help=scenario.profile)
     p.add_argument(
@@ -169,7 +179,28 @@ def workspace(
         paths = ensure_dev_pki(root / "pki", operator_id=OPERATOR, platform_name=PLATFORM)
         for kind, name in clients:
             issue_client(paths, kind, name)
-        yield Workspace(root, database_url)
+        if not database_url.startswith("postgresql"):
+            yield Workspace(root, database_url)
+            return
+        with postgres_schema(database_url) as url:
+            yield Workspace(root, url)
+
+
+@contextmanager
+def postgres_schema(url: str) -> Iterator[str]:
+    """A fresh schema of its own on the PostgreSQL server of `url`, dropped on leaving; yields
+    the URL that uses it (its `search_path`)."""
+    schema = f"bench_{uuid.uuid4().hex[:12]}"
+    engine = sa.create_engine(url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.text(f"CREATE SCHEMA {schema}"))
+        sep = "&" if "?" in url else "?"
+        yield f"{url}{sep}options=-csearch_path%3D{schema}"
+    finally:
+        with engine.begin() as conn:
+            conn.execute(sa.text(f"DROP SCHEMA IF EXISTS {schema} CASCADE"))
+        engine.dispose()
 
 
 def system_settings(spec: Spec) -> Settings:
