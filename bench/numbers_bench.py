@@ -587,7 +587,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     client_counts = list(range(1, max(1, args.max_clients) + 1))
     # The split gateway's certificate besides the operator's and the platform's.
     with (
-        runner.workspace("opconnect-bench-", [("platform", GATEWAY_NAME)], database_url=args.database) as ws,
+        runner.workspace(
+            "opconnect-bench-", [("platform", GATEWAY_NAME)], database_url=args.database
+        ) as ws,
         runner.Children() as children,
     ):
         root = ws.root

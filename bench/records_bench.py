@@ -811,7 +811,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     profile: dict[str, Any] | None = {} if args.profile else None
     # The split gateway's certificate besides the operator's and the platform's.
     with (
-        runner.workspace("opconnect-records-bench-", [("platform", GATEWAY_NAME)], database_url=args.database) as ws,
+        runner.workspace(
+            "opconnect-records-bench-", [("platform", GATEWAY_NAME)], database_url=args.database
+        ) as ws,
         runner.Children() as children,
     ):
         root = ws.root

@@ -952,7 +952,10 @@ def check_month(expected: Expected, answers: dict[str, Any]) -> list[str]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     ingest_runs: list[IngestRun] = []
     profile: dict[str, Any] | None = {} if args.profile else None
-    with runner.workspace("opconnect-usage-bench-", database_url=args.database) as ws, runner.Children() as children:
+    with (
+        runner.workspace("opconnect-usage-bench-", database_url=args.database) as ws,
+        runner.Children() as children,
+    ):
         root = ws.root
         settings = ws.settings("ingest1")
         # The client makes its records while the month is filled (neither is measured).
