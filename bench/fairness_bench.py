@@ -6,17 +6,16 @@ Run from the repository root:
                                              [--json] [--database URL]
 
 The one-process system runs in a child process (this script again, `--role serve`) on a fresh
-database (SQLite in a temporary directory, or `--database`: a schema of its own on that
-PostgreSQL), with two operators registered: `busy-telecom` and `contoso-telecom` (the quiet
-one). The quiet operator makes `--samples` pairs of calls one after the other (fewer if a
-phase reaches `--max-seconds`): an UploadNumbers of one new number (a write), then a GetNumber
-of it (a read), each timed from just before the call to its answer. First alone (the baseline), then while a second child process
-(`--role busy`) runs `--busy-workers` coroutines that each upload 10,000 new numbers per call
-back to back as the busy operator, honouring RetryInfo when refused (as the README tells callers
-to). Reported: the quiet operator's p50/p99 for writes and reads, alone and under load, and
+database (SQLite in a temporary directory, or `--database`: a schema of its own on that PostgreSQL),
+with two operators registered: `busy-telecom` and `contoso-telecom` (the quiet one). The quiet
+operator makes `--samples` pairs of calls one after the other (fewer if a phase reaches
+`--max-seconds`): an UploadNumbers of one new number (a write), then a GetNumber of it (a read),
+each timed from just before the call to its answer. First alone (the baseline), then while a second
+child process (`--role busy`) runs `--busy-workers` coroutines that each upload 10,000 new numbers
+per call back to back as the busy operator, honouring RetryInfo when refused (as the README tells
+callers to). Reported: the quiet operator's p50/p99 for writes and reads, alone and under load, and
 `write_p99_ratio` / `read_p99_ratio` = p99 under load / p99 alone; the busy operator's calls by
-outcome; and how many calls of either were answered UNAVAILABLE (none should be).
-"""
+outcome; and how many calls of either were answered UNAVAILABLE (none should be). """
 
 from __future__ import annotations
 
