@@ -15,7 +15,7 @@ child process (`--role busy`) runs `--busy-workers` coroutines that each upload 
 per call back to back as the busy operator, honouring RetryInfo when refused (as the README tells
 callers to). Reported: the quiet operator's p50/p99 for writes and reads, alone and under load, and
 `write_p99_ratio` / `read_p99_ratio` = p99 under load / p99 alone; the busy operator's calls by
-outcome; and how many calls of either were answered UNAVAILABLE (none should be). """
+outcome; and how many calls of either were answered UNAVAILABLE (none should be)."""
 
 from __future__ import annotations
 
