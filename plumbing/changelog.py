@@ -30,7 +30,7 @@ from prometheus_client.core import Metric
 from sqlalchemy import BigInteger, String, Table, select, text, update
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
-from plumbing.db import Base, Database, driver_fetch
+from plumbing.db import LOG_LOCKS, Base, Database, driver_fetch
 from plumbing.errors import ApiError, failed_precondition, invalid_field, unavailable
 from plumbing.logs import get_logger
 from plumbing.metrics import Metrics, gauge, observe_many
@@ -64,8 +64,11 @@ class Head:
 def allocate(session: Session, log_name: str, count: int = 1) -> int:
     """Reserve `count` positions in `log_name` for this transaction; returns the first.
 
-    Takes the log's row lock until commit: call it late in a write transaction.
+    Takes the log's row lock until commit: call it late in a write transaction, with the rows
+    already built. When it was taken is kept in the session (`LOG_LOCKS`): `Database.transaction`
+    observes how long it was held (opconnect_changelog_lock_hold_seconds).
     """
+    session.info.setdefault(LOG_LOCKS, []).append((log_name, time.perf_counter()))
     heads = HEADS.c
     last = session.execute(
         update(HEADS)  # Core, not an ORM bulk update: this is every write's hot path

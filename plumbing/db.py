@@ -54,6 +54,11 @@ MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 log = get_logger("opconnect.db")
 
 
+# session.info key: (log name, time.perf_counter()) of each change-log head lock the
+# transaction took (plumbing.changelog.allocate); `Database.transaction` times them to commit.
+LOG_LOCKS = "log_locks"
+
+
 class Base(DeclarativeBase):
     """The declarative base of every table of every service (one schema, one migration line)."""
 
@@ -124,9 +129,21 @@ class Database:
         return (self._write if write else self._read)()
 
     def transaction(self, fn: Callable[..., T], *args: Any, write: bool = False) -> T:
-        """Run fn(session, *args) in one transaction, on the calling thread."""
-        with self.session(write=write) as session, session.begin():
-            return fn(session, *args)
+        """Run fn(session, *args) in one transaction, on the calling thread. The change-log
+        head locks it took are timed to its commit or rollback."""
+        with self.session(write=write) as session:
+            try:
+                with session.begin():
+                    return fn(session, *args)
+            finally:
+                locks = session.info.pop(LOG_LOCKS, None)
+                if locks:
+                    self._locks_released(locks)
+
+    def _locks_released(self, locks: list[tuple[str, float]]) -> None:
+        now = time.perf_counter()
+        for log_name, taken in locks:
+            self.metrics.log_lock_seconds.labels(log_name).observe(now - taken)
 
     async def run(self, fn: Callable[..., T], *args: Any, write: bool = False) -> T:
         """Run fn(session, *args) in one transaction on a database thread.
@@ -312,12 +329,44 @@ def driver_execute_many(session: Session, sql: str, rows: Sequence[Sequence[Any]
         cursor.close()
 
 
+def driver_insert_many(
+    session: Session, table: str, columns: str, rows: Sequence[Sequence[Any]]
+) -> None:
+    """Insert many rows on the driver, inside the session's transaction: on PostgreSQL by
+    `COPY table (columns) FROM STDIN` (one round trip, no statement per row), on SQLite by
+    executemany of the INSERT. `columns` is the comma-separated column list, in the rows'
+    order; times must come from `driver_time`."""
+    connection = session.connection()
+    cursor = connection.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+    try:
+        if connection.dialect.name == "postgresql":
+            with cursor.copy(f"COPY {table} ({columns}) FROM STDIN") as copy:
+                for row in rows:
+                    copy.write_row(row)
+        else:
+            cursor.executemany(insert_sql(table, columns), rows)
+    finally:
+        cursor.close()
+
+
+def insert_sql(table: str, columns: str) -> str:
+    """The INSERT `driver_insert_many` runs on SQLite (tests/test_sql.py checks it)."""
+    return f"INSERT INTO {table} ({columns}) VALUES ({','.join('?' * (columns.count(',') + 1))})"  # noqa: S608
+
+
 def driver_time(session: Session) -> Callable[[dt.datetime | None], Any]:
     """How a time goes to the driver so that it compares and reads back as SQLAlchemy's own
     DateTime columns do: on SQLite UTC text in SQLAlchemy's format, on PostgreSQL as is."""
-    if session.get_bind().dialect.name != "sqlite":
-        return lambda value: value
-    return _sqlite_time
+    return time_form(sqlite=session.get_bind().dialect.name == "sqlite")
+
+
+def time_form(*, sqlite: bool) -> Callable[[dt.datetime | None], Any]:
+    """`driver_time` for a database known by its kind (rows built before the transaction)."""
+    return _sqlite_time if sqlite else _as_is
+
+
+def _as_is(value: dt.datetime | None) -> dt.datetime | None:
+    return value
 
 
 def _sqlite_time(value: dt.datetime | None) -> str | None:

@@ -61,6 +61,8 @@ F = TypeVar("F", Counter, Gauge, Histogram)
 # Seconds: from a fast SQLite read (~0.1 ms) to a stream that waits on a slow database.
 SECONDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 # Commit to delivery: "at once" is tens of milliseconds; a lagging stream is seconds to minutes.
+# A change log's head lock: a batch's insert is milliseconds; tens of them cap a log's writes.
+LOCK = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 DELIVERY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 
 RPC = ("grpc_service", "grpc_method", "grpc_type")
@@ -289,6 +291,13 @@ class Metrics:
             ("kind", "reason"),
         )
         # opconnect_db_pool_connections{state="in_use"|"idle"} is read at scrape time.
+        self.log_lock_seconds = self._histogram(
+            "opconnect_changelog_lock_hold_seconds",
+            "Seconds a write held its change log's head lock, from taking positions to commit"
+            " (or rollback), by log: writers of one log wait for each other this long.",
+            ("log",),
+            LOCK,
+        )
 
         # --- trust ----------------------------------------------------------------------------
         self.trust_reloads = self._counter(
