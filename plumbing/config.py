@@ -95,6 +95,9 @@ class Settings:
     # Most records in one StreamCallRecords response (a client may ask for fewer; the default
     # is stream_batch_size).
     max_stream_batch_size: int = 1_000
+    # Batches of one PublishCallRecords or SubmitCallDurations stream read and not yet
+    # answered: the next ones are checked while one commits (1: one batch at a time).
+    publish_pipeline_depth: int = 4
     # How far in the future, in seconds, a published record's times may be (clock skew).
     clock_skew_s: float = 300.0
     # A following stream with an end_time ends this many seconds after end_time passes (records
