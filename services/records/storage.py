@@ -143,14 +143,37 @@ def _conflict(call_id: str) -> Result:
     )
 
 
-_RECORD_COLUMNS = (
-    "position, call_id, operator_id, tenant_id, direction, caller, callee, trunk_fqdn,"
-    " invite_time, answer_time, end_time, duration_ms, final_sip_code, quality, digest,"
-    " publish_time, body"
+# The columns publish writes, in the order of its rows (on the driver: plumbing.db).
+RECORD_COLUMNS = (
+    "position",
+    "call_id",
+    "operator_id",
+    "tenant_id",
+    "direction",
+    "caller",
+    "callee",
+    "trunk_fqdn",
+    "invite_time",
+    "answer_time",
+    "end_time",
+    "duration_ms",
+    "final_sip_code",
+    "quality",
+    "digest",
+    "publish_time",
+    "body",
 )
-_STREAM_COLUMNS = (
-    "position, stream_index, operator_id, tenant_id, trunk_fqdn, direction, invite_time,"
-    " jitter_ms, packet_loss_rate, round_trip_ms"
+STREAM_COLUMNS = (
+    "position",
+    "stream_index",
+    "operator_id",
+    "tenant_id",
+    "trunk_fqdn",
+    "direction",
+    "invite_time",
+    "jitter_ms",
+    "packet_loss_rate",
+    "round_trip_ms",
 )
 
 
@@ -281,17 +304,17 @@ def publish(
         operators.add(row[1])
         results.append(Result(call_id, Outcome.ACCEPTED))
     if rows:
-        driver_insert_many(session, "call_records", _RECORD_COLUMNS, rows)
+        driver_insert_many(session, RECORDS, RECORD_COLUMNS, rows)
         if stream_rows:
-            driver_insert_many(session, "call_media_streams", _STREAM_COLUMNS, stream_rows)
+            driver_insert_many(session, STREAMS, STREAM_COLUMNS, stream_rows)
         notify_commit(session, LOG, first + count - 1, operators)
     return Stored(results, operators)
 
 
 # The statements of publish written by hand (an IN list of one), as tests/test_sql.py checks them.
 SQL = (
-    insert_sql("call_records", _RECORD_COLUMNS),
-    insert_sql("call_media_streams", _STREAM_COLUMNS),
+    insert_sql(RECORDS, RECORD_COLUMNS),
+    insert_sql(STREAMS, STREAM_COLUMNS),
     _select_digests(1),
 )
 
