@@ -65,10 +65,9 @@ def allocate(session: Session, log_name: str, count: int = 1) -> int:
     """Reserve `count` positions in `log_name` for this transaction; returns the first.
 
     Takes the log's row lock until commit: call it late in a write transaction, with the rows
-    already built. When it was taken is kept in the session (`LOG_LOCKS`): `Database.transaction`
+    already built. When it was granted is kept in the session (`LOG_LOCKS`): `Database.transaction`
     observes how long it was held (opconnect_changelog_lock_hold_seconds).
     """
-    session.info.setdefault(LOG_LOCKS, []).append((log_name, time.perf_counter()))
     heads = HEADS.c
     last = session.execute(
         update(HEADS)  # Core, not an ORM bulk update: this is every write's hot path
@@ -76,6 +75,7 @@ def allocate(session: Session, log_name: str, count: int = 1) -> int:
         .values(position=heads.position + count)
         .returning(heads.position)
     ).scalar_one()
+    session.info.setdefault(LOG_LOCKS, []).append((log_name, time.perf_counter()))  # held now
     return int(last) - count + 1
 
 
