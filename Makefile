@@ -30,6 +30,7 @@ bench: setup
 	$(BIN)/python bench/numbers_bench.py
 	$(BIN)/python bench/records_bench.py
 	$(BIN)/python bench/usage_bench.py
+	$(BIN)/python bench/log_lock_bench.py
 	$(BIN)/python bench/fairness_bench.py
 
 setup: $(STAMP) $(NODE)

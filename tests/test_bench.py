@@ -92,3 +92,11 @@ def test_fairness_bench() -> None:
         assert positive(report[phase]["write_ms"]["p99"], report[phase]["read_ms"]["p99"])
     assert positive(report["write_p99_ratio"], report["read_p99_ratio"])
     assert not any(k.startswith("UNAVAILABLE") for k in report["busy"])
+
+
+def test_log_lock_bench() -> None:
+    report = run_bench("log_lock")
+    assert report["duplicated_call_ids"] == 0
+    assert positive(
+        report["storage_ratio"], report["lock_mean_ms"], report["lock_allows_batches_per_s"]
+    )
