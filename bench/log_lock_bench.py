@@ -25,6 +25,8 @@ import datetime as dt
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import runner
@@ -73,8 +75,24 @@ def _staged(count: int, seed: int, run: int, sqlite: bool) -> list[storage.Stage
     return out
 
 
+@contextlib.contextmanager
+def fresh_tables(base: str, folder: Path, run: int) -> Iterator[str]:
+    """The URL of freshly migrated, empty tables: SQLite, a new database file in `folder`;
+    PostgreSQL, a schema of their own on `base`'s server (dropped on leaving). Every run,
+    raw or publish, starts from empty tables: index sizes are alike."""
+    with contextlib.ExitStack() as stack:
+        if base.startswith("postgresql"):
+            url = stack.enter_context(runner.postgres_schema(base))
+        else:
+            url = f"sqlite:///{folder / f'run{run}.db'}"
+        db = Database(url, threads=1)
+        db.migrate()
+        db.close()
+        yield url
+
+
 def publish_run(url: str, publishers: int, batches: int, seed: int, run: int) -> dict[str, Any]:
-    """`publishers` replicas publishing `batches` batches each, all at once."""
+    """`publishers` replicas publishing `batches` batches each, all at once, into `url`."""
     metrics = Metrics()
     replicas = [Database(url, threads=2, metrics=metrics) for _ in range(publishers)]
     work = [
@@ -104,7 +122,12 @@ def publish_run(url: str, publishers: int, batches: int, seed: int, run: int) ->
     for db in replicas:
         db.close()
     count, mean, p99 = _lock_figures(metrics)
+    with sa.create_engine(url).connect() as connection:
+        duplicated = connection.execute(
+            sa.text("SELECT count(*) - count(DISTINCT call_id) FROM call_records")
+        ).scalar_one()
     return {
+        "duplicated_call_ids": int(duplicated),
         "publishers": publishers,
         "batches": count,
         "records": sum(accepted),
@@ -117,13 +140,11 @@ def publish_run(url: str, publishers: int, batches: int, seed: int, run: int) ->
     }
 
 
-def raw_run(url: str, base: str, batches: int, seed: int, run: int) -> dict[str, Any]:
-    """The rows of `batches` batches inserted by one connection into fresh tables (SQLite: a
-    database beside `url`'s; PostgreSQL: a schema of their own on `base`'s server), one
-    transaction per batch: no lock, no look-up."""
-    db = Database(url, threads=1)
-    sqlite = db.is_sqlite
-    db.close()
+def raw_run(url: str, batches: int, seed: int, run: int) -> dict[str, Any]:
+    """The rows of `batches` batches inserted by one connection into the fresh tables of
+    `url`, one transaction per batch: no lock, no look-up."""
+    raw = Database(url, threads=1)
+    sqlite = raw.is_sqlite
     work = _staged(batches * BATCH, seed, run, sqlite)
     now = dt.datetime.now(dt.UTC)
     stamp = convert.publish_time_field(now)
@@ -139,19 +160,11 @@ def raw_run(url: str, base: str, batches: int, seed: int, run: int) -> dict[str,
             records.append((position, *row, moment, convert.stored(candidate.body, stamp)))
             streams += [(position, *s) for s in stream_rows]
         rows.append((records, streams))
-    fresh = (
-        runner.postgres_schema(base)
-        if not sqlite
-        else contextlib.nullcontext(url.replace(".db", f"-raw{run}.db"))
-    )
-    with fresh as target:
-        raw = Database(target, threads=1)
-        raw.migrate()
-        began = time.perf_counter()
-        for records, streams in rows:
-            raw.transaction(_insert, records, streams, write=True)
-        seconds = time.perf_counter() - began
-        raw.close()
+    began = time.perf_counter()
+    for records, streams in rows:
+        raw.transaction(_insert, records, streams, write=True)
+    seconds = time.perf_counter() - began
+    raw.close()
     total = sum(len(r) for r, _ in rows)
     return {"records": total, "seconds": seconds, "records_per_s": total / seconds}
 
@@ -162,29 +175,24 @@ def _insert(session: Any, records: list[tuple[Any, ...]], streams: list[tuple[An
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    with runner.workspace("opconnect-log-lock-bench-", database_url=args.database) as ws:
-        url = ws.database_url or f"sqlite:///{ws.root / 'opconnect.db'}"
-        db = Database(url, threads=1)
-        db.migrate()
-        db.close()
+    with runner.workspace("opconnect-log-lock-bench-") as ws:
+        base = args.database
         runs: list[dict[str, Any]] = []
         for round_no in range(1, args.rounds + 1):
-            raw = raw_run(url, args.database, args.batches, args.seed, 900 + round_no)
-            counts = sorted({1, args.publishers})
-            publish = [
-                publish_run(url, n, args.batches, args.seed, round_no * 10 + n) for n in counts
-            ]
+            with fresh_tables(base, ws.root, round_no * 10) as url:
+                raw = raw_run(url, args.batches, args.seed, 900 + round_no)
+            publish = []
+            for n in sorted({1, args.publishers}):
+                with fresh_tables(base, ws.root, round_no * 10 + n) as url:
+                    publish.append(publish_run(url, n, args.batches, args.seed, round_no * 10 + n))
             runs.append({"round": round_no, "raw": raw, "publish": publish})
-        with sa.create_engine(url).connect() as connection:
-            duplicated = connection.execute(
-                sa.text("SELECT count(*) - count(DISTINCT call_id) FROM call_records")
-            ).scalar_one()
+    duplicated = sum(p["duplicated_call_ids"] for r in runs for p in r["publish"])
     best_raw = max(r["raw"]["records_per_s"] for r in runs)
     one = [p for r in runs for p in r["publish"] if p["publishers"] == 1]
     best_one = max(p["records_per_s"] for p in one)
     return {
         "machine": machine(),
-        "settings": {"database": "postgresql" if url.startswith("postgresql") else "sqlite"},
+        "settings": {"database": "postgresql" if base.startswith("postgresql") else "sqlite"},
         "params": vars(args),
         "runs": runs,
         "duplicated_call_ids": duplicated,
