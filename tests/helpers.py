@@ -15,7 +15,7 @@ import subprocess
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar, cast
@@ -248,6 +248,66 @@ def start_split(test_pki: Pki, directory: Path, url: str, **changes: Any) -> Spl
         gateway.call(registry.add(ident, "", test_pki.anchors()))
     gateway.call(registry.set_status(SUSPENDED_OPERATOR, OperatorStatus.SUSPENDED))
     return Split(gateway, numbers, records, usage, gateway_settings)
+
+
+def several(systems: Sequence[RunningSystem]) -> str:
+    """A gRPC target naming every one of `systems` (replicas: calls spread by round_robin)."""
+    return "ipv4:" + ",".join(f"127.0.0.1:{system.runtime.port}" for system in systems)
+
+
+@dataclass
+class Replicas:
+    """The separate-processes mode with several replicas of each role on one database."""
+
+    gateways: list[RunningSystem]
+    numbers: list[RunningSystem]
+    records: list[RunningSystem]
+    usage: list[RunningSystem]
+    gateway_settings: Settings
+
+    def processes(self) -> list[RunningSystem]:
+        return [*self.gateways, *self.numbers, *self.records, *self.usage]
+
+    def stop(self) -> None:
+        for system in self.processes():
+            if system.loop.is_running():
+                system.stop()
+
+
+def start_replicas(
+    test_pki: Pki, directory: Path, url: str, count: int = 2, **changes: Any
+) -> Replicas:
+    """`count` processes of each role on one database: each gateway routes every service to
+    all of its replicas (one target naming them all), each usage process follows the call feed
+    of every records process; every process with the settings `changes` (and its metrics on a
+    port of its own)."""
+    paths = test_pki.paths
+    gateway_cert, gateway_key = pki.issue_client(paths, "platform", "gateway")
+    usage_cert, usage_key = pki.issue_client(paths, "platform", "usage")
+    base = settings_for(directory, paths, url, metrics_listen="127.0.0.1:0", **changes)
+    numbers = [RunningSystem(base, test_pki, "numbers") for _ in range(count)]
+    records = [RunningSystem(base, test_pki, "records") for _ in range(count)]
+    usage_settings = base.replace(
+        records_target=several(records),
+        feed_ca_file=str(paths.ca_cert),
+        feed_cert_file=str(usage_cert),
+        feed_key_file=str(usage_key),
+    )
+    usage = [RunningSystem(usage_settings, test_pki, "usage") for _ in range(count)]
+    gateway_settings = base.replace(
+        numbers_target=several(numbers),
+        records_target=several(records),
+        usage_target=several(usage),
+        internal_ca_file=str(paths.ca_cert),
+        internal_cert_file=str(gateway_cert),
+        internal_key_file=str(gateway_key),
+    )
+    gateways = [RunningSystem(gateway_settings, test_pki, "gateway") for _ in range(count)]
+    registry = gateways[0].runtime.registry
+    for ident in (OPERATOR, OTHER_OPERATOR, SUSPENDED_OPERATOR):
+        gateways[0].call(registry.add(ident, "", test_pki.anchors()))
+    gateways[0].call(registry.set_status(SUSPENDED_OPERATOR, OperatorStatus.SUSPENDED))
+    return Replicas(gateways, numbers, records, usage, gateway_settings)
 
 
 # --- PKI layouts -------------------------------------------------------------------------------
