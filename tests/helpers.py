@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import queue
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 import urllib.parse
 import urllib.request
@@ -308,6 +310,70 @@ def start_replicas(
         gateways[0].call(registry.add(ident, "", test_pki.anchors()))
     gateways[0].call(registry.set_status(SUSPENDED_OPERATOR, OperatorStatus.SUSPENDED))
     return Replicas(gateways, numbers, records, usage, gateway_settings)
+
+
+# --- a real pgbouncer ----------------------------------------------------------------------------
+
+NO_PGBOUNCER = "pgbouncer is not installed (Debian's `pgbouncer` package, which .ci/run installs)"
+
+
+class PgBouncer:
+    """A pgbouncer of a test's own in transaction pooling mode, on a free port, in front of the
+    PostgreSQL server of `server_url`: its database `test` is the server's, each new server
+    connection set to `schema` (pgbouncer refuses the `options` startup parameter the tests'
+    URLs use). `url` is how a client reaches it. It runs as `nobody` when started by root (it
+    refuses to run as root), from a directory of its own, removed when stopped."""
+
+    def __init__(self, server_url: str, schema: str) -> None:
+        binary = shutil.which("pgbouncer") or shutil.which("pgbouncer", path="/usr/sbin")
+        if binary is None:
+            pytest.skip(NO_PGBOUNCER)
+        server = sa.make_url(server_url)
+        self.directory = Path(tempfile.mkdtemp(prefix="pgbouncer-"))
+        self.directory.chmod(0o755)  # readable by the user it runs as
+        users = self.directory / "users.txt"
+        users.write_text(f'"{server.username}" ""\n')
+        port = free_port()
+        config = self.directory / "pgbouncer.ini"
+        config.write_text(
+            "[databases]\n"
+            f"test = host={server.host} port={server.port or 5432} dbname={server.database}"
+            f" connect_query='SET search_path TO {schema}'\n"
+            "[pgbouncer]\n"
+            f"listen_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n"
+            f"auth_type = trust\nauth_file = {users}\n"
+            "pool_mode = transaction\ndefault_pool_size = 20\nmax_client_conn = 500\n"
+            "logfile =\npidfile =\n"
+        )
+        for path in (users, config):
+            path.chmod(0o644)
+        self.url = f"postgresql+psycopg://{server.username}@127.0.0.1:{port}/test"
+        self.log = self.directory / "pgbouncer.log"
+        user = ["-u", "nobody"] if os.geteuid() == 0 else []
+        with self.log.open("wb") as log:
+            self.process = subprocess.Popen(
+                [binary, *user, str(config)],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        if not poll(lambda: self._ready(port), bool, timeout=30, interval=0.05):
+            self.stop()
+            raise AssertionError(f"pgbouncer did not start: {self.log.read_text()[-2000:]}")
+
+    def _ready(self, port: int) -> bool:
+        assert self.process.poll() is None, f"pgbouncer exited: {self.log.read_text()[-2000:]}"
+        with socket.socket() as probe:
+            return probe.connect_ex(("127.0.0.1", port)) == 0
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(10)
+        shutil.rmtree(self.directory, ignore_errors=True)
 
 
 # --- PKI layouts -------------------------------------------------------------------------------
