@@ -109,6 +109,8 @@ def test_records_published_on_both_records_processes_reach_each_follower_once(
     with ThreadPoolExecutor(len(streams)) as pool:
         answers = list(pool.map(lambda stream: publish(stream[0], *stream[1]), streams))
     assert [a.accepted_count for batch in answers for a in batch] == [10] * 12
+    again = [publish(gateway.ingest(), streams[0][1][0])[0] for gateway in replicas.gateways]
+    assert [(a.accepted_count, a.duplicate_count) for a in again] == [(0, 10), (0, 10)]
     for (_, operator), follower in followers.items():
         got, _ = follower.records(len(expected[operator]))
         assert Counter(ids(got)) == Counter(expected[operator]), operator

@@ -1,0 +1,225 @@
+"""Assignment -> watcher event latency across replicas: AssignNumber through one gateway, the
+event received on a WatchAssignments stream through another.
+
+Four server processes of the separate-processes mode on one database: two numbers processes
+and two gateways, gateway A forwarding to numbers process 1 and gateway B to numbers process 2
+(`numbers_target`). On PostgreSQL (`--database postgresql+psycopg://...`) a change committed
+by process 1 wakes the watcher's stream on process 2 through LISTEN/NOTIFY, the production
+path with replicas. On SQLite there is no wake-up between processes, so there both gateways
+forward to numbers process 1 and only the gateways are crossed (said in the report).
+
+Two ways, in the same run, alternating in rounds: `cross` (assign through A, watch through B)
+and `same` (assign and watch through A: one numbers process, woken in-process), each change
+timed from sending AssignNumber (or UnassignNumber) to its event arriving. The headline is the
+cross-replica p99 (target < 50 ms on PostgreSQL) and its ratio to the same-replica p99.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+import runner
+from report import machine, print_figures, print_header, summary_ms, verdict
+from runner import OPERATOR, PLATFORM, TENANT, ServerProcess, credentials
+
+from gateway.pki import GATEWAY_NAME
+from opconnect.numbers.v1 import numbers_pb2 as pb
+from opconnect.numbers.v1 import numbers_pb2_grpc as pb_grpc
+
+POOL = [f"+1425559{i:04d}" for i in range(100)]
+USER_ID = "11111111-2222-4333-8444-555555555555"
+TARGET_P99_MS = 50.0
+WAIT_S = 5.0  # an event not received by then is counted as missed
+WARMUP = 10
+
+
+async def upload(address: str, root: Path) -> None:
+    async with grpc.aio.secure_channel(address, credentials(root, "operator", OPERATOR)) as channel:
+        both = pb.Capabilities(inbound=True, outbound=True)
+        uploaded = await pb_grpc.NumberServiceStub(channel).UploadNumbers(
+            pb.UploadNumbersRequest(
+                tenant_id=TENANT,
+                numbers=[
+                    pb.NumberUpload(phone_number=n, usage=pb.NUMBER_USAGE_USER, capabilities=both)
+                    for n in POOL
+                ],
+            )
+        )
+    if uploaded.added_count != len(POOL):
+        raise RuntimeError(f"upload failed: {uploaded}")
+
+
+async def timed_changes(
+    change_at: str, watch_at: str, root: Path, changes: int, start: int
+) -> tuple[list[float], int]:
+    """`changes` assignment changes made through `change_at` (after WARMUP untimed ones), each
+    timed from its call to its event on a watcher through `watch_at`; the times (seconds) and
+    how many events never came. `start`: where in the pool's assign/unassign cycle to begin."""
+    operator = grpc.aio.secure_channel(watch_at, credentials(root, "operator", OPERATOR))
+    platform = grpc.aio.secure_channel(change_at, credentials(root, "platform", PLATFORM))
+    admin = pb_grpc.NumberAdminServiceStub(platform)
+    watcher = pb_grpc.NumberServiceStub(operator)
+    loop = asyncio.get_running_loop()
+    waiting: dict[tuple[str, int], asyncio.Future[float]] = {}
+    times: list[float] = []
+    missed = 0
+    try:
+        listing = await watcher.ListNumbers(pb.ListNumbersRequest(page_size=1))
+        call = watcher.WatchAssignments(pb.WatchAssignmentsRequest(cursor=listing.watch_cursor))
+
+        async def read() -> None:
+            async for response in call:
+                now = time.perf_counter()
+                for event in response.events:
+                    found = waiting.pop((event.phone_number, event.type), None)
+                    if found is not None and not found.done():
+                        found.set_result(now)
+
+        reader = asyncio.create_task(read())
+        for i in range(start, start + WARMUP + changes):
+            number, assigning = POOL[(i // 2) % len(POOL)], i % 2 == 0
+            kind = (
+                pb.ASSIGNMENT_EVENT_TYPE_ASSIGNED
+                if assigning
+                else pb.ASSIGNMENT_EVENT_TYPE_UNASSIGNED
+            )
+            event: asyncio.Future[float] = loop.create_future()
+            waiting[(number, kind)] = event
+            sent = time.perf_counter()
+            if assigning:
+                await admin.AssignNumber(
+                    pb.AssignNumberRequest(
+                        phone_number=number,
+                        tenant_id=TENANT,
+                        sip_uri=f"sip:{number}@sbc1.contoso.example;user=phone",
+                        target=pb.AssignmentTarget(kind=pb.AssignmentTarget.KIND_USER, id=USER_ID),
+                    )
+                )
+            else:
+                await admin.UnassignNumber(
+                    pb.UnassignNumberRequest(phone_number=number, tenant_id=TENANT)
+                )
+            try:
+                received = await asyncio.wait_for(event, WAIT_S)
+            except TimeoutError:
+                if reader.done():
+                    raise RuntimeError("the WatchAssignments stream ended") from None
+                waiting.pop((number, kind), None)
+                missed += i >= start + WARMUP
+                continue
+            if i >= start + WARMUP:
+                times.append(received - sent)
+        call.cancel()
+        reader.cancel()
+        await asyncio.gather(reader, return_exceptions=True)
+    finally:
+        await operator.close()
+        await platform.close()
+    return times, missed
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    postgres = args.database.startswith("postgresql")
+    with (
+        runner.workspace(
+            "opconnect-bench-", [("platform", GATEWAY_NAME)], database_url=args.database
+        ) as ws,
+        runner.Children() as children,
+    ):
+        root = ws.root
+        # One data folder: the numbers processes share the token keys, as replicas must.
+        first = children.add(ServerProcess("split-numbers", ws.spec()))
+        second = children.add(ServerProcess("split-numbers", ws.spec())) if postgres else first
+        gateway_a = children.add(ServerProcess("split", ws.spec(numbers_target=first.address)))
+        gateway_b = children.add(ServerProcess("split", ws.spec(numbers_target=second.address)))
+        asyncio.run(upload(gateway_a.address, root))
+        ways = {"cross": (gateway_a, gateway_b), "same": (gateway_a, gateway_a)}
+        times: dict[str, list[float]] = {way: [] for way in ways}
+        missed = dict.fromkeys(ways, 0)
+        position = 0
+        for round_no in range(1, args.rounds + 1):
+            for way in runner.in_turn(list(ways), round_no):
+                change_at, watch_at = ways[way]
+                got, lost = asyncio.run(
+                    timed_changes(change_at.address, watch_at.address, root, args.changes, position)
+                )
+                position += WARMUP + args.changes  # even: each number unassigned again
+                times[way] += got
+                missed[way] += lost
+    latency = {way: summary_ms(found) for way, found in times.items()}
+    cross_p99 = latency["cross"]["p99"]
+    return {
+        "machine": machine(),
+        "settings": {
+            "database": "postgresql" if postgres else "sqlite (WAL) in a temp dir",
+            "processes": "2 gateways, 2 numbers" if postgres else "2 gateways, 1 numbers",
+        },
+        "params": {"changes": args.changes, "rounds": args.rounds, "warmup": WARMUP},
+        "latency_ms": latency,
+        "missed": missed,
+        "cross_replicas": postgres,
+        "target_p99_ms": TARGET_P99_MS,
+        "cross_p99_ms": round(cross_p99, 3),
+        "cross_over_same_p99": cross_p99 / latency["same"]["p99"],
+    }
+
+
+def print_report(report: dict[str, Any], args: argparse.Namespace) -> None:
+    print_header("assignment -> watcher event, across replicas", report)
+    print()
+    print(
+        f"{'way':<8}{'n':>6}{'p50 ms':>10}{'p90 ms':>10}{'p99 ms':>10}{'max ms':>10}{'missed':>8}"
+    )
+    for way, found in report["latency_ms"].items():
+        print(
+            f"{way:<8}{found['n']:>6.0f}{found['p50']:>10.1f}{found['p90']:>10.1f}"
+            f"{found['p99']:>10.1f}{found['max']:>10.1f}{report['missed'][way]:>8}"
+        )
+    crossing = "numbers processes and gateways" if report["cross_replicas"] else "gateways only"
+    print()
+    print(
+        f"cross ({crossing}): p99 {report['cross_p99_ms']:.1f} ms, target <"
+        f" {report['target_p99_ms']:.0f} ms: {verdict(report['cross_p99_ms'] < TARGET_P99_MS)};"
+        f" {report['cross_over_same_p99']:.2f}x the same-replica p99"
+    )
+    print_figures(
+        report,
+        [
+            ("cross_p99_ms", f"{report['cross_p99_ms']:.1f}"),
+            ("cross_over_same_p99", f"{report['cross_over_same_p99']:.2f}"),
+        ],
+    )
+
+
+def check(args: argparse.Namespace) -> str | None:
+    args.changes += args.changes % 2  # each number assigned, then unassigned
+    return None
+
+
+def options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--changes", type=int, default=300, help="timed changes per way and round")
+    p.add_argument("--rounds", type=int, default=3, help="rounds, the ways in turn")
+
+
+async def serve(spec: runner.Spec) -> None:
+    await runner.serve(spec, service="numbers")
+
+
+SCENARIO = runner.Scenario(
+    description=__doc__ or "",
+    options=options,
+    quick={"changes": 20, "rounds": 1},
+    roles={"serve": serve},
+    run=run,
+    print_report=print_report,
+    check=check,
+)
+
+if __name__ == "__main__":
+    sys.exit(runner.main(SCENARIO))
