@@ -220,6 +220,7 @@ class PostgresListener:
         self._notifier = notifier
         self._task: asyncio.Task[None] | None = None
         self.ready = asyncio.Event()
+        self.backend_pid = 0  # the server process of its connection, while connected
         metrics = metrics or Metrics(enabled=False)
         self._connected = metrics.listener_connected
         self._reconnects = metrics.listener_reconnects
@@ -240,6 +241,7 @@ class PostgresListener:
                     self._url, autocommit=True
                 ) as conn:
                     await conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                    self.backend_pid = conn.info.backend_pid
                     self.ready.set()
                     self._connected.set(1)
                     delay = 0.5
