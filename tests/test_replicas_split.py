@@ -11,6 +11,7 @@ both gateways spreads its calls; and a replica that is down is skipped.
 from __future__ import annotations
 
 import datetime as dt
+import json
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -71,6 +72,18 @@ def replicas(session_pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iter
             system.call(system.runtime.listener.ready.wait(), timeout=10)
     yield running
     running.stop()
+
+
+def test_a_channel_to_several_replicas_spreads_calls_and_checks_one_name() -> None:
+    listed = dict(balanced("ipv4:10.0.0.5:5001,10.0.0.6:5001"))
+    assert json.loads(listed["grpc.service_config"]) == {
+        "loadBalancingConfig": [{"round_robin": {}}]
+    }
+    assert listed["grpc.default_authority"] == "10.0.0.5:5001"  # not the whole list
+    named = dict(balanced("ipv4:10.0.0.5:5001,10.0.0.6:5001", "records.internal"))
+    assert named["grpc.default_authority"] == "records.internal"
+    for one in ("localhost:5001", "dns:///records.internal:5001", "ipv4:10.0.0.5:5001"):
+        assert "grpc.default_authority" not in dict(balanced(one))  # gRPC's own: the host
 
 
 def started(system: RunningSystem, method: str) -> float:
