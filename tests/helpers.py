@@ -30,6 +30,7 @@ from gateway import pki
 from gateway.registry import OperatorStatus
 from opconnect.numbers.v1 import numbers_pb2
 from opconnect.usage.v1 import usage_pb2, usage_pb2_grpc
+from plumbing import tokens
 from plumbing.config import Settings
 from services.usage import feed
 from services.usage import tables as usage_tables
@@ -252,6 +253,24 @@ def start_split(test_pki: Pki, directory: Path, url: str, **changes: Any) -> Spl
     return Split(gateway, numbers, records, usage, gateway_settings)
 
 
+def start_two(
+    test_pki: Pki, directory: Path, url: str, **changes: Any
+) -> tuple[RunningSystem, RunningSystem]:
+    """Two one-process replicas on one PostgreSQL database (`url`), sharing the deployment's
+    token keys, each with the settings `changes`; returned once both are listening for the
+    other's changes."""
+    changes.setdefault("token_keys", tokens.new_key())
+    pair = tuple(
+        start_system(settings_for(directory / name, test_pki.paths, url, **changes), test_pki)
+        for name in ("a", "b")
+    )
+    for running in pair:
+        listener = running.runtime.listener
+        assert listener is not None
+        running.call(listener.ready.wait(), timeout=10)
+    return pair[0], pair[1]
+
+
 def several(systems: Sequence[RunningSystem]) -> str:
     """A gRPC target naming every one of `systems` (replicas: calls spread by round_robin)."""
     return "ipv4:" + ",".join(f"127.0.0.1:{system.runtime.port}" for system in systems)
@@ -367,12 +386,7 @@ class PgBouncer:
             return probe.connect_ex(("127.0.0.1", port)) == 0
 
     def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(10)
+        end_process(self.process)
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
@@ -429,6 +443,16 @@ def samples_of(samples: dict[Sample, float], name: str, **labels: str) -> dict[S
     """Every sample `name` whose labels include `labels`."""
     want = set(labels.items())
     return {key: value for key, value in samples.items() if key[0] == name and want <= key[1]}
+
+
+def end_process(process: subprocess.Popen[bytes]) -> None:
+    """Stop a server the test started: terminated, killed if still there after 10 s."""
+    process.terminate()
+    try:
+        process.wait(10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(10)
 
 
 # --- a real Prometheus -------------------------------------------------------------------------
@@ -543,12 +567,7 @@ class Prometheus:
         return self.wait_for(expr, lambda value: value == want, timeout)
 
     def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(10)
+        end_process(self.process)
 
 
 def metrics_target(system: RunningSystem) -> str:

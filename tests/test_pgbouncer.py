@@ -17,7 +17,6 @@ import sqlalchemy as sa
 
 from opconnect.numbers.v1 import numbers_pb2 as pb
 from opconnect.type.v1 import assignment_state_pb2 as state_pb
-from plumbing import tokens
 from plumbing.db import Database
 from tests.conftest import (
     NO_POSTGRES,
@@ -26,10 +25,8 @@ from tests.conftest import (
     RunningSystem,
     Watcher,
     reset_postgres,
-    settings_for,
-    start_system,
 )
-from tests.helpers import PgBouncer, assign, stored, submit, upload, usage_stub
+from tests.helpers import PgBouncer, assign, start_two, stored, submit, upload, usage_stub
 from tests.records_data import duration_record, ids, publish_records, record, stamp, stream_all
 
 
@@ -54,19 +51,14 @@ def bounced(
     bouncer: tuple[PgBouncer, str], session_pki: Pki, tmp_path: Path
 ) -> Iterator[tuple[RunningSystem, RunningSystem]]:
     pooler, direct = bouncer
-    changes = {
-        "database_listen_url": direct,
-        "db_prepare_threshold": 0,
-        "heartbeat_interval_s": 60.0,
-        "token_keys": tokens.new_key(),  # replicas share the deployment's token keys
-    }
-    paths = session_pki.paths
-    first = start_system(settings_for(tmp_path / "a", paths, pooler.url, **changes), session_pki)
-    second = start_system(settings_for(tmp_path / "b", paths, pooler.url, **changes), session_pki)
-    for running in (first, second):
-        listener = running.runtime.listener
-        assert listener is not None
-        running.call(listener.ready.wait(), timeout=10)
+    first, second = start_two(
+        session_pki,
+        tmp_path,
+        pooler.url,
+        database_listen_url=direct,
+        db_prepare_threshold=0,
+        heartbeat_interval_s=60.0,
+    )
     yield first, second
     first.stop()
     second.stop()

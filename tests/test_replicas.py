@@ -14,7 +14,6 @@ import sqlalchemy as sa
 from opconnect.numbers.v1 import numbers_pb2 as pb
 from opconnect.numbers.v1.numbers_pb2_grpc import NumberServiceStub
 from opconnect.type.v1 import assignment_state_pb2 as state_pb
-from plumbing import tokens
 from plumbing.cache import MISSING, ReadCache
 from plumbing.changelog import ANY_KEY
 from tests.conftest import (
@@ -28,7 +27,7 @@ from tests.conftest import (
     settings_for,
     start_system,
 )
-from tests.helpers import assign, eventually, sample, scrape, upload
+from tests.helpers import assign, eventually, sample, scrape, start_two, upload
 
 
 def test_the_cache_drops_a_read_that_raced_with_a_change() -> None:
@@ -71,14 +70,7 @@ def test_get_number_sees_every_change_at_once_on_its_replica(sqlite_system: Runn
 def replicas(session_pki: Pki, tmp_path: Path) -> Iterator[tuple[RunningSystem, RunningSystem]]:
     if not POSTGRES_URL:
         pytest.skip(NO_POSTGRES)
-    url = reset_postgres(POSTGRES_URL)
-    keys = {"token_keys": tokens.new_key()}  # replicas share the deployment's token keys
-    first = start_system(settings_for(tmp_path / "a", session_pki.paths, url, **keys), session_pki)
-    second = start_system(settings_for(tmp_path / "b", session_pki.paths, url, **keys), session_pki)
-    for running in (first, second):
-        listener = running.runtime.listener
-        assert listener is not None
-        running.call(listener.ready.wait(), timeout=10)
+    first, second = start_two(session_pki, tmp_path, reset_postgres(POSTGRES_URL))
     yield first, second
     first.stop()
     second.stop()
