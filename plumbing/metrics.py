@@ -293,7 +293,8 @@ class Metrics:
         self.listener_connected = self._gauge(
             "opconnect_changelog_listener_connected",
             "1 while this process's LISTEN connection to PostgreSQL is up (other replicas'"
-            " commits wake its streams, its read cache is used); 0 while it reconnects.",
+            " commits wake its streams, its read cache is used); 0 while it reconnects, and"
+            " in processes that have none (SQLite, gateways).",
             (),
         )
         self.listener_reconnects = self._counter(
