@@ -10,8 +10,10 @@ forward to numbers process 1 and only the gateways are crossed (said in the repo
 
 Two ways, in the same run, alternating in rounds: `cross` (assign through A, watch through B)
 and `same` (assign and watch through A: one numbers process, woken in-process), each change
-timed from sending AssignNumber (or UnassignNumber) to its event arriving. The headline is the
-cross-replica p99 (target < 50 ms on PostgreSQL) and its ratio to the same-replica p99.
+timed from sending AssignNumber (or UnassignNumber) to its event arriving, and the change's own
+call (to its answer) beside it: what the event waits for before it can be sent at all. The
+headline is the cross-replica p99 (target < 50 ms on PostgreSQL) and its ratio to the
+same-replica p99.
 
 With `--pgbouncer`, the same four processes again with their pools behind a pgbouncer of the
 run's own (transaction pooling; each numbers process's LISTEN connection direct, statements
@@ -67,10 +69,11 @@ async def upload(address: str, root: Path) -> None:
 
 async def timed_changes(
     change_at: str, watch_at: str, root: Path, changes: int, start: int
-) -> tuple[list[float], int]:
+) -> tuple[list[float], list[float], int]:
     """`changes` assignment changes made through `change_at` (after WARMUP untimed ones), each
-    timed from its call to its event on a watcher through `watch_at`; the times (seconds) and
-    how many events never came. `start`: where in the pool's assign/unassign cycle to begin."""
+    timed from its call to its event on a watcher through `watch_at`; the times (seconds), the
+    change calls' own round trips (seconds), and how many events never came. `start`: where in
+    the pool's assign/unassign cycle to begin."""
     operator = grpc.aio.secure_channel(watch_at, credentials(root, "operator", OPERATOR))
     platform = grpc.aio.secure_channel(change_at, credentials(root, "platform", PLATFORM))
     admin = pb_grpc.NumberAdminServiceStub(platform)
@@ -78,6 +81,7 @@ async def timed_changes(
     loop = asyncio.get_running_loop()
     waiting: dict[tuple[str, int], asyncio.Future[float]] = {}
     times: list[float] = []
+    calls: list[float] = []  # the change's own round trip
     missed = 0
     try:
         listing = await watcher.ListNumbers(pb.ListNumbersRequest(page_size=1))
@@ -115,6 +119,7 @@ async def timed_changes(
                 await admin.UnassignNumber(
                     pb.UnassignNumberRequest(phone_number=number, tenant_id=TENANT)
                 )
+            answered = time.perf_counter()
             try:
                 received = await asyncio.wait_for(event, WAIT_S)
             except TimeoutError:
@@ -125,13 +130,14 @@ async def timed_changes(
                 continue
             if i >= start + WARMUP:
                 times.append(received - sent)
+                calls.append(answered - sent)
         call.cancel()
         reader.cancel()
         await asyncio.gather(reader, return_exceptions=True)
     finally:
         await operator.close()
         await platform.close()
-    return times, missed
+    return times, calls, missed
 
 
 class PgBouncer:
@@ -211,16 +217,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             b = children.add(ServerProcess("split", {**behind, "numbers_target": two.address}))
             ways |= {"cross-pgbouncer": (a, b), "same-pgbouncer": (a, a)}
         times: dict[str, list[float]] = {way: [] for way in ways}
+        calls: dict[str, list[float]] = {way: [] for way in ways}
         missed = dict.fromkeys(ways, 0)
         position = 0
         for round_no in range(1, args.rounds + 1):
             for way in runner.in_turn(list(ways), round_no):
                 change_at, watch_at = ways[way]
-                got, lost = asyncio.run(
+                got, answered, lost = asyncio.run(
                     timed_changes(change_at.address, watch_at.address, root, args.changes, position)
                 )
                 position += WARMUP + args.changes  # even: each number unassigned again
                 times[way] += got
+                calls[way] += answered
                 missed[way] += lost
     latency = {way: summary_ms(found) for way, found in times.items()}
     cross_p99 = latency["cross"]["p99"]
@@ -236,6 +244,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         },
         "params": {"changes": args.changes, "rounds": args.rounds, "warmup": WARMUP},
         "latency_ms": latency,
+        "change_rpc_ms": {way: summary_ms(found) for way, found in calls.items()},
         "missed": missed,
         "cross_replicas": postgres,
         "target_p99_ms": TARGET_P99_MS,
@@ -255,6 +264,11 @@ def print_report(report: dict[str, Any], args: argparse.Namespace) -> None:
         print(
             f"{way:<16}{found['n']:>6.0f}{found['p50']:>10.1f}{found['p90']:>10.1f}"
             f"{found['p99']:>10.1f}{found['max']:>10.1f}{report['missed'][way]:>8}"
+        )
+    print("the change's own call (AssignNumber / UnassignNumber through gateway A), same changes:")
+    for way, found in report["change_rpc_ms"].items():
+        print(
+            f"{way:<16}{found['n']:>6.0f}{found['p50']:>10.1f}{found['p90']:>10.1f}{found['p99']:>10.1f}{found['max']:>10.1f}"
         )
     crossing = "numbers processes and gateways" if report["cross_replicas"] else "gateways only"
     print()
