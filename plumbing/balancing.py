@@ -37,3 +37,15 @@ def _first_address(target: str) -> str:
     if scheme not in ("ipv4", "ipv6") or "," not in addresses:
         return ""
     return addresses.split(",", 1)[0].removeprefix("//")
+
+
+def one_address(target: str) -> str:
+    """One `host:port` of `target`, for a tool that talks to one address at a time (`buf
+    curl`): the first of a list, the name of a DNS target, a plain address as it is."""
+    first = _first_address(target)
+    if first:
+        return first
+    for scheme in ("dns:///", "dns:", "ipv4:", "ipv6:"):
+        if target.startswith(scheme):
+            return target.removeprefix(scheme)
+    return target

@@ -42,7 +42,7 @@ from opconnect.records.v1 import records_pb2_grpc as records_grpc
 from opconnect.type.v1 import assignment_state_pb2 as state_pb
 from opconnect.usage.v1 import usage_pb2 as usage_pb
 from opconnect.usage.v1 import usage_pb2_grpc as usage_grpc
-from plumbing.balancing import balanced
+from plumbing.balancing import balanced, one_address
 from plumbing.config import DEV_OPERATOR, DEV_PLATFORM
 from plumbing.logs import mask_number, redact
 from plumbing.validation import IDENTITY, IDENTITY_PATTERN, check_guid
@@ -320,7 +320,7 @@ def stream_command(options: Options, started: dt.datetime) -> str:
     return (
         f"node_modules/.bin/buf curl --protocol grpc --cacert {ca} \\\n"
         f"    --cert {cert} --key {key} \\\n"
-        f"    https://{options.target}/{method} \\\n"
+        f"    https://{one_address(options.target)}/{method} \\\n"
         f'    -d \'{{"startTime":"{start}","follow":true}}\''
     )
 

@@ -22,7 +22,7 @@ import pytest
 from opconnect.numbers.v1 import numbers_pb2, numbers_pb2_grpc
 from opconnect.records.v1 import records_pb2 as pb
 from opconnect.records.v1 import records_pb2_grpc as pb_grpc
-from plumbing.balancing import balanced
+from plumbing.balancing import balanced, one_address
 from tests.conftest import (
     NO_POSTGRES,
     OPERATOR,
@@ -84,6 +84,10 @@ def test_a_channel_to_several_replicas_spreads_calls_and_checks_one_name() -> No
     assert named["grpc.default_authority"] == "records.internal"
     for one in ("localhost:5001", "dns:///records.internal:5001", "ipv4:10.0.0.5:5001"):
         assert "grpc.default_authority" not in dict(balanced(one))  # gRPC's own: the host
+    # One address of each, for a tool that talks to one (buf curl).
+    assert one_address("ipv4:10.0.0.5:5001,10.0.0.6:5001") == "10.0.0.5:5001"
+    assert one_address("dns:///records.internal:5001") == "records.internal:5001"
+    assert one_address("localhost:5001") == "localhost:5001"
 
 
 def started(system: RunningSystem, method: str) -> float:
