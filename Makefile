@@ -32,6 +32,7 @@ bench: setup
 	$(BIN)/python bench/usage_bench.py
 	$(BIN)/python bench/log_lock_bench.py
 	$(BIN)/python bench/fairness_bench.py
+	$(BIN)/python bench/replicas_bench.py
 
 setup: $(STAMP) $(NODE)
 

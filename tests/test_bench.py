@@ -100,3 +100,10 @@ def test_log_lock_bench() -> None:
     assert positive(
         report["storage_ratio"], report["lock_mean_ms"], report["lock_allows_batches_per_s"]
     )
+
+
+def test_replicas_bench() -> None:
+    report = run_bench("replicas")  # SQLite: across the gateways only
+    for way in ("cross", "same"):
+        assert report["latency_ms"][way]["n"] > 0
+    assert positive(report["cross_p99_ms"], report["cross_over_same_p99"])
