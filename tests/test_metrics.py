@@ -88,6 +88,9 @@ def test_rpcs_are_counted_by_method_type_and_code(measured: RunningSystem) -> No
     assert sample(got, "opconnect_db_unit_seconds_count", kind="write") >= 1
     assert sample(got, "opconnect_db_unit_seconds_count", kind="read") >= 3
     assert samples_of(got, "opconnect_db_pool_connections", state="idle")
+    # The records log's head lock, held from allocation to commit: one publish.
+    assert sample(got, "opconnect_changelog_lock_hold_seconds_count", log="records") == 1
+    assert sample(got, "opconnect_changelog_lock_hold_seconds_sum", log="records") > 0
     # No label carries a number, a tenant or a request id.
     values = {value for key in got for _, value in key[1]}
     assert NUMBER not in values and "not a number" not in values
