@@ -29,7 +29,7 @@ from tests.conftest import (
     settings_for,
     start_system,
 )
-from tests.helpers import sample, samples_of, scrape, start_split, upload
+from tests.helpers import eventually, sample, samples_of, scrape, start_split, upload
 from tests.records_data import publish_records, record
 
 NUMBERS = "opconnect.numbers.v1.NumberService"
@@ -215,6 +215,19 @@ def test_the_gateway_counts_its_forwarding_hop(session_pki: Pki, tmp_path: Path)
             numbers.GetNumber(pb.GetNumberRequest(phone_number=NUMBER))
         assert missing.value.code() is grpc.StatusCode.NOT_FOUND
         unary = {"grpc_service": NUMBERS, "grpc_method": "GetNumber", "grpc_type": "unary"}
+
+        def counted() -> bool:
+            # Each process counts a call once it has ended there, which may be just after the
+            # caller has its answer: wait for the three counts before reading the figures.
+            hop, served = scrape(split.gateway), scrape(split.numbers)
+            done = {**unary, "grpc_code": "NotFound"}
+            return (
+                sample(hop, "grpc_client_handled_total", **done) >= 1
+                and sample(hop, "grpc_server_handled_total", **done) >= 1
+                and sample(served, "grpc_server_handled_total", **done) >= 1
+            )
+
+        eventually(counted)
         hop = scrape(split.gateway)
         assert sample(hop, "grpc_client_started_total", **unary) == 1
         assert sample(hop, "grpc_client_handled_total", **unary, grpc_code="NotFound") == 1
