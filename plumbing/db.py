@@ -215,6 +215,11 @@ class Database:
             if error.connection_invalidated:
                 log.error("storage connection lost", error=str(error.orig)[:200])
                 raise unavailable("STORAGE_UNAVAILABLE", "storage is unavailable; retry") from error
+            if _no_partition(error):
+                # A row past the time partitions made ahead (plumbing/partitions.py): nothing
+                # of the unit was stored; maintenance makes them, so the caller retries.
+                log.error("no partition for a row", table=_partitioned_table(error))
+                raise unavailable("STORAGE_UNAVAILABLE", "storage is unavailable; retry") from error
             raise
 
     def migrate(self) -> None:
@@ -239,6 +244,23 @@ _SQLITE_BUSY, _SQLITE_LOCKED = 5, 6
 
 class _Busy(Exception):
     """SQLite answered busy or locked (the driver's message; the cause is its error)."""
+
+
+_CHECK_VIOLATION = "23514"  # PostgreSQL's SQLSTATE for a row no partition accepts, among others
+
+
+def _no_partition(error: exc.DBAPIError) -> bool:
+    """PostgreSQL refused a row because no partition holds its partition key."""
+    diag = getattr(error.orig, "diag", None)
+    primary = getattr(diag, "message_primary", None) or ""
+    return getattr(error.orig, "sqlstate", None) == _CHECK_VIOLATION and primary.startswith(
+        "no partition of relation"
+    )
+
+
+def _partitioned_table(error: exc.DBAPIError) -> str:
+    """The table a row had no partition in (its name only: the row's values stay out of logs)."""
+    return str(getattr(getattr(error.orig, "diag", None), "table_name", None) or "")
 
 
 def _is_busy(error: exc.OperationalError) -> bool:
