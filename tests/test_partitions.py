@@ -255,18 +255,22 @@ def test_concurrent_publishers_store_a_call_once(pg_system: RunningSystem) -> No
 
 
 def test_concurrent_submitters_store_a_record_and_a_call_once(pg_system: RunningSystem) -> None:
-    """Two streams of one operator, released at the same moment, report one call and one
-    record_id each with a start time in another week (another partition): the operator's
-    advisory lock serializes them, so each is stored once."""
+    """Two streams of one operator report one call and one record_id each, with a start time in
+    another week (another partition: no key of the table sees both). Both are held after their
+    duplicate check, at the usage by day's rows they add to (locked here): the operator's
+    advisory lock has the second wait before its check, so each is stored once."""
     url = pg_system.runtime.settings.database_url
     now = dt.datetime.now(dt.UTC)
     recent, older = now - dt.timedelta(hours=1), now - dt.timedelta(days=10)
+    submit(usage_stub(pg_system), [duration_record(start=recent), duration_record(start=older)])
     a = [duration_record(start=recent), duration_record(start=recent)]
     b = [
         duration_record(call_id=a[0].call_id, start=older),  # the same call
         duration_record(record_id=a[1].record_id, start=older),  # the same record_id
     ]
-    held = _Held(url, "SELECT pg_advisory_lock(hashtext(:key))", {"key": f"usage:{OPERATOR}"})
+    held = _Held(
+        url, "SELECT 1 FROM usage_daily WHERE operator_id = :op FOR UPDATE", {"op": OPERATOR}
+    )
     (one,), (two,) = _together(
         held,
         lambda: submit(usage_stub(pg_system), a),
@@ -284,7 +288,10 @@ def test_concurrent_submitters_store_a_record_and_a_call_once(pg_system: Running
     c = usage_tables.DURATIONS.c
 
     def rows(session: sa.orm.Session) -> list[tuple[str, str]]:
-        query = sa.select(c.record_id, c.call_id).where(c.operator_id == OPERATOR)
+        chosen = [r.record_id for r in (*a, *b)]
+        query = sa.select(c.record_id, c.call_id).where(
+            c.operator_id == OPERATOR, c.record_id.in_(chosen)
+        )
         return sorted((r.record_id, r.call_id) for r in session.execute(query))
 
     assert _run(pg_system, rows) == sorted((r.record_id, r.call_id) for r in winner)
