@@ -276,14 +276,14 @@ def test_concurrent_submitters_store_a_record_and_a_call_once(pg_system: Running
         lambda: submit(usage_stub(pg_system), a),
         lambda: submit(usage_stub(pg_system), b),
     )
-    ACCEPTED = usage_pb2.CALL_DURATION_OUTCOME_ACCEPTED  # noqa: N806
-    REFUSED = usage_pb2.CALL_DURATION_OUTCOME_REFUSED  # noqa: N806
-    a_won = one.results[0].outcome == ACCEPTED
+    accepted = usage_pb2.CALL_DURATION_OUTCOME_ACCEPTED
+    refused = usage_pb2.CALL_DURATION_OUTCOME_REFUSED
+    a_won = one.results[0].outcome == accepted
     first, then, winner = (one, two, a) if a_won else (two, one, b)
-    assert [r.outcome for r in first.results] == [ACCEPTED, ACCEPTED]
+    assert [r.outcome for r in first.results] == [accepted, accepted]
     assert [(r.outcome, r.reason) for r in then.results] == [
-        (REFUSED, "CALL_ALREADY_REPORTED"),
-        (REFUSED, "RECORD_ID_CONFLICT"),
+        (refused, "CALL_ALREADY_REPORTED"),
+        (refused, "RECORD_ID_CONFLICT"),
     ]
     c = usage_tables.DURATIONS.c
 
@@ -349,7 +349,7 @@ def _rows_at_0007(url: str) -> dict[str, int]:
                     },
                 )
         conn.execute(sa.text("UPDATE change_log_heads SET position = 3 WHERE log = 'records'"))
-        for position, days in ((1, 5), (2, 0)):
+        for position in (1, 2):
             conn.execute(
                 sa.text(
                     "INSERT INTO number_events (position, operator_id, tenant_id, phone_number,"
@@ -411,8 +411,7 @@ TABLES = (
 def _counts(engine: sa.Engine) -> dict[str, int]:
     with engine.connect() as conn:
         return {
-            t: int(conn.execute(sa.text(f"SELECT count(*) FROM {t}")).scalar_one())  # noqa: S608
-            for t in TABLES
+            t: int(conn.execute(sa.text(f"SELECT count(*) FROM {t}")).scalar_one()) for t in TABLES
         }
 
 
@@ -426,7 +425,7 @@ def _contents(engine: sa.Engine) -> dict[str, list[tuple[Any, ...]]]:
                 c for c in columns if not (table == "call_media_streams" and c == "publish_time")
             ]
             listed = ", ".join(columns)
-            rows = conn.execute(sa.text(f"SELECT {listed} FROM {table} ORDER BY {listed}"))  # noqa: S608
+            rows = conn.execute(sa.text(f"SELECT {listed} FROM {table} ORDER BY {listed}"))
             found[table] = [tuple(row) for row in rows]
         return found
 
