@@ -222,13 +222,15 @@ async def maintain(
     metrics: Metrics,
     *,
     drop: bool = True,
-) -> None:
+) -> Exception | None:
     """Create each table's partitions ahead and (with `drop`) drop those past its retention
     (seconds, given with it), one transaction per table; export what they cover. Nothing on
-    SQLite. A table that fails (its lock not had within LOCK_TIMEOUT) fails the call after the
-    others are done: its service's purge counts a failure and the next run tries again."""
+    SQLite. A table that fails (its lock not had within LOCK_TIMEOUT, storage trouble) is
+    logged and the others are done; the first failure is returned, for the service's purge to
+    raise once its chunked deletes have run (the purge counts a failure; the next run tries
+    again)."""
     if db.engine.dialect.name != "postgresql":
-        return
+        return None
     failed: Exception | None = None
     for spec, retention_s in tables:
         try:
@@ -252,8 +254,7 @@ async def maintain(
         if found.until is not None and found.oldest is not None:
             metrics.partitions_until.labels(spec.table).set(found.until.timestamp())
             metrics.partitions_oldest.labels(spec.table).set(found.oldest.timestamp())
-    if failed is not None:
-        raise failed
+    return failed
 
 
 def is_partition(name: str | None, kind: str, parents: object = None) -> bool:

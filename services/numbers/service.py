@@ -64,9 +64,11 @@ class Numbers(Service):
         """Assignment changes past `change_log_retention_s`: on PostgreSQL whole partitions
         first (plumbing.partitions), then the rows left past the cutoff."""
         partitioned = [(partitions.NUMBER_EVENTS, settings.change_log_retention_s)]
-        await partitions.maintain(db, partitioned, self.metrics)
+        failure = await partitions.maintain(db, partitioned, self.metrics)
         cutoff = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=settings.change_log_retention_s)
         purged = await db.run(storage.purge_events, cutoff, write=True)
         self.metrics.purge_removed.labels("number_events").inc(purged)
         if purged:
             log.info("purged change log", log="numbers", events=purged)
+        if failure is not None:
+            raise failure

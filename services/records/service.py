@@ -71,7 +71,7 @@ class Records(Service):
         """Call records past `record_retention_s` and audit events past `audit_retention_s`:
         on PostgreSQL whole partitions first (plumbing.partitions), then the rows left past the
         cutoff (all of them on SQLite), in chunks, one short transaction each."""
-        await partitions.maintain(db, self._partitioned(settings), self.metrics)
+        failure = await partitions.maintain(db, self._partitioned(settings), self.metrics)
         now = dt.datetime.now(dt.UTC)
         cutoff = now - dt.timedelta(seconds=settings.record_retention_s)
         purged = 0
@@ -90,3 +90,5 @@ class Records(Service):
         removed.labels("audit_events").inc(audited)
         if audited:
             log.info("purged audit events", events=audited)
+        if failure is not None:
+            raise failure

@@ -62,7 +62,7 @@ class Usage(Service):
         """Call durations, the platform's calls kept, and the usage of their days, past
         `usage_retention_s` (from the call's start): on PostgreSQL whole partitions first
         (plumbing.partitions), then the rows left past the cutoff."""
-        await partitions.maintain(db, _partitioned(settings), self.metrics)
+        failure = await partitions.maintain(db, _partitioned(settings), self.metrics)
         cutoff = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=settings.usage_retention_s)
         removed = self.metrics.purge_removed
         purged = await db.run(ingest.purge_durations, cutoff, write=True)
@@ -74,6 +74,8 @@ class Usage(Service):
         purged += calls
         if purged:
             log.info("purged call durations", records=purged)
+        if failure is not None:
+            raise failure
 
 
 def _partitioned(settings: Settings) -> list[tuple[partitions.Partitioned, float]]:
