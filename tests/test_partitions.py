@@ -46,8 +46,6 @@ from tests.records_data import (
     stream_all,
 )
 
-pytestmark = pytest.mark.postgres
-
 EPOCH = stamp(dt.datetime(2000, 1, 1, tzinfo=dt.UTC))
 
 
@@ -79,6 +77,7 @@ def _sample(system: RunningSystem, name: str, table: str) -> float | None:
     return system.runtime.metrics.registry.get_sample_value(name, {"table": table})
 
 
+@pytest.mark.postgres
 def test_partitions_are_made_at_start_and_ahead(pg_system: RunningSystem) -> None:
     settings = pg_system.runtime.settings
     retention = {
@@ -106,6 +105,7 @@ def test_partitions_are_made_at_start_and_ahead(pg_system: RunningSystem) -> Non
     assert durations[0].start <= now - dt.timedelta(seconds=settings.usage_retention_s)
 
 
+@pytest.mark.postgres
 def test_a_row_without_a_partition_is_refused_then_accepted_once_maintenance_ran(
     pg_system: RunningSystem,
 ) -> None:
@@ -133,6 +133,7 @@ def test_a_row_without_a_partition_is_refused_then_accepted_once_maintenance_ran
     assert ids(kept) == [first.call_id]
 
 
+@pytest.mark.postgres
 def test_retention_drops_whole_partitions_and_expires_cursors_into_them(
     pg_system: RunningSystem,
 ) -> None:
@@ -228,6 +229,7 @@ def _together(held: _Held, *calls: Callable[[], Any]) -> list[Any]:
     return results
 
 
+@pytest.mark.postgres
 def test_concurrent_publishers_store_a_call_once(pg_system: RunningSystem) -> None:
     """Two publishers of one call_id with other content (another invite time), released at
     the same moment: no constraint stops a second row (the partitioned table has none on
@@ -254,6 +256,7 @@ def test_concurrent_publishers_store_a_call_once(pg_system: RunningSystem) -> No
     assert _run(pg_system, stored) == 1
 
 
+@pytest.mark.postgres
 def test_concurrent_submitters_store_a_record_and_a_call_once(pg_system: RunningSystem) -> None:
     """Two streams of one operator report one call and one record_id each, with a start time in
     another week (another partition: no key of the table sees both). Both are held after their
@@ -430,15 +433,27 @@ def _contents(engine: sa.Engine) -> dict[str, list[tuple[Any, ...]]]:
         return found
 
 
+def _migrate(url: str, revision: str, *, down: bool = False) -> None:
+    engine = sa.create_engine(url)
+    config = alembic_config(url)
+    try:
+        with engine.begin() as connection:
+            config.attributes["connection"] = connection
+            (command.downgrade if down else command.upgrade)(config, revision)
+    finally:
+        engine.dispose()
+
+
 def test_rows_stored_before_the_migration_are_kept_and_served(
-    session_pki: Pki, postgres_url: str, tmp_path: Path
+    session_pki: Pki, database_url: str, tmp_path: Path
 ) -> None:
-    engine = sa.create_engine(postgres_url)
-    config = alembic_config(postgres_url)
-    with engine.begin() as connection:
-        config.attributes["connection"] = connection
-        command.upgrade(config, "0007")
-    counts = _rows_at_0007(postgres_url)
+    """On both backends (SQLite's tables stay plain; its media streams get their publish
+    time): every row kept and served, a cursor from before resumes; down to 0007 and up again
+    keeps them too."""
+    postgres = database_url.startswith("postgresql")
+    engine = sa.create_engine(database_url)
+    _migrate(database_url, "0007")
+    counts = _rows_at_0007(database_url)
     assert counts == {
         "call_records": 3,
         "call_media_streams": 6,
@@ -449,14 +464,14 @@ def test_rows_stored_before_the_migration_are_kept_and_served(
     }
     before = _contents(engine)
 
-    database = Database(postgres_url, threads=1)
+    database = Database(database_url, threads=1)
     database.migrate()
     database.close()
 
     assert _counts(engine) == counts
     assert _contents(engine) == before
     with engine.connect() as conn:
-        for table in TABLES:
+        for table in TABLES if postgres else ():
             kind = conn.execute(
                 sa.text("SELECT relkind FROM pg_class WHERE oid = CAST(:t AS regclass)"),
                 {"t": table},
@@ -469,7 +484,7 @@ def test_rows_stored_before_the_migration_are_kept_and_served(
             )
         ).scalar_one()
         assert unmatched == 0
-    system = start_system(settings_for(tmp_path, session_pki.paths, postgres_url), session_pki)
+    system = start_system(settings_for(tmp_path, session_pki.paths, database_url), session_pki)
     try:
         # A cursor handed out before the migration (after the first record) resumes after it.
         kept, _, _ = stream_all(system.records(), cursor=encode_cursor(LOG, 1))
@@ -490,4 +505,9 @@ def test_rows_stored_before_the_migration_are_kept_and_served(
         assert ids_now[:2] == [1, 2] and len(ids_now) > 2 and ids_now[2] > 2
     finally:
         system.stop()
-        engine.dispose()
+    served = _contents(engine)
+    _migrate(database_url, "0007", down=True)
+    assert _contents(engine) == served
+    _migrate(database_url, "head")
+    assert _contents(engine) == served
+    engine.dispose()

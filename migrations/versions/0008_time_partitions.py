@@ -190,5 +190,95 @@ def upgrade() -> None:
         )
 
 
+# What 0007 had: each table's primary key, unique constraints and indexes.
+BEFORE: dict[
+    str, tuple[tuple[str, ...], dict[str, tuple[str, ...]], dict[str, tuple[str, ...]]]
+] = {
+    "call_media_streams": (
+        ("position", "stream_index"),
+        {},
+        {"ix_call_media_streams_operator_invite": ("operator_id", "invite_time")},
+    ),
+    "call_records": (
+        ("position",),
+        {"call_records_call_id_key": ("call_id",)},
+        {
+            "ix_call_records_operator_invite": ("operator_id", "invite_time"),
+            "ix_call_records_operator_position": ("operator_id", "position"),
+            "ix_call_records_publish_time": ("publish_time",),
+        },
+    ),
+    "number_events": (
+        ("position",),
+        {},
+        {
+            "ix_number_events_operator_position": ("operator_id", "position"),
+            "ix_number_events_occurred_at": ("occurred_at",),
+        },
+    ),
+    "audit_events": (
+        ("id",),
+        {},
+        {
+            "ix_audit_events_principal_at": ("principal", "at"),
+            "ix_audit_events_at": ("at",),
+        },
+    ),
+    "call_durations": (
+        ("operator_id", "record_id"),
+        {"uq_call_durations_operator_call": ("operator_id", "call_id")},
+        {
+            "ix_call_durations_operator_start": ("operator_id", "start_time"),
+            "ix_call_durations_tenant_start": ("tenant_id", "start_time"),
+        },
+    ),
+    "usage_platform_calls": (
+        ("call_id",),
+        {},
+        {
+            "ix_usage_platform_calls_operator_answer": ("operator_id", "answer_time"),
+            "ix_usage_platform_calls_tenant_answer": ("tenant_id", "answer_time"),
+        },
+    ),
+}
+
+
+def _unpartition(table: str) -> None:
+    """A partitioned table back to a plain one, every row kept."""
+    key, unique, indexes = BEFORE[table]
+    bind = op.get_bind()
+    plain = f"{table}_plain"
+    op.execute(f"CREATE TABLE {plain} (LIKE {table} INCLUDING DEFAULTS)")
+    op.execute(f"INSERT INTO {plain} SELECT * FROM {table}")  # noqa: S608
+    if table == "call_media_streams":
+        op.execute(f"ALTER TABLE {plain} DROP COLUMN publish_time")
+    sequence = None
+    if table == "audit_events":
+        sequence = bind.scalar(sa.text("SELECT pg_get_serial_sequence('audit_events', 'id')"))
+        op.execute(f"ALTER SEQUENCE {sequence} OWNED BY NONE")
+    op.execute(f"DROP TABLE {table}")  # and its partitions
+    op.execute(f"ALTER TABLE {plain} RENAME TO {table}")
+    op.execute(f"ALTER TABLE {table} ADD CONSTRAINT {table}_pkey PRIMARY KEY ({', '.join(key)})")
+    for name, columns in unique.items():
+        op.execute(f"ALTER TABLE {table} ADD CONSTRAINT {name} UNIQUE ({', '.join(columns)})")
+    for name, columns in indexes.items():
+        op.execute(f"CREATE INDEX {name} ON {table} ({', '.join(columns)})")
+    if sequence is not None:
+        op.execute(f"ALTER SEQUENCE {sequence} OWNED BY {table}.id")
+
+
 def downgrade() -> None:
-    raise NotImplementedError("0008 (time partitions) is not undone: restore a backup")
+    if op.get_bind().dialect.name == "postgresql":
+        for table in BEFORE:
+            _unpartition(table)
+        return
+    with op.batch_alter_table("call_media_streams") as batch_op:
+        batch_op.drop_column("publish_time")
+    with op.batch_alter_table("call_durations") as batch_op:
+        batch_op.drop_index("ix_call_durations_operator_call")
+        batch_op.create_unique_constraint(
+            "uq_call_durations_operator_call", ["operator_id", "call_id"]
+        )
+    with op.batch_alter_table("call_records") as batch_op:
+        batch_op.drop_index("ix_call_records_call_id")
+        batch_op.create_unique_constraint("uq_call_records_call_id", ["call_id"])
