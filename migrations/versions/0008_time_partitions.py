@@ -105,11 +105,14 @@ def period_start(at: dt.datetime, days: int) -> dt.datetime:
     return dt.datetime(day.year, day.month, day.day, tzinfo=dt.UTC)
 
 
-def _starts(oldest: dt.datetime | None, days: int) -> list[dt.datetime]:
-    """The periods from the oldest row's (or now's) through the next AHEAD[days] after now."""
+def _starts(oldest: dt.datetime | None, newest: dt.datetime | None, days: int) -> list[dt.datetime]:
+    """The periods from the oldest row's (or now's) through the next AHEAD[days] after now (or
+    the newest row's, if later: every row has its partition)."""
     now = dt.datetime.now(dt.UTC)
     first = period_start(min(oldest, now) if oldest is not None else now, days)
     last = period_start(now, days) + dt.timedelta(days=days * AHEAD[days])
+    if newest is not None:
+        last = max(last, period_start(newest, days))
     starts = [first]
     while starts[-1] < last:
         starts.append(starts[-1] + dt.timedelta(days=days))
@@ -127,10 +130,13 @@ def _rebuild(table: str) -> None:
         f"CREATE TABLE {new} (LIKE {table} INCLUDING DEFAULTS{added}) PARTITION BY RANGE ({column})"
     )
     if table == "call_media_streams":
-        oldest = bind.scalar(sa.text("SELECT min(publish_time) FROM call_records"))
+        source, column = "call_records", "publish_time"
     else:
-        oldest = bind.scalar(sa.text(f"SELECT min({column}) FROM {table}"))  # noqa: S608
-    for start in _starts(oldest, days):
+        source = table
+    oldest, newest = bind.execute(
+        sa.text(f"SELECT min({column}), max({column}) FROM {source}")  # noqa: S608
+    ).one()
+    for start in _starts(oldest, newest, days):
         end = start + dt.timedelta(days=days)
         op.execute(
             f"CREATE TABLE {table}_p{start:%Y%m%d} PARTITION OF {new}"
