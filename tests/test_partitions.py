@@ -134,6 +134,44 @@ def test_a_row_without_a_partition_is_refused_then_accepted_once_maintenance_ran
 
 
 @pytest.mark.postgres
+def test_maintenance_that_cannot_lock_a_table_gives_up_and_does_the_others(
+    pg_system: RunningSystem,
+) -> None:
+    """A long reader of call_records holds back the partition its maintenance must make
+    (making one takes the parent's ACCESS EXCLUSIVE lock): it gives up after LOCK_TIMEOUT, the
+    audit table is still done, the purge counts a failure; the next purge, the reader gone,
+    makes it."""
+    runtime = pg_system.runtime
+    newest = _run(pg_system, partitions.partitions, partitions.RECORDS)[-1]
+
+    def drop_newest(session: sa.orm.Session) -> None:
+        session.execute(sa.text(f"DROP TABLE {newest.name}"))
+
+    _run(pg_system, drop_newest)
+    audit_before = _sample(pg_system, "opconnect_partitions_created_total", "audit_events")
+    reader = _Held(
+        runtime.settings.database_url,
+        "SELECT count(*) FROM call_records",  # and its transaction stays open
+        {},
+    )
+    try:
+        pg_system.call(server.purge(runtime))
+    finally:
+        reader.release()
+    failed = runtime.metrics.registry.get_sample_value(
+        "opconnect_purge_runs_total", {"service": "records", "result": "failed"}
+    )
+    assert failed == 1
+    assert newest.name not in _names(pg_system, partitions.RECORDS)
+    assert _sample(pg_system, "opconnect_partitions_created_total", "audit_events") == audit_before
+    assert _sample(pg_system, "opconnect_partitions", "audit_events")  # maintained: exported
+
+    pg_system.call(server.purge(runtime))
+
+    assert newest.name in _names(pg_system, partitions.RECORDS)
+
+
+@pytest.mark.postgres
 def test_retention_drops_whole_partitions_and_expires_cursors_into_them(
     pg_system: RunningSystem,
 ) -> None:
