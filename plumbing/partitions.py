@@ -21,11 +21,13 @@ exact: a row outlives its retention by at most the purge interval.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import enum
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 from sqlalchemy import text
 from sqlalchemy.orm import Session
@@ -47,9 +49,13 @@ class Period(enum.Enum):
 # keeps failing leaves that long before writes are refused (OpconnectPartitionsRunningOut
 # warns two days before).
 AHEAD = {Period.DAY: 7, Period.WEEK: 4}
-# How long maintenance waits for a table's lock before giving up until the next run (it never
-# queues the table's writers behind a long reader for longer).
-LOCK_TIMEOUT = "5s"
+# Making or dropping a partition takes the table's ACCESS EXCLUSIVE lock: it waits for every
+# open reader of the table, and the table's writers queue behind it meanwhile. So maintenance
+# waits at most LOCK_TIMEOUT for it, tries TRIES times RETRY_S apart, then gives the table up
+# until the next purge (a week of partitions ahead leaves many).
+LOCK_TIMEOUT = "250ms"
+TRIES = 3
+RETRY_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -216,6 +222,23 @@ def state(session: Session, spec: Partitioned) -> State:
     return State(len(found), found[0].start, found[-1].end)
 
 
+async def _maintain_one(
+    db: Database, spec: Partitioned, retention_s: float, metrics: Metrics, drop: bool
+) -> State:
+    now = dt.datetime.now(dt.UTC)
+    created = await db.run(create_ahead, spec, now, retention_s, write=True)
+    metrics.partitions_created.labels(spec.table).inc(len(created))
+    if created:
+        log.info("partitions created", table=spec.table, count=len(created))
+    if drop:
+        cutoff = now - dt.timedelta(seconds=retention_s)
+        dropped = await db.run(drop_past, spec, cutoff, write=True)
+        metrics.partitions_dropped.labels(spec.table).inc(len(dropped))
+        if dropped:
+            log.info("partitions dropped", table=spec.table, count=len(dropped))
+    return cast(State, await db.run(state, spec))
+
+
 async def maintain(
     db: Database,
     tables: Sequence[tuple[Partitioned, float]],
@@ -225,30 +248,31 @@ async def maintain(
 ) -> Exception | None:
     """Create each table's partitions ahead and (with `drop`) drop those past its retention
     (seconds, given with it), one transaction per table; export what they cover. Nothing on
-    SQLite. A table that fails (its lock not had within LOCK_TIMEOUT, storage trouble) is
-    logged and the others are done; the first failure is returned, for the service's purge to
-    raise once its chunked deletes have run (the purge counts a failure; the next run tries
-    again)."""
+    SQLite. A table that fails TRIES times (its lock not had within LOCK_TIMEOUT, storage
+    trouble) is logged and the others are done; the first failure is returned, for the
+    service's purge to raise once its chunked deletes have run (the purge counts a failure;
+    the next run tries again)."""
     if db.engine.dialect.name != "postgresql":
         return None
     failed: Exception | None = None
     for spec, retention_s in tables:
-        try:
-            now = dt.datetime.now(dt.UTC)
-            created = await db.run(create_ahead, spec, now, retention_s, write=True)
-            metrics.partitions_created.labels(spec.table).inc(len(created))
-            if created:
-                log.info("partitions created", table=spec.table, count=len(created))
-            if drop:
-                cutoff = now - dt.timedelta(seconds=retention_s)
-                dropped = await db.run(drop_past, spec, cutoff, write=True)
-                metrics.partitions_dropped.labels(spec.table).inc(len(dropped))
-                if dropped:
-                    log.info("partitions dropped", table=spec.table, count=len(dropped))
-            found = await db.run(state, spec)
-        except Exception as error:
-            log.error("partition maintenance failed", table=spec.table, error=str(error)[:200])
-            failed = failed or error
+        found: State | None = None
+        for attempt in range(1, TRIES + 1):
+            try:
+                found = await _maintain_one(db, spec, retention_s, metrics, drop)
+                break
+            except Exception as error:
+                log.error(
+                    "partition maintenance failed",
+                    table=spec.table,
+                    attempt=attempt,
+                    error=str(error)[:200],
+                )
+                if attempt == TRIES:
+                    failed = failed or error
+                else:
+                    await asyncio.sleep(RETRY_S)
+        if found is None:
             continue
         metrics.partitions.labels(spec.table).set(found.count)
         if found.until is not None and found.oldest is not None:
