@@ -208,13 +208,22 @@ class Notifier:
 
 class PostgresListener:
     """LISTENs on PostgreSQL and feeds the local notifier, so a change committed through one
-    replica wakes streams attached to any other. Reconnects with backoff if the link drops."""
+    replica wakes streams attached to any other. Reconnects with backoff if the link drops.
 
-    def __init__(self, url: str, notifier: Notifier) -> None:
+    LISTEN needs a session of its own for as long as it listens: `url` names the server
+    itself (`database_listen_url`), never a transaction pooler, which would hand the session
+    to other clients between transactions. Its state is exported (`metrics`): connected or
+    not, and how often it was lost."""
+
+    def __init__(self, url: str, notifier: Notifier, metrics: Metrics | None = None) -> None:
         self._url = url.replace("postgresql+psycopg://", "postgresql://")
         self._notifier = notifier
         self._task: asyncio.Task[None] | None = None
         self.ready = asyncio.Event()
+        self.backend_pid = 0  # the server process of its connection, while connected
+        metrics = metrics or Metrics(enabled=False)
+        self._connected = metrics.listener_connected
+        self._reconnects = metrics.listener_reconnects
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="pg-listener")
@@ -232,7 +241,9 @@ class PostgresListener:
                     self._url, autocommit=True
                 ) as conn:
                     await conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                    self.backend_pid = conn.info.backend_pid
                     self.ready.set()
+                    self._connected.set(1)
                     delay = 0.5
                     # Anything committed while we were away: wake everyone once.
                     for log_name in self._notifier.logs():
@@ -247,6 +258,8 @@ class PostgresListener:
                 raise
             except Exception as error:  # keep listening whatever went wrong
                 self.ready.clear()
+                self._connected.set(0)
+                self._reconnects.inc()
                 log.warning("postgres listener reconnecting", error=str(error)[:200], delay_s=delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)

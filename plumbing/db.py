@@ -34,7 +34,7 @@ from alembic import command
 from alembic.config import Config
 from opentelemetry.trace import Tracer
 from prometheus_client.core import Metric
-from sqlalchemy import Engine, create_engine, event, exc
+from sqlalchemy import Engine, create_engine, event, exc, make_url
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 from sqlalchemy.pool import QueuePool
@@ -70,11 +70,17 @@ class Database:
         busy_timeout_s: float = 30.0,
         metrics: Metrics | None = None,
         tracer: Tracer | None = None,
+        pool_size: int = 0,
+        max_overflow: int = 2,
+        prepare_threshold: int = 5,
     ) -> None:
         """`work_per_lane`: units one principal may run at once (0: as many as `threads`);
         `busy_timeout_s`: how long SQLite waits for another process's write lock; `metrics`:
         where units of work are counted and timed (none: not at all); `tracer`: where units
-        done for a traced call are spans (none: tracing is off)."""
+        done for a traced call are spans (none: tracing is off). PostgreSQL only:
+        `pool_size` connections kept (0: `threads`), `max_overflow` more opened at a peak,
+        `prepare_threshold` executions of a statement before psycopg prepares it on the server
+        (0: never, as behind a transaction pooler)."""
         self.url = url
         self.metrics = metrics or Metrics(enabled=False)
         self.tracer = tracer
@@ -94,10 +100,18 @@ class Database:
             _sqlite_setup(engine, busy_timeout_s)
             read_engine: Engine = engine
             write_engine: Engine = engine.execution_options(sqlite_begin="IMMEDIATE")
+            self.max_connections = threads
         else:
-            engine = create_engine(url, pool_size=threads, max_overflow=2, pool_pre_ping=True)
+            engine = create_engine(
+                url,
+                pool_size=pool_size or threads,
+                max_overflow=max_overflow,
+                pool_pre_ping=True,
+                connect_args=_psycopg_arguments(url, prepare_threshold),
+            )
             read_engine = engine.execution_options(isolation_level="REPEATABLE READ")
             write_engine = engine
+            self.max_connections = (pool_size or threads) + max_overflow
         self.engine: Engine = engine
         self._read = sessionmaker(read_engine, expire_on_commit=False)
         self._write = sessionmaker(write_engine, expire_on_commit=False)
@@ -114,10 +128,17 @@ class Database:
             "Database connections of this process's pool, by state (in_use, idle).",
             ("state",),
         )
+        limit = gauge(
+            "opconnect_db_pool_max_connections",
+            "Database connections this process's pool may open at once (its size plus overflow:"
+            " db_pool_size + db_max_overflow on PostgreSQL).",
+        )
         if isinstance(pool, QueuePool):
             family.add_metric(["in_use"], pool.checkedout())
             family.add_metric(["idle"], pool.checkedin())
+        limit.add_metric([], self.max_connections)
         yield family
+        yield limit
 
     def session(self, *, write: bool) -> Session:
         """A new session (use as a context manager with `.begin()`)."""
@@ -266,6 +287,15 @@ def _partitioned_table(error: exc.DBAPIError) -> str:
 def _is_busy(error: exc.OperationalError) -> bool:
     code = getattr(error.orig, "sqlite_errorcode", None)
     return isinstance(code, int) and code & 0xFF in (_SQLITE_BUSY, _SQLITE_LOCKED)
+
+
+def _psycopg_arguments(url: str, prepare_threshold: int) -> dict[str, Any]:
+    """psycopg's connection arguments: when it prepares statements on the server (never for
+    0: a transaction pooler hands each transaction any server connection, where a statement
+    prepared on another is unknown)."""
+    if make_url(url).get_driver_name() != "psycopg":
+        return {}
+    return {"prepare_threshold": prepare_threshold or None}
 
 
 def _lane() -> str:

@@ -314,7 +314,21 @@ class Metrics:
             "Units of database work that failed, by kind and reason (busy, unavailable, error).",
             ("kind", "reason"),
         )
-        # opconnect_db_pool_connections{state="in_use"|"idle"} is read at scrape time.
+        # opconnect_db_pool_connections{state="in_use"|"idle"} and
+        # opconnect_db_pool_max_connections are read at scrape time.
+        self.listener_connected = self._gauge(
+            "opconnect_changelog_listener_connected",
+            "1 while this process's LISTEN connection to PostgreSQL is up (other replicas'"
+            " commits wake its streams, its read cache is used); 0 while it reconnects, and"
+            " in processes that have none (SQLite, gateways).",
+            (),
+        )
+        self.listener_reconnects = self._counter(
+            "opconnect_changelog_listener_reconnects_total",
+            "Times this process's LISTEN connection to PostgreSQL was lost or could not be"
+            " opened (it is opened again with backoff).",
+            (),
+        )
 
         # --- trust ----------------------------------------------------------------------------
         self.trust_reloads = self._counter(
@@ -537,6 +551,7 @@ SCRAPE_FAMILIES = (
     "opconnect_changelog_head_position",
     "opconnect_changelog_purged_position",
     "opconnect_db_pool_connections",
+    "opconnect_db_pool_max_connections",
     "opconnect_certificate_expiry_seconds",
     "opconnect_crl_next_update_seconds",
     "opconnect_deny_list_entries",

@@ -92,3 +92,10 @@ def test_fairness_bench() -> None:
         assert positive(report[phase]["write_ms"]["p99"], report[phase]["read_ms"]["p99"])
     assert positive(report["write_p99_ratio"], report["read_p99_ratio"])
     assert not any(k.startswith("UNAVAILABLE") for k in report["busy"])
+
+
+def test_replicas_bench() -> None:
+    report = run_bench("replicas")  # SQLite: across the gateways only
+    for way in ("cross", "same"):
+        assert report["latency_ms"][way]["n"] > 0
+    assert positive(report["cross_p99_ms"], report["cross_over_same_p99"])
