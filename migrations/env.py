@@ -15,6 +15,7 @@ import services.numbers.storage
 import services.records.storage
 import services.usage.tables
 from plumbing.db import Base
+from plumbing.partitions import include_name
 
 target_metadata = Base.metadata
 LOCK_ID = 0x6F70636F  # "opco": one migrator at a time across replicas on PostgreSQL
@@ -30,6 +31,7 @@ def run(connection: Connection) -> None:
         target_metadata=target_metadata,
         render_as_batch=connection.dialect.name == "sqlite",
         compare_type=True,
+        include_name=include_name,  # the time partitions are no model's
     )
     with context.begin_transaction():
         context.run_migrations()

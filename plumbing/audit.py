@@ -55,7 +55,9 @@ class AuditEventRow(Base):
     id: Mapped[int] = mapped_column(
         BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
     )
-    at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    # The partition key on PostgreSQL (plumbing/partitions.py), so part of the primary key
+    # there (the id comes from the sequence audit_events_id_seq); SQLite keeps `id` alone.
+    at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), primary_key=True)
     principal: Mapped[str] = mapped_column(String(80))
     method: Mapped[str] = mapped_column(String(120))
     filters: Mapped[str] = mapped_column(String(2000))
@@ -67,6 +69,7 @@ class AuditEventRow(Base):
     __table_args__ = (
         Index("ix_audit_events_principal_at", "principal", "at"),
         Index("ix_audit_events_at", "at"),
+        {"postgresql_partition_by": "RANGE (at)"},
     )
 
 

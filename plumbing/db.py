@@ -34,7 +34,7 @@ from alembic import command
 from alembic.config import Config
 from opentelemetry.trace import Tracer
 from prometheus_client.core import Metric
-from sqlalchemy import Engine, Table, create_engine, event, exc, make_url
+from sqlalchemy import Connection, Engine, Table, create_engine, event, exc, make_url
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 from sqlalchemy.pool import QueuePool
@@ -253,6 +253,11 @@ class Database:
             if error.connection_invalidated:
                 log.error("storage connection lost", error=str(error.orig)[:200])
                 raise unavailable("STORAGE_UNAVAILABLE", "storage is unavailable; retry") from error
+            if _no_partition(error):
+                # A row past the time partitions made ahead (plumbing/partitions.py): nothing
+                # of the unit was stored; maintenance makes them, so the caller retries.
+                log.error("no partition for a row", table=_partitioned_table(error))
+                raise unavailable("STORAGE_UNAVAILABLE", "storage is unavailable; retry") from error
             raise
 
     def migrate(self) -> None:
@@ -277,6 +282,23 @@ _SQLITE_BUSY, _SQLITE_LOCKED = 5, 6
 
 class _Busy(Exception):
     """SQLite answered busy or locked (the driver's message; the cause is its error)."""
+
+
+_CHECK_VIOLATION = "23514"  # PostgreSQL's SQLSTATE for a row no partition accepts, among others
+
+
+def _no_partition(error: exc.DBAPIError) -> bool:
+    """PostgreSQL refused a row because no partition holds its partition key."""
+    diag = getattr(error.orig, "diag", None)
+    primary = getattr(diag, "message_primary", None) or ""
+    return getattr(error.orig, "sqlstate", None) == _CHECK_VIOLATION and primary.startswith(
+        "no partition of relation"
+    )
+
+
+def _partitioned_table(error: exc.DBAPIError) -> str:
+    """The table a row had no partition in (its name only: the row's values stay out of logs)."""
+    return str(getattr(getattr(error.orig, "diag", None), "table_name", None) or "")
 
 
 def _is_busy(error: exc.OperationalError) -> bool:
@@ -339,8 +361,9 @@ def driver_fetch(session: Session, sql: str, params: Sequence[Any]) -> list[tupl
         sql = sql.replace("?", "%s")
     cursor = connection.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
     try:
-        cursor.execute(sql, tuple(params))
-        return list(cursor.fetchall())
+        with _driver_errors(connection, cursor, sql):
+            cursor.execute(sql, tuple(params))
+            return list(cursor.fetchall())
     finally:
         cursor.close()
 
@@ -354,7 +377,8 @@ def driver_execute_many(session: Session, sql: str, rows: Sequence[Sequence[Any]
         sql = sql.replace("?", "%s")
     cursor = connection.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
     try:
-        cursor.executemany(sql, rows)
+        with _driver_errors(connection, cursor, sql):
+            cursor.executemany(sql, rows)
     finally:
         cursor.close()
 
@@ -372,14 +396,40 @@ def driver_insert_many(
     try:
         if connection.dialect.name == "postgresql":
             copy_sql = f"COPY {table.name} ({', '.join(columns)}) FROM STDIN (FORMAT BINARY)"
-            with cursor.copy(copy_sql) as copy:
+            with _driver_errors(connection, cursor, copy_sql), cursor.copy(copy_sql) as copy:
                 copy.set_types(_copy_types(table, tuple(columns)))
                 for row in rows:
                     copy.write_row(row)
         else:
-            cursor.executemany(insert_sql(table, columns), rows)
+            sql = insert_sql(table, columns)
+            with _driver_errors(connection, cursor, sql):
+                cursor.executemany(sql, rows)
     finally:
         cursor.close()
+
+
+@contextlib.contextmanager
+def _driver_errors(connection: Connection, cursor: Any, sql: str) -> Iterator[None]:
+    """The driver's own errors, raised as SQLAlchemy raises them from a statement it runs (an
+    `OperationalError`, an `IntegrityError`, ..., with `connection_invalidated` when the link is
+    gone), so a unit on the driver fails as any other: `Database` answers UNAVAILABLE for a lost
+    database or a row with no partition, busy SQLite is retried. The parameters (records) are
+    kept out of the error's text."""
+    dialect = connection.dialect
+    base = dialect.loaded_dbapi.Error
+    try:
+        yield
+    except base as error:
+        gone = dialect.is_disconnect(error, connection.connection.dbapi_connection, cursor)
+        raise exc.DBAPIError.instance(
+            sql,
+            None,
+            error,
+            base,
+            hide_parameters=True,
+            connection_invalidated=gone,
+            dialect=dialect,
+        ) from error
 
 
 def insert_sql(table: Table, columns: Sequence[str]) -> str:

@@ -270,6 +270,32 @@ class Metrics:
             "When a service's retention purge last completed (Unix time).",
             ("service",),
         )
+        # Time partitions (PostgreSQL only; plumbing.partitions), by table, set by each
+        # maintenance (at start-up and every purge) of the tables of the services it runs.
+        self.partitions = self._gauge(
+            "opconnect_partitions", "Time partitions a partitioned table has.", ("table",)
+        )
+        self.partitions_until = self._gauge(
+            "opconnect_partitions_until_timestamp_seconds",
+            "The upper bound of a table's newest partition (Unix time): rows later than it"
+            " are refused until maintenance creates more (it keeps a week of days or four"
+            " weeks ahead).",
+            ("table",),
+        )
+        self.partitions_oldest = self._gauge(
+            "opconnect_partitions_oldest_timestamp_seconds",
+            "The lower bound of a table's oldest partition (Unix time): further back than its"
+            " retention and one period means partitions are not being dropped.",
+            ("table",),
+        )
+        self.partitions_created = self._counter(
+            "opconnect_partitions_created_total", "Time partitions created, by table.", ("table",)
+        )
+        self.partitions_dropped = self._counter(
+            "opconnect_partitions_dropped_total",
+            "Time partitions dropped past retention, by table.",
+            ("table",),
+        )
 
         # --- database -------------------------------------------------------------------------
         self.db_unit_seconds = self._histogram(

@@ -5,6 +5,7 @@ mutual TLS, driven by ordinary (synchronous) gRPC clients as an operator's would
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import os
 import queue
 import shutil
@@ -27,7 +28,7 @@ from gateway import pki
 from gateway.registry import Anchor, OperatorStatus, ca_anchors
 from opconnect.numbers.v1 import numbers_pb2, numbers_pb2_grpc
 from opconnect.records.v1 import records_pb2_grpc
-from plumbing import tokens
+from plumbing import partitions, tokens
 from plumbing.audit import AuditLog
 from plumbing.config import Settings
 from plumbing.db import Database
@@ -125,9 +126,14 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 @pytest.fixture
 def db(database_url: str) -> Iterator[Database]:
-    """A migrated database of each backend."""
+    """A migrated database of each backend (on PostgreSQL with its time partitions made, as the
+    services make them at start-up: back to the usage retention, and ahead)."""
     database = Database(database_url, threads=4)
     database.migrate()
+    if database.engine.dialect.name == "postgresql":
+        now, retention = dt.datetime.now(dt.UTC), Settings().usage_retention_s
+        for spec in partitions.TABLES:
+            database.transaction(partitions.create_ahead, spec, now, retention, write=True)
     yield database
     database.close()
 

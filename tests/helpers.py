@@ -30,8 +30,9 @@ from gateway import pki
 from gateway.registry import OperatorStatus
 from opconnect.numbers.v1 import numbers_pb2
 from opconnect.usage.v1 import usage_pb2, usage_pb2_grpc
-from plumbing import tokens
+from plumbing import partitions, tokens
 from plumbing.config import Settings
+from services.records import storage as records_storage
 from services.usage import feed
 from services.usage import tables as usage_tables
 from tests.conftest import (
@@ -575,3 +576,22 @@ def metrics_target(system: RunningSystem) -> str:
     endpoint = system.runtime.metrics_endpoint
     assert endpoint is not None, "metrics_listen is not set"
     return f"{endpoint.address}:{endpoint.port}"
+
+
+def age_records(system: RunningSystem, call_ids: list[str], days: float) -> None:
+    """Make records (and their streams) look published `days` ago (as if the clock had moved
+    on). On PostgreSQL the partitions of that time are made first, as they were then."""
+    then = dt.datetime.now(dt.UTC) - dt.timedelta(days=days)
+    records, streams = records_storage.RECORDS, records_storage.STREAMS
+
+    def update(session: sa.orm.Session) -> None:
+        if session.get_bind().dialect.name == "postgresql":
+            partitions.create_ahead(session, partitions.RECORDS, then, 0)
+        chosen = sa.select(records.c.position).where(records.c.call_id.in_(call_ids))
+        positions = list(session.scalars(chosen))
+        for table in (records, streams):
+            session.execute(
+                sa.update(table).where(table.c.position.in_(positions)).values(publish_time=then)
+            )
+
+    system.call(system.runtime.db.run(update, write=True))

@@ -14,23 +14,10 @@ from opconnect.records.v1 import records_pb2 as pb
 from plumbing import audit
 from services.records import storage
 from tests.conftest import RunningSystem, rich_error
+from tests.helpers import age_records
 from tests.records_data import ids, publish_records, record, stamp, stream_all
 
 EPOCH = stamp(dt.datetime(2000, 1, 1, tzinfo=dt.UTC))
-
-
-def _age(system: RunningSystem, call_ids: list[str], days: int) -> None:
-    """Make records look published `days` ago (as if the clock had moved on)."""
-    then = dt.datetime.now(dt.UTC) - dt.timedelta(days=days)
-
-    def update(session: sa.orm.Session) -> None:
-        session.execute(
-            sa.update(storage.RECORDS)
-            .where(storage.RECORDS.c.call_id.in_(call_ids))
-            .values(publish_time=then)
-        )
-
-    system.call(system.runtime.db.run(update, write=True))
 
 
 def _count(system: RunningSystem, table: sa.Table) -> int:
@@ -46,7 +33,7 @@ def test_purge_expires_cursors_and_keeps_the_rest(system: RunningSystem) -> None
     publish_records(system.ingest(), records)
     _, _, responses = stream_all(system.records(), start_time=EPOCH, max_batch_size=1)
     cursors = [r.cursor for r in responses if r.records]
-    _age(system, ids(records[:3]), days=31)
+    age_records(system, ids(records[:3]), days=31)
     assert _count(system, storage.STREAMS) == 10
 
     system.call(server.purge(system.runtime))
@@ -75,7 +62,7 @@ def test_purge_expires_cursors_and_keeps_the_rest(system: RunningSystem) -> None
 def test_purge_works_in_chunks(sqlite_system: RunningSystem) -> None:
     records = [record() for _ in range(7)]
     publish_records(sqlite_system.ingest(), records)
-    _age(sqlite_system, ids(records), days=40)
+    age_records(sqlite_system, ids(records), days=40)
     db = sqlite_system.runtime.db
     cutoff = dt.datetime.now(dt.UTC) - dt.timedelta(days=30)
     assert sqlite_system.call(db.run(storage.purge_records, cutoff, 3, write=True)).records == 3

@@ -20,10 +20,11 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from sqlalchemy import exc
 from sqlalchemy.orm import Session
 
 from plumbing import changelog
-from plumbing.db import Base, Database, driver_fetch
+from plumbing.db import Base, Database, driver_execute_many, driver_fetch, driver_insert_many
 from plumbing.direction import Direction
 from services.records import storage as records_storage
 from services.records.rules import StreamFilter
@@ -133,3 +134,24 @@ def test_the_usage_units_of_work_send_only_listed_statements(db: Database) -> No
         db.transaction(platform_calls.store_platform_calls, "f", [call("c-2")], "", write=True)
     listed = {*ingest.SQL, *usage_days.SQL}
     assert set(sent) == listed
+
+
+def test_the_drivers_own_errors_fail_a_unit_as_sqlalchemys_do(db: Database) -> None:
+    """A statement on the driver that the database refuses raises SQLAlchemy's error (so the
+    unit fails as any other: UNAVAILABLE for a lost database or a row with no partition),
+    without the rows' values rendered as parameters."""
+    heads = changelog.HEADS
+    secret = "+14255550123"
+    with pytest.raises(exc.IntegrityError) as twice:  # the unique log name
+        db.transaction(
+            driver_insert_many,
+            heads,
+            ("log", "position", "purged_through"),
+            [(secret, 0, 0), (secret, 0, 0)],
+            write=True,
+        )
+    assert "[parameters" not in str(twice.value)  # the rows are not rendered as parameters
+    with pytest.raises(exc.ProgrammingError if db.is_postgres else exc.OperationalError):
+        db.transaction(driver_execute_many, "INSERT INTO no_such_table VALUES (?)", [(1,)])
+    with pytest.raises(exc.DBAPIError):
+        db.transaction(driver_fetch, "SELECT no_such_column FROM change_log_heads", [])

@@ -29,6 +29,7 @@ from plumbing.changelog import (
 )
 from plumbing.db import Base, Database
 from plumbing.errors import ApiError, Kind
+from plumbing.partitions import include_name
 from services.numbers import storage
 from services.numbers.rules import LOG
 from tests.conftest import NO_POSTGRES, POSTGRES_URL, reset_postgres
@@ -36,7 +37,8 @@ from tests.conftest import NO_POSTGRES, POSTGRES_URL, reset_postgres
 
 def test_migrations_match_the_models(db: Database) -> None:
     with db.engine.connect() as conn:
-        diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+        context = MigrationContext.configure(conn, opts={"include_name": include_name})
+        diff = compare_metadata(context, Base.metadata)
     assert diff == []
 
 

@@ -7,6 +7,7 @@ from typing import ClassVar
 
 from opconnect.numbers.v1 import numbers_pb2 as pb
 from opconnect.numbers.v1 import numbers_pb2_grpc as pb_grpc
+from plumbing import partitions
 from plumbing.cache import ReadCache
 from plumbing.config import Settings
 from plumbing.db import Database
@@ -55,10 +56,19 @@ class Numbers(Service):
             NumberAdminService(host.db, host.notifier, cache, host.metrics), host.server
         )
 
+    async def start(self, host: Host) -> None:
+        partitioned = [(partitions.NUMBER_EVENTS, host.settings.change_log_retention_s)]
+        await partitions.maintain(host.db, partitioned, self.metrics, drop=False)
+
     async def purge(self, db: Database, settings: Settings) -> None:
-        """Assignment changes past `change_log_retention_s`."""
+        """Assignment changes past `change_log_retention_s`: on PostgreSQL whole partitions
+        first (plumbing.partitions), then the rows left past the cutoff."""
+        partitioned = [(partitions.NUMBER_EVENTS, settings.change_log_retention_s)]
+        failure = await partitions.maintain(db, partitioned, self.metrics)
         cutoff = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=settings.change_log_retention_s)
         purged = await db.run(storage.purge_events, cutoff, write=True)
         self.metrics.purge_removed.labels("number_events").inc(purged)
         if purged:
             log.info("purged change log", log="numbers", events=purged)
+        if failure is not None:
+            raise failure

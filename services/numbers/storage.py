@@ -87,11 +87,13 @@ class NumberEventRow(Base):
     sip_uri: Mapped[str] = mapped_column(String(512), default="")
     target_kind: Mapped[str] = mapped_column(String(32), default="")
     target_id: Mapped[str] = mapped_column(String(36), default="")
-    occurred_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    # The partition key on PostgreSQL (plumbing/partitions.py), so part of the primary key.
+    occurred_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), primary_key=True)
 
     __table_args__ = (
         Index("ix_number_events_operator_position", "operator_id", "position"),
         Index("ix_number_events_occurred_at", "occurred_at"),
+        {"postgresql_partition_by": "RANGE (occurred_at)"},
     )
 
 

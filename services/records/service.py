@@ -8,6 +8,7 @@ from typing import ClassVar
 from opconnect.records.v1 import records_pb2 as pb
 from opconnect.records.v1 import records_pb2_grpc as pb_grpc
 from plumbing import audit as audit_log
+from plumbing import partitions
 from plumbing.audit import AuditLog
 from plumbing.config import Settings
 from plumbing.db import Database
@@ -50,16 +51,27 @@ class Records(Service):
         )
 
     async def start(self, host: Host) -> None:
+        partitioned = self._partitioned(host.settings)
+        await partitions.maintain(host.db, partitioned, self.metrics, drop=False)
         if self.audit is not None:
             self.audit.start()
+
+    @staticmethod
+    def _partitioned(settings: Settings) -> list[tuple[partitions.Partitioned, float]]:
+        return [
+            (partitions.RECORDS, settings.record_retention_s),
+            (partitions.AUDIT_EVENTS, settings.audit_retention_s),
+        ]
 
     async def stop(self) -> None:
         if self.audit is not None:
             await self.audit.close()
 
     async def purge(self, db: Database, settings: Settings) -> None:
-        """Call records past `record_retention_s` (in chunks, one short transaction each) and
-        audit events past `audit_retention_s`."""
+        """Call records past `record_retention_s` and audit events past `audit_retention_s`:
+        on PostgreSQL whole partitions first (plumbing.partitions), then the rows left past the
+        cutoff (all of them on SQLite), in chunks, one short transaction each."""
+        failure = await partitions.maintain(db, self._partitioned(settings), self.metrics)
         now = dt.datetime.now(dt.UTC)
         cutoff = now - dt.timedelta(seconds=settings.record_retention_s)
         purged = 0
@@ -78,3 +90,5 @@ class Records(Service):
         removed.labels("audit_events").inc(audited)
         if audited:
             log.info("purged audit events", events=audited)
+        if failure is not None:
+            raise failure

@@ -72,7 +72,9 @@ class CallRecordRow(Base):
     __tablename__ = "call_records"
 
     position: Mapped[int] = mapped_column(POSITION, primary_key=True, autoincrement=False)
-    call_id: Mapped[str] = mapped_column(String(64), unique=True)
+    # Unique, though no constraint says so: PostgreSQL's partitioned table can only enforce
+    # uniqueness with the partition key (publish_time) included. `publish` keeps it: see there.
+    call_id: Mapped[str] = mapped_column(String(64))
     operator_id: Mapped[str] = mapped_column(String(63))
     tenant_id: Mapped[str] = mapped_column(String(36))
     direction: Mapped[str] = mapped_column(String(8))
@@ -85,7 +87,9 @@ class CallRecordRow(Base):
     duration_ms: Mapped[int] = mapped_column(BigInteger)
     final_sip_code: Mapped[int] = mapped_column(Integer)
     quality: Mapped[str] = mapped_column(String(16))
-    publish_time: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    # The partition key on PostgreSQL (plumbing/partitions.py), so part of the primary key
+    # there; SQLite keeps `position` alone as its key (the rowid: log order on disk).
+    publish_time: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), primary_key=True)
     # SHA-256 of the operator id and the record as published: same call_id, same digest is a
     # duplicate; another digest is a conflict.
     digest: Mapped[bytes] = mapped_column(LargeBinary(32))
@@ -97,6 +101,8 @@ class CallRecordRow(Base):
         Index("ix_call_records_operator_position", "operator_id", "position"),
         Index("ix_call_records_operator_invite", "operator_id", "invite_time"),
         Index("ix_call_records_publish_time", "publish_time"),
+        Index("ix_call_records_call_id", "call_id"),
+        {"postgresql_partition_by": "RANGE (publish_time)"},
     )
 
 
@@ -115,8 +121,14 @@ class MediaStreamRow(Base):
     jitter_ms: Mapped[float | None] = mapped_column(Double)
     packet_loss_rate: Mapped[float | None] = mapped_column(Double)
     round_trip_ms: Mapped[float | None] = mapped_column(Double)
+    # Its record's publish time: the partition key on PostgreSQL, so that a day's streams are
+    # dropped with the day's records.
+    publish_time: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), primary_key=True)
 
-    __table_args__ = (Index("ix_call_media_streams_operator_invite", "operator_id", "invite_time"),)
+    __table_args__ = (
+        Index("ix_call_media_streams_operator_invite", "operator_id", "invite_time"),
+        {"postgresql_partition_by": "RANGE (publish_time)"},
+    )
 
 
 RECORDS = cast(Table, CallRecordRow.__table__)
@@ -174,6 +186,7 @@ STREAM_COLUMNS = (
     "jitter_ms",
     "packet_loss_rate",
     "round_trip_ms",
+    "publish_time",
 )
 
 
@@ -266,6 +279,12 @@ def publish(
     driver, and the commit straight after. `publish_time_field(time)` encodes the commit time,
     and `stored_form(body, time_field)` gives the bytes to store (convert.py: protobuf stays
     out of storage).
+    INVARIANT: no constraint backs `call_id`'s uniqueness (a partitioned table cannot have
+    one without the partition key), so the check below must run while this transaction holds
+    the `records` log head's row lock, and every other publish must take that lock before its
+    own check: a writer that checked before the lock, or released it before commit, could
+    store a call twice (tests/test_partitions.py and tests/test_publish_pipeline.py prove it
+    with concurrent writers).
     """
     sqlite = session.get_bind().dialect.name == "sqlite"
     staged = candidates if isinstance(candidates, Staged) else stage(candidates, sqlite)
@@ -300,7 +319,7 @@ def publish(
         stored[call_id] = digest
         position = first + offset
         rows.append((position, *row, stamped, stored_form(candidate.body, stamp)))
-        stream_rows += [(position, *stream) for stream in streams]
+        stream_rows += [(position, *stream, stamped) for stream in streams]
         operators.add(row[1])
         results.append(Result(call_id, Outcome.ACCEPTED))
     if rows:

@@ -47,7 +47,7 @@ def store_platform_calls(
         statement = (
             insert(PLATFORM_CALLS)
             .values(rows)
-            .on_conflict_do_nothing(index_elements=["call_id"])
+            .on_conflict_do_nothing()  # a call delivered again: its key (call_id, invite_time)
             .returning(PLATFORM_CALLS.c.call_id)
         )
         new.update(session.scalars(statement))

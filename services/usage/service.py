@@ -8,6 +8,7 @@ from typing import ClassVar
 
 from opconnect.usage.v1 import usage_pb2 as pb
 from opconnect.usage.v1 import usage_pb2_grpc as pb_grpc
+from plumbing import partitions
 from plumbing.config import Settings
 from plumbing.db import Database
 from plumbing.logs import get_logger
@@ -45,6 +46,7 @@ class Usage(Service):
         )
 
     async def start(self, host: Host) -> None:
+        await partitions.maintain(host.db, _partitioned(host.settings), self.metrics, drop=False)
         client = feed_client(host)
         if client is None:
             log.info("usage call feed off: no feed_* certificate or target configured")
@@ -58,7 +60,9 @@ class Usage(Service):
 
     async def purge(self, db: Database, settings: Settings) -> None:
         """Call durations, the platform's calls kept, and the usage of their days, past
-        `usage_retention_s` (from the call's start)."""
+        `usage_retention_s` (from the call's start): on PostgreSQL whole partitions first
+        (plumbing.partitions), then the rows left past the cutoff."""
+        failure = await partitions.maintain(db, _partitioned(settings), self.metrics)
         cutoff = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=settings.usage_retention_s)
         removed = self.metrics.purge_removed
         purged = await db.run(ingest.purge_durations, cutoff, write=True)
@@ -70,6 +74,13 @@ class Usage(Service):
         purged += calls
         if purged:
             log.info("purged call durations", records=purged)
+        if failure is not None:
+            raise failure
+
+
+def _partitioned(settings: Settings) -> list[tuple[partitions.Partitioned, float]]:
+    retention = settings.usage_retention_s
+    return [(partitions.CALL_DURATIONS, retention), (partitions.PLATFORM_CALLS, retention)]
 
 
 def feed_client(host: Host) -> FeedClient | None:

@@ -19,7 +19,6 @@ from sqlalchemy import (
     LargeBinary,
     String,
     Table,
-    UniqueConstraint,
     text,
 )
 from sqlalchemy.orm import Mapped, Session, mapped_column
@@ -41,7 +40,8 @@ class DurationRow(Base):
     caller: Mapped[str] = mapped_column(String(16))
     callee: Mapped[str] = mapped_column(String(16))
     direction: Mapped[str] = mapped_column(String(8))
-    start_time: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    # The partition key on PostgreSQL (plumbing/partitions.py), so part of the primary key.
+    start_time: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), primary_key=True)
     end_time: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
     duration_us: Mapped[int] = mapped_column(BigInteger)
     # SHA-256 of the record as submitted: same record_id and digest is a duplicate.
@@ -49,9 +49,13 @@ class DurationRow(Base):
     submitted_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
 
     __table_args__ = (
-        UniqueConstraint("operator_id", "call_id", name="uq_call_durations_operator_call"),
+        # (operator_id, record_id) and (operator_id, call_id) are unique, though no
+        # constraint says so (a partitioned table cannot without the partition key): the
+        # operator's lock (`lock_operators`) serializes the checks of ingest.submit.
+        Index("ix_call_durations_operator_call", "operator_id", "call_id"),
         Index("ix_call_durations_operator_start", "operator_id", "start_time"),
         Index("ix_call_durations_tenant_start", "tenant_id", "start_time"),
+        {"postgresql_partition_by": "RANGE (start_time)"},
     )
 
 
@@ -68,13 +72,16 @@ class PlatformCallRow(Base):
     operator_id: Mapped[str] = mapped_column(String(63))
     tenant_id: Mapped[str] = mapped_column(String(36))
     direction: Mapped[str] = mapped_column(String(8))
-    invite_time: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    # The partition key on PostgreSQL, so part of the primary key: a call's invite time never
+    # changes, so (call_id, invite_time) still keeps each call once.
+    invite_time: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), primary_key=True)
     answer_time: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     duration_ms: Mapped[int] = mapped_column(BigInteger)
 
     __table_args__ = (
         Index("ix_usage_platform_calls_operator_answer", "operator_id", "answer_time"),
         Index("ix_usage_platform_calls_tenant_answer", "tenant_id", "answer_time"),
+        {"postgresql_partition_by": "RANGE (invite_time)"},
     )
 
 
