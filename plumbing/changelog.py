@@ -762,6 +762,7 @@ async def follow_log(
                 if full and (tail is None or not tail.covers(after)):
                     # more is likely stored: read it meanwhile
                     ahead = asyncio.ensure_future(db.run(_page, spec, read, after))
+                    database.inc()
                 yield Batch(items, after)
                 meter.delivered(items, head)
                 last_sent = time.monotonic()
