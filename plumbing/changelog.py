@@ -11,7 +11,9 @@ plumbing/tokens.py); a stream resumes strictly after it. Positions at or below a
 `purged_through` may be gone: a cursor before it answers FAILED_PRECONDITION / CURSOR_EXPIRED.
 
 Live streams wait on a `Notifier`, woken after a commit by the writer in this process or, with
-PostgreSQL, by LISTEN/NOTIFY from any replica; they never poll the database in a loop.
+PostgreSQL, by LISTEN/NOTIFY from any replica; they never poll the database in a loop. Those
+that have caught up share a `Tail` per log and key: one read per wake-up, by the same rule as a
+stream's own (the head, then what is at or below it), serves them all.
 """
 
 from __future__ import annotations
@@ -425,7 +427,7 @@ class Streams:
     attribute writes a batch).
     """
 
-    def __init__(self, db: Database, metrics: Metrics, tail_items: int = 2_000) -> None:
+    def __init__(self, db: Database, metrics: Metrics, tail_items: int = 1_000) -> None:
         self._db = db
         self.metrics = metrics
         self._lock = threading.Lock()

@@ -87,7 +87,7 @@ class Settings:
     # Live streams that have caught up are served from a shared in-memory tail per log and
     # operator (one database read per commit for all of them): the most items each tail keeps
     # (0: no tails, every stream reads the database itself).
-    stream_tail_items: int = 2_000
+    stream_tail_items: int = 1_000
     # Change-log retention, seconds (numbers assignment log); older changes are purged and
     # cursors before them answer CURSOR_EXPIRED.
     change_log_retention_s: int = 30 * 24 * 3600
