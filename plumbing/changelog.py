@@ -614,6 +614,12 @@ class Tail(Generic[T]):
         self.followers = 0
         self._fills = metrics.stream_tail_fills.labels(spec.kind)
 
+    def seed(self, head: int) -> None:
+        """A follower's own read reached log head `head`: a tail never read yet starts there
+        (empty, so complete), and its first read fetches what came after, not just a head."""
+        if self.through is None and self._reading is None:
+            self.start = self.through = head
+
     def covers(self, seen: int) -> bool:
         """Whether the tail holds every item after `seen` up to `through`."""
         return self.start is not None and self.start <= seen
@@ -757,6 +763,8 @@ async def follow_log(
                 items, head = await db.run(_page, spec, read, after if seen is None else seen)
                 database.inc()
             meter.read(items, head)
+            if tail is not None and len(items) < spec.batch_size:
+                tail.seed(head.position)
             if items:
                 after = position_of(items[-1])
                 full = len(items) == spec.batch_size

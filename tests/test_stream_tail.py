@@ -93,6 +93,7 @@ def test_live_followers_share_one_read_per_commit(measured: RunningSystem) -> No
     # Each follower was woken by each batch: reading the database itself, that is at least
     # count * batches reads; sharing the tail, about one read per batch for all of them.
     assert database + fills < count * batches, (database, fills)
+    assert database <= count, "each stream read the database once at most, to start"
     assert hits >= batches, hits
 
 
@@ -214,7 +215,8 @@ def test_a_follower_left_behind_the_tail_catches_up_from_the_database_with_no_ga
         while len(received) < len(sent):
             response = next(stalled)
             received += ids(response.records)
-            positions.append(_position(response.cursor))
+            if response.records:  # (a heartbeat may repeat the position before it)
+                positions.append(_position(response.cursor))
         call.cancel()
         live.cancel()
         assert received == sent, "every record once, in log order, across the switch"
