@@ -6,21 +6,32 @@ with no gap, and a change committed through another replica reaches it too."""
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
+from sqlalchemy.orm import Session
 
 from opconnect.numbers.v1 import numbers_pb2 as numbers_pb
 from opconnect.records.v1 import records_pb2 as pb
 from opconnect.records.v1.records_pb2_grpc import CallRecordServiceStub
-from plumbing.changelog import decode_cursor
+from plumbing.changelog import Follow, Notifier, Shared, Tail, decode_cursor
+from plumbing.db import Database
+from plumbing.metrics import Metrics
+from services.numbers import rules as numbers_rules
+from services.numbers import storage as numbers_storage
 from tests.conftest import (
     NO_POSTGRES,
+    OPERATOR,
     OTHER_TENANT,
     POSTGRES_URL,
+    TENANT,
+    USER_ID,
     Pki,
     RunningSystem,
     Watcher,
@@ -298,3 +309,74 @@ def test_a_stream_that_ends_leaves_no_tail(measured: RunningSystem) -> None:
 def _tail_kinds(got: dict[Sample, float]) -> set[str]:
     """The kinds of stream with a tail in the scrape."""
     return {dict(labels)["kind"] for name, labels in got if name == "opconnect_stream_tail_items"}
+
+
+# --- the tail's reads, in one process ----------------------------------------------------------
+
+
+class _HeldDatabase:
+    """A database whose units return only once `release` is set (each has done its work by
+    then): a read the tail began before a commit answers after it, as on a busy machine."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self.release = asyncio.Event()
+
+    async def run(self, fn: Callable[..., Any], *args: Any, write: bool = False) -> Any:
+        done = await self.db.run(fn, *args, write=write)
+        await self.release.wait()
+        return done
+
+
+def _assign(session: Session, number: str) -> int:
+    change = numbers_storage.assign_number(
+        session,
+        numbers_rules.Assignment(
+            number,
+            TENANT,
+            f"sip:{number}@sbc1.contoso.example",
+            numbers_rules.Target(numbers_rules.TargetKind.USER, USER_ID),
+        ),
+    )
+    assert change.event is not None
+    return change.event.position
+
+
+async def test_a_wake_up_during_a_read_starts_another_read(db: Database) -> None:
+    """A follower woken by a commit that a read in flight began too early to see is not served
+    by that read: the tail reads again, so the change reaches it (never skipped)."""
+    number = "+14255550100"
+    upload = numbers_rules.Upload(number, numbers_rules.Usage.USER, inbound=True, outbound=True)
+    await db.run(numbers_storage.upload_numbers, OPERATOR, TENANT, [upload], write=True)
+    notifier = Notifier()
+    notifier.bind(asyncio.get_running_loop())
+    held = _HeldDatabase(db)
+    spec = Follow(
+        numbers_rules.LOG,
+        OPERATOR,
+        numbers_rules.DOMAIN,
+        10,
+        30.0,
+        kind="assignments",
+        operator=OPERATOR,
+    )
+    read_all = functools.partial(numbers_storage.read_events, operator_id=OPERATOR, tenant_id=None)
+    tail: Tail[numbers_rules.Event] = Tail(
+        cast(Database, held),
+        notifier,
+        spec,
+        Shared(read_all),
+        lambda event: event.position,
+        capacity=100,
+        metrics=Metrics(enabled=False),
+    )
+    tail.seed(0)
+    first = asyncio.create_task(tail.refresh(notifier.generation(numbers_rules.LOG, OPERATOR)))
+    await asyncio.sleep(0.3)  # its read is done (it saw nothing), its answer held
+    position = await db.run(_assign, number, write=True)
+    notifier.wake(numbers_rules.LOG, (OPERATOR,))  # what the writer does after its commit
+    second = asyncio.create_task(tail.refresh(notifier.generation(numbers_rules.LOG, OPERATOR)))
+    held.release.set()
+    await asyncio.wait_for(asyncio.gather(first, second), 10)
+    assert tail.positions == [position], "the woken follower's read saw the change"
+    assert tail.serve(0, 10, None)[0][0].phone_number == number
