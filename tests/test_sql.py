@@ -58,7 +58,7 @@ def statements(db: Database) -> list[str]:
         *ingest.SQL,
         *usage_days.SQL,
         *changelog.SQL,
-        *records_storage.SQL,
+        *records_storage.TAIL_SQL,
         *numbers_storage.SQL,
         records_stream_sql(db),
     ]

@@ -262,7 +262,8 @@ _READ_TAIL = (
     "SELECT position, body, publish_time, tenant_id, caller, callee, quality FROM call_records"
     " WHERE operator_id = ? AND position > ? AND position <= ? ORDER BY position LIMIT ?"
 )
-SQL = (_READ_TAIL,)  # the statements written by hand (tests/test_sql.py checks them)
+# The statements of the shared tail's read written by hand, as tests/test_sql.py checks them.
+TAIL_SQL = (_READ_TAIL,)
 
 
 def read_tail_records(
