@@ -371,7 +371,9 @@ async def start(settings: Settings, role: str = "all") -> Runtime:
         metrics=metrics,
         tracer=tracer,
         # Log heads and stream lag are exported by the processes that serve services.
-        streams=Streams(db, metrics if services else Metrics(enabled=False)),
+        streams=Streams(
+            db, metrics if services else Metrics(enabled=False), settings.stream_tail_items
+        ),
     )
     names: list[str] = []
     routed: dict[grpc.aio.Channel, list[str]] = {}  # the gateway's: channel -> its services

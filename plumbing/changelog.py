@@ -11,12 +11,15 @@ plumbing/tokens.py); a stream resumes strictly after it. Positions at or below a
 `purged_through` may be gone: a cursor before it answers FAILED_PRECONDITION / CURSOR_EXPIRED.
 
 Live streams wait on a `Notifier`, woken after a commit by the writer in this process or, with
-PostgreSQL, by LISTEN/NOTIFY from any replica; they never poll the database in a loop.
+PostgreSQL, by LISTEN/NOTIFY from any replica; they never poll the database in a loop. Those
+that have caught up share a `Tail` per log and key: one read per wake-up, by the same rule as a
+stream's own (the head, then what is at or below it), serves them all.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import itertools
 import struct
 import threading
@@ -149,6 +152,7 @@ def expired(domain: str) -> ApiError:
 # --- wake-up -----------------------------------------------------------------------------------
 
 ANY_KEY = "*"
+_EVERY = "\x00every"  # Notifier's count of all of a log's wake-ups (never an operator id)
 
 
 class Notifier:
@@ -163,6 +167,9 @@ class Notifier:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._events: dict[tuple[str, str], asyncio.Event] = {}
         self._subscribers: dict[str, list[Callable[[tuple[str, ...]], None]]] = {}
+        # Wake-ups counted by (log, key), (log, ANY_KEY) for those naming every key, and
+        # (log, _EVERY) for all of a log's: see `generation`.
+        self._wakes: dict[tuple[str, str], int] = {}
         self.closed = False
 
     def subscribe(self, log_name: str, callback: Callable[[tuple[str, ...]], None]) -> None:
@@ -196,7 +203,19 @@ class Notifier:
         """The logs that have waiters or subscribers now."""
         return {slot[0] for slot in self._events} | set(self._subscribers)
 
+    def generation(self, log_name: str, key: str) -> int:
+        """How many wake-ups have reached waiters of (log, key) so far, on the loop: a read
+        begun at generation g sees every change whose wake-up was counted in g (its commit came
+        first), so a shared read needs to be no newer than the generation its follower saw."""
+        wakes = self._wakes
+        if key == ANY_KEY:
+            return wakes.get((log_name, _EVERY), 0)
+        return wakes.get((log_name, key), 0) + wakes.get((log_name, ANY_KEY), 0)
+
     def wake(self, log_name: str, keys: tuple[str, ...]) -> None:
+        wakes = self._wakes
+        for counted in (*keys, _EVERY):
+            wakes[log_name, counted] = wakes.get((log_name, counted), 0) + 1
         for callback in self._subscribers.get(log_name, ()):
             callback(keys)
         if ANY_KEY in keys:
@@ -424,13 +443,56 @@ class Streams:
     attribute writes a batch).
     """
 
-    def __init__(self, db: Database, metrics: Metrics) -> None:
+    def __init__(self, db: Database, metrics: Metrics, tail_items: int = 1_000) -> None:
         self._db = db
         self.metrics = metrics
         self._lock = threading.Lock()
         self._open: dict[int, _Open[Any]] = {}
         self._ids = itertools.count()
+        # The shared tails of live followers (`Tail`), by (kind, log, key), while followed.
+        self.tail_items = tail_items
+        self._tails: dict[tuple[str, str, str], Tail[Any]] = {}
         metrics.on_scrape("changelog", self._figures)
+
+    def join_tail(
+        self,
+        notifier: Notifier,
+        spec: Follow,
+        shared: Shared[T],
+        position_of: Callable[[T], int],
+    ) -> Tail[T] | None:
+        """The shared tail of the stream's kind, log and key, made if none is followed yet; None
+        when tails are off (`tail_items` 0). Leave it with `leave_tail` when the stream ends."""
+        if self.tail_items <= 0:
+            return None
+        slot = (spec.kind, spec.log_name, spec.key)
+        with self._lock:
+            tail = self._tails.get(slot)
+            if tail is None:
+                tail = Tail(
+                    self._db,
+                    notifier,
+                    spec,
+                    shared,
+                    position_of,
+                    capacity=self.tail_items,
+                    metrics=self.metrics,
+                )
+                self._tails[slot] = tail
+            tail.followers += 1
+        return cast(Tail[T], tail)
+
+    def leave_tail(self, tail: Tail[Any]) -> None:
+        """A follower of `tail` ended: the tail goes with its last follower."""
+        with self._lock:
+            tail.followers -= 1
+            slot = (tail.kind, tail.log_name, tail.key)
+            if tail.followers <= 0 and self._tails.get(slot) is tail:
+                del self._tails[slot]
+
+    def tails(self) -> list[Tail[Any]]:
+        with self._lock:
+            return list(self._tails.values())
 
     def open(
         self,
@@ -496,7 +558,163 @@ class Streams:
         for (operator, kind), (behind, age) in sorted(self.lags(heads).items()):
             positions.add_metric([operator, kind], behind)
             seconds.add_metric([operator, kind], age)
-        yield from (head, purged, positions, seconds)
+        held = gauge(
+            "opconnect_stream_tail_items",
+            "Items held in this process's shared tails of live followers, by stream kind (at"
+            " most stream_tail_items per log and key followed).",
+            ("kind",),
+        )
+        by_kind: dict[str, int] = {}
+        for tail in self.tails():
+            by_kind[tail.kind] = by_kind.get(tail.kind, 0) + len(tail.items)
+        for kind, count in sorted(by_kind.items()):
+            held.add_metric([kind], count)
+        yield from (head, purged, positions, seconds, held)
+
+
+# --- the shared tail of live followers -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Shared(Generic[T]):
+    """How a follower may be served from the shared tail of its log and key (see `Tail`):
+    `read_all(session, after, upto, limit)` reads every item of the key (no filter of the
+    follower's own; the items it gives must be ones the follower's own read could give), and
+    `keep(item)` says whether the follower wants one (its filter; None: every item)."""
+
+    read_all: ReadFn[T]
+    keep: Callable[[T], bool] | None = None
+
+
+class Tail(Generic[T]):
+    """The recently committed items of one log and key (an operator, or every key), shared by
+    the live followers of that key in this process, so that a commit costs one database read
+    per wake-up however many follow it.
+
+    It holds every item of the key with `start < position <= through`, in position order,
+    where `through` is a log head read in the same snapshot as the items (or, after a read
+    that was cut at `fill_limit`, the last item's position): nothing at or below it is still
+    to commit (see the module docstring), so a follower served from it skips nothing. It is
+    filled only by reads, one at a time, each begun for the followers that saw a wake-up
+    (`refresh`): a change committed by another replica reaches it the same way, by NOTIFY. It
+    keeps at most `capacity` items, dropping the oldest (raising `start`): a follower left below
+    `start` reads the database as any stream does, and nothing waits for it.
+    """
+
+    def __init__(
+        self,
+        db: Database,
+        notifier: Notifier,
+        spec: Follow,
+        shared: Shared[T],
+        position_of: Callable[[T], int],
+        *,
+        capacity: int,
+        metrics: Metrics,
+    ) -> None:
+        self._db = db
+        self._notifier = notifier
+        self.log_name, self.key, self.kind = spec.log_name, spec.key, spec.kind
+        self._domain = spec.domain
+        self._read_all = shared.read_all
+        self._position_of = position_of
+        self.capacity = max(1, capacity)
+        self._fill_limit = self.capacity
+        self.items: list[T] = []
+        self.positions: list[int] = []
+        self.start: int | None = None  # None: never read
+        self.through: int | None = None
+        self._more = False  # the last read was cut at the fill limit: more is stored
+        self._read_generation = -1  # the notifier generation at which the last read began
+        self._reading: tuple[int, asyncio.Future[None]] | None = None
+        self.followers = 0
+        self._fills = metrics.stream_tail_fills.labels(spec.kind)
+
+    def seed(self, head: int) -> None:
+        """A follower's own read reached log head `head`: a tail never read yet starts there
+        (empty, so complete), and its first read fetches what came after, not just a head."""
+        if self.through is None and self._reading is None:
+            self.start = self.through = head
+
+    def covers(self, seen: int) -> bool:
+        """Whether the tail holds every item after `seen` up to `through`."""
+        return self.start is not None and self.start <= seen
+
+    def serve(
+        self, seen: int, limit: int, keep: Callable[[T], bool] | None
+    ) -> tuple[list[T], Head]:
+        """The items after `seen` that `keep` wants, at most `limit`, and the head through which
+        the answer is complete (as `_page` gives them); only while `covers(seen)`."""
+        through = self.through if self.through is not None else seen
+        index = bisect.bisect_right(self.positions, seen)
+        if keep is None:
+            found = self.items[index : index + limit]
+        else:
+            found = []
+            for item in itertools.islice(self.items, index, None):
+                if keep(item):
+                    found.append(item)
+                    if len(found) == limit:
+                        break
+        return found, Head(max(through, seen), 0)
+
+    async def refresh(self, generation: int) -> None:
+        """Return once a read begun at notifier generation `generation` or later (see
+        `Notifier.generation`) has been applied, starting one if none has; at once if one has
+        and it reached the head it read. A read's failure is each waiting follower's."""
+        while True:
+            if self._reading is not None:
+                begun, reading = self._reading
+                await asyncio.shield(reading)
+                if begun >= generation:
+                    return
+                continue
+            if self._read_generation >= generation and not self._more:
+                return
+            self._begin()
+
+    def _begin(self) -> None:
+        begun = self._notifier.generation(self.log_name, self.key)
+        reading = asyncio.ensure_future(self._fill(begun, self.through))
+        reading.add_done_callback(_discard)
+        self._reading = (begun, reading)
+
+    async def _fill(self, begun: int, after: int | None) -> None:
+        try:
+            items, head = await self._db.run(self._read, after)
+            self._fills.inc()
+            self._apply(items, head, begun)
+        finally:
+            self._reading = None
+
+    def _read(self, session: Session, after: int | None) -> tuple[Sequence[T], Head]:
+        head = read_head(session, self.log_name)
+        if after is None:  # the first read: the tail starts at the head
+            return (), head
+        return self._read_all(session, after, head.position, self._fill_limit), head
+
+    def _apply(self, items: Sequence[T], head: Head, begun: int) -> None:
+        self._read_generation = begun
+        if self.through is None or self.start is None:
+            self.start = self.through = head.position
+            return
+        if items:
+            self.items.extend(items)
+            self.positions.extend(self._position_of(i) for i in items)
+        self._more = len(items) >= self._fill_limit
+        if self._more:
+            self.through = self.positions[-1]
+        else:
+            self.through = max(self.through, head.position)
+        drop = max(len(self.items) - self.capacity, 0)
+        if head.purged_through > self.start:  # retention: what is purged is not served either
+            drop = max(drop, bisect.bisect_right(self.positions, head.purged_through))
+            self.start = head.purged_through
+        if drop:
+            self.start = max(self.start, self.positions[drop - 1])
+            del self.items[:drop]
+            del self.positions[:drop]
+        self.start = min(self.start, self.through)
 
 
 async def follow_log(
@@ -509,6 +727,7 @@ async def follow_log(
     after: int,
     streams: Streams,
     committed_at: Callable[[T], float],
+    shared: Shared[T] | None = None,
 ) -> AsyncIterator[Batch[T]]:
     """Yield batches strictly after `after`: what is stored, then (if spec.follow) live changes,
     with a heartbeat batch (no items, newer position) after `heartbeat_s` of silence.
@@ -517,10 +736,22 @@ async def follow_log(
     after a full batch (more is likely stored), the next, read while the first is sent.
     The stream is registered with `streams` while open (its metrics); `committed_at(item)` is
     the item's commit time (epoch seconds) as its log's rows keep it.
+
+    With `shared`, a following stream that has caught up is served from the shared tail of its
+    log and key (`Tail`): the first read and any read below the tail's start go to the database.
     """
     last_sent = time.monotonic()
     ahead: asyncio.Future[tuple[Sequence[T], Head]] | None = None
     key, meter = streams.open(spec, position_of, committed_at, after)
+    tail = None
+    if shared is not None and spec.follow:
+        tail = streams.join_tail(notifier, spec, shared, position_of)
+    keep = shared.keep if shared is not None else None
+    served = streams.metrics.stream_reads.labels(spec.kind, "tail")
+    database = streams.metrics.stream_reads.labels(spec.kind, "database")
+    # Every item of the stream's at or below `seen` has been read (`after` is the last one
+    # sent, or where the stream started); None until the first read.
+    seen: int | None = None
     try:
         while True:
             if notifier.closed:
@@ -529,23 +760,41 @@ async def follow_log(
                     "the server is shutting down; reconnect and resume from the last cursor",
                 )
             wake = notifier.waiter(spec.log_name, spec.key)
+            generation = notifier.generation(spec.log_name, spec.key)
             if ahead is not None:
                 items, head = await ahead
                 ahead = None
                 if not items:
                     continue  # read again, with the waiter taken before the read
+            elif tail is not None and seen is not None:
+                if tail.through is None or tail.through <= seen:
+                    await tail.refresh(generation)
+                if tail.covers(seen):
+                    items, head = tail.serve(seen, spec.batch_size, keep)
+                    served.inc()
+                else:  # behind the tail (or left below it): the database, as any stream
+                    items, head = await db.run(_page, spec, read, seen)
+                    database.inc()
             else:
-                items, head = await db.run(_page, spec, read, after)
+                items, head = await db.run(_page, spec, read, after if seen is None else seen)
+                database.inc()
             meter.read(items, head)
+            if tail is not None and len(items) < spec.batch_size:
+                tail.seed(head.position)
             if items:
                 after = position_of(items[-1])
-                if len(items) == spec.batch_size:  # more is likely stored: read it meanwhile
+                full = len(items) == spec.batch_size
+                seen = after if full else max(after, head.position)
+                if full and (tail is None or not tail.covers(after)):
+                    # more is likely stored: read it meanwhile
                     ahead = asyncio.ensure_future(db.run(_page, spec, read, after))
+                    database.inc()
                 yield Batch(items, after)
                 meter.delivered(items, head)
                 last_sent = time.monotonic()
                 continue
             scanned = max(after, head.position)
+            seen = scanned
             if not spec.follow or (spec.until is not None and time.time() >= spec.until):
                 if scanned > after:
                     yield Batch([], scanned)
@@ -565,6 +814,8 @@ async def follow_log(
                 last_sent = time.monotonic()
     finally:
         streams.close(key)
+        if tail is not None:
+            streams.leave_tail(tail)
         if ahead is not None:  # the client went away: let the read finish unobserved
             ahead.add_done_callback(_discard)
 

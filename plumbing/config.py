@@ -88,6 +88,10 @@ class Settings:
     rate_burst: int = 400
     # Streams: seconds between heartbeats while idle.
     heartbeat_interval_s: float = 15.0
+    # Live streams that have caught up are served from a shared in-memory tail per log and
+    # operator (one database read per commit for all of them): the most items each tail keeps
+    # (0: no tails, every stream reads the database itself).
+    stream_tail_items: int = 1_000
     # Change-log retention, seconds (numbers assignment log); older changes are purged and
     # cursors before them answer CURSOR_EXPIRED.
     change_log_retention_s: int = 30 * 24 * 3600

@@ -249,6 +249,20 @@ class Metrics:
             ("kind",),
             DELIVERY,
         )
+        self.stream_reads = self._counter(
+            "opconnect_stream_reads_total",
+            "Batches read by following streams, by stream kind and source: `tail` (served from"
+            " the shared tail of live followers, in memory) or `database` (the stream's own"
+            " read: catching up, or tails off).",
+            ("kind", "source"),
+        )
+        self.stream_tail_fills = self._counter(
+            "opconnect_stream_tail_fills_total",
+            "Database reads that filled a shared tail of live followers (one per wake-up, shared"
+            " by every follower of the log and key), by stream kind.",
+            ("kind",),
+        )
+        # opconnect_stream_tail_items{kind} is read at scrape time (plumbing.changelog).
         # opconnect_stream_lag_positions{operator,kind} and opconnect_stream_lag_seconds are
         # read at scrape time (plumbing.changelog).
 
@@ -559,6 +573,7 @@ SCRAPE_FAMILIES = (
     "opconnect_stream_lag_seconds",
     "opconnect_changelog_head_position",
     "opconnect_changelog_purged_position",
+    "opconnect_stream_tail_items",
     "opconnect_db_pool_connections",
     "opconnect_db_pool_max_connections",
     "opconnect_certificate_expiry_seconds",

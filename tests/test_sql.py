@@ -26,6 +26,7 @@ from sqlalchemy.orm import Session
 from plumbing import changelog
 from plumbing.db import Base, Database, driver_execute_many, driver_fetch, driver_insert_many
 from plumbing.direction import Direction
+from services.numbers import storage as numbers_storage
 from services.records import storage as records_storage
 from services.records.rules import StreamFilter
 from services.usage import ingest, platform_calls, usage_days
@@ -59,6 +60,8 @@ def statements(db: Database) -> list[str]:
         *usage_days.SQL,
         *changelog.SQL,
         *records_storage.SQL,
+        *records_storage.TAIL_SQL,
+        *numbers_storage.SQL,
         records_stream_sql(db),
     ]
 
@@ -85,7 +88,7 @@ def test_a_misspelt_column_in_any_of_them_fails(db: Database) -> None:
 
 def test_a_misspelt_table_fails(db: Database) -> None:
     for sql in statements(db):
-        table = re.search(r"\b(?:FROM|INTO) (\w+)", sql)
+        table = re.search(r"\b(?:FROM|INTO|UPDATE) (\w+)", sql)
         assert table is not None, sql
         misspelt = sql.replace(table[0], table[0] + "x", 1)
         with pytest.raises(Exception, match=f"(?i){table[1]}x"):

@@ -19,6 +19,7 @@ from plumbing.cache import MISSING, ReadCache
 from plumbing.changelog import (
     Follow,
     Notifier,
+    Shared,
     Streams,
     decode_cursor,
     encode_cursor,
@@ -179,6 +180,11 @@ class NumberService(pb_grpc.NumberServiceServicer):
             operator=operator,
         )
         read = functools.partial(storage.read_events, operator_id=operator, tenant_id=tenant)
+        # Caught up, it is served from the operator's shared tail, its tenant kept.
+        shared = Shared(
+            functools.partial(storage.read_events, operator_id=operator, tenant_id=None),
+            None if tenant is None else functools.partial(_of_tenant, tenant),
+        )
         async for found in follow_log(
             self._db,
             self._notifier,
@@ -188,6 +194,7 @@ class NumberService(pb_grpc.NumberServiceServicer):
             after=after,
             streams=self._streams,
             committed_at=_event_time,
+            shared=shared,
         ):
             yield pb.WatchAssignmentsResponse(
                 events=[convert.event_out(e, encode_cursor(LOG, e.position)) for e in found.items],
@@ -198,6 +205,10 @@ class NumberService(pb_grpc.NumberServiceServicer):
 def _done(results: list[rules.Result]) -> int:
     """How many numbers an upload or release changed (not those already present or refused)."""
     return sum(r.outcome is Outcome.DONE for r in results)
+
+
+def _of_tenant(tenant: str, event: rules.Event) -> bool:
+    return event.tenant_id == tenant
 
 
 def _event_position(event: rules.Event) -> int:

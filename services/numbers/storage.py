@@ -7,6 +7,7 @@ same transaction; the caller wakes watchers after commit.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,13 +22,19 @@ from sqlalchemy import (
     String,
     Table,
     delete,
-    insert,
     select,
 )
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from plumbing.changelog import allocate, mark_purged, notify_commit, read_head
-from plumbing.db import Base, dialect_insert, utc
+from plumbing.db import (
+    Base,
+    dialect_insert,
+    driver_execute_many,
+    driver_fetch,
+    driver_time,
+    utc,
+)
 from plumbing.errors import ApiError, failed_precondition, not_found
 from services.numbers.rules import (
     DOMAIN,
@@ -286,90 +293,120 @@ class Change:
     event: Event | None
 
 
-def _locked_row(session: Session, phone_number: str) -> NumberRow:
-    row = session.scalars(
-        select(NumberRow).where(NumberRow.phone_number == phone_number).with_for_update()
-    ).one_or_none()
-    if row is None:
+# An assignment change is every AssignNumber's and UnassignNumber's whole unit of work: plain
+# SQL on the driver (plumbing.db.driver_fetch), where SQLAlchemy's ORM (identity map, flush,
+# statement handling) cost twice the statements themselves.
+_NUMBER = (
+    "SELECT operator_id, tenant_id, usage, inbound, outbound, state, sip_uri, target_kind,"
+    " target_id, created_at, updated_at FROM numbers WHERE phone_number = ?"
+)
+_SET_ASSIGNMENT = (
+    "UPDATE numbers SET state = ?, sip_uri = ?, target_kind = ?, target_id = ?, updated_at = ?"
+    " WHERE phone_number = ?"
+)
+_INSERT_EVENT = (
+    "INSERT INTO number_events (position, operator_id, tenant_id, phone_number, type, sip_uri,"
+    " target_kind, target_id, occurred_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_EVENTS = (
+    "SELECT position, type, phone_number, tenant_id, sip_uri, target_kind, target_id,"
+    " occurred_at FROM number_events WHERE operator_id = ? AND position > ? AND position <= ?"
+)
+_ORDERED = " ORDER BY position LIMIT ?"
+_OF_TENANT = " AND tenant_id = ?"
+# The statements written by hand (tests/test_sql.py checks them).
+SQL = (_NUMBER, _SET_ASSIGNMENT, _INSERT_EVENT, _EVENTS + _ORDERED, _EVENTS + _OF_TENANT + _ORDERED)
+
+
+def _stored_time(value: str | dt.datetime) -> dt.datetime:
+    """A time as the driver reads it back (SQLite: SQLAlchemy's UTC text; PostgreSQL: a
+    datetime)."""
+    if isinstance(value, str):
+        return dt.datetime.fromisoformat(value).replace(tzinfo=dt.UTC)
+    return utc(value)
+
+
+def _locked_number(session: Session, phone_number: str) -> Number:
+    """The number, its row locked until commit (PostgreSQL: FOR UPDATE; SQLite: the write
+    transaction holds the database's one write lock from its start)."""
+    postgres = session.get_bind().dialect.name == "postgresql"
+    rows = driver_fetch(session, _NUMBER + (" FOR UPDATE" if postgres else ""), (phone_number,))
+    if not rows:
         raise not_found(DOMAIN, "NUMBER_NOT_FOUND", "no such number has been uploaded")
-    return row
+    (operator, tenant, usage, inbound, outbound, state, sip, kind, target, created, updated) = rows[
+        0
+    ]
+    return Number(
+        phone_number=phone_number,
+        operator_id=operator,
+        tenant_id=tenant,
+        usage=Usage(usage),
+        inbound=bool(inbound),
+        outbound=bool(outbound),
+        state=State(state),
+        sip_uri=sip,
+        target=_target(kind, target),
+        created_at=_stored_time(created),
+        updated_at=_stored_time(updated),
+    )
 
 
-def _log_event(session: Session, row: NumberRow, kind: EventType, stamp: dt.datetime) -> Event:
-    session.flush()  # the number's own change first
+def _change(session: Session, number: Number, kind: EventType, stamp: dt.datetime) -> Change:
+    """Store the number as `number` says and log the change at the next position of the log."""
+    time_of = driver_time(session)
+    target = number.target
+    target_kind, target_id = (target.kind.value, target.id) if target is not None else ("", "")
+    fields = (number.state.value, number.sip_uri, target_kind, target_id)
+    driver_execute_many(session, _SET_ASSIGNMENT, [(*fields, time_of(stamp), number.phone_number)])
     position = allocate(session, LOG)
-    session.execute(
-        insert(EVENTS),
-        {
-            "position": position,
-            "operator_id": row.operator_id,
-            "tenant_id": row.tenant_id,
-            "phone_number": row.phone_number,
-            "type": kind.value,
-            "sip_uri": row.sip_uri,
-            "target_kind": row.target_kind,
-            "target_id": row.target_id,
-            "occurred_at": stamp,
-        },
+    event_row = (number.operator_id, number.tenant_id, number.phone_number, kind.value)
+    driver_execute_many(
+        session,
+        _INSERT_EVENT,
+        [(position, *event_row, number.sip_uri, target_kind, target_id, time_of(stamp))],
     )
-    notify_commit(session, LOG, position, [row.operator_id])
-    return Event(
-        position,
-        kind,
-        row.phone_number,
-        row.tenant_id,
-        row.sip_uri,
-        _target(row.target_kind, row.target_id),
-        stamp,
+    notify_commit(session, LOG, position, [number.operator_id])
+    event = Event(
+        position, kind, number.phone_number, number.tenant_id, number.sip_uri, target, stamp
     )
+    return Change(number, event)
 
 
 def assign_number(session: Session, assignment: Assignment) -> Change:
-    row = _locked_row(session, assignment.phone_number)
-    problem: ApiError | None = check_can_assign(to_number(row), assignment)
+    number = _locked_number(session, assignment.phone_number)
+    problem: ApiError | None = check_can_assign(number, assignment)
     if problem is not None:
         raise problem
-    wanted = (assignment.sip_uri, assignment.target.kind.value, assignment.target.id)
-    if (
-        row.state == State.ASSIGNED.value
-        and (row.sip_uri, row.target_kind, row.target_id) == wanted
+    if number.state is State.ASSIGNED and (number.sip_uri, number.target) == (
+        assignment.sip_uri,
+        assignment.target,
     ):
-        return Change(to_number(row), None)
-    kind = EventType.UPDATED if row.state == State.ASSIGNED.value else EventType.ASSIGNED
+        return Change(number, None)
+    kind = EventType.UPDATED if number.state is State.ASSIGNED else EventType.ASSIGNED
     stamp = now()
-    row.state = State.ASSIGNED.value
-    row.sip_uri, row.target_kind, row.target_id = wanted
-    row.updated_at = stamp
-    event = _log_event(session, row, kind, stamp)
-    return Change(to_number(row), event)
+    changed = dataclasses.replace(
+        number,
+        state=State.ASSIGNED,
+        sip_uri=assignment.sip_uri,
+        target=assignment.target,
+        updated_at=stamp,
+    )
+    return _change(session, changed, kind, stamp)
 
 
 def unassign_number(session: Session, phone_number: str, tenant_id: str) -> Change:
-    row = _locked_row(session, phone_number)
-    if row.tenant_id != tenant_id:
+    number = _locked_number(session, phone_number)
+    if number.tenant_id != tenant_id:
         raise failed_precondition(
             DOMAIN, "TENANT_MISMATCH", "the number was uploaded for another tenant"
         )
-    if row.state == State.UNASSIGNED.value:
-        return Change(to_number(row), None)
+    if number.state is State.UNASSIGNED:
+        return Change(number, None)
     stamp = now()
-    row.state = State.UNASSIGNED.value
-    row.sip_uri = row.target_kind = row.target_id = ""
-    row.updated_at = stamp
-    event = _log_event(session, row, EventType.UNASSIGNED, stamp)
-    return Change(to_number(row), event)
-
-
-def to_event(row: NumberEventRow) -> Event:
-    return Event(
-        row.position,
-        EventType(row.type),
-        row.phone_number,
-        row.tenant_id,
-        row.sip_uri,
-        _target(row.target_kind, row.target_id),
-        utc(row.occurred_at),
+    changed = dataclasses.replace(
+        number, state=State.UNASSIGNED, sip_uri="", target=None, updated_at=stamp
     )
+    return _change(session, changed, EventType.UNASSIGNED, stamp)
 
 
 def read_events(
@@ -381,16 +418,24 @@ def read_events(
     operator_id: str,
     tenant_id: str | None,
 ) -> list[Event]:
-    """The operator's events with after < position <= upto, in position order."""
-    query = select(NumberEventRow).where(
-        NumberEventRow.operator_id == operator_id,
-        NumberEventRow.position > after,
-        NumberEventRow.position <= upto,
-    )
-    if tenant_id is not None:
-        query = query.where(NumberEventRow.tenant_id == tenant_id)
+    """The operator's events with after < position <= upto, in position order (on the driver:
+    every watcher's read)."""
+    if tenant_id is None:
+        rows = driver_fetch(session, _EVENTS + _ORDERED, (operator_id, after, upto, limit))
+    else:
+        sql = _EVENTS + _OF_TENANT + _ORDERED
+        rows = driver_fetch(session, sql, (operator_id, after, upto, tenant_id, limit))
     return [
-        to_event(r) for r in session.scalars(query.order_by(NumberEventRow.position).limit(limit))
+        Event(
+            int(position),
+            EventType(kind),
+            number,
+            tenant,
+            sip,
+            _target(target_kind, target_id),
+            _stored_time(occurred),
+        )
+        for position, kind, number, tenant, sip, target_kind, target_id, occurred in rows
     ]
 
 

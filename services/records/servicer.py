@@ -25,6 +25,7 @@ from plumbing.changelog import (
     PLATFORM,
     Follow,
     Notifier,
+    Shared,
     Streams,
     decode_cursor,
     encode_cursor,
@@ -118,6 +119,11 @@ class CallRecordService(pb_grpc.CallRecordServiceServicer):
                 operator=operator,
             )
             read = functools.partial(storage.read_records, selection=selection)
+            # Caught up, it is served from the operator's shared tail, its filter applied.
+            shared = Shared(
+                functools.partial(storage.read_tail_records, operator_id=operator),
+                storage.tail_filter(selection),
+            )
             async for batch in follow_log(
                 self._db,
                 self._notifier,
@@ -127,6 +133,7 @@ class CallRecordService(pb_grpc.CallRecordServiceServicer):
                 after=after,
                 streams=self._streams,
                 committed_at=storage.row_commit_time,
+                shared=shared,
             ):
                 audit.records += len(batch.items)
                 yield convert.stream_response(
@@ -259,6 +266,7 @@ class CallFeedService(pb_grpc.CallFeedServiceServicer):
             after=after,
             streams=self._streams,
             committed_at=_fact_time,
+            shared=Shared(storage.read_facts),
         ):
             yield pb.FollowCallsResponse(
                 calls=[convert.fact_out(f) for f in batch.items],

@@ -371,6 +371,44 @@ def read_records(
     return cast(list[tuple[int, bytes, Any]], driver_fetch(session, " ".join(sql), params))
 
 
+_READ_TAIL = (
+    "SELECT position, body, publish_time, tenant_id, caller, callee, quality FROM call_records"
+    " WHERE operator_id = ? AND position > ? AND position <= ? ORDER BY position LIMIT ?"
+)
+# The statements of the shared tail's read written by hand, as tests/test_sql.py checks them.
+TAIL_SQL = (_READ_TAIL,)
+
+
+def read_tail_records(
+    session: Session, after: int, upto: int, limit: int, *, operator_id: str
+) -> list[tuple[Any, ...]]:
+    """Every record of the operator with after < position <= upto, in position order, as
+    `read_records` rows (position, body, publish time) followed by what stream filters select
+    on (tenant, caller, callee, quality): what the operator's shared tail of live streams holds
+    (plumbing.changelog.Tail), each stream keeping its own with `tail_filter`."""
+    return driver_fetch(session, _READ_TAIL, (operator_id, after, upto, limit))
+
+
+def tail_filter(selection: StreamFilter) -> Callable[[tuple[Any, ...]], bool] | None:
+    """Whether a `read_tail_records` row is one `read_records` with `selection` gives (None:
+    every row of the operator is)."""
+    tenant, number, poor = selection.tenant_id, selection.phone_number, selection.poor_only
+    end = selection.end_time.timestamp() if selection.end_time is not None else None
+    if tenant is None and number is None and not poor and end is None:
+        return None
+    wanted_quality = Quality.POOR.value
+
+    def keep(row: tuple[Any, ...]) -> bool:
+        return (
+            (tenant is None or row[3] == tenant)
+            and (number is None or row[4] == number or row[5] == number)
+            and (not poor or row[6] == wanted_quality)
+            and (end is None or _epoch(row[2]) < end)
+        )
+
+    return keep
+
+
 def row_commit_time(row: tuple[int, bytes, Any]) -> float:
     """A `read_records` row's publish (commit) time, epoch seconds."""
     return _epoch(row[2])
