@@ -231,6 +231,8 @@ async def serve(spec: Spec) -> None:
             internal_key_file=str(key),
         )
     configure_logging(settings.log_format, settings.log_level)
+    if spec.get("switch_interval_s"):
+        sys.setswitchinterval(spec["switch_interval_s"])
     lag, pauses = LoopLag(), GcPauses()
     runtime = await gateway_server.start(settings, role)
     if kind in ("system", "gateway"):  # the registry is in the database: once is enough
@@ -814,7 +816,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         runner.workspace("opconnect-sustained-", clients, database_url=args.database) as ws,
         runner.Children() as children,
     ):
-        spec = ws.spec(profile=args.profile, overrides=overrides(args.set))
+        spec = ws.spec(
+            profile=args.profile,
+            overrides=overrides(args.set),
+            switch_interval_s=args.switch_interval,
+        )
         servers = start_servers(children, spec, args.mode)
         load_spec = ws.spec(
             address=servers[0].address,
@@ -916,6 +922,7 @@ def make_report(
             "metrics": "on",
             "usage_feed": "on",
             **overrides(args.set),
+            "switch_interval_s": args.switch_interval or sys.getswitchinterval(),
         },
         "params": {
             "rate": args.rate,
@@ -1097,6 +1104,13 @@ def options(p: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="a server setting other than the benchmarks' (plumbing/config.py), e.g."
         " db_threads=4; repeatable",
+    )
+    p.add_argument(
+        "--switch-interval",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="the servers' sys.setswitchinterval (0: Python's default, 0.005 s)",
     )
     p.add_argument("--seed", type=int, default=12, help="seed of the records")
 
