@@ -239,6 +239,7 @@ async def serve(spec: Spec) -> None:
         anchors = ca_anchors(paths.operator_ca_cert.read_bytes())
         for operator in OPERATORS:
             await runtime.registry.add(operator, "sustained benchmark operator", anchors)
+    gateway_server.freeze_start_up_objects()  # as `opconnect serve` does
     profiles: runner.ThreadProfiles | None = None
     if spec.get("profile"):  # the loop, the database threads and the default executor
         profiles = runner.ThreadProfiles()
