@@ -46,11 +46,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import functools
 import gc
 import json
 import math
+import os
 import random
+import sqlite3
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Sequence
@@ -58,6 +62,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import psycopg
 import runner
 from prometheus_client.parser import text_string_to_metric_families
 from report import machine, print_figures, print_header, profile_text, summary_ms, verdict
@@ -730,6 +735,59 @@ class Sampler:
         self.rows.append(row)
 
 
+class RawCommits:
+    """The raw baseline, measured beside the system for the whole run: a durable commit of one
+    small row every `PERIOD_S` straight on the driver, on the same database (SQLite: a file of
+    its own in the same directory, WAL, synchronous=FULL as the system sets it; PostgreSQL: a
+    table of the run's schema), each timed, by wall-clock time. What any acknowledgement waits
+    at least, on this machine at that moment: when it grows, the machine was the cause."""
+
+    PERIOD_S = 0.05
+
+    def __init__(self, database_url: str, folder: Path) -> None:
+        self.samples: list[tuple[float, float]] = []  # (wall time, seconds)
+        self._stop = threading.Event()
+        self._connect = functools.partial(self._open, database_url, folder)
+        self._thread = threading.Thread(target=self._run, name="raw-commits", daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def _open(database_url: str, folder: Path) -> Any:
+        if database_url.startswith("postgresql"):
+            server = psycopg.connect(database_url.replace("postgresql+psycopg", "postgresql"))
+            server.execute("CREATE TABLE raw_commits (id bigserial PRIMARY KEY, body bytea)")
+            server.commit()
+            return server
+        embedded = sqlite3.connect(folder / "raw-commits.db", isolation_level=None)
+        embedded.execute("PRAGMA journal_mode=WAL")
+        embedded.execute("PRAGMA synchronous=FULL")
+        embedded.execute("CREATE TABLE raw_commits (id INTEGER PRIMARY KEY, body BLOB)")
+        return embedded
+
+    def _run(self) -> None:
+        connection = self._connect()
+        postgres = isinstance(connection, psycopg.Connection)
+        body = os.urandom(800)  # about a stored record's size
+        try:
+            while not self._stop.wait(self.PERIOD_S):
+                started = time.perf_counter()
+                if postgres:
+                    connection.execute("INSERT INTO raw_commits (body) VALUES (%s)", (body,))
+                    connection.commit()
+                else:
+                    connection.execute("BEGIN IMMEDIATE")
+                    connection.execute("INSERT INTO raw_commits (body) VALUES (?)", (body,))
+                    connection.execute("COMMIT")
+                self.samples.append((time.time(), time.perf_counter() - started))
+        finally:
+            connection.close()
+
+    def stop(self) -> list[tuple[float, float]]:
+        self._stop.set()
+        self._thread.join(10)
+        return self.samples
+
+
 def slope_per_min(points: Sequence[tuple[float, float]]) -> float:
     """Least-squares slope of (seconds, value) points, per minute."""
     if len(points) < 2:
@@ -781,6 +839,7 @@ def timeline(
     probes: dict[str, dict[str, Any]],
     client_lags: dict[str, list[tuple[float, float]]],
     samples: Sequence[dict[str, Any]],
+    raw: Sequence[tuple[float, float]],
 ) -> list[dict[str, Any]]:
     """One row per window: the latencies of what was scheduled in it, and what the probes and
     samples saw in it."""
@@ -802,6 +861,10 @@ def timeline(
     for name, lags in client_lags.items():
         for index, values in windowed(lags, window).items():
             rows.setdefault(index, {})[f"client_{name}_loop_lag_max_ms"] = max(values) * 1000
+    for index, values in windowed(raw, window).items():
+        rows.setdefault(index, {})["raw_commit"] = [
+            window_summary(values)[k] for k in ("n", "p50", "p99", "max")
+        ]
     for sample in samples:
         slot = rows.setdefault(int(max(0.0, sample["t"] - 0.001) // window), {})
         slot.update({k: v for k, v in sample.items() if k != "t"})
@@ -850,6 +913,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for child in (follow, publish):
             child.send(f"GO {t0}")
         wal = None if ws.database_url else ws.settings().data_dir / "opconnect.db-wal"
+        raw = RawCommits(ws.database_url, ws.root)
         sampler = Sampler(servers, wal, t0)
         profiled = servers[0] if args.mode == "one" else servers[1]
         profile_path = ws.root / "sustained.prof"
@@ -864,6 +928,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             profiled.profile_stop(profile_path)
         offered: dict[str, Any] = json.loads(publish.line())
         sampler.sample()
+        raw_commits = [(at - t0, seconds) for at, seconds in raw.stop() if at >= t0]
         expected = {"published": offered["published"], "unknown": offered["unknown"]}
         follow.send("STOP " + json.dumps(expected))
         delivered: dict[str, Any] = json.loads(follow.line())
@@ -871,6 +936,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         probes = {s.kind: s.ask(f"STATS {t0} {args.window}") for s in servers}
         profiled_text = profile_text(profile_path, 25) if profiling else ""
     client_lags = {"publisher": offered.pop("loop_lag"), "follower": delivered.pop("loop_lag")}
+    delivered["raw_commits"] = raw_commits
     return make_report(
         args, offered, delivered, probes, client_lags, sampler.rows, servers, profiled_text
     )
@@ -908,6 +974,8 @@ def make_report(
     ack = latency_figures(publish_answers, warm)
     submit = latency_figures(submit_answers, warm)
     rss = memory(samples, warm)
+    raw = delivered.pop("raw_commits")
+    raw_ms = summary_ms([v for at, v in raw if at >= warm], PERCENTILES)
     exactly_once = (
         delivered["missing"] == 0
         and delivered["duplicated"] == 0
@@ -959,6 +1027,9 @@ def make_report(
             "held": held,
         },
         "delivery": delivered,
+        "raw_commit_ms": raw_ms,
+        # The system against the raw durable commit beside it, same moments (p99 / p99).
+        "ack_p99_to_raw_commit_p99": ack["p99"] / raw_ms["p99"] if raw_ms["n"] else math.nan,
         "exactly_once": exactly_once,
         "memory": rss,
         "probes": {
@@ -970,7 +1041,7 @@ def make_report(
                 for name, lags in client_lags.items()
             },
         },
-        "timeline": timeline(args, offered, delivered, probes, client_lags, samples),
+        "timeline": timeline(args, offered, delivered, probes, client_lags, samples, raw),
         "verdicts": {
             "ack_p99": ack["p99"] < ACK_TARGET_MS,
             "delivery_p99": delivered["latency_ms"]["p99"] < DELIVERY_TARGET_MS,
@@ -991,11 +1062,12 @@ def _ms(s: dict[str, float]) -> str:
 
 
 def timeline_text(row: dict[str, Any]) -> list[str]:
-    """A timeline row's figures, short: latencies p50/p99/max (publish, submit, delivery),
+    """A timeline row's figures, short: latencies p50/p99/max (publish, submit, delivery, the
+    raw commit),
     the largest loop lag of a server and of a client, the longest GC pause, the p99 bucket of
     write units' wait and work, the writer's busy share, the WAL's size, the servers' RSS."""
     parts = [f"t={row['t']:>5.0f}"]
-    for kind in ("publish", "submit", "delivery"):
+    for kind in ("publish", "submit", "delivery", "raw_commit"):
         if kind in row:
             _, p50, p99, top = row[kind]
             parts.append(f"{kind[:3]} {p50:.0f}/{p99:.0f}/{top:.0f}")
@@ -1031,6 +1103,8 @@ def print_report(report: dict[str, Any], args: argparse.Namespace) -> None:
     print(f"publish ack ms:      {_ms(p['ack_ms'])}")
     print(f"submit ack ms:       {_ms(s['ack_ms'])}")
     print(f"commit -> follower:  {_ms(d['latency_ms'])}")
+    print(f"raw commit ms:       {_ms(report['raw_commit_ms'])}  (the baseline, beside it)")
+    print(f"publish ack p99 / raw commit p99 = {report['ack_p99_to_raw_commit_p99']:.1f}")
     print(
         f"records: {p['records']:,} published, {p['accepted']:,} accepted, {p['refused']} refused,"
         f" {p['unanswered_batches']} batches unanswered; {s['accepted']:,} durations accepted"
