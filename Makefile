@@ -31,6 +31,7 @@ bench: setup
 	$(BIN)/python bench/records_bench.py
 	$(BIN)/python bench/usage_bench.py
 	$(BIN)/python bench/fairness_bench.py
+	$(BIN)/python bench/sustained_bench.py
 
 setup: $(STAMP) $(NODE)
 
