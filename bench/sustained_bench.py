@@ -35,7 +35,7 @@ report their event loop's lag and Python's GC pauses (`gc.callbacks`), each by t
 Reported: publish and submit acknowledgement latency p50/p90/p99/max, commit -> delivery
 p50/p90/p99/max, the exactly-once check, RSS over time (flat or growing, least-squares slope),
 whether the offered rate was held (every batch sent within `HELD_LAG_S` of its schedule and
-acknowledged, and the acknowledged rate within 5% of the offer), a timeline per `--window`
+acknowledged, and 95% of the offer acknowledged before its end), a timeline per `--window`
 seconds (latencies, loop lag, GC, database waits, WAL and RSS) so that a stall is seen when it
 happens, and verdicts against the targets: publish ack p99 < 100 ms, delivery p99 < 250 ms,
 memory flat. The first `--warmup` seconds are in the timeline but not in the summaries.
@@ -958,7 +958,9 @@ def make_report(
     submit_answers = answers_of(offered, "submit")
     streams = [*offered["publish"], *offered["submit"]]
     measured = [a for a in publish_answers if a[0] >= warm]
-    acked = sum(a[3] for a in measured)
+    # Acknowledged while the rate was offered (answered before its end): a backlog that the
+    # system works off only afterwards is a rate not held.
+    acked = sum(a[3] for a in measured if a[0] + a[1] <= seconds)
     offer_count = args.rate * max(1e-9, seconds - warm)
     late = [v for stream in streams for v in stream["sent_late"]]
     unanswered = sum(stream["unanswered"] for stream in streams)
