@@ -10,14 +10,14 @@ frees up, the waiting unit of the lane served least recently (writes counted apa
 goes first, so one lane's backlog never stands in front of another lane's next unit, and reads go
 on while a writer runs (WAL).
 
-With `one_writer` (SQLite, in this process), at most `SQLITE_READERS` reads run at once, and a
-slot is always left for the writer. SQLite's units are this process's Python (the driver, rows,
-conversions) and share one GIL: more reads side by side read no faster, and every time the
-writer gave up the GIL (at each call into SQLite) a reader held it for up to the switch interval,
-all while the writer held the one write lock every acknowledgement queues for. Under live
-followers woken by every commit (a read each), write units took 22-27 ms with 8 readers against
-12-16 ms with 3 threads in all, and acknowledgements fell seconds behind (bench/README.md,
-`sustained_bench.py`).
+With `one_writer` (SQLite, in this process), at most `SQLITE_READERS` reads run at once (always
+more than one lane's bound), and a slot is always left for the writer. SQLite's units are this
+process's Python (the driver, rows, conversions) and share one GIL: more reads side by side read
+no faster, and every time the writer gave up the GIL (at each call into SQLite) a reader held it
+for up to the switch interval, all while the writer held the one write lock every
+acknowledgement queues for. Under live followers woken by every commit (a read each), write
+units took 22-27 ms with 8 readers against 12-16 ms with 3 threads in all, and acknowledgements
+fell seconds behind (bench/README.md, `sustained_bench.py`).
 """
 
 from __future__ import annotations
@@ -32,8 +32,9 @@ from plumbing.errors import ApiError, resource_exhausted
 # What a refused call is told to wait before trying again (RetryInfo).
 CALL_RETRY_S = 1.0
 SYSTEM_LANE = ""
-# Reads at once with one writer (see the module docstring).
-SQLITE_READERS = 2
+# Reads at once with one writer (see the module docstring); always more than one caller's
+# own bound, so that a caller holding its most reads never keeps every other caller waiting.
+SQLITE_READERS = 3
 
 
 class Slots:
@@ -87,9 +88,10 @@ class FairGate:
         self.running = 0
         self.reading = 0
         self.writing = False
-        # With one writer, reads leave a slot for it, and at most SQLITE_READERS run at once.
-        self.read_slots = min(self.slots - 1, SQLITE_READERS) if one_writer else self.slots
-        self.read_slots = max(1, self.read_slots)
+        # With one writer, reads leave a slot for it, and at most SQLITE_READERS run at once
+        # (more than one lane's own bound).
+        readers = max(SQLITE_READERS, self.per_lane + 1)
+        self.read_slots = max(1, min(self.slots - 1, readers)) if one_writer else self.slots
         self.lanes: dict[str, int] = {}  # lane -> units running
         self._waiting: dict[str, deque[_Waiter]] = {}
         # (lane, write) -> when the lane last got a unit of that kind in (a counter; one entry
