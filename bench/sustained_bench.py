@@ -58,6 +58,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -832,17 +833,25 @@ def latency_figures(
     return summary_ms([lat for at, lat, _, _ in answers if at >= warmup], PERCENTILES)
 
 
-def timeline(
-    args: argparse.Namespace,
-    offered: dict[str, Any],
-    delivered: dict[str, Any],
-    probes: dict[str, dict[str, Any]],
-    client_lags: dict[str, list[tuple[float, float]]],
-    samples: Sequence[dict[str, Any]],
-    raw: Sequence[tuple[float, float]],
-) -> list[dict[str, Any]]:
+@dataclass(frozen=True)
+class Measured:
+    """What a run brought back: the publisher's answers, the followers' figures, the servers'
+    probes, the clients' loop lags, the orchestrator's samples and the raw commits (seconds
+    since t0, seconds)."""
+
+    offered: dict[str, Any]
+    delivered: dict[str, Any]
+    probes: dict[str, dict[str, Any]]
+    client_lags: dict[str, list[tuple[float, float]]]
+    samples: Sequence[dict[str, Any]]
+    raw: Sequence[tuple[float, float]]
+
+
+def timeline(args: argparse.Namespace, measured: Measured) -> list[dict[str, Any]]:
     """One row per window: the latencies of what was scheduled in it, and what the probes and
     samples saw in it."""
+    offered, delivered, probes = measured.offered, measured.delivered, measured.probes
+    client_lags, samples, raw = measured.client_lags, measured.samples, measured.raw
     window = args.window
     rows: dict[int, dict[str, Any]] = {}
     for kind in ("publish", "submit"):
@@ -936,31 +945,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         probes = {s.kind: s.ask(f"STATS {t0} {args.window}") for s in servers}
         profiled_text = profile_text(profile_path, 25) if profiling else ""
     client_lags = {"publisher": offered.pop("loop_lag"), "follower": delivered.pop("loop_lag")}
-    delivered["raw_commits"] = raw_commits
-    return make_report(
-        args, offered, delivered, probes, client_lags, sampler.rows, servers, profiled_text
-    )
+    measured = Measured(offered, delivered, probes, client_lags, sampler.rows, raw_commits)
+    return make_report(args, measured, servers, profiled_text)
 
 
 def make_report(
-    args: argparse.Namespace,
-    offered: dict[str, Any],
-    delivered: dict[str, Any],
-    probes: dict[str, dict[str, Any]],
-    client_lags: dict[str, list[tuple[float, float]]],
-    samples: Sequence[dict[str, Any]],
-    servers: Sequence[Server],
-    profile_text: str,
+    args: argparse.Namespace, measured: Measured, servers: Sequence[Server], profile_text: str
 ) -> dict[str, Any]:
+    offered, delivered, probes = measured.offered, measured.delivered, measured.probes
+    client_lags, samples = measured.client_lags, measured.samples
     seconds = args.minutes * 60
     warm = args.warmup
     publish_answers = answers_of(offered, "publish")
     submit_answers = answers_of(offered, "submit")
     streams = [*offered["publish"], *offered["submit"]]
-    measured = [a for a in publish_answers if a[0] >= warm]
     # Acknowledged while the rate was offered (answered before its end): a backlog that the
     # system works off only afterwards is a rate not held.
-    acked = sum(a[3] for a in measured if a[0] + a[1] <= seconds)
+    acked = sum(a[3] for a in publish_answers if a[0] >= warm and a[0] + a[1] <= seconds)
     offer_count = args.rate * max(1e-9, seconds - warm)
     late = [v for stream in streams for v in stream["sent_late"]]
     unanswered = sum(stream["unanswered"] for stream in streams)
@@ -976,8 +977,7 @@ def make_report(
     ack = latency_figures(publish_answers, warm)
     submit = latency_figures(submit_answers, warm)
     rss = memory(samples, warm)
-    raw = delivered.pop("raw_commits")
-    raw_ms = summary_ms([v for at, v in raw if at >= warm], PERCENTILES)
+    raw_ms = summary_ms([v for at, v in measured.raw if at >= warm], PERCENTILES)
     exactly_once = (
         delivered["missing"] == 0
         and delivered["duplicated"] == 0
@@ -1043,7 +1043,7 @@ def make_report(
                 for name, lags in client_lags.items()
             },
         },
-        "timeline": timeline(args, offered, delivered, probes, client_lags, samples, raw),
+        "timeline": timeline(args, measured),
         "verdicts": {
             "ack_p99": ack["p99"] < ACK_TARGET_MS,
             "delivery_p99": delivered["latency_ms"]["p99"] < DELIVERY_TARGET_MS,
