@@ -30,7 +30,9 @@ bench: setup
 	$(BIN)/python bench/numbers_bench.py
 	$(BIN)/python bench/records_bench.py
 	$(BIN)/python bench/usage_bench.py
+	$(BIN)/python bench/log_lock_bench.py
 	$(BIN)/python bench/fairness_bench.py
+	$(BIN)/python bench/replicas_bench.py
 	$(BIN)/python bench/sustained_bench.py
 
 setup: $(STAMP) $(NODE)

@@ -389,7 +389,12 @@ def parser() -> argparse.ArgumentParser:
     op = commands.add_parser(
         "operator", help="an operator's client: durations, usage, reconciliation"
     )
-    op.add_argument("--target", default="localhost:50051", help="the platform's host:port")
+    op.add_argument(
+        "--target",
+        default="localhost:50051",
+        help="the platform's host:port, or several gateways (calls spread, one down skipped):"
+        " ipv4:10.0.0.5:50051,10.0.0.6:50051 or dns:///NAME:PORT",
+    )
     op.add_argument("--ca", help="CA of the platform's certificate (default: dev PKI)")
     op.add_argument("--cert", help="your client certificate (default: dev operator's)")
     op.add_argument("--key", help="its private key")
@@ -406,7 +411,12 @@ def parser() -> argparse.ArgumentParser:
             view.add_argument("--show", type=int, default=20, help="discrepancies listed")
 
     sim = commands.add_parser("simulate", help="publish realistic calls to a running system")
-    sim.add_argument("--target", default="localhost:50051", help="the gateway's host:port")
+    sim.add_argument(
+        "--target",
+        default="localhost:50051",
+        help="the gateway's host:port, or several gateways (calls spread, one down skipped):"
+        " ipv4:10.0.0.5:50051,10.0.0.6:50051 or dns:///NAME:PORT",
+    )
     sim.add_argument("--pki-dir", help="development PKI (default <data_dir>/pki)")
     sim.add_argument("--operator", default=DEV_OPERATOR)
     sim.add_argument("--tenant", default=simulator.DEV_TENANT, help="customer tenant (GUID)")

@@ -37,6 +37,7 @@ from gateway.pki import GATEWAY_NAME, PkiPaths, ensure_dev_pki, issue_client
 from gateway.registry import Registry, ca_anchors
 from gateway.trust import TrustFiles, TrustStore
 from plumbing import tokens
+from plumbing.balancing import balanced
 from plumbing.changelog import Notifier, PostgresListener, Streams
 from plumbing.config import DEV_OPERATOR, Settings
 from plumbing.db import Database
@@ -271,7 +272,8 @@ def _routes(
     settings: Settings, credentials: grpc.ChannelCredentials
 ) -> dict[ServiceDescriptor, grpc.aio.Channel]:
     """The gateway's routes: each protobuf service of each service whose `<name>_target` is
-    set, to one channel per target."""
+    set, to one channel per target; a target naming several replicas spreads the calls
+    across them (plumbing.balancing)."""
     # The gateway admits requests up to max_message_bytes; a service answers at most that.
     limit = settings.max_message_bytes + 4 * 1024 * 1024
     options = [
@@ -291,7 +293,8 @@ def _routes(
         if not target:
             log.warning("service not routed: no target set", service=service.name)
             continue
-        channel = grpc.aio.secure_channel(target, credentials, options=options)
+        balancing = balanced(target, settings.internal_server_name)
+        channel = grpc.aio.secure_channel(target, credentials, options=options + balancing)
         for descriptor in service.descriptors():
             routes[descriptor] = channel
     return routes
@@ -329,6 +332,9 @@ async def start(settings: Settings, role: str = "all") -> Runtime:
         work_per_lane=settings.max_db_work_per_operator,
         metrics=metrics,
         tracer=tracer,
+        pool_size=settings.db_pool_size,
+        max_overflow=settings.db_max_overflow,
+        prepare_threshold=settings.db_prepare_threshold,
     )
     await loop.run_in_executor(None, db.migrate)
     notifier = Notifier()
@@ -361,7 +367,7 @@ async def start(settings: Settings, role: str = "all") -> Runtime:
     server = _server(settings, interceptor)
     listener = None
     if db.is_postgres and services:
-        listener = PostgresListener(settings.sqlalchemy_url, notifier)
+        listener = PostgresListener(settings.listen_url, notifier, metrics)
     cache_usable = listener.ready.is_set if listener is not None else lambda: True
 
     async def known_operator(operator_id: str) -> bool:

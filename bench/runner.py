@@ -225,6 +225,9 @@ def system_settings(spec: Spec) -> Settings:
         rate_per_operator=1e9,
         rate_burst=10**9,
         max_calls_per_operator=Settings.max_calls_per_operator if spec.get("fair") else 10**6,
+        # Behind a transaction pooler (replicas_bench --pgbouncer): LISTEN direct, no prepares.
+        database_listen_url=spec.get("database_listen_url", ""),
+        db_prepare_threshold=spec.get("db_prepare_threshold", Settings.db_prepare_threshold),
     )
 
 

@@ -27,6 +27,7 @@ from rich.table import Table
 from opconnect.usage.v1 import usage_pb2 as pb
 from opconnect.usage.v1 import usage_pb2_grpc as pb_grpc
 from operator_client.durations_csv import Line, read_lines
+from plumbing.balancing import balanced
 from plumbing.wellknown import timestamp
 
 BATCH = 1_000
@@ -146,7 +147,9 @@ async def submit(connection: Connection, path: Path, console: Console) -> int:
     )
     with progress:
         task = progress.add_task("submit", total=total, completed=skip)
-        async with grpc.aio.secure_channel(connection.target, connection.credentials()) as channel:
+        async with grpc.aio.secure_channel(
+            connection.target, connection.credentials(), options=balanced(connection.target)
+        ) as channel:
             stub = pb_grpc.UsageServiceStub(channel)
             async for response in stub.SubmitCallDurations(requests()):
                 while pending and not pending[0].records:  # empty batches before this one
@@ -212,7 +215,9 @@ def usage(
     tenant: str,
     console: Console,
 ) -> int:
-    with grpc.secure_channel(connection.target, connection.credentials()) as channel:
+    with grpc.secure_channel(
+        connection.target, connection.credentials(), options=balanced(connection.target)
+    ) as channel:
         stub = pb_grpc.UsageServiceStub(channel)
         request = pb.GetUsageSummaryRequest(
             start_time=timestamp(start),
@@ -254,7 +259,9 @@ def reconcile(
     show: int,
     console: Console,
 ) -> int:
-    with grpc.secure_channel(connection.target, connection.credentials()) as channel:
+    with grpc.secure_channel(
+        connection.target, connection.credentials(), options=balanced(connection.target)
+    ) as channel:
         stub = pb_grpc.UsageServiceStub(channel)
         period: dict[str, Any] = {
             "start_time": timestamp(start),

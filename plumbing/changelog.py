@@ -30,7 +30,7 @@ from prometheus_client.core import Metric
 from sqlalchemy import BigInteger, String, Table, select, text, update
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
-from plumbing.db import Base, Database, driver_fetch
+from plumbing.db import LOG_LOCKS, Base, Database, driver_fetch
 from plumbing.errors import ApiError, failed_precondition, invalid_field, unavailable
 from plumbing.logs import get_logger
 from plumbing.metrics import Metrics, gauge, observe_many
@@ -64,7 +64,9 @@ class Head:
 def allocate(session: Session, log_name: str, count: int = 1) -> int:
     """Reserve `count` positions in `log_name` for this transaction; returns the first.
 
-    Takes the log's row lock until commit: call it late in a write transaction.
+    Takes the log's row lock until commit: call it late in a write transaction, with the rows
+    already built. When it was granted is kept in the session (`LOG_LOCKS`): `Database.transaction`
+    observes how long it was held (opconnect_changelog_lock_hold_seconds).
     """
     heads = HEADS.c
     last = session.execute(
@@ -73,6 +75,7 @@ def allocate(session: Session, log_name: str, count: int = 1) -> int:
         .values(position=heads.position + count)
         .returning(heads.position)
     ).scalar_one()
+    session.info.setdefault(LOG_LOCKS, []).append((log_name, time.perf_counter()))  # held now
     return int(last) - count + 1
 
 
@@ -208,13 +211,22 @@ class Notifier:
 
 class PostgresListener:
     """LISTENs on PostgreSQL and feeds the local notifier, so a change committed through one
-    replica wakes streams attached to any other. Reconnects with backoff if the link drops."""
+    replica wakes streams attached to any other. Reconnects with backoff if the link drops.
 
-    def __init__(self, url: str, notifier: Notifier) -> None:
+    LISTEN needs a session of its own for as long as it listens: `url` names the server
+    itself (`database_listen_url`), never a transaction pooler, which would hand the session
+    to other clients between transactions. Its state is exported (`metrics`): connected or
+    not, and how often it was lost."""
+
+    def __init__(self, url: str, notifier: Notifier, metrics: Metrics | None = None) -> None:
         self._url = url.replace("postgresql+psycopg://", "postgresql://")
         self._notifier = notifier
         self._task: asyncio.Task[None] | None = None
         self.ready = asyncio.Event()
+        self.backend_pid = 0  # the server process of its connection, while connected
+        metrics = metrics or Metrics(enabled=False)
+        self._connected = metrics.listener_connected
+        self._reconnects = metrics.listener_reconnects
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="pg-listener")
@@ -232,7 +244,9 @@ class PostgresListener:
                     self._url, autocommit=True
                 ) as conn:
                     await conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                    self.backend_pid = conn.info.backend_pid
                     self.ready.set()
+                    self._connected.set(1)
                     delay = 0.5
                     # Anything committed while we were away: wake everyone once.
                     for log_name in self._notifier.logs():
@@ -247,6 +261,8 @@ class PostgresListener:
                 raise
             except Exception as error:  # keep listening whatever went wrong
                 self.ready.clear()
+                self._connected.set(0)
+                self._reconnects.inc()
                 log.warning("postgres listener reconnecting", error=str(error)[:200], delay_s=delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)

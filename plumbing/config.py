@@ -30,6 +30,10 @@ class Settings:
     # SQLAlchemy URL; empty means SQLite (WAL) at <data_dir>/opconnect.db.
     # PostgreSQL: postgresql+psycopg://user@host:5432/dbname
     database_url: str = ""
+    # PostgreSQL: the URL of the one connection that LISTENs for other replicas' changes. LISTEN
+    # needs a session of its own: behind a transaction pooler (pgbouncer), set it to the server
+    # itself; empty means database_url.
+    database_listen_url: str = ""
     # Address the gateway listens on (mutual TLS only).
     listen: str = "127.0.0.1:50051"
     # TLS files; empty means the development PKI in <data_dir>/pki, made on first run.
@@ -95,6 +99,9 @@ class Settings:
     # Most records in one StreamCallRecords response (a client may ask for fewer; the default
     # is stream_batch_size).
     max_stream_batch_size: int = 1_000
+    # Batches of one PublishCallRecords or SubmitCallDurations stream read and not yet
+    # answered: the next ones are checked while one commits (1: one batch at a time).
+    publish_pipeline_depth: int = 4
     # How far in the future, in seconds, a published record's times may be (clock skew).
     clock_skew_s: float = 300.0
     # A following stream with an end_time ends this many seconds after end_time passes (records
@@ -125,6 +132,12 @@ class Settings:
     numbers_target: str = ""
     records_target: str = ""
     usage_target: str = ""
+    # A target may name several replicas (`ipv4:10.0.0.5:5001,10.0.0.6:5001`, or a DNS name with
+    # an address per replica: `dns:///records.internal:5001`): calls are spread (round_robin)
+    # and a replica that is down is skipped. The name the service processes' certificates must
+    # carry (the gateway and the usage feed check it); empty: the host of the target, or of the
+    # first address of a list.
+    internal_server_name: str = ""
     internal_ca_file: str = ""
     internal_cert_file: str = ""
     internal_key_file: str = ""
@@ -149,12 +162,28 @@ class Settings:
     token_keys: str = field(default="", repr=False)
     # Threads that run database work.
     db_threads: int = 8
+    # PostgreSQL: connections this process keeps in its pool (0: db_threads) and the extra ones
+    # it may open at a peak, closed when returned. Every replica's pool_size + max_overflow, plus
+    # one LISTEN connection per service process, must fit the server's max_connections (or
+    # the pooler's client limit).
+    db_pool_size: int = 0
+    db_max_overflow: int = 2
+    # PostgreSQL: executions of one statement on a connection before psycopg prepares it on the
+    # server (its prepare_threshold); 0: never. Set 0 behind a transaction pooler (pgbouncer's
+    # pool_mode=transaction), where a prepared statement may be missing on the next transaction's
+    # server connection.
+    db_prepare_threshold: int = 5
     # Seconds allowed for streams to end cleanly on shutdown.
     shutdown_grace_s: float = 5.0
 
     @property
     def sqlalchemy_url(self) -> str:
         return self.database_url or f"sqlite:///{self.data_dir / 'opconnect.db'}"
+
+    @property
+    def listen_url(self) -> str:
+        """Where the PostgreSQL listener connects (a session of its own)."""
+        return self.database_listen_url or self.sqlalchemy_url
 
     @property
     def pki_dir(self) -> Path:

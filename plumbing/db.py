@@ -34,7 +34,7 @@ from alembic import command
 from alembic.config import Config
 from opentelemetry.trace import Tracer
 from prometheus_client.core import Metric
-from sqlalchemy import Engine, create_engine, event, exc
+from sqlalchemy import Engine, Table, create_engine, event, exc, make_url
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 from sqlalchemy.pool import QueuePool
@@ -54,6 +54,11 @@ MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 log = get_logger("opconnect.db")
 
 
+# session.info key: (log name, time.perf_counter()) of each change-log head lock the
+# transaction took (plumbing.changelog.allocate); `Database.transaction` times them to commit.
+LOG_LOCKS = "log_locks"
+
+
 class Base(DeclarativeBase):
     """The declarative base of every table of every service (one schema, one migration line)."""
 
@@ -70,11 +75,17 @@ class Database:
         busy_timeout_s: float = 30.0,
         metrics: Metrics | None = None,
         tracer: Tracer | None = None,
+        pool_size: int = 0,
+        max_overflow: int = 2,
+        prepare_threshold: int = 5,
     ) -> None:
         """`work_per_lane`: units one principal may run at once (0: as many as `threads`);
         `busy_timeout_s`: how long SQLite waits for another process's write lock; `metrics`:
         where units of work are counted and timed (none: not at all); `tracer`: where units
-        done for a traced call are spans (none: tracing is off)."""
+        done for a traced call are spans (none: tracing is off). PostgreSQL only:
+        `pool_size` connections kept (0: `threads`), `max_overflow` more opened at a peak,
+        `prepare_threshold` executions of a statement before psycopg prepares it on the server
+        (0: never, as behind a transaction pooler)."""
         self.url = url
         self.metrics = metrics or Metrics(enabled=False)
         self.tracer = tracer
@@ -94,10 +105,18 @@ class Database:
             _sqlite_setup(engine, busy_timeout_s)
             read_engine: Engine = engine
             write_engine: Engine = engine.execution_options(sqlite_begin="IMMEDIATE")
+            self.max_connections = threads
         else:
-            engine = create_engine(url, pool_size=threads, max_overflow=2, pool_pre_ping=True)
+            engine = create_engine(
+                url,
+                pool_size=pool_size or threads,
+                max_overflow=max_overflow,
+                pool_pre_ping=True,
+                connect_args=_psycopg_arguments(url, prepare_threshold),
+            )
             read_engine = engine.execution_options(isolation_level="REPEATABLE READ")
             write_engine = engine
+            self.max_connections = (pool_size or threads) + max_overflow
         self.engine: Engine = engine
         self._read = sessionmaker(read_engine, expire_on_commit=False)
         self._write = sessionmaker(write_engine, expire_on_commit=False)
@@ -114,19 +133,38 @@ class Database:
             "Database connections of this process's pool, by state (in_use, idle).",
             ("state",),
         )
+        limit = gauge(
+            "opconnect_db_pool_max_connections",
+            "Database connections this process's pool may open at once (its size plus overflow:"
+            " db_pool_size + db_max_overflow on PostgreSQL).",
+        )
         if isinstance(pool, QueuePool):
             family.add_metric(["in_use"], pool.checkedout())
             family.add_metric(["idle"], pool.checkedin())
+        limit.add_metric([], self.max_connections)
         yield family
+        yield limit
 
     def session(self, *, write: bool) -> Session:
         """A new session (use as a context manager with `.begin()`)."""
         return (self._write if write else self._read)()
 
     def transaction(self, fn: Callable[..., T], *args: Any, write: bool = False) -> T:
-        """Run fn(session, *args) in one transaction, on the calling thread."""
-        with self.session(write=write) as session, session.begin():
-            return fn(session, *args)
+        """Run fn(session, *args) in one transaction, on the calling thread. The change-log
+        head locks it took are timed to its commit or rollback."""
+        with self.session(write=write) as session:
+            try:
+                with session.begin():
+                    return fn(session, *args)
+            finally:
+                locks = session.info.pop(LOG_LOCKS, None)
+                if locks:
+                    self._locks_released(locks)
+
+    def _locks_released(self, locks: list[tuple[str, float]]) -> None:
+        now = time.perf_counter()
+        for log_name, taken in locks:
+            self.metrics.log_lock_seconds.labels(log_name).observe(now - taken)
 
     async def run(self, fn: Callable[..., T], *args: Any, write: bool = False) -> T:
         """Run fn(session, *args) in one transaction on a database thread.
@@ -246,6 +284,15 @@ def _is_busy(error: exc.OperationalError) -> bool:
     return isinstance(code, int) and code & 0xFF in (_SQLITE_BUSY, _SQLITE_LOCKED)
 
 
+def _psycopg_arguments(url: str, prepare_threshold: int) -> dict[str, Any]:
+    """psycopg's connection arguments: when it prepares statements on the server (never for
+    0: a transaction pooler hands each transaction any server connection, where a statement
+    prepared on another is unknown)."""
+    if make_url(url).get_driver_name() != "psycopg":
+        return {}
+    return {"prepare_threshold": prepare_threshold or None}
+
+
 def _lane() -> str:
     """The gate lane of the work being done: the principal of the call it serves, or the
     process's own lane."""
@@ -312,12 +359,58 @@ def driver_execute_many(session: Session, sql: str, rows: Sequence[Sequence[Any]
         cursor.close()
 
 
+def driver_insert_many(
+    session: Session, table: Table, columns: Sequence[str], rows: Sequence[Sequence[Any]]
+) -> None:
+    """Insert many rows (values of `columns`, in that order) on the driver, inside the
+    session's transaction: on PostgreSQL by a binary `COPY ... FROM STDIN` (one stream, no
+    statement per row, no text to parse; the columns' types from the table), on SQLite by
+    executemany of `insert_sql`. For the publish hot path, where SQLAlchemy's parameter
+    handling costs more than the insert; times must come from `driver_time`."""
+    connection = session.connection()
+    cursor = connection.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+    try:
+        if connection.dialect.name == "postgresql":
+            copy_sql = f"COPY {table.name} ({', '.join(columns)}) FROM STDIN (FORMAT BINARY)"
+            with cursor.copy(copy_sql) as copy:
+                copy.set_types(_copy_types(table, tuple(columns)))
+                for row in rows:
+                    copy.write_row(row)
+        else:
+            cursor.executemany(insert_sql(table, columns), rows)
+    finally:
+        cursor.close()
+
+
+def insert_sql(table: Table, columns: Sequence[str]) -> str:
+    """The INSERT `driver_insert_many` runs on SQLite (tests/test_sql.py checks it)."""
+    marks = ",".join("?" * len(columns))
+    return f"INSERT INTO {table.name} ({', '.join(columns)}) VALUES ({marks})"  # noqa: S608
+
+
+@functools.lru_cache(maxsize=16)
+def _copy_types(table: Table, columns: tuple[str, ...]) -> list[str]:
+    """PostgreSQL's names of the columns' types (BIGINT, VARCHAR(64) -> bigint, varchar)."""
+    dialect = postgresql.dialect()  # type: ignore[no-untyped-call]
+    return [
+        str(table.c[name].type.compile(dialect=dialect)).partition("(")[0].lower()
+        for name in columns
+    ]
+
+
 def driver_time(session: Session) -> Callable[[dt.datetime | None], Any]:
     """How a time goes to the driver so that it compares and reads back as SQLAlchemy's own
     DateTime columns do: on SQLite UTC text in SQLAlchemy's format, on PostgreSQL as is."""
-    if session.get_bind().dialect.name != "sqlite":
-        return lambda value: value
-    return _sqlite_time
+    return time_form(sqlite=session.get_bind().dialect.name == "sqlite")
+
+
+def time_form(*, sqlite: bool) -> Callable[[dt.datetime | None], Any]:
+    """`driver_time` for a database known by its kind (rows built before the transaction)."""
+    return _sqlite_time if sqlite else _as_is
+
+
+def _as_is(value: dt.datetime | None) -> dt.datetime | None:
+    return value
 
 
 def _sqlite_time(value: dt.datetime | None) -> str | None:

@@ -61,6 +61,8 @@ F = TypeVar("F", Counter, Gauge, Histogram)
 # Seconds: from a fast SQLite read (~0.1 ms) to a stream that waits on a slow database.
 SECONDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 # Commit to delivery: "at once" is tens of milliseconds; a lagging stream is seconds to minutes.
+# A change log's head lock: a batch's insert is milliseconds; tens of them cap a log's writes.
+LOCK = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 DELIVERY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 
 RPC = ("grpc_service", "grpc_method", "grpc_type")
@@ -288,7 +290,28 @@ class Metrics:
             "Units of database work that failed, by kind and reason (busy, unavailable, error).",
             ("kind", "reason"),
         )
-        # opconnect_db_pool_connections{state="in_use"|"idle"} is read at scrape time.
+        # opconnect_db_pool_connections{state="in_use"|"idle"} and
+        # opconnect_db_pool_max_connections are read at scrape time.
+        self.listener_connected = self._gauge(
+            "opconnect_changelog_listener_connected",
+            "1 while this process's LISTEN connection to PostgreSQL is up (other replicas'"
+            " commits wake its streams, its read cache is used); 0 while it reconnects, and"
+            " in processes that have none (SQLite, gateways).",
+            (),
+        )
+        self.listener_reconnects = self._counter(
+            "opconnect_changelog_listener_reconnects_total",
+            "Times this process's LISTEN connection to PostgreSQL was lost or could not be"
+            " opened (it is opened again with backoff).",
+            (),
+        )
+        self.log_lock_seconds = self._histogram(
+            "opconnect_changelog_lock_hold_seconds",
+            "Seconds a write held its change log's head lock, from being granted it to commit"
+            " (or rollback), by log: writers of one log wait for each other this long.",
+            ("log",),
+            LOCK,
+        )
 
         # --- trust ----------------------------------------------------------------------------
         self.trust_reloads = self._counter(
@@ -511,6 +534,7 @@ SCRAPE_FAMILIES = (
     "opconnect_changelog_head_position",
     "opconnect_changelog_purged_position",
     "opconnect_db_pool_connections",
+    "opconnect_db_pool_max_connections",
     "opconnect_certificate_expiry_seconds",
     "opconnect_crl_next_update_seconds",
     "opconnect_deny_list_entries",

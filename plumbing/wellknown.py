@@ -31,11 +31,16 @@ def time_in(stamp: timestamp_pb2.Timestamp) -> dt.datetime | None:
 def duration_in(value: duration_pb2.Duration) -> dt.timedelta | None:
     """The duration (to the microsecond, rounded down); None if not a valid Duration."""
     seconds, nanos = value.seconds, value.nanos
-    if abs(seconds) > MAX_DURATION_SECONDS or abs(nanos) >= 1_000_000_000:
-        return None
-    if seconds > 0 > nanos or seconds < 0 < nanos:
+    if not valid_duration(seconds, nanos):
         return None
     return dt.timedelta(seconds=seconds, microseconds=nanos // 1000)
+
+
+def valid_duration(seconds: int, nanos: int) -> bool:
+    """Whether (seconds, nanos) is a valid Duration: in range, their signs agreeing."""
+    if abs(seconds) > MAX_DURATION_SECONDS or abs(nanos) >= 1_000_000_000:
+        return False
+    return not (seconds > 0 > nanos or seconds < 0 < nanos)
 
 
 def request_time(request: Any, name: str, domain: str, reason: str) -> dt.datetime | None:

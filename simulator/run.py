@@ -42,6 +42,7 @@ from opconnect.records.v1 import records_pb2_grpc as records_grpc
 from opconnect.type.v1 import assignment_state_pb2 as state_pb
 from opconnect.usage.v1 import usage_pb2 as usage_pb
 from opconnect.usage.v1 import usage_pb2_grpc as usage_grpc
+from plumbing.balancing import balanced, one_address
 from plumbing.config import DEV_OPERATOR, DEV_PLATFORM
 from plumbing.logs import mask_number, redact
 from plumbing.validation import IDENTITY, IDENTITY_PATTERN, check_guid
@@ -68,7 +69,8 @@ MAX_NUMBERS = 10_000
 class Options:
     """What to simulate and against what.
 
-    `target` is the gateway's host:port; `pki_dir` the development PKI (CA `ca.pem`, client
+    `target` is the gateway's host:port, or a gRPC target naming several gateways (calls are
+    spread across them: plumbing.balancing); `pki_dir` the development PKI (CA `ca.pem`, client
     certificates in `clients/`); `operator` the operator whose trunks carry the calls and
     `platform` the platform system publishing them (both need certificates there); `tenant` the
     customer tenant (GUID); `numbers` how many numbers to upload and assign; `rate` calls a
@@ -186,7 +188,9 @@ def _credentials(options: Options, name: str) -> Any:
 
 async def _connect(options: Options, name: str) -> Any:
     """A channel to the gateway as the client `name` (e.g. `operator-contoso-telecom`), ready."""
-    channel = grpc.aio.secure_channel(options.target, _credentials(options, name))
+    channel = grpc.aio.secure_channel(
+        options.target, _credentials(options, name), options=balanced(options.target)
+    )
     try:
         await asyncio.wait_for(channel.channel_ready(), CONNECT_TIMEOUT_S)
     except TimeoutError:
@@ -316,7 +320,7 @@ def stream_command(options: Options, started: dt.datetime) -> str:
     return (
         f"node_modules/.bin/buf curl --protocol grpc --cacert {ca} \\\n"
         f"    --cert {cert} --key {key} \\\n"
-        f"    https://{options.target}/{method} \\\n"
+        f"    https://{one_address(options.target)}/{method} \\\n"
         f'    -d \'{{"startTime":"{start}","follow":true}}\''
     )
 

@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import queue
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar, cast
@@ -28,6 +30,7 @@ from gateway import pki
 from gateway.registry import OperatorStatus
 from opconnect.numbers.v1 import numbers_pb2
 from opconnect.usage.v1 import usage_pb2, usage_pb2_grpc
+from plumbing import tokens
 from plumbing.config import Settings
 from services.usage import feed
 from services.usage import tables as usage_tables
@@ -250,6 +253,143 @@ def start_split(test_pki: Pki, directory: Path, url: str, **changes: Any) -> Spl
     return Split(gateway, numbers, records, usage, gateway_settings)
 
 
+def start_two(
+    test_pki: Pki, directory: Path, url: str, **changes: Any
+) -> tuple[RunningSystem, RunningSystem]:
+    """Two one-process replicas on one PostgreSQL database (`url`), sharing the deployment's
+    token keys, each with the settings `changes`; returned once both are listening for the
+    other's changes."""
+    changes.setdefault("token_keys", tokens.new_key())
+    pair = tuple(
+        start_system(settings_for(directory / name, test_pki.paths, url, **changes), test_pki)
+        for name in ("a", "b")
+    )
+    for running in pair:
+        listener = running.runtime.listener
+        assert listener is not None
+        running.call(listener.ready.wait(), timeout=10)
+    return pair[0], pair[1]
+
+
+def several(systems: Sequence[RunningSystem]) -> str:
+    """A gRPC target naming every one of `systems` (replicas: calls spread by round_robin)."""
+    return "ipv4:" + ",".join(f"127.0.0.1:{system.runtime.port}" for system in systems)
+
+
+@dataclass
+class Replicas:
+    """The separate-processes mode with several replicas of each role on one database."""
+
+    gateways: list[RunningSystem]
+    numbers: list[RunningSystem]
+    records: list[RunningSystem]
+    usage: list[RunningSystem]
+    gateway_settings: Settings
+
+    def processes(self) -> list[RunningSystem]:
+        return [*self.gateways, *self.numbers, *self.records, *self.usage]
+
+    def stop(self) -> None:
+        for system in self.processes():
+            if system.loop.is_running():
+                system.stop()
+
+
+def start_replicas(
+    test_pki: Pki, directory: Path, url: str, count: int = 2, **changes: Any
+) -> Replicas:
+    """`count` processes of each role on one database: each gateway routes every service to
+    all of its replicas (one target naming them all), each usage process follows the call feed
+    of every records process; every process with the settings `changes` (and its metrics on a
+    port of its own)."""
+    paths = test_pki.paths
+    gateway_cert, gateway_key = pki.issue_client(paths, "platform", "gateway")
+    usage_cert, usage_key = pki.issue_client(paths, "platform", "usage")
+    base = settings_for(directory, paths, url, metrics_listen="127.0.0.1:0", **changes)
+    numbers = [RunningSystem(base, test_pki, "numbers") for _ in range(count)]
+    records = [RunningSystem(base, test_pki, "records") for _ in range(count)]
+    usage_settings = base.replace(
+        records_target=several(records),
+        feed_ca_file=str(paths.ca_cert),
+        feed_cert_file=str(usage_cert),
+        feed_key_file=str(usage_key),
+    )
+    usage = [RunningSystem(usage_settings, test_pki, "usage") for _ in range(count)]
+    gateway_settings = base.replace(
+        numbers_target=several(numbers),
+        records_target=several(records),
+        usage_target=several(usage),
+        internal_ca_file=str(paths.ca_cert),
+        internal_cert_file=str(gateway_cert),
+        internal_key_file=str(gateway_key),
+    )
+    gateways = [RunningSystem(gateway_settings, test_pki, "gateway") for _ in range(count)]
+    registry = gateways[0].runtime.registry
+    for ident in (OPERATOR, OTHER_OPERATOR, SUSPENDED_OPERATOR):
+        gateways[0].call(registry.add(ident, "", test_pki.anchors()))
+    gateways[0].call(registry.set_status(SUSPENDED_OPERATOR, OperatorStatus.SUSPENDED))
+    return Replicas(gateways, numbers, records, usage, gateway_settings)
+
+
+# --- a real pgbouncer ----------------------------------------------------------------------------
+
+NO_PGBOUNCER = "pgbouncer is not installed (Debian's `pgbouncer` package, which .ci/run installs)"
+
+
+class PgBouncer:
+    """A pgbouncer of a test's own in transaction pooling mode, on a free port, in front of the
+    PostgreSQL server of `server_url`: its database `test` is the server's, each new server
+    connection set to `schema` (pgbouncer refuses the `options` startup parameter the tests'
+    URLs use). `url` is how a client reaches it. It runs as `nobody` when started by root (it
+    refuses to run as root), from a directory of its own, removed when stopped."""
+
+    def __init__(self, server_url: str, schema: str) -> None:
+        binary = shutil.which("pgbouncer") or shutil.which("pgbouncer", path="/usr/sbin")
+        if binary is None:
+            pytest.skip(NO_PGBOUNCER)
+        server = sa.make_url(server_url)
+        self.directory = Path(tempfile.mkdtemp(prefix="pgbouncer-"))
+        self.directory.chmod(0o755)  # readable by the user it runs as
+        users = self.directory / "users.txt"
+        users.write_text(f'"{server.username}" ""\n')
+        port = free_port()
+        config = self.directory / "pgbouncer.ini"
+        config.write_text(
+            "[databases]\n"
+            f"test = host={server.host} port={server.port or 5432} dbname={server.database}"
+            f" connect_query='SET search_path TO {schema}'\n"
+            "[pgbouncer]\n"
+            f"listen_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n"
+            f"auth_type = trust\nauth_file = {users}\n"
+            "pool_mode = transaction\ndefault_pool_size = 20\nmax_client_conn = 500\n"
+            "logfile =\npidfile =\n"
+        )
+        for path in (users, config):
+            path.chmod(0o644)
+        self.url = f"postgresql+psycopg://{server.username}@127.0.0.1:{port}/test"
+        self.log = self.directory / "pgbouncer.log"
+        user = ["-u", "nobody"] if os.geteuid() == 0 else []
+        with self.log.open("wb") as log:
+            self.process = subprocess.Popen(
+                [binary, *user, str(config)],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        if not poll(lambda: self._ready(port), bool, timeout=30, interval=0.05):
+            self.stop()
+            raise AssertionError(f"pgbouncer did not start: {self.log.read_text()[-2000:]}")
+
+    def _ready(self, port: int) -> bool:
+        assert self.process.poll() is None, f"pgbouncer exited: {self.log.read_text()[-2000:]}"
+        with socket.socket() as probe:
+            return probe.connect_ex(("127.0.0.1", port)) == 0
+
+    def stop(self) -> None:
+        end_process(self.process)
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
 # --- PKI layouts -------------------------------------------------------------------------------
 
 
@@ -303,6 +443,16 @@ def samples_of(samples: dict[Sample, float], name: str, **labels: str) -> dict[S
     """Every sample `name` whose labels include `labels`."""
     want = set(labels.items())
     return {key: value for key, value in samples.items() if key[0] == name and want <= key[1]}
+
+
+def end_process(process: subprocess.Popen[bytes]) -> None:
+    """Stop a server the test started: terminated, killed if still there after 10 s."""
+    process.terminate()
+    try:
+        process.wait(10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(10)
 
 
 # --- a real Prometheus -------------------------------------------------------------------------
@@ -417,12 +567,7 @@ class Prometheus:
         return self.wait_for(expr, lambda value: value == want, timeout)
 
     def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(10)
+        end_process(self.process)
 
 
 def metrics_target(system: RunningSystem) -> str:

@@ -111,3 +111,18 @@ def test_sustained_bench() -> None:
     assert {"ack_p99", "delivery_p99", "memory_flat", "rate_held"} <= report["verdicts"].keys()
     assert report["timeline"] and all("t" in row for row in report["timeline"])
     assert "system" in report["probes"]
+
+
+def test_log_lock_bench() -> None:
+    report = run_bench("log_lock")
+    assert report["duplicated_call_ids"] == 0
+    assert positive(
+        report["storage_ratio"], report["lock_mean_ms"], report["lock_allows_batches_per_s"]
+    )
+
+
+def test_replicas_bench() -> None:
+    report = run_bench("replicas")  # SQLite: across the gateways only
+    for way in ("cross", "same"):
+        assert report["latency_ms"][way]["n"] > 0
+    assert positive(report["cross_p99_ms"], report["cross_over_same_p99"])

@@ -29,7 +29,7 @@ from tests.conftest import (
     settings_for,
     start_system,
 )
-from tests.helpers import sample, samples_of, scrape, start_split, upload
+from tests.helpers import eventually, sample, samples_of, scrape, start_split, upload
 from tests.records_data import publish_records, record
 
 NUMBERS = "opconnect.numbers.v1.NumberService"
@@ -88,6 +88,9 @@ def test_rpcs_are_counted_by_method_type_and_code(measured: RunningSystem) -> No
     assert sample(got, "opconnect_db_unit_seconds_count", kind="write") >= 1
     assert sample(got, "opconnect_db_unit_seconds_count", kind="read") >= 3
     assert samples_of(got, "opconnect_db_pool_connections", state="idle")
+    # The records log's head lock, held from allocation to commit: one publish.
+    assert sample(got, "opconnect_changelog_lock_hold_seconds_count", log="records") == 1
+    assert sample(got, "opconnect_changelog_lock_hold_seconds_sum", log="records") > 0
     # No label carries a number, a tenant or a request id.
     values = {value for key in got for _, value in key[1]}
     assert NUMBER not in values and "not a number" not in values
@@ -212,6 +215,19 @@ def test_the_gateway_counts_its_forwarding_hop(session_pki: Pki, tmp_path: Path)
             numbers.GetNumber(pb.GetNumberRequest(phone_number=NUMBER))
         assert missing.value.code() is grpc.StatusCode.NOT_FOUND
         unary = {"grpc_service": NUMBERS, "grpc_method": "GetNumber", "grpc_type": "unary"}
+
+        def counted() -> bool:
+            # Each process counts a call once it has ended there, which may be just after the
+            # caller has its answer: wait for the three counts before reading the figures.
+            hop, served = scrape(split.gateway), scrape(split.numbers)
+            done = {**unary, "grpc_code": "NotFound"}
+            return (
+                sample(hop, "grpc_client_handled_total", **done) >= 1
+                and sample(hop, "grpc_server_handled_total", **done) >= 1
+                and sample(served, "grpc_server_handled_total", **done) >= 1
+            )
+
+        eventually(counted)
         hop = scrape(split.gateway)
         assert sample(hop, "grpc_client_started_total", **unary) == 1
         assert sample(hop, "grpc_client_handled_total", **unary, grpc_code="NotFound") == 1

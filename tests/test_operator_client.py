@@ -26,11 +26,11 @@ def system(session_pki: Pki, tmp_path: Path) -> Iterator[RunningSystem]:
     running.stop()
 
 
-def _client(system: RunningSystem) -> list[str]:
+def _client(system: RunningSystem, target: str = "") -> list[str]:
     cert, key = system.pki.paths.client(f"operator-{OPERATOR}")
     return [
         "operator",
-        *("--target", system.address),
+        *("--target", target or system.address),
         *("--ca", str(system.pki.paths.ca_cert)),
         *("--cert", str(cert)),
         *("--key", str(key)),
@@ -63,6 +63,17 @@ def test_submit_a_csv_resume_it_and_resend_it(
     out = capsys.readouterr().out
     assert "1,000 accepted, 1,500 already there, 0 refused" in out
     assert _stored(system) == 2_500
+
+
+def test_a_target_naming_several_gateways(system: RunningSystem, tmp_path: Path) -> None:
+    """A list of addresses (here the one gateway twice): calls spread over them, each
+    gateway's certificate checked for the first address."""
+    path = tmp_path / "durations.csv"
+    write_records(path, [duration_record() for _ in range(3)])
+    port = system.runtime.port
+    several = f"ipv4:127.0.0.1:{port},127.0.0.1:{port}"
+    assert main([*_client(system, several), "submit", str(path)]) == 0
+    assert _stored(system) == 3
 
 
 def test_bad_lines_are_reported_with_their_numbers(

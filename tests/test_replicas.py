@@ -9,11 +9,11 @@ from typing import cast
 
 import grpc
 import pytest
+import sqlalchemy as sa
 
 from opconnect.numbers.v1 import numbers_pb2 as pb
 from opconnect.numbers.v1.numbers_pb2_grpc import NumberServiceStub
 from opconnect.type.v1 import assignment_state_pb2 as state_pb
-from plumbing import tokens
 from plumbing.cache import MISSING, ReadCache
 from plumbing.changelog import ANY_KEY
 from tests.conftest import (
@@ -27,7 +27,7 @@ from tests.conftest import (
     settings_for,
     start_system,
 )
-from tests.helpers import assign, eventually, upload
+from tests.helpers import assign, eventually, sample, scrape, start_two, upload
 
 
 def test_the_cache_drops_a_read_that_raced_with_a_change() -> None:
@@ -70,14 +70,7 @@ def test_get_number_sees_every_change_at_once_on_its_replica(sqlite_system: Runn
 def replicas(session_pki: Pki, tmp_path: Path) -> Iterator[tuple[RunningSystem, RunningSystem]]:
     if not POSTGRES_URL:
         pytest.skip(NO_POSTGRES)
-    url = reset_postgres(POSTGRES_URL)
-    keys = {"token_keys": tokens.new_key()}  # replicas share the deployment's token keys
-    first = start_system(settings_for(tmp_path / "a", session_pki.paths, url, **keys), session_pki)
-    second = start_system(settings_for(tmp_path / "b", session_pki.paths, url, **keys), session_pki)
-    for running in (first, second):
-        listener = running.runtime.listener
-        assert listener is not None
-        running.call(listener.ready.wait(), timeout=10)
+    first, second = start_two(session_pki, tmp_path, reset_postgres(POSTGRES_URL))
     yield first, second
     first.stop()
     second.stop()
@@ -121,3 +114,40 @@ def _absent(reader: NumberServiceStub, request: pb.GetNumberRequest) -> bool:
     except grpc.RpcError as error:
         return cast(bool, error.code() == grpc.StatusCode.NOT_FOUND)
     return False
+
+
+def test_pool_sizes_come_from_settings_and_the_listener_state_is_exported(
+    session_pki: Pki, tmp_path: Path
+) -> None:
+    """A process's pool is `db_pool_size` + `db_max_overflow` connections; its LISTEN
+    connection, when lost, is counted and opened again, and wakes its streams again."""
+    if not POSTGRES_URL:
+        pytest.skip(NO_POSTGRES)
+    url = reset_postgres(POSTGRES_URL)
+    settings = settings_for(
+        tmp_path,
+        session_pki.paths,
+        url,
+        db_pool_size=3,
+        db_max_overflow=1,
+        metrics_listen="127.0.0.1:0",
+    )
+    running = start_system(settings, session_pki)
+    try:
+        listener = running.runtime.listener
+        assert listener is not None
+        running.call(listener.ready.wait(), timeout=10)
+        assert running.runtime.db.engine.pool.size() == 3  # type: ignore[attr-defined]
+        got = scrape(running)
+        assert sample(got, "opconnect_db_pool_max_connections") == 4
+        assert sample(got, "opconnect_changelog_listener_connected") == 1
+        assert sample(got, "opconnect_changelog_listener_reconnects_total") == 0
+        lost = listener.backend_pid
+        with sa.create_engine(POSTGRES_URL).connect() as admin:
+            admin.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": lost})
+        eventually(lambda: listener.ready.is_set() and listener.backend_pid != lost)
+        got = scrape(running)
+        assert sample(got, "opconnect_changelog_listener_reconnects_total") == 1
+        assert sample(got, "opconnect_changelog_listener_connected") == 1
+    finally:
+        running.stop()

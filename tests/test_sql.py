@@ -53,7 +53,13 @@ def records_stream_sql(db: Database) -> str:
 
 
 def statements(db: Database) -> list[str]:
-    return [*ingest.SQL, *usage_days.SQL, *changelog.SQL, records_stream_sql(db)]
+    return [
+        *ingest.SQL,
+        *usage_days.SQL,
+        *changelog.SQL,
+        *records_storage.SQL,
+        records_stream_sql(db),
+    ]
 
 
 def explain(db: Database, sql: str) -> None:

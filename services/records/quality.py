@@ -10,6 +10,7 @@ to its threshold is not a crossing. Only audio is classified.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -103,20 +104,19 @@ def classify_stream(index: int, stream: StreamMetrics, rules: Thresholds) -> Ver
         return Verdict(Quality.UNCLASSIFIED, (reason,))
     if stream.packet_count <= rules.min_packets:
         return Verdict(Quality.GOOD)
-    limits = rules.limits()
-    missing = tuple(
-        Reason(metric, None, limit, index)
-        for metric, limit in limits.items()
-        if stream.value(metric) is None
-    )
+    observed = [(metric, limit, stream.value(metric)) for metric, limit in _limits(rules)]
+    missing = tuple(Reason(m, None, limit, index) for m, limit, v in observed if v is None)
     if missing:
         return Verdict(Quality.UNCLASSIFIED, missing)
     crossed = tuple(
-        Reason(metric, observed, limit, index)
-        for metric, limit in limits.items()
-        if (observed := stream.value(metric)) is not None and observed > limit
+        Reason(m, v, limit, index) for m, limit, v in observed if v is not None and v > limit
     )
     return Verdict(Quality.POOR, crossed) if crossed else Verdict(Quality.GOOD)
+
+
+@functools.lru_cache(maxsize=8)  # one set of thresholds per process: made once, not per stream
+def _limits(rules: Thresholds) -> tuple[tuple[Metric, float], ...]:
+    return tuple(rules.limits().items())
 
 
 def classify_call(

@@ -12,6 +12,7 @@ import asyncio
 import datetime as dt
 import functools
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, TypeAlias
 
 import grpc
@@ -36,6 +37,7 @@ from plumbing.db import Database
 from plumbing.errors import invalid_field, not_found
 from plumbing.logs import mask_number
 from plumbing.metrics import Metrics, count_labels
+from plumbing.pipeline import pipelined
 from plumbing.rpc import current_operator
 from plumbing.tokens import page_token, read_page_token
 from plumbing.validation import (
@@ -47,6 +49,7 @@ from plumbing.validation import (
 )
 from plumbing.wellknown import request_time
 from services.records import convert, rules, storage
+from services.records.quality import Thresholds
 from services.records.rules import DOMAIN, LOG, MAX_BATCH
 
 Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
@@ -290,51 +293,83 @@ class CallRecordIngestService(pb_grpc.CallRecordIngestServiceServicer):
     async def PublishCallRecords(
         self, requests: AsyncIterator[pb.PublishCallRecordsRequest], context: Context
     ) -> AsyncIterator[pb.PublishCallRecordsResponse]:
-        async for request in requests:
-            rules.check_batch_id(request.batch_id)
-            if not request.records:
-                raise invalid_field(DOMAIN, "BATCH_EMPTY", "records", "1 to 1,000 records")
-            if len(request.records) > MAX_BATCH:
-                raise invalid_field(
-                    DOMAIN, "BATCH_TOO_LARGE", "records", f"at most {MAX_BATCH:,} records"
-                )
-            operators = {r.operator_id for r in request.records}
-            known = {o for o in operators if rules.OPERATOR_ID.fullmatch(o)}
-            known = {o for o in known if await self._known_operator(o)}
-            # Validation and classification are CPU work: off the event loop, so that streams
-            # keep flowing while a large batch is checked.
-            loop = asyncio.get_running_loop()
-            prepared = await loop.run_in_executor(
-                None,
-                convert.prepare,
-                list(request.records),
-                known,
-                self._settings,
-                self._thresholds,
+        # The next batches are read, checked and built while the one before commits; commits
+        # and answers keep the batches' order (plumbing.pipeline).
+        depth = self._settings.publish_pipeline_depth
+        async for response in pipelined(requests, self._prepare, self._commit, depth):
+            yield response
+
+    async def _prepare(self, request: pb.PublishCallRecordsRequest) -> _Batch:
+        """A batch read and checked, each record's rows built (or its refusal): no writes."""
+        rules.check_batch_id(request.batch_id)
+        if not request.records:
+            raise invalid_field(DOMAIN, "BATCH_EMPTY", "records", "1 to 1,000 records")
+        if len(request.records) > MAX_BATCH:
+            raise invalid_field(
+                DOMAIN, "BATCH_TOO_LARGE", "records", f"at most {MAX_BATCH:,} records"
             )
-            candidates = [c for c in prepared if isinstance(c, rules.Candidate)]
-            stored = await self._db.run(
-                storage.publish,
-                candidates,
-                convert.publish_time_field,
-                convert.stored,
-                write=True,
-            )
-            if stored.operators:
-                self._notifier.publish(LOG, stored.operators)
-            accepted = iter(stored.results)
-            results = [next(accepted) if isinstance(p, rules.Candidate) else p for p in prepared]
-            count_labels(
-                self._published,
-                ((r.outcome.value, r.refusal.reason if r.refusal else "") for r in results),
-            )
-            yield pb.PublishCallRecordsResponse(
-                batch_id=request.batch_id,
-                results=[convert.result_out(r) for r in results],
-                accepted_count=sum(r.outcome is Outcome.ACCEPTED for r in results),
-                duplicate_count=sum(r.outcome is Outcome.DUPLICATE for r in results),
-                refused_count=sum(r.outcome is Outcome.REFUSED for r in results),
-            )
+        operators = {r.operator_id for r in request.records}
+        known = {o for o in operators if rules.OPERATOR_ID.fullmatch(o)}
+        known = {o for o in known if await self._known_operator(o)}
+        # Validation, classification and the rows are CPU work: off the event loop, so that
+        # streams keep flowing while a large batch is checked.
+        loop = asyncio.get_running_loop()
+        prepared, staged = await loop.run_in_executor(
+            None,
+            _prepare_batch,
+            list(request.records),
+            known,
+            self._settings,
+            self._thresholds,
+            self._db.is_sqlite,
+        )
+        return _Batch(request.batch_id, prepared, staged)
+
+    async def _commit(self, batch: _Batch) -> pb.PublishCallRecordsResponse:
+        """The batch stored in one transaction, and its answer."""
+        stored = await self._db.run(
+            storage.publish,
+            batch.staged,
+            convert.publish_time_field,
+            convert.stored,
+            write=True,
+        )
+        if stored.operators:
+            self._notifier.publish(LOG, stored.operators)
+        accepted = iter(stored.results)
+        results = [next(accepted) if isinstance(p, rules.Candidate) else p for p in batch.prepared]
+        count_labels(
+            self._published,
+            ((r.outcome.value, r.refusal.reason if r.refusal else "") for r in results),
+        )
+        return pb.PublishCallRecordsResponse(
+            batch_id=batch.batch_id,
+            results=[convert.result_out(r) for r in results],
+            accepted_count=sum(r.outcome is Outcome.ACCEPTED for r in results),
+            duplicate_count=sum(r.outcome is Outcome.DUPLICATE for r in results),
+            refused_count=sum(r.outcome is Outcome.REFUSED for r in results),
+        )
+
+
+@dataclass(frozen=True)
+class _Batch:
+    """A published batch, prepared: each record's candidate or refusal, the candidates' rows."""
+
+    batch_id: str
+    prepared: list[rules.Candidate | rules.Result]
+    staged: storage.Staged
+
+
+def _prepare_batch(
+    messages: list[pb.PublishedCallRecord],
+    known: set[str],
+    settings: Settings,
+    thresholds: Thresholds,
+    sqlite: bool,
+) -> tuple[list[rules.Candidate | rules.Result], storage.Staged]:
+    prepared = convert.prepare(messages, known, settings, thresholds)
+    candidates = [c for c in prepared if isinstance(c, rules.Candidate)]
+    return prepared, storage.stage(candidates, sqlite)
 
 
 def _summary_binding(query: rules.SummaryQuery) -> str:

@@ -30,14 +30,21 @@ from sqlalchemy import (
     case,
     delete,
     func,
-    insert,
     or_,
     select,
 )
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from plumbing.changelog import allocate, mark_purged, notify_commit, read_head
-from plumbing.db import Base, driver_fetch, driver_time, utc
+from plumbing.db import (
+    Base,
+    driver_fetch,
+    driver_insert_many,
+    driver_time,
+    insert_sql,
+    time_form,
+    utc,
+)
 from plumbing.validation import Outcome, Refusal
 from services.records.quality import Quality
 from services.records.rules import (
@@ -136,93 +143,180 @@ def _conflict(call_id: str) -> Result:
     )
 
 
+# The columns publish writes, in the order of its rows (on the driver: plumbing.db).
+RECORD_COLUMNS = (
+    "position",
+    "call_id",
+    "operator_id",
+    "tenant_id",
+    "direction",
+    "caller",
+    "callee",
+    "trunk_fqdn",
+    "invite_time",
+    "answer_time",
+    "end_time",
+    "duration_ms",
+    "final_sip_code",
+    "quality",
+    "digest",
+    "publish_time",
+    "body",
+)
+STREAM_COLUMNS = (
+    "position",
+    "stream_index",
+    "operator_id",
+    "tenant_id",
+    "trunk_fqdn",
+    "direction",
+    "invite_time",
+    "jitter_ms",
+    "packet_loss_rate",
+    "round_trip_ms",
+)
+
+
+def _select_digests(count: int) -> str:
+    """(call_id, digest) of the stored records whose call_id is among `count` values."""
+    return f"SELECT call_id, digest FROM call_records WHERE call_id IN ({','.join('?' * count)})"  # noqa: S608
+
+
+@dataclass(frozen=True)
+class Staged:
+    """Candidates with their rows built, all but the position, the publish time and the stored
+    body: the work of a publish done before it takes the log's lock (off the event loop, with
+    the record's checks). `records[i]` is candidate i's call_records row from call_id through
+    digest; `streams[i]` its call_media_streams rows from stream_index on. Times are in the
+    driver's form for the database (`sqlite`: SQLite's, else PostgreSQL's)."""
+
+    candidates: Sequence[Candidate]
+    records: list[tuple[Any, ...]]
+    streams: list[list[tuple[Any, ...]]]
+    sqlite: bool
+
+
+def stage(candidates: Sequence[Candidate], sqlite: bool) -> Staged:
+    """Build the rows of checked candidates (see `Staged`)."""
+    time_of = time_form(sqlite=sqlite)
+    records: list[tuple[Any, ...]] = []
+    streams: list[list[tuple[Any, ...]]] = []
+    for candidate in candidates:
+        published, record = candidate.published, candidate.published.record
+        direction, invite, end = record.direction, record.invite_time, record.end_time
+        if direction is None or invite is None or end is None:
+            raise ValueError("publish() stores checked records only")
+        tenant, trunk, operator = record.tenant_id.lower(), record.trunk_fqdn, published.operator_id
+        records.append(
+            (
+                record.call_id,
+                operator,
+                tenant,
+                direction.value,
+                record.caller,
+                record.callee,
+                trunk,
+                time_of(invite),
+                time_of(record.answer_time),
+                time_of(end),
+                record.duration // _MS,
+                record.final_sip_code,
+                candidate.quality.value,
+                published.digest,
+            )
+        )
+        invite_value = time_of(invite)
+        streams.append(
+            [
+                (
+                    index,
+                    operator,
+                    tenant,
+                    trunk,
+                    direction.value,
+                    invite_value,
+                    stream.average_jitter_ms,
+                    stream.packet_loss_rate,
+                    stream.average_round_trip_ms,
+                )
+                for index, stream in enumerate(record.media_streams)
+                if stream.media_type is MediaType.AUDIO
+            ]
+        )
+    return Staged(candidates, records, streams, sqlite)
+
+
+_MS = dt.timedelta(milliseconds=1)
+
+
 def publish(
     session: Session,
-    candidates: Sequence[Candidate],
+    candidates: Sequence[Candidate] | Staged,
     publish_time_field: Callable[[dt.datetime], bytes],
     stored_form: Callable[[bytes, bytes], bytes],
 ) -> Stored:
     """Store the candidates in order, as if published one by one: a call_id already stored (or
     earlier in the batch) is a duplicate with the same digest, a conflict with another.
 
-    The log's positions are allocated first: that takes the log's lock, so publishes are
-    serialized and the duplicate check sees every earlier commit, on PostgreSQL too.
-    `publish_time_field(time)` encodes the commit time, and `stored_form(body, time_field)`
-    gives the bytes to store (convert.py: protobuf stays out of storage).
+    The rows are built first (`stage`, best done before the transaction). Then the log's
+    positions are allocated: that takes the log's lock, so publishes are serialized and the
+    duplicate check, made after it, sees every earlier commit, on PostgreSQL too (call_id is
+    unique by this check, not by an index). Under the lock only what needs it: the look-up of
+    stored call ids, the publish time, each row's position and stored body, the inserts on the
+    driver, and the commit straight after. `publish_time_field(time)` encodes the commit time,
+    and `stored_form(body, time_field)` gives the bytes to store (convert.py: protobuf stays
+    out of storage).
     """
-    if not candidates:
+    sqlite = session.get_bind().dialect.name == "sqlite"
+    staged = candidates if isinstance(candidates, Staged) else stage(candidates, sqlite)
+    if staged.sqlite != sqlite:
+        raise ValueError("rows staged for another database")
+    if not staged.candidates:
         return Stored([], set())
-    first = allocate(session, LOG, len(candidates))
-    ids = [c.published.record.call_id for c in candidates]
+    count = len(staged.candidates)
+    first = allocate(session, LOG, count)
+    ids = [row[0] for row in staged.records]
     stored: dict[str, bytes] = {}
-    for start in range(0, len(ids), CHUNK):
+    for start in range(0, count, CHUNK):
         chunk = ids[start : start + CHUNK]
-        query = select(RECORDS.c.call_id, RECORDS.c.digest).where(RECORDS.c.call_id.in_(chunk))
-        stored.update((row.call_id, bytes(row.digest)) for row in session.execute(query))
+        found = driver_fetch(session, _select_digests(len(chunk)), chunk)
+        stored.update((call_id, bytes(digest)) for call_id, digest in found)
     now = dt.datetime.now(dt.UTC)
-    stamp = publish_time_field(now)
-    rows: list[dict[str, Any]] = []
-    stream_rows: list[dict[str, Any]] = []
+    stamp, stamped = publish_time_field(now), time_form(sqlite=sqlite)(now)
+    rows: list[tuple[Any, ...]] = []
+    stream_rows: list[tuple[Any, ...]] = []
     results: list[Result] = []
-    for offset, candidate in enumerate(candidates):
-        published, record = candidate.published, candidate.published.record
-        seen = stored.get(record.call_id)
+    operators: set[str] = set()
+    for offset, (candidate, row, streams) in enumerate(
+        zip(staged.candidates, staged.records, staged.streams, strict=True)
+    ):
+        call_id, digest = row[0], row[13]
+        seen = stored.get(call_id)
         if seen is not None:
-            if seen == published.digest:
-                results.append(Result(record.call_id, Outcome.DUPLICATE))
-            else:
-                results.append(_conflict(record.call_id))
+            results.append(
+                Result(call_id, Outcome.DUPLICATE) if seen == digest else _conflict(call_id)
+            )
             continue
-        stored[record.call_id] = published.digest
+        stored[call_id] = digest
         position = first + offset
-        direction, invite, end = record.direction, record.invite_time, record.end_time
-        if direction is None or invite is None or end is None:
-            raise ValueError("publish() stores checked records only")
-        rows.append(
-            {
-                "position": position,
-                "call_id": record.call_id,
-                "operator_id": published.operator_id,
-                "tenant_id": record.tenant_id.lower(),
-                "direction": direction.value,
-                "caller": record.caller,
-                "callee": record.callee,
-                "trunk_fqdn": record.trunk_fqdn,
-                "invite_time": invite,
-                "answer_time": record.answer_time,
-                "end_time": end,
-                "duration_ms": record.duration // dt.timedelta(milliseconds=1),
-                "final_sip_code": record.final_sip_code,
-                "quality": candidate.quality.value,
-                "publish_time": now,
-                "digest": published.digest,
-                "body": stored_form(candidate.body, stamp),
-            }
-        )
-        stream_rows.extend(
-            {
-                "position": position,
-                "stream_index": index,
-                "operator_id": published.operator_id,
-                "tenant_id": record.tenant_id.lower(),
-                "trunk_fqdn": record.trunk_fqdn,
-                "direction": direction.value,
-                "invite_time": invite,
-                "jitter_ms": stream.average_jitter_ms,
-                "packet_loss_rate": stream.packet_loss_rate,
-                "round_trip_ms": stream.average_round_trip_ms,
-            }
-            for index, stream in enumerate(record.media_streams)
-            if stream.media_type is MediaType.AUDIO
-        )
-        results.append(Result(record.call_id, Outcome.ACCEPTED))
-    operators = {row["operator_id"] for row in rows}
+        rows.append((position, *row, stamped, stored_form(candidate.body, stamp)))
+        stream_rows += [(position, *stream) for stream in streams]
+        operators.add(row[1])
+        results.append(Result(call_id, Outcome.ACCEPTED))
     if rows:
-        session.execute(insert(RECORDS), rows)
+        driver_insert_many(session, RECORDS, RECORD_COLUMNS, rows)
         if stream_rows:
-            session.execute(insert(STREAMS), stream_rows)
-        notify_commit(session, LOG, first + len(candidates) - 1, operators)
+            driver_insert_many(session, STREAMS, STREAM_COLUMNS, stream_rows)
+        notify_commit(session, LOG, first + count - 1, operators)
     return Stored(results, operators)
+
+
+# The statements of publish written by hand (an IN list of one), as tests/test_sql.py checks them.
+SQL = (
+    insert_sql(RECORDS, RECORD_COLUMNS),
+    insert_sql(STREAMS, STREAM_COLUMNS),
+    _select_digests(1),
+)
 
 
 # --- reads ---------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from opentelemetry.trace import Tracer
 
 from opconnect.records.v1 import records_pb2 as records_pb
 from opconnect.records.v1 import records_pb2_grpc as records_grpc
+from plumbing.balancing import balanced
 from plumbing.changelog import decode_cursor
 from plumbing.db import Database
 from plumbing.direction import DIRECTION_IN
@@ -42,8 +43,9 @@ log = get_logger("opconnect.usage.feed")
 class FeedClient:
     """Where the feed is served and how to authenticate as a platform principal there."""
 
-    target: str
+    target: str  # one records process, or several (plumbing.balancing)
     credentials: grpc.ChannelCredentials
+    server_name: str = ""  # the name checked in the records processes' certificates
 
 
 def call_in(fact: records_pb.CallFact) -> PlatformCall:
@@ -107,7 +109,11 @@ class CallFeedFollower:
 
     async def _run(self) -> None:
         delay = 0.5
-        async with grpc.aio.secure_channel(self.client.target, self.client.credentials) as channel:
+        async with grpc.aio.secure_channel(
+            self.client.target,
+            self.client.credentials,
+            options=balanced(self.client.target, self.client.server_name),
+        ) as channel:
             stub = records_grpc.CallFeedServiceStub(channel)
             while True:
                 try:

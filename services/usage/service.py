@@ -92,4 +92,4 @@ def feed_client(host: Host) -> FeedClient | None:
     if found is None:
         return None
     host.present_certificate("feed_cert", found.cert_file)
-    return FeedClient(target, found.credentials)
+    return FeedClient(target, found.credentials, settings.internal_server_name)

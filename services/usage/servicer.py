@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any, TypeAlias
 
 import grpc
@@ -20,6 +21,7 @@ from plumbing.config import Settings
 from plumbing.db import Database
 from plumbing.errors import invalid_field
 from plumbing.metrics import Metrics, count_labels
+from plumbing.pipeline import pipelined
 from plumbing.rpc import current_operator
 from plumbing.tokens import bound_key, page_token, read_page_token
 from plumbing.validation import (
@@ -47,15 +49,21 @@ class UsageService(pb_grpc.UsageServiceServicer):
     ) -> AsyncIterator[pb.SubmitCallDurationsResponse]:
         operator = current_operator()
         loop = asyncio.get_running_loop()
-        async for request in requests:
+
+        async def prepare(request: pb.SubmitCallDurationsRequest) -> _Batch:
+            """A batch read and checked: no writes."""
             rules.check_batch(request.batch_id, len(request.records))
             request.DiscardUnknownFields()  # unknown fields never change a record's digest
             checked = await loop.run_in_executor(
                 None, convert.check, list(request.records), self._settings
             )
-            valid = [c for c in checked if isinstance(c, Submitted)]
+            return _Batch(request.batch_id, checked)
+
+        async def commit(batch: _Batch) -> pb.SubmitCallDurationsResponse:
+            """The batch stored in one transaction, and its answer."""
+            valid = [c for c in batch.checked if isinstance(c, Submitted)]
             stored = iter(await self._db.run(ingest.submit, operator, valid, write=True))
-            results = [next(stored) if isinstance(c, Submitted) else c for c in checked]
+            results = [next(stored) if isinstance(c, Submitted) else c for c in batch.checked]
             count_labels(
                 self._submitted,
                 (
@@ -63,13 +71,19 @@ class UsageService(pb_grpc.UsageServiceServicer):
                     for r in results
                 ),
             )
-            yield pb.SubmitCallDurationsResponse(
-                batch_id=request.batch_id,
+            return pb.SubmitCallDurationsResponse(
+                batch_id=batch.batch_id,
                 results=[convert.result_out(r) for r in results],
                 accepted_count=sum(r.outcome is Outcome.ACCEPTED for r in results),
                 duplicate_count=sum(r.outcome is Outcome.DUPLICATE for r in results),
                 refused_count=sum(r.outcome is Outcome.REFUSED for r in results),
             )
+
+        # The next batches are read and checked while the one before commits; commits and
+        # answers keep the batches' order (plumbing.pipeline).
+        depth = self._settings.publish_pipeline_depth
+        async for response in pipelined(requests, prepare, commit, depth):
+            yield response
 
     async def GetReconciliation(
         self, request: pb.GetReconciliationRequest, context: Context
@@ -115,6 +129,14 @@ class UsageService(pb_grpc.UsageServiceServicer):
         query = _usage_query(request, operator, optional_tenant(request.tenant_id, DOMAIN))
         rows, token = await _usage_page(self._db, self._settings, query, request)
         return pb.GetUsageSummaryResponse(rows=rows, next_page_token=token)
+
+
+@dataclass(frozen=True)
+class _Batch:
+    """A submitted batch, checked: each record's checked form or its refusal."""
+
+    batch_id: str
+    checked: list[Submitted | rules.Result]
 
 
 class UsageReportService(pb_grpc.UsageReportServiceServicer):
