@@ -33,6 +33,7 @@ bench: setup
 	$(BIN)/python bench/log_lock_bench.py
 	$(BIN)/python bench/fairness_bench.py
 	$(BIN)/python bench/replicas_bench.py
+	$(BIN)/python bench/sustained_bench.py
 
 setup: $(STAMP) $(NODE)
 

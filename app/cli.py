@@ -98,6 +98,7 @@ def metrics_line(runtime: server.Runtime) -> str:
 
 async def serve(settings: Settings, role: str = "all") -> None:
     runtime = await server.start(settings, role)
+    server.freeze_start_up_objects()  # no full collection walks them again (see there)
     if role == "all":
         print(connect_help(runtime), file=sys.stderr, flush=True)
     else:

@@ -408,12 +408,15 @@ class ProfilingExecutor(ThreadPoolExecutor):
         return super().submit(functools.partial(self._profiles.call, fn, *args, **kwargs))
 
 
-async def serve_commands(profiles: ThreadProfiles | None = None) -> None:
+async def serve_commands(
+    profiles: ThreadProfiles | None = None, answer: Callable[[str], Any] | None = None
+) -> None:
     """Follow the orchestrator's commands on stdin until it closes it.
 
     `profile-start` turns cProfile on (the event-loop thread, where the gRPC handlers run, and
     with `profiles` the threads of the executors); `profile-stop PATH` turns it off, writes the
-    merged stats to PATH and answers `PROFILED`.
+    merged stats to PATH and answers `PROFILED`. Any other command goes to `answer`, whose
+    return is the answer (a JSON line).
     """
     profiler: cProfile.Profile | None = None
     async for line in commands():
@@ -434,6 +437,8 @@ async def serve_commands(profiles: ThreadProfiles | None = None) -> None:
             stats.dump_stats(argument)
             profiler = None
             print("PROFILED", flush=True)
+        elif answer is not None:
+            print(json.dumps(answer(line)), flush=True)
 
 
 async def commands() -> AsyncIterator[str]:

@@ -9,6 +9,15 @@ SQLite's own lock is never contended inside a process. A unit that cannot run wa
 frees up, the waiting unit of the lane served least recently (writes counted apart from reads)
 goes first, so one lane's backlog never stands in front of another lane's next unit, and reads go
 on while a writer runs (WAL).
+
+With `one_writer` (SQLite, in this process), at most `SQLITE_READERS` reads run at once (always
+more than one lane's bound), and a slot is always left for the writer. SQLite's units are this
+process's Python (the driver, rows, conversions) and share one GIL: more reads side by side read
+no faster, and every time the writer gave up the GIL (at each call into SQLite) a reader held it
+for up to the switch interval, all while the writer held the one write lock every
+acknowledgement queues for. Under live followers woken by every commit (a read each), write
+units took 22-27 ms with 8 readers against 12-16 ms with 3 threads in all, and acknowledgements
+fell seconds behind (bench/README.md, `sustained_bench.py`).
 """
 
 from __future__ import annotations
@@ -23,6 +32,9 @@ from plumbing.errors import ApiError, resource_exhausted
 # What a refused call is told to wait before trying again (RetryInfo).
 CALL_RETRY_S = 1.0
 SYSTEM_LANE = ""
+# Reads at once with one writer (see the module docstring); always more than one caller's
+# own bound, so that a caller holding its most reads never keeps every other caller waiting.
+SQLITE_READERS = 3
 
 
 class Slots:
@@ -74,7 +86,12 @@ class FairGate:
         self.per_lane = max(1, min(per_lane or self.slots, self.slots))
         self.one_writer = one_writer
         self.running = 0
+        self.reading = 0
         self.writing = False
+        # With one writer, reads leave a slot for it, and at most SQLITE_READERS run at once
+        # (more than one lane's own bound).
+        readers = max(SQLITE_READERS, self.per_lane + 1)
+        self.read_slots = max(1, min(self.slots - 1, readers)) if one_writer else self.slots
         self.lanes: dict[str, int] = {}  # lane -> units running
         self._waiting: dict[str, deque[_Waiter]] = {}
         # (lane, write) -> when the lane last got a unit of that kind in (a counter; one entry
@@ -94,7 +111,9 @@ class FairGate:
         # caller's: it is bounded by the threads only.
         return self.slots if lane == SYSTEM_LANE else self.per_lane
 
-    def _room(self, lane: str) -> bool:
+    def _room(self, lane: str, write: bool) -> bool:
+        if not write and self.reading >= self.read_slots:
+            return False
         return self.running < self.slots and self.lanes.get(lane, 0) < self._cap(lane)
 
     def _writer_free(self, write: bool) -> bool:
@@ -105,11 +124,13 @@ class FairGate:
         self.lanes[lane] = self.lanes.get(lane, 0) + 1
         if write and self.one_writer:
             self.writing = True
+        if not write:
+            self.reading += 1
         self._served[lane, write] = next(self._clock)
 
     async def enter(self, lane: str, write: bool) -> None:
         """Wait until a unit of `lane` may run (cancellable while it waits)."""
-        if lane not in self._waiting and self._room(lane) and self._writer_free(write):
+        if lane not in self._waiting and self._room(lane, write) and self._writer_free(write):
             self._grant(lane, write)
             return
         waiter = _Waiter(write, next(self._order), asyncio.get_running_loop().create_future())
@@ -127,6 +148,8 @@ class FairGate:
     def leave(self, lane: str, write: bool) -> None:
         """A unit of `lane` has finished: let the next ones in."""
         self.running -= 1
+        if not write:
+            self.reading -= 1
         count = self.lanes.get(lane, 1) - 1
         if count:
             self.lanes[lane] = count
@@ -148,12 +171,17 @@ class FairGate:
         while True:
             best: tuple[tuple[int, int], str, _Waiter] | None = None
             for lane, queue in self._waiting.items():
-                if not self._room(lane):
-                    continue
                 # The lane's first unit that can run: a read need not wait behind the lane's
-                # own write that waits for the writer.
+                # own write that waits for the writer, nor a write behind reads over their
+                # bound.
                 waiter = next(
-                    (w for w in queue if not w.future.done() and self._writer_free(w.write)),
+                    (
+                        w
+                        for w in queue
+                        if not w.future.done()
+                        and self._writer_free(w.write)
+                        and self._room(lane, w.write)
+                    ),
                     None,
                 )
                 if waiter is None:

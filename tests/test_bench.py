@@ -94,6 +94,25 @@ def test_fairness_bench() -> None:
     assert not any(k.startswith("UNAVAILABLE") for k in report["busy"])
 
 
+def test_sustained_bench() -> None:
+    report = run_bench("sustained")
+    publish, submit, delivery = report["publish"], report["submit"], report["delivery"]
+    assert publish["records"] > 0 and publish["accepted"] + publish["refused"] <= publish["records"]
+    assert publish["ack_ms"]["n"] > 0 and submit["ack_ms"]["n"] > 0
+    assert submit["accepted"] > 0  # the answered calls' durations went alongside
+    assert delivery["followers"] == report["params"]["followers"] == 50
+    assert delivery["latency_ms"]["n"] > 0
+    # Each follower got each accepted record of its operator exactly once (the mechanism,
+    # whatever the speed).
+    assert delivery["missing"] == delivery["duplicated"] == delivery["unexpected"] == 0
+    assert report["exactly_once"] is True
+    assert len(report["memory"]["samples"]) >= 2
+    assert isinstance(report["memory"]["slope_mb_per_min"], float)
+    assert {"ack_p99", "delivery_p99", "memory_flat", "rate_held"} <= report["verdicts"].keys()
+    assert report["timeline"] and all("t" in row for row in report["timeline"])
+    assert "system" in report["probes"]
+
+
 def test_log_lock_bench() -> None:
     report = run_bench("log_lock")
     assert report["duplicated_call_ids"] == 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import gc
 import json
 import os
 import re
@@ -23,6 +24,7 @@ from cryptography.hazmat.primitives import hashes
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from app.cli import main
+from app.runtime import freeze_start_up_objects
 from opconnect.numbers.v1 import numbers_pb2 as pb
 from opconnect.numbers.v1 import numbers_pb2_grpc
 from plumbing import audit
@@ -153,6 +155,20 @@ def test_serve_makes_its_pki_serves_and_stops_cleanly_on_sigterm(tmp_path: Path)
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_serving_takes_start_up_objects_out_of_full_collections() -> None:
+    """What `opconnect serve` does once started: every object alive then is frozen, so a full
+    collection (which stops the whole process while it walks every tracked object) no longer
+    walks them."""
+    assert gc.get_freeze_count() == 0
+    alive = len(gc.get_objects())
+    try:
+        frozen = freeze_start_up_objects()
+        assert frozen == gc.get_freeze_count() > 0
+        assert len(gc.get_objects()) < alive - frozen // 2  # what a full collection walks
+    finally:
+        gc.unfreeze()
 
 
 def test_audit_command_lists_reads(data_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:

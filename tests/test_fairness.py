@@ -21,6 +21,7 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from opconnect.numbers.v1 import numbers_pb2 as pb
+from plumbing import limits
 from plumbing.db import Database
 from plumbing.errors import ApiError
 from plumbing.limits import FairGate
@@ -241,7 +242,10 @@ def test_big_uploads_of_one_operator_never_fail_another(
 # --------------------------------------------------------------------------- the gate itself
 
 
-async def test_the_gate_takes_lanes_in_turn_and_lets_reads_pass_a_writer() -> None:
+async def test_the_gate_takes_lanes_in_turn_and_lets_reads_pass_a_writer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(limits, "SQLITE_READERS", 3)  # three reads at once here
     gate = FairGate(4, 2, one_writer=True)
     order: list[str] = []
 
@@ -282,6 +286,30 @@ async def test_the_gate_takes_lanes_in_turn_and_lets_reads_pass_a_writer() -> No
     gate.leave("b", False)
     gate.leave("a", False)
     assert gate.running == 0 and gate.lanes == {}
+
+
+async def test_with_one_writer_reads_run_few_at_once_and_leave_the_writer_a_slot() -> None:
+    """SQLite: however many threads, at most SQLITE_READERS reads run at once (more only
+    share the GIL with the writer, which holds the one write lock), yet more than one caller
+    may hold; and a write is never kept waiting by reads: a slot is left for it."""
+    gate = FairGate(8, 2, one_writer=True)
+    assert gate.per_lane < gate.read_slots == limits.SQLITE_READERS < 7
+    for lane in ("a", "a", "b")[: gate.read_slots]:  # one caller at its bound leaves room
+        await asyncio.wait_for(gate.enter(lane, False), 1)
+    assert gate.reading == gate.read_slots
+    third = asyncio.create_task(gate.enter("c", False))  # another lane, with room of its own
+    while gate.waiting("c") != (1, 0):
+        await asyncio.sleep(0)
+    await asyncio.wait_for(gate.enter("d", True), 1)  # the writer's slot
+    assert gate.writing and not third.done()
+    gate.leave("a", False)  # a read ends: the waiting one runs
+    await asyncio.wait_for(third, 1)
+    assert gate.reading == gate.read_slots
+    # Without one writer (PostgreSQL), reads use every slot.
+    shared = FairGate(3, 3, one_writer=False)
+    for _ in range(3):
+        await asyncio.wait_for(shared.enter("a", False), 1)
+    assert shared.reading == 3
 
 
 # --------------------------------------------------------------------------- SQLite's lock
