@@ -1178,7 +1178,7 @@ def print_report(report: dict[str, Any], args: argparse.Namespace) -> None:
         f" {RAW_TEXT[report['backend']]} into a fresh schema, one durable transaction per batch"
     )
     print(
-        f"   {'kind':<8}{'round':>6}{'records/s':>11}{'1st 10%':>9}{'last 10%':>10}"
+        f"   {'kind':<12}{'round':>6}{'records/s':>11}{'1st 10%':>9}{'last 10%':>10}"
         f"{'seconds':>9}{'client CPU':>12}{'server CPU':>12}{'other CPU':>11}{'accepted':>11}"
         f"{'rejected':>10}"
     )
@@ -1186,7 +1186,7 @@ def print_report(report: dict[str, Any], args: argparse.Namespace) -> None:
         accepted = f"{r.accepted:,}" if r.accepted is not None else "-"
         rejected = f"{r.rejected:,}" if r.rejected is not None else "-"
         print(
-            f"   {r.kind:<8}{r.round:>6}{r.records_per_s:>11,.0f}{r.first_tenth_per_s:>9,.0f}"
+            f"   {r.kind:<12}{r.round:>6}{r.records_per_s:>11,.0f}{r.first_tenth_per_s:>9,.0f}"
             f"{r.last_tenth_per_s:>10,.0f}{r.seconds:>9.2f}{_share(r.client_cpu):>12}"
             f"{_share(r.server_cpu):>12}{_share(r.other_cpu):>11}{accepted:>11}{rejected:>10}"
         )
