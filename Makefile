@@ -26,14 +26,17 @@ lint: setup
 gen: $(STAMP)
 	$(BIN)/python tools/gen_protos.py
 
+# BENCH_DATABASE: a PostgreSQL URL to run them on (empty: SQLite).
+BENCH_OPTS = $(if $(BENCH_DATABASE),--database $(BENCH_DATABASE))
+
 bench: setup
-	$(BIN)/python bench/numbers_bench.py
-	$(BIN)/python bench/records_bench.py
-	$(BIN)/python bench/usage_bench.py
-	$(BIN)/python bench/log_lock_bench.py
-	$(BIN)/python bench/fairness_bench.py
-	$(BIN)/python bench/replicas_bench.py
-	$(BIN)/python bench/sustained_bench.py
+	$(BIN)/python bench/numbers_bench.py $(BENCH_OPTS)
+	$(BIN)/python bench/records_bench.py $(BENCH_OPTS)
+	$(BIN)/python bench/usage_bench.py $(BENCH_OPTS)
+	$(BIN)/python bench/log_lock_bench.py $(BENCH_OPTS)
+	$(BIN)/python bench/fairness_bench.py $(BENCH_OPTS)
+	$(BIN)/python bench/replicas_bench.py $(if $(BENCH_DATABASE),--database $(BENCH_DATABASE),--database postgresql+psycopg://postgres@127.0.0.1:5432/test)
+	$(BIN)/python bench/sustained_bench.py $(BENCH_OPTS)
 
 setup: $(STAMP) $(NODE)
 

@@ -178,9 +178,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         load.send("stop")
         busy_outcomes: dict[str, int] = json.loads(load.line())
     return {
+        "backend": ws.backend,
         "machine": machine(),
         "settings": {
-            "database": args.database.split("@")[-1].split("?")[0] or "sqlite (WAL) in a temp dir",
+            "database": ws.described(),
             "max_calls_per_operator": getattr(settings, "max_calls_per_operator", "-"),
             "max_db_work_per_operator": getattr(settings, "max_db_work_per_operator", "-"),
             "db_threads": settings.db_threads,

@@ -192,6 +192,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     best_one = max(p["records_per_s"] for p in one)
     return {
         "machine": machine(),
+        "backend": "postgresql" if base.startswith("postgresql") else "sqlite",
         "settings": {"database": "postgresql" if base.startswith("postgresql") else "sqlite"},
         "params": vars(args),
         "runs": runs,

@@ -238,6 +238,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             pooled[way] = latency[f"{way}-pgbouncer"]["p50"] / latency[way]["p50"]
     return {
         "machine": machine(),
+        "backend": "postgresql" if postgres else "sqlite",
         "settings": {
             "database": "postgresql" if postgres else "sqlite (WAL) in a temp dir",
             "processes": "2 gateways, 2 numbers" if postgres else "2 gateways, 1 numbers",

@@ -28,7 +28,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ParamSpec, Protocol, TypeAlias, TypeVar
 
@@ -146,13 +146,43 @@ def _without_texts(profile: Any) -> Any:
 
 @dataclass(frozen=True)
 class Workspace:
-    """A run's temporary directory `root`: the development PKI in `root/pki`, each system's
-    data in a folder of its own (`root/<data>`), and the database the systems use:
-    `database_url`, or when empty SQLite in that data folder. Every system setting comes from
-    here (`spec`, `settings`), in the benchmark's process and in its children."""
+    """A run's temporary directory `root`: the development PKI in `root/pki`, and each system's
+    data in a folder of its own (`root/<data>`) with a database of its own: SQLite in that
+    folder, or with `postgres_url` a schema of its own on that PostgreSQL server (made on first
+    use, dropped with the others when the run ends: see `workspace`). Every system setting comes
+    from here (`spec`, `settings`), in the benchmark's process and in its children."""
 
     root: Path
-    database_url: str = ""
+    postgres_url: str = ""  # the server's URL; empty: SQLite
+    schema_prefix: str = ""  # the run's schemas: <prefix><data>
+    made: set[str] = field(default_factory=set)  # the schemas made so far
+
+    @property
+    def backend(self) -> str:
+        """What the run's databases are: `sqlite` or `postgresql`."""
+        return "postgresql" if self.postgres_url else "sqlite"
+
+    def database(self, data: str = "data") -> str:
+        """The SQLAlchemy URL of data folder `data`'s database (its PostgreSQL schema made now if
+        new)."""
+        if not self.postgres_url:
+            return f"sqlite:///{self.root / data / 'opconnect.db'}"
+        schema = self.schema_prefix + data
+        if schema not in self.made:
+            engine = sa.create_engine(self.postgres_url)
+            try:
+                with engine.begin() as conn:
+                    conn.execute(sa.text(f"CREATE SCHEMA {schema}"))
+            finally:
+                engine.dispose()
+            self.made.add(schema)
+        return with_search_path(self.postgres_url, schema)
+
+    @property
+    def database_url(self) -> str:
+        """The URL of the main data folder's database on PostgreSQL; empty on SQLite (each
+        system then makes its own file in its data folder)."""
+        return self.database() if self.postgres_url else ""
 
     def spec(self, data: str = "data", **more: Any) -> Spec:
         """What a child process needs to run a system of this workspace on data folder `data`
@@ -160,12 +190,20 @@ class Workspace:
         return {
             "root": str(self.root),
             "data_dir": str(self.root / data),
-            "database_url": self.database_url,
+            "database_url": self.database(data) if self.postgres_url else "",
+            "backend": self.backend,
             **more,
         }
 
     def settings(self, data: str = "data") -> Settings:
         return system_settings(self.spec(data))
+
+    def described(self) -> str:
+        """The databases, for a report's settings."""
+        if not self.postgres_url:
+            return "sqlite (WAL, synchronous=FULL) in a temp dir"
+        where = self.postgres_url.split("@")[-1].split("?")[0]
+        return f"postgresql {where}, a schema of its own per system (psycopg)"
 
 
 @contextmanager
@@ -173,33 +211,54 @@ def workspace(
     prefix: str, clients: Sequence[tuple[PeerKind, str]] = (), database_url: str = ""
 ) -> Iterator[Workspace]:
     """A temporary directory with a development PKI for OPERATOR and PLATFORM, and a client
-    certificate for each (kind, name) of `clients`; removed on leaving."""
+    certificate for each (kind, name) of `clients`; removed on leaving. With a PostgreSQL
+    `database_url`, each data folder's database is a schema of its own there, all dropped on
+    leaving."""
     with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
         root = Path(tmp)
         paths = ensure_dev_pki(root / "pki", operator_id=OPERATOR, platform_name=PLATFORM)
         for kind, name in clients:
             issue_client(paths, kind, name)
         if not database_url.startswith("postgresql"):
-            yield Workspace(root, database_url)
+            yield Workspace(root)
             return
-        with postgres_schema(database_url) as url:
-            yield Workspace(root, url)
+        ws = Workspace(root, database_url, f"bench_{uuid.uuid4().hex[:12]}_")
+        try:
+            yield ws
+        finally:
+            drop_schemas(database_url, ws.made)
 
 
 @contextmanager
 def postgres_schema(url: str) -> Iterator[str]:
     """A fresh schema of its own on the PostgreSQL server of `url`, dropped on leaving; yields
-    the URL that uses it (its `search_path`)."""
+    the URL that uses it."""
     schema = f"bench_{uuid.uuid4().hex[:12]}"
     engine = sa.create_engine(url)
     try:
         with engine.begin() as conn:
             conn.execute(sa.text(f"CREATE SCHEMA {schema}"))
-        sep = "&" if "?" in url else "?"
-        yield f"{url}{sep}options=-csearch_path%3D{schema}"
     finally:
-        with engine.begin() as conn:
-            conn.execute(sa.text(f"DROP SCHEMA IF EXISTS {schema} CASCADE"))
+        engine.dispose()
+    try:
+        yield with_search_path(url, schema)
+    finally:
+        drop_schemas(url, {schema})
+
+
+def with_search_path(url: str, schema: str) -> str:
+    """`url` with `schema` as its connections' search_path."""
+    sep = "&" if "?" in url else "?"
+    return f"{url}{sep}options=-csearch_path%3D{schema}"
+
+
+def drop_schemas(url: str, schemas: set[str]) -> None:
+    engine = sa.create_engine(url)
+    try:
+        for schema in sorted(schemas):
+            with engine.begin() as conn:
+                conn.execute(sa.text(f"DROP SCHEMA IF EXISTS {schema} CASCADE"))
+    finally:
         engine.dispose()
 
 

@@ -986,6 +986,7 @@ def make_report(
     )
     return {
         "machine": machine(),
+        "backend": "postgresql" if args.database.startswith("postgresql") else "sqlite",
         "settings": {
             "database": args.database.split("@")[-1].split("?")[0] or "sqlite (WAL) in a temp dir",
             "mode": args.mode,

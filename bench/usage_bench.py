@@ -41,13 +41,11 @@ import json
 import math
 import os
 import random
-import sqlite3
 import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -57,15 +55,19 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 from report import machine, print_figures, print_header, share, verdict
 from rows import (
+    RAW_METHODS,
     Row,
     bulk_load,
     chunks,
+    database_mb,
     durable_inserts,
-    insert_sql,
+    fetch,
+    is_postgres,
     open_database,
     prefix_range,
     scalar,
-    time_text,
+    table_columns,
+    time_value,
 )
 from runner import OPERATOR, Child, CpuWindow, ServerProcess, Spec, credentials, in_turn
 from sqlalchemy import create_engine
@@ -87,6 +89,10 @@ TEMPLATES = 2_000  # rows of each table the fill makes through the service's own
 FILL_CHUNK = 20_000  # platform calls generated and written per executemany while filling
 PROFILE_RUN = 91  # run id of the profiled ingest
 PAGE_SIZE = 1_000  # GetUsageSummary page size (the maximum)
+RAW_TEXT = {  # the raw baseline's inserts, by backend
+    "sqlite": "sqlite3 executemany",
+    "postgresql": "psycopg executemany (and COPY: raw (copy))",
+}
 
 US = 1_000_000
 DAY_US = 86_400 * US
@@ -343,13 +349,17 @@ class RowMaker:
     """Rows of both tables as the service stores them (`platform_calls.store_platform_calls` and
     `ingest.submit`), in PLATFORM_COLUMNS and DURATION_COLUMNS order."""
 
-    def __init__(self) -> None:
-        self._text: Callable[[dt.datetime], Any] = time_text(tables.DURATIONS.c.start_time)
+    def __init__(self, url: str) -> None:
+        self._text: Callable[[dt.datetime], Any] = time_value(tables.DURATIONS.c.start_time, url)
         self._days: dict[int, str] = {}
+        self._postgres = is_postgres(url)
 
     def time_text(self, us: int) -> Any:
-        """A time as SQLAlchemy stores it in SQLite (its DateTime bind processor's text, made
-        faster: the rows of the templates check it)."""
+        """A time as the driver is given it so that the row is SQLAlchemy's: on SQLite its
+        DateTime bind processor's text (made faster: the rows of the templates check it), on
+        PostgreSQL the aware time."""
+        if self._postgres:
+            return moment(us)
         day, rest = divmod(us, DAY_US)
         prefix = self._days.get(day)
         if prefix is None:
@@ -409,24 +419,21 @@ def recount_usage_days(url: str) -> None:
         engine.dispose()
 
 
-def _columns(connection: sqlite3.Connection, table: str) -> set[str]:
-    return {row[1] for row in connection.execute(f"PRAGMA table_info({table})")}
-
-
 def fill(
     settings: Settings, calls: int, tenants: int, seed: int, start_us: int, end_us: int
 ) -> tuple[FillResult, Expected]:
-    """Migrate the database of `settings` (SQLite), register OPERATOR and store a month of its
-    calls and duration records. The first TEMPLATES rows of each table go through the service's
-    own code (`platform_calls.store_platform_calls`, `convert.check` + `ingest.submit`); the rest
-    are made by RowMaker, checked first to make those very rows."""
+    """Migrate the database of `settings` (SQLite or PostgreSQL), register OPERATOR and store a
+    month of its calls and duration records (the same rows on either backend). The first
+    TEMPLATES rows of each table go through the service's own code
+    (`platform_calls.store_platform_calls`, `convert.check` + `ingest.submit`); the rest are made
+    by RowMaker, checked first to make those very rows."""
     started = time.perf_counter()
     tolerance = rules.Tolerance(
         dt.timedelta(seconds=settings.reconcile_tolerance_s), settings.reconcile_tolerance_ratio
     )
     month = Month(calls, tenants, seed, start_us, end_us, tolerance)
-    maker = RowMaker()
-    path = settings.data_dir / "opconnect.db"
+    url = settings.sqlalchemy_url
+    maker = RowMaker(url)
     first_calls, first_records = month.chunk(FILL_CHUNK)
     template_calls, template_records = first_calls[:TEMPLATES], first_records[:TEMPLATES]
     db = open_database(settings)
@@ -459,25 +466,23 @@ def fill(
         db.close()
     real_path_s = time.perf_counter() - started
 
-    connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    try:
-        for table, columns in (
-            ("usage_platform_calls", PLATFORM_COLUMNS),
-            ("call_durations", DURATION_COLUMNS),
-        ):
-            if _columns(connection, table) != set(columns):
-                raise RuntimeError(f"{table} has columns {sorted(_columns(connection, table))}")
-        stored_calls = connection.execute(
-            f"SELECT {', '.join(PLATFORM_COLUMNS)} FROM usage_platform_calls ORDER BY rowid"
-        ).fetchall()
-        stored_records = connection.execute(
-            f"SELECT {', '.join(DURATION_COLUMNS)} FROM call_durations ORDER BY rowid"
-        ).fetchall()
-    finally:
-        connection.close()
+    for table, columns in (
+        ("usage_platform_calls", PLATFORM_COLUMNS),
+        ("call_durations", DURATION_COLUMNS),
+    ):
+        if set(table_columns(url, table)) != set(columns):
+            raise RuntimeError(f"{table} has columns {sorted(table_columns(url, table))}")
+    # In key order (the platform's call ids are random; the record ids are in the order made).
+    stored_calls = sorted(
+        fetch(url, f"SELECT {', '.join(PLATFORM_COLUMNS)} FROM usage_platform_calls")
+    )
+    stored_records = sorted(
+        fetch(url, f"SELECT {', '.join(DURATION_COLUMNS)} FROM call_durations"),
+        key=lambda row: str(row[1]),
+    )
     # The rows the service wrote must be the rows RowMaker makes (submitted_at aside, a time of
     # the submission).
-    if stored_calls != [maker.platform(c) for c in template_calls]:
+    if stored_calls != sorted(maker.platform(c) for c in template_calls):
         raise RuntimeError("a platform call row differs from store_platform_calls's")
     if len(stored_records) != len(template_records) or stored_records != [
         maker.duration(r, s[-1]) for r, s in zip(template_records, stored_records, strict=True)
@@ -485,10 +490,8 @@ def fill(
         raise RuntimeError("a call_durations row differs from ingest.submit's")
 
     copies_started = time.perf_counter()
-    insert_calls = insert_sql("usage_platform_calls", PLATFORM_COLUMNS)
-    insert_records = insert_sql("call_durations", DURATION_COLUMNS)
     rest_calls, rest_records = first_calls[TEMPLATES:], first_records[TEMPLATES:]
-    with bulk_load(path, ["usage_platform_calls", "call_durations"]) as connection:
+    with bulk_load(url, ["usage_platform_calls", "call_durations"]) as loader:
         while True:
             submitted_at = maker.time_text(epoch_us(dt.datetime.now(dt.UTC)))
             record_rows = []
@@ -496,16 +499,17 @@ def fill(
                 if i % BATCH == 0:  # one submission time per batch, as submit does
                     submitted_at = maker.time_text(epoch_us(dt.datetime.now(dt.UTC)))
                 record_rows.append(maker.duration(r, submitted_at))
-            connection.execute("BEGIN")
-            connection.executemany(insert_calls, [maker.platform(c) for c in rest_calls])
-            connection.executemany(insert_records, record_rows)
-            connection.execute("COMMIT")
+            loader.rows(
+                "usage_platform_calls", PLATFORM_COLUMNS, [maker.platform(c) for c in rest_calls]
+            )
+            loader.rows("call_durations", DURATION_COLUMNS, record_rows)
+            loader.commit()
             if month.made >= calls:
                 break
             rest_calls, rest_records = month.chunk(FILL_CHUNK)
     e = month.expected
-    stored_calls_n = scalar(path, "SELECT count(*) FROM usage_platform_calls")
-    stored_records_n = scalar(path, "SELECT count(*) FROM call_durations")
+    stored_calls_n = scalar(url, "SELECT count(*) FROM usage_platform_calls")
+    stored_records_n = scalar(url, "SELECT count(*) FROM call_durations")
     if stored_calls_n != e.platform_calls or stored_records_n != e.records:
         raise RuntimeError(
             f"filled {stored_calls_n} calls and {stored_records_n} records, wanted"
@@ -526,7 +530,7 @@ def fill(
         copies_s=counted - copies_started,
         usage_days_s=usage_days_s,
         seconds=time.perf_counter() - started,
-        database_mb=path.stat().st_size / 1e6,
+        database_mb=database_mb(url),
     )
     return result, month.expected
 
@@ -778,30 +782,27 @@ async def query_worker(spec: Spec) -> None:
 # --------------------------------------------------------------------------- raw baselines
 
 
-def stored_rows(source: Path, prefix: str) -> list[Row]:
+def stored_rows(source: str, prefix: str) -> list[Row]:
     """The call_durations rows the system wrote for record ids starting with `prefix`, in the
-    order it wrote them."""
-    read = sqlite3.connect(f"file:{source}?mode=ro", uri=True)
-    try:
-        rows = read.execute(
-            f"SELECT {', '.join(DURATION_COLUMNS)} FROM call_durations"
-            " WHERE record_id >= ? AND record_id < ? ORDER BY rowid",
-            prefix_range(prefix),
-        ).fetchall()
-    finally:
-        read.close()
+    order it wrote them (the order of their record ids)."""
+    rows = fetch(
+        source,
+        f"SELECT {', '.join(DURATION_COLUMNS)} FROM call_durations"
+        " WHERE record_id >= ? AND record_id < ?",
+        *prefix_range(prefix),
+    )
     if not rows:
         raise RuntimeError(f"no stored records with ids {prefix}*")
-    return rows
+    return sorted(rows, key=lambda row: str(row[1]))
 
 
 def in_process(
-    data_dir: Path, query: rules.ReconcileQuery, usage: rules.UsageQuery
+    database: str, query: rules.ReconcileQuery, usage: rules.UsageQuery
 ) -> dict[str, Any]:
     """The service's own storage functions on the month, called in this process without gRPC
     (after the system's measurements, with the system idle): the reconciliation, every
     discrepancy in one query, every usage row in one query; seconds each."""
-    db = Database(f"sqlite:///{data_dir / 'opconnect.db'}", 1)
+    db = Database(database, 1)
     try:
         t0 = time.perf_counter()
         db.transaction(reconciliation.reconcile, query)
@@ -878,13 +879,13 @@ def ingest_run(
     )
 
 
-def raw_run(rows: list[Row], target: Path, round_no: int) -> IngestRun:
-    """`rows` inserted durably into a fresh schema at `target`, BATCH rows per transaction
-    (`rows.durable_inserts`)."""
+def raw_run(rows: list[Row], target: str, round_no: int, method: str) -> IngestRun:
+    """`rows` inserted durably into a fresh schema at the database URL `target`, BATCH rows per
+    transaction, by `method` (`rows.durable_inserts`)."""
     batches = [[part] for part in chunks(rows, BATCH)]
-    raw = durable_inserts(target, [insert_sql("call_durations", DURATION_COLUMNS)], batches)
+    raw = durable_inserts(target, [("call_durations", DURATION_COLUMNS)], batches, method)
     return IngestRun(
-        kind="raw",
+        kind="raw" if method == "executemany" else f"raw ({method})",
         round=round_no,
         records=raw["records"],
         records_per_s=raw["records"] / raw["seconds"],
@@ -985,11 +986,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             # Each round into a fresh system; the raw rows are the first system run's.
             for kind in in_turn(["system", "raw"], round_no):
                 if kind == "raw":
-                    ingest_runs.append(
-                        raw_run(rows, root / "raw" / f"round{round_no}.db", round_no)
-                    )
-                    if round_no % 2:  # after the system's
-                        print(f"   raw {ingest_runs[-1].records_per_s:,.0f} records/s", flush=True)
+                    for method in RAW_METHODS[ws.backend]:
+                        target = ws.database(f"raw_{method}{round_no}")
+                        ingest_runs.append(raw_run(rows, target, round_no, method))
+                        done = ingest_runs[-1]
+                        print(f"   {done.kind} {done.records_per_s:,.0f} records/s", flush=True)
                     continue
                 print(f"ingest round {round_no}: {args.records:,} records ...", flush=True)
                 data = f"ingest{round_no}"
@@ -1002,10 +1003,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     flush=True,
                 )
                 if round_no == 1:
-                    rows = stored_rows(root / data / "opconnect.db", "r1-")
+                    rows = stored_rows(ws.database(data), "r1-")
         for extra in range(args.raw_rounds_extra):
             number = args.ingest_rounds + extra + 1
-            ingest_runs.append(raw_run(rows, root / "raw" / f"round{number}.db", number))
+            for method in RAW_METHODS[ws.backend]:
+                target = ws.database(f"raw_{method}{number}")
+                ingest_runs.append(raw_run(rows, target, number, method))
         del rows
         if profile is not None:
             count = min(args.records, args.profile_records)
@@ -1062,15 +1065,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             settings.reconcile_tolerance_ratio,
         )
         direct = in_process(
-            root / "month",
+            ws.database("month"),
             rules.ReconcileQuery(OPERATOR, start, end, None, tolerance),
             rules.UsageQuery(start, end, rules.Granularity.DAY, OPERATOR, None),
         )
 
     problems = check_month(expected, answers)
-    return make_report(
+    report = make_report(
         args, settings, made_s, ingest_runs, filled, expected, answers, direct, problems, profile
     )
+    report["settings"]["database"] = ws.described()
+    report["backend"] = ws.backend
+    return report
 
 
 def make_report(
@@ -1087,6 +1093,7 @@ def make_report(
 ) -> dict[str, Any]:
     best_system = max((r for r in ingest_runs if r.kind == "system"), key=_rate)
     best_raw = max((r for r in ingest_runs if r.kind == "raw"), key=_rate)
+    best_copy = max((r for r in ingest_runs if r.kind == "raw (copy)"), key=_rate, default=None)
     ratio = best_system.records_per_s / best_raw.records_per_s
     reconcile_s = min(r["seconds"] for r in answers["reconcile"])
     listed = answers["discrepancies"]
@@ -1095,7 +1102,7 @@ def make_report(
     return {
         "machine": machine(),
         "settings": {
-            "database": "sqlite (WAL, synchronous=FULL) in a temp dir",
+            "database": "",  # the workspace's (run)
             "tls": "mutual, dev PKI in a temp dir",
             "log_level": settings.log_level,
             "rate_per_operator": f"{settings.rate_per_operator:g}",
@@ -1120,6 +1127,10 @@ def make_report(
             "runs": [asdict(r) for r in ingest_runs],
             "best": {"system": best_system.records_per_s, "raw": best_raw.records_per_s},
             "ratio": ratio,
+            # PostgreSQL: against COPY of the same rows too (None on SQLite)
+            "copy_ratio": best_system.records_per_s / best_copy.records_per_s
+            if best_copy
+            else None,
             # the same two runs over their first and their last tenth of the records
             "ratio_first_tenth": best_system.first_tenth_per_s / best_raw.first_tenth_per_s,
             "ratio_last_tenth": best_system.last_tenth_per_s / best_raw.last_tenth_per_s,
@@ -1163,11 +1174,11 @@ def print_report(report: dict[str, Any], args: argparse.Namespace) -> None:
         f" of {BATCH:,}, at most {args.in_flight} in flight, one operator client process (batches"
         f" encoded before the clock starts; records made in {ing['made_s']:.1f} s while the month"
         " was filled), each round into a"
-        " fresh system, first send to last ack; raw: the rows the system wrote, by sqlite3"
-        " executemany into a fresh schema, one durable transaction per batch"
+        " fresh system, first send to last ack; raw: the rows the system wrote, by"
+        f" {RAW_TEXT[report['backend']]} into a fresh schema, one durable transaction per batch"
     )
     print(
-        f"   {'kind':<8}{'round':>6}{'records/s':>11}{'1st 10%':>9}{'last 10%':>10}"
+        f"   {'kind':<12}{'round':>6}{'records/s':>11}{'1st 10%':>9}{'last 10%':>10}"
         f"{'seconds':>9}{'client CPU':>12}{'server CPU':>12}{'other CPU':>11}{'accepted':>11}"
         f"{'rejected':>10}"
     )
@@ -1175,7 +1186,7 @@ def print_report(report: dict[str, Any], args: argparse.Namespace) -> None:
         accepted = f"{r.accepted:,}" if r.accepted is not None else "-"
         rejected = f"{r.rejected:,}" if r.rejected is not None else "-"
         print(
-            f"   {r.kind:<8}{r.round:>6}{r.records_per_s:>11,.0f}{r.first_tenth_per_s:>9,.0f}"
+            f"   {r.kind:<12}{r.round:>6}{r.records_per_s:>11,.0f}{r.first_tenth_per_s:>9,.0f}"
             f"{r.last_tenth_per_s:>10,.0f}{r.seconds:>9.2f}{_share(r.client_cpu):>12}"
             f"{_share(r.server_cpu):>12}{_share(r.other_cpu):>11}{accepted:>11}{rejected:>10}"
         )
@@ -1189,8 +1200,10 @@ def print_report(report: dict[str, Any], args: argparse.Namespace) -> None:
         f"   best system {ing['best']['system']:,.0f} / best raw {ing['best']['raw']:,.0f}"
         f" records/s = {ing['ratio']:.2f} (target >= {INGEST_TARGET}: {met}); the same"
         f" runs over their first 10% of records {ing['ratio_first_tenth']:.2f}, over their last"
-        f" {ing['ratio_last_tenth']:.2f}"
+        f" {ing['ratio_last_tenth']:.2f} (raw: executemany)"
     )
+    if ing["copy_ratio"] is not None:
+        print(f"   against COPY of the same rows (best raw (copy)): {ing['copy_ratio']:.2f}")
     print()
 
     f, e, m = report["fill"], report["expected"], report["month"]

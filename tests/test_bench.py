@@ -1,5 +1,7 @@
 """The benchmarks still run: each one at its tiny `--quick` size, as a script in a process of its
-own (as `make bench` runs them), exits 0 and prints its report and then its figures as JSON.
+own (as `make bench` runs them), exits 0 and prints its report and then its figures as JSON; on
+SQLite, and on PostgreSQL too when OPCONNECT_TEST_POSTGRES_URL is set (`--database`: the run's
+schemas on that server, its raw baselines on PostgreSQL).
 
 Only that the figures are there and make sense (positive rates, checks passed) is asserted,
 never how fast anything was: the machines these run on are small and noisy."""
@@ -12,14 +14,26 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from tests.conftest import NO_POSTGRES, POSTGRES_URL
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_bench(name: str) -> dict[str, Any]:
-    """Run `bench/<name>_bench.py --quick --json` from the repository root; its JSON document
-    (what follows the report on stdout)."""
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def backend(request: pytest.FixtureRequest) -> str:
+    if request.param == "postgresql" and not POSTGRES_URL:
+        pytest.skip(NO_POSTGRES)
+    return str(request.param)
+
+
+def run_bench(name: str, backend: str = "sqlite") -> dict[str, Any]:
+    """Run `bench/<name>_bench.py --quick --json` from the repository root on `backend`; its
+    JSON document (what follows the report on stdout)."""
+    database = ["--database", POSTGRES_URL] if backend == "postgresql" else []
     done = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / f"{name}_bench.py"), "--quick", "--json"],
+        [sys.executable, str(ROOT / "bench" / f"{name}_bench.py"), "--quick", "--json", *database],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -31,6 +45,7 @@ def run_bench(name: str) -> dict[str, Any]:
     report: dict[str, Any] = json.loads(done.stdout[start:])
     assert report["elapsed_s"] > 0
     assert {"machine", "settings", "params"} <= report.keys()
+    assert report["backend"] == backend  # every baseline measured on the backend named
     return report
 
 
@@ -38,8 +53,8 @@ def positive(*values: Any) -> bool:
     return all(isinstance(v, int | float) and v > 0 for v in values)
 
 
-def test_numbers_bench() -> None:
-    report = run_bench("numbers")
+def test_numbers_bench(backend: str) -> None:
+    report = run_bench("numbers", backend)
     best = report["getnumber"]["best"]
     assert positive(best["bare"], best["system"], best["split"])
     assert positive(report["getnumber_ratio"], report["split_ratio"], report["notify_p99_ms"])
@@ -47,11 +62,12 @@ def test_numbers_bench() -> None:
     assert report["getnumber"]["spans_exported"] > 0  # the traced system exported its spans
     notify = report["notify"]
     assert notify["latency_ms"]["n"] > 0
-    assert positive(notify["getnumber_rtt_ms"]["system"]["p99"], notify["sqlite_commit_ms"]["p99"])
+    assert positive(notify["getnumber_rtt_ms"]["system"]["p99"], notify["raw_commit_ms"]["p99"])
+    assert positive(report["assign_commit_ratio"])
 
 
-def test_records_bench() -> None:
-    report = run_bench("records")
+def test_records_bench(backend: str) -> None:
+    report = run_bench("records", backend)
     records = report["params"]["records"]
     assert report["fill"]["records"] == records
     assert report["fill"]["checked"] == report["fill"]["templates"] > 0
@@ -66,15 +82,21 @@ def test_records_bench() -> None:
     assert isinstance(report["stream_rss_growth_mb"], float)
     publish = report["publish"]
     assert positive(publish["best"]["system"], publish["best"]["raw"], report["publish_ratio"])
+    kinds = {run["kind"] for run in publish["runs"]}
+    if backend == "postgresql":  # raw inserts by executemany and by COPY
+        assert {"raw", "raw (copy)"} <= kinds and positive(publish["copy_ratio"])
+    else:
+        assert "raw (copy)" not in kinds and publish["copy_ratio"] is None
     for run in publish["runs"]:
         if run["kind"] == "system":
             assert run["accepted"] == report["params"]["publish_records"]
 
 
-def test_usage_bench() -> None:
-    report = run_bench("usage")
+def test_usage_bench(backend: str) -> None:
+    report = run_bench("usage", backend)
     ingest = report["ingest"]
     assert positive(ingest["best"]["system"], ingest["best"]["raw"], report["ingest_ratio"])
+    assert (ingest["copy_ratio"] is not None) == (backend == "postgresql")
     for run in ingest["runs"]:
         if run["kind"] == "system":
             assert run["accepted"] == report["params"]["records"]
@@ -84,8 +106,8 @@ def test_usage_bench() -> None:
     assert positive(report["reconcile_s"], report["discrepancies_s"], report["usage_summary_s"])
 
 
-def test_fairness_bench() -> None:
-    report = run_bench("fairness")
+def test_fairness_bench(backend: str) -> None:
+    report = run_bench("fairness", backend)
     samples = report["params"]["samples"]
     for phase in ("alone", "loaded"):
         assert 0 < report[phase]["read_ms"]["n"] <= report[phase]["write_ms"]["n"] <= samples
