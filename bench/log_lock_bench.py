@@ -33,6 +33,7 @@ import runner
 import sqlalchemy as sa
 from records_bench import realistic_records
 from report import machine, print_figures, print_header
+from rows import migrate
 
 from plumbing.config import Settings
 from plumbing.db import Database, driver_insert_many, time_form
@@ -86,7 +87,7 @@ def fresh_tables(base: str, folder: Path, run: int) -> Iterator[str]:
         else:
             url = f"sqlite:///{folder / f'run{run}.db'}"
         db = Database(url, threads=1)
-        db.migrate()
+        migrate(db)
         db.close()
         yield url
 
@@ -158,7 +159,7 @@ def raw_run(url: str, batches: int, seed: int, run: int) -> dict[str, Any]:
         ):
             position += 1
             records.append((position, *row, moment, convert.stored(candidate.body, stamp)))
-            streams += [(position, *s) for s in stream_rows]
+            streams += [(position, *s, moment) for s in stream_rows]
         rows.append((records, streams))
     began = time.perf_counter()
     for records, streams in rows:

@@ -24,6 +24,7 @@ from runner import OPERATOR
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 
 from gateway import registry
+from plumbing import partitions
 from plumbing.config import Settings
 from plumbing.db import Database
 
@@ -140,12 +141,22 @@ def prefix_range(prefix: str) -> tuple[str, str]:
     return prefix, prefix[:-1] + chr(ord(prefix[-1]) + 1)
 
 
+def migrate(db: Database) -> None:
+    """Migrate; on PostgreSQL also make the time partitions as a service makes them at start-up
+    (plumbing/partitions.py), back to the longest retention: fills write rows of the past."""
+    db.migrate()
+    if db.is_postgres:
+        now, retention = dt.datetime.now(dt.UTC), Settings().usage_retention_s
+        for spec in partitions.TABLES:
+            db.transaction(partitions.create_ahead, spec, now, retention, write=True)
+
+
 def open_database(settings: Settings) -> Database:
     """The database of `settings` migrated and OPERATOR registered (no trust anchor: the
     systems that run on it bind it to the operator CA), for the rows made through the services'
     own code."""
     db = Database(settings.sqlalchemy_url, 2)
-    db.migrate()
+    migrate(db)
     db.transaction(registry.add_operator, OPERATOR, "benchmark operator", write=True)
     return db
 
@@ -257,7 +268,7 @@ def durable_inserts(
         # private, as the system's
         sqlite_path(target).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     schema = Database(target, 1)
-    schema.migrate()
+    migrate(schema)
     schema.close()
     connection = connect(target)
     try:

@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import exc
+from sqlalchemy import text as sa_text
 from sqlalchemy.orm import Session
 
 from plumbing import changelog
@@ -101,9 +102,9 @@ def test_the_usage_units_of_work_send_only_listed_statements(db: Database) -> No
     sent: list[str] = []
 
     def spying(real: Callable[..., Any]) -> Callable[..., Any]:
-        def spy(session: Session, sql: str, params: Any) -> Any:
+        def spy(session: Session, sql: str, params: Any, **options: Any) -> Any:
             sent.append(re.sub(r"IN \(\?(,\?)*\)", "IN (?)", sql))
-            return real(session, sql, params)
+            return real(session, sql, params, **options)
 
         return spy
 
@@ -158,3 +159,27 @@ def test_the_drivers_own_errors_fail_a_unit_as_sqlalchemys_do(db: Database) -> N
         db.transaction(driver_execute_many, "INSERT INTO no_such_table VALUES (?)", [(1,)])
     with pytest.raises(exc.DBAPIError):
         db.transaction(driver_fetch, "SELECT no_such_column FROM change_log_heads", [])
+
+
+def test_the_look_ups_of_many_keys_are_never_prepared_on_postgresql(db: Database) -> None:
+    """psycopg prepares a statement run 5 times; PostgreSQL may then keep a generic plan made
+    while the partitions were small, and scan them whole as they grow. The duplicate look-ups
+    of ingest and publish (IN lists on partitioned tables) are planned each time instead."""
+    if not db.is_postgres:
+        pytest.skip("server-side prepared statements are PostgreSQL's")
+    one = Database(db.url, threads=1)  # one connection: its prepared statements are seen
+    try:
+        for n in range(8):  # past psycopg's prepare threshold
+            ids = [f"c-{n}-{i}" for i in range(3)]
+            one.transaction(ingest._stored, "op-a", "record_id", ids)
+            one.transaction(ingest._stored, "op-a", "call_id", ids)
+            one.transaction(changelog.read_head, "records")  # prepared: control
+        with one.session(write=False) as session, session.begin():
+            prepared = [
+                str(row[0])
+                for row in session.execute(sa_text("SELECT statement FROM pg_prepared_statements"))
+            ]
+    finally:
+        one.close()
+    assert [s for s in prepared if "change_log_heads" in s], prepared  # the control was
+    assert not [s for s in prepared if "call_durations" in s], prepared

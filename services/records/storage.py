@@ -298,7 +298,7 @@ def publish(
     stored: dict[str, bytes] = {}
     for start in range(0, count, CHUNK):
         chunk = ids[start : start + CHUNK]
-        found = driver_fetch(session, _select_digests(len(chunk)), chunk)
+        found = driver_fetch(session, _select_digests(len(chunk)), chunk, prepare=False)
         stored.update((call_id, bytes(digest)) for call_id, digest in found)
     now = dt.datetime.now(dt.UTC)
     stamp, stamped = publish_time_field(now), time_form(sqlite=sqlite)(now)

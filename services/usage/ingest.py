@@ -46,7 +46,9 @@ def _stored(
     found: list[tuple[Any, ...]] = []
     for first in range(0, len(values), CHUNK):
         chunk = values[first : first + CHUNK]
-        found += driver_fetch(session, _select_stored(column, len(chunk)), [operator_id, *chunk])
+        found += driver_fetch(
+            session, _select_stored(column, len(chunk)), [operator_id, *chunk], prepare=False
+        )
     return found
 
 
