@@ -356,9 +356,13 @@ class NotifyResult:
     timeouts: int
 
 
-async def notify_latency(address: str, root: Path, changes: int, warmup: int) -> NotifyResult:
-    """Assign and unassign pool numbers in turn, one change at a time, timing each event."""
-    operator = grpc.aio.secure_channel(address, credentials(root, "operator", OPERATOR))
+async def notify_latency(
+    address: str, root: Path, changes: int, warmup: int, *, watch_at: str = "", start: int = 0
+) -> NotifyResult:
+    """Assign and unassign pool numbers in turn, one change at a time through `address`,
+    timing each event on a watcher through `watch_at` (default: the same address). `start`:
+    where in the pool's assign/unassign cycle to begin (replicas_bench.py takes turns)."""
+    operator = grpc.aio.secure_channel(watch_at or address, credentials(root, "operator", OPERATOR))
     platform_ = grpc.aio.secure_channel(address, credentials(root, "platform", PLATFORM))
     stub = pb_grpc.NumberServiceStub(operator)
     admin = pb_grpc.NumberAdminServiceStub(platform_)
@@ -379,7 +383,7 @@ async def notify_latency(address: str, root: Path, changes: int, warmup: int) ->
                         future.set_result(now)
 
         reader = asyncio.create_task(read())
-        for i in range(warmup + changes):
+        for i in range(start, start + warmup + changes):
             number = POOL[(i // 2) % len(POOL)]
             assigning = i % 2 == 0
             kind = (
@@ -403,9 +407,9 @@ async def notify_latency(address: str, root: Path, changes: int, warmup: int) ->
                 if reader.done():
                     raise RuntimeError("the WatchAssignments stream ended") from None
                 pending.pop((number, kind), None)
-                result.timeouts += 1
+                result.timeouts += i >= start + warmup
                 continue
-            if i < warmup:
+            if i < start + warmup:
                 continue
             result.notify.append(received - t0)
             (result.assigned if assigning else result.unassigned).append(received - t0)

@@ -37,17 +37,15 @@ from typing import Any
 import grpc
 import runner
 import sqlalchemy as sa
+from numbers_bench import POOL, notify_latency
 from report import machine, print_figures, print_header, summary_ms, verdict
-from runner import OPERATOR, PLATFORM, TENANT, ServerProcess, credentials
+from runner import OPERATOR, TENANT, ServerProcess, credentials
 
 from gateway.pki import GATEWAY_NAME
 from opconnect.numbers.v1 import numbers_pb2 as pb
 from opconnect.numbers.v1 import numbers_pb2_grpc as pb_grpc
 
-POOL = [f"+1425559{i:04d}" for i in range(100)]
-USER_ID = "11111111-2222-4333-8444-555555555555"
 TARGET_P99_MS = 50.0
-WAIT_S = 5.0  # an event not received by then is counted as missed
 WARMUP = 10
 
 
@@ -71,73 +69,11 @@ async def timed_changes(
     change_at: str, watch_at: str, root: Path, changes: int, start: int
 ) -> tuple[list[float], list[float], int]:
     """`changes` assignment changes made through `change_at` (after WARMUP untimed ones), each
-    timed from its call to its event on a watcher through `watch_at`; the times (seconds), the
-    change calls' own round trips (seconds), and how many events never came. `start`: where in
-    the pool's assign/unassign cycle to begin."""
-    operator = grpc.aio.secure_channel(watch_at, credentials(root, "operator", OPERATOR))
-    platform = grpc.aio.secure_channel(change_at, credentials(root, "platform", PLATFORM))
-    admin = pb_grpc.NumberAdminServiceStub(platform)
-    watcher = pb_grpc.NumberServiceStub(operator)
-    loop = asyncio.get_running_loop()
-    waiting: dict[tuple[str, int], asyncio.Future[float]] = {}
-    times: list[float] = []
-    calls: list[float] = []  # the change's own round trip
-    missed = 0
-    try:
-        listing = await watcher.ListNumbers(pb.ListNumbersRequest(page_size=1))
-        call = watcher.WatchAssignments(pb.WatchAssignmentsRequest(cursor=listing.watch_cursor))
-
-        async def read() -> None:
-            async for response in call:
-                now = time.perf_counter()
-                for event in response.events:
-                    found = waiting.pop((event.phone_number, event.type), None)
-                    if found is not None and not found.done():
-                        found.set_result(now)
-
-        reader = asyncio.create_task(read())
-        for i in range(start, start + WARMUP + changes):
-            number, assigning = POOL[(i // 2) % len(POOL)], i % 2 == 0
-            kind = (
-                pb.ASSIGNMENT_EVENT_TYPE_ASSIGNED
-                if assigning
-                else pb.ASSIGNMENT_EVENT_TYPE_UNASSIGNED
-            )
-            event: asyncio.Future[float] = loop.create_future()
-            waiting[(number, kind)] = event
-            sent = time.perf_counter()
-            if assigning:
-                await admin.AssignNumber(
-                    pb.AssignNumberRequest(
-                        phone_number=number,
-                        tenant_id=TENANT,
-                        sip_uri=f"sip:{number}@sbc1.contoso.example;user=phone",
-                        target=pb.AssignmentTarget(kind=pb.AssignmentTarget.KIND_USER, id=USER_ID),
-                    )
-                )
-            else:
-                await admin.UnassignNumber(
-                    pb.UnassignNumberRequest(phone_number=number, tenant_id=TENANT)
-                )
-            answered = time.perf_counter()
-            try:
-                received = await asyncio.wait_for(event, WAIT_S)
-            except TimeoutError:
-                if reader.done():
-                    raise RuntimeError("the WatchAssignments stream ended") from None
-                waiting.pop((number, kind), None)
-                missed += i >= start + WARMUP
-                continue
-            if i >= start + WARMUP:
-                times.append(received - sent)
-                calls.append(answered - sent)
-        call.cancel()
-        reader.cancel()
-        await asyncio.gather(reader, return_exceptions=True)
-    finally:
-        await operator.close()
-        await platform.close()
-    return times, calls, missed
+    timed from its call to its event on a watcher through `watch_at` (numbers_bench.py's
+    `notify_latency`); the times (seconds), the change calls' own round trips (seconds), and
+    how many events never came. `start`: where in the pool's assign/unassign cycle to begin."""
+    result = await notify_latency(change_at, root, changes, WARMUP, watch_at=watch_at, start=start)
+    return result.notify, result.rpc, result.timeouts
 
 
 class PgBouncer:
