@@ -10,10 +10,14 @@ import datetime as dt
 import json
 import os
 import queue
+import re
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
+import threading
 import time
 import urllib.parse
 import urllib.request
@@ -595,3 +599,120 @@ def age_records(system: RunningSystem, call_ids: list[str], days: float) -> None
             )
 
     system.call(system.runtime.db.run(update, write=True))
+
+
+# --- a server process to kill, a PostgreSQL server to stop ---------------------------------------
+
+
+class ServerProcess:
+    """`opconnect serve` (the whole system) in a process of its own, on `data_dir` (its SQLite
+    database and development PKI there, unless `database_url` names another database), on
+    `port` (0: any free one; give the same port again to restart it where clients expect it).
+    `kill()` is SIGKILL: no graceful stop, no flush."""
+
+    def __init__(self, data_dir: Path, port: int = 0, database_url: str = "") -> None:
+        env = {
+            **os.environ,
+            "OPCONNECT_DATA_DIR": str(data_dir),
+            "OPCONNECT_LISTEN": f"127.0.0.1:{port}",
+            "OPCONNECT_LOG_FORMAT": "json",
+            "OPCONNECT_LOG_LEVEL": "warning",
+            "OPCONNECT_HEARTBEAT_INTERVAL_S": "0.5",
+        }
+        if database_url:
+            env["OPCONNECT_DATABASE_URL"] = database_url
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "serve"],
+            env=env,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert self.process.stderr is not None
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            line = self.process.stderr.readline()
+            found = re.search(r"opconnect is serving on (\S+)", line)
+            if found:
+                # Keep reading its output, so that a full pipe never blocks the server.
+                threading.Thread(target=self.process.stderr.read, daemon=True).start()
+                self.address = found.group(1)
+                self.port = int(self.address.rsplit(":", 1)[1])
+                return
+            if not line and self.process.poll() is not None:
+                break
+        self.process.kill()
+        raise AssertionError("serve never said where it listens")
+
+    def kill(self) -> None:
+        self.process.send_signal(signal.SIGKILL)
+        assert self.process.wait(30) == -signal.SIGKILL
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+
+
+NO_POSTGRES_SERVER = "PostgreSQL's server programs (initdb, pg_ctl) are not installed"
+
+
+class PrivatePostgres:
+    """A PostgreSQL server of a test's own (initdb in a temporary directory, on a free port), so
+    that the test may stop it (`stop()`: immediate, as a crash or a lost host looks to clients)
+    and start it again on the same port and data. It runs as `postgres` when the tests run as
+    root (PostgreSQL refuses root). `url` is its database `postgres`. fsync is off (a stopped
+    server keeps what the operating system holds); commits stay synchronous, so a commit a
+    client was told of survives the stop, as on a real server."""
+
+    def __init__(self) -> None:
+        found = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"))
+        if not found:
+            pytest.skip(NO_POSTGRES_SERVER)
+        self.bin = found[-1].parent
+        self.as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        self.directory = Path(tempfile.mkdtemp(prefix="private-pg-"))
+        self.data = self.directory / "data"
+        self.log = self.directory / "server.log"
+        if os.geteuid() == 0:
+            shutil.chown(self.directory, "postgres", "postgres")
+        self.port = free_port()
+        self._run("initdb", "-D", str(self.data), "-A", "trust", "-U", "postgres", "--no-sync")
+        self.url = f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
+        self.start()
+
+    def _run(self, program: str, *args: str) -> None:
+        done = subprocess.run(
+            [*self.as_user, str(self.bin / program), *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert done.returncode == 0, f"{program}: {done.stdout[-2000:]}{done.stderr[-2000:]}"
+
+    def start(self) -> None:
+        options = f"-p {self.port} -k {self.directory} -c listen_addresses=127.0.0.1 -c fsync=off"
+        self._run("pg_ctl", "-D", str(self.data), "-o", options, "-l", str(self.log), "-w", "start")
+
+    def stop(self) -> None:
+        self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop")
+
+    def remove(self) -> None:
+        subprocess.run(
+            [
+                *self.as_user,
+                str(self.bin / "pg_ctl"),
+                "-D",
+                str(self.data),
+                "-m",
+                "immediate",
+                "stop",
+            ],
+            capture_output=True,
+            check=False,
+        )
+        shutil.rmtree(self.directory, ignore_errors=True)

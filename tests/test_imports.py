@@ -1,8 +1,10 @@
 """What each package may import (docs/architecture.md): plumbing is shared by all and imports
 none of them; a service never imports another service, the gateway or the composition root;
 the gateway (the edge: TLS identity, trust, registry, forwarding) imports no service; clients
-(simulator, operator_client) import neither the servers nor each other; only the composition
-root (app) knows every service. Read from the source, so a new import that breaks a rule fails
+(simulator, operator_client) import neither the servers nor each other; the operators' client
+library (opconnect_client) imports nothing first-party but the generated contract, so that a
+carrier can install it without the server; only the composition root (app) knows every
+service. Read from the source, so a new import that breaks a rule fails
 here."""
 
 from __future__ import annotations
@@ -13,7 +15,15 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("app", "gateway", "plumbing", "services", "simulator", "operator_client")
+PACKAGES = (
+    "app",
+    "gateway",
+    "plumbing",
+    "services",
+    "simulator",
+    "operator_client",
+    "opconnect_client",
+)
 
 # package -> the first-party packages it must not import ("services.*" means any service).
 FORBIDDEN: dict[str, set[str]] = {
@@ -21,6 +31,14 @@ FORBIDDEN: dict[str, set[str]] = {
     "gateway": {"app", "services.*", "simulator", "operator_client"},
     "simulator": {"app", "gateway", "services.*", "operator_client"},
     "operator_client": {"app", "gateway", "services.*", "simulator"},
+    "opconnect_client": {
+        "app",
+        "gateway",
+        "plumbing",
+        "services.*",
+        "simulator",
+        "operator_client",
+    },
 }
 SERVICE_FORBIDDEN = {"app", "gateway", "simulator", "operator_client"}  # and other services
 
@@ -80,6 +98,7 @@ def test_every_package_imports_only_what_it_may() -> None:
         ("services/usage/x.py", "from services.records.rules import Record"),
         ("services/usage/x.py", "from gateway.pki import PkiPaths"),
         ("simulator/x.py", "from gateway import pki"),
+        ("opconnect_client/x.py", "from plumbing.balancing import balanced"),
     ],
 )
 def test_the_rules_catch_a_forbidden_import(

@@ -4,13 +4,7 @@ batch it had not acknowledged leaves each record stored once."""
 
 from __future__ import annotations
 
-import os
-import re
 import signal
-import subprocess
-import sys
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,31 +13,10 @@ import sqlalchemy as sa
 
 from opconnect.usage.v1 import usage_pb2 as pb
 from opconnect.usage.v1 import usage_pb2_grpc as pb_grpc
+from tests.helpers import ServerProcess
 from tests.records_data import duration_record
 
 BATCHES, SIZE = 40, 500
-
-
-def _serve(data_dir: Path) -> tuple[subprocess.Popen[str], str]:
-    env = {
-        **os.environ,
-        "OPCONNECT_DATA_DIR": str(data_dir),
-        "OPCONNECT_LISTEN": "127.0.0.1:0",
-        "OPCONNECT_LOG_FORMAT": "json",
-    }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "app.cli", "serve"], env=env, stderr=subprocess.PIPE, text=True
-    )
-    assert process.stderr is not None
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        found = re.search(r"opconnect is serving on (\S+)", process.stderr.readline())
-        if found:
-            # Keep reading its output, so that a full pipe never blocks the server.
-            threading.Thread(target=process.stderr.read, daemon=True).start()
-            return process, found.group(1)
-    process.kill()
-    raise AssertionError("serve never said where it listens")
 
 
 def _stub(data_dir: Path, address: str) -> tuple[grpc.Channel, pb_grpc.UsageServiceStub]:
@@ -66,7 +39,8 @@ def _requests(
 
 def test_sigkill_during_ingest_loses_nothing_acknowledged(tmp_path: Path) -> None:
     batches = [[duration_record() for _ in range(SIZE)] for _ in range(BATCHES)]
-    process, address = _serve(tmp_path)
+    server = ServerProcess(tmp_path)
+    process, address = server.process, server.address
     acknowledged: list[str] = []
     try:
         channel, stub = _stub(tmp_path, address)
@@ -94,7 +68,8 @@ def test_sigkill_during_ingest_loses_nothing_acknowledged(tmp_path: Path) -> Non
     assert len(stored) == len(set(stored))
 
     # Restarted on the same database: resend every batch that was not acknowledged.
-    process, address = _serve(tmp_path)
+    server = ServerProcess(tmp_path)
+    process, address = server.process, server.address
     try:
         channel, stub = _stub(tmp_path, address)
         with channel:

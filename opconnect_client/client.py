@@ -1,0 +1,296 @@
+"""`Client`: every operator RPC of the platform, async and typed, on one channel.
+
+Unary calls take and return the contract's messages (typed by their .pyi stubs) and raise a
+`ServerError` with the server's status and details when they fail; the reads among them are
+retried by gRPC itself on UNAVAILABLE (the channel's service config). The streams that matter
+for not losing data are resumable: `watch_assignments`, `follow_records` and
+`stream_discrepancies` (checkpointed cursors, `streams`), and `submit_durations` (pipelined,
+resent after a break, `durations`).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Iterable,
+    Sequence,
+)
+from types import TracebackType
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf import timestamp_pb2
+
+from opconnect.numbers.v1 import numbers_pb2 as numbers_pb
+from opconnect.numbers.v1 import numbers_pb2_grpc as numbers_grpc
+from opconnect.records.v1 import records_pb2 as records_pb
+from opconnect.records.v1 import records_pb2_grpc as records_grpc
+from opconnect.type.v1 import assignment_state_pb2 as state_pb
+from opconnect.usage.v1 import usage_pb2 as usage_pb
+from opconnect.usage.v1 import usage_pb2_grpc as usage_grpc
+from opconnect_client import durations, streams
+from opconnect_client.checkpoints import Checkpoint, MemoryCheckpoint
+from opconnect_client.connection import Connection
+from opconnect_client.errors import server_error
+
+R = TypeVar("R")
+MAX_UPLOAD = 10_000  # numbers per UploadNumbers call
+MAX_RELEASE = 10_000  # numbers per ReleaseNumbers call
+EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)  # "from the oldest record kept"
+
+
+def timestamp(value: dt.datetime) -> timestamp_pb2.Timestamp:
+    """A Timestamp from an aware datetime (a naive one is refused: which zone would it be?)."""
+    if value.tzinfo is None:
+        raise ValueError("times must carry a time zone (datetime.UTC)")
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromDatetime(value.astimezone(dt.UTC))
+    return stamp
+
+
+async def _unary(call: Awaitable[R]) -> R:
+    try:
+        return await call
+    except grpc.aio.AioRpcError as raised:
+        raise server_error(raised) from None
+
+
+class Client:
+    """An operator's client of the platform. Use it as `async with Client(connection) as c:`
+    (or call `close()`); one client holds one channel, shared by every call."""
+
+    def __init__(self, connection: Connection, timeout_s: float = 30.0) -> None:
+        self.connection = connection
+        self.timeout_s = timeout_s  # of each unary call (streams have none)
+        self.channel = connection.channel()
+        self.numbers = numbers_grpc.NumberServiceStub(self.channel)
+        self.records = records_grpc.CallRecordServiceStub(self.channel)
+        self.usage = usage_grpc.UsageServiceStub(self.channel)
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    # --- numbers ----------------------------------------------------------------------------
+
+    async def upload_numbers(
+        self, tenant_id: str, numbers: Sequence[numbers_pb.NumberUpload]
+    ) -> numbers_pb.UploadNumbersResponse:
+        """Upload numbers for a customer tenant, 10,000 a call; one result per number (in the
+        order given) and the counts, summed over the calls."""
+        total = numbers_pb.UploadNumbersResponse()
+        for first in range(0, len(numbers), MAX_UPLOAD):
+            request = numbers_pb.UploadNumbersRequest(
+                tenant_id=tenant_id, numbers=numbers[first : first + MAX_UPLOAD]
+            )
+            answer = await _unary(self.numbers.UploadNumbers(request, timeout=self.timeout_s))
+            total.results.extend(answer.results)
+            total.added_count += answer.added_count
+            total.already_present_count += answer.already_present_count
+            total.refused_count += answer.refused_count
+        return total
+
+    async def release_numbers(
+        self, phone_numbers: Sequence[str]
+    ) -> numbers_pb.ReleaseNumbersResponse:
+        """Release unassigned numbers, 10,000 a call; one result per number."""
+        total = numbers_pb.ReleaseNumbersResponse()
+        for first in range(0, len(phone_numbers), MAX_RELEASE):
+            request = numbers_pb.ReleaseNumbersRequest(
+                phone_numbers=phone_numbers[first : first + MAX_RELEASE]
+            )
+            answer = await _unary(self.numbers.ReleaseNumbers(request, timeout=self.timeout_s))
+            total.results.extend(answer.results)
+            total.released_count += answer.released_count
+            total.refused_count += answer.refused_count
+        return total
+
+    async def get_number(self, phone_number: str) -> numbers_pb.PhoneNumber:
+        request = numbers_pb.GetNumberRequest(phone_number=phone_number)
+        answer: numbers_pb.GetNumberResponse = await _unary(
+            self.numbers.GetNumber(request, timeout=self.timeout_s)
+        )
+        return answer.number
+
+    async def list_numbers(
+        self,
+        tenant_id: str = "",
+        state: state_pb.AssignmentState.ValueType = state_pb.ASSIGNMENT_STATE_UNSPECIFIED,
+        page_size: int = 1_000,
+    ) -> AsyncIterator[numbers_pb.ListNumbersResponse]:
+        """Every page of the operator's numbers (of a tenant, in a state); each page carries the
+        `watch_cursor` of the listing (see `watch_assignments`, which does this for you)."""
+        token = ""
+        while True:
+            request = numbers_pb.ListNumbersRequest(
+                page_size=page_size, page_token=token, tenant_id=tenant_id, state=state
+            )
+            page = await _unary(self.numbers.ListNumbers(request, timeout=self.timeout_s))
+            yield page
+            token = page.next_page_token
+            if not token:
+                return
+
+    def watch_assignments(
+        self,
+        *,
+        checkpoint: Checkpoint | None = None,
+        tenant_id: str = "",
+        list_first: bool = True,
+        max_batch_size: int = 0,
+    ) -> AsyncGenerator[streams.Batch[Any]]:
+        """List-then-watch, resumable: batches of `AssignmentEvent`s in commit order, each
+        batch's cursor saved in `checkpoint` once you ask for the next batch.
+
+        With no cursor saved (a first run) and after CURSOR_EXPIRED, the numbers are listed
+        first: batches with `listing=True` hold `PhoneNumber`s, the current state (their last
+        page carries the cursor to watch from). `list_first=False` skips the first listing and
+        watches from now. Runs until you stop iterating."""
+        checkpoint = checkpoint if checkpoint is not None else MemoryCheckpoint()
+
+        async def restart(expired: bool) -> AsyncGenerator[streams.Batch[Any]]:
+            if not list_first and not expired:
+                return
+            pages = self.list_numbers(tenant_id)
+            page = await anext(pages)
+            while True:
+                after = await anext(pages, None)
+                cursor = page.watch_cursor if after is None else ""
+                yield streams.Batch(list(page.numbers), cursor, listing=True)
+                if after is None:
+                    return
+                page = after
+
+        def open_call(cursor: str) -> Any:
+            request = numbers_pb.WatchAssignmentsRequest(
+                cursor=cursor, tenant_id=tenant_id, max_batch_size=max_batch_size
+            )
+            return self.numbers.WatchAssignments(request)
+
+        return streams.follow(
+            "WatchAssignments",
+            open_call,
+            lambda response: response.events,
+            checkpoint,
+            restart=restart,
+        )
+
+    # --- call records -------------------------------------------------------------------------
+
+    def follow_records(
+        self,
+        *,
+        checkpoint: Checkpoint | None = None,
+        start_time: dt.datetime | None = None,
+        end_time: dt.datetime | None = None,
+        follow: bool = True,
+        tenant_id: str = "",
+        phone_number: str = "",
+        poor_quality_only: bool = False,
+        max_batch_size: int = 0,
+    ) -> AsyncGenerator[streams.Batch[records_pb.CallRecord]]:
+        """The operator's call records in publish order, resumable: each batch's cursor saved in
+        `checkpoint` once you ask for the next batch. With no cursor saved, from `start_time`
+        (None: from now; `EPOCH`: from the oldest kept). After CURSOR_EXPIRED (the saved cursor
+        is past the retention) it starts again from the oldest record kept, and that batch says
+        `gap=True`. With `follow` it runs until you stop iterating (or past `end_time`);
+        without, it ends once the records published so far (or before `end_time`) are sent."""
+        checkpoint = checkpoint if checkpoint is not None else MemoryCheckpoint()
+        state = {"expired": False}
+
+        async def restart(expired: bool) -> AsyncGenerator[streams.Batch[records_pb.CallRecord]]:
+            state["expired"] = expired
+            return
+            yield  # an async generator that yields nothing: the stream's request starts it
+
+        def open_call(cursor: str) -> Any:
+            request = records_pb.StreamCallRecordsRequest(
+                follow=follow,
+                tenant_id=tenant_id,
+                phone_number=phone_number,
+                poor_quality_only=poor_quality_only,
+                max_batch_size=max_batch_size,
+            )
+            if cursor:
+                request.cursor = cursor
+            elif state["expired"]:
+                request.start_time.CopyFrom(timestamp(EPOCH))
+            elif start_time is not None:
+                request.start_time.CopyFrom(timestamp(start_time))
+            if end_time is not None:
+                request.end_time.CopyFrom(timestamp(end_time))
+            return self.records.StreamCallRecords(request)
+
+        async def batches() -> AsyncGenerator[streams.Batch[records_pb.CallRecord]]:
+            async for batch in streams.follow(
+                "StreamCallRecords", open_call, lambda r: r.records, checkpoint, restart=restart
+            ):
+                gap, state["expired"] = state["expired"], False
+                yield streams.Batch(batch.items, batch.cursor, gap=True) if gap else batch
+
+        return batches()
+
+    async def get_call_record(self, call_id: str) -> records_pb.CallRecord:
+        request = records_pb.GetCallRecordRequest(call_id=call_id)
+        answer: records_pb.GetCallRecordResponse = await _unary(
+            self.records.GetCallRecord(request, timeout=self.timeout_s)
+        )
+        return answer.record
+
+    async def get_quality_summary(
+        self, request: records_pb.GetQualitySummaryRequest
+    ) -> records_pb.GetQualitySummaryResponse:
+        return await _unary(self.records.GetQualitySummary(request, timeout=self.timeout_s))
+
+    # --- call durations, usage, reconciliation -------------------------------------------------
+
+    def submit_durations(
+        self,
+        records: Iterable[usage_pb.CallDurationRecord] | AsyncIterable[usage_pb.CallDurationRecord],
+        batch_size: int = durations.MAX_BATCH,
+        max_unacknowledged: int = 4,
+    ) -> AsyncGenerator[durations.Acknowledged]:
+        """Submit call durations (see `durations.submit`): each batch yielded once committed,
+        with one result per record; nothing lost or counted twice across broken streams."""
+        return durations.submit(self.usage, records, batch_size, max_unacknowledged)
+
+    async def get_usage_summary(
+        self, request: usage_pb.GetUsageSummaryRequest
+    ) -> usage_pb.GetUsageSummaryResponse:
+        return await _unary(self.usage.GetUsageSummary(request, timeout=self.timeout_s))
+
+    async def get_reconciliation(
+        self, request: usage_pb.GetReconciliationRequest
+    ) -> usage_pb.GetReconciliationResponse:
+        return await _unary(self.usage.GetReconciliation(request, timeout=self.timeout_s))
+
+    def stream_discrepancies(
+        self, request: usage_pb.StreamDiscrepanciesRequest, checkpoint: Checkpoint | None = None
+    ) -> AsyncGenerator[streams.Batch[usage_pb.Discrepancy]]:
+        """The discrepancies of a period, resumable from `checkpoint` (the request's own cursor
+        when the checkpoint holds none); ends when all are sent."""
+        checkpoint = checkpoint if checkpoint is not None else MemoryCheckpoint(request.cursor)
+
+        def open_call(cursor: str) -> Any:
+            again = usage_pb.StreamDiscrepanciesRequest()
+            again.CopyFrom(request)
+            again.cursor = cursor
+            return self.usage.StreamDiscrepancies(again)
+
+        return streams.follow(
+            "StreamDiscrepancies", open_call, lambda r: r.discrepancies, checkpoint
+        )
