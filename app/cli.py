@@ -62,9 +62,13 @@ def connect_help(runtime: server.Runtime) -> str:
     return f"""
 opconnect is serving on {runtime.address} (mutual TLS; development PKI in {dev.directory})
 
-  {"CA certificate":<26}{dev.ca_cert}
-  operator  {DEV_OPERATOR:<16}{op_cert}  {op_key}
-  platform  {DEV_PLATFORM:<16}{pf_cert}  {pf_key}
+  CA certificate: {dev.ca_cert}
+  operator {DEV_OPERATOR}:
+    certificate:  {op_cert}
+    key:          {op_key}
+  platform {DEV_PLATFORM} (the Teams admin center and call controller):
+    certificate:  {pf_cert}
+    key:          {pf_key}
 
 As the operator (buf from `npm ci`; the schema comes from server reflection):
   node_modules/.bin/buf curl --protocol grpc --cacert {dev.ca_cert} \\

@@ -12,8 +12,10 @@ background work, and the database closes last.
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
 import gc
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
@@ -258,6 +260,36 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
     ]
 
 
+def check_listen(address: str) -> None:
+    """Every address `address` names can be listened on, or an OSError saying which cannot and
+    why, in one line. gRPC alone would fail with a traceback, or, where a name resolves to
+    several addresses (`localhost`: 127.0.0.1 and ::1) and one is taken, quietly serve on the
+    others."""
+    host, _, port = address.rpartition(":")
+    if not port.isdigit() or int(port) == 0:
+        return  # no port, or any free one: nothing to check here
+    host = host.strip("[]")
+    try:
+        found = socket.getaddrinfo(host or None, int(port), type=socket.SOCK_STREAM)
+    except socket.gaierror as error:
+        raise OSError(f"cannot listen on {address}: {error.strerror}") from None
+    for family, kind, protocol, _, where in found:
+        with socket.socket(family, kind, protocol) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                probe.bind(where)
+            except OSError as error:
+                why = (
+                    "the address is in use (is another opconnect running?); set another with"
+                    " listen / OPCONNECT_LISTEN"
+                    if error.errno == errno.EADDRINUSE
+                    else error.strerror or str(error)
+                )
+                raise OSError(f"cannot listen on {address} ({where[0]!s}): {why}") from None
+
+
 def _server(settings: Settings, interceptor: RpcInterceptor) -> grpc.aio.Server:
     return grpc.aio.server(interceptors=[interceptor], options=server_options(settings))
 
@@ -421,9 +453,13 @@ async def start(settings: Settings, role: str = "all") -> Runtime:
         ],
         server,
     )
-    port = server.add_secure_port(settings.listen, trust.server_credentials())
+    await loop.run_in_executor(None, check_listen, settings.listen)
+    try:
+        port = server.add_secure_port(settings.listen, trust.server_credentials())
+    except RuntimeError:  # gRPC's "Failed to bind": what check_listen did not foresee
+        port = 0
     if port == 0:
-        raise OSError(f"could not listen on {settings.listen}")
+        raise OSError(f"cannot listen on {settings.listen} (set listen / OPCONNECT_LISTEN)")
     await server.start()
     runtime = Runtime(
         settings,

@@ -275,13 +275,29 @@ async def mirror_health(
     """Keep the gateway's health of `names` (the services one process serves) that process's
     own: its Health.Watch followed until cancelled; NOT_SERVING while it cannot be reached."""
     watch = health_pb2_grpc.HealthStub(channel).Watch
+    unknown_since: float | None = None  # when it was last lost (logged once, and its recovery)
     while True:
         try:
             async for answer in watch(health_pb2.HealthCheckRequest()):
+                if unknown_since is not None:
+                    log.info(
+                        "service health known again",
+                        services=list(names),
+                        status=health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status),
+                        after_s=round(time.monotonic() - unknown_since, 1),
+                    )
+                    unknown_since = None
                 for name in names:
                     await health.set(name, answer.status)
         except grpc.aio.AioRpcError as error:
-            log.warning("service health unknown", services=list(names), code=error.code().name)
+            if unknown_since is None:
+                unknown_since = time.monotonic()
+                log.warning(
+                    "service health unknown; retrying until it answers",
+                    services=list(names),
+                    code=error.code().name,
+                    retry_s=retry_s,
+                )
         for name in names:
             await health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         await asyncio.sleep(retry_s)

@@ -253,6 +253,7 @@ class PostgresListener:
 
     async def _run(self) -> None:
         delay = 0.5
+        lost_at: float | None = None  # since when it is disconnected (monotonic)
         while True:
             try:
                 async with await psycopg.AsyncConnection.connect(
@@ -262,6 +263,12 @@ class PostgresListener:
                     self.backend_pid = conn.info.backend_pid
                     self.ready.set()
                     self._connected.set(1)
+                    if lost_at is not None:
+                        log.info(
+                            "postgres listener connected again",
+                            after_s=round(time.monotonic() - lost_at, 1),
+                        )
+                        lost_at = None
                     delay = 0.5
                     # Anything committed while we were away: wake everyone once.
                     for log_name in self._notifier.logs():
@@ -278,6 +285,7 @@ class PostgresListener:
                 self.ready.clear()
                 self._connected.set(0)
                 self._reconnects.inc()
+                lost_at = lost_at or time.monotonic()
                 log.warning("postgres listener reconnecting", error=str(error)[:200], delay_s=delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)

@@ -10,11 +10,14 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, cast
 
 import grpc
 import pytest
@@ -23,11 +26,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from app.cli import main
+from app.cli import connect_help, main
 from app.runtime import freeze_start_up_objects
+from gateway import pki
 from opconnect.numbers.v1 import numbers_pb2 as pb
 from opconnect.numbers.v1 import numbers_pb2_grpc
 from plumbing import audit
+from plumbing.config import DEV_OPERATOR, DEV_PLATFORM
 from plumbing.db import Database
 
 
@@ -198,3 +203,47 @@ def test_audit_command_lists_reads(data_dir: Path, capsys: pytest.CaptureFixture
     assert main(["audit", "--since", since]) == 0
     assert "req-2" in capsys.readouterr().out
     assert main(["audit", "--since", "yesterday"]) == 1
+
+
+def test_the_banner_keeps_every_name_and_path_apart(tmp_path: Path) -> None:
+    """Each file of the development PKI on a line of its own after its label: an operator id
+    as long as any never runs into its path (it once printed `contoso-telecomvar/pki/...`)."""
+    paths = pki.ensure_dev_pki(tmp_path / "pki", DEV_OPERATOR, DEV_PLATFORM)
+    runtime = cast(Any, SimpleNamespace(dev_pki=paths, address="localhost:50051"))
+    runtime.metrics_endpoint = None
+    text = connect_help(runtime)
+    for path in (paths.ca_cert, *paths.client(f"operator-{DEV_OPERATOR}")):
+        line = next(x for x in text.splitlines() if str(path) in x)
+        label, _, rest = line.partition(": ")
+        assert rest.strip() == str(path), line
+        assert label.strip() in ("CA certificate", "certificate", "key")
+
+
+def test_serve_on_a_taken_address_says_so_in_one_line(tmp_path: Path) -> None:
+    """A second `opconnect serve` on an address in use: one line naming it and what to do, no
+    traceback; also where the name resolves to several addresses and one is taken (gRPC would
+    quietly serve on the others)."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for listen in (f"127.0.0.1:{port}", f"localhost:{port}"):
+            env = {
+                **os.environ,
+                "OPCONNECT_DATA_DIR": str(tmp_path),
+                "OPCONNECT_LISTEN": listen,
+                "OPCONNECT_LOG_LEVEL": "warning",
+            }
+            done = subprocess.run(
+                [sys.executable, "-m", "app.cli", "serve"],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+            )
+            assert done.returncode == 1
+            lines = done.stderr.strip().splitlines()
+            assert len(lines) == 1, done.stderr
+            assert lines[0].startswith(f"opconnect: cannot listen on {listen} (127.0.0.1)")
+            assert "in use" in lines[0]

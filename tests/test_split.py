@@ -7,8 +7,10 @@ process believes, the usage service following the records process, and a service
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import functools
+import json
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -17,12 +19,15 @@ from typing import Any, cast
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
 
 from gateway import pki
+from gateway.forward import mirror_health
 from gateway.registry import OperatorStatus
 from opconnect.numbers.v1 import numbers_pb2, numbers_pb2_grpc
 from opconnect.records.v1 import records_pb2, records_pb2_grpc
 from opconnect.usage.v1 import usage_pb2
+from plumbing.logs import configure_logging
 from plumbing.rpc import PRINCIPAL_HEADER
 from tests.conftest import (
     NO_POSTGRES,
@@ -45,6 +50,7 @@ from tests.helpers import (
     Split,
     assign,
     eventually,
+    free_port,
     start_split,
     stored,
     submit,
@@ -464,3 +470,39 @@ def test_a_suspension_refuses_the_next_batch_through_the_gateway(split: Split) -
     found = rich_error(refused.value)
     assert (found.code, found.reason) == (grpc.StatusCode.UNAUTHENTICATED, "OPERATOR_SUSPENDED")
     assert stored(split.usage, operator) == sorted(r.record_id for r in first)
+
+
+async def test_the_gateway_logs_a_service_lost_once_and_its_recovery(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Separate processes start in any order: until a service answers, the gateway says so once
+    (not once a second), and says when it answers."""
+    configure_logging("json", "info")
+    port = free_port()
+    gateway_side = HealthServicer()
+    name = "opconnect.usage.v1.UsageService"
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")  # tests only: a bare health server
+    mirror = asyncio.create_task(mirror_health(channel, [name], gateway_side, retry_s=0.05))
+    service = grpc.aio.server()
+    try:
+        await asyncio.sleep(0.5)  # several retries while nothing listens
+        own = HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(own, service)
+        service.add_insecure_port(f"127.0.0.1:{port}")
+        await service.start()
+        await own.set("", health_pb2.HealthCheckResponse.SERVING)
+        request = health_pb2.HealthCheckRequest(service=name)
+        for _ in range(200):
+            answer = await gateway_side.Check(request, None)
+            if answer.status == health_pb2.HealthCheckResponse.SERVING:
+                break
+            await asyncio.sleep(0.05)
+        assert answer.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        mirror.cancel()
+        await asyncio.gather(mirror, return_exceptions=True)
+        await service.stop(None)
+        await channel.close()
+    events = [json.loads(line)["event"] for line in capsys.readouterr().err.splitlines() if line]
+    assert events.count("service health unknown; retrying until it answers") == 1
+    assert events.count("service health known again") == 1

@@ -5,15 +5,20 @@ and started again from the oldest record kept when its cursor expired."""
 from __future__ import annotations
 
 import datetime as dt
+import json
+import time
 from pathlib import Path
 
+import grpc
+import pytest
 import sqlalchemy as sa
 
 from app import runtime as server
 from plumbing.changelog import encode_cursor
+from plumbing.logs import configure_logging
 from services.records import storage as records_storage
 from services.usage import feed, platform_calls, tables
-from tests.conftest import OTHER_OPERATOR, Pki
+from tests.conftest import OTHER_OPERATOR, Pki, settings_for, start_system
 from tests.helpers import eventually, feed_system, kept, start_follower
 from tests.records_data import publish_records, record
 
@@ -98,3 +103,46 @@ def test_an_expired_cursor_starts_again_from_the_oldest_kept(
         eventually(lambda: set(kept(system)) == {r.call_id for r in records[1:]})
     finally:
         system.stop()
+
+
+def test_an_interrupted_feed_logs_once_and_says_when_it_follows_again(
+    session_pki: Pki, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The records process stopped and started again: the follower (of another process) warns
+    while it is away and logs, once, when it follows again."""
+    configure_logging("json", "info")
+    records_dir, usage_dir = tmp_path / "records", tmp_path / "usage"
+    records_dir.mkdir()
+    usage_dir.mkdir()
+    url = f"sqlite:///{records_dir / 'opconnect.db'}"
+    records_side = start_system(settings_for(records_dir, session_pki.paths, url), session_pki)
+    port = records_side.runtime.port
+    usage_side = start_system(
+        settings_for(usage_dir, session_pki.paths, f"sqlite:///{usage_dir / 'opconnect.db'}"),
+        session_pki,
+    )
+    cert, key = session_pki.client("platform", "admin-center")
+    credentials = grpc.ssl_channel_credentials(session_pki.paths.ca_cert.read_bytes(), key, cert)
+    follower = feed.CallFeedFollower(
+        usage_side.runtime.db, feed.FeedClient(f"localhost:{port}", credentials)
+    )
+    usage_side.call(start_follower(follower))
+    again = None
+    try:
+        first = record()
+        publish_records(records_side.ingest(), [first])
+        eventually(lambda: follower.kept >= 1)
+        records_side.stop()
+        time.sleep(1.5)  # a few reconnection attempts
+        settings = settings_for(records_dir, session_pki.paths, url, listen=f"127.0.0.1:{port}")
+        again = start_system(settings, session_pki)
+        publish_records(again.ingest(), [record()])
+        eventually(lambda: follower.kept >= 2, timeout=30)
+    finally:
+        usage_side.call(follower.stop())
+        usage_side.stop()
+        if again is not None:
+            again.stop()
+    events = [json.loads(line)["event"] for line in capsys.readouterr().err.splitlines() if line]
+    assert "call feed interrupted; reconnecting" in events
+    assert events.count("call feed following again") == 1

@@ -93,6 +93,7 @@ class CallFeedFollower:
         self._position = metrics.feed_position
         self._last_batch = metrics.feed_last_batch
         self._complete_through = time.time()  # nothing known yet: the lag grows from start
+        self._interrupted_at: float | None = None  # since when the feed is down (monotonic)
         metrics.feed_lag_seconds.set_function(self.lag)
 
     def lag(self) -> float:
@@ -121,6 +122,7 @@ class CallFeedFollower:
                 except asyncio.CancelledError:
                     raise
                 except grpc.aio.AioRpcError as error:
+                    self._interrupted_at = self._interrupted_at or time.monotonic()
                     if error.code() == grpc.StatusCode.FAILED_PRECONDITION:  # CURSOR_EXPIRED
                         log.warning("call feed cursor expired; following from the oldest kept")
                         await self._db.run(
@@ -141,6 +143,7 @@ class CallFeedFollower:
                         delay_s=delay,
                     )
                 except Exception:
+                    self._interrupted_at = self._interrupted_at or time.monotonic()
                     log.exception("call feed failed; reconnecting", delay_s=delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
@@ -163,7 +166,14 @@ class CallFeedFollower:
                 self._stored(response)
 
     def _stored(self, response: records_pb.FollowCallsResponse) -> None:
-        """A response is stored (or had nothing to store): the feed's metrics."""
+        """A response is stored (or had nothing to store): the feed's metrics, and the
+        recovery logged when it follows an interruption."""
+        if self._interrupted_at is not None:
+            log.info(
+                "call feed following again",
+                after_s=round(time.monotonic() - self._interrupted_at, 1),
+            )
+            self._interrupted_at = None
         now = time.time()
         self._last_batch.set(now)
         if response.calls:
