@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from google.protobuf.json_format import MessageToDict
 
@@ -41,8 +41,11 @@ class Program:
         )
         self.lines: queue.Queue[str] = queue.Queue()
         assert self.process.stdout is not None
-        stdout = self.process.stdout
-        threading.Thread(target=lambda: [self.lines.put(x) for x in stdout], daemon=True).start()
+        threading.Thread(target=self._read, args=(self.process.stdout,), daemon=True).start()
+
+    def _read(self, stdout: IO[str]) -> None:
+        for line in stdout:
+            self.lines.put(line)
 
     def json_lines(self, count: int, timeout: float = 30) -> list[dict[str, Any]]:
         found: list[dict[str, Any]] = []
