@@ -99,7 +99,7 @@ class Connection:
             ("grpc.keepalive_timeout_ms", 20_000),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ]
-        authority = self.server_name or _first_host(self.target)
+        authority = self.server_name or first_host(self.target)
         if authority:
             options.append(("grpc.default_authority", authority))
         return options + self.options
@@ -139,7 +139,7 @@ def _check_pair(
         raise ClientError(f"the key {key_path} does not belong to the certificate {cert_path}")
 
 
-def _first_host(target: str) -> str:
+def first_host(target: str) -> str:
     """For a list of addresses (`ipv4:a:p,b:p`), the first one, whose name the gateways'
     certificate must carry (gRPC would check the whole list, which no certificate names)."""
     scheme, _, addresses = target.partition(":")
