@@ -324,22 +324,30 @@ async def test_reads_of_records_usage_and_reconciliation(sqlite_system: RunningS
     mine = [duration_record() for _ in range(5)]  # calls the platform does not know
     start = dt.datetime.now(dt.UTC) - dt.timedelta(days=2)
     end = dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
-    period = {"start_time": timestamp(start), "end_time": timestamp(end)}
+    since, until = timestamp(start), timestamp(end)
     async with Client(connection(system)) as client:
         got = await client.get_call_record(published.call_id)
         assert got.call_id == published.call_id
-        quality = await client.get_quality_summary(records_pb.GetQualitySummaryRequest(**period))
+        quality = await client.get_quality_summary(
+            records_pb.GetQualitySummaryRequest(start_time=since, end_time=until)
+        )
         assert sum(g.call_count for g in quality.groups) == 1
         async for _ in client.submit_durations(mine):
             pass
         usage = await client.get_usage_summary(
-            usage_pb.GetUsageSummaryRequest(**period, granularity=usage_pb.GRANULARITY_DAY)
+            usage_pb.GetUsageSummaryRequest(
+                start_time=since, end_time=until, granularity=usage_pb.GRANULARITY_DAY
+            )
         )
         assert usage.rows
-        found = await client.get_reconciliation(usage_pb.GetReconciliationRequest(**period))
+        found = await client.get_reconciliation(
+            usage_pb.GetReconciliationRequest(start_time=since, end_time=until)
+        )
         assert found.operator_only_count == 5
         checkpoint = MemoryCheckpoint()
-        request = usage_pb.StreamDiscrepanciesRequest(**period, max_batch_size=2)
+        request = usage_pb.StreamDiscrepanciesRequest(
+            start_time=since, end_time=until, max_batch_size=2
+        )
         stream = client.stream_discrepancies(request, checkpoint)
         first = await anext(stream)
         await stream.aclose()  # stopped after one batch, which was not processed yet
