@@ -18,7 +18,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import pytest
 import structlog
@@ -61,7 +61,7 @@ def said(err: str) -> str:
 
 def run_json(
     system: RunningSystem, capsys: pytest.CaptureFixture[str], *args: str, status: int = 0
-) -> list[dict[str, object]]:
+) -> list[dict[str, Any]]:
     """Run a command with `--output json`; the JSON lines it printed (stdout is JSON only)."""
     capsys.readouterr()
     assert main([*connect(system), *args, "--output", "json"]) == status
@@ -180,7 +180,7 @@ def test_upload_list_get_and_release_numbers(
         *("numbers", "release", "+14255550101", "+14255550100", "--file", str(listing)),
         status=1,  # +14255550100 is assigned: refused
     )
-    outcomes = {r["phone_number"]: r["outcome"] for r in released["results"]}  # type: ignore[union-attr]
+    outcomes = {r["phone_number"]: r["outcome"] for r in released["results"]}
     assert outcomes == {
         "+14255550101": "released",
         "+14255550100": "refused",
@@ -372,8 +372,12 @@ def test_follow_to_a_file_is_exactly_once_across_kills(
                 publish_records(ingest, batch)
                 published += ids(batch)
                 time.sleep(0.05 * kill)  # kills land at different moments
-            seen = lines()
-            eventually(lambda seen=seen: lines() > seen or lines() >= len(published), 30)
+            seen, total = lines(), len(published)
+
+            def more(seen: int = seen, total: int = total) -> bool:
+                return lines() > seen or lines() >= total
+
+            eventually(more, 30)
         finally:
             process.send_signal(signal.SIGKILL)
             process.wait(30)
