@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import fcntl
+import json
 import os
 import signal
 import subprocess
@@ -22,7 +23,7 @@ from operator_client.durations_csv import DurationsFile, read_lines, write_recor
 from services.usage import tables
 from tests.conftest import OPERATOR, Pki, RunningSystem
 from tests.helpers import eventually, feed_system, free_port, kept, stored, submit, usage_stub
-from tests.records_data import duration_record, publish_records, record
+from tests.records_data import duration_record, ids, publish_records, record
 
 
 @pytest.fixture
@@ -117,6 +118,14 @@ def test_usage_and_reconciliation_reports(
     out = capsys.readouterr().out
     assert "durations differ" in out and "missing from your records" in out
     assert calls[0].call_id in out and calls[1].call_id in out
+    # The same, for machines: one JSON document on stdout each.
+    assert main([*_client(system), "usage", "--start", "-1d", "--output", "json"]) == 0
+    (usage,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert sum(int(row["call_count"]) for row in usage["rows"]) == 2
+    assert main([*_client(system), "reconcile", "--start", "yesterday", "--output", "json"]) == 0
+    (found,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert int(found["mismatch_count"]) == 1 and int(found["platform_only_count"]) == 1
+    assert sorted(x["call_id"] for x in found["discrepancies"]) == sorted(ids(calls))
 
 
 def test_submit_reads_as_it_sends_with_progress_from_the_file_size(tmp_path: Path) -> None:
