@@ -303,6 +303,9 @@ async def summary(
             }
         )
         return 0
+    if not groups:
+        out.line(f"no calls set up from {start:%Y-%m-%d %H:%M} to {end:%Y-%m-%d %H:%M} UTC")
+        return 0
     columns = ["group", "calls", "good", "poor", "unclassified", "poor rate"]
     columns += ["jitter p50/p90 ms", "loss p50/p90", "round trip p50/p90 ms"]
     rows = []

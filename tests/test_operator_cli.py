@@ -318,6 +318,17 @@ def test_records_get_summary_and_follow_to_csv(
             ["--out", str(tmp_path / "x.txt"), "--checkpoint", str(tmp_path / "c")],
             ".jsonl or a .csv",
         ),
+        (
+            [
+                "--out",
+                str(tmp_path / "t.csv"),
+                "--checkpoint",
+                str(tmp_path / "t"),
+                "--tenant",
+                "x",
+            ],
+            "opconnect: INVALID_ARGUMENT",  # the server's answer, in one line
+        ),
     ]:
         capsys.readouterr()
         assert main([*connect(system), "records", "follow", *args, "--no-follow"]) == 1
