@@ -395,6 +395,13 @@ def test_follow_to_a_file_is_exactly_once_across_kills(
         batch = [record() for _ in range(10)]  # published while it is down
         publish_records(ingest, batch)
         published += ids(batch)
+    # Ctrl-C: a clean stop, which saves the cursor of the last batch written.
+    process = cli_process(system, tmp_path, *follow)
+    eventually(lambda: lines() >= len(published), 30)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=30)
+    assert process.returncode == 130 and "Traceback" not in err and "records appended" in err
+    assert json.loads(checkpoint.read_text())["length"] == out.stat().st_size
     process = cli_process(system, tmp_path, *follow, "--no-follow")
     _, err = process.communicate(timeout=60)
     assert process.returncode == 0, err
