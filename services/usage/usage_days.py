@@ -131,17 +131,12 @@ def count_reported(session: Session, operator_id: str, stored: Sequence[Reported
     changes: dict[DayKey, list[int]] = {}
     operator_source, platform_source = Source.OPERATOR.value, Source.PLATFORM.value
     for record in stored:
-        billed = (record.duration_us + 999_999) // 1_000_000  # ceil_seconds
+        billed = ceil_seconds(record.duration_us, 1_000_000)
         call = platform.get(record.call_id)
         if call is None:
             day = _utc_day(record.start)
             key = (operator_id, record.tenant_id, day, record.direction, operator_source)
-            total = changes.get(key)
-            if total is None:
-                changes[key] = [1, billed]
-            else:
-                total[0] += 1
-                total[1] += billed
+            _change(changes, key, 1, billed)
             continue
         _, tenant, answer_time, direction, duration_ms = call
         day = _utc_day(answer_time)
