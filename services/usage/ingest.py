@@ -74,8 +74,7 @@ _CONFLICT = Refusal(
 )
 _REPORTED = Refusal("CALL_ALREADY_REPORTED", "call_id", "another of your records reports this call")
 _US = dt.timedelta(microseconds=1)
-# A record's keys (PostgreSQL), taken from its row: COLUMNS' 0, 1, 2, 10 and 7.
-KEY_COLUMNS = ("operator_id", "record_id", "call_id", "digest", "start_time")
+KEY_COLUMNS = ("operator_id", "record_id", "call_id", "digest", "start_time")  # PostgreSQL
 
 
 def submit(session: Session, operator_id: str, submitted: Sequence[Submitted]) -> list[Result]:
@@ -84,9 +83,11 @@ def submit(session: Session, operator_id: str, submitted: Sequence[Submitted]) -
     a call_id another record of the operator reports is CALL_ALREADY_REPORTED.
 
     The ingest hot path: the look-ups (one per key, each on its index) and the insert run on
-    the driver (plumbing.db; on PostgreSQL an array look-up each and a binary COPY). On
-    PostgreSQL the operator's submissions are serialized by a transaction-scoped advisory lock,
-    so concurrent streams of one operator see each other's commits (SQLite has one writer).
+    the driver (plumbing.db). On PostgreSQL the look-ups read `call_duration_keys` (an array
+    each), and each record's keys are written there with it (binary COPY, as the records), the
+    database enforcing them; the operator's submissions are serialized by a transaction-scoped
+    advisory lock, so concurrent streams of one operator see each other's commits (SQLite has
+    one writer) and answer CALL_ALREADY_REPORTED rather than meet the constraint.
     """
     if not submitted:
         return []
@@ -100,7 +101,9 @@ def submit(session: Session, operator_id: str, submitted: Sequence[Submitted]) -
         by_call[call_id] = record_id
     time_of = driver_time(session)
     now = time_of(dt.datetime.now(dt.UTC))
+    postgres = session.get_bind().dialect.name == "postgresql"
     rows: list[tuple[Any, ...]] = []
+    keys: list[tuple[Any, ...]] = []
     results: list[Result] = []
     accepted: list[Reported] = []
     for item in submitted:
@@ -127,6 +130,7 @@ def submit(session: Session, operator_id: str, submitted: Sequence[Submitted]) -
         by_record[record_id] = (item.digest, call_id)
         by_call[call_id] = record_id
         tenant, way, duration_us = record.tenant_id.lower(), direction.value, duration // _US
+        start_value = time_of(start)
         rows.append(
             (
                 operator_id,
@@ -136,18 +140,19 @@ def submit(session: Session, operator_id: str, submitted: Sequence[Submitted]) -
                 record.caller,
                 record.callee,
                 way,
-                time_of(start),
+                start_value,
                 time_of(end),
                 duration_us,
                 item.digest,
                 now,
             )
         )
+        if postgres:
+            keys.append((operator_id, record_id, call_id, item.digest, start_value))
         results.append(Result(record_id, Outcome.ACCEPTED))
         accepted.append(Reported(call_id, tenant, start, way, duration_us))
     if rows:
-        if session.get_bind().dialect.name == "postgresql":
-            keys = [(r[0], r[1], r[2], r[10], r[7]) for r in rows]
+        if keys:
             driver_insert_many(session, DURATION_KEYS, KEY_COLUMNS, keys)
         driver_insert_many(session, DURATIONS, COLUMNS, rows)
         count_reported(session, operator_id, accepted)
