@@ -143,21 +143,10 @@ def prefix_range(prefix: str) -> tuple[str, str]:
 
 def migrate(db: Database) -> None:
     """Migrate; on PostgreSQL also make the time partitions as a service makes them at start-up
-    (plumbing/partitions.py), back to the longest retention: fills write rows of the past. As
-    a service does, a table whose maintenance lock is not had in time (a shared server, other
-    runs making partitions) is tried again, up to partitions.TRIES times."""
+    (plumbing/partitions.py), back to the longest retention: fills write rows of the past."""
     db.migrate()
     if db.is_postgres:
-        now, retention = dt.datetime.now(dt.UTC), Settings().usage_retention_s
-        for spec in partitions.TABLES:
-            for attempt in range(1, partitions.TRIES + 1):
-                try:
-                    db.transaction(partitions.create_ahead, spec, now, retention, write=True)
-                    break
-                except sa.exc.OperationalError:
-                    if attempt == partitions.TRIES:
-                        raise
-                    time.sleep(partitions.RETRY_S)
+        partitions.create_all_ahead(db, dt.datetime.now(dt.UTC), Settings().usage_retention_s)
 
 
 def open_database(settings: Settings) -> Database:

@@ -25,11 +25,13 @@ import asyncio
 import datetime as dt
 import enum
 import re
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import cast
 
 from sqlalchemy import text
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from plumbing.changelog import mark_purged
@@ -181,6 +183,22 @@ def create_ahead(
             if table == spec.table:
                 created.append(name)
     return created
+
+
+def create_all_ahead(db: Database, now: dt.datetime, retention_s: float) -> None:
+    """Every table's partitions made as a service makes them at start-up (`create_ahead`, back
+    to `retention_s` for the tables of the past), each table tried up to TRIES times RETRY_S
+    apart when its maintenance lock is not had in time, as `maintain` does; raises the last
+    failure. For what runs outside a service: benches and tests on a shared server."""
+    for spec in TABLES:
+        for attempt in range(1, TRIES + 1):
+            try:
+                db.transaction(create_ahead, spec, now, retention_s, write=True)
+                break
+            except OperationalError:
+                if attempt == TRIES:
+                    raise
+                time.sleep(RETRY_S)
 
 
 def drop_past(session: Session, spec: Partitioned, cutoff: dt.datetime) -> list[str]:
