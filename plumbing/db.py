@@ -479,10 +479,9 @@ def _sqlite_time(value: dt.datetime | None) -> str | None:
         return None
     if value.utcoffset():
         value = value.astimezone(dt.UTC)
-    return (  # what strftime("%Y-%m-%d %H:%M:%S.%f") gives, at a fraction of its cost
-        f"{value.year:04d}-{value.month:02d}-{value.day:02d} "
-        f"{value.hour:02d}:{value.minute:02d}:{value.second:02d}.{value.microsecond:06d}"
-    )
+    # What strftime("%Y-%m-%d %H:%M:%S.%f") gives, at a fraction of its cost (the offset that
+    # isoformat adds to an aware time cut off).
+    return value.isoformat(" ", "microseconds")[:26]
 
 
 def alembic_config(url: str) -> Config:

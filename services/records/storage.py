@@ -220,6 +220,7 @@ def stage(candidates: Sequence[Candidate], sqlite: bool) -> Staged:
         if direction is None or invite is None or end is None:
             raise ValueError("publish() stores checked records only")
         tenant, trunk, operator = record.tenant_id.lower(), record.trunk_fqdn, published.operator_id
+        invite_value = time_of(invite)
         records.append(
             (
                 record.call_id,
@@ -229,7 +230,7 @@ def stage(candidates: Sequence[Candidate], sqlite: bool) -> Staged:
                 record.caller,
                 record.callee,
                 trunk,
-                time_of(invite),
+                invite_value,
                 time_of(record.answer_time),
                 time_of(end),
                 record.duration // _MS,
@@ -238,7 +239,6 @@ def stage(candidates: Sequence[Candidate], sqlite: bool) -> Staged:
                 published.digest,
             )
         )
-        invite_value = time_of(invite)
         streams.append(
             [
                 (
