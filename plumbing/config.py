@@ -106,6 +106,10 @@ class Settings:
     # Batches of one PublishCallRecords or SubmitCallDurations stream read and not yet
     # answered: the next ones are checked while one commits (1: one batch at a time).
     publish_pipeline_depth: int = 4
+    # Most records of PublishCallRecords batches (of different streams, ready to commit at once)
+    # that one transaction commits together (a group commit: one log lock hold, one sync to
+    # disk); 1: each batch alone.
+    publish_group_max_records: int = 5_000
     # How far in the future, in seconds, a published record's times may be (clock skew).
     clock_skew_s: float = 300.0
     # A following stream with an end_time ends this many seconds after end_time passes (records
