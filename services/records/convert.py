@@ -121,21 +121,25 @@ def _ms(value: duration_pb2.Duration) -> float:
 
 
 def stream_in(stream: pb.MediaStream) -> MediaStream:
-    # The publish hot path (a few per record): each field read once, the tuple made by position
-    # in MediaStream's field order.
     has = stream.HasField
     return MediaStream(
-        MEDIA_DIRECTION_IN.get(stream.direction),
-        MEDIA_TYPE_IN.get(stream.media_type),
-        stream.codec,
-        stream.packet_count if has("packet_count") else None,
-        _ms(stream.average_jitter) if has("average_jitter") else None,
-        _ms(stream.max_jitter) if has("max_jitter") else None,
-        stream.packet_loss_rate if has("packet_loss_rate") else None,
-        _ms(stream.average_round_trip) if has("average_round_trip") else None,
-        _ms(stream.max_round_trip) if has("max_round_trip") else None,
-        stream.network_mos_degradation if has("network_mos_degradation") else None,
-        stream.concealed_samples_ratio if has("concealed_samples_ratio") else None,
+        direction=MEDIA_DIRECTION_IN.get(stream.direction),
+        media_type=MEDIA_TYPE_IN.get(stream.media_type),
+        codec=stream.codec,
+        packet_count=stream.packet_count if has("packet_count") else None,
+        average_jitter_ms=_ms(stream.average_jitter) if has("average_jitter") else None,
+        max_jitter_ms=_ms(stream.max_jitter) if has("max_jitter") else None,
+        packet_loss_rate=stream.packet_loss_rate if has("packet_loss_rate") else None,
+        average_round_trip_ms=(
+            _ms(stream.average_round_trip) if has("average_round_trip") else None
+        ),
+        max_round_trip_ms=_ms(stream.max_round_trip) if has("max_round_trip") else None,
+        network_mos_degradation=(
+            stream.network_mos_degradation if has("network_mos_degradation") else None
+        ),
+        concealed_samples_ratio=(
+            stream.concealed_samples_ratio if has("concealed_samples_ratio") else None
+        ),
     )
 
 
@@ -150,22 +154,21 @@ _ZERO = dt.timedelta(0)
 
 
 def record_in(message: pb.CallRecord) -> CallRecord:
-    # By position, in CallRecord's field order (see stream_in).
     return CallRecord(
-        message.call_id,
-        message.tenant_id,
-        DIRECTION_IN.get(message.direction),
-        message.caller,
-        message.callee,
-        message.trunk_fqdn,
-        _time(message, "invite_time"),
-        _time(message, "answer_time"),
-        _time(message, "end_time"),
-        _duration(message),
-        message.final_sip_code,
-        message.final_sip_phrase,
-        END_REASON_IN.get(message.end_reason),
-        tuple(map(stream_in, message.media_streams)),
+        call_id=message.call_id,
+        tenant_id=message.tenant_id,
+        direction=DIRECTION_IN.get(message.direction),
+        caller=message.caller,
+        callee=message.callee,
+        trunk_fqdn=message.trunk_fqdn,
+        invite_time=_time(message, "invite_time"),
+        answer_time=_time(message, "answer_time"),
+        end_time=_time(message, "end_time"),
+        duration=_duration(message),
+        final_sip_code=message.final_sip_code,
+        final_sip_phrase=message.final_sip_phrase,
+        end_reason=END_REASON_IN.get(message.end_reason),
+        media_streams=tuple(map(stream_in, message.media_streams)),
     )
 
 
