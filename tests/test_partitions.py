@@ -26,7 +26,7 @@ from plumbing.changelog import encode_cursor, read_head
 from plumbing.db import Database, alembic_config
 from plumbing.direction import Direction
 from plumbing.validation import Outcome
-from services.records import storage
+from services.records import convert, rules, storage
 from services.records.rules import LOG
 from services.usage import ingest
 from services.usage import tables as usage_tables
@@ -47,6 +47,7 @@ from tests.records_data import (
     duration_record,
     ids,
     publish_records,
+    published,
     record,
     stamp,
     stream_all,
@@ -315,17 +316,40 @@ def _together(held: _Held, *calls: Callable[[], Any]) -> list[Any]:
 def test_concurrent_publishers_store_a_call_once(pg_system: RunningSystem) -> None:
     """Two publishers of one call_id with other content (another invite time), released at
     the same moment: no constraint stops a second row (the partitioned table has none on
-    call_id), the `records` log head's lock does: one is accepted, the other a conflict."""
+    call_id), the `records` log head's lock does: one is accepted, the other a conflict. One
+    publishes through the system, the other as another replica's writer (a process of its own
+    would: one process commits its streams' batches one group at a time)."""
     url = pg_system.runtime.settings.database_url
     first = record(end=dt.datetime.now(dt.UTC) - dt.timedelta(minutes=3))
     second = record(first.call_id)  # ends a minute ago: another digest
     held = _Held(url, "SELECT 1 FROM change_log_heads WHERE log = :log FOR UPDATE", {"log": LOG})
-    one, two = _together(
-        held,
-        lambda: publish_records(pg_system.ingest(), [first]),
-        lambda: publish_records(pg_system.ingest(), [second]),
+    replica = Database(url, threads=1)
+    settings = pg_system.runtime.settings
+    (candidate,) = convert.prepare(
+        [published(second)], {OPERATOR}, settings, rules.thresholds(settings)
     )
-    outcomes = sorted((r.outcome, r.reason) for response in (one, two) for r in response.results)
+    assert isinstance(candidate, rules.Candidate)
+    try:
+        one, two = _together(
+            held,
+            lambda: publish_records(pg_system.ingest(), [first]),
+            lambda: replica.transaction(
+                storage.publish,
+                [candidate],
+                convert.publish_time_field,
+                convert.stored,
+                write=True,
+            ),
+        )
+    finally:
+        replica.close()
+    outcomes = sorted(
+        [(r.outcome, r.reason) for r in one.results]
+        + [
+            (convert.OUTCOME_OUT[r.outcome], r.refusal.reason if r.refusal else "")
+            for r in two.results
+        ]
+    )
     assert outcomes == [
         (pb.CALL_RECORD_OUTCOME_ACCEPTED, ""),
         (pb.CALL_RECORD_OUTCOME_REFUSED, "CALL_ID_CONFLICT"),
