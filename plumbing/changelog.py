@@ -30,10 +30,10 @@ from typing import Any, Generic, TypeVar, cast
 
 import psycopg
 from prometheus_client.core import Metric
-from sqlalchemy import BigInteger, String, Table, select, text, update
+from sqlalchemy import BigInteger, String, Table, select, update
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
-from plumbing.db import LOG_LOCKS, Base, Database, driver_fetch
+from plumbing.db import LOG_LOCKS, Base, Database, Unit, dialect_name, driver_fetch, unit_of
 from plumbing.errors import ApiError, failed_precondition, invalid_field, unavailable
 from plumbing.logs import get_logger
 from plumbing.metrics import Metrics, gauge, observe_many
@@ -69,33 +69,37 @@ _ALLOCATE = "UPDATE change_log_heads SET position = position + ? WHERE log = ? R
 SQL = (_READ_HEAD, _ALLOCATE)  # the statements written by hand (tests/test_sql.py checks them)
 
 
-def allocate(session: Session, log_name: str, count: int = 1) -> int:
-    """Reserve `count` positions in `log_name` for this transaction; returns the first.
+def allocate(session: Session | Unit, log_name: str, count: int = 1) -> int:
+    """Reserve `count` positions in `log_name` for this transaction (a Session's or a
+    `Unit`'s); returns the first.
 
     Takes the log's row lock until commit: call it late in a write transaction, with the rows
-    already built. When it was granted is kept in the session (`LOG_LOCKS`): `Database.transaction`
-    observes how long it was held (opconnect_changelog_lock_hold_seconds).
+    already built. When it was granted is kept in the transaction's `info` (`LOG_LOCKS`):
+    `Database` observes how long it was held (opconnect_changelog_lock_hold_seconds).
     """
     # On the driver: this is every write's hot path (through Core it cost more than the update)
-    ((last,),) = driver_fetch(session, _ALLOCATE, (count, log_name))
-    session.info.setdefault(LOG_LOCKS, []).append((log_name, time.perf_counter()))  # held now
+    unit = unit_of(session)
+    ((last,),) = unit.fetch(_ALLOCATE, (count, log_name))
+    unit.info.setdefault(LOG_LOCKS, []).append((log_name, time.perf_counter()))  # held now
     return int(last) - count + 1
 
 
-def notify_commit(session: Session, log_name: str, position: int, keys: Iterable[str]) -> None:
+_NOTIFY = "SELECT pg_notify(?, ?)"  # PostgreSQL only
+
+
+def notify_commit(
+    session: Session | Unit, log_name: str, position: int, keys: Iterable[str]
+) -> None:
     """On PostgreSQL, tell every replica (at commit) that `log_name` reached `position`."""
-    if session.get_bind().dialect.name != "postgresql":
+    if dialect_name(session) != "postgresql":
         return
     payload = f"{log_name}|{position}|{','.join(sorted(set(keys)))}"
     if len(payload) > 7000:
         payload = f"{log_name}|{position}|*"
-    session.execute(
-        text("SELECT pg_notify(:channel, :payload)"),
-        {"channel": NOTIFY_CHANNEL, "payload": payload},
-    )
+    driver_fetch(session, _NOTIFY, (NOTIFY_CHANNEL, payload))
 
 
-def read_head(session: Session, log_name: str) -> Head:
+def read_head(session: Session | Unit, log_name: str) -> Head:
     """The log's head; on the driver, as streams read it once a batch."""
     ((position, purged_through),) = driver_fetch(session, _READ_HEAD, (log_name,))
     return Head(int(position), int(purged_through))

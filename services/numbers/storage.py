@@ -27,14 +27,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from plumbing.changelog import allocate, mark_purged, notify_commit, read_head
-from plumbing.db import (
-    Base,
-    dialect_insert,
-    driver_execute_many,
-    driver_fetch,
-    driver_time,
-    utc,
-)
+from plumbing.db import Base, Unit, dialect_insert, driver_fetch, unit_of, utc
 from plumbing.errors import ApiError, failed_precondition, not_found
 from services.numbers.rules import (
     DOMAIN,
@@ -294,8 +287,9 @@ class Change:
 
 
 # An assignment change is every AssignNumber's and UnassignNumber's whole unit of work: plain
-# SQL on the driver (plumbing.db.driver_fetch), where SQLAlchemy's ORM (identity map, flush,
-# statement handling) cost twice the statements themselves.
+# SQL on the driver, where SQLAlchemy's ORM (identity map, flush, statement handling) cost twice
+# the statements themselves, in a `Unit` without a Session (`Database.run_unit`: the Session's
+# set-up and commit cost as much again); a Session's transaction may run them too.
 _NUMBER = (
     "SELECT operator_id, tenant_id, usage, inbound, outbound, state, sip_uri, target_kind,"
     " target_id, created_at, updated_at FROM numbers WHERE phone_number = ?"
@@ -326,11 +320,10 @@ def _stored_time(value: str | dt.datetime) -> dt.datetime:
     return utc(value)
 
 
-def _locked_number(session: Session, phone_number: str) -> Number:
+def _locked_number(unit: Unit, phone_number: str) -> Number:
     """The number, its row locked until commit (PostgreSQL: FOR UPDATE; SQLite: the write
     transaction holds the database's one write lock from its start)."""
-    postgres = session.get_bind().dialect.name == "postgresql"
-    rows = driver_fetch(session, _NUMBER + (" FOR UPDATE" if postgres else ""), (phone_number,))
+    rows = unit.fetch(_NUMBER + (" FOR UPDATE" if unit.postgres else ""), (phone_number,))
     if not rows:
         raise not_found(DOMAIN, "NUMBER_NOT_FOUND", "no such number has been uploaded")
     (operator, tenant, usage, inbound, outbound, state, sip, kind, target, created, updated) = rows[
@@ -351,29 +344,26 @@ def _locked_number(session: Session, phone_number: str) -> Number:
     )
 
 
-def _change(session: Session, number: Number, kind: EventType, stamp: dt.datetime) -> Change:
+def _change(unit: Unit, number: Number, kind: EventType, stamp: dt.datetime) -> Change:
     """Store the number as `number` says and log the change at the next position of the log."""
-    time_of = driver_time(session)
     target = number.target
     target_kind, target_id = (target.kind.value, target.id) if target is not None else ("", "")
     fields = (number.state.value, number.sip_uri, target_kind, target_id)
-    driver_execute_many(session, _SET_ASSIGNMENT, [(*fields, time_of(stamp), number.phone_number)])
-    position = allocate(session, LOG)
+    when = unit.time(stamp)
+    unit.fetch(_SET_ASSIGNMENT, (*fields, when, number.phone_number))
+    position = allocate(unit, LOG)
     event_row = (number.operator_id, number.tenant_id, number.phone_number, kind.value)
-    driver_execute_many(
-        session,
-        _INSERT_EVENT,
-        [(position, *event_row, number.sip_uri, target_kind, target_id, time_of(stamp))],
-    )
-    notify_commit(session, LOG, position, [number.operator_id])
+    unit.fetch(_INSERT_EVENT, (position, *event_row, number.sip_uri, target_kind, target_id, when))
+    notify_commit(unit, LOG, position, [number.operator_id])
     event = Event(
         position, kind, number.phone_number, number.tenant_id, number.sip_uri, target, stamp
     )
     return Change(number, event)
 
 
-def assign_number(session: Session, assignment: Assignment) -> Change:
-    number = _locked_number(session, assignment.phone_number)
+def assign_number(session: Session | Unit, assignment: Assignment) -> Change:
+    unit = unit_of(session)
+    number = _locked_number(unit, assignment.phone_number)
     problem: ApiError | None = check_can_assign(number, assignment)
     if problem is not None:
         raise problem
@@ -391,11 +381,12 @@ def assign_number(session: Session, assignment: Assignment) -> Change:
         target=assignment.target,
         updated_at=stamp,
     )
-    return _change(session, changed, kind, stamp)
+    return _change(unit, changed, kind, stamp)
 
 
-def unassign_number(session: Session, phone_number: str, tenant_id: str) -> Change:
-    number = _locked_number(session, phone_number)
+def unassign_number(session: Session | Unit, phone_number: str, tenant_id: str) -> Change:
+    unit = unit_of(session)
+    number = _locked_number(unit, phone_number)
     if number.tenant_id != tenant_id:
         raise failed_precondition(
             DOMAIN, "TENANT_MISMATCH", "the number was uploaded for another tenant"
@@ -406,7 +397,7 @@ def unassign_number(session: Session, phone_number: str, tenant_id: str) -> Chan
     changed = dataclasses.replace(
         number, state=State.UNASSIGNED, sip_uri="", target=None, updated_at=stamp
     )
-    return _change(session, changed, EventType.UNASSIGNED, stamp)
+    return _change(unit, changed, EventType.UNASSIGNED, stamp)
 
 
 def read_events(
