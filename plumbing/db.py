@@ -24,6 +24,7 @@ the same mechanism otherwise: the gate, the threads, the retry of busy SQLite, t
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import contextvars
 import datetime as dt
@@ -234,8 +235,29 @@ class Database:
         except BaseException:
             self.gate.leave(lane, write)
             raise
-        work.add_done_callback(lambda _: _on_loop(loop, self.gate.leave, lane, write))
-        return await asyncio.wrap_future(work, loop=loop)
+        # One hop back to the loop when the thread is done: the gate left and the answer given
+        # together (asyncio.wrap_future would take a second one).
+        done: asyncio.Future[T] = loop.create_future()
+        done.add_done_callback(functools.partial(_cancel_work, work))
+        work.add_done_callback(functools.partial(_on_loop, loop, self._finish, lane, write, done))
+        return await done
+
+    def _finish(
+        self, lane: str, write: bool, done: asyncio.Future[T], work: concurrent.futures.Future[T]
+    ) -> None:
+        """On the loop, once a unit's thread is done with it (or it was cancelled before it
+        ran): its place at the gate given back, its outcome to the caller if still waiting."""
+        self.gate.leave(lane, write)
+        if done.done():
+            return
+        if work.cancelled():
+            done.cancel()
+            return
+        error = work.exception()
+        if error is not None:
+            done.set_exception(error)
+        else:
+            done.set_result(work.result())
 
     def _timed(
         self,
@@ -397,6 +419,13 @@ def _on_loop(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: Any
         loop.call_soon_threadsafe(fn, *args)
     except RuntimeError:
         fn(*args)
+
+
+def _cancel_work(work: concurrent.futures.Future[Any], done: asyncio.Future[Any]) -> None:
+    """The caller has gone: a unit not begun yet is not run (its place at the gate is given
+    back by `Database._finish`)."""
+    if done.cancelled():
+        work.cancel()
 
 
 def _private_database(path: Path) -> None:
