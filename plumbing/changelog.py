@@ -80,11 +80,26 @@ def allocate(session: Session | Unit, log_name: str, count: int = 1) -> int:
     # On the driver: this is every write's hot path (through Core it cost more than the update)
     unit = unit_of(session)
     ((last,),) = unit.fetch(_ALLOCATE, (count, log_name))
-    unit.info.setdefault(LOG_LOCKS, []).append((log_name, time.perf_counter()))  # held now
+    locked(unit, log_name)
     return int(last) - count + 1
 
 
+# One position allocated inside a statement of PostgreSQL (a data-modifying CTE named `head`, its
+# parameter the log's name), for a unit that writes its change in one round trip: the same row
+# lock as `allocate`'s, taken in the same way; call `locked` once the statement has run.
+ALLOCATE_ONE_CTE = (
+    "head AS (UPDATE change_log_heads SET position = position + 1 WHERE log = ? RETURNING position)"
+)
+
+
+def locked(unit: Unit, log_name: str) -> None:
+    """The log's head row lock was granted just now (`allocate`, `ALLOCATE_ONE_CTE`): timed to
+    commit by `Database`."""
+    unit.info.setdefault(LOG_LOCKS, []).append((log_name, time.perf_counter()))
+
+
 _NOTIFY = "SELECT pg_notify(?, ?)"  # PostgreSQL only
+_MAX_PAYLOAD = 7000  # characters of a notify's payload (PostgreSQL takes fewer than 8000 bytes)
 
 
 def notify_commit(
@@ -94,9 +109,19 @@ def notify_commit(
     if dialect_name(session) != "postgresql":
         return
     payload = f"{log_name}|{position}|{','.join(sorted(set(keys)))}"
-    if len(payload) > 7000:
+    if len(payload) > _MAX_PAYLOAD:
         payload = f"{log_name}|{position}|*"
     driver_fetch(session, _NOTIFY, (NOTIFY_CHANNEL, payload))
+
+
+def notify_parts(log_name: str, keys: Iterable[str]) -> tuple[str, str]:
+    """The notify payload around the position (`log|position|keys`, `*` for keys too many to
+    name, counting the longest position), for a statement that sends it with a position it
+    allocates itself."""
+    named = ",".join(sorted(set(keys)))
+    if len(log_name) + len(named) + 2 + len(str(MAX_POSITION)) > _MAX_PAYLOAD:
+        named = "*"
+    return f"{log_name}|", f"|{named}"
 
 
 def read_head(session: Session | Unit, log_name: str) -> Head:

@@ -26,7 +26,16 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
-from plumbing.changelog import allocate, mark_purged, notify_commit, read_head
+from plumbing.changelog import (
+    ALLOCATE_ONE_CTE,
+    NOTIFY_CHANNEL,
+    allocate,
+    locked,
+    mark_purged,
+    notify_commit,
+    notify_parts,
+    read_head,
+)
 from plumbing.db import Base, Unit, dialect_insert, driver_fetch, unit_of, utc
 from plumbing.errors import ApiError, failed_precondition, not_found
 from services.numbers.rules import (
@@ -302,14 +311,25 @@ _INSERT_EVENT = (
     "INSERT INTO number_events (position, operator_id, tenant_id, phone_number, type, sip_uri,"
     " target_kind, target_id, occurred_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
+# PostgreSQL: the whole change in one statement, one round trip instead of four: the number's
+# row, a position in the log (plumbing.changelog.ALLOCATE_ONE_CTE), the event at it, and the
+# notify to every replica (its payload around the position: plumbing.changelog.notify_parts).
+_CHANGE_POSTGRES = (
+    f"WITH number AS ({_SET_ASSIGNMENT}), {ALLOCATE_ONE_CTE},"  # noqa: S608 (constants)
+    " event AS (INSERT INTO number_events (position, operator_id, tenant_id, phone_number, type,"
+    " sip_uri, target_kind, target_id, occurred_at) SELECT position, ?, ?, ?, ?, ?, ?, ?, ?"
+    " FROM head RETURNING position)"
+    " SELECT position, pg_notify(?, CAST(? AS text) || position || CAST(? AS text)) FROM event"
+)
 _EVENTS = (
     "SELECT position, type, phone_number, tenant_id, sip_uri, target_kind, target_id,"
     " occurred_at FROM number_events WHERE operator_id = ? AND position > ? AND position <= ?"
 )
 _ORDERED = " ORDER BY position LIMIT ?"
 _OF_TENANT = " AND tenant_id = ?"
-# The statements written by hand (tests/test_sql.py checks them).
+# The statements written by hand (tests/test_sql.py checks them; POSTGRES_SQL on PostgreSQL only).
 SQL = (_NUMBER, _SET_ASSIGNMENT, _INSERT_EVENT, _EVENTS + _ORDERED, _EVENTS + _OF_TENANT + _ORDERED)
+POSTGRES_SQL = (_CHANGE_POSTGRES,)
 
 
 def _stored_time(value: str | dt.datetime) -> dt.datetime:
@@ -350,13 +370,21 @@ def _change(unit: Unit, number: Number, kind: EventType, stamp: dt.datetime) -> 
     target_kind, target_id = (target.kind.value, target.id) if target is not None else ("", "")
     fields = (number.state.value, number.sip_uri, target_kind, target_id)
     when = unit.time(stamp)
-    unit.fetch(_SET_ASSIGNMENT, (*fields, when, number.phone_number))
-    position = allocate(unit, LOG)
     event_row = (number.operator_id, number.tenant_id, number.phone_number, kind.value)
-    unit.fetch(_INSERT_EVENT, (position, *event_row, number.sip_uri, target_kind, target_id, when))
-    notify_commit(unit, LOG, position, [number.operator_id])
+    event_values = (*event_row, number.sip_uri, target_kind, target_id, when)
+    if unit.postgres:
+        before, after = notify_parts(LOG, [number.operator_id])
+        ((position, _),) = unit.fetch(
+            _CHANGE_POSTGRES,
+            (*fields, when, number.phone_number, LOG, *event_values, NOTIFY_CHANNEL, before, after),
+        )
+        locked(unit, LOG)
+    else:
+        unit.fetch(_SET_ASSIGNMENT, (*fields, when, number.phone_number))
+        position = allocate(unit, LOG)
+        unit.fetch(_INSERT_EVENT, (position, *event_values))
     event = Event(
-        position, kind, number.phone_number, number.tenant_id, number.sip_uri, target, stamp
+        int(position), kind, number.phone_number, number.tenant_id, number.sip_uri, target, stamp
     )
     return Change(number, event)
 
