@@ -179,8 +179,10 @@ class Database:
         Session: see the module docstring), on the calling thread; as `transaction` otherwise
         (PostgreSQL reads at REPEATABLE READ, SQLite writes begun IMMEDIATE, the change-log head
         locks timed to commit or rollback). A lost connection is dropped from the pool."""
-        pooled = self.engine.raw_connection()
-        unit = Unit(pooled.dbapi_connection, self.engine.dialect)
+        dialect = self.engine.dialect
+        with _driver_errors_of(dialect, None, None, "connect"):  # as a Session's checkout fails
+            pooled = self.engine.raw_connection()
+        unit = Unit(pooled.dbapi_connection, dialect)
         try:
             unit.begin(write=write)
             try:
