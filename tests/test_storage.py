@@ -175,6 +175,26 @@ async def test_notifier_wakes_only_the_keys_it_names() -> None:
     assert last.is_set() and notifier.closed
 
 
+async def test_a_change_already_woken_for_is_not_woken_again() -> None:
+    """The NOTIFY of this process's own commit, after `publish` woke its keys (or the other
+    way round), wakes nobody twice: a wake-up at a position wakes only the keys not yet woken
+    at it or later. Position 0 (a change without one) and every key always wake."""
+    notifier = Notifier()
+    notifier.bind(asyncio.get_running_loop())
+    notifier.wake(LOG, ("a",), 5)
+    generation = notifier.generation(LOG, "a")
+    echo, other = notifier.waiter(LOG, "a"), notifier.waiter(LOG, "b")
+    notifier.wake(LOG, ("a",), 5)  # the echo
+    notifier.wake(LOG, ("a",), 4)  # committed before 5: the wake-up at 5 came after it
+    assert not echo.is_set() and notifier.generation(LOG, "a") == generation
+    notifier.wake(LOG, ("a", "b"), 5)  # "b" was not woken at 5
+    assert other.is_set() and not echo.is_set()
+    for keys, position in ((("a",), 6), (("a",), 0), ((ANY_KEY,), 3)):
+        again = notifier.waiter(LOG, "a")
+        notifier.wake(LOG, keys, position)
+        assert again.is_set(), (keys, position)
+
+
 async def test_a_commit_through_one_replica_wakes_streams_on_another() -> None:
     if not POSTGRES_URL:
         pytest.skip(NO_POSTGRES)

@@ -239,7 +239,7 @@ class NumberAdminService(pb_grpc.NumberAdminServiceServicer):
             operator = change.number.operator_id
             self._changes.labels(operator, change.event.type.value).inc()
             self._cache.invalidate([operator])
-            self._notifier.publish(LOG, [operator])
+            self._notifier.publish(LOG, [operator], change.event.position)
 
     async def AssignNumber(
         self, request: pb.AssignNumberRequest, context: Context
