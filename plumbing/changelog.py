@@ -195,8 +195,8 @@ class Notifier:
         # Wake-ups counted by (log, key), (log, ANY_KEY) for those naming every key, and
         # (log, _EVERY) for all of a log's: see `generation`.
         self._wakes: dict[tuple[str, str], int] = {}
-        # (log, key) -> the highest position a wake-up of the key has been for (see `wake`;
-        # one entry per key, as `_wakes`).
+        # (log, key) -> the highest position of this process's own commits its waiters have
+        # been woken for (`publish`; see `wake_notified`; one entry per key, as `_wakes`).
         self._woken: dict[tuple[str, str], int] = {}
         self.closed = False
 
@@ -222,12 +222,34 @@ class Notifier:
         return event
 
     def publish(self, log_name: str, keys: Iterable[str], position: int = 0) -> None:
-        """Thread-safe: wake waiters of these keys (ANY_KEY wakes every waiter of the log).
-        `position`: the last position of the log the committed change took (0: none, or not
-        said), so that its echo by NOTIFY is no second wake-up (see `wake`)."""
+        """Thread-safe: wake waiters of these keys (ANY_KEY wakes every waiter of the log), for
+        a change this process committed. `position`: the last position of the log it took (0:
+        none, or not said), so that its echo by NOTIFY is no second wake-up (`wake_notified`)."""
         if self._loop is None or self._loop.is_closed():
             return
-        self._loop.call_soon_threadsafe(self.wake, log_name, tuple(keys), position)
+        self._loop.call_soon_threadsafe(self._wake_committed, log_name, tuple(keys), position)
+
+    def _wake_committed(self, log_name: str, keys: tuple[str, ...], position: int) -> None:
+        if position > 0:
+            woken = self._woken
+            for key in keys:
+                if woken.get((log_name, key), 0) < position:
+                    woken[log_name, key] = position
+        self.wake(log_name, keys)
+
+    def wake_notified(self, log_name: str, keys: tuple[str, ...], position: int) -> None:
+        """Wake for a commit NOTIFY told of (`PostgresListener`), except the keys this process
+        has already woken, by `publish`, for its own commit at `position` or later: the NOTIFY
+        of that very commit, or of an earlier one (a log's positions commit in order, each
+        allocation holding the head's row lock until commit, so the reads that wake-up began
+        see it), or of another deployment's log on the same database (nothing of this one's).
+        Position 0 (a change that takes none: caches forget) and ANY_KEY always wake."""
+        if position > 0 and ANY_KEY not in keys:
+            woken = self._woken
+            keys = tuple(k for k in keys if woken.get((log_name, k), 0) < position)
+            if not keys:
+                return
+        self.wake(log_name, keys)
 
     def logs(self) -> set[str]:
         """The logs that have waiters or subscribers now."""
@@ -242,21 +264,7 @@ class Notifier:
             return wakes.get((log_name, _EVERY), 0)
         return wakes.get((log_name, key), 0) + wakes.get((log_name, ANY_KEY), 0)
 
-    def wake(self, log_name: str, keys: tuple[str, ...], position: int = 0) -> None:
-        """Wake the waiters of these keys (on the loop) for a change committed at `position`:
-        keys already woken at `position` or later are not woken again (the NOTIFY of this
-        process's own commits, after `publish` woke them, or the other way round). Sound
-        because a log's positions commit in order (each allocation holds the head's row lock
-        until commit): that wake-up came after this change's commit, so the reads it began see
-        it. Position 0 (not said, or a change that takes none: caches forget) and ANY_KEY
-        always wake."""
-        if position > 0 and ANY_KEY not in keys:
-            woken = self._woken
-            keys = tuple(k for k in keys if woken.get((log_name, k), 0) < position)
-            if not keys:
-                return
-            for key in keys:
-                woken[log_name, key] = position
+    def wake(self, log_name: str, keys: tuple[str, ...]) -> None:
         wakes = self._wakes
         for counted in (*keys, _EVERY):
             wakes[log_name, counted] = wakes.get((log_name, counted), 0) + 1
@@ -317,7 +325,7 @@ class PostgresListener:
                     async for note in conn.notifies():
                         log_name, _, rest = note.payload.partition("|")
                         position, _, keys = rest.partition("|")
-                        self._notifier.wake(
+                        self._notifier.wake_notified(
                             log_name,
                             tuple(keys.split(",")) if keys else (ANY_KEY,),
                             int(position) if position.isdigit() else 0,

@@ -175,23 +175,27 @@ async def test_notifier_wakes_only_the_keys_it_names() -> None:
     assert last.is_set() and notifier.closed
 
 
-async def test_a_change_already_woken_for_is_not_woken_again() -> None:
-    """The NOTIFY of this process's own commit, after `publish` woke its keys (or the other
-    way round), wakes nobody twice: a wake-up at a position wakes only the keys not yet woken
-    at it or later. Position 0 (a change without one) and every key always wake."""
+async def test_the_notify_of_a_change_already_woken_for_wakes_nobody_again() -> None:
+    """The NOTIFY of this process's own commit, after `publish` woke its keys, wakes nobody
+    twice; nor does one at an earlier position (committed before it). Every other NOTIFY
+    wakes: a later position, a key not woken, position 0 (a change without one), every key;
+    and positions come only from this process's own commits, never from a NOTIFY (another
+    deployment sharing the database may be far ahead)."""
     notifier = Notifier()
     notifier.bind(asyncio.get_running_loop())
-    notifier.wake(LOG, ("a",), 5)
+    notifier.wake_notified(LOG, ("a",), 1_000)  # another deployment's log, far ahead
+    notifier.publish(LOG, ["a"], 5)
+    await asyncio.sleep(0.01)  # publish wakes on the loop
     generation = notifier.generation(LOG, "a")
     echo, other = notifier.waiter(LOG, "a"), notifier.waiter(LOG, "b")
-    notifier.wake(LOG, ("a",), 5)  # the echo
-    notifier.wake(LOG, ("a",), 4)  # committed before 5: the wake-up at 5 came after it
+    notifier.wake_notified(LOG, ("a",), 5)  # the echo
+    notifier.wake_notified(LOG, ("a",), 4)  # committed before 5: the wake-up at 5 came after it
     assert not echo.is_set() and notifier.generation(LOG, "a") == generation
-    notifier.wake(LOG, ("a", "b"), 5)  # "b" was not woken at 5
+    notifier.wake_notified(LOG, ("a", "b"), 5)  # "b" was not woken at 5
     assert other.is_set() and not echo.is_set()
     for keys, position in ((("a",), 6), (("a",), 0), ((ANY_KEY,), 3)):
         again = notifier.waiter(LOG, "a")
-        notifier.wake(LOG, keys, position)
+        notifier.wake_notified(LOG, keys, position)
         assert again.is_set(), (keys, position)
 
 
