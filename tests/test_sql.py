@@ -64,6 +64,7 @@ def statements(db: Database) -> list[str]:
         *records_storage.SQL,
         *records_storage.TAIL_SQL,
         *numbers_storage.SQL,
+        *(numbers_storage.POSTGRES_SQL if db.is_postgres else ()),
         records_stream_sql(db),
     ]
 
