@@ -350,9 +350,10 @@ class Chunk(NamedTuple):
     records: int  # how many it holds
     body: bytes
     # One record: its publish time as the driver gives it, `positions` empty. Several: their
-    # positions and publish times (SQLite's UTC text) joined by commas, read only by metrics.
+    # positions and publish times, on SQLite joined by commas (text), on PostgreSQL as the
+    # driver gives them (tuples); read only by metrics.
     times: Any
-    positions: str = ""
+    positions: str | tuple[int, ...] = ""
     fields: tuple[Any, ...] = ()  # the shared tail's: tenant, caller, callee, quality
 
 
@@ -366,12 +367,15 @@ def read_records(
     size: int = 0,
 ) -> list[Chunk]:
     """The operator's records with after < position <= upto that the filter selects, at most
-    `limit`, in position order, as chunks of `size` records (0: `limit`), each read as one row:
-    the records' columns joined by the database (SQLite's group_concat over the page, in the
-    order the page gives them; PostgreSQL's string_agg ordered by position). The hot path of
-    every stream that catches up, on the (operator_id, position) index: a row per record would
-    cost a Python tuple and, on SQLite, a hand-over of the GIL per column and row (pysqlite lets
-    it go for each), more than reading the page."""
+    `limit`, in position order, as chunks of `size` records (0: `limit`). The hot path of every
+    stream that catches up, on the (operator_id, position) index. On SQLite each chunk is read
+    as one row, the records' columns joined by group_concat over the page (in the order the page
+    gives them: a subquery with a LIMIT is not flattened into the aggregate): pysqlite lets go
+    of the GIL for every column of every row it fetches and takes it back, so a page of 500 rows
+    cost 2,000 hand-overs of the GIL with the event loop sending the page before, and a Python
+    tuple a row, more than reading the page. On PostgreSQL (psycopg keeps the GIL while it
+    makes rows) the page is read row by row, its bodies joined here: joining in the server
+    (string_agg, and the times as text) cost it more than it saved."""
     page = [
         "SELECT position, body, publish_time FROM call_records",
         "WHERE operator_id = ? AND position > ? AND position <= ?",
@@ -390,13 +394,16 @@ def read_records(
         page.append("AND publish_time < ?")
         params.append(driver_time(session)(selection.end_time))
     page.append("ORDER BY position LIMIT ?")
-    joined = _JOINED[session.get_bind().dialect.name == "sqlite"].format(" ".join(page))
     size = size or limit
+    if session.get_bind().dialect.name != "sqlite":
+        # Both drivers hand back int and bytes for these columns.
+        rows = driver_fetch(session, " ".join(page), [*params, limit])
+        return [_joined(rows[start : start + size]) for start in range(0, len(rows), size)]
+    joined = _JOINED.format(" ".join(page))
     chunks: list[Chunk] = []
     left = limit
     while left > 0:
         asked = min(size, left)
-        # Both drivers hand back int, bytes and str for these columns.
         ((count, last, body, positions, times),) = driver_fetch(session, joined, [*params, asked])
         if not count:
             break
@@ -408,18 +415,20 @@ def read_records(
     return chunks
 
 
-# A page of `read_records` as one row: its count, last position, bodies, positions and
-# publish times (PostgreSQL: in SQLite's text form, as `_epoch` reads them), by database (True:
-# SQLite; the page keeps its order through the aggregate there, as a subquery with a LIMIT is
-# not flattened into it).
-_JOINED = {
-    True: "SELECT count(*), max(position), CAST(group_concat(body, x'') AS BLOB),"
-    " group_concat(position), group_concat(publish_time) FROM ({}) AS page",
-    False: "SELECT count(*), max(position), string_agg(body, ''::bytea ORDER BY position),"
-    " string_agg(position::text, ',' ORDER BY position),"
-    " string_agg(to_char(publish_time AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US'), ','"
-    " ORDER BY position) FROM ({}) AS page",
-}
+# SQLite: a page of `read_records` as one row (its count, last position, bodies, positions and
+# publish times).
+_JOINED = (
+    "SELECT count(*), max(position), CAST(group_concat(body, x'') AS BLOB),"
+    " group_concat(position), group_concat(publish_time) FROM ({}) AS page"
+)
+
+
+def _joined(rows: Sequence[tuple[Any, ...]]) -> Chunk:
+    """A chunk of `read_records` rows (position, body, publish time)."""
+    positions, bodies, times = zip(*rows, strict=True)
+    if len(rows) == 1:
+        return Chunk(int(positions[0]), 1, bytes(bodies[0]), times[0])
+    return Chunk(int(positions[-1]), len(rows), b"".join(bodies), times, positions)
 
 
 _READ_TAIL = (
@@ -471,26 +480,32 @@ def chunk_records(chunk: Chunk) -> int:
 
 def first_commit_time(chunk: Chunk) -> float:
     """The publish (commit) time of a chunk's first record, epoch seconds."""
+    times = chunk.times
     if chunk.records == 1:
-        return _epoch(chunk.times)
-    text: str = chunk.times
-    return _epoch(text[: text.find(",")])
+        return _epoch(times)
+    if isinstance(times, str):
+        return _epoch(times[: times.find(",")])
+    return _epoch(times[0])
 
 
 def last_commit_time(chunk: Chunk) -> float:
     """The publish (commit) time of a chunk's last record, epoch seconds."""
+    times = chunk.times
     if chunk.records == 1:
-        return _epoch(chunk.times)
-    text: str = chunk.times
-    return _epoch(text[text.rfind(",") + 1 :])
+        return _epoch(times)
+    if isinstance(times, str):
+        return _epoch(times[times.rfind(",") + 1 :])
+    return _epoch(times[-1])
 
 
 def commit_times(chunk: Chunk) -> list[tuple[int, float]]:
     """(position, publish time) of each record of a chunk."""
     if chunk.records == 1:
         return [(chunk.position, _epoch(chunk.times))]
-    times = chunk.times.split(",")
-    return [(int(p), _epoch(t)) for p, t in zip(chunk.positions.split(","), times, strict=True)]
+    positions, times = chunk.positions, chunk.times
+    if isinstance(positions, str):
+        positions, times = tuple(map(int, positions.split(","))), times.split(",")
+    return [(int(p), _epoch(t)) for p, t in zip(positions, times, strict=True)]
 
 
 @functools.lru_cache(maxsize=64)  # one publish time per published batch: read once
