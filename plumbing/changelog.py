@@ -364,6 +364,20 @@ ReadFn = Callable[[Session, int, int, int], Sequence[T]]
 
 
 @dataclass(frozen=True)
+class Packs(Generic[T]):
+    """How a stream's items count when one item may hold several consecutive changes (a page of
+    records read as one, their bodies joined): `count(item)` how many it holds, `last_at(item)`
+    the commit time of its last (`committed_at` gives its first's), `changes(item)` the
+    position and commit time of each (asked only of items holding changes committed while the
+    stream was open, for their delivery latency). A read's limit and a batch's size count
+    changes, not items."""
+
+    count: Callable[[T], int]
+    last_at: Callable[[T], float]
+    changes: Callable[[T], Iterable[tuple[int, float]]]
+
+
+@dataclass(frozen=True)
 class Follow:
     """What a stream reads and how: `read(session, after, upto, limit)` returns items with
     after < position <= upto in position order; `position_of` gives an item's position."""
@@ -382,12 +396,17 @@ class Follow:
     # records, calls) and the operator it serves (`PLATFORM` for a platform caller's stream).
     kind: str
     operator: str
+    # How many batches one database read may fetch while the stream catches up: its batches
+    # are then sent one by one from that read (fewer reads, each of a larger page).
+    read_batches: int = 1
 
 
 PLATFORM = "platform"  # the `operator` label of a platform caller's stream
 
 
-def _page(session: Session, spec: Follow, read: ReadFn[T], after: int) -> tuple[Sequence[T], Head]:
+def _page(
+    session: Session, spec: Follow, read: ReadFn[T], after: int, limit: int
+) -> tuple[Sequence[T], Head]:
     head = read_head(session, spec.log_name)
     if after < head.purged_through:
         raise expired(spec.domain)
@@ -395,7 +414,7 @@ def _page(session: Session, spec: Follow, read: ReadFn[T], after: int) -> tuple[
         raise invalid_field(
             spec.domain, "CURSOR_INVALID", "cursor", "the cursor is ahead of the log"
         )
-    return read(session, after, head.position, spec.batch_size), head
+    return read(session, after, head.position, limit), head
 
 
 def oldest_position(session: Session, log_name: str) -> int:
@@ -423,11 +442,14 @@ class _Open(Generic[T]):
         position_of: Callable[[T], int],
         committed_at: Callable[[T], float],
         after: int,
+        *,
+        packs: Packs[T] | None = None,
     ) -> None:
         metrics = streams.metrics
         self.log_name, self.operator, self.kind = spec.log_name, spec.operator, spec.kind
         self._position_of = position_of
         self._committed_at = committed_at
+        self._packs = packs
         self._delivered_items = metrics.stream_delivered.labels(spec.operator, spec.kind)
         self._latency = metrics.delivery_seconds.labels(spec.kind)
         self._timed = metrics.enabled
@@ -450,20 +472,37 @@ class _Open(Generic[T]):
             self.through = max(self.through, head.position)
             self.caught_up = True
 
-    def delivered(self, items: Sequence[T], head: Head) -> None:
-        """The stream's consumer took `items` (read with `head`): counted, latency observed."""
-        self._delivered_items.inc(len(items))
+    def delivered(self, items: Sequence[T], head: Head, held: Sequence[T] = ()) -> None:
+        """The stream's consumer took `items` (read with `head`): counted, latency observed.
+        `held`: the first item read with them and not yet delivered, if any."""
+        packs = self._packs
+        count = len(items) if packs is None else sum(map(packs.count, items))
+        self._delivered_items.inc(count)
         last = self._position_of(items[-1])
         opened = self._opened if self._opened is not None else last
         if last > opened and self._timed:  # some were committed while the stream was open
             now, committed_at, position_of = time.time(), self._committed_at, self._position_of
-            observe_many(
-                self._latency,
-                [max(0.0, now - committed_at(i)) for i in items if position_of(i) > opened],
-            )
-        self.last_commit = self._committed_at(items[-1])
+            if packs is None:
+                latencies = [
+                    max(0.0, now - committed_at(i)) for i in items if position_of(i) > opened
+                ]
+            else:
+                latencies = [
+                    max(0.0, now - at)
+                    for i in items
+                    if position_of(i) > opened
+                    for position, at in packs.changes(i)
+                    if position > opened
+                ]
+            observe_many(self._latency, latencies)
+        self.last_commit = (
+            self._committed_at(items[-1]) if packs is None else packs.last_at(items[-1])
+        )
         self.held_since = None
-        if len(items) < self._batch_size:  # the read reached its head: caught up through it
+        if held:  # more of the same read is still to send
+            self.held_since = self._committed_at(held[0])
+            self.through = last
+        elif count < self._batch_size:  # the read reached its head: caught up through it
             self.through = max(last, head.position)
             self.caught_up = True
         else:
@@ -562,8 +601,9 @@ class Streams:
         position_of: Callable[[T], int],
         committed_at: Callable[[T], float],
         after: int,
+        packs: Packs[T] | None = None,
     ) -> tuple[int, _Open[T]]:
-        stream = _Open(self, spec, position_of, committed_at, after)
+        stream = _Open(self, spec, position_of, committed_at, after, packs=packs)
         with self._lock:
             key = next(self._ids)
             self._open[key] = stream
@@ -790,27 +830,33 @@ async def follow_log(
     streams: Streams,
     committed_at: Callable[[T], float],
     shared: Shared[T] | None = None,
+    packs: Packs[T] | None = None,
 ) -> AsyncIterator[Batch[T]]:
     """Yield batches strictly after `after`: what is stored, then (if spec.follow) live changes,
     with a heartbeat batch (no items, newer position) after `heartbeat_s` of silence.
 
-    Holds at most two batches, however far behind the client is: the one being sent and,
-    after a full batch (more is likely stored), the next, read while the first is sent.
-    The stream is registered with `streams` while open (its metrics); `committed_at(item)` is
-    the item's commit time (epoch seconds) as its log's rows keep it.
+    A database read fetches up to `spec.read_batches` batches, sent one after the other. Holds
+    at most two reads, however far behind the client is: the one being sent and, after a full
+    read (more is likely stored), the next, read while the first is sent. The stream is
+    registered with `streams` while open (its metrics); `committed_at(item)` is the item's
+    commit time (epoch seconds) as its log's rows keep it.
 
     With `shared`, a following stream that has caught up is served from the shared tail of its
     log and key (`Tail`): the first read and any read below the tail's start go to the database.
+    With `packs`, an item may hold several changes (see `Packs`; a tail's items hold one each):
+    batches and reads are counted in changes.
     """
     last_sent = time.monotonic()
     ahead: asyncio.Future[tuple[Sequence[T], Head]] | None = None
-    key, meter = streams.open(spec, position_of, committed_at, after)
+    key, meter = streams.open(spec, position_of, committed_at, after, packs)
     tail = None
     if shared is not None and spec.follow:
         tail = streams.join_tail(notifier, spec, shared, position_of)
     keep = shared.keep if shared is not None else None
     served = streams.metrics.stream_reads.labels(spec.kind, "tail")
     database = streams.metrics.stream_reads.labels(spec.kind, "database")
+    size = spec.batch_size
+    limit = size * max(1, spec.read_batches)  # the most one database read fetches
     # Every item of the stream's at or below `seen` has been read (`after` is the last one
     # sent, or where the stream started); None until the first read.
     seen: int | None = None
@@ -823,6 +869,7 @@ async def follow_log(
                 )
             wake = notifier.waiter(spec.log_name, spec.key)
             generation = notifier.generation(spec.log_name, spec.key)
+            asked = limit
             if ahead is not None:
                 items, head = await ahead
                 ahead = None
@@ -832,27 +879,34 @@ async def follow_log(
                 if tail.through is None or tail.through <= seen:
                     await tail.refresh(generation)
                 if tail.covers(seen):
-                    items, head = tail.serve(seen, spec.batch_size, keep)
+                    items, head = tail.serve(seen, size, keep)
+                    asked = size
                     served.inc()
                 else:  # behind the tail (or left below it): the database, as any stream
-                    items, head = await db.run(_page, spec, read, seen)
+                    items, head = await db.run(_page, spec, read, seen, limit)
                     database.inc()
             else:
-                items, head = await db.run(_page, spec, read, after if seen is None else seen)
+                items, head = await db.run(
+                    _page, spec, read, after if seen is None else seen, limit
+                )
                 database.inc()
             meter.read(items, head)
-            if tail is not None and len(items) < spec.batch_size:
+            counted = len(items) if packs is None else sum(map(packs.count, items))
+            if tail is not None and counted < asked:
                 tail.seed(head.position)
             if items:
-                after = position_of(items[-1])
-                full = len(items) == spec.batch_size
-                seen = after if full else max(after, head.position)
-                if full and (tail is None or not tail.covers(after)):
+                last = position_of(items[-1])
+                full = counted == asked
+                seen = last if full else max(last, head.position)
+                if full and (tail is None or not tail.covers(last)):
                     # more is likely stored: read it meanwhile
-                    ahead = asyncio.ensure_future(db.run(_page, spec, read, after))
+                    ahead = asyncio.ensure_future(db.run(_page, spec, read, last, limit))
                     database.inc()
-                yield Batch(items, after)
-                meter.delivered(items, head)
+                batches = _batches(items, size, packs)
+                for batch, held in itertools.pairwise([*batches, []]):
+                    after = position_of(batch[-1])
+                    yield Batch(batch, after)
+                    meter.delivered(batch, head, held[:1])
                 last_sent = time.monotonic()
                 continue
             scanned = max(after, head.position)
@@ -880,6 +934,26 @@ async def follow_log(
             streams.leave_tail(tail)
         if ahead is not None:  # the client went away: let the read finish unobserved
             ahead.add_done_callback(_discard)
+
+
+def _batches(items: Sequence[T], size: int, packs: Packs[T] | None) -> list[Sequence[T]]:
+    """`items` cut into batches of `size` changes (the last may be short): an item of `packs`
+    holding several is never cut."""
+    if packs is None:
+        return [items[start : start + size] for start in range(0, len(items), size)]
+    batches: list[Sequence[T]] = []
+    batch: list[T] = []
+    changes = 0
+    for item in items:
+        count = packs.count(item)
+        if batch and changes + count > size:
+            batches.append(batch)
+            batch, changes = [], 0
+        batch.append(item)
+        changes += count
+    if batch:
+        batches.append(batch)
+    return batches
 
 
 def _discard(future: asyncio.Future[Any]) -> None:

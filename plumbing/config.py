@@ -92,6 +92,9 @@ class Settings:
     # operator (one database read per commit for all of them): the most items each tail keeps
     # (0: no tails, every stream reads the database itself).
     stream_tail_items: int = 1_000
+    # A call records stream catching up reads this many of its batches at once from the
+    # database (each sent as its own response): fewer, larger reads. It holds at most two reads.
+    stream_read_batches: int = 4
     # Change-log retention, seconds (numbers assignment log); older changes are purged and
     # cursors before them answer CURSOR_EXPIRED.
     change_log_retention_s: int = 30 * 24 * 3600

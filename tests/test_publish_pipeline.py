@@ -303,10 +303,14 @@ def test_a_group_of_batches_is_stored_as_if_published_one_after_another(
         assert db.transaction(read_head, rules.LOG).position == head + 5
         selection = rules.StreamFilter(OPERATOR, None, None, False, None)
         read = db.transaction(
-            functools.partial(storage.read_records, selection=selection), head, head + 5, 100
+            functools.partial(storage.read_records, selection=selection, size=1),
+            head,
+            head + 5,
+            100,
         )
-        assert [row[0] for row in read] == [head + 1, head + 2, head + 4]
-        assert [convert.record_out(row[1]).call_id for row in read] == [
+        assert [chunk.position for chunk in read] == [head + 1, head + 2, head + 4]
+        bodies = [pb.StreamCallRecordsResponse.FromString(chunk.body) for chunk in read]
+        assert [body.records[0].call_id for body in bodies] == [
             a.call_id,
             b.call_id,
             c.call_id,
@@ -409,9 +413,12 @@ def test_concurrent_publishers_on_two_replicas_store_each_call_id_once(
         head = first.transaction(read_head, rules.LOG)
         selection = rules.StreamFilter(OPERATOR, None, None, False, None)
         read = first.transaction(
-            functools.partial(storage.read_records, selection=selection), 0, head.position, 1_000
+            functools.partial(storage.read_records, selection=selection, size=1),
+            0,
+            head.position,
+            1_000,
         )
-        assert [row[0] for row in read] == sorted(row[0] for row in read)
+        assert [chunk.position for chunk in read] == sorted(chunk.position for chunk in read)
         assert len(read) == len(messages)
     finally:
         for db in replicas:

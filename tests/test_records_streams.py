@@ -17,10 +17,15 @@ import pytest
 from opconnect.records.v1 import records_pb2 as pb
 from opconnect.records.v1.records_pb2_grpc import CallRecordServiceStub
 from plumbing.changelog import decode_cursor
+from plumbing.db import driver_fetch
 from services.records import storage
 from tests.conftest import (
     NO_POSTGRES,
+    OPERATOR,
+    OTHER_OPERATOR,
+    OTHER_TENANT,
     POSTGRES_URL,
+    TENANT,
     Pki,
     RunningSystem,
     reset_postgres,
@@ -28,7 +33,16 @@ from tests.conftest import (
     settings_for,
     start_system,
 )
-from tests.records_data import Follower, ids, publish, published, record, stamp, stream_all
+from tests.records_data import (
+    Follower,
+    chunks,
+    ids,
+    publish,
+    published,
+    record,
+    stamp,
+    stream_all,
+)
 
 EPOCH_REQUEST: dict[str, Any] = {"start_time": stamp(dt.datetime(2000, 1, 1, tzinfo=dt.UTC))}
 
@@ -96,6 +110,52 @@ def test_concurrent_publishers_a_resuming_reader_misses_nothing(system: RunningS
     # The same order as the log itself.
     stored, _, _ = stream_all(system.records(), **EPOCH_REQUEST)
     assert ids(stored) == got
+
+
+def _stored(system: RunningSystem, tenant: str | None = None) -> list[tuple[int, str, bytes]]:
+    """(position, call id, stored body) of the operator's records (of `tenant`), in log order,
+    read row by row."""
+    sql = "SELECT position, call_id, body FROM call_records WHERE operator_id = ?"
+    params: list[Any] = [OPERATOR]
+    if tenant is not None:
+        sql += " AND tenant_id = ?"
+        params.append(tenant)
+    rows = system.runtime.db.transaction(driver_fetch, sql + " ORDER BY position", params)
+    return [(int(p), str(c), bytes(b)) for p, c, b in rows]
+
+
+@pytest.mark.parametrize("tenant", [None, TENANT])
+def test_a_stream_catching_up_sends_the_stored_records_in_order_in_batches_of_the_size_asked(
+    system: RunningSystem, tenant: str | None
+) -> None:
+    """Read several batches at a time, each batch joined by the database: the same records as
+    a row-by-row read, byte for byte, in log order, `max_batch_size` a response (the last may
+    be short), each cursor at its last record, among other operators' and tenants' records."""
+    batches = [
+        [published(record()) for _ in range(20)]
+        + [published(record(tenant=OTHER_TENANT)) for _ in range(5)]
+        + [published(record(), OTHER_OPERATOR) for _ in range(5)]
+        for _ in range(3)
+    ]
+    for batch in batches:  # interleaved in the log, batch by batch
+        batch.sort(key=lambda p: p.record.call_id[-8:])
+    assert sum(r.accepted_count for r in publish(system.ingest(), *batches)) == 90
+    stored = _stored(system, tenant)
+    assert len(stored) == (60 if tenant else 75)
+    request = {**EPOCH_REQUEST, "max_batch_size": 7}
+    if tenant:
+        request["tenant_id"] = tenant
+    _, _, responses = stream_all(system.records(), **request)
+    if not responses[-1].records:  # the log's head is past them: the stream ends there
+        assert _position(responses.pop().cursor) > stored[-1][0]
+    assert [len(r.records) for r in responses] == [len(part) for part in chunks(stored, 7)], (
+        "full responses of 7, the last short"
+    )
+    for response, part in zip(responses, chunks(stored, 7), strict=True):
+        assert [r.call_id for r in response.records] == [c for _, c, _ in part]
+        assert _position(response.cursor) == part[-1][0]
+        response.ClearField("cursor")
+        assert response.SerializeToString() == b"".join(b for _, _, b in part)
 
 
 def _bulk(system: RunningSystem, count: int) -> None:

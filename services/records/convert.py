@@ -283,7 +283,7 @@ def record_out(stored: bytes) -> pb.CallRecord:
 def stream_response(stored: list[bytes], cursor: str) -> bytes:
     """An encoded StreamCallRecordsResponse of stored records (joined as they are)."""
     tail = wire.field(_CURSOR, cursor.encode()) if cursor else b""  # proto3 omits empty
-    return b"".join(stored) + tail
+    return b"".join([*stored, tail])  # one copy of the bodies
 
 
 def result_out(result: Result) -> pb.CallRecordResult:

@@ -25,6 +25,7 @@ from plumbing.changelog import (
     PLATFORM,
     Follow,
     Notifier,
+    Packs,
     Shared,
     Streams,
     decode_cursor,
@@ -117,8 +118,10 @@ class CallRecordService(pb_grpc.CallRecordServiceServicer):
                 until=until,
                 kind="records",
                 operator=operator,
+                read_batches=self._settings.stream_read_batches,
             )
-            read = functools.partial(storage.read_records, selection=selection)
+            # Catching up, each batch is one chunk read as one row (storage.read_records).
+            read = functools.partial(storage.read_records, selection=selection, size=size)
             # Caught up, it is served from the operator's shared tail, its filter applied.
             shared = Shared(
                 functools.partial(storage.read_tail_records, operator_id=operator),
@@ -132,12 +135,13 @@ class CallRecordService(pb_grpc.CallRecordServiceServicer):
                 _position_of,
                 after=after,
                 streams=self._streams,
-                committed_at=storage.row_commit_time,
+                committed_at=storage.first_commit_time,
                 shared=shared,
+                packs=_CHUNKS,
             ):
-                audit.records += len(batch.items)
+                audit.records += sum(chunk.records for chunk in batch.items)
                 yield convert.stream_response(
-                    [row[1] for row in batch.items], encode_cursor(LOG, batch.position)
+                    [chunk.body for chunk in batch.items], encode_cursor(LOG, batch.position)
                 )
 
     async def GetCallRecord(
@@ -204,8 +208,11 @@ class CallRecordService(pb_grpc.CallRecordServiceServicer):
             )
 
 
-def _position_of(row: Any) -> int:
-    return int(row[0])
+def _position_of(chunk: storage.Chunk) -> int:
+    return chunk.position
+
+
+_CHUNKS = Packs(storage.chunk_records, storage.last_commit_time, storage.commit_times)
 
 
 def _stream_filters(

@@ -359,34 +359,94 @@ SQL = (
 # --- reads ---------------------------------------------------------------------------------------
 
 
+class Chunk(NamedTuple):
+    """Records of one stream, consecutive in its reads, as it sends them: their stored bodies
+    joined in position order (each body is a whole `records` field of a response, see
+    convert.stream_response), with what the stream's metrics and filters need of them."""
+
+    position: int  # the last record's
+    records: int  # how many it holds
+    body: bytes
+    # One record: its publish time as the driver gives it, `positions` empty. Several: their
+    # positions and publish times, on SQLite joined by commas (text), on PostgreSQL as the
+    # driver gives them (tuples); read only by metrics.
+    times: Any
+    positions: str | tuple[int, ...] = ""
+    fields: tuple[Any, ...] = ()  # the shared tail's: tenant, caller, callee, quality
+
+
 def read_records(
-    session: Session, after: int, upto: int, limit: int, *, selection: StreamFilter
-) -> list[tuple[int, bytes, Any]]:
-    """(position, body, publish time as the driver gives it: `row_commit_time` reads it) of the
-    operator's records with after < position <= upto that the filter selects, in position
-    order. The hot path of every stream: three columns, straight from the driver
-    (plumbing.db.driver_fetch), on the (operator_id, position) index."""
-    sql = [
+    session: Session,
+    after: int,
+    upto: int,
+    limit: int,
+    *,
+    selection: StreamFilter,
+    size: int = 0,
+) -> list[Chunk]:
+    """The operator's records with after < position <= upto that the filter selects, at most
+    `limit`, in position order, as chunks of `size` records (0: `limit`). The hot path of every
+    stream that catches up, on the (operator_id, position) index. On SQLite each chunk is read
+    as one row, the records' columns joined by group_concat over the page (in the order the page
+    gives them: a subquery with a LIMIT is not flattened into the aggregate): pysqlite lets go
+    of the GIL for every column of every row it fetches and takes it back, so a page of 500 rows
+    cost 2,000 hand-overs of the GIL with the event loop sending the page before, and a Python
+    tuple a row, more than reading the page. On PostgreSQL (psycopg keeps the GIL while it
+    makes rows) the page is read row by row, its bodies joined here: joining in the server
+    (string_agg, and the times as text) cost it more than it saved."""
+    page = [
         "SELECT position, body, publish_time FROM call_records",
         "WHERE operator_id = ? AND position > ? AND position <= ?",
     ]
     params: list[Any] = [selection.operator_id, after, upto]
     if selection.tenant_id is not None:
-        sql.append("AND tenant_id = ?")
+        page.append("AND tenant_id = ?")
         params.append(selection.tenant_id)
     if selection.phone_number is not None:
-        sql.append("AND (caller = ? OR callee = ?)")
+        page.append("AND (caller = ? OR callee = ?)")
         params += [selection.phone_number, selection.phone_number]
     if selection.poor_only:
-        sql.append("AND quality = ?")
+        page.append("AND quality = ?")
         params.append(Quality.POOR.value)
     if selection.end_time is not None:
-        sql.append("AND publish_time < ?")
+        page.append("AND publish_time < ?")
         params.append(driver_time(session)(selection.end_time))
-    sql.append("ORDER BY position LIMIT ?")
-    params.append(limit)
-    # Both drivers hand back int and bytes for these columns.
-    return cast(list[tuple[int, bytes, Any]], driver_fetch(session, " ".join(sql), params))
+    page.append("ORDER BY position LIMIT ?")
+    size = size or limit
+    if session.get_bind().dialect.name != "sqlite":
+        # Both drivers hand back int and bytes for these columns.
+        rows = driver_fetch(session, " ".join(page), [*params, limit])
+        return [_joined(rows[start : start + size]) for start in range(0, len(rows), size)]
+    joined = _JOINED.format(" ".join(page))
+    chunks: list[Chunk] = []
+    left = limit
+    while left > 0:
+        asked = min(size, left)
+        ((count, last, body, positions, times),) = driver_fetch(session, joined, [*params, asked])
+        if not count:
+            break
+        chunks.append(Chunk(int(last), int(count), bytes(body), times, positions))
+        if count < asked:
+            break
+        left -= count
+        params[1] = last
+    return chunks
+
+
+# SQLite: a page of `read_records` as one row (its count, last position, bodies, positions and
+# publish times).
+_JOINED = (
+    "SELECT count(*), max(position), CAST(group_concat(body, x'') AS BLOB),"
+    " group_concat(position), group_concat(publish_time) FROM ({}) AS page"
+)
+
+
+def _joined(rows: Sequence[tuple[Any, ...]]) -> Chunk:
+    """A chunk of `read_records` rows (position, body, publish time)."""
+    positions, bodies, times = zip(*rows, strict=True)
+    if len(rows) == 1:
+        return Chunk(int(positions[0]), 1, bytes(bodies[0]), times[0])
+    return Chunk(int(positions[-1]), len(rows), b"".join(bodies), times, positions)
 
 
 _READ_TAIL = (
@@ -399,37 +459,71 @@ TAIL_SQL = (_READ_TAIL,)
 
 def read_tail_records(
     session: Session, after: int, upto: int, limit: int, *, operator_id: str
-) -> list[tuple[Any, ...]]:
-    """Every record of the operator with after < position <= upto, in position order, as
-    `read_records` rows (position, body, publish time) followed by what stream filters select
-    on (tenant, caller, callee, quality): what the operator's shared tail of live streams holds
-    (plumbing.changelog.Tail), each stream keeping its own with `tail_filter`."""
-    return driver_fetch(session, _READ_TAIL, (operator_id, after, upto, limit))
+) -> list[Chunk]:
+    """Every record of the operator with after < position <= upto, in position order, a chunk
+    each with what stream filters select on (tenant, caller, callee, quality): what the
+    operator's shared tail of live streams holds (plumbing.changelog.Tail), each stream keeping
+    its own with `tail_filter`."""
+    rows = driver_fetch(session, _READ_TAIL, (operator_id, after, upto, limit))
+    return [
+        Chunk(int(position), 1, bytes(body), time, "", tuple(fields))
+        for position, body, time, *fields in rows
+    ]
 
 
-def tail_filter(selection: StreamFilter) -> Callable[[tuple[Any, ...]], bool] | None:
-    """Whether a `read_tail_records` row is one `read_records` with `selection` gives (None:
-    every row of the operator is)."""
+def tail_filter(selection: StreamFilter) -> Callable[[Chunk], bool] | None:
+    """Whether a `read_tail_records` chunk is a record `read_records` with `selection` gives
+    (None: every record of the operator is)."""
     tenant, number, poor = selection.tenant_id, selection.phone_number, selection.poor_only
     end = selection.end_time.timestamp() if selection.end_time is not None else None
     if tenant is None and number is None and not poor and end is None:
         return None
     wanted_quality = Quality.POOR.value
 
-    def keep(row: tuple[Any, ...]) -> bool:
+    def keep(chunk: Chunk) -> bool:
+        fields = chunk.fields
         return (
-            (tenant is None or row[3] == tenant)
-            and (number is None or row[4] == number or row[5] == number)
-            and (not poor or row[6] == wanted_quality)
-            and (end is None or _epoch(row[2]) < end)
+            (tenant is None or fields[0] == tenant)
+            and (number is None or fields[1] == number or fields[2] == number)
+            and (not poor or fields[3] == wanted_quality)
+            and (end is None or _epoch(chunk.times) < end)
         )
 
     return keep
 
 
-def row_commit_time(row: tuple[int, bytes, Any]) -> float:
-    """A `read_records` row's publish (commit) time, epoch seconds."""
-    return _epoch(row[2])
+def chunk_records(chunk: Chunk) -> int:
+    return chunk.records
+
+
+def first_commit_time(chunk: Chunk) -> float:
+    """The publish (commit) time of a chunk's first record, epoch seconds."""
+    times = chunk.times
+    if chunk.records == 1:
+        return _epoch(times)
+    if isinstance(times, str):
+        return _epoch(times[: times.find(",")])
+    return _epoch(times[0])
+
+
+def last_commit_time(chunk: Chunk) -> float:
+    """The publish (commit) time of a chunk's last record, epoch seconds."""
+    times = chunk.times
+    if chunk.records == 1:
+        return _epoch(times)
+    if isinstance(times, str):
+        return _epoch(times[times.rfind(",") + 1 :])
+    return _epoch(times[-1])
+
+
+def commit_times(chunk: Chunk) -> list[tuple[int, float]]:
+    """(position, publish time) of each record of a chunk."""
+    if chunk.records == 1:
+        return [(chunk.position, _epoch(chunk.times))]
+    positions, times = chunk.positions, chunk.times
+    if isinstance(positions, str):
+        positions, times = tuple(map(int, positions.split(","))), times.split(",")
+    return [(int(p), _epoch(t)) for p, t in zip(positions, times, strict=True)]
 
 
 @functools.lru_cache(maxsize=64)  # one publish time per published batch: read once
