@@ -289,13 +289,14 @@ def reconcile(
         ("durations differ", found.mismatch_count),
         ("missing from your records", found.platform_only_count),
         ("unknown to the platform", found.operator_only_count),
+        ("not answered on the platform", found.unanswered_on_platform_count),
     ):
         table.add_row(name, f"{value:,}")
     table.add_row("minutes, platform", _minutes(found.platform_total_duration.seconds))
     table.add_row("minutes, yours", _minutes(found.operator_total_duration.seconds))
     console.print(table)
     if listed:
-        kinds = {1: "differs", 2: "missing", 3: "unknown"}
+        kinds = {1: "differs", 2: "missing", 3: "unknown", 4: "unanswered"}
         rows = Table(title=f"First {len(listed[:show])} discrepancies")
         for name in ("kind", "call id", "your record", "start", "platform s", "yours s"):
             rows.add_column(name)
