@@ -18,7 +18,8 @@ this runs on are small and noisy:
    (target >= 0.3).
 2. A month of `--calls` (1,000,000 by default) platform calls of the operator over 30 days and
    the operator's duration records of them (most answered calls reported, a share of them
-   beyond the tolerance, a few the platform does not know), written straight into SQLite before
+   beyond the tolerance, a few the platform does not know, a few it has as not answered),
+   written straight into SQLite before
    the system starts; then, through the system from an operator client process: the seconds of
    GetReconciliation for the 30 days (`--rounds` rounds), of StreamDiscrepancies reading every
    discrepancy of the 30 days (and its discrepancies/s), and of GetUsageSummary by day (every
@@ -106,6 +107,7 @@ ANSWERED_SHARE = 0.85
 REPORTED_SHARE = 0.95  # of answered calls, reported by the operator
 MISMATCHED_SHARE = 0.02  # of reported calls of 4 s or more: a duration beyond the tolerance
 EXTRA_SHARE = 0.005  # per reported call: one more record of a call the platform does not know
+UNANSWERED_REPORTED_SHARE = 0.01  # of unanswered calls: a record anyway (its ringing time)
 # Connected time: lognormal with this median (seconds) and spread, within these bounds (ms).
 TALK_MEDIAN_S = 150.0
 TALK_SIGMA = 0.9
@@ -229,6 +231,7 @@ class Expected:
     mismatched: int = 0
     platform_only: int = 0
     operator_only: int = 0
+    unanswered_on_platform: int = 0
     platform_total_us: int = 0
     operator_total_us: int = 0
     # (tenant, UTC day YYYY-MM-DD, direction) -> [calls, billed s, operator calls, operator s]
@@ -236,11 +239,13 @@ class Expected:
 
     @property
     def records(self) -> int:
-        return self.reported + self.operator_only
+        return self.reported + self.operator_only + self.unanswered_on_platform
 
     @property
     def discrepancies(self) -> int:
-        return self.mismatched + self.platform_only + self.operator_only
+        return (
+            self.mismatched + self.platform_only + self.operator_only + self.unanswered_on_platform
+        )
 
 
 class Month:
@@ -312,6 +317,14 @@ class Month:
             e.platform_calls += 1
             if rng.random() >= ANSWERED_SHARE:
                 calls.append((call_id, tenant, direction, t, None, 0))
+                if rng.random() < UNANSWERED_REPORTED_SHARE:
+                    # Counts in no usage: the platform has the call as not answered.
+                    ringing_us = int(rng.random() * 29 * US) + US
+                    records.append(
+                        self._record(call_id, k, direction, t, t + ringing_us, ringing_us)
+                    )
+                    e.unanswered_on_platform += 1
+                    e.operator_total_us += ringing_us
                 continue
             ms = talk_ms(rng)
             invite = t - US - int(rng.random() * 19 * US)  # rang 1 to 20 s
@@ -655,6 +668,7 @@ async def reconcile_once(
         "mismatched": response.mismatch_count,
         "platform_only": response.platform_only_count,
         "operator_only": response.operator_only_count,
+        "unanswered_on_platform": response.unanswered_on_platform_count,
         "platform_total_us": response.platform_total_duration.ToMicroseconds(),
         "operator_total_us": response.operator_total_duration.ToMicroseconds(),
     }
@@ -912,6 +926,7 @@ def check_month(expected: Expected, answers: dict[str, Any]) -> list[str]:
         "mismatched": expected.mismatched,
         "platform_only": expected.platform_only,
         "operator_only": expected.operator_only,
+        "unanswered_on_platform": expected.unanswered_on_platform,
         "platform_total_us": expected.platform_total_us,
         "operator_total_us": expected.operator_total_us,
     }
@@ -925,6 +940,7 @@ def check_month(expected: Expected, answers: dict[str, Any]) -> list[str]:
         "DISCREPANCY_KIND_MISMATCH": expected.mismatched,
         "DISCREPANCY_KIND_MISSING_FROM_OPERATOR": expected.platform_only,
         "DISCREPANCY_KIND_UNKNOWN_TO_PLATFORM": expected.operator_only,
+        "DISCREPANCY_KIND_UNANSWERED_ON_PLATFORM": expected.unanswered_on_platform,
     }
     listed = answers["discrepancies"]
     for kind, value in kinds.items():
@@ -1218,7 +1234,8 @@ def print_report(report: dict[str, Any], args: argparse.Namespace) -> None:
     )
     print(
         f"   filled: {e['matched']:,} matched, {e['mismatched']:,} mismatched,"
-        f" {e['platform_only']:,} platform-only, {e['operator_only']:,} operator-only;"
+        f" {e['platform_only']:,} platform-only, {e['operator_only']:,} operator-only,"
+        f" {e['unanswered_on_platform']:,} unanswered on the platform;"
         f" {e['discrepancies']:,} discrepancies; {e['usage_rows']:,} usage rows"
         " (tenant x day x direction)"
     )
