@@ -18,7 +18,7 @@ test: setup
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy app plumbing gateway services simulator operator_client opconnect_client tools tests bench
+	$(BIN)/mypy app plumbing gateway services simulator operator_client opconnect_client examples tools tests bench
 	node_modules/.bin/buf lint
 	node_modules/.bin/buf format --diff --exit-code
 	$(BIN)/python tools/gen_protos.py --check

@@ -20,6 +20,8 @@
     opconnect simulate [--rate R]          realistic calls into a running system, to watch
     opconnect operator submit FILE.csv     as an operator: submit call durations (resumable)
     opconnect operator usage|reconcile     as an operator: usage, reconciliation report
+    opconnect operator numbers ...         as an operator: list|get|upload|release|watch
+    opconnect operator records ...         as an operator: follow (to a file)|get|summary
     opconnect audit [--operator ID]        the audit log of operator reads, newest first
     opconnect tokens rotate                a new key seals cursors and page tokens (old ones
                                            still open theirs); restart the services to use it
@@ -38,13 +40,11 @@ import signal
 import sys
 from pathlib import Path
 
-import grpc
-from rich.console import Console
-
 from app import runtime as server
 from app.roles import ROLES
 from gateway import pki, registry
-from operator_client import commands as operator
+from opconnect_client import Connection
+from operator_client import cli as operator
 from plumbing import audit, tokens
 from plumbing.config import DEV_OPERATOR, DEV_PLATFORM, Settings, describe, load_settings
 from plumbing.db import Database
@@ -243,47 +243,16 @@ def cmd_tokens(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _when(text: str) -> dt.datetime:
-    value = dt.datetime.fromisoformat(text)
-    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
-
-
 def cmd_operator(args: argparse.Namespace, settings: Settings) -> int:
     dev = pki.PkiPaths.at(settings.pki_dir)
     cert, key = dev.client(f"operator-{DEV_OPERATOR}")
-    connection = operator.Connection(
+    connection = Connection(
         target=args.target,
         ca=Path(args.ca) if args.ca else dev.ca_cert,
         cert=Path(args.cert) if args.cert else cert,
         key=Path(args.key) if args.key else key,
     )
-    console = Console()
-    try:
-        if args.operator == "submit":
-            try:
-                return asyncio.run(operator.submit(connection, Path(args.file), console))
-            except KeyboardInterrupt:
-                done = operator.lines_done(Path(args.file))
-                console.print(f"interrupted after {done:,} lines; run again to resume")
-                return 130
-        now = dt.datetime.now(dt.UTC)
-        start = _when(args.start) if args.start else now - dt.timedelta(days=30)
-        end = _when(args.end) if args.end else now
-        if args.operator == "usage":
-            return operator.usage(
-                connection,
-                start=start,
-                end=end,
-                monthly=args.monthly,
-                tenant=args.tenant,
-                console=console,
-            )
-        return operator.reconcile(
-            connection, start=start, end=end, tenant=args.tenant, show=args.show, console=console
-        )
-    except grpc.RpcError as error:
-        console.print(f"opconnect: {error.code().name}: {error.details()}")
-        return 1
+    return operator.run(connection, args)
 
 
 def cmd_simulate(args: argparse.Namespace, settings: Settings) -> int:
@@ -392,7 +361,10 @@ def parser() -> argparse.ArgumentParser:
     tok_cmd.add_parser("list", help="the keys' ids, the sealing key's first")
 
     op = commands.add_parser(
-        "operator", help="an operator's client: durations, usage, reconciliation"
+        "operator",
+        help="an operator's client: numbers, call records, durations, usage, reconciliation",
+        description="Play an operator against the platform: by default the development"
+        " operator's certificate and localhost:50051.",
     )
     op.add_argument(
         "--target",
@@ -402,18 +374,8 @@ def parser() -> argparse.ArgumentParser:
     )
     op.add_argument("--ca", help="CA of the platform's certificate (default: dev PKI)")
     op.add_argument("--cert", help="your client certificate (default: dev operator's)")
-    op.add_argument("--key", help="its private key")
-    opc = op.add_subparsers(dest="operator", required=True)
-    opc.add_parser("submit", help="submit call durations from a CSV file").add_argument("file")
-    for name in ("usage", "reconcile"):
-        view = opc.add_parser(name)
-        view.add_argument("--start", help="ISO 8601, UTC if no zone (default: 30 days ago)")
-        view.add_argument("--end", help="ISO 8601 (default: now)")
-        view.add_argument("--tenant", default="", help="only this tenant")
-        if name == "usage":
-            view.add_argument("--monthly", action="store_true", help="a row per month")
-        else:
-            view.add_argument("--show", type=int, default=20, help="discrepancies listed")
+    op.add_argument("--key", help="its private key (default: dev operator's)")
+    operator.add_commands(op)
 
     sim = commands.add_parser("simulate", help="publish realistic calls to a running system")
     sim.add_argument(

@@ -279,8 +279,8 @@ async def mirror_health(
     while True:
         try:
             async for answer in watch(health_pb2.HealthCheckRequest()):
-                if unknown_since is not None:
-                    log.info(
+                if unknown_since is not None:  # at the loss's level: seen wherever it was
+                    log.warning(
                         "service health known again",
                         services=list(names),
                         status=health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status),

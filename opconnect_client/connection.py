@@ -19,6 +19,7 @@ The service config:
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,9 +71,9 @@ class Connection:
     checked unless this is set)."""
 
     target: str
-    ca: Path
-    cert: Path
-    key: Path
+    ca: str | os.PathLike[str]
+    cert: str | os.PathLike[str]
+    key: str | os.PathLike[str]
     server_name: str = ""
     options: list[tuple[str, Any]] = field(default_factory=list)  # extra channel options
 
@@ -98,7 +99,7 @@ class Connection:
             ("grpc.keepalive_timeout_ms", 20_000),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ]
-        authority = self.server_name or _first_host(self.target)
+        authority = self.server_name or first_host(self.target)
         if authority:
             options.append(("grpc.default_authority", authority))
         return options + self.options
@@ -108,14 +109,19 @@ class Connection:
         return grpc.aio.secure_channel(self.target, self.credentials(), self.channel_options())
 
 
-def _read(path: Path, what: str) -> bytes:
+def _read(path: str | os.PathLike[str], what: str) -> bytes:
     try:
         return Path(path).read_bytes()
     except OSError as error:
         raise ClientError(f"cannot read the {what} {path}: {error.strerror}") from None
 
 
-def _check_pair(cert_path: Path, cert_pem: bytes, key_path: Path, key_pem: bytes) -> None:
+def _check_pair(
+    cert_path: str | os.PathLike[str],
+    cert_pem: bytes,
+    key_path: str | os.PathLike[str],
+    key_pem: bytes,
+) -> None:
     """The certificate is PEM, the key is a PEM private key, and the key is the certificate's."""
     try:
         certificate = x509.load_pem_x509_certificates(cert_pem)[0]
@@ -133,7 +139,7 @@ def _check_pair(cert_path: Path, cert_pem: bytes, key_path: Path, key_pem: bytes
         raise ClientError(f"the key {key_path} does not belong to the certificate {cert_path}")
 
 
-def _first_host(target: str) -> str:
+def first_host(target: str) -> str:
     """For a list of addresses (`ipv4:a:p,b:p`), the first one, whose name the gateways'
     certificate must carry (gRPC would check the whole list, which no certificate names)."""
     scheme, _, addresses = target.partition(":")

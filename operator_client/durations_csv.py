@@ -6,7 +6,8 @@ One header line, then one record a line, columns by name (any order; more column
 
 `direction` is `inbound` or `outbound`; times are ISO 8601 (UTC unless a zone is given);
 `duration_s` is seconds with up to 6 decimals. A line that cannot be read is reported with its
-number and never sent; the server checks the rest.
+number and never sent; the server checks the rest. A file that cannot be used at all (not
+there, not UTF-8, columns missing) is a `ClientError`.
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
+from typing import BinaryIO
 
 from google.protobuf import timestamp_pb2
 
 from opconnect.type.v1 import call_direction_pb2 as direction_pb
 from opconnect.usage.v1 import usage_pb2 as pb
+from opconnect_client import ClientError
 
 COLUMNS = (
     "record_id",
@@ -42,11 +45,13 @@ DIRECTIONS = {
 
 @dataclass(frozen=True)
 class Line:
-    """One data line: its number in the file, and the record or why it cannot be read."""
+    """One data line: its number in the file, and the record or why it cannot be read; `end`
+    is the byte offset just after it (where a run that finished it resumes)."""
 
     number: int
     record: pb.CallDurationRecord | None
     problem: str = ""
+    end: int = 0
 
 
 def _time(text: str) -> timestamp_pb2.Timestamp:
@@ -87,21 +92,77 @@ def parse_row(row: dict[str, str]) -> pb.CallDurationRecord:
     return record
 
 
+class DurationsFile:
+    """A durations file read line by line as it is sent (nothing read ahead, no first pass),
+    with the bytes read so far (`offset`) out of its `size` for progress. It resumes after
+    `skip_lines` data lines: at byte `skip_bytes` when given (a seek), else by reading past
+    them."""
+
+    def __init__(self, path: Path, skip_lines: int = 0, skip_bytes: int = 0) -> None:
+        self.path = path
+        self.skip_lines = skip_lines
+        self.skip_bytes = skip_bytes
+        self.offset = 0
+        try:
+            self.size = path.stat().st_size
+        except OSError as error:
+            raise ClientError(f"cannot read {path}: {error.strerror}") from None
+
+    def _text(self, handle: BinaryIO) -> Iterator[str]:
+        header = handle.readline()
+        self.offset = len(header)
+        yield self._decode(header, 1)
+        if self.skip_bytes:
+            handle.seek(self.skip_bytes)
+            self.offset = self.skip_bytes
+        number = 1 + (self.skip_lines if self.skip_bytes else 0)
+        for raw in handle:
+            self.offset += len(raw)
+            number += 1
+            yield self._decode(raw, number)
+
+    def _decode(self, raw: bytes, number: int) -> str:
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ClientError(f"{self.path}: line {number} is not UTF-8 text") from None
+
+    def lines(self) -> Iterator[Line]:
+        """The data lines after the skipped ones, in order (the header is line 1)."""
+        try:
+            handle = self.path.open("rb")
+        except OSError as error:
+            raise ClientError(f"cannot read {self.path}: {error.strerror}") from None
+        with handle:
+            reader = csv.DictReader(self._text(handle))
+            missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
+            if missing:
+                raise ClientError(
+                    f"{self.path}: missing columns: {', '.join(missing)} (the header must name"
+                    f" {','.join(COLUMNS)})"
+                )
+            seeked = self.skip_lines if self.skip_bytes else 0
+            skip = 0 if self.skip_bytes else self.skip_lines
+            try:
+                for row in reader:
+                    if skip:
+                        skip -= 1
+                        continue
+                    number = seeked + reader.line_num
+                    if any(row.get(c) is None for c in COLUMNS):
+                        yield Line(number, None, "too few fields", self.offset)
+                        continue
+                    try:
+                        yield Line(number, parse_row(row), end=self.offset)
+                    except ValueError as error:
+                        yield Line(number, None, str(error), self.offset)
+            except csv.Error as error:
+                raise ClientError(f"{self.path}: not CSV: {error}") from None
+
+
 def read_lines(path: Path) -> Iterator[Line]:
     """Every data line of the file, in order (line numbers count the header as line 1)."""
-    with path.open(newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
-        if missing:
-            raise ValueError(f"{path}: missing columns: {', '.join(missing)}")
-        for number, row in enumerate(reader, start=2):
-            if any(row.get(c) is None for c in COLUMNS):
-                yield Line(number, None, "too few fields")
-                continue
-            try:
-                yield Line(number, parse_row(row))
-            except ValueError as error:
-                yield Line(number, None, str(error))
+    return DurationsFile(path).lines()
 
 
 def write_records(path: Path, records: list[pb.CallDurationRecord]) -> None:

@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from opconnect_client.connection import first_host
+
 SERVICE_CONFIG = json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})
 
 
@@ -25,24 +27,16 @@ def balanced(target: str, server_name: str = "") -> list[tuple[str, Any]]:
     for a list of addresses, the first address's host (gRPC would check the whole list, which
     no certificate names), and for any other target the host it names."""
     options: list[tuple[str, Any]] = [("grpc.service_config", SERVICE_CONFIG)]
-    authority = server_name or _first_address(target)
+    authority = server_name or first_host(target)
     if authority:
         options.append(("grpc.default_authority", authority))
     return options
 
 
-def _first_address(target: str) -> str:
-    """The first address of an `ipv4:`/`ipv6:` list target (empty for any other target)."""
-    scheme, _, addresses = target.partition(":")
-    if scheme not in ("ipv4", "ipv6") or "," not in addresses:
-        return ""
-    return addresses.split(",", 1)[0].removeprefix("//")
-
-
 def one_address(target: str) -> str:
     """One `host:port` of `target`, for a tool that talks to one address at a time (`buf
     curl`): the first of a list, the name of a DNS target, a plain address as it is."""
-    first = _first_address(target)
+    first = first_host(target)
     if first:
         return first
     for scheme in ("dns:///", "dns:", "ipv4:", "ipv6:"):

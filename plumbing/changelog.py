@@ -263,8 +263,8 @@ class PostgresListener:
                     self.backend_pid = conn.info.backend_pid
                     self.ready.set()
                     self._connected.set(1)
-                    if lost_at is not None:
-                        log.info(
+                    if lost_at is not None:  # at the loss's level: seen wherever it was
+                        log.warning(
                             "postgres listener connected again",
                             after_s=round(time.monotonic() - lost_at, 1),
                         )

@@ -133,10 +133,14 @@ def partitions(session: Session, spec: Partitioned, table: str = "") -> list[Par
 
 
 def _serialize(session: Session, spec: Partitioned) -> None:
-    """One maintainer of a table at a time across replicas, never waiting long for its lock."""
+    """One maintainer of a table at a time across replicas, never waiting long for its lock.
+    The lock names the table in its schema: advisory locks are the whole database's, and the
+    same table in another schema (another deployment sharing the server, a test's schema) is
+    another table."""
     session.execute(text(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'"))
     session.execute(
-        text("SELECT pg_advisory_xact_lock(hashtext(:key))"), {"key": f"partitions:{spec.table}"}
+        text("SELECT pg_advisory_xact_lock(hashtext(current_schema() || :key))"),
+        {"key": f":partitions:{spec.table}"},
     )
 
 

@@ -9,8 +9,11 @@ Against the gateway at `Options.target`, over mutual TLS with the development PK
 2. as the platform (the Teams admin center), assign each one that is not assigned yet to a user
    of the tenant, number i routed to `sip:user<i>@contoso.example`;
 3. as the platform (the call controller), publish calls (`simulator.calls`) at `rate` calls a
-   second on one `PublishCallRecords` stream, a batch per 0.2 s tick, reading the
-   acknowledgements as they come; for `calls` calls, for `duration` seconds, or until Ctrl-C.
+   second on `PublishCallRecords`, a batch per 0.2 s tick, reading the acknowledgements as they
+   come; for `calls` calls, for `duration` seconds, or until Ctrl-C. The stream is the client
+   library's (`opconnect_client.batches`): a broken stream is resumed with the unacknowledged
+   batches sent again, and a failure shows the server's real status; the operator's durations
+   go the same way on `SubmitCallDurations`.
 
 It prints a live line, a summary, the first refusals and the `buf curl` command that shows the
 records on the operator's stream. Exit status: 0 when every published record was accepted (or a
@@ -28,7 +31,7 @@ import random
 import signal
 import sys
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,7 +45,9 @@ from opconnect.records.v1 import records_pb2_grpc as records_grpc
 from opconnect.type.v1 import assignment_state_pb2 as state_pb
 from opconnect.usage.v1 import usage_pb2 as usage_pb
 from opconnect.usage.v1 import usage_pb2_grpc as usage_grpc
-from plumbing.balancing import balanced, one_address
+from opconnect_client import ClientError, Connection, ServerError
+from opconnect_client.batches import Batch, pipelined
+from plumbing.balancing import one_address
 from plumbing.config import DEV_OPERATOR, DEV_PLATFORM
 from plumbing.logs import mask_number, redact
 from plumbing.validation import IDENTITY, IDENTITY_PATTERN, check_guid
@@ -175,23 +180,22 @@ def _client_files(options: Options, name: str) -> tuple[Path, Path]:
     return cert, key
 
 
-def _credentials(options: Options, name: str) -> Any:
+def _connection(options: Options, name: str) -> Connection:
     ca, _, _ = _dev_pki_files(options.pki_dir, name)
     if not ca.exists():
         raise SetupError(f"no {ca}: is `make run` running? It makes the development PKI.")
     cert, key = _client_files(options, name)
-    return grpc.ssl_channel_credentials(
-        root_certificates=ca.read_bytes(),
-        private_key=key.read_bytes(),
-        certificate_chain=cert.read_bytes(),
-    )
+    return Connection(options.target, ca, cert, key)
 
 
 async def _connect(options: Options, name: str) -> Any:
-    """A channel to the gateway as the client `name` (e.g. `operator-contoso-telecom`), ready."""
-    channel = grpc.aio.secure_channel(
-        options.target, _credentials(options, name), options=balanced(options.target)
-    )
+    """A channel to the gateway as the client `name` (e.g. `operator-contoso-telecom`), ready:
+    the client library's (files checked first, calls spread over every gateway of the target,
+    keepalive)."""
+    try:
+        channel = _connection(options, name).channel()
+    except ClientError as error:
+        raise SetupError(str(error)) from None
     try:
         await asyncio.wait_for(channel.channel_ready(), CONNECT_TIMEOUT_S)
     except TimeoutError:
@@ -326,44 +330,25 @@ def stream_command(options: Options, started: dt.datetime) -> str:
     )
 
 
-async def _read_acks(call: Any, tally: Tally, slots: asyncio.Semaphore) -> None:
-    """Count the acknowledgements until the server ends the stream."""
-    while True:
-        response = await call.read()
-        if response is grpc.aio.EOF:
-            return
-        expected = tally.pending.pop(response.batch_id, None)
-        if expected != len(response.results):
-            tally.error = (
-                f"batch {response.batch_id!r}: {len(response.results)} results, "
-                f"{expected} records sent"
-            )
-        for result in response.results:
-            if result.outcome == records_pb.CALL_RECORD_OUTCOME_ACCEPTED:
-                tally.accepted += 1
-            elif result.outcome == records_pb.CALL_RECORD_OUTCOME_DUPLICATE:
-                tally.duplicate += 1
-            else:
-                tally.refused += 1
-                if len(tally.refusals) < SHOWN_REFUSALS:
-                    tally.refusals.append(
-                        f"{result.call_id}: {result.reason or '(no reason)'} at "
-                        f"{result.field or '(no field)'}: {redact(result.message)}"
-                    )
-        slots.release()
-
-
-async def _take_slot(
-    slots: asyncio.Semaphore, stop: asyncio.Event, reader: asyncio.Task[None]
-) -> bool:
-    """Wait until fewer than MAX_IN_FLIGHT batches await acknowledgement; False when stopped."""
-    while not stop.is_set() and not reader.done():
-        try:
-            await asyncio.wait_for(slots.acquire(), TICK_S)
-        except TimeoutError:
-            continue
-        return True
-    return False
+def _count(tally: Tally, batch: Batch[records_pb.PublishedCallRecord], response: Any) -> None:
+    """Count an acknowledged batch of the publish stream."""
+    expected = tally.pending.pop(batch.id, None)
+    if expected != len(response.results):
+        tally.error = (
+            f"batch {batch.id!r}: {len(response.results)} results, {expected} records sent"
+        )
+    for result in response.results:
+        if result.outcome == records_pb.CALL_RECORD_OUTCOME_ACCEPTED:
+            tally.accepted += 1
+        elif result.outcome == records_pb.CALL_RECORD_OUTCOME_DUPLICATE:
+            tally.duplicate += 1
+        else:
+            tally.refused += 1
+            if len(tally.refusals) < SHOWN_REFUSALS:
+                tally.refusals.append(
+                    f"{result.call_id}: {result.reason or '(no reason)'} at "
+                    f"{result.field or '(no field)'}: {redact(result.message)}"
+                )
 
 
 def _show(line: str, tty: bool) -> None:
@@ -388,33 +373,93 @@ class Reports:
     error: str = ""
 
 
+async def _reported(reports: Reports) -> AsyncIterator[Batch[usage_pb.CallDurationRecord]]:
+    """The operator's records as they are queued, a batch per publish batch (split at the
+    server's limit), until the queue says None."""
+    number = 0
+    while (records := await reports.queue.get()) is not None:
+        for first in range(0, len(records), MAX_BATCH):
+            part = records[first : first + MAX_BATCH]
+            number += 1
+            request = usage_pb.SubmitCallDurationsRequest(batch_id=f"d{number}", records=part)
+            yield Batch(f"d{number}", request, part)
+
+
 async def report_durations(operator: Any, reports: Reports) -> None:
-    """Send the operator's duration records, a batch at a time, on one stream."""
+    """Send the operator's duration records on SubmitCallDurations, with the client library's
+    resends (nothing lost or counted twice across a broken stream) and the server's real
+    status when it fails."""
     stub = usage_grpc.UsageServiceStub(operator)
-    call = stub.SubmitCallDurations()
     try:
-        while (batch := await reports.queue.get()) is not None:
-            if not batch:
-                continue
-            for first in range(0, len(batch), MAX_BATCH):
-                part = batch[first : first + MAX_BATCH]
-                await call.write(usage_pb.SubmitCallDurationsRequest(records=part))
-                response = await call.read()
-                reports.sent += len(part)
-                for result in response.results:
-                    if result.outcome == usage_pb.CALL_DURATION_OUTCOME_ACCEPTED:
-                        reports.accepted += 1
-                    elif result.outcome == usage_pb.CALL_DURATION_OUTCOME_DUPLICATE:
-                        reports.duplicate += 1
-                    elif len(reports.refused) < 5:
-                        reports.refused.append(
-                            f"{result.reason} ({result.field}): {result.message}"
-                        )
-                    else:
-                        reports.refused.append("")
-        await call.done_writing()
-    except grpc.aio.AioRpcError as error:
-        reports.error = f"{error.code().name}: {redact(error.details() or '')}"
+        async for batch, response in pipelined(
+            "call durations", stub.SubmitCallDurations, _reported(reports), 4
+        ):
+            reports.sent += len(batch.items)
+            for result in response.results:
+                if result.outcome == usage_pb.CALL_DURATION_OUTCOME_ACCEPTED:
+                    reports.accepted += 1
+                elif result.outcome == usage_pb.CALL_DURATION_OUTCOME_DUPLICATE:
+                    reports.duplicate += 1
+                elif len(reports.refused) < 5:
+                    reports.refused.append(f"{result.reason} ({result.field}): {result.message}")
+                else:
+                    reports.refused.append("")
+    except ServerError as error:
+        reports.error = redact(str(error))
+
+
+async def _calls(
+    options: Options,
+    mix: calls.CallMix,
+    rng: random.Random,
+    stop: asyncio.Event,
+    *,
+    tally: Tally,
+    reports: Reports | None,
+) -> AsyncIterator[Batch[records_pb.PublishedCallRecord]]:
+    """Batches of new calls at the rate, a batch per tick, until done or stopped. The client
+    library asks for the next batch only while fewer than MAX_IN_FLIGHT are unacknowledged."""
+    loop = asyncio.get_running_loop()
+    tty = sys.stdout.isatty()
+    every = 1.0 if tty else 10.0
+    start = shown = loop.time()
+    number = 0
+    while not stop.is_set():
+        elapsed = loop.time() - start
+        if options.duration is not None and elapsed >= options.duration:
+            return
+        due = int(options.rate * (elapsed + TICK_S)) - tally.published
+        if options.calls is not None:
+            due = min(due, options.calls - tally.published)
+        while due > 0 and not stop.is_set():
+            count = min(due, MAX_BATCH)
+            now = dt.datetime.now(dt.UTC)
+            records = [
+                calls.make_call(rng, mix, now, call_id=str(uuid.uuid4())) for _ in range(count)
+            ]
+            number += 1
+            batch_id = f"sim-{number}"
+            tally.pending[batch_id] = count
+            request = records_pb.PublishCallRecordsRequest(batch_id=batch_id, records=records)
+            if reports is not None:
+                mix_off = calls.ReportMix(
+                    options.missing_share,
+                    options.mismatch_share,
+                    options.extra_share,
+                    options.unanswered_share,
+                )
+                reports.queue.put_nowait(calls.operator_reports(rng, records, mix.users, mix_off))
+            tally.published += count
+            due -= count
+            yield Batch(batch_id, request, list(records))
+        if options.calls is not None and tally.published >= options.calls:
+            return
+        if loop.time() - shown >= every:
+            shown = loop.time()
+            _show(tally.line(shown - start), tty)
+        next_tick = start + (int((loop.time() - start) / TICK_S) + 1) * TICK_S
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), max(0.0, next_tick - loop.time()))
 
 
 async def publish(
@@ -426,80 +471,39 @@ async def publish(
     *,
     reports: Reports | None = None,
 ) -> Tally:
-    """Publish calls on one stream until done or stopped; what happened."""
+    """Publish calls on PublishCallRecords until done or stopped, through the client library's
+    pipelined stream (a broken stream resumed, unacknowledged batches sent again, the server's
+    real status); what happened. After Ctrl-C, the last acknowledgements get
+    STOP_DRAIN_TIMEOUT_S."""
     tally = Tally()
-    call = records_grpc.CallRecordIngestServiceStub(platform).PublishCallRecords()
-    slots = asyncio.Semaphore(MAX_IN_FLIGHT)
-    reader = asyncio.create_task(_read_acks(call, tally, slots))
+    stub = records_grpc.CallRecordIngestServiceStub(platform)
     loop = asyncio.get_running_loop()
-    tty = sys.stdout.isatty()
-    every = 1.0 if tty else 10.0
     start = loop.time()
-    shown = start
-    batch = 0
-    try:
-        while not stop.is_set() and not reader.done():
-            elapsed = loop.time() - start
-            if options.duration is not None and elapsed >= options.duration:
-                break
-            due = int(options.rate * (elapsed + TICK_S)) - tally.published
-            if options.calls is not None:
-                due = min(due, options.calls - tally.published)
-            while due > 0 and await _take_slot(slots, stop, reader):
-                count = min(due, MAX_BATCH)
-                now = dt.datetime.now(dt.UTC)
-                records = [
-                    calls.make_call(rng, mix, now, call_id=str(uuid.uuid4())) for _ in range(count)
-                ]
-                batch += 1
-                batch_id = f"sim-{batch}"
-                tally.pending[batch_id] = count
-                await call.write(
-                    records_pb.PublishCallRecordsRequest(batch_id=batch_id, records=records)
-                )
-                if reports is not None:
-                    mix_off = calls.ReportMix(
-                        options.missing_share,
-                        options.mismatch_share,
-                        options.extra_share,
-                        options.unanswered_share,
-                    )
-                    reports.queue.put_nowait(
-                        calls.operator_reports(rng, records, mix.users, mix_off)
-                    )
-                tally.published += count
-                due -= count
-            if options.calls is not None and tally.published >= options.calls:
-                break
-            if loop.time() - shown >= every:
-                shown = loop.time()
-                _show(tally.line(shown - start), tty)
-            next_tick = start + (int((loop.time() - start) / TICK_S) + 1) * TICK_S
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), max(0.0, next_tick - loop.time()))
-        with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
-            await call.done_writing()
-    except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
-        pass  # the stream ended; the reader has its status
-    drain = STOP_DRAIN_TIMEOUT_S if stop.is_set() else DRAIN_TIMEOUT_S
-    done, _ = await asyncio.wait({reader}, timeout=drain)
-    if not done:
-        call.cancel()
-        reader.cancel()
-        with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
-            await reader
-        tally.error = tally.error or f"no acknowledgement for {drain:.0f} s; stream cancelled"
-    elif (error := reader.exception()) is not None:
-        if isinstance(error, grpc.aio.AioRpcError):
-            hint = (
-                " (is `make run` running?)" if error.code() == grpc.StatusCode.UNAVAILABLE else ""
-            )
-            tally.error = f"{error.code().name}: {redact(error.details() or '')}{hint}"
-        else:
-            tally.error = f"{type(error).__name__}: {error}"
+
+    async def acknowledge() -> None:
+        source = _calls(options, mix, rng, stop, tally=tally, reports=reports)
+        async for batch, response in pipelined(
+            "call records", stub.PublishCallRecords, source, MAX_IN_FLIGHT
+        ):
+            _count(tally, batch, response)
+
+    consumer = asyncio.create_task(acknowledge())
+    stopped = asyncio.create_task(stop.wait())
+    await asyncio.wait({consumer, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    if not consumer.done():  # stopped: the calls end at once, their acknowledgements may come
+        await asyncio.wait({consumer}, timeout=STOP_DRAIN_TIMEOUT_S)
+    stopped.cancel()
+    if not consumer.done():
+        consumer.cancel()
+        await asyncio.gather(consumer, return_exceptions=True)
+        tally.error = tally.error or (
+            f"no acknowledgement for {STOP_DRAIN_TIMEOUT_S:.0f} s; stream cancelled"
+        )
+    elif (error := consumer.exception()) is not None:
+        tally.error = redact(str(error))
     elif tally.pending and not tally.error:
         tally.error = "the server ended the stream before acknowledging every batch"
-    if tty:
+    if sys.stdout.isatty():
         print()
     print(tally.line(loop.time() - start))
     return tally

@@ -17,6 +17,7 @@ import grpc
 import pytest
 
 from opconnect.numbers.v1 import numbers_pb2 as numbers_pb
+from opconnect.records.v1 import records_pb2 as records_pb
 from opconnect.usage.v1 import usage_pb2 as usage_pb
 from opconnect_client import (
     Batch,
@@ -27,6 +28,7 @@ from opconnect_client import (
     MemoryCheckpoint,
     ServerError,
     SqliteCheckpoint,
+    timestamp,
 )
 from opconnect_client.backoff import Backoff
 from services.numbers import storage as numbers_storage
@@ -310,3 +312,50 @@ async def test_durations_are_resent_after_a_server_restart_and_stored_once(
     finally:
         if second is not None:
             second.stop()
+
+
+async def test_reads_of_records_usage_and_reconciliation(sqlite_system: RunningSystem) -> None:
+    """Every other operator read, through the library: a call record, the quality summary, the
+    usage summary, the reconciliation and its discrepancies, the last resumable from a
+    checkpoint."""
+    system = sqlite_system
+    published = record()
+    publish_records(system.ingest(), [published])
+    mine = [duration_record() for _ in range(5)]  # calls the platform does not know
+    start = dt.datetime.now(dt.UTC) - dt.timedelta(days=2)
+    end = dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
+    since, until = timestamp(start), timestamp(end)
+    async with Client(connection(system)) as client:
+        got = await client.get_call_record(published.call_id)
+        assert got.call_id == published.call_id
+        quality = await client.get_quality_summary(
+            records_pb.GetQualitySummaryRequest(start_time=since, end_time=until)
+        )
+        assert sum(g.call_count for g in quality.groups) == 1
+        async for _ in client.submit_durations(mine):
+            pass
+        usage = await client.get_usage_summary(
+            usage_pb.GetUsageSummaryRequest(
+                start_time=since, end_time=until, granularity=usage_pb.GRANULARITY_DAY
+            )
+        )
+        assert usage.rows
+        found = await client.get_reconciliation(
+            usage_pb.GetReconciliationRequest(start_time=since, end_time=until)
+        )
+        assert found.operator_only_count == 5
+        checkpoint = MemoryCheckpoint()
+        request = usage_pb.StreamDiscrepanciesRequest(
+            start_time=since, end_time=until, max_batch_size=2
+        )
+        stream = client.stream_discrepancies(request, checkpoint)
+        first = await anext(stream)
+        await stream.aclose()  # stopped after one batch, which was not processed yet
+        resumed = [
+            x.call_id
+            async for batch in client.stream_discrepancies(request, checkpoint)
+            for x in batch.items
+        ]
+    assert len(first.items) == 2
+    assert sorted(resumed) == sorted(r.call_id for r in mine)  # from the start: none saved
+    assert checkpoint.load()

@@ -1,7 +1,9 @@
 """What each package may import (docs/architecture.md): plumbing is shared by all and imports
 none of them; a service never imports another service, the gateway or the composition root;
 the gateway (the edge: TLS identity, trust, registry, forwarding) imports no service; clients
-(simulator, operator_client) import neither the servers nor each other; the operators' client
+(simulator, operator_client) import neither the servers nor each other, and the operator's
+commands (operator_client) stand on the client library alone, with no gRPC of their own; the
+operators' client
 library (opconnect_client) imports nothing first-party but the generated contract, so that a
 carrier can install it without the server; only the composition root (app) knows every
 service. Read from the source, so a new import that breaks a rule fails
@@ -30,7 +32,7 @@ FORBIDDEN: dict[str, set[str]] = {
     "plumbing": {"app", "gateway", "services.*", "simulator", "operator_client"},
     "gateway": {"app", "services.*", "simulator", "operator_client"},
     "simulator": {"app", "gateway", "services.*", "operator_client"},
-    "operator_client": {"app", "gateway", "services.*", "simulator"},
+    "operator_client": {"app", "gateway", "plumbing", "services.*", "simulator"},
     "opconnect_client": {
         "app",
         "gateway",
@@ -141,5 +143,21 @@ def test_the_domain_speaks_without_grpc() -> None:
             isinstance(node, ast.Import) and any(a.name.split(".")[0] == "grpc" for a in node.names)
         )
         or (isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "grpc")
+    ]
+    assert found == []
+
+
+def test_the_operator_commands_use_the_client_library_not_grpc() -> None:
+    """`opconnect operator` is built on opconnect_client (resumable streams, resent durations,
+    the server's real status): no stub, channel or grpc error of its own."""
+    found = [
+        f"{path.relative_to(ROOT)} imports {name}"
+        for path in sorted((ROOT / "operator_client").rglob("*.py"))
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Import | ast.ImportFrom)
+        for name in (
+            [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+        )
+        if name.split(".")[0] == "grpc" or name.endswith("_pb2_grpc")
     ]
     assert found == []

@@ -549,3 +549,29 @@ def test_rows_stored_before_the_migration_are_kept_and_served(
     _migrate(database_url, "head")
     assert _contents(engine) == served
     engine.dispose()
+
+
+@pytest.mark.postgres
+def test_maintainers_of_the_same_table_in_other_schemas_never_wait_for_each_other(
+    postgres_url: str,
+) -> None:
+    """Partition maintenance is serialized per table of one schema: a maintainer of
+    call_durations in another schema (another deployment on the server; the tests' and benches'
+    own schemas) holding its lock does not make this one give up."""
+    other = reset_postgres(POSTGRES_URL)
+    mine = Database(postgres_url, threads=1)
+    theirs = Database(other, threads=1)
+    try:
+        mine.migrate()
+        theirs.migrate()
+        later = dt.datetime.now(dt.UTC) + dt.timedelta(days=400)  # partitions to make
+        spec = partitions.CALL_DURATIONS
+        with sa.orm.Session(theirs.engine) as session, session.begin():
+            # Their maintainer, in the middle of its transaction: it holds its table's lock.
+            assert partitions.create_ahead(session, spec, later, 86_400.0)
+            made = mine.transaction(partitions.create_ahead, spec, later, 86_400.0, write=True)
+            assert made
+            session.rollback()
+    finally:
+        mine.close()
+        theirs.close()

@@ -27,7 +27,6 @@ from gateway.registry import OperatorStatus
 from opconnect.numbers.v1 import numbers_pb2, numbers_pb2_grpc
 from opconnect.records.v1 import records_pb2, records_pb2_grpc
 from opconnect.usage.v1 import usage_pb2
-from plumbing.logs import configure_logging
 from plumbing.rpc import PRINCIPAL_HEADER
 from tests.conftest import (
     NO_POSTGRES,
@@ -477,7 +476,6 @@ async def test_the_gateway_logs_a_service_lost_once_and_its_recovery(
 ) -> None:
     """Separate processes start in any order: until a service answers, the gateway says so once
     (not once a second), and says when it answers."""
-    configure_logging("json", "info")
     port = free_port()
     gateway_side = HealthServicer()
     name = "opconnect.usage.v1.UsageService"

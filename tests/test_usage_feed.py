@@ -15,7 +15,6 @@ import sqlalchemy as sa
 
 from app import runtime as server
 from plumbing.changelog import encode_cursor
-from plumbing.logs import configure_logging
 from services.records import storage as records_storage
 from services.usage import feed, platform_calls, tables
 from tests.conftest import OTHER_OPERATOR, Pki, settings_for, start_system
@@ -110,7 +109,6 @@ def test_an_interrupted_feed_logs_once_and_says_when_it_follows_again(
 ) -> None:
     """The records process stopped and started again: the follower (of another process) warns
     while it is away and logs, once, when it follows again."""
-    configure_logging("json", "info")
     records_dir, usage_dir = tmp_path / "records", tmp_path / "usage"
     records_dir.mkdir()
     usage_dir.mkdir()

@@ -168,8 +168,8 @@ class CallFeedFollower:
     def _stored(self, response: records_pb.FollowCallsResponse) -> None:
         """A response is stored (or had nothing to store): the feed's metrics, and the
         recovery logged when it follows an interruption."""
-        if self._interrupted_at is not None:
-            log.info(
+        if self._interrupted_at is not None:  # at the loss's level: seen wherever it was
+            log.warning(
                 "call feed following again",
                 after_s=round(time.monotonic() - self._interrupted_at, 1),
             )
