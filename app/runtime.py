@@ -16,6 +16,7 @@ import errno
 import functools
 import gc
 import socket
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
@@ -341,6 +342,8 @@ async def start(settings: Settings, role: str = "all") -> Runtime:
         raise ValueError(f"role must be one of {', '.join(ROLES)}")
     kind = ROLES[role]
     loop = asyncio.get_running_loop()
+    if settings.gil_switch_interval_s > 0:  # see the setting: database calls win the GIL back
+        sys.setswitchinterval(settings.gil_switch_interval_s)
     # The data directory is private (0700): made when the default database or the development
     # PKI will live there, tightened if it is open to others.
     in_data_dir = not settings.database_url or not (

@@ -146,9 +146,7 @@ def migrate(db: Database) -> None:
     (plumbing/partitions.py), back to the longest retention: fills write rows of the past."""
     db.migrate()
     if db.is_postgres:
-        now, retention = dt.datetime.now(dt.UTC), Settings().usage_retention_s
-        for spec in partitions.TABLES:
-            db.transaction(partitions.create_ahead, spec, now, retention, write=True)
+        partitions.create_all_ahead(db, dt.datetime.now(dt.UTC), Settings().usage_retention_s)
 
 
 def open_database(settings: Settings) -> Database:

@@ -216,6 +216,20 @@ def overrides(pairs: Sequence[str]) -> dict[str, Any]:
     return out
 
 
+def server_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The servers' settings changed by `--set` and `--switch-interval` (a shorthand for
+    `--set gil_switch_interval_s=S`)."""
+    changed = overrides(args.set)
+    if args.switch_interval:
+        changed["gil_switch_interval_s"] = args.switch_interval
+    return changed
+
+
+def server_settings_of(args: argparse.Namespace) -> Settings:
+    """The defaults with the servers' overrides (what the report says they ran with)."""
+    return Settings().replace(**server_overrides(args))
+
+
 async def serve(spec: Spec) -> None:
     """The `serve` role: by `spec["kind"]`, the one-process system (`system`), or a process of
     the split system (`records`, `usage` with `records_target`, `gateway` with
@@ -237,8 +251,6 @@ async def serve(spec: Spec) -> None:
             internal_key_file=str(key),
         )
     configure_logging(settings.log_format, settings.log_level)
-    if spec.get("switch_interval_s"):
-        sys.setswitchinterval(spec["switch_interval_s"])
     lag, pauses = LoopLag(), GcPauses()
     runtime = await gateway_server.start(settings, role)
     if kind in ("system", "gateway"):  # the registry is in the database: once is enough
@@ -889,11 +901,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         runner.workspace("opconnect-sustained-", clients, database_url=args.database) as ws,
         runner.Children() as children,
     ):
-        spec = ws.spec(
-            profile=args.profile,
-            overrides=overrides(args.set),
-            switch_interval_s=args.switch_interval,
-        )
+        spec = ws.spec(profile=args.profile, overrides=server_overrides(args))
         servers = start_servers(children, spec, args.mode)
         load_spec = ws.spec(
             address=servers[0].address,
@@ -993,8 +1001,8 @@ def make_report(
             "servers": " + ".join(s.kind for s in servers),
             "metrics": "on",
             "usage_feed": "on",
-            **overrides(args.set),
-            "switch_interval_s": args.switch_interval or sys.getswitchinterval(),
+            **server_overrides(args),
+            "gil_switch_interval_s": server_settings_of(args).gil_switch_interval_s,
         },
         "params": {
             "rate": args.rate,
@@ -1188,7 +1196,8 @@ def options(p: argparse.ArgumentParser) -> None:
         type=float,
         default=0.0,
         metavar="S",
-        help="the servers' sys.setswitchinterval (0: Python's default, 0.005 s)",
+        help="the servers' GIL switch interval, seconds (the gil_switch_interval_s setting;"
+        " 0: the setting's default)",
     )
     p.add_argument("--seed", type=int, default=12, help="seed of the records")
 

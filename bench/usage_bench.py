@@ -114,20 +114,9 @@ TALK_SIGMA = 0.9
 TALK_MIN_MS = 1_000
 TALK_MAX_MS = 2 * 3600 * 1000
 
-DURATION_COLUMNS = (
-    "operator_id",
-    "record_id",
-    "call_id",
-    "tenant_id",
-    "caller",
-    "callee",
-    "direction",
-    "start_time",
-    "end_time",
-    "duration_us",
-    "digest",
-    "submitted_at",
-)
+DURATION_COLUMNS = ingest.COLUMNS
+KEY_COLUMNS = ingest.KEY_COLUMNS
+KEY_INDEXES = [DURATION_COLUMNS.index(c) for c in KEY_COLUMNS]
 PLATFORM_COLUMNS = (
     "call_id",
     "operator_id",
@@ -511,7 +500,10 @@ def fill(
 
     copies_started = time.perf_counter()
     rest_calls, rest_records = first_calls[TEMPLATES:], first_records[TEMPLATES:]
-    with bulk_load(url, ["usage_platform_calls", "call_durations"]) as loader:
+    postgres = is_postgres(url)
+    # On PostgreSQL each record's keys too, as ingest.submit writes them.
+    loaded = ["usage_platform_calls", "call_durations", *(["call_duration_keys"] * postgres)]
+    with bulk_load(url, loaded) as loader:
         while True:
             submitted_at = maker.time_text(epoch_us(dt.datetime.now(dt.UTC)))
             record_rows = []
@@ -523,6 +515,12 @@ def fill(
                 "usage_platform_calls", PLATFORM_COLUMNS, [maker.platform(c) for c in rest_calls]
             )
             loader.rows("call_durations", DURATION_COLUMNS, record_rows)
+            if postgres:
+                keys = [
+                    tuple(row[DURATION_COLUMNS.index(c)] for c in KEY_COLUMNS)
+                    for row in record_rows
+                ]
+                loader.rows("call_duration_keys", KEY_COLUMNS, keys)
             loader.commit()
             if month.made >= calls:
                 break

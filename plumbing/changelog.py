@@ -30,10 +30,10 @@ from typing import Any, Generic, TypeVar, cast
 
 import psycopg
 from prometheus_client.core import Metric
-from sqlalchemy import BigInteger, String, Table, select, text, update
+from sqlalchemy import BigInteger, String, Table, select, update
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
-from plumbing.db import LOG_LOCKS, Base, Database, driver_fetch
+from plumbing.db import LOG_LOCKS, Base, Database, Unit, dialect_name, driver_fetch, unit_of
 from plumbing.errors import ApiError, failed_precondition, invalid_field, unavailable
 from plumbing.logs import get_logger
 from plumbing.metrics import Metrics, gauge, observe_many
@@ -69,33 +69,62 @@ _ALLOCATE = "UPDATE change_log_heads SET position = position + ? WHERE log = ? R
 SQL = (_READ_HEAD, _ALLOCATE)  # the statements written by hand (tests/test_sql.py checks them)
 
 
-def allocate(session: Session, log_name: str, count: int = 1) -> int:
-    """Reserve `count` positions in `log_name` for this transaction; returns the first.
+def allocate(session: Session | Unit, log_name: str, count: int = 1) -> int:
+    """Reserve `count` positions in `log_name` for this transaction (a Session's or a
+    `Unit`'s); returns the first.
 
     Takes the log's row lock until commit: call it late in a write transaction, with the rows
-    already built. When it was granted is kept in the session (`LOG_LOCKS`): `Database.transaction`
-    observes how long it was held (opconnect_changelog_lock_hold_seconds).
+    already built. When it was granted is kept in the transaction's `info` (`LOG_LOCKS`):
+    `Database` observes how long it was held (opconnect_changelog_lock_hold_seconds).
     """
     # On the driver: this is every write's hot path (through Core it cost more than the update)
-    ((last,),) = driver_fetch(session, _ALLOCATE, (count, log_name))
-    session.info.setdefault(LOG_LOCKS, []).append((log_name, time.perf_counter()))  # held now
+    unit = unit_of(session)
+    ((last,),) = unit.fetch(_ALLOCATE, (count, log_name))
+    locked(unit, log_name)
     return int(last) - count + 1
 
 
-def notify_commit(session: Session, log_name: str, position: int, keys: Iterable[str]) -> None:
+# One position allocated inside a statement of PostgreSQL (a data-modifying CTE named `head`, its
+# parameter the log's name), for a unit that writes its change in one round trip: the same row
+# lock as `allocate`'s, taken in the same way; call `locked` once the statement has run.
+ALLOCATE_ONE_CTE = (
+    "head AS (UPDATE change_log_heads SET position = position + 1 WHERE log = ? RETURNING position)"
+)
+
+
+def locked(unit: Unit, log_name: str) -> None:
+    """The log's head row lock was granted just now (`allocate`, `ALLOCATE_ONE_CTE`): timed to
+    commit by `Database`."""
+    unit.info.setdefault(LOG_LOCKS, []).append((log_name, time.perf_counter()))
+
+
+_NOTIFY = "SELECT pg_notify(?, ?)"  # PostgreSQL only
+_MAX_PAYLOAD = 7000  # characters of a notify's payload (PostgreSQL takes fewer than 8000 bytes)
+
+
+def notify_commit(
+    session: Session | Unit, log_name: str, position: int, keys: Iterable[str]
+) -> None:
     """On PostgreSQL, tell every replica (at commit) that `log_name` reached `position`."""
-    if session.get_bind().dialect.name != "postgresql":
+    if dialect_name(session) != "postgresql":
         return
     payload = f"{log_name}|{position}|{','.join(sorted(set(keys)))}"
-    if len(payload) > 7000:
+    if len(payload) > _MAX_PAYLOAD:
         payload = f"{log_name}|{position}|*"
-    session.execute(
-        text("SELECT pg_notify(:channel, :payload)"),
-        {"channel": NOTIFY_CHANNEL, "payload": payload},
-    )
+    driver_fetch(session, _NOTIFY, (NOTIFY_CHANNEL, payload))
 
 
-def read_head(session: Session, log_name: str) -> Head:
+def notify_parts(log_name: str, keys: Iterable[str]) -> tuple[str, str]:
+    """The notify payload around the position (`log|position|keys`, `*` for keys too many to
+    name, counting the longest position), for a statement that sends it with a position it
+    allocates itself."""
+    named = ",".join(sorted(set(keys)))
+    if len(log_name) + len(named) + 2 + len(str(MAX_POSITION)) > _MAX_PAYLOAD:
+        named = "*"
+    return f"{log_name}|", f"|{named}"
+
+
+def read_head(session: Session | Unit, log_name: str) -> Head:
     """The log's head; on the driver, as streams read it once a batch."""
     ((position, purged_through),) = driver_fetch(session, _READ_HEAD, (log_name,))
     return Head(int(position), int(purged_through))
@@ -166,6 +195,9 @@ class Notifier:
         # Wake-ups counted by (log, key), (log, ANY_KEY) for those naming every key, and
         # (log, _EVERY) for all of a log's: see `generation`.
         self._wakes: dict[tuple[str, str], int] = {}
+        # (log, key) -> the highest position of this process's own commits its waiters have
+        # been woken for (`publish`; see `wake_notified`; one entry per key, as `_wakes`).
+        self._woken: dict[tuple[str, str], int] = {}
         self.closed = False
 
     def subscribe(self, log_name: str, callback: Callable[[tuple[str, ...]], None]) -> None:
@@ -189,11 +221,35 @@ class Notifier:
             event = self._events[slot] = asyncio.Event()
         return event
 
-    def publish(self, log_name: str, keys: Iterable[str]) -> None:
-        """Thread-safe: wake waiters of these keys (ANY_KEY wakes every waiter of the log)."""
+    def publish(self, log_name: str, keys: Iterable[str], position: int = 0) -> None:
+        """Thread-safe: wake waiters of these keys (ANY_KEY wakes every waiter of the log), for
+        a change this process committed. `position`: the last position of the log it took (0:
+        none, or not said), so that its echo by NOTIFY is no second wake-up (`wake_notified`)."""
         if self._loop is None or self._loop.is_closed():
             return
-        self._loop.call_soon_threadsafe(self.wake, log_name, tuple(keys))
+        self._loop.call_soon_threadsafe(self._wake_committed, log_name, tuple(keys), position)
+
+    def _wake_committed(self, log_name: str, keys: tuple[str, ...], position: int) -> None:
+        if position > 0:
+            woken = self._woken
+            for key in keys:
+                if woken.get((log_name, key), 0) < position:
+                    woken[log_name, key] = position
+        self.wake(log_name, keys)
+
+    def wake_notified(self, log_name: str, keys: tuple[str, ...], position: int) -> None:
+        """Wake for a commit NOTIFY told of (`PostgresListener`), except the keys this process
+        has already woken, by `publish`, for its own commit at `position` or later: the NOTIFY
+        of that very commit, or of an earlier one (a log's positions commit in order, each
+        allocation holding the head's row lock until commit, so the reads that wake-up began
+        see it), or of another deployment's log on the same database (nothing of this one's).
+        Position 0 (a change that takes none: caches forget) and ANY_KEY always wake."""
+        if position > 0 and ANY_KEY not in keys:
+            woken = self._woken
+            keys = tuple(k for k in keys if woken.get((log_name, k), 0) < position)
+            if not keys:
+                return
+        self.wake(log_name, keys)
 
     def logs(self) -> set[str]:
         """The logs that have waiters or subscribers now."""
@@ -275,9 +331,11 @@ class PostgresListener:
                         self._notifier.wake(log_name, (ANY_KEY,))
                     async for note in conn.notifies():
                         log_name, _, rest = note.payload.partition("|")
-                        _, _, keys = rest.partition("|")
-                        self._notifier.wake(
-                            log_name, tuple(keys.split(",")) if keys else (ANY_KEY,)
+                        position, _, keys = rest.partition("|")
+                        self._notifier.wake_notified(
+                            log_name,
+                            tuple(keys.split(",")) if keys else (ANY_KEY,),
+                            int(position) if position.isdigit() else 0,
                         )
             except asyncio.CancelledError:
                 raise

@@ -106,6 +106,10 @@ class Settings:
     # Batches of one PublishCallRecords or SubmitCallDurations stream read and not yet
     # answered: the next ones are checked while one commits (1: one batch at a time).
     publish_pipeline_depth: int = 4
+    # Most records of PublishCallRecords batches (of different streams, ready to commit at once)
+    # that one transaction commits together (a group commit: one log lock hold, one sync to
+    # disk); 1: each batch alone.
+    publish_group_max_records: int = 5_000
     # How far in the future, in seconds, a published record's times may be (clock skew).
     clock_skew_s: float = 300.0
     # A following stream with an end_time ends this many seconds after end_time passes (records
@@ -166,6 +170,13 @@ class Settings:
     token_keys: str = field(default="", repr=False)
     # Threads that run database work.
     db_threads: int = 8
+    # The process's GIL switch interval (sys.setswitchinterval), in seconds; 0 leaves Python's
+    # (5 ms). Every database call lets go of the GIL while the driver works and must win it back
+    # from whichever thread runs Python then (the event loop, a batch being checked), which
+    # holds it up to this long: at Python's 5 ms each statement of a busy process waited
+    # milliseconds, and under sustained publishing with live streams the writer fell behind
+    # (bench/sustained_bench.py: ack p99 27 s at 5 ms, 0.3 s at 0.5 ms, on one loaded machine).
+    gil_switch_interval_s: float = 0.0005
     # PostgreSQL: connections this process keeps in its pool (0: db_threads) and the extra ones
     # it may open at a peak, closed when returned. Every replica's pool_size + max_overflow, plus
     # one LISTEN connection per service process, must fit the server's max_connections (or

@@ -13,11 +13,18 @@ the lock past the busy timeout) answers RESOURCE_EXHAUSTED STORAGE_BUSY with Ret
 UNAVAILABLE. The SQLite files and their directory are private to the server's user (0600, 0700):
 they hold whole phone numbers. With tracing on, a unit done for a traced call is a span of its own
 (plumbing.tracing), named by the unit's function.
+
+The hot single-row units (an assignment change) run by `await db.run_unit(fn, ...)` instead:
+fn takes a `Unit`, a transaction on a driver connection of the same pool without a `Session`
+(whose set-up, connection handling and commit cost more than such a unit's statements). It is
+the same mechanism otherwise: the gate, the threads, the retry of busy SQLite, the errors mapped
+(`_driver_errors`), the metrics and spans. `driver_fetch` and its kin take either.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import contextvars
 import datetime as dt
@@ -30,11 +37,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
+import psycopg
 from alembic import command
 from alembic.config import Config
 from opentelemetry.trace import Tracer
 from prometheus_client.core import Metric
-from sqlalchemy import Connection, Engine, Table, create_engine, event, exc, make_url
+from sqlalchemy import Connection, Dialect, Engine, Table, create_engine, event, exc, make_url
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 from sqlalchemy.pool import QueuePool
@@ -166,6 +174,35 @@ class Database:
         for log_name, taken in locks:
             self.metrics.log_lock_seconds.labels(log_name).observe(now - taken)
 
+    def unit_transaction(self, fn: Callable[..., T], *args: Any, write: bool = False) -> T:
+        """Run fn(unit, *args) in one transaction on a driver connection of the pool (no
+        Session: see the module docstring), on the calling thread; as `transaction` otherwise
+        (PostgreSQL reads at REPEATABLE READ, SQLite writes begun IMMEDIATE, the change-log head
+        locks timed to commit or rollback). A lost connection is dropped from the pool."""
+        dialect = self.engine.dialect
+        with _driver_errors_of(dialect, None, None, "connect"):  # as a Session's checkout fails
+            pooled = self.engine.raw_connection()
+        unit = Unit(pooled.dbapi_connection, dialect)
+        try:
+            unit.begin(write=write)
+            try:
+                result = fn(unit, *args)
+                unit.commit()
+            except BaseException:
+                unit.rollback()
+                raise
+            return result
+        except exc.DBAPIError as error:
+            if error.connection_invalidated:
+                pooled.invalidate()
+            raise
+        finally:
+            unit.end()
+            locks = unit.info.pop(LOG_LOCKS, None)
+            if locks:
+                self._locks_released(locks)
+            pooled.close()
+
     async def run(self, fn: Callable[..., T], *args: Any, write: bool = False) -> T:
         """Run fn(session, *args) in one transaction on a database thread.
 
@@ -173,11 +210,25 @@ class Database:
         unit waits its turn at the gate first (see the module docstring); its place there is
         given back when its thread is done with it, also when the caller has gone.
         """
+        return await self._run(self.transaction, fn, args, write)
+
+    async def run_unit(self, fn: Callable[..., T], *args: Any, write: bool = False) -> T:
+        """Run fn(unit, *args) (a `Unit`, no Session) as `run` runs a Session's unit: the same
+        gate, threads, retries, error mapping, metrics and spans."""
+        return await self._run(self.unit_transaction, fn, args, write)
+
+    async def _run(
+        self,
+        transaction: Callable[..., T],
+        fn: Callable[..., T],
+        args: tuple[Any, ...],
+        write: bool,
+    ) -> T:
         loop = asyncio.get_running_loop()
         lane = _lane()
         queued = time.perf_counter()
         await self.gate.enter(lane, write)
-        call = functools.partial(self._timed, fn, args, write, queued)
+        call = functools.partial(self._timed, transaction, fn, args, write, queued)
         if self.tracer is not None and traced():
             call = functools.partial(self._traced, self.tracer, call, fn, write)
         ctx = contextvars.copy_context()
@@ -186,17 +237,45 @@ class Database:
         except BaseException:
             self.gate.leave(lane, write)
             raise
-        work.add_done_callback(lambda _: _on_loop(loop, self.gate.leave, lane, write))
-        return await asyncio.wrap_future(work, loop=loop)
+        # One hop back to the loop when the thread is done: the gate left and the answer given
+        # together (asyncio.wrap_future would take a second one).
+        done: asyncio.Future[T] = loop.create_future()
+        done.add_done_callback(functools.partial(_cancel_work, work))
+        work.add_done_callback(functools.partial(_on_loop, loop, self._finish, lane, write, done))
+        return await done
 
-    def _timed(self, fn: Callable[..., T], args: tuple[Any, ...], write: bool, queued: float) -> T:
+    def _finish(
+        self, lane: str, write: bool, done: asyncio.Future[T], work: concurrent.futures.Future[T]
+    ) -> None:
+        """On the loop, once a unit's thread is done with it (or it was cancelled before it
+        ran): its place at the gate given back, its outcome to the caller if still waiting."""
+        self.gate.leave(lane, write)
+        if done.done():
+            return
+        if work.cancelled():
+            done.cancel()
+            return
+        error = work.exception()
+        if error is not None:
+            done.set_exception(error)
+        else:
+            done.set_result(work.result())
+
+    def _timed(
+        self,
+        transaction: Callable[..., T],
+        fn: Callable[..., T],
+        args: tuple[Any, ...],
+        write: bool,
+        queued: float,
+    ) -> T:
         """The unit on its thread, timed: its wait (gate and thread) and its work, by kind, and
         a failure by reason."""
         kind = "write" if write else "read"
         started = time.perf_counter()
         self.metrics.db_unit_wait_seconds.labels(kind).observe(started - queued)
         try:
-            return self._guarded(fn, args, write)
+            return self._guarded(transaction, fn, args, write)
         except ApiError as error:
             reason = {"STORAGE_BUSY": "busy", "STORAGE_UNAVAILABLE": "unavailable"}
             self.metrics.db_unit_failures.labels(kind, reason.get(error.reason, "refused")).inc()
@@ -223,11 +302,17 @@ class Database:
                 failed(span, type(error).__name__)
                 raise
 
-    def _guarded(self, fn: Callable[..., T], args: tuple[Any, ...], write: bool) -> T:
+    def _guarded(
+        self,
+        transaction: Callable[..., T],
+        fn: Callable[..., T],
+        args: tuple[Any, ...],
+        write: bool,
+    ) -> T:
         deadline = time.monotonic() + self.busy_timeout_s
         while True:
             try:
-                return self._attempt(fn, args, write)
+                return self._attempt(transaction, fn, args, write)
             except _Busy as busy:
                 # Another process holds SQLite's lock. Waited out the busy timeout: a limit,
                 # answered as one; refused at once (a stale snapshot): the unit is tried again.
@@ -241,9 +326,15 @@ class Database:
                     ) from busy.__cause__
                 time.sleep(_BUSY_PAUSE_S)
 
-    def _attempt(self, fn: Callable[..., T], args: tuple[Any, ...], write: bool) -> T:
+    def _attempt(
+        self,
+        transaction: Callable[..., T],
+        fn: Callable[..., T],
+        args: tuple[Any, ...],
+        write: bool,
+    ) -> T:
         try:
-            return self.transaction(fn, *args, write=write)
+            return transaction(fn, *args, write=write)
         except exc.OperationalError as error:
             if _is_busy(error):
                 raise _Busy(str(error.orig)[:200]) from error  # the driver's words: no SQL
@@ -332,6 +423,13 @@ def _on_loop(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: Any
         fn(*args)
 
 
+def _cancel_work(work: concurrent.futures.Future[Any], done: asyncio.Future[Any]) -> None:
+    """The caller has gone: a unit not begun yet is not run (its place at the gate is given
+    back by `Database._finish`)."""
+    if done.cancelled():
+        work.cancel()
+
+
 def _private_database(path: Path) -> None:
     """The SQLite database file made 0600 before SQLite opens it (its -wal and -shm files take
     the database's mode); existing files open to others are tightened, and that is logged."""
@@ -343,16 +441,117 @@ def _private_database(path: Path) -> None:
     private_files(path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm"))
 
 
+class Unit:
+    """A transaction on a driver connection, without a Session (`Database.run_unit`), or a
+    view of a Session's own connection (`unit_of`). Statements are plain SQL with `?`
+    placeholders (`%s` on PostgreSQL is made here); the driver's errors are raised as
+    SQLAlchemy raises them (`_driver_errors`). `info` is the transaction's own notes (as
+    `Session.info`: the change-log head locks it took)."""
+
+    __slots__ = ("_isolation", "connection", "dialect", "info", "postgres", "time")
+
+    def __init__(
+        self, connection: Any, dialect: Dialect, info: dict[Any, Any] | None = None
+    ) -> None:
+        self.connection = connection  # the driver's own (sqlite3, psycopg)
+        self.dialect = dialect
+        self.info: dict[Any, Any] = {} if info is None else info
+        self.postgres = dialect.name == "postgresql"
+        # How a time goes to the driver (see `driver_time`).
+        self.time: Callable[[dt.datetime | None], Any] = time_form(sqlite=not self.postgres)
+        self._isolation: tuple[Any] | None = None  # (the level to put back) after a read
+
+    def _sql(self, sql: str) -> str:
+        return sql.replace("?", "%s") if self.postgres else sql
+
+    def fetch(
+        self, sql: str, params: Sequence[Any], *, prepare: bool = True
+    ) -> list[tuple[Any, ...]]:
+        """Run one statement; its rows (see `driver_fetch`)."""
+        sql = self._sql(sql)
+        cursor = self.connection.cursor()
+        try:
+            with _driver_errors_of(self.dialect, self.connection, cursor, sql):
+                if prepare or not self.postgres:
+                    cursor.execute(sql, tuple(params))
+                else:
+                    cursor.execute(sql, tuple(params), prepare=False)
+                return list(cursor.fetchall()) if cursor.description is not None else []
+        finally:
+            cursor.close()
+
+    def execute_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        """Run one statement for many rows (see `driver_execute_many`)."""
+        sql = self._sql(sql)
+        cursor = self.connection.cursor()
+        try:
+            with _driver_errors_of(self.dialect, self.connection, cursor, sql):
+                cursor.executemany(sql, rows)
+        finally:
+            cursor.close()
+
+    def begin(self, *, write: bool) -> None:
+        """Begin the transaction as `Database` begins a Session's: SQLite BEGIN IMMEDIATE for a
+        write (DEFERRED for a read); PostgreSQL begins at the first statement, a read at
+        REPEATABLE READ (the connection's level put back by `end`)."""
+        if self.postgres:
+            if not write:
+                self._isolation = (self.connection.isolation_level,)
+                self.connection.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+            return
+        self._command("BEGIN IMMEDIATE" if write else "BEGIN")
+
+    def commit(self) -> None:
+        with _driver_errors_of(self.dialect, self.connection, None, "COMMIT"):
+            self.connection.commit()
+
+    def rollback(self) -> None:
+        """Roll back; a connection already gone is left to the pool (it is invalidated)."""
+        with contextlib.suppress(self.dialect.loaded_dbapi.Error):
+            self.connection.rollback()
+
+    def end(self) -> None:
+        """After commit or rollback: the connection as the pool lent it."""
+        if self._isolation is not None:
+            with contextlib.suppress(self.dialect.loaded_dbapi.Error):
+                self.connection.isolation_level = self._isolation[0]
+            self._isolation = None
+
+    def _command(self, sql: str) -> None:
+        cursor = self.connection.cursor()
+        try:
+            with _driver_errors_of(self.dialect, self.connection, cursor, sql):
+                cursor.execute(sql)
+        finally:
+            cursor.close()
+
+
+def unit_of(target: Session | Unit) -> Unit:
+    """`target` itself, or a `Unit` on a Session's connection (its transaction begun), sharing
+    the Session's `info`: so the driver helpers and the units on them take either."""
+    if isinstance(target, Unit):
+        return target
+    connection = target.connection()
+    return Unit(connection.connection.dbapi_connection, connection.dialect, target.info)
+
+
+def dialect_name(target: Session | Unit) -> str:
+    """The database's kind (`sqlite`, `postgresql`) of a Session or a Unit."""
+    if isinstance(target, Unit):
+        return str(target.dialect.name)
+    return str(target.get_bind().dialect.name)
+
+
 def dialect_insert(session: Session) -> type[sqlite.Insert] | type[postgresql.Insert]:
     """The INSERT construct of the session's database, which has ON CONFLICT DO NOTHING."""
     return postgresql.Insert if session.get_bind().dialect.name == "postgresql" else sqlite.Insert
 
 
 def driver_fetch(
-    session: Session, sql: str, params: Sequence[Any], *, prepare: bool = True
+    session: Session | Unit, sql: str, params: Sequence[Any], *, prepare: bool = True
 ) -> list[tuple[Any, ...]]:
-    """Run one SELECT on the driver itself, inside the session's transaction, without
-    SQLAlchemy's statement and row handling.
+    """Run one SELECT on the driver itself, inside the session's (or unit's) transaction,
+    without SQLAlchemy's statement and row handling.
 
     Only for the few queries a stream runs for every batch, where that handling costs more than
     the query (500 rows of the record log: 1.9 ms through Core, 0.9 ms on the driver). `sql` is
@@ -364,34 +563,14 @@ def driver_fetch(
     partition was small or had no statistics kept scanning it whole as it grew (ingest of 1,000
     durations at 50,000 stored: 1.7 s a batch prepared, 0.13 s planned each time).
     """
-    connection = session.connection()
-    if connection.dialect.paramstyle != "qmark":
-        sql = sql.replace("?", "%s")
-    cursor = connection.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
-    try:
-        with _driver_errors(connection, cursor, sql):
-            if prepare or connection.dialect.name != "postgresql":
-                cursor.execute(sql, tuple(params))
-            else:
-                cursor.execute(sql, tuple(params), prepare=False)  # type: ignore[call-arg]
-            return list(cursor.fetchall())
-    finally:
-        cursor.close()
+    return unit_of(session).fetch(sql, params, prepare=prepare)
 
 
-def driver_execute_many(session: Session, sql: str, rows: Sequence[Sequence[Any]]) -> None:
-    """Run one INSERT (or UPDATE) for many rows on the driver, inside the session's
+def driver_execute_many(session: Session | Unit, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+    """Run one INSERT (or UPDATE) for many rows on the driver, inside the session's (or unit's)
     transaction: for ingest paths, where SQLAlchemy's parameter handling costs more than the
     insert itself. `sql` uses `?` placeholders; times must come from `driver_time`."""
-    connection = session.connection()
-    if connection.dialect.paramstyle != "qmark":
-        sql = sql.replace("?", "%s")
-    cursor = connection.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
-    try:
-        with _driver_errors(connection, cursor, sql):
-            cursor.executemany(sql, rows)
-    finally:
-        cursor.close()
+    unit_of(session).execute_many(sql, rows)
 
 
 def driver_insert_many(
@@ -421,17 +600,25 @@ def driver_insert_many(
 
 @contextlib.contextmanager
 def _driver_errors(connection: Connection, cursor: Any, sql: str) -> Iterator[None]:
+    """`_driver_errors_of` a SQLAlchemy connection's driver connection."""
+    with _driver_errors_of(connection.dialect, connection.connection.dbapi_connection, cursor, sql):
+        yield
+
+
+@contextlib.contextmanager
+def _driver_errors_of(
+    dialect: Dialect, dbapi_connection: Any, cursor: Any, sql: str
+) -> Iterator[None]:
     """The driver's own errors, raised as SQLAlchemy raises them from a statement it runs (an
     `OperationalError`, an `IntegrityError`, ..., with `connection_invalidated` when the link is
     gone), so a unit on the driver fails as any other: `Database` answers UNAVAILABLE for a lost
     database or a row with no partition, busy SQLite is retried. The parameters (records) are
     kept out of the error's text."""
-    dialect = connection.dialect
     base = dialect.loaded_dbapi.Error
     try:
         yield
     except base as error:
-        gone = dialect.is_disconnect(error, connection.connection.dbapi_connection, cursor)
+        gone = dialect.is_disconnect(error, dbapi_connection, cursor)
         raise exc.DBAPIError.instance(
             sql,
             None,
@@ -459,10 +646,10 @@ def _copy_types(table: Table, columns: tuple[str, ...]) -> list[str]:
     ]
 
 
-def driver_time(session: Session) -> Callable[[dt.datetime | None], Any]:
+def driver_time(session: Session | Unit) -> Callable[[dt.datetime | None], Any]:
     """How a time goes to the driver so that it compares and reads back as SQLAlchemy's own
     DateTime columns do: on SQLite UTC text in SQLAlchemy's format, on PostgreSQL as is."""
-    return time_form(sqlite=session.get_bind().dialect.name == "sqlite")
+    return time_form(sqlite=dialect_name(session) == "sqlite")
 
 
 def time_form(*, sqlite: bool) -> Callable[[dt.datetime | None], Any]:
@@ -479,10 +666,9 @@ def _sqlite_time(value: dt.datetime | None) -> str | None:
         return None
     if value.utcoffset():
         value = value.astimezone(dt.UTC)
-    return (  # what strftime("%Y-%m-%d %H:%M:%S.%f") gives, at a fraction of its cost
-        f"{value.year:04d}-{value.month:02d}-{value.day:02d} "
-        f"{value.hour:02d}:{value.minute:02d}:{value.second:02d}.{value.microsecond:06d}"
-    )
+    # What strftime("%Y-%m-%d %H:%M:%S.%f") gives, at a fraction of its cost (the UTC offset
+    # an aware time's isoformat adds cut off).
+    return value.isoformat(" ", "microseconds")[:26]
 
 
 def alembic_config(url: str) -> Config:

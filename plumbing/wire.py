@@ -25,6 +25,13 @@ def varint(value: int) -> bytes:
     return bytes(out)
 
 
+# The encodings of the small numbers every field has (tags, lengths of records): made once,
+# looked up for each record published or streamed.
+_SMALL = [varint(n) for n in range(1 << 14)]
+
+
 def field(number: int, payload: bytes) -> bytes:
     """One length-delimited field (a message, bytes or a string) with its tag."""
-    return varint(number << 3 | _LENGTH_DELIMITED) + varint(len(payload)) + payload
+    tag, size = number << 3 | _LENGTH_DELIMITED, len(payload)
+    head = _SMALL[tag] if tag < 16384 else varint(tag)
+    return head + (_SMALL[size] if size < 16384 else varint(size)) + payload

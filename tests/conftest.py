@@ -132,8 +132,7 @@ def db(database_url: str) -> Iterator[Database]:
     database.migrate()
     if database.engine.dialect.name == "postgresql":
         now, retention = dt.datetime.now(dt.UTC), Settings().usage_retention_s
-        for spec in partitions.TABLES:
-            database.transaction(partitions.create_ahead, spec, now, retention, write=True)
+        partitions.create_all_ahead(database, now, retention)
     yield database
     database.close()
 

@@ -91,6 +91,9 @@ def test_rpcs_are_counted_by_method_type_and_code(measured: RunningSystem) -> No
     # The records log's head lock, held from allocation to commit: one publish.
     assert sample(got, "opconnect_changelog_lock_hold_seconds_count", log="records") == 1
     assert sample(got, "opconnect_changelog_lock_hold_seconds_sum", log="records") > 0
+    # That publish's batch was committed as a group of one.
+    assert sample(got, "opconnect_commit_group_batches_count", log="records") == 1
+    assert sample(got, "opconnect_commit_group_batches_sum", log="records") == 1
     # No label carries a number, a tenant or a request id.
     values = {value for key in got for _, value in key[1]}
     assert NUMBER not in values and "not a number" not in values

@@ -1,12 +1,14 @@
 """Time partitions on PostgreSQL (plumbing/partitions.py): made at start-up and ahead, retention
 by dropping whole partitions (cursors into them expire, cursors after them resume without a
 gap), a row with no partition refused without a crash, uniqueness kept by the writers' locks
-under concurrent writers, and every row kept across migration 0008."""
+under concurrent writers, every row kept across migrations 0008 and 0009, and the duration
+records' keys (0009) kept in step with their partitions."""
 
 from __future__ import annotations
 
 import datetime as dt
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,9 +24,13 @@ from opconnect.usage.v1 import usage_pb2
 from plumbing import partitions
 from plumbing.changelog import encode_cursor, read_head
 from plumbing.db import Database, alembic_config
-from services.records import storage
+from plumbing.direction import Direction
+from plumbing.validation import Outcome
+from services.records import convert, rules, storage
 from services.records.rules import LOG
+from services.usage import ingest
 from services.usage import tables as usage_tables
+from services.usage.rules import DurationRecord, Submitted
 from tests.conftest import (
     NO_POSTGRES,
     OPERATOR,
@@ -41,6 +47,7 @@ from tests.records_data import (
     duration_record,
     ids,
     publish_records,
+    published,
     record,
     stamp,
     stream_all,
@@ -216,6 +223,44 @@ def test_retention_drops_whole_partitions_and_expires_cursors_into_them(
     assert _run(pg_system, streams) == 4  # the two kept records' audio streams
 
 
+@pytest.mark.postgres
+def test_dropping_a_durations_partition_forgets_its_records_keys(pg_system: RunningSystem) -> None:
+    """The keys of the records in a dropped `call_durations` partition go with it (same
+    transaction), and so do those of the records the chunked delete takes; the others stay and
+    still answer duplicates."""
+    now = dt.datetime.now(dt.UTC)
+    old = duration_record(start=now - dt.timedelta(days=20))
+    recent = duration_record(start=now - dt.timedelta(hours=1))
+    submit(usage_stub(pg_system), [old, recent])
+    cutoff = partitions.period_start(now - dt.timedelta(days=10), partitions.Period.WEEK)
+    for attempt in range(1, partitions.TRIES + 1):  # as maintenance does, on a shared server
+        try:
+            dropped = _run(pg_system, partitions.drop_past, partitions.CALL_DURATIONS, cutoff)
+            break
+        except sa.exc.OperationalError:
+            if attempt == partitions.TRIES:
+                raise
+            time.sleep(partitions.RETRY_S)
+    assert dropped, "the old record's week is wholly before the cutoff"
+    k = usage_tables.DURATION_KEYS.c
+
+    def keys(session: sa.orm.Session) -> list[str]:
+        query = sa.select(k.record_id).where(k.operator_id == OPERATOR)
+        return sorted(session.execute(query).scalars())
+
+    assert _run(pg_system, keys) == [recent.record_id]
+    again = duration_record(call_id=old.call_id, start=now - dt.timedelta(hours=2))
+    (answer,) = submit(usage_stub(pg_system), [recent, again])
+    assert [r.outcome for r in answer.results] == [
+        usage_pb2.CALL_DURATION_OUTCOME_DUPLICATE,
+        usage_pb2.CALL_DURATION_OUTCOME_ACCEPTED,  # the dropped record's call is no longer known
+    ]
+    # The chunked delete of the partition straddling the cutoff takes the keys of its rows.
+    purged = _run(pg_system, ingest.purge_durations, now - dt.timedelta(minutes=90))
+    assert purged == 1
+    assert _run(pg_system, keys) == [recent.record_id]
+
+
 class _Held:
     """A lock held by a transaction of its own until `release` (commit)."""
 
@@ -271,17 +316,40 @@ def _together(held: _Held, *calls: Callable[[], Any]) -> list[Any]:
 def test_concurrent_publishers_store_a_call_once(pg_system: RunningSystem) -> None:
     """Two publishers of one call_id with other content (another invite time), released at
     the same moment: no constraint stops a second row (the partitioned table has none on
-    call_id), the `records` log head's lock does: one is accepted, the other a conflict."""
+    call_id), the `records` log head's lock does: one is accepted, the other a conflict. One
+    publishes through the system, the other as another replica's writer (a process of its own
+    would: one process commits its streams' batches one group at a time)."""
     url = pg_system.runtime.settings.database_url
     first = record(end=dt.datetime.now(dt.UTC) - dt.timedelta(minutes=3))
     second = record(first.call_id)  # ends a minute ago: another digest
     held = _Held(url, "SELECT 1 FROM change_log_heads WHERE log = :log FOR UPDATE", {"log": LOG})
-    one, two = _together(
-        held,
-        lambda: publish_records(pg_system.ingest(), [first]),
-        lambda: publish_records(pg_system.ingest(), [second]),
+    replica = Database(url, threads=1)
+    settings = pg_system.runtime.settings
+    (candidate,) = convert.prepare(
+        [published(second)], {OPERATOR}, settings, rules.thresholds(settings)
     )
-    outcomes = sorted((r.outcome, r.reason) for response in (one, two) for r in response.results)
+    assert isinstance(candidate, rules.Candidate)
+    try:
+        one, two = _together(
+            held,
+            lambda: publish_records(pg_system.ingest(), [first]),
+            lambda: replica.transaction(
+                storage.publish,
+                [candidate],
+                convert.publish_time_field,
+                convert.stored,
+                write=True,
+            ),
+        )
+    finally:
+        replica.close()
+    outcomes = sorted(
+        [(r.outcome, r.reason) for r in one.results]
+        + [
+            (convert.OUTCOME_OUT[r.outcome], r.refusal.reason if r.refusal else "")
+            for r in two.results
+        ]
+    )
     assert outcomes == [
         (pb.CALL_RECORD_OUTCOME_ACCEPTED, ""),
         (pb.CALL_RECORD_OUTCOME_REFUSED, "CALL_ID_CONFLICT"),
@@ -575,3 +643,68 @@ def test_maintainers_of_the_same_table_in_other_schemas_never_wait_for_each_othe
     finally:
         mine.close()
         theirs.close()
+
+
+# --- migration 0009 ------------------------------------------------------------------------
+
+
+def test_records_stored_before_the_duration_keys_keep_their_keys(database_url: str) -> None:
+    """On both backends every row stored before 0009 is kept (down to 0008 and up again too);
+    on PostgreSQL their keys fill `call_duration_keys` (SQLite's stays empty), and ingest
+    answers the records stored before as stored: the same record a duplicate, other content
+    a conflict, another record of one of their calls CALL_ALREADY_REPORTED."""
+    postgres = database_url.startswith("postgresql")
+    engine = sa.create_engine(database_url)
+    _migrate(database_url, "0007")
+    _rows_at_0007(database_url)
+    _migrate(database_url, "0008")
+    before = _contents(engine)
+    _migrate(database_url, "head")
+    assert _contents(engine) == before
+
+    def keys() -> list[tuple[Any, ...]]:
+        with engine.connect() as conn:
+            found = conn.execute(
+                sa.text("SELECT operator_id, record_id, call_id, digest FROM call_duration_keys")
+            )
+            return sorted((a, b, c, bytes(d)) for a, b, c, d in found)
+
+    stored = [(OPERATOR, f"cdr-{days}", f"call-{days}", bytes(32)) for days in (10, 200)]
+    assert keys() == (sorted(stored) if postgres else [])
+
+    now = dt.datetime.now(dt.UTC)
+
+    def checked(record_id: str, call_id: str, digest: bytes) -> Submitted:
+        talk = dt.timedelta(seconds=60)
+        return Submitted(
+            DurationRecord(
+                record_id, call_id, "t", "+1", "+2", Direction.INBOUND, now, now + talk, talk
+            ),
+            digest,
+        )
+
+    database = Database(database_url, threads=1)
+    try:
+        results = database.transaction(
+            ingest.submit,
+            OPERATOR,
+            [
+                checked("cdr-10", "call-10", bytes(32)),
+                checked("cdr-200", "call-200", b"\x01" * 32),
+                checked("cdr-new", "call-10", b"\x02" * 32),
+            ],
+            write=True,
+        )
+    finally:
+        database.close()
+    assert [(r.outcome, r.refusal and r.refusal.reason) for r in results] == [
+        (Outcome.DUPLICATE, None),
+        (Outcome.REFUSED, "RECORD_ID_CONFLICT"),
+        (Outcome.REFUSED, "CALL_ALREADY_REPORTED"),
+    ]
+    _migrate(database_url, "0008", down=True)
+    assert _contents(engine) == before
+    _migrate(database_url, "head")
+    assert _contents(engine) == before
+    assert keys() == (sorted(stored) if postgres else [])
+    engine.dispose()

@@ -1,6 +1,7 @@
 """Publishing under load: the batches of one stream pipelined (plumbing.pipeline: prepared
-ahead, committed and answered in order, a failing batch answered in its turn), and call_id
-unique with concurrent publishers on several replicas of one database."""
+ahead, committed and answered in order, a failing batch answered in its turn), the batches of
+several streams committed together (group commit), and call_id unique with concurrent
+publishers on several replicas of one database."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from plumbing.changelog import read_head
 from plumbing.config import Settings
 from plumbing.db import Database
 from plumbing.errors import invalid_field
-from plumbing.pipeline import pipelined
+from plumbing.pipeline import CommitGroups, pipelined
 from services.records import convert, rules, storage
 from tests.conftest import OPERATOR, RunningSystem, rich_error
 from tests.helpers import stored, usage_stub
@@ -195,6 +196,146 @@ def test_a_submit_stream_answers_batches_in_order_and_ends_at_a_bad_one(
     assert error is not None and error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert rich_error(error).reason == "BATCH_EMPTY"
     assert stored(system) == sorted([a.record_id, b.record_id])
+
+
+# --- group commit ------------------------------------------------------------------------------
+
+
+class _Groups:
+    """A CommitGroups over a fake `commit_many` that records each group and can be held."""
+
+    def __init__(self, max_size: int = 5) -> None:
+        self.groups: list[list[int]] = []
+        self.hold = asyncio.Event()
+        self.hold.set()
+        self.failing: set[int] = set()  # a group holding one of these fails
+        self.sizes: list[int] = []
+        self.commits = CommitGroups(self.commit_many, lambda n: n, max_size, self.sizes.append)
+
+    async def commit_many(self, items: list[int]) -> list[str]:
+        self.groups.append(items)
+        await asyncio.wait_for(self.hold.wait(), GUARD_S)
+        if self.failing.intersection(items):
+            raise RuntimeError("storage gone")
+        return [f"done {n}" for n in items]
+
+
+async def _settle() -> None:
+    """Let the tasks started run as far as they can."""
+    for _ in range(10):
+        await asyncio.sleep(0)
+
+
+async def test_batches_ready_while_a_group_commits_commit_together_in_order() -> None:
+    groups = _Groups(max_size=5)
+    groups.hold.clear()
+    first = asyncio.ensure_future(groups.commits.commit(1))
+    await _settle()
+    assert groups.groups == [[1]]  # alone: nothing else was ready
+    # Ready while it commits: the next group, in the order they came, up to 5 (by size).
+    rest = [asyncio.ensure_future(groups.commits.commit(n)) for n in (2, 3, 4)]
+    await _settle()
+    groups.hold.set()
+    answers = await asyncio.gather(first, *rest)
+    assert answers == ["done 1", "done 2", "done 3", "done 4"]  # each its own answer
+    assert groups.groups == [[1], [2, 3], [4]]  # 2 + 3 fit in 5; 4 did not
+    assert groups.sizes == [1, 2, 1]
+
+
+async def test_a_failing_group_fails_each_of_its_batches_and_the_next_group_commits() -> None:
+    groups = _Groups()
+    groups.failing = {2}
+    groups.hold.clear()
+    first = asyncio.ensure_future(groups.commits.commit(1))
+    await _settle()
+    second = [asyncio.ensure_future(groups.commits.commit(n)) for n in (2, 3)]
+    await _settle()
+    groups.hold.set()
+    results = await asyncio.gather(first, *second, return_exceptions=True)
+    assert [str(r) for r in results] == ["done 1", "storage gone", "storage gone"]
+    assert groups.groups == [[1], [2, 3]]
+    assert await groups.commits.commit(4) == "done 4"  # the next group goes on
+
+
+async def test_a_batch_given_up_while_it_waits_is_left_out_of_its_group() -> None:
+    groups = _Groups()
+    groups.hold.clear()
+    first = asyncio.ensure_future(groups.commits.commit(1))
+    await _settle()
+    gone = asyncio.ensure_future(groups.commits.commit(2))
+    kept = asyncio.ensure_future(groups.commits.commit(3))
+    await _settle()
+    gone.cancel()
+    groups.hold.set()
+    assert list(await asyncio.gather(first, kept)) == ["done 1", "done 3"]
+    assert groups.groups == [[1], [3]]
+
+
+def test_a_group_of_batches_is_stored_as_if_published_one_after_another(
+    database_url: str,
+) -> None:
+    db = Database(database_url, threads=2)
+    try:
+        db.migrate()
+        a, b, c = record(), record(), record()
+        other_b = pb.CallRecord()
+        other_b.CopyFrom(b)
+        other_b.final_sip_phrase = "Other content"
+        batches = [
+            storage.stage(_candidates([a, b]), db.is_sqlite),
+            storage.stage(_candidates([a, c, other_b]), db.is_sqlite),  # another stream's
+        ]
+        head = db.transaction(read_head, rules.LOG).position
+        stored_batches = db.transaction(
+            storage.publish_many,
+            batches,
+            convert.publish_time_field,
+            convert.stored,
+            write=True,
+        )
+        assert [[(r.call_id, r.outcome.value) for r in s.results] for s in stored_batches] == [
+            [(a.call_id, "accepted"), (b.call_id, "accepted")],
+            [(a.call_id, "duplicate"), (c.call_id, "accepted"), (b.call_id, "refused")],
+        ]
+        assert stored_batches[1].results[2].refusal is not None
+        assert stored_batches[1].results[2].refusal.reason == "CALL_ID_CONFLICT"
+        # One allocation for the group: the log moved by every candidate, in batch order.
+        assert db.transaction(read_head, rules.LOG).position == head + 5
+        selection = rules.StreamFilter(OPERATOR, None, None, False, None)
+        read = db.transaction(
+            functools.partial(storage.read_records, selection=selection), head, head + 5, 100
+        )
+        assert [row[0] for row in read] == [head + 1, head + 2, head + 4]
+        assert [convert.record_out(row[1]).call_id for row in read] == [
+            a.call_id,
+            b.call_id,
+            c.call_id,
+        ]
+    finally:
+        db.close()
+
+
+def test_concurrent_publish_streams_store_every_record_once(system: RunningSystem) -> None:
+    streams, batches, size = 6, 5, 20
+    messages = [[[record() for _ in range(size)] for _ in range(batches)] for _ in range(streams)]
+
+    def publish_stream(number: int) -> list[pb.PublishCallRecordsResponse]:
+        requests = (
+            pb.PublishCallRecordsRequest(
+                batch_id=f"s{number}-{i}", records=[published(r) for r in batch]
+            )
+            for i, batch in enumerate(messages[number])
+        )
+        return list(system.ingest().PublishCallRecords(requests, timeout=60))
+
+    with ThreadPoolExecutor(streams) as pool:
+        answers = list(pool.map(publish_stream, range(streams)))
+    for number, responses in enumerate(answers):
+        assert [r.batch_id for r in responses] == [f"s{number}-{i}" for i in range(batches)]
+        assert all(r.accepted_count == size for r in responses)
+    every = [r for stream in messages for batch in stream for r in batch]
+    stored_records, _, _ = stream_all(system.records(), start_time=EPOCH)
+    assert sorted(ids(stored_records)) == sorted(ids(every))  # each once, none missing
 
 
 # --- concurrent publishers ---------------------------------------------------------------------

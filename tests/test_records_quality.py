@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import pytest
@@ -42,7 +41,7 @@ FIELDS = {
 
 def changed(stream: StreamMetrics, field: str, value: float | None) -> StreamMetrics:
     changes: dict[str, Any] = {field: value}
-    return dataclasses.replace(stream, **changes)
+    return stream._replace(**changes)
 
 
 def test_a_healthy_stream_is_good() -> None:
@@ -69,18 +68,12 @@ def test_a_missing_metric_makes_the_stream_unclassified(metric: Metric) -> None:
 
 
 def test_the_minimum_packet_count() -> None:
-    bad = dataclasses.replace(GOOD, round_trip_ms=900.0, jitter_ms=None)
-    assert (
-        classify_stream(0, dataclasses.replace(bad, packet_count=500), RULES).quality
-        is Quality.GOOD
-    )
-    assert (
-        classify_stream(0, dataclasses.replace(bad, packet_count=501), RULES).quality
-        is Quality.UNCLASSIFIED
-    )
-    poor = dataclasses.replace(GOOD, round_trip_ms=900.0, packet_count=501)
+    bad = GOOD._replace(round_trip_ms=900.0, jitter_ms=None)
+    assert classify_stream(0, bad._replace(packet_count=500), RULES).quality is Quality.GOOD
+    assert classify_stream(0, bad._replace(packet_count=501), RULES).quality is Quality.UNCLASSIFIED
+    poor = GOOD._replace(round_trip_ms=900.0, packet_count=501)
     assert classify_stream(0, poor, RULES).quality is Quality.POOR
-    missing = classify_stream(0, dataclasses.replace(GOOD, packet_count=None), RULES)
+    missing = classify_stream(0, GOOD._replace(packet_count=None), RULES)
     assert missing.reasons == (Reason(Metric.PACKET_COUNT, None, 500, 0),)
 
 
@@ -91,8 +84,7 @@ def test_thresholds_are_configurable() -> None:
 
 
 def test_every_crossing_is_a_reason() -> None:
-    worst = dataclasses.replace(
-        GOOD,
+    worst = GOOD._replace(
         round_trip_ms=600.0,
         packet_loss_rate=0.2,
         jitter_ms=40.0,
@@ -103,9 +95,9 @@ def test_every_crossing_is_a_reason() -> None:
 
 
 def test_a_call_is_as_bad_as_its_worst_audio_stream() -> None:
-    video = dataclasses.replace(GOOD, audio=False, jitter_ms=None)
-    poor = dataclasses.replace(GOOD, jitter_ms=31.0)
-    unknown = dataclasses.replace(GOOD, concealed_ratio=None)
+    video = GOOD._replace(audio=False, jitter_ms=None)
+    poor = GOOD._replace(jitter_ms=31.0)
+    unknown = GOOD._replace(concealed_ratio=None)
     assert classify_call([GOOD, video], RULES)[0].quality is Quality.GOOD
     call, streams = classify_call([GOOD, unknown, poor], RULES)
     assert call.quality is Quality.POOR

@@ -4,7 +4,6 @@ Run the fast tier alone with `pytest -m unit`."""
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 
 import pytest
@@ -46,7 +45,7 @@ ANSWERED = CallRecord(
 
 
 def refusal_of(**changes: object) -> tuple[str, str] | None:
-    record = dataclasses.replace(ANSWERED, **changes)  # type: ignore[arg-type]
+    record = ANSWERED._replace(**changes)  # type: ignore[arg-type]
     found = check_record(record, NOW, RETENTION, SKEW)
     return None if found is None else (found.reason, found.field)
 

@@ -3,7 +3,6 @@ Run the fast tier alone with `pytest -m unit`."""
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import math
 
@@ -34,7 +33,7 @@ GOOD = DurationRecord(
 
 
 def refusal_of(**changes: object) -> tuple[str, str] | None:
-    found = check_record(dataclasses.replace(GOOD, **changes), NOW, RETENTION, SKEW)  # type: ignore[arg-type]
+    found = check_record(GOOD._replace(**changes), NOW, RETENTION, SKEW)  # type: ignore[arg-type]
     return None if found is None else (found.reason, found.field)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import functools
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -27,8 +28,9 @@ from plumbing.changelog import (
     notify_commit,
     read_head,
 )
-from plumbing.db import Base, Database
+from plumbing.db import Base, Database, Unit
 from plumbing.errors import ApiError, Kind
+from plumbing.metrics import Metrics
 from plumbing.partitions import include_name
 from services.numbers import storage
 from services.numbers.rules import LOG
@@ -173,6 +175,30 @@ async def test_notifier_wakes_only_the_keys_it_names() -> None:
     assert last.is_set() and notifier.closed
 
 
+async def test_the_notify_of_a_change_already_woken_for_wakes_nobody_again() -> None:
+    """The NOTIFY of this process's own commit, after `publish` woke its keys, wakes nobody
+    twice; nor does one at an earlier position (committed before it). Every other NOTIFY
+    wakes: a later position, a key not woken, position 0 (a change without one), every key;
+    and positions come only from this process's own commits, never from a NOTIFY (another
+    deployment sharing the database may be far ahead)."""
+    notifier = Notifier()
+    notifier.bind(asyncio.get_running_loop())
+    notifier.wake_notified(LOG, ("a",), 1_000)  # another deployment's log, far ahead
+    notifier.publish(LOG, ["a"], 5)
+    await asyncio.sleep(0.01)  # publish wakes on the loop
+    generation = notifier.generation(LOG, "a")
+    echo, other = notifier.waiter(LOG, "a"), notifier.waiter(LOG, "b")
+    notifier.wake_notified(LOG, ("a",), 5)  # the echo
+    notifier.wake_notified(LOG, ("a",), 4)  # committed before 5: the wake-up at 5 came after it
+    assert not echo.is_set() and notifier.generation(LOG, "a") == generation
+    notifier.wake_notified(LOG, ("a", "b"), 5)  # "b" was not woken at 5
+    assert other.is_set() and not echo.is_set()
+    for keys, position in ((("a",), 6), (("a",), 0), ((ANY_KEY,), 3)):
+        again = notifier.waiter(LOG, "a")
+        notifier.wake_notified(LOG, keys, position)
+        assert again.is_set(), (keys, position)
+
+
 async def test_a_commit_through_one_replica_wakes_streams_on_another() -> None:
     if not POSTGRES_URL:
         pytest.skip(NO_POSTGRES)
@@ -210,3 +236,88 @@ async def test_storage_that_cannot_be_reached_answers_unavailable() -> None:
     error = caught.value
     assert (error.kind, error.reason) == (Kind.UNAVAILABLE, "STORAGE_UNAVAILABLE")
     assert error.retry_after_s is not None
+
+
+# --------------------------------------------------------------------------- Session-free units
+
+
+def _allocate_then(unit: Unit, fail: bool) -> int:
+    position = allocate(unit, LOG)
+    if fail:
+        raise RuntimeError("the unit fails after its statements")
+    return position
+
+
+async def test_a_unit_without_a_session_commits_or_rolls_back_as_a_sessions_does(
+    db: Database,
+) -> None:
+    """`run_unit`: what a unit wrote is committed when it returns, rolled back when it raises,
+    and its connection goes back to the pool either way."""
+    assert await db.run_unit(_allocate_then, False, write=True) == 1
+    with pytest.raises(RuntimeError):
+        await db.run_unit(_allocate_then, True, write=True)
+    assert db.transaction(read_head, LOG).position == 1
+    assert await db.run_unit(read_head, LOG) == db.transaction(read_head, LOG)
+    assert db.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+
+
+async def test_a_units_head_lock_is_timed_to_its_commit(tmp_path: Path) -> None:
+    metrics = Metrics(enabled=True)
+    database = Database(f"sqlite:///{tmp_path / 'opconnect.db'}", threads=2, metrics=metrics)
+    database.migrate()
+    try:
+        await database.run_unit(_allocate_then, False, write=True)
+        name = "opconnect_changelog_lock_hold_seconds"
+        labels = {"log": LOG}
+        assert metrics.registry.get_sample_value(f"{name}_count", labels) == 1
+        assert (metrics.registry.get_sample_value(f"{name}_sum", labels) or 0) > 0
+    finally:
+        database.close()
+
+
+@pytest.mark.postgres
+async def test_a_read_unit_sees_one_snapshot_and_leaves_the_connection_as_it_was() -> None:
+    """PostgreSQL: a read unit runs at REPEATABLE READ, as a Session's read does; the pooled
+    connection is back at the server's default level for the next unit."""
+    if not POSTGRES_URL:
+        pytest.skip(NO_POSTGRES)
+    database = Database(reset_postgres(POSTGRES_URL), threads=1)
+
+    def level(unit: Unit) -> str:
+        return str(unit.fetch("SHOW transaction_isolation", ())[0][0])
+
+    try:
+        assert await database.run_unit(level) == "repeatable read"
+        assert await database.run_unit(level, write=True) == "read committed"
+    finally:
+        database.close()
+
+
+async def test_a_unit_on_storage_that_cannot_be_reached_answers_unavailable() -> None:
+    unreachable = Database("postgresql+psycopg://nobody@127.0.0.1:1/none", threads=1)
+    try:
+        with pytest.raises(ApiError) as caught:
+            await unreachable.run_unit(read_head, LOG)
+    finally:
+        unreachable.close()
+    error = caught.value
+    assert (error.kind, error.reason) == (Kind.UNAVAILABLE, "STORAGE_UNAVAILABLE")
+
+
+def test_a_unit_waits_out_another_process_lock_as_busy(tmp_path: Path) -> None:
+    """SQLite's write lock held by another process past the busy timeout: a unit without a
+    Session answers RESOURCE_EXHAUSTED (STORAGE_BUSY), and works once the lock is free."""
+    url = f"sqlite:///{tmp_path / 'opconnect.db'}"
+    database = Database(url, threads=2, busy_timeout_s=0.2)
+    database.migrate()
+    other = sqlite3.connect(tmp_path / "opconnect.db", isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        with pytest.raises(ApiError) as raised:
+            asyncio.run(database.run_unit(_allocate_then, False, write=True))
+        assert (raised.value.kind, raised.value.reason) == (Kind.LIMITED, "STORAGE_BUSY")
+        other.execute("ROLLBACK")
+        assert asyncio.run(database.run_unit(_allocate_then, False, write=True)) == 1
+    finally:
+        other.close()
+        database.close()

@@ -32,7 +32,13 @@ from services.usage.rules import (
 BASE = dt.datetime(2026, 11, 2, tzinfo=dt.UTC)
 OPERATORS = ("op-a", "op-b")
 TENANTS = ("11111111-1111-4111-8111-111111111111", "22222222-2222-4222-8222-222222222222")
-TABLES = ("usage_daily", "usage_platform_calls", "call_durations", "usage_feed_cursors")
+TABLES = (
+    "usage_daily",
+    "usage_platform_calls",
+    "call_durations",
+    "call_duration_keys",
+    "usage_feed_cursors",
+)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -239,7 +239,7 @@ class NumberAdminService(pb_grpc.NumberAdminServiceServicer):
             operator = change.number.operator_id
             self._changes.labels(operator, change.event.type.value).inc()
             self._cache.invalidate([operator])
-            self._notifier.publish(LOG, [operator])
+            self._notifier.publish(LOG, [operator], change.event.position)
 
     async def AssignNumber(
         self, request: pb.AssignNumberRequest, context: Context
@@ -247,7 +247,7 @@ class NumberAdminService(pb_grpc.NumberAdminServiceServicer):
         assignment = rules.check_assignment(
             request.phone_number, request.tenant_id, request.sip_uri, convert.target_in(request)
         )
-        change = await self._db.run(storage.assign_number, assignment, write=True)
+        change = await self._db.run_unit(storage.assign_number, assignment, write=True)
         self._changed(change)
         return pb.AssignNumberResponse(number=convert.number_out(change.number))
 
@@ -256,7 +256,7 @@ class NumberAdminService(pb_grpc.NumberAdminServiceServicer):
     ) -> pb.UnassignNumberResponse:
         number = rules.require_number(request.phone_number)
         tenant = rules.normalize_tenant(request.tenant_id)
-        change = await self._db.run(storage.unassign_number, number, tenant, write=True)
+        change = await self._db.run_unit(storage.unassign_number, number, tenant, write=True)
         self._changed(change)
         return pb.UnassignNumberResponse(number=convert.number_out(change.number))
 

@@ -26,15 +26,17 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
-from plumbing.changelog import allocate, mark_purged, notify_commit, read_head
-from plumbing.db import (
-    Base,
-    dialect_insert,
-    driver_execute_many,
-    driver_fetch,
-    driver_time,
-    utc,
+from plumbing.changelog import (
+    ALLOCATE_ONE_CTE,
+    NOTIFY_CHANNEL,
+    allocate,
+    locked,
+    mark_purged,
+    notify_commit,
+    notify_parts,
+    read_head,
 )
+from plumbing.db import Base, Unit, dialect_insert, driver_fetch, unit_of, utc
 from plumbing.errors import ApiError, failed_precondition, not_found
 from services.numbers.rules import (
     DOMAIN,
@@ -294,8 +296,9 @@ class Change:
 
 
 # An assignment change is every AssignNumber's and UnassignNumber's whole unit of work: plain
-# SQL on the driver (plumbing.db.driver_fetch), where SQLAlchemy's ORM (identity map, flush,
-# statement handling) cost twice the statements themselves.
+# SQL on the driver, where SQLAlchemy's ORM (identity map, flush, statement handling) cost twice
+# the statements themselves, in a `Unit` without a Session (`Database.run_unit`: the Session's
+# set-up and commit cost as much again); a Session's transaction may run them too.
 _NUMBER = (
     "SELECT operator_id, tenant_id, usage, inbound, outbound, state, sip_uri, target_kind,"
     " target_id, created_at, updated_at FROM numbers WHERE phone_number = ?"
@@ -308,14 +311,25 @@ _INSERT_EVENT = (
     "INSERT INTO number_events (position, operator_id, tenant_id, phone_number, type, sip_uri,"
     " target_kind, target_id, occurred_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
+# PostgreSQL: the whole change in one statement, one round trip instead of four: the number's
+# row, a position in the log (plumbing.changelog.ALLOCATE_ONE_CTE), the event at it, and the
+# notify to every replica (its payload around the position: plumbing.changelog.notify_parts).
+_CHANGE_POSTGRES = (
+    f"WITH number AS ({_SET_ASSIGNMENT}), {ALLOCATE_ONE_CTE},"  # noqa: S608 (constants)
+    " event AS (INSERT INTO number_events (position, operator_id, tenant_id, phone_number, type,"
+    " sip_uri, target_kind, target_id, occurred_at) SELECT position, ?, ?, ?, ?, ?, ?, ?, ?"
+    " FROM head RETURNING position)"
+    " SELECT position, pg_notify(?, CAST(? AS text) || position || CAST(? AS text)) FROM event"
+)
 _EVENTS = (
     "SELECT position, type, phone_number, tenant_id, sip_uri, target_kind, target_id,"
     " occurred_at FROM number_events WHERE operator_id = ? AND position > ? AND position <= ?"
 )
 _ORDERED = " ORDER BY position LIMIT ?"
 _OF_TENANT = " AND tenant_id = ?"
-# The statements written by hand (tests/test_sql.py checks them).
+# The statements written by hand (tests/test_sql.py checks them; POSTGRES_SQL on PostgreSQL only).
 SQL = (_NUMBER, _SET_ASSIGNMENT, _INSERT_EVENT, _EVENTS + _ORDERED, _EVENTS + _OF_TENANT + _ORDERED)
+POSTGRES_SQL = (_CHANGE_POSTGRES,)
 
 
 def _stored_time(value: str | dt.datetime) -> dt.datetime:
@@ -326,11 +340,10 @@ def _stored_time(value: str | dt.datetime) -> dt.datetime:
     return utc(value)
 
 
-def _locked_number(session: Session, phone_number: str) -> Number:
+def _locked_number(unit: Unit, phone_number: str) -> Number:
     """The number, its row locked until commit (PostgreSQL: FOR UPDATE; SQLite: the write
     transaction holds the database's one write lock from its start)."""
-    postgres = session.get_bind().dialect.name == "postgresql"
-    rows = driver_fetch(session, _NUMBER + (" FOR UPDATE" if postgres else ""), (phone_number,))
+    rows = unit.fetch(_NUMBER + (" FOR UPDATE" if unit.postgres else ""), (phone_number,))
     if not rows:
         raise not_found(DOMAIN, "NUMBER_NOT_FOUND", "no such number has been uploaded")
     (operator, tenant, usage, inbound, outbound, state, sip, kind, target, created, updated) = rows[
@@ -351,29 +364,34 @@ def _locked_number(session: Session, phone_number: str) -> Number:
     )
 
 
-def _change(session: Session, number: Number, kind: EventType, stamp: dt.datetime) -> Change:
+def _change(unit: Unit, number: Number, kind: EventType, stamp: dt.datetime) -> Change:
     """Store the number as `number` says and log the change at the next position of the log."""
-    time_of = driver_time(session)
     target = number.target
     target_kind, target_id = (target.kind.value, target.id) if target is not None else ("", "")
     fields = (number.state.value, number.sip_uri, target_kind, target_id)
-    driver_execute_many(session, _SET_ASSIGNMENT, [(*fields, time_of(stamp), number.phone_number)])
-    position = allocate(session, LOG)
+    when = unit.time(stamp)
     event_row = (number.operator_id, number.tenant_id, number.phone_number, kind.value)
-    driver_execute_many(
-        session,
-        _INSERT_EVENT,
-        [(position, *event_row, number.sip_uri, target_kind, target_id, time_of(stamp))],
-    )
-    notify_commit(session, LOG, position, [number.operator_id])
+    event_values = (*event_row, number.sip_uri, target_kind, target_id, when)
+    if unit.postgres:
+        before, after = notify_parts(LOG, [number.operator_id])
+        ((position, _),) = unit.fetch(
+            _CHANGE_POSTGRES,
+            (*fields, when, number.phone_number, LOG, *event_values, NOTIFY_CHANNEL, before, after),
+        )
+        locked(unit, LOG)
+    else:
+        unit.fetch(_SET_ASSIGNMENT, (*fields, when, number.phone_number))
+        position = allocate(unit, LOG)
+        unit.fetch(_INSERT_EVENT, (position, *event_values))
     event = Event(
-        position, kind, number.phone_number, number.tenant_id, number.sip_uri, target, stamp
+        int(position), kind, number.phone_number, number.tenant_id, number.sip_uri, target, stamp
     )
     return Change(number, event)
 
 
-def assign_number(session: Session, assignment: Assignment) -> Change:
-    number = _locked_number(session, assignment.phone_number)
+def assign_number(session: Session | Unit, assignment: Assignment) -> Change:
+    unit = unit_of(session)
+    number = _locked_number(unit, assignment.phone_number)
     problem: ApiError | None = check_can_assign(number, assignment)
     if problem is not None:
         raise problem
@@ -391,11 +409,12 @@ def assign_number(session: Session, assignment: Assignment) -> Change:
         target=assignment.target,
         updated_at=stamp,
     )
-    return _change(session, changed, kind, stamp)
+    return _change(unit, changed, kind, stamp)
 
 
-def unassign_number(session: Session, phone_number: str, tenant_id: str) -> Change:
-    number = _locked_number(session, phone_number)
+def unassign_number(session: Session | Unit, phone_number: str, tenant_id: str) -> Change:
+    unit = unit_of(session)
+    number = _locked_number(unit, phone_number)
     if number.tenant_id != tenant_id:
         raise failed_precondition(
             DOMAIN, "TENANT_MISMATCH", "the number was uploaded for another tenant"
@@ -406,7 +425,7 @@ def unassign_number(session: Session, phone_number: str, tenant_id: str) -> Chan
     changed = dataclasses.replace(
         number, state=State.UNASSIGNED, sip_uri="", target=None, updated_at=stamp
     )
-    return _change(session, changed, EventType.UNASSIGNED, stamp)
+    return _change(unit, changed, EventType.UNASSIGNED, stamp)
 
 
 def read_events(

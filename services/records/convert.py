@@ -129,25 +129,28 @@ def stream_in(stream: pb.MediaStream) -> MediaStream:
         packet_count=stream.packet_count if has("packet_count") else None,
         average_jitter_ms=_ms(stream.average_jitter) if has("average_jitter") else None,
         max_jitter_ms=_ms(stream.max_jitter) if has("max_jitter") else None,
-        packet_loss_rate=float(stream.packet_loss_rate) if has("packet_loss_rate") else None,
+        packet_loss_rate=stream.packet_loss_rate if has("packet_loss_rate") else None,
         average_round_trip_ms=(
             _ms(stream.average_round_trip) if has("average_round_trip") else None
         ),
         max_round_trip_ms=_ms(stream.max_round_trip) if has("max_round_trip") else None,
         network_mos_degradation=(
-            float(stream.network_mos_degradation) if has("network_mos_degradation") else None
+            stream.network_mos_degradation if has("network_mos_degradation") else None
         ),
         concealed_samples_ratio=(
-            float(stream.concealed_samples_ratio) if has("concealed_samples_ratio") else None
+            stream.concealed_samples_ratio if has("concealed_samples_ratio") else None
         ),
     )
 
 
 def _duration(message: pb.CallRecord) -> dt.timedelta:
     value = duration_in(message.duration)
-    if value is None or value < dt.timedelta(0):
+    if value is None or value < _ZERO:
         raise _Bad(Refusal("DURATION_INVALID", "record.duration", "not a valid, positive duration"))
     return value
+
+
+_ZERO = dt.timedelta(0)
 
 
 def record_in(message: pb.CallRecord) -> CallRecord:
@@ -165,7 +168,7 @@ def record_in(message: pb.CallRecord) -> CallRecord:
         final_sip_code=message.final_sip_code,
         final_sip_phrase=message.final_sip_phrase,
         end_reason=END_REASON_IN.get(message.end_reason),
-        media_streams=tuple(stream_in(s) for s in message.media_streams),
+        media_streams=tuple(map(stream_in, message.media_streams)),
     )
 
 
@@ -252,10 +255,12 @@ def reason_out(reason: Reason) -> pb.QualityReason:
 def body(clean: pb.CallRecord, call: Verdict, streams: list[Verdict]) -> bytes:
     """The stored bytes of a record (all but publish_time): the clean copy, classified."""
     clean.quality_class = QUALITY_OUT[call.quality]
-    clean.quality_reasons.extend(reason_out(r) for r in call.reasons)
+    if call.reasons:
+        clean.quality_reasons.extend(reason_out(r) for r in call.reasons)
     for message, verdict in zip(clean.media_streams, streams, strict=True):
         message.quality_class = QUALITY_OUT[verdict.quality]
-        message.quality_reasons.extend(reason_out(r) for r in verdict.reasons)
+        if verdict.reasons:
+            message.quality_reasons.extend(reason_out(r) for r in verdict.reasons)
     return clean.SerializeToString()
 
 

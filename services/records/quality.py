@@ -11,9 +11,11 @@ to its threshold is not a crossing. Only audio is classified.
 from __future__ import annotations
 
 import functools
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import NamedTuple
 
 
 class Quality(StrEnum):
@@ -52,9 +54,10 @@ class Thresholds:
         }
 
 
-@dataclass(frozen=True)
-class StreamMetrics:
-    """What the classification reads of one media stream; None is a missing metric."""
+class StreamMetrics(NamedTuple):
+    """What the classification reads of one media stream; None is a missing metric. (Named
+    tuples, as the other values made per published record: a frozen dataclass costs several
+    times more to make, and publish makes a few per record.)"""
 
     audio: bool
     packet_count: int | None
@@ -80,8 +83,7 @@ _FIELD_OF = {
 }
 
 
-@dataclass(frozen=True)
-class Reason:
+class Reason(NamedTuple):
     """One metric against its threshold: crossed (POOR), or missing (observed None)."""
 
     metric: Metric
@@ -90,33 +92,57 @@ class Reason:
     stream_index: int
 
 
-@dataclass(frozen=True)
-class Verdict:
+class Verdict(NamedTuple):
     quality: Quality
     reasons: tuple[Reason, ...] = ()
 
 
+GOOD = Verdict(Quality.GOOD)
+UNCLASSIFIED = Verdict(Quality.UNCLASSIFIED)
+
+
 def classify_stream(index: int, stream: StreamMetrics, rules: Thresholds) -> Verdict:
+    return _classify(index, stream, rules.min_packets, _limits(rules))
+
+
+def _classify(
+    index: int, stream: StreamMetrics, min_packets: int, limits: tuple[float, ...]
+) -> Verdict:
+    """`classify_stream` with the thresholds read once per call (the publish hot path)."""
     if not stream.audio:
-        return Verdict(Quality.UNCLASSIFIED)
+        return UNCLASSIFIED
     if stream.packet_count is None:
-        reason = Reason(Metric.PACKET_COUNT, None, rules.min_packets, index)
+        reason = Reason(Metric.PACKET_COUNT, None, min_packets, index)
         return Verdict(Quality.UNCLASSIFIED, (reason,))
-    if stream.packet_count <= rules.min_packets:
-        return Verdict(Quality.GOOD)
-    observed = [(metric, limit, stream.value(metric)) for metric, limit in _limits(rules)]
-    missing = tuple(Reason(m, None, limit, index) for m, limit, v in observed if v is None)
-    if missing:
-        return Verdict(Quality.UNCLASSIFIED, missing)
-    crossed = tuple(
-        Reason(m, v, limit, index) for m, limit, v in observed if v is not None and v > limit
+    if stream.packet_count <= min_packets:
+        return GOOD
+    values = _observed(stream)
+    if None in values:
+        missing = zip(_JUDGED, limits, values, strict=True)
+        return Verdict(
+            Quality.UNCLASSIFIED,
+            tuple(Reason(m, None, limit, index) for m, limit, v in missing if v is None),
+        )
+    if not any(map(operator.gt, values, limits)):
+        return GOOD
+    observed = zip(_JUDGED, limits, values, strict=True)
+    return Verdict(
+        Quality.POOR,
+        tuple(Reason(m, v, limit, index) for m, limit, v in observed if v > limit),
     )
-    return Verdict(Quality.POOR, crossed) if crossed else Verdict(Quality.GOOD)
+
+
+# The metrics a stream is judged on, in the order its reasons list them; and a getter of their
+# values from a StreamMetrics, in that order.
+_JUDGED = tuple(Thresholds().limits())
+_observed = operator.itemgetter(*(StreamMetrics._fields.index(_FIELD_OF[m]) for m in _JUDGED))
 
 
 @functools.lru_cache(maxsize=8)  # one set of thresholds per process: made once, not per stream
-def _limits(rules: Thresholds) -> tuple[tuple[Metric, float], ...]:
-    return tuple(rules.limits().items())
+def _limits(rules: Thresholds) -> tuple[float, ...]:
+    """The thresholds of `_JUDGED`, in that order."""
+    limits = rules.limits()
+    return tuple(limits[m] for m in _JUDGED)
 
 
 def classify_call(
@@ -124,8 +150,11 @@ def classify_call(
 ) -> tuple[Verdict, list[Verdict]]:
     """The call's verdict and each stream's. A call is POOR if any audio stream is; otherwise
     UNCLASSIFIED if any audio stream is, or if it has no audio; otherwise GOOD."""
-    verdicts = [classify_stream(i, s, rules) for i, s in enumerate(streams)]
+    min_packets, limits = rules.min_packets, _limits(rules)
+    verdicts = [_classify(i, s, min_packets, limits) for i, s in enumerate(streams)]
     audio = [v for v, s in zip(verdicts, streams, strict=True) if s.audio]
+    if audio and all(v is GOOD for v in audio):
+        return GOOD, verdicts
     poor = [v for v in audio if v.quality is Quality.POOR]
     if poor:
         return Verdict(Quality.POOR, tuple(r for v in poor for r in v.reasons)), verdicts
@@ -133,4 +162,4 @@ def classify_call(
     if unclassified or not audio:
         reasons = tuple(r for v in unclassified for r in v.reasons)
         return Verdict(Quality.UNCLASSIFIED, reasons), verdicts
-    return Verdict(Quality.GOOD), verdicts
+    return GOOD, verdicts

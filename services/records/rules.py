@@ -11,6 +11,7 @@ import math
 import re
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import NamedTuple
 
 from plumbing.config import Settings
 from plumbing.direction import Direction
@@ -113,10 +114,10 @@ class GroupBy(StrEnum):
     TRUNK = "trunk"
 
 
-@dataclass(frozen=True)
-class MediaStream:
+class MediaStream(NamedTuple):
     """One media stream as published; None is a missing (or, for enums, unknown) value.
-    Time metrics are in milliseconds."""
+    Time metrics are in milliseconds. (The values publish makes for each record are named
+    tuples, immutable as frozen dataclasses but several times cheaper to make.)"""
 
     direction: MediaDirection | None
     media_type: MediaType | None
@@ -143,8 +144,7 @@ class MediaStream:
         )
 
 
-@dataclass(frozen=True)
-class CallRecord:
+class CallRecord(NamedTuple):
     """A call record as published (output-only fields are not part of it)."""
 
     call_id: str
@@ -167,8 +167,7 @@ class CallRecord:
         return self.answer_time is not None
 
 
-@dataclass(frozen=True)
-class Published:
+class Published(NamedTuple):
     """A record and the operator whose trunk carried it, with the digest of its content (the
     key of idempotent publishing: same call_id and digest is a duplicate)."""
 
@@ -177,8 +176,7 @@ class Published:
     digest: bytes
 
 
-@dataclass(frozen=True)
-class Result:
+class Result(NamedTuple):
     """How one published record went."""
 
     call_id: str
@@ -425,8 +423,7 @@ def require_call_id(value: str) -> str:
 MAX_SUMMARY_PERIOD = dt.timedelta(days=31)
 
 
-@dataclass(frozen=True)
-class Candidate:
+class Candidate(NamedTuple):
     """A valid, classified record ready to store: `body` lacks only its publish_time."""
 
     published: Published

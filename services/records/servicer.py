@@ -38,7 +38,7 @@ from plumbing.db import Database
 from plumbing.errors import invalid_field, not_found
 from plumbing.logs import mask_number
 from plumbing.metrics import Metrics, count_labels
-from plumbing.pipeline import pipelined
+from plumbing.pipeline import CommitGroups, pipelined
 from plumbing.rpc import current_operator
 from plumbing.tokens import page_token, read_page_token
 from plumbing.validation import (
@@ -297,6 +297,13 @@ class CallRecordIngestService(pb_grpc.CallRecordIngestServiceServicer):
         self._known_operator = known_operator
         self._thresholds = rules.thresholds(settings)
         self._published = metrics.records_published
+        # Batches of every stream ready at once commit together (plumbing.pipeline).
+        self._groups = CommitGroups(
+            self._store,
+            _batch_records,
+            settings.publish_group_max_records,
+            metrics.commit_group_batches.labels(LOG).observe,
+        )
 
     async def PublishCallRecords(
         self, requests: AsyncIterator[pb.PublishCallRecordsRequest], context: Context
@@ -333,17 +340,23 @@ class CallRecordIngestService(pb_grpc.CallRecordIngestServiceServicer):
         )
         return _Batch(request.batch_id, prepared, staged)
 
-    async def _commit(self, batch: _Batch) -> pb.PublishCallRecordsResponse:
-        """The batch stored in one transaction, and its answer."""
+    async def _store(self, batches: list[storage.Staged]) -> list[storage.Stored]:
+        """A group of batches stored in one transaction; live streams woken."""
         stored = await self._db.run(
-            storage.publish,
-            batch.staged,
+            storage.publish_many,
+            batches,
             convert.publish_time_field,
             convert.stored,
             write=True,
         )
-        if stored.operators:
-            self._notifier.publish(LOG, stored.operators)
+        operators = set().union(*(s.operators for s in stored))
+        if operators:
+            self._notifier.publish(LOG, operators)
+        return stored
+
+    async def _commit(self, batch: _Batch) -> pb.PublishCallRecordsResponse:
+        """The batch stored (with the other streams' batches ready then), and its answer."""
+        stored = await self._groups.commit(batch.staged)
         accepted = iter(stored.results)
         results = [next(accepted) if isinstance(p, rules.Candidate) else p for p in batch.prepared]
         count_labels(
@@ -366,6 +379,10 @@ class _Batch:
     batch_id: str
     prepared: list[rules.Candidate | rules.Result]
     staged: storage.Staged
+
+
+def _batch_records(staged: storage.Staged) -> int:
+    return len(staged.candidates)
 
 
 def _prepare_batch(

@@ -220,6 +220,7 @@ def stage(candidates: Sequence[Candidate], sqlite: bool) -> Staged:
         if direction is None or invite is None or end is None:
             raise ValueError("publish() stores checked records only")
         tenant, trunk, operator = record.tenant_id.lower(), record.trunk_fqdn, published.operator_id
+        invite_value = time_of(invite)
         records.append(
             (
                 record.call_id,
@@ -229,7 +230,7 @@ def stage(candidates: Sequence[Candidate], sqlite: bool) -> Staged:
                 record.caller,
                 record.callee,
                 trunk,
-                time_of(invite),
+                invite_value,
                 time_of(record.answer_time),
                 time_of(end),
                 record.duration // _MS,
@@ -238,7 +239,6 @@ def stage(candidates: Sequence[Candidate], sqlite: bool) -> Staged:
                 published.digest,
             )
         )
-        invite_value = time_of(invite)
         streams.append(
             [
                 (
@@ -268,17 +268,29 @@ def publish(
     publish_time_field: Callable[[dt.datetime], bytes],
     stored_form: Callable[[bytes, bytes], bytes],
 ) -> Stored:
-    """Store the candidates in order, as if published one by one: a call_id already stored (or
-    earlier in the batch) is a duplicate with the same digest, a conflict with another.
+    """Store one batch of candidates: `publish_many` of it alone."""
+    (stored,) = publish_many(session, [candidates], publish_time_field, stored_form)
+    return stored
+
+
+def publish_many(
+    session: Session,
+    batches: Sequence[Sequence[Candidate] | Staged],
+    publish_time_field: Callable[[dt.datetime], bytes],
+    stored_form: Callable[[bytes, bytes], bytes],
+) -> list[Stored]:
+    """Store batches of candidates (one or many streams' batches: a group commit) in order, as
+    if published one by one: a call_id already stored (or earlier in the batches) is a
+    duplicate with the same digest, a conflict with another. Each batch's own `Stored`.
 
     The rows are built first (`stage`, best done before the transaction). Then the log's
-    positions are allocated: that takes the log's lock, so publishes are serialized and the
-    duplicate check, made after it, sees every earlier commit, on PostgreSQL too (call_id is
-    unique by this check, not by an index). Under the lock only what needs it: the look-up of
-    stored call ids, the publish time, each row's position and stored body, the inserts on the
-    driver, and the commit straight after. `publish_time_field(time)` encodes the commit time,
-    and `stored_form(body, time_field)` gives the bytes to store (convert.py: protobuf stays
-    out of storage).
+    positions are allocated, once for every batch: that takes the log's lock, so publishes are
+    serialized and the duplicate check, made after it, sees every earlier commit, on PostgreSQL
+    too (call_id is unique by this check, not by an index). Under the lock only what needs it:
+    the look-up of stored call ids, the publish time, each row's position and stored body, the
+    inserts on the driver, and the commit straight after. `publish_time_field(time)` encodes
+    the commit time, and `stored_form(body, time_field)` gives the bytes to store (convert.py:
+    protobuf stays out of storage).
     INVARIANT: no constraint backs `call_id`'s uniqueness (a partitioned table cannot have
     one without the partition key), so the check below must run while this transaction holds
     the `records` log head's row lock, and every other publish must take that lock before its
@@ -287,14 +299,14 @@ def publish(
     with concurrent writers).
     """
     sqlite = session.get_bind().dialect.name == "sqlite"
-    staged = candidates if isinstance(candidates, Staged) else stage(candidates, sqlite)
-    if staged.sqlite != sqlite:
+    staged = [b if isinstance(b, Staged) else stage(b, sqlite) for b in batches]
+    if any(s.sqlite != sqlite for s in staged):
         raise ValueError("rows staged for another database")
-    if not staged.candidates:
-        return Stored([], set())
-    count = len(staged.candidates)
+    count = sum(len(s.candidates) for s in staged)
+    if not count:
+        return [Stored([], set()) for _ in staged]
     first = allocate(session, LOG, count)
-    ids = [row[0] for row in staged.records]
+    ids = [row[0] for s in staged for row in s.records]
     stored: dict[str, bytes] = {}
     for start in range(0, count, CHUNK):
         chunk = ids[start : start + CHUNK]
@@ -304,30 +316,36 @@ def publish(
     stamp, stamped = publish_time_field(now), time_form(sqlite=sqlite)(now)
     rows: list[tuple[Any, ...]] = []
     stream_rows: list[tuple[Any, ...]] = []
-    results: list[Result] = []
-    operators: set[str] = set()
-    for offset, (candidate, row, streams) in enumerate(
-        zip(staged.candidates, staged.records, staged.streams, strict=True)
-    ):
-        call_id, digest = row[0], row[13]
-        seen = stored.get(call_id)
-        if seen is not None:
-            results.append(
-                Result(call_id, Outcome.DUPLICATE) if seen == digest else _conflict(call_id)
-            )
-            continue
-        stored[call_id] = digest
-        position = first + offset
-        rows.append((position, *row, stamped, stored_form(candidate.body, stamp)))
-        stream_rows += [(position, *stream, stamped) for stream in streams]
-        operators.add(row[1])
-        results.append(Result(call_id, Outcome.ACCEPTED))
+    every_operator: set[str] = set()
+    out: list[Stored] = []
+    position = first - 1
+    for batch in staged:
+        results: list[Result] = []
+        operators: set[str] = set()
+        for candidate, row, streams in zip(
+            batch.candidates, batch.records, batch.streams, strict=True
+        ):
+            position += 1  # a duplicate's position stays unused, as when batches were alone
+            call_id, digest = row[0], row[13]
+            seen = stored.get(call_id)
+            if seen is not None:
+                results.append(
+                    Result(call_id, Outcome.DUPLICATE) if seen == digest else _conflict(call_id)
+                )
+                continue
+            stored[call_id] = digest
+            rows.append((position, *row, stamped, stored_form(candidate.body, stamp)))
+            stream_rows += [(position, *stream, stamped) for stream in streams]
+            operators.add(row[1])
+            results.append(Result(call_id, Outcome.ACCEPTED))
+        out.append(Stored(results, operators))
+        every_operator |= operators
     if rows:
         driver_insert_many(session, RECORDS, RECORD_COLUMNS, rows)
         if stream_rows:
             driver_insert_many(session, STREAMS, STREAM_COLUMNS, stream_rows)
-        notify_commit(session, LOG, first + count - 1, operators)
-    return Stored(results, operators)
+        notify_commit(session, LOG, first + count - 1, every_operator)
+    return out
 
 
 # The statements of publish written by hand (an IN list of one), as tests/test_sql.py checks them.

@@ -98,13 +98,22 @@ def check(messages: list[pb.CallDurationRecord], settings: Settings) -> list[Sub
     return out
 
 
-def result_out(result: Result) -> pb.CallDurationResult:
-    out = pb.CallDurationResult(record_id=result.record_id, outcome=OUTCOME_OUT[result.outcome])
-    if result.refusal is not None:
-        out.reason = result.refusal.reason
-        out.field = result.refusal.field
-        out.message = result.refusal.message
-    return out
+def add_results(out: pb.SubmitCallDurationsResponse, results: list[Result]) -> None:
+    """The results of a batch into its response, in order: an accepted or duplicate record's as
+    two fields (most of a batch), a refused one's with its reason, field and message."""
+    add = out.results.add
+    for result in results:
+        refusal = result.refusal
+        if refusal is None:
+            add(record_id=result.record_id, outcome=OUTCOME_OUT[result.outcome])
+        else:
+            add(
+                record_id=result.record_id,
+                outcome=OUTCOME_OUT[result.outcome],
+                reason=refusal.reason,
+                field=refusal.field,
+                message=refusal.message,
+            )
 
 
 SOURCE_OUT = {

@@ -12,26 +12,30 @@ from typing import Any, Literal, cast
 from sqlalchemy import CursorResult, delete
 from sqlalchemy.orm import Session
 
-from plumbing.db import driver_execute_many, driver_fetch, driver_time
+from plumbing.db import driver_fetch, driver_insert_many, driver_time
 from plumbing.validation import Outcome, Refusal
 from services.usage.rules import Reported, Result, Submitted
-from services.usage.tables import CHUNK, DURATIONS, lock_operators
+from services.usage.tables import CHUNK, DURATION_KEYS, DURATIONS, lock_operators
 from services.usage.usage_days import count_reported
 
-
-def _refused(record_id: str, reason: str, field: str, message: str) -> Result:
-    return Result(record_id, Outcome.REFUSED, Refusal(reason, field, message))
-
-
-_INSERT = (
-    "INSERT INTO call_durations (operator_id, record_id, call_id, tenant_id, caller, callee,"
-    " direction, start_time, end_time, duration_us, digest, submitted_at)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+COLUMNS = (
+    "operator_id",
+    "record_id",
+    "call_id",
+    "tenant_id",
+    "caller",
+    "callee",
+    "direction",
+    "start_time",
+    "end_time",
+    "duration_us",
+    "digest",
+    "submitted_at",
 )
 
 
 def _select_stored(column: Literal["record_id", "call_id"], count: int) -> str:
-    """The operator's records whose `column` is among `count` values."""
+    """SQLite: the operator's records whose `column` is among `count` values."""
     marks = ",".join("?" * count)
     return (
         "SELECT record_id, call_id, digest FROM call_durations"  # noqa: S608 - fixed column
@@ -39,17 +43,38 @@ def _select_stored(column: Literal["record_id", "call_id"], count: int) -> str:
     )
 
 
+def _select_keys(column: Literal["record_id", "call_id"]) -> str:
+    """PostgreSQL: the operator's records whose `column` is in an array, from their keys (one
+    index probe per value; `call_durations` would take one per partition). One statement for a
+    whole batch, its text the same every time (psycopg parses it once)."""
+    return (
+        "SELECT record_id, call_id, digest FROM call_duration_keys"  # noqa: S608 - fixed column
+        f" WHERE operator_id = ? AND {column} = ANY(CAST(? AS text[]))"
+    )
+
+
 def _stored(
     session: Session, operator_id: str, column: Literal["record_id", "call_id"], values: list[str]
 ) -> list[tuple[Any, ...]]:
-    """(record_id, call_id, digest) of the operator's records whose `column` is in `values`."""
+    """(record_id, call_id, digest) of the operator's records whose `column` is in `values`.
+    Never prepared on PostgreSQL (see `driver_fetch`)."""
+    if session.get_bind().dialect.name == "postgresql":
+        return driver_fetch(session, _select_keys(column), [operator_id, values], prepare=False)
     found: list[tuple[Any, ...]] = []
     for first in range(0, len(values), CHUNK):
         chunk = values[first : first + CHUNK]
-        found += driver_fetch(
-            session, _select_stored(column, len(chunk)), [operator_id, *chunk], prepare=False
-        )
+        found += driver_fetch(session, _select_stored(column, len(chunk)), [operator_id, *chunk])
     return found
+
+
+_CONFLICT = Refusal(
+    "RECORD_ID_CONFLICT",
+    "record_id",
+    "a record with this record_id and other content is stored; records are immutable",
+)
+_REPORTED = Refusal("CALL_ALREADY_REPORTED", "call_id", "another of your records reports this call")
+_US = dt.timedelta(microseconds=1)
+KEY_COLUMNS = ("operator_id", "record_id", "call_id", "digest", "start_time")  # PostgreSQL
 
 
 def submit(session: Session, operator_id: str, submitted: Sequence[Submitted]) -> list[Result]:
@@ -58,9 +83,11 @@ def submit(session: Session, operator_id: str, submitted: Sequence[Submitted]) -
     a call_id another record of the operator reports is CALL_ALREADY_REPORTED.
 
     The ingest hot path: the look-ups (one per key, each on its index) and the insert run on
-    the driver (plumbing.db). On PostgreSQL the operator's submissions are serialized by a
-    transaction-scoped advisory lock, so concurrent streams of one operator see each other's
-    commits (SQLite has one writer).
+    the driver (plumbing.db). On PostgreSQL the look-ups read `call_duration_keys` (an array
+    each), and each record's keys are written there with it (binary COPY, as the records), the
+    database enforcing them; the operator's submissions are serialized by a transaction-scoped
+    advisory lock, so concurrent streams of one operator see each other's commits (SQLite has
+    one writer) and answer CALL_ALREADY_REPORTED rather than meet the constraint.
     """
     if not submitted:
         return []
@@ -74,35 +101,23 @@ def submit(session: Session, operator_id: str, submitted: Sequence[Submitted]) -
         by_call[call_id] = record_id
     time_of = driver_time(session)
     now = time_of(dt.datetime.now(dt.UTC))
+    postgres = session.get_bind().dialect.name == "postgresql"
     rows: list[tuple[Any, ...]] = []
+    keys: list[tuple[Any, ...]] = []
     results: list[Result] = []
     accepted: list[Reported] = []
     for item in submitted:
         record = item.record
-        seen = by_record.get(record.record_id)
+        record_id, call_id = record.record_id, record.call_id
+        seen = by_record.get(record_id)
         if seen is not None:
             if seen[0] == item.digest:
-                results.append(Result(record.record_id, Outcome.DUPLICATE))
+                results.append(Result(record_id, Outcome.DUPLICATE))
             else:
-                results.append(
-                    _refused(
-                        record.record_id,
-                        "RECORD_ID_CONFLICT",
-                        "record_id",
-                        "a record with this record_id and other content is stored; records are"
-                        " immutable",
-                    )
-                )
+                results.append(Result(record_id, Outcome.REFUSED, _CONFLICT))
             continue
-        if record.call_id in by_call:
-            results.append(
-                _refused(
-                    record.record_id,
-                    "CALL_ALREADY_REPORTED",
-                    "call_id",
-                    "another of your records reports this call",
-                )
-            )
+        if call_id in by_call:
+            results.append(Result(record_id, Outcome.REFUSED, _REPORTED))
             continue
         start, end, duration, direction = (
             record.start_time,
@@ -112,49 +127,54 @@ def submit(session: Session, operator_id: str, submitted: Sequence[Submitted]) -
         )
         if start is None or end is None or duration is None or direction is None:
             raise ValueError("submit() stores checked records only")
-        by_record[record.record_id] = (item.digest, record.call_id)
-        by_call[record.call_id] = record.record_id
+        by_record[record_id] = (item.digest, call_id)
+        by_call[call_id] = record_id
+        tenant, way, duration_us = record.tenant_id.lower(), direction.value, duration // _US
+        start_value = time_of(start)
         rows.append(
             (
                 operator_id,
-                record.record_id,
-                record.call_id,
-                record.tenant_id.lower(),
+                record_id,
+                call_id,
+                tenant,
                 record.caller,
                 record.callee,
-                direction.value,
-                time_of(start),
+                way,
+                start_value,
                 time_of(end),
-                duration // dt.timedelta(microseconds=1),
+                duration_us,
                 item.digest,
                 now,
             )
         )
-        results.append(Result(record.record_id, Outcome.ACCEPTED))
-        accepted.append(
-            Reported(
-                record.call_id,
-                record.tenant_id.lower(),
-                start,
-                direction.value,
-                duration // dt.timedelta(microseconds=1),
-            )
-        )
+        if postgres:
+            keys.append((operator_id, record_id, call_id, item.digest, start_value))
+        results.append(Result(record_id, Outcome.ACCEPTED))
+        accepted.append(Reported(call_id, tenant, start, way, duration_us))
     if rows:
-        driver_execute_many(session, _INSERT, rows)
+        if keys:
+            driver_insert_many(session, DURATION_KEYS, KEY_COLUMNS, keys)
+        driver_insert_many(session, DURATIONS, COLUMNS, rows)
         count_reported(session, operator_id, accepted)
     return results
 
 
 def purge_durations(session: Session, older_than: dt.datetime) -> int:
-    """Delete records of calls that started before the retention."""
+    """Delete records of calls that started before the retention (and, on PostgreSQL, their
+    keys, in the same transaction)."""
     result = cast(
         CursorResult[Any],
         session.execute(delete(DURATIONS).where(DURATIONS.c.start_time < older_than)),
     )
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(delete(DURATION_KEYS).where(DURATION_KEYS.c.start_time < older_than))
     return result.rowcount
 
 
-# Every statement this module writes by hand (an IN list with one item), as
-# tests/test_sql.py checks them against the tables.
-SQL = (_INSERT, _select_stored("record_id", 1), _select_stored("call_id", 1))
+# Every statement this module writes by hand (an IN list with one item) on each backend, as
+# tests/test_sql.py checks them against the tables, each on its own backend (the insert is
+# `driver_insert_many`'s, made from the table's own columns).
+SQL = {
+    "sqlite": (_select_stored("record_id", 1), _select_stored("call_id", 1)),
+    "postgresql": (_select_keys("record_id"), _select_keys("call_id")),
+}

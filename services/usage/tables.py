@@ -19,6 +19,7 @@ from sqlalchemy import (
     LargeBinary,
     String,
     Table,
+    UniqueConstraint,
     text,
 )
 from sqlalchemy.orm import Mapped, Session, mapped_column
@@ -60,6 +61,32 @@ class DurationRow(Base):
 
 
 DURATIONS: Table = DurationRow.__table__  # type: ignore[assignment]
+
+
+class DurationKeyRow(Base):
+    """The keys of each stored duration record, on PostgreSQL: one narrow table, not
+    partitioned, so that the database enforces (operator, record_id) and (operator, call_id)
+    again and ingest's duplicate look-ups are one index probe per key instead of one per
+    partition of `call_durations`. Written with each record (`ingest.submit`) and forgotten
+    with it (`ingest.purge_durations`, and the drop of a `call_durations` partition by
+    `plumbing.partitions`, in the same transaction, by `start_time`). Empty on SQLite, where
+    `call_durations` is a plain table whose own keys do this."""
+
+    __tablename__ = "call_duration_keys"
+
+    operator_id: Mapped[str] = mapped_column(String(63), primary_key=True)
+    record_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    call_id: Mapped[str] = mapped_column(String(64))
+    digest: Mapped[bytes] = mapped_column(LargeBinary(32))
+    start_time: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (
+        UniqueConstraint("operator_id", "call_id", name="uq_call_duration_keys_operator_call"),
+        Index("ix_call_duration_keys_start", "start_time"),
+    )
+
+
+DURATION_KEYS: Table = DurationKeyRow.__table__  # type: ignore[assignment]
 
 
 class PlatformCallRow(Base):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, cast
 
 from sqlalchemy import CursorResult, delete
@@ -34,6 +34,15 @@ _ADD_USAGE = (
     " calls = usage_daily.calls + excluded.calls,"
     " billed_s = usage_daily.billed_s + excluded.billed_s"
 )
+# PostgreSQL: the same for many rows at once, each column an array, in the arrays' order.
+_ADD_USAGE_ARRAYS = (
+    "INSERT INTO usage_daily (operator_id, tenant_id, day, direction, source, calls, billed_s)"
+    " SELECT * FROM unnest(CAST(? AS text[]), CAST(? AS text[]), CAST(? AS date[]),"
+    " CAST(? AS text[]), CAST(? AS text[]), CAST(? AS bigint[]), CAST(? AS bigint[]))"
+    " ON CONFLICT (operator_id, tenant_id, day, direction, source) DO UPDATE SET"
+    " calls = usage_daily.calls + excluded.calls,"
+    " billed_s = usage_daily.billed_s + excluded.billed_s"
+)
 
 
 def _utc_day(value: Any) -> dt.date:
@@ -45,17 +54,23 @@ def _utc_day(value: Any) -> dt.date:
 
 def _add_usage(session: Session, changes: dict[DayKey, list[int]]) -> None:
     """Add the changes to `usage_daily`, in key order (so concurrent writers on PostgreSQL
-    lock its rows in one order)."""
-    day_of: Callable[[dt.date], Any] = lambda day: day  # noqa: E731
-    if session.get_bind().dialect.name == "sqlite":
-        day_of = dt.date.isoformat  # as SQLAlchemy's Date keeps it
+    lock its rows in one order): on PostgreSQL one statement over arrays (a batch of records
+    changes hundreds of days' rows), on SQLite executemany."""
+    keys = [key for key in sorted(changes) if changes[key] != [0, 0]]
+    if not keys:
+        return
+    if session.get_bind().dialect.name == "postgresql":
+        columns = list(zip(*keys, strict=True))
+        calls = [changes[key][0] for key in keys]
+        billed = [changes[key][1] for key in keys]
+        arrays = (*(list(c) for c in columns), calls, billed)
+        driver_execute_many(session, _ADD_USAGE_ARRAYS, [arrays])
+        return
     rows = [
-        (operator, tenant, day_of(day), direction, source, calls, billed)
-        for (operator, tenant, day, direction, source), (calls, billed) in sorted(changes.items())
-        if calls or billed
+        (key[0], key[1], key[2].isoformat(), key[3], key[4], *changes[key])  # as Date keeps it
+        for key in keys
     ]
-    if rows:
-        driver_execute_many(session, _ADD_USAGE, rows)
+    driver_execute_many(session, _ADD_USAGE, rows)
 
 
 def _change(changes: dict[DayKey, list[int]], key: DayKey, calls: int, billed: int) -> None:
@@ -87,22 +102,42 @@ def _select_reported(count: int) -> str:
     )
 
 
+def _select_platform_any() -> str:
+    """PostgreSQL: the operator's platform calls, answered or not, whose call id is in an array
+    (one statement for a whole batch, as ingest's look-ups)."""
+    return (
+        "SELECT call_id, tenant_id, answer_time, direction, duration_ms"
+        " FROM usage_platform_calls WHERE operator_id = ?"
+        " AND call_id = ANY(CAST(? AS text[]))"
+    )
+
+
+def _platform(session: Session, operator_id: str, call_ids: list[str]) -> list[tuple[Any, ...]]:
+    """The operator's platform calls among `call_ids`, answered or not (never prepared on
+    PostgreSQL, see `driver_fetch`)."""
+    if session.get_bind().dialect.name == "postgresql":
+        return driver_fetch(session, _select_platform_any(), [operator_id, call_ids], prepare=False)
+    found: list[tuple[Any, ...]] = []
+    for first in range(0, len(call_ids), CHUNK):
+        chunk = call_ids[first : first + CHUNK]
+        found += driver_fetch(session, _select_platform(len(chunk)), [operator_id, *chunk])
+    return found
+
+
 def count_reported(session: Session, operator_id: str, stored: Sequence[Reported]) -> None:
     """The operator's newly stored records into the usage by day: a call the platform has
     answered moves from its duration to the operator's; one it has as not answered counts
     nowhere; a call it does not have counts at the record's start."""
-    platform: dict[str, tuple[Any, ...]] = {}
-    for first in range(0, len(stored), CHUNK):
-        chunk = [r.call_id for r in stored[first : first + CHUNK]]
-        for row in driver_fetch(session, _select_platform(len(chunk)), [operator_id, *chunk]):
-            platform[row[0]] = row
+    found = _platform(session, operator_id, [r.call_id for r in stored])
+    platform = {row[0]: row for row in found}
     changes: dict[DayKey, list[int]] = {}
+    operator_source, platform_source = Source.OPERATOR.value, Source.PLATFORM.value
     for record in stored:
         billed = ceil_seconds(record.duration_us, 1_000_000)
         call = platform.get(record.call_id)
         if call is None:
             day = _utc_day(record.start)
-            key = (operator_id, record.tenant_id, day, record.direction, Source.OPERATOR.value)
+            key = (operator_id, record.tenant_id, day, record.direction, operator_source)
             _change(changes, key, 1, billed)
             continue
         _, tenant, answer_time, direction, duration_ms = call
@@ -111,11 +146,11 @@ def count_reported(session: Session, operator_id: str, stored: Sequence[Reported
         day = _utc_day(answer_time)
         _change(
             changes,
-            (operator_id, tenant, day, direction, Source.PLATFORM.value),
+            (operator_id, tenant, day, direction, platform_source),
             -1,
             -ceil_seconds(duration_ms, 1000),
         )
-        _change(changes, (operator_id, tenant, day, direction, Source.OPERATOR.value), 1, billed)
+        _change(changes, (operator_id, tenant, day, direction, operator_source), 1, billed)
     _add_usage(session, changes)
 
 
@@ -162,6 +197,9 @@ def purge_usage_days(session: Session, older_than: dt.datetime) -> int:
     return cast(CursorResult[Any], result).rowcount
 
 
-# Every statement this module writes by hand (an IN list with one item), as
-# tests/test_sql.py checks them against the tables.
-SQL = (_ADD_USAGE, _select_platform(1), _select_reported(1))
+# Every statement this module writes by hand (an IN list with one item) on each backend, as
+# tests/test_sql.py checks them against the tables, each on its own backend.
+SQL = {
+    "sqlite": (_ADD_USAGE, _select_platform(1), _select_reported(1)),
+    "postgresql": (_ADD_USAGE_ARRAYS, _select_platform_any(), _select_reported(1)),
+}

@@ -1,8 +1,8 @@
 """usage of unanswered calls: an operator's record of a call the platform has as not answered
 counts nowhere
 
-Revision ID: 0009
-Revises: 0008
+Revision ID: 0010
+Revises: 0009
 Create Date: 2026-11-29 07:30:00.000000
 
 Until this revision, `usage_daily` counted an operator's record of a call the platform has as
@@ -19,8 +19,8 @@ from collections.abc import Sequence
 
 from alembic import op
 
-revision: str = "0009"
-down_revision: str | None = "0008"
+revision: str = "0010"
+down_revision: str | None = "0009"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
