@@ -270,6 +270,7 @@ def cmd_simulate(args: argparse.Namespace, settings: Settings) -> int:
         missing_share=args.missing_share,
         mismatch_share=args.mismatch_share,
         extra_share=args.extra_share,
+        unanswered_share=args.unanswered_share,
         seed=args.seed,
     )
     try:
@@ -398,6 +399,12 @@ def parser() -> argparse.ArgumentParser:
     sim.add_argument("--missing-share", type=float, default=0.03, help="calls it leaves out")
     sim.add_argument("--mismatch-share", type=float, default=0.02, help="durations it gets wrong")
     sim.add_argument("--extra-share", type=float, default=0.01, help="calls it invents")
+    sim.add_argument(
+        "--unanswered-share",
+        type=float,
+        default=0.01,
+        help="unanswered calls it reports a duration for",
+    )
     sim.add_argument("--seed", type=int, help="repeat a run's mix of calls")
     return top
 

@@ -18,7 +18,8 @@ this runs on are small and noisy:
    (target >= 0.3).
 2. A month of `--calls` (1,000,000 by default) platform calls of the operator over 30 days and
    the operator's duration records of them (most answered calls reported, a share of them
-   beyond the tolerance, a few the platform does not know), written straight into SQLite before
+   beyond the tolerance, a few the platform does not know, a few it has as not answered),
+   written straight into SQLite before
    the system starts; then, through the system from an operator client process: the seconds of
    GetReconciliation for the 30 days (`--rounds` rounds), of StreamDiscrepancies reading every
    discrepancy of the 30 days (and its discrepancies/s), and of GetUsageSummary by day (every
@@ -70,7 +71,7 @@ from rows import (
     time_value,
 )
 from runner import OPERATOR, Child, CpuWindow, ServerProcess, Spec, credentials, in_turn
-from sqlalchemy import create_engine
+from sqlalchemy import create_engine, text
 
 from opconnect.type.v1 import call_direction_pb2 as direction_pb
 from opconnect.usage.v1 import usage_pb2 as pb
@@ -106,6 +107,7 @@ ANSWERED_SHARE = 0.85
 REPORTED_SHARE = 0.95  # of answered calls, reported by the operator
 MISMATCHED_SHARE = 0.02  # of reported calls of 4 s or more: a duration beyond the tolerance
 EXTRA_SHARE = 0.005  # per reported call: one more record of a call the platform does not know
+UNANSWERED_REPORTED_SHARE = 0.01  # of unanswered calls: a record anyway (its ringing time)
 # Connected time: lognormal with this median (seconds) and spread, within these bounds (ms).
 TALK_MEDIAN_S = 150.0
 TALK_SIGMA = 0.9
@@ -218,6 +220,7 @@ class Expected:
     mismatched: int = 0
     platform_only: int = 0
     operator_only: int = 0
+    unanswered_on_platform: int = 0
     platform_total_us: int = 0
     operator_total_us: int = 0
     # (tenant, UTC day YYYY-MM-DD, direction) -> [calls, billed s, operator calls, operator s]
@@ -225,11 +228,13 @@ class Expected:
 
     @property
     def records(self) -> int:
-        return self.reported + self.operator_only
+        return self.reported + self.operator_only + self.unanswered_on_platform
 
     @property
     def discrepancies(self) -> int:
-        return self.mismatched + self.platform_only + self.operator_only
+        return (
+            self.mismatched + self.platform_only + self.operator_only + self.unanswered_on_platform
+        )
 
 
 class Month:
@@ -301,6 +306,14 @@ class Month:
             e.platform_calls += 1
             if rng.random() >= ANSWERED_SHARE:
                 calls.append((call_id, tenant, direction, t, None, 0))
+                if rng.random() < UNANSWERED_REPORTED_SHARE:
+                    # Counts in no usage: the platform has the call as not answered.
+                    ringing_us = int(rng.random() * 29 * US) + US
+                    records.append(
+                        self._record(call_id, k, direction, t, t + ringing_us, ringing_us)
+                    )
+                    e.unanswered_on_platform += 1
+                    e.operator_total_us += ringing_us
                 continue
             ms = talk_ms(rng)
             invite = t - US - int(rng.random() * 19 * US)  # rang 1 to 20 s
@@ -396,7 +409,10 @@ class FillResult:
 
 
 def recount_usage_days(url: str) -> None:
-    """Migrate down to before `usage_daily` and up again: the migration fills it."""
+    """Migrate down to before `usage_daily` and up again: the migrations fill it. On PostgreSQL
+    that rebuilds the partitioned tables (0008) without planner statistics: analyze them again,
+    as `bulk_load` did (without, a StreamDiscrepancies page of a 50,000-call month took over a
+    minute)."""
     config = alembic_config(url)
     engine = create_engine(url)
     try:
@@ -404,6 +420,10 @@ def recount_usage_days(url: str) -> None:
             config.attributes["connection"] = connection
             command.downgrade(config, USAGE_DAYS_REVISION + "-1")
             command.upgrade(config, "head")
+        if is_postgres(url):
+            with engine.begin() as connection:
+                for table in ("usage_platform_calls", "call_durations", "usage_daily"):
+                    connection.execute(text(f"ANALYZE {table}"))
     finally:
         engine.dispose()
 
@@ -653,6 +673,7 @@ async def reconcile_once(
         "mismatched": response.mismatch_count,
         "platform_only": response.platform_only_count,
         "operator_only": response.operator_only_count,
+        "unanswered_on_platform": response.unanswered_on_platform_count,
         "platform_total_us": response.platform_total_duration.ToMicroseconds(),
         "operator_total_us": response.operator_total_duration.ToMicroseconds(),
     }
@@ -910,6 +931,7 @@ def check_month(expected: Expected, answers: dict[str, Any]) -> list[str]:
         "mismatched": expected.mismatched,
         "platform_only": expected.platform_only,
         "operator_only": expected.operator_only,
+        "unanswered_on_platform": expected.unanswered_on_platform,
         "platform_total_us": expected.platform_total_us,
         "operator_total_us": expected.operator_total_us,
     }
@@ -923,6 +945,7 @@ def check_month(expected: Expected, answers: dict[str, Any]) -> list[str]:
         "DISCREPANCY_KIND_MISMATCH": expected.mismatched,
         "DISCREPANCY_KIND_MISSING_FROM_OPERATOR": expected.platform_only,
         "DISCREPANCY_KIND_UNKNOWN_TO_PLATFORM": expected.operator_only,
+        "DISCREPANCY_KIND_UNANSWERED_ON_PLATFORM": expected.unanswered_on_platform,
     }
     listed = answers["discrepancies"]
     for kind, value in kinds.items():
@@ -1216,7 +1239,8 @@ def print_report(report: dict[str, Any], args: argparse.Namespace) -> None:
     )
     print(
         f"   filled: {e['matched']:,} matched, {e['mismatched']:,} mismatched,"
-        f" {e['platform_only']:,} platform-only, {e['operator_only']:,} operator-only;"
+        f" {e['platform_only']:,} platform-only, {e['operator_only']:,} operator-only,"
+        f" {e['unanswered_on_platform']:,} unanswered on the platform;"
         f" {e['discrepancies']:,} discrepancies; {e['usage_rows']:,} usage rows"
         " (tenant x day x direction)"
     )

@@ -229,7 +229,7 @@ async def usage(
     return 0
 
 
-KINDS = {1: "differs", 2: "missing", 3: "unknown"}
+KINDS = {1: "differs", 2: "missing", 3: "unknown", 4: "unanswered"}
 
 
 async def reconcile(
@@ -280,6 +280,7 @@ async def reconcile(
             ["durations differ", f"{found.mismatch_count:,}"],
             ["missing from your records", f"{found.platform_only_count:,}"],
             ["unknown to the platform", f"{found.operator_only_count:,}"],
+            ["not answered on the platform", f"{found.unanswered_on_platform_count:,}"],
             ["minutes, platform", _minutes(found.platform_total_duration.seconds)],
             ["minutes, yours", _minutes(found.operator_total_duration.seconds)],
         ],

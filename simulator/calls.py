@@ -375,12 +375,32 @@ def make_calls(
 class ReportMix:
     """How the simulated operator's records differ from the platform's, on purpose, so that
     reconciliation has something to find: shares of answered calls it does not report
-    (`missing`), reports with a duration off by more than the tolerance (`mismatched`), and
-    extra reports of calls the platform never had (`extra`, per answered call)."""
+    (`missing`), reports with a duration off by more than the tolerance (`mismatched`), extra
+    reports of calls the platform never had (`extra`, per answered call), and reports of calls
+    the platform did not answer, billing their ringing time (`unanswered`, per unanswered
+    call)."""
 
     missing: float = 0.03
     mismatched: float = 0.02
     extra: float = 0.01
+    unanswered: float = 0.01
+
+
+def _report(
+    record: pb.CallRecord, number_of: dict[str, str], start: Timestamp, duration: Duration
+) -> usage_pb.CallDurationRecord:
+    """The operator's record of a call: from `start` to its end, lasting `duration`."""
+    return usage_pb.CallDurationRecord(
+        record_id=f"op-{record.call_id}",
+        call_id=record.call_id,
+        tenant_id=record.tenant_id,
+        caller=number_of.get(record.caller, record.caller),
+        callee=number_of.get(record.callee, record.callee),
+        direction=record.direction,
+        start_time=start,
+        end_time=record.end_time,
+        duration=duration,
+    )
 
 
 def operator_reports(
@@ -389,26 +409,25 @@ def operator_reports(
     users: Sequence[TeamsUser],
     mix: ReportMix,
 ) -> list[usage_pb.CallDurationRecord]:
-    """The operator's duration records of the answered calls among `published`."""
+    """The operator's duration records of the answered calls among `published` (and, at the
+    share `mix.unanswered`, of calls the platform did not answer)."""
     number_of = {u.sip_uri: u.number for u in users}
     out: list[usage_pb.CallDurationRecord] = []
     for item in published:
         record = item.record
         if not record.HasField("answer_time"):
-            continue  # usage counts answered calls only
+            # Usage counts answered calls only; a switch that bills the ringing time reports
+            # some anyway (reconciliation: UNANSWERED_ON_PLATFORM).
+            if rng.random() < mix.unanswered:
+                ringing = Duration()
+                ringing.FromTimedelta(
+                    record.end_time.ToDatetime() - record.invite_time.ToDatetime()
+                )
+                out.append(_report(record, number_of, record.invite_time, ringing))
+            continue
         if rng.random() < mix.missing:
             continue
-        report = usage_pb.CallDurationRecord(
-            record_id=f"op-{record.call_id}",
-            call_id=record.call_id,
-            tenant_id=record.tenant_id,
-            caller=number_of.get(record.caller, record.caller),
-            callee=number_of.get(record.callee, record.callee),
-            direction=record.direction,
-            start_time=record.answer_time,
-            end_time=record.end_time,
-            duration=record.duration,
-        )
+        report = _report(record, number_of, record.answer_time, record.duration)
         talk_ms = record.duration.ToMilliseconds()
         if talk_ms >= 4_000 and rng.random() < mix.mismatched:
             # Short by 10% to 40%, and at least 2 s: beyond max(1 s, 1%).

@@ -101,6 +101,7 @@ class Options:
     missing_share: float = 0.03
     mismatch_share: float = 0.02
     extra_share: float = 0.01
+    unanswered_share: float = 0.01
 
 
 def check_options(options: Options) -> str | None:
@@ -124,7 +125,7 @@ def check_options(options: Options) -> str | None:
         return "--duration must be above 0 seconds"
     if not 0 <= options.poor_share <= 1:
         return "--poor-share must be 0 to 1"
-    for name in ("missing_share", "mismatch_share", "extra_share"):
+    for name in ("missing_share", "mismatch_share", "extra_share", "unanswered_share"):
         if not 0 <= getattr(options, name) <= 1:
             return f"--{name.replace('_', '-')} must be 0 to 1"
     return None
@@ -442,7 +443,10 @@ async def _calls(
             request = records_pb.PublishCallRecordsRequest(batch_id=batch_id, records=records)
             if reports is not None:
                 mix_off = calls.ReportMix(
-                    options.missing_share, options.mismatch_share, options.extra_share
+                    options.missing_share,
+                    options.mismatch_share,
+                    options.extra_share,
+                    options.unanswered_share,
                 )
                 reports.queue.put_nowait(calls.operator_reports(rng, records, mix.users, mix_off))
             tally.published += count
@@ -598,8 +602,9 @@ async def simulate(options: Options) -> int:
         print(
             f"the operator reported {reports.sent} durations: {reports.accepted} accepted, "
             f"{reports.duplicate} duplicate, {refused} refused (with "
-            f"{options.missing_share:.0%} missing, {options.mismatch_share:.0%} mismatched and "
-            f"{options.extra_share:.0%} extra on purpose; see `opconnect operator reconcile`)"
+            f"{options.missing_share:.0%} missing, {options.mismatch_share:.0%} mismatched, "
+            f"{options.extra_share:.0%} extra and {options.unanswered_share:.0%} of the unanswered "
+            "on purpose; see `opconnect operator reconcile`)"
         )
         for text in reports.refused[:5]:
             print(f"  refused {text}")

@@ -104,20 +104,22 @@ def test_usage_and_reconciliation_reports(
     system: RunningSystem, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("COLUMNS", "200")  # room for whole call ids in the tables
-    calls = [record(talk_s=120.0), record(talk_s=60.0)]
+    calls = [record(talk_s=120.0), record(talk_s=60.0), record(answered=False)]
     publish_records(system.ingest(), calls)
-    eventually(lambda: len(kept(system)) == 2)
+    eventually(lambda: len(kept(system)) == 3)
     answer = calls[0].answer_time.ToDatetime(dt.UTC)
     report = duration_record(call_id=calls[0].call_id, start=answer, talk_s=120.0)
     report.duration.FromSeconds(110)  # 10 s short: a mismatch
-    submit(usage_stub(system), [report])
+    busy = duration_record(call_id=calls[2].call_id, talk_s=30.0)  # the platform: not answered
+    submit(usage_stub(system), [report, busy])
     assert main([*_client(system), "usage"]) == 0
     out = capsys.readouterr().out
     assert "inbound" in out and "2.8" in out  # 110 s (the operator's) + 60 s = 2.8 minutes
     assert main([*_client(system), "reconcile", "--show", "5"]) == 0
     out = capsys.readouterr().out
     assert "durations differ" in out and "missing from your records" in out
-    assert calls[0].call_id in out and calls[1].call_id in out
+    assert "not answered on the platform" in out and "unanswered" in out
+    assert all(call.call_id in out for call in calls)
     # The same, for machines: one JSON document on stdout each.
     assert main([*_client(system), "usage", "--start", "-1d", "--output", "json"]) == 0
     (usage,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
@@ -125,6 +127,7 @@ def test_usage_and_reconciliation_reports(
     assert main([*_client(system), "reconcile", "--start", "yesterday", "--output", "json"]) == 0
     (found,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert int(found["mismatch_count"]) == 1 and int(found["platform_only_count"]) == 1
+    assert int(found["unanswered_on_platform_count"]) == 1
     assert sorted(x["call_id"] for x in found["discrepancies"]) == sorted(ids(calls))
 
 

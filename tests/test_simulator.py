@@ -80,6 +80,7 @@ def test_the_simulated_operator_gives_reconciliation_something_to_find(
             missing_share=0.1,
             mismatch_share=0.1,
             extra_share=0.05,
+            unanswered_share=0.1,
         )
         assert asyncio.run(simulate(options)) == 0
         eventually(lambda: len(kept(system)) == 400)
@@ -93,5 +94,6 @@ def test_the_simulated_operator_gives_reconciliation_something_to_find(
         assert found.mismatch_count > 5
         assert found.platform_only_count > 5
         assert found.operator_only_count > 2
+        assert found.unanswered_on_platform_count > 2
     finally:
         system.stop()

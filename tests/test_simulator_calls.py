@@ -402,7 +402,7 @@ def test_the_operators_reports_pass_its_checks_with_the_shares_asked() -> None:
     rng = random.Random(4)
     the_mix = mix(rng)
     published = calls.make_calls(rng, the_mix, dt.datetime.now(dt.UTC), 4_000)
-    off = calls.ReportMix(missing=0.1, mismatched=0.2, extra=0.05)
+    off = calls.ReportMix(missing=0.1, mismatched=0.2, extra=0.05, unanswered=0.1)
     reports = calls.operator_reports(rng, published, the_mix.users, off)
     now = dt.datetime.now(dt.UTC)
     for report in reports:
@@ -413,10 +413,16 @@ def test_the_operators_reports_pass_its_checks_with_the_shares_asked() -> None:
         )
         assert refusal is None, (refusal, report)
     answered = {p.record.call_id: p.record for p in published if p.record.HasField("answer_time")}
+    unanswered = {p.record.call_id: p.record for p in published if p.record.call_id not in answered}
     reported = [r for r in reports if r.call_id in answered]
-    extra = [r for r in reports if r.call_id not in answered]
+    ringing = [r for r in reports if r.call_id in unanswered]
+    extra = [r for r in reports if r.call_id not in answered and r.call_id not in unanswered]
     off_by = [r for r in reported if r.duration != answered[r.call_id].duration]
     assert 1 - len(reported) / len(answered) == pytest.approx(0.1, abs=0.03)
     assert len(off_by) / len(reported) == pytest.approx(0.2, abs=0.04)
     assert len(extra) / len(reported) == pytest.approx(0.05, abs=0.02)
+    assert len(ringing) / len(unanswered) == pytest.approx(0.1, abs=0.03)
+    for r in ringing:  # from the INVITE to the end, as the platform has them
+        assert r.start_time == unanswered[r.call_id].invite_time
+        assert r.end_time == unanswered[r.call_id].end_time
     assert len({r.record_id for r in reports}) == len(reports)

@@ -146,8 +146,9 @@ Expected = dict[tuple[str, dt.datetime, str], dict[Source, tuple[int, int]]]
 
 
 def expected_usage(calls: list[Call], query: UsageQuery) -> Expected:
-    """The usage of the query, straight from the definition."""
-    answered = {(c.operator, c.call_id): c for c in calls if c.answer_min is not None}
+    """The usage of the query, straight from the definition: the platform's answered calls,
+    and the operator's records of calls the platform has no call of (answered or not)."""
+    known = {(c.operator, c.call_id) for c in calls}
     out: dict[tuple[str, dt.datetime, str], dict[Source, list[int]]] = {}
 
     def count(
@@ -195,7 +196,7 @@ def expected_usage(calls: list[Call], query: UsageQuery) -> Expected:
                     Source.PLATFORM,
                     seconds(c.platform_ms * 1000),
                 )
-        if c.reported_by and (c.reported_by, c.call_id) not in answered:
+        if c.reported_by and (c.reported_by, c.call_id) not in known:
             start = c.record().record.start_time
             assert start is not None
             count(
@@ -378,3 +379,65 @@ def test_ingest_and_the_feed_at_once_count_each_call_once(db: Database) -> None:
     assert usage == expected_usage(calls, query)
     assert sum(s.get(Source.OPERATOR, (0, 0))[0] for s in usage.values()) == 600
     assert all(Source.PLATFORM not in s for s in usage.values())
+
+
+def test_a_record_of_a_call_the_platform_did_not_answer_counts_nowhere(db: Database) -> None:
+    """The platform has the call as not answered and the operator reported 120 s of it: it
+    counts nowhere, whether the record came first (it counted at its start until the
+    platform's call came) or the platform's call did; by day and from the calls alike. A record
+    of a call the platform has no call of still counts at its start."""
+    operator, tenant = OPERATORS[0], TENANTS[0]
+
+    def call(number: int, start_min: int) -> Call:
+        return Call(
+            number,
+            operator,
+            tenant,
+            Direction.INBOUND,
+            None,
+            0,
+            operator,
+            tenant,
+            start_min,
+            120_000_000,
+        )
+
+    record_first, platform_first, unknown = call(1, 60), call(2, 24 * 60 + 60), call(3, 90)
+    whole = UsageQuery(BASE, BASE + dt.timedelta(days=2), Granularity.DAY, None, None)
+    partial = UsageQuery(
+        BASE + dt.timedelta(minutes=30),
+        BASE + dt.timedelta(days=1, hours=2),
+        Granularity.DAY,
+        operator,
+        tenant,
+    )
+    month = UsageQuery(BASE, BASE + dt.timedelta(days=3), Granularity.MONTH, None, tenant)
+    queries = (whole, partial, month)
+
+    def usage_of(*records: Call) -> dict[UsageQuery, Expected]:
+        out: dict[UsageQuery, Expected] = {}
+        for query in queries:
+            rows: Expected = {}
+            for c in records:
+                start = c.record().record.start_time
+                assert start is not None
+                if not query.start <= start < query.end:
+                    continue
+                day = dt.datetime(start.year, start.month, start.day, tzinfo=dt.UTC)
+                if query.granularity is Granularity.MONTH:
+                    day = day.replace(day=1)
+                key = (tenant, max(day, query.start), Direction.INBOUND.value)
+                calls, billed = rows.get(key, {}).get(Source.OPERATOR, (0, 0))
+                rows[key] = {Source.OPERATOR: (calls + 1, billed + 120)}
+            out[query] = rows
+        return out
+
+    def stored() -> dict[UsageQuery, Expected]:
+        return {query: stored_usage(db, query, 10) for query in queries}
+
+    deliver(db, [("record", [record_first, unknown])])
+    assert stored() == usage_of(record_first, unknown)  # the platform has no call of either yet
+    deliver(db, [("platform", [record_first, platform_first])])
+    deliver(db, [("record", [platform_first])])
+    assert stored() == usage_of(unknown)
+    assert stored()[partial] and stored()[whole]

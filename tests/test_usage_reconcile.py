@@ -1,6 +1,8 @@
 """GetReconciliation checked against figures computed here, independently, on a data set with
 every kind of call: matching exactly, within the absolute or the relative allowance, beyond
-both, only on the platform's side, only on the operator's."""
+both, only on the platform's side, only on the operator's, reported by the operator but not
+answered on the platform's; and the last of these, with the usage it counts in, in both
+arrival orders (the operator's record first, or the platform's call)."""
 
 from __future__ import annotations
 
@@ -39,17 +41,19 @@ END = NOW + dt.timedelta(minutes=5)
 @dataclass(frozen=True)
 class Call:
     """One call of the data set: the platform's duration (None: not an answered platform
-    call) and the operator's (None: not reported), in seconds, and its tenant."""
+    call) and the operator's (None: not reported), in seconds, and its tenant; `unanswered`: the
+    platform has the call, not answered."""
 
     tenant: str
     platform_s: float | None
     operator_s: float | None
     call_id: str = ""
     start: dt.datetime | None = None  # the platform's answer time, else the operator's start
+    unanswered: bool = False
 
 
 def expected(calls: list[Call], absolute_s: float, relative: float) -> dict[str, Any]:
-    out = {"matched": 0, "mismatch": 0, "platform_only": 0, "operator_only": 0}
+    out = {"matched": 0, "mismatch": 0, "platform_only": 0, "operator_only": 0, "unanswered": 0}
     platform_total = operator_total = 0.0
     for call in calls:
         if call.platform_s is not None:
@@ -62,6 +66,8 @@ def expected(calls: list[Call], absolute_s: float, relative: float) -> dict[str,
             out[kind] += 1
         elif call.platform_s is not None:
             out["platform_only"] += 1
+        elif call.unanswered:
+            out["unanswered"] += 1
         else:
             out["operator_only"] += 1
     out["platform_total_ms"] = round(platform_total * 1000)
@@ -94,7 +100,7 @@ def data(
         (600.0, 5.0, True),  # within 1% of 605 s
         (600.0, 7.0, True),  # beyond 1% of 607 s
         (120.0, None, True),  # the operator did not report it
-        (30.0, 0.0, False),  # the platform has it unanswered: the operator's alone
+        (30.0, 0.0, False),  # the platform has it, not answered: UNANSWERED_ON_PLATFORM
     ]
     for index in range(48):
         talk, offset, answered = shapes[index % len(shapes)]
@@ -114,7 +120,14 @@ def data(
         report.duration.FromNanoseconds(round((talk + offset) * 1e9))
         reports.append(report)
         calls.append(
-            Call(tenant, talk if answered else None, talk + offset, message.call_id, start)
+            Call(
+                tenant,
+                talk if answered else None,
+                talk + offset,
+                message.call_id,
+                start,
+                unanswered=not answered,
+            )
         )
     for _ in range(4):  # calls the platform never heard of
         start = NOW - dt.timedelta(hours=2, minutes=rng.randint(0, 59))
@@ -139,6 +152,7 @@ def _figures(response: pb.GetReconciliationResponse) -> dict[str, Any]:
         "mismatch": response.mismatch_count,
         "platform_only": response.platform_only_count,
         "operator_only": response.operator_only_count,
+        "unanswered": response.unanswered_on_platform_count,
         "platform_total_ms": response.platform_total_duration.ToMilliseconds(),
         "operator_total_ms": response.operator_total_duration.ToMilliseconds(),
     }
@@ -151,6 +165,7 @@ def test_reconciliation_with_the_default_tolerance(data: tuple[RunningSystem, li
     )
     want = expected(calls, 1.0, 0.01)
     assert want["mismatch"] and want["platform_only"] and want["operator_only"]
+    assert want["unanswered"]
     assert _figures(response) == want
     assert response.tolerance.absolute.ToSeconds() == 1 and response.tolerance.relative == 0.01
     assert response.compute_time.ToDatetime(dt.UTC) >= NOW
@@ -218,9 +233,13 @@ def expected_discrepancies(
             kind = pb.DISCREPANCY_KIND_MISMATCH
         elif call.platform_s is not None:
             kind = pb.DISCREPANCY_KIND_MISSING_FROM_OPERATOR
+        elif call.unanswered:
+            kind = pb.DISCREPANCY_KIND_UNANSWERED_ON_PLATFORM
         else:
             kind = pb.DISCREPANCY_KIND_UNKNOWN_TO_PLATFORM
         ms = [None if v is None else round(v * 1000) for v in (call.platform_s, call.operator_s)]
+        if call.unanswered:
+            ms[0] = 0  # the platform's duration of a call it did not answer
         assert call.start is not None
         out.append((call.start, call.call_id, kind, ms[0], ms[1]))
     return [(kind, call_id, p, o) for _, call_id, kind, p, o in sorted(out)]
@@ -251,21 +270,30 @@ def test_discrepancies_one_by_one_in_order(data: tuple[RunningSystem, list[Call]
     # Every response carries a cursor, each sealed afresh.
     cursors = [r.cursor for r in responses]
     assert all(cursors) and len(set(cursors)) == len(cursors)
+    assert {x[0] for x in want} == {
+        pb.DISCREPANCY_KIND_MISMATCH,
+        pb.DISCREPANCY_KIND_MISSING_FROM_OPERATOR,
+        pb.DISCREPANCY_KIND_UNKNOWN_TO_PLATFORM,
+        pb.DISCREPANCY_KIND_UNANSWERED_ON_PLATFORM,
+    }
     # One kind only, and a tenant.
-    request = pb.StreamDiscrepanciesRequest(
-        start_time=stamp(START),
-        end_time=stamp(END),
-        kind=pb.DISCREPANCY_KIND_UNKNOWN_TO_PLATFORM,
-        tenant_id=TENANT,
-    )
-    only = _streamed(list(usage_stub(system).StreamDiscrepancies(request, timeout=30)))
-    tenant_calls = [c for c in calls if c.tenant == TENANT]
-    assert only == [
-        x
-        for x in expected_discrepancies(tenant_calls, 1.0, 0.01)
-        if x[0] == pb.DISCREPANCY_KIND_UNKNOWN_TO_PLATFORM
-    ]
-    assert only
+    for kind in (
+        pb.DISCREPANCY_KIND_UNKNOWN_TO_PLATFORM,
+        pb.DISCREPANCY_KIND_UNANSWERED_ON_PLATFORM,
+        pb.DISCREPANCY_KIND_MISMATCH,
+    ):
+        found = 0
+        for tenant in (TENANT, OTHER_TENANT):
+            request = pb.StreamDiscrepanciesRequest(
+                start_time=stamp(START), end_time=stamp(END), kind=kind, tenant_id=tenant
+            )
+            only = _streamed(list(usage_stub(system).StreamDiscrepancies(request, timeout=30)))
+            tenant_calls = [c for c in calls if c.tenant == tenant]
+            assert only == [
+                x for x in expected_discrepancies(tenant_calls, 1.0, 0.01) if x[0] == kind
+            ], (kind, tenant)
+            found += len(only)
+        assert found, kind
 
 
 def test_discrepancies_resume_from_the_last_cursor_after_a_cut(
@@ -386,3 +414,107 @@ def test_forged_and_foreign_discrepancy_cursors_answer_as_malformed_ones(
     assert malformed.reason == "CURSOR_INVALID"
     for name, cursor in forged.items():
         assert _refusal(system, {**base, "cursor": cursor}) == malformed, name
+
+
+def _usage(system: RunningSystem, start: dt.datetime, end: dt.datetime) -> dict[int, list[int]]:
+    """The operator's usage of a period summed per duration source: [calls, billed seconds]."""
+    request = pb.GetUsageSummaryRequest(
+        start_time=stamp(start), end_time=stamp(end), granularity=pb.GRANULARITY_DAY
+    )
+    out: dict[int, list[int]] = {}
+    for row in usage_stub(system).GetUsageSummary(request).rows:
+        for s in row.by_source:
+            total = out.setdefault(s.source, [0, 0])
+            total[0] += s.call_count
+            total[1] += s.billed_duration.seconds
+    return out
+
+
+def test_a_duration_of_a_call_the_platform_did_not_answer(
+    session_pki: Pki, database_url: str, tmp_path: Any
+) -> None:
+    """The platform has the call as not answered (busy, 0 s) and the operator reported 120 s
+    of it: the record is accepted and kept, counts in no usage, and reconciliation names it
+    UNANSWERED_ON_PLATFORM with both durations, whether the operator's record came first (until
+    the platform's call arrives, the platform has no call of that id: UNKNOWN_TO_PLATFORM,
+    counted at its start) or the platform's call did. A record of a call id the platform has no
+    call of stays UNKNOWN_TO_PLATFORM and counts at its start."""
+    system = feed_system(session_pki, tmp_path, database_url)
+    try:
+        stub = usage_stub(system)
+        end = NOW - dt.timedelta(hours=1)
+        busy = [record(end=end - dt.timedelta(minutes=m), answered=False) for m in (10, 20)]
+        record_first, platform_first = busy
+
+        def report(call_id: str | None, start: dt.datetime) -> pb.CallDurationRecord:
+            return duration_record(call_id=call_id, start=start, talk_s=120.0)
+
+        reports = {
+            "record first": report(record_first.call_id, end - dt.timedelta(minutes=13)),
+            "unknown": report(None, end - dt.timedelta(minutes=30)),
+            "platform first": report(platform_first.call_id, end - dt.timedelta(minutes=23)),
+        }
+        midnight = NOW.replace(hour=0, minute=0, second=0)
+        whole_days = (midnight - dt.timedelta(days=2), midnight + dt.timedelta(days=1))
+        partial = (NOW - dt.timedelta(hours=3), END)  # read from the calls themselves
+        operator = pb.DURATION_SOURCE_OPERATOR
+
+        def reconciled() -> dict[str, Any]:
+            return _figures(
+                stub.GetReconciliation(
+                    pb.GetReconciliationRequest(start_time=stamp(START), end_time=stamp(END))
+                )
+            )
+
+        # The operator's record first: the platform has no call of that id yet.
+        (response,) = submit(stub, [reports["record first"], reports["unknown"]])
+        assert response.accepted_count == 2, response
+        for period in (whole_days, partial):
+            assert _usage(system, *period) == {operator: [2, 240]}, period
+        assert reconciled() | {"operator_total_ms": 0} == {
+            **dict.fromkeys(("matched", "mismatch", "platform_only", "unanswered"), 0),
+            "operator_only": 2,
+            "platform_total_ms": 0,
+            "operator_total_ms": 0,
+        }
+        # Then the platform's calls; then the operator's record of the second.
+        publish_records(system.ingest(), busy)
+        eventually(lambda: len(kept(system)) == 2, timeout=15)
+        (response,) = submit(stub, [reports["platform first"]])
+        assert response.accepted_count == 1, response
+        for period in (whole_days, partial):
+            assert _usage(system, *period) == {operator: [1, 120]}, period
+        assert reconciled() == {
+            **dict.fromkeys(("matched", "mismatch", "platform_only"), 0),
+            "operator_only": 1,
+            "unanswered": 2,
+            "platform_total_ms": 0,
+            "operator_total_ms": 360_000,  # every record the operator reported
+        }
+        base: dict[str, Any] = {"start_time": stamp(START), "end_time": stamp(END)}
+        listed = [
+            x
+            for r in stub.StreamDiscrepancies(pb.StreamDiscrepanciesRequest(**base), timeout=30)
+            for x in r.discrepancies
+        ]
+        unanswered = pb.DISCREPANCY_KIND_UNANSWERED_ON_PLATFORM
+        unknown = pb.DISCREPANCY_KIND_UNKNOWN_TO_PLATFORM
+        assert [(x.kind, x.call_id, x.record_id) for x in listed] == [
+            (unknown, reports["unknown"].call_id, reports["unknown"].record_id),
+            (unanswered, platform_first.call_id, reports["platform first"].record_id),
+            (unanswered, record_first.call_id, reports["record first"].record_id),
+        ]
+        for x in listed:  # the operator's start and tenant, both durations where there are two
+            report_of = {r.record_id: r for r in reports.values()}[x.record_id]
+            assert (x.start_time, x.tenant_id) == (report_of.start_time, report_of.tenant_id)
+            assert x.operator_duration.ToSeconds() == 120
+            assert x.HasField("platform_duration") == (x.kind == unanswered)
+            assert x.platform_duration.ToMilliseconds() == 0
+        for kind in (unanswered, unknown):
+            request = pb.StreamDiscrepanciesRequest(**base, kind=kind)
+            only = [
+                x for r in stub.StreamDiscrepancies(request, timeout=30) for x in r.discrepancies
+            ]
+            assert only == [x for x in listed if x.kind == kind], kind
+    finally:
+        system.stop()

@@ -160,6 +160,7 @@ def reconciliation_out(
         mismatch_count=found.mismatched,
         platform_only_count=found.platform_only,
         operator_only_count=found.operator_only,
+        unanswered_on_platform_count=found.unanswered_on_platform,
         platform_total_duration=_us(found.platform_total_us),
         operator_total_duration=_us(found.operator_total_us),
         tolerance=pb.Tolerance(absolute=absolute, relative=tolerance.relative),
@@ -171,6 +172,7 @@ KIND_IN = {
     pb.DISCREPANCY_KIND_MISMATCH: DiscrepancyKind.MISMATCH,
     pb.DISCREPANCY_KIND_MISSING_FROM_OPERATOR: DiscrepancyKind.MISSING_FROM_OPERATOR,
     pb.DISCREPANCY_KIND_UNKNOWN_TO_PLATFORM: DiscrepancyKind.UNKNOWN_TO_PLATFORM,
+    pb.DISCREPANCY_KIND_UNANSWERED_ON_PLATFORM: DiscrepancyKind.UNANSWERED_ON_PLATFORM,
 }
 KIND_OUT = {v: k for k, v in KIND_IN.items()}
 

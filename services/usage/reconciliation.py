@@ -1,5 +1,7 @@
 """Reconciliation (`GetReconciliation`, `StreamDiscrepancies`): an operator's records paired with
-the platform's answered calls of a period, counted and listed, in SQL.
+the platform's answered calls of a period, counted and listed, in SQL. A record of a call the
+platform has as not answered is its own kind (UNANSWERED_ON_PLATFORM), apart from the records of
+call ids the platform has no call of (UNKNOWN_TO_PLATFORM).
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import itertools
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import String, and_, case, func, literal, null, or_, select, tuple_
+from sqlalchemy import and_, case, func, or_, select, true, tuple_
 from sqlalchemy.orm import Session
 
 from plumbing.db import utc
@@ -27,13 +29,15 @@ def _greatest(session: Session, *values: Any) -> Any:
 class _Pairing:
     """The operator's records paired with the platform's answered calls that started in the
     period: the platform's calls, each with the operator's record of it if any (`platform`),
-    and the operator's records the platform has no answered call for (`operator_only`)."""
+    and the operator's records the platform has no answered call for (`operator_only`), each
+    with the platform's unanswered call of it if any (`unknown` where there is none)."""
 
     d: Any
     p: Any
     platform_us: Any
     reported: Any
     within: Any
+    unknown: Any
     platform: Any  # FROM clause
     platform_where: list[Any]
     operator_only: Any  # FROM clause
@@ -61,7 +65,7 @@ def _pairing(session: Session, query: ReconcileQuery, since: dt.datetime | None 
     ]
     operator_where = [
         d.c.operator_id == query.operator_id,
-        p.c.call_id.is_(None),
+        or_(p.c.call_id.is_(None), p.c.answer_time.is_(None)),
         d.c.start_time >= lower,
         d.c.start_time < query.end,
     ]
@@ -74,9 +78,10 @@ def _pairing(session: Session, query: ReconcileQuery, since: dt.datetime | None 
         platform_us=platform_us,
         reported=d.c.record_id.is_not(None),
         within=func.abs(d.c.duration_us - platform_us) <= allowed,
+        unknown=p.c.call_id.is_(None),
         platform=p.outerjoin(d, same_call),
         platform_where=platform_where,
-        operator_only=d.outerjoin(p, and_(same_call, p.c.answer_time.is_not(None))),
+        operator_only=d.outerjoin(p, same_call),
         operator_where=operator_where,
     )
 
@@ -101,21 +106,26 @@ def reconcile(session: Session, query: ReconcileQuery) -> Reconciliation:
         .where(*pair.platform_where)
     )
     operator_only = (
-        select(func.count(), func.coalesce(func.sum(d.c.duration_us), 0))
+        select(
+            total(pair.unknown),
+            total(~pair.unknown),
+            func.coalesce(func.sum(d.c.duration_us), 0),
+        )
         .select_from(pair.operator_only)
         .where(*pair.operator_where)
     )
     matched, mismatched, platform_only, platform_total, operator_on_platform = session.execute(
         platform_side
     ).one()
-    unknown, unknown_total = session.execute(operator_only).one()
+    unknown, unanswered, operator_only_total = session.execute(operator_only).one()
     return Reconciliation(
         matched=int(matched),
         mismatched=int(mismatched),
         platform_only=int(platform_only),
         operator_only=int(unknown),
+        unanswered_on_platform=int(unanswered),
         platform_total_us=int(platform_total),
-        operator_total_us=int(operator_on_platform) + int(unknown_total),
+        operator_total_us=int(operator_on_platform) + int(operator_only_total),
     )
 
 
@@ -161,19 +171,28 @@ def discrepancies(
             .limit(limit)
         )
         sides.append(_discrepancies_of(session, platform_side))
-    if kind is None or kind is DiscrepancyKind.UNKNOWN_TO_PLATFORM:
+    operator_kinds = {DiscrepancyKind.UNKNOWN_TO_PLATFORM, DiscrepancyKind.UNANSWERED_ON_PLATFORM}
+    if kind is None or kind in operator_kinds:
+        wanted = true()
+        if kind is DiscrepancyKind.UNKNOWN_TO_PLATFORM:
+            wanted = pair.unknown
+        elif kind is DiscrepancyKind.UNANSWERED_ON_PLATFORM:
+            wanted = ~pair.unknown
         operator_side = (
             select(
-                literal(DiscrepancyKind.UNKNOWN_TO_PLATFORM.value, String),
+                case(
+                    (pair.unknown, DiscrepancyKind.UNKNOWN_TO_PLATFORM.value),
+                    else_=DiscrepancyKind.UNANSWERED_ON_PLATFORM.value,
+                ),
                 d.c.call_id,
                 d.c.record_id,
                 d.c.tenant_id,
                 d.c.start_time,
-                null(),
+                pair.platform_us,  # NULL where the platform has no call
                 d.c.duration_us,
             )
             .select_from(pair.operator_only)
-            .where(*pair.operator_where, *_after(d.c.start_time, d.c.call_id, after))
+            .where(*pair.operator_where, wanted, *_after(d.c.start_time, d.c.call_id, after))
             .order_by(d.c.start_time, d.c.call_id)
             .limit(limit)
         )

@@ -210,7 +210,11 @@ class ReconcileQuery:
 class DiscrepancyKind(StrEnum):
     MISMATCH = "mismatch"
     MISSING_FROM_OPERATOR = "missing_from_operator"
+    # The operator's record of a call id the platform has no call of (for this operator).
     UNKNOWN_TO_PLATFORM = "unknown_to_platform"
+    # The operator's record of a call the platform has as not answered: the platform's record
+    # decides, so the call counts in no usage.
+    UNANSWERED_ON_PLATFORM = "unanswered_on_platform"
 
 
 @dataclass(frozen=True)
@@ -229,10 +233,14 @@ class Discrepancy:
 
 @dataclass(frozen=True)
 class Reconciliation:
+    """The counts of a reconciliation; the platform's total is over its answered calls, the
+    operator's over every record it reported (unanswered on the platform included)."""
+
     matched: int
     mismatched: int
     platform_only: int
     operator_only: int
+    unanswered_on_platform: int
     platform_total_us: int
     operator_total_us: int
 

@@ -15,13 +15,14 @@ from services.usage.tables import CHUNK, USAGE_DAYS
 
 # A call counts once, at its start: every answered call the platform has, with the operator's
 # duration when the operator reported it and the platform's otherwise, plus every call the
-# operator reported that the platform has no answered call for; each duration rounded up to a
-# whole second. `usage_daily` holds those sums per (operator, tenant, UTC day, direction,
-# source), kept by the two writers that can change them, each under the operator's lock:
-# `ingest.submit` (an operator's record arrives) and `platform_calls.store_platform_calls` (the
-# platform's call arrives). `usage_query.usage_rows` reads whole days from it and the partial
-# days at a period's ends from the calls themselves (`_usage_of_calls`, the definition above in
-# SQL).
+# operator reported that the platform has no call of at all; each duration rounded up to a
+# whole second. A call the platform has as not answered counts nowhere, reported or not: the
+# platform's record decides whether a call was answered (it saw the signalling).
+# `usage_daily` holds those sums per (operator, tenant, UTC day, direction, source), kept by
+# the two writers that can change them, each under the operator's lock: `ingest.submit` (an
+# operator's record arrives) and `platform_calls.store_platform_calls` (the platform's call
+# arrives). `usage_query.usage_rows` reads whole days from it and the partial days at a
+# period's ends from the calls themselves (`_usage_of_calls`, the definition above in SQL).
 
 # (operator, tenant, day, direction, source) -> [calls, billed seconds]
 DayKey = tuple[str, str, dt.date, str, str]
@@ -82,12 +83,12 @@ def ceil_seconds(value: Any, per_second: int) -> Any:
     return (value + (per_second - 1)) // per_second
 
 
-def _select_answered(count: int) -> str:
-    """The operator's answered platform calls among `count` call ids."""
+def _select_platform(count: int) -> str:
+    """The operator's platform calls among `count` call ids, answered or not."""
     marks = ",".join("?" * count)
     return (
         "SELECT call_id, tenant_id, answer_time, direction, duration_ms"  # noqa: S608
-        " FROM usage_platform_calls WHERE operator_id = ? AND answer_time IS NOT NULL"
+        " FROM usage_platform_calls WHERE operator_id = ?"
         f" AND call_id IN ({marks})"
     )
 
@@ -101,32 +102,33 @@ def _select_reported(count: int) -> str:
     )
 
 
-def _select_answered_any() -> str:
-    """PostgreSQL: the operator's answered platform calls whose call id is in an array (one
-    statement for a whole batch, as ingest's look-ups)."""
+def _select_platform_any() -> str:
+    """PostgreSQL: the operator's platform calls, answered or not, whose call id is in an array
+    (one statement for a whole batch, as ingest's look-ups)."""
     return (
         "SELECT call_id, tenant_id, answer_time, direction, duration_ms"
-        " FROM usage_platform_calls WHERE operator_id = ? AND answer_time IS NOT NULL"
+        " FROM usage_platform_calls WHERE operator_id = ?"
         " AND call_id = ANY(CAST(? AS text[]))"
     )
 
 
-def _answered(session: Session, operator_id: str, call_ids: list[str]) -> list[tuple[Any, ...]]:
-    """The operator's answered platform calls among `call_ids` (never prepared on PostgreSQL,
-    see `driver_fetch`)."""
+def _platform(session: Session, operator_id: str, call_ids: list[str]) -> list[tuple[Any, ...]]:
+    """The operator's platform calls among `call_ids`, answered or not (never prepared on
+    PostgreSQL, see `driver_fetch`)."""
     if session.get_bind().dialect.name == "postgresql":
-        return driver_fetch(session, _select_answered_any(), [operator_id, call_ids], prepare=False)
+        return driver_fetch(session, _select_platform_any(), [operator_id, call_ids], prepare=False)
     found: list[tuple[Any, ...]] = []
     for first in range(0, len(call_ids), CHUNK):
         chunk = call_ids[first : first + CHUNK]
-        found += driver_fetch(session, _select_answered(len(chunk)), [operator_id, *chunk])
+        found += driver_fetch(session, _select_platform(len(chunk)), [operator_id, *chunk])
     return found
 
 
 def count_reported(session: Session, operator_id: str, stored: Sequence[Reported]) -> None:
     """The operator's newly stored records into the usage by day: a call the platform has
-    moves from its duration to the operator's; any other call counts at the record's start."""
-    found = _answered(session, operator_id, [r.call_id for r in stored])
+    answered moves from its duration to the operator's; one it has as not answered counts
+    nowhere; a call it does not have counts at the record's start."""
+    found = _platform(session, operator_id, [r.call_id for r in stored])
     platform = {row[0]: row for row in found}
     changes: dict[DayKey, list[int]] = {}
     operator_source, platform_source = Source.OPERATOR.value, Source.PLATFORM.value
@@ -139,6 +141,8 @@ def count_reported(session: Session, operator_id: str, stored: Sequence[Reported
             _change(changes, key, 1, billed)
             continue
         _, tenant, answer_time, direction, duration_ms = call
+        if answer_time is None:
+            continue  # the platform has it as not answered
         day = _utc_day(answer_time)
         _change(
             changes,
@@ -153,11 +157,11 @@ def count_reported(session: Session, operator_id: str, stored: Sequence[Reported
 def count_platform(session: Session, calls: Sequence[PlatformCall]) -> None:
     """The platform's newly stored calls into the usage by day: an answered call counts at its
     answer with the operator's duration if reported (moving that record from its own start) and
-    its own otherwise; an unanswered call counts nowhere."""
-    answered = [c for c in calls if c.answer_time is not None]
+    its own otherwise; an unanswered call counts nowhere (a record of it stops counting at its
+    start)."""
     reported: dict[tuple[str, str], tuple[Any, ...]] = {}
     by_operator: dict[str, list[str]] = {}
-    for call in answered:
+    for call in calls:
         by_operator.setdefault(call.operator_id, []).append(call.call_id)
     for operator_id, call_ids in by_operator.items():
         for first in range(0, len(call_ids), CHUNK):
@@ -165,10 +169,12 @@ def count_platform(session: Session, calls: Sequence[PlatformCall]) -> None:
             for row in driver_fetch(session, _select_reported(len(chunk)), [operator_id, *chunk]):
                 reported[(operator_id, row[0])] = row
     changes: dict[DayKey, list[int]] = {}
-    for call in answered:
-        day = _utc_day(call.answer_time)
+    for call in calls:
         record = reported.get((call.operator_id, call.call_id))
         if record is None:
+            if call.answer_time is None:
+                continue  # not answered, not reported: counts nowhere
+            day = _utc_day(call.answer_time)
             key = (call.operator_id, call.tenant_id, day, call.direction, Source.PLATFORM.value)
             _change(changes, key, 1, ceil_seconds(call.duration_ms, 1000))
             continue
@@ -176,6 +182,9 @@ def count_platform(session: Session, calls: Sequence[PlatformCall]) -> None:
         billed = ceil_seconds(duration_us, 1_000_000)
         own = (call.operator_id, tenant, _utc_day(start_time), direction, Source.OPERATOR.value)
         _change(changes, own, -1, -billed)
+        if call.answer_time is None:
+            continue  # not answered: the record counts nowhere any more
+        day = _utc_day(call.answer_time)
         key = (call.operator_id, call.tenant_id, day, call.direction, Source.OPERATOR.value)
         _change(changes, key, 1, billed)
     _add_usage(session, changes)
@@ -191,6 +200,6 @@ def purge_usage_days(session: Session, older_than: dt.datetime) -> int:
 # Every statement this module writes by hand (an IN list with one item) on each backend, as
 # tests/test_sql.py checks them against the tables, each on its own backend.
 SQL = {
-    "sqlite": (_ADD_USAGE, _select_answered(1), _select_reported(1)),
-    "postgresql": (_ADD_USAGE_ARRAYS, _select_answered_any(), _select_reported(1)),
+    "sqlite": (_ADD_USAGE, _select_platform(1), _select_reported(1)),
+    "postgresql": (_ADD_USAGE_ARRAYS, _select_platform_any(), _select_reported(1)),
 }

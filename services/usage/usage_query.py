@@ -117,9 +117,10 @@ def _usage_of_days(
 def _usage_of_calls(
     session: Session, query: UsageQuery, after: UsageKey | None, limit: int
 ) -> Sequence[Any]:
-    """The sums of the calls that started in the query's period, from the calls themselves:
-    (tenant, period, direction, source, calls, billed) of the first `limit` keys after
-    `after`, with every source of each."""
+    """The sums of the calls that started in the query's period, from the calls themselves
+    (as `usage_days.py` counts them: the platform's answered calls, and the operator's records
+    of calls the platform has no call of): (tenant, period, direction, source, calls, billed)
+    of the first `limit` keys after `after`, with every source of each."""
     start, end = query.start, query.end
     d, p = DURATIONS.alias("d"), PLATFORM_CALLS.alias("p")
     same_call = and_(d.c.operator_id == p.c.operator_id, d.c.call_id == p.c.call_id)
@@ -146,7 +147,7 @@ def _usage_of_calls(
             literal(Source.OPERATOR.value, String),
             ceil_seconds(d.c.duration_us, 1_000_000),
         )
-        .select_from(d.outerjoin(p, and_(same_call, p.c.answer_time.is_not(None))))
+        .select_from(d.outerjoin(p, same_call))  # the platform has no call of it at all
         .where(p.c.call_id.is_(None), d.c.start_time >= start, d.c.start_time < end)
     )
     if query.operator_id is not None:

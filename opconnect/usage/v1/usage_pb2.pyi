@@ -111,7 +111,13 @@ class _DiscrepancyKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Discr
     DISCREPANCY_KIND_MISSING_FROM_OPERATOR: _DiscrepancyKind.ValueType  # 2
     """The platform has the answered call; the operator did not report it."""
     DISCREPANCY_KIND_UNKNOWN_TO_PLATFORM: _DiscrepancyKind.ValueType  # 3
-    """The operator reported the call; the platform does not know it as carried by this operator."""
+    """The operator reported the call; the platform has no call with this id carried by this
+    operator.
+    """
+    DISCREPANCY_KIND_UNANSWERED_ON_PLATFORM: _DiscrepancyKind.ValueType  # 4
+    """The operator reported a duration for a call the platform has as not answered: the
+    platform's record decides, so the call counts in no customer's usage.
+    """
 
 class DiscrepancyKind(_DiscrepancyKind, metaclass=_DiscrepancyKindEnumTypeWrapper):
     """What kind of discrepancy."""
@@ -123,7 +129,13 @@ DISCREPANCY_KIND_MISMATCH: DiscrepancyKind.ValueType  # 1
 DISCREPANCY_KIND_MISSING_FROM_OPERATOR: DiscrepancyKind.ValueType  # 2
 """The platform has the answered call; the operator did not report it."""
 DISCREPANCY_KIND_UNKNOWN_TO_PLATFORM: DiscrepancyKind.ValueType  # 3
-"""The operator reported the call; the platform does not know it as carried by this operator."""
+"""The operator reported the call; the platform has no call with this id carried by this
+operator.
+"""
+DISCREPANCY_KIND_UNANSWERED_ON_PLATFORM: DiscrepancyKind.ValueType  # 4
+"""The operator reported a duration for a call the platform has as not answered: the
+platform's record decides, so the call counts in no customer's usage.
+"""
 Global___DiscrepancyKind: _TypeAlias = DiscrepancyKind  # noqa: Y015
 
 @_typing.final
@@ -395,6 +407,7 @@ class GetReconciliationResponse(_message.Message):
     OPERATOR_TOTAL_DURATION_FIELD_NUMBER: _builtins.int
     TOLERANCE_FIELD_NUMBER: _builtins.int
     COMPUTE_TIME_FIELD_NUMBER: _builtins.int
+    UNANSWERED_ON_PLATFORM_COUNT_FIELD_NUMBER: _builtins.int
     matched_count: _builtins.int
     """Calls both sides have, with durations within the tolerance."""
     mismatch_count: _builtins.int
@@ -402,19 +415,24 @@ class GetReconciliationResponse(_message.Message):
     platform_only_count: _builtins.int
     """Answered calls the platform has and the operator did not report (MISSING_FROM_OPERATOR)."""
     operator_only_count: _builtins.int
-    """Calls the operator reported that the platform does not know as carried by this operator
-    (UNKNOWN_TO_PLATFORM).
+    """Calls the operator reported that the platform has no call of, with this id, carried by
+    this operator (UNKNOWN_TO_PLATFORM).
+    """
+    unanswered_on_platform_count: _builtins.int
+    """Calls the operator reported a duration for that the platform has as not answered (canceled,
+    busy, failed: UNANSWERED_ON_PLATFORM). They count in no customer's usage.
     """
     @_builtins.property
     def platform_total_duration(self) -> _duration_pb2.Duration:
-        """The platform's durations summed over the calls it has (matched, mismatched and
+        """The platform's durations summed over the answered calls it has (matched, mismatched and
         platform-only). Minutes are this over 60 seconds: nothing is rounded per call.
         """
 
     @_builtins.property
     def operator_total_duration(self) -> _duration_pb2.Duration:
-        """The operator's durations summed over the calls it reported (matched, mismatched and
-        operator-only), not rounded per call.
+        """The operator's durations summed over every record it reported (matched, mismatched,
+        operator-only and unanswered on the platform): what the operator would bill, though the
+        unanswered-on-platform ones count in no customer's usage. Not rounded per call.
         """
 
     @_builtins.property
@@ -436,10 +454,11 @@ class GetReconciliationResponse(_message.Message):
         operator_total_duration: _duration_pb2.Duration | None = ...,
         tolerance: Global___Tolerance | None = ...,
         compute_time: _timestamp_pb2.Timestamp | None = ...,
+        unanswered_on_platform_count: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["compute_time", b"compute_time", "operator_total_duration", b"operator_total_duration", "platform_total_duration", b"platform_total_duration", "tolerance", b"tolerance"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["compute_time", b"compute_time", "matched_count", b"matched_count", "mismatch_count", b"mismatch_count", "operator_only_count", b"operator_only_count", "operator_total_duration", b"operator_total_duration", "platform_only_count", b"platform_only_count", "platform_total_duration", b"platform_total_duration", "tolerance", b"tolerance"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["compute_time", b"compute_time", "matched_count", b"matched_count", "mismatch_count", b"mismatch_count", "operator_only_count", b"operator_only_count", "operator_total_duration", b"operator_total_duration", "platform_only_count", b"platform_only_count", "platform_total_duration", b"platform_total_duration", "tolerance", b"tolerance", "unanswered_on_platform_count", b"unanswered_on_platform_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -465,16 +484,18 @@ class Discrepancy(_message.Message):
     record_id: _builtins.str
     """The operator's record id; empty for MISSING_FROM_OPERATOR."""
     tenant_id: _builtins.str
-    """The customer tenant (the platform's, or for UNKNOWN_TO_PLATFORM the operator's)."""
+    """The customer tenant (the platform's, or for UNKNOWN_TO_PLATFORM and
+    UNANSWERED_ON_PLATFORM the operator's).
+    """
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp:
-        """When the call started: the platform's answer time, or for UNKNOWN_TO_PLATFORM the
-        operator's `start_time`.
+        """When the call started: the platform's answer time, or for UNKNOWN_TO_PLATFORM and
+        UNANSWERED_ON_PLATFORM (no answer time) the operator's `start_time`.
         """
 
     @_builtins.property
     def platform_duration(self) -> _duration_pb2.Duration:
-        """The platform's duration; unset for UNKNOWN_TO_PLATFORM."""
+        """The platform's duration (zero for UNANSWERED_ON_PLATFORM); unset for UNKNOWN_TO_PLATFORM."""
 
     @_builtins.property
     def operator_duration(self) -> _duration_pb2.Duration:

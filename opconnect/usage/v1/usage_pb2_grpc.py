@@ -37,9 +37,11 @@ class UsageServiceStub:
     records and calls answer exactly as if they did not exist. Duration records are kept for the
     configured retention, then purged.
 
-    Usage counts answered calls only. A call belongs to a period by its start: the platform's
-    answer time, or for a call the platform does not know, the operator's `start_time`. Days and
-    months are UTC.
+    Usage counts answered calls only, and the platform's record decides whether a call was
+    answered (it saw the signalling): a call the platform knows as not answered counts nowhere,
+    even when the operator reported a duration for it, whichever of the two records arrived first.
+    A call belongs to a period by its start: the platform's answer time, or for a call the
+    platform does not know at all, the operator's `start_time`. Days and months are UTC.
 
     Errors are gRPC statuses with a `google.rpc.ErrorInfo` detail (domain `usage.opconnect`);
     validation errors add a `google.rpc.BadRequest` with one field violation per bad field.
@@ -90,9 +92,11 @@ class UsageServiceServicer:
     records and calls answer exactly as if they did not exist. Duration records are kept for the
     configured retention, then purged.
 
-    Usage counts answered calls only. A call belongs to a period by its start: the platform's
-    answer time, or for a call the platform does not know, the operator's `start_time`. Days and
-    months are UTC.
+    Usage counts answered calls only, and the platform's record decides whether a call was
+    answered (it saw the signalling): a call the platform knows as not answered counts nowhere,
+    even when the operator reported a duration for it, whichever of the two records arrived first.
+    A call belongs to a period by its start: the platform's answer time, or for a call the
+    platform does not know at all, the operator's `start_time`. Days and months are UTC.
 
     Errors are gRPC statuses with a `google.rpc.ErrorInfo` detail (domain `usage.opconnect`);
     validation errors add a `google.rpc.BadRequest` with one field violation per bad field.
@@ -125,8 +129,9 @@ class UsageServiceServicer:
     def GetReconciliation(self, request, context):
         """Reconciles the operator's duration records with the platform's calls over a period: how
         many calls match, how many durations differ beyond the tolerance, how many calls each side
-        has that the other does not, and the duration totals on each side. Computed on request from
-        what is committed at that time. Errors: INVALID_ARGUMENT (PERIOD_INVALID: a time missing or
+        has that the other does not, how many the operator reported that the platform has as not
+        answered, and the duration totals on each side. Computed on request from what is committed
+        at that time. Errors: INVALID_ARGUMENT (PERIOD_INVALID: a time missing or
         `end_time` not after `start_time`, PERIOD_TOO_LONG: over 31 days, TENANT_ID_INVALID,
         TOLERANCE_INVALID).
         """
@@ -204,9 +209,11 @@ class UsageService:
     records and calls answer exactly as if they did not exist. Duration records are kept for the
     configured retention, then purged.
 
-    Usage counts answered calls only. A call belongs to a period by its start: the platform's
-    answer time, or for a call the platform does not know, the operator's `start_time`. Days and
-    months are UTC.
+    Usage counts answered calls only, and the platform's record decides whether a call was
+    answered (it saw the signalling): a call the platform knows as not answered counts nowhere,
+    even when the operator reported a duration for it, whichever of the two records arrived first.
+    A call belongs to a period by its start: the platform's answer time, or for a call the
+    platform does not know at all, the operator's `start_time`. Days and months are UTC.
 
     Errors are gRPC statuses with a `google.rpc.ErrorInfo` detail (domain `usage.opconnect`);
     validation errors add a `google.rpc.BadRequest` with one field violation per bad field.

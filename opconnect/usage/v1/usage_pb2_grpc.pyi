@@ -38,9 +38,11 @@ class UsageServiceStub:
     records and calls answer exactly as if they did not exist. Duration records are kept for the
     configured retention, then purged.
 
-    Usage counts answered calls only. A call belongs to a period by its start: the platform's
-    answer time, or for a call the platform does not know, the operator's `start_time`. Days and
-    months are UTC.
+    Usage counts answered calls only, and the platform's record decides whether a call was
+    answered (it saw the signalling): a call the platform knows as not answered counts nowhere,
+    even when the operator reported a duration for it, whichever of the two records arrived first.
+    A call belongs to a period by its start: the platform's answer time, or for a call the
+    platform does not know at all, the operator's `start_time`. Days and months are UTC.
 
     Errors are gRPC statuses with a `google.rpc.ErrorInfo` detail (domain `usage.opconnect`);
     validation errors add a `google.rpc.BadRequest` with one field violation per bad field.
@@ -73,8 +75,9 @@ class UsageServiceStub:
     GetReconciliation: _grpc.UnaryUnaryMultiCallable[_usage_pb2.GetReconciliationRequest, _usage_pb2.GetReconciliationResponse]
     """Reconciles the operator's duration records with the platform's calls over a period: how
     many calls match, how many durations differ beyond the tolerance, how many calls each side
-    has that the other does not, and the duration totals on each side. Computed on request from
-    what is committed at that time. Errors: INVALID_ARGUMENT (PERIOD_INVALID: a time missing or
+    has that the other does not, how many the operator reported that the platform has as not
+    answered, and the duration totals on each side. Computed on request from what is committed
+    at that time. Errors: INVALID_ARGUMENT (PERIOD_INVALID: a time missing or
     `end_time` not after `start_time`, PERIOD_TOO_LONG: over 31 days, TENANT_ID_INVALID,
     TOLERANCE_INVALID).
     """
@@ -111,9 +114,11 @@ class UsageServiceAsyncStub(UsageServiceStub):
     records and calls answer exactly as if they did not exist. Duration records are kept for the
     configured retention, then purged.
 
-    Usage counts answered calls only. A call belongs to a period by its start: the platform's
-    answer time, or for a call the platform does not know, the operator's `start_time`. Days and
-    months are UTC.
+    Usage counts answered calls only, and the platform's record decides whether a call was
+    answered (it saw the signalling): a call the platform knows as not answered counts nowhere,
+    even when the operator reported a duration for it, whichever of the two records arrived first.
+    A call belongs to a period by its start: the platform's answer time, or for a call the
+    platform does not know at all, the operator's `start_time`. Days and months are UTC.
 
     Errors are gRPC statuses with a `google.rpc.ErrorInfo` detail (domain `usage.opconnect`);
     validation errors add a `google.rpc.BadRequest` with one field violation per bad field.
@@ -143,8 +148,9 @@ class UsageServiceAsyncStub(UsageServiceStub):
     GetReconciliation: _aio.UnaryUnaryMultiCallable[_usage_pb2.GetReconciliationRequest, _usage_pb2.GetReconciliationResponse]  # type: ignore[assignment]
     """Reconciles the operator's duration records with the platform's calls over a period: how
     many calls match, how many durations differ beyond the tolerance, how many calls each side
-    has that the other does not, and the duration totals on each side. Computed on request from
-    what is committed at that time. Errors: INVALID_ARGUMENT (PERIOD_INVALID: a time missing or
+    has that the other does not, how many the operator reported that the platform has as not
+    answered, and the duration totals on each side. Computed on request from what is committed
+    at that time. Errors: INVALID_ARGUMENT (PERIOD_INVALID: a time missing or
     `end_time` not after `start_time`, PERIOD_TOO_LONG: over 31 days, TENANT_ID_INVALID,
     TOLERANCE_INVALID).
     """
@@ -180,9 +186,11 @@ class UsageServiceServicer(metaclass=_abc_1.ABCMeta):
     records and calls answer exactly as if they did not exist. Duration records are kept for the
     configured retention, then purged.
 
-    Usage counts answered calls only. A call belongs to a period by its start: the platform's
-    answer time, or for a call the platform does not know, the operator's `start_time`. Days and
-    months are UTC.
+    Usage counts answered calls only, and the platform's record decides whether a call was
+    answered (it saw the signalling): a call the platform knows as not answered counts nowhere,
+    even when the operator reported a duration for it, whichever of the two records arrived first.
+    A call belongs to a period by its start: the platform's answer time, or for a call the
+    platform does not know at all, the operator's `start_time`. Days and months are UTC.
 
     Errors are gRPC statuses with a `google.rpc.ErrorInfo` detail (domain `usage.opconnect`);
     validation errors add a `google.rpc.BadRequest` with one field violation per bad field.
@@ -222,8 +230,9 @@ class UsageServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_usage_pb2.GetReconciliationResponse, _abc.Awaitable[_usage_pb2.GetReconciliationResponse]]:
         """Reconciles the operator's duration records with the platform's calls over a period: how
         many calls match, how many durations differ beyond the tolerance, how many calls each side
-        has that the other does not, and the duration totals on each side. Computed on request from
-        what is committed at that time. Errors: INVALID_ARGUMENT (PERIOD_INVALID: a time missing or
+        has that the other does not, how many the operator reported that the platform has as not
+        answered, and the duration totals on each side. Computed on request from what is committed
+        at that time. Errors: INVALID_ARGUMENT (PERIOD_INVALID: a time missing or
         `end_time` not after `start_time`, PERIOD_TOO_LONG: over 31 days, TENANT_ID_INVALID,
         TOLERANCE_INVALID).
         """
