@@ -20,6 +20,8 @@
     opconnect simulate [--rate R]          realistic calls into a running system, to watch
     opconnect operator submit FILE.csv     as an operator: submit call durations (resumable)
     opconnect operator usage|reconcile     as an operator: usage, reconciliation report
+    opconnect operator consents list|watch|accept|decline|terminate
+                                           as an operator: its consents with customers
     opconnect audit [--operator ID]        the audit log of operator reads, newest first
     opconnect tokens rotate                a new key seals cursors and page tokens (old ones
                                            still open theirs); restart the services to use it
@@ -45,6 +47,7 @@ from app import runtime as server
 from app.roles import ROLES
 from gateway import pki, registry
 from operator_client import commands as operator
+from operator_client import consents as operator_consents
 from plumbing import audit, tokens
 from plumbing.config import DEV_OPERATOR, DEV_PLATFORM, Settings, describe, load_settings
 from plumbing.db import Database
@@ -258,6 +261,9 @@ def cmd_operator(args: argparse.Namespace, settings: Settings) -> int:
         key=Path(args.key) if args.key else key,
     )
     console = Console()
+    if args.operator == "consents":
+        files = (connection.ca, connection.cert, connection.key)
+        return operator_consents.main(args, args.target, files, console)
     try:
         if args.operator == "submit":
             try:
@@ -413,6 +419,7 @@ def parser() -> argparse.ArgumentParser:
             view.add_argument("--monthly", action="store_true", help="a row per month")
         else:
             view.add_argument("--show", type=int, default=20, help="discrepancies listed")
+    operator_consents.add_parser(opc)
 
     sim = commands.add_parser("simulate", help="publish realistic calls to a running system")
     sim.add_argument(
