@@ -1,21 +1,28 @@
 """Consents through real servers over mutual TLS, on both backends: every allowed and refused
 move of the state machine, upload under consent, ending a consent with numbers assigned, watch
-with resume and expiry, isolation between operators and principals, the metrics."""
+with resume and expiry, isolation between operators and principals, the metrics, the numbers
+stored before migration 0009, and a grpc-js client reading the watch."""
 
 from __future__ import annotations
 
 import datetime as dt
+import json
+import subprocess
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
+import sqlalchemy as sa
+from alembic import command
 
 from opconnect.numbers.v1 import consents_pb2 as pb
 from opconnect.numbers.v1 import consents_pb2_grpc
 from opconnect.numbers.v1 import numbers_pb2 as numbers_pb
 from plumbing.changelog import decode_cursor
+from plumbing.db import alembic_config
 from services.numbers import consent_storage
 from services.numbers.consents import LOG
 from services.numbers.rules import DOMAIN
@@ -23,6 +30,7 @@ from tests.conftest import (
     OPERATOR,
     OTHER_OPERATOR,
     PLATFORM,
+    USER_ID,
     Pki,
     RunningSystem,
     StreamReader,
@@ -439,3 +447,157 @@ def _count_transitions(system: RunningSystem) -> None:
     accepted = sample(samples, name, **labels, **{"from": "requested", "to": "active"})
     # conftest's own consents were made in the database directly, not through the service.
     assert (created, accepted) == (1, 1)
+
+
+# --- migration 0009 --------------------------------------------------------------------------
+
+OLD_TENANT = "2a3b4c5d-6e7f-4a8b-9c0d-1e2f3a4b5c6d"  # not among conftest's CONSENTED
+OLDER_TENANT = "9f8e7d6c-5b4a-4c3d-8e2f-1a0b9c8d7e6f"
+
+
+def _migrate(url: str, revision: str, *, down: bool = False) -> None:
+    engine = sa.create_engine(url)
+    config = alembic_config(url)
+    try:
+        with engine.begin() as connection:
+            config.attributes["connection"] = connection
+            (command.downgrade if down else command.upgrade)(config, revision)
+    finally:
+        engine.dispose()
+
+
+def _numbers_at_0008(url: str) -> dt.datetime:
+    """Numbers as the system stored them before 0009 (through SQL): two of OPERATOR's for
+    OLD_TENANT (one assigned), one of OTHER_OPERATOR's for OLDER_TENANT. The first's upload
+    time."""
+    first = dt.datetime(2026, 11, 1, 9, 0, tzinfo=dt.UTC)
+    rows = [
+        ("+14255550100", OPERATOR, OLD_TENANT, "assigned", first),
+        ("+14255550101", OPERATOR, OLD_TENANT, "unassigned", first + dt.timedelta(days=1)),
+        ("+14255550102", OTHER_OPERATOR, OLDER_TENANT, "unassigned", first),
+    ]
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        for number, operator, tenant, state, at in rows:
+            sip = f"sip:{number}@sbc1.contoso.example" if state == "assigned" else ""
+            conn.execute(
+                sa.text(
+                    "INSERT INTO numbers (phone_number, operator_id, tenant_id, usage, inbound,"
+                    " outbound, state, sip_uri, target_kind, target_id, created_at, updated_at)"
+                    " VALUES (:n, :op, :t, 'user', true, true, :state, :sip, :kind, :target,"
+                    " :at, :at)"
+                ),
+                {
+                    "n": number,
+                    "op": operator,
+                    "t": tenant,
+                    "state": state,
+                    "sip": sip,
+                    "kind": "user" if sip else "",
+                    "target": USER_ID if sip else "",
+                    "at": at,
+                },
+            )
+    engine.dispose()
+    return first
+
+
+def _consent_rows(url: str) -> list[tuple[Any, ...]]:
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            query = "SELECT operator_id, tenant_id, state, reason FROM consents ORDER BY 1, 2"
+            return [tuple(row) for row in conn.execute(sa.text(query))]
+    finally:
+        engine.dispose()
+
+
+def test_numbers_stored_before_consents_keep_working_under_an_active_consent(
+    session_pki: Pki, database_url: str, tmp_path: Path
+) -> None:
+    _migrate(database_url, "0008")
+    first = _numbers_at_0008(database_url)
+    _migrate(database_url, "head")
+    assert _consent_rows(database_url) == [
+        (OPERATOR, OLD_TENANT, "active", ""),
+        (OTHER_OPERATOR, OLDER_TENANT, "active", ""),
+    ]
+    system = start_system(settings_for(tmp_path, session_pki.paths, database_url), session_pki)
+    try:
+        consent = get(system, OLD_TENANT)
+        assert consent.state == ACTIVE and consent.create_time.ToDatetime(dt.UTC) == first
+        assert get(system, OLDER_TENANT, OTHER_OPERATOR).state == ACTIVE
+        # The numbers are all there, and uploads for their tenants go on.
+        listed = system.numbers().ListNumbers(numbers_pb.ListNumbersRequest(tenant_id=OLD_TENANT))
+        assert [n.phone_number for n in listed.numbers] == ["+14255550100", "+14255550101"]
+        added = upload(system, "+14255550103", tenant=OLD_TENANT)
+        assert added.added_count == 1
+        # The consent lives on as any other: it cannot end while a number is assigned.
+        with pytest.raises(grpc.RpcError) as refused:
+            update(system, OLD_TENANT, TERMINATED, NON_PAYMENT)
+        assert rich_error(refused.value).reason == "CONSENT_NUMBERS_ASSIGNED"
+    finally:
+        system.stop()
+    _migrate(database_url, "0008", down=True)
+    _migrate(database_url, "head")
+    assert (OPERATOR, OLD_TENANT, "active", "") in _consent_rows(database_url)
+
+
+# --- another language ------------------------------------------------------------------------
+
+JS_CONSENTS = Path(__file__).resolve().parent / "clients" / "grpc_js_consents.js"
+
+
+def _node_watch(
+    system: RunningSystem, events: int, cursor: str = "", listed: Callable[[], object] = str
+) -> dict[str, Any]:
+    """Run the node client; `listed()` once it says its listing is done (without a cursor)."""
+    cert, key = system.pki.paths.client(f"operator-{OPERATOR}")
+    command = [
+        "node",
+        str(JS_CONSENTS),
+        *("--address", system.address),
+        *("--ca", str(system.pki.paths.ca_cert)),
+        *("--cert", str(cert)),
+        *("--key", str(key)),
+        *("--events", str(events)),
+        *(("--cursor", cursor) if cursor else ()),
+    ]
+    with subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    ) as process:
+        assert process.stderr is not None
+        if not cursor:
+            assert process.stderr.readline() == "listed\n"
+            listed()
+        out, err = process.communicate(timeout=60)
+    assert process.returncode == 0, err
+    answer: dict[str, Any] = json.loads(out)
+    return answer
+
+
+def test_a_grpc_js_client_lists_then_watches_and_resumes(sqlite_system: RunningSystem) -> None:
+    system = sqlite_system
+    first, second, third = (fresh_tenant() for _ in range(3))
+    create(system, first)
+    update(system, first, ACTIVE)  # before the listing: listed, not watched
+    create(system, second)
+    # The node client lists, then watches from the listing's cursor: the change after it.
+    answer = _node_watch(system, 1, listed=lambda: update(system, second, ACTIVE))
+    listed = {c["tenant_id"]: c["state"] for c in answer["listed"]}
+    assert (listed[first], listed[second]) == ("CONSENT_STATE_ACTIVE", "CONSENT_STATE_REQUESTED")
+    (event,) = answer["events"]
+    assert (event["consent"]["tenant_id"], event["previous_state"], event["consent"]["state"]) == (
+        second,
+        "CONSENT_STATE_REQUESTED",
+        "CONSENT_STATE_ACTIVE",
+    )
+    # Cut; meanwhile two more changes; it resumes strictly after its last cursor.
+    create(system, third)
+    update(system, third, DECLINED, NOT_SERVED)
+    resumed = _node_watch(system, 2, answer["cursor"])
+    assert [(e["consent"]["tenant_id"], e["consent"]["state"]) for e in resumed["events"]] == [
+        (third, "CONSENT_STATE_REQUESTED"),
+        (third, "CONSENT_STATE_DECLINED"),
+    ]
+    assert resumed["events"][1]["consent"]["reason"] == "CONSENT_REASON_REGION_NOT_SERVED"
