@@ -27,18 +27,21 @@ from services.numbers import consent_storage
 from services.numbers.consents import LOG
 from services.numbers.rules import DOMAIN
 from tests.conftest import (
+    NO_POSTGRES,
     OPERATOR,
     OTHER_OPERATOR,
     PLATFORM,
+    POSTGRES_URL,
     USER_ID,
     Pki,
     RunningSystem,
     StreamReader,
+    reset_postgres,
     rich_error,
     settings_for,
     start_system,
 )
-from tests.helpers import assign, sample, scrape, upload
+from tests.helpers import assign, sample, scrape, start_two, upload
 
 REQUESTED, ACTIVE, DECLINED, TERMINATED, WITHDRAWN = (
     pb.CONSENT_STATE_REQUESTED,
@@ -601,3 +604,30 @@ def test_a_grpc_js_client_lists_then_watches_and_resumes(sqlite_system: RunningS
         (third, "CONSENT_STATE_DECLINED"),
     ]
     assert resumed["events"][1]["consent"]["reason"] == "CONSENT_REASON_REGION_NOT_SERVED"
+
+
+# --- replicas ----------------------------------------------------------------------------------
+
+
+@pytest.mark.postgres
+def test_a_consent_change_through_one_replica_wakes_a_watcher_on_another(
+    session_pki: Pki, tmp_path: Path
+) -> None:
+    if not POSTGRES_URL:
+        pytest.skip(NO_POSTGRES)
+    first, second = start_two(session_pki, tmp_path, reset_postgres(POSTGRES_URL))
+    try:
+        tenant = fresh_tenant()
+        watcher = ConsentWatcher(second)
+        watcher.next()  # open, from now
+        create(first, tenant)
+        update(first, tenant, ACTIVE)
+        events = watcher.events(2)  # the other replica hears of them by NOTIFY
+        watcher.cancel()
+        assert [(e.consent.tenant_id, e.consent.state) for e in events] == [
+            (tenant, REQUESTED),
+            (tenant, ACTIVE),
+        ]
+    finally:
+        first.stop()
+        second.stop()
