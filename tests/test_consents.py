@@ -5,6 +5,7 @@ stored before migration 0009, and a grpc-js client reading the watch."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import datetime as dt
 import json
 import subprocess
@@ -631,3 +632,21 @@ def test_a_consent_change_through_one_replica_wakes_a_watcher_on_another(
     finally:
         first.stop()
         second.stop()
+
+
+def test_concurrent_requests_create_one_consent(system: RunningSystem) -> None:
+    """The admin center's retries racing each other: every one answers the consent, and it is
+    created once (one event)."""
+    tenant = fresh_tenant()
+    start = consents(system).ListConsents(pb.ListConsentsRequest()).watch_cursor
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        made = list(pool.map(lambda _: create(system, tenant), range(8)))
+    assert {(c.tenant_id, c.state) for c in made} == {(tenant, REQUESTED)}
+    update(system, tenant, ACTIVE)  # the next change: the watch stops at it
+    watcher = ConsentWatcher(system, start)
+    events = watcher.events(2)
+    watcher.cancel()
+    assert [(e.previous_state, e.consent.state) for e in events] == [
+        (pb.CONSENT_STATE_UNSPECIFIED, REQUESTED),
+        (REQUESTED, ACTIVE),
+    ]

@@ -8,6 +8,7 @@ wakes watchers after commit.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from sqlalchemy import BigInteger, CursorResult, DateTime, Index, String, delete
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from plumbing.changelog import allocate, mark_purged, notify_commit, read_head
-from plumbing.db import Base, utc
+from plumbing.db import Base, dialect_insert, utc
 from plumbing.errors import not_found
 from services.numbers import storage
 from services.numbers.consents import (
@@ -146,44 +147,35 @@ def _any_assigned(session: Session, operator_id: str, tenant_id: str) -> bool:
     return session.scalar(query) is not None
 
 
-def move_consent(
-    session: Session, operator_id: str, tenant_id: str, move: Move, *, create: bool = False
-) -> Change:
-    """Move the consent as `move` asks (consents.check_move says whether it may), logging the
-    change; `create`: a consent that does not exist is created (the customer's request),
-    otherwise it answers NOT_FOUND."""
-    row = _locked(session, operator_id, tenant_id)
-    if row is None and not create:
-        raise not_found(DOMAIN, "CONSENT_NOT_FOUND", "no consent with this tenant")
-    current = to_consent(row) if row is not None else None
-    if not check_move(current, move):
-        assert current is not None
-        return Change(current, None)
-    ending = current is not None and ends_numbers(current, move)
-    if ending and _any_assigned(session, operator_id, tenant_id):
-        raise numbers_assigned()
-    stamp = storage.now()
-    if row is None:
-        row = ConsentRow(
-            operator_id=operator_id,
-            tenant_id=tenant_id,
-            state=move.state.value,
-            reason=move.reason.value,
-            created_at=stamp,
-            updated_at=stamp,
+def _insert_requested(session: Session, consent: Consent) -> bool:
+    """Insert a new consent; False if another transaction inserted it first (on PostgreSQL
+    the insert waits for that one to commit, then does nothing)."""
+    statement = (
+        dialect_insert(session)(ConsentRow)
+        .values(
+            operator_id=consent.operator_id,
+            tenant_id=consent.tenant_id,
+            state=consent.state.value,
+            reason=consent.reason.value,
+            created_at=consent.created_at,
+            updated_at=consent.updated_at,
         )
-        session.add(row)
-    else:
-        row.state, row.reason, row.updated_at = move.state.value, move.reason.value, stamp
-    session.flush()
-    consent = to_consent(row)
+        .on_conflict_do_nothing(index_elements=["operator_id", "tenant_id"])
+        .returning(ConsentRow.operator_id)
+    )
+    return session.execute(statement).first() is not None
+
+
+def _logged(
+    session: Session, consent: Consent, previous: ConsentState | None, stamp: dt.datetime
+) -> Change:
+    """Log the consent's change at the next position of the `consents` log."""
     position = allocate(session, LOG)
-    previous = current.state if current is not None else None
     session.add(
         ConsentEventRow(
             position=position,
-            operator_id=operator_id,
-            tenant_id=tenant_id,
+            operator_id=consent.operator_id,
+            tenant_id=consent.tenant_id,
             state=consent.state.value,
             previous_state=previous.value if previous is not None else "",
             reason=consent.reason.value,
@@ -191,8 +183,37 @@ def move_consent(
             occurred_at=stamp,
         )
     )
-    notify_commit(session, LOG, position, [operator_id])
+    session.flush()
+    notify_commit(session, LOG, position, [consent.operator_id])
     return Change(consent, ConsentEvent(position, consent, previous, stamp))
+
+
+def move_consent(
+    session: Session, operator_id: str, tenant_id: str, move: Move, *, create: bool = False
+) -> Change:
+    """Move the consent as `move` asks (consents.check_move says whether it may), logging the
+    change; `create`: a consent that does not exist is created (the customer's request),
+    otherwise it answers NOT_FOUND."""
+    stamp = storage.now()
+    row = _locked(session, operator_id, tenant_id)
+    if row is None:
+        if not create:
+            raise not_found(DOMAIN, "CONSENT_NOT_FOUND", "no consent with this tenant")
+        check_move(None, move)  # raises unless the move creates it
+        made = Consent(operator_id, tenant_id, move.state, move.reason, stamp, stamp)
+        if _insert_requested(session, made):
+            return _logged(session, made, None, stamp)
+        row = _locked(session, operator_id, tenant_id)  # created meanwhile: move it as it is
+        assert row is not None
+    current = to_consent(row)
+    if not check_move(current, move):
+        return Change(current, None)
+    ending = ends_numbers(current, move)
+    if ending and _any_assigned(session, operator_id, tenant_id):
+        raise numbers_assigned()
+    row.state, row.reason, row.updated_at = move.state.value, move.reason.value, stamp
+    moved = dataclasses.replace(current, state=move.state, reason=move.reason, updated_at=stamp)
+    return _logged(session, moved, current.state, stamp)
 
 
 def consent_active(session: Session, operator_id: str, tenant_id: str) -> bool:
