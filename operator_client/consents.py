@@ -139,8 +139,17 @@ def main(
     args: argparse.Namespace, target: str, files: tuple[Path, Path, Path], console: Console
 ) -> int:
     """`files`: the CA, the operator's certificate and its key."""
+    return command(Connection(target, *files), args, console)
+
+
+def command(
+    connection: Connection, args: argparse.Namespace, console: Console | None = None
+) -> int:
+    """One `opconnect operator consents` command on `connection`; its exit status (Ctrl-C: 130,
+    a refusal: 1 with the server's status and reason printed)."""
+    console = console or Console()
     try:
-        return asyncio.run(run(args, Connection(target, *files), console))
+        return asyncio.run(run(args, connection, console))
     except KeyboardInterrupt:
         return 130
     except (ClientError, ServerError) as error:  # a ServerError: the server's status, reason
