@@ -54,8 +54,8 @@ class NumberServiceStub:
     """Uploads up to 10,000 numbers for one customer tenant, which needs an ACTIVE consent with
     the operator (ConsentService; without one every number is refused, CONSENT_NOT_ACTIVE).
     Each number is answered on its own: added, already present with the same data, or refused
-    with a reason. A refused number never stops the others. Errors: INVALID_ARGUMENT (TENANT_ID_INVALID, TOO_MANY_NUMBERS,
-    NUMBERS_EMPTY) for the request as a whole.
+    with a reason. A refused number never stops the others. Errors: INVALID_ARGUMENT
+    (TENANT_ID_INVALID, TOO_MANY_NUMBERS, NUMBERS_EMPTY) for the request as a whole.
     """
     ReleaseNumbers: _grpc.UnaryUnaryMultiCallable[_numbers_pb2.ReleaseNumbersRequest, _numbers_pb2.ReleaseNumbersResponse]
     """Removes numbers that are not assigned. An assigned number is refused with reason
@@ -114,8 +114,8 @@ class NumberServiceAsyncStub(NumberServiceStub):
     """Uploads up to 10,000 numbers for one customer tenant, which needs an ACTIVE consent with
     the operator (ConsentService; without one every number is refused, CONSENT_NOT_ACTIVE).
     Each number is answered on its own: added, already present with the same data, or refused
-    with a reason. A refused number never stops the others. Errors: INVALID_ARGUMENT (TENANT_ID_INVALID, TOO_MANY_NUMBERS,
-    NUMBERS_EMPTY) for the request as a whole.
+    with a reason. A refused number never stops the others. Errors: INVALID_ARGUMENT
+    (TENANT_ID_INVALID, TOO_MANY_NUMBERS, NUMBERS_EMPTY) for the request as a whole.
     """
     ReleaseNumbers: _aio.UnaryUnaryMultiCallable[_numbers_pb2.ReleaseNumbersRequest, _numbers_pb2.ReleaseNumbersResponse]  # type: ignore[assignment]
     """Removes numbers that are not assigned. An assigned number is refused with reason
@@ -177,8 +177,8 @@ class NumberServiceServicer(metaclass=_abc_1.ABCMeta):
         """Uploads up to 10,000 numbers for one customer tenant, which needs an ACTIVE consent with
         the operator (ConsentService; without one every number is refused, CONSENT_NOT_ACTIVE).
         Each number is answered on its own: added, already present with the same data, or refused
-        with a reason. A refused number never stops the others. Errors: INVALID_ARGUMENT (TENANT_ID_INVALID, TOO_MANY_NUMBERS,
-        NUMBERS_EMPTY) for the request as a whole.
+        with a reason. A refused number never stops the others. Errors: INVALID_ARGUMENT
+        (TENANT_ID_INVALID, TOO_MANY_NUMBERS, NUMBERS_EMPTY) for the request as a whole.
         """
 
     @_abc_1.abstractmethod
