@@ -22,6 +22,8 @@
     opconnect operator usage|reconcile     as an operator: usage, reconciliation report
     opconnect operator numbers ...         as an operator: list|get|upload|release|watch
     opconnect operator records ...         as an operator: follow (to a file)|get|summary
+    opconnect operator consents list|watch|accept|decline|terminate
+                                           as an operator: its consents with customers
     opconnect audit [--operator ID]        the audit log of operator reads, newest first
     opconnect tokens rotate                a new key seals cursors and page tokens (old ones
                                            still open theirs); restart the services to use it

@@ -160,6 +160,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         settings = ws.settings()
         spec = ws.spec(operators={BUSY: "busy benchmark operator"}, fair=True)
         server = children.add(ServerProcess("system", spec, STOP_WAIT_S))
+        asyncio.run(runner.grant_consent(server.address, root, QUIET, TENANT))
+        asyncio.run(runner.grant_consent(server.address, root, BUSY, BUSY_TENANT))
         asyncio.run(quiet(server.address, root, 20, 3_000_000_000))  # warm-up
         alone = asyncio.run(
             quiet(server.address, root, args.samples, 3_100_000_000, args.max_seconds)

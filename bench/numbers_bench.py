@@ -283,6 +283,7 @@ class LoadWorkers:
 
 async def prepare(address: str, root: Path) -> bytes:
     """Upload the numbers the benchmarks use; return the system's GetNumber answer, serialized."""
+    await runner.grant_consent(address, root, OPERATOR, TENANT)
     async with grpc.aio.secure_channel(address, credentials(root, "operator", OPERATOR)) as channel:
         stub = pb_grpc.NumberServiceStub(channel)
         both = pb.Capabilities(inbound=True, outbound=True)

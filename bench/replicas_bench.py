@@ -39,7 +39,7 @@ import runner
 import sqlalchemy as sa
 from numbers_bench import POOL, notify_latency
 from report import machine, print_figures, print_header, summary_ms, verdict
-from runner import OPERATOR, TENANT, ServerProcess, credentials
+from runner import OPERATOR, TENANT, ServerProcess, credentials, grant_consent
 
 from gateway.pki import GATEWAY_NAME
 from opconnect.numbers.v1 import numbers_pb2 as pb
@@ -50,6 +50,7 @@ WARMUP = 10
 
 
 async def upload(address: str, root: Path) -> None:
+    await grant_consent(address, root, OPERATOR, TENANT)
     async with grpc.aio.secure_channel(address, credentials(root, "operator", OPERATOR)) as channel:
         both = pb.Capabilities(inbound=True, outbound=True)
         uploaded = await pb_grpc.NumberServiceStub(channel).UploadNumbers(

@@ -40,6 +40,7 @@ from report import profile_text
 from app import runtime as gateway_server
 from gateway.pki import GATEWAY_NAME, PeerKind, PkiPaths, ensure_dev_pki, issue_client
 from gateway.registry import ca_anchors
+from opconnect.numbers.v1 import consents_pb2, consents_pb2_grpc
 from plumbing.config import Settings
 from plumbing.logs import configure_logging
 
@@ -300,6 +301,21 @@ def credentials(root: Path | str, kind: str, ident: str) -> grpc.ChannelCredenti
         private_key=key.read_bytes(),
         certificate_chain=cert.read_bytes(),
     )
+
+
+async def grant_consent(address: str, root: Path | str, operator: str, tenant: str) -> None:
+    """The consent uploads need: requested as the admin center, accepted as the operator (each
+    safe to repeat)."""
+    async with grpc.aio.secure_channel(address, credentials(root, "platform", PLATFORM)) as admin:
+        await consents_pb2_grpc.ConsentAdminServiceStub(admin).CreateConsent(
+            consents_pb2.CreateConsentRequest(tenant_id=tenant, operator_id=operator)
+        )
+    async with grpc.aio.secure_channel(address, credentials(root, "operator", operator)) as op:
+        await consents_pb2_grpc.ConsentServiceStub(op).UpdateConsentStatus(
+            consents_pb2.UpdateConsentStatusRequest(
+                tenant_id=tenant, state=consents_pb2.CONSENT_STATE_ACTIVE
+            )
+        )
 
 
 # --------------------------------------------------------------------------- server processes

@@ -3,7 +3,7 @@
 Unary calls take and return the contract's messages (typed by their .pyi stubs) and raise a
 `ServerError` with the server's status and details when they fail; the reads among them are
 retried by gRPC itself on UNAVAILABLE (the channel's service config). The streams that matter
-for not losing data are resumable: `watch_assignments`, `follow_records` and
+for not losing data are resumable: `watch_assignments`, `watch_consents`, `follow_records` and
 `stream_discrepancies` (checkpointed cursors, `streams`), and `submit_durations` (pipelined,
 resent after a break, `durations`).
 """
@@ -25,6 +25,8 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf import timestamp_pb2
 
+from opconnect.numbers.v1 import consents_pb2 as consents_pb
+from opconnect.numbers.v1 import consents_pb2_grpc as consents_grpc
 from opconnect.numbers.v1 import numbers_pb2 as numbers_pb
 from opconnect.numbers.v1 import numbers_pb2_grpc as numbers_grpc
 from opconnect.records.v1 import records_pb2 as records_pb
@@ -68,6 +70,7 @@ class Client:
         self.timeout_s = timeout_s  # of each unary call (streams have none)
         self.channel = connection.channel()
         self.numbers = numbers_grpc.NumberServiceStub(self.channel)
+        self.consents = consents_grpc.ConsentServiceStub(self.channel)
         self.records = records_grpc.CallRecordServiceStub(self.channel)
         self.usage = usage_grpc.UsageServiceStub(self.channel)
 
@@ -183,6 +186,87 @@ class Client:
 
         return streams.follow(
             "WatchAssignments",
+            open_call,
+            lambda response: response.events,
+            checkpoint,
+            restart=restart,
+        )
+
+    # --- consents ---------------------------------------------------------------------------
+
+    async def list_consents(
+        self,
+        state: consents_pb.ConsentState.ValueType = consents_pb.CONSENT_STATE_UNSPECIFIED,
+        page_size: int = 1_000,
+    ) -> AsyncIterator[consents_pb.ListConsentsResponse]:
+        """Every page of the operator's consents (in a state), by tenant; each page carries the
+        `watch_cursor` of the listing (see `watch_consents`, which does this for you)."""
+        token = ""
+        while True:
+            request = consents_pb.ListConsentsRequest(
+                page_size=page_size, page_token=token, state=state
+            )
+            page = await _unary(self.consents.ListConsents(request, timeout=self.timeout_s))
+            yield page
+            token = page.next_page_token
+            if not token:
+                return
+
+    async def get_consent(self, tenant_id: str) -> consents_pb.Consent:
+        request = consents_pb.GetConsentRequest(tenant_id=tenant_id)
+        answer: consents_pb.GetConsentResponse = await _unary(
+            self.consents.GetConsent(request, timeout=self.timeout_s)
+        )
+        return answer.consent
+
+    async def update_consent_status(
+        self,
+        tenant_id: str,
+        state: consents_pb.ConsentState.ValueType,
+        reason: consents_pb.ConsentReason.ValueType = consents_pb.CONSENT_REASON_UNSPECIFIED,
+    ) -> consents_pb.Consent:
+        """Move the consent with a tenant: ACTIVE (accept), DECLINED or TERMINATED (with a
+        reason). Moving it to the state it is in changes nothing, so a retry is safe."""
+        request = consents_pb.UpdateConsentStatusRequest(
+            tenant_id=tenant_id, state=state, reason=reason
+        )
+        answer: consents_pb.UpdateConsentStatusResponse = await _unary(
+            self.consents.UpdateConsentStatus(request, timeout=self.timeout_s)
+        )
+        return answer.consent
+
+    def watch_consents(
+        self,
+        *,
+        checkpoint: Checkpoint | None = None,
+        list_first: bool = True,
+        max_batch_size: int = 0,
+    ) -> AsyncGenerator[streams.Batch[Any]]:
+        """List-then-watch the operator's consents, resumable, as `watch_assignments` does:
+        batches of `ConsentEvent`s in commit order, each batch's cursor saved in `checkpoint`
+        once you ask for the next; with no cursor saved and after CURSOR_EXPIRED, batches with
+        `listing=True` hold the `Consent`s as they are first."""
+        checkpoint = checkpoint if checkpoint is not None else MemoryCheckpoint()
+
+        async def restart(expired: bool) -> AsyncGenerator[streams.Batch[Any]]:
+            if not list_first and not expired:
+                return
+            pages = self.list_consents()
+            page = await anext(pages)
+            while True:
+                after = await anext(pages, None)
+                cursor = page.watch_cursor if after is None else ""
+                yield streams.Batch(list(page.consents), cursor, listing=True)
+                if after is None:
+                    return
+                page = after
+
+        def open_call(cursor: str) -> Any:
+            request = consents_pb.WatchConsentsRequest(cursor=cursor, max_batch_size=max_batch_size)
+            return self.consents.WatchConsents(request)
+
+        return streams.follow(
+            "WatchConsents",
             open_call,
             lambda response: response.events,
             checkpoint,

@@ -8,10 +8,10 @@ TLS handshake deep inside gRPC.
 The service config:
 - `round_robin` across every address of the target (`ipv4:10.0.0.5:50051,10.0.0.6:50051` or a
   `dns:///` name with several addresses): calls spread, a gateway that is down is skipped;
-- a retry policy for the calls that only read (`GetNumber`, `ListNumbers`, `GetCallRecord`,
-  `GetQualitySummary`, `GetUsageSummary`, `GetReconciliation`): retried by gRPC itself on
-  UNAVAILABLE, up to 5 attempts with backoff. Writes and streams are resumed by the library,
-  which knows what was acknowledged;
+- a retry policy for the calls that only read (`GetNumber`, `ListNumbers`, `GetConsent`,
+  `ListConsents`, `GetCallRecord`, `GetQualitySummary`, `GetUsageSummary`,
+  `GetReconciliation`): retried by gRPC itself on UNAVAILABLE, up to 5 attempts with backoff.
+  Writes and streams are resumed by the library, which knows what was acknowledged;
 - keepalive pings every 30 s on an open call, so that a connection that died silently (a NAT
   or load balancer dropping it) is noticed within a minute instead of never.
 """
@@ -32,6 +32,7 @@ from opconnect_client.errors import ClientError
 
 READS = {
     "opconnect.numbers.v1.NumberService": ["GetNumber", "ListNumbers"],
+    "opconnect.numbers.v1.ConsentService": ["GetConsent", "ListConsents"],
     "opconnect.records.v1.CallRecordService": ["GetCallRecord", "GetQualitySummary"],
     "opconnect.usage.v1.UsageService": ["GetUsageSummary", "GetReconciliation"],
 }

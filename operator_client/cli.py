@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from opconnect_client import Client, ClientError, Connection, ServerError
-from operator_client import commands, numbers, records
+from operator_client import commands, consents, numbers, records
 from operator_client.output import Output
 from operator_client.times import FORMS, time_argument
 
@@ -86,6 +86,8 @@ def add_commands(op: argparse.ArgumentParser) -> None:
     reconcile.add_argument(
         "--show", type=int, default=20, help="how many discrepancies to list (default 20)"
     )
+
+    consents.add_parser(opc)
 
     num = opc.add_parser(
         "numbers", help="your numbers: list, get, upload, release, watch assignments"
@@ -233,6 +235,8 @@ async def _run(connection: Connection, args: argparse.Namespace, out: Output) ->
 
 def run(connection: Connection, args: argparse.Namespace, out: Output | None = None) -> int:
     """Run the parsed command; its exit status."""
+    if args.operator == "consents":
+        return consents.command(connection, args)
     out = out or Output(args.output)
     try:
         return asyncio.run(_run(connection, args, out))

@@ -231,6 +231,11 @@ class Metrics:
             " updated).",
             ("operator", "change"),
         )
+        self.consent_transitions = self._counter(
+            "opconnect_consent_transitions_total",
+            "Consent moves, by operator, the state moved from (`none` when created) and to.",
+            ("operator", "from", "to"),
+        )
 
         self.commit_group_batches = self._histogram(
             "opconnect_commit_group_batches",

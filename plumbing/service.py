@@ -80,18 +80,26 @@ class Service:
 
     name: ClassVar[str]
     protos: ClassVar[FileDescriptor]
+    # Further protobuf files of the same service (one package, more than one file).
+    more_protos: ClassVar[tuple[FileDescriptor, ...]] = ()
     # Who may call each protobuf service of `protos` (by its short name).
     rules: ClassVar[dict[str, Access]]
 
     @classmethod
     def descriptors(cls) -> list[ServiceDescriptor]:
         """The protobuf services it serves."""
-        return list(cls.protos.services_by_name.values())
+        return [d for f in cls.files() for d in f.services_by_name.values()]
 
     @classmethod
     def access(cls) -> dict[str, Access]:
         """The access rule of every method, keyed by full method name."""
-        return access_rules({cls.protos.services_by_name[s]: a for s, a in cls.rules.items()})
+        found = {d.name: d for d in cls.descriptors()}
+        return access_rules({found[s]: a for s, a in cls.rules.items()})
+
+    @classmethod
+    def files(cls) -> tuple[FileDescriptor, ...]:
+        """Every protobuf file it serves."""
+        return (cls.protos, *cls.more_protos)
 
     def register(self, host: Host) -> None:
         """Add the handlers to `host.server` (before it starts)."""

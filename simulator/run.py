@@ -38,6 +38,8 @@ from typing import Any
 
 import grpc
 
+from opconnect.numbers.v1 import consents_pb2 as consents_pb
+from opconnect.numbers.v1 import consents_pb2_grpc as consents_grpc
 from opconnect.numbers.v1 import numbers_pb2 as numbers_pb
 from opconnect.numbers.v1 import numbers_pb2_grpc as numbers_grpc
 from opconnect.records.v1 import records_pb2 as records_pb
@@ -253,6 +255,30 @@ async def _assigned_numbers(stub: Any, tenant: str) -> dict[str, str]:
             return assigned
 
 
+async def _consent(options: Options, operator: Any, platform: Any) -> None:
+    """The customer asks for the operator's service (as the admin center) and the operator
+    accepts it: uploads need an active consent (both safe to repeat)."""
+    try:
+        await consents_grpc.ConsentAdminServiceStub(platform).CreateConsent(
+            consents_pb.CreateConsentRequest(
+                tenant_id=options.tenant, operator_id=options.operator
+            ),
+            timeout=CALL_TIMEOUT_S,
+        )
+    except grpc.aio.AioRpcError as error:
+        raise _explain(error, "CreateConsent (as the admin center)", options) from None
+    try:
+        await consents_grpc.ConsentServiceStub(operator).UpdateConsentStatus(
+            consents_pb.UpdateConsentStatusRequest(
+                tenant_id=options.tenant, state=consents_pb.CONSENT_STATE_ACTIVE
+            ),
+            timeout=CALL_TIMEOUT_S,
+        )
+    except grpc.aio.AioRpcError as error:
+        raise _explain(error, "UpdateConsentStatus (as the operator)", options) from None
+    print(f"consent: active (tenant {options.tenant})")
+
+
 async def setup_numbers(options: Options, operator: Any, platform: Any) -> list[calls.TeamsUser]:
     """Upload and assign the operator's numbers; the tenant's users that have one."""
     numbers = calls.operator_numbers(
@@ -260,6 +286,7 @@ async def setup_numbers(options: Options, operator: Any, platform: Any) -> list[
     )
     number_service = numbers_grpc.NumberServiceStub(operator)
     admin = numbers_grpc.NumberAdminServiceStub(platform)
+    await _consent(options, operator, platform)
     try:
         uploaded = await number_service.UploadNumbers(
             numbers_pb.UploadNumbersRequest(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
 import os
 import queue
 import shutil
@@ -33,6 +34,8 @@ from plumbing.audit import AuditLog
 from plumbing.config import Settings
 from plumbing.db import Database
 from plumbing.logs import configure_logging
+from services.numbers import consent_storage
+from services.numbers.consents import Actor, ConsentState, Move, Reason
 from services.records.service import Records
 from services.usage.service import Usage
 
@@ -180,6 +183,28 @@ def settings_for(
     return base.replace(**changes)
 
 
+# The consents every test system starts with (ACTIVE, through the state machine): uploading
+# numbers needs one, and tests of other things upload for these tenants. Tests of consents use
+# tenants of their own.
+CONSENTED = tuple((o, t) for o in (OPERATOR, OTHER_OPERATOR) for t in (TENANT, OTHER_TENANT))
+
+
+def grant_consents(database: Database, pairs: tuple[tuple[str, str], ...] = CONSENTED) -> None:
+    """Request (as the customer) and accept (as the operator) a consent for each (operator,
+    tenant); a consent already ACTIVE is left as it is."""
+    request = Move(ConsentState.REQUESTED, Reason.NONE, Actor.CUSTOMER)
+    accept = Move(ConsentState.ACTIVE, Reason.NONE, Actor.OPERATOR)
+    for operator, tenant in pairs:
+        for move in (request, accept):
+            database.transaction(
+                functools.partial(consent_storage.move_consent, create=True),
+                operator,
+                tenant,
+                move,
+                write=True,
+            )
+
+
 class RunningSystem:
     """One process of the system (by default all of it) on its own event loop thread, with
     client helpers."""
@@ -192,6 +217,7 @@ class RunningSystem:
         self.runtime: server.Runtime = self.call(server.start(settings, role))
         self.address = f"localhost:{self.runtime.port}"
         self._channels: list[grpc.Channel] = []
+        grant_consents(self.runtime.db)
 
     def call(self, coroutine: Coroutine[Any, Any, T], timeout: float = 30) -> T:
         """Run a coroutine on the server's loop (registry changes, direct storage reads)."""

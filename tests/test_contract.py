@@ -16,17 +16,21 @@ import pytest
 from google.api import field_behavior_pb2
 from google.protobuf import descriptor, message
 
+from opconnect.numbers.v1 import consents_pb2 as consents_pb
+from opconnect.numbers.v1 import consents_pb2_grpc as consents_grpc
 from opconnect.numbers.v1 import numbers_pb2 as numbers_pb
 from opconnect.records.v1 import records_pb2 as records_pb
 from opconnect.usage.v1 import usage_pb2 as usage_pb
 from opconnect.usage.v1 import usage_pb2_grpc as usage_grpc
 from tests.conftest import (
+    OPERATOR,
     PLATFORM,
     TENANT,
     USER_ID,
     Pki,
     RichError,
     RunningSystem,
+    grant_consents,
     rich_error,
     settings_for,
     start_system,
@@ -36,9 +40,15 @@ from tests.records_data import duration_record, publish, published, record, stam
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTOS = ROOT / "protos"
-FILES = (numbers_pb.DESCRIPTOR, records_pb.DESCRIPTOR, usage_pb.DESCRIPTOR)
+FILES = (
+    numbers_pb.DESCRIPTOR,
+    consents_pb.DESCRIPTOR,
+    records_pb.DESCRIPTOR,
+    usage_pb.DESCRIPTOR,
+)
 WIDTH = 100  # buf's and the README's
 NUMBER = "+14255550100"
+WITHDRAWING = "3c9d1e2f-4a5b-4c6d-8e7f-0a1b2c3d4e5f"  # a tenant whose consent the test withdraws
 NOW = dt.datetime.now(dt.UTC).replace(microsecond=0)
 
 
@@ -101,6 +111,7 @@ def served(session_pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         settings_for(tmp, session_pki.paths, f"sqlite:///{tmp / 'opconnect.db'}"), session_pki
     )
     upload(system, NUMBER)
+    grant_consents(system.runtime.db, ((OPERATOR, WITHDRAWING),))
     yield system
     system.stop()
 
@@ -117,6 +128,8 @@ def unary_requests(
     tolerance = usage_pb.Tolerance(relative=0.01)
     tolerance.absolute.FromSeconds(1)
     period: dict[str, Any] = {"start_time": start, "end_time": end}
+    consents = consents_grpc.ConsentServiceStub(system.channel("operator", OPERATOR))
+    consent_admin = consents_grpc.ConsentAdminServiceStub(system.channel("platform", PLATFORM))
     return {
         "UploadNumbers": (
             numbers_pb.UploadNumbersRequest(
@@ -144,6 +157,21 @@ def unary_requests(
         "UnassignNumber": (
             numbers_pb.UnassignNumberRequest(phone_number=NUMBER, tenant_id=TENANT),
             admin.UnassignNumber,
+        ),
+        "GetConsent": (consents_pb.GetConsentRequest(tenant_id=TENANT), consents.GetConsent),
+        "UpdateConsentStatus": (
+            consents_pb.UpdateConsentStatusRequest(
+                tenant_id=TENANT, state=consents_pb.CONSENT_STATE_ACTIVE
+            ),
+            consents.UpdateConsentStatus,
+        ),
+        "CreateConsent": (
+            consents_pb.CreateConsentRequest(tenant_id=TENANT, operator_id=OPERATOR),
+            consent_admin.CreateConsent,
+        ),
+        "WithdrawConsent": (
+            consents_pb.WithdrawConsentRequest(tenant_id=WITHDRAWING, operator_id=OPERATOR),
+            consent_admin.WithdrawConsent,
         ),
         "GetCallRecord": (records_pb.GetCallRecordRequest(call_id=call_id), records.GetCallRecord),
         "GetQualitySummary": (
@@ -302,6 +330,8 @@ def test_output_only_fields_are_ignored_when_published(served: RunningSystem) ->
         "PhoneNumber.state",
         "PhoneNumber.create_time",
         "PhoneNumber.update_time",
+        # A consent is never input: every field of it is the server's.
+        *(f"Consent.{f.name}" for f in consents_pb.Consent.DESCRIPTOR.fields),
     }
 
 
@@ -381,3 +411,80 @@ def test_stream_discrepancies_lists_its_cursor_reason(served: RunningSystem) -> 
     error = refusal(lambda: list(usage_stub(served).StreamDiscrepancies(request, timeout=30)))
     assert error is not None and error.reason in listed_reasons(comment)
     assert "PAGE_TOKEN_INVALID" not in listed_reasons(comment)
+
+
+def test_consent_rpcs_list_every_reason_their_handlers_raise(served: RunningSystem) -> None:
+    path = PROTOS / "opconnect/numbers/v1/consents.proto"
+    consents = consents_grpc.ConsentServiceStub(served.channel("operator", OPERATOR))
+    admin = consents_grpc.ConsentAdminServiceStub(served.channel("platform", PLATFORM))
+    unknown = "7d8e9f0a-1b2c-4d3e-8f4a-5b6c7d8e9f0a"
+    state = consents_pb.CONSENT_STATE_TERMINATED
+    cases: dict[str, list[Callable[[], object]]] = {
+        "GetConsent": [
+            lambda: consents.GetConsent(consents_pb.GetConsentRequest(tenant_id="x")),
+            lambda: consents.GetConsent(consents_pb.GetConsentRequest(tenant_id=unknown)),
+        ],
+        "ListConsents": [
+            lambda: consents.ListConsents(consents_pb.ListConsentsRequest(page_size=-1)),
+            lambda: consents.ListConsents(consents_pb.ListConsentsRequest(page_token="junk")),
+        ],
+        "WatchConsents": [
+            lambda: next(
+                iter(consents.WatchConsents(consents_pb.WatchConsentsRequest(cursor="junk")))
+            ),
+            lambda: next(
+                iter(consents.WatchConsents(consents_pb.WatchConsentsRequest(max_batch_size=-1)))
+            ),
+        ],
+        "UpdateConsentStatus": [
+            lambda: consents.UpdateConsentStatus(
+                consents_pb.UpdateConsentStatusRequest(tenant_id="x", state=state)
+            ),
+            lambda: consents.UpdateConsentStatus(
+                consents_pb.UpdateConsentStatusRequest(tenant_id=TENANT)
+            ),
+            lambda: consents.UpdateConsentStatus(
+                consents_pb.UpdateConsentStatusRequest(tenant_id=TENANT, state=state)
+            ),
+            lambda: consents.UpdateConsentStatus(
+                consents_pb.UpdateConsentStatusRequest(
+                    tenant_id=TENANT,
+                    state=consents_pb.CONSENT_STATE_ACTIVE,
+                    reason=consents_pb.CONSENT_REASON_OTHER,
+                )
+            ),
+            lambda: consents.UpdateConsentStatus(
+                consents_pb.UpdateConsentStatusRequest(
+                    tenant_id=unknown, state=state, reason=consents_pb.CONSENT_REASON_OTHER
+                )
+            ),
+            lambda: consents.UpdateConsentStatus(
+                consents_pb.UpdateConsentStatusRequest(
+                    tenant_id=TENANT,
+                    state=consents_pb.CONSENT_STATE_DECLINED,
+                    reason=consents_pb.CONSENT_REASON_OTHER,
+                )
+            ),
+        ],
+        "CreateConsent": [
+            lambda: admin.CreateConsent(consents_pb.CreateConsentRequest(tenant_id="x")),
+            lambda: admin.CreateConsent(
+                consents_pb.CreateConsentRequest(tenant_id=TENANT, operator_id="Not An Id")
+            ),
+        ],
+        "WithdrawConsent": [
+            lambda: admin.WithdrawConsent(
+                consents_pb.WithdrawConsentRequest(tenant_id=unknown, operator_id=OPERATOR)
+            ),
+        ],
+    }
+    for rpc, calls in cases.items():
+        raised = set()
+        for call in calls:
+            error = refusal(call)
+            assert error is not None, rpc
+            raised.add(error.reason)
+        if rpc == "WatchConsents":  # the change log's and the wrapper's too
+            raised |= {"CURSOR_EXPIRED", "TOO_MANY_STREAMS", "SHUTTING_DOWN", "STORAGE_UNAVAILABLE"}
+        missing = raised - listed_reasons(rpc_comment(path, rpc))
+        assert not missing, (rpc, missing)

@@ -40,7 +40,7 @@ def script(port: int) -> str:
     for written in commands():
         run = written.replace("localhost:50051", f"localhost:{port}")
         run = run.replace("BUF=node_modules/.bin/buf", f"BUF={ROOT}/node_modules/.bin/buf")
-        if "WatchAssignments" in run or '"follow":true' in run:
+        if "/Watch" in run or '"follow":true' in run:
             run = f"timeout 3 {run} || test $? -eq 124"
         lines.append(f"echo {shlex.quote('>>> ' + written[:70])}")
         lines.append(run)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from opconnect.numbers.v1 import numbers_pb2
+from opconnect.numbers.v1 import consents_pb2, consents_pb2_grpc, numbers_pb2
 from opconnect.records.v1 import records_pb2 as pb
 from opconnect.type.v1 import assignment_state_pb2
 from opconnect.usage.v1 import usage_pb2 as usage_pb
@@ -31,8 +31,12 @@ def test_simulator_feeds_an_operator_stream(sqlite_system: RunningSystem) -> Non
         calls=400,
         poor_share=0.3,
         seed=3,
+        tenant="5e4d3c2b-1a0f-4e9d-8c7b-6a5f4e3d2c1b",  # no consent yet: the simulator makes one
     )
     assert asyncio.run(simulate(options)) == 0
+    consents = consents_pb2_grpc.ConsentServiceStub(sqlite_system.channel())
+    consent = consents.GetConsent(consents_pb2.GetConsentRequest(tenant_id=options.tenant))
+    assert consent.consent.state == consents_pb2.CONSENT_STATE_ACTIVE
     assigned = sqlite_system.numbers().ListNumbers(
         numbers_pb2.ListNumbersRequest(
             tenant_id=options.tenant, state=assignment_state_pb2.ASSIGNMENT_STATE_ASSIGNED

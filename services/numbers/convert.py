@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from opconnect.numbers.v1 import consents_pb2 as consents_pb
 from opconnect.numbers.v1 import numbers_pb2 as pb
 from opconnect.type.v1 import assignment_state_pb2 as state_pb
 from plumbing.wellknown import timestamp
+from services.numbers.consents import Consent, ConsentEvent, ConsentState, Reason
 from services.numbers.rules import (
     Event,
     EventType,
@@ -99,6 +101,60 @@ def event_out(event: Event, cursor: str) -> pb.AssignmentEvent:
         tenant_id=event.tenant_id,
         sip_uri=event.sip_uri,
         target=target_out(event.target),
+        event_time=timestamp(event.occurred_at),
+        cursor=cursor,
+    )
+
+
+# --- consents ----------------------------------------------------------------------------------
+
+CONSENT_STATE_IN = {
+    consents_pb.CONSENT_STATE_REQUESTED: ConsentState.REQUESTED,
+    consents_pb.CONSENT_STATE_ACTIVE: ConsentState.ACTIVE,
+    consents_pb.CONSENT_STATE_DECLINED: ConsentState.DECLINED,
+    consents_pb.CONSENT_STATE_TERMINATED: ConsentState.TERMINATED,
+    consents_pb.CONSENT_STATE_WITHDRAWN: ConsentState.WITHDRAWN,
+}
+CONSENT_STATE_OUT = {v: k for k, v in CONSENT_STATE_IN.items()}
+REASON_IN = {
+    consents_pb.CONSENT_REASON_UNSPECIFIED: Reason.NONE,
+    consents_pb.CONSENT_REASON_REGION_NOT_SERVED: Reason.REGION_NOT_SERVED,
+    consents_pb.CONSENT_REASON_CUSTOMER_NOT_VERIFIED: Reason.CUSTOMER_NOT_VERIFIED,
+    consents_pb.CONSENT_REASON_NO_AGREEMENT: Reason.NO_AGREEMENT,
+    consents_pb.CONSENT_REASON_NON_PAYMENT: Reason.NON_PAYMENT,
+    consents_pb.CONSENT_REASON_CUSTOMER_REQUEST: Reason.CUSTOMER_REQUEST,
+    consents_pb.CONSENT_REASON_OTHER: Reason.OTHER,
+}
+REASON_OUT = {v: k for k, v in REASON_IN.items()}
+
+
+def consent_state_in(value: int) -> ConsentState | None:
+    return CONSENT_STATE_IN.get(consents_pb.ConsentState.ValueType(value))
+
+
+def reason_in(value: int) -> Reason | None:
+    """None: a number outside the closed list (a newer client's, or garbage)."""
+    return REASON_IN.get(consents_pb.ConsentReason.ValueType(value))
+
+
+def consent_out(consent: Consent) -> consents_pb.Consent:
+    return consents_pb.Consent(
+        tenant_id=consent.tenant_id,
+        operator_id=consent.operator_id,
+        state=CONSENT_STATE_OUT[consent.state],
+        reason=REASON_OUT[consent.reason],
+        create_time=timestamp(consent.created_at),
+        update_time=timestamp(consent.updated_at),
+    )
+
+
+def consent_event_out(event: ConsentEvent, cursor: str) -> consents_pb.ConsentEvent:
+    previous = event.previous
+    return consents_pb.ConsentEvent(
+        consent=consent_out(event.consent),
+        previous_state=CONSENT_STATE_OUT[previous]
+        if previous is not None
+        else consents_pb.CONSENT_STATE_UNSPECIFIED,
         event_time=timestamp(event.occurred_at),
         cursor=cursor,
     )

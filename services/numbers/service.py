@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import ClassVar
 
+from opconnect.numbers.v1 import consents_pb2, consents_pb2_grpc
 from opconnect.numbers.v1 import numbers_pb2 as pb
 from opconnect.numbers.v1 import numbers_pb2_grpc as pb_grpc
 from plumbing import partitions
@@ -15,7 +16,8 @@ from plumbing.logs import get_logger
 from plumbing.metrics import Metrics
 from plumbing.rpc import Access
 from plumbing.service import Host, Service
-from services.numbers import storage
+from services.numbers import consent_storage, storage
+from services.numbers.consent_servicer import ConsentAdminService, ConsentService
 from services.numbers.rules import LOG, Number
 from services.numbers.servicer import NumberAdminService, NumberService
 
@@ -25,9 +27,12 @@ log = get_logger("opconnect.numbers")
 class Numbers(Service):
     name = "numbers"
     protos = pb.DESCRIPTOR
+    more_protos = (consents_pb2.DESCRIPTOR,)
     rules: ClassVar[dict[str, Access]] = {
         "NumberService": Access.OPERATOR,
         "NumberAdminService": Access.PLATFORM,
+        "ConsentService": Access.OPERATOR,
+        "ConsentAdminService": Access.PLATFORM,
     }
 
     def __init__(self) -> None:
@@ -55,6 +60,19 @@ class Numbers(Service):
         pb_grpc.add_NumberAdminServiceServicer_to_server(
             NumberAdminService(host.db, host.notifier, cache, host.metrics), host.server
         )
+        consents_pb2_grpc.add_ConsentServiceServicer_to_server(
+            ConsentService(
+                host.db,
+                host.notifier,
+                host.settings,
+                streams=host.streams,
+                metrics=host.metrics,
+            ),
+            host.server,
+        )
+        consents_pb2_grpc.add_ConsentAdminServiceServicer_to_server(
+            ConsentAdminService(host.db, host.notifier, host.metrics), host.server
+        )
 
     async def start(self, host: Host) -> None:
         partitioned = [(partitions.NUMBER_EVENTS, host.settings.change_log_retention_s)]
@@ -70,5 +88,9 @@ class Numbers(Service):
         self.metrics.purge_removed.labels("number_events").inc(purged)
         if purged:
             log.info("purged change log", log="numbers", events=purged)
+        purged = await db.run(consent_storage.purge_events, cutoff, write=True)
+        self.metrics.purge_removed.labels("consent_events").inc(purged)
+        if purged:
+            log.info("purged change log", log="consents", events=purged)
         if failure is not None:
             raise failure

@@ -33,7 +33,7 @@ from plumbing.metrics import Metrics
 from plumbing.rpc import current_operator
 from plumbing.tokens import page_token, read_page_token
 from plumbing.validation import E164, batch_size, optional_tenant, page_size
-from services.numbers import convert, rules, storage
+from services.numbers import consent_storage, convert, rules, storage
 from services.numbers.rules import DOMAIN, LOG, Number, Outcome
 
 Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
@@ -72,7 +72,9 @@ class NumberService(pb_grpc.NumberServiceServicer):
         seen: set[str] = set()
         checks = [rules.check_upload(u, seen) for u in uploads]
         valid = [u for u, refusal in zip(uploads, checks, strict=True) if refusal is None]
-        stored = await self._db.run(storage.upload_numbers, operator, tenant, valid, write=True)
+        stored = await self._db.run(
+            consent_storage.upload_numbers, operator, tenant, valid, write=True
+        )
         self._changed(operator)
         results = [r or stored[u.phone_number] for u, r in zip(uploads, checks, strict=True)]
         self._changes.labels(operator, "uploaded").inc(_done(results))

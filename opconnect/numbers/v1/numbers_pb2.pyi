@@ -330,7 +330,8 @@ class NumberResult(_message.Message):
     """For REFUSED, an UPPER_SNAKE reason: PHONE_NUMBER_INVALID, USAGE_INVALID,
     CAPABILITIES_INVALID, DUPLICATE_IN_REQUEST, HELD_BY_ANOTHER_OPERATOR (upload),
     DATA_CONFLICT (upload: held with other data; release and upload again to change it),
-    NUMBER_NOT_FOUND, NUMBER_ASSIGNED (release). Empty otherwise.
+    CONSENT_NOT_ACTIVE (upload: the operator has no ACTIVE consent with the tenant, see
+    ConsentService), NUMBER_NOT_FOUND, NUMBER_ASSIGNED (release). Empty otherwise.
     """
     message: _builtins.str
     """For REFUSED, a sentence for a person. Empty otherwise."""

@@ -99,10 +99,11 @@ class NumberServiceServicer:
     """
 
     def UploadNumbers(self, request, context):
-        """Uploads up to 10,000 numbers for one customer tenant. Each number is answered on its own:
-        added, already present with the same data, or refused with a reason. A refused number never
-        stops the others. Errors: INVALID_ARGUMENT (TENANT_ID_INVALID, TOO_MANY_NUMBERS,
-        NUMBERS_EMPTY) for the request as a whole.
+        """Uploads up to 10,000 numbers for one customer tenant, which needs an ACTIVE consent with
+        the operator (ConsentService; without one every number is refused, CONSENT_NOT_ACTIVE).
+        Each number is answered on its own: added, already present with the same data, or refused
+        with a reason. A refused number never stops the others. Errors: INVALID_ARGUMENT
+        (TENANT_ID_INVALID, TOO_MANY_NUMBERS, NUMBERS_EMPTY) for the request as a whole.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -51,10 +51,11 @@ class NumberServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> NumberServiceAsyncStub: ...
     UploadNumbers: _grpc.UnaryUnaryMultiCallable[_numbers_pb2.UploadNumbersRequest, _numbers_pb2.UploadNumbersResponse]
-    """Uploads up to 10,000 numbers for one customer tenant. Each number is answered on its own:
-    added, already present with the same data, or refused with a reason. A refused number never
-    stops the others. Errors: INVALID_ARGUMENT (TENANT_ID_INVALID, TOO_MANY_NUMBERS,
-    NUMBERS_EMPTY) for the request as a whole.
+    """Uploads up to 10,000 numbers for one customer tenant, which needs an ACTIVE consent with
+    the operator (ConsentService; without one every number is refused, CONSENT_NOT_ACTIVE).
+    Each number is answered on its own: added, already present with the same data, or refused
+    with a reason. A refused number never stops the others. Errors: INVALID_ARGUMENT
+    (TENANT_ID_INVALID, TOO_MANY_NUMBERS, NUMBERS_EMPTY) for the request as a whole.
     """
     ReleaseNumbers: _grpc.UnaryUnaryMultiCallable[_numbers_pb2.ReleaseNumbersRequest, _numbers_pb2.ReleaseNumbersResponse]
     """Removes numbers that are not assigned. An assigned number is refused with reason
@@ -110,10 +111,11 @@ class NumberServiceAsyncStub(NumberServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     UploadNumbers: _aio.UnaryUnaryMultiCallable[_numbers_pb2.UploadNumbersRequest, _numbers_pb2.UploadNumbersResponse]  # type: ignore[assignment]
-    """Uploads up to 10,000 numbers for one customer tenant. Each number is answered on its own:
-    added, already present with the same data, or refused with a reason. A refused number never
-    stops the others. Errors: INVALID_ARGUMENT (TENANT_ID_INVALID, TOO_MANY_NUMBERS,
-    NUMBERS_EMPTY) for the request as a whole.
+    """Uploads up to 10,000 numbers for one customer tenant, which needs an ACTIVE consent with
+    the operator (ConsentService; without one every number is refused, CONSENT_NOT_ACTIVE).
+    Each number is answered on its own: added, already present with the same data, or refused
+    with a reason. A refused number never stops the others. Errors: INVALID_ARGUMENT
+    (TENANT_ID_INVALID, TOO_MANY_NUMBERS, NUMBERS_EMPTY) for the request as a whole.
     """
     ReleaseNumbers: _aio.UnaryUnaryMultiCallable[_numbers_pb2.ReleaseNumbersRequest, _numbers_pb2.ReleaseNumbersResponse]  # type: ignore[assignment]
     """Removes numbers that are not assigned. An assigned number is refused with reason
@@ -172,10 +174,11 @@ class NumberServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _numbers_pb2.UploadNumbersRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_numbers_pb2.UploadNumbersResponse, _abc.Awaitable[_numbers_pb2.UploadNumbersResponse]]:
-        """Uploads up to 10,000 numbers for one customer tenant. Each number is answered on its own:
-        added, already present with the same data, or refused with a reason. A refused number never
-        stops the others. Errors: INVALID_ARGUMENT (TENANT_ID_INVALID, TOO_MANY_NUMBERS,
-        NUMBERS_EMPTY) for the request as a whole.
+        """Uploads up to 10,000 numbers for one customer tenant, which needs an ACTIVE consent with
+        the operator (ConsentService; without one every number is refused, CONSENT_NOT_ACTIVE).
+        Each number is answered on its own: added, already present with the same data, or refused
+        with a reason. A refused number never stops the others. Errors: INVALID_ARGUMENT
+        (TENANT_ID_INVALID, TOO_MANY_NUMBERS, NUMBERS_EMPTY) for the request as a whole.
         """
 
     @_abc_1.abstractmethod
