@@ -18,8 +18,9 @@ from typing import IO, Any
 
 from google.protobuf.json_format import MessageToDict
 
+from opconnect.numbers.v1 import numbers_pb2 as numbers_pb
 from services.numbers import storage as numbers_storage
-from tests.conftest import OPERATOR, Pki, RunningSystem, settings_for, start_system
+from tests.conftest import OPERATOR, TENANT, Pki, RunningSystem, settings_for, start_system
 from tests.helpers import assign, upload
 from tests.records_data import duration_record, ids, publish_records, record
 
@@ -119,7 +120,11 @@ def test_the_node_example_watches_with_resume(session_pki: Pki, tmp_path: Path) 
         assert event["phone_number"] == NUMBERS[3]
         watcher.kill()
 
-        # A cursor older than the changes kept: it lists again, then watches.
+        # A cursor older than the changes kept (a change after it, then every change purged):
+        # it lists again, then watches.
+        again.admin().UnassignNumber(
+            numbers_pb.UnassignNumberRequest(phone_number=NUMBERS[2], tenant_id=TENANT)
+        )
         future = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=1)
         again.call(again.runtime.db.run(numbers_storage.purge_events, future, write=True))
         watcher = node_watch(again, address, checkpoint)
