@@ -284,12 +284,14 @@ class Database:
             self.metrics.db_unit_failures.labels(kind, "error").inc()
             raise
         finally:
-            self.metrics.db_unit_seconds.labels(kind).observe(time.perf_counter() - started)
+            spent = time.perf_counter() - started
+            self.metrics.db_unit_seconds.labels(kind).observe(spent)
+            self.metrics.db_unit_busy.labels(kind, unit_name(fn)).inc(spent)
 
     def _traced(self, tracer: Tracer, call: Callable[[], T], fn: Any, write: bool) -> T:
         """The unit as a span (a child of the call's): its function's name, the database, read
         or write; a failure's reason (ErrorInfo reason or exception type, never its text)."""
-        name = getattr(getattr(fn, "func", fn), "__name__", "unit")  # a partial's function
+        name = unit_name(fn)
         system = "postgresql" if self.is_postgres else "sqlite" if self.is_sqlite else "other"
         attributes = {"db.system": system, "opconnect.db.write": write}
         with unit_span(tracer, f"db {name}", attributes) as span:
@@ -421,6 +423,11 @@ def _on_loop(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: Any
         loop.call_soon_threadsafe(fn, *args)
     except RuntimeError:
         fn(*args)
+
+
+def unit_name(fn: Any) -> str:
+    """A unit's name in metrics and spans: its function's (a partial's function's)."""
+    return str(getattr(getattr(fn, "func", fn), "__name__", "unit"))
 
 
 def _cancel_work(work: concurrent.futures.Future[Any], done: asyncio.Future[Any]) -> None:

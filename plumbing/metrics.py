@@ -333,6 +333,13 @@ class Metrics:
             ("kind",),
             SECONDS,
         )
+        self.db_unit_busy = self._counter(
+            "opconnect_db_unit_busy_seconds_total",
+            "Seconds of database work, by kind (read, write) and unit (the storage function's"
+            " name, a fixed set): which work holds the database's threads, and on SQLite its one"
+            " writer.",
+            ("kind", "unit"),
+        )
         self.db_unit_wait_seconds = self._histogram(
             "opconnect_db_unit_wait_seconds",
             "Seconds a unit of database work waited for its turn (fair gate, threads).",
