@@ -95,6 +95,7 @@ PERCENTILES = (50, 90, 99)
 HISTOGRAMS = {"opconnect_db_unit_wait_seconds": "kind", "opconnect_db_unit_seconds": "kind"}
 # Seconds of database work by kind and unit (the storage function): what held the writer.
 UNIT_BUSY = "opconnect_db_unit_busy_seconds"
+UNIT_CPU = "opconnect_db_unit_cpu_seconds"
 UNITS_SHOWN = 8
 
 
@@ -681,8 +682,8 @@ def scrape(port: int) -> Reading:
         return {}
     out: Reading = {}
     for family in text_string_to_metric_families(text):
-        if family.name == UNIT_BUSY:
-            out[UNIT_BUSY] = {
+        if family.name in (UNIT_BUSY, UNIT_CPU):
+            out[family.name] = {
                 f"{sample.labels['kind']} {sample.labels['unit']}": {"sum": sample.value}
                 for sample in family.samples
                 if sample.name.endswith("_total")
@@ -749,7 +750,11 @@ class Sampler:
             row["wal_mb"] = self.wal.stat().st_size / 2**20 if self.wal.exists() else 0.0
         for i, server in enumerate(self.servers):
             now = scrape(server.metrics_port)
-            self.units_last[i] = {k: v["sum"] for k, v in now.pop(UNIT_BUSY, {}).items()}
+            self.units_last[i] = {
+                f"{family} {k}": v["sum"]
+                for family in (UNIT_BUSY, UNIT_CPU)
+                for k, v in now.pop(family, {}).items()
+            }
             for family, by_label in now.items():
                 short = family.removeprefix("opconnect_db_").removesuffix("_seconds")
                 for value, reading in by_label.items():
@@ -777,15 +782,27 @@ class Sampler:
         elapsed = max(1e-9, self._when - self._warm_when)
         out: dict[str, list[dict[str, Any]]] = {}
         for server, warm, last in zip(self.servers, self.units_warm, self.units_last, strict=True):
-            spent = sorted(
-                ((key, last[key] - warm.get(key, 0.0)) for key in last), key=lambda kv: -kv[1]
-            )
+            spent = functools.partial(_spent, warm, last)
+            units = {key.split(" ", 1)[1] for key in last if key.startswith(UNIT_BUSY + " ")}
+            busiest = sorted(units, key=lambda unit: -spent(UNIT_BUSY, unit))[:UNITS_SHOWN]
             out[server.kind] = [
-                {"unit": key, "seconds": round(value, 3), "busy": round(value / elapsed, 3)}
-                for key, value in spent[:UNITS_SHOWN]
-                if value > 0
+                {
+                    "unit": unit,
+                    "seconds": round(spent(UNIT_BUSY, unit), 3),
+                    "busy": round(spent(UNIT_BUSY, unit) / elapsed, 3),
+                    "cpu_seconds": round(spent(UNIT_CPU, unit), 3),
+                }
+                for unit in busiest
+                if spent(UNIT_BUSY, unit) > 0
             ]
         return out
+
+
+def _spent(warm: dict[str, float], last: dict[str, float], family: str, unit: str) -> float:
+    """A unit's seconds (of `family`: busy or CPU) from the end of the warm-up to the last
+    reading."""
+    key = f"{family} {unit}"
+    return last.get(key, 0.0) - warm.get(key, 0.0)
 
 
 class RawCommits:
@@ -1192,9 +1209,15 @@ def print_report(report: dict[str, Any], args: argparse.Namespace) -> None:
         print("  " + "  ".join(timeline_text(row)))
     for kind, units in report["units"].items():
         print()
-        print(f"database work after the warm-up, {kind} (unit: seconds, per second of the run):")
+        print(
+            f"database work after the warm-up, {kind}"
+            " (unit: seconds, per second of the run, of which the thread's CPU):"
+        )
         for unit in units:
-            print(f"  {unit['unit']:<40} {unit['seconds']:9.1f} s  {unit['busy']:5.2f}")
+            print(
+                f"  {unit['unit']:<40} {unit['seconds']:9.1f} s  {unit['busy']:5.2f}"
+                f"  cpu {unit['cpu_seconds']:7.1f} s"
+            )
     v = report["verdicts"]
     print()
     print(

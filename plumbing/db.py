@@ -273,6 +273,7 @@ class Database:
         a failure by reason."""
         kind = "write" if write else "read"
         started = time.perf_counter()
+        cpu = time.thread_time()
         self.metrics.db_unit_wait_seconds.labels(kind).observe(started - queued)
         try:
             return self._guarded(transaction, fn, args, write)
@@ -286,7 +287,9 @@ class Database:
         finally:
             spent = time.perf_counter() - started
             self.metrics.db_unit_seconds.labels(kind).observe(spent)
-            self.metrics.db_unit_busy.labels(kind, unit_name(fn)).inc(spent)
+            name = unit_name(fn)
+            self.metrics.db_unit_busy.labels(kind, name).inc(spent)
+            self.metrics.db_unit_cpu.labels(kind, name).inc(time.thread_time() - cpu)
 
     def _traced(self, tracer: Tracer, call: Callable[[], T], fn: Any, write: bool) -> T:
         """The unit as a span (a child of the call's): its function's name, the database, read
