@@ -36,8 +36,6 @@ from sqlalchemy import (
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from plumbing.changelog import allocate, mark_purged, notify_commit, read_head
-from plumbing.partitions import RECORDS as PARTITIONS
-from plumbing.partitions import period_start
 from plumbing.db import (
     Base,
     driver_fetch,
@@ -47,6 +45,8 @@ from plumbing.db import (
     time_form,
     utc,
 )
+from plumbing.partitions import RECORDS as PARTITIONS
+from plumbing.partitions import period_start
 from plumbing.validation import Outcome, Refusal
 from services.records.quality import Quality
 from services.records.rules import (
