@@ -495,6 +495,39 @@ def test_a_publish_waiting_for_a_claimed_call_id_holds_no_log_lock(
 
 
 @pytest.mark.postgres
+def test_a_key_claimed_the_day_before_its_record_is_published_moves_to_its_day(
+    pg_system: RunningSystem, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A publish that claimed its call ids before midnight (UTC) and took the log's lock after
+    it: the keys move to their records' publish time, so that they are dropped with that day's
+    partition, not the day before's."""
+    settings = pg_system.runtime.settings
+    candidates = convert.prepare(
+        [published(record()), published(record())], {OPERATOR}, settings, rules.thresholds(settings)
+    )
+    days = iter([dt.datetime(2000, 1, 1, tzinfo=dt.UTC), dt.datetime(2000, 1, 2, tzinfo=dt.UTC)])
+    monkeypatch.setattr(storage, "_day", lambda at: next(days))  # claimed, then published
+    (stored,) = _run(
+        pg_system,
+        storage.publish_many,
+        [candidates],
+        convert.publish_time_field,
+        convert.stored,
+    )
+    assert [r.outcome for r in stored.results] == [Outcome.ACCEPTED] * 2
+
+    def times(session: sa.orm.Session) -> tuple[list[Any], list[Any]]:
+        records = session.execute(
+            sa.select(storage.RECORDS.c.call_id, storage.RECORDS.c.publish_time)
+        )
+        keys = session.execute(sa.select(storage.KEYS.c.call_id, storage.KEYS.c.publish_time))
+        return sorted(records), sorted(keys)
+
+    records, keys = _run(pg_system, times)
+    assert keys == records
+
+
+@pytest.mark.postgres
 def test_concurrent_submitters_store_a_record_and_a_call_once(pg_system: RunningSystem) -> None:
     """Two streams of one operator report one call and one record_id each, with a start time in
     another week (another partition: no key of the table sees both). Both are held after their
