@@ -813,19 +813,26 @@ def test_maintainers_of_the_same_table_in_other_schemas_never_wait_for_each_othe
 # --- migration 0009 ------------------------------------------------------------------------
 
 
+def _stored_before(url: str, revision: str) -> tuple[sa.Engine, dict[str, list[tuple[Any, ...]]]]:
+    """Rows stored at 0007 (`_rows_at_0007`), the schema migrated to `revision`, then to the
+    head with every row kept: an engine on the database, and the rows as at `revision`."""
+    engine = sa.create_engine(url)
+    _migrate(url, "0007")
+    _rows_at_0007(url)
+    _migrate(url, revision)
+    before = _contents(engine)
+    _migrate(url, "head")
+    assert _contents(engine) == before
+    return engine, before
+
+
 def test_records_stored_before_the_duration_keys_keep_their_keys(database_url: str) -> None:
     """On both backends every row stored before 0009 is kept (down to 0008 and up again too);
     on PostgreSQL their keys fill `call_duration_keys` (SQLite's stays empty), and ingest
     answers the records stored before as stored: the same record a duplicate, other content
     a conflict, another record of one of their calls CALL_ALREADY_REPORTED."""
     postgres = database_url.startswith("postgresql")
-    engine = sa.create_engine(database_url)
-    _migrate(database_url, "0007")
-    _rows_at_0007(database_url)
-    _migrate(database_url, "0008")
-    before = _contents(engine)
-    _migrate(database_url, "head")
-    assert _contents(engine) == before
+    engine, before = _stored_before(database_url, "0008")
 
     def keys() -> list[tuple[Any, ...]]:
         with engine.connect() as conn:
@@ -884,13 +891,7 @@ def test_records_stored_before_the_record_keys_keep_their_keys(database_url: str
     answers the records stored before as stored: other content under one of their call ids a
     conflict, a new call accepted, and each call id stored once."""
     postgres = database_url.startswith("postgresql")
-    engine = sa.create_engine(database_url)
-    _migrate(database_url, "0007")
-    _rows_at_0007(database_url)
-    _migrate(database_url, "0011")
-    before = _contents(engine)
-    _migrate(database_url, "head")
-    assert _contents(engine) == before
+    engine, before = _stored_before(database_url, "0011")
     stored_ids = sorted(row[1] for row in before["call_records"])
 
     def keys() -> list[tuple[str, bytes]]:
