@@ -83,7 +83,12 @@ class Partitioned:
 # chunked delete of the straddling one deletes at most a day's rows. Tables kept for a year or
 # more by week: 52-57 partitions (planning a query that cannot prune visits each one).
 RECORDS = Partitioned(
-    "call_records", "publish_time", Period.DAY, log="records", companions=("call_media_streams",)
+    "call_records",
+    "publish_time",
+    Period.DAY,
+    log="records",
+    companions=("call_media_streams",),
+    keys="call_record_keys",
 )
 NUMBER_EVENTS = Partitioned("number_events", "occurred_at", Period.DAY, log="numbers")
 AUDIT_EVENTS = Partitioned("audit_events", "at", Period.WEEK)

@@ -597,6 +597,10 @@ def age_records(system: RunningSystem, call_ids: list[str], days: float) -> None
             session.execute(
                 sa.update(table).where(table.c.position.in_(positions)).values(publish_time=then)
             )
+        keys = records_storage.KEYS  # their keys too (PostgreSQL's; SQLite's table is empty)
+        session.execute(
+            sa.update(keys).where(keys.c.call_id.in_(call_ids)).values(publish_time=then)
+        )
 
     system.call(system.runtime.db.run(update, write=True))
 

@@ -7,6 +7,7 @@ records' keys (0009) kept in step with their partitions."""
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -23,6 +24,7 @@ from opconnect.records.v1 import records_pb2 as pb
 from opconnect.usage.v1 import usage_pb2
 from plumbing import partitions
 from plumbing.changelog import encode_cursor, read_head
+from plumbing.config import Settings
 from plumbing.db import Database, alembic_config
 from plumbing.direction import Direction
 from plumbing.validation import Outcome
@@ -221,6 +223,19 @@ def test_retention_drops_whole_partitions_and_expires_cursors_into_them(
         return int(session.scalar(sa.select(sa.func.count()).select_from(storage.STREAMS)) or 0)
 
     assert _run(pg_system, streams) == 4  # the two kept records' audio streams
+    # The keys of the dropped records went with their partition, the one past retention's by
+    # the chunked delete: those calls are unknown again, the kept ones still duplicates.
+    assert _run(pg_system, _record_keys) == sorted(ids(records[4:]))
+    again = publish_records(pg_system.ingest(), [records[0], records[3], records[5]])
+    assert [r.outcome for r in again.results] == [
+        pb.CALL_RECORD_OUTCOME_ACCEPTED,
+        pb.CALL_RECORD_OUTCOME_ACCEPTED,
+        pb.CALL_RECORD_OUTCOME_DUPLICATE,
+    ]
+
+
+def _record_keys(session: sa.orm.Session) -> list[str]:
+    return sorted(session.scalars(sa.select(storage.KEYS.c.call_id)))
 
 
 @pytest.mark.postgres
@@ -360,6 +375,156 @@ def test_concurrent_publishers_store_a_call_once(pg_system: RunningSystem) -> No
         return int(session.scalar(query) or 0)
 
     assert _run(pg_system, stored) == 1
+
+
+@pytest.mark.postgres
+def test_concurrent_replicas_publishing_the_same_calls_store_each_once(
+    pg_system: RunningSystem,
+) -> None:
+    """Two replicas' writers publish the same four call ids, in opposite orders, one of them
+    with other content, released at the same moment: each call is stored once, and the other
+    writer is answered as if it came second (the same content a duplicate, other content a
+    conflict), whichever wins; neither deadlocks. Their keys are claimed before the log's lock
+    (`call_record_keys`), so each waits for the other's claim, not for the lock."""
+    url = pg_system.runtime.settings.database_url
+    settings = pg_system.runtime.settings
+    end = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=3)
+    same = [record(end=end) for _ in range(3)]
+    other = record(end=end)
+    changed = record(other.call_id)  # ends a minute ago: another digest
+
+    def candidates(records: list[pb.CallRecord]) -> list[rules.Candidate]:
+        found = convert.prepare(
+            [published(r) for r in records], {OPERATOR}, settings, rules.thresholds(settings)
+        )
+        assert all(isinstance(c, rules.Candidate) for c in found)
+        return [c for c in found if isinstance(c, rules.Candidate)]
+
+    mine = candidates([*same, other])
+    theirs = candidates([changed, *reversed(same)])
+    held = _Held(url, "SELECT 1 FROM change_log_heads WHERE log = :log FOR UPDATE", {"log": LOG})
+    replicas = [Database(url, threads=1) for _ in range(2)]
+    try:
+        one, two = _together(
+            held,
+            *(
+                functools.partial(
+                    replica.transaction,
+                    storage.publish,
+                    batch,
+                    convert.publish_time_field,
+                    convert.stored,
+                    write=True,
+                )
+                for replica, batch in zip(replicas, (mine, theirs), strict=True)
+            ),
+        )
+    finally:
+        for replica in replicas:
+            replica.close()
+    outcomes: dict[str, list[str]] = {}
+    for result in [*one.results, *two.results]:
+        outcomes.setdefault(result.call_id, []).append(
+            result.refusal.reason if result.refusal else result.outcome.value
+        )
+    for call_id in ids(same):
+        assert sorted(outcomes[call_id]) == sorted(
+            [Outcome.ACCEPTED.value, Outcome.DUPLICATE.value]
+        )
+    assert sorted(outcomes[other.call_id]) == sorted([Outcome.ACCEPTED.value, "CALL_ID_CONFLICT"])
+
+    def stored(session: sa.orm.Session) -> list[str]:
+        query = sa.select(storage.RECORDS.c.call_id)
+        return sorted(session.scalars(query))
+
+    assert _run(pg_system, stored) == sorted(ids([*same, other]))
+    assert _run(pg_system, _record_keys) == sorted(ids([*same, other]))
+    got, _, _ = stream_all(pg_system.records(), start_time=EPOCH)
+    assert sorted(ids(got)) == sorted(ids([*same, other]))
+
+
+@pytest.mark.postgres
+def test_a_publish_waiting_for_a_claimed_call_id_holds_no_log_lock(
+    pg_system: RunningSystem,
+) -> None:
+    """A call id claimed by a transaction still open (another replica's publish, between its
+    claim and its commit) makes a publish of it wait for that transaction, before the log's
+    lock: other publishes commit meanwhile; once the claim commits, the waiting one answers it
+    as stored (here other content: a conflict)."""
+    url = pg_system.runtime.settings.database_url
+    settings = pg_system.runtime.settings
+    claimed = record()
+    (candidate,) = convert.prepare(
+        [published(claimed)], {OPERATOR}, settings, rules.thresholds(settings)
+    )
+    assert isinstance(candidate, rules.Candidate)
+    held = _Held(
+        url,
+        "INSERT INTO call_record_keys (call_id, digest, publish_time) VALUES (:c, :d, now())",
+        {"c": claimed.call_id, "d": bytes(32)},
+    )
+    replica = Database(url, threads=1)
+    answer: list[storage.Stored] = []
+    waiting = threading.Thread(
+        target=lambda: answer.append(
+            replica.transaction(
+                storage.publish,
+                [candidate],
+                convert.publish_time_field,
+                convert.stored,
+                write=True,
+            )
+        )
+    )
+    try:
+        waiting.start()
+        eventually(lambda: held.waiting() >= 1, timeout=20)
+        meanwhile = record()
+        response = publish_records(pg_system.ingest(), [meanwhile])
+        assert [r.outcome for r in response.results] == [pb.CALL_RECORD_OUTCOME_ACCEPTED]
+        assert not answer, "still waiting for the claim"
+    finally:
+        held.release()
+        waiting.join(30)
+        replica.close()
+    ((result,),) = [stored.results for stored in answer]
+    assert (result.outcome, result.refusal and result.refusal.reason) == (
+        Outcome.REFUSED,
+        "CALL_ID_CONFLICT",
+    )
+
+
+@pytest.mark.postgres
+def test_a_key_claimed_the_day_before_its_record_is_published_moves_to_its_day(
+    pg_system: RunningSystem, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A publish that claimed its call ids before midnight (UTC) and took the log's lock after
+    it: the keys move to their records' publish time, so that they are dropped with that day's
+    partition, not the day before's."""
+    settings = pg_system.runtime.settings
+    candidates = convert.prepare(
+        [published(record()), published(record())], {OPERATOR}, settings, rules.thresholds(settings)
+    )
+    days = iter([dt.datetime(2000, 1, 1, tzinfo=dt.UTC), dt.datetime(2000, 1, 2, tzinfo=dt.UTC)])
+    monkeypatch.setattr(storage, "_day", lambda at: next(days))  # claimed, then published
+    (stored,) = _run(
+        pg_system,
+        storage.publish_many,
+        [candidates],
+        convert.publish_time_field,
+        convert.stored,
+    )
+    assert [r.outcome for r in stored.results] == [Outcome.ACCEPTED] * 2
+
+    def times(session: sa.orm.Session) -> tuple[list[Any], list[Any]]:
+        records = session.execute(
+            sa.select(storage.RECORDS.c.call_id, storage.RECORDS.c.publish_time)
+        )
+        keys = session.execute(sa.select(storage.KEYS.c.call_id, storage.KEYS.c.publish_time))
+        return sorted(records), sorted(keys)
+
+    records, keys = _run(pg_system, times)
+    assert keys == records
 
 
 @pytest.mark.postgres
@@ -648,19 +813,26 @@ def test_maintainers_of_the_same_table_in_other_schemas_never_wait_for_each_othe
 # --- migration 0009 ------------------------------------------------------------------------
 
 
+def _stored_before(url: str, revision: str) -> tuple[sa.Engine, dict[str, list[tuple[Any, ...]]]]:
+    """Rows stored at 0007 (`_rows_at_0007`), the schema migrated to `revision`, then to the
+    head with every row kept: an engine on the database, and the rows as at `revision`."""
+    engine = sa.create_engine(url)
+    _migrate(url, "0007")
+    _rows_at_0007(url)
+    _migrate(url, revision)
+    before = _contents(engine)
+    _migrate(url, "head")
+    assert _contents(engine) == before
+    return engine, before
+
+
 def test_records_stored_before_the_duration_keys_keep_their_keys(database_url: str) -> None:
     """On both backends every row stored before 0009 is kept (down to 0008 and up again too);
     on PostgreSQL their keys fill `call_duration_keys` (SQLite's stays empty), and ingest
     answers the records stored before as stored: the same record a duplicate, other content
     a conflict, another record of one of their calls CALL_ALREADY_REPORTED."""
     postgres = database_url.startswith("postgresql")
-    engine = sa.create_engine(database_url)
-    _migrate(database_url, "0007")
-    _rows_at_0007(database_url)
-    _migrate(database_url, "0008")
-    before = _contents(engine)
-    _migrate(database_url, "head")
-    assert _contents(engine) == before
+    engine, before = _stored_before(database_url, "0008")
 
     def keys() -> list[tuple[Any, ...]]:
         with engine.connect() as conn:
@@ -707,4 +879,58 @@ def test_records_stored_before_the_duration_keys_keep_their_keys(database_url: s
     _migrate(database_url, "head")
     assert _contents(engine) == before
     assert keys() == (sorted(stored) if postgres else [])
+    engine.dispose()
+
+
+# --- migration 0012 ------------------------------------------------------------------------
+
+
+def test_records_stored_before_the_record_keys_keep_their_keys(database_url: str) -> None:
+    """On both backends every row stored before 0012 is kept (down to 0011 and up again too);
+    on PostgreSQL their keys fill `call_record_keys` (SQLite's stays empty), and publish
+    answers the records stored before as stored: other content under one of their call ids a
+    conflict, a new call accepted, and each call id stored once."""
+    postgres = database_url.startswith("postgresql")
+    engine, before = _stored_before(database_url, "0011")
+    stored_ids = sorted(row[1] for row in before["call_records"])
+
+    def keys() -> list[tuple[str, bytes]]:
+        with engine.connect() as conn:
+            found = conn.execute(sa.text("SELECT call_id, digest FROM call_record_keys"))
+            return sorted((c, bytes(d)) for c, d in found)
+
+    assert keys() == ([(c, bytes(32)) for c in stored_ids] if postgres else [])
+    settings = Settings()
+    fresh = record()
+    candidates = convert.prepare(
+        [published(record(stored_ids[0])), published(fresh)],
+        {OPERATOR},
+        settings,
+        rules.thresholds(settings),
+    )
+    database = Database(database_url, threads=1)
+    try:
+        if postgres:
+            now = dt.datetime.now(dt.UTC)
+            database.transaction(partitions.create_ahead, partitions.RECORDS, now, 0, write=True)
+        (stored,) = database.transaction(
+            storage.publish_many,
+            [[c for c in candidates if isinstance(c, rules.Candidate)]],
+            convert.publish_time_field,
+            convert.stored,
+            write=True,
+        )
+    finally:
+        database.close()
+    assert [(r.outcome, r.refusal and r.refusal.reason) for r in stored.results] == [
+        (Outcome.REFUSED, "CALL_ID_CONFLICT"),
+        (Outcome.ACCEPTED, None),
+    ]
+    after = _contents(engine)
+    assert sorted(row[1] for row in after["call_records"]) == sorted([*stored_ids, fresh.call_id])
+    _migrate(database_url, "0011", down=True)
+    assert _contents(engine) == after
+    _migrate(database_url, "head")
+    assert _contents(engine) == after
+    assert [c for c, _ in keys()] == (sorted([*stored_ids, fresh.call_id]) if postgres else [])
     engine.dispose()

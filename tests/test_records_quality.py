@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Any
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from opconnect.records.v1 import records_pb2 as pb
+from services.records import convert
 from services.records.quality import (
     Metric,
     Quality,
@@ -17,6 +20,8 @@ from services.records.quality import (
     classify_call,
     classify_stream,
 )
+from services.records.rules import CallRecord, MediaStream, MediaType
+from tests.records_data import audio, record
 
 pytestmark = pytest.mark.unit  # the fast tier: no sockets, no database
 
@@ -135,3 +140,55 @@ def test_poor_exactly_when_the_dashboard_rules_say_so(
     assert (verdict.quality is Quality.POOR) == expected_poor
     assert verdict.quality is not Quality.UNCLASSIFIED
     assert all(r.observed is not None and r.observed > r.threshold for r in verdict.reasons)
+
+
+def test_the_records_publish_reads_are_their_fields_by_name() -> None:
+    """record_in, stream_in and metrics() make their named tuples from values in field order
+    (the publish hot path): each value is the field its name says."""
+    message = record(streams=[audio(), audio(pb.MEDIA_DIRECTION_CALLEE_TO_CALLER, packets=None)])
+    message.final_sip_phrase = "OK"
+    message.end_reason = pb.CALL_END_REASON_CALLER_HANG_UP
+    got = convert.record_in(message)
+    streams = tuple(
+        MediaStream(
+            direction=convert.MEDIA_DIRECTION_IN[s.direction],
+            media_type=MediaType.AUDIO,
+            codec=s.codec,
+            packet_count=s.packet_count if s.HasField("packet_count") else None,
+            average_jitter_ms=s.average_jitter.ToNanoseconds() / 1e6,
+            max_jitter_ms=s.max_jitter.ToNanoseconds() / 1e6,
+            packet_loss_rate=s.packet_loss_rate,
+            average_round_trip_ms=s.average_round_trip.ToNanoseconds() / 1e6,
+            max_round_trip_ms=s.max_round_trip.ToNanoseconds() / 1e6,
+            network_mos_degradation=s.network_mos_degradation,
+            concealed_samples_ratio=s.concealed_samples_ratio,
+        )
+        for s in message.media_streams
+    )
+    assert got == CallRecord(
+        call_id=message.call_id,
+        tenant_id=message.tenant_id,
+        direction=convert.direction_in(message.direction),
+        caller=message.caller,
+        callee=message.callee,
+        trunk_fqdn=message.trunk_fqdn,
+        invite_time=message.invite_time.ToDatetime(dt.UTC),
+        answer_time=message.answer_time.ToDatetime(dt.UTC),
+        end_time=message.end_time.ToDatetime(dt.UTC),
+        duration=message.duration.ToTimedelta(),
+        final_sip_code=message.final_sip_code,
+        final_sip_phrase="OK",
+        end_reason=convert.END_REASON_IN[message.end_reason],
+        media_streams=streams,
+    )
+    assert got.media_streams[1].packet_count is None
+    for stream in got.media_streams:
+        assert stream.metrics() == StreamMetrics(
+            audio=True,
+            packet_count=stream.packet_count,
+            round_trip_ms=stream.average_round_trip_ms,
+            packet_loss_rate=stream.packet_loss_rate,
+            jitter_ms=stream.average_jitter_ms,
+            mos_degradation=stream.network_mos_degradation,
+            concealed_ratio=stream.concealed_samples_ratio,
+        )

@@ -7,7 +7,7 @@ on its own and never stops its neighbours. Quality classification is in quality.
 from __future__ import annotations
 
 import datetime as dt
-import math
+import functools
 import re
 from dataclasses import dataclass
 from enum import StrEnum
@@ -132,16 +132,22 @@ class MediaStream(NamedTuple):
     concealed_samples_ratio: float | None
 
     def metrics(self) -> StreamMetrics:
-        """What the quality classification reads."""
-        return StreamMetrics(
-            audio=self.media_type is MediaType.AUDIO,
-            packet_count=self.packet_count,
-            round_trip_ms=self.average_round_trip_ms,
-            packet_loss_rate=self.packet_loss_rate,
-            jitter_ms=self.average_jitter_ms,
-            mos_degradation=self.network_mos_degradation,
-            concealed_ratio=self.concealed_samples_ratio,
+        """What the quality classification reads (made from its values in StreamMetrics'
+        field order: one per stream of every published record)."""
+        return _stream_metrics(
+            (
+                self.media_type is MediaType.AUDIO,
+                self.packet_count,
+                self.average_round_trip_ms,
+                self.packet_loss_rate,
+                self.average_jitter_ms,
+                self.network_mos_degradation,
+                self.concealed_samples_ratio,
+            )
         )
+
+
+_stream_metrics = functools.partial(tuple.__new__, StreamMetrics)
 
 
 class CallRecord(NamedTuple):
@@ -262,13 +268,21 @@ def check_published(
     return check_record(published.record, now, retention, skew)
 
 
+# The checks of values that recur from record to record (a tenant, a trunk, an operator's
+# numbers, its customers' users), remembered: pure functions of one string each, bounded.
+_guid = functools.lru_cache(maxsize=4096)(check_guid)
+_e164 = functools.lru_cache(maxsize=4096)(check_e164)
+_sip_or_e164 = functools.lru_cache(maxsize=4096)(check_sip_or_e164)
+_fqdn = functools.lru_cache(maxsize=256)(check_fqdn)
+
+
 def check_record(
     record: CallRecord, now: dt.datetime, retention: dt.timedelta, skew: dt.timedelta
 ) -> Refusal | None:
     r = "record."
     if CALL_ID.fullmatch(record.call_id) is None:
         return Refusal("CALL_ID_INVALID", r + "call_id", "1 to 64 of A-Z a-z 0-9 . _ -")
-    if problem := check_guid(record.tenant_id):
+    if problem := _guid(record.tenant_id):
         return Refusal("TENANT_ID_INVALID", r + "tenant_id", problem)
     if record.direction is None:
         return Refusal("DIRECTION_INVALID", r + "direction", "required: INBOUND or OUTBOUND")
@@ -276,13 +290,14 @@ def check_record(
         ("caller", record.caller, record.direction is Direction.INBOUND),
         ("callee", record.callee, record.direction is Direction.OUTBOUND),
     ):
-        problem = check_e164(value) if pstn else check_sip_or_e164(value)
+        problem = _e164(value) if pstn else _sip_or_e164(value)
         if problem:
             side = " (the PSTN side of the call must be E.164)" if pstn else ""
             return Refusal(f"{name.upper()}_INVALID", r + name, problem + side)
-    if problem := check_fqdn(record.trunk_fqdn):
+    trunk = record.trunk_fqdn
+    if problem := _fqdn(trunk):
         return Refusal("TRUNK_FQDN_INVALID", r + "trunk_fqdn", problem)
-    if record.trunk_fqdn != record.trunk_fqdn.lower():
+    if trunk != trunk.lower():
         return Refusal("TRUNK_FQDN_INVALID", r + "trunk_fqdn", "must be lowercase")
     if refusal := _check_times(record, now, retention, skew):
         return refusal
@@ -375,8 +390,8 @@ def check_stream(stream: MediaStream, path: str) -> Refusal | None:
         ("network_mos_degradation", stream.network_mos_degradation, MAX_MOS_DEGRADATION),
         ("concealed_samples_ratio", stream.concealed_samples_ratio, 1.0),
     )
-    for name, value, top in ranges:
-        if value is not None and not (math.isfinite(value) and 0 <= value <= top):
+    for name, value, top in ranges:  # NaN and infinities compare False: refused too
+        if value is not None and not 0 <= value <= top:
             return Refusal("METRIC_INVALID", path + name, f"must be from 0 to {top:g}")
     for name, average, peak in (
         ("max_jitter", stream.average_jitter_ms, stream.max_jitter_ms),

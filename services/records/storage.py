@@ -46,6 +46,8 @@ from plumbing.db import (
     time_form,
     utc,
 )
+from plumbing.partitions import RECORDS as PARTITIONS
+from plumbing.partitions import period_start
 from plumbing.validation import Outcome, Refusal
 from services.records.quality import Quality
 from services.records.rules import (
@@ -132,8 +134,31 @@ class MediaStreamRow(Base):
     )
 
 
+class CallRecordKeyRow(Base):
+    """The key of each published record, on PostgreSQL: one narrow table, not partitioned, so
+    that the database enforces `call_id`'s uniqueness again (a partitioned `call_records`
+    cannot without its partition key) and publish's duplicate look-up is one index probe per
+    call id instead of one per daily partition. Claimed before the publish takes the log's
+    lock (`publish_many`), committed with its record, and forgotten with it (`purge_records`,
+    and the drop of a `call_records` partition by `plumbing.partitions`, in the same
+    transaction, by `publish_time`). Empty on SQLite, where `call_records` is a plain table
+    whose `call_id` index answers the look-up in one probe, under its one writer's lock."""
+
+    __tablename__ = "call_record_keys"
+
+    call_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    digest: Mapped[bytes] = mapped_column(LargeBinary(32))
+    # In the same UTC day (the partition) as its record's publish_time: taken when the key is
+    # claimed, before the log's lock, and moved to the publish time when the day turned between
+    # (`publish_many`), so that dropping a day's partition drops exactly that day's keys.
+    publish_time: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (Index("ix_call_record_keys_publish_time", "publish_time"),)
+
+
 RECORDS = cast(Table, CallRecordRow.__table__)
 STREAMS = cast(Table, MediaStreamRow.__table__)
+KEYS = cast(Table, CallRecordKeyRow.__table__)
 
 
 @dataclass(frozen=True)
@@ -285,19 +310,22 @@ def publish_many(
     duplicate with the same digest, a conflict with another. Each batch's own `Stored`.
 
     The rows are built first (`stage`, best done before the transaction). Then the log's
-    positions are allocated, once for every batch: that takes the log's lock, so publishes are
-    serialized and the duplicate check, made after it, sees every earlier commit, on PostgreSQL
-    too (call_id is unique by this check, not by an index). Under the lock only what needs it:
-    the look-up of stored call ids, the publish time, each row's position and stored body, the
-    inserts on the driver, and the commit straight after. `publish_time_field(time)` encodes
-    the commit time, and `stored_form(body, time_field)` gives the bytes to store (convert.py:
-    protobuf stays out of storage).
-    INVARIANT: no constraint backs `call_id`'s uniqueness (a partitioned table cannot have
-    one without the partition key), so the check below must run while this transaction holds
-    the `records` log head's row lock, and every other publish must take that lock before its
-    own check: a writer that checked before the lock, or released it before commit, could
-    store a call twice (tests/test_partitions.py and tests/test_publish_pipeline.py prove it
-    with concurrent writers).
+    positions are allocated, once for every batch: that takes the log's lock, held to commit,
+    so publishes of the log commit one at a time. Under the lock only what needs it: the
+    publish time, each row's position and stored body, the inserts on the driver, and the
+    commit straight after. `publish_time_field(time)` encodes the commit time, and
+    `stored_form(body, time_field)` gives the bytes to store (convert.py: protobuf stays out of
+    storage).
+
+    INVARIANT: a call_id is stored once. On PostgreSQL `call_record_keys` enforces it (its
+    primary key; the partitioned `call_records` cannot): the batches' call ids are claimed
+    there BEFORE the lock (`_claim`: INSERT ... ON CONFLICT DO NOTHING, one index probe each,
+    in call id order so that claimers never deadlock), and a call id another transaction holds
+    waits for it to end, then reads as stored (a duplicate or a conflict) if it committed.
+    Every writer that holds the log's lock has claimed all its keys already, so nothing under
+    the lock waits for a key. On SQLite (one writer, from BEGIN IMMEDIATE) the look-up on
+    `call_records`' call_id index is made under the lock (tests/test_partitions.py and
+    tests/test_publish_pipeline.py prove both with concurrent writers).
     """
     sqlite = session.get_bind().dialect.name == "sqlite"
     staged = [b if isinstance(b, Staged) else stage(b, sqlite) for b in batches]
@@ -306,14 +334,18 @@ def publish_many(
     count = sum(len(s.candidates) for s in staged)
     if not count:
         return [Stored([], set()) for _ in staged]
-    first = allocate(session, LOG, count)
-    ids = [row[0] for s in staged for row in s.records]
-    stored: dict[str, bytes] = {}
-    for start in range(0, count, CHUNK):
-        chunk = ids[start : start + CHUNK]
-        found = driver_fetch(session, _select_digests(len(chunk)), chunk, prepare=False)
-        stored.update((call_id, bytes(digest)) for call_id, digest in found)
-    now = dt.datetime.now(dt.UTC)
+    claimed: list[str] = []
+    if sqlite:
+        first = allocate(session, LOG, count)
+        stored = _stored_digests(session, [row[0] for s in staged for row in s.records])
+        now = dt.datetime.now(dt.UTC)
+    else:
+        claimed_at = dt.datetime.now(dt.UTC)
+        stored, claimed = _claim(session, staged, claimed_at)
+        first = allocate(session, LOG, count)
+        now = dt.datetime.now(dt.UTC)
+        if claimed and _day(now) != _day(claimed_at):  # the day turned while it waited
+            driver_fetch(session, _MOVE_KEYS, [now, claimed])
     stamp, stamped = publish_time_field(now), time_form(sqlite=sqlite)(now)
     rows: list[tuple[Any, ...]] = []
     stream_rows: list[tuple[Any, ...]] = []
@@ -349,12 +381,72 @@ def publish_many(
     return out
 
 
+def _stored_digests(session: Session, ids: list[str]) -> dict[str, bytes]:
+    """SQLite: the digests of the stored records among `ids`, by call id (its index)."""
+    stored: dict[str, bytes] = {}
+    for start in range(0, len(ids), CHUNK):
+        chunk = ids[start : start + CHUNK]
+        found = driver_fetch(session, _select_digests(len(chunk)), chunk)
+        stored.update((call_id, bytes(digest)) for call_id, digest in found)
+    return stored
+
+
+# PostgreSQL: claim call ids (with their digests and the claim time), in call id order; the
+# call ids claimed. A call id another transaction claimed waits for it, then is skipped if it
+# committed.
+_CLAIM = (
+    "INSERT INTO call_record_keys (call_id, digest, publish_time)"
+    " SELECT claim.call_id, claim.digest, CAST(? AS timestamptz)"
+    " FROM unnest(CAST(? AS text[]), CAST(? AS bytea[])) AS claim(call_id, digest)"
+    " ORDER BY claim.call_id ON CONFLICT (call_id) DO NOTHING RETURNING call_id"
+)
+# PostgreSQL: the stored keys among an array of call ids (a new snapshot: READ COMMITTED).
+_KEYS_OF = "SELECT call_id, digest FROM call_record_keys WHERE call_id = ANY(CAST(? AS text[]))"
+# PostgreSQL: claimed keys moved to their records' publish time (the day turned meanwhile).
+_MOVE_KEYS = "UPDATE call_record_keys SET publish_time = ? WHERE call_id = ANY(CAST(? AS text[]))"
+
+
+def _claim(
+    session: Session, staged: Sequence[Staged], at: dt.datetime
+) -> tuple[dict[str, bytes], list[str]]:
+    """PostgreSQL: the batches' call ids claimed in `call_record_keys` (the first digest of
+    each); returns the digests stored by others (a duplicate or a conflict, by call id) and the
+    call ids claimed. Runs before the log's lock (see `publish_many`)."""
+    digests: dict[str, bytes] = {}
+    for batch in staged:
+        for row in batch.records:
+            digests.setdefault(row[0], row[13])
+    stored: dict[str, bytes] = {}
+    claimed: list[str] = []
+    pending = list(digests)
+    while pending:  # again only for a key forgotten between its conflict and its read
+        got = {
+            call_id
+            for (call_id,) in driver_fetch(
+                session, _CLAIM, [at, pending, [digests[c] for c in pending]]
+            )
+        }
+        claimed += got
+        others = [c for c in pending if c not in got]
+        if others:
+            found = driver_fetch(session, _KEYS_OF, [others])
+            stored.update((call_id, bytes(digest)) for call_id, digest in found)
+        pending = [c for c in others if c not in stored]
+    return stored, claimed
+
+
+def _day(at: dt.datetime) -> dt.datetime:
+    """The partition (UTC day) of `call_records` a publish time falls in."""
+    return period_start(at, PARTITIONS.period)
+
+
 # The statements of publish written by hand (an IN list of one), as tests/test_sql.py checks them.
 SQL = (
     insert_sql(RECORDS, RECORD_COLUMNS),
     insert_sql(STREAMS, STREAM_COLUMNS),
     _select_digests(1),
 )
+POSTGRES_SQL = (_CLAIM, _KEYS_OF, _MOVE_KEYS)  # PostgreSQL's own
 
 
 # --- reads ---------------------------------------------------------------------------------------
@@ -723,9 +815,10 @@ class Purged(NamedTuple):
 
 
 def purge_records(session: Session, older_than: dt.datetime, limit: int = PURGE_CHUNK) -> Purged:
-    """Delete the oldest records, in log order, published before `older_than`: at most `limit`
-    in one transaction (call it until it returns fewer records), so writers never wait long.
-    Cursors before them then answer CURSOR_EXPIRED. Returns how many rows were deleted."""
+    """Delete the oldest records, in log order, published before `older_than` (on PostgreSQL
+    their keys with them): at most `limit` in one transaction (call it until it returns fewer
+    records), so writers never wait long. Cursors before them then answer CURSOR_EXPIRED.
+    Returns how many rows were deleted."""
     oldest = session.execute(
         select(RECORDS.c.position, RECORDS.c.publish_time).order_by(RECORDS.c.position).limit(limit)
     ).all()
@@ -737,6 +830,9 @@ def purge_records(session: Session, older_than: dt.datetime, limit: int = PURGE_
         through, count = int(position), count + 1
     if through is None:
         return Purged(0, 0)
+    if session.get_bind().dialect.name == "postgresql":  # their keys first (SQLite has none)
+        purged = select(RECORDS.c.call_id).where(RECORDS.c.position <= through)
+        session.execute(delete(KEYS).where(KEYS.c.call_id.in_(purged)))
     streams = cast(
         CursorResult[Any], session.execute(delete(STREAMS).where(STREAMS.c.position <= through))
     )
