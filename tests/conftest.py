@@ -34,7 +34,8 @@ from plumbing.audit import AuditLog
 from plumbing.config import Settings
 from plumbing.db import Database
 from plumbing.logs import configure_logging
-from services.numbers import consent_storage
+from services.numbers import address_storage, consent_storage
+from services.numbers.addresses import Author, CivicAddress, GeoPoint, Location
 from services.numbers.consents import Actor, ConsentState, Move, Reason
 from services.records.service import Records
 from services.usage.service import Usage
@@ -205,6 +206,42 @@ def grant_consents(database: Database, pairs: tuple[tuple[str, str], ...] = CONS
             )
 
 
+def sample_address(tenant: str) -> CivicAddress:
+    """A checked address of `tenant` with one location (what tests upload USER numbers to)."""
+    return CivicAddress(
+        tenant_id=tenant,
+        country_code="US",
+        house_number="1",
+        street_name="Microsoft Way",
+        city="Redmond",
+        state_or_province="WA",
+        postal_code="98052",
+        company_name="Contoso",
+        geo_point=GeoPoint(47.6395, -122.1281),
+        locations=(Location("", "Building 92, floor 1"),),
+    )
+
+
+def grant_addresses(
+    database: Database, pairs: tuple[tuple[str, str], ...] = CONSENTED
+) -> dict[tuple[str, str], str]:
+    """A civic address for each consented (operator, tenant), made once (its request id is
+    the pair's own): USER numbers are uploaded with one. Their ids, by pair."""
+    made: dict[tuple[str, str], str] = {}
+    for operator, tenant in pairs:
+        request_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"opconnect-tests/{operator}/{tenant}"))
+        address, _ = database.transaction(
+            address_storage.create_address,
+            operator,
+            sample_address(tenant),
+            Author.OPERATOR,
+            request_id,
+            write=True,
+        )
+        made[operator, tenant] = address.id
+    return made
+
+
 class RunningSystem:
     """One process of the system (by default all of it) on its own event loop thread, with
     client helpers."""
@@ -218,6 +255,8 @@ class RunningSystem:
         self.address = f"localhost:{self.runtime.port}"
         self._channels: list[grpc.Channel] = []
         grant_consents(self.runtime.db)
+        # The civic address USER numbers of the consented tenants are uploaded with.
+        self.addresses = grant_addresses(self.runtime.db)
 
     def call(self, coroutine: Coroutine[Any, Any, T], timeout: float = 30) -> T:
         """Run a coroutine on the server's loop (registry changes, direct storage reads)."""

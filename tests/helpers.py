@@ -119,12 +119,28 @@ def upload(
 ) -> numbers_pb2.UploadNumbersResponse:
     request = numbers_pb2.UploadNumbersRequest(
         tenant_id=tenant,
-        numbers=[
-            numbers_pb2.NumberUpload(phone_number=n, usage=usage, capabilities=BOTH)
-            for n in numbers
-        ],
+        numbers=[number_upload(system, n, tenant, usage) for n in numbers],
     )
     return cast(numbers_pb2.UploadNumbersResponse, system.numbers().UploadNumbers(request))
+
+
+def number_upload(
+    system: RunningSystem,
+    number: str,
+    tenant: str = TENANT,
+    usage: numbers_pb2.NumberUsage.ValueType = USER,
+    operator: str = OPERATOR,
+) -> numbers_pb2.NumberUpload:
+    """One number to upload as OPERATOR: a USER number with the tenant's test address
+    (conftest's `grant_addresses`), or, for a tenant without one, letting the customer set it."""
+    upload = numbers_pb2.NumberUpload(phone_number=number, usage=usage, capabilities=BOTH)
+    if usage == USER:
+        address = system.addresses.get((operator, tenant))
+        if address is not None:
+            upload.civic_address_id = address
+        else:
+            upload.allow_tenant_address_update = True
+    return upload
 
 
 def assign(
