@@ -61,9 +61,9 @@ def good(**changes: object) -> CivicAddress:
     return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
 
 
-def violations(draft: CivicAddress, **kwargs: bool) -> dict[str, str]:
+def violations(draft: CivicAddress, *, keep_location_ids: bool = False) -> dict[str, str]:
     with pytest.raises(ApiError) as caught:
-        check_address(draft, **kwargs)
+        check_address(draft, keep_location_ids=keep_location_ids)
     error = caught.value
     assert (error.kind, error.reason) == (Kind.INVALID, "CIVIC_ADDRESS_INVALID")
     return {v.field: v.description for v in error.violations}
