@@ -28,6 +28,7 @@ from typing import Any, Generic, TypeVar, cast
 
 import pytest
 import sqlalchemy as sa
+from alembic import command
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway import pki
@@ -36,6 +37,7 @@ from opconnect.numbers.v1 import numbers_pb2
 from opconnect.usage.v1 import usage_pb2, usage_pb2_grpc
 from plumbing import partitions, tokens
 from plumbing.config import Settings
+from plumbing.db import alembic_config
 from services.records import storage as records_storage
 from services.usage import feed
 from services.usage import tables as usage_tables
@@ -732,3 +734,18 @@ class PrivatePostgres:
             check=False,
         )
         shutil.rmtree(self.directory, ignore_errors=True)
+
+
+# --- migrations -------------------------------------------------------------------------------
+
+
+def migrate(url: str, revision: str, *, down: bool = False) -> None:
+    """Migrate the database at `url` up (or `down`) to `revision`, as a deployment does."""
+    engine = sa.create_engine(url)
+    config = alembic_config(url)
+    try:
+        with engine.begin() as connection:
+            config.attributes["connection"] = connection
+            (command.downgrade if down else command.upgrade)(config, revision)
+    finally:
+        engine.dispose()

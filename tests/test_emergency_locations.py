@@ -36,8 +36,7 @@ from tests.conftest import (
     settings_for,
     start_system,
 )
-from tests.helpers import BOTH, USER, assign, sample, scrape
-from tests.test_consents import _migrate
+from tests.helpers import BOTH, USER, assign, migrate, sample, scrape
 
 DOMAIN = "numbers.opconnect"
 PROFILE = "7a8b9c0d-1e2f-4a3b-8c4d-5e6f7a8b9c0d"
@@ -527,7 +526,7 @@ def test_emergency_location_updates_are_counted_by_cause(
 def test_numbers_and_events_stored_before_addresses_keep_working(
     session_pki: Pki, database_url: str, tmp_path: Path
 ) -> None:
-    _migrate(database_url, "0011")
+    migrate(database_url, "0011")
     at = dt.datetime.now(dt.UTC).replace(microsecond=0) - dt.timedelta(minutes=5)
     engine = sa.create_engine(database_url)
     with engine.begin() as conn:
@@ -573,7 +572,7 @@ def test_numbers_and_events_stored_before_addresses_keep_working(
             {"p": position, "op": OPERATOR, "t": TENANT, "user": USER_ID, "at": at},
         )
     engine.dispose()
-    _migrate(database_url, "head")
+    migrate(database_url, "head")
     system = start_system(settings_for(tmp_path, session_pki.paths, database_url), session_pki)
     try:
         number = get(system, "+14255550100")
@@ -593,5 +592,5 @@ def test_numbers_and_events_stored_before_addresses_keep_working(
         assert changed.emergency_location.civic_address.civic_address_id == made.civic_address_id
     finally:
         system.stop()
-    _migrate(database_url, "0011", down=True)
-    _migrate(database_url, "head")
+    migrate(database_url, "0011", down=True)
+    migrate(database_url, "head")
