@@ -322,21 +322,19 @@ def test_required_request_fields_are_refused_when_missing_and_no_other(
         assert any(v.startswith("target") for v in error.fields), error
         checked.add(f"AssignmentTarget.{field.name}")
     # Inside a request: the civic address and its locations.
-    request, send = unary_requests(system, one.call_id)["CreateCivicAddress"]
+    create, send = unary_requests(system, one.call_id)["CreateCivicAddress"]
     for field in addresses_pb.CivicAddress.DESCRIPTOR.fields:
         if REQUIRED in behaviors(field):
-            cleared = addresses_pb.CreateCivicAddressRequest()
-            cleared.CopyFrom(request)
-            cleared.civic_address.ClearField(field.name)
-            error = refusal(functools.partial(send, cleared))
+            made = addresses_pb.CreateCivicAddressRequest.FromString(create.SerializeToString())
+            made.civic_address.ClearField(field.name)  # type: ignore[arg-type]
+            error = refusal(functools.partial(send, made))
             assert names(error, f"civic_address.{field.name}"), (field.name, error)
             checked.add(f"CivicAddress.{field.name}")
     for field in addresses_pb.Location.DESCRIPTOR.fields:
         if REQUIRED in behaviors(field):
-            cleared = addresses_pb.CreateCivicAddressRequest()
-            cleared.CopyFrom(request)
-            cleared.civic_address.locations[0].ClearField(field.name)
-            error = refusal(functools.partial(send, cleared))
+            made = addresses_pb.CreateCivicAddressRequest.FromString(create.SerializeToString())
+            made.civic_address.locations[0].ClearField(field.name)  # type: ignore[arg-type]
+            error = refusal(functools.partial(send, made))
             assert names(error, f"civic_address.locations[0].{field.name}"), (field.name, error)
             checked.add(f"Location.{field.name}")
     checked |= _batch_items_refused_when_a_required_field_is_missing(system)
