@@ -352,7 +352,7 @@ def _log_updates(
             n.sip_uri,
             n.target,
             stamp,
-            n.emergency_location,
+            n.snapshot,
         )
         for i, n in enumerate(numbers)
     ]
@@ -368,7 +368,7 @@ def _log_updates(
                 "sip_uri": e.sip_uri,
                 "target_kind": e.target.kind.value if e.target else "",
                 "target_id": e.target.id if e.target else "",
-                "emergency_location": to_json(e.emergency_location),
+                "emergency_location": e.snapshot,
                 "occurred_at": stamp,
             }
             for e in events
@@ -612,18 +612,18 @@ def _set_fields(session: Session, number: Number, fields: NumberFields) -> stora
             )
         if fields.location_id and address.location(fields.location_id) is None:
             raise not_found(DOMAIN, "LOCATION_NOT_FOUND", "no such location in the civic address")
-    where = emergency_location(address, fields.location_id)
+    snapshot = to_json(emergency_location(address, fields.location_id))
     stamp = storage.now()
     N = storage.NumberRow
     session.execute(
         update(N)
         .where(N.phone_number == number.phone_number)
-        .values(**dataclasses.asdict(fields), emergency_location=to_json(where), updated_at=stamp)
+        .values(**dataclasses.asdict(fields), emergency_location=snapshot, updated_at=stamp)
     )
     changed = dataclasses.replace(
-        number, **dataclasses.asdict(fields), emergency_location=where, updated_at=stamp
+        number, **dataclasses.asdict(fields), snapshot=snapshot, updated_at=stamp
     )
-    if number.state is State.ASSIGNED and to_json(where) != to_json(number.emergency_location):
+    if number.state is State.ASSIGNED and snapshot != number.snapshot:
         (event,) = _log_updates(session, number.operator_id, [changed], stamp)
         return storage.Change(changed, event)
     notify_commit(session, LOG, 0, [number.operator_id])  # caches on every replica forget
