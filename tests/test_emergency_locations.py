@@ -7,7 +7,9 @@ replayed), isolation, the metrics, and the numbers and events stored before migr
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
+import threading
 import uuid
 from pathlib import Path
 
@@ -15,6 +17,7 @@ import grpc
 import pytest
 import sqlalchemy as sa
 from google.protobuf import field_mask_pb2
+from sqlalchemy.orm import Session
 
 from opconnect.numbers.v1 import civic_addresses_pb2 as addresses_pb
 from opconnect.numbers.v1 import civic_addresses_pb2_grpc as addresses_grpc
@@ -22,16 +25,21 @@ from opconnect.numbers.v1 import numbers_pb2 as pb
 from opconnect.type.v1 import assignment_state_pb2 as state_pb
 from plumbing import partitions
 from plumbing.changelog import encode_cursor
+from services.numbers import address_storage
+from services.numbers.addresses import check_address
 from services.numbers.rules import LOG
 from tests.conftest import (
+    NO_POSTGRES,
     OPERATOR,
     OTHER_OPERATOR,
     OTHER_TENANT,
+    POSTGRES_URL,
     TENANT,
     USER_ID,
     Pki,
     RunningSystem,
     Watcher,
+    reset_postgres,
     rich_error,
     settings_for,
     start_system,
@@ -594,3 +602,68 @@ def test_numbers_and_events_stored_before_addresses_keep_working(
         system.stop()
     migrate(database_url, "0011", down=True)
     migrate(database_url, "head")
+
+
+@pytest.mark.skipif(not POSTGRES_URL, reason=NO_POSTGRES)
+def test_a_number_given_an_address_while_it_is_edited_keeps_the_edit(
+    session_pki: Pki, tmp_path: Path
+) -> None:
+    """UpdateNumber gives a number an address while an edit of that address is uncommitted: the
+    change waits for the edit (the address's row lock) and stores the edited address, not the
+    one it would have read beside the edit."""
+    url = reset_postgres(POSTGRES_URL)
+    system = start_system(settings_for(tmp_path, session_pki.paths, url), session_pki)
+    try:
+        made = new_address(system)
+        upload_one(system, item("+14255550180", allow_tenant_address_update=True))
+        entered, release = threading.Event(), threading.Event()
+        pid: list[int] = []
+        stored = system.runtime.db.transaction(
+            address_storage.get_address, OPERATOR, made.civic_address_id
+        )
+        edited = check_address(
+            dataclasses.replace(stored, street_name="NE 36th St"), keep_location_ids=True
+        )
+
+        def edit(session: Session) -> None:
+            address_storage.update_address(session, OPERATOR, made.civic_address_id, edited)
+            pid.append(int(session.execute(sa.text("SELECT pg_backend_pid()")).scalar_one()))
+            entered.set()
+            release.wait(60)
+
+        editing = threading.Thread(
+            target=system.runtime.db.transaction, args=(edit,), kwargs={"write": True}
+        )
+        editing.start()
+        assert entered.wait(60)
+        call = system.numbers().UpdateNumber.future(
+            pb.UpdateNumberRequest(
+                number=pb.PhoneNumber(
+                    phone_number="+14255550180", civic_address_id=made.civic_address_id
+                ),
+                update_mask=field_mask_pb2.FieldMask(paths=["civic_address_id"]),
+            )
+        )
+        engine = sa.create_engine(url)
+        try:
+            while not call.done():  # it waits for the edit's lock (or, unlocked, is done)
+                with engine.connect() as conn:
+                    blocked = conn.execute(
+                        sa.text(
+                            "SELECT count(*) FROM pg_stat_activity"
+                            " WHERE :pid = ANY(pg_blocking_pids(pid))"
+                        ),
+                        {"pid": pid[0]},
+                    ).scalar_one()
+                if blocked:
+                    break
+        finally:
+            engine.dispose()
+        release.set()
+        editing.join(60)
+        call.result(60)
+        where = get(system, "+14255550180").emergency_location
+        assert where.civic_address.street_name == "NE 36th St"
+    finally:
+        release.set()
+        system.stop()

@@ -25,6 +25,7 @@ from sqlalchemy import (
     Float,
     Index,
     Integer,
+    Select,
     String,
     UniqueConstraint,
     delete,
@@ -178,6 +179,15 @@ def _row(
     if lock:
         query = query.with_for_update()
     return session.scalars(query).one_or_none()
+
+
+def _shared(session: Session, query: Select[CivicAddressRow]) -> Select[CivicAddressRow]:
+    """On PostgreSQL, the addresses read share-locked until commit: an edit (or a delete) of
+    one waits for this transaction, or this one for it, so the numbers stored with them keep
+    the address as it is."""
+    if session.get_bind().dialect.name == "postgresql":
+        return query.with_for_update(read=True)
+    return query
 
 
 def find_address(session: Session, operator_id: str, address_id: str) -> CivicAddress | None:
@@ -519,15 +529,12 @@ def upload_numbers(
     ids = sorted({u.civic_address_id for u in uploads if u.civic_address_id})
     found: dict[str, CivicAddress] = {}
     for chunk in storage._chunks(ids):
-        rows = list(
-            session.scalars(
-                select(CivicAddressRow).where(
-                    CivicAddressRow.id.in_(chunk),
-                    CivicAddressRow.operator_id == operator_id,
-                    CivicAddressRow.tenant_id == tenant_id,
-                )
-            )
+        query = select(CivicAddressRow).where(
+            CivicAddressRow.id.in_(chunk),
+            CivicAddressRow.operator_id == operator_id,
+            CivicAddressRow.tenant_id == tenant_id,
         )
+        rows = list(session.scalars(_shared(session, query)))
         locations = _locations_of(session, [r.id for r in rows])
         found.update((r.id, _address(r, locations[r.id])) for r in rows)
     results: dict[str, Result] = {}
@@ -603,9 +610,12 @@ def _set_fields(session: Session, number: Number, fields: NumberFields) -> stora
         return storage.Change(number, None)
     address = None
     if fields.civic_address_id:
-        address = find_address(session, number.operator_id, fields.civic_address_id)
-        if address is None:
+        # Locked: an edit of the address commits before or after, never beside, this change
+        # (else the number could keep the address as it was before the edit).
+        row = _row(session, number.operator_id, fields.civic_address_id, lock=True)
+        if row is None:
             raise _not_found()
+        address = _address(row, _locations_of(session, [row.id])[row.id])
         if address.tenant_id != number.tenant_id:
             raise failed_precondition(
                 DOMAIN, "TENANT_MISMATCH", "the civic address is of another tenant"
