@@ -6,6 +6,7 @@ principals, the audit of reads, the metrics; and hypothesis on every field of a 
 
 from __future__ import annotations
 
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -487,3 +488,19 @@ def test_any_id_answers_invalid_or_not_found(fuzz_system: RunningSystem, value: 
             (grpc.StatusCode.INVALID_ARGUMENT, "CIVIC_ADDRESS_ID_INVALID"),
             (grpc.StatusCode.NOT_FOUND, "CIVIC_ADDRESS_NOT_FOUND"),
         }
+
+
+def test_one_audit_backlog_family_whatever_the_services(session_pki: Pki, tmp_path: Path) -> None:
+    """The numbers and records services each keep an audit log: one process exports their
+    backlog as one family (Prometheus refuses a scrape that names a family twice)."""
+    url = f"sqlite:///{tmp_path / 'opconnect.db'}"
+    settings = settings_for(tmp_path, session_pki.paths, url, metrics_listen="127.0.0.1:0")
+    system = start_system(settings, session_pki)
+    try:
+        endpoint = system.runtime.metrics_endpoint
+        assert endpoint is not None
+        with urllib.request.urlopen(endpoint.url, timeout=10) as answer:
+            text = answer.read().decode()
+        assert text.count("# TYPE opconnect_audit_events_pending gauge") == 1
+    finally:
+        system.stop()
