@@ -34,7 +34,7 @@ from tests.conftest import (
     settings_for,
     start_system,
 )
-from tests.helpers import BOTH, USER, sample, scrape
+from tests.helpers import BOTH, USER, address_message, sample, scrape
 
 DOMAIN = "numbers.opconnect"
 MISSING = "00000000-0000-4000-8000-000000000000"
@@ -48,28 +48,7 @@ def admin(system: RunningSystem) -> pb_grpc.CivicAddressAdminServiceStub:
     return pb_grpc.CivicAddressAdminServiceStub(system.channel("platform", PLATFORM))
 
 
-def address(tenant: str = TENANT, **fields: object) -> pb.CivicAddress:
-    message = pb.CivicAddress(
-        tenant_id=tenant,
-        country_code="US",
-        house_number="1",
-        street_name="Microsoft Way",
-        city="Redmond",
-        state_or_province="WA",
-        postal_code="98052",
-        company_name="Contoso",
-        geo_point=pb.GeoPoint(latitude=47.6395, longitude=-122.1281),
-        locations=[pb.Location(description="Floor 1"), pb.Location(description="Floor 2")],
-    )
-    for name, value in fields.items():
-        if isinstance(value, list):
-            message.ClearField(name)  # type: ignore[arg-type]
-            getattr(message, name).extend(value)
-        elif isinstance(value, pb.GeoPoint):
-            message.geo_point.CopyFrom(value)
-        else:
-            setattr(message, name, value)
-    return message
+address = address_message
 
 
 def create(

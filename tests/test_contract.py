@@ -37,7 +37,7 @@ from tests.conftest import (
     settings_for,
     start_system,
 )
-from tests.helpers import BOTH, USER, upload, usage_stub
+from tests.helpers import BOTH, USER, address_message, upload, usage_stub
 from tests.records_data import duration_record, publish, published, record, stamp
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -133,17 +133,7 @@ def served(session_pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     system.stop()
 
 
-def civic_address() -> addresses_pb.CivicAddress:
-    return addresses_pb.CivicAddress(
-        tenant_id=TENANT,
-        country_code="US",
-        street_name="Microsoft Way",
-        city="Redmond",
-        state_or_province="WA",
-        postal_code="98052",
-        company_name="Contoso",
-        locations=[addresses_pb.Location(description="Floor 1")],
-    )
+civic_address = address_message
 
 
 def unary_requests(

@@ -44,7 +44,7 @@ from tests.conftest import (
     settings_for,
     start_system,
 )
-from tests.helpers import BOTH, USER, assign, migrate, sample, scrape
+from tests.helpers import BOTH, USER, address_message, assign, migrate, sample, scrape
 
 DOMAIN = "numbers.opconnect"
 PROFILE = "7a8b9c0d-1e2f-4a3b-8c4d-5e6f7a8b9c0d"
@@ -64,20 +64,7 @@ def addresses(
 def new_address(
     system: RunningSystem, tenant: str = TENANT, street: str = "Microsoft Way"
 ) -> addresses_pb.CivicAddress:
-    message = addresses_pb.CivicAddress(
-        tenant_id=tenant,
-        country_code="US",
-        house_number="1",
-        street_name=street,
-        city="Redmond",
-        state_or_province="WA",
-        postal_code="98052",
-        company_name="Contoso",
-        locations=[
-            addresses_pb.Location(description="Floor 1", elin="4255550199"),
-            addresses_pb.Location(description="Floor 2"),
-        ],
-    )
+    message = address_message(tenant, street_name=street)
     response: addresses_pb.CreateCivicAddressResponse = addresses(system).CreateCivicAddress(
         addresses_pb.CreateCivicAddressRequest(civic_address=message)
     )

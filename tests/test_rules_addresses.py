@@ -37,6 +37,7 @@ from services.numbers.rules import (
     check_number_mask,
     check_upload,
 )
+from tests.conftest import sample_address
 
 pytestmark = pytest.mark.unit
 
@@ -46,17 +47,8 @@ LOCATION_ID = "1b2c3d4e-5f6a-4b7c-9d8e-0f1a2b3c4d5e"
 
 
 def good(**changes: object) -> CivicAddress:
-    base = CivicAddress(
-        tenant_id=TENANT,
-        country_code="US",
-        house_number="1",
-        street_name="Microsoft Way",
-        city="Redmond",
-        state_or_province="WA",
-        postal_code="98052",
-        company_name="Contoso",
-        geo_point=GeoPoint(47.6395, -122.1281),
-        locations=(Location("", "Building 92, floor 1", "elin-1"),),
+    base = dataclasses.replace(
+        sample_address(TENANT), locations=(Location("", "Building 92, floor 1", "elin-1"),)
     )
     return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
 

@@ -49,6 +49,7 @@ from plumbing.errors import (
 from services.numbers import consent_storage, storage
 from services.numbers.addresses import (
     MAX_ADDRESSES_PER_TENANT,
+    TEXT_FIELDS,
     Author,
     CivicAddress,
     GeoPoint,
@@ -121,22 +122,7 @@ class CivicAddressLocationRow(Base):
     __table_args__ = (Index("ix_civic_address_locations_address", "civic_address_id", "ordinal"),)
 
 
-TEXT_COLUMNS = (
-    "country_code",
-    "house_number",
-    "house_number_suffix",
-    "pre_directional",
-    "street_name",
-    "street_suffix",
-    "post_directional",
-    "city",
-    "city_alias",
-    "state_or_province",
-    "postal_code",
-    "company_name",
-    "company_tax_id",
-    "description",
-)
+TEXT_COLUMNS = tuple(TEXT_FIELDS)  # the address's text fields, a column each
 
 
 def _address(row: CivicAddressRow, locations: Sequence[CivicAddressLocationRow]) -> CivicAddress:
