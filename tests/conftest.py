@@ -27,15 +27,15 @@ from grpc_status import rpc_status
 from app import runtime as server
 from gateway import pki
 from gateway.registry import Anchor, OperatorStatus, ca_anchors
-from opconnect.numbers.v1 import numbers_pb2, numbers_pb2_grpc
+from opconnect.numbers.v1 import civic_addresses_pb2, numbers_pb2, numbers_pb2_grpc
 from opconnect.records.v1 import records_pb2_grpc
 from plumbing import partitions, tokens
 from plumbing.audit import AuditLog
 from plumbing.config import Settings
 from plumbing.db import Database
 from plumbing.logs import configure_logging
-from services.numbers import address_storage, consent_storage
-from services.numbers.addresses import Author, CivicAddress, GeoPoint, Location
+from services.numbers import address_storage, consent_storage, convert
+from services.numbers.addresses import Author, CivicAddress, check_address
 from services.numbers.consents import Actor, ConsentState, Move, Reason
 from services.records.service import Records
 from services.usage.service import Usage
@@ -206,9 +206,9 @@ def grant_consents(database: Database, pairs: tuple[tuple[str, str], ...] = CONS
             )
 
 
-def sample_address(tenant: str) -> CivicAddress:
-    """A checked address of `tenant` with one location (what tests upload USER numbers to)."""
-    return CivicAddress(
+def address_message(tenant: str = TENANT, **fields: object) -> civic_addresses_pb2.CivicAddress:
+    """A valid civic address of `tenant` (Redmond, two locations), with `fields` changed."""
+    message = civic_addresses_pb2.CivicAddress(
         tenant_id=tenant,
         country_code="US",
         house_number="1",
@@ -217,9 +217,26 @@ def sample_address(tenant: str) -> CivicAddress:
         state_or_province="WA",
         postal_code="98052",
         company_name="Contoso",
-        geo_point=GeoPoint(47.6395, -122.1281),
-        locations=(Location("", "Building 92, floor 1"),),
+        geo_point=civic_addresses_pb2.GeoPoint(latitude=47.6395, longitude=-122.1281),
+        locations=[
+            civic_addresses_pb2.Location(description="Floor 1", elin="4255550199"),
+            civic_addresses_pb2.Location(description="Floor 2"),
+        ],
     )
+    for name, value in fields.items():
+        if isinstance(value, list):
+            message.ClearField(name)  # type: ignore[arg-type]
+            getattr(message, name).extend(value)
+        elif isinstance(value, civic_addresses_pb2.GeoPoint):
+            message.geo_point.CopyFrom(value)
+        else:
+            setattr(message, name, value)
+    return message
+
+
+def sample_address(tenant: str) -> CivicAddress:
+    """`address_message` as the domain has it, checked (what tests upload USER numbers to)."""
+    return check_address(convert.address_in(address_message(tenant)))
 
 
 def grant_addresses(

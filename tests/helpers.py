@@ -33,7 +33,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway import pki
 from gateway.registry import OperatorStatus
-from opconnect.numbers.v1 import civic_addresses_pb2, numbers_pb2
+from opconnect.numbers.v1 import numbers_pb2
 from opconnect.usage.v1 import usage_pb2, usage_pb2_grpc
 from plumbing import partitions, tokens
 from plumbing.config import Settings
@@ -143,34 +143,6 @@ def number_upload(
         else:
             upload.allow_tenant_address_update = True
     return upload
-
-
-def address_message(tenant: str = TENANT, **fields: object) -> civic_addresses_pb2.CivicAddress:
-    """A valid civic address of `tenant` (Redmond, two locations), with `fields` changed."""
-    message = civic_addresses_pb2.CivicAddress(
-        tenant_id=tenant,
-        country_code="US",
-        house_number="1",
-        street_name="Microsoft Way",
-        city="Redmond",
-        state_or_province="WA",
-        postal_code="98052",
-        company_name="Contoso",
-        geo_point=civic_addresses_pb2.GeoPoint(latitude=47.6395, longitude=-122.1281),
-        locations=[
-            civic_addresses_pb2.Location(description="Floor 1", elin="4255550199"),
-            civic_addresses_pb2.Location(description="Floor 2"),
-        ],
-    )
-    for name, value in fields.items():
-        if isinstance(value, list):
-            message.ClearField(name)  # type: ignore[arg-type]
-            getattr(message, name).extend(value)
-        elif isinstance(value, civic_addresses_pb2.GeoPoint):
-            message.geo_point.CopyFrom(value)
-        else:
-            setattr(message, name, value)
-    return message
 
 
 def assign(

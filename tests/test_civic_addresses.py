@@ -30,11 +30,12 @@ from tests.conftest import (
     TENANT,
     Pki,
     RunningSystem,
+    address_message,
     rich_error,
     settings_for,
     start_system,
 )
-from tests.helpers import BOTH, USER, address_message, sample, scrape
+from tests.helpers import BOTH, USER, sample, scrape
 
 DOMAIN = "numbers.opconnect"
 MISSING = "00000000-0000-4000-8000-000000000000"

@@ -32,12 +32,13 @@ from tests.conftest import (
     Pki,
     RichError,
     RunningSystem,
+    address_message,
     grant_consents,
     rich_error,
     settings_for,
     start_system,
 )
-from tests.helpers import BOTH, USER, address_message, upload, usage_stub
+from tests.helpers import BOTH, USER, upload, usage_stub
 from tests.records_data import duration_record, publish, published, record, stamp
 
 ROOT = Path(__file__).resolve().parent.parent

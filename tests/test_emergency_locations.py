@@ -39,12 +39,13 @@ from tests.conftest import (
     Pki,
     RunningSystem,
     Watcher,
+    address_message,
     reset_postgres,
     rich_error,
     settings_for,
     start_system,
 )
-from tests.helpers import BOTH, USER, address_message, assign, migrate, sample, scrape
+from tests.helpers import BOTH, USER, assign, migrate, sample, scrape
 
 DOMAIN = "numbers.opconnect"
 PROFILE = "7a8b9c0d-1e2f-4a3b-8c4d-5e6f7a8b9c0d"
