@@ -17,6 +17,8 @@ import grpc
 import pytest
 import sqlalchemy as sa
 from google.protobuf import field_mask_pb2
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from sqlalchemy.orm import Session
 
 from opconnect.numbers.v1 import civic_addresses_pb2 as addresses_pb
@@ -655,3 +657,77 @@ def test_a_number_given_an_address_while_it_is_edited_keeps_the_edit(
     finally:
         release.set()
         system.stop()
+
+
+# --- hypothesis on every new field ------------------------------------------------------------
+
+fuzz = settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+UPLOAD_REASONS = {
+    "CALLING_PROFILE_ID_INVALID",
+    "CIVIC_ADDRESS_NOT_FOUND",
+    "LOCATION_NOT_FOUND",
+    "ISO_COUNTRY_CODE_INVALID",
+    "ISO_COUNTRY_CODE_REQUIRED",
+    "TICKET_ID_INVALID",
+    "CIVIC_ADDRESS_REQUIRED",
+}
+ids = st.one_of(st.text(max_size=40), st.uuids().map(str), st.just(""))
+
+
+@fuzz
+@given(
+    suffix=st.integers(0, 9999),
+    profile=ids,
+    address=ids,
+    location=ids,
+    country=st.text(max_size=4),
+    ticket=st.text(max_size=80),
+    allow=st.booleans(),
+)
+def test_any_new_field_is_stored_or_refused_with_its_reason(
+    fuzz_system: RunningSystem,
+    suffix: int,
+    profile: str,
+    address: str,
+    location: str,
+    country: str,
+    ticket: str,
+    allow: bool,
+) -> None:
+    number = f"+1206555{suffix:04d}"
+    upload = item(
+        number,
+        calling_profile_id=profile,
+        civic_address_id=address,
+        location_id=location,
+        iso_country_code=country,
+        ticket_id=ticket,
+        allow_tenant_address_update=allow,
+    )
+    result = upload_one(fuzz_system, upload)
+    if result.outcome == pb.NUMBER_OUTCOME_REFUSED:
+        assert result.reason in UPLOAD_REASONS | {"DATA_CONFLICT"}, result
+    else:
+        got = get(fuzz_system, number)
+        assert (got.ticket_id, got.iso_country_code) == (ticket, country.upper())
+    # UpdateNumber with the same values answers the number or a clear error, never a crash.
+    message = pb.PhoneNumber(
+        phone_number=number,
+        calling_profile_id=profile,
+        civic_address_id=address,
+        location_id=location,
+        ticket_id=ticket,
+        allow_tenant_address_update=allow,
+    )
+    paths = ("calling_profile_id", "civic_address_id", "location_id", "ticket_id")
+    try:
+        update_number(fuzz_system, message, *paths)
+    except grpc.RpcError as error:
+        rich = rich_error(error)
+        assert rich.domain == DOMAIN and rich.code in {
+            grpc.StatusCode.INVALID_ARGUMENT,
+            grpc.StatusCode.NOT_FOUND,
+            grpc.StatusCode.FAILED_PRECONDITION,
+        }, rich
