@@ -5,10 +5,12 @@ isort:skip_file
 
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from opconnect.numbers.v1 import civic_addresses_pb2 as _civic_addresses_pb2
 from opconnect.type.v1 import assignment_state_pb2 as _assignment_state_pb2
 import builtins as _builtins
 import sys
@@ -94,7 +96,9 @@ class _AssignmentEventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_A
     ASSIGNMENT_EVENT_TYPE_UNASSIGNED: _AssignmentEventType.ValueType  # 2
     """The number's assignment was removed; stop routing it."""
     ASSIGNMENT_EVENT_TYPE_UPDATED: _AssignmentEventType.ValueType  # 3
-    """An assigned number's SIP URI or target changed; route it to the new `sip_uri`."""
+    """An assigned number's SIP URI, target or emergency location changed; route it to the new
+    `sip_uri`, locate its emergency calls at the new `emergency_location`.
+    """
 
 class AssignmentEventType(_AssignmentEventType, metaclass=_AssignmentEventTypeEnumTypeWrapper):
     """What happened to a number's assignment."""
@@ -106,7 +110,9 @@ ASSIGNMENT_EVENT_TYPE_ASSIGNED: AssignmentEventType.ValueType  # 1
 ASSIGNMENT_EVENT_TYPE_UNASSIGNED: AssignmentEventType.ValueType  # 2
 """The number's assignment was removed; stop routing it."""
 ASSIGNMENT_EVENT_TYPE_UPDATED: AssignmentEventType.ValueType  # 3
-"""An assigned number's SIP URI or target changed; route it to the new `sip_uri`."""
+"""An assigned number's SIP URI, target or emergency location changed; route it to the new
+`sip_uri`, locate its emergency calls at the new `emergency_location`.
+"""
 Global___AssignmentEventType: _TypeAlias = AssignmentEventType  # noqa: Y015
 
 @_typing.final
@@ -203,6 +209,13 @@ class PhoneNumber(_message.Message):
     TARGET_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    CALLING_PROFILE_ID_FIELD_NUMBER: _builtins.int
+    CIVIC_ADDRESS_ID_FIELD_NUMBER: _builtins.int
+    LOCATION_ID_FIELD_NUMBER: _builtins.int
+    ALLOW_TENANT_ADDRESS_UPDATE_FIELD_NUMBER: _builtins.int
+    ISO_COUNTRY_CODE_FIELD_NUMBER: _builtins.int
+    TICKET_ID_FIELD_NUMBER: _builtins.int
+    EMERGENCY_LOCATION_FIELD_NUMBER: _builtins.int
     phone_number: _builtins.str
     """The number, E.164: `+`, then 2 to 15 digits, no leading zero (e.g. `+14255550100`)."""
     tenant_id: _builtins.str
@@ -215,6 +228,18 @@ class PhoneNumber(_message.Message):
     """Where calls to the number are routed while it is assigned (`sip:` or `sips:` URI); empty
     while unassigned.
     """
+    calling_profile_id: _builtins.str
+    """The operator's calling profile the number uses (a GUID); empty: the operator's default."""
+    civic_address_id: _builtins.str
+    """The number's civic address (CivicAddressService); empty when it has none."""
+    location_id: _builtins.str
+    """The location inside that address; empty for the address alone."""
+    allow_tenant_address_update: _builtins.bool
+    """Whether the customer may set the number's emergency address in the Teams admin center."""
+    iso_country_code: _builtins.str
+    """The country the number is in (ISO 3166-1 alpha-2); empty when not given."""
+    ticket_id: _builtins.str
+    """The operator's own reference for the number, up to 64 characters; empty when not given."""
     @_builtins.property
     def capabilities(self) -> Global___Capabilities:
         """What the number can do."""
@@ -229,7 +254,13 @@ class PhoneNumber(_message.Message):
 
     @_builtins.property
     def update_time(self) -> _timestamp_pb2.Timestamp:
-        """When the number last changed (upload or assignment)."""
+        """When the number last changed (upload, update or assignment)."""
+
+    @_builtins.property
+    def emergency_location(self) -> _civic_addresses_pb2.EmergencyLocation:
+        """The address and location `civic_address_id` and `location_id` name, as they are now; unset
+        when the number has no address.
+        """
 
     def __init__(
         self,
@@ -243,10 +274,17 @@ class PhoneNumber(_message.Message):
         target: Global___AssignmentTarget | None = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
+        calling_profile_id: _builtins.str = ...,
+        civic_address_id: _builtins.str = ...,
+        location_id: _builtins.str = ...,
+        allow_tenant_address_update: _builtins.bool = ...,
+        iso_country_code: _builtins.str = ...,
+        ticket_id: _builtins.str = ...,
+        emergency_location: _civic_addresses_pb2.EmergencyLocation | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "create_time", b"create_time", "target", b"target", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "create_time", b"create_time", "emergency_location", b"emergency_location", "target", b"target", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "create_time", b"create_time", "phone_number", b"phone_number", "sip_uri", b"sip_uri", "state", b"state", "target", b"target", "tenant_id", b"tenant_id", "update_time", b"update_time", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_tenant_address_update", b"allow_tenant_address_update", "calling_profile_id", b"calling_profile_id", "capabilities", b"capabilities", "civic_address_id", b"civic_address_id", "create_time", b"create_time", "emergency_location", b"emergency_location", "iso_country_code", b"iso_country_code", "location_id", b"location_id", "phone_number", b"phone_number", "sip_uri", b"sip_uri", "state", b"state", "target", b"target", "tenant_id", b"tenant_id", "ticket_id", b"ticket_id", "update_time", b"update_time", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -261,10 +299,38 @@ class NumberUpload(_message.Message):
     PHONE_NUMBER_FIELD_NUMBER: _builtins.int
     USAGE_FIELD_NUMBER: _builtins.int
     CAPABILITIES_FIELD_NUMBER: _builtins.int
+    CALLING_PROFILE_ID_FIELD_NUMBER: _builtins.int
+    CIVIC_ADDRESS_ID_FIELD_NUMBER: _builtins.int
+    LOCATION_ID_FIELD_NUMBER: _builtins.int
+    ALLOW_TENANT_ADDRESS_UPDATE_FIELD_NUMBER: _builtins.int
+    ISO_COUNTRY_CODE_FIELD_NUMBER: _builtins.int
+    TICKET_ID_FIELD_NUMBER: _builtins.int
     phone_number: _builtins.str
     """The number, E.164."""
     usage: Global___NumberUsage.ValueType
     """What the number is sold for."""
+    calling_profile_id: _builtins.str
+    """The operator's calling profile for the number (a GUID, as set up with the platform); empty
+    for the operator's default.
+    """
+    civic_address_id: _builtins.str
+    """The number's civic address: one of the operator's addresses of the same tenant
+    (CivicAddressService). Required for a USER number unless `allow_tenant_address_update`
+    lets the customer set it in the Teams admin center.
+    """
+    location_id: _builtins.str
+    """A location inside that address; empty for the address alone."""
+    allow_tenant_address_update: _builtins.bool
+    """Whether the customer may set or change the number's emergency address
+    (NumberAdminService.UpdateNumberEmergencyAddress).
+    """
+    iso_country_code: _builtins.str
+    """The country the number is in, ISO 3166-1 alpha-2 (e.g. `US`, `CA`). Required for a North
+    American toll-free number (`+1` and 800, 833, 844, 855, 866, 877 or 888), whose digits do
+    not say the country; checked against the code's list otherwise.
+    """
+    ticket_id: _builtins.str
+    """The operator's own reference (its ticket or order), up to 64 printable characters."""
     @_builtins.property
     def capabilities(self) -> Global___Capabilities:
         """What the number can do; at least one of inbound or outbound."""
@@ -275,10 +341,16 @@ class NumberUpload(_message.Message):
         phone_number: _builtins.str = ...,
         usage: Global___NumberUsage.ValueType = ...,
         capabilities: Global___Capabilities | None = ...,
+        calling_profile_id: _builtins.str = ...,
+        civic_address_id: _builtins.str = ...,
+        location_id: _builtins.str = ...,
+        allow_tenant_address_update: _builtins.bool = ...,
+        iso_country_code: _builtins.str = ...,
+        ticket_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "phone_number", b"phone_number", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_tenant_address_update", b"allow_tenant_address_update", "calling_profile_id", b"calling_profile_id", "capabilities", b"capabilities", "civic_address_id", b"civic_address_id", "iso_country_code", b"iso_country_code", "location_id", b"location_id", "phone_number", b"phone_number", "ticket_id", b"ticket_id", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -329,9 +401,12 @@ class NumberResult(_message.Message):
     reason: _builtins.str
     """For REFUSED, an UPPER_SNAKE reason: PHONE_NUMBER_INVALID, USAGE_INVALID,
     CAPABILITIES_INVALID, DUPLICATE_IN_REQUEST, HELD_BY_ANOTHER_OPERATOR (upload),
-    DATA_CONFLICT (upload: held with other data; release and upload again to change it),
-    CONSENT_NOT_ACTIVE (upload: the operator has no ACTIVE consent with the tenant, see
-    ConsentService), NUMBER_NOT_FOUND, NUMBER_ASSIGNED (release). Empty otherwise.
+    DATA_CONFLICT (upload: held with other data; UpdateNumber changes the fields it may, release
+    and upload again for the others), CONSENT_NOT_ACTIVE (upload: the operator has no ACTIVE
+    consent with the tenant, see ConsentService), CALLING_PROFILE_ID_INVALID,
+    CIVIC_ADDRESS_REQUIRED, CIVIC_ADDRESS_NOT_FOUND (no such address of the operator for the
+    tenant), LOCATION_NOT_FOUND, ISO_COUNTRY_CODE_REQUIRED, ISO_COUNTRY_CODE_INVALID,
+    TICKET_ID_INVALID (upload), NUMBER_NOT_FOUND, NUMBER_ASSIGNED (release). Empty otherwise.
     """
     message: _builtins.str
     """For REFUSED, a sentence for a person. Empty otherwise."""
@@ -611,6 +686,7 @@ class AssignmentEvent(_message.Message):
     TARGET_FIELD_NUMBER: _builtins.int
     EVENT_TIME_FIELD_NUMBER: _builtins.int
     CURSOR_FIELD_NUMBER: _builtins.int
+    EMERGENCY_LOCATION_FIELD_NUMBER: _builtins.int
     type: Global___AssignmentEventType.ValueType
     """What happened."""
     phone_number: _builtins.str
@@ -629,6 +705,13 @@ class AssignmentEvent(_message.Message):
     def event_time(self) -> _timestamp_pb2.Timestamp:
         """When the change was committed."""
 
+    @_builtins.property
+    def emergency_location(self) -> _civic_addresses_pb2.EmergencyLocation:
+        """Where an emergency call from the number is located, as it was when the change was
+        committed: for ASSIGNED and UPDATED; unset for UNASSIGNED and while the number has no
+        civic address (the customer has not set one yet).
+        """
+
     def __init__(
         self,
         *,
@@ -639,10 +722,11 @@ class AssignmentEvent(_message.Message):
         target: Global___AssignmentTarget | None = ...,
         event_time: _timestamp_pb2.Timestamp | None = ...,
         cursor: _builtins.str = ...,
+        emergency_location: _civic_addresses_pb2.EmergencyLocation | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["event_time", b"event_time", "target", b"target"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["emergency_location", b"emergency_location", "event_time", b"event_time", "target", b"target"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor", "event_time", b"event_time", "phone_number", b"phone_number", "sip_uri", b"sip_uri", "target", b"target", "tenant_id", b"tenant_id", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor", "emergency_location", b"emergency_location", "event_time", b"event_time", "phone_number", b"phone_number", "sip_uri", b"sip_uri", "target", b"target", "tenant_id", b"tenant_id", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -789,3 +873,117 @@ class UnassignNumberResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___UnassignNumberResponse: _TypeAlias = UnassignNumberResponse  # noqa: Y015
+
+@_typing.final
+class UpdateNumberRequest(_message.Message):
+    """Request of `NumberService.UpdateNumber`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NUMBER_FIELD_NUMBER: _builtins.int
+    UPDATE_MASK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def number(self) -> Global___PhoneNumber:
+        """The number (`phone_number`) and the new values of the fields `update_mask` names."""
+
+    @_builtins.property
+    def update_mask(self) -> _field_mask_pb2.FieldMask:
+        """The fields to change: any of `civic_address_id`, `location_id`,
+        `allow_tenant_address_update`, `calling_profile_id`, `ticket_id`.
+        """
+
+    def __init__(
+        self,
+        *,
+        number: Global___PhoneNumber | None = ...,
+        update_mask: _field_mask_pb2.FieldMask | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["number", b"number", "update_mask", b"update_mask"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["number", b"number", "update_mask", b"update_mask"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateNumberRequest: _TypeAlias = UpdateNumberRequest  # noqa: Y015
+
+@_typing.final
+class UpdateNumberResponse(_message.Message):
+    """Response of `NumberService.UpdateNumber`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NUMBER_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def number(self) -> Global___PhoneNumber:
+        """The number after the change."""
+
+    def __init__(
+        self,
+        *,
+        number: Global___PhoneNumber | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["number", b"number"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["number", b"number"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateNumberResponse: _TypeAlias = UpdateNumberResponse  # noqa: Y015
+
+@_typing.final
+class UpdateNumberEmergencyAddressRequest(_message.Message):
+    """Request of `NumberAdminService.UpdateNumberEmergencyAddress`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PHONE_NUMBER_FIELD_NUMBER: _builtins.int
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    CIVIC_ADDRESS_ID_FIELD_NUMBER: _builtins.int
+    LOCATION_ID_FIELD_NUMBER: _builtins.int
+    phone_number: _builtins.str
+    """The number, E.164."""
+    tenant_id: _builtins.str
+    """The tenant the number was uploaded for."""
+    civic_address_id: _builtins.str
+    """The civic address the customer chose; empty to remove the number's address."""
+    location_id: _builtins.str
+    """A location inside that address; empty for the address alone."""
+    def __init__(
+        self,
+        *,
+        phone_number: _builtins.str = ...,
+        tenant_id: _builtins.str = ...,
+        civic_address_id: _builtins.str = ...,
+        location_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["civic_address_id", b"civic_address_id", "location_id", b"location_id", "phone_number", b"phone_number", "tenant_id", b"tenant_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateNumberEmergencyAddressRequest: _TypeAlias = UpdateNumberEmergencyAddressRequest  # noqa: Y015
+
+@_typing.final
+class UpdateNumberEmergencyAddressResponse(_message.Message):
+    """Response of `NumberAdminService.UpdateNumberEmergencyAddress`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NUMBER_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def number(self) -> Global___PhoneNumber:
+        """The number after the change."""
+
+    def __init__(
+        self,
+        *,
+        number: Global___PhoneNumber | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["number", b"number"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["number", b"number"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateNumberEmergencyAddressResponse: _TypeAlias = UpdateNumberEmergencyAddressResponse  # noqa: Y015

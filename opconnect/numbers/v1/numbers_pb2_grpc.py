@@ -56,6 +56,11 @@ class NumberServiceStub:
                 request_serializer=opconnect_dot_numbers_dot_v1_dot_numbers__pb2.UploadNumbersRequest.SerializeToString,
                 response_deserializer=opconnect_dot_numbers_dot_v1_dot_numbers__pb2.UploadNumbersResponse.FromString,
                 _registered_method=True)
+        self.UpdateNumber = channel.unary_unary(
+                '/opconnect.numbers.v1.NumberService/UpdateNumber',
+                request_serializer=opconnect_dot_numbers_dot_v1_dot_numbers__pb2.UpdateNumberRequest.SerializeToString,
+                response_deserializer=opconnect_dot_numbers_dot_v1_dot_numbers__pb2.UpdateNumberResponse.FromString,
+                _registered_method=True)
         self.ReleaseNumbers = channel.unary_unary(
                 '/opconnect.numbers.v1.NumberService/ReleaseNumbers',
                 request_serializer=opconnect_dot_numbers_dot_v1_dot_numbers__pb2.ReleaseNumbersRequest.SerializeToString,
@@ -104,6 +109,23 @@ class NumberServiceServicer:
         Each number is answered on its own: added, already present with the same data, or refused
         with a reason. A refused number never stops the others. Errors: INVALID_ARGUMENT
         (TENANT_ID_INVALID, TOO_MANY_NUMBERS, NUMBERS_EMPTY) for the request as a whole.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateNumber(self, request, context):
+        """Changes the fields of one of the operator's numbers that `update_mask` names (AIP-134):
+        `civic_address_id`, `location_id`, `allow_tenant_address_update`, `calling_profile_id`,
+        `ticket_id`; the rules of upload apply to the result (a USER number keeps an address unless
+        the customer may set it). When an assigned number's emergency location changes, an UPDATED
+        assignment event carries the new one. A change that leaves the number as it was changes
+        nothing. Errors: INVALID_ARGUMENT (PHONE_NUMBER_INVALID; UPDATE_MASK_INVALID: empty, or a
+        path that is not one of those; NUMBER_INVALID with a field violation for each bad field:
+        CALLING_PROFILE_ID_INVALID, TICKET_ID_INVALID, ...), NOT_FOUND (NUMBER_NOT_FOUND;
+        CIVIC_ADDRESS_NOT_FOUND; LOCATION_NOT_FOUND: not a location of the number's address),
+        FAILED_PRECONDITION (CIVIC_ADDRESS_REQUIRED: removing a USER number's address while the
+        customer may not set one; TENANT_MISMATCH: an address of another tenant).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -162,6 +184,11 @@ def add_NumberServiceServicer_to_server(servicer, server):
                     servicer.UploadNumbers,
                     request_deserializer=opconnect_dot_numbers_dot_v1_dot_numbers__pb2.UploadNumbersRequest.FromString,
                     response_serializer=opconnect_dot_numbers_dot_v1_dot_numbers__pb2.UploadNumbersResponse.SerializeToString,
+            ),
+            'UpdateNumber': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateNumber,
+                    request_deserializer=opconnect_dot_numbers_dot_v1_dot_numbers__pb2.UpdateNumberRequest.FromString,
+                    response_serializer=opconnect_dot_numbers_dot_v1_dot_numbers__pb2.UpdateNumberResponse.SerializeToString,
             ),
             'ReleaseNumbers': grpc.unary_unary_rpc_method_handler(
                     servicer.ReleaseNumbers,
@@ -228,6 +255,33 @@ class NumberService:
             '/opconnect.numbers.v1.NumberService/UploadNumbers',
             opconnect_dot_numbers_dot_v1_dot_numbers__pb2.UploadNumbersRequest.SerializeToString,
             opconnect_dot_numbers_dot_v1_dot_numbers__pb2.UploadNumbersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateNumber(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/opconnect.numbers.v1.NumberService/UpdateNumber',
+            opconnect_dot_numbers_dot_v1_dot_numbers__pb2.UpdateNumberRequest.SerializeToString,
+            opconnect_dot_numbers_dot_v1_dot_numbers__pb2.UpdateNumberResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -368,6 +422,11 @@ class NumberAdminServiceStub:
                 request_serializer=opconnect_dot_numbers_dot_v1_dot_numbers__pb2.UnassignNumberRequest.SerializeToString,
                 response_deserializer=opconnect_dot_numbers_dot_v1_dot_numbers__pb2.UnassignNumberResponse.FromString,
                 _registered_method=True)
+        self.UpdateNumberEmergencyAddress = channel.unary_unary(
+                '/opconnect.numbers.v1.NumberAdminService/UpdateNumberEmergencyAddress',
+                request_serializer=opconnect_dot_numbers_dot_v1_dot_numbers__pb2.UpdateNumberEmergencyAddressRequest.SerializeToString,
+                response_deserializer=opconnect_dot_numbers_dot_v1_dot_numbers__pb2.UpdateNumberEmergencyAddressResponse.FromString,
+                _registered_method=True)
 
 
 class NumberAdminServiceServicer:
@@ -397,6 +456,21 @@ class NumberAdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UpdateNumberEmergencyAddress(self, request, context):
+        """Sets a number's emergency address as the customer chose it in the Teams admin center: one
+        of the tenant's civic addresses held for the number's operator, and optionally one of its
+        locations; an empty `civic_address_id` removes it. Allowed only for a number uploaded with
+        `allow_tenant_address_update`. An assigned number's change emits an UPDATED assignment
+        event; setting what is already set changes nothing. Errors: INVALID_ARGUMENT
+        (PHONE_NUMBER_INVALID, TENANT_ID_INVALID, CIVIC_ADDRESS_ID_INVALID, LOCATION_ID_INVALID),
+        NOT_FOUND (NUMBER_NOT_FOUND, CIVIC_ADDRESS_NOT_FOUND, LOCATION_NOT_FOUND),
+        FAILED_PRECONDITION (TENANT_MISMATCH; ADDRESS_UPDATE_NOT_ALLOWED: the operator did not
+        allow the customer to set it).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NumberAdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -409,6 +483,11 @@ def add_NumberAdminServiceServicer_to_server(servicer, server):
                     servicer.UnassignNumber,
                     request_deserializer=opconnect_dot_numbers_dot_v1_dot_numbers__pb2.UnassignNumberRequest.FromString,
                     response_serializer=opconnect_dot_numbers_dot_v1_dot_numbers__pb2.UnassignNumberResponse.SerializeToString,
+            ),
+            'UpdateNumberEmergencyAddress': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateNumberEmergencyAddress,
+                    request_deserializer=opconnect_dot_numbers_dot_v1_dot_numbers__pb2.UpdateNumberEmergencyAddressRequest.FromString,
+                    response_serializer=opconnect_dot_numbers_dot_v1_dot_numbers__pb2.UpdateNumberEmergencyAddressResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -467,6 +546,33 @@ class NumberAdminService:
             '/opconnect.numbers.v1.NumberAdminService/UnassignNumber',
             opconnect_dot_numbers_dot_v1_dot_numbers__pb2.UnassignNumberRequest.SerializeToString,
             opconnect_dot_numbers_dot_v1_dot_numbers__pb2.UnassignNumberResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateNumberEmergencyAddress(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/opconnect.numbers.v1.NumberAdminService/UpdateNumberEmergencyAddress',
+            opconnect_dot_numbers_dot_v1_dot_numbers__pb2.UpdateNumberEmergencyAddressRequest.SerializeToString,
+            opconnect_dot_numbers_dot_v1_dot_numbers__pb2.UpdateNumberEmergencyAddressResponse.FromString,
             options,
             channel_credentials,
             insecure,

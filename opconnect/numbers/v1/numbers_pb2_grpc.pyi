@@ -57,6 +57,19 @@ class NumberServiceStub:
     with a reason. A refused number never stops the others. Errors: INVALID_ARGUMENT
     (TENANT_ID_INVALID, TOO_MANY_NUMBERS, NUMBERS_EMPTY) for the request as a whole.
     """
+    UpdateNumber: _grpc.UnaryUnaryMultiCallable[_numbers_pb2.UpdateNumberRequest, _numbers_pb2.UpdateNumberResponse]
+    """Changes the fields of one of the operator's numbers that `update_mask` names (AIP-134):
+    `civic_address_id`, `location_id`, `allow_tenant_address_update`, `calling_profile_id`,
+    `ticket_id`; the rules of upload apply to the result (a USER number keeps an address unless
+    the customer may set it). When an assigned number's emergency location changes, an UPDATED
+    assignment event carries the new one. A change that leaves the number as it was changes
+    nothing. Errors: INVALID_ARGUMENT (PHONE_NUMBER_INVALID; UPDATE_MASK_INVALID: empty, or a
+    path that is not one of those; NUMBER_INVALID with a field violation for each bad field:
+    CALLING_PROFILE_ID_INVALID, TICKET_ID_INVALID, ...), NOT_FOUND (NUMBER_NOT_FOUND;
+    CIVIC_ADDRESS_NOT_FOUND; LOCATION_NOT_FOUND: not a location of the number's address),
+    FAILED_PRECONDITION (CIVIC_ADDRESS_REQUIRED: removing a USER number's address while the
+    customer may not set one; TENANT_MISMATCH: an address of another tenant).
+    """
     ReleaseNumbers: _grpc.UnaryUnaryMultiCallable[_numbers_pb2.ReleaseNumbersRequest, _numbers_pb2.ReleaseNumbersResponse]
     """Removes numbers that are not assigned. An assigned number is refused with reason
     NUMBER_ASSIGNED (unassign it in the Teams admin center first); a number the operator does not
@@ -116,6 +129,19 @@ class NumberServiceAsyncStub(NumberServiceStub):
     Each number is answered on its own: added, already present with the same data, or refused
     with a reason. A refused number never stops the others. Errors: INVALID_ARGUMENT
     (TENANT_ID_INVALID, TOO_MANY_NUMBERS, NUMBERS_EMPTY) for the request as a whole.
+    """
+    UpdateNumber: _aio.UnaryUnaryMultiCallable[_numbers_pb2.UpdateNumberRequest, _numbers_pb2.UpdateNumberResponse]  # type: ignore[assignment]
+    """Changes the fields of one of the operator's numbers that `update_mask` names (AIP-134):
+    `civic_address_id`, `location_id`, `allow_tenant_address_update`, `calling_profile_id`,
+    `ticket_id`; the rules of upload apply to the result (a USER number keeps an address unless
+    the customer may set it). When an assigned number's emergency location changes, an UPDATED
+    assignment event carries the new one. A change that leaves the number as it was changes
+    nothing. Errors: INVALID_ARGUMENT (PHONE_NUMBER_INVALID; UPDATE_MASK_INVALID: empty, or a
+    path that is not one of those; NUMBER_INVALID with a field violation for each bad field:
+    CALLING_PROFILE_ID_INVALID, TICKET_ID_INVALID, ...), NOT_FOUND (NUMBER_NOT_FOUND;
+    CIVIC_ADDRESS_NOT_FOUND; LOCATION_NOT_FOUND: not a location of the number's address),
+    FAILED_PRECONDITION (CIVIC_ADDRESS_REQUIRED: removing a USER number's address while the
+    customer may not set one; TENANT_MISMATCH: an address of another tenant).
     """
     ReleaseNumbers: _aio.UnaryUnaryMultiCallable[_numbers_pb2.ReleaseNumbersRequest, _numbers_pb2.ReleaseNumbersResponse]  # type: ignore[assignment]
     """Removes numbers that are not assigned. An assigned number is refused with reason
@@ -179,6 +205,25 @@ class NumberServiceServicer(metaclass=_abc_1.ABCMeta):
         Each number is answered on its own: added, already present with the same data, or refused
         with a reason. A refused number never stops the others. Errors: INVALID_ARGUMENT
         (TENANT_ID_INVALID, TOO_MANY_NUMBERS, NUMBERS_EMPTY) for the request as a whole.
+        """
+
+    @_abc_1.abstractmethod
+    def UpdateNumber(
+        self,
+        request: _numbers_pb2.UpdateNumberRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_numbers_pb2.UpdateNumberResponse, _abc.Awaitable[_numbers_pb2.UpdateNumberResponse]]:
+        """Changes the fields of one of the operator's numbers that `update_mask` names (AIP-134):
+        `civic_address_id`, `location_id`, `allow_tenant_address_update`, `calling_profile_id`,
+        `ticket_id`; the rules of upload apply to the result (a USER number keeps an address unless
+        the customer may set it). When an assigned number's emergency location changes, an UPDATED
+        assignment event carries the new one. A change that leaves the number as it was changes
+        nothing. Errors: INVALID_ARGUMENT (PHONE_NUMBER_INVALID; UPDATE_MASK_INVALID: empty, or a
+        path that is not one of those; NUMBER_INVALID with a field violation for each bad field:
+        CALLING_PROFILE_ID_INVALID, TICKET_ID_INVALID, ...), NOT_FOUND (NUMBER_NOT_FOUND;
+        CIVIC_ADDRESS_NOT_FOUND; LOCATION_NOT_FOUND: not a location of the number's address),
+        FAILED_PRECONDITION (CIVIC_ADDRESS_REQUIRED: removing a USER number's address while the
+        customer may not set one; TENANT_MISMATCH: an address of another tenant).
         """
 
     @_abc_1.abstractmethod
@@ -260,6 +305,17 @@ class NumberAdminServiceStub:
     Errors: INVALID_ARGUMENT (PHONE_NUMBER_INVALID, TENANT_ID_INVALID), NOT_FOUND
     (NUMBER_NOT_FOUND), FAILED_PRECONDITION (TENANT_MISMATCH).
     """
+    UpdateNumberEmergencyAddress: _grpc.UnaryUnaryMultiCallable[_numbers_pb2.UpdateNumberEmergencyAddressRequest, _numbers_pb2.UpdateNumberEmergencyAddressResponse]
+    """Sets a number's emergency address as the customer chose it in the Teams admin center: one
+    of the tenant's civic addresses held for the number's operator, and optionally one of its
+    locations; an empty `civic_address_id` removes it. Allowed only for a number uploaded with
+    `allow_tenant_address_update`. An assigned number's change emits an UPDATED assignment
+    event; setting what is already set changes nothing. Errors: INVALID_ARGUMENT
+    (PHONE_NUMBER_INVALID, TENANT_ID_INVALID, CIVIC_ADDRESS_ID_INVALID, LOCATION_ID_INVALID),
+    NOT_FOUND (NUMBER_NOT_FOUND, CIVIC_ADDRESS_NOT_FOUND, LOCATION_NOT_FOUND),
+    FAILED_PRECONDITION (TENANT_MISMATCH; ADDRESS_UPDATE_NOT_ALLOWED: the operator did not
+    allow the customer to set it).
+    """
 
 @_typing.type_check_only
 class NumberAdminServiceAsyncStub(NumberAdminServiceStub):
@@ -281,6 +337,17 @@ class NumberAdminServiceAsyncStub(NumberAdminServiceStub):
     """Removes a number's assignment. Unassigning a number that is not assigned changes nothing.
     Errors: INVALID_ARGUMENT (PHONE_NUMBER_INVALID, TENANT_ID_INVALID), NOT_FOUND
     (NUMBER_NOT_FOUND), FAILED_PRECONDITION (TENANT_MISMATCH).
+    """
+    UpdateNumberEmergencyAddress: _aio.UnaryUnaryMultiCallable[_numbers_pb2.UpdateNumberEmergencyAddressRequest, _numbers_pb2.UpdateNumberEmergencyAddressResponse]  # type: ignore[assignment]
+    """Sets a number's emergency address as the customer chose it in the Teams admin center: one
+    of the tenant's civic addresses held for the number's operator, and optionally one of its
+    locations; an empty `civic_address_id` removes it. Allowed only for a number uploaded with
+    `allow_tenant_address_update`. An assigned number's change emits an UPDATED assignment
+    event; setting what is already set changes nothing. Errors: INVALID_ARGUMENT
+    (PHONE_NUMBER_INVALID, TENANT_ID_INVALID, CIVIC_ADDRESS_ID_INVALID, LOCATION_ID_INVALID),
+    NOT_FOUND (NUMBER_NOT_FOUND, CIVIC_ADDRESS_NOT_FOUND, LOCATION_NOT_FOUND),
+    FAILED_PRECONDITION (TENANT_MISMATCH; ADDRESS_UPDATE_NOT_ALLOWED: the operator did not
+    allow the customer to set it).
     """
 
 class NumberAdminServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -312,6 +379,23 @@ class NumberAdminServiceServicer(metaclass=_abc_1.ABCMeta):
         """Removes a number's assignment. Unassigning a number that is not assigned changes nothing.
         Errors: INVALID_ARGUMENT (PHONE_NUMBER_INVALID, TENANT_ID_INVALID), NOT_FOUND
         (NUMBER_NOT_FOUND), FAILED_PRECONDITION (TENANT_MISMATCH).
+        """
+
+    @_abc_1.abstractmethod
+    def UpdateNumberEmergencyAddress(
+        self,
+        request: _numbers_pb2.UpdateNumberEmergencyAddressRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_numbers_pb2.UpdateNumberEmergencyAddressResponse, _abc.Awaitable[_numbers_pb2.UpdateNumberEmergencyAddressResponse]]:
+        """Sets a number's emergency address as the customer chose it in the Teams admin center: one
+        of the tenant's civic addresses held for the number's operator, and optionally one of its
+        locations; an empty `civic_address_id` removes it. Allowed only for a number uploaded with
+        `allow_tenant_address_update`. An assigned number's change emits an UPDATED assignment
+        event; setting what is already set changes nothing. Errors: INVALID_ARGUMENT
+        (PHONE_NUMBER_INVALID, TENANT_ID_INVALID, CIVIC_ADDRESS_ID_INVALID, LOCATION_ID_INVALID),
+        NOT_FOUND (NUMBER_NOT_FOUND, CIVIC_ADDRESS_NOT_FOUND, LOCATION_NOT_FOUND),
+        FAILED_PRECONDITION (TENANT_MISMATCH; ADDRESS_UPDATE_NOT_ALLOWED: the operator did not
+        allow the customer to set it).
         """
 
 def add_NumberAdminServiceServicer_to_server(servicer: NumberAdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
