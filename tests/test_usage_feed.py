@@ -58,6 +58,7 @@ def test_a_restart_resumes_after_the_saved_cursor(session_pki: Pki, tmp_path: Pa
 
     def forget(session: sa.orm.Session) -> None:  # the copy lost, the cursor kept
         session.execute(sa.delete(tables.PLATFORM_CALLS))
+        session.execute(sa.delete(tables.PLATFORM_CALL_KEYS))
 
     system = feed_system(session_pki, tmp_path)
     try:
@@ -92,6 +93,7 @@ def test_an_expired_cursor_starts_again_from_the_oldest_kept(
                 .values(publish_time=then)
             )
             session.execute(sa.delete(tables.PLATFORM_CALLS))
+            session.execute(sa.delete(tables.PLATFORM_CALL_KEYS))
             platform_calls.store_platform_calls(session, feed.FEED, [], encode_cursor("records", 0))
 
         system.call(system.runtime.db.run(age_and_forget, write=True))
