@@ -49,6 +49,8 @@ def _utc_day(value: Any) -> dt.date:
     """The UTC day of a time as the driver returns it: SQLite's UTC text or an aware datetime."""
     if isinstance(value, str):
         return dt.date.fromisoformat(value[:10])
+    if value.tzinfo is dt.UTC:  # a record's own time (ingest): no conversion to make
+        return cast(dt.date, value.date())
     return cast(dt.datetime, value).astimezone(dt.UTC).date()
 
 
