@@ -80,6 +80,7 @@ from plumbing.config import Settings
 from plumbing.db import Database, alembic_config
 from plumbing.validation import Outcome
 from services.usage import convert, ingest, reconciliation, rules, tables, usage_query
+from services.usage.platform_calls import COLUMNS as PLATFORM_COLUMNS
 from services.usage.platform_calls import store_platform_calls
 
 SUBMIT_METHOD = "/opconnect.usage.v1.UsageService/SubmitCallDurations"
@@ -118,15 +119,6 @@ DURATION_COLUMNS = ingest.COLUMNS
 KEY_COLUMNS = ingest.KEY_COLUMNS
 KEY_INDEXES = [DURATION_COLUMNS.index(c) for c in KEY_COLUMNS]
 CALL_KEY_COLUMNS = ("call_id", "operator_id", "invite_time")  # usage_platform_call_keys
-PLATFORM_COLUMNS = (
-    "call_id",
-    "operator_id",
-    "tenant_id",
-    "direction",
-    "invite_time",
-    "answer_time",
-    "duration_ms",
-)
 CALL_KEY_INDEXES = [PLATFORM_COLUMNS.index(c) for c in CALL_KEY_COLUMNS]
 
 # A platform call: call_id, tenant, direction, invite and answer time (us since the epoch;

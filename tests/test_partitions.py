@@ -234,14 +234,7 @@ def test_dropping_a_durations_partition_forgets_its_records_keys(pg_system: Runn
     recent = duration_record(start=now - dt.timedelta(hours=1))
     submit(usage_stub(pg_system), [old, recent])
     cutoff = partitions.period_start(now - dt.timedelta(days=10), partitions.Period.WEEK)
-    for attempt in range(1, partitions.TRIES + 1):  # as maintenance does, on a shared server
-        try:
-            dropped = _run(pg_system, partitions.drop_past, partitions.CALL_DURATIONS, cutoff)
-            break
-        except sa.exc.OperationalError:
-            if attempt == partitions.TRIES:
-                raise
-            time.sleep(partitions.RETRY_S)
+    dropped = _drop_past(pg_system, partitions.CALL_DURATIONS, cutoff)
     assert dropped, "the old record's week is wholly before the cutoff"
     k = usage_tables.DURATION_KEYS.c
 
@@ -649,19 +642,38 @@ def test_maintainers_of_the_same_table_in_other_schemas_never_wait_for_each_othe
 # --- migration 0009 ------------------------------------------------------------------------
 
 
+def _stored_before(url: str, revision: str) -> tuple[sa.Engine, dict[str, list[tuple[Any, ...]]]]:
+    """Rows stored at 0007 (`_rows_at_0007`), migrated to `revision` and then to head: an
+    engine on the database and the contents at `revision`, checked unchanged at head."""
+    engine = sa.create_engine(url)
+    _migrate(url, "0007")
+    _rows_at_0007(url)
+    _migrate(url, revision)
+    before = _contents(engine)
+    _migrate(url, "head")
+    assert _contents(engine) == before
+    return engine, before
+
+
+def _drop_past(system: RunningSystem, spec: partitions.Partitioned, cutoff: dt.datetime) -> Any:
+    """`partitions.drop_past` tried as maintenance tries it on a shared server."""
+    for attempt in range(1, partitions.TRIES + 1):
+        try:
+            return _run(system, partitions.drop_past, spec, cutoff)
+        except sa.exc.OperationalError:
+            if attempt == partitions.TRIES:
+                raise
+            time.sleep(partitions.RETRY_S)
+    return None
+
+
 def test_records_stored_before_the_duration_keys_keep_their_keys(database_url: str) -> None:
     """On both backends every row stored before 0009 is kept (down to 0008 and up again too);
     on PostgreSQL their keys fill `call_duration_keys` (SQLite's stays empty), and ingest
     answers the records stored before as stored: the same record a duplicate, other content
     a conflict, another record of one of their calls CALL_ALREADY_REPORTED."""
     postgres = database_url.startswith("postgresql")
-    engine = sa.create_engine(database_url)
-    _migrate(database_url, "0007")
-    _rows_at_0007(database_url)
-    _migrate(database_url, "0008")
-    before = _contents(engine)
-    _migrate(database_url, "head")
-    assert _contents(engine) == before
+    engine, before = _stored_before(database_url, "0008")
 
     def keys() -> list[tuple[Any, ...]]:
         with engine.connect() as conn:
@@ -720,13 +732,7 @@ def test_platform_calls_stored_before_their_keys_keep_their_keys(database_url: s
     finds the calls stored before by their ids, the feed keeps one delivered again once, and
     the look-up of the operator's records of those calls finds the records stored before."""
     postgres = database_url.startswith("postgresql")
-    engine = sa.create_engine(database_url)
-    _migrate(database_url, "0007")
-    _rows_at_0007(database_url)
-    _migrate(database_url, "0011")
-    before = _contents(engine)
-    _migrate(database_url, "head")
-    assert _contents(engine) == before
+    engine, before = _stored_before(database_url, "0011")
 
     def keys() -> list[tuple[Any, ...]]:
         with engine.connect() as conn:
@@ -791,14 +797,7 @@ def test_dropping_a_platform_calls_partition_forgets_their_keys(
     assert _run(pg_system, store, "test", [old, recent], "") == 2
     assert _run(pg_system, _platform_keys) == ["call-old", "call-recent"]
     cutoff = partitions.period_start(now - dt.timedelta(days=10), partitions.Period.WEEK)
-    for attempt in range(1, partitions.TRIES + 1):  # as maintenance does, on a shared server
-        try:
-            dropped = _run(pg_system, partitions.drop_past, partitions.PLATFORM_CALLS, cutoff)
-            break
-        except sa.exc.OperationalError:
-            if attempt == partitions.TRIES:
-                raise
-            time.sleep(partitions.RETRY_S)
+    dropped = _drop_past(pg_system, partitions.PLATFORM_CALLS, cutoff)
     assert dropped, "the old call's week is wholly before the cutoff"
     assert _run(pg_system, _platform_keys) == ["call-recent"]
     assert _run(pg_system, store, "test", [recent], "") == 0  # still kept: once
