@@ -152,6 +152,7 @@ class CallFeedFollower:
         metrics = metrics or Metrics(enabled=False)
         self._position = metrics.feed_position
         self._last_batch = metrics.feed_last_batch
+        self._unit_calls = metrics.feed_unit_calls
         self._complete_through = time.time()  # nothing known yet: the lag grows from start
         self._interrupted_at: float | None = None  # since when the feed is down (monotonic)
         metrics.feed_lag_seconds.set_function(self.lag)
@@ -234,6 +235,7 @@ class CallFeedFollower:
                 self.kept += await self._db.run(
                     platform_calls.store_platform_calls, FEED, calls, last.cursor, write=True
                 )
+                self._unit_calls.observe(len(calls))
                 cursor = last.cursor
             for response in group:
                 self._stored(response)
