@@ -93,6 +93,10 @@ STOP_WAIT_S = 90.0
 PERCENTILES = (50, 90, 99)
 # The metrics sampled for the timeline: histogram family -> label that splits it.
 HISTOGRAMS = {"opconnect_db_unit_wait_seconds": "kind", "opconnect_db_unit_seconds": "kind"}
+# Seconds of database work by kind and unit (the storage function): what held the writer.
+UNIT_BUSY = "opconnect_db_unit_busy_seconds"
+UNIT_CPU = "opconnect_db_unit_cpu_seconds"
+UNITS_SHOWN = 8
 
 
 def tenant_of(k: int) -> str:
@@ -678,6 +682,13 @@ def scrape(port: int) -> Reading:
         return {}
     out: Reading = {}
     for family in text_string_to_metric_families(text):
+        if family.name in (UNIT_BUSY, UNIT_CPU):
+            out[family.name] = {
+                f"{sample.labels['kind']} {sample.labels['unit']}": {"sum": sample.value}
+                for sample in family.samples
+                if sample.name.endswith("_total")
+            }
+            continue
         label = HISTOGRAMS.get(family.name)
         if label is None:
             continue
@@ -712,13 +723,20 @@ class Sampler:
     """Readings every few seconds: RSS of each server, the WAL file, the servers' database
     histograms (per interval: units, p99 bucket, mean, and seconds of work per second)."""
 
-    def __init__(self, servers: Sequence[Server], wal: Path | None, t0: float) -> None:
+    def __init__(
+        self, servers: Sequence[Server], wal: Path | None, t0: float, warmup: float
+    ) -> None:
         self.servers = servers
         self.wal = wal
         self.t0 = t0
         self.rows: list[dict[str, Any]] = []
         self._last: list[Reading] = [scrape(s.metrics_port) for s in servers]
         self._when = time.time()
+        self.warm_at = t0 + warmup
+        # Seconds of work per unit: each server's reading when the warm-up ended, and the last.
+        self.units_warm: list[dict[str, float]] | None = None
+        self._warm_when = t0
+        self.units_last: list[dict[str, float]] = [{} for _ in servers]
 
     def sample(self) -> None:
         now_t = time.time()
@@ -732,6 +750,11 @@ class Sampler:
             row["wal_mb"] = self.wal.stat().st_size / 2**20 if self.wal.exists() else 0.0
         for i, server in enumerate(self.servers):
             now = scrape(server.metrics_port)
+            self.units_last[i] = {
+                f"{family} {k}": v["sum"]
+                for family in (UNIT_BUSY, UNIT_CPU)
+                for k, v in now.pop(family, {}).items()
+            }
             for family, by_label in now.items():
                 short = family.removeprefix("opconnect_db_").removesuffix("_seconds")
                 for value, reading in by_label.items():
@@ -746,6 +769,40 @@ class Sampler:
                         row[f"{key}_busy"] = spent / elapsed  # seconds of it per second
             self._last[i] = now
         self.rows.append(row)
+        if self.units_warm is None and now_t >= self.warm_at:
+            self.units_warm = [dict(units) for units in self.units_last]
+            self._warm_when = now_t
+
+    def units(self) -> dict[str, list[dict[str, Any]]]:
+        """Per server, the units that did the most database work from the end of the warm-up to
+        the last reading: seconds, and seconds of it per second of the run (`busy`: on SQLite
+        the write units' busy adds up to the one writer's share of the time)."""
+        if self.units_warm is None:
+            return {}
+        elapsed = max(1e-9, self._when - self._warm_when)
+        out: dict[str, list[dict[str, Any]]] = {}
+        for server, warm, last in zip(self.servers, self.units_warm, self.units_last, strict=True):
+            spent = functools.partial(_spent, warm, last)
+            units = {key.split(" ", 1)[1] for key in last if key.startswith(UNIT_BUSY + " ")}
+            busiest = sorted(units, key=lambda unit: -spent(UNIT_BUSY, unit))[:UNITS_SHOWN]
+            out[server.kind] = [
+                {
+                    "unit": unit,
+                    "seconds": round(spent(UNIT_BUSY, unit), 3),
+                    "busy": round(spent(UNIT_BUSY, unit) / elapsed, 3),
+                    "cpu_seconds": round(spent(UNIT_CPU, unit), 3),
+                }
+                for unit in busiest
+                if spent(UNIT_BUSY, unit) > 0
+            ]
+        return out
+
+
+def _spent(warm: dict[str, float], last: dict[str, float], family: str, unit: str) -> float:
+    """A unit's seconds (of `family`: busy or CPU) from the end of the warm-up to the last
+    reading."""
+    key = f"{family} {unit}"
+    return last.get(key, 0.0) - warm.get(key, 0.0)
 
 
 class RawCommits:
@@ -848,8 +905,8 @@ def latency_figures(
 @dataclass(frozen=True)
 class Measured:
     """What a run brought back: the publisher's answers, the followers' figures, the servers'
-    probes, the clients' loop lags, the orchestrator's samples and the raw commits (seconds
-    since t0, seconds)."""
+    probes, the clients' loop lags, the orchestrator's samples, the raw commits (seconds
+    since t0, seconds) and the servers' busiest database units."""
 
     offered: dict[str, Any]
     delivered: dict[str, Any]
@@ -857,6 +914,7 @@ class Measured:
     client_lags: dict[str, list[tuple[float, float]]]
     samples: Sequence[dict[str, Any]]
     raw: Sequence[tuple[float, float]]
+    units: dict[str, list[dict[str, Any]]]
 
 
 def timeline(args: argparse.Namespace, measured: Measured) -> list[dict[str, Any]]:
@@ -931,7 +989,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             child.send(f"GO {t0}")
         wal = None if ws.database_url else ws.settings().data_dir / "opconnect.db-wal"
         raw = RawCommits(ws.database_url, ws.root)
-        sampler = Sampler(servers, wal, t0)
+        sampler = Sampler(servers, wal, t0, args.warmup)
         profiled = servers[0] if args.mode == "one" else servers[1]
         profile_path = ws.root / "sustained.prof"
         profiling = False
@@ -953,7 +1011,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         probes = {s.kind: s.ask(f"STATS {t0} {args.window}") for s in servers}
         profiled_text = profile_text(profile_path, 25) if profiling else ""
     client_lags = {"publisher": offered.pop("loop_lag"), "follower": delivered.pop("loop_lag")}
-    measured = Measured(offered, delivered, probes, client_lags, sampler.rows, raw_commits)
+    measured = Measured(
+        offered, delivered, probes, client_lags, sampler.rows, raw_commits, sampler.units()
+    )
     return make_report(args, measured, servers, profiled_text)
 
 
@@ -1053,6 +1113,7 @@ def make_report(
             },
         },
         "timeline": timeline(args, measured),
+        "units": measured.units,
         "verdicts": {
             "ack_p99": ack["p99"] < ACK_TARGET_MS,
             "delivery_p99": delivered["latency_ms"]["p99"] < DELIVERY_TARGET_MS,
@@ -1146,6 +1207,17 @@ def print_report(report: dict[str, Any], args: argparse.Namespace) -> None:
     print(f"timeline (per {args.window:g} s; ms; n p50 p99 max of what was scheduled then):")
     for row in report["timeline"]:
         print("  " + "  ".join(timeline_text(row)))
+    for kind, units in report["units"].items():
+        print()
+        print(
+            f"database work after the warm-up, {kind}"
+            " (unit: seconds, per second of the run, of which the thread's CPU):"
+        )
+        for unit in units:
+            print(
+                f"  {unit['unit']:<40} {unit['seconds']:9.1f} s  {unit['busy']:5.2f}"
+                f"  cpu {unit['cpu_seconds']:7.1f} s"
+            )
     v = report["verdicts"]
     print()
     print(

@@ -11,7 +11,9 @@ certificates or data.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import functools
 import re
 import time
 from collections.abc import Iterator, Sequence
@@ -270,6 +272,10 @@ class Registry:
         self._db = db
         self._ttl = ttl_s
         self._cache: dict[str, tuple[Operator | None, float]] = {}
+        # One read per operator at a time: the callers that find its entry expired while a read
+        # of it is under way wait for that read (every open stream of the operator is checked
+        # again around the same moment, so without this they would all read).
+        self._reading: dict[str, asyncio.Future[Operator | None]] = {}
         if metrics is not None:
             metrics.on_scrape("registry", self._figures)
 
@@ -289,15 +295,34 @@ class Registry:
         now = time.monotonic()
         if hit is not None and now - hit[1] < self._ttl:
             return hit[0]
+        reading = self._reading.get(operator_id)
+        if reading is None:
+            reading = asyncio.ensure_future(self._read(operator_id, now))
+            self._reading[operator_id] = reading
+            reading.add_done_callback(functools.partial(self._read_done, operator_id))
+        return await asyncio.shield(reading)  # a caller that goes away leaves it to the others
+
+    async def _read(self, operator_id: str, now: float) -> Operator | None:
         found = await self._db.run(get_operator, operator_id)
-        self._cache[operator_id] = (found, now)
+        if self._reading.get(operator_id) is asyncio.current_task():  # no change since it began
+            self._cache[operator_id] = (found, now)
         return found
+
+    def _read_done(self, operator_id: str, reading: asyncio.Future[Operator | None]) -> None:
+        if self._reading.get(operator_id) is reading:
+            del self._reading[operator_id]
+
+    def _changed(self, operator_id: str) -> None:
+        """After this process changed the operator: the next lookup reads it again, and a read
+        begun before the change neither answers later callers nor fills the cache."""
+        self._cache.pop(operator_id, None)
+        self._reading.pop(operator_id, None)
 
     async def add(
         self, operator_id: str, display_name: str = "", anchors: Sequence[Anchor] = ()
     ) -> Operator:
         found = await self._db.run(add_operator, operator_id, display_name, anchors, write=True)
-        self._cache.pop(operator_id, None)
+        self._changed(operator_id)
         return found
 
     async def trust(
@@ -308,10 +333,10 @@ class Registry:
         replace: bool = False,
     ) -> Operator:
         found = await self._db.run(trust_operator, operator_id, add, remove, replace, write=True)
-        self._cache.pop(operator_id, None)
+        self._changed(operator_id)
         return found
 
     async def set_status(self, operator_id: str, status: OperatorStatus) -> Operator:
         found = await self._db.run(set_status, operator_id, status, write=True)
-        self._cache.pop(operator_id, None)
+        self._changed(operator_id)
         return found

@@ -361,6 +361,7 @@ class Batch(Generic[T]):
 
 
 ReadFn = Callable[[Session, int, int, int], Sequence[T]]
+UnitReadFn = Callable[[Session | Unit, int, int, int], Sequence[T]]  # driver statements only
 
 
 @dataclass(frozen=True)
@@ -682,10 +683,13 @@ class Shared(Generic[T]):
     """How a follower may be served from the shared tail of its log and key (see `Tail`):
     `read_all(session, after, upto, limit)` reads every item of the key (no filter of the
     follower's own; the items it gives must be ones the follower's own read could give), and
-    `keep(item)` says whether the follower wants one (its filter; None: every item)."""
+    `keep(item)` says whether the follower wants one (its filter; None: every item).
+    `on_unit`: `read_all` sends only driver statements, so it takes a `Unit` (no Session: the
+    tail's reads, one per commit and key, run as `Database.run_unit` units)."""
 
-    read_all: ReadFn[T]
+    read_all: ReadFn[T] | UnitReadFn[T]
     keep: Callable[[T], bool] | None = None
+    on_unit: bool = False
 
 
 class Tail(Generic[T]):
@@ -718,7 +722,9 @@ class Tail(Generic[T]):
         self._notifier = notifier
         self.log_name, self.key, self.kind = spec.log_name, spec.key, spec.kind
         self._domain = spec.domain
-        self._read_all = shared.read_all
+        # Given a Session unless `on_unit` says it takes a Unit (then given one).
+        self._read_all = cast(Callable[[Any, int, int, int], Sequence[T]], shared.read_all)
+        self._run = db.run_unit if shared.on_unit else db.run
         self._position_of = position_of
         self.capacity = max(1, capacity)
         self._fill_limit = self.capacity
@@ -783,13 +789,13 @@ class Tail(Generic[T]):
 
     async def _fill(self, begun: int, after: int | None) -> None:
         try:
-            items, head = await self._db.run(self._read, after)
+            items, head = await self._run(self._read, after)
             self._fills.inc()
             self._apply(items, head, begun)
         finally:
             self._reading = None
 
-    def _read(self, session: Session, after: int | None) -> tuple[Sequence[T], Head]:
+    def _read(self, session: Session | Unit, after: int | None) -> tuple[Sequence[T], Head]:
         head = read_head(session, self.log_name)
         if after is None:  # the first read: the tail starts at the head
             return (), head

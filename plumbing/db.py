@@ -273,6 +273,7 @@ class Database:
         a failure by reason."""
         kind = "write" if write else "read"
         started = time.perf_counter()
+        cpu = time.thread_time()
         self.metrics.db_unit_wait_seconds.labels(kind).observe(started - queued)
         try:
             return self._guarded(transaction, fn, args, write)
@@ -284,12 +285,16 @@ class Database:
             self.metrics.db_unit_failures.labels(kind, "error").inc()
             raise
         finally:
-            self.metrics.db_unit_seconds.labels(kind).observe(time.perf_counter() - started)
+            spent = time.perf_counter() - started
+            self.metrics.db_unit_seconds.labels(kind).observe(spent)
+            name = unit_name(fn)
+            self.metrics.db_unit_busy.labels(kind, name).inc(spent)
+            self.metrics.db_unit_cpu.labels(kind, name).inc(time.thread_time() - cpu)
 
     def _traced(self, tracer: Tracer, call: Callable[[], T], fn: Any, write: bool) -> T:
         """The unit as a span (a child of the call's): its function's name, the database, read
         or write; a failure's reason (ErrorInfo reason or exception type, never its text)."""
-        name = getattr(getattr(fn, "func", fn), "__name__", "unit")  # a partial's function
+        name = unit_name(fn)
         system = "postgresql" if self.is_postgres else "sqlite" if self.is_sqlite else "other"
         attributes = {"db.system": system, "opconnect.db.write": write}
         with unit_span(tracer, f"db {name}", attributes) as span:
@@ -421,6 +426,11 @@ def _on_loop(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: Any
         loop.call_soon_threadsafe(fn, *args)
     except RuntimeError:
         fn(*args)
+
+
+def unit_name(fn: Any) -> str:
+    """A unit's name in metrics and spans: its function's (a partial's function's)."""
+    return str(getattr(getattr(fn, "func", fn), "__name__", "unit"))
 
 
 def _cancel_work(work: concurrent.futures.Future[Any], done: asyncio.Future[Any]) -> None:

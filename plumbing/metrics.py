@@ -333,6 +333,20 @@ class Metrics:
             ("kind",),
             SECONDS,
         )
+        self.db_unit_busy = self._counter(
+            "opconnect_db_unit_busy_seconds_total",
+            "Seconds of database work, by kind (read, write) and unit (the storage function's"
+            " name, a fixed set): which work holds the database's threads, and on SQLite its one"
+            " writer.",
+            ("kind", "unit"),
+        )
+        self.db_unit_cpu = self._counter(
+            "opconnect_db_unit_cpu_seconds_total",
+            "CPU seconds the database threads spent on units of work, by kind and unit: the"
+            " driver's and Python's work (SQLite's own, which runs in the thread, included); busy"
+            " less this is waiting (I/O, locks, the GIL).",
+            ("kind", "unit"),
+        )
         self.db_unit_wait_seconds = self._histogram(
             "opconnect_db_unit_wait_seconds",
             "Seconds a unit of database work waited for its turn (fair gate, threads).",

@@ -26,6 +26,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from sqlalchemy.orm import Session
 
 from app import runtime as server
 from gateway import pki, registry
@@ -412,6 +413,35 @@ def test_operators_trust_takes_effect_within_the_registry_cache(
     finally:
         admin.close()
     assert outcome(list_call(system.numbers(OPERATOR))) == OK
+
+
+async def test_the_registry_reads_an_expired_operator_once_for_all_its_callers(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every open stream of an operator is checked again around the same moment: when its
+    cache entry has expired, one read answers them all; a change made meanwhile by this
+    process is what the next lookup sees, not the read begun before it."""
+    reads: list[str] = []
+    real = registry.get_operator
+
+    def counted(session: Session, operator_id: str) -> registry.Operator | None:
+        reads.append(operator_id)
+        return real(session, operator_id)
+
+    monkeypatch.setattr(registry, "get_operator", counted)
+    cache = registry.Registry(db, ttl_s=0.0)
+    await cache.add(OPERATOR, "", ())
+    found = await asyncio.gather(*(cache.lookup(OPERATOR) for _ in range(20)))
+    assert len(reads) == 1
+    assert {f.status if f else None for f in found} == {OperatorStatus.ACTIVE}
+    # A suspension while a read is under way: later callers do not take that read's answer.
+    reading = asyncio.ensure_future(cache.lookup(OPERATOR))
+    await asyncio.sleep(0)  # the read has begun
+    await cache.set_status(OPERATOR, OperatorStatus.SUSPENDED)
+    after = await cache.lookup(OPERATOR)
+    assert after is not None and after.status == OperatorStatus.SUSPENDED
+    await reading
+    assert len(reads) == 3
 
 
 def test_a_client_certificate_is_checked_by_our_own_path_validation(

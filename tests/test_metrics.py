@@ -87,6 +87,16 @@ def test_rpcs_are_counted_by_method_type_and_code(measured: RunningSystem) -> No
     # Units of database work, timed by kind.
     assert sample(got, "opconnect_db_unit_seconds_count", kind="write") >= 1
     assert sample(got, "opconnect_db_unit_seconds_count", kind="read") >= 3
+    # The same work by unit: the publish's write under its storage function's name.
+    assert (
+        sample(got, "opconnect_db_unit_busy_seconds_total", kind="write", unit="publish_many") > 0
+    )
+    units = {
+        dict(key[1])["unit"] for key in samples_of(got, "opconnect_db_unit_busy_seconds_total")
+    }
+    assert "<lambda>" not in units and "unit" not in units  # every unit is named
+    publish = {"kind": "write", "unit": "publish_many"}
+    assert sample(got, "opconnect_db_unit_cpu_seconds_total", **publish) > 0
     assert samples_of(got, "opconnect_db_pool_connections", state="idle")
     # The records log's head lock, held from allocation to commit: one publish.
     assert sample(got, "opconnect_changelog_lock_hold_seconds_count", log="records") == 1

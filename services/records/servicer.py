@@ -126,6 +126,7 @@ class CallRecordService(pb_grpc.CallRecordServiceServicer):
             shared = Shared(
                 functools.partial(storage.read_tail_records, operator_id=operator),
                 storage.tail_filter(selection),
+                on_unit=True,
             )
             async for batch in follow_log(
                 self._db,

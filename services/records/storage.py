@@ -38,6 +38,7 @@ from sqlalchemy.orm import Mapped, Session, mapped_column
 from plumbing.changelog import allocate, mark_purged, notify_commit, read_head
 from plumbing.db import (
     Base,
+    Unit,
     driver_fetch,
     driver_insert_many,
     driver_time,
@@ -458,7 +459,7 @@ TAIL_SQL = (_READ_TAIL,)
 
 
 def read_tail_records(
-    session: Session, after: int, upto: int, limit: int, *, operator_id: str
+    session: Session | Unit, after: int, upto: int, limit: int, *, operator_id: str
 ) -> list[Chunk]:
     """Every record of the operator with after < position <= upto, in position order, a chunk
     each with what stream filters select on (tenant, caller, callee, quality): what the
