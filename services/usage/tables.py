@@ -119,7 +119,7 @@ class PlatformCallKeyRow(Base):
     store_platform_calls`: only calls new here are stored), forgotten with it
     (`platform_calls.purge_platform_calls`, and the drop of a `usage_platform_calls` partition
     by `plumbing.partitions`, in the same transaction, by `invite_time`). Empty on SQLite, where
-    `usage_platform_calls` is a plain table keyed by call id."""
+    `usage_platform_calls` is a plain table, its key led by the call id (one writer)."""
 
     __tablename__ = "usage_platform_call_keys"
 
