@@ -80,6 +80,7 @@ from plumbing.config import Settings
 from plumbing.db import Database, alembic_config
 from plumbing.validation import Outcome
 from services.usage import convert, ingest, reconciliation, rules, tables, usage_query
+from services.usage.platform_calls import COLUMNS as PLATFORM_COLUMNS
 from services.usage.platform_calls import store_platform_calls
 
 SUBMIT_METHOD = "/opconnect.usage.v1.UsageService/SubmitCallDurations"
@@ -117,15 +118,8 @@ TALK_MAX_MS = 2 * 3600 * 1000
 DURATION_COLUMNS = ingest.COLUMNS
 KEY_COLUMNS = ingest.KEY_COLUMNS
 KEY_INDEXES = [DURATION_COLUMNS.index(c) for c in KEY_COLUMNS]
-PLATFORM_COLUMNS = (
-    "call_id",
-    "operator_id",
-    "tenant_id",
-    "direction",
-    "invite_time",
-    "answer_time",
-    "duration_ms",
-)
+CALL_KEY_COLUMNS = ("call_id", "operator_id", "invite_time")  # usage_platform_call_keys
+CALL_KEY_INDEXES = [PLATFORM_COLUMNS.index(c) for c in CALL_KEY_COLUMNS]
 
 # A platform call: call_id, tenant, direction, invite and answer time (us since the epoch;
 # answer None when not answered), duration in ms.
@@ -422,7 +416,13 @@ def recount_usage_days(url: str) -> None:
             command.upgrade(config, "head")
         if is_postgres(url):
             with engine.begin() as connection:
-                for table in ("usage_platform_calls", "call_durations", "usage_daily"):
+                for table in (
+                    "usage_platform_calls",
+                    "call_durations",
+                    "usage_daily",
+                    "call_duration_keys",  # refilled by their migrations (0009, 0012)
+                    "usage_platform_call_keys",
+                ):
                     connection.execute(text(f"ANALYZE {table}"))
     finally:
         engine.dispose()
@@ -501,8 +501,10 @@ def fill(
     copies_started = time.perf_counter()
     rest_calls, rest_records = first_calls[TEMPLATES:], first_records[TEMPLATES:]
     postgres = is_postgres(url)
-    # On PostgreSQL each record's keys too, as ingest.submit writes them.
-    loaded = ["usage_platform_calls", "call_durations", *(["call_duration_keys"] * postgres)]
+    # On PostgreSQL each record's keys and each call's too, as ingest.submit and
+    # platform_calls.store_platform_calls write them.
+    keys_tables = ["call_duration_keys", "usage_platform_call_keys"] if postgres else []
+    loaded = ["usage_platform_calls", "call_durations", *keys_tables]
     with bulk_load(url, loaded) as loader:
         while True:
             submitted_at = maker.time_text(epoch_us(dt.datetime.now(dt.UTC)))
@@ -511,9 +513,8 @@ def fill(
                 if i % BATCH == 0:  # one submission time per batch, as submit does
                     submitted_at = maker.time_text(epoch_us(dt.datetime.now(dt.UTC)))
                 record_rows.append(maker.duration(r, submitted_at))
-            loader.rows(
-                "usage_platform_calls", PLATFORM_COLUMNS, [maker.platform(c) for c in rest_calls]
-            )
+            call_rows = [maker.platform(c) for c in rest_calls]
+            loader.rows("usage_platform_calls", PLATFORM_COLUMNS, call_rows)
             loader.rows("call_durations", DURATION_COLUMNS, record_rows)
             if postgres:
                 keys = [
@@ -521,6 +522,8 @@ def fill(
                     for row in record_rows
                 ]
                 loader.rows("call_duration_keys", KEY_COLUMNS, keys)
+                call_keys = [tuple(row[i] for i in CALL_KEY_INDEXES) for row in call_rows]
+                loader.rows("usage_platform_call_keys", CALL_KEY_COLUMNS, call_keys)
             loader.commit()
             if month.made >= calls:
                 break

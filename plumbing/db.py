@@ -674,7 +674,7 @@ def _as_is(value: dt.datetime | None) -> dt.datetime | None:
 def _sqlite_time(value: dt.datetime | None) -> str | None:
     if value is None:
         return None
-    if value.utcoffset():
+    if value.tzinfo is not dt.UTC and value.utcoffset():  # most times are UTC already
         value = value.astimezone(dt.UTC)
     # What strftime("%Y-%m-%d %H:%M:%S.%f") gives, at a fraction of its cost (the UTC offset
     # an aware time's isoformat adds cut off).

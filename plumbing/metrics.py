@@ -437,6 +437,13 @@ class Metrics:
             "When the usage feed last stored a batch or heartbeat (Unix time).",
             (),
         )
+        self.feed_unit_calls = self._histogram(
+            "opconnect_usage_feed_unit_calls",
+            "Calls the usage feed stored per write unit: the feed's responses that arrived"
+            " while the unit before was storing are stored together, up to its batch size.",
+            (),
+            (0, 10, 50, 100, 250, 500, 1000, 2000),
+        )
 
     # -- families ----------------------------------------------------------------------------
 

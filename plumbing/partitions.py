@@ -95,7 +95,9 @@ AUDIT_EVENTS = Partitioned("audit_events", "at", Period.WEEK)
 CALL_DURATIONS = Partitioned(
     "call_durations", "start_time", Period.WEEK, past=True, keys="call_duration_keys"
 )
-PLATFORM_CALLS = Partitioned("usage_platform_calls", "invite_time", Period.WEEK, past=True)
+PLATFORM_CALLS = Partitioned(
+    "usage_platform_calls", "invite_time", Period.WEEK, past=True, keys="usage_platform_call_keys"
+)
 TABLES = (RECORDS, NUMBER_EVENTS, AUDIT_EVENTS, CALL_DURATIONS, PLATFORM_CALLS)
 
 _NAME = re.compile(r"_p(\d{8})$")

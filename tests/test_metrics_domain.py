@@ -227,3 +227,6 @@ def test_the_usage_feed_reports_its_position_and_progress(measured: RunningSyste
     assert sample(got, "opconnect_usage_feed_last_batch_timestamp_seconds") > 0
     assert ("opconnect_usage_feed_lag_seconds", frozenset()) in got
     assert sample(got, "opconnect_usage_feed_lag_seconds") >= 0
+    # Every call the feed stored was counted in a unit (the 4 here at least).
+    assert sample(got, "opconnect_usage_feed_unit_calls_sum") >= 4
+    assert sample(got, "opconnect_usage_feed_unit_calls_count") >= 1

@@ -1,8 +1,10 @@
 """Time partitions on PostgreSQL (plumbing/partitions.py): made at start-up and ahead, retention
 by dropping whole partitions (cursors into them expire, cursors after them resume without a
 gap), a row with no partition refused without a crash, uniqueness kept by the writers' locks
-under concurrent writers, every row kept across migrations 0008 and 0009, and the duration
-records' keys (0009) kept in step with their partitions."""
+under concurrent writers, every row kept across migrations 0008, 0009, 0012 and 0014, the keys
+of duration records (0009), call records (0012) and the platform's calls (0014) kept in step
+with their partitions,
+and the usage service's per-operator lock per schema."""
 
 from __future__ import annotations
 
@@ -30,9 +32,9 @@ from plumbing.direction import Direction
 from plumbing.validation import Outcome
 from services.records import convert, rules, storage
 from services.records.rules import LOG
-from services.usage import ingest
+from services.usage import ingest, platform_calls, usage_days
 from services.usage import tables as usage_tables
-from services.usage.rules import DurationRecord, Submitted
+from services.usage.rules import DurationRecord, PlatformCall, Submitted
 from tests.conftest import (
     NO_POSTGRES,
     OPERATOR,
@@ -248,14 +250,7 @@ def test_dropping_a_durations_partition_forgets_its_records_keys(pg_system: Runn
     recent = duration_record(start=now - dt.timedelta(hours=1))
     submit(usage_stub(pg_system), [old, recent])
     cutoff = partitions.period_start(now - dt.timedelta(days=10), partitions.Period.WEEK)
-    for attempt in range(1, partitions.TRIES + 1):  # as maintenance does, on a shared server
-        try:
-            dropped = _run(pg_system, partitions.drop_past, partitions.CALL_DURATIONS, cutoff)
-            break
-        except sa.exc.OperationalError:
-            if attempt == partitions.TRIES:
-                raise
-            time.sleep(partitions.RETRY_S)
+    dropped = _drop_past(pg_system, partitions.CALL_DURATIONS, cutoff)
     assert dropped, "the old record's week is wholly before the cutoff"
     k = usage_tables.DURATION_KEYS.c
 
@@ -829,6 +824,18 @@ def _stored_before(url: str, revision: str) -> tuple[sa.Engine, dict[str, list[t
     return engine, before
 
 
+def _drop_past(system: RunningSystem, spec: partitions.Partitioned, cutoff: dt.datetime) -> Any:
+    """`partitions.drop_past` tried as maintenance tries it on a shared server."""
+    for attempt in range(1, partitions.TRIES + 1):
+        try:
+            return _run(system, partitions.drop_past, spec, cutoff)
+        except sa.exc.OperationalError:
+            if attempt == partitions.TRIES:
+                raise
+            time.sleep(partitions.RETRY_S)
+    return None
+
+
 def test_records_stored_before_the_duration_keys_keep_their_keys(database_url: str) -> None:
     """On both backends every row stored before 0009 is kept (down to 0008 and up again too);
     on PostgreSQL their keys fill `call_duration_keys` (SQLite's stays empty), and ingest
@@ -937,3 +944,155 @@ def test_records_stored_before_the_record_keys_keep_their_keys(database_url: str
     assert _contents(engine) == after
     assert [c for c, _ in keys()] == (sorted([*stored_ids, fresh.call_id]) if postgres else [])
     engine.dispose()
+
+
+# --- migration 0014 and the platform's calls' keys -----------------------------------------
+
+
+def test_platform_calls_stored_before_their_keys_keep_their_keys(database_url: str) -> None:
+    """On both backends every row stored before 0014 is kept (down to 0013 and up again too);
+    on PostgreSQL their keys fill `usage_platform_call_keys` (SQLite's stays empty); ingest
+    finds the calls stored before by their ids, the feed keeps one delivered again once, and
+    the look-up of the operator's records of those calls finds the records stored before."""
+    postgres = database_url.startswith("postgresql")
+    engine, before = _stored_before(database_url, "0013")
+
+    def keys() -> list[tuple[Any, ...]]:
+        with engine.connect() as conn:
+            found = conn.execute(
+                sa.text("SELECT call_id, operator_id FROM usage_platform_call_keys")
+            )
+            return sorted(tuple(row) for row in found)
+
+    stored = [(f"call-{days}", OPERATOR) for days in (10, 200)]
+    assert keys() == (sorted(stored) if postgres else [])
+    calls = [call_id for call_id, _ in stored]
+    database = Database(database_url, threads=1)
+    try:
+        platform = database.transaction(usage_days._platform, OPERATOR, [*calls, "call-new"])
+        assert sorted(row[0] for row in platform) == calls
+        assert database.transaction(usage_days._platform, "another-operator", calls) == []
+        reported = database.transaction(usage_days._reported, OPERATOR, [*calls, "call-new"])
+        assert sorted(row[0] for row in reported) == calls
+        (row,) = [r for r in before["usage_platform_calls"] if r[0] == "call-10"]
+        again = PlatformCall("call-10", OPERATOR, "t", "inbound", usage_time(row[4]), None, 0)
+        new = database.transaction(
+            platform_calls.store_platform_calls, "records", [again], "", write=True
+        )
+        assert new == 0
+    finally:
+        database.close()
+    assert _contents(engine) == before
+    _migrate(database_url, "0013", down=True)
+    assert _contents(engine) == before
+    _migrate(database_url, "head")
+    assert _contents(engine) == before
+    assert keys() == (sorted(stored) if postgres else [])
+    engine.dispose()
+
+
+def usage_time(value: Any) -> dt.datetime:
+    """A time as read back by SQL (SQLite: naive text or datetime), made aware UTC."""
+    moment: dt.datetime = dt.datetime.fromisoformat(value) if isinstance(value, str) else value
+    return moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)
+
+
+def _platform_call(call_id: str, invite: dt.datetime) -> PlatformCall:
+    return PlatformCall(call_id, OPERATOR, "t", "inbound", invite, invite, 60_000)
+
+
+def _platform_keys(session: sa.orm.Session) -> list[str]:
+    k = usage_tables.PLATFORM_CALL_KEYS.c
+    return sorted(session.execute(sa.select(k.call_id).where(k.operator_id == OPERATOR)).scalars())
+
+
+@pytest.mark.postgres
+def test_dropping_a_platform_calls_partition_forgets_their_keys(
+    pg_system: RunningSystem,
+) -> None:
+    """The keys of the calls in a dropped `usage_platform_calls` partition go with it (same
+    transaction), and so do those of the calls the chunked delete takes; the others stay, and
+    the feed still keeps each of those once."""
+    now = dt.datetime.now(dt.UTC)
+    old = _platform_call("call-old", now - dt.timedelta(days=20))
+    recent = _platform_call("call-recent", now - dt.timedelta(hours=1))
+    store = platform_calls.store_platform_calls
+    assert _run(pg_system, store, "test", [old, recent], "") == 2
+    assert _run(pg_system, _platform_keys) == ["call-old", "call-recent"]
+    cutoff = partitions.period_start(now - dt.timedelta(days=10), partitions.Period.WEEK)
+    dropped = _drop_past(pg_system, partitions.PLATFORM_CALLS, cutoff)
+    assert dropped, "the old call's week is wholly before the cutoff"
+    assert _run(pg_system, _platform_keys) == ["call-recent"]
+    assert _run(pg_system, store, "test", [recent], "") == 0  # still kept: once
+    # The chunked delete of the partition straddling the cutoff takes the keys of its rows.
+    purged = _run(pg_system, platform_calls.purge_platform_calls, now - dt.timedelta(minutes=30))
+    assert purged == 1
+    assert _run(pg_system, _platform_keys) == []
+
+
+@pytest.mark.postgres
+def test_two_feed_writers_of_one_call_keep_it_once(pg_system: RunningSystem) -> None:
+    """Two writers of the feed (two replicas) store one call at the same moment, one with
+    another invite time (another week's partition: no key of `usage_platform_calls` sees
+    both): the keys table's primary key keeps it once, and it is counted once."""
+    url = pg_system.runtime.settings.database_url
+    now = dt.datetime.now(dt.UTC)
+    first = _platform_call("call-twice", now - dt.timedelta(hours=1))
+    second = _platform_call("call-twice", now - dt.timedelta(days=10))
+    held = _Held(
+        url,
+        "SELECT pg_advisory_xact_lock(hashtext(current_schema() || ':usage_lock:' || :op))",
+        {"op": OPERATOR},
+    )
+    replicas = [Database(url, threads=1), Database(url, threads=1)]
+    store = platform_calls.store_platform_calls
+    try:
+        one, two = _together(
+            held,
+            lambda: replicas[0].transaction(store, "records", [first], "a", write=True),
+            lambda: replicas[1].transaction(store, "records", [second], "b", write=True),
+        )
+    finally:
+        for replica in replicas:
+            replica.close()
+    assert sorted([one, two]) == [0, 1]
+
+    def rows(session: sa.orm.Session) -> list[str]:
+        c = usage_tables.PLATFORM_CALLS.c
+        return list(
+            session.execute(sa.select(c.call_id).where(c.call_id == "call-twice")).scalars()
+        )
+
+    def counted(session: sa.orm.Session) -> int:
+        d = usage_tables.USAGE_DAYS.c
+        query = sa.select(sa.func.sum(d.calls)).where(d.operator_id == OPERATOR)
+        return int(session.scalar(query) or 0)
+
+    assert _run(pg_system, rows) == ["call-twice"]
+    assert _run(pg_system, _platform_keys) == ["call-twice"]
+    assert _run(pg_system, counted) == 1
+
+
+@pytest.mark.postgres
+def test_the_operators_lock_of_one_schema_never_waits_for_another_schema(
+    postgres_url: str,
+) -> None:
+    """The usage service's per-operator lock names the schema: a writer of the same operator
+    in another schema (another deployment on the server; the tests' and benches' schemas)
+    holding its lock does not make this one wait."""
+    other = reset_postgres(POSTGRES_URL)
+    mine = Database(postgres_url, threads=1)
+    theirs = Database(other, threads=1)
+
+    def lock(session: sa.orm.Session) -> None:
+        session.execute(sa.text("SET LOCAL lock_timeout = '5s'"))  # a failure, not a hang
+        usage_tables.lock_operators(session, [OPERATOR, "op-other"])
+
+    try:
+        with sa.orm.Session(theirs.engine) as session, session.begin():
+            usage_tables.lock_operators(session, [OPERATOR])  # held until rolled back
+            mine.transaction(lock, write=True)
+            session.rollback()
+    finally:
+        mine.close()
+        theirs.close()

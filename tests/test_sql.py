@@ -30,7 +30,7 @@ from plumbing.direction import Direction
 from services.numbers import storage as numbers_storage
 from services.records import storage as records_storage
 from services.records.rules import StreamFilter
-from services.usage import ingest, platform_calls, usage_days
+from services.usage import ingest, platform_calls, tables, usage_days
 from services.usage.rules import DurationRecord, PlatformCall, Submitted
 
 TENANT = "11111111-1111-4111-8111-111111111111"
@@ -60,6 +60,8 @@ def statements(db: Database) -> list[str]:
     return [
         *ingest.SQL[backend],
         *usage_days.SQL[backend],
+        *platform_calls.SQL[backend],
+        *tables.SQL.get(backend, ()),
         *changelog.SQL,
         *records_storage.SQL,
         *records_storage.TAIL_SQL,
@@ -100,8 +102,9 @@ def test_a_misspelt_table_fails(db: Database) -> None:
 
 
 def test_the_usage_units_of_work_send_only_listed_statements(db: Database) -> None:
-    """Every statement ingest and the usage by day send to the driver is one of their `SQL`
-    (an IN list of any length as the listed one of one item)."""
+    """Every statement ingest, the call feed's store, the operators' lock and the usage by day
+    send to the driver is one of their `SQL` (an IN list of any length as the listed one of one
+    item)."""
     sent: list[str] = []
 
     def spying(real: Callable[..., Any]) -> Callable[..., Any]:
@@ -130,7 +133,7 @@ def test_the_usage_units_of_work_send_only_listed_statements(db: Database) -> No
         return PlatformCall(call_id, "op-a", TENANT, "inbound", START, START, 60_000)
 
     with pytest.MonkeyPatch.context() as patch:
-        for module in (ingest, usage_days, platform_calls):
+        for module in (ingest, usage_days, platform_calls, tables):
             for name in ("driver_fetch", "driver_execute_many"):
                 if hasattr(module, name):
                     patch.setattr(module, name, spying(getattr(module, name)))
@@ -139,8 +142,14 @@ def test_the_usage_units_of_work_send_only_listed_statements(db: Database) -> No
         db.transaction(platform_calls.store_platform_calls, "f", [call("c-1")], "", write=True)
         db.transaction(ingest.submit, "op-a", [record("c-1"), record("c-2")], write=True)
         db.transaction(platform_calls.store_platform_calls, "f", [call("c-2")], "", write=True)
+        assert db.transaction(platform_calls.feed_cursor, "f") == ""
     backend = db.engine.dialect.name
-    listed = {*ingest.SQL[backend], *usage_days.SQL[backend]}
+    listed = {
+        *ingest.SQL[backend],
+        *usage_days.SQL[backend],
+        *platform_calls.SQL[backend],
+        *tables.SQL.get(backend, ()),
+    }
     assert set(sent) == listed
 
 
@@ -177,6 +186,8 @@ def test_the_look_ups_of_many_keys_are_never_prepared_on_postgresql(db: Database
             ids = [f"c-{n}-{i}" for i in range(3)]
             one.transaction(ingest._stored, "op-a", "record_id", ids)
             one.transaction(ingest._stored, "op-a", "call_id", ids)
+            one.transaction(usage_days._platform, "op-a", ids)
+            one.transaction(usage_days._reported, "op-a", ids)
             one.transaction(changelog.read_head, "records")  # prepared: control
         with one.session(write=False) as session, session.begin():
             prepared = [
@@ -187,3 +198,4 @@ def test_the_look_ups_of_many_keys_are_never_prepared_on_postgresql(db: Database
         one.close()
     assert [s for s in prepared if "change_log_heads" in s], prepared  # the control was
     assert not [s for s in prepared if "call_duration" in s], prepared
+    assert not [s for s in prepared if "usage_platform_call" in s], prepared

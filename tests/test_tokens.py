@@ -534,6 +534,7 @@ def test_the_usage_feed_starts_again_from_the_oldest_when_its_cursor_is_unreadab
 
         def forget(session: sa.orm.Session) -> None:
             session.execute(sa.delete(usage_tables.PLATFORM_CALLS))
+            session.execute(sa.delete(usage_tables.PLATFORM_CALL_KEYS))
             usage_platform_calls.store_platform_calls(session, feed.FEED, [], unreadable)
 
         system.call(system.runtime.db.run(forget, write=True))

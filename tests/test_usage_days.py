@@ -35,6 +35,7 @@ TENANTS = ("11111111-1111-4111-8111-111111111111", "22222222-2222-4222-8222-2222
 TABLES = (
     "usage_daily",
     "usage_platform_calls",
+    "usage_platform_call_keys",
     "call_durations",
     "call_duration_keys",
     "usage_feed_cursors",

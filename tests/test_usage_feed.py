@@ -4,9 +4,11 @@ and started again from the oldest record kept when its cursor expired."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import json
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -14,6 +16,7 @@ import pytest
 import sqlalchemy as sa
 
 from app import runtime as server
+from opconnect.records.v1 import records_pb2 as records_pb
 from plumbing.changelog import encode_cursor
 from services.records import storage as records_storage
 from services.usage import feed, platform_calls, tables
@@ -58,6 +61,7 @@ def test_a_restart_resumes_after_the_saved_cursor(session_pki: Pki, tmp_path: Pa
 
     def forget(session: sa.orm.Session) -> None:  # the copy lost, the cursor kept
         session.execute(sa.delete(tables.PLATFORM_CALLS))
+        session.execute(sa.delete(tables.PLATFORM_CALL_KEYS))
 
     system = feed_system(session_pki, tmp_path)
     try:
@@ -92,6 +96,7 @@ def test_an_expired_cursor_starts_again_from_the_oldest_kept(
                 .values(publish_time=then)
             )
             session.execute(sa.delete(tables.PLATFORM_CALLS))
+            session.execute(sa.delete(tables.PLATFORM_CALL_KEYS))
             platform_calls.store_platform_calls(session, feed.FEED, [], encode_cursor("records", 0))
 
         system.call(system.runtime.db.run(age_and_forget, write=True))
@@ -144,3 +149,43 @@ def test_an_interrupted_feed_logs_once_and_says_when_it_follows_again(
     events = [json.loads(line)["event"] for line in capsys.readouterr().err.splitlines() if line]
     assert "call feed interrupted; reconnecting" in events
     assert events.count("call feed following again") == 1
+
+
+def _response(name: str, calls: int) -> records_pb.FollowCallsResponse:
+    response = records_pb.FollowCallsResponse(cursor=name)
+    for n in range(calls):
+        response.calls.add(call_id=f"{name}-{n}")
+    return response
+
+
+def test_responses_that_arrive_while_a_group_is_stored_are_stored_together() -> None:
+    """The feed stores the responses that arrived while it stored the ones before in one unit
+    (up to its batch size of calls), in order; the stream's end or failure comes after them."""
+
+    async def grouped_of(fail: bool) -> tuple[list[list[str]], str]:
+        first_taken, exhausted = asyncio.Event(), asyncio.Event()
+
+        async def responses() -> AsyncIterator[records_pb.FollowCallsResponse]:
+            yield _response("r0", 300)
+            await first_taken.wait()  # the rest arrive while the first group is stored
+            for n in range(1, 5):
+                yield _response(f"r{n}", 300)
+            exhausted.set()
+            if fail:
+                raise RuntimeError("stream broken")
+
+        groups: list[list[str]] = []
+        ending = "end"
+        try:
+            async for group in feed.grouped(responses(), 1_000):
+                groups.append([response.cursor for response in group])
+                if len(groups) == 1:
+                    first_taken.set()
+                    await exhausted.wait()  # storing the first group takes that long
+        except RuntimeError as error:
+            ending = str(error)
+        return groups, ending
+
+    expected = [["r0"], ["r1", "r2", "r3"], ["r4"]]  # 900 calls; 1,200 would be over 1,000
+    assert asyncio.run(grouped_of(fail=False)) == (expected, "end")
+    assert asyncio.run(grouped_of(fail=True)) == (expected, "stream broken")

@@ -33,48 +33,36 @@ OUTCOME_OUT = {
 }
 
 
-class _Unreadable(Exception):
-    def __init__(self, refusal: Refusal) -> None:
-        self.refusal = refusal
-
-
-def _time(message: pb.CallDurationRecord, name: str) -> dt.datetime | None:
-    if not message.HasField(name):  # type: ignore[arg-type]
-        return None
-    value = time_in(getattr(message, name))
-    if value is None:
-        raise _Unreadable(Refusal(f"{name.upper()}_INVALID", name, "not a valid timestamp"))
-    return value
-
-
-def _duration(message: pb.CallDurationRecord) -> dt.timedelta | None:
-    if not message.HasField("duration"):
-        return None
-    value = duration_in(message.duration)
-    if value is None:
-        raise _Unreadable(Refusal("DURATION_INVALID", "duration", "not a valid duration"))
-    return value
+_START_INVALID = Refusal("START_TIME_INVALID", "start_time", "not a valid timestamp")
+_END_INVALID = Refusal("END_TIME_INVALID", "end_time", "not a valid timestamp")
+_DURATION_INVALID = Refusal("DURATION_INVALID", "duration", "not a valid duration")
 
 
 def submitted_in(message: pb.CallDurationRecord) -> Submitted | Refusal:
-    """The domain record and the digest of its content, or why it cannot even be read.
-    Unknown fields must have been dropped (`DiscardUnknownFields` on the request)."""
-    clean = message  # the caller dropped unknown fields from the whole request
-    try:
-        record = DurationRecord(
-            record_id=clean.record_id,
-            call_id=clean.call_id,
-            tenant_id=clean.tenant_id,
-            caller=clean.caller,
-            callee=clean.callee,
-            direction=DIRECTION_IN.get(clean.direction),
-            start_time=_time(clean, "start_time"),
-            end_time=_time(clean, "end_time"),
-            duration=_duration(clean),
-        )
-    except _Unreadable as unreadable:
-        return unreadable.refusal
-    digest = hashlib.sha256(clean.SerializeToString(deterministic=True)).digest()
+    """The domain record and the digest of its content, or why it cannot even be read (the
+    first of its times and duration that is set and not valid). Unknown fields must have been
+    dropped (`DiscardUnknownFields` on the request). Once per record: no helper calls."""
+    has = message.HasField
+    start = end = None
+    duration = None
+    if has("start_time") and (start := time_in(message.start_time)) is None:
+        return _START_INVALID
+    if has("end_time") and (end := time_in(message.end_time)) is None:
+        return _END_INVALID
+    if has("duration") and (duration := duration_in(message.duration)) is None:
+        return _DURATION_INVALID
+    record = DurationRecord(
+        record_id=message.record_id,
+        call_id=message.call_id,
+        tenant_id=message.tenant_id,
+        caller=message.caller,
+        callee=message.callee,
+        direction=DIRECTION_IN.get(message.direction),
+        start_time=start,
+        end_time=end,
+        duration=duration,
+    )
+    digest = hashlib.sha256(message.SerializeToString(deterministic=True)).digest()
     return Submitted(record, digest)
 
 

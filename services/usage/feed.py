@@ -12,9 +12,11 @@ since removed), starts it again from the oldest record kept.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import datetime as dt
 import time
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 
 import grpc
@@ -46,6 +48,64 @@ class FeedClient:
     target: str  # one records process, or several (plumbing.balancing)
     credentials: grpc.ChannelCredentials
     server_name: str = ""  # the name checked in the records processes' certificates
+
+
+_END = object()
+AHEAD = 16  # responses the feed reads ahead of the unit storing (each up to batch_size calls)
+
+
+async def grouped(
+    responses: AsyncIterator[records_pb.FollowCallsResponse], most_calls: int
+) -> AsyncGenerator[list[records_pb.FollowCallsResponse], None]:
+    """The responses in groups, in order: each group is the responses that arrived while the
+    group before was being handled (at least one), as long as their calls number `most_calls`
+    at most. At most AHEAD responses wait (memory stays bounded: gRPC's flow control holds the
+    sender back). A failure of the stream is raised after the groups read before it."""
+    pending: collections.deque[records_pb.FollowCallsResponse | Exception | object] = (
+        collections.deque()
+    )
+    arrived = asyncio.Event()
+    room = asyncio.Semaphore(AHEAD)
+
+    async def read() -> None:
+        try:
+            async for response in responses:
+                pending.append(response)
+                arrived.set()
+                await room.acquire()
+        except Exception as error:  # in its turn, after what was read before
+            pending.append(error)
+        else:
+            pending.append(_END)
+        arrived.set()
+
+    reader = asyncio.create_task(read(), name="usage-call-feed-read")
+    try:
+        while True:
+            while not pending:
+                arrived.clear()
+                await arrived.wait()
+            group: list[records_pb.FollowCallsResponse] = []
+            calls = 0
+            while pending:
+                item = pending[0]
+                if item is _END or isinstance(item, Exception):
+                    if group:
+                        yield group
+                    if isinstance(item, Exception):
+                        raise item
+                    return
+                assert isinstance(item, records_pb.FollowCallsResponse)
+                if group and calls + len(item.calls) > most_calls:
+                    break
+                pending.popleft()
+                room.release()
+                group.append(item)
+                calls += len(item.calls)
+            yield group
+    finally:
+        reader.cancel()
+        await asyncio.gather(reader, return_exceptions=True)
 
 
 def call_in(fact: records_pb.CallFact) -> PlatformCall:
@@ -92,6 +152,7 @@ class CallFeedFollower:
         metrics = metrics or Metrics(enabled=False)
         self._position = metrics.feed_position
         self._last_batch = metrics.feed_last_batch
+        self._unit_calls = metrics.feed_unit_calls
         self._complete_through = time.time()  # nothing known yet: the lag grows from start
         self._interrupted_at: float | None = None  # since when the feed is down (monotonic)
         metrics.feed_lag_seconds.set_function(self.lag)
@@ -149,20 +210,34 @@ class CallFeedFollower:
                 delay = min(delay * 2, 10.0)
 
     async def _follow(self, stub: records_grpc.CallFeedServiceStub) -> None:
+        """Store what the feed sends: the responses that arrived while a unit was storing the
+        ones before are stored together next, in one unit with the last one's cursor (up to
+        `batch_size` calls), so a busy feed makes fewer, bigger write units."""
         cursor = await self._db.run(platform_calls.feed_cursor, FEED)
         request = records_pb.FollowCallsRequest(
             cursor=cursor, from_oldest=not cursor, max_batch_size=self._batch_size
         )
         with client_call(self._tracer, FOLLOW_CALLS) as metadata:
-            async for response in stub.FollowCalls(request, metadata=metadata):
-                if not response.calls and response.cursor == cursor:
-                    self._stored(response)
-                    continue
-                calls = [call_in(c) for c in response.calls]
+            responses = stub.FollowCalls(request, metadata=metadata)
+            try:
+                async with contextlib.aclosing(grouped(responses, self._batch_size)) as groups:
+                    await self._store(groups, cursor)
+            finally:
+                responses.cancel()  # a unit failed: the stream is not read any more
+
+    async def _store(
+        self, groups: AsyncIterator[list[records_pb.FollowCallsResponse]], cursor: str
+    ) -> None:
+        async for group in groups:
+            last = group[-1]
+            if last.cursor != cursor or any(response.calls for response in group):
+                calls = [call_in(c) for response in group for c in response.calls]
                 self.kept += await self._db.run(
-                    platform_calls.store_platform_calls, FEED, calls, response.cursor, write=True
+                    platform_calls.store_platform_calls, FEED, calls, last.cursor, write=True
                 )
-                cursor = response.cursor
+                self._unit_calls.observe(len(calls))
+                cursor = last.cursor
+            for response in group:
                 self._stored(response)
 
     def _stored(self, response: records_pb.FollowCallsResponse) -> None:

@@ -13,6 +13,7 @@ from sqlalchemy import CursorResult, delete
 from sqlalchemy.orm import Session
 
 from plumbing.db import driver_fetch, driver_insert_many, driver_time
+from plumbing.direction import Direction
 from plumbing.validation import Outcome, Refusal
 from services.usage.rules import Reported, Result, Submitted
 from services.usage.tables import CHUNK, DURATION_KEYS, DURATIONS, lock_operators
@@ -74,6 +75,7 @@ _CONFLICT = Refusal(
 )
 _REPORTED = Refusal("CALL_ALREADY_REPORTED", "call_id", "another of your records reports this call")
 _US = dt.timedelta(microseconds=1)
+_WAY = {direction: direction.value for direction in Direction}  # a dict: faster than .value
 KEY_COLUMNS = ("operator_id", "record_id", "call_id", "digest", "start_time")  # PostgreSQL
 
 
@@ -129,7 +131,7 @@ def submit(session: Session, operator_id: str, submitted: Sequence[Submitted]) -
             raise ValueError("submit() stores checked records only")
         by_record[record_id] = (item.digest, call_id)
         by_call[call_id] = record_id
-        tenant, way, duration_us = record.tenant_id.lower(), direction.value, duration // _US
+        tenant, way, duration_us = record.tenant_id.lower(), _WAY[direction], duration // _US
         start_value = time_of(start)
         rows.append(
             (

@@ -20,11 +20,10 @@ from sqlalchemy import (
     String,
     Table,
     UniqueConstraint,
-    text,
 )
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
-from plumbing.db import Base
+from plumbing.db import Base, driver_fetch
 
 CHUNK = 400  # ids per IN (...) list: inside SQLite's variable limit
 
@@ -112,6 +111,28 @@ class PlatformCallRow(Base):
     )
 
 
+class PlatformCallKeyRow(Base):
+    """The key of each platform call kept, on PostgreSQL: one narrow table, not partitioned,
+    so that the database keeps each call once by its id (`usage_platform_calls` cannot without
+    its partition key) and a look-up by call id is one index probe giving the invite time, the
+    partition key of the row itself. Written before the row (`platform_calls.
+    store_platform_calls`: only calls new here are stored), forgotten with it
+    (`platform_calls.purge_platform_calls`, and the drop of a `usage_platform_calls` partition
+    by `plumbing.partitions`, in the same transaction, by `invite_time`). Empty on SQLite, where
+    `usage_platform_calls` is a plain table, its key led by the call id (one writer)."""
+
+    __tablename__ = "usage_platform_call_keys"
+
+    call_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    operator_id: Mapped[str] = mapped_column(String(63))
+    invite_time: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (Index("ix_usage_platform_call_keys_invite", "invite_time"),)
+
+
+PLATFORM_CALL_KEYS: Table = PlatformCallKeyRow.__table__  # type: ignore[assignment]
+
+
 class FeedCursorRow(Base):
     """Where a feed this service follows was left: saved with what it delivered."""
 
@@ -144,13 +165,22 @@ class UsageDayRow(Base):
 USAGE_DAYS: Table = UsageDayRow.__table__  # type: ignore[assignment]
 
 
+# PostgreSQL: each operator's lock, in the order given (one statement for them all). The key
+# names the schema: advisory locks are the whole database's, and the same operator in another
+# schema (another deployment on the server, a test's or a bench's schema) is another's.
+_LOCK_OPERATORS = (
+    "SELECT pg_advisory_xact_lock(hashtext(current_schema() || ':usage_lock:' || operator_id))"
+    " FROM unnest(CAST(? AS text[])) AS operators (operator_id)"
+)
+
+
 def lock_operators(session: Session, operators: Sequence[str]) -> None:
     """Serialize, per operator, whatever pairs its records with the platform's calls (ingest,
-    the records feed): on PostgreSQL a transaction-scoped advisory lock each, taken in one
-    order; SQLite has one writer."""
-    if session.get_bind().dialect.name != "postgresql":
+    the records feed): on PostgreSQL a transaction-scoped advisory lock each (of this schema's
+    operator), taken in one order; SQLite has one writer."""
+    if not operators or session.get_bind().dialect.name != "postgresql":
         return
-    for operator_id in sorted(set(operators)):
-        session.execute(
-            text("SELECT pg_advisory_xact_lock(hashtext(:key))"), {"key": f"usage:{operator_id}"}
-        )
+    driver_fetch(session, _LOCK_OPERATORS, [sorted(set(operators))])
+
+
+SQL = {"postgresql": (_LOCK_OPERATORS,)}
