@@ -2,7 +2,8 @@
 
 Unary calls take and return the contract's messages (typed by their .pyi stubs) and raise a
 `ServerError` with the server's status and details when they fail; the reads among them are
-retried by gRPC itself on UNAVAILABLE (the channel's service config). The streams that matter
+retried by gRPC itself on UNAVAILABLE (the channel's service config). Updates take the fields
+to change as a list of paths (AIP-134's update mask). The streams that matter
 for not losing data are resumable: `watch_assignments`, `watch_consents`, `follow_records` and
 `stream_discrepancies` (checkpointed cursors, `streams`), and `submit_durations` (pipelined,
 resent after a break, `durations`).
@@ -23,8 +24,10 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 import grpc
-from google.protobuf import timestamp_pb2
+from google.protobuf import field_mask_pb2, timestamp_pb2
 
+from opconnect.numbers.v1 import civic_addresses_pb2 as addresses_pb
+from opconnect.numbers.v1 import civic_addresses_pb2_grpc as addresses_grpc
 from opconnect.numbers.v1 import consents_pb2 as consents_pb
 from opconnect.numbers.v1 import consents_pb2_grpc as consents_grpc
 from opconnect.numbers.v1 import numbers_pb2 as numbers_pb
@@ -71,6 +74,7 @@ class Client:
         self.channel = connection.channel()
         self.numbers = numbers_grpc.NumberServiceStub(self.channel)
         self.consents = consents_grpc.ConsentServiceStub(self.channel)
+        self.addresses = addresses_grpc.CivicAddressServiceStub(self.channel)
         self.records = records_grpc.CallRecordServiceStub(self.channel)
         self.usage = usage_grpc.UsageServiceStub(self.channel)
 
@@ -191,6 +195,80 @@ class Client:
             checkpoint,
             restart=restart,
         )
+
+    async def update_number(
+        self, number: numbers_pb.PhoneNumber, paths: Sequence[str]
+    ) -> numbers_pb.PhoneNumber:
+        """Change the fields of one of your numbers that `paths` names (any of
+        `civic_address_id`, `location_id`, `allow_tenant_address_update`, `calling_profile_id`,
+        `ticket_id`), to their values in `number` (its `phone_number` says which); the number
+        after the change. An assigned number whose emergency location changes gets an UPDATED
+        assignment event."""
+        request = numbers_pb.UpdateNumberRequest(
+            number=number, update_mask=field_mask_pb2.FieldMask(paths=list(paths))
+        )
+        answer: numbers_pb.UpdateNumberResponse = await _unary(
+            self.numbers.UpdateNumber(request, timeout=self.timeout_s)
+        )
+        return answer.number
+
+    # --- civic addresses --------------------------------------------------------------------
+
+    async def create_civic_address(
+        self, address: addresses_pb.CivicAddress, request_id: str = ""
+    ) -> addresses_pb.CivicAddress:
+        """Create a civic address for one of your customer tenants (under an ACTIVE consent),
+        with its locations; the address with the ids the server gave. With a `request_id` (a
+        UUID you chose), a retry answers the address the first call created."""
+        request = addresses_pb.CreateCivicAddressRequest(
+            civic_address=address, request_id=request_id
+        )
+        answer: addresses_pb.CreateCivicAddressResponse = await _unary(
+            self.addresses.CreateCivicAddress(request, timeout=self.timeout_s)
+        )
+        return answer.civic_address
+
+    async def get_civic_address(self, civic_address_id: str) -> addresses_pb.CivicAddress:
+        request = addresses_pb.GetCivicAddressRequest(civic_address_id=civic_address_id)
+        answer: addresses_pb.GetCivicAddressResponse = await _unary(
+            self.addresses.GetCivicAddress(request, timeout=self.timeout_s)
+        )
+        return answer.civic_address
+
+    async def list_civic_addresses(
+        self, tenant_id: str = "", page_size: int = 1_000
+    ) -> AsyncIterator[addresses_pb.ListCivicAddressesResponse]:
+        """Every page of your civic addresses (of a tenant), by tenant, then id."""
+        token = ""
+        while True:
+            request = addresses_pb.ListCivicAddressesRequest(
+                page_size=page_size, page_token=token, tenant_id=tenant_id
+            )
+            page = await _unary(self.addresses.ListCivicAddresses(request, timeout=self.timeout_s))
+            yield page
+            token = page.next_page_token
+            if not token:
+                return
+
+    async def update_civic_address(
+        self, address: addresses_pb.CivicAddress, paths: Sequence[str]
+    ) -> addresses_pb.CivicAddress:
+        """Change the fields of an address (`address.civic_address_id`) that `paths` names to
+        their values in `address` (`locations` replaces the list: keep a location by sending
+        its `location_id`); the address after the change. Each assigned number that refers to
+        it gets an UPDATED assignment event with its new emergency location."""
+        request = addresses_pb.UpdateCivicAddressRequest(
+            civic_address=address, update_mask=field_mask_pb2.FieldMask(paths=list(paths))
+        )
+        answer: addresses_pb.UpdateCivicAddressResponse = await _unary(
+            self.addresses.UpdateCivicAddress(request, timeout=self.timeout_s)
+        )
+        return answer.civic_address
+
+    async def delete_civic_address(self, civic_address_id: str) -> None:
+        """Delete an address no number refers to (CIVIC_ADDRESS_IN_USE otherwise)."""
+        request = addresses_pb.DeleteCivicAddressRequest(civic_address_id=civic_address_id)
+        await _unary(self.addresses.DeleteCivicAddress(request, timeout=self.timeout_s))
 
     # --- consents ---------------------------------------------------------------------------
 
