@@ -50,6 +50,9 @@ CREATED_BY = {
     pb.CIVIC_ADDRESS_AUTHOR_OPERATOR: "operator",
     pb.CIVIC_ADDRESS_AUTHOR_CUSTOMER: "customer",
 }
+# The fields an update never sends, also when a JSON file holds them: the tenant cannot change,
+# the others are the server's.
+FIXED = ("tenant_id", "civic_address_id", "created_by", "create_time", "update_time")
 LOCATION_HELP = (
     "a place inside the address: its description, and after the last = its ELIN if your"
     " network uses one ('Floor 3=ELIN-0301')"
@@ -127,7 +130,8 @@ def add_parser(operator_commands: Any, output: argparse.ArgumentParser) -> None:
         "--from-json",
         type=Path,
         metavar="FILE",
-        help="new values as JSON (a CivicAddress): every field it holds is changed",
+        help="new values as JSON (a CivicAddress): every field it holds is changed (its"
+        " tenant_id and the server's own fields are ignored)",
     )
 
     delete = sub.add_parser(
@@ -246,11 +250,7 @@ def for_update(args: argparse.Namespace, current: pb.CivicAddress | None) -> Giv
     """The address and mask `update` sends. `current` (the address as it is) is needed only
     when locations change: the list is sent whole, the ones not named kept as they are."""
     address = read_json(args.from_json) if args.from_json else pb.CivicAddress()
-    paths = _json_paths(args.from_json) if args.from_json else []
-    if "tenant_id" in paths:
-        raise ClientError(f"{args.from_json}: tenant_id cannot change")
-    paths = [p for p in paths if p not in ("civic_address_id", "created_by")]
-    paths = [p for p in paths if p not in ("create_time", "update_time")]
+    paths = [p for p in _json_paths(args.from_json) if p not in FIXED] if args.from_json else []
     address.civic_address_id = args.id
     paths += [p for p in _given(args, address) if p not in paths]
     if args.no_geo:
