@@ -1,0 +1,104 @@
+"""The simulator's address change: the operator edits the civic address of an assigned number,
+and a watch of the operator's assignments sees the UPDATED event carrying the new emergency
+location (as a carrier's emergency routing table would take it in).
+
+The watch starts from a listing's cursor taken before the edit (list-then-watch), so the event
+cannot be missed however late the stream opens. The edit changes the address's `description`
+(a note for people) to one naming this run, so every run changes it, and the numbers uploaded
+keep the same address id (a rerun's upload is still ALREADY_PRESENT). Every assigned number
+that refers to the address gets an UPDATED event; the one watched for is the first number's.
+Nothing of the address is printed but its id: addresses are personal data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from dataclasses import dataclass
+
+from opconnect.numbers.v1 import civic_addresses_pb2 as addresses_pb
+from opconnect.numbers.v1 import numbers_pb2 as numbers_pb
+from opconnect_client import Client, Connection, MemoryCheckpoint, ServerError
+from plumbing.logs import mask_number, redact
+
+WATCH_TIMEOUT_S = 30.0
+
+
+@dataclass(frozen=True)
+class AddressChange:
+    """What the exercise did: the address edited, the number watched for, how many UPDATED
+    events with the new location the watch saw (by the time the watched number's came), and
+    what went wrong, if anything."""
+
+    civic_address_id: str = ""
+    phone_number: str = ""
+    updated_events: int = 0
+    seen: bool = False
+    problem: str = ""
+
+    def summary(self) -> str:
+        if self.problem:
+            return f"address change: {self.problem}"
+        return (
+            f"address change: the operator edited civic address {self.civic_address_id}; the"
+            f" watch saw {self.updated_events} UPDATED event(s) with the new emergency location,"
+            f" {mask_number(self.phone_number)}'s among them"
+        )
+
+
+async def _watch_for(
+    client: Client, tenant: str, cursor: str, number: str, note: str
+) -> tuple[int, bool]:
+    """Watch the tenant's assignments after `cursor` until `number`'s UPDATED event whose
+    emergency location carries `note`; how many such events came, and whether its came."""
+    count = 0
+    stream = client.watch_assignments(
+        checkpoint=MemoryCheckpoint(cursor), tenant_id=tenant, list_first=False
+    )
+    try:
+        async for batch in stream:
+            for event in batch.items:
+                if event.type != numbers_pb.ASSIGNMENT_EVENT_TYPE_UPDATED:
+                    continue
+                if event.emergency_location.civic_address.description != note:
+                    continue
+                count += 1
+                if event.phone_number == number:
+                    return count, True
+    finally:
+        await stream.aclose()
+    return count, False
+
+
+async def change_address(connection: Connection, tenant: str, number: str) -> AddressChange:
+    """Edit the civic address of the assigned `number` as the operator, and watch for its
+    UPDATED event (see the module docstring)."""
+    async with Client(connection) as client:
+        try:
+            held = await client.get_number(number)
+            if not held.civic_address_id:
+                return AddressChange(phone_number=number, problem="skipped (no address to edit)")
+            address_id = held.civic_address_id
+            page = await anext(client.list_numbers(tenant, page_size=1))
+            now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+            note = f"emergency address checked by opconnect simulate at {now}"
+            edit = addresses_pb.CivicAddress(civic_address_id=address_id, description=note)
+            watching = asyncio.create_task(
+                _watch_for(client, tenant, page.watch_cursor, number, note)
+            )
+            try:
+                await client.update_civic_address(edit, ["description"])
+                count, seen = await asyncio.wait_for(watching, WATCH_TIMEOUT_S)
+            finally:
+                watching.cancel()
+        except ServerError as error:
+            return AddressChange(phone_number=number, problem=f"failed: {redact(str(error))}")
+        except TimeoutError:
+            return AddressChange(
+                address_id,
+                number,
+                problem=f"the watch saw no UPDATED event within {WATCH_TIMEOUT_S:.0f} s",
+            )
+    if not seen:
+        return AddressChange(address_id, number, count, problem="the watch ended early")
+    return AddressChange(address_id, number, count, seen=True)
