@@ -236,6 +236,18 @@ class Metrics:
             "Consent moves, by operator, the state moved from (`none` when created) and to.",
             ("operator", "from", "to"),
         )
+        self.civic_address_changes = self._counter(
+            "opconnect_civic_address_changes_total",
+            "Civic addresses changed, by operator and change (created, updated, deleted).",
+            ("operator", "change"),
+        )
+        self.emergency_location_updates = self._counter(
+            "opconnect_emergency_location_updates_total",
+            "UPDATED assignment events for a changed emergency location, by operator and cause"
+            " (number: UpdateNumber; customer: UpdateNumberEmergencyAddress; address: an edit of"
+            " the address or location the numbers refer to).",
+            ("operator", "cause"),
+        )
 
         self.commit_group_batches = self._histogram(
             "opconnect_commit_group_batches",

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -228,7 +228,11 @@ def consent_active(session: Session, operator_id: str, tenant_id: str) -> bool:
 
 
 def upload_numbers(
-    session: Session, operator_id: str, tenant_id: str, uploads: Sequence[Upload]
+    session: Session,
+    operator_id: str,
+    tenant_id: str,
+    uploads: Sequence[Upload],
+    snapshots: Mapping[str, str] | None = None,
 ) -> dict[str, Result]:
     """storage.upload_numbers under an ACTIVE consent; without one, every number is refused
     (CONSENT_NOT_ACTIVE) and nothing is stored."""
@@ -243,7 +247,7 @@ def upload_numbers(
             )
             for u in uploads
         }
-    return storage.upload_numbers(session, operator_id, tenant_id, uploads)
+    return storage.upload_numbers(session, operator_id, tenant_id, uploads, snapshots)
 
 
 def read_events(

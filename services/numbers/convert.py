@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+from opconnect.numbers.v1 import civic_addresses_pb2 as addresses_pb
 from opconnect.numbers.v1 import consents_pb2 as consents_pb
 from opconnect.numbers.v1 import numbers_pb2 as pb
 from opconnect.type.v1 import assignment_state_pb2 as state_pb
 from plumbing.wellknown import timestamp
+from services.numbers.addresses import (
+    TEXT_FIELDS,
+    Author,
+    CivicAddress,
+    EmergencyLocation,
+    GeoPoint,
+    Location,
+)
 from services.numbers.consents import Consent, ConsentEvent, ConsentState, Reason
 from services.numbers.rules import (
     Event,
@@ -55,6 +64,12 @@ def upload_in(message: pb.NumberUpload) -> Upload:
         usage=USAGE_IN.get(message.usage),
         inbound=message.capabilities.inbound,
         outbound=message.capabilities.outbound,
+        calling_profile_id=message.calling_profile_id.lower(),
+        civic_address_id=message.civic_address_id.lower(),
+        location_id=message.location_id.lower(),
+        allow_tenant_address_update=message.allow_tenant_address_update,
+        iso_country_code=message.iso_country_code.upper(),
+        ticket_id=message.ticket_id,
     )
 
 
@@ -82,6 +97,13 @@ def number_out(number: Number) -> pb.PhoneNumber:
         target=target_out(number.target),
         create_time=timestamp(number.created_at),
         update_time=timestamp(number.updated_at),
+        calling_profile_id=number.calling_profile_id,
+        civic_address_id=number.civic_address_id,
+        location_id=number.location_id,
+        allow_tenant_address_update=number.allow_tenant_address_update,
+        iso_country_code=number.iso_country_code,
+        ticket_id=number.ticket_id,
+        emergency_location=emergency_location_out(number.emergency_location),
     )
 
 
@@ -103,6 +125,63 @@ def event_out(event: Event, cursor: str) -> pb.AssignmentEvent:
         target=target_out(event.target),
         event_time=timestamp(event.occurred_at),
         cursor=cursor,
+        emergency_location=emergency_location_out(event.emergency_location),
+    )
+
+
+# --- civic addresses ---------------------------------------------------------------------------
+
+AUTHOR_OUT = {
+    Author.OPERATOR: addresses_pb.CIVIC_ADDRESS_AUTHOR_OPERATOR,
+    Author.CUSTOMER: addresses_pb.CIVIC_ADDRESS_AUTHOR_CUSTOMER,
+}
+
+
+def address_in(message: addresses_pb.CivicAddress) -> CivicAddress:
+    """A request's address as it came (not yet checked: addresses.check_address); output-only
+    fields are left out."""
+    point = message.geo_point if message.HasField("geo_point") else None
+    return CivicAddress(
+        **{name: getattr(message, name) for name in TEXT_FIELDS},
+        tenant_id=message.tenant_id,
+        geo_point=GeoPoint(point.latitude, point.longitude) if point is not None else None,
+        locations=tuple(Location(x.location_id, x.description, x.elin) for x in message.locations),
+        id=message.civic_address_id,
+    )
+
+
+def location_out(location: Location) -> addresses_pb.Location:
+    return addresses_pb.Location(
+        location_id=location.id, description=location.description, elin=location.elin
+    )
+
+
+def address_out(address: CivicAddress) -> addresses_pb.CivicAddress:
+    point = address.geo_point
+    return addresses_pb.CivicAddress(
+        **{name: getattr(address, name) for name in TEXT_FIELDS},
+        civic_address_id=address.id,
+        tenant_id=address.tenant_id,
+        geo_point=addresses_pb.GeoPoint(latitude=point.latitude, longitude=point.longitude)
+        if point is not None
+        else None,
+        locations=[location_out(x) for x in address.locations],
+        created_by=AUTHOR_OUT[address.created_by]
+        if address.created_by
+        else addresses_pb.CIVIC_ADDRESS_AUTHOR_UNSPECIFIED,
+        create_time=timestamp(address.created_at) if address.created_at else None,
+        update_time=timestamp(address.updated_at) if address.updated_at else None,
+    )
+
+
+def emergency_location_out(
+    location: EmergencyLocation | None,
+) -> addresses_pb.EmergencyLocation | None:
+    if location is None:
+        return None
+    return addresses_pb.EmergencyLocation(
+        civic_address=address_out(location.address),
+        location=location_out(location.location) if location.location is not None else None,
     )
 
 

@@ -5,9 +5,16 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import TYPE_CHECKING
+
+import iso3166
+import phonenumbers
 
 from plumbing.errors import ApiError, Violation, failed_precondition, invalid, invalid_field
 from plumbing.validation import check_e164, check_guid, check_sip_uri
+
+if TYPE_CHECKING:
+    from services.numbers.addresses import EmergencyLocation
 
 DOMAIN = "numbers.opconnect"
 LOG = "numbers"  # the assignment change log
@@ -62,6 +69,27 @@ class Upload:
     usage: Usage | None
     inbound: bool
     outbound: bool
+    calling_profile_id: str = ""
+    civic_address_id: str = ""
+    location_id: str = ""
+    allow_tenant_address_update: bool = False
+    iso_country_code: str = ""
+    ticket_id: str = ""
+
+
+# The fields of a number that an upload sets and UpdateNumber may change (AIP-134 paths).
+UPDATABLE = frozenset(
+    {
+        "civic_address_id",
+        "location_id",
+        "allow_tenant_address_update",
+        "calling_profile_id",
+        "ticket_id",
+    }
+)
+TICKET_ID_MAX = 64
+# North American toll-free codes: the digits do not say the country (US, CA, ...).
+NANP_TOLL_FREE = ("+1800", "+1833", "+1844", "+1855", "+1866", "+1877", "+1888")
 
 
 @dataclass(frozen=True)
@@ -77,6 +105,13 @@ class Number:
     target: Target | None
     created_at: dt.datetime
     updated_at: dt.datetime
+    calling_profile_id: str = ""
+    civic_address_id: str = ""
+    location_id: str = ""
+    allow_tenant_address_update: bool = False
+    iso_country_code: str = ""
+    ticket_id: str = ""
+    emergency_location: EmergencyLocation | None = None
 
 
 @dataclass(frozen=True)
@@ -88,6 +123,7 @@ class Event:
     sip_uri: str
     target: Target | None
     occurred_at: dt.datetime
+    emergency_location: EmergencyLocation | None = None
 
 
 @dataclass(frozen=True)
@@ -150,7 +186,89 @@ def check_upload(upload: Upload, seen: set[str]) -> Result | None:
         return refused(
             number, "CAPABILITIES_INVALID", "a number needs inbound or outbound calling, or both"
         )
+    refusal = check_number_fields(
+        number,
+        upload.usage,
+        calling_profile_id=upload.calling_profile_id,
+        civic_address_id=upload.civic_address_id,
+        location_id=upload.location_id,
+        allow_tenant_address_update=upload.allow_tenant_address_update,
+        ticket_id=upload.ticket_id,
+    )
+    if refusal is None:
+        refusal = check_iso_country(number, upload.iso_country_code)
+    return None if refusal is None else refused(number, *refusal)
+
+
+def check_number_fields(
+    number: str,
+    usage: Usage | None,
+    *,
+    calling_profile_id: str,
+    civic_address_id: str,
+    location_id: str,
+    allow_tenant_address_update: bool,
+    ticket_id: str,
+) -> tuple[str, str] | None:
+    """(reason, description) of the first of a number's fields that breaks a rule, or None.
+    Shared by upload and UpdateNumber (which checks the number as it would be)."""
+    if calling_profile_id and check_guid(calling_profile_id):
+        return "CALLING_PROFILE_ID_INVALID", "calling_profile_id: not a GUID"
+    if civic_address_id and check_guid(civic_address_id):
+        return "CIVIC_ADDRESS_NOT_FOUND", "civic_address_id: not a civic address id"
+    if location_id and (not civic_address_id or check_guid(location_id)):
+        return "LOCATION_NOT_FOUND", "location_id: not a location of the number's address"
+    if usage is Usage.USER and not civic_address_id and not allow_tenant_address_update:
+        return (
+            "CIVIC_ADDRESS_REQUIRED",
+            "a USER number needs a civic_address_id, unless allow_tenant_address_update lets"
+            " the customer set it",
+        )
+    if len(ticket_id) > TICKET_ID_MAX or not ticket_id.isprintable():
+        return "TICKET_ID_INVALID", f"ticket_id: up to {TICKET_ID_MAX} printable characters"
     return None
+
+
+def check_iso_country(number: str, code: str) -> tuple[str, str] | None:
+    """(reason, description) when a number's ISO country is missing or wrong, or None: it is
+    required for a North American toll-free number, and otherwise must be one of the countries
+    the number's calling code serves (phonenumbers' list)."""
+    if not code:
+        if number.startswith(NANP_TOLL_FREE):
+            return (
+                "ISO_COUNTRY_CODE_REQUIRED",
+                "iso_country_code: required for a North American toll-free number (e.g. US, CA)",
+            )
+        return None
+    if code not in iso3166.countries_by_alpha2:
+        return "ISO_COUNTRY_CODE_INVALID", "iso_country_code: not ISO 3166-1 alpha-2 (e.g. US)"
+    try:
+        calling_code = phonenumbers.parse(number).country_code or 0
+    except phonenumbers.NumberParseException:
+        return None  # a code no list knows: nothing to check against
+    served = [r for r in phonenumbers.region_codes_for_country_code(calling_code) if r != "001"]
+    if served and code not in served:
+        return (
+            "ISO_COUNTRY_CODE_INVALID",
+            f"iso_country_code: +{calling_code} does not serve that country",
+        )
+    return None
+
+
+def check_number_mask(paths: list[str]) -> frozenset[str]:
+    if not paths:
+        raise invalid_field(
+            DOMAIN, "UPDATE_MASK_INVALID", "update_mask", "name at least one field to change"
+        )
+    for path in paths:
+        if path not in UPDATABLE:
+            raise invalid_field(
+                DOMAIN,
+                "UPDATE_MASK_INVALID",
+                "update_mask",
+                f"not a field you may change: {path!r}",
+            )
+    return frozenset(paths)
 
 
 def check_release(number: str, seen: set[str]) -> Result | None:

@@ -5,10 +5,16 @@ from __future__ import annotations
 import datetime as dt
 from typing import ClassVar
 
-from opconnect.numbers.v1 import consents_pb2, consents_pb2_grpc
+from opconnect.numbers.v1 import (
+    civic_addresses_pb2,
+    civic_addresses_pb2_grpc,
+    consents_pb2,
+    consents_pb2_grpc,
+)
 from opconnect.numbers.v1 import numbers_pb2 as pb
 from opconnect.numbers.v1 import numbers_pb2_grpc as pb_grpc
 from plumbing import partitions
+from plumbing.audit import AuditLog
 from plumbing.cache import ReadCache
 from plumbing.config import Settings
 from plumbing.db import Database
@@ -17,8 +23,9 @@ from plumbing.metrics import Metrics
 from plumbing.rpc import Access
 from plumbing.service import Host, Service
 from services.numbers import consent_storage, storage
+from services.numbers.address_servicer import CivicAddressAdminService, CivicAddressService
 from services.numbers.consent_servicer import ConsentAdminService, ConsentService
-from services.numbers.rules import LOG, Number
+from services.numbers.rules import LOG, Event, Number
 from services.numbers.servicer import NumberAdminService, NumberService
 
 log = get_logger("opconnect.numbers")
@@ -27,16 +34,19 @@ log = get_logger("opconnect.numbers")
 class Numbers(Service):
     name = "numbers"
     protos = pb.DESCRIPTOR
-    more_protos = (consents_pb2.DESCRIPTOR,)
+    more_protos = (consents_pb2.DESCRIPTOR, civic_addresses_pb2.DESCRIPTOR)
     rules: ClassVar[dict[str, Access]] = {
         "NumberService": Access.OPERATOR,
         "NumberAdminService": Access.PLATFORM,
         "ConsentService": Access.OPERATOR,
         "ConsentAdminService": Access.PLATFORM,
+        "CivicAddressService": Access.OPERATOR,
+        "CivicAddressAdminService": Access.PLATFORM,
     }
 
     def __init__(self) -> None:
         self.metrics = Metrics(enabled=False)
+        self.audit: AuditLog | None = None  # operators' reads of civic addresses
 
     def register(self, host: Host) -> None:
         """`GetNumber` reads through a cache only while this replica hears every other
@@ -73,10 +83,37 @@ class Numbers(Service):
         consents_pb2_grpc.add_ConsentAdminServiceServicer_to_server(
             ConsentAdminService(host.db, host.notifier, host.metrics), host.server
         )
+        self.audit = AuditLog(host.db, metrics=host.metrics)
+
+        def numbers_changed(operator: str, events: list[Event]) -> None:
+            """After an address edit's commit: caches forget, watchers wake."""
+            cache.invalidate([operator])
+            host.notifier.publish(LOG, [operator], events[-1].position if events else 0)
+
+        civic_addresses_pb2_grpc.add_CivicAddressServiceServicer_to_server(
+            CivicAddressService(
+                host.db,
+                host.notifier,
+                host.settings,
+                self.audit,
+                metrics=host.metrics,
+                on_numbers_changed=numbers_changed,
+            ),
+            host.server,
+        )
+        civic_addresses_pb2_grpc.add_CivicAddressAdminServiceServicer_to_server(
+            CivicAddressAdminService(host.db, host.metrics), host.server
+        )
 
     async def start(self, host: Host) -> None:
+        if self.audit is not None:
+            self.audit.start()
         partitioned = [(partitions.NUMBER_EVENTS, host.settings.change_log_retention_s)]
         await partitions.maintain(host.db, partitioned, self.metrics, drop=False)
+
+    async def stop(self) -> None:
+        if self.audit is not None:
+            await self.audit.close()
 
     async def purge(self, db: Database, settings: Settings) -> None:
         """Assignment changes past `change_log_retention_s`: on PostgreSQL whole partitions

@@ -33,7 +33,7 @@ from plumbing.metrics import Metrics
 from plumbing.rpc import current_operator
 from plumbing.tokens import page_token, read_page_token
 from plumbing.validation import E164, batch_size, optional_tenant, page_size
-from services.numbers import consent_storage, convert, rules, storage
+from services.numbers import address_storage, addresses, convert, rules, storage
 from services.numbers.rules import DOMAIN, LOG, Number, Outcome
 
 Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
@@ -56,6 +56,7 @@ class NumberService(pb_grpc.NumberServiceServicer):
         self._cache = cache
         self._streams = streams
         self._changes = metrics.numbers_changed
+        self._updates = metrics.emergency_location_updates
 
     def _changed(self, operator_id: str) -> None:
         """After a commit that changed the operator's numbers: caches forget, watchers wake."""
@@ -73,7 +74,7 @@ class NumberService(pb_grpc.NumberServiceServicer):
         checks = [rules.check_upload(u, seen) for u in uploads]
         valid = [u for u, refusal in zip(uploads, checks, strict=True) if refusal is None]
         stored = await self._db.run(
-            consent_storage.upload_numbers, operator, tenant, valid, write=True
+            address_storage.upload_numbers, operator, tenant, valid, write=True
         )
         self._changed(operator)
         results = [r or stored[u.phone_number] for u, r in zip(uploads, checks, strict=True)]
@@ -84,6 +85,28 @@ class NumberService(pb_grpc.NumberServiceServicer):
             already_present_count=sum(r.outcome is Outcome.ALREADY_PRESENT for r in results),
             refused_count=sum(r.outcome is Outcome.REFUSED for r in results),
         )
+
+    async def UpdateNumber(
+        self, request: pb.UpdateNumberRequest, context: Context
+    ) -> pb.UpdateNumberResponse:
+        operator = current_operator()
+        number = rules.require_number(request.number.phone_number, "number.phone_number")
+        mask = rules.check_number_mask(list(request.update_mask.paths))
+        values = address_storage.NumberFields(
+            calling_profile_id=request.number.calling_profile_id.lower(),
+            civic_address_id=request.number.civic_address_id.lower(),
+            location_id=request.number.location_id.lower(),
+            allow_tenant_address_update=request.number.allow_tenant_address_update,
+            ticket_id=request.number.ticket_id,
+        )
+        change = await self._db.run(
+            address_storage.update_number, operator, number, values, mask, write=True
+        )
+        self._changed(operator)
+        if change.event is not None:
+            self._changes.labels(operator, "updated").inc()
+            self._updates.labels(operator, "number").inc()
+        return pb.UpdateNumberResponse(number=convert.number_out(change.number))
 
     async def ReleaseNumbers(
         self, request: pb.ReleaseNumbersRequest, context: Context
@@ -234,6 +257,7 @@ class NumberAdminService(pb_grpc.NumberAdminServiceServicer):
         self._notifier = notifier
         self._cache = cache
         self._changes = metrics.numbers_changed
+        self._updates = metrics.emergency_location_updates
 
     def _changed(self, change: storage.Change) -> None:
         """After an assignment's commit: counted, caches forget, watchers wake (no-op: none)."""
@@ -261,6 +285,37 @@ class NumberAdminService(pb_grpc.NumberAdminServiceServicer):
         change = await self._db.run_unit(storage.unassign_number, number, tenant, write=True)
         self._changed(change)
         return pb.UnassignNumberResponse(number=convert.number_out(change.number))
+
+    async def UpdateNumberEmergencyAddress(
+        self, request: pb.UpdateNumberEmergencyAddressRequest, context: Context
+    ) -> pb.UpdateNumberEmergencyAddressResponse:
+        number = rules.require_number(request.phone_number)
+        tenant = rules.normalize_tenant(request.tenant_id)
+        address_id = location_id = ""
+        if request.civic_address_id:
+            address_id = addresses.require_id(request.civic_address_id, "civic_address_id")
+        if request.location_id:
+            location_id = addresses.require_id(
+                request.location_id, "location_id", "LOCATION_ID_INVALID"
+            )
+            if not address_id:
+                raise invalid_field(
+                    DOMAIN, "LOCATION_ID_INVALID", "location_id", "a location needs an address"
+                )
+        change = await self._db.run(
+            address_storage.set_emergency_address,
+            number,
+            tenant,
+            address_id,
+            location_id,
+            write=True,
+        )
+        operator = change.number.operator_id
+        self._cache.invalidate([operator])
+        self._changed(change)
+        if change.event is not None:
+            self._updates.labels(operator, "customer").inc()
+        return pb.UpdateNumberEmergencyAddressResponse(number=convert.number_out(change.number))
 
 
 def _read_page_token(token: str, filters: str) -> tuple[str, int]:

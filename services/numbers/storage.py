@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -21,6 +21,7 @@ from sqlalchemy import (
     Index,
     String,
     Table,
+    Text,
     delete,
     select,
 )
@@ -38,6 +39,7 @@ from plumbing.changelog import (
 )
 from plumbing.db import Base, Unit, dialect_insert, driver_fetch, unit_of, utc
 from plumbing.errors import ApiError, failed_precondition, not_found
+from services.numbers import addresses
 from services.numbers.rules import (
     DOMAIN,
     LOG,
@@ -76,10 +78,21 @@ class NumberRow(Base):
     target_id: Mapped[str] = mapped_column(String(36), default="")
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    calling_profile_id: Mapped[str] = mapped_column(String(36), default="")
+    civic_address_id: Mapped[str] = mapped_column(String(36), default="")
+    location_id: Mapped[str] = mapped_column(String(36), default="")
+    allow_tenant_address_update: Mapped[bool] = mapped_column(Boolean, default=False)
+    iso_country_code: Mapped[str] = mapped_column(String(2), default="")
+    ticket_id: Mapped[str] = mapped_column(String(256), default="")
+    # The emergency location as it is now (addresses.to_json), kept with the number so that an
+    # assignment (the hot path) copies it into its event without reading the address; every
+    # change of the number's address or of the address itself rewrites it.
+    emergency_location: Mapped[str] = mapped_column(Text, default="")
 
     __table_args__ = (
         Index("ix_numbers_operator_number", "operator_id", "phone_number"),
         Index("ix_numbers_operator_tenant_number", "operator_id", "tenant_id", "phone_number"),
+        Index("ix_numbers_operator_address", "operator_id", "civic_address_id"),
     )
 
 
@@ -96,6 +109,9 @@ class NumberEventRow(Base):
     sip_uri: Mapped[str] = mapped_column(String(512), default="")
     target_kind: Mapped[str] = mapped_column(String(32), default="")
     target_id: Mapped[str] = mapped_column(String(36), default="")
+    # The number's emergency location when the change was committed (addresses.to_json; "" for
+    # none): a resumed watch shows what was true then.
+    emergency_location: Mapped[str] = mapped_column(Text, default="")
     # The partition key on PostgreSQL (plumbing/partitions.py), so part of the primary key.
     occurred_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), primary_key=True)
 
@@ -130,6 +146,13 @@ def to_number(row: NumberRow) -> Number:
         target=_target(row.target_kind, row.target_id),
         created_at=utc(row.created_at),
         updated_at=utc(row.updated_at),
+        calling_profile_id=row.calling_profile_id,
+        civic_address_id=row.civic_address_id,
+        location_id=row.location_id,
+        allow_tenant_address_update=row.allow_tenant_address_update,
+        iso_country_code=row.iso_country_code,
+        ticket_id=row.ticket_id,
+        emergency_location=addresses.from_json(row.emergency_location),
     )
 
 
@@ -145,10 +168,30 @@ def _rows_by_number(session: Session, numbers: Sequence[str]) -> dict[str, Numbe
     return found
 
 
+def _upload_fields(upload: Upload) -> tuple[object, ...]:
+    return (
+        (upload.usage or Usage.USER).value,
+        upload.inbound,
+        upload.outbound,
+        upload.calling_profile_id,
+        upload.civic_address_id,
+        upload.location_id,
+        upload.allow_tenant_address_update,
+        upload.iso_country_code,
+        upload.ticket_id,
+    )
+
+
 def upload_numbers(
-    session: Session, operator_id: str, tenant_id: str, uploads: Sequence[Upload]
+    session: Session,
+    operator_id: str,
+    tenant_id: str,
+    uploads: Sequence[Upload],
+    snapshots: Mapping[str, str] | None = None,
 ) -> dict[str, Result]:
-    """Store the numbers not held yet; classify the rest. Safe against concurrent uploads."""
+    """Store the numbers not held yet; classify the rest. Safe against concurrent uploads.
+    `snapshots`: each number's emergency location (addresses.to_json), by number."""
+    snapshots = snapshots or {}
     stamp = now()
     values = [
         {
@@ -164,6 +207,13 @@ def upload_numbers(
             "target_id": "",
             "created_at": stamp,
             "updated_at": stamp,
+            "calling_profile_id": u.calling_profile_id,
+            "civic_address_id": u.civic_address_id,
+            "location_id": u.location_id,
+            "allow_tenant_address_update": u.allow_tenant_address_update,
+            "iso_country_code": u.iso_country_code,
+            "ticket_id": u.ticket_id,
+            "emergency_location": snapshots.get(u.phone_number, ""),
         }
         for u in uploads
     ]
@@ -193,19 +243,25 @@ def upload_numbers(
                 "HELD_BY_ANOTHER_OPERATOR",
                 "the number is held by another operator",
             )
-        elif (row.tenant_id, row.usage, row.inbound, row.outbound) == (
-            tenant_id,
-            (upload.usage or Usage.USER).value,
-            upload.inbound,
-            upload.outbound,
-        ):
+        elif (
+            row.tenant_id,
+            row.usage,
+            row.inbound,
+            row.outbound,
+            row.calling_profile_id,
+            row.civic_address_id,
+            row.location_id,
+            row.allow_tenant_address_update,
+            row.iso_country_code,
+            row.ticket_id,
+        ) == (tenant_id, *_upload_fields(upload)):
             results[row.phone_number] = Result(row.phone_number, Outcome.ALREADY_PRESENT)
         else:
             results[row.phone_number] = refused(
                 row.phone_number,
                 "DATA_CONFLICT",
-                "the number is already uploaded with another tenant, usage or capabilities;"
-                " release it and upload it again to change them",
+                "the number is already uploaded with other data; UpdateNumber changes its"
+                " address, profile and ticket, release it and upload it again for the rest",
             )
     if added:  # the numbers changed: caches on every replica forget them
         notify_commit(session, LOG, 0, [operator_id])
@@ -301,7 +357,9 @@ class Change:
 # set-up and commit cost as much again); a Session's transaction may run them too.
 _NUMBER = (
     "SELECT operator_id, tenant_id, usage, inbound, outbound, state, sip_uri, target_kind,"
-    " target_id, created_at, updated_at FROM numbers WHERE phone_number = ?"
+    " target_id, created_at, updated_at, calling_profile_id, civic_address_id, location_id,"
+    " allow_tenant_address_update, iso_country_code, ticket_id, emergency_location"
+    " FROM numbers WHERE phone_number = ?"
 )
 _SET_ASSIGNMENT = (
     "UPDATE numbers SET state = ?, sip_uri = ?, target_kind = ?, target_id = ?, updated_at = ?"
@@ -309,7 +367,8 @@ _SET_ASSIGNMENT = (
 )
 _INSERT_EVENT = (
     "INSERT INTO number_events (position, operator_id, tenant_id, phone_number, type, sip_uri,"
-    " target_kind, target_id, occurred_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " target_kind, target_id, emergency_location, occurred_at)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 # PostgreSQL: the whole change in one statement, one round trip instead of four: the number's
 # row, a position in the log (plumbing.changelog.ALLOCATE_ONE_CTE), the event at it, and the
@@ -317,13 +376,14 @@ _INSERT_EVENT = (
 _CHANGE_POSTGRES = (
     f"WITH number AS ({_SET_ASSIGNMENT}), {ALLOCATE_ONE_CTE},"  # noqa: S608 (constants)
     " event AS (INSERT INTO number_events (position, operator_id, tenant_id, phone_number, type,"
-    " sip_uri, target_kind, target_id, occurred_at) SELECT position, ?, ?, ?, ?, ?, ?, ?, ?"
-    " FROM head RETURNING position)"
+    " sip_uri, target_kind, target_id, emergency_location, occurred_at)"
+    " SELECT position, ?, ?, ?, ?, ?, ?, ?, ?, ? FROM head RETURNING position)"
     " SELECT position, pg_notify(?, CAST(? AS text) || position || CAST(? AS text)) FROM event"
 )
 _EVENTS = (
     "SELECT position, type, phone_number, tenant_id, sip_uri, target_kind, target_id,"
-    " occurred_at FROM number_events WHERE operator_id = ? AND position > ? AND position <= ?"
+    " occurred_at, emergency_location FROM number_events"
+    " WHERE operator_id = ? AND position > ? AND position <= ?"
 )
 _ORDERED = " ORDER BY position LIMIT ?"
 _OF_TENANT = " AND tenant_id = ?"
@@ -348,7 +408,8 @@ def _locked_number(unit: Unit, phone_number: str) -> Number:
         raise not_found(DOMAIN, "NUMBER_NOT_FOUND", "no such number has been uploaded")
     (operator, tenant, usage, inbound, outbound, state, sip, kind, target, created, updated) = rows[
         0
-    ]
+    ][:11]
+    (profile, address, location, allow, country, ticket, snapshot) = rows[0][11:]
     return Number(
         phone_number=phone_number,
         operator_id=operator,
@@ -361,6 +422,13 @@ def _locked_number(unit: Unit, phone_number: str) -> Number:
         target=_target(kind, target),
         created_at=_stored_time(created),
         updated_at=_stored_time(updated),
+        calling_profile_id=profile,
+        civic_address_id=address,
+        location_id=location,
+        allow_tenant_address_update=bool(allow),
+        iso_country_code=country,
+        ticket_id=ticket,
+        emergency_location=addresses.from_json(snapshot),
     )
 
 
@@ -371,7 +439,16 @@ def _change(unit: Unit, number: Number, kind: EventType, stamp: dt.datetime) -> 
     fields = (number.state.value, number.sip_uri, target_kind, target_id)
     when = unit.time(stamp)
     event_row = (number.operator_id, number.tenant_id, number.phone_number, kind.value)
-    event_values = (*event_row, number.sip_uri, target_kind, target_id, when)
+    # ASSIGNED and UPDATED carry the emergency location; UNASSIGNED does not.
+    where = number.emergency_location if kind is not EventType.UNASSIGNED else None
+    event_values = (
+        *event_row,
+        number.sip_uri,
+        target_kind,
+        target_id,
+        addresses.to_json(where),
+        when,
+    )
     if unit.postgres:
         before, after = notify_parts(LOG, [number.operator_id])
         ((position, _),) = unit.fetch(
@@ -384,7 +461,14 @@ def _change(unit: Unit, number: Number, kind: EventType, stamp: dt.datetime) -> 
         position = allocate(unit, LOG)
         unit.fetch(_INSERT_EVENT, (position, *event_values))
     event = Event(
-        int(position), kind, number.phone_number, number.tenant_id, number.sip_uri, target, stamp
+        int(position),
+        kind,
+        number.phone_number,
+        number.tenant_id,
+        number.sip_uri,
+        target,
+        stamp,
+        where,
     )
     return Change(number, event)
 
@@ -453,8 +537,9 @@ def read_events(
             sip,
             _target(target_kind, target_id),
             _stored_time(occurred),
+            addresses.from_json(snapshot),
         )
-        for position, kind, number, tenant, sip, target_kind, target_id, occurred in rows
+        for position, kind, number, tenant, sip, target_kind, target_id, occurred, snapshot in rows
     ]
 
 
