@@ -69,7 +69,13 @@ def upload_request(numbers: Sequence[str], tenant: str) -> pb.UploadNumbersReque
     return pb.UploadNumbersRequest(
         tenant_id=tenant,
         numbers=[
-            pb.NumberUpload(phone_number=n, usage=pb.NUMBER_USAGE_USER, capabilities=BOTH)
+            # The customer sets their emergency addresses (the bench is about the upload's turn).
+            pb.NumberUpload(
+                phone_number=n,
+                usage=pb.NUMBER_USAGE_USER,
+                capabilities=BOTH,
+                allow_tenant_address_update=True,
+            )
             for n in numbers
         ],
     )

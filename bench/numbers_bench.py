@@ -112,6 +112,11 @@ class BareNumberService(pb_grpc.NumberServiceServicer):
     ) -> pb.ListNumbersResponse:
         await unimplemented(context)
 
+    async def UpdateNumber(
+        self, request: pb.UpdateNumberRequest, context: Context
+    ) -> pb.UpdateNumberResponse:
+        await unimplemented(context)
+
     async def WatchAssignments(
         self, request: pb.WatchAssignmentsRequest, context: Context
     ) -> AsyncIterator[pb.WatchAssignmentsResponse]:
@@ -283,7 +288,7 @@ class LoadWorkers:
 
 async def prepare(address: str, root: Path) -> bytes:
     """Upload the numbers the benchmarks use; return the system's GetNumber answer, serialized."""
-    await runner.grant_consent(address, root, OPERATOR, TENANT)
+    civic_address = await runner.grant_consent(address, root, OPERATOR, TENANT)
     async with grpc.aio.secure_channel(address, credentials(root, "operator", OPERATOR)) as channel:
         stub = pb_grpc.NumberServiceStub(channel)
         both = pb.Capabilities(inbound=True, outbound=True)
@@ -291,7 +296,12 @@ async def prepare(address: str, root: Path) -> bytes:
             pb.UploadNumbersRequest(
                 tenant_id=TENANT,
                 numbers=[
-                    pb.NumberUpload(phone_number=n, usage=pb.NUMBER_USAGE_USER, capabilities=both)
+                    pb.NumberUpload(
+                        phone_number=n,
+                        usage=pb.NUMBER_USAGE_USER,
+                        capabilities=both,
+                        civic_address_id=civic_address,
+                    )
                     for n in [GET_NUMBER, *POOL]
                 ],
             )

@@ -50,14 +50,19 @@ WARMUP = 10
 
 
 async def upload(address: str, root: Path) -> None:
-    await grant_consent(address, root, OPERATOR, TENANT)
+    civic_address = await grant_consent(address, root, OPERATOR, TENANT)
     async with grpc.aio.secure_channel(address, credentials(root, "operator", OPERATOR)) as channel:
         both = pb.Capabilities(inbound=True, outbound=True)
         uploaded = await pb_grpc.NumberServiceStub(channel).UploadNumbers(
             pb.UploadNumbersRequest(
                 tenant_id=TENANT,
                 numbers=[
-                    pb.NumberUpload(phone_number=n, usage=pb.NUMBER_USAGE_USER, capabilities=both)
+                    pb.NumberUpload(
+                        phone_number=n,
+                        usage=pb.NUMBER_USAGE_USER,
+                        capabilities=both,
+                        civic_address_id=civic_address,
+                    )
                     for n in POOL
                 ],
             )

@@ -40,7 +40,12 @@ from report import profile_text
 from app import runtime as gateway_server
 from gateway.pki import GATEWAY_NAME, PeerKind, PkiPaths, ensure_dev_pki, issue_client
 from gateway.registry import ca_anchors
-from opconnect.numbers.v1 import consents_pb2, consents_pb2_grpc
+from opconnect.numbers.v1 import (
+    civic_addresses_pb2,
+    civic_addresses_pb2_grpc,
+    consents_pb2,
+    consents_pb2_grpc,
+)
 from plumbing.config import Settings
 from plumbing.logs import configure_logging
 
@@ -303,9 +308,10 @@ def credentials(root: Path | str, kind: str, ident: str) -> grpc.ChannelCredenti
     )
 
 
-async def grant_consent(address: str, root: Path | str, operator: str, tenant: str) -> None:
-    """The consent uploads need: requested as the admin center, accepted as the operator (each
-    safe to repeat)."""
+async def grant_consent(address: str, root: Path | str, operator: str, tenant: str) -> str:
+    """The consent uploads need: requested as the admin center, accepted as the operator; and
+    the civic address USER numbers are uploaded with (its request id the pair's own: each step
+    safe to repeat). Returns the address's id."""
     async with grpc.aio.secure_channel(address, credentials(root, "platform", PLATFORM)) as admin:
         await consents_pb2_grpc.ConsentAdminServiceStub(admin).CreateConsent(
             consents_pb2.CreateConsentRequest(tenant_id=tenant, operator_id=operator)
@@ -316,6 +322,24 @@ async def grant_consent(address: str, root: Path | str, operator: str, tenant: s
                 tenant_id=tenant, state=consents_pb2.CONSENT_STATE_ACTIVE
             )
         )
+        made = await civic_addresses_pb2_grpc.CivicAddressServiceStub(op).CreateCivicAddress(
+            civic_addresses_pb2.CreateCivicAddressRequest(
+                civic_address=civic_addresses_pb2.CivicAddress(
+                    tenant_id=tenant,
+                    country_code="US",
+                    house_number="1",
+                    street_name="Microsoft Way",
+                    city="Redmond",
+                    state_or_province="WA",
+                    postal_code="98052",
+                    company_name="Bench",
+                ),
+                request_id=str(
+                    uuid.uuid5(uuid.NAMESPACE_URL, f"opconnect-bench/{operator}/{tenant}")
+                ),
+            )
+        )
+    return str(made.civic_address.civic_address_id)
 
 
 # --------------------------------------------------------------------------- server processes

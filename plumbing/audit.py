@@ -19,6 +19,7 @@ import asyncio
 import datetime as dt
 import json
 import time
+import weakref
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from types import TracebackType
@@ -139,6 +140,27 @@ class AuditRead:
         self._record(_status_of(error))
 
 
+class _Backlog:
+    """The audit logs of one process (each service that audits keeps one): their events
+    buffered, exported as one family."""
+
+    def __init__(self) -> None:
+        self.logs: weakref.WeakSet[AuditLog] = weakref.WeakSet()
+
+    def figures(self) -> Iterator[Metric]:
+        """Scrape time (the HTTP server's thread): the events buffered, every log's."""
+        family = gauge(
+            "opconnect_audit_events_pending",
+            "Audit events logged and not yet written to the database (written every second;"
+            " a backlog means the table's writes are failing or slow).",
+        )
+        family.add_metric([], sum(each.pending for each in list(self.logs)))
+        yield family
+
+
+_BACKLOGS: weakref.WeakKeyDictionary[Metrics, _Backlog] = weakref.WeakKeyDictionary()
+
+
 class AuditLog:
     """Collects audit events and writes them to the table in batches."""
 
@@ -156,17 +178,15 @@ class AuditLog:
         self._task: asyncio.Task[None] | None = None
         metrics = metrics or Metrics(enabled=False)
         self._written = metrics.audit_written
-        metrics.on_scrape("audit", self._figures)
+        backlog = _BACKLOGS.get(metrics)
+        if backlog is None:  # the process's first audit log: the family is exported once
+            backlog = _BACKLOGS[metrics] = _Backlog()
+            metrics.on_scrape("audit", backlog.figures)
+        backlog.logs.add(self)
 
-    def _figures(self) -> Iterator[Metric]:
-        """Scrape time (the HTTP server's thread): the length of the list of events buffered."""
-        family = gauge(
-            "opconnect_audit_events_pending",
-            "Audit events logged and not yet written to the database (written every second;"
-            " a backlog means the table's writes are failing or slow).",
-        )
-        family.add_metric([], len(self._pending))
-        yield family
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
 
     def read(self, method: str, filters: Mapping[str, str], *, stream: bool = False) -> AuditRead:
         """Audit one read; `stream`: also when it opens."""

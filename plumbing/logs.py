@@ -16,6 +16,11 @@ the processor is the one safeguard. What it removes:
   but never digits within a word of letters, digits and hyphens (a hex request id, a GUID) or
   of a decimal fraction (`0.12345678`).
 - SIP URIs lose their user part, whatever characters it holds: `sip:****@sbc1.example`.
+- Civic addresses (personal data: where a customer's people are): the value of any key that
+  names an address field (`street_name`, `house_number`, `city`, `postal_code`, `description`,
+  `latitude`, ..., `civic_address`, `emergency_location`, `geo_point`: `ADDRESS_KEYS`), at any
+  depth of a logged mapping, keeps at most its first two characters: `Microsoft Way` ->
+  `Mi****`; coordinates and whole addresses become `****`. A street line is never logged whole.
 
 Kept whole: ISO 8601 dates, times and date-times with their UTC offsets (`2026-11-28T10:00:00
 +00:00`, `10:00Z`), a UTC offset alone (`+00:00`, `-05:00`, `+14:00`; `+0100` too, as no E.164
@@ -130,6 +135,41 @@ def redact(text: str) -> str:
     return text
 
 
+# The keys whose values are (parts of) a civic address: masked whatever they hold.
+ADDRESS_KEYS = frozenset(
+    {
+        "house_number",
+        "house_number_suffix",
+        "pre_directional",
+        "street_name",
+        "street_suffix",
+        "post_directional",
+        "city",
+        "city_alias",
+        "state_or_province",
+        "postal_code",
+        "company_name",
+        "company_tax_id",
+        "description",
+        "elin",
+        "latitude",
+        "longitude",
+        "geo_point",
+        "civic_address",
+        "emergency_location",
+        "location",
+        "locations",
+    }
+)
+
+
+def mask_address(value: Any) -> str:
+    """An address field's value, as a log may show it: its first two characters of text."""
+    if isinstance(value, str) and len(value) > 2:
+        return value[:2] + "****"
+    return "****"
+
+
 def _redact_value(value: Any) -> Any:
     if value is None or isinstance(value, bool | int | float):
         return value
@@ -138,7 +178,10 @@ def _redact_value(value: Any) -> Any:
     if isinstance(value, bytes):
         return redact(value.decode("utf-8", "replace"))
     if isinstance(value, dict):
-        return {_redact_value(k): _redact_value(v) for k, v in value.items()}
+        return {
+            _redact_value(k): mask_address(v) if k in ADDRESS_KEYS else _redact_value(v)
+            for k, v in value.items()
+        }
     if isinstance(value, list | tuple | set | frozenset):
         return [_redact_value(v) for v in value]
     return redact(str(value))  # anything else is rendered as text: redact that text
@@ -161,6 +204,9 @@ def redact_processor(
     _logger: Any, _name: str, event: MutableMapping[str, Any]
 ) -> MutableMapping[str, Any]:
     for key, value in list(event.items()):
+        if key in ADDRESS_KEYS and value is not None:
+            event[key] = mask_address(value)
+            continue
         # Durations, counts, codes and the like are never personal data.
         if not isinstance(value, int | float | bool) and value is not None:
             event[key] = _redact_value(value)

@@ -41,6 +41,8 @@ from typing import Any
 
 import grpc
 
+from opconnect.numbers.v1 import civic_addresses_pb2 as addresses_pb
+from opconnect.numbers.v1 import civic_addresses_pb2_grpc as addresses_grpc
 from opconnect.numbers.v1 import consents_pb2 as consents_pb
 from opconnect.numbers.v1 import consents_pb2_grpc as consents_grpc
 from opconnect.numbers.v1 import numbers_pb2 as numbers_pb
@@ -228,14 +230,46 @@ def _explain(error: grpc.aio.AioRpcError, what: str, options: Options) -> SetupE
     return SetupError(f"{what} failed: {code.name}: {details}.{hint}")
 
 
-def _number_uploads(numbers: list[str]) -> list[numbers_pb.NumberUpload]:
+def _number_uploads(numbers: list[str], civic_address_id: str) -> list[numbers_pb.NumberUpload]:
     both = numbers_pb.Capabilities(inbound=True, outbound=True)
     return [
         numbers_pb.NumberUpload(
-            phone_number=number, usage=numbers_pb.NUMBER_USAGE_USER, capabilities=both
+            phone_number=number,
+            usage=numbers_pb.NUMBER_USAGE_USER,
+            capabilities=both,
+            civic_address_id=civic_address_id,
         )
         for number in numbers
     ]
+
+
+async def _civic_address(options: Options, operator: Any) -> str:
+    """The tenant's civic address the simulated numbers are uploaded with (a USER number needs
+    one), made once: its request id is the operator's and tenant's own. Its id."""
+    request_id = uuid.uuid5(USERS_NAMESPACE, f"address/{options.operator}/{options.tenant}")
+    address = addresses_pb.CivicAddress(
+        tenant_id=options.tenant,
+        country_code="US",
+        house_number="1",
+        street_name="Microsoft Way",
+        city="Redmond",
+        state_or_province="WA",
+        postal_code="98052",
+        company_name="Contoso",
+        geo_point=addresses_pb.GeoPoint(latitude=47.6395, longitude=-122.1281),
+        locations=[addresses_pb.Location(description="Building 92, floor 1")],
+    )
+    try:
+        made = await addresses_grpc.CivicAddressServiceStub(operator).CreateCivicAddress(
+            addresses_pb.CreateCivicAddressRequest(
+                civic_address=address, request_id=str(request_id)
+            ),
+            timeout=CALL_TIMEOUT_S,
+        )
+    except grpc.aio.AioRpcError as error:
+        raise _explain(error, "CreateCivicAddress (as the operator)", options) from None
+    print(f"civic address: {made.civic_address.civic_address_id} (tenant {options.tenant})")
+    return str(made.civic_address.civic_address_id)
 
 
 async def _assigned_numbers(stub: Any, tenant: str) -> dict[str, str]:
@@ -290,10 +324,11 @@ async def setup_numbers(options: Options, operator: Any, platform: Any) -> list[
     number_service = numbers_grpc.NumberServiceStub(operator)
     admin = numbers_grpc.NumberAdminServiceStub(platform)
     await _consent(options, operator, platform)
+    civic_address_id = await _civic_address(options, operator)
     try:
         uploaded = await number_service.UploadNumbers(
             numbers_pb.UploadNumbersRequest(
-                tenant_id=options.tenant, numbers=_number_uploads(numbers)
+                tenant_id=options.tenant, numbers=_number_uploads(numbers, civic_address_id)
             ),
             timeout=CALL_TIMEOUT_S,
         )

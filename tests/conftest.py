@@ -27,14 +27,15 @@ from grpc_status import rpc_status
 from app import runtime as server
 from gateway import pki
 from gateway.registry import Anchor, OperatorStatus, ca_anchors
-from opconnect.numbers.v1 import numbers_pb2, numbers_pb2_grpc
+from opconnect.numbers.v1 import civic_addresses_pb2, numbers_pb2, numbers_pb2_grpc
 from opconnect.records.v1 import records_pb2_grpc
 from plumbing import partitions, tokens
 from plumbing.audit import AuditLog
 from plumbing.config import Settings
 from plumbing.db import Database
 from plumbing.logs import configure_logging
-from services.numbers import consent_storage
+from services.numbers import address_storage, consent_storage, convert
+from services.numbers.addresses import Author, CivicAddress, check_address
 from services.numbers.consents import Actor, ConsentState, Move, Reason
 from services.records.service import Records
 from services.usage.service import Usage
@@ -205,6 +206,59 @@ def grant_consents(database: Database, pairs: tuple[tuple[str, str], ...] = CONS
             )
 
 
+def address_message(tenant: str = TENANT, **fields: object) -> civic_addresses_pb2.CivicAddress:
+    """A valid civic address of `tenant` (Redmond, two locations), with `fields` changed."""
+    message = civic_addresses_pb2.CivicAddress(
+        tenant_id=tenant,
+        country_code="US",
+        house_number="1",
+        street_name="Microsoft Way",
+        city="Redmond",
+        state_or_province="WA",
+        postal_code="98052",
+        company_name="Contoso",
+        geo_point=civic_addresses_pb2.GeoPoint(latitude=47.6395, longitude=-122.1281),
+        locations=[
+            civic_addresses_pb2.Location(description="Floor 1", elin="4255550199"),
+            civic_addresses_pb2.Location(description="Floor 2"),
+        ],
+    )
+    for name, value in fields.items():
+        if isinstance(value, list):
+            message.ClearField(name)  # type: ignore[arg-type]
+            getattr(message, name).extend(value)
+        elif isinstance(value, civic_addresses_pb2.GeoPoint):
+            message.geo_point.CopyFrom(value)
+        else:
+            setattr(message, name, value)
+    return message
+
+
+def sample_address(tenant: str) -> CivicAddress:
+    """`address_message` as the domain has it, checked (what tests upload USER numbers to)."""
+    return check_address(convert.address_in(address_message(tenant)))
+
+
+def grant_addresses(
+    database: Database, pairs: tuple[tuple[str, str], ...] = CONSENTED
+) -> dict[tuple[str, str], str]:
+    """A civic address for each consented (operator, tenant), made once (its request id is
+    the pair's own): USER numbers are uploaded with one. Their ids, by pair."""
+    made: dict[tuple[str, str], str] = {}
+    for operator, tenant in pairs:
+        request_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"opconnect-tests/{operator}/{tenant}"))
+        address, _ = database.transaction(
+            address_storage.create_address,
+            operator,
+            sample_address(tenant),
+            Author.OPERATOR,
+            request_id,
+            write=True,
+        )
+        made[operator, tenant] = address.id
+    return made
+
+
 class RunningSystem:
     """One process of the system (by default all of it) on its own event loop thread, with
     client helpers."""
@@ -218,6 +272,8 @@ class RunningSystem:
         self.address = f"localhost:{self.runtime.port}"
         self._channels: list[grpc.Channel] = []
         grant_consents(self.runtime.db)
+        # The civic address USER numbers of the consented tenants are uploaded with.
+        self.addresses = grant_addresses(self.runtime.db)
 
     def call(self, coroutine: Coroutine[Any, Any, T], timeout: float = 30) -> T:
         """Run a coroutine on the server's loop (registry changes, direct storage reads)."""

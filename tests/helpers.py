@@ -28,6 +28,7 @@ from typing import Any, Generic, TypeVar, cast
 
 import pytest
 import sqlalchemy as sa
+from alembic import command
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway import pki
@@ -36,6 +37,7 @@ from opconnect.numbers.v1 import numbers_pb2
 from opconnect.usage.v1 import usage_pb2, usage_pb2_grpc
 from plumbing import partitions, tokens
 from plumbing.config import Settings
+from plumbing.db import alembic_config
 from services.records import storage as records_storage
 from services.usage import feed
 from services.usage import tables as usage_tables
@@ -119,12 +121,28 @@ def upload(
 ) -> numbers_pb2.UploadNumbersResponse:
     request = numbers_pb2.UploadNumbersRequest(
         tenant_id=tenant,
-        numbers=[
-            numbers_pb2.NumberUpload(phone_number=n, usage=usage, capabilities=BOTH)
-            for n in numbers
-        ],
+        numbers=[number_upload(system, n, tenant, usage) for n in numbers],
     )
     return cast(numbers_pb2.UploadNumbersResponse, system.numbers().UploadNumbers(request))
+
+
+def number_upload(
+    system: RunningSystem,
+    number: str,
+    tenant: str = TENANT,
+    usage: numbers_pb2.NumberUsage.ValueType = USER,
+    operator: str = OPERATOR,
+) -> numbers_pb2.NumberUpload:
+    """One number to upload as OPERATOR: a USER number with the tenant's test address
+    (conftest's `grant_addresses`), or, for a tenant without one, letting the customer set it."""
+    upload = numbers_pb2.NumberUpload(phone_number=number, usage=usage, capabilities=BOTH)
+    if usage == USER:
+        address = system.addresses.get((operator, tenant))
+        if address is not None:
+            upload.civic_address_id = address
+        else:
+            upload.allow_tenant_address_update = True
+    return upload
 
 
 def assign(
@@ -716,3 +734,18 @@ class PrivatePostgres:
             check=False,
         )
         shutil.rmtree(self.directory, ignore_errors=True)
+
+
+# --- migrations -------------------------------------------------------------------------------
+
+
+def migrate(url: str, revision: str, *, down: bool = False) -> None:
+    """Migrate the database at `url` up (or `down`) to `revision`, as a deployment does."""
+    engine = sa.create_engine(url)
+    config = alembic_config(url)
+    try:
+        with engine.begin() as connection:
+            config.attributes["connection"] = connection
+            (command.downgrade if down else command.upgrade)(config, revision)
+    finally:
+        engine.dispose()

@@ -59,7 +59,12 @@ def clients(fuzz_system: RunningSystem) -> Clients:
         pb.UploadNumbersRequest(
             tenant_id=TENANT,
             numbers=[
-                pb.NumberUpload(phone_number=KNOWN, usage=pb.NUMBER_USAGE_USER, capabilities=BOTH)
+                pb.NumberUpload(
+                    phone_number=KNOWN,
+                    usage=pb.NUMBER_USAGE_USER,
+                    capabilities=BOTH,
+                    allow_tenant_address_update=True,
+                )
             ],
         )
     )
@@ -176,10 +181,22 @@ def test_upload_numbers_refuses_each_bad_number_without_failing_the_request(
         pb.UploadNumbersRequest(
             tenant_id=TENANT,
             numbers=[
-                pb.NumberUpload(phone_number=v, usage=pb.NUMBER_USAGE_USER, capabilities=BOTH)
+                pb.NumberUpload(
+                    phone_number=v,
+                    usage=pb.NUMBER_USAGE_USER,
+                    capabilities=BOTH,
+                    allow_tenant_address_update=True,
+                )
                 for v in bad
             ]
-            + [pb.NumberUpload(phone_number=KNOWN, usage=pb.NUMBER_USAGE_USER, capabilities=BOTH)],
+            + [
+                pb.NumberUpload(
+                    phone_number=KNOWN,
+                    usage=pb.NUMBER_USAGE_USER,
+                    capabilities=BOTH,
+                    allow_tenant_address_update=True,
+                )
+            ],
         ),
         timeout=10,
     )
@@ -277,6 +294,7 @@ def test_a_message_over_the_size_limit(session_pki: Pki, tmp_path: Path) -> None
                             phone_number=f"+1425555{i:04d}",
                             usage=pb.NUMBER_USAGE_USER,
                             capabilities=BOTH,
+                            allow_tenant_address_update=True,
                         )
                         for i in range(100)
                     ],
@@ -290,7 +308,10 @@ def test_a_message_over_the_size_limit(session_pki: Pki, tmp_path: Path) -> None
                 tenant_id=TENANT,
                 numbers=[
                     pb.NumberUpload(
-                        phone_number=KNOWN, usage=pb.NUMBER_USAGE_USER, capabilities=BOTH
+                        phone_number=KNOWN,
+                        usage=pb.NUMBER_USAGE_USER,
+                        capabilities=BOTH,
+                        allow_tenant_address_update=True,
                     )
                 ],
             ),

@@ -201,7 +201,7 @@ async def test_unary_failures_carry_the_servers_details(sqlite_system: RunningSy
                     phone_number=n,
                     usage=numbers_pb.NUMBER_USAGE_USER,
                     capabilities=numbers_pb.Capabilities(inbound=True, outbound=True),
-                    allow_tenant_address_update=True,  # the customer sets the address
+                    allow_tenant_address_update=True,
                 )
                 for n in NUMBERS
             ],

@@ -17,13 +17,11 @@ from typing import Any
 import grpc
 import pytest
 import sqlalchemy as sa
-from alembic import command
 
 from opconnect.numbers.v1 import consents_pb2 as pb
 from opconnect.numbers.v1 import consents_pb2_grpc
 from opconnect.numbers.v1 import numbers_pb2 as numbers_pb
 from plumbing.changelog import decode_cursor
-from plumbing.db import alembic_config
 from services.numbers import consent_storage
 from services.numbers.consents import LOG
 from services.numbers.rules import DOMAIN
@@ -42,7 +40,7 @@ from tests.conftest import (
     settings_for,
     start_system,
 )
-from tests.helpers import assign, sample, scrape, start_two, upload
+from tests.helpers import assign, migrate, sample, scrape, start_two, upload
 
 REQUESTED, ACTIVE, DECLINED, TERMINATED, WITHDRAWN = (
     pb.CONSENT_STATE_REQUESTED,
@@ -459,17 +457,6 @@ OLD_TENANT = "2a3b4c5d-6e7f-4a8b-9c0d-1e2f3a4b5c6d"  # not among conftest's CONS
 OLDER_TENANT = "9f8e7d6c-5b4a-4c3d-8e2f-1a0b9c8d7e6f"
 
 
-def _migrate(url: str, revision: str, *, down: bool = False) -> None:
-    engine = sa.create_engine(url)
-    config = alembic_config(url)
-    try:
-        with engine.begin() as connection:
-            config.attributes["connection"] = connection
-            (command.downgrade if down else command.upgrade)(config, revision)
-    finally:
-        engine.dispose()
-
-
 def _numbers_before_consents(url: str) -> dt.datetime:
     """Numbers as the system stored them before 0011 (through SQL): two of OPERATOR's for
     OLD_TENANT (one assigned), one of OTHER_OPERATOR's for OLDER_TENANT. The first's upload
@@ -519,9 +506,9 @@ def _consent_rows(url: str) -> list[tuple[Any, ...]]:
 def test_numbers_stored_before_consents_keep_working_under_an_active_consent(
     session_pki: Pki, database_url: str, tmp_path: Path
 ) -> None:
-    _migrate(database_url, "0010")
+    migrate(database_url, "0010")
     first = _numbers_before_consents(database_url)
-    _migrate(database_url, "head")
+    migrate(database_url, "head")
     assert _consent_rows(database_url) == [
         (OPERATOR, OLD_TENANT, "active", ""),
         (OTHER_OPERATOR, OLDER_TENANT, "active", ""),
@@ -542,8 +529,8 @@ def test_numbers_stored_before_consents_keep_working_under_an_active_consent(
         assert rich_error(refused.value).reason == "CONSENT_NUMBERS_ASSIGNED"
     finally:
         system.stop()
-    _migrate(database_url, "0010", down=True)
-    _migrate(database_url, "head")
+    migrate(database_url, "0010", down=True)
+    migrate(database_url, "head")
     assert (OPERATOR, OLD_TENANT, "active", "") in _consent_rows(database_url)
 
 

@@ -14,8 +14,10 @@ from typing import Any, TypeVar
 import grpc
 import pytest
 from google.api import field_behavior_pb2
-from google.protobuf import descriptor, message
+from google.protobuf import descriptor, field_mask_pb2, message
 
+from opconnect.numbers.v1 import civic_addresses_pb2 as addresses_pb
+from opconnect.numbers.v1 import civic_addresses_pb2_grpc as addresses_grpc
 from opconnect.numbers.v1 import consents_pb2 as consents_pb
 from opconnect.numbers.v1 import consents_pb2_grpc as consents_grpc
 from opconnect.numbers.v1 import numbers_pb2 as numbers_pb
@@ -30,6 +32,7 @@ from tests.conftest import (
     Pki,
     RichError,
     RunningSystem,
+    address_message,
     grant_consents,
     rich_error,
     settings_for,
@@ -43,11 +46,13 @@ PROTOS = ROOT / "protos"
 FILES = (
     numbers_pb.DESCRIPTOR,
     consents_pb.DESCRIPTOR,
+    addresses_pb.DESCRIPTOR,
     records_pb.DESCRIPTOR,
     usage_pb.DESCRIPTOR,
 )
 WIDTH = 100  # buf's and the README's
 NUMBER = "+14255550100"
+CUSTOMER_SET = "+14255550188"  # a number whose address the customer may set
 WITHDRAWING = "3c9d1e2f-4a5b-4c6d-8e7f-0a1b2c3d4e5f"  # a tenant whose consent the test withdraws
 NOW = dt.datetime.now(dt.UTC).replace(microsecond=0)
 
@@ -111,9 +116,25 @@ def served(session_pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         settings_for(tmp, session_pki.paths, f"sqlite:///{tmp / 'opconnect.db'}"), session_pki
     )
     upload(system, NUMBER)
+    system.numbers().UploadNumbers(
+        numbers_pb.UploadNumbersRequest(
+            tenant_id=TENANT,
+            numbers=[
+                numbers_pb.NumberUpload(
+                    phone_number=CUSTOMER_SET,
+                    usage=USER,
+                    capabilities=BOTH,
+                    allow_tenant_address_update=True,
+                )
+            ],
+        )
+    )
     grant_consents(system.runtime.db, ((OPERATOR, WITHDRAWING),))
     yield system
     system.stop()
+
+
+civic_address = address_message
 
 
 def unary_requests(
@@ -130,12 +151,65 @@ def unary_requests(
     period: dict[str, Any] = {"start_time": start, "end_time": end}
     consents = consents_grpc.ConsentServiceStub(system.channel("operator", OPERATOR))
     consent_admin = consents_grpc.ConsentAdminServiceStub(system.channel("platform", PLATFORM))
+    addresses = addresses_grpc.CivicAddressServiceStub(system.channel("operator", OPERATOR))
+    address_admin = addresses_grpc.CivicAddressAdminServiceStub(
+        system.channel("platform", PLATFORM)
+    )
+    address_id = system.addresses[OPERATOR, TENANT]
+    spare = addresses.CreateCivicAddress(
+        addresses_pb.CreateCivicAddressRequest(civic_address=civic_address())
+    ).civic_address.civic_address_id
     return {
+        "UpdateNumber": (
+            numbers_pb.UpdateNumberRequest(
+                number=numbers_pb.PhoneNumber(phone_number=NUMBER, ticket_id="T-1"),
+                update_mask=field_mask_pb2.FieldMask(paths=["ticket_id"]),
+            ),
+            numbers.UpdateNumber,
+        ),
+        "UpdateNumberEmergencyAddress": (
+            numbers_pb.UpdateNumberEmergencyAddressRequest(
+                phone_number=CUSTOMER_SET, tenant_id=TENANT, civic_address_id=address_id
+            ),
+            admin.UpdateNumberEmergencyAddress,
+        ),
+        "CreateCivicAddress": (
+            addresses_pb.CreateCivicAddressRequest(civic_address=civic_address()),
+            addresses.CreateCivicAddress,
+        ),
+        "GetCivicAddress": (
+            addresses_pb.GetCivicAddressRequest(civic_address_id=address_id),
+            addresses.GetCivicAddress,
+        ),
+        "UpdateCivicAddress": (
+            addresses_pb.UpdateCivicAddressRequest(
+                civic_address=addresses_pb.CivicAddress(
+                    civic_address_id=spare, description="Reception at the front"
+                ),
+                update_mask=field_mask_pb2.FieldMask(paths=["description"]),
+            ),
+            addresses.UpdateCivicAddress,
+        ),
+        "DeleteCivicAddress": (
+            addresses_pb.DeleteCivicAddressRequest(civic_address_id=spare),
+            addresses.DeleteCivicAddress,
+        ),
+        "CreateCustomerCivicAddress": (
+            addresses_pb.CreateCustomerCivicAddressRequest(
+                operator_id=OPERATOR, civic_address=civic_address()
+            ),
+            address_admin.CreateCustomerCivicAddress,
+        ),
         "UploadNumbers": (
             numbers_pb.UploadNumbersRequest(
                 tenant_id=TENANT,
                 numbers=[
-                    numbers_pb.NumberUpload(phone_number=NUMBER, usage=USER, capabilities=BOTH)
+                    numbers_pb.NumberUpload(
+                        phone_number=NUMBER,
+                        usage=USER,
+                        capabilities=BOTH,
+                        allow_tenant_address_update=True,
+                    )
                 ],
             ),
             numbers.UploadNumbers,
@@ -238,6 +312,22 @@ def test_required_request_fields_are_refused_when_missing_and_no_other(
         assert error is not None and error.code is grpc.StatusCode.INVALID_ARGUMENT, field.name
         assert any(v.startswith("target") for v in error.fields), error
         checked.add(f"AssignmentTarget.{field.name}")
+    # Inside a request: the civic address and its locations.
+    create, send = unary_requests(system, one.call_id)["CreateCivicAddress"]
+    for field in addresses_pb.CivicAddress.DESCRIPTOR.fields:
+        if REQUIRED in behaviors(field):
+            made = addresses_pb.CreateCivicAddressRequest.FromString(create.SerializeToString())
+            made.civic_address.ClearField(field.name)  # type: ignore[arg-type]
+            error = refusal(functools.partial(send, made))
+            assert names(error, f"civic_address.{field.name}"), (field.name, error)
+            checked.add(f"CivicAddress.{field.name}")
+    for field in addresses_pb.Location.DESCRIPTOR.fields:
+        if REQUIRED in behaviors(field):
+            made = addresses_pb.CreateCivicAddressRequest.FromString(create.SerializeToString())
+            made.civic_address.locations[0].ClearField(field.name)  # type: ignore[arg-type]
+            error = refusal(functools.partial(send, made))
+            assert names(error, f"civic_address.locations[0].{field.name}"), (field.name, error)
+            checked.add(f"Location.{field.name}")
     checked |= _batch_items_refused_when_a_required_field_is_missing(system)
     assert checked == annotated(REQUIRED)
 
@@ -281,8 +371,15 @@ def _batch_items_refused_when_a_required_field_is_missing(system: RunningSystem)
         checked.add(key)
     # Numbers to upload: each refused on its own.
     for field in numbers_pb.NumberUpload.DESCRIPTOR.fields:
+        if REQUIRED not in behaviors(field):
+            continue
         upload_item = without(
-            numbers_pb.NumberUpload(phone_number="+14255550177", usage=USER, capabilities=BOTH),
+            numbers_pb.NumberUpload(
+                phone_number="+14255550177",
+                usage=USER,
+                capabilities=BOTH,
+                allow_tenant_address_update=True,
+            ),
             field.name,
         )
         uploaded = system.numbers().UploadNumbers(
@@ -332,6 +429,15 @@ def test_output_only_fields_are_ignored_when_published(served: RunningSystem) ->
         "PhoneNumber.update_time",
         # A consent is never input: every field of it is the server's.
         *(f"Consent.{f.name}" for f in consents_pb.Consent.DESCRIPTOR.fields),
+        # A number's emergency location is its address's, as stored.
+        "PhoneNumber.emergency_location",
+        # An address's ids, author and times are the server's: ignored when it is created (an
+        # update names the address, and the locations it keeps, by their ids).
+        "CivicAddress.civic_address_id",
+        "CivicAddress.created_by",
+        "CivicAddress.create_time",
+        "CivicAddress.update_time",
+        "Location.location_id",
     }
 
 

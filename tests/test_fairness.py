@@ -49,7 +49,12 @@ def upload_request(numbers: list[str], tenant: str) -> pb.UploadNumbersRequest:
     return pb.UploadNumbersRequest(
         tenant_id=tenant,
         numbers=[
-            pb.NumberUpload(phone_number=n, usage=pb.NUMBER_USAGE_USER, capabilities=BOTH)
+            pb.NumberUpload(
+                phone_number=n,
+                usage=pb.NUMBER_USAGE_USER,
+                capabilities=BOTH,
+                allow_tenant_address_update=True,
+            )
             for n in numbers
         ],
     )

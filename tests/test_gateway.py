@@ -112,7 +112,12 @@ def upload(stub: pb_grpc.NumberServiceStub, *numbers: str) -> pb.UploadNumbersRe
         pb.UploadNumbersRequest(
             tenant_id=TENANT,
             numbers=[
-                pb.NumberUpload(phone_number=n, usage=pb.NUMBER_USAGE_USER, capabilities=BOTH)
+                pb.NumberUpload(
+                    phone_number=n,
+                    usage=pb.NUMBER_USAGE_USER,
+                    capabilities=BOTH,
+                    allow_tenant_address_update=True,
+                )
                 for n in numbers
             ],
         ),
@@ -1003,6 +1008,7 @@ def test_buf_curl_calls_through_reflection(entry: RunningSystem) -> None:
                 "phoneNumber": NUMBER,
                 "usage": "NUMBER_USAGE_USER",
                 "capabilities": {"inbound": True, "outbound": True},
+                "allowTenantAddressUpdate": True,
             }
         ],
     }

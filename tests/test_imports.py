@@ -113,7 +113,7 @@ def test_the_rules_catch_a_forbidden_import(
     assert broken_rules(path) != []
 
 
-DOMAIN_MODULES = ("rules", "quality", "consents")
+DOMAIN_MODULES = ("rules", "quality", "consents", "addresses")
 
 
 def test_the_protobuf_edge_imports_no_storage() -> None:

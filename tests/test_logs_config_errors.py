@@ -765,3 +765,22 @@ def test_grpc_core_noise_of_a_client_that_left_is_dropped() -> None:
     )
     assert not core.filter(left)
     assert core.filter(other)
+
+
+def test_redact_processor_never_keeps_an_address_whole() -> None:
+    event = {
+        "event": "address changed",
+        "street_name": "Microsoft Way",
+        "latitude": 47.6395,
+        "civic_address": {"city": "Redmond", "country_code": "US"},
+        "nested": {"emergency_location": {"street_name": "NE 36th St"}, "postal_code": "98052"},
+        "count": 3,
+    }
+    assert redact_processor(None, "info", event) == {
+        "event": "address changed",
+        "street_name": "Mi****",
+        "latitude": "****",
+        "civic_address": "****",
+        "nested": {"emergency_location": "****", "postal_code": "98****"},
+        "count": 3,
+    }

@@ -10,7 +10,7 @@ from opconnect.type.v1 import assignment_state_pb2 as state_pb
 from plumbing.changelog import decode_cursor
 from services.numbers.rules import DOMAIN, LOG
 from tests.conftest import OTHER_TENANT, TENANT, USER_ID, RunningSystem, rich_error
-from tests.helpers import BOTH, USER, assign, upload
+from tests.helpers import BOTH, USER, assign, number_upload, upload
 
 
 def test_upload_answers_each_number(system: RunningSystem) -> None:
@@ -21,15 +21,30 @@ def test_upload_answers_each_number(system: RunningSystem) -> None:
         pb.UploadNumbersRequest(
             tenant_id=TENANT,
             numbers=[
-                pb.NumberUpload(phone_number="+14255550100", usage=USER, capabilities=BOTH),  # same
+                number_upload(system, "+14255550100"),  # same
                 pb.NumberUpload(
                     phone_number="+14255550101", usage=pb.NUMBER_USAGE_VOICE_APP, capabilities=BOTH
                 ),
-                pb.NumberUpload(phone_number="0042", usage=USER, capabilities=BOTH),
+                pb.NumberUpload(
+                    phone_number="0042",
+                    usage=USER,
+                    capabilities=BOTH,
+                    allow_tenant_address_update=True,
+                ),
                 pb.NumberUpload(phone_number="+14255550102", capabilities=BOTH),  # no usage
                 pb.NumberUpload(phone_number="+14255550103", usage=USER),  # no capability
-                pb.NumberUpload(phone_number="+14255550104", usage=USER, capabilities=BOTH),
-                pb.NumberUpload(phone_number="+14255550104", usage=USER, capabilities=BOTH),
+                pb.NumberUpload(
+                    phone_number="+14255550104",
+                    usage=USER,
+                    capabilities=BOTH,
+                    allow_tenant_address_update=True,
+                ),
+                pb.NumberUpload(
+                    phone_number="+14255550104",
+                    usage=USER,
+                    capabilities=BOTH,
+                    allow_tenant_address_update=True,
+                ),
             ],
         )
     )
@@ -50,7 +65,14 @@ def test_a_number_held_by_another_operator_is_refused(system: RunningSystem) -> 
     other = system.numbers("fabrikam").UploadNumbers(
         pb.UploadNumbersRequest(
             tenant_id=TENANT,
-            numbers=[pb.NumberUpload(phone_number="+14255550100", usage=USER, capabilities=BOTH)],
+            numbers=[
+                pb.NumberUpload(
+                    phone_number="+14255550100",
+                    usage=USER,
+                    capabilities=BOTH,
+                    allow_tenant_address_update=True,
+                )
+            ],
         )
     )
     assert other.results[0].reason == "HELD_BY_ANOTHER_OPERATOR"

@@ -31,7 +31,12 @@ NOW = dt.datetime(2026, 11, 28, tzinfo=dt.UTC)
 
 
 def upload(number: str = "+14255550100", **changes: object) -> Upload:
-    fields: dict[str, object] = {"usage": Usage.USER, "inbound": True, "outbound": True}
+    fields: dict[str, object] = {
+        "usage": Usage.USER,
+        "inbound": True,
+        "outbound": True,
+        "civic_address_id": "0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d",  # a USER number needs one
+    }
     fields.update(changes)
     return Upload(number, **fields)  # type: ignore[arg-type]
 

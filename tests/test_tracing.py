@@ -125,6 +125,7 @@ def upload_request() -> numbers_pb2.UploadNumbersRequest:
                 phone_number=NUMBER,
                 usage=numbers_pb2.NUMBER_USAGE_USER,
                 capabilities=numbers_pb2.Capabilities(inbound=True, outbound=True),
+                allow_tenant_address_update=True,
             )
         ],
     )

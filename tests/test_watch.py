@@ -91,6 +91,7 @@ def test_heartbeat_carries_a_newer_cursor_past_other_operators_changes(
                     phone_number="+12065550100",
                     usage=pb.NUMBER_USAGE_USER,
                     capabilities=pb.Capabilities(inbound=True, outbound=True),
+                    allow_tenant_address_update=True,
                 )
             ],
         )

@@ -25,6 +25,7 @@ from sqlalchemy import (
     Float,
     Index,
     Integer,
+    Select,
     String,
     UniqueConstraint,
     delete,
@@ -48,6 +49,7 @@ from plumbing.errors import (
 from services.numbers import consent_storage, storage
 from services.numbers.addresses import (
     MAX_ADDRESSES_PER_TENANT,
+    TEXT_FIELDS,
     Author,
     CivicAddress,
     GeoPoint,
@@ -120,22 +122,7 @@ class CivicAddressLocationRow(Base):
     __table_args__ = (Index("ix_civic_address_locations_address", "civic_address_id", "ordinal"),)
 
 
-TEXT_COLUMNS = (
-    "country_code",
-    "house_number",
-    "house_number_suffix",
-    "pre_directional",
-    "street_name",
-    "street_suffix",
-    "post_directional",
-    "city",
-    "city_alias",
-    "state_or_province",
-    "postal_code",
-    "company_name",
-    "company_tax_id",
-    "description",
-)
+TEXT_COLUMNS = tuple(TEXT_FIELDS)  # the address's text fields, a column each
 
 
 def _address(row: CivicAddressRow, locations: Sequence[CivicAddressLocationRow]) -> CivicAddress:
@@ -178,6 +165,15 @@ def _row(
     if lock:
         query = query.with_for_update()
     return session.scalars(query).one_or_none()
+
+
+def _shared(session: Session, query: Select[CivicAddressRow]) -> Select[CivicAddressRow]:
+    """On PostgreSQL, the addresses read share-locked until commit: an edit (or a delete) of
+    one waits for this transaction, or this one for it, so the numbers stored with them keep
+    the address as it is."""
+    if session.get_bind().dialect.name == "postgresql":
+        return query.with_for_update(read=True)
+    return query
 
 
 def find_address(session: Session, operator_id: str, address_id: str) -> CivicAddress | None:
@@ -352,7 +348,7 @@ def _log_updates(
             n.sip_uri,
             n.target,
             stamp,
-            n.emergency_location,
+            n.snapshot,
         )
         for i, n in enumerate(numbers)
     ]
@@ -368,7 +364,7 @@ def _log_updates(
                 "sip_uri": e.sip_uri,
                 "target_kind": e.target.kind.value if e.target else "",
                 "target_id": e.target.id if e.target else "",
-                "emergency_location": to_json(e.emergency_location),
+                "emergency_location": e.snapshot,
                 "occurred_at": stamp,
             }
             for e in events
@@ -519,15 +515,12 @@ def upload_numbers(
     ids = sorted({u.civic_address_id for u in uploads if u.civic_address_id})
     found: dict[str, CivicAddress] = {}
     for chunk in storage._chunks(ids):
-        rows = list(
-            session.scalars(
-                select(CivicAddressRow).where(
-                    CivicAddressRow.id.in_(chunk),
-                    CivicAddressRow.operator_id == operator_id,
-                    CivicAddressRow.tenant_id == tenant_id,
-                )
-            )
+        query = select(CivicAddressRow).where(
+            CivicAddressRow.id.in_(chunk),
+            CivicAddressRow.operator_id == operator_id,
+            CivicAddressRow.tenant_id == tenant_id,
         )
+        rows = list(session.scalars(_shared(session, query)))
         locations = _locations_of(session, [r.id for r in rows])
         found.update((r.id, _address(r, locations[r.id])) for r in rows)
     results: dict[str, Result] = {}
@@ -603,27 +596,30 @@ def _set_fields(session: Session, number: Number, fields: NumberFields) -> stora
         return storage.Change(number, None)
     address = None
     if fields.civic_address_id:
-        address = find_address(session, number.operator_id, fields.civic_address_id)
-        if address is None:
+        # Locked: an edit of the address commits before or after, never beside, this change
+        # (else the number could keep the address as it was before the edit).
+        row = _row(session, number.operator_id, fields.civic_address_id, lock=True)
+        if row is None:
             raise _not_found()
+        address = _address(row, _locations_of(session, [row.id])[row.id])
         if address.tenant_id != number.tenant_id:
             raise failed_precondition(
                 DOMAIN, "TENANT_MISMATCH", "the civic address is of another tenant"
             )
         if fields.location_id and address.location(fields.location_id) is None:
             raise not_found(DOMAIN, "LOCATION_NOT_FOUND", "no such location in the civic address")
-    where = emergency_location(address, fields.location_id)
+    snapshot = to_json(emergency_location(address, fields.location_id))
     stamp = storage.now()
     N = storage.NumberRow
     session.execute(
         update(N)
         .where(N.phone_number == number.phone_number)
-        .values(**dataclasses.asdict(fields), emergency_location=to_json(where), updated_at=stamp)
+        .values(**dataclasses.asdict(fields), emergency_location=snapshot, updated_at=stamp)
     )
     changed = dataclasses.replace(
-        number, **dataclasses.asdict(fields), emergency_location=where, updated_at=stamp
+        number, **dataclasses.asdict(fields), snapshot=snapshot, updated_at=stamp
     )
-    if number.state is State.ASSIGNED and to_json(where) != to_json(number.emergency_location):
+    if number.state is State.ASSIGNED and snapshot != number.snapshot:
         (event,) = _log_updates(session, number.operator_id, [changed], stamp)
         return storage.Change(changed, event)
     notify_commit(session, LOG, 0, [number.operator_id])  # caches on every replica forget

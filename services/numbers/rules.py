@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING
@@ -111,7 +112,13 @@ class Number:
     allow_tenant_address_update: bool = False
     iso_country_code: str = ""
     ticket_id: str = ""
-    emergency_location: EmergencyLocation | None = None
+    # The emergency location as stored with the number (addresses.to_json; "" for none): an
+    # assignment copies it into its event as it is, read only where it is shown.
+    snapshot: str = ""
+
+    @functools.cached_property
+    def emergency_location(self) -> EmergencyLocation | None:
+        return _emergency_location(self.snapshot)
 
 
 @dataclass(frozen=True)
@@ -123,7 +130,17 @@ class Event:
     sip_uri: str
     target: Target | None
     occurred_at: dt.datetime
-    emergency_location: EmergencyLocation | None = None
+    snapshot: str = ""  # the number's emergency location when the change was committed
+
+    @functools.cached_property
+    def emergency_location(self) -> EmergencyLocation | None:
+        return _emergency_location(self.snapshot)
+
+
+def _emergency_location(snapshot: str) -> EmergencyLocation | None:
+    from services.numbers.addresses import from_json  # noqa: PLC0415 (addresses imports rules)
+
+    return from_json(snapshot)
 
 
 @dataclass(frozen=True)

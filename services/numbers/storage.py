@@ -39,7 +39,6 @@ from plumbing.changelog import (
 )
 from plumbing.db import Base, Unit, dialect_insert, driver_fetch, unit_of, utc
 from plumbing.errors import ApiError, failed_precondition, not_found
-from services.numbers import addresses
 from services.numbers.rules import (
     DOMAIN,
     LOG,
@@ -152,7 +151,7 @@ def to_number(row: NumberRow) -> Number:
         allow_tenant_address_update=row.allow_tenant_address_update,
         iso_country_code=row.iso_country_code,
         ticket_id=row.ticket_id,
-        emergency_location=addresses.from_json(row.emergency_location),
+        snapshot=row.emergency_location,
     )
 
 
@@ -428,7 +427,7 @@ def _locked_number(unit: Unit, phone_number: str) -> Number:
         allow_tenant_address_update=bool(allow),
         iso_country_code=country,
         ticket_id=ticket,
-        emergency_location=addresses.from_json(snapshot),
+        snapshot=snapshot,
     )
 
 
@@ -440,13 +439,13 @@ def _change(unit: Unit, number: Number, kind: EventType, stamp: dt.datetime) -> 
     when = unit.time(stamp)
     event_row = (number.operator_id, number.tenant_id, number.phone_number, kind.value)
     # ASSIGNED and UPDATED carry the emergency location; UNASSIGNED does not.
-    where = number.emergency_location if kind is not EventType.UNASSIGNED else None
+    snapshot = number.snapshot if kind is not EventType.UNASSIGNED else ""
     event_values = (
         *event_row,
         number.sip_uri,
         target_kind,
         target_id,
-        addresses.to_json(where),
+        snapshot,
         when,
     )
     if unit.postgres:
@@ -468,7 +467,7 @@ def _change(unit: Unit, number: Number, kind: EventType, stamp: dt.datetime) -> 
         number.sip_uri,
         target,
         stamp,
-        where,
+        snapshot,
     )
     return Change(number, event)
 
@@ -537,7 +536,7 @@ def read_events(
             sip,
             _target(target_kind, target_id),
             _stored_time(occurred),
-            addresses.from_json(snapshot),
+            snapshot,
         )
         for position, kind, number, tenant, sip, target_kind, target_id, occurred, snapshot in rows
     ]

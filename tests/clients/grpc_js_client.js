@@ -122,6 +122,7 @@ async function main() {
           phone_number: opts.number,
           usage: 'NUMBER_USAGE_USER',
           capabilities: { inbound: true, outbound: true },
+          allow_tenant_address_update: true,
         },
       ],
     });
