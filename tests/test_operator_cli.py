@@ -107,15 +107,17 @@ def test_upload_list_get_and_release_numbers(
 ) -> None:
     system = sqlite_system
     path = tmp_path / "numbers.csv"
+    address = system.addresses[OPERATOR, TENANT]  # a USER number needs a civic address
     write_csv(
         path,
         [
-            ["+14255550100", "user", "yes", "yes"],
-            ["+14255550101", "voice_app", "yes", "no"],
-            ["+14255550102", "sideways", "yes", "yes"],  # unreadable: never sent
-            ["+0123", "user", "yes", "yes"],  # refused by the platform (not E.164)
-            ["+14255550103", "conference", "1", ""],
+            ["+14255550100", "user", "yes", "yes", address],
+            ["+14255550101", "voice_app", "yes", "no", ""],
+            ["+14255550102", "sideways", "yes", "yes", ""],  # unreadable: never sent
+            ["+0123", "user", "yes", "yes", address],  # refused by the platform (not E.164)
+            ["+14255550103", "conference", "1", "", ""],
         ],
+        header="phone_number,usage,inbound,outbound,civic_address_id",
     )
     (answer,) = run_json(
         system, capsys, "numbers", "upload", str(path), "--tenant", TENANT, status=1
