@@ -21,8 +21,17 @@ from opconnect.numbers.v1 import numbers_pb2
 from opconnect_client import ClientError
 from operator_client import addresses, numbers
 from tests.conftest import OPERATOR, OTHER_TENANT, TENANT, RunningSystem
-from tests.helpers import assign
-from tests.test_operator_cli import cli_process, connect, read_line, run_json, said, write_csv
+from tests.helpers import (
+    assign,
+    cli_process,
+    connect,
+    read_line,
+    run_json,
+    said,
+    write_csv,
+)
+
+pytestmark = pytest.mark.usefixtures("cli_environment")
 
 UPLOAD_HEADER = "phone_number,usage,inbound,outbound"
 NEW_COLUMNS = (
