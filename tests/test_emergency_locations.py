@@ -28,7 +28,7 @@ from opconnect.type.v1 import assignment_state_pb2 as state_pb
 from plumbing import partitions
 from plumbing.changelog import encode_cursor
 from services.numbers import address_storage
-from services.numbers.addresses import check_address
+from services.numbers.convert import address_in as addresses_in
 from services.numbers.rules import LOG
 from tests.conftest import (
     NO_POSTGRES,
@@ -608,15 +608,13 @@ def test_a_number_given_an_address_while_it_is_edited_keeps_the_edit(
         upload_one(system, item("+14255550180", allow_tenant_address_update=True))
         entered, release = threading.Event(), threading.Event()
         pid: list[int] = []
-        stored = system.runtime.db.transaction(
-            address_storage.get_address, OPERATOR, made.civic_address_id
-        )
-        edited = check_address(
-            dataclasses.replace(stored, street_name="NE 36th St"), keep_location_ids=True
+        edited = dataclasses.replace(
+            addresses_in(address_message()), id=made.civic_address_id, street_name="NE 36th St"
         )
 
         def edit(session: Session) -> None:
-            address_storage.update_address(session, OPERATOR, made.civic_address_id, edited)
+            mask = frozenset({"street_name"})
+            address_storage.update_address(session, OPERATOR, made.civic_address_id, edited, mask)
             pid.append(int(session.execute(sa.text("SELECT pg_backend_pid()")).scalar_one()))
             entered.set()
             release.wait(60)

@@ -138,7 +138,7 @@ class CivicAddressService(pb_grpc.CivicAddressServiceServicer):
         address_id = addresses.require_id(change.id, "civic_address.civic_address_id")
         mask = addresses.check_mask(list(request.update_mask.paths))
         result = await self._db.run(
-            functools.partial(_update, mask=mask), operator, address_id, change, write=True
+            address_storage.update_address, operator, address_id, change, mask, write=True
         )
         if result.changed:
             self._changes.labels(operator, "updated").inc()
@@ -155,20 +155,6 @@ class CivicAddressService(pb_grpc.CivicAddressServiceServicer):
         await self._db.run(address_storage.delete_address, operator, address_id, write=True)
         self._changes.labels(operator, "deleted").inc()
         return pb.DeleteCivicAddressResponse()
-
-
-def _update(
-    session: Any,
-    operator: str,
-    address_id: str,
-    change: CivicAddress,
-    *,
-    mask: frozenset[str],
-) -> address_storage.AddressChange:
-    """Merge the change into the stored address, check the result, store it (one unit)."""
-    current = address_storage.get_address(session, operator, address_id)
-    new = addresses.check_address(addresses.merged(current, change, mask), keep_location_ids=True)
-    return address_storage.update_address(session, operator, address_id, new)
 
 
 class CivicAddressAdminService(pb_grpc.CivicAddressAdminServiceServicer):

@@ -54,7 +54,9 @@ from services.numbers.addresses import (
     CivicAddress,
     GeoPoint,
     Location,
+    check_address,
     emergency_location,
+    merged,
     same_fields,
     to_json,
 )
@@ -176,23 +178,19 @@ def _shared(session: Session, query: Select[CivicAddressRow]) -> Select[CivicAdd
     return query
 
 
-def find_address(session: Session, operator_id: str, address_id: str) -> CivicAddress | None:
-    """The operator's address, or None (also when it is another operator's)."""
-    row = _row(session, operator_id, address_id, lock=False)
-    if row is None:
-        return None
-    return _address(row, _locations_of(session, [row.id])[row.id])
-
-
 def _not_found() -> ApiError:
     return not_found(DOMAIN, "CIVIC_ADDRESS_NOT_FOUND", "no such civic address")
 
 
-def get_address(session: Session, operator_id: str, address_id: str) -> CivicAddress:
-    found = find_address(session, operator_id, address_id)
-    if found is None:
+def get_address(
+    session: Session, operator_id: str, address_id: str, *, lock: bool = False
+) -> CivicAddress:
+    """The operator's address, or NOT_FOUND; `lock`: its row locked until commit (an update
+    reads what it merges its change into, and stores it, with no other change between)."""
+    row = _row(session, operator_id, address_id, lock=lock)
+    if row is None:
         raise _not_found()
-    return found
+    return _address(row, _locations_of(session, [row.id])[row.id])
 
 
 def _by_request(session: Session, operator_id: str, request_id: str) -> CivicAddress | None:
@@ -385,15 +383,21 @@ class AddressChange:
 
 
 def update_address(
-    session: Session, operator_id: str, address_id: str, new: CivicAddress
+    session: Session,
+    operator_id: str,
+    address_id: str,
+    change: CivicAddress,
+    mask: frozenset[str],
 ) -> AddressChange:
-    """Store `new` (the address with the change merged in, checked) over the stored one: its
-    locations replace the stored ones (an id keeps one, none is new, one left out is removed,
-    refused while a number refers to it)."""
+    """UpdateCivicAddress: the fields `mask` names taken from `change` into the stored address
+    (its row locked), the result checked (addresses.check_address) and stored. `locations`
+    replace the stored ones: an id keeps one, none is new, one left out is removed (refused
+    while a number refers to it)."""
     row = _row(session, operator_id, address_id, lock=True)
     if row is None:
         raise _not_found()
     current = _address(row, _locations_of(session, [row.id])[row.id])
+    new = check_address(merged(current, change, mask), keep_location_ids=True)
     stored_ids = {x.id for x in current.locations}
     violations = [
         Violation(f"civic_address.locations[{i}].location_id", "not a location of the address")
@@ -477,7 +481,7 @@ def _refresh_numbers(
     if changed_groups and not assigned:
         notify_commit(session, LOG, 0, [operator_id])  # caches on every replica forget
     numbers: list[Number] = []
-    for chunk in storage._chunks(assigned):
+    for chunk in storage.chunks(assigned):
         rows = session.scalars(select(N).where(N.phone_number.in_(chunk)).order_by(N.phone_number))
         numbers.extend(storage.to_number(r) for r in rows)
     return _log_updates(session, operator_id, numbers, stamp)
@@ -514,7 +518,7 @@ def upload_numbers(
         return {}
     ids = sorted({u.civic_address_id for u in uploads if u.civic_address_id})
     found: dict[str, CivicAddress] = {}
-    for chunk in storage._chunks(ids):
+    for chunk in storage.chunks(ids):
         query = select(CivicAddressRow).where(
             CivicAddressRow.id.in_(chunk),
             CivicAddressRow.operator_id == operator_id,
@@ -635,7 +639,7 @@ def update_number(
 ) -> storage.Change:
     """UpdateNumber: the fields `mask` names from `values`. A new address without a location in
     the mask drops the number's location (it was one of the old address's)."""
-    number = storage._locked_number(unit_of(session), phone_number)
+    number = storage.locked_number(unit_of(session), phone_number)
     if number.operator_id != operator_id:
         raise not_found(DOMAIN, "NUMBER_NOT_FOUND", "the operator holds no such number")
     current = _fields_of(number)
@@ -650,7 +654,7 @@ def set_emergency_address(
     session: Session, phone_number: str, tenant_id: str, address_id: str, location_id: str
 ) -> storage.Change:
     """UpdateNumberEmergencyAddress: the customer's choice, where the operator allowed it."""
-    number = storage._locked_number(unit_of(session), phone_number)
+    number = storage.locked_number(unit_of(session), phone_number)
     if number.tenant_id != tenant_id:
         raise failed_precondition(
             DOMAIN, "TENANT_MISMATCH", "the number was uploaded for another tenant"

@@ -155,13 +155,13 @@ def to_number(row: NumberRow) -> Number:
     )
 
 
-def _chunks(items: Sequence[str]) -> list[Sequence[str]]:
+def chunks(items: Sequence[str]) -> list[Sequence[str]]:
     return [items[i : i + CHUNK] for i in range(0, len(items), CHUNK)]
 
 
 def _rows_by_number(session: Session, numbers: Sequence[str]) -> dict[str, NumberRow]:
     found: dict[str, NumberRow] = {}
-    for chunk in _chunks(numbers):
+    for chunk in chunks(numbers):
         rows = session.scalars(select(NumberRow).where(NumberRow.phone_number.in_(chunk)))
         found.update((row.phone_number, row) for row in rows)
     return found
@@ -272,7 +272,7 @@ def release_numbers(
 ) -> dict[str, Result]:
     """Delete the operator's unassigned numbers among `numbers`; classify the rest."""
     released: set[str] = set()
-    for chunk in _chunks(numbers):
+    for chunk in chunks(numbers):
         statement = (
             delete(NumberRow)
             .where(
@@ -399,7 +399,7 @@ def _stored_time(value: str | dt.datetime) -> dt.datetime:
     return utc(value)
 
 
-def _locked_number(unit: Unit, phone_number: str) -> Number:
+def locked_number(unit: Unit, phone_number: str) -> Number:
     """The number, its row locked until commit (PostgreSQL: FOR UPDATE; SQLite: the write
     transaction holds the database's one write lock from its start)."""
     rows = unit.fetch(_NUMBER + (" FOR UPDATE" if unit.postgres else ""), (phone_number,))
@@ -474,7 +474,7 @@ def _change(unit: Unit, number: Number, kind: EventType, stamp: dt.datetime) -> 
 
 def assign_number(session: Session | Unit, assignment: Assignment) -> Change:
     unit = unit_of(session)
-    number = _locked_number(unit, assignment.phone_number)
+    number = locked_number(unit, assignment.phone_number)
     problem: ApiError | None = check_can_assign(number, assignment)
     if problem is not None:
         raise problem
@@ -497,7 +497,7 @@ def assign_number(session: Session | Unit, assignment: Assignment) -> Change:
 
 def unassign_number(session: Session | Unit, phone_number: str, tenant_id: str) -> Change:
     unit = unit_of(session)
-    number = _locked_number(unit, phone_number)
+    number = locked_number(unit, phone_number)
     if number.tenant_id != tenant_id:
         raise failed_precondition(
             DOMAIN, "TENANT_MISMATCH", "the number was uploaded for another tenant"
