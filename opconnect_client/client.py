@@ -17,11 +17,12 @@ from collections.abc import (
     AsyncIterable,
     AsyncIterator,
     Awaitable,
+    Callable,
     Iterable,
     Sequence,
 )
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import grpc
 from google.protobuf import field_mask_pb2, timestamp_pb2
@@ -43,6 +44,15 @@ from opconnect_client.connection import Connection
 from opconnect_client.errors import server_error
 
 R = TypeVar("R")
+
+
+class _Page(Protocol):
+    """A List RPC's response: its page, and the token of the next one ("" on the last)."""
+
+    next_page_token: str
+
+
+P = TypeVar("P", bound=_Page)
 MAX_UPLOAD = 10_000  # numbers per UploadNumbers call
 MAX_RELEASE = 10_000  # numbers per ReleaseNumbers call
 EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)  # "from the oldest record kept"
@@ -92,6 +102,16 @@ class Client:
     async def close(self) -> None:
         await self.channel.close()
 
+    async def _pages(self, method: Callable[..., Awaitable[P]], request: Any) -> AsyncIterator[P]:
+        """Every page a List RPC answers, from `request` (its first page) on, following
+        `next_page_token` to the last page."""
+        while True:
+            page = await _unary(method(request, timeout=self.timeout_s))
+            yield page
+            if not page.next_page_token:
+                return
+            request.page_token = page.next_page_token
+
     # --- numbers ----------------------------------------------------------------------------
 
     async def upload_numbers(
@@ -133,7 +153,7 @@ class Client:
         )
         return answer.number
 
-    async def list_numbers(
+    def list_numbers(
         self,
         tenant_id: str = "",
         state: state_pb.AssignmentState.ValueType = state_pb.ASSIGNMENT_STATE_UNSPECIFIED,
@@ -141,16 +161,10 @@ class Client:
     ) -> AsyncIterator[numbers_pb.ListNumbersResponse]:
         """Every page of the operator's numbers (of a tenant, in a state); each page carries the
         `watch_cursor` of the listing (see `watch_assignments`, which does this for you)."""
-        token = ""
-        while True:
-            request = numbers_pb.ListNumbersRequest(
-                page_size=page_size, page_token=token, tenant_id=tenant_id, state=state
-            )
-            page = await _unary(self.numbers.ListNumbers(request, timeout=self.timeout_s))
-            yield page
-            token = page.next_page_token
-            if not token:
-                return
+        request = numbers_pb.ListNumbersRequest(
+            page_size=page_size, tenant_id=tenant_id, state=state
+        )
+        return self._pages(self.numbers.ListNumbers, request)
 
     def watch_assignments(
         self,
@@ -235,20 +249,12 @@ class Client:
         )
         return answer.civic_address
 
-    async def list_civic_addresses(
+    def list_civic_addresses(
         self, tenant_id: str = "", page_size: int = 1_000
     ) -> AsyncIterator[addresses_pb.ListCivicAddressesResponse]:
         """Every page of your civic addresses (of a tenant), by tenant, then id."""
-        token = ""
-        while True:
-            request = addresses_pb.ListCivicAddressesRequest(
-                page_size=page_size, page_token=token, tenant_id=tenant_id
-            )
-            page = await _unary(self.addresses.ListCivicAddresses(request, timeout=self.timeout_s))
-            yield page
-            token = page.next_page_token
-            if not token:
-                return
+        request = addresses_pb.ListCivicAddressesRequest(page_size=page_size, tenant_id=tenant_id)
+        return self._pages(self.addresses.ListCivicAddresses, request)
 
     async def update_civic_address(
         self, address: addresses_pb.CivicAddress, paths: Sequence[str]
@@ -272,23 +278,15 @@ class Client:
 
     # --- consents ---------------------------------------------------------------------------
 
-    async def list_consents(
+    def list_consents(
         self,
         state: consents_pb.ConsentState.ValueType = consents_pb.CONSENT_STATE_UNSPECIFIED,
         page_size: int = 1_000,
     ) -> AsyncIterator[consents_pb.ListConsentsResponse]:
         """Every page of the operator's consents (in a state), by tenant; each page carries the
         `watch_cursor` of the listing (see `watch_consents`, which does this for you)."""
-        token = ""
-        while True:
-            request = consents_pb.ListConsentsRequest(
-                page_size=page_size, page_token=token, state=state
-            )
-            page = await _unary(self.consents.ListConsents(request, timeout=self.timeout_s))
-            yield page
-            token = page.next_page_token
-            if not token:
-                return
+        request = consents_pb.ListConsentsRequest(page_size=page_size, state=state)
+        return self._pages(self.consents.ListConsents, request)
 
     async def get_consent(self, tenant_id: str) -> consents_pb.Consent:
         request = consents_pb.GetConsentRequest(tenant_id=tenant_id)

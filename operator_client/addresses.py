@@ -359,15 +359,9 @@ def show(address: pb.CivicAddress, out: Output, title: str = "") -> None:
 
 
 async def list_addresses(client: Client, tenant: str, out: Output) -> int:
-    rows: list[list[str]] = []
-    async for page in client.list_civic_addresses(tenant):
-        for address in page.civic_addresses:
-            if out.json:
-                out.data(as_dict(address))
-            else:
-                rows.append(_row(address))
-    if not out.json:
-        out.table(f"{len(rows):,} addresses", ROW_COLUMNS, rows)
+    pages = client.list_civic_addresses(tenant)
+    items = (address async for page in pages for address in page.civic_addresses)
+    await out.listing("addresses", ROW_COLUMNS, items, _row)
     return 0
 
 

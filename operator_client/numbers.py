@@ -294,16 +294,9 @@ def emergency_text(location: addresses_pb.EmergencyLocation) -> str:
 
 async def list_numbers(client: Client, tenant: str, state: str, out: Output) -> int:
     """The operator's numbers (of a tenant, in a state): a JSON line each, or a table."""
-    rows: list[list[str]] = []
     pages = client.list_numbers(tenant, STATES.get(state, state_pb.ASSIGNMENT_STATE_UNSPECIFIED))
-    async for page in pages:
-        for number in page.numbers:
-            if out.json:
-                out.data(as_dict(number))
-            else:
-                rows.append(_number_row(number))
-    if not out.json:
-        out.table(f"{len(rows):,} numbers", NUMBER_COLUMNS, rows)
+    items = (number async for page in pages for number in page.numbers)
+    await out.listing("numbers", NUMBER_COLUMNS, items, _number_row)
     return 0
 
 

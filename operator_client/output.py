@@ -12,7 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterable, Callable, Iterable, Sequence
 from typing import Any, TextIO
 
 from google.protobuf import json_format
@@ -90,3 +90,21 @@ class Output:
         for row in rows:
             table.add_row(*(Text(cell) for cell in row))
         self.out.print(table)
+
+    async def listing(
+        self,
+        what: str,
+        columns: Sequence[str],
+        items: AsyncIterable[Message],
+        row: Callable[[Any], Sequence[str]],
+    ) -> None:
+        """Each item as a JSON line as it comes, or a table of their `row`s titled with their
+        count (`12 numbers`)."""
+        rows: list[Sequence[str]] = []
+        async for item in items:
+            if self.json:
+                self.data(as_dict(item))
+            else:
+                rows.append(row(item))
+        if not self.json:
+            self.table(f"{len(rows):,} {what}", columns, rows)
