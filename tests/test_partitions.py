@@ -524,15 +524,18 @@ def _counts(engine: sa.Engine) -> dict[str, int]:
         }
 
 
+# Columns later migrations add (0008: the media streams' publish time; 0012: the emergency
+# location an assignment event keeps): not the rows' contents as 0007 stored them.
+LATER_COLUMNS = {"call_media_streams": ("publish_time",), "number_events": ("emergency_location",)}
+
+
 def _contents(engine: sa.Engine) -> dict[str, list[tuple[Any, ...]]]:
     """Every row of each table (the columns 0007 had), in a fixed order."""
     with engine.connect() as conn:
         found = {}
         for table in TABLES:
             columns = [c["name"] for c in sa.inspect(conn).get_columns(table)]
-            columns = [
-                c for c in columns if not (table == "call_media_streams" and c == "publish_time")
-            ]
+            columns = [c for c in columns if c not in LATER_COLUMNS.get(table, ())]
             listed = ", ".join(columns)
             rows = conn.execute(sa.text(f"SELECT {listed} FROM {table} ORDER BY {listed}"))
             found[table] = [tuple(row) for row in rows]
