@@ -4,7 +4,8 @@ location (as a carrier's emergency routing table would take it in).
 
 The watch starts from a listing's cursor taken before the edit (list-then-watch), so the event
 cannot be missed however late the stream opens. The edit changes the address's `description`
-(a note for people) to one naming this run, so every run changes it, and the numbers uploaded
+(a note for people) to one naming this run (its time and a random id), so every run
+changes it, and the numbers uploaded
 keep the same address id (a rerun's upload is still ALREADY_PRESENT). Every assigned number
 that refers to the address gets an UPDATED event: the watch waits for each of them.
 Nothing of the address is printed but its id: addresses are personal data.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import uuid
 from dataclasses import dataclass
 
 from opconnect.numbers.v1 import civic_addresses_pb2 as addresses_pb
@@ -92,8 +94,11 @@ async def change_address(connection: Connection, tenant: str, number: str) -> Ad
                 return AddressChange(phone_number=number, problem="skipped (no address to edit)")
             address_id = held.civic_address_id
             numbers, cursor = await _at_address(client, tenant, address_id)
+            # Its own on every run, also of two runs within a second (an edit that leaves the
+            # address as it was changes nothing, and no event would come).
             now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-            note = f"emergency address checked by opconnect simulate at {now}"
+            run = uuid.uuid4().hex[:8]
+            note = f"emergency address checked by opconnect simulate at {now} (run {run})"
             edit = addresses_pb.CivicAddress(civic_address_id=address_id, description=note)
             watching = asyncio.create_task(_watch_for(client, tenant, cursor, numbers, note))
             try:
