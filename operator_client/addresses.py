@@ -27,7 +27,7 @@ from google.protobuf import json_format
 
 from opconnect.numbers.v1 import civic_addresses_pb2 as pb
 from opconnect_client import Client, ClientError
-from operator_client.output import Output, as_dict, when
+from operator_client.output import Output, as_dict, read_text, when
 
 # The address's text fields: (option, field, help). `tenant_id` is create's alone (fixed).
 TEXT_FIELDS: tuple[tuple[str, str, str], ...] = (
@@ -172,12 +172,7 @@ def _set_location(text: str) -> tuple[str, pb.Location]:
 
 def read_json(path: Path) -> pb.CivicAddress:
     """A CivicAddress from a JSON file; ClientError naming the file when it cannot be used."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise ClientError(f"{path}: not UTF-8 text") from None
-    except OSError as error:
-        raise ClientError(f"cannot read {path}: {error.strerror}") from None
+    text = read_text(path)
     address = pb.CivicAddress()
     try:
         json_format.Parse(text, address)

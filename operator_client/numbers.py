@@ -35,7 +35,7 @@ from opconnect.numbers.v1 import numbers_pb2 as pb
 from opconnect.type.v1 import assignment_state_pb2 as state_pb
 from opconnect_client import Client, ClientError, FileCheckpoint
 from operator_client import addresses
-from operator_client.output import Output, as_dict, when
+from operator_client.output import Output, as_dict, read_text, when
 
 MAX_ROWS = 10_000
 COLUMNS = ("phone_number", "usage", "inbound", "outbound")
@@ -214,12 +214,7 @@ _KINDS_UPLOAD = ("added", "already_present", "refused", "unreadable")
 def read_numbers_file(path: Path) -> list[str]:
     """Numbers to release, one a line (the first CSV field of a line; a `phone_number` header,
     blank lines and `#` comments skipped)."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise ClientError(f"{path}: not UTF-8 text") from None
-    except OSError as error:
-        raise ClientError(f"cannot read {path}: {error.strerror}") from None
+    text = read_text(path)
     numbers = []
     for line in text.splitlines():
         first = line.split(",", 1)[0].strip()
