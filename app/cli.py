@@ -20,7 +20,8 @@
     opconnect simulate [--rate R]          realistic calls into a running system, to watch
     opconnect operator submit FILE.csv     as an operator: submit call durations (resumable)
     opconnect operator usage|reconcile     as an operator: usage, reconciliation report
-    opconnect operator numbers ...         as an operator: list|get|upload|release|watch
+    opconnect operator numbers ...         as an operator: list|get|upload|update|release|watch
+    opconnect operator addresses ...       as an operator: list|get|create|update|delete
     opconnect operator records ...         as an operator: follow (to a file)|get|summary
     opconnect operator consents list|watch|accept|decline|terminate
                                            as an operator: its consents with customers

@@ -2,7 +2,8 @@
 
 Unary calls take and return the contract's messages (typed by their .pyi stubs) and raise a
 `ServerError` with the server's status and details when they fail; the reads among them are
-retried by gRPC itself on UNAVAILABLE (the channel's service config). The streams that matter
+retried by gRPC itself on UNAVAILABLE (the channel's service config). Updates take the fields
+to change as a list of paths (AIP-134's update mask). The streams that matter
 for not losing data are resumable: `watch_assignments`, `watch_consents`, `follow_records` and
 `stream_discrepancies` (checkpointed cursors, `streams`), and `submit_durations` (pipelined,
 resent after a break, `durations`).
@@ -16,15 +17,18 @@ from collections.abc import (
     AsyncIterable,
     AsyncIterator,
     Awaitable,
+    Callable,
     Iterable,
     Sequence,
 )
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import grpc
-from google.protobuf import timestamp_pb2
+from google.protobuf import field_mask_pb2, timestamp_pb2
 
+from opconnect.numbers.v1 import civic_addresses_pb2 as addresses_pb
+from opconnect.numbers.v1 import civic_addresses_pb2_grpc as addresses_grpc
 from opconnect.numbers.v1 import consents_pb2 as consents_pb
 from opconnect.numbers.v1 import consents_pb2_grpc as consents_grpc
 from opconnect.numbers.v1 import numbers_pb2 as numbers_pb
@@ -40,6 +44,15 @@ from opconnect_client.connection import Connection
 from opconnect_client.errors import server_error
 
 R = TypeVar("R")
+
+
+class _Page(Protocol):
+    """A List RPC's response: its page, and the token of the next one ("" on the last)."""
+
+    next_page_token: str
+
+
+P = TypeVar("P", bound=_Page)
 MAX_UPLOAD = 10_000  # numbers per UploadNumbers call
 MAX_RELEASE = 10_000  # numbers per ReleaseNumbers call
 EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)  # "from the oldest record kept"
@@ -71,6 +84,7 @@ class Client:
         self.channel = connection.channel()
         self.numbers = numbers_grpc.NumberServiceStub(self.channel)
         self.consents = consents_grpc.ConsentServiceStub(self.channel)
+        self.addresses = addresses_grpc.CivicAddressServiceStub(self.channel)
         self.records = records_grpc.CallRecordServiceStub(self.channel)
         self.usage = usage_grpc.UsageServiceStub(self.channel)
 
@@ -87,6 +101,16 @@ class Client:
 
     async def close(self) -> None:
         await self.channel.close()
+
+    async def _pages(self, method: Callable[..., Awaitable[P]], request: Any) -> AsyncIterator[P]:
+        """Every page a List RPC answers, from `request` (its first page) on, following
+        `next_page_token` to the last page."""
+        while True:
+            page = await _unary(method(request, timeout=self.timeout_s))
+            yield page
+            if not page.next_page_token:
+                return
+            request.page_token = page.next_page_token
 
     # --- numbers ----------------------------------------------------------------------------
 
@@ -129,7 +153,7 @@ class Client:
         )
         return answer.number
 
-    async def list_numbers(
+    def list_numbers(
         self,
         tenant_id: str = "",
         state: state_pb.AssignmentState.ValueType = state_pb.ASSIGNMENT_STATE_UNSPECIFIED,
@@ -137,16 +161,10 @@ class Client:
     ) -> AsyncIterator[numbers_pb.ListNumbersResponse]:
         """Every page of the operator's numbers (of a tenant, in a state); each page carries the
         `watch_cursor` of the listing (see `watch_assignments`, which does this for you)."""
-        token = ""
-        while True:
-            request = numbers_pb.ListNumbersRequest(
-                page_size=page_size, page_token=token, tenant_id=tenant_id, state=state
-            )
-            page = await _unary(self.numbers.ListNumbers(request, timeout=self.timeout_s))
-            yield page
-            token = page.next_page_token
-            if not token:
-                return
+        request = numbers_pb.ListNumbersRequest(
+            page_size=page_size, tenant_id=tenant_id, state=state
+        )
+        return self._pages(self.numbers.ListNumbers, request)
 
     def watch_assignments(
         self,
@@ -192,25 +210,83 @@ class Client:
             restart=restart,
         )
 
+    async def update_number(
+        self, number: numbers_pb.PhoneNumber, paths: Sequence[str]
+    ) -> numbers_pb.PhoneNumber:
+        """Change the fields of one of your numbers that `paths` names (any of
+        `civic_address_id`, `location_id`, `allow_tenant_address_update`, `calling_profile_id`,
+        `ticket_id`), to their values in `number` (its `phone_number` says which); the number
+        after the change. An assigned number whose emergency location changes gets an UPDATED
+        assignment event."""
+        request = numbers_pb.UpdateNumberRequest(
+            number=number, update_mask=field_mask_pb2.FieldMask(paths=list(paths))
+        )
+        answer: numbers_pb.UpdateNumberResponse = await _unary(
+            self.numbers.UpdateNumber(request, timeout=self.timeout_s)
+        )
+        return answer.number
+
+    # --- civic addresses --------------------------------------------------------------------
+
+    async def create_civic_address(
+        self, address: addresses_pb.CivicAddress, request_id: str = ""
+    ) -> addresses_pb.CivicAddress:
+        """Create a civic address for one of your customer tenants (under an ACTIVE consent),
+        with its locations; the address with the ids the server gave. With a `request_id` (a
+        UUID you chose), a retry answers the address the first call created."""
+        request = addresses_pb.CreateCivicAddressRequest(
+            civic_address=address, request_id=request_id
+        )
+        answer: addresses_pb.CreateCivicAddressResponse = await _unary(
+            self.addresses.CreateCivicAddress(request, timeout=self.timeout_s)
+        )
+        return answer.civic_address
+
+    async def get_civic_address(self, civic_address_id: str) -> addresses_pb.CivicAddress:
+        request = addresses_pb.GetCivicAddressRequest(civic_address_id=civic_address_id)
+        answer: addresses_pb.GetCivicAddressResponse = await _unary(
+            self.addresses.GetCivicAddress(request, timeout=self.timeout_s)
+        )
+        return answer.civic_address
+
+    def list_civic_addresses(
+        self, tenant_id: str = "", page_size: int = 1_000
+    ) -> AsyncIterator[addresses_pb.ListCivicAddressesResponse]:
+        """Every page of your civic addresses (of a tenant), by tenant, then id."""
+        request = addresses_pb.ListCivicAddressesRequest(page_size=page_size, tenant_id=tenant_id)
+        return self._pages(self.addresses.ListCivicAddresses, request)
+
+    async def update_civic_address(
+        self, address: addresses_pb.CivicAddress, paths: Sequence[str]
+    ) -> addresses_pb.CivicAddress:
+        """Change the fields of an address (`address.civic_address_id`) that `paths` names to
+        their values in `address` (`locations` replaces the list: keep a location by sending
+        its `location_id`); the address after the change. Each assigned number that refers to
+        it gets an UPDATED assignment event with its new emergency location."""
+        request = addresses_pb.UpdateCivicAddressRequest(
+            civic_address=address, update_mask=field_mask_pb2.FieldMask(paths=list(paths))
+        )
+        answer: addresses_pb.UpdateCivicAddressResponse = await _unary(
+            self.addresses.UpdateCivicAddress(request, timeout=self.timeout_s)
+        )
+        return answer.civic_address
+
+    async def delete_civic_address(self, civic_address_id: str) -> None:
+        """Delete an address no number refers to (CIVIC_ADDRESS_IN_USE otherwise)."""
+        request = addresses_pb.DeleteCivicAddressRequest(civic_address_id=civic_address_id)
+        await _unary(self.addresses.DeleteCivicAddress(request, timeout=self.timeout_s))
+
     # --- consents ---------------------------------------------------------------------------
 
-    async def list_consents(
+    def list_consents(
         self,
         state: consents_pb.ConsentState.ValueType = consents_pb.CONSENT_STATE_UNSPECIFIED,
         page_size: int = 1_000,
     ) -> AsyncIterator[consents_pb.ListConsentsResponse]:
         """Every page of the operator's consents (in a state), by tenant; each page carries the
         `watch_cursor` of the listing (see `watch_consents`, which does this for you)."""
-        token = ""
-        while True:
-            request = consents_pb.ListConsentsRequest(
-                page_size=page_size, page_token=token, state=state
-            )
-            page = await _unary(self.consents.ListConsents(request, timeout=self.timeout_s))
-            yield page
-            token = page.next_page_token
-            if not token:
-                return
+        request = consents_pb.ListConsentsRequest(page_size=page_size, state=state)
+        return self._pages(self.consents.ListConsents, request)
 
     async def get_consent(self, tenant_id: str) -> consents_pb.Consent:
         request = consents_pb.GetConsentRequest(tenant_id=tenant_id)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from opconnect_client import Client, ClientError, Connection, ServerError
-from operator_client import commands, consents, numbers, records
+from operator_client import addresses, commands, consents, numbers, records
 from operator_client.output import Output
 from operator_client.times import FORMS, time_argument
 
@@ -88,9 +88,10 @@ def add_commands(op: argparse.ArgumentParser) -> None:
     )
 
     consents.add_parser(opc)
+    addresses.add_parser(opc, output)
 
     num = opc.add_parser(
-        "numbers", help="your numbers: list, get, upload, release, watch assignments"
+        "numbers", help="your numbers: list, get, upload, update, release, watch assignments"
     ).add_subparsers(dest="numbers", required=True, metavar="COMMAND")
     listing = num.add_parser("list", parents=[output], help="list your numbers")
     listing.add_argument("--tenant", default="", help="only this tenant's numbers (GUID)")
@@ -105,11 +106,34 @@ def add_commands(op: argparse.ArgumentParser) -> None:
         help="upload up to 10,000 numbers from a CSV file, with a result per row",
         description="Upload numbers for a customer tenant from a CSV file with the header"
         " phone_number,usage,inbound,outbound (usage: user, voice_app or conference;"
-        " inbound/outbound: yes or no). At most 10,000 rows; a row that cannot be read is"
-        " reported with its line number and not sent.",
+        " inbound/outbound: yes or no) and, each optional, the columns calling_profile_id,"
+        " civic_address_id, location_id, allow_tenant_address_update (yes or no),"
+        " iso_country_code, ticket_id. A user number needs a civic_address_id unless"
+        " allow_tenant_address_update lets the customer set it. At most 10,000 rows; a row"
+        " that cannot be read is reported with its line number and not sent.",
     )
     up.add_argument("file", type=Path, metavar="FILE.csv", help="the numbers to upload")
     up.add_argument("--tenant", required=True, help="the customer tenant (GUID)")
+    upd = num.add_parser(
+        "update",
+        parents=[output],
+        help="change a number's address, location, calling profile or ticket",
+        description="Change the fields of one of your numbers whose options are given (an"
+        " empty value clears one). An assigned number whose emergency location changes gets"
+        " an UPDATED assignment event.",
+    )
+    upd.add_argument("number", metavar="NUMBER", help="the number, E.164 (+14255550100)")
+    upd.add_argument(
+        "--civic-address-id", help="its civic address (opconnect operator addresses list)"
+    )
+    upd.add_argument("--location-id", help="a location inside that address (empty: none)")
+    upd.add_argument(
+        "--allow-tenant-address-update",
+        action=argparse.BooleanOptionalAction,
+        help="whether the customer may set the number's emergency address in Teams",
+    )
+    upd.add_argument("--calling-profile-id", help="your calling profile for it (GUID)")
+    upd.add_argument("--ticket-id", help="your own reference, up to 64 characters")
     rel = num.add_parser(
         "release", parents=[output], help="release unassigned numbers, with a result per number"
     )
@@ -200,10 +224,16 @@ async def _dispatch(client: Client, args: argparse.Namespace, out: Output) -> in
             return await numbers.get_number(client, args.number, out)
         if args.numbers == "upload":
             return await numbers.upload(client, args.file, args.tenant, out)
+        if args.numbers == "update":
+            given = {k: getattr(args, k) for k in numbers.UPDATABLE}
+            given = {k: v for k, v in given.items() if v is not None}
+            return await numbers.update_number(client, args.number, given, out)
         if args.numbers == "release":
             listed = list(numbers.iter_numbers(args.number, args.file))
             return await numbers.release(client, listed, out)
         return await numbers.watch(client, args.checkpoint, args.tenant, out)
+    if args.operator == "addresses":
+        return await addresses.run(client, args, out)
     if args.records == "follow":
         return await records.follow(
             client,

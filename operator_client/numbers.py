@@ -6,10 +6,20 @@ Upload reads a CSV file with a header and these columns (any order; more are ign
     phone_number,usage,inbound,outbound
     +14255550100,user,yes,yes
 
-`usage` is `user`, `voice_app` or `conference`; `inbound` and `outbound` are `yes`/`no`
-(also `true`/`false`, `1`/`0`, empty for no). At most 10,000 numbers a file (the platform's
-batch): a longer file is refused whole, before anything is sent. A row that cannot be read is
-reported with its line number and never sent; the platform answers every other row.
+and, each optional, the columns of the number's other fields:
+
+    calling_profile_id,civic_address_id,location_id,allow_tenant_address_update,
+    iso_country_code,ticket_id
+
+`usage` is `user`, `voice_app` or `conference`; `inbound`, `outbound` and
+`allow_tenant_address_update` are `yes`/`no` (also `true`/`false`, `1`/`0`, empty for no); the
+others are sent as written (trimmed; empty: not given). A USER number needs a
+`civic_address_id` (`opconnect operator addresses create`) unless
+`allow_tenant_address_update` lets the customer set it. At most 10,000 numbers a file (the
+platform's batch): a longer file is refused whole, before anything is sent. A row that cannot
+be read is reported with its line number and never sent; the platform answers every other row.
+
+`update` changes the fields of one number whose options are given (the update mask).
 """
 
 from __future__ import annotations
@@ -20,13 +30,32 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from opconnect.numbers.v1 import civic_addresses_pb2 as addresses_pb
 from opconnect.numbers.v1 import numbers_pb2 as pb
 from opconnect.type.v1 import assignment_state_pb2 as state_pb
 from opconnect_client import Client, ClientError, FileCheckpoint
-from operator_client.output import Output, as_dict, when
+from operator_client import addresses
+from operator_client.output import Output, as_dict, read_text, when
 
 MAX_ROWS = 10_000
 COLUMNS = ("phone_number", "usage", "inbound", "outbound")
+# Optional columns: each is the NumberUpload field of the same name.
+TEXT_COLUMNS = (
+    "calling_profile_id",
+    "civic_address_id",
+    "location_id",
+    "iso_country_code",
+    "ticket_id",
+)
+OPTIONAL_COLUMNS = (*TEXT_COLUMNS, "allow_tenant_address_update")
+# What `numbers update` may change (UpdateNumber's mask), by option.
+UPDATABLE = (
+    "civic_address_id",
+    "location_id",
+    "allow_tenant_address_update",
+    "calling_profile_id",
+    "ticket_id",
+)
 USAGES = {
     "user": pb.NUMBER_USAGE_USER,
     "voice_app": pb.NUMBER_USAGE_VOICE_APP,
@@ -68,7 +97,12 @@ def parse_upload_row(row: dict[str, str]) -> pb.NumberUpload:
     if usage is None:
         raise ValueError(f"usage must be one of {', '.join(USAGES)}, not {row['usage']!r}")
     capabilities = pb.Capabilities(inbound=_flag(row, "inbound"), outbound=_flag(row, "outbound"))
-    return pb.NumberUpload(phone_number=number, usage=usage, capabilities=capabilities)
+    upload = pb.NumberUpload(phone_number=number, usage=usage, capabilities=capabilities)
+    for column in TEXT_COLUMNS:
+        setattr(upload, column, (row.get(column) or "").strip())
+    if row.get("allow_tenant_address_update") is not None:
+        upload.allow_tenant_address_update = _flag(row, "allow_tenant_address_update")
+    return upload
 
 
 def read_upload(path: Path) -> list[Row]:
@@ -92,7 +126,8 @@ def read_upload(path: Path) -> list[Row]:
                     )
                 line = reader.line_num
                 number = (row.get("phone_number") or "").strip()
-                if any(row.get(c) is None for c in COLUMNS):
+                present = [c for c in OPTIONAL_COLUMNS if c in (reader.fieldnames or [])]
+                if any(row.get(c) is None for c in (*COLUMNS, *present)):
                     rows.append(Row(line, number, None, "too few fields"))
                     continue
                 try:
@@ -179,12 +214,7 @@ _KINDS_UPLOAD = ("added", "already_present", "refused", "unreadable")
 def read_numbers_file(path: Path) -> list[str]:
     """Numbers to release, one a line (the first CSV field of a line; a `phone_number` header,
     blank lines and `#` comments skipped)."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise ClientError(f"{path}: not UTF-8 text") from None
-    except OSError as error:
-        raise ClientError(f"cannot read {path}: {error.strerror}") from None
+    text = read_text(path)
     numbers = []
     for line in text.splitlines():
         first = line.split(",", 1)[0].strip()
@@ -232,25 +262,36 @@ def _number_row(number: pb.PhoneNumber) -> list[str]:
         "/".join(x for x, on in (("in", caps.inbound), ("out", caps.outbound)) if on),
         "assigned" if number.state == state_pb.ASSIGNMENT_STATE_ASSIGNED else "unassigned",
         number.sip_uri,
+        number.civic_address_id,
         when(number.update_time),
     ]
 
 
-NUMBER_COLUMNS = ["number", "tenant", "usage", "calls", "state", "routes to", "updated (UTC)"]
+NUMBER_COLUMNS = [
+    "number",
+    "tenant",
+    "usage",
+    "calls",
+    "state",
+    "routes to",
+    "address",
+    "updated (UTC)",
+]
+
+
+def emergency_text(location: addresses_pb.EmergencyLocation) -> str:
+    """An emergency location on one line: the address, then the place inside it."""
+    text = addresses.one_line(location.civic_address)
+    if location.HasField("location"):
+        text += f"; {addresses.location_text(location.location)}"
+    return text
 
 
 async def list_numbers(client: Client, tenant: str, state: str, out: Output) -> int:
     """The operator's numbers (of a tenant, in a state): a JSON line each, or a table."""
-    rows: list[list[str]] = []
     pages = client.list_numbers(tenant, STATES.get(state, state_pb.ASSIGNMENT_STATE_UNSPECIFIED))
-    async for page in pages:
-        for number in page.numbers:
-            if out.json:
-                out.data(as_dict(number))
-            else:
-                rows.append(_number_row(number))
-    if not out.json:
-        out.table(f"{len(rows):,} numbers", NUMBER_COLUMNS, rows)
+    items = (number async for page in pages for number in page.numbers)
+    await out.listing("numbers", NUMBER_COLUMNS, items, _number_row)
     return 0
 
 
@@ -265,14 +306,52 @@ async def get_number(client: Client, phone_number: str, out: Output) -> int:
         kind = pb.AssignmentTarget.Kind.Name(number.target.kind).removeprefix("KIND_").lower()
         fields.append(("assigned to", f"{kind} {number.target.id}"))
     fields.append(("uploaded (UTC)", when(number.create_time)))
+    _show_fields(number, fields)
     out.table(number.phone_number, ["", ""], fields)
+    return 0
+
+
+def _show_fields(number: pb.PhoneNumber, fields: list[tuple[str, str]]) -> None:
+    """The number's other fields, those it has, for `get` and `update`."""
+    if number.location_id:
+        fields.append(("location", number.location_id))
+    if number.HasField("emergency_location"):
+        fields.append(("emergency location", emergency_text(number.emergency_location)))
+    fields.append(("customer sets address", "yes" if number.allow_tenant_address_update else "no"))
+    for label, value in (
+        ("calling profile", number.calling_profile_id),
+        ("country", number.iso_country_code),
+        ("ticket", number.ticket_id),
+    ):
+        if value:
+            fields.append((label, value))
+
+
+async def update_number(
+    client: Client, phone_number: str, given: dict[str, Any], out: Output
+) -> int:
+    """Change the fields of a number given (by UpdateNumber field name); the number after."""
+    if not given:
+        options = ", ".join("--" + name.replace("_", "-") for name in UPDATABLE)
+        raise ClientError(f"nothing to change: give at least one of {options}")
+    number = pb.PhoneNumber(phone_number=phone_number, **given)
+    changed = await client.update_number(number, [p for p in UPDATABLE if p in given])
+    if out.json:
+        out.data(as_dict(changed))
+        return 0
+    fields = list(zip(NUMBER_COLUMNS, _number_row(changed), strict=True))
+    _show_fields(changed, fields)
+    out.table(changed.phone_number, ["", ""], fields)
     return 0
 
 
 def _event_line(event: pb.AssignmentEvent) -> str:
     kind = pb.AssignmentEventType.Name(event.type).removeprefix("ASSIGNMENT_EVENT_TYPE_")
     parts = [when(event.event_time), kind.lower(), event.phone_number, event.tenant_id]
-    return " ".join([*parts, event.sip_uri]).rstrip()
+    line = " ".join([*parts, event.sip_uri]).rstrip()
+    if event.HasField("emergency_location"):
+        line += f" at {emergency_text(event.emergency_location)}"
+    return line
 
 
 async def watch(client: Client, checkpoint: Path, tenant: str, out: Output) -> int:

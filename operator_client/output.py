@@ -12,7 +12,8 @@ from __future__ import annotations
 import datetime as dt
 import json
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterable, Callable, Iterable, Sequence
+from pathlib import Path
 from typing import Any, TextIO
 
 from google.protobuf import json_format
@@ -20,6 +21,8 @@ from google.protobuf.message import Message
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
+
+from opconnect_client import ClientError
 
 UNWRAPPED = 1_000_000  # columns of a console that is not a terminal: never wrap
 
@@ -36,6 +39,16 @@ def as_dict(message: Message) -> dict[str, Any]:
     """A message as the proto3 JSON mapping names it (field names as in the .proto, enums by
     name, times in RFC 3339, durations as "1.5s", 64-bit integers as strings)."""
     return json_format.MessageToDict(message, preserving_proto_field_name=True)
+
+
+def read_text(path: Path) -> str:
+    """A text file a command reads (UTF-8), or a one-line ClientError naming it."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ClientError(f"{path}: not UTF-8 text") from None
+    except OSError as error:
+        raise ClientError(f"cannot read {path}: {error.strerror}") from None
 
 
 def when(stamp: Any) -> str:
@@ -90,3 +103,21 @@ class Output:
         for row in rows:
             table.add_row(*(Text(cell) for cell in row))
         self.out.print(table)
+
+    async def listing(
+        self,
+        what: str,
+        columns: Sequence[str],
+        items: AsyncIterable[Message],
+        row: Callable[[Any], Sequence[str]],
+    ) -> None:
+        """Each item as a JSON line as it comes, or a table of their `row`s titled with their
+        count (`12 numbers`)."""
+        rows: list[Sequence[str]] = []
+        async for item in items:
+            if self.json:
+                self.data(as_dict(item))
+            else:
+                rows.append(row(item))
+        if not self.json:
+            self.table(f"{len(rows):,} {what}", columns, rows)

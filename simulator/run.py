@@ -8,6 +8,9 @@ Against the gateway at `Options.target`, over mutual TLS with the development PK
    is left out);
 2. as the platform (the Teams admin center), assign each one that is not assigned yet to a user
    of the tenant, number i routed to `sip:user<i>@contoso.example`;
+2b. as the operator, edit the civic address of the first number, and watch its assignments
+   until the UPDATED event with the new emergency location comes (`simulator.emergency`): a
+   watch that does not see it within 30 s fails the run;
 3. as the platform (the call controller), publish calls (`simulator.calls`) at `rate` calls a
    second on `PublishCallRecords`, a batch per 0.2 s tick, reading the acknowledgements as they
    come; for `calls` calls, for `duration` seconds, or until Ctrl-C. The stream is the client
@@ -55,7 +58,7 @@ from plumbing.balancing import one_address
 from plumbing.config import DEV_OPERATOR, DEV_PLATFORM
 from plumbing.logs import mask_number, redact
 from plumbing.validation import IDENTITY, IDENTITY_PATTERN, check_guid
-from simulator import calls
+from simulator import calls, emergency
 
 # The customer tenant the simulated calls belong to unless --tenant says otherwise.
 DEV_TENANT = "6f1a4b2c-8d3e-4f5a-9b6c-7d8e9f0a1b2c"
@@ -623,6 +626,10 @@ async def simulate(options: Options) -> int:
         platform = await _connect(options, f"platform-{options.platform}")
         channels.append(platform)
         users = await setup_numbers(options, operator, platform)
+        change = await emergency.change_address(
+            _connection(options, f"operator-{options.operator}"), options.tenant, users[0].number
+        )
+        print(change.summary())
         trunk_domain = options.operator.rstrip("-")
         mix = calls.CallMix(
             operator_id=options.operator,
@@ -659,6 +666,9 @@ async def simulate(options: Options) -> int:
         for channel in channels:
             await channel.close()
     status = _summary(tally)
+    print(change.summary())
+    if change.problem and not change.problem.startswith("skipped"):
+        status = status or 1
     if reports is not None:
         refused = len(reports.refused)
         print(

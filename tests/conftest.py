@@ -21,6 +21,7 @@ from typing import Any, Generic, TypeVar
 import grpc
 import pytest
 import sqlalchemy as sa
+import structlog
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
@@ -442,3 +443,14 @@ class Watcher(StreamReader[numbers_pb2.WatchAssignmentsResponse]):
         while len(found) < count:
             found += self.next(max(0.01, deadline - time.monotonic())).events
         return found
+
+
+@pytest.fixture
+def cli_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The `opconnect` command run in the test's process: its data and logs kept apart, and
+    structlog as it was after (the command configures it)."""
+    monkeypatch.setenv("OPCONNECT_DATA_DIR", str(tmp_path / "cli"))
+    monkeypatch.setenv("OPCONNECT_LOG_FORMAT", "json")
+    monkeypatch.setenv("OPCONNECT_LOG_LEVEL", "warning")
+    yield
+    structlog.reset_defaults()

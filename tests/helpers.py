@@ -24,13 +24,14 @@ import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Generic, TypeVar, cast
+from typing import IO, Any, Generic, TypeVar, cast
 
 import pytest
 import sqlalchemy as sa
 from alembic import command
 from prometheus_client.parser import text_string_to_metric_families
 
+from app.cli import main
 from gateway import pki
 from gateway.registry import OperatorStatus
 from opconnect.numbers.v1 import numbers_pb2
@@ -753,3 +754,63 @@ def migrate(url: str, revision: str, *, down: bool = False) -> None:
             (command.downgrade if down else command.upgrade)(config, revision)
     finally:
         engine.dispose()
+
+
+# --- the operator's command line -------------------------------------------------------------
+
+
+def connect(system: RunningSystem) -> list[str]:
+    cert, key = system.pki.paths.client(f"operator-{OPERATOR}")
+    return [
+        "operator",
+        *("--target", system.address),
+        *("--ca", str(system.pki.paths.ca_cert)),
+        *("--cert", str(cert)),
+        *("--key", str(key)),
+    ]
+
+
+def said(err: str) -> str:
+    """What the command said on stderr, without the test server's JSON logs (the server runs in
+    the test's process and logs there too)."""
+    return "".join(line for line in err.splitlines(keepends=True) if not line.startswith("{"))
+
+
+def run_json(
+    system: RunningSystem, capsys: pytest.CaptureFixture[str], *args: str, status: int = 0
+) -> list[dict[str, Any]]:
+    """Run a command with `--output json`; the JSON lines it printed (stdout is JSON only)."""
+    capsys.readouterr()
+    assert main([*connect(system), *args, "--output", "json"]) == status
+    return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+
+
+def cli_process(system: RunningSystem, tmp_path: Path, *args: str) -> subprocess.Popen[str]:
+    """The `opconnect` command in a process of its own, against the test's server."""
+    env = {
+        **os.environ,
+        "OPCONNECT_DATA_DIR": str(tmp_path / "cli"),
+        "OPCONNECT_LOG_FORMAT": "json",
+        "OPCONNECT_LOG_LEVEL": "warning",
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "app.cli", *connect(system), *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def read_line(stream: IO[str] | None) -> dict[str, object]:
+    assert stream is not None
+    line = stream.readline()
+    assert line, "the command ended"
+    parsed: dict[str, object] = json.loads(line)
+    return parsed
+
+
+def write_csv(
+    path: Path, rows: list[list[str]], header: str = "phone_number,usage,inbound,outbound"
+) -> None:
+    path.write_text(header + "\n" + "".join(",".join(row) + "\n" for row in rows))

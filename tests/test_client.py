@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import sqlite3
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 import grpc
 import pytest
 
+from opconnect.numbers.v1 import civic_addresses_pb2 as addresses_pb
 from opconnect.numbers.v1 import numbers_pb2 as numbers_pb
 from opconnect.records.v1 import records_pb2 as records_pb
 from opconnect.usage.v1 import usage_pb2 as usage_pb
@@ -32,7 +34,17 @@ from opconnect_client import (
 )
 from opconnect_client.backoff import Backoff
 from services.numbers import storage as numbers_storage
-from tests.conftest import OPERATOR, PLATFORM, Pki, RunningSystem, settings_for, start_system
+from tests.conftest import (
+    OPERATOR,
+    OTHER_OPERATOR,
+    OTHER_TENANT,
+    PLATFORM,
+    TENANT,
+    Pki,
+    RunningSystem,
+    settings_for,
+    start_system,
+)
 from tests.helpers import assign, stored, upload
 from tests.records_data import (
     duration_record,
@@ -201,6 +213,130 @@ async def test_unary_failures_carry_the_servers_details(sqlite_system: RunningSy
         assert sorted(listed) == NUMBERS
         released = await client.release_numbers(NUMBERS[:1])
         assert released.released_count == 1
+
+
+# --- civic addresses -----------------------------------------------------------------------------
+
+
+def an_address(tenant: str = TENANT, street: str = "Microsoft") -> addresses_pb.CivicAddress:
+    return addresses_pb.CivicAddress(
+        tenant_id=tenant,
+        country_code="US",
+        house_number="1",
+        street_name=street,
+        city="Redmond",
+        state_or_province="WA",
+        postal_code="98052",
+        company_name="Contoso",
+        locations=[addresses_pb.Location(description="Floor 1", elin="ELIN-1")],
+    )
+
+
+async def test_civic_addresses_created_listed_updated_and_deleted(
+    system: RunningSystem,
+) -> None:
+    async with Client(connection(system)) as client:
+        request_id = str(uuid.uuid4())
+        first = await client.create_civic_address(an_address(), request_id)
+        assert first.civic_address_id and first.locations[0].location_id
+        assert first.created_by == addresses_pb.CIVIC_ADDRESS_AUTHOR_OPERATOR
+        again = await client.create_civic_address(an_address(street="Other"), request_id)
+        assert again.civic_address_id == first.civic_address_id  # a retry creates nothing
+        made = [first] + [
+            await client.create_civic_address(an_address(tenant, f"Street {n}"))
+            for n, tenant in enumerate([TENANT, OTHER_TENANT, OTHER_TENANT])
+        ]
+        # Listed by pages with the test system's own (one per consented tenant).
+        theirs = {v for (o, _), v in system.addresses.items() if o == OPERATOR}
+        pages = [page async for page in client.list_civic_addresses(page_size=2)]
+        assert [len(page.civic_addresses) for page in pages] == [2, 2, 2]
+        listed = [a.civic_address_id for page in pages for a in page.civic_addresses]
+        assert sorted(listed) == sorted([*(a.civic_address_id for a in made), *theirs])
+        of_tenant = [
+            a.tenant_id
+            async for page in client.list_civic_addresses(OTHER_TENANT)
+            for a in page.civic_addresses
+        ]
+        assert of_tenant == [OTHER_TENANT] * 3
+        assert (await client.get_civic_address(first.civic_address_id)) == first
+
+        # Only the fields the mask names change; a location sent with its id is kept.
+        change = addresses_pb.CivicAddress(
+            civic_address_id=first.civic_address_id,
+            street_name="Ignored",
+            postal_code="98053",
+            locations=[
+                addresses_pb.Location(
+                    location_id=first.locations[0].location_id, description="Ground floor"
+                ),
+                addresses_pb.Location(description="Roof"),
+            ],
+        )
+        updated = await client.update_civic_address(change, ["postal_code", "locations"])
+        assert (updated.street_name, updated.postal_code) == ("Microsoft", "98053")
+        assert updated.locations[0].location_id == first.locations[0].location_id
+        assert [x.description for x in updated.locations] == ["Ground floor", "Roof"]
+        assert not updated.locations[0].elin  # as sent: the ELIN left out is cleared
+
+        # The number's address: set at upload, changed with a mask.
+        number = numbers_pb.NumberUpload(
+            phone_number=NUMBERS[0],
+            usage=numbers_pb.NUMBER_USAGE_USER,
+            capabilities=numbers_pb.Capabilities(inbound=True, outbound=True),
+            civic_address_id=first.civic_address_id,
+        )
+        assert (await client.upload_numbers(TENANT, [number])).added_count == 1
+        moved = await client.update_number(
+            numbers_pb.PhoneNumber(
+                phone_number=NUMBERS[0],
+                civic_address_id=made[1].civic_address_id,
+                ticket_id="T-1",
+                calling_profile_id="not looked at: not in the mask",
+            ),
+            ["civic_address_id", "ticket_id"],
+        )
+        assert (moved.civic_address_id, moved.ticket_id) == (made[1].civic_address_id, "T-1")
+        assert moved.emergency_location.civic_address.street_name == "Street 0"
+
+        # Errors carry the server's reason and the field at fault.
+        bad = an_address()
+        bad.country_code = "XX"
+        bad.locations[0].description = ""
+        with pytest.raises(ServerError) as raised:
+            await client.create_civic_address(bad)
+        assert raised.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert raised.value.reason == "CIVIC_ADDRESS_INVALID"
+        assert {"civic_address.country_code", "civic_address.locations[0].description"} <= set(
+            raised.value.violations
+        )
+        with pytest.raises(ServerError) as raised:
+            await client.update_civic_address(change, [])
+        assert raised.value.reason == "UPDATE_MASK_INVALID"
+        with pytest.raises(ServerError) as raised:
+            await client.update_number(numbers_pb.PhoneNumber(phone_number=NUMBERS[0]), ["usage"])
+        assert raised.value.reason == "UPDATE_MASK_INVALID"
+        with pytest.raises(ServerError) as raised:
+            await client.delete_civic_address(made[1].civic_address_id)
+        assert (raised.value.code, raised.value.reason) == (
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "CIVIC_ADDRESS_IN_USE",
+        )
+        await client.delete_civic_address(first.civic_address_id)
+        with pytest.raises(ServerError) as raised:
+            await client.get_civic_address(first.civic_address_id)
+        assert raised.value.reason == "CIVIC_ADDRESS_NOT_FOUND"
+
+    # Another operator sees none of them.
+    async with Client(connection(system, ident=OTHER_OPERATOR)) as other:
+        listed = [
+            a.civic_address_id
+            async for page in other.list_civic_addresses()
+            for a in page.civic_addresses
+        ]
+        assert not set(listed) & {a.civic_address_id for a in made}
+        with pytest.raises(ServerError) as raised:
+            await other.get_civic_address(made[1].civic_address_id)
+        assert raised.value.reason == "CIVIC_ADDRESS_NOT_FOUND"
 
 
 # --- call records --------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import datetime as dt
 import json
 import os
 import queue
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -16,8 +17,11 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
+from google.protobuf import field_mask_pb2
 from google.protobuf.json_format import MessageToDict
 
+from opconnect.numbers.v1 import civic_addresses_pb2 as addresses_pb
+from opconnect.numbers.v1 import civic_addresses_pb2_grpc
 from opconnect.numbers.v1 import numbers_pb2 as numbers_pb
 from services.numbers import storage as numbers_storage
 from tests.conftest import OPERATOR, TENANT, Pki, RunningSystem, settings_for, start_system
@@ -168,6 +172,56 @@ def test_the_python_watch_example_resumes_after_its_checkpoint(
         assert later[:-1] == seen[len(seen) - len(later) + 1 :]
     finally:
         watcher.kill()
+
+
+def test_the_python_emergency_routes_example_keeps_its_table_exactly_once(
+    sqlite_system: RunningSystem, tmp_path: Path
+) -> None:
+    system = sqlite_system
+    upload(system, *NUMBERS[:3])  # USER numbers at the tenant's test address
+    assign(system, NUMBERS[0])
+    database = tmp_path / "routes.db"
+    command = [
+        sys.executable,
+        "examples/python/emergency_routes.py",
+        *("--target", system.address),
+        *files(system),
+        *("--database", str(database)),
+    ]
+    address_id = system.addresses[OPERATOR, TENANT]
+    routes = Program(command)
+    try:
+        listed = {x["phone_number"]: x["route"] for x in routes.json_lines(3)}
+        assert listed[NUMBERS[1]] is None and listed[NUMBERS[2]] is None  # not assigned
+        assert listed[NUMBERS[0]]["civic_address_id"] == address_id
+        assert listed[NUMBERS[0]]["address"] == "1 Microsoft Way, Redmond, WA 98052, US"
+        assign(system, NUMBERS[1])
+        (assigned,) = routes.json_lines(1)
+        assert assigned["phone_number"] == NUMBERS[1] and assigned["route"]["address"]
+        # The operator edits the address: each assigned number at it is routed anew.
+        stub = civic_addresses_pb2_grpc.CivicAddressServiceStub(system.channel())
+        stub.UpdateCivicAddress(
+            addresses_pb.UpdateCivicAddressRequest(
+                civic_address=addresses_pb.CivicAddress(
+                    civic_address_id=address_id, postal_code="98053"
+                ),
+                update_mask=field_mask_pb2.FieldMask(paths=["postal_code"]),
+            )
+        )
+        updated = {x["phone_number"]: x["route"]["address"] for x in routes.json_lines(2)}
+        assert updated == dict.fromkeys(NUMBERS[:2], "1 Microsoft Way, Redmond, WA 98053, US")
+        routes.kill()  # after it printed them: those batches and their cursors committed
+        system.admin().UnassignNumber(
+            numbers_pb.UnassignNumberRequest(phone_number=NUMBERS[0], tenant_id=TENANT)
+        )
+        routes = Program(command)
+        # Exactly once: it resumes after the last batch applied, nothing of it again.
+        assert routes.json_lines(1) == [{"phone_number": NUMBERS[0], "route": None}]
+    finally:
+        routes.kill()
+    with sqlite3.connect(database) as db:
+        rows = db.execute("SELECT phone_number, address, elin FROM emergency_routes").fetchall()
+    assert rows == [(NUMBERS[1], "1 Microsoft Way, Redmond, WA 98053, US", "")]
 
 
 def test_the_python_follow_and_submit_examples(

@@ -11,17 +11,11 @@ import csv
 import datetime as dt
 import io
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
 
 import pytest
-import structlog
 
 from app.cli import main, parser
 from operator_client import times
@@ -29,77 +23,23 @@ from operator_client.numbers import MAX_ROWS
 from operator_client.output import Output
 from operator_client.records import CSV_COLUMNS
 from tests.conftest import OPERATOR, OTHER_TENANT, TENANT, RunningSystem
-from tests.helpers import assign, eventually, upload
+from tests.helpers import (
+    assign,
+    cli_process,
+    connect,
+    eventually,
+    read_line,
+    run_json,
+    said,
+    upload,
+    write_csv,
+)
 from tests.records_data import ids, publish_records, record, stamp, stream_all
 
-
-@pytest.fixture(autouse=True)
-def _reset_logging(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.setenv("OPCONNECT_DATA_DIR", str(tmp_path / "cli"))
-    monkeypatch.setenv("OPCONNECT_LOG_FORMAT", "json")
-    monkeypatch.setenv("OPCONNECT_LOG_LEVEL", "warning")
-    yield
-    structlog.reset_defaults()
-
-
-def connect(system: RunningSystem) -> list[str]:
-    cert, key = system.pki.paths.client(f"operator-{OPERATOR}")
-    return [
-        "operator",
-        *("--target", system.address),
-        *("--ca", str(system.pki.paths.ca_cert)),
-        *("--cert", str(cert)),
-        *("--key", str(key)),
-    ]
-
-
-def said(err: str) -> str:
-    """What the command said on stderr, without the test server's JSON logs (the server runs in
-    the test's process and logs there too)."""
-    return "".join(line for line in err.splitlines(keepends=True) if not line.startswith("{"))
-
-
-def run_json(
-    system: RunningSystem, capsys: pytest.CaptureFixture[str], *args: str, status: int = 0
-) -> list[dict[str, Any]]:
-    """Run a command with `--output json`; the JSON lines it printed (stdout is JSON only)."""
-    capsys.readouterr()
-    assert main([*connect(system), *args, "--output", "json"]) == status
-    return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-
-
-def cli_process(system: RunningSystem, tmp_path: Path, *args: str) -> subprocess.Popen[str]:
-    """The `opconnect` command in a process of its own, against the test's server."""
-    env = {
-        **os.environ,
-        "OPCONNECT_DATA_DIR": str(tmp_path / "cli"),
-        "OPCONNECT_LOG_FORMAT": "json",
-        "OPCONNECT_LOG_LEVEL": "warning",
-    }
-    return subprocess.Popen(
-        [sys.executable, "-m", "app.cli", *connect(system), *args],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def read_line(stream: IO[str] | None) -> dict[str, object]:
-    assert stream is not None
-    line = stream.readline()
-    assert line, "the command ended"
-    parsed: dict[str, object] = json.loads(line)
-    return parsed
+pytestmark = pytest.mark.usefixtures("cli_environment")
 
 
 # --- numbers -----------------------------------------------------------------------------------
-
-
-def write_csv(
-    path: Path, rows: list[list[str]], header: str = "phone_number,usage,inbound,outbound"
-) -> None:
-    path.write_text(header + "\n" + "".join(",".join(row) + "\n" for row in rows))
 
 
 def test_upload_list_get_and_release_numbers(
@@ -107,15 +47,17 @@ def test_upload_list_get_and_release_numbers(
 ) -> None:
     system = sqlite_system
     path = tmp_path / "numbers.csv"
+    address = system.addresses[OPERATOR, TENANT]  # a USER number needs a civic address
     write_csv(
         path,
         [
-            ["+14255550100", "user", "yes", "yes"],
-            ["+14255550101", "voice_app", "yes", "no"],
-            ["+14255550102", "sideways", "yes", "yes"],  # unreadable: never sent
-            ["+0123", "user", "yes", "yes"],  # refused by the platform (not E.164)
-            ["+14255550103", "conference", "1", ""],
+            ["+14255550100", "user", "yes", "yes", address],
+            ["+14255550101", "voice_app", "yes", "no", ""],
+            ["+14255550102", "sideways", "yes", "yes", ""],  # unreadable: never sent
+            ["+0123", "user", "yes", "yes", address],  # refused by the platform (not E.164)
+            ["+14255550103", "conference", "1", "", ""],
         ],
+        header="phone_number,usage,inbound,outbound,civic_address_id",
     )
     (answer,) = run_json(
         system, capsys, "numbers", "upload", str(path), "--tenant", TENANT, status=1

@@ -21,7 +21,9 @@ from tests.helpers import eventually, feed_system, kept, usage_stub
 from tests.records_data import stamp, stream_all
 
 
-def test_simulator_feeds_an_operator_stream(sqlite_system: RunningSystem) -> None:
+def test_simulator_feeds_an_operator_stream(
+    sqlite_system: RunningSystem, capsys: pytest.CaptureFixture[str]
+) -> None:
     started = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1)
     options = Options(
         target=sqlite_system.address,
@@ -34,6 +36,11 @@ def test_simulator_feeds_an_operator_stream(sqlite_system: RunningSystem) -> Non
         tenant="5e4d3c2b-1a0f-4e9d-8c7b-6a5f4e3d2c1b",  # no consent yet: the simulator makes one
     )
     assert asyncio.run(simulate(options)) == 0
+    said = capsys.readouterr().out
+    # The address change: the operator edited the numbers' address, and the watch saw the
+    # UPDATED event of every assigned number referring to it (all ten: they share it).
+    assert "address change: the operator edited civic address" in said
+    assert "the watch saw 10 UPDATED event(s) with the new emergency location" in said
     consents = consents_pb2_grpc.ConsentServiceStub(sqlite_system.channel())
     consent = consents.GetConsent(consents_pb2.GetConsentRequest(tenant_id=options.tenant))
     assert consent.consent.state == consents_pb2.CONSENT_STATE_ACTIVE
@@ -44,6 +51,8 @@ def test_simulator_feeds_an_operator_stream(sqlite_system: RunningSystem) -> Non
     )
     numbers = {n.phone_number for n in assigned.numbers}
     assert len(numbers) == 10
+    note = assigned.numbers[0].emergency_location.civic_address.description
+    assert note.startswith("emergency address checked by opconnect simulate at")
     records, _, _ = stream_all(sqlite_system.records(), start_time=stamp(started))
     assert len(records) == 400
     assert all(
@@ -54,8 +63,10 @@ def test_simulator_feeds_an_operator_stream(sqlite_system: RunningSystem) -> Non
     assert classes[pb.QUALITY_CLASS_GOOD] > 100
     codes = Counter(r.final_sip_code for r in records)
     assert codes[200] > 200 and len(codes) >= 5
-    # A second run reuses the numbers and adds new calls.
+    # A second run reuses the numbers and adds new calls; its edit of the address is its own
+    # (also within the same second as the first run's), so its watch sees the events again.
     assert asyncio.run(simulate(Options(**{**options.__dict__, "calls": 50}))) == 0
+    assert "the watch saw 10 UPDATED event(s)" in capsys.readouterr().out
     records, _, _ = stream_all(sqlite_system.records(), start_time=stamp(started))
     assert len(records) == 450
 
