@@ -109,15 +109,72 @@ def own_pki(session_pki: Pki, tmp_path: Path) -> Pki:
     return Pki(pki.PkiPaths.at(directory), session_pki.foreign_ca, session_pki.foreign_client)
 
 
+# The test schemas of this session, dropped when it ends (`_drop_test_schemas`): each holds
+# hundreds of tables and partitions, which would otherwise pile up in the database run after run.
+# A schema's name carries the minute it was made, so that a later session can drop those an
+# interrupted one left behind.
+SCHEMA_PREFIX = "t_"
+SCHEMA_STALE_S = 12 * 3600  # older than any session could run
+_made_schemas: list[str] = []
+
+
 def reset_postgres(url: str) -> str:
     """A fresh, empty schema of its own for one test; returns the URL that uses it."""
-    schema = f"t_{uuid.uuid4().hex[:12]}"
+    schema = f"{SCHEMA_PREFIX}{int(time.time() // 60):x}_{uuid.uuid4().hex[:8]}"
     engine = sa.create_engine(url)
     with engine.begin() as conn:
         conn.execute(sa.text(f"CREATE SCHEMA {schema}"))
     engine.dispose()
+    _made_schemas.append(schema)
     sep = "&" if "?" in url else "?"
     return f"{url}{sep}options=-csearch_path%3D{schema}"
+
+
+def _stale(schema: str, now: float) -> bool:
+    """A test schema left behind by a session that could not drop it: made more than
+    SCHEMA_STALE_S ago, or named as before names carried their minute."""
+    minute, _, rest = schema.removeprefix(SCHEMA_PREFIX).partition("_")
+    if not rest:
+        return len(minute) == 12  # the old form, t_<12 hex digits>
+    try:
+        return now - int(minute, 16) * 60 > SCHEMA_STALE_S
+    except ValueError:
+        return False
+
+
+def _drop_schemas(url: str, schemas: list[str]) -> None:
+    engine = sa.create_engine(url)
+    try:
+        for schema in schemas:
+            try:
+                with engine.begin() as conn:
+                    conn.execute(sa.text("SET LOCAL lock_timeout = '10s'"))
+                    conn.execute(sa.text(f"DROP SCHEMA IF EXISTS {schema} CASCADE"))
+            except sa.exc.DBAPIError as error:  # still in use: a later session drops it
+                print(f"test schema {schema} not dropped: {str(error.orig).strip()[:120]}")
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _drop_test_schemas() -> Iterator[None]:
+    """Drop the stale test schemas of earlier sessions at the start, this session's at the
+    end."""
+    if not POSTGRES_URL:
+        yield
+        return
+    engine = sa.create_engine(POSTGRES_URL)
+    try:
+        with engine.connect() as conn:
+            names = conn.execute(
+                sa.text("SELECT nspname FROM pg_namespace WHERE nspname LIKE 't\\_%'")
+            ).scalars()
+            stale = [name for name in names if _stale(name, time.time())]
+    finally:
+        engine.dispose()
+    _drop_schemas(POSTGRES_URL, stale)
+    yield
+    _drop_schemas(POSTGRES_URL, _made_schemas)
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
