@@ -67,7 +67,10 @@ GET_NUMBER = "+14255550100"
 POOL = [f"+1425555{1000 + i}" for i in range(100)]  # numbers assigned and unassigned in turn
 
 GETNUMBER_TARGET = 0.7
-NOTIFY_P99_TARGET_MS = 20.0
+# Issue 12's targets: assignment -> watcher event p99 under 10 ms on SQLite, 50 ms on PostgreSQL
+# (across replicas); the AssignNumber round trip at most 3x a raw commit (p50s).
+NOTIFY_P99_TARGET_MS = {"sqlite": 10.0, "postgresql": 50.0}
+ASSIGN_COMMIT_TARGET = 3.0
 WARMUP_CHANGES = 20
 STOP_WAIT_S = 15.0  # how long a child process may take to finish once told to
 SPLIT_RATIO_DESIGN = 1 / 3  # DESIGN.md: "a hop between Python processes costs about 3x"
@@ -586,13 +589,15 @@ def print_report(report: dict[str, Any], args: argparse.Namespace) -> None:
         f" of {n['latency_ms']['n']}; timeouts: {n['timeouts']}"
     )
     p99 = n["latency_ms"]["p99"]
+    target = n["target_p99_ms"]
     print(
         f"   notify p99 {p99:.1f} ms = {n['p99_over_getnumber_p99']:.1f}x the GetNumber p99"
-        f" (target < {NOTIFY_P99_TARGET_MS:g} ms: {verdict(p99 < NOTIFY_P99_TARGET_MS)})"
+        f" (target < {target:g} ms: {verdict(p99 < target)})"
     )
     print(
         f"   Assign/UnassignNumber round trip p50 / raw commit p50 ="
-        f" {n['assign_rtt_over_commit_p50']:.1f}x (the issue's target: <= 3x)"
+        f" {n['assign_rtt_over_commit_p50']:.1f}x (target <= {ASSIGN_COMMIT_TARGET:g}x:"
+        f" {verdict(n['assign_rtt_over_commit_p50'] <= ASSIGN_COMMIT_TARGET)})"
     )
     if report["profile"]:
         run = report["profile"]["run"]
@@ -754,7 +759,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "p99_over_getnumber_p99": notify_ms["p99"] / rtt_system_ms["p99"],
             "event_before_answer": notified.event_before_answer,
             "timeouts": notified.timeouts,
-            "target_p99_ms": NOTIFY_P99_TARGET_MS,
+            "target_p99_ms": NOTIFY_P99_TARGET_MS[ws.backend],
         },
         "backend": ws.backend,
         "profile": profile,

@@ -15,7 +15,7 @@ this runs on are small and noisy:
    must be accepted. Versus raw `sqlite3` executemany inserts of the very rows the system wrote
    into a fresh copy of the schema, one durable transaction per 1,000 (WAL, synchronous=FULL,
    as the system runs SQLite). Reported as `ingest_ratio` = best system / best raw records/s
-   (target >= 0.3).
+   (target >= 0.5, issue 12).
 2. A month of `--calls` (1,000,000 by default) platform calls of the operator over 30 days and
    the operator's duration records of them (most answered calls reported, a share of them
    beyond the tolerance, a few the platform does not know, a few it has as not answered),
@@ -84,7 +84,7 @@ from services.usage.platform_calls import COLUMNS as PLATFORM_COLUMNS
 from services.usage.platform_calls import store_platform_calls
 
 SUBMIT_METHOD = "/opconnect.usage.v1.UsageService/SubmitCallDurations"
-INGEST_TARGET = 0.3
+INGEST_TARGET = 0.5  # issue 12
 SECONDS_TARGET = 60.0  # "seconds, not minutes": each query of the month under a minute
 BATCH = rules.MAX_BATCH  # records per SubmitCallDurations request, and per raw transaction
 TEMPLATES = 2_000  # rows of each table the fill makes through the service's own code
