@@ -17,6 +17,7 @@ from services.numbers.addresses import (
     EmergencyLocation,
     GeoPoint,
     Location,
+    from_json,
     to_json,
 )
 from services.numbers.rules import Event, EventType, Number, State, Target, TargetKind, Usage
@@ -113,7 +114,7 @@ def test_a_snapshot_is_read_once_for_every_answer_and_event(
     """An assignment answers the number it has just changed and sends its event: the stored
     emergency location is read (its JSON, its message built) once, not on every one."""
     reads: list[str] = []
-    real = convert.from_json
+    real = from_json
 
     def counted(text: str) -> EmergencyLocation | None:
         reads.append(text)
