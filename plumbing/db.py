@@ -18,7 +18,9 @@ The hot single-row units (an assignment change) run by `await db.run_unit(fn, ..
 fn takes a `Unit`, a transaction on a driver connection of the same pool without a `Session`
 (whose set-up, connection handling and commit cost more than such a unit's statements). It is
 the same mechanism otherwise: the gate, the threads, the retry of busy SQLite, the errors mapped
-(`_driver_errors`), the metrics and spans. `driver_fetch` and its kin take either.
+(`_driver_errors`), the metrics and spans. On PostgreSQL a write unit's BEGIN goes in one
+pipeline with its first statement (`Unit._first_fetch`): one round trip fewer. `driver_fetch`
+and its kin take either.
 """
 
 from __future__ import annotations
@@ -541,8 +543,9 @@ class Unit:
 
     def begin(self, *, write: bool) -> None:
         """Begin the transaction as `Database` begins a Session's: SQLite BEGIN IMMEDIATE for a
-        write (DEFERRED for a read); PostgreSQL begins at the first statement, a read at
-        REPEATABLE READ (the connection's level put back by `end`)."""
+        write (DEFERRED for a read); PostgreSQL begins at the first statement, a write's BEGIN
+        sent with it (`_first_fetch`), a read at REPEATABLE READ (the connection's level put
+        back by `end`)."""
         if self.postgres:
             if not write:
                 self._isolation = (self.connection.isolation_level,)
