@@ -18,7 +18,9 @@ The hot single-row units (an assignment change) run by `await db.run_unit(fn, ..
 fn takes a `Unit`, a transaction on a driver connection of the same pool without a `Session`
 (whose set-up, connection handling and commit cost more than such a unit's statements). It is
 the same mechanism otherwise: the gate, the threads, the retry of busy SQLite, the errors mapped
-(`_driver_errors`), the metrics and spans. `driver_fetch` and its kin take either.
+(`_driver_errors`), the metrics and spans. On PostgreSQL a write unit's BEGIN goes in one
+pipeline with its first statement (`Unit._first_fetch`): one round trip fewer. `driver_fetch`
+and its kin take either.
 """
 
 from __future__ import annotations
@@ -458,7 +460,16 @@ class Unit:
     SQLAlchemy raises them (`_driver_errors`). `info` is the transaction's own notes (as
     `Session.info`: the change-log head locks it took)."""
 
-    __slots__ = ("_isolation", "connection", "dialect", "info", "postgres", "time")
+    __slots__ = (
+        "_begin",
+        "_isolation",
+        "_pipelined",
+        "connection",
+        "dialect",
+        "info",
+        "postgres",
+        "time",
+    )
 
     def __init__(
         self, connection: Any, dialect: Dialect, info: dict[Any, Any] | None = None
@@ -470,6 +481,9 @@ class Unit:
         # How a time goes to the driver (see `driver_time`).
         self.time: Callable[[dt.datetime | None], Any] = time_form(sqlite=not self.postgres)
         self._isolation: tuple[Any] | None = None  # (the level to put back) after a read
+        # PostgreSQL: a write's BEGIN, to be sent with its first statement (`_first_fetch`).
+        self._begin = False
+        self._pipelined = False  # it was: the connection is in autocommit until `end`
 
     def _sql(self, sql: str) -> str:
         return sql.replace("?", "%s") if self.postgres else sql
@@ -479,6 +493,8 @@ class Unit:
     ) -> list[tuple[Any, ...]]:
         """Run one statement; its rows (see `driver_fetch`)."""
         sql = self._sql(sql)
+        if self._begin:
+            return self._first_fetch(sql, params, prepare)
         cursor = self.connection.cursor()
         try:
             with _driver_errors_of(self.dialect, self.connection, cursor, sql):
@@ -490,9 +506,34 @@ class Unit:
         finally:
             cursor.close()
 
+    def _first_fetch(self, sql: str, params: Sequence[Any], prepare: bool) -> list[tuple[Any, ...]]:
+        """PostgreSQL, a write's first statement: sent with its BEGIN in one round trip (a
+        pipeline: BEGIN, the statement, one sync), where psycopg would wait for its own BEGIN's
+        answer first. The connection is in autocommit meanwhile, so that psycopg sends no
+        BEGIN of its own; the server's transaction stays open until `commit` or `rollback`
+        (psycopg sends COMMIT or ROLLBACK whenever the server says one is open), and `end`
+        puts the connection back as the pool lent it."""
+        self._begin = False
+        connection = self.connection
+        begin = connection.cursor()
+        cursor = connection.cursor()
+        try:
+            with _driver_errors_of(self.dialect, connection, cursor, sql):
+                connection.autocommit = True
+                self._pipelined = True
+                with connection.pipeline():
+                    begin.execute(_begin_statement(connection), prepare=False)
+                    cursor.execute(sql, tuple(params), prepare=None if prepare else False)
+                return list(cursor.fetchall()) if cursor.description is not None else []
+        finally:
+            begin.close()
+            cursor.close()
+
     def execute_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
         """Run one statement for many rows (see `driver_execute_many`)."""
         sql = self._sql(sql)
+        if self._begin:  # its BEGIN the ordinary way (the first statement of no unit today)
+            self._begin = False
         cursor = self.connection.cursor()
         try:
             with _driver_errors_of(self.dialect, self.connection, cursor, sql):
@@ -502,12 +543,15 @@ class Unit:
 
     def begin(self, *, write: bool) -> None:
         """Begin the transaction as `Database` begins a Session's: SQLite BEGIN IMMEDIATE for a
-        write (DEFERRED for a read); PostgreSQL begins at the first statement, a read at
-        REPEATABLE READ (the connection's level put back by `end`)."""
+        write (DEFERRED for a read); PostgreSQL begins at the first statement, a write's BEGIN
+        sent with it (`_first_fetch`), a read at REPEATABLE READ (the connection's level put
+        back by `end`)."""
         if self.postgres:
             if not write:
                 self._isolation = (self.connection.isolation_level,)
                 self.connection.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+            else:
+                self._begin = True  # with its first statement (`_first_fetch`)
             return
         self._command("BEGIN IMMEDIATE" if write else "BEGIN")
 
@@ -522,6 +566,11 @@ class Unit:
 
     def end(self) -> None:
         """After commit or rollback: the connection as the pool lent it."""
+        self._begin = False
+        if self._pipelined:  # after `_first_fetch`
+            self._pipelined = False
+            with contextlib.suppress(self.dialect.loaded_dbapi.Error):
+                self.connection.autocommit = False
         if self._isolation is not None:
             with contextlib.suppress(self.dialect.loaded_dbapi.Error):
                 self.connection.isolation_level = self._isolation[0]
@@ -534,6 +583,20 @@ class Unit:
                 cursor.execute(sql)
         finally:
             cursor.close()
+
+
+def _begin_statement(connection: psycopg.Connection[Any]) -> bytes:
+    """The BEGIN psycopg itself sends on `connection` (its isolation level, read-only and
+    deferrable options as set: SQLAlchemy sets the level on every pooled connection)."""
+    parts = ["BEGIN"]
+    if connection.isolation_level is not None:
+        level = psycopg.IsolationLevel(connection.isolation_level)
+        parts.append("ISOLATION LEVEL " + level.name.replace("_", " "))
+    if connection.read_only is not None:
+        parts.append("READ ONLY" if connection.read_only else "READ WRITE")
+    if connection.deferrable is not None:
+        parts.append("DEFERRABLE" if connection.deferrable else "NOT DEFERRABLE")
+    return " ".join(parts).encode()
 
 
 def unit_of(target: Session | Unit) -> Unit:

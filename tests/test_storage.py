@@ -13,6 +13,7 @@ import threading
 import time
 from pathlib import Path
 
+import psycopg
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
@@ -291,6 +292,52 @@ async def test_a_read_unit_sees_one_snapshot_and_leaves_the_connection_as_it_was
         assert await database.run_unit(level, write=True) == "read committed"
     finally:
         database.close()
+
+
+async def test_a_write_units_begin_goes_with_its_first_statement(
+    db: Database, tmp_path: Path
+) -> None:
+    """PostgreSQL: a write unit's BEGIN is sent with its first statement, so the server
+    answers them once (one ReadyForQuery) instead of twice; what the unit wrote commits with
+    it, a failure rolls it all back, and the connection goes back to the pool as it came (out
+    of autocommit, no transaction open)."""
+    if not db.is_postgres:
+        pytest.skip("SQLite's BEGIN IMMEDIATE takes no round trip")
+    one = Database(db.url, threads=1)  # one connection: the one the units ran on is checked
+    trace = tmp_path / "protocol.txt"
+
+    def traced(unit: Unit, fail: bool) -> int:
+        pgconn = unit.connection.pgconn
+        with trace.open("w") as out:
+            pgconn.trace(out.fileno())
+            pgconn.set_trace_flags(psycopg.pq.Trace.SUPPRESS_TIMESTAMPS)
+            try:
+                position = allocate(unit, LOG)
+                assert read_head(unit, LOG).position == position
+            finally:
+                pgconn.untrace()
+        if fail:
+            raise RuntimeError("the unit fails after its statements")
+        return position
+
+    try:
+        before = one.transaction(read_head, LOG).position
+        assert await one.run_unit(traced, False, write=True) == before + 1
+        # BEGIN with the allocation (one answer), then the head read (one answer)
+        assert trace.read_text().count("ReadyForQuery") == 2
+        with pytest.raises(RuntimeError):
+            await one.run_unit(traced, True, write=True)
+        assert one.transaction(read_head, LOG).position == before + 1
+        pooled = one.engine.raw_connection()
+        try:
+            connection = pooled.dbapi_connection
+            assert connection is not None
+            assert not connection.autocommit
+            assert connection.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        finally:
+            pooled.close()
+    finally:
+        one.close()
 
 
 async def test_a_unit_on_storage_that_cannot_be_reached_answers_unavailable() -> None:

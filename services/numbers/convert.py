@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 from opconnect.numbers.v1 import civic_addresses_pb2 as addresses_pb
 from opconnect.numbers.v1 import consents_pb2 as consents_pb
 from opconnect.numbers.v1 import numbers_pb2 as pb
@@ -14,6 +16,7 @@ from services.numbers.addresses import (
     EmergencyLocation,
     GeoPoint,
     Location,
+    from_json,
 )
 from services.numbers.consents import Consent, ConsentEvent, ConsentState, Reason
 from services.numbers.rules import (
@@ -87,7 +90,7 @@ def target_out(target: Target | None) -> pb.AssignmentTarget | None:
 
 
 def number_out(number: Number) -> pb.PhoneNumber:
-    return pb.PhoneNumber(
+    out = pb.PhoneNumber(
         phone_number=number.phone_number,
         tenant_id=number.tenant_id,
         usage=USAGE_OUT[number.usage],
@@ -103,8 +106,11 @@ def number_out(number: Number) -> pb.PhoneNumber:
         allow_tenant_address_update=number.allow_tenant_address_update,
         iso_country_code=number.iso_country_code,
         ticket_id=number.ticket_id,
-        emergency_location=emergency_location_out(number.emergency_location),
     )
+    wire = snapshot_out(number.snapshot) if number.snapshot else b""
+    if wire:
+        out.emergency_location.MergeFromString(wire)
+    return out
 
 
 def result_out(result: Result) -> pb.NumberResult:
@@ -117,7 +123,7 @@ def result_out(result: Result) -> pb.NumberResult:
 
 
 def event_out(event: Event, cursor: str) -> pb.AssignmentEvent:
-    return pb.AssignmentEvent(
+    out = pb.AssignmentEvent(
         type=EVENT_OUT[event.type],
         phone_number=event.phone_number,
         tenant_id=event.tenant_id,
@@ -125,8 +131,28 @@ def event_out(event: Event, cursor: str) -> pb.AssignmentEvent:
         target=target_out(event.target),
         event_time=timestamp(event.occurred_at),
         cursor=cursor,
-        emergency_location=emergency_location_out(event.emergency_location),
     )
+    wire = snapshot_out(event.snapshot) if event.snapshot else b""
+    if wire:
+        out.emergency_location.MergeFromString(wire)
+    return out
+
+
+# Distinct snapshots are as many as the locations numbers point at; each costs its JSON text
+# and about 0.6 KB of wire form here.
+SNAPSHOTS_CACHED = 4096
+
+
+@functools.lru_cache(maxsize=SNAPSHOTS_CACHED)
+def snapshot_out(snapshot: str) -> bytes:
+    """A stored emergency location (`addresses.to_json`, not empty) as its `EmergencyLocation`
+    message's wire form, made once per distinct snapshot: reading the JSON and building the
+    message cost twice the rest of a number's conversion, on every answer and every event
+    (an assignment answers the number it changed, so a cache of whole numbers would miss).
+    Bytes, immutable, merged into the message being built; a snapshot is never changed in
+    place (a new location is a new text), so an entry never goes stale."""
+    message = emergency_location_out(from_json(snapshot))
+    return message.SerializeToString() if message is not None else b""
 
 
 # --- civic addresses ---------------------------------------------------------------------------
