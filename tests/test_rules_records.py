@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime as dt
 import itertools
 import math
+from typing import Any
 
 import pytest
 
@@ -121,7 +122,7 @@ def test_a_batch_id_the_stream_cannot_go_on_after() -> None:
 
 # The values a media stream's checks look at: each in range, at an edge, and out of it (None:
 # missing; NaN and infinity: refused).
-_STREAM_VALUES: dict[str, tuple[object, ...]] = {
+_STREAM_VALUES: dict[str, tuple[Any, ...]] = {
     "direction": (MediaDirection.CALLER_TO_CALLEE, None),
     "media_type": (MediaType.AUDIO, MediaType.VIDEO, None),
     "codec": ("", "SILK", "pcmu", "nope", "x" * 40),
