@@ -205,16 +205,12 @@ def published_in(
         clean = pb.CallRecord()
         clean.CopyFrom(message.record)
         clean.DiscardUnknownFields()
-    # Output-only fields, cleared when set (a publisher seldom sets them: reading costs less).
-    if clean.quality_class or clean.quality_reasons:
-        clean.ClearField("quality_class")
-        clean.ClearField("quality_reasons")
-    if clean.HasField("publish_time"):
-        clean.ClearField("publish_time")
+    clean.ClearField("quality_class")  # output-only (clearing costs less than looking)
+    clean.ClearField("quality_reasons")
+    clean.ClearField("publish_time")
     for stream in clean.media_streams:
-        if stream.quality_class or stream.quality_reasons:
-            stream.ClearField("quality_class")
-            stream.ClearField("quality_reasons")
+        stream.ClearField("quality_class")
+        stream.ClearField("quality_reasons")
     try:
         record = record_in(clean)
     except _Bad as bad:
