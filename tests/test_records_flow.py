@@ -14,7 +14,7 @@ import pytest
 from opconnect.numbers.v1 import numbers_pb2
 from opconnect.records.v1 import records_pb2 as pb
 from opconnect.records.v1 import records_pb2_grpc as pb_grpc
-from plumbing import audit
+from plumbing import audit, wire
 from tests.conftest import (
     OTHER_OPERATOR,
     OTHER_TENANT,
@@ -430,3 +430,38 @@ def test_thresholds_are_configurable(session_pki: Pki, tmp_path: Path) -> None:
         assert reason.observed.duration.ToMilliseconds() == 12
     finally:
         running.stop()
+
+
+def test_output_only_and_unknown_fields_sent_are_not_stored(system: RunningSystem) -> None:
+    """A published record's output-only fields (its classification, publish_time) and unknown
+    fields (a newer client's) are dropped before its digest and its stored body: the clean
+    record resent is a duplicate, and what is streamed is the service's own classification."""
+    clean = record(streams=[audio(jitter_ms=45.0), audio(pb.MEDIA_DIRECTION_CALLEE_TO_CALLER)])
+    dirty = pb.CallRecord()
+    dirty.CopyFrom(clean)
+    dirty.quality_class = pb.QUALITY_CLASS_GOOD  # the service says POOR
+    dirty.quality_reasons.add(metric=pb.QUALITY_METRIC_ROUND_TRIP, media_stream_index=1)
+    dirty.publish_time.CopyFrom(EPOCH)
+    dirty.media_streams[1].quality_class = pb.QUALITY_CLASS_POOR
+    dirty.media_streams[1].quality_reasons.add(metric=pb.QUALITY_METRIC_JITTER)
+    unknown = wire.varint(1000 << 3) + b"\x07"  # field 1000, varint 7: unknown to every side
+    message = pb.PublishedCallRecord()
+    message.ParseFromString(
+        published(pb.CallRecord()).SerializeToString()
+        + wire.field(2, dirty.SerializeToString() + unknown)
+        + unknown
+    )
+    assert message.record.call_id == clean.call_id
+    (first, second) = publish(system.ingest(), [message], [published(clean)])
+    assert [r.outcome for r in first.results] == [pb.CALL_RECORD_OUTCOME_ACCEPTED]
+    assert [r.outcome for r in second.results] == [pb.CALL_RECORD_OUTCOME_DUPLICATE]
+    (got,), _, _ = stream_all(system.records(), start_time=EPOCH)
+    assert got.quality_class == pb.QUALITY_CLASS_POOR
+    assert [r.metric for r in got.quality_reasons] == [pb.QUALITY_METRIC_JITTER]
+    assert [s.quality_class for s in got.media_streams] == [
+        pb.QUALITY_CLASS_POOR,
+        pb.QUALITY_CLASS_GOOD,
+    ]
+    assert not got.media_streams[1].quality_reasons
+    assert got.publish_time.seconds > EPOCH.seconds
+    assert unknown not in got.SerializeToString()

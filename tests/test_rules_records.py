@@ -5,6 +5,9 @@ Run the fast tier alone with `pytest -m unit`."""
 from __future__ import annotations
 
 import datetime as dt
+import itertools
+import math
+from typing import Any
 
 import pytest
 
@@ -13,10 +16,15 @@ from plumbing.errors import ApiError, Kind
 from services.records.rules import (
     CallRecord,
     EndReason,
+    MediaDirection,
+    MediaStream,
+    MediaType,
     Published,
+    _plain_stream,
     check_batch_id,
     check_published,
     check_record,
+    check_stream,
 )
 
 pytestmark = pytest.mark.unit
@@ -110,3 +118,43 @@ def test_a_batch_id_the_stream_cannot_go_on_after() -> None:
     with pytest.raises(ApiError) as refused:
         check_batch_id("x" * 200)
     assert (refused.value.kind, refused.value.reason) == (Kind.INVALID, "BATCH_ID_INVALID")
+
+
+# The values a media stream's checks look at: each in range, at an edge, and out of it (None:
+# missing; NaN and infinity: refused).
+_STREAM_VALUES: dict[str, tuple[Any, ...]] = {
+    "direction": (MediaDirection.CALLER_TO_CALLEE, None),
+    "media_type": (MediaType.AUDIO, MediaType.VIDEO, None),
+    "codec": ("", "SILK", "pcmu", "nope", "x" * 40),
+    "packet_count": (0, 6_000, -1, None),
+    "average_jitter_ms": (0.0, 5.0, 60_000.0, 60_001.0, -1.0, math.nan, None),
+    "max_jitter_ms": (0.0, 10.0, 60_000.0, math.inf, None),
+    "packet_loss_rate": (0.0, 0.5, 1.0, 1.5, -0.1, None),
+    "average_round_trip_ms": (0.0, 60.0, 90.0, -3.0, None),
+    "max_round_trip_ms": (50.0, 90.0, 60_000.0, 60_000.5, None),
+    "network_mos_degradation": (0.0, 4.0, 4.5, None),
+    "concealed_samples_ratio": (0.0, 1.0, 1.01, math.nan, None),
+}
+
+
+def test_the_quick_stream_check_never_passes_what_the_full_check_refuses() -> None:
+    """check_record's quick pass over a media stream (_plain_stream, the publish hot path)
+    passes only streams check_stream passes, and check_record refuses exactly what it refused
+    before: each value of a plain stream swapped for each other, one and two at a time."""
+    plain = MediaStream(
+        MediaDirection.CALLER_TO_CALLEE, MediaType.AUDIO, "SILK", 6_000, 5.0, 10.0, 0.01,
+        60.0, 90.0, 0.2, 0.01,
+    )  # fmt: skip
+    assert _plain_stream(plain)
+    names = list(_STREAM_VALUES)
+    swaps = [(n, v) for n in names for v in _STREAM_VALUES[n]]
+    checked = 0
+    for first, second in itertools.combinations_with_replacement(swaps, 2):
+        stream = plain._replace(**dict([first, second]))
+        full = check_stream(stream, "record.media_streams[1].")
+        if _plain_stream(stream):
+            assert full is None, stream
+        record = ANSWERED._replace(media_streams=(plain, stream))
+        assert check_record(record, NOW, RETENTION, SKEW) == full
+        checked += 1
+    assert checked > 1_000

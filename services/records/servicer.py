@@ -43,7 +43,6 @@ from plumbing.pipeline import CommitGroups, pipelined
 from plumbing.rpc import current_operator
 from plumbing.tokens import page_token, read_page_token
 from plumbing.validation import (
-    Outcome,
     batch_size,
     check_period,
     optional_tenant,
@@ -331,6 +330,9 @@ class CallRecordIngestService(pb_grpc.CallRecordIngestServiceServicer):
             raise invalid_field(
                 DOMAIN, "BATCH_TOO_LARGE", "records", f"at most {MAX_BATCH:,} records"
             )
+        # The request is ours: its records are cleaned in place and become the stored bodies,
+        # their unknown fields dropped here at once (convert.published_in, owned).
+        request.DiscardUnknownFields()
         operators = {r.operator_id for r in request.records}
         known = {o for o in operators if rules.OPERATOR_ID.fullmatch(o)}
         known = {o for o in known if await self._known_operator(o)}
@@ -371,13 +373,9 @@ class CallRecordIngestService(pb_grpc.CallRecordIngestServiceServicer):
             self._published,
             ((r.outcome.value, r.refusal.reason if r.refusal else "") for r in results),
         )
-        return pb.PublishCallRecordsResponse(
-            batch_id=batch.batch_id,
-            results=[convert.result_out(r) for r in results],
-            accepted_count=sum(r.outcome is Outcome.ACCEPTED for r in results),
-            duplicate_count=sum(r.outcome is Outcome.DUPLICATE for r in results),
-            refused_count=sum(r.outcome is Outcome.REFUSED for r in results),
-        )
+        response = pb.PublishCallRecordsResponse(batch_id=batch.batch_id)
+        convert.add_results(response, results)
+        return response
 
 
 @dataclass(frozen=True)
@@ -400,7 +398,7 @@ def _prepare_batch(
     thresholds: Thresholds,
     sqlite: bool,
 ) -> tuple[list[rules.Candidate | rules.Result], storage.Staged]:
-    prepared = convert.prepare(messages, known, settings, thresholds)
+    prepared = convert.prepare(messages, known, settings, thresholds, owned=True)
     candidates = [c for c in prepared if isinstance(c, rules.Candidate)]
     return prepared, storage.stage(candidates, sqlite)
 
