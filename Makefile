@@ -12,8 +12,13 @@ NODE   := node_modules/.installed-$(shell cat package-lock.json | cksum | cut -d
 run: $(STAMP)
 	OPCONNECT_METRICS_LISTEN=$${OPCONNECT_METRICS_LISTEN-127.0.0.1:9464} $(BIN)/opconnect serve
 
+# The suite runs on PYTEST_WORKERS processes (pytest-xdist; `auto`: one per core), each test
+# module kept on one of them (`loadscope`: a module's shared fixtures are made once); 0: in this
+# process alone.
+PYTEST_WORKERS ?= auto
+
 test: setup
-	$(BIN)/pytest $(PYTEST_ARGS)
+	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadscope $(PYTEST_ARGS)
 
 lint: setup
 	$(BIN)/ruff check .

@@ -9,6 +9,7 @@ import datetime as dt
 import functools
 import os
 import queue
+import re
 import shutil
 import threading
 import time
@@ -118,9 +119,15 @@ SCHEMA_STALE_S = 12 * 3600  # older than any session could run
 _made_schemas: list[str] = []
 
 
+def _test_name() -> str:
+    """A new schema name: the prefix, the minute (hex) and a random tail."""
+    return f"{SCHEMA_PREFIX}{int(time.time() // 60):x}_{uuid.uuid4().hex[:8]}"
+
+
 def reset_postgres(url: str) -> str:
-    """A fresh, empty schema of its own for one test; returns the URL that uses it."""
-    schema = f"{SCHEMA_PREFIX}{int(time.time() // 60):x}_{uuid.uuid4().hex[:8]}"
+    """A fresh, empty schema of its own for one test; returns the URL that uses it (what the
+    tests of the migrations themselves start from)."""
+    schema = _test_name()
     engine = sa.create_engine(url)
     with engine.begin() as conn:
         conn.execute(sa.text(f"CREATE SCHEMA {schema}"))
@@ -128,6 +135,125 @@ def reset_postgres(url: str) -> str:
     _made_schemas.append(schema)
     sep = "&" if "?" in url else "?"
     return f"{url}{sep}options=-csearch_path%3D{schema}"
+
+
+# What a migrated schema holds, read from the first one a session makes: its relations (name,
+# kind; the tables' columns), its tables (not partitions, not alembic_version), the rows the
+# migrations seeded, its sequences.
+_SHAPE = sa.text(
+    "SELECT c.relname, c.relkind, COALESCE(string_agg(a.attname || ' ' ||"
+    " format_type(a.atttypid, a.atttypmod), ',' ORDER BY a.attnum), '')"
+    " FROM pg_class c LEFT JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0"
+    " AND NOT a.attisdropped AND c.relkind IN ('r', 'p')"
+    " WHERE c.relnamespace = CAST(current_schema() AS regnamespace)"
+    " GROUP BY c.relname, c.relkind ORDER BY c.relname"
+)
+
+
+@dataclass(frozen=True)
+class _Migrated:
+    shape: tuple[tuple[str, str, str], ...]
+    tables: tuple[str, ...]
+    seeded: dict[str, list[tuple[Any, ...]]]
+    sequences: tuple[str, ...]
+
+
+_migrated: list[_Migrated] = []  # the session's, once read
+_free_schemas: list[str] = []  # migrated schemas of this process, emptied, for the next test
+
+
+def _in_schema(url: str, schema: str) -> str:
+    sep = "&" if "?" in url else "?"
+    return f"{url}{sep}options=-csearch_path%3D{schema}"
+
+
+def _read_migrated(conn: sa.Connection) -> _Migrated:
+    shape = tuple((str(n), str(k), str(c)) for n, k, c in conn.execute(_SHAPE))
+    tables = tuple(
+        n for n, k, _ in shape if k in ("r", "p") and n != "alembic_version" and not _partition(n)
+    )
+    # Rows referring to others are deleted first: a table after every table whose rows refer to
+    # it by a foreign key.
+    refers = conn.execute(
+        sa.text(
+            "SELECT DISTINCT a.relname, b.relname FROM pg_constraint k"
+            " JOIN pg_class a ON a.oid = k.conrelid JOIN pg_class b ON b.oid = k.confrelid"
+            " WHERE k.contype = 'f' AND k.connamespace = CAST(current_schema() AS regnamespace)"
+        )
+    ).all()
+    ordered: list[str] = []
+    while len(ordered) < len(tables):
+        ready = [
+            t
+            for t in tables
+            if t not in ordered
+            and all(a in ordered or a == t for a, b in refers if b == t and not _partition(a))
+        ]
+        ordered += ready or [t for t in tables if t not in ordered]  # a cycle: as they come
+    tables = tuple(ordered)
+    seeded = {t: [tuple(r) for r in conn.execute(sa.text(f'SELECT * FROM "{t}"'))] for t in tables}
+    sequences = tuple(n for n, k, _ in shape if k == "S")
+    return _Migrated(shape, tables, {t: rows for t, rows in seeded.items() if rows}, sequences)
+
+
+def _partition(name: str) -> bool:
+    """A time partition's name (`plumbing.partitions.partition_name`)."""
+    return re.search(r"_p\d{8}$", name) is not None
+
+
+def migrated_postgres(url: str) -> str:
+    """A schema of its own for one test, migrated to the newest migration with its time
+    partitions made as the services make them at start-up (back to the usage retention, and
+    ahead): one a test before had, emptied since (`release_postgres`), or else a new one."""
+    if _free_schemas:
+        return _in_schema(url, _free_schemas.pop())
+    schema_url = reset_postgres(url)
+    database = Database(schema_url, threads=1)
+    try:
+        database.migrate()
+        now, retention = dt.datetime.now(dt.UTC), Settings().usage_retention_s
+        partitions.create_all_ahead(database, now, retention)
+        if not _migrated:
+            with database.engine.connect() as conn:
+                _migrated.append(_read_migrated(conn))
+    finally:
+        database.close()
+    return schema_url
+
+
+def release_postgres(url: str) -> None:
+    """A test is done with its `migrated_postgres` schema: emptied back to what the migrations
+    left (every table's rows deleted, the seeded ones put back, the sequences restarted) and
+    kept for the next test, unless anything else in it differs from a migrated schema (a
+    partition made or dropped, a table changed), or it cannot be had at once: then it is left
+    to be dropped at the session's end. DELETE, not TRUNCATE: a test leaves a few rows in a
+    few of the hundreds of partitions, and TRUNCATE makes every one of them anew (seconds)."""
+    schema = url.rpartition("search_path%3D")[2]
+    migrated = _migrated[0]
+    engine = sa.create_engine(url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.text("SET LOCAL lock_timeout = '2s'"))
+            if tuple(tuple(str(v) for v in row) for row in conn.execute(_SHAPE)) != (
+                migrated.shape
+            ):
+                return
+            for table in migrated.tables:
+                conn.execute(sa.text(f'DELETE FROM "{table}"'))
+            for table, rows in migrated.seeded.items():
+                marks = ", ".join(f":c{i}" for i in range(len(rows[0])))
+                conn.execute(
+                    sa.text(f'INSERT INTO "{table}" VALUES ({marks})'),
+                    [{f"c{i}": value for i, value in enumerate(row)} for row in rows],
+                )
+            for sequence in migrated.sequences:
+                conn.execute(sa.text(f'ALTER SEQUENCE "{sequence}" RESTART'))
+    except sa.exc.DBAPIError as error:  # still in use: dropped at the end
+        print(f"test schema {schema} not reused: {str(error.orig).strip()[:120]}")
+        return
+    finally:
+        engine.dispose()
+    _free_schemas.append(schema)
 
 
 def _stale(schema: str, now: float) -> bool:
@@ -178,19 +304,40 @@ def _drop_test_schemas() -> Iterator[None]:
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'opconnect.db'}"
-    if not POSTGRES_URL:
+def backend(request: pytest.FixtureRequest) -> str:
+    """Each backend: SQLite, and PostgreSQL (skipped, saying why, when it is not set)."""
+    if request.param == "postgres" and not POSTGRES_URL:
         pytest.skip(NO_POSTGRES)
+    return str(request.param)
+
+
+@pytest.fixture
+def database_url(backend: str, tmp_path: Path) -> str:
+    """An empty database of each backend (what the tests of the migrations start from)."""
+    if backend == "sqlite":
+        return f"sqlite:///{tmp_path / 'opconnect.db'}"
     return reset_postgres(POSTGRES_URL)
 
 
 @pytest.fixture
-def db(database_url: str) -> Iterator[Database]:
+def migrated_url(backend: str, tmp_path: Path) -> Iterator[str]:
+    """A database of each backend migrated to the newest migration (on PostgreSQL with its
+    time partitions: `migrated_postgres`, emptied for the next test when this one ends).
+    SQLite's is made empty: migrating it takes a fraction of a second, and whatever uses it
+    migrates first."""
+    if backend == "sqlite":
+        yield f"sqlite:///{tmp_path / 'opconnect.db'}"
+        return
+    url = migrated_postgres(POSTGRES_URL)
+    yield url
+    release_postgres(url)
+
+
+@pytest.fixture
+def db(migrated_url: str) -> Iterator[Database]:
     """A migrated database of each backend (on PostgreSQL with its time partitions made, as the
     services make them at start-up: back to the usage retention, and ahead)."""
-    database = Database(database_url, threads=4)
+    database = Database(migrated_url, threads=4)
     database.migrate()
     if database.engine.dialect.name == "postgresql":
         now, retention = dt.datetime.now(dt.UTC), Settings().usage_retention_s
@@ -400,9 +547,9 @@ def start_system(settings: Settings, test_pki: Pki) -> RunningSystem:
 
 
 @pytest.fixture
-def system(session_pki: Pki, database_url: str, tmp_path: Path) -> Iterator[RunningSystem]:
+def system(session_pki: Pki, migrated_url: str, tmp_path: Path) -> Iterator[RunningSystem]:
     """The whole system, on SQLite and (when available) PostgreSQL."""
-    running = start_system(settings_for(tmp_path, session_pki.paths, database_url), session_pki)
+    running = start_system(settings_for(tmp_path, session_pki.paths, migrated_url), session_pki)
     yield running
     running.stop()
 

@@ -380,9 +380,9 @@ def test_a_tenant_holds_at_most_its_limit(
 
 
 def test_reads_are_audited_and_changes_counted(
-    session_pki: Pki, database_url: str, tmp_path: Path
+    session_pki: Pki, migrated_url: str, tmp_path: Path
 ) -> None:
-    settings = settings_for(tmp_path, session_pki.paths, database_url, metrics_listen="127.0.0.1:0")
+    settings = settings_for(tmp_path, session_pki.paths, migrated_url, metrics_listen="127.0.0.1:0")
     system = start_system(settings, session_pki)
     try:
         made = create(system)

@@ -35,7 +35,7 @@ from tests.conftest import (
     Pki,
     RunningSystem,
     StreamReader,
-    reset_postgres,
+    migrated_postgres,
     rich_error,
     settings_for,
     start_system,
@@ -427,9 +427,9 @@ def test_each_side_calls_only_its_own_service(system: RunningSystem) -> None:
 
 
 def test_transitions_are_counted_by_operator_and_states(
-    session_pki: Pki, database_url: str, tmp_path: Path
+    session_pki: Pki, migrated_url: str, tmp_path: Path
 ) -> None:
-    settings = settings_for(tmp_path, session_pki.paths, database_url, metrics_listen="127.0.0.1:0")
+    settings = settings_for(tmp_path, session_pki.paths, migrated_url, metrics_listen="127.0.0.1:0")
     system = start_system(settings, session_pki)
     try:
         _count_transitions(system)
@@ -603,7 +603,7 @@ def test_a_consent_change_through_one_replica_wakes_a_watcher_on_another(
 ) -> None:
     if not POSTGRES_URL:
         pytest.skip(NO_POSTGRES)
-    first, second = start_two(session_pki, tmp_path, reset_postgres(POSTGRES_URL))
+    first, second = start_two(session_pki, tmp_path, migrated_postgres(POSTGRES_URL))
     try:
         tenant = fresh_tenant()
         watcher = ConsentWatcher(second)

@@ -42,7 +42,7 @@ from tests.conftest import (
     RunningSystem,
     Watcher,
     address_message,
-    reset_postgres,
+    migrated_postgres,
     rich_error,
     settings_for,
     start_system,
@@ -476,9 +476,9 @@ def test_events_carry_the_emergency_location_across_a_cut_and_a_resume(
 
 
 def test_emergency_location_updates_are_counted_by_cause(
-    session_pki: Pki, database_url: str, tmp_path: Path
+    session_pki: Pki, migrated_url: str, tmp_path: Path
 ) -> None:
-    settings = settings_for(tmp_path, session_pki.paths, database_url, metrics_listen="127.0.0.1:0")
+    settings = settings_for(tmp_path, session_pki.paths, migrated_url, metrics_listen="127.0.0.1:0")
     system = start_system(settings, session_pki)
     try:
         made, other = new_address(system), new_address(system, street="Other St")
@@ -601,7 +601,7 @@ def test_a_number_given_an_address_while_it_is_edited_keeps_the_edit(
     """UpdateNumber gives a number an address while an edit of that address is uncommitted: the
     change waits for the edit (the address's row lock) and stores the edited address, not the
     one it would have read beside the edit."""
-    url = reset_postgres(POSTGRES_URL)
+    url = migrated_postgres(POSTGRES_URL)
     system = start_system(settings_for(tmp_path, session_pki.paths, url), session_pki)
     try:
         made = new_address(system)

@@ -114,12 +114,12 @@ class Hold:
 
 
 @pytest.fixture
-def limited(session_pki: Pki, database_url: str, tmp_path: Path) -> Iterator[RunningSystem]:
+def limited(session_pki: Pki, migrated_url: str, tmp_path: Path) -> Iterator[RunningSystem]:
     running = start_system(
         settings_for(
             tmp_path,
             session_pki.paths,
-            database_url,
+            migrated_url,
             max_calls_per_operator=3,
             max_db_work_per_operator=2,
             **NO_RATE_LIMIT,
@@ -212,14 +212,14 @@ def test_one_write_is_not_queued_behind_another_operators_backlog(
 
 
 def test_big_uploads_of_one_operator_never_fail_another(
-    session_pki: Pki, database_url: str, tmp_path: Path
+    session_pki: Pki, migrated_url: str, tmp_path: Path
 ) -> None:
     """Many concurrent 10,000-number uploads from one operator while the other writes and reads:
     the other's calls all succeed, and the busy operator's calls either succeed or are refused
     TOO_MANY_CALLS; nothing is answered STORAGE_UNAVAILABLE."""
     system = start_system(
         settings_for(
-            tmp_path, session_pki.paths, database_url, max_calls_per_operator=3, **NO_RATE_LIMIT
+            tmp_path, session_pki.paths, migrated_url, max_calls_per_operator=3, **NO_RATE_LIMIT
         ),
         session_pki,
     )

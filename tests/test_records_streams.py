@@ -28,7 +28,7 @@ from tests.conftest import (
     TENANT,
     Pki,
     RunningSystem,
-    reset_postgres,
+    migrated_postgres,
     rich_error,
     settings_for,
     start_system,
@@ -246,7 +246,7 @@ def test_a_record_published_through_one_replica_reaches_a_stream_on_another(
 ) -> None:
     if not POSTGRES_URL:
         pytest.skip(NO_POSTGRES)
-    url = reset_postgres(POSTGRES_URL)
+    url = migrated_postgres(POSTGRES_URL)
     # Heartbeats far apart: the stream on the second replica must be woken, not polled.
     first = start_system(
         settings_for(tmp_path / "a", session_pki.paths, url, heartbeat_interval_s=30), session_pki

@@ -23,7 +23,7 @@ from tests.conftest import (
     Pki,
     RunningSystem,
     Watcher,
-    reset_postgres,
+    migrated_postgres,
     settings_for,
     start_system,
 )
@@ -70,7 +70,7 @@ def test_get_number_sees_every_change_at_once_on_its_replica(sqlite_system: Runn
 def replicas(session_pki: Pki, tmp_path: Path) -> Iterator[tuple[RunningSystem, RunningSystem]]:
     if not POSTGRES_URL:
         pytest.skip(NO_POSTGRES)
-    first, second = start_two(session_pki, tmp_path, reset_postgres(POSTGRES_URL))
+    first, second = start_two(session_pki, tmp_path, migrated_postgres(POSTGRES_URL))
     yield first, second
     first.stop()
     second.stop()
@@ -123,7 +123,7 @@ def test_pool_sizes_come_from_settings_and_the_listener_state_is_exported(
     connection, when lost, is counted and opened again, and wakes its streams again."""
     if not POSTGRES_URL:
         pytest.skip(NO_POSTGRES)
-    url = reset_postgres(POSTGRES_URL)
+    url = migrated_postgres(POSTGRES_URL)
     settings = settings_for(
         tmp_path,
         session_pki.paths,

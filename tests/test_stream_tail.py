@@ -35,7 +35,7 @@ from tests.conftest import (
     Pki,
     RunningSystem,
     Watcher,
-    reset_postgres,
+    migrated_postgres,
     settings_for,
     start_system,
 )
@@ -56,8 +56,8 @@ def _system(pki: Pki, directory: Path, url: str, **changes: object) -> RunningSy
 
 
 @pytest.fixture
-def measured(session_pki: Pki, database_url: str, tmp_path: Path) -> Iterator[RunningSystem]:
-    running = _system(session_pki, tmp_path, database_url)
+def measured(session_pki: Pki, migrated_url: str, tmp_path: Path) -> Iterator[RunningSystem]:
+    running = _system(session_pki, tmp_path, migrated_url)
     yield running
     running.stop()
 
@@ -266,7 +266,7 @@ def test_watchers_served_from_the_tail_keep_their_tenant(measured: RunningSystem
 def test_changes_through_another_replica_reach_its_tail(session_pki: Pki, tmp_path: Path) -> None:
     if not POSTGRES_URL:
         pytest.skip(NO_POSTGRES)
-    url = reset_postgres(POSTGRES_URL)
+    url = migrated_postgres(POSTGRES_URL)
     # Heartbeats far apart: the streams on the second replica must be woken, not polled.
     first = _system(session_pki, tmp_path / "a", url, heartbeat_interval_s=30)
     second = _system(session_pki, tmp_path / "b", url, heartbeat_interval_s=30)

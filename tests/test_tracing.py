@@ -30,7 +30,7 @@ from tests.conftest import (
     POSTGRES_URL,
     TENANT,
     Pki,
-    reset_postgres,
+    migrated_postgres,
     settings_for,
     start_system,
 )
@@ -171,7 +171,7 @@ def test_a_call_through_the_gateway_is_one_trace(
     if backend == "postgresql":
         if not POSTGRES_URL:
             pytest.skip(NO_POSTGRES)
-        url = reset_postgres(POSTGRES_URL)
+        url = migrated_postgres(POSTGRES_URL)
     split = traced_split(session_pki, tmp_path, receiver, url)
     try:
         trace_id, caller_span, metadata = caller_context()

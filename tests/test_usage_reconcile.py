@@ -27,7 +27,7 @@ from tests.conftest import (
     TENANT,
     Pki,
     RunningSystem,
-    reset_postgres,
+    migrated_postgres,
     rich_error,
 )
 from tests.helpers import eventually, feed_system, kept, submit, usage_stub
@@ -85,7 +85,7 @@ def data(
     if request.param == "postgres":
         if not POSTGRES_URL:
             pytest.skip(NO_POSTGRES)
-        url = reset_postgres(POSTGRES_URL)
+        url = migrated_postgres(POSTGRES_URL)
     system = feed_system(session_pki, tmp_path_factory.mktemp("reconcile"), url)
     rng = random.Random(5)
     calls: list[Call] = []

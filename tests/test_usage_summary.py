@@ -27,7 +27,7 @@ from tests.conftest import (
     TENANT,
     Pki,
     RunningSystem,
-    reset_postgres,
+    migrated_postgres,
     rich_error,
 )
 from tests.helpers import eventually, feed_system, kept, submit, usage_stub
@@ -58,7 +58,7 @@ def system(
     if request.param == "postgres":
         if not POSTGRES_URL:
             pytest.skip(NO_POSTGRES)
-        url = reset_postgres(POSTGRES_URL)
+        url = migrated_postgres(POSTGRES_URL)
     running = feed_system(session_pki, directory, url)
     yield running
     running.stop()

@@ -448,6 +448,21 @@ def test_a_cursor_of_one_log_is_refused_by_another(position: int) -> None:
         encode_cursor(LOG, 7) + "\n",
         " " + encode_cursor(LOG, 7),
     ],
+    # Named, not by value: a cursor is sealed with the process's own key, and the test ids of
+    # every pytest-xdist worker must be the same.
+    ids=[
+        "empty",
+        "padding",
+        "one-char",
+        "outside-alphabet",
+        "arabic-digits",
+        "too-long",
+        "trailing-bytes",
+        "truncated",
+        "changed-char",
+        "newline",
+        "leading-space",
+    ],
 )
 def test_cursor_examples_refused(value: str) -> None:
     assert_cursor_invalid(value)
@@ -460,6 +475,7 @@ def test_cursor_examples_refused(value: str) -> None:
         lambda c: c + "==",  # padding the server never sends
         lambda c: c[:-1] + chr(ord(c[-1]) + 1),  # the last character's unused bits
     ],
+    ids=["outside-alphabet", "padding", "unused-bits"],
 )
 def test_only_the_cursor_as_issued_is_accepted(change: Callable[[str], str]) -> None:
     cursor = encode_cursor(LOG, 7)
