@@ -25,6 +25,8 @@ import sqlalchemy as sa
 import structlog
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
+from hypothesis import HealthCheck
+from hypothesis import settings as hypothesis_settings
 
 from app import runtime as server
 from gateway import pki
@@ -54,6 +56,14 @@ USER_ID = "11111111-2222-4333-8444-555555555555"
 # Tests that seal or open tokens with no server started (some while collected) use a key of their
 # own; a server's start-up installs its deployment's keys instead.
 tokens.install(tokens.Keyring.generate())
+
+# No timing assertions, hypothesis's own included: its per-example deadline and its "too slow"
+# health check fail a correct test on a loaded machine (two pytest workers beside a database on
+# two cores), so neither applies to any test (a test's own @settings keeps its other choices).
+hypothesis_settings.register_profile(
+    "opconnect", deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+hypothesis_settings.load_profile("opconnect")
 
 # Client identities the test PKI issues (by its operator and platform CAs unless named
 # "foreign"); every operator registered is bound to the operator CA.
