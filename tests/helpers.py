@@ -794,12 +794,32 @@ def cli_process(system: RunningSystem, tmp_path: Path, *args: str) -> subprocess
         "OPCONNECT_LOG_LEVEL": "warning",
     }
     return subprocess.Popen(
-        [sys.executable, "-m", "app.cli", *connect(system), *args],
+        [*INTERRUPTIBLE_CLI, *connect(system), *args],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
+
+
+# The operator CLI as a child process that a test's SIGINT reaches as a terminal's Ctrl-C reaches
+# a program: a child inherits an ignored or blocked SIGINT from the test process, and Python then
+# never raises KeyboardInterrupt (a test's Ctrl-C, sent while the suite ran on pytest-xdist
+# workers, went unheard). So it sets SIGINT's Python handler and unblocks it, then runs
+# `python -m app.cli` (no preexec_fn: unsafe in a process with threads).
+def interruptible(code: str) -> list[str]:
+    """`python -c code`, with SIGINT's Python handler set and SIGINT unblocked first."""
+    return [
+        sys.executable,
+        "-c",
+        "import signal; signal.signal(signal.SIGINT, signal.default_int_handler);"
+        f" signal.pthread_sigmask(signal.SIG_UNBLOCK, {{signal.SIGINT}}); {code}",
+    ]
+
+
+INTERRUPTIBLE_CLI = interruptible(
+    "import runpy; runpy.run_module('app.cli', run_name='__main__', alter_sys=True)"
+)
 
 
 def read_line(stream: IO[str] | None) -> dict[str, object]:

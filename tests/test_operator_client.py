@@ -9,7 +9,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +21,16 @@ from operator_client.commands import journal_path, lines_done, lock_path
 from operator_client.durations_csv import DurationsFile, read_lines, write_records
 from services.usage import tables
 from tests.conftest import OPERATOR, Pki, RunningSystem
-from tests.helpers import eventually, feed_system, free_port, kept, stored, submit, usage_stub
+from tests.helpers import (
+    INTERRUPTIBLE_CLI,
+    eventually,
+    feed_system,
+    free_port,
+    kept,
+    stored,
+    submit,
+    usage_stub,
+)
 from tests.records_data import duration_record, ids, publish_records, record
 
 
@@ -180,7 +188,7 @@ def _submit_process(system: RunningSystem, path: Path, target: str = "") -> subp
         "OPCONNECT_LOG_LEVEL": "error",
     }
     return subprocess.Popen(
-        [sys.executable, "-m", "app.cli", *_client(system, target), "submit", str(path)],
+        [*INTERRUPTIBLE_CLI, *_client(system, target), "submit", str(path)],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
