@@ -667,7 +667,7 @@ class Streams:
         held = gauge(
             "opconnect_stream_tail_items",
             "Items held in this process's shared tails of live followers, by stream kind (at"
-            " most stream_tail_items per log and key followed here).",
+            " most stream_tail_items per log and operator followed here).",
             ("kind",),
         )
         by_kind: dict[str, int] = {}
