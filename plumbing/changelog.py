@@ -795,6 +795,12 @@ class Tail(Generic[T]):
         kept = self._keys.get(key)
         return kept.start if kept is not None else None
 
+    @property
+    def more(self) -> bool:
+        """The last read was cut at the fill limit: more is stored past `through` (a follower
+        served nothing from it must not wait for a wake-up: its key's may be past the cut)."""
+        return self._more
+
     def seed(self, head: int) -> None:
         """A follower's own read reached log head `head`: a tail never read yet starts there
         (empty, so complete for every key), and its first read fetches what came after."""
@@ -958,6 +964,7 @@ async def follow_log(
             # Counted log-wide: a tail's read serves every key, begun after any key's wake-up.
             generation = notifier.generation(spec.log_name, ANY_KEY)
             asked = limit
+            from_tail = False
             if ahead is not None:
                 items, head = await ahead
                 ahead = None
@@ -969,6 +976,7 @@ async def follow_log(
                 if tail.covers(spec.key, seen):
                     items, head = tail.serve(spec.key, seen, size, keep)
                     asked = size
+                    from_tail = True
                     served.inc()
                 else:  # behind the tail (or left below it): the database, as any stream
                     items, head = await db.run(_page, spec, read, seen, limit)
@@ -1003,6 +1011,8 @@ async def follow_log(
                 if scanned > after:
                     yield Batch([], scanned)
                 return
+            if from_tail and tail is not None and tail.more:
+                continue  # its read was cut before the head (by other keys' items): read on
             wait = spec.heartbeat_s - (time.monotonic() - last_sent)
             if spec.until is not None:
                 wait = min(wait, spec.until - time.time())

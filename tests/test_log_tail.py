@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from typing import Any, cast
 
 import pytest
@@ -279,3 +279,39 @@ async def test_concurrent_writers_of_several_keys_reach_each_follower_once_in_or
     for i, key in enumerate(keys):
         assert got[i] == expected[i], (key, "each change of its key once, in log order")
     assert not streams.tails(), "the tail went with its last follower"
+
+
+async def test_a_read_cut_by_other_keys_items_does_not_leave_a_follower_waiting(
+    db: Database,
+) -> None:
+    """A log-wide read cut at the fill limit may hold none of a follower's key: the follower
+    reads on instead of waiting for a wake-up that was already spent."""
+    await db.run(_upload, 3, write=True)
+    notifier = await _notifier()
+    streams = Streams(db, Metrics(enabled=False), tail_items=2)  # reads of 2 items at most
+    start = (await db.run(read_head, LOG)).position
+    read = functools.partial(
+        numbers_storage.read_events, operator_id=OTHER_OPERATOR, tenant_id=None
+    )
+    batches = follow_log(
+        db,
+        notifier,
+        _spec(OTHER_OPERATOR),
+        read,
+        _position,
+        after=start,
+        streams=streams,
+        committed_at=_time,
+        shared=SHARED,
+    )
+    first = asyncio.ensure_future(anext(batches))
+    await asyncio.sleep(0.3)  # its own read found nothing: it waits, the tail seeded
+    changes = [(_number(OPERATOR, i), 1) for i in range(3)] + [(_number(OTHER_OPERATOR, 0), 1)]
+    position = await db.run(_assign, changes, write=True)
+    notifier.publish(LOG, (OPERATOR, OTHER_OPERATOR), position)
+    try:
+        batch = await asyncio.wait_for(first, 30)
+        assert [e.phone_number for e in batch.items] == [_number(OTHER_OPERATOR, 0)]
+    finally:
+        first.cancel()
+        await cast(AsyncGenerator[Any, None], batches).aclose()
