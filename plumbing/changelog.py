@@ -796,6 +796,11 @@ class Tail(Generic[T]):
         return kept.start if kept is not None else None
 
     @property
+    def read_generation(self) -> int:
+        """The log's wake count at which the last applied read began."""
+        return self._read_generation
+
+    @property
     def more(self) -> bool:
         """The last read was cut at the fill limit: more is stored past `through` (a follower
         served nothing from it must not wait for a wake-up: its key's may be past the cut)."""
@@ -971,7 +976,13 @@ async def follow_log(
                 if not items:
                     continue  # read again, with the waiter taken before the read
             elif tail is not None and seen is not None:
-                if tail.through is None or tail.through <= seen:
+                # A follower woken since the tail's last read began waits for a newer one,
+                # even when the tail is ahead of it (it may hold nothing of its key's).
+                if (
+                    tail.through is None
+                    or tail.through <= seen
+                    or tail.read_generation < generation
+                ):
                     await tail.refresh(generation)
                 if tail.covers(spec.key, seen):
                     items, head = tail.serve(spec.key, seen, size, keep)
