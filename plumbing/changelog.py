@@ -12,8 +12,9 @@ plumbing/tokens.py); a stream resumes strictly after it. Positions at or below a
 
 Live streams wait on a `Notifier`, woken after a commit by the writer in this process or, with
 PostgreSQL, by LISTEN/NOTIFY from any replica; they never poll the database in a loop. Those
-that have caught up share a `Tail` per log and key: one read per wake-up, by the same rule as a
-stream's own (the head, then what is at or below it), serves them all.
+that have caught up share a `Tail` per kind of stream and log: one read of the whole log per
+wake-up, by the same rule as a stream's own (the head, then what is at or below it), serves them
+all, whatever key (operator) each follows.
 """
 
 from __future__ import annotations
@@ -551,9 +552,9 @@ class Streams:
         self._lock = threading.Lock()
         self._open: dict[int, _Open[Any]] = {}
         self._ids = itertools.count()
-        # The shared tails of live followers (`Tail`), by (kind, log, key), while followed.
+        # The shared tails of live followers (`Tail`), by (kind, log), while followed.
         self.tail_items = tail_items
-        self._tails: dict[tuple[str, str, str], Tail[Any]] = {}
+        self._tails: dict[tuple[str, str], Tail[Any]] = {}
         metrics.on_scrape("changelog", self._figures)
 
     def join_tail(
@@ -563,11 +564,12 @@ class Streams:
         shared: Shared[T],
         position_of: Callable[[T], int],
     ) -> Tail[T] | None:
-        """The shared tail of the stream's kind, log and key, made if none is followed yet; None
-        when tails are off (`tail_items` 0). Leave it with `leave_tail` when the stream ends."""
+        """The shared tail of the stream's kind and log, made if none is followed yet, joined
+        for the stream's key; None when tails are off (`tail_items` 0). Leave it with
+        `leave_tail` when the stream ends."""
         if self.tail_items <= 0:
             return None
-        slot = (spec.kind, spec.log_name, spec.key)
+        slot = (spec.kind, spec.log_name)
         with self._lock:
             tail = self._tails.get(slot)
             if tail is None:
@@ -581,14 +583,15 @@ class Streams:
                     metrics=self.metrics,
                 )
                 self._tails[slot] = tail
-            tail.followers += 1
+            tail.join(spec.key)
         return cast(Tail[T], tail)
 
-    def leave_tail(self, tail: Tail[Any]) -> None:
-        """A follower of `tail` ended: the tail goes with its last follower."""
+    def leave_tail(self, tail: Tail[Any], key: str) -> None:
+        """A follower of `tail` and `key` ended: the key goes with its last follower, the tail
+        with its last follower of any key."""
         with self._lock:
-            tail.followers -= 1
-            slot = (tail.kind, tail.log_name, tail.key)
+            tail.leave(key)
+            slot = (tail.kind, tail.log_name)
             if tail.followers <= 0 and self._tails.get(slot) is tail:
                 del self._tails[slot]
 
@@ -664,12 +667,12 @@ class Streams:
         held = gauge(
             "opconnect_stream_tail_items",
             "Items held in this process's shared tails of live followers, by stream kind (at"
-            " most stream_tail_items per log and key followed).",
+            " most stream_tail_items per log and operator followed here).",
             ("kind",),
         )
         by_kind: dict[str, int] = {}
         for tail in self.tails():
-            by_kind[tail.kind] = by_kind.get(tail.kind, 0) + len(tail.items)
+            by_kind[tail.kind] = by_kind.get(tail.kind, 0) + tail.held()
         for kind, count in sorted(by_kind.items()):
             held.add_metric([kind], count)
         yield from (head, purged, positions, seconds, held)
@@ -680,31 +683,52 @@ class Streams:
 
 @dataclass(frozen=True)
 class Shared(Generic[T]):
-    """How a follower may be served from the shared tail of its log and key (see `Tail`):
-    `read_all(session, after, upto, limit)` reads every item of the key (no filter of the
-    follower's own; the items it gives must be ones the follower's own read could give), and
-    `keep(item)` says whether the follower wants one (its filter; None: every item).
-    `on_unit`: `read_all` sends only driver statements, so it takes a `Unit` (no Session: the
-    tail's reads, one per commit and key, run as `Database.run_unit` units)."""
+    """How a follower may be served from the shared tail of its kind and log (see `Tail`):
+    `read_log(session, after, upto, limit)` reads every key's items with after < position <=
+    upto, in position order (no filter of any follower's: the items of a key must be ones a
+    follower of that key could read itself), `key_of(item)` names the key an item belongs to
+    (an operator), and `keep(item)` says whether the follower wants one of its key's (its
+    filter; None: every item). `on_unit`: `read_log` sends only driver statements, so it takes
+    a `Unit` (no Session: the tail's reads, one per wake-up of the log, run as
+    `Database.run_unit` units)."""
 
-    read_all: ReadFn[T] | UnitReadFn[T]
+    read_log: ReadFn[T] | UnitReadFn[T]
+    key_of: Callable[[T], str]
     keep: Callable[[T], bool] | None = None
     on_unit: bool = False
 
 
-class Tail(Generic[T]):
-    """The recently committed items of one log and key (an operator, or every key), shared by
-    the live followers of that key in this process, so that a commit costs one database read
-    per wake-up however many follow it.
+class _Kept(Generic[T]):
+    """A key's items in a `Tail`: complete in (start, the tail's through], in position order."""
 
-    It holds every item of the key with `start < position <= through`, in position order,
-    where `through` is a log head read in the same snapshot as the items (or, after a read
-    that was cut at `fill_limit`, the last item's position): nothing at or below it is still
-    to commit (see the module docstring), so a follower served from it skips nothing. It is
-    filled only by reads, one at a time, each begun for the followers that saw a wake-up
-    (`refresh`): a change committed by another replica reaches it the same way, by NOTIFY. It
-    keeps at most `capacity` items, dropping the oldest (raising `start`): a follower left below
-    `start` reads the database as any stream does, and nothing waits for it.
+    __slots__ = ("followers", "items", "positions", "start")
+
+    def __init__(self, start: int | None) -> None:
+        self.items: list[T] = []
+        self.positions: list[int] = []
+        self.start = start  # None: the tail was never read yet
+        self.followers = 0
+
+
+class Tail(Generic[T]):
+    """The recently committed items of one log, for the keys (operators, or ANY_KEY: every
+    item) its live followers in this process follow, shared by them all, so that a commit costs
+    one database read per wake-up however many follow it, of however many keys: a group commit
+    carrying several operators' batches wakes them all, and one read serves them.
+
+    Its log-level `through` is a log head read in the same snapshot as the items (or, after a
+    read that was cut at the fill limit, the last item's position): nothing at or below it is
+    still to commit (see the module docstring), and every key's items up to it have been read.
+    For each followed key it holds that key's items with `start < position <= through`, in
+    position order, so a follower served from it skips nothing. It is filled only by reads of
+    the whole log, one at a time, each begun for the followers that saw a wake-up (`refresh`,
+    counted log-wide: `Notifier.generation(log, ANY_KEY)`): a change committed by another
+    replica reaches it the same way, by NOTIFY. Items of keys nobody here follows are dropped
+    as a read is applied. A key that joins starts at the current `through` (a read in flight
+    reads every key from there, so it completes the new key's too); a key whose last follower
+    leaves is forgotten. It keeps at most `capacity` items per key, dropping the key's oldest
+    (raising its `start`), so a busy key never evicts a quiet one's: a follower left below its
+    key's `start` reads the database as any stream does, and nothing waits for it.
     """
 
     def __init__(
@@ -720,46 +744,95 @@ class Tail(Generic[T]):
     ) -> None:
         self._db = db
         self._notifier = notifier
-        self.log_name, self.key, self.kind = spec.log_name, spec.key, spec.kind
+        self.log_name, self.kind = spec.log_name, spec.kind
         self._domain = spec.domain
         # Given a Session unless `on_unit` says it takes a Unit (then given one).
-        self._read_all = cast(Callable[[Any, int, int, int], Sequence[T]], shared.read_all)
+        self._read_log = cast(Callable[[Any, int, int, int], Sequence[T]], shared.read_log)
+        self._key_of = shared.key_of
         self._run = db.run_unit if shared.on_unit else db.run
         self._position_of = position_of
         self.capacity = max(1, capacity)
         self._fill_limit = self.capacity
-        self.items: list[T] = []
-        self.positions: list[int] = []
-        self.start: int | None = None  # None: never read
-        self.through: int | None = None
+        self._keys: dict[str, _Kept[T]] = {}
+        self.through: int | None = None  # None: never read
         self._more = False  # the last read was cut at the fill limit: more is stored
-        self._read_generation = -1  # the notifier generation at which the last read began
+        self._read_generation = -1  # the log's wake count at which the last read began
         self._reading: tuple[int, asyncio.Future[None]] | None = None
-        self.followers = 0
+        self.followers = 0  # of every key
+        self.fills = 0  # reads applied (also counted by opconnect_stream_tail_fills_total)
         self._fills = metrics.stream_tail_fills.labels(spec.kind)
+
+    def join(self, key: str) -> None:
+        """A follower of `key` joins: a key new to the tail starts at its `through`."""
+        kept = self._keys.get(key)
+        if kept is None:
+            kept = self._keys[key] = _Kept(self.through)
+        kept.followers += 1
+        self.followers += 1
+
+    def leave(self, key: str) -> None:
+        """A follower of `key` leaves: the key is forgotten with its last follower."""
+        self.followers -= 1
+        kept = self._keys.get(key)
+        if kept is None:
+            return
+        kept.followers -= 1
+        if kept.followers <= 0:
+            del self._keys[key]
+
+    def held(self) -> int:
+        """How many items it holds, every key's."""
+        return sum(len(kept.items) for kept in list(self._keys.values()))  # (scrape thread)
+
+    def keys(self) -> list[str]:
+        return list(self._keys)
+
+    def items_of(self, key: str) -> list[T]:
+        kept = self._keys.get(key)
+        return list(kept.items) if kept is not None else []
+
+    def start_of(self, key: str) -> int | None:
+        kept = self._keys.get(key)
+        return kept.start if kept is not None else None
+
+    @property
+    def read_generation(self) -> int:
+        """The log's wake count at which the last applied read began."""
+        return self._read_generation
+
+    @property
+    def more(self) -> bool:
+        """The last read was cut at the fill limit: more is stored past `through` (a follower
+        served nothing from it must not wait for a wake-up: its key's may be past the cut)."""
+        return self._more
 
     def seed(self, head: int) -> None:
         """A follower's own read reached log head `head`: a tail never read yet starts there
-        (empty, so complete), and its first read fetches what came after, not just a head."""
+        (empty, so complete for every key), and its first read fetches what came after."""
         if self.through is None and self._reading is None:
-            self.start = self.through = head
+            self.through = head
+            for kept in self._keys.values():
+                kept.start = head
 
-    def covers(self, seen: int) -> bool:
-        """Whether the tail holds every item after `seen` up to `through`."""
-        return self.start is not None and self.start <= seen
+    def covers(self, key: str, seen: int) -> bool:
+        """Whether the tail holds every item of `key` after `seen` up to `through`."""
+        kept = self._keys.get(key)
+        return kept is not None and kept.start is not None and kept.start <= seen
 
     def serve(
-        self, seen: int, limit: int, keep: Callable[[T], bool] | None
+        self, key: str, seen: int, limit: int, keep: Callable[[T], bool] | None
     ) -> tuple[list[T], Head]:
-        """The items after `seen` that `keep` wants, at most `limit`, and the head through which
-        the answer is complete (as `_page` gives them); only while `covers(seen)`."""
+        """The items of `key` after `seen` that `keep` wants, at most `limit`, and the head
+        through which the answer is complete (as `_page` gives them); only while
+        `covers(key, seen)`."""
         through = self.through if self.through is not None else seen
-        index = bisect.bisect_right(self.positions, seen)
+        kept = self._keys[key]
+        index = bisect.bisect_right(kept.positions, seen)
         if keep is None:
-            found = self.items[index : index + limit]
+            found = kept.items[index : index + limit]
         else:
             found = []
-            for item in itertools.islice(self.items, index, None):
+            for item in itertools.islice(kept.items, index, None):
                 if keep(item):
                     found.append(item)
                     if len(found) == limit:
@@ -767,9 +840,9 @@ class Tail(Generic[T]):
         return found, Head(max(through, seen), 0)
 
     async def refresh(self, generation: int) -> None:
-        """Return once a read begun at notifier generation `generation` or later (see
-        `Notifier.generation`) has been applied, starting one if none has; at once if one has
-        and it reached the head it read. A read's failure is each waiting follower's."""
+        """Return once a read begun at the log's wake count `generation` or later (see
+        `Notifier.generation`, ANY_KEY) has been applied, starting one if none has; at once if
+        one has and it reached the head it read. A read's failure is each waiting follower's."""
         while True:
             if self._reading is not None:
                 begun, reading = self._reading
@@ -782,7 +855,7 @@ class Tail(Generic[T]):
             self._begin()
 
     def _begin(self) -> None:
-        begun = self._notifier.generation(self.log_name, self.key)
+        begun = self._notifier.generation(self.log_name, ANY_KEY)
         reading = asyncio.ensure_future(self._fill(begun, self.through))
         reading.add_done_callback(_discard)
         self._reading = (begun, reading)
@@ -791,6 +864,7 @@ class Tail(Generic[T]):
         try:
             items, head = await self._run(self._read, after)
             self._fills.inc()
+            self.fills += 1
             self._apply(items, head, begun)
         finally:
             self._reading = None
@@ -799,30 +873,47 @@ class Tail(Generic[T]):
         head = read_head(session, self.log_name)
         if after is None:  # the first read: the tail starts at the head
             return (), head
-        return self._read_all(session, after, head.position, self._fill_limit), head
+        return self._read_log(session, after, head.position, self._fill_limit), head
 
     def _apply(self, items: Sequence[T], head: Head, begun: int) -> None:
         self._read_generation = begun
-        if self.through is None or self.start is None:
-            self.start = self.through = head.position
+        keys = self._keys
+        if self.through is None:
+            self.through = head.position
+            for joined in keys.values():
+                joined.start = head.position
             return
-        if items:
-            self.items.extend(items)
-            self.positions.extend(self._position_of(i) for i in items)
+        every = keys.get(ANY_KEY)
+        key_of, position_of = self._key_of, self._position_of
+        for item in items:  # kept only for the keys followed now (joined while it read too)
+            kept = keys.get(key_of(item))
+            if kept is None and every is None:
+                continue
+            position = position_of(item)
+            if kept is not None:
+                kept.items.append(item)
+                kept.positions.append(position)
+            if every is not None and every is not kept:
+                every.items.append(item)
+                every.positions.append(position)
         self._more = len(items) >= self._fill_limit
         if self._more:
-            self.through = self.positions[-1]
+            self.through = position_of(items[-1])
         else:
             self.through = max(self.through, head.position)
-        drop = max(len(self.items) - self.capacity, 0)
-        if head.purged_through > self.start:  # retention: what is purged is not served either
-            drop = max(drop, bisect.bisect_right(self.positions, head.purged_through))
-            self.start = head.purged_through
-        if drop:
-            self.start = max(self.start, self.positions[drop - 1])
-            del self.items[:drop]
-            del self.positions[:drop]
-        self.start = min(self.start, self.through)
+        through, capacity, purged = self.through, self.capacity, head.purged_through
+        for kept in keys.values():
+            start = kept.start if kept.start is not None else through
+            positions = kept.positions
+            drop = max(len(positions) - capacity, 0)
+            if purged > start:  # retention: what is purged is not served either
+                drop = max(drop, bisect.bisect_right(positions, purged))
+                start = purged
+            if drop:
+                start = max(start, positions[drop - 1])
+                del kept.items[:drop]
+                del positions[:drop]
+            kept.start = min(start, through)
 
 
 async def follow_log(
@@ -848,7 +939,8 @@ async def follow_log(
     commit time (epoch seconds) as its log's rows keep it.
 
     With `shared`, a following stream that has caught up is served from the shared tail of its
-    log and key (`Tail`): the first read and any read below the tail's start go to the database.
+    kind and log (`Tail`), its key's items: the first read and any read below the key's start in
+    the tail go to the database.
     With `packs`, an item may hold several changes (see `Packs`; a tail's items hold one each):
     batches and reads are counted in changes.
     """
@@ -874,19 +966,28 @@ async def follow_log(
                     "the server is shutting down; reconnect and resume from the last cursor",
                 )
             wake = notifier.waiter(spec.log_name, spec.key)
-            generation = notifier.generation(spec.log_name, spec.key)
+            # Counted log-wide: a tail's read serves every key, begun after any key's wake-up.
+            generation = notifier.generation(spec.log_name, ANY_KEY)
             asked = limit
+            from_tail = False
             if ahead is not None:
                 items, head = await ahead
                 ahead = None
                 if not items:
                     continue  # read again, with the waiter taken before the read
             elif tail is not None and seen is not None:
-                if tail.through is None or tail.through <= seen:
+                # A follower woken since the tail's last read began waits for a newer one,
+                # even when the tail is ahead of it (it may hold nothing of its key's).
+                if (
+                    tail.through is None
+                    or tail.through <= seen
+                    or tail.read_generation < generation
+                ):
                     await tail.refresh(generation)
-                if tail.covers(seen):
-                    items, head = tail.serve(seen, size, keep)
+                if tail.covers(spec.key, seen):
+                    items, head = tail.serve(spec.key, seen, size, keep)
                     asked = size
+                    from_tail = True
                     served.inc()
                 else:  # behind the tail (or left below it): the database, as any stream
                     items, head = await db.run(_page, spec, read, seen, limit)
@@ -904,7 +1005,7 @@ async def follow_log(
                 last = position_of(items[-1])
                 full = counted == asked
                 seen = last if full else max(last, head.position)
-                if full and (tail is None or not tail.covers(last)):
+                if full and (tail is None or not tail.covers(spec.key, last)):
                     # more is likely stored: read it meanwhile
                     ahead = asyncio.ensure_future(db.run(_page, spec, read, last, limit))
                     database.inc()
@@ -921,6 +1022,8 @@ async def follow_log(
                 if scanned > after:
                     yield Batch([], scanned)
                 return
+            if from_tail and tail is not None and tail.more:
+                continue  # its read was cut before the head (by other keys' items): read on
             wait = spec.heartbeat_s - (time.monotonic() - last_sent)
             if spec.until is not None:
                 wait = min(wait, spec.until - time.time())
@@ -937,7 +1040,7 @@ async def follow_log(
     finally:
         streams.close(key)
         if tail is not None:
-            streams.leave_tail(tail)
+            streams.leave_tail(tail, spec.key)
         if ahead is not None:  # the client went away: let the read finish unobserved
             ahead.add_done_callback(_discard)
 

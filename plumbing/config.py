@@ -88,9 +88,9 @@ class Settings:
     rate_burst: int = 400
     # Streams: seconds between heartbeats while idle.
     heartbeat_interval_s: float = 15.0
-    # Live streams that have caught up are served from a shared in-memory tail per log and
-    # operator (one database read per commit for all of them): the most items each tail keeps
-    # (0: no tails, every stream reads the database itself).
+    # Live streams that have caught up are served from a shared in-memory tail per log (one
+    # database read of the log per wake-up for all of them, of every operator): the most items
+    # it keeps per operator followed (0: no tails, every stream reads the database itself).
     stream_tail_items: int = 1_000
     # A call records stream catching up reads this many of its batches at once from the
     # database (each sent as its own response): fewer, larger reads. It holds at most two reads.

@@ -284,8 +284,8 @@ class Metrics:
         )
         self.stream_tail_fills = self._counter(
             "opconnect_stream_tail_fills_total",
-            "Database reads that filled a shared tail of live followers (one per wake-up, shared"
-            " by every follower of the log and key), by stream kind.",
+            "Database reads that filled a shared tail of live followers (at most one per wake-up"
+            " of the log, shared by its followers of every operator), by stream kind.",
             ("kind",),
         )
         # opconnect_stream_tail_items{kind} is read at scrape time (plumbing.changelog).

@@ -7,7 +7,6 @@ with no gap, and a change committed through another replica reaches it too."""
 from __future__ import annotations
 
 import asyncio
-import functools
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -20,7 +19,7 @@ from sqlalchemy.orm import Session
 from opconnect.numbers.v1 import numbers_pb2 as numbers_pb
 from opconnect.records.v1 import records_pb2 as pb
 from opconnect.records.v1.records_pb2_grpc import CallRecordServiceStub
-from plumbing.changelog import Follow, Notifier, Shared, Tail, decode_cursor
+from plumbing.changelog import ANY_KEY, Follow, Notifier, Shared, Tail, decode_cursor
 from plumbing.db import Database
 from plumbing.metrics import Metrics
 from services.numbers import rules as numbers_rules
@@ -360,23 +359,23 @@ async def test_a_wake_up_during_a_read_starts_another_read(db: Database) -> None
         kind="assignments",
         operator=OPERATOR,
     )
-    read_all = functools.partial(numbers_storage.read_events, operator_id=OPERATOR, tenant_id=None)
     tail: Tail[numbers_rules.Event] = Tail(
         cast(Database, held),
         notifier,
         spec,
-        Shared(read_all),
+        Shared(numbers_storage.read_log_events, lambda event: event.operator_id),
         lambda event: event.position,
         capacity=100,
         metrics=Metrics(enabled=False),
     )
+    tail.join(OPERATOR)
     tail.seed(0)
-    first = asyncio.create_task(tail.refresh(notifier.generation(numbers_rules.LOG, OPERATOR)))
+    first = asyncio.create_task(tail.refresh(notifier.generation(numbers_rules.LOG, ANY_KEY)))
     await asyncio.sleep(0.3)  # its read is done (it saw nothing), its answer held
     position = await db.run(_assign, number, write=True)
     notifier.wake(numbers_rules.LOG, (OPERATOR,))  # what the writer does after its commit
-    second = asyncio.create_task(tail.refresh(notifier.generation(numbers_rules.LOG, OPERATOR)))
+    second = asyncio.create_task(tail.refresh(notifier.generation(numbers_rules.LOG, ANY_KEY)))
     held.release.set()
     await asyncio.wait_for(asyncio.gather(first, second), 10)
-    assert tail.positions == [position], "the woken follower's read saw the change"
-    assert tail.serve(0, 10, None)[0][0].phone_number == number
+    assert [e.position for e in tail.items_of(OPERATOR)] == [position], "the read saw it"
+    assert tail.serve(OPERATOR, 0, 10, None)[0][0].phone_number == number

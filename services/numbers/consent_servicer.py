@@ -181,7 +181,7 @@ class ConsentService(pb_grpc.ConsentServiceServicer):
             after=after,
             streams=self._streams,
             committed_at=_time,
-            shared=Shared(read),
+            shared=Shared(consent_storage.read_log_events, _operator),
         ):
             yield pb.WatchConsentsResponse(
                 events=[
@@ -190,6 +190,10 @@ class ConsentService(pb_grpc.ConsentServiceServicer):
                 ],
                 cursor=encode_cursor(LOG, found.position),
             )
+
+
+def _operator(event: ConsentEvent) -> str:
+    return event.consent.operator_id
 
 
 def _position(event: ConsentEvent) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -255,12 +255,31 @@ def read_events(
 ) -> list[ConsentEvent]:
     """The operator's consent events with after < position <= upto, in position order."""
     E = ConsentEventRow
-    rows = session.scalars(
-        select(E)
-        .where(E.operator_id == operator_id, E.position > after, E.position <= upto)
-        .order_by(E.position)
-        .limit(limit)
+    return _events(
+        session.scalars(
+            select(E)
+            .where(E.operator_id == operator_id, E.position > after, E.position <= upto)
+            .order_by(E.position)
+            .limit(limit)
+        )
     )
+
+
+def read_log_events(session: Session, after: int, upto: int, limit: int) -> list[ConsentEvent]:
+    """Every operator's consent events with after < position <= upto, in position order: the
+    read of the shared tail of live watchers (plumbing.changelog.Tail)."""
+    E = ConsentEventRow
+    return _events(
+        session.scalars(
+            select(E)
+            .where(E.position > after, E.position <= upto)
+            .order_by(E.position)
+            .limit(limit)
+        )
+    )
+
+
+def _events(rows: Iterable[ConsentEventRow]) -> list[ConsentEvent]:
     return [
         ConsentEvent(
             int(row.position),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING
 
@@ -131,6 +131,9 @@ class Event:
     target: Target | None
     occurred_at: dt.datetime
     snapshot: str = ""  # the number's emergency location when the change was committed
+    # The operator whose event it is, as the log-wide read gives it (the shared tail's key;
+    # "" where the reader already knows it): never part of what the event is.
+    operator_id: str = field(default="", compare=False)
 
     @functools.cached_property
     def emergency_location(self) -> EmergencyLocation | None:

@@ -205,9 +205,10 @@ class NumberService(pb_grpc.NumberServiceServicer):
             operator=operator,
         )
         read = functools.partial(storage.read_events, operator_id=operator, tenant_id=tenant)
-        # Caught up, it is served from the operator's shared tail, its tenant kept.
+        # Caught up, it is served from the shared tail (its operator's events), its tenant kept.
         shared = Shared(
-            functools.partial(storage.read_events, operator_id=operator, tenant_id=None),
+            storage.read_log_events,
+            _event_operator,
             None if tenant is None else functools.partial(_of_tenant, tenant),
         )
         async for found in follow_log(
@@ -234,6 +235,10 @@ def _done(results: list[rules.Result]) -> int:
 
 def _of_tenant(tenant: str, event: rules.Event) -> bool:
     return event.tenant_id == tenant
+
+
+def _event_operator(event: rules.Event) -> str:
+    return event.operator_id
 
 
 def _event_position(event: rules.Event) -> int:

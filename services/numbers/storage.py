@@ -386,8 +386,20 @@ _EVENTS = (
 )
 _ORDERED = " ORDER BY position LIMIT ?"
 _OF_TENANT = " AND tenant_id = ?"
+_LOG_EVENTS = (
+    "SELECT position, type, phone_number, tenant_id, sip_uri, target_kind, target_id,"
+    " occurred_at, emergency_location, operator_id FROM number_events"
+    " WHERE position > ? AND position <= ? ORDER BY position LIMIT ?"
+)
 # The statements written by hand (tests/test_sql.py checks them; POSTGRES_SQL on PostgreSQL only).
-SQL = (_NUMBER, _SET_ASSIGNMENT, _INSERT_EVENT, _EVENTS + _ORDERED, _EVENTS + _OF_TENANT + _ORDERED)
+SQL = (
+    _NUMBER,
+    _SET_ASSIGNMENT,
+    _INSERT_EVENT,
+    _EVENTS + _ORDERED,
+    _EVENTS + _OF_TENANT + _ORDERED,
+    _LOG_EVENTS,
+)
 POSTGRES_SQL = (_CHANGE_POSTGRES,)
 
 
@@ -539,6 +551,25 @@ def read_events(
             snapshot,
         )
         for position, kind, number, tenant, sip, target_kind, target_id, occurred, snapshot in rows
+    ]
+
+
+def read_log_events(session: Session, after: int, upto: int, limit: int) -> list[Event]:
+    """Every operator's events with after < position <= upto, in position order, each with its
+    operator: the read of the shared tail of live watchers (plumbing.changelog.Tail)."""
+    return [
+        Event(
+            int(row[0]),
+            EventType(row[1]),
+            row[2],
+            row[3],
+            row[4],
+            _target(row[5], row[6]),
+            _stored_time(row[7]),
+            row[8],
+            row[9],
+        )
+        for row in driver_fetch(session, _LOG_EVENTS, (after, upto, limit))
     ]
 
 

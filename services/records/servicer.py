@@ -121,9 +121,11 @@ class CallRecordService(pb_grpc.CallRecordServiceServicer):
             )
             # Catching up, each batch is one chunk read as one row (storage.read_records).
             read = functools.partial(storage.read_records, selection=selection, size=size)
-            # Caught up, it is served from the operator's shared tail, its filter applied.
+            # Caught up, it is served from the shared tail (its operator's items), its filter
+            # applied.
             shared = Shared(
-                functools.partial(storage.read_tail_records, operator_id=operator),
+                storage.read_tail_records,
+                storage.chunk_operator,
                 storage.tail_filter(selection),
                 on_unit=True,
             )
@@ -273,12 +275,16 @@ class CallFeedService(pb_grpc.CallFeedServiceServicer):
             after=after,
             streams=self._streams,
             committed_at=_fact_time,
-            shared=Shared(storage.read_facts),
+            shared=Shared(storage.read_facts, _fact_operator),
         ):
             yield pb.FollowCallsResponse(
                 calls=[convert.fact_out(f) for f in batch.items],
                 cursor=encode_cursor(LOG, batch.position),
             )
+
+
+def _fact_operator(fact: rules.CallFact) -> str:
+    return fact.operator_id
 
 
 def _fact_position(fact: rules.CallFact) -> int:

@@ -466,6 +466,7 @@ class Chunk(NamedTuple):
     times: Any
     positions: str | tuple[int, ...] = ""
     fields: tuple[Any, ...] = ()  # the shared tail's: tenant, caller, callee, quality
+    operator: str = ""  # the shared tail's: the operator whose record it is
 
 
 def read_records(
@@ -543,25 +544,28 @@ def _joined(rows: Sequence[tuple[Any, ...]]) -> Chunk:
 
 
 _READ_TAIL = (
-    "SELECT position, body, publish_time, tenant_id, caller, callee, quality FROM call_records"
-    " WHERE operator_id = ? AND position > ? AND position <= ? ORDER BY position LIMIT ?"
+    "SELECT position, operator_id, body, publish_time, tenant_id, caller, callee, quality"
+    " FROM call_records WHERE position > ? AND position <= ? ORDER BY position LIMIT ?"
 )
 # The statements of the shared tail's read written by hand, as tests/test_sql.py checks them.
 TAIL_SQL = (_READ_TAIL,)
 
 
-def read_tail_records(
-    session: Session | Unit, after: int, upto: int, limit: int, *, operator_id: str
-) -> list[Chunk]:
-    """Every record of the operator with after < position <= upto, in position order, a chunk
-    each with what stream filters select on (tenant, caller, callee, quality): what the
-    operator's shared tail of live streams holds (plumbing.changelog.Tail), each stream keeping
-    its own with `tail_filter`."""
-    rows = driver_fetch(session, _READ_TAIL, (operator_id, after, upto, limit))
+def read_tail_records(session: Session | Unit, after: int, upto: int, limit: int) -> list[Chunk]:
+    """Every operator's records with after < position <= upto, in position order, a chunk each
+    with its operator and what stream filters select on (tenant, caller, callee, quality): what
+    the shared tail of live streams holds (plumbing.changelog.Tail, one read of the log for every
+    operator followed), each stream keeping its operator's with `tail_filter`."""
+    rows = driver_fetch(session, _READ_TAIL, (after, upto, limit))
     return [
-        Chunk(int(position), 1, bytes(body), time, "", tuple(fields))
-        for position, body, time, *fields in rows
+        Chunk(int(position), 1, bytes(body), time, "", tuple(fields), operator)
+        for position, operator, body, time, *fields in rows
     ]
+
+
+def chunk_operator(chunk: Chunk) -> str:
+    """The operator of a `read_tail_records` chunk (its key in the shared tail)."""
+    return chunk.operator
 
 
 def tail_filter(selection: StreamFilter) -> Callable[[Chunk], bool] | None:
