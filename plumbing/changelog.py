@@ -791,10 +791,6 @@ class Tail(Generic[T]):
         kept = self._keys.get(key)
         return list(kept.items) if kept is not None else []
 
-    def start_of(self, key: str) -> int | None:
-        kept = self._keys.get(key)
-        return kept.start if kept is not None else None
-
     @property
     def read_generation(self) -> int:
         """The log's wake count at which the last applied read began."""

@@ -23,13 +23,7 @@ from plumbing import wire
 from plumbing.config import Settings
 from plumbing.direction import DIRECTION_IN, DIRECTION_OUT, Direction
 from plumbing.validation import Outcome, Refusal
-from plumbing.wellknown import (
-    MAX_DURATION_SECONDS,
-    MAX_SECONDS,
-    MIN_SECONDS,
-    duration_in,
-    timestamp,
-)
+from plumbing.wellknown import MAX_DURATION_SECONDS, duration_in, time_in, timestamp
 from services.records.quality import Metric, Quality, Reason, Thresholds, Verdict, classify_call
 from services.records.rules import (
     CallFact,
@@ -110,15 +104,11 @@ class _Bad(Exception):
 
 
 def _stamp(stamp: timestamp_pb2.Timestamp, name: str) -> dt.datetime:
-    """A set Timestamp field as an aware UTC datetime: `time_in` written out (the publish hot
-    path reads three per record), refused when not a valid Timestamp."""
-    seconds, nanos = stamp.seconds, stamp.nanos
-    if not (MIN_SECONDS <= seconds <= MAX_SECONDS and 0 <= nanos < 1_000_000_000):
+    """A set Timestamp field as an aware UTC datetime, refused when not a valid Timestamp."""
+    value = time_in(stamp)
+    if value is None:
         raise _Bad(Refusal("TIME_INVALID", f"record.{name}", "not a valid timestamp"))
-    return _EPOCH + dt.timedelta(0, seconds, nanos // 1000)
-
-
-_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+    return value
 
 
 def _ms(value: duration_pb2.Duration) -> float:

@@ -319,44 +319,9 @@ def check_record(
             "TOO_MANY_MEDIA_STREAMS", r + "media_streams", f"at most {MAX_MEDIA_STREAMS} streams"
         )
     for index, stream in enumerate(record.media_streams):
-        if _plain_stream(stream):  # the common case, its checks in one expression
-            continue
         if refusal := check_stream(stream, f"{r}media_streams[{index}]."):
             return refusal
     return None
-
-
-def _plain_stream(stream: MediaStream) -> bool:
-    """Whether `check_stream` passes `stream` for sure, written for speed: a known direction and
-    type, a known codec or none, every metric present and in range, the maxima not below the
-    averages. False says nothing: `check_stream` tells (a missing metric is fine there)."""
-    (
-        direction,
-        media_type,
-        codec,
-        packets,
-        jitter,
-        max_jitter,
-        loss,
-        round_trip,
-        max_round_trip,
-        mos,
-        concealed,
-    ) = stream
-    try:
-        return (
-            direction is not None
-            and media_type is not None
-            and (not codec or (len(codec) <= MAX_CODEC and codec.lower() in KNOWN_CODECS))
-            and packets >= 0  # type: ignore[operator]  # None: TypeError, False below
-            and 0 <= jitter <= max_jitter <= MAX_METRIC_MS  # type: ignore[operator]
-            and 0 <= round_trip <= max_round_trip <= MAX_METRIC_MS  # type: ignore[operator]
-            and 0 <= loss <= 1.0  # type: ignore[operator]
-            and 0 <= mos <= MAX_MOS_DEGRADATION  # type: ignore[operator]
-            and 0 <= concealed <= 1.0  # type: ignore[operator]
-        )
-    except TypeError:  # a metric missing (None): check_stream says whether that is fine
-        return False
 
 
 def _party_refusal(name: str, problem: str, pstn: bool) -> Refusal:
