@@ -56,6 +56,7 @@ from plumbing.logs import get_logger
 from plumbing.metrics import Metrics, gauge
 from plumbing.rpc import current_principal
 from plumbing.tracing import failed, traced, unit_span
+from plumbing.writer_turns import WriterTurns
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -103,9 +104,13 @@ class Database:
         self.is_postgres = url.startswith("postgresql")
         self.busy_timeout_s = busy_timeout_s
         self.gate = FairGate(threads, work_per_lane, one_writer=self.is_sqlite)
+        # SQLite's writers of every process on the file take turns (plumbing.writer_turns).
+        self._turns: WriterTurns | None = None
         if self.is_sqlite:
             if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
-                _private_database(Path(url.removeprefix("sqlite:///").partition("?")[0]))
+                path = Path(url.removeprefix("sqlite:///").partition("?")[0])
+                _private_database(path)
+                self._turns = WriterTurns(path)
             engine = create_engine(
                 url,
                 pool_size=threads,
@@ -317,7 +322,11 @@ class Database:
         write: bool,
     ) -> T:
         deadline = time.monotonic() + self.busy_timeout_s
+        turns = self._turns if write else None
         while True:
+            if turns is not None and not turns.take(deadline - time.monotonic()):
+                log.warning("storage busy", error="another process kept the writers' turn")
+                raise _storage_busy()
             try:
                 return self._attempt(transaction, fn, args, write)
             except _Busy as busy:
@@ -325,13 +334,11 @@ class Database:
                 # answered as one; refused at once (a stale snapshot): the unit is tried again.
                 if time.monotonic() + _BUSY_PAUSE_S >= deadline:
                     log.warning("storage busy", error=str(busy))
-                    raise resource_exhausted(
-                        "opconnect",
-                        "STORAGE_BUSY",
-                        "the database is busy with other writers; retry after the delay given",
-                        1.0,
-                    ) from busy.__cause__
-                time.sleep(_BUSY_PAUSE_S)
+                    raise _storage_busy() from busy.__cause__
+            finally:
+                if turns is not None:
+                    turns.give_back()
+            time.sleep(_BUSY_PAUSE_S)
 
     def _attempt(
         self,
@@ -370,10 +377,23 @@ class Database:
 
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
+        if self._turns is not None:
+            self._turns.close()
         self.engine.dispose()
 
 
 _BUSY_PAUSE_S = 0.05
+
+
+def _storage_busy() -> ApiError:
+    return resource_exhausted(
+        "opconnect",
+        "STORAGE_BUSY",
+        "the database is busy with other writers; retry after the delay given",
+        1.0,
+    )
+
+
 # SQLite's primary result codes for a lock held by another connection.
 _SQLITE_BUSY, _SQLITE_LOCKED = 5, 6
 
