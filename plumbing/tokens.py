@@ -24,9 +24,12 @@ import base64
 import binascii
 import datetime as dt
 import hashlib
+import itertools
+import os
 import secrets
 import stat
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
@@ -53,6 +56,42 @@ KEY_FILE_HEADER = (
     "# The first key seals; every key listed opens. Keep this file secret (mode 0600) and the\n"
     "# same for every replica of the deployment.\n"
 )
+
+
+class _Nonces:
+    """AES-GCM nonces: random 12-byte strings as `secrets.token_bytes` gives them, drawn from
+    the system 4,096 at a time (a cursor is sealed for every response of every stream, and each
+    `os.urandom` call lets go of the GIL and waits to take it back on a busy server). Each
+    draw's bytes are handed out once, whichever thread asks (the counter is atomic); a forked
+    child draws afresh, never reusing its parent's (`os.register_at_fork`)."""
+
+    COUNT = 4096
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._draw: tuple[bytes, Iterator[int]] = self._new()
+        os.register_at_fork(after_in_child=self.reset)
+
+    def _new(self) -> tuple[bytes, Iterator[int]]:
+        return secrets.token_bytes(_NONCE_BYTES * self.COUNT), itertools.count(0, _NONCE_BYTES)
+
+    def reset(self) -> None:
+        self._lock = threading.Lock()  # a lock held by another thread at the fork stays held
+        self._draw = self._new()
+
+    def __call__(self) -> bytes:
+        while True:
+            draw = self._draw
+            pool, offsets = draw
+            at = next(offsets)
+            if at < len(pool):
+                return pool[at : at + _NONCE_BYTES]
+            with self._lock:
+                if self._draw is draw:  # not drawn again meanwhile by another thread
+                    self._draw = self._new()
+
+
+_nonce = _Nonces()
 
 
 def _b64(raw: bytes) -> str:
@@ -108,7 +147,7 @@ class Keyring:
 
     def seal(self, purpose: str, body: bytes, request: str | None = None) -> str:
         head = bytes([VERSION]) + self._sealing
-        nonce = secrets.token_bytes(_NONCE_BYTES)
+        nonce = _nonce()
         sealed = self._ciphers[self._sealing].encrypt(nonce, body, _context(head, purpose, request))
         return _b64(head + nonce + sealed)
 

@@ -15,6 +15,7 @@ from google.protobuf import duration_pb2, timestamp_pb2
 from plumbing.errors import invalid_field
 
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+_NAIVE_EPOCH = dt.datetime(1970, 1, 1)
 MIN_SECONDS = -62_135_596_800  # 0001-01-01T00:00:00Z
 MAX_SECONDS = 253_402_300_799  # 9999-12-31T23:59:59Z
 MAX_DURATION_SECONDS = 315_576_000_000  # 10,000 years
@@ -56,6 +57,9 @@ def request_time(request: Any, name: str, domain: str, reason: str) -> dt.dateti
 
 
 def timestamp(value: dt.datetime) -> timestamp_pb2.Timestamp:
-    out = timestamp_pb2.Timestamp()
-    out.FromDatetime(value)
-    return out
+    """`value` as a Timestamp (a naive datetime taken as UTC), as `Timestamp.FromDatetime`
+    makes it at half its cost (no time tuple; the call feed makes three a call)."""
+    since = value - (_EPOCH if value.tzinfo is not None else _NAIVE_EPOCH)
+    return timestamp_pb2.Timestamp(
+        seconds=since.days * 86_400 + since.seconds, nanos=since.microseconds * 1000
+    )

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import os
 import stat
 import struct
 import threading
@@ -92,6 +93,52 @@ def test_a_token_opens_with_its_purpose_and_hides_its_body() -> None:
     assert ring.unseal(page, "numbers.list", request="op||") == b"key"
     assert ring.unseal(page, "numbers.list", request="op||ASSIGNED") is None
     assert ring.unseal(page, "numbers.list") is None
+
+
+def nonce(token: str) -> bytes:
+    return unb64(token)[5:17]
+
+
+def test_no_nonce_is_sealed_twice_across_draws_and_threads() -> None:
+    """The nonces come from the system a draw at a time (`_Nonces`): over several draws and
+    four threads sealing at once, every token's nonce is new."""
+    ring = tokens.Keyring.generate()
+    each = 3 * tokens._Nonces.COUNT // 2
+    sealed: list[list[str]] = [[] for _ in range(4)]
+
+    def seal(out: list[str]) -> None:
+        out.extend(ring.seal("cursor:numbers", b"12345678") for _ in range(each))
+
+    threads = [threading.Thread(target=seal, args=(out,)) for out in sealed]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    nonces = [nonce(token) for out in sealed for token in out]
+    assert len(nonces) == 4 * each and len(set(nonces)) == len(nonces)
+    assert all(len(n) == 12 for n in nonces)
+    assert all(ring.unseal(token, "cursor:numbers") == b"12345678" for token in sealed[0])
+
+
+def test_a_forked_child_never_seals_with_its_parents_nonces() -> None:
+    """A child forked mid-draw draws its own: had it kept its parent's, the two would seal
+    the same nonces next, and AES-GCM under one key must never see a nonce twice."""
+    ring = tokens.Keyring.generate()
+    before = {nonce(ring.seal("cursor:numbers", b"x")) for _ in range(10)}
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover (the child)
+        os.close(read)
+        os.write(write, b"".join(nonce(ring.seal("cursor:numbers", b"x")) for _ in range(100)))
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        raw = pipe.read()
+    os.waitpid(child, 0)
+    theirs = {raw[at : at + 12] for at in range(0, len(raw), 12)}
+    ours = {nonce(ring.seal("cursor:numbers", b"x")) for _ in range(100)}
+    assert len(theirs) == 100 and len(ours) == 100
+    assert not theirs & ours and not theirs & before
 
 
 def test_every_flipped_bit_and_every_truncation_is_refused() -> None:

