@@ -972,8 +972,11 @@ def test_platform_calls_stored_before_their_keys_keep_their_keys(database_url: s
         platform = database.transaction(usage_days._platform, OPERATOR, [*calls, "call-new"])
         assert sorted(row[0] for row in platform) == calls
         assert database.transaction(usage_days._platform, "another-operator", calls) == []
-        reported = database.transaction(usage_days._reported, OPERATOR, [*calls, "call-new"])
-        assert sorted(row[0] for row in reported) == calls
+        asked = [(OPERATOR, c) for c in [*calls, "call-new"]]
+        reported = database.transaction(
+            usage_days._reported, [*asked, ("another-operator", calls[0])]
+        )
+        assert sorted((row[1], row[0]) for row in reported) == stored
         (row,) = [r for r in before["usage_platform_calls"] if r[0] == "call-10"]
         again = PlatformCall("call-10", OPERATOR, "t", "inbound", usage_time(row[4]), None, 0)
         new = database.transaction(
@@ -1071,6 +1074,48 @@ def test_two_feed_writers_of_one_call_keep_it_once(pg_system: RunningSystem) -> 
     assert _run(pg_system, rows) == ["call-twice"]
     assert _run(pg_system, _platform_keys) == ["call-twice"]
     assert _run(pg_system, counted) == 1
+
+
+@pytest.mark.postgres
+def test_a_feed_unit_waiting_for_a_claimed_call_holds_no_operators_lock(
+    pg_system: RunningSystem,
+) -> None:
+    """A feed unit whose call's key another writer has claimed and not committed (another
+    replica storing the same call) waits for that writer before it takes the operators' locks
+    (`usage_tables.lock_operators`, taken after its own keys and rows): the operator's
+    submissions are stored meanwhile; once the claim commits, the unit finds the call kept."""
+    url = pg_system.runtime.settings.database_url
+    call = _platform_call("call-claimed", dt.datetime.now(dt.UTC) - dt.timedelta(hours=1))
+    held = _Held(
+        url,
+        "INSERT INTO usage_platform_call_keys (call_id, operator_id, invite_time)"
+        " VALUES (:c, :op, :t)",
+        {"c": call.call_id, "op": OPERATOR, "t": call.invite_time},
+    )
+    replica = Database(url, threads=1)
+    stored: list[int] = []
+    answers: list[Any] = []
+    store = platform_calls.store_platform_calls
+    feed = threading.Thread(
+        target=lambda: stored.append(replica.transaction(store, "records", [call], "a", write=True))
+    )
+    submitting = threading.Thread(
+        target=lambda: answers.append(submit(usage_stub(pg_system), [duration_record()]))
+    )
+    try:
+        feed.start()
+        eventually(lambda: held.waiting() >= 1, timeout=20)
+        submitting.start()
+        eventually(lambda: bool(answers), timeout=20)  # not behind the waiting feed unit
+        assert not stored, "still waiting for the claim"
+    finally:
+        held.release()
+        feed.join(30)
+        submitting.join(30)
+        replica.close()
+    ((answer,),) = answers
+    assert [r.outcome for r in answer.results] == [usage_pb2.CALL_DURATION_OUTCOME_ACCEPTED]
+    assert stored == [0]  # kept by the claim's writer
 
 
 @pytest.mark.postgres

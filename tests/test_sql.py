@@ -187,7 +187,7 @@ def test_the_look_ups_of_many_keys_are_never_prepared_on_postgresql(db: Database
             one.transaction(ingest._stored, "op-a", "record_id", ids)
             one.transaction(ingest._stored, "op-a", "call_id", ids)
             one.transaction(usage_days._platform, "op-a", ids)
-            one.transaction(usage_days._reported, "op-a", ids)
+            one.transaction(usage_days._reported, [("op-a", i) for i in ids])
             one.transaction(changelog.read_head, "records")  # prepared: control
         with one.session(write=False) as session, session.begin():
             prepared = [

@@ -177,7 +177,14 @@ _LOCK_OPERATORS = (
 def lock_operators(session: Session, operators: Sequence[str]) -> None:
     """Serialize, per operator, whatever pairs its records with the platform's calls (ingest,
     the records feed): on PostgreSQL a transaction-scoped advisory lock each (of this schema's
-    operator), taken in one order; SQLite has one writer."""
+    operator), taken in one order; SQLite has one writer.
+
+    The rule: a writer takes it after writing its own side of the calls and before reading the
+    other side's, and holds it to its commit; so of two writers of one call's two sides, the
+    second to take it sees the first's committed rows, and the call is paired once. `ingest.
+    submit` takes it first thing (its duplicate checks need it too); the feed's unit
+    (`platform_calls.store_platform_calls`, calls of every operator) only after its keys and
+    rows are written, so that operators' submissions wait for as little of it as can be."""
     if not operators or session.get_bind().dialect.name != "postgresql":
         return
     driver_fetch(session, _LOCK_OPERATORS, [sorted(set(operators))])

@@ -99,7 +99,7 @@ def _select_reported(count: int) -> str:
     """The operator's records of `count` call ids."""
     marks = ",".join("?" * count)
     return (
-        "SELECT call_id, tenant_id, start_time, direction, duration_us"  # noqa: S608
+        "SELECT operator_id, call_id, tenant_id, start_time, direction, duration_us"  # noqa: S608
         f" FROM call_durations WHERE operator_id = ? AND call_id IN ({marks})"
     )
 
@@ -119,31 +119,35 @@ _SELECT_PLATFORM_BY_KEYS = (
     "SELECT call_id, tenant_id, answer_time, direction, duration_ms FROM usage_platform_calls"
     " WHERE call_id = ANY(CAST(? AS text[])) AND invite_time BETWEEN ? AND ?"
 )
-# PostgreSQL: the same for the operator's records of calls, from `call_duration_keys` (their
-# record ids and start times), then `call_durations` in the partitions of those starts' range.
+# PostgreSQL: the same for the records of calls of any operators, given as (operator, call id)
+# pairs (two arrays): from `call_duration_keys` (their record ids and start times), then
+# `call_durations` in the partitions of those starts' range; one statement each for a unit of
+# the feed, whatever the operators it carries.
 _SELECT_REPORTED_KEYS = (
-    "SELECT record_id, start_time FROM call_duration_keys"
-    " WHERE operator_id = ? AND call_id = ANY(CAST(? AS text[]))"
+    "SELECT k.operator_id, k.record_id, k.start_time"
+    " FROM unnest(CAST(? AS text[]), CAST(? AS text[])) AS w (operator_id, call_id),"
+    " LATERAL (SELECT operator_id, record_id, start_time FROM call_duration_keys"
+    " WHERE operator_id = w.operator_id AND call_id = w.call_id LIMIT 1) AS k"
 )
 _SELECT_REPORTED_BY_KEYS = (
-    "SELECT call_id, tenant_id, start_time, direction, duration_us FROM call_durations"
-    " WHERE operator_id = ? AND record_id = ANY(CAST(? AS text[]))"
-    " AND start_time BETWEEN ? AND ?"
+    "SELECT d.operator_id, d.call_id, d.tenant_id, d.start_time, d.direction, d.duration_us"
+    " FROM unnest(CAST(? AS text[]), CAST(? AS text[])) AS w (operator_id, record_id),"
+    " LATERAL (SELECT * FROM call_durations WHERE operator_id = w.operator_id"
+    " AND record_id = w.record_id AND start_time BETWEEN ? AND ? LIMIT 1) AS d"
 )
 
 
 def _by_keys(
-    session: Session, keys_sql: str, rows_sql: str, params: list[Any], first: list[Any]
+    session: Session, keys_sql: str, rows_sql: str, params: list[Any]
 ) -> list[tuple[Any, ...]]:
-    """PostgreSQL: the keys found by `keys_sql` (params), then the rows of those keys by
-    `rows_sql` (`first` + [keys, earliest time, latest time]); nothing read when no key is
-    found."""
+    """PostgreSQL: the keys found by `keys_sql` (params; each key's columns, then its time),
+    then the rows of those keys by `rows_sql` (an array of each key column, the earliest time,
+    the latest); nothing read when no key is found."""
     keys = driver_fetch(session, keys_sql, params, prepare=False)
     if not keys:
         return []
-    times = [row[1] for row in keys]
-    found = [row[0] for row in keys]
-    return driver_fetch(session, rows_sql, [*first, found, min(times), max(times)], prepare=False)
+    *columns, times = (list(column) for column in zip(*keys, strict=True))
+    return driver_fetch(session, rows_sql, [*columns, min(times), max(times)], prepare=False)
 
 
 def _platform(session: Session, operator_id: str, call_ids: list[str]) -> list[tuple[Any, ...]]:
@@ -151,7 +155,7 @@ def _platform(session: Session, operator_id: str, call_ids: list[str]) -> list[t
     PostgreSQL, see `driver_fetch`)."""
     if session.get_bind().dialect.name == "postgresql":
         return _by_keys(
-            session, _SELECT_PLATFORM_KEYS, _SELECT_PLATFORM_BY_KEYS, [call_ids, operator_id], []
+            session, _SELECT_PLATFORM_KEYS, _SELECT_PLATFORM_BY_KEYS, [call_ids, operator_id]
         )
     found: list[tuple[Any, ...]] = []
     for first in range(0, len(call_ids), CHUNK):
@@ -160,21 +164,23 @@ def _platform(session: Session, operator_id: str, call_ids: list[str]) -> list[t
     return found
 
 
-def _reported(session: Session, operator_id: str, call_ids: list[str]) -> list[tuple[Any, ...]]:
-    """The operator's records of `call_ids`: (call_id, tenant_id, start_time, direction,
-    duration_us)."""
+def _reported(session: Session, calls: Sequence[tuple[str, str]]) -> list[tuple[Any, ...]]:
+    """The records of `calls`, (operator, call id) pairs: (operator_id, call_id, tenant_id,
+    start_time, direction, duration_us). On PostgreSQL two statements whatever the operators
+    (never prepared, see `driver_fetch`); on SQLite the look-ups of each operator."""
     if session.get_bind().dialect.name == "postgresql":
+        operators, call_ids = [list(c) for c in zip(*calls, strict=True)] if calls else [[], []]
         return _by_keys(
-            session,
-            _SELECT_REPORTED_KEYS,
-            _SELECT_REPORTED_BY_KEYS,
-            [operator_id, call_ids],
-            [operator_id],
+            session, _SELECT_REPORTED_KEYS, _SELECT_REPORTED_BY_KEYS, [operators, call_ids]
         )
+    by_operator: dict[str, list[str]] = {}
+    for operator_id, call_id in calls:
+        by_operator.setdefault(operator_id, []).append(call_id)
     found: list[tuple[Any, ...]] = []
-    for first in range(0, len(call_ids), CHUNK):
-        chunk = call_ids[first : first + CHUNK]
-        found += driver_fetch(session, _select_reported(len(chunk)), [operator_id, *chunk])
+    for operator_id, ids in by_operator.items():
+        for first in range(0, len(ids), CHUNK):
+            chunk = ids[first : first + CHUNK]
+            found += driver_fetch(session, _select_reported(len(chunk)), [operator_id, *chunk])
     return found
 
 
@@ -213,13 +219,8 @@ def count_platform(session: Session, calls: Sequence[PlatformCall]) -> None:
     answer with the operator's duration if reported (moving that record from its own start) and
     its own otherwise; an unanswered call counts nowhere (a record of it stops counting at its
     start)."""
-    reported: dict[tuple[str, str], tuple[Any, ...]] = {}
-    by_operator: dict[str, list[str]] = {}
-    for call in calls:
-        by_operator.setdefault(call.operator_id, []).append(call.call_id)
-    for operator_id, call_ids in by_operator.items():
-        for row in _reported(session, operator_id, call_ids):
-            reported[(operator_id, row[0])] = row
+    found = _reported(session, [(call.operator_id, call.call_id) for call in calls])
+    reported = {(row[0], row[1]): row for row in found}
     changes: dict[DayKey, list[int]] = {}
     for call in calls:
         record = reported.get((call.operator_id, call.call_id))
@@ -230,7 +231,7 @@ def count_platform(session: Session, calls: Sequence[PlatformCall]) -> None:
             key = (call.operator_id, call.tenant_id, day, call.direction, Source.PLATFORM.value)
             _change(changes, key, 1, ceil_seconds(call.duration_ms, 1000))
             continue
-        _, tenant, start_time, direction, duration_us = record
+        _, _, tenant, start_time, direction, duration_us = record
         billed = ceil_seconds(duration_us, 1_000_000)
         own = (call.operator_id, tenant, _utc_day(start_time), direction, Source.OPERATOR.value)
         _change(changes, own, -1, -billed)
