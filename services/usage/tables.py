@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Sequence
+from typing import Any
 
 from sqlalchemy import (
     BigInteger,
@@ -23,7 +24,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
-from plumbing.db import Base, driver_fetch
+from plumbing.db import Base, driver_fetch_all
 
 CHUNK = 400  # ids per IN (...) list: inside SQLite's variable limit
 
@@ -185,9 +186,15 @@ def lock_operators(session: Session, operators: Sequence[str]) -> None:
     submit` takes it first thing (its duplicate checks need it too); the feed's unit
     (`platform_calls.store_platform_calls`, calls of every operator) only after its keys and
     rows are written, so that operators' submissions wait for as little of it as can be."""
+    driver_fetch_all(session, operators_lock(session, operators))
+
+
+def operators_lock(session: Session, operators: Sequence[str]) -> list[tuple[str, list[Any]]]:
+    """The statement of `lock_operators`, to send in one pipeline with the statements that
+    follow it (`driver_fetch_all`); none on SQLite."""
     if not operators or session.get_bind().dialect.name != "postgresql":
-        return
-    driver_fetch(session, _LOCK_OPERATORS, [sorted(set(operators))])
+        return []
+    return [(_LOCK_OPERATORS, [sorted(set(operators))])]
 
 
 SQL = {"postgresql": (_LOCK_OPERATORS,)}

@@ -9,7 +9,7 @@ from typing import Any, cast
 from sqlalchemy import CursorResult, delete
 from sqlalchemy.orm import Session
 
-from plumbing.db import driver_execute_many, driver_fetch
+from plumbing.db import driver_execute_many, driver_fetch, driver_fetch_all
 from services.usage.rules import PlatformCall, Reported, Source
 from services.usage.tables import CHUNK, USAGE_DAYS
 
@@ -119,35 +119,40 @@ _SELECT_PLATFORM_BY_KEYS = (
     "SELECT call_id, tenant_id, answer_time, direction, duration_ms FROM usage_platform_calls"
     " WHERE call_id = ANY(CAST(? AS text[])) AND invite_time BETWEEN ? AND ?"
 )
-# PostgreSQL: the same for the records of calls of any operators, given as (operator, call id)
-# pairs (two arrays): from `call_duration_keys` (their record ids and start times), then
-# `call_durations` in the partitions of those starts' range; one statement each for a unit of
-# the feed, whatever the operators it carries.
+# PostgreSQL: the same for the operator's records of calls, from `call_duration_keys` (their
+# record ids and start times), then `call_durations` in the partitions of those starts' range.
+# One operator a statement: the feed's unit asks for the records of every operator it carries,
+# the statements of all in one pipeline (`driver_fetch_all`). (One statement over (operator,
+# call id) pairs instead, joined to `unnest` laterally, took a partition's index on
+# (operator_id, start_time) while its statistics were not gathered yet: 2 s for 1,000 pairs.)
 _SELECT_REPORTED_KEYS = (
-    "SELECT k.operator_id, k.record_id, k.start_time"
-    " FROM unnest(CAST(? AS text[]), CAST(? AS text[])) AS w (operator_id, call_id),"
-    " LATERAL (SELECT operator_id, record_id, start_time FROM call_duration_keys"
-    " WHERE operator_id = w.operator_id AND call_id = w.call_id LIMIT 1) AS k"
+    "SELECT record_id, start_time FROM call_duration_keys"
+    " WHERE operator_id = ? AND call_id = ANY(CAST(? AS text[]))"
 )
 _SELECT_REPORTED_BY_KEYS = (
-    "SELECT d.operator_id, d.call_id, d.tenant_id, d.start_time, d.direction, d.duration_us"
-    " FROM unnest(CAST(? AS text[]), CAST(? AS text[])) AS w (operator_id, record_id),"
-    " LATERAL (SELECT * FROM call_durations WHERE operator_id = w.operator_id"
-    " AND record_id = w.record_id AND start_time BETWEEN ? AND ? LIMIT 1) AS d"
+    "SELECT operator_id, call_id, tenant_id, start_time, direction, duration_us"
+    " FROM call_durations WHERE operator_id = ? AND record_id = ANY(CAST(? AS text[]))"
+    " AND start_time BETWEEN ? AND ?"
 )
 
 
 def _by_keys(
-    session: Session, keys_sql: str, rows_sql: str, params: list[Any]
+    session: Session,
+    keys_sql: str,
+    rows_sql: str,
+    asked: Sequence[tuple[list[Any], list[Any]]],
 ) -> list[tuple[Any, ...]]:
-    """PostgreSQL: the keys found by `keys_sql` (params; each key's columns, then its time),
-    then the rows of those keys by `rows_sql` (an array of each key column, the earliest time,
-    the latest); nothing read when no key is found."""
-    keys = driver_fetch(session, keys_sql, params, prepare=False)
-    if not keys:
-        return []
-    *columns, times = (list(column) for column in zip(*keys, strict=True))
-    return driver_fetch(session, rows_sql, [*columns, min(times), max(times)], prepare=False)
+    """PostgreSQL: for each (params, first) asked, the keys found by `keys_sql` (params), then
+    the rows of those keys by `rows_sql` (`first` + [keys, earliest time, latest time]). The
+    keys' statements in one pipeline, then the rows' in another (`driver_fetch_all`): two
+    round trips however many are asked; no rows read for what has no key."""
+    found = driver_fetch_all(session, [(keys_sql, params) for params, _ in asked], prepare=False)
+    reads: list[tuple[str, list[Any]]] = []
+    for (_, first), keys in zip(asked, found, strict=True):
+        if keys:
+            times = [row[1] for row in keys]
+            reads.append((rows_sql, [*first, [row[0] for row in keys], min(times), max(times)]))
+    return [row for rows in driver_fetch_all(session, reads, prepare=False) for row in rows]
 
 
 def _platform(session: Session, operator_id: str, call_ids: list[str]) -> list[tuple[Any, ...]]:
@@ -155,7 +160,10 @@ def _platform(session: Session, operator_id: str, call_ids: list[str]) -> list[t
     PostgreSQL, see `driver_fetch`)."""
     if session.get_bind().dialect.name == "postgresql":
         return _by_keys(
-            session, _SELECT_PLATFORM_KEYS, _SELECT_PLATFORM_BY_KEYS, [call_ids, operator_id]
+            session,
+            _SELECT_PLATFORM_KEYS,
+            _SELECT_PLATFORM_BY_KEYS,
+            [([call_ids, operator_id], [])],
         )
     found: list[tuple[Any, ...]] = []
     for first in range(0, len(call_ids), CHUNK):
@@ -166,16 +174,13 @@ def _platform(session: Session, operator_id: str, call_ids: list[str]) -> list[t
 
 def _reported(session: Session, calls: Sequence[tuple[str, str]]) -> list[tuple[Any, ...]]:
     """The records of `calls`, (operator, call id) pairs: (operator_id, call_id, tenant_id,
-    start_time, direction, duration_us). On PostgreSQL two statements whatever the operators
-    (never prepared, see `driver_fetch`); on SQLite the look-ups of each operator."""
-    if session.get_bind().dialect.name == "postgresql":
-        operators, call_ids = [list(c) for c in zip(*calls, strict=True)] if calls else [[], []]
-        return _by_keys(
-            session, _SELECT_REPORTED_KEYS, _SELECT_REPORTED_BY_KEYS, [operators, call_ids]
-        )
+    start_time, direction, duration_us). Never prepared on PostgreSQL (see `driver_fetch`)."""
     by_operator: dict[str, list[str]] = {}
     for operator_id, call_id in calls:
         by_operator.setdefault(operator_id, []).append(call_id)
+    if session.get_bind().dialect.name == "postgresql":
+        asked = [([op, ids], [op]) for op, ids in by_operator.items()]
+        return _by_keys(session, _SELECT_REPORTED_KEYS, _SELECT_REPORTED_BY_KEYS, asked)
     found: list[tuple[Any, ...]] = []
     for operator_id, ids in by_operator.items():
         for first in range(0, len(ids), CHUNK):
