@@ -27,7 +27,7 @@ from opconnect.usage.v1 import usage_pb2
 from plumbing import partitions
 from plumbing.changelog import encode_cursor, read_head
 from plumbing.config import Settings
-from plumbing.db import Database, alembic_config
+from plumbing.db import Database, alembic_config, driver_fetch_all
 from plumbing.direction import Direction
 from plumbing.validation import Outcome
 from services.records import convert, rules, storage
@@ -1044,8 +1044,8 @@ def test_two_feed_writers_of_one_call_keep_it_once(pg_system: RunningSystem) -> 
     second = _platform_call("call-twice", now - dt.timedelta(days=10))
     held = _Held(
         url,
-        "SELECT pg_advisory_xact_lock(hashtext(current_schema() || ':usage_lock:' || :op))",
-        {"op": OPERATOR},
+        "SELECT pg_advisory_xact_lock(hashtext(current_schema() || :kind || :op))",
+        {"kind": usage_tables.PAIRING, "op": OPERATOR},
     )
     replicas = [Database(url, threads=1), Database(url, threads=1)]
     store = platform_calls.store_platform_calls
@@ -1082,7 +1082,7 @@ def test_a_feed_unit_waiting_for_a_claimed_call_holds_no_operators_lock(
 ) -> None:
     """A feed unit whose call's key another writer has claimed and not committed (another
     replica storing the same call) waits for that writer before it takes the operators' locks
-    (`usage_tables.lock_operators`, taken after its own keys and rows): the operator's
+    (PAIRING, `usage_tables.operators_lock`, taken after its own keys and rows): the operator's
     submissions are stored meanwhile; once the claim commits, the unit finds the call kept."""
     url = pg_system.runtime.settings.database_url
     call = _platform_call("call-claimed", dt.datetime.now(dt.UTC) - dt.timedelta(hours=1))
@@ -1119,6 +1119,34 @@ def test_a_feed_unit_waiting_for_a_claimed_call_holds_no_operators_lock(
 
 
 @pytest.mark.postgres
+def test_a_feed_unit_never_waits_for_a_submissions_checks(pg_system: RunningSystem) -> None:
+    """A submission holds its operator's SUBMISSIONS lock for its whole unit (its duplicate
+    checks); the feed's unit takes only PAIRING locks: held here, the first does not keep a
+    feed unit carrying a call of that operator waiting."""
+    url = pg_system.runtime.settings.database_url
+    call = _platform_call("call-meanwhile", dt.datetime.now(dt.UTC) - dt.timedelta(hours=1))
+    held = _Held(
+        url,
+        "SELECT pg_advisory_xact_lock(hashtext(current_schema() || :kind || :op))",
+        {"kind": usage_tables.SUBMISSIONS, "op": OPERATOR},
+    )
+    replica = Database(url, threads=1)
+    stored: list[int] = []
+    store = platform_calls.store_platform_calls
+    feed = threading.Thread(
+        target=lambda: stored.append(replica.transaction(store, "records", [call], "a", write=True))
+    )
+    try:
+        feed.start()
+        eventually(lambda: bool(stored), timeout=20)
+    finally:
+        held.release()
+        feed.join(30)
+        replica.close()
+    assert stored == [1]
+
+
+@pytest.mark.postgres
 def test_the_operators_lock_of_one_schema_never_waits_for_another_schema(
     postgres_url: str,
 ) -> None:
@@ -1131,11 +1159,15 @@ def test_the_operators_lock_of_one_schema_never_waits_for_another_schema(
 
     def lock(session: sa.orm.Session) -> None:
         session.execute(sa.text("SET LOCAL lock_timeout = '5s'"))  # a failure, not a hang
-        usage_tables.lock_operators(session, [OPERATOR, "op-other"])
+        for kind in (usage_tables.SUBMISSIONS, usage_tables.PAIRING):
+            driver_fetch_all(
+                session, usage_tables.operators_lock(session, [OPERATOR, "op-x"], kind)
+            )
 
     try:
         with sa.orm.Session(theirs.engine) as session, session.begin():
-            usage_tables.lock_operators(session, [OPERATOR])  # held until rolled back
+            for kind in (usage_tables.SUBMISSIONS, usage_tables.PAIRING):  # held until rolled back
+                driver_fetch_all(session, usage_tables.operators_lock(session, [OPERATOR], kind))
             mine.transaction(lock, write=True)
             session.rollback()
     finally:

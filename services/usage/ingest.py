@@ -16,7 +16,7 @@ from plumbing.db import driver_fetch_all, driver_insert_many, driver_time
 from plumbing.direction import Direction
 from plumbing.validation import Outcome, Refusal
 from services.usage.rules import Reported, Result, Submitted
-from services.usage.tables import CHUNK, DURATION_KEYS, DURATIONS, operators_lock
+from services.usage.tables import CHUNK, DURATION_KEYS, DURATIONS, SUBMISSIONS, operators_lock
 from services.usage.usage_days import count_reported
 
 COLUMNS = (
@@ -88,15 +88,16 @@ def submit(session: Session, operator_id: str, submitted: Sequence[Submitted]) -
     the driver (plumbing.db). On PostgreSQL the look-ups read `call_duration_keys` (an array
     each), and each record's keys are written there with it (binary COPY, as the records), the
     database enforcing them; the operator's submissions are serialized by a transaction-scoped
-    advisory lock (`tables.lock_operators`), so concurrent streams of one operator see each
-    other's commits (SQLite has one writer) and answer CALL_ALREADY_REPORTED rather than meet
-    the constraint. The lock and the two look-ups after it go in one pipeline: one round trip.
+    advisory lock (`tables.operators_lock`, SUBMISSIONS), so concurrent streams of one operator
+    see each other's commits (SQLite has one writer) and answer CALL_ALREADY_REPORTED rather
+    than meet the constraint. The lock and the two look-ups after it go in one pipeline: one
+    round trip. The pairing with the platform's calls (`count_reported`) takes its own lock.
     """
     if not submitted:
         return []
     by_record: dict[str, tuple[bytes, str]] = {}
     by_call: dict[str, str] = {}
-    lock = operators_lock(session, [operator_id])
+    lock = operators_lock(session, [operator_id], SUBMISSIONS)
     look_ups = [
         *lock,
         *_look_ups(session, operator_id, "record_id", [s.record.record_id for s in submitted]),

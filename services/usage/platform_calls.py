@@ -26,7 +26,6 @@ from services.usage.tables import (
     CHUNK,
     PLATFORM_CALL_KEYS,
     PLATFORM_CALLS,
-    lock_operators,
 )
 from services.usage.usage_days import count_platform
 
@@ -102,11 +101,8 @@ def store_platform_calls(
 
     On PostgreSQL the keys go first (`usage_platform_call_keys`, one statement over arrays,
     answering which are new) and the new rows by binary COPY; on SQLite (one writer) a look-up
-    of the ids kept, then executemany. The operators' locks are taken after those, before the
-    look-up of their records (`count_platform`): only the pairing of a call with its record
-    needs them (see `lock_operators`), and a unit carries calls of every operator, so each
-    operator's submissions wait for no more than that look-up, the usage by day and the
-    commit."""
+    of the ids kept, then executemany. Only then does `count_platform` take the operators'
+    PAIRING locks (`tables.operators_lock`), with its look-up of their records."""
     new = _new_calls(session, calls) if calls else []
     if new:
         time_of = driver_time(session)
@@ -123,7 +119,6 @@ def store_platform_calls(
             for c in new
         ]
         driver_insert_many(session, PLATFORM_CALLS, COLUMNS, rows)
-        lock_operators(session, [c.operator_id for c in new])
         count_platform(session, new)
     driver_execute_many(session, _SAVE_CURSOR, [(feed, cursor)])
     return len(new)

@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from plumbing.db import driver_execute_many, driver_fetch, driver_fetch_all
 from services.usage.rules import PlatformCall, Reported, Source
-from services.usage.tables import CHUNK, USAGE_DAYS
+from services.usage.tables import CHUNK, PAIRING, USAGE_DAYS, operators_lock
 
 # A call counts once, at its start: every answered call the platform has, with the operator's
 # duration when the operator reported it and the platform's otherwise, plus every call the
@@ -19,10 +19,12 @@ from services.usage.tables import CHUNK, USAGE_DAYS
 # whole second. A call the platform has as not answered counts nowhere, reported or not: the
 # platform's record decides whether a call was answered (it saw the signalling).
 # `usage_daily` holds those sums per (operator, tenant, UTC day, direction, source), kept by
-# the two writers that can change them, each under the operator's lock: `ingest.submit` (an
-# operator's record arrives) and `platform_calls.store_platform_calls` (the platform's call
-# arrives). `usage_query.usage_rows` reads whole days from it and the partial days at a
-# period's ends from the calls themselves (`_usage_of_calls`, the definition above in SQL).
+# the two writers that can change them, each under the operator's PAIRING lock (taken here,
+# with the first look-up of the other side, after the writer wrote its own: `tables.
+# operators_lock`): `ingest.submit` (an operator's record arrives) and `platform_calls.
+# store_platform_calls` (the platform's call arrives). `usage_query.usage_rows` reads whole
+# days from it and the partial days at a period's ends from the calls themselves
+# (`_usage_of_calls`, the definition above in SQL).
 
 # (operator, tenant, day, direction, source) -> [calls, billed seconds]
 DayKey = tuple[str, str, dt.date, str, str]
@@ -141,12 +143,15 @@ def _by_keys(
     keys_sql: str,
     rows_sql: str,
     asked: Sequence[tuple[list[Any], list[Any]]],
+    lock: list[tuple[str, list[Any]]],
 ) -> list[tuple[Any, ...]]:
-    """PostgreSQL: for each (params, first) asked, the keys found by `keys_sql` (params), then
-    the rows of those keys by `rows_sql` (`first` + [keys, earliest time, latest time]). The
-    keys' statements in one pipeline, then the rows' in another (`driver_fetch_all`): two
-    round trips however many are asked; no rows read for what has no key."""
-    found = driver_fetch_all(session, [(keys_sql, params) for params, _ in asked], prepare=False)
+    """PostgreSQL: the `lock` statements, then for each (params, first) asked the keys found by
+    `keys_sql` (params), then the rows of those keys by `rows_sql` (`first` + [keys, earliest
+    time, latest time]). The lock and the keys' statements in one pipeline, then the rows' in
+    another (`driver_fetch_all`): two round trips however many are asked; no rows read for
+    what has no key."""
+    keys_of = [(keys_sql, params) for params, _ in asked]
+    found = driver_fetch_all(session, [*lock, *keys_of], prepare=False)[len(lock) :]
     reads: list[tuple[str, list[Any]]] = []
     for (_, first), keys in zip(asked, found, strict=True):
         if keys:
@@ -157,13 +162,14 @@ def _by_keys(
 
 def _platform(session: Session, operator_id: str, call_ids: list[str]) -> list[tuple[Any, ...]]:
     """The operator's platform calls among `call_ids`, answered or not (never prepared on
-    PostgreSQL, see `driver_fetch`)."""
+    PostgreSQL, see `driver_fetch`), the operator's PAIRING lock taken first."""
     if session.get_bind().dialect.name == "postgresql":
         return _by_keys(
             session,
             _SELECT_PLATFORM_KEYS,
             _SELECT_PLATFORM_BY_KEYS,
             [([call_ids, operator_id], [])],
+            operators_lock(session, [operator_id], PAIRING),
         )
     found: list[tuple[Any, ...]] = []
     for first in range(0, len(call_ids), CHUNK):
@@ -174,13 +180,15 @@ def _platform(session: Session, operator_id: str, call_ids: list[str]) -> list[t
 
 def _reported(session: Session, calls: Sequence[tuple[str, str]]) -> list[tuple[Any, ...]]:
     """The records of `calls`, (operator, call id) pairs: (operator_id, call_id, tenant_id,
-    start_time, direction, duration_us). Never prepared on PostgreSQL (see `driver_fetch`)."""
+    start_time, direction, duration_us). Never prepared on PostgreSQL (see `driver_fetch`); the
+    operators' PAIRING locks taken first."""
     by_operator: dict[str, list[str]] = {}
     for operator_id, call_id in calls:
         by_operator.setdefault(operator_id, []).append(call_id)
     if session.get_bind().dialect.name == "postgresql":
         asked = [([op, ids], [op]) for op, ids in by_operator.items()]
-        return _by_keys(session, _SELECT_REPORTED_KEYS, _SELECT_REPORTED_BY_KEYS, asked)
+        lock = operators_lock(session, list(by_operator), PAIRING)
+        return _by_keys(session, _SELECT_REPORTED_KEYS, _SELECT_REPORTED_BY_KEYS, asked, lock)
     found: list[tuple[Any, ...]] = []
     for operator_id, ids in by_operator.items():
         for first in range(0, len(ids), CHUNK):
