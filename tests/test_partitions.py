@@ -27,7 +27,7 @@ from opconnect.usage.v1 import usage_pb2
 from plumbing import partitions
 from plumbing.changelog import encode_cursor, read_head
 from plumbing.config import Settings
-from plumbing.db import Database, alembic_config
+from plumbing.db import Database, alembic_config, driver_fetch_all
 from plumbing.direction import Direction
 from plumbing.validation import Outcome
 from services.records import convert, rules, storage
@@ -972,8 +972,11 @@ def test_platform_calls_stored_before_their_keys_keep_their_keys(database_url: s
         platform = database.transaction(usage_days._platform, OPERATOR, [*calls, "call-new"])
         assert sorted(row[0] for row in platform) == calls
         assert database.transaction(usage_days._platform, "another-operator", calls) == []
-        reported = database.transaction(usage_days._reported, OPERATOR, [*calls, "call-new"])
-        assert sorted(row[0] for row in reported) == calls
+        asked = [(OPERATOR, c) for c in [*calls, "call-new"]]
+        reported = database.transaction(
+            usage_days._reported, [*asked, ("another-operator", calls[0])]
+        )
+        assert sorted((row[1], row[0]) for row in reported) == stored
         (row,) = [r for r in before["usage_platform_calls"] if r[0] == "call-10"]
         again = PlatformCall("call-10", OPERATOR, "t", "inbound", usage_time(row[4]), None, 0)
         new = database.transaction(
@@ -1041,8 +1044,8 @@ def test_two_feed_writers_of_one_call_keep_it_once(pg_system: RunningSystem) -> 
     second = _platform_call("call-twice", now - dt.timedelta(days=10))
     held = _Held(
         url,
-        "SELECT pg_advisory_xact_lock(hashtext(current_schema() || ':usage_lock:' || :op))",
-        {"op": OPERATOR},
+        "SELECT pg_advisory_xact_lock(hashtext(current_schema() || :kind || :op))",
+        {"kind": usage_tables.PAIRING, "op": OPERATOR},
     )
     replicas = [Database(url, threads=1), Database(url, threads=1)]
     store = platform_calls.store_platform_calls
@@ -1074,6 +1077,76 @@ def test_two_feed_writers_of_one_call_keep_it_once(pg_system: RunningSystem) -> 
 
 
 @pytest.mark.postgres
+def test_a_feed_unit_waiting_for_a_claimed_call_holds_no_operators_lock(
+    pg_system: RunningSystem,
+) -> None:
+    """A feed unit whose call's key another writer has claimed and not committed (another
+    replica storing the same call) waits for that writer before it takes the operators' locks
+    (PAIRING, `usage_tables.operators_lock`, taken after its own keys and rows): the operator's
+    submissions are stored meanwhile; once the claim commits, the unit finds the call kept."""
+    url = pg_system.runtime.settings.database_url
+    call = _platform_call("call-claimed", dt.datetime.now(dt.UTC) - dt.timedelta(hours=1))
+    held = _Held(
+        url,
+        "INSERT INTO usage_platform_call_keys (call_id, operator_id, invite_time)"
+        " VALUES (:c, :op, :t)",
+        {"c": call.call_id, "op": OPERATOR, "t": call.invite_time},
+    )
+    replica = Database(url, threads=1)
+    stored: list[int] = []
+    answers: list[Any] = []
+    store = platform_calls.store_platform_calls
+    feed = threading.Thread(
+        target=lambda: stored.append(replica.transaction(store, "records", [call], "a", write=True))
+    )
+    submitting = threading.Thread(
+        target=lambda: answers.append(submit(usage_stub(pg_system), [duration_record()]))
+    )
+    try:
+        feed.start()
+        eventually(lambda: held.waiting() >= 1, timeout=20)
+        submitting.start()
+        eventually(lambda: bool(answers), timeout=20)  # not behind the waiting feed unit
+        assert not stored, "still waiting for the claim"
+    finally:
+        held.release()
+        feed.join(30)
+        submitting.join(30)
+        replica.close()
+    ((answer,),) = answers
+    assert [r.outcome for r in answer.results] == [usage_pb2.CALL_DURATION_OUTCOME_ACCEPTED]
+    assert stored == [0]  # kept by the claim's writer
+
+
+@pytest.mark.postgres
+def test_a_feed_unit_never_waits_for_a_submissions_checks(pg_system: RunningSystem) -> None:
+    """A submission holds its operator's SUBMISSIONS lock for its whole unit (its duplicate
+    checks); the feed's unit takes only PAIRING locks: held here, the first does not keep a
+    feed unit carrying a call of that operator waiting."""
+    url = pg_system.runtime.settings.database_url
+    call = _platform_call("call-meanwhile", dt.datetime.now(dt.UTC) - dt.timedelta(hours=1))
+    held = _Held(
+        url,
+        "SELECT pg_advisory_xact_lock(hashtext(current_schema() || :kind || :op))",
+        {"kind": usage_tables.SUBMISSIONS, "op": OPERATOR},
+    )
+    replica = Database(url, threads=1)
+    stored: list[int] = []
+    store = platform_calls.store_platform_calls
+    feed = threading.Thread(
+        target=lambda: stored.append(replica.transaction(store, "records", [call], "a", write=True))
+    )
+    try:
+        feed.start()
+        eventually(lambda: bool(stored), timeout=20)
+    finally:
+        held.release()
+        feed.join(30)
+        replica.close()
+    assert stored == [1]
+
+
+@pytest.mark.postgres
 def test_the_operators_lock_of_one_schema_never_waits_for_another_schema(
     postgres_url: str,
 ) -> None:
@@ -1086,11 +1159,15 @@ def test_the_operators_lock_of_one_schema_never_waits_for_another_schema(
 
     def lock(session: sa.orm.Session) -> None:
         session.execute(sa.text("SET LOCAL lock_timeout = '5s'"))  # a failure, not a hang
-        usage_tables.lock_operators(session, [OPERATOR, "op-other"])
+        for kind in (usage_tables.SUBMISSIONS, usage_tables.PAIRING):
+            driver_fetch_all(
+                session, usage_tables.operators_lock(session, [OPERATOR, "op-x"], kind)
+            )
 
     try:
         with sa.orm.Session(theirs.engine) as session, session.begin():
-            usage_tables.lock_operators(session, [OPERATOR])  # held until rolled back
+            for kind in (usage_tables.SUBMISSIONS, usage_tables.PAIRING):  # held until rolled back
+                driver_fetch_all(session, usage_tables.operators_lock(session, [OPERATOR], kind))
             mine.transaction(lock, write=True)
             session.rollback()
     finally:

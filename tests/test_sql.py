@@ -25,7 +25,14 @@ from sqlalchemy import text as sa_text
 from sqlalchemy.orm import Session
 
 from plumbing import changelog
-from plumbing.db import Base, Database, driver_execute_many, driver_fetch, driver_insert_many
+from plumbing.db import (
+    Base,
+    Database,
+    driver_execute_many,
+    driver_fetch,
+    driver_fetch_all,
+    driver_insert_many,
+)
 from plumbing.direction import Direction
 from services.numbers import storage as numbers_storage
 from services.records import storage as records_storage
@@ -101,6 +108,22 @@ def test_a_misspelt_table_fails(db: Database) -> None:
             explain(db, misspelt)
 
 
+def _record(call_id: str) -> Submitted:
+    duration = dt.timedelta(seconds=61)
+    body = DurationRecord(
+        f"rec-{call_id}",
+        call_id,
+        TENANT,
+        "+14255550100",
+        "+14255550101",
+        Direction.INBOUND,
+        START,
+        START + duration,
+        duration,
+    )
+    return Submitted(body, hashlib.sha256(call_id.encode()).digest())
+
+
 def test_the_usage_units_of_work_send_only_listed_statements(db: Database) -> None:
     """Every statement ingest, the call feed's store, the operators' lock and the usage by day
     send to the driver is one of their `SQL` (an IN list of any length as the listed one of one
@@ -114,20 +137,12 @@ def test_the_usage_units_of_work_send_only_listed_statements(db: Database) -> No
 
         return spy
 
-    def record(call_id: str) -> Submitted:
-        duration = dt.timedelta(seconds=61)
-        body = DurationRecord(
-            f"rec-{call_id}",
-            call_id,
-            TENANT,
-            "+14255550100",
-            "+14255550101",
-            Direction.INBOUND,
-            START,
-            START + duration,
-            duration,
-        )
-        return Submitted(body, hashlib.sha256(call_id.encode()).digest())
+    def spying_all(real: Callable[..., Any]) -> Callable[..., Any]:
+        def spy(session: Session, statements: Any, **options: Any) -> Any:
+            sent.extend(re.sub(r"IN \(\?(,\?)*\)", "IN (?)", sql) for sql, _ in statements)
+            return real(session, statements, **options)
+
+        return spy
 
     def call(call_id: str) -> PlatformCall:
         return PlatformCall(call_id, "op-a", TENANT, "inbound", START, START, 60_000)
@@ -137,10 +152,12 @@ def test_the_usage_units_of_work_send_only_listed_statements(db: Database) -> No
             for name in ("driver_fetch", "driver_execute_many"):
                 if hasattr(module, name):
                     patch.setattr(module, name, spying(getattr(module, name)))
+            if hasattr(module, "driver_fetch_all"):
+                patch.setattr(module, "driver_fetch_all", spying_all(module.driver_fetch_all))
         # The platform's call first, then the operator's records of it and of another call,
         # then the platform's call of that other: every look-up of both writers runs.
         db.transaction(platform_calls.store_platform_calls, "f", [call("c-1")], "", write=True)
-        db.transaction(ingest.submit, "op-a", [record("c-1"), record("c-2")], write=True)
+        db.transaction(ingest.submit, "op-a", [_record("c-1"), _record("c-2")], write=True)
         db.transaction(platform_calls.store_platform_calls, "f", [call("c-2")], "", write=True)
         assert db.transaction(platform_calls.feed_cursor, "f") == ""
     backend = db.engine.dialect.name
@@ -174,6 +191,29 @@ def test_the_drivers_own_errors_fail_a_unit_as_sqlalchemys_do(db: Database) -> N
         db.transaction(driver_fetch, "SELECT no_such_column FROM change_log_heads", [])
 
 
+def test_statements_sent_together_answer_each_its_rows_in_order(db: Database) -> None:
+    """`driver_fetch_all` (one pipeline on PostgreSQL): each statement's rows, in order, a
+    statement with none among them; in a Session's unit and in a driver `Unit` (whose BEGIN goes
+    with the first); a failing statement fails the unit as `driver_fetch`'s does."""
+    statements: list[tuple[str, list[Any]]] = [
+        ("SELECT ? + 1", [1]),
+        ("INSERT INTO usage_feed_cursors (feed, cursor) VALUES (?, ?)", ["f", "c"]),
+        ("SELECT feed, cursor FROM usage_feed_cursors", []),
+        ("SELECT ? || 'b'", ["a"]),
+    ]
+    if db.is_postgres:  # the parameters' types, which SQLite needs none of
+        statements[0] = ("SELECT CAST(? AS int) + 1", [1])
+        statements[3] = ("SELECT CAST(? AS text) || 'b'", ["a"])
+    expected = [[(2,)], [], [("f", "c")], [("ab",)]]
+    assert db.transaction(driver_fetch_all, statements, write=True) == expected
+    statements[1] = (statements[1][0], ["g", "c"])
+    expected[2] = [("f", "c"), ("g", "c")]
+    assert db.unit_transaction(driver_fetch_all, statements, write=True) == expected
+    assert db.transaction(driver_fetch_all, []) == []
+    with pytest.raises(exc.DBAPIError):
+        db.transaction(driver_fetch_all, [*statements[:1], ("SELECT nothing FROM nowhere", [])])
+
+
 def test_the_look_ups_of_many_keys_are_never_prepared_on_postgresql(db: Database) -> None:
     """psycopg prepares a statement run 5 times; PostgreSQL may then keep a generic plan made
     while the partitions were small, and scan them whole as they grow. The duplicate look-ups
@@ -184,10 +224,9 @@ def test_the_look_ups_of_many_keys_are_never_prepared_on_postgresql(db: Database
     try:
         for n in range(8):  # past psycopg's prepare threshold
             ids = [f"c-{n}-{i}" for i in range(3)]
-            one.transaction(ingest._stored, "op-a", "record_id", ids)
-            one.transaction(ingest._stored, "op-a", "call_id", ids)
+            one.transaction(ingest.submit, "op-a", [_record(i) for i in ids], write=True)
             one.transaction(usage_days._platform, "op-a", ids)
-            one.transaction(usage_days._reported, "op-a", ids)
+            one.transaction(usage_days._reported, [("op-a", i) for i in ids])
             one.transaction(changelog.read_head, "records")  # prepared: control
         with one.session(write=False) as session, session.begin():
             prepared = [

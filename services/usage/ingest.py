@@ -12,11 +12,11 @@ from typing import Any, Literal, cast
 from sqlalchemy import CursorResult, delete
 from sqlalchemy.orm import Session
 
-from plumbing.db import driver_fetch, driver_insert_many, driver_time
+from plumbing.db import driver_fetch_all, driver_insert_many, driver_time
 from plumbing.direction import Direction
 from plumbing.validation import Outcome, Refusal
 from services.usage.rules import Reported, Result, Submitted
-from services.usage.tables import CHUNK, DURATION_KEYS, DURATIONS, lock_operators
+from services.usage.tables import CHUNK, DURATION_KEYS, DURATIONS, SUBMISSIONS, operators_lock
 from services.usage.usage_days import count_reported
 
 COLUMNS = (
@@ -54,18 +54,18 @@ def _select_keys(column: Literal["record_id", "call_id"]) -> str:
     )
 
 
-def _stored(
+def _look_ups(
     session: Session, operator_id: str, column: Literal["record_id", "call_id"], values: list[str]
-) -> list[tuple[Any, ...]]:
-    """(record_id, call_id, digest) of the operator's records whose `column` is in `values`.
-    Never prepared on PostgreSQL (see `driver_fetch`)."""
+) -> list[tuple[str, list[Any]]]:
+    """The statements that find (record_id, call_id, digest) of the operator's records whose
+    `column` is in `values`: on PostgreSQL one (never prepared, see `driver_fetch`), on SQLite
+    one per CHUNK."""
     if session.get_bind().dialect.name == "postgresql":
-        return driver_fetch(session, _select_keys(column), [operator_id, values], prepare=False)
-    found: list[tuple[Any, ...]] = []
-    for first in range(0, len(values), CHUNK):
-        chunk = values[first : first + CHUNK]
-        found += driver_fetch(session, _select_stored(column, len(chunk)), [operator_id, *chunk])
-    return found
+        return [(_select_keys(column), [operator_id, values])]
+    return [
+        (_select_stored(column, len(chunk)), [operator_id, *chunk])
+        for chunk in (values[first : first + CHUNK] for first in range(0, len(values), CHUNK))
+    ]
 
 
 _CONFLICT = Refusal(
@@ -88,17 +88,23 @@ def submit(session: Session, operator_id: str, submitted: Sequence[Submitted]) -
     the driver (plumbing.db). On PostgreSQL the look-ups read `call_duration_keys` (an array
     each), and each record's keys are written there with it (binary COPY, as the records), the
     database enforcing them; the operator's submissions are serialized by a transaction-scoped
-    advisory lock, so concurrent streams of one operator see each other's commits (SQLite has
-    one writer) and answer CALL_ALREADY_REPORTED rather than meet the constraint.
+    advisory lock (`tables.operators_lock`, SUBMISSIONS), so concurrent streams of one operator
+    see each other's commits (SQLite has one writer) and answer CALL_ALREADY_REPORTED rather
+    than meet the constraint. The lock and the two look-ups after it go in one pipeline: one
+    round trip. The pairing with the platform's calls (`count_reported`) takes its own lock.
     """
     if not submitted:
         return []
-    lock_operators(session, [operator_id])
     by_record: dict[str, tuple[bytes, str]] = {}
     by_call: dict[str, str] = {}
-    found = _stored(session, operator_id, "record_id", [s.record.record_id for s in submitted])
-    found += _stored(session, operator_id, "call_id", [s.record.call_id for s in submitted])
-    for record_id, call_id, digest in found:
+    lock = operators_lock(session, [operator_id], SUBMISSIONS)
+    look_ups = [
+        *lock,
+        *_look_ups(session, operator_id, "record_id", [s.record.record_id for s in submitted]),
+        *_look_ups(session, operator_id, "call_id", [s.record.call_id for s in submitted]),
+    ]
+    found = driver_fetch_all(session, look_ups, prepare=False)[len(lock) :]
+    for record_id, call_id, digest in (row for rows in found for row in rows):
         by_record[record_id] = (bytes(digest), call_id)
         by_call[call_id] = record_id
     time_of = driver_time(session)

@@ -26,7 +26,6 @@ from services.usage.tables import (
     CHUNK,
     PLATFORM_CALL_KEYS,
     PLATFORM_CALLS,
-    lock_operators,
 )
 from services.usage.usage_days import count_platform
 
@@ -102,12 +101,9 @@ def store_platform_calls(
 
     On PostgreSQL the keys go first (`usage_platform_call_keys`, one statement over arrays,
     answering which are new) and the new rows by binary COPY; on SQLite (one writer) a look-up
-    of the ids kept, then executemany."""
-    if calls:
-        lock_operators(session, [c.operator_id for c in calls])
-        new = _new_calls(session, calls)
-    else:
-        new = []
+    of the ids kept, then executemany. Only then does `count_platform` take the operators'
+    PAIRING locks (`tables.operators_lock`), with its look-up of their records."""
+    new = _new_calls(session, calls) if calls else []
     if new:
         time_of = driver_time(session)
         rows = [

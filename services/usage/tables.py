@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Sequence
+from typing import Any
 
 from sqlalchemy import (
     BigInteger,
@@ -23,7 +24,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
-from plumbing.db import Base, driver_fetch
+from plumbing.db import Base
 
 CHUNK = 400  # ids per IN (...) list: inside SQLite's variable limit
 
@@ -51,7 +52,7 @@ class DurationRow(Base):
     __table_args__ = (
         # (operator_id, record_id) and (operator_id, call_id) are unique, though no
         # constraint says so (a partitioned table cannot without the partition key): the
-        # operator's lock (`lock_operators`) serializes the checks of ingest.submit.
+        # operator's SUBMISSIONS lock (`operators_lock`) serializes the checks of ingest.submit.
         Index("ix_call_durations_operator_call", "operator_id", "call_id"),
         Index("ix_call_durations_operator_start", "operator_id", "start_time"),
         Index("ix_call_durations_tenant_start", "tenant_id", "start_time"),
@@ -165,22 +166,42 @@ class UsageDayRow(Base):
 USAGE_DAYS: Table = UsageDayRow.__table__  # type: ignore[assignment]
 
 
-# PostgreSQL: each operator's lock, in the order given (one statement for them all). The key
-# names the schema: advisory locks are the whole database's, and the same operator in another
-# schema (another deployment on the server, a test's or a bench's schema) is another's.
+# PostgreSQL: each operator's lock of a kind, in the order given (one statement for them all).
+# The key names the schema: advisory locks are the whole database's, and the same operator in
+# another schema (another deployment on the server, a test's or a bench's schema) is another's.
 _LOCK_OPERATORS = (
-    "SELECT pg_advisory_xact_lock(hashtext(current_schema() || ':usage_lock:' || operator_id))"
+    "SELECT pg_advisory_xact_lock(hashtext(current_schema() || CAST(? AS text) || operator_id))"
     " FROM unnest(CAST(? AS text[])) AS operators (operator_id)"
 )
+# The two kinds of lock an operator has (the middle of each key).
+SUBMISSIONS = ":usage_lock:"
+PAIRING = ":usage_pairing:"
 
 
-def lock_operators(session: Session, operators: Sequence[str]) -> None:
-    """Serialize, per operator, whatever pairs its records with the platform's calls (ingest,
-    the records feed): on PostgreSQL a transaction-scoped advisory lock each (of this schema's
-    operator), taken in one order; SQLite has one writer."""
+def operators_lock(
+    session: Session, operators: Sequence[str], kind: str
+) -> list[tuple[str, list[Any]]]:
+    """The statement that takes each operator's lock of `kind`, to send in one pipeline with
+    the statements that need it (`driver_fetch_all`); none on SQLite, which has one writer. On
+    PostgreSQL a transaction-scoped advisory lock each (of this schema's operator), taken in
+    one order, held to commit. Two kinds:
+
+    - SUBMISSIONS: an operator's submissions one at a time (`ingest.submit`, first thing, for
+      its whole unit): concurrent streams of one operator see each other's commits in their
+      duplicate checks.
+    - PAIRING: what pairs an operator's records with the platform's calls (`usage_days.
+      count_reported` for ingest, `count_platform` for the records feed, with their first
+      look-up): each writer takes it after writing its own side of the calls and before reading
+      the other side's, so of two writers of one call's two sides the second to take it sees
+      the first's committed rows, and the call is counted once. It is held only for that
+      look-up, the usage by day and the commit: the feed's unit, which carries calls of every
+      operator, takes them all, and waits for, and holds up, no more of a submission than that.
+
+    A submission takes its SUBMISSIONS lock, then its PAIRING lock; the feed only PAIRING locks:
+    no cycle."""
     if not operators or session.get_bind().dialect.name != "postgresql":
-        return
-    driver_fetch(session, _LOCK_OPERATORS, [sorted(set(operators))])
+        return []
+    return [(_LOCK_OPERATORS, [kind, sorted(set(operators))])]
 
 
 SQL = {"postgresql": (_LOCK_OPERATORS,)}

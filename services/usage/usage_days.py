@@ -9,9 +9,9 @@ from typing import Any, cast
 from sqlalchemy import CursorResult, delete
 from sqlalchemy.orm import Session
 
-from plumbing.db import driver_execute_many, driver_fetch
+from plumbing.db import driver_execute_many, driver_fetch, driver_fetch_all
 from services.usage.rules import PlatformCall, Reported, Source
-from services.usage.tables import CHUNK, USAGE_DAYS
+from services.usage.tables import CHUNK, PAIRING, USAGE_DAYS, operators_lock
 
 # A call counts once, at its start: every answered call the platform has, with the operator's
 # duration when the operator reported it and the platform's otherwise, plus every call the
@@ -19,10 +19,12 @@ from services.usage.tables import CHUNK, USAGE_DAYS
 # whole second. A call the platform has as not answered counts nowhere, reported or not: the
 # platform's record decides whether a call was answered (it saw the signalling).
 # `usage_daily` holds those sums per (operator, tenant, UTC day, direction, source), kept by
-# the two writers that can change them, each under the operator's lock: `ingest.submit` (an
-# operator's record arrives) and `platform_calls.store_platform_calls` (the platform's call
-# arrives). `usage_query.usage_rows` reads whole days from it and the partial days at a
-# period's ends from the calls themselves (`_usage_of_calls`, the definition above in SQL).
+# the two writers that can change them, each under the operator's PAIRING lock (taken here,
+# with the first look-up of the other side, after the writer wrote its own: `tables.
+# operators_lock`): `ingest.submit` (an operator's record arrives) and `platform_calls.
+# store_platform_calls` (the platform's call arrives). `usage_query.usage_rows` reads whole
+# days from it and the partial days at a period's ends from the calls themselves
+# (`_usage_of_calls`, the definition above in SQL).
 
 # (operator, tenant, day, direction, source) -> [calls, billed seconds]
 DayKey = tuple[str, str, dt.date, str, str]
@@ -99,7 +101,7 @@ def _select_reported(count: int) -> str:
     """The operator's records of `count` call ids."""
     marks = ",".join("?" * count)
     return (
-        "SELECT call_id, tenant_id, start_time, direction, duration_us"  # noqa: S608
+        "SELECT operator_id, call_id, tenant_id, start_time, direction, duration_us"  # noqa: S608
         f" FROM call_durations WHERE operator_id = ? AND call_id IN ({marks})"
     )
 
@@ -121,37 +123,53 @@ _SELECT_PLATFORM_BY_KEYS = (
 )
 # PostgreSQL: the same for the operator's records of calls, from `call_duration_keys` (their
 # record ids and start times), then `call_durations` in the partitions of those starts' range.
+# One operator a statement: the feed's unit asks for the records of every operator it carries,
+# the statements of all in one pipeline (`driver_fetch_all`). (One statement over (operator,
+# call id) pairs instead, joined to `unnest` laterally, took a partition's index on
+# (operator_id, start_time) while its statistics were not gathered yet: 2 s for 1,000 pairs.)
 _SELECT_REPORTED_KEYS = (
     "SELECT record_id, start_time FROM call_duration_keys"
     " WHERE operator_id = ? AND call_id = ANY(CAST(? AS text[]))"
 )
 _SELECT_REPORTED_BY_KEYS = (
-    "SELECT call_id, tenant_id, start_time, direction, duration_us FROM call_durations"
-    " WHERE operator_id = ? AND record_id = ANY(CAST(? AS text[]))"
+    "SELECT operator_id, call_id, tenant_id, start_time, direction, duration_us"
+    " FROM call_durations WHERE operator_id = ? AND record_id = ANY(CAST(? AS text[]))"
     " AND start_time BETWEEN ? AND ?"
 )
 
 
 def _by_keys(
-    session: Session, keys_sql: str, rows_sql: str, params: list[Any], first: list[Any]
+    session: Session,
+    keys_sql: str,
+    rows_sql: str,
+    asked: Sequence[tuple[list[Any], list[Any]]],
+    lock: list[tuple[str, list[Any]]],
 ) -> list[tuple[Any, ...]]:
-    """PostgreSQL: the keys found by `keys_sql` (params), then the rows of those keys by
-    `rows_sql` (`first` + [keys, earliest time, latest time]); nothing read when no key is
-    found."""
-    keys = driver_fetch(session, keys_sql, params, prepare=False)
-    if not keys:
-        return []
-    times = [row[1] for row in keys]
-    found = [row[0] for row in keys]
-    return driver_fetch(session, rows_sql, [*first, found, min(times), max(times)], prepare=False)
+    """PostgreSQL: the `lock` statements, then for each (params, first) asked the keys found by
+    `keys_sql` (params), then the rows of those keys by `rows_sql` (`first` + [keys, earliest
+    time, latest time]). The lock and the keys' statements in one pipeline, then the rows' in
+    another (`driver_fetch_all`): two round trips however many are asked; no rows read for
+    what has no key."""
+    keys_of = [(keys_sql, params) for params, _ in asked]
+    found = driver_fetch_all(session, [*lock, *keys_of], prepare=False)[len(lock) :]
+    reads: list[tuple[str, list[Any]]] = []
+    for (_, first), keys in zip(asked, found, strict=True):
+        if keys:
+            times = [row[1] for row in keys]
+            reads.append((rows_sql, [*first, [row[0] for row in keys], min(times), max(times)]))
+    return [row for rows in driver_fetch_all(session, reads, prepare=False) for row in rows]
 
 
 def _platform(session: Session, operator_id: str, call_ids: list[str]) -> list[tuple[Any, ...]]:
     """The operator's platform calls among `call_ids`, answered or not (never prepared on
-    PostgreSQL, see `driver_fetch`)."""
+    PostgreSQL, see `driver_fetch`), the operator's PAIRING lock taken first."""
     if session.get_bind().dialect.name == "postgresql":
         return _by_keys(
-            session, _SELECT_PLATFORM_KEYS, _SELECT_PLATFORM_BY_KEYS, [call_ids, operator_id], []
+            session,
+            _SELECT_PLATFORM_KEYS,
+            _SELECT_PLATFORM_BY_KEYS,
+            [([call_ids, operator_id], [])],
+            operators_lock(session, [operator_id], PAIRING),
         )
     found: list[tuple[Any, ...]] = []
     for first in range(0, len(call_ids), CHUNK):
@@ -160,21 +178,22 @@ def _platform(session: Session, operator_id: str, call_ids: list[str]) -> list[t
     return found
 
 
-def _reported(session: Session, operator_id: str, call_ids: list[str]) -> list[tuple[Any, ...]]:
-    """The operator's records of `call_ids`: (call_id, tenant_id, start_time, direction,
-    duration_us)."""
+def _reported(session: Session, calls: Sequence[tuple[str, str]]) -> list[tuple[Any, ...]]:
+    """The records of `calls`, (operator, call id) pairs: (operator_id, call_id, tenant_id,
+    start_time, direction, duration_us). Never prepared on PostgreSQL (see `driver_fetch`); the
+    operators' PAIRING locks taken first."""
+    by_operator: dict[str, list[str]] = {}
+    for operator_id, call_id in calls:
+        by_operator.setdefault(operator_id, []).append(call_id)
     if session.get_bind().dialect.name == "postgresql":
-        return _by_keys(
-            session,
-            _SELECT_REPORTED_KEYS,
-            _SELECT_REPORTED_BY_KEYS,
-            [operator_id, call_ids],
-            [operator_id],
-        )
+        asked = [([op, ids], [op]) for op, ids in by_operator.items()]
+        lock = operators_lock(session, list(by_operator), PAIRING)
+        return _by_keys(session, _SELECT_REPORTED_KEYS, _SELECT_REPORTED_BY_KEYS, asked, lock)
     found: list[tuple[Any, ...]] = []
-    for first in range(0, len(call_ids), CHUNK):
-        chunk = call_ids[first : first + CHUNK]
-        found += driver_fetch(session, _select_reported(len(chunk)), [operator_id, *chunk])
+    for operator_id, ids in by_operator.items():
+        for first in range(0, len(ids), CHUNK):
+            chunk = ids[first : first + CHUNK]
+            found += driver_fetch(session, _select_reported(len(chunk)), [operator_id, *chunk])
     return found
 
 
@@ -213,13 +232,8 @@ def count_platform(session: Session, calls: Sequence[PlatformCall]) -> None:
     answer with the operator's duration if reported (moving that record from its own start) and
     its own otherwise; an unanswered call counts nowhere (a record of it stops counting at its
     start)."""
-    reported: dict[tuple[str, str], tuple[Any, ...]] = {}
-    by_operator: dict[str, list[str]] = {}
-    for call in calls:
-        by_operator.setdefault(call.operator_id, []).append(call.call_id)
-    for operator_id, call_ids in by_operator.items():
-        for row in _reported(session, operator_id, call_ids):
-            reported[(operator_id, row[0])] = row
+    found = _reported(session, [(call.operator_id, call.call_id) for call in calls])
+    reported = {(row[0], row[1]): row for row in found}
     changes: dict[DayKey, list[int]] = {}
     for call in calls:
         record = reported.get((call.operator_id, call.call_id))
@@ -230,7 +244,7 @@ def count_platform(session: Session, calls: Sequence[PlatformCall]) -> None:
             key = (call.operator_id, call.tenant_id, day, call.direction, Source.PLATFORM.value)
             _change(changes, key, 1, ceil_seconds(call.duration_ms, 1000))
             continue
-        _, tenant, start_time, direction, duration_us = record
+        _, _, tenant, start_time, direction, duration_us = record
         billed = ceil_seconds(duration_us, 1_000_000)
         own = (call.operator_id, tenant, _utc_day(start_time), direction, Source.OPERATOR.value)
         _change(changes, own, -1, -billed)
