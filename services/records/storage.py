@@ -40,9 +40,11 @@ from plumbing.db import (
     Base,
     Unit,
     driver_fetch,
+    driver_fetch_rows,
     driver_insert_many,
     driver_time,
     insert_sql,
+    rows_sql,
     time_form,
     utc,
 )
@@ -543,12 +545,19 @@ def _joined(rows: Sequence[tuple[Any, ...]]) -> Chunk:
     return Chunk(int(positions[-1]), len(rows), b"".join(bodies), times, positions)
 
 
-_READ_TAIL = (
-    "SELECT position, operator_id, body, publish_time, tenant_id, caller, callee, quality"
-    " FROM call_records WHERE position > ? AND position <= ? ORDER BY position LIMIT ?"
+# The shared tail's read: its columns (then the body) and the rows it reads.
+_TAIL_COLUMNS = (
+    "position",
+    "operator_id",
+    "publish_time",
+    "tenant_id",
+    "caller",
+    "callee",
+    "quality",
 )
+_TAIL_ROWS = "FROM call_records WHERE position > ? AND position <= ? ORDER BY position LIMIT ?"
 # The statements of the shared tail's read written by hand, as tests/test_sql.py checks them.
-TAIL_SQL = (_READ_TAIL,)
+TAIL_SQL = (rows_sql(_TAIL_COLUMNS, _TAIL_ROWS, "body"),)
 
 
 def read_tail_records(session: Session | Unit, after: int, upto: int, limit: int) -> list[Chunk]:
@@ -556,10 +565,10 @@ def read_tail_records(session: Session | Unit, after: int, upto: int, limit: int
     with its operator and what stream filters select on (tenant, caller, callee, quality): what
     the shared tail of live streams holds (plumbing.changelog.Tail, one read of the log for every
     operator followed), each stream keeping its operator's with `tail_filter`."""
-    rows = driver_fetch(session, _READ_TAIL, (after, upto, limit))
+    rows = driver_fetch_rows(session, _TAIL_COLUMNS, _TAIL_ROWS, (after, upto, limit), blob="body")
     return [
-        Chunk(int(position), 1, bytes(body), time, "", tuple(fields), operator)
-        for position, operator, body, time, *fields in rows
+        Chunk(int(position), 1, bytes(body), time, "", (tenant, caller, callee, quality), operator)
+        for position, operator, time, tenant, caller, callee, quality, body in rows
     ]
 
 
