@@ -910,6 +910,14 @@ def _wal(cursor: Any) -> None:
             time.sleep(0.05)
 
 
+def stored_time(value: str | dt.datetime) -> dt.datetime:
+    """A time as the driver reads it back (SQLite: SQLAlchemy's UTC text, see `driver_time`;
+    PostgreSQL: a datetime), as an aware UTC datetime."""
+    if isinstance(value, str):
+        return dt.datetime.fromisoformat(value).replace(tzinfo=dt.UTC)
+    return utc(value)
+
+
 def utc(value: dt.datetime) -> dt.datetime:
     """A time read back from storage, as UTC (SQLite hands back naive datetimes; every stored
     time is UTC)."""

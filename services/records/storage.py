@@ -45,6 +45,7 @@ from plumbing.db import (
     driver_time,
     insert_sql,
     rows_sql,
+    stored_time,
     time_form,
     utc,
 )
@@ -640,38 +641,48 @@ def _epoch(value: str | dt.datetime) -> float:
     return utc(value).timestamp()
 
 
-def read_facts(session: Session, after: int, upto: int, limit: int) -> list[CallFact]:
-    """Every operator's calls with after < position <= upto, in position order."""
-    c = RECORDS.c
-    query = (
-        select(
-            c.position,
-            c.operator_id,
-            c.call_id,
-            c.tenant_id,
-            c.direction,
-            c.invite_time,
-            c.answer_time,
-            c.duration_ms,
-            c.publish_time,
-        )
-        .where(c.position > after, c.position <= upto)
-        .order_by(c.position)
-        .limit(limit)
-    )
+# The call feed's read: its columns, of the rows the shared tail reads.
+_FACT_COLUMNS = (
+    "position",
+    "operator_id",
+    "call_id",
+    "tenant_id",
+    "direction",
+    "invite_time",
+    "answer_time",
+    "duration_ms",
+    "publish_time",
+)
+FACTS_SQL = (rows_sql(_FACT_COLUMNS, _TAIL_ROWS),)  # as tests/test_sql.py checks it
+
+
+def read_facts(session: Session | Unit, after: int, upto: int, limit: int) -> list[CallFact]:
+    """Every operator's calls with after < position <= upto, in position order (on SQLite one
+    row joined by SQLite: `driver_fetch_rows`)."""
+    rows = driver_fetch_rows(session, _FACT_COLUMNS, _TAIL_ROWS, (after, upto, limit))
     return [
         CallFact(
-            position=int(row.position),
-            operator_id=row.operator_id,
-            call_id=row.call_id,
-            tenant_id=row.tenant_id,
-            direction=row.direction,
-            invite_time=utc(row.invite_time),
-            answer_time=utc(row.answer_time) if row.answer_time is not None else None,
-            duration_ms=int(row.duration_ms),
-            publish_time=utc(row.publish_time),
+            position=int(position),
+            operator_id=operator,
+            call_id=call_id,
+            tenant_id=tenant,
+            direction=direction,
+            invite_time=stored_time(invite),
+            answer_time=stored_time(answer) if answer is not None else None,
+            duration_ms=int(duration_ms),
+            publish_time=stored_time(published),
         )
-        for row in session.execute(query)
+        for (
+            position,
+            operator,
+            call_id,
+            tenant,
+            direction,
+            invite,
+            answer,
+            duration_ms,
+            published,
+        ) in rows
     ]
 
 
