@@ -777,7 +777,7 @@ def insert_sql(table: Table, columns: Sequence[str]) -> str:
 ROWS_PER_STATEMENT = 256
 # An INSERT (or upsert) whose one row of values is `?`s alone and whose rest takes none: the
 # statement `_sqlite_execute_many` repeats the row of.
-_ONE_ROW = re.compile(r"(?s)(INSERT\s.*?\sVALUES\s*)(\((?:\s*\?\s*,)*\s*\?\s*\))([^?]*)", re.I)
+_ONE_ROW = re.compile(r"(?s)(INSERT\s[^?]*?\sVALUES\s*)(\((?:\s*\?\s*,)*\s*\?\s*\))([^?]*)", re.I)
 
 
 def _sqlite_execute_many(cursor: Any, sql: str, rows: Sequence[Sequence[Any]]) -> None:
