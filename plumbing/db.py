@@ -31,16 +31,14 @@ import contextlib
 import contextvars
 import datetime as dt
 import functools
-import itertools
 import json
 import os
-import re
 import sqlite3
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, ParamSpec, TypeVar, cast
+from typing import Any, ParamSpec, TypeVar
 
 import psycopg
 from alembic import command
@@ -540,10 +538,7 @@ class Unit:
         cursor = self.connection.cursor()
         try:
             with _driver_errors_of(self.dialect, self.connection, cursor, sql):
-                if self.postgres:
-                    cursor.executemany(sql, rows)
-                else:
-                    _sqlite_execute_many(cursor, sql, rows)
+                cursor.executemany(sql, rows)
         finally:
             cursor.close()
 
@@ -702,9 +697,7 @@ def joined_sql(columns: tuple[str, ...], source: str, blob: str = "") -> str:
 def driver_execute_many(session: Session | Unit, sql: str, rows: Sequence[Sequence[Any]]) -> None:
     """Run one INSERT (or UPDATE) for many rows on the driver, inside the session's (or unit's)
     transaction: for ingest paths, where SQLAlchemy's parameter handling costs more than the
-    insert itself. `sql` uses `?` placeholders; times must come from `driver_time`. On SQLite
-    an `INSERT ... VALUES (?, ...)` (an upsert too) goes many rows a statement
-    (`_sqlite_execute_many`); PostgreSQL's driver runs it as psycopg's executemany."""
+    insert itself. `sql` uses `?` placeholders; times must come from `driver_time`."""
     unit_of(session).execute_many(sql, rows)
 
 
@@ -714,9 +707,8 @@ def driver_insert_many(
     """Insert many rows (values of `columns`, in that order) on the driver, inside the
     session's transaction: on PostgreSQL by a binary `COPY ... FROM STDIN` (one stream, no
     statement per row, no text to parse; the columns' types from the table), on SQLite by
-    `insert_sql` many rows a statement (`_sqlite_execute_many`). For the publish hot path,
-    where SQLAlchemy's parameter handling costs more than the insert; times must come from
-    `driver_time`."""
+    executemany of `insert_sql`. For the publish hot path, where SQLAlchemy's parameter
+    handling costs more than the insert; times must come from `driver_time`."""
     connection = session.connection()
     cursor = connection.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
     try:
@@ -729,7 +721,7 @@ def driver_insert_many(
         else:
             sql = insert_sql(table, columns)
             with _driver_errors(connection, cursor, sql):
-                _sqlite_execute_many(cursor, sql, rows)
+                cursor.executemany(sql, rows)
     finally:
         cursor.close()
 
@@ -770,69 +762,6 @@ def insert_sql(table: Table, columns: Sequence[str]) -> str:
     """The INSERT `driver_insert_many` runs on SQLite (tests/test_sql.py checks it)."""
     marks = ",".join("?" * len(columns))
     return f"INSERT INTO {table.name} ({', '.join(columns)}) VALUES ({marks})"  # noqa: S608
-
-
-# SQLite: rows a statement of `_sqlite_execute_many` at most (and fewer when SQLite's limit of
-# variables a statement is lower than this many rows' values).
-ROWS_PER_STATEMENT = 256
-# An INSERT (or upsert) whose one row of values is `?`s alone and whose rest takes none: the
-# statement `_sqlite_execute_many` repeats the row of.
-_ONE_ROW = re.compile(r"(?s)(INSERT\s[^?]*?\sVALUES\s*)(\((?:\s*\?\s*,)*\s*\?\s*\))([^?]*)", re.I)
-
-
-def _sqlite_execute_many(cursor: Any, sql: str, rows: Sequence[Sequence[Any]]) -> None:
-    """Run `sql` for every row as executemany would, but on SQLite an INSERT (or upsert) of
-    one row of `?` goes many rows a statement (`VALUES (?, ...), (?, ...), ...`), in order.
-
-    Why: pysqlite lets go of the GIL around each step of a statement, so executemany gives it
-    up and takes it back twice a row; while the event loop's thread is busy each taking back
-    waits for the switch interval (a 50-row insert beside a busy thread: 5.8 ms by executemany,
-    1.9 ms in one statement). The rows go in statements of `ROWS_PER_STATEMENT` and of powers
-    of two below it (`_row_counts`): a few distinct statements per INSERT, prepared once each
-    by pysqlite's statement cache, whatever the batches' sizes. What is stored is what
-    executemany stores (SQLite runs a statement's rows in order: the second of a key given
-    twice meets the first, as it would in a statement of its own); a failing statement stores
-    none of its rows, where executemany kept the rows before the failing one, but the unit's
-    transaction is rolled back either way."""
-    parts = _one_row(sql)
-    if parts is None or len(rows) < 2:
-        cursor.executemany(sql, rows)
-        return
-    width = parts[1].count("?")
-    limit = cursor.connection.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
-    start = 0
-    for count in _row_counts(len(rows), min(ROWS_PER_STATEMENT, max(limit // width, 1))):
-        values = list(itertools.chain.from_iterable(rows[start : start + count]))
-        cursor.execute(_many_rows(sql, count), values)
-        start += count
-
-
-def _row_counts(total: int, most: int) -> Iterator[int]:
-    """How many rows each statement of `_sqlite_execute_many` takes, for `total` rows: `most`
-    as long as that many are left, then the powers of two of what is left, largest first."""
-    while total >= most:
-        yield most
-        total -= most
-    while total:
-        count = 1 << (total.bit_length() - 1)
-        yield count
-        total -= count
-
-
-@functools.lru_cache(maxsize=64)
-def _one_row(sql: str) -> tuple[str, str, str] | None:
-    """An INSERT's text before its row of values, that row, and what follows (None: not an
-    INSERT of one row of `?` alone with none after it)."""
-    match = _ONE_ROW.fullmatch(sql.strip())
-    return None if match is None else (match[1], match[2], match[3])
-
-
-@functools.lru_cache(maxsize=256)
-def _many_rows(sql: str, count: int) -> str:
-    """`sql` (see `_one_row`) with `count` rows of values: the same text for the same count,
-    so that pysqlite's statement cache prepares it once."""
-    head, row, tail = cast(tuple[str, str, str], _one_row(sql))
-    return head + ",".join(itertools.repeat(row, count)) + tail
 
 
 @functools.lru_cache(maxsize=16)

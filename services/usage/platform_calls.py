@@ -102,7 +102,7 @@ def store_platform_calls(
 
     On PostgreSQL the keys go first (`usage_platform_call_keys`, one statement over arrays,
     answering which are new) and the new rows by binary COPY; on SQLite (one writer) a look-up
-    of the ids kept, then the rows many a statement (`driver_insert_many`)."""
+    of the ids kept, then executemany."""
     if calls:
         lock_operators(session, [c.operator_id for c in calls])
         new = _new_calls(session, calls)

@@ -57,7 +57,7 @@ def _utc_day(value: Any) -> dt.date:
 def _add_usage(session: Session, changes: dict[DayKey, list[int]]) -> None:
     """Add the changes to `usage_daily`, in key order (so concurrent writers on PostgreSQL
     lock its rows in one order): on PostgreSQL one statement over arrays (a batch of records
-    changes hundreds of days' rows), on SQLite many rows a statement (`driver_execute_many`)."""
+    changes hundreds of days' rows), on SQLite executemany."""
     keys = [key for key in sorted(changes) if changes[key] != [0, 0]]
     if not keys:
         return
