@@ -31,6 +31,7 @@ import contextlib
 import contextvars
 import datetime as dt
 import functools
+import json
 import os
 import sqlite3
 import time
@@ -696,6 +697,60 @@ def driver_fetch_all(
     return unit_of(session).fetch_all(statements, prepare=prepare)
 
 
+def driver_fetch_rows(
+    session: Session | Unit,
+    columns: Sequence[str],
+    source: str,
+    params: Sequence[Any],
+    *,
+    blob: str = "",
+) -> list[tuple[Any, ...]]:
+    """The rows of `rows_sql(columns, source, blob)` (`source`: FROM ... WHERE ... ORDER BY ...
+    LIMIT ?), as `driver_fetch` gives them: the columns, then the blob column's bytes if any.
+
+    On SQLite they come as ONE row joined by SQLite (`joined_sql`): pysqlite lets go of the GIL
+    and takes it back around every step and for every column of every row it fetches (a row of
+    8 columns: 10 hand-overs), each a wait for the switch interval while the event loop's
+    thread is busy; so a page is read as the records stream catching up reads its own
+    (`group_concat`). The columns are plain column names, of text, integers or NULL (JSON keeps
+    SQLite's REAL to 15 digits only); the blob's values are joined and cut by their lengths.
+    PostgreSQL (psycopg keeps the GIL while it makes rows) reads the rows themselves."""
+    unit = unit_of(session)
+    if unit.postgres:
+        return unit.fetch(rows_sql(columns, source, blob), params)
+    ((text, joined),) = unit.fetch(joined_sql(tuple(columns), source, blob), params)
+    rows = json.loads(text)
+    if not blob:
+        return [tuple(row) for row in rows]
+    out: list[tuple[Any, ...]] = []
+    data, at = joined or b"", 0
+    for row in rows:
+        end = at + row[-1]
+        row[-1] = data[at:end]
+        out.append(tuple(row))
+        at = end
+    return out
+
+
+def rows_sql(columns: Sequence[str], source: str, blob: str = "") -> str:
+    """The SELECT `driver_fetch_rows` reads (as PostgreSQL runs it; tests/test_sql.py checks
+    it)."""
+    return f"SELECT {', '.join((*columns, blob) if blob else columns)} {source}"
+
+
+@functools.lru_cache(maxsize=32)
+def joined_sql(columns: tuple[str, ...], source: str, blob: str = "") -> str:
+    """SQLite: `rows_sql` as one row: a JSON array of the rows (each an array of the columns,
+    then the blob's length), and the blob's values joined, in the page's order (a subquery
+    with a LIMIT is not flattened into the aggregates)."""
+    values = ", ".join((*columns, f"length({blob})") if blob else columns)
+    data = f", CAST(group_concat({blob}, x'') AS BLOB)" if blob else ", NULL"
+    return (
+        f"SELECT json_group_array(json_array({values})){data}"  # noqa: S608
+        f" FROM ({rows_sql(columns, source, blob)}) AS page"
+    )
+
+
 def driver_execute_many(session: Session | Unit, sql: str, rows: Sequence[Sequence[Any]]) -> None:
     """Run one INSERT (or UPDATE) for many rows on the driver, inside the session's (or unit's)
     transaction: for ingest paths, where SQLAlchemy's parameter handling costs more than the
@@ -839,6 +894,14 @@ def _wal(cursor: Any) -> None:
             if "locked" not in str(error) or attempt == 99:
                 raise
             time.sleep(0.05)
+
+
+def stored_time(value: str | dt.datetime) -> dt.datetime:
+    """A time as the driver reads it back (SQLite: SQLAlchemy's UTC text, see `driver_time`;
+    PostgreSQL: a datetime), as an aware UTC datetime."""
+    if isinstance(value, str):
+        return dt.datetime.fromisoformat(value).replace(tzinfo=dt.UTC)
+    return utc(value)
 
 
 def utc(value: dt.datetime) -> dt.datetime:

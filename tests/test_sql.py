@@ -72,6 +72,7 @@ def statements(db: Database) -> list[str]:
         *changelog.SQL,
         *records_storage.SQL,
         *records_storage.TAIL_SQL,
+        *records_storage.FACTS_SQL,
         *(records_storage.POSTGRES_SQL if db.is_postgres else ()),
         *numbers_storage.SQL,
         *(numbers_storage.POSTGRES_SQL if db.is_postgres else ()),

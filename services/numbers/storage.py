@@ -37,7 +37,7 @@ from plumbing.changelog import (
     notify_parts,
     read_head,
 )
-from plumbing.db import Base, Unit, dialect_insert, driver_fetch, unit_of, utc
+from plumbing.db import Base, Unit, dialect_insert, driver_fetch, stored_time, unit_of, utc
 from plumbing.errors import ApiError, failed_precondition, not_found
 from services.numbers.rules import (
     DOMAIN,
@@ -403,14 +403,6 @@ SQL = (
 POSTGRES_SQL = (_CHANGE_POSTGRES,)
 
 
-def _stored_time(value: str | dt.datetime) -> dt.datetime:
-    """A time as the driver reads it back (SQLite: SQLAlchemy's UTC text; PostgreSQL: a
-    datetime)."""
-    if isinstance(value, str):
-        return dt.datetime.fromisoformat(value).replace(tzinfo=dt.UTC)
-    return utc(value)
-
-
 def locked_number(unit: Unit, phone_number: str) -> Number:
     """The number, its row locked until commit (PostgreSQL: FOR UPDATE; SQLite: the write
     transaction holds the database's one write lock from its start)."""
@@ -431,8 +423,8 @@ def locked_number(unit: Unit, phone_number: str) -> Number:
         state=State(state),
         sip_uri=sip,
         target=_target(kind, target),
-        created_at=_stored_time(created),
-        updated_at=_stored_time(updated),
+        created_at=stored_time(created),
+        updated_at=stored_time(updated),
         calling_profile_id=profile,
         civic_address_id=address,
         location_id=location,
@@ -547,7 +539,7 @@ def read_events(
             tenant,
             sip,
             _target(target_kind, target_id),
-            _stored_time(occurred),
+            stored_time(occurred),
             snapshot,
         )
         for position, kind, number, tenant, sip, target_kind, target_id, occurred, snapshot in rows
@@ -565,7 +557,7 @@ def read_log_events(session: Session, after: int, upto: int, limit: int) -> list
             row[3],
             row[4],
             _target(row[5], row[6]),
-            _stored_time(row[7]),
+            stored_time(row[7]),
             row[8],
             row[9],
         )

@@ -275,7 +275,7 @@ class CallFeedService(pb_grpc.CallFeedServiceServicer):
             after=after,
             streams=self._streams,
             committed_at=_fact_time,
-            shared=Shared(storage.read_facts, _fact_operator),
+            shared=Shared(storage.read_facts, _fact_operator, on_unit=True),
         ):
             yield pb.FollowCallsResponse(
                 calls=[convert.fact_out(f) for f in batch.items],

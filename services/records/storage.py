@@ -40,9 +40,12 @@ from plumbing.db import (
     Base,
     Unit,
     driver_fetch,
+    driver_fetch_rows,
     driver_insert_many,
     driver_time,
     insert_sql,
+    rows_sql,
+    stored_time,
     time_form,
     utc,
 )
@@ -543,12 +546,19 @@ def _joined(rows: Sequence[tuple[Any, ...]]) -> Chunk:
     return Chunk(int(positions[-1]), len(rows), b"".join(bodies), times, positions)
 
 
-_READ_TAIL = (
-    "SELECT position, operator_id, body, publish_time, tenant_id, caller, callee, quality"
-    " FROM call_records WHERE position > ? AND position <= ? ORDER BY position LIMIT ?"
+# The shared tail's read: its columns (then the body) and the rows it reads.
+_TAIL_COLUMNS = (
+    "position",
+    "operator_id",
+    "publish_time",
+    "tenant_id",
+    "caller",
+    "callee",
+    "quality",
 )
+_TAIL_ROWS = "FROM call_records WHERE position > ? AND position <= ? ORDER BY position LIMIT ?"
 # The statements of the shared tail's read written by hand, as tests/test_sql.py checks them.
-TAIL_SQL = (_READ_TAIL,)
+TAIL_SQL = (rows_sql(_TAIL_COLUMNS, _TAIL_ROWS, "body"),)
 
 
 def read_tail_records(session: Session | Unit, after: int, upto: int, limit: int) -> list[Chunk]:
@@ -556,10 +566,10 @@ def read_tail_records(session: Session | Unit, after: int, upto: int, limit: int
     with its operator and what stream filters select on (tenant, caller, callee, quality): what
     the shared tail of live streams holds (plumbing.changelog.Tail, one read of the log for every
     operator followed), each stream keeping its operator's with `tail_filter`."""
-    rows = driver_fetch(session, _READ_TAIL, (after, upto, limit))
+    rows = driver_fetch_rows(session, _TAIL_COLUMNS, _TAIL_ROWS, (after, upto, limit), blob="body")
     return [
-        Chunk(int(position), 1, bytes(body), time, "", tuple(fields), operator)
-        for position, operator, body, time, *fields in rows
+        Chunk(int(position), 1, bytes(body), time, "", (tenant, caller, callee, quality), operator)
+        for position, operator, time, tenant, caller, callee, quality, body in rows
     ]
 
 
@@ -631,38 +641,48 @@ def _epoch(value: str | dt.datetime) -> float:
     return utc(value).timestamp()
 
 
-def read_facts(session: Session, after: int, upto: int, limit: int) -> list[CallFact]:
-    """Every operator's calls with after < position <= upto, in position order."""
-    c = RECORDS.c
-    query = (
-        select(
-            c.position,
-            c.operator_id,
-            c.call_id,
-            c.tenant_id,
-            c.direction,
-            c.invite_time,
-            c.answer_time,
-            c.duration_ms,
-            c.publish_time,
-        )
-        .where(c.position > after, c.position <= upto)
-        .order_by(c.position)
-        .limit(limit)
-    )
+# The call feed's read: its columns, of the rows the shared tail reads.
+_FACT_COLUMNS = (
+    "position",
+    "operator_id",
+    "call_id",
+    "tenant_id",
+    "direction",
+    "invite_time",
+    "answer_time",
+    "duration_ms",
+    "publish_time",
+)
+FACTS_SQL = (rows_sql(_FACT_COLUMNS, _TAIL_ROWS),)  # as tests/test_sql.py checks it
+
+
+def read_facts(session: Session | Unit, after: int, upto: int, limit: int) -> list[CallFact]:
+    """Every operator's calls with after < position <= upto, in position order (on SQLite one
+    row joined by SQLite: `driver_fetch_rows`)."""
+    rows = driver_fetch_rows(session, _FACT_COLUMNS, _TAIL_ROWS, (after, upto, limit))
     return [
         CallFact(
-            position=int(row.position),
-            operator_id=row.operator_id,
-            call_id=row.call_id,
-            tenant_id=row.tenant_id,
-            direction=row.direction,
-            invite_time=utc(row.invite_time),
-            answer_time=utc(row.answer_time) if row.answer_time is not None else None,
-            duration_ms=int(row.duration_ms),
-            publish_time=utc(row.publish_time),
+            position=int(position),
+            operator_id=operator,
+            call_id=call_id,
+            tenant_id=tenant,
+            direction=direction,
+            invite_time=stored_time(invite),
+            answer_time=stored_time(answer) if answer is not None else None,
+            duration_ms=int(duration_ms),
+            publish_time=stored_time(published),
         )
-        for row in session.execute(query)
+        for (
+            position,
+            operator,
+            call_id,
+            tenant,
+            direction,
+            invite,
+            answer,
+            duration_ms,
+            published,
+        ) in rows
     ]
 
 
