@@ -239,3 +239,28 @@ def test_the_look_ups_of_many_keys_are_never_prepared_on_postgresql(db: Database
     assert [s for s in prepared if "change_log_heads" in s], prepared  # the control was
     assert not [s for s in prepared if "call_duration" in s], prepared
     assert not [s for s in prepared if "usage_platform_call" in s], prepared
+
+
+def test_sqlites_look_ups_of_many_keys_search_by_those_keys(db: Database) -> None:
+    """SQLite's hand-written look-ups of a batch's keys (`... IN (?, ...)`) find each by its
+    key, never by reading an index of the operator's rows, at a batch's size (SQLite's planner
+    chooses by the IN list's length): the look-up of the platform's calls
+    went by the operator's answer-time index, reading every call of the operator for each batch
+    submitted (a cost that grew with the table, until the one writer was saturated)."""
+    if db.is_postgres:
+        pytest.skip("PostgreSQL's look-ups of many keys go by arrays (the test above)")
+    looked_up = {
+        usage_days._select_platform(100): "call_id=?",
+        usage_days._select_reported(100): "call_id=?",
+        ingest._select_stored("record_id", 100): "record_id=?",
+        ingest._select_stored("call_id", 100): "call_id=?",
+        platform_calls._select_kept(100): "call_id=?",
+    }
+    for sql, key in looked_up.items():
+        plan = " ".join(
+            str(row[-1])
+            for row in db.transaction(
+                driver_fetch, "EXPLAIN QUERY PLAN " + sql, ["x"] * sql.count("?")
+            )
+        )
+        assert plan.startswith("SEARCH") and key in plan, (sql, plan)
