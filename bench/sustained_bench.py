@@ -33,7 +33,7 @@ file's size and the servers' metrics (database unit wait and duration, by kind);
 report their event loop's lag and Python's GC pauses (`gc.callbacks`), each by time.
 
 Reported: publish and submit acknowledgement latency p50/p90/p99/max, commit -> delivery
-p50/p90/p99/max, the exactly-once check, RSS over time (flat or growing, least-squares slope),
+p50/p90/p99/max, the exactly-once check, RSS over time (flat or growing, least-squares slope; each server's first and last),
 whether the offered rate was held (every batch sent within `HELD_LAG_S` of its schedule and
 acknowledged, and 95% of the offer acknowledged before its end), a timeline per `--window`
 seconds (latencies, loop lag, GC, database waits, WAL and RSS) so that a stall is seen when it
@@ -868,12 +868,14 @@ def slope_per_min(points: Sequence[tuple[float, float]]) -> float:
     return 60 * sum((x - mx) * (y - my) for x, y in points) / sxx if sxx else 0.0
 
 
-def memory(rows: Sequence[dict[str, Any]], warmup: float) -> dict[str, Any]:
+def memory(rows: Sequence[dict[str, Any]], warmup: float, names: Sequence[str]) -> dict[str, Any]:
     """The servers' RSS (summed) after the warm-up: first and last, slope, growth from the
-    first third's mean to the last third's, flat or growing."""
-    points = [(r["t"], sum(r["rss_mb"])) for r in rows if r["t"] >= warmup]
-    if len(points) < 3:
-        points = [(r["t"], sum(r["rss_mb"])) for r in rows]
+    first third's mean to the last third's, flat or growing; and each server's first and last
+    (`names`: the servers' kinds, in the order of the samples)."""
+    kept = [r for r in rows if r["t"] >= warmup]
+    if len(kept) < 3:
+        kept = list(rows)
+    points = [(r["t"], sum(r["rss_mb"])) for r in kept]
     third = max(1, len(points) // 3)
     growth = sum(y for _, y in points[-third:]) / third - sum(y for _, y in points[:third]) / third
     return {
@@ -884,6 +886,12 @@ def memory(rows: Sequence[dict[str, Any]], warmup: float) -> dict[str, Any]:
         "slope_mb_per_min": slope_per_min(points),
         "growth_mb": growth,
         "flat": growth < FLAT_TOLERANCE_MB,
+        "by_server": {
+            name: [round(kept[0]["rss_mb"][i], 1), round(kept[-1]["rss_mb"][i], 1)]
+            for i, name in enumerate(names)
+        }
+        if kept
+        else {},
     }
 
 
@@ -1044,7 +1052,7 @@ def make_report(
     )
     ack = latency_figures(publish_answers, warm)
     submit = latency_figures(submit_answers, warm)
-    rss = memory(samples, warm)
+    rss = memory(samples, warm, [s.kind for s in servers])
     raw_ms = summary_ms([v for at, v in measured.raw if at >= warm], PERCENTILES)
     exactly_once = (
         delivered["missing"] == 0
@@ -1194,6 +1202,9 @@ def print_report(report: dict[str, Any], args: argparse.Namespace) -> None:
         f"server RSS: {m['first_mb']:.0f} -> {m['last_mb']:.0f} MB (peak {m['peak_mb']:.0f}),"
         f" slope {m['slope_mb_per_min']:+.2f} MB/min, growth {m['growth_mb']:+.1f} MB"
         f" -> {'flat' if m['flat'] else 'GROWING'}"
+        + "".join(
+            f"; {name} {first:.0f} -> {last:.0f}" for name, (first, last) in m["by_server"].items()
+        )
     )
     for name, probe in report["probes"].items():
         lag = probe["loop_lag_ms"]
