@@ -33,7 +33,8 @@ file's size and the servers' metrics (database unit wait and duration, by kind);
 report their event loop's lag and Python's GC pauses (`gc.callbacks`), each by time.
 
 Reported: publish and submit acknowledgement latency p50/p90/p99/max, commit -> delivery
-p50/p90/p99/max, the exactly-once check, RSS over time (flat or growing, least-squares slope; each server's first and last),
+p50/p90/p99/max, the exactly-once check, RSS over time (flat or growing, least-squares slope;
+each server's first and last),
 whether the offered rate was held (every batch sent within `HELD_LAG_S` of its schedule and
 acknowledged, and 95% of the offer acknowledged before its end), a timeline per `--window`
 seconds (latencies, loop lag, GC, database waits, WAL and RSS) so that a stall is seen when it
