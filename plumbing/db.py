@@ -325,9 +325,13 @@ class Database:
         deadline = time.monotonic() + self.busy_timeout_s
         turns = self._turns if write else None
         while True:
-            if turns is not None and not turns.take(deadline - time.monotonic()):
-                log.warning("storage busy", error="another process kept the writers' turn")
-                raise _storage_busy()
+            if turns is not None:
+                asked = time.perf_counter()
+                taken = turns.take(deadline - time.monotonic())
+                self.metrics.db_writer_turn_wait_seconds.observe(time.perf_counter() - asked)
+                if not taken:
+                    log.warning("storage busy", error="another process kept the writers' turn")
+                    raise _storage_busy()
             try:
                 return self._attempt(transaction, fn, args, write)
             except _Busy as busy:

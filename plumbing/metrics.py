@@ -365,6 +365,13 @@ class Metrics:
             ("kind",),
             SECONDS,
         )
+        self.db_writer_turn_wait_seconds = self._histogram(
+            "opconnect_db_writer_turn_wait_seconds",
+            "SQLite: seconds a write unit waited for the writers' turn of the database file,"
+            " which processes sharing the file take in turn (plumbing/writer_turns.py).",
+            (),
+            SECONDS,
+        )
         self.db_unit_failures = self._counter(
             "opconnect_db_unit_failures_total",
             "Units of database work that failed, by kind and reason (busy, unavailable, error).",

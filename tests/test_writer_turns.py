@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 
 from plumbing.db import Database, Unit
 from plumbing.errors import ApiError, Kind
+from plumbing.metrics import Metrics
 from plumbing.writer_turns import WriterTurns
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,7 +71,7 @@ def test_a_writer_waits_for_the_turn_gives_up_as_busy_and_never_keeps_it(tmp_pat
     to it later, goes straight back, so a third writer gets it once the first is done."""
     url = _scratch(tmp_path / "opconnect.db")
     holder = Database(url, threads=2)
-    waiter = Database(url, threads=2, busy_timeout_s=0.3)
+    waiter = Database(url, threads=2, busy_timeout_s=0.3, metrics=Metrics(enabled=True))
     third = Database(url, threads=2, busy_timeout_s=10)
     holding, release = threading.Event(), threading.Event()
 
@@ -87,6 +88,14 @@ def test_a_writer_waits_for_the_turn_gives_up_as_busy_and_never_keeps_it(tmp_pat
         await third.run_unit(_insert, "third", 1, write=True)
         await waiter.run_unit(_insert, "waiter", 2, write=True)
         assert await third.run_unit(_count) == [("holder", 1), ("third", 1), ("waiter", 1)]
+        # Both of the waiter's waits for the turn are counted, the first its whole busy timeout.
+        exported = dict(
+            line.rsplit(" ", 1)
+            for line in waiter.metrics.text().splitlines()
+            if line.startswith("opconnect_db_writer_turn_wait_seconds_")
+        )
+        assert float(exported["opconnect_db_writer_turn_wait_seconds_count"]) == 2
+        assert float(exported["opconnect_db_writer_turn_wait_seconds_sum"]) >= 0.3
 
     try:
         asyncio.run(scenario())
@@ -145,3 +154,5 @@ def test_turns_closed_refuse_and_the_waiting_thread_ends(tmp_path: Path) -> None
     turns.give_back()
     turns.close()
     assert not turns.take(1.0)
+    turns._waiter.join(5)
+    assert not turns._waiter.is_alive()
